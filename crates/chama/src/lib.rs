@@ -1,0 +1,2 @@
+//! Chama: trace-driven noise simulator over the LogGOPS model.
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! Operating-system noise measurement: FTQ, FWQ, selfish detour, spectral analysis.

@@ -1,0 +1,2 @@
+//! pct (placeholder until its issue lands).
+#![forbid(unsafe_code)]

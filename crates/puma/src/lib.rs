@@ -1,0 +1,2 @@
+//! The puma application library (placeholder until its issue lands).
+#![forbid(unsafe_code)]

@@ -1,0 +1,1 @@
+//! The hosted quintessential kernel: message fabric and enforcement on Linux.

@@ -1,0 +1,2 @@
+//! yod (placeholder until its issue lands).
+#![forbid(unsafe_code)]
