@@ -1,7 +1,6 @@
 //! Drives the bare-metal QK from hosted tests: builds `metal/` with its own
 //! script and target directory, boots it in QEMU (TCG, serial on stdio,
 //! isa-debug-exit for the status), and analyses FTQ counts.
-#![forbid(unsafe_code)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -198,18 +197,87 @@ pub fn power_spectrum(x: &[f64]) -> Vec<f64> {
         .collect()
 }
 
-/// The strongest spectral line: `(bin, power / median power)`. A periodic
-/// interference (a timer tick) shows up as a line far above the median.
-pub fn peak_ratio(x: &[f64]) -> Option<(usize, f64)> {
+/// Lowest DFT bin considered: a periodic interference must repeat at least
+/// this many times in the run; slower changes (warm-up, drift) are trends.
+pub const MIN_BIN: usize = 8;
+
+/// One line of an FTQ spectrum.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Line {
+    /// DFT bin (cycles per run).
+    pub bin: usize,
+    /// Power divided by the median power of bins >= [`MIN_BIN`].
+    pub ratio: f64,
+    /// Amplitude of the sinusoid at this bin relative to the mean count: how
+    /// much work the periodic component takes away, as a fraction.
+    pub rel_amplitude: f64,
+}
+
+/// All lines at or above [`MIN_BIN`], strongest first.
+pub fn lines(x: &[f64]) -> Vec<Line> {
     let p = power_spectrum(x);
-    if p.is_empty() {
-        return None;
+    if p.len() <= MIN_BIN {
+        return Vec::new();
     }
-    let mut sorted = p.clone();
+    let n = x.len() as f64;
+    let mean = (x.iter().sum::<f64>() / n).abs().max(f64::MIN_POSITIVE);
+    let mut sorted = p[MIN_BIN - 1..].to_vec();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2].max(f64::MIN_POSITIVE);
-    let (i, max) = p.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1))?;
-    Some((i + 1, max / median))
+    let mut out: Vec<Line> = p
+        .iter()
+        .enumerate()
+        .skip(MIN_BIN - 1)
+        .map(|(i, v)| Line {
+            bin: i + 1,
+            ratio: v / median,
+            rel_amplitude: 2.0 * (v / n).sqrt() / mean,
+        })
+        .collect();
+    out.sort_by(|a, b| b.ratio.total_cmp(&a.ratio));
+    out
+}
+
+/// The strongest periodic interference: the line with the highest ratio
+/// among those whose amplitude is at least `min_rel_amplitude` of the mean
+/// (smaller ones cost nothing measurable, e.g. the +-1 count aliasing of a
+/// loop against the quantum).
+pub fn interference(x: &[f64], min_rel_amplitude: f64) -> Option<Line> {
+    lines(x)
+        .into_iter()
+        .find(|l| l.rel_amplitude >= min_rel_amplitude)
+}
+
+/// The strongest line at or above [`MIN_BIN`]: `(bin, power / median power)`.
+pub fn peak_ratio(x: &[f64]) -> Option<(usize, f64)> {
+    lines(x).first().map(|l| (l.bin, l.ratio))
+}
+
+/// FTQ quantum in TSC ticks; the same value as the bare-metal sampler
+/// (metal/user/src/bin/ftq.rs).
+pub const FTQ_QUANTUM_TSC: u64 = 250_000;
+
+fn rdtsc() -> u64 {
+    // SAFETY: rdtsc only reads the time-stamp counter; it is available on
+    // every x86-64 CPU and user-readable under Linux.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// The FTQ sampler of metal/user/src/bin/ftq.rs, run as a Linux process:
+/// counts loop iterations in `n` back-to-back quanta of [`FTQ_QUANTUM_TSC`].
+pub fn ftq_linux(n: usize) -> Vec<f64> {
+    let mut counts = Vec::with_capacity(n);
+    let mut end = rdtsc() + FTQ_QUANTUM_TSC;
+    for _ in 0..n {
+        let mut work = 0u32;
+        while rdtsc() < end {
+            work = work.wrapping_add(1);
+            std::hint::black_box(work);
+        }
+        counts.push(f64::from(work));
+        end += FTQ_QUANTUM_TSC;
+    }
+    counts
 }
 
 /// Extracts FTQ counts from lines `ftq: count <n>` ... in QEMU output.

@@ -94,3 +94,95 @@ fn application_fault_is_contained_and_reported_by_the_pct() {
     );
     assert!(r.clean_shutdown(), "status {:?}\n{}", r.status, r.output);
 }
+
+#[test]
+fn round_robin_interleaves_two_applications_with_a_user_mode_timer() {
+    let Some(k) = kernel() else { return };
+    let r =
+        run(&k, "run=spin,spin policy=rr quantum=1000", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        r.output
+            .contains("qk: timer on (round-robin, quantum 1000 us)"),
+        "{}",
+        r.output
+    );
+    let steps: Vec<&str> = r
+        .output
+        .lines()
+        .filter(|l| l.starts_with("spin: pid"))
+        .collect();
+    assert_eq!(steps.len(), 10, "{}", r.output);
+    // Interleaved: the first application has not finished when the second starts printing.
+    let last_of_2 = steps
+        .iter()
+        .rposition(|l| l.starts_with("spin: pid 2"))
+        .unwrap_or(0);
+    let first_of_3 = steps
+        .iter()
+        .position(|l| l.starts_with("spin: pid 3"))
+        .unwrap_or(usize::MAX);
+    assert!(first_of_3 < last_of_2, "no interleaving:\n{}", r.output);
+    assert!(r.clean_shutdown(), "status {:?}\n{}", r.status, r.output);
+}
+
+#[test]
+fn single_tasking_runs_without_a_timer() {
+    let Some(k) = kernel() else { return };
+    let r = run(&k, "run=spin,spin", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!r.output.contains("timer on"), "{}", r.output);
+    let steps: Vec<&str> = r
+        .output
+        .lines()
+        .filter(|l| l.starts_with("spin: pid"))
+        .collect();
+    assert_eq!(steps.len(), 10, "{}", r.output);
+    assert!(
+        steps[..5].iter().all(|l| l.starts_with("spin: pid 2")),
+        "{}",
+        r.output
+    );
+    assert!(r.clean_shutdown(), "status {:?}\n{}", r.status, r.output);
+}
+
+/// Ratio above which a spectral line counts as periodic interference ...
+const PEAK_LIMIT: f64 = 60.0;
+/// ... if it also takes at least this fraction of the work (0.1 %).
+const MIN_AMPLITUDE: f64 = 1e-3;
+
+/// Runs FTQ in virtual time (`-icount`): the guest's clock advances with the
+/// instructions it executes, so host noise (other processes on the machine
+/// QEMU runs on) cannot show up; what remains is the guest's own interference.
+fn ftq(k: &std::path::Path, append: &str) -> Vec<f64> {
+    let extra = ["-icount".to_string(), "shift=0".to_string()];
+    let child = metal_tests::spawn(k, append, &extra).unwrap_or_else(|e| panic!("{e}"));
+    let r = metal_tests::finish(child, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(r.clean_shutdown(), "status {:?}\n{}", r.status, r.output);
+    let counts = metal_tests::ftq_counts(&r.output);
+    assert_eq!(counts.len(), 2000, "{}", r.output);
+    counts
+}
+
+#[test]
+fn exclusive_ftq_on_the_bare_kernel_has_no_periodic_peak() {
+    let Some(k) = kernel() else { return };
+    let counts = ftq(&k, "run=ftq:2000");
+    let worst = metal_tests::interference(&counts, MIN_AMPLITUDE);
+    eprintln!("bare FTQ: strongest line of significant amplitude: {worst:?}");
+    if let Some(l) = worst {
+        assert!(
+            l.ratio < PEAK_LIMIT,
+            "periodic interference on the bare kernel: {l:?}"
+        );
+    }
+
+    // The detector does see a periodic interruption: FTQ sharing the CPU with
+    // a spinner under round-robin (1 ms quantum) shows strong lines.
+    let counts = ftq(&k, "run=ftq:2000,spin:20 policy=rr quantum=1000");
+    let l = metal_tests::interference(&counts, MIN_AMPLITUDE)
+        .unwrap_or_else(|| panic!("no line at all"));
+    eprintln!("FTQ under round-robin: {l:?}");
+    assert!(
+        l.ratio > PEAK_LIMIT,
+        "round-robin interference not detected: {l:?}"
+    );
+}

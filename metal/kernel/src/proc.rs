@@ -328,5 +328,10 @@ fn update_timer() {
     if want != kk.timer_on {
         arch::timer(want.then_some(kk.quantum_us));
         kk.timer_on = want;
+        if want {
+            kprintln!("qk: timer on (round-robin, quantum {} us)", kk.quantum_us);
+        } else {
+            kprintln!("qk: timer off after {} ticks", kk.ticks);
+        }
     }
 }

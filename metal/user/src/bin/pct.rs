@@ -1,6 +1,6 @@
 //! The process control thread (PCT): a ring-3 process with more privileges
 //! than applications. It reads its orders from the kernel command line
-//! (`run=prog[,prog...] policy=single|rr quantum=<us>`), loads each
+//! (`run=prog[:arg][,prog[:arg]...] policy=single|rr quantum=<us> arg=<default>`), loads each
 //! application ELF through QK calls (create, map, write, start), chooses the
 //! scheduling policy, and reports how every application ended, including
 //! faults. The QK only enforces; every decision here is policy.
@@ -146,10 +146,26 @@ fn arg<'a>(cmd: &'a [u8], key: &str) -> Option<&'a [u8]> {
     })
 }
 
+/// `name:arg` -> (name, arg); plain `name` gets the default argument.
+fn split_arg(item: &[u8], default: u64) -> (&[u8], u64) {
+    match item.iter().position(|&b| b == b':') {
+        Some(i) => (&item[..i], num(&item[i + 1..]).unwrap_or(default)),
+        None => (item, default),
+    }
+}
+
 fn num(s: &[u8]) -> Option<u64> {
-    s.iter().try_fold(0u64, |a, &c| {
-        c.is_ascii_digit().then(|| a * 10 + u64::from(c - b'0'))
-    })
+    if s.is_empty() {
+        return None;
+    }
+    let mut v = 0u64;
+    for &c in s {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+    }
+    Some(v)
 }
 
 #[unsafe(no_mangle)]
@@ -184,8 +200,9 @@ pub extern "C" fn umain(_arg: u64) -> u64 {
             failures += 1;
         }
         let mut started = 0;
-        for name in run.split(|&b| b == b',') {
-            match launch(name, apparg) {
+        for item in run.split(|&b| b == b',') {
+            let (name, a) = split_arg(item, apparg);
+            match launch(name, a) {
                 Ok(_) => started += 1,
                 Err(()) => failures += 1,
             }
@@ -197,8 +214,9 @@ pub extern "C" fn umain(_arg: u64) -> u64 {
         }
         syscall(abi::SCHED_POLICY, abi::POLICY_SINGLE, 0, 0, 0);
     } else {
-        for name in run.split(|&b| b == b',') {
-            match launch(name, apparg) {
+        for item in run.split(|&b| b == b',') {
+            let (name, a) = split_arg(item, apparg);
+            match launch(name, a) {
                 Ok(_) => {
                     if wait_one().is_none() {
                         failures += 1;
