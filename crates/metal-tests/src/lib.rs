@@ -177,6 +177,73 @@ pub fn run(kernel: &Path, append: &str, timeout: Duration) -> Result<Run, MetalE
     finish(spawn(kernel, append, &[])?, timeout)
 }
 
+/// A shared-memory file for ivshmem between two QEMU instances, removed on drop.
+pub struct SharedMemory {
+    path: PathBuf,
+}
+
+impl SharedMemory {
+    /// Creates a zeroed file of `size` bytes in /dev/shm (or the temp dir).
+    pub fn create(tag: &str, size: u64) -> Result<Self, MetalError> {
+        let dir = if Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let path = dir.join(format!("metal-{tag}-{}", std::process::id()));
+        let f = std::fs::File::create(&path)?;
+        f.set_len(size)?;
+        Ok(SharedMemory { path })
+    }
+
+    /// QEMU arguments that attach this file as an ivshmem-plain device.
+    pub fn qemu_args(&self) -> Vec<String> {
+        vec![
+            "-object".into(),
+            format!(
+                "memory-backend-file,id=shm,share=on,mem-path={},size=1M",
+                self.path.display()
+            ),
+            "-device".into(),
+            "ivshmem-plain,memdev=shm".into(),
+        ]
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SharedMemory {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Boots two nodes sharing one ivshmem region, both with `append` plus
+/// `node=<n>`, and waits for both.
+pub fn run_two_nodes(
+    kernel: &Path,
+    append: &str,
+    timeout: Duration,
+) -> Result<(Run, Run), MetalError> {
+    let shm = SharedMemory::create("2node", 1 << 20)?;
+    let extra = shm.qemu_args();
+    let a = spawn(kernel, &format!("node=0 {append}"), &extra)?;
+    let b = match spawn(kernel, &format!("node=1 {append}"), &extra) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = finish(a, Duration::from_millis(1));
+            return Err(e);
+        }
+    };
+    let ra = finish(a, timeout);
+    let rb = finish(b, timeout);
+    drop(shm);
+    Ok((ra?, rb?))
+}
+
 /// Power spectrum of `x` (mean removed) by a direct DFT: bins 1..n/2.
 pub fn power_spectrum(x: &[f64]) -> Vec<f64> {
     let n = x.len();

@@ -186,3 +186,65 @@ fn exclusive_ftq_on_the_bare_kernel_has_no_periodic_peak() {
         "round-robin interference not detected: {l:?}"
     );
 }
+
+#[test]
+fn two_nodes_put_and_ping_pong_over_ivshmem_with_data_checked() {
+    let Some(k) = kernel() else { return };
+    let (n0, n1) = metal_tests::run_two_nodes(&k, "run=pingpong:50", TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let both = format!(
+        "--- node 0 ---\n{}\n--- node 1 ---\n{}",
+        n0.output, n1.output
+    );
+    assert!(n0.output.contains("this is node 0 of 2"), "{both}");
+    assert!(n1.output.contains("this is node 1 of 2"), "{both}");
+    assert!(
+        n1.output.contains(
+            "put of 4000 bytes from node 0 landed in the matched descriptor, every byte checked"
+        ),
+        "{both}"
+    );
+    assert!(
+        n0.output
+            .contains("50 round trips with node 1, every byte checked"),
+        "{both}"
+    );
+    assert!(
+        n1.output.contains("answered 50 pings, every byte checked"),
+        "{both}"
+    );
+    // The receiver was blocked (not scheduled) while most messages landed.
+    let line = n1
+        .output
+        .lines()
+        .find(|l| l.contains("were deposited by the kernel"))
+        .unwrap_or_default();
+    let deposited: u64 = line
+        .split(';')
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        deposited >= 40,
+        "only {deposited} of 51 deposits while blocked: {both}"
+    );
+    assert!(n0.clean_shutdown() && n1.clean_shutdown(), "{both}");
+}
+
+#[test]
+fn ping_pong_alone_reports_the_missing_second_node() {
+    let Some(k) = kernel() else { return };
+    let r = run(&k, "run=pingpong", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        r.output
+            .contains("pingpong: needs two nodes (ivshmem), this node sees 1"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output.contains("pct: pid 2 exited with status 2"),
+        "{}",
+        r.output
+    );
+}

@@ -371,7 +371,6 @@ pub fn inb(port: u16) -> u8 {
 }
 
 /// Writes a dword to an I/O port.
-#[allow(dead_code)] // PCI configuration (ivshmem), next step
 pub fn outl(port: u16, v: u32) {
     // SAFETY: see outb.
     unsafe {
@@ -380,7 +379,6 @@ pub fn outl(port: u16, v: u32) {
 }
 
 /// Reads a dword from an I/O port.
-#[allow(dead_code)] // PCI configuration (ivshmem), next step
 pub fn inl(port: u16) -> u32 {
     let v: u32;
     // SAFETY: see outb.

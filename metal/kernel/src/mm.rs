@@ -213,7 +213,6 @@ pub fn copy_between(
 }
 
 /// Reads a plain-old-data value from process memory.
-#[allow(dead_code)] // portals specs, next step
 pub fn read_pod<T: Copy + Default>(slot: usize, va: u64) -> Result<T, MemError> {
     let mut v = T::default();
     // SAFETY: T is Copy plain data (the abi structs: only u64 fields), so any

@@ -40,7 +40,6 @@ pub struct Proc {
     pub name: [u8; 16],
     pub record: WaitRecord,
     /// Deposits the kernel made for this process while it was not running.
-    #[allow(dead_code)] // portals deposits, next step
     pub deposits_while_blocked: u64,
 }
 

@@ -43,7 +43,7 @@ pub fn dispatch(cur: usize) {
             abi::MEM_MAP => mem_map(cur, a0, a1, a2),
             abi::PTL_ME_APPEND => net::me_append(cur, a0, a1),
             abi::PTL_PUT => net::put(cur, a0),
-            abi::PTL_EQ_WAIT => match net::eq_poll(cur, a0) {
+            abi::PTL_EQ_WAIT => match net::poll_then_eq(cur, a0) {
                 Some(r) => r,
                 None => {
                     k().procs[cur].state = State::Blocked(Wait::Event(a0));
