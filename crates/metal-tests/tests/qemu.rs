@@ -248,3 +248,19 @@ fn ping_pong_alone_reports_the_missing_second_node() {
         r.output
     );
 }
+
+#[test]
+fn unknown_program_is_a_clear_error_and_the_node_continues() {
+    let Some(k) = kernel() else { return };
+    let r = run(&k, "run=nosuch,hello", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        r.output
+            .contains("pct: no program named 'nosuch' in the boot image"),
+        "{}",
+        r.output
+    );
+    assert!(r.output.contains("hello from ring 3"), "{}", r.output);
+    assert!(r.output.contains("1 launch failures"), "{}", r.output);
+    // isa-debug-exit: 0x11 * 2 + 1.
+    assert_eq!(r.status, Some(35), "{}", r.output);
+}

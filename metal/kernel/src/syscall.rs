@@ -77,6 +77,14 @@ pub fn dispatch(cur: usize) {
                 None => abi::ENOENT,
             },
             abi::PROC_START => match target(a0, State::Embryo) {
+                // Entry and stack must lie in the user region: a non-canonical
+                // or kernel address would fault in ring 0 on the way out.
+                Some(_)
+                    if !(abi::USER_BASE..abi::USER_END).contains(&a1)
+                        || !(abi::USER_BASE..=abi::USER_END).contains(&a2) =>
+                {
+                    abi::EINVAL
+                }
                 Some(t) => {
                     let p = &mut k().procs[t];
                     p.frame = arch::Frame::user(a1, a2, a3);
