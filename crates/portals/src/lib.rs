@@ -182,6 +182,8 @@ mod types;
 mod wire;
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 pub use engine::{Engine, GetArgs, MatchInfo, PutArgs};
