@@ -305,6 +305,11 @@ pub fn lines(x: &[f64]) -> Vec<Line> {
     out
 }
 
+/// A line this many times above the median power counts as periodic ...
+pub const PEAK_LIMIT: f64 = 60.0;
+/// ... when its amplitude is at least this fraction of the mean count (0.1 %).
+pub const MIN_AMPLITUDE: f64 = 1e-3;
+
 /// The strongest periodic interference: the line with the highest ratio
 /// among those whose amplitude is at least `min_rel_amplitude` of the mean
 /// (smaller ones cost nothing measurable, e.g. the +-1 count aliasing of a

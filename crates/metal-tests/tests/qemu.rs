@@ -144,10 +144,7 @@ fn single_tasking_runs_without_a_timer() {
     assert!(r.clean_shutdown(), "status {:?}\n{}", r.status, r.output);
 }
 
-/// Ratio above which a spectral line counts as periodic interference ...
-const PEAK_LIMIT: f64 = 60.0;
-/// ... if it also takes at least this fraction of the work (0.1 %).
-const MIN_AMPLITUDE: f64 = 1e-3;
+use metal_tests::{MIN_AMPLITUDE, PEAK_LIMIT};
 
 /// Runs FTQ in virtual time (`-icount`): the guest's clock advances with the
 /// instructions it executes, so host noise (other processes on the machine

@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use metal_tests::{build_kernel, finish, ftq_counts, ftq_linux, lines, spawn};
+use metal_tests::{
+    build_kernel, finish, ftq_counts, ftq_linux, interference, lines, spawn, MIN_AMPLITUDE,
+    PEAK_LIMIT,
+};
 
 /// Compare FTQ noise on the bare QK with the same sampler on Linux.
 #[derive(Parser)]
@@ -37,9 +40,19 @@ fn stats(c: &[f64]) -> String {
 
 fn report(name: &str, c: &[f64], k: usize) {
     println!("{name}: {} samples, counts {}", c.len(), stats(c));
+    match interference(c, MIN_AMPLITUDE) {
+        Some(l) if l.ratio > PEAK_LIMIT => println!(
+            "  periodic interference: bin {} (period {:.1} quanta), {:.3e} x median, amplitude {:.3}% of mean",
+            l.bin,
+            c.len() as f64 / l.bin as f64,
+            l.ratio,
+            100.0 * l.rel_amplitude
+        ),
+        _ => println!("  no line above {PEAK_LIMIT} x median power with amplitude >= {}% of mean", 100.0 * MIN_AMPLITUDE),
+    }
     for l in lines(c).iter().take(k) {
         println!(
-            "  line at bin {:5} (period {:7.1} quanta): {:10.1} x median power, amplitude {:.4}% of mean",
+            "  line at bin {:5} (period {:7.1} quanta): {:10.3e} x median power, amplitude {:.4}% of mean",
             l.bin,
             c.len() as f64 / l.bin as f64,
             l.ratio,
@@ -61,15 +74,27 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let append = format!("run=ftq arg={}", a.samples);
-    for (name, extra) in [
-        ("bare QK, QEMU TCG, real time (host noise leaks in)", vec![]),
+    let alone = format!("run=ftq:{}", a.samples);
+    let shared = format!("run=ftq:{},spin:20 policy=rr quantum=1000", a.samples);
+    let icount = || vec!["-icount".to_string(), "shift=0".to_string()];
+    for (name, append, extra) in [
+        (
+            "bare QK, QEMU TCG, real time (host noise leaks in)",
+            &alone,
+            vec![],
+        ),
         (
             "bare QK, QEMU TCG, -icount shift=0 (guest time = instructions)",
-            vec!["-icount".to_string(), "shift=0".to_string()],
+            &alone,
+            icount(),
+        ),
+        (
+            "for contrast: bare QK, -icount, FTQ round-robin with a spinner (1 ms PIT tick)",
+            &shared,
+            icount(),
         ),
     ] {
-        let counts = match spawn(&kernel, &append, &extra)
+        let counts = match spawn(&kernel, append, &extra)
             .and_then(|c| finish(c, Duration::from_secs(120)))
         {
             Ok(r) => ftq_counts(&r.output),
