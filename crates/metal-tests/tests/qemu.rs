@@ -74,10 +74,22 @@ fn pct_only_call_from_an_application_is_refused() {
 #[test]
 fn application_fault_is_contained_and_reported_by_the_pct() {
     let Some(k) = kernel() else { return };
-    let r = run(&k, "run=fault,hello", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let r = run(&k, "run=fault,fault:1,fault:2,hello", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
     assert!(
         r.output
             .contains("pct: pid 2 killed by page fault (vector 14) at address 0x100000"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output
+            .contains("pct: pid 2 killed by general protection fault (vector 13)"),
+        "{}",
+        r.output
+    );
+    assert!(
+        r.output
+            .contains("pct: pid 2 killed by divide error (vector 0)"),
         "{}",
         r.output
     );
