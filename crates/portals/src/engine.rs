@@ -1068,7 +1068,7 @@ impl<S: Store> Engine<S> {
             Response::None
         };
         self.counters.delivered += 1;
-        self.counters.bytes += p.mlength;
+        self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
         Ok(DeliveryPlan {
             op: h.op,
             portal: h.portal,
@@ -1137,7 +1137,7 @@ impl<S: Store> Engine<S> {
             self.counters.eq_overflows += 1;
         }
         self.counters.delivered += 1;
-        self.counters.bytes += p.mlength;
+        self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
         Ok(DeliveryPlan {
             op: Op::Reply,
             portal: h.portal,
