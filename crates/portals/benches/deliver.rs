@@ -10,7 +10,8 @@
 //!    descriptor, access-control and event work.
 //!
 //! Run: `cargo bench -p portals --bench deliver` (add `-- --quick` for a
-//! shorter criterion run; `PORTALS_BENCH_SKIP_CRITERION=1` for part 2 only).
+//! shorter criterion run; `PORTALS_BENCH_SKIP_CRITERION=1` for part 2 only,
+//! `PORTALS_BENCH_ONLY="head hit, list 1"` for one row of it).
 
 use std::hint::black_box;
 use std::time::Instant;
@@ -136,66 +137,102 @@ fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
     (v[0], v[v.len() / 2], v[v.len() - 1])
 }
 
-fn measure(mut f: impl FnMut() -> bool) -> (f64, f64, f64) {
+/// Nanoseconds this thread has spent on a CPU (Linux schedstat), so that a
+/// loaded machine (other jobs sharing the cores) does not count the time we
+/// were descheduled. `None` where the kernel does not provide it.
+fn cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// Deliveries per second of on-CPU time (wall time where schedstat is
+/// missing), min / median / max over `RUNS` runs, and the median share of
+/// wall time the thread was actually running.
+fn measure(mut f: impl FnMut() -> bool) -> (f64, f64, f64, f64) {
     let mut rates = Vec::with_capacity(RUNS);
+    let mut shares = Vec::with_capacity(RUNS);
     for _ in 0..RUNS {
+        let c0 = cpu_ns();
         let t = Instant::now();
         let mut ok = 0u32;
         for _ in 0..ITERS {
             ok += f() as u32;
         }
-        let dt = t.elapsed().as_secs_f64();
+        let wall = t.elapsed().as_secs_f64();
+        let cpu = match (c0, cpu_ns()) {
+            (Some(a), Some(b)) if b > a => (b - a) as f64 / 1e9,
+            _ => wall,
+        };
         assert_eq!(ok, ITERS, "every delivery must succeed");
-        rates.push(ITERS as f64 / dt);
+        rates.push(ITERS as f64 / cpu);
+        shares.push(cpu / wall);
     }
-    stats(rates)
+    let (lo, med, hi) = stats(rates);
+    (lo, med, hi, stats(shares).1)
+}
+
+/// `PORTALS_BENCH_ONLY=<text>` limits the table to cases whose label contains it.
+fn selected(label: &str) -> bool {
+    std::env::var("PORTALS_BENCH_ONLY").map_or(true, |only| label.contains(&only))
 }
 
 fn repeated() {
     println!();
     println!(
-        "deliveries per second, {RUNS} runs x {ITERS} deliveries (min / median / max), one core"
+        "deliveries per second of on-CPU time, {RUNS} runs x {ITERS} deliveries (min / median / max), one thread"
     );
     println!(
-        "{:<22} {:>12} {:>12} {:>12} {:>14} {:>8}",
-        "case", "min M/s", "median M/s", "max M/s", "peer median", "ratio"
+        "{:<22} {:>12} {:>12} {:>12} {:>14} {:>8} {:>7}",
+        "case", "min M/s", "median M/s", "max M/s", "peer median", "ratio", "on-CPU"
     );
     for n in [1u32, 16, 256] {
         for (name, bits) in [("head", 0u64), ("tail", n as u64 - 1)] {
+            let label = format!("{name} hit, list {n}");
+            if !selected(&label) {
+                continue;
+            }
             let (mut e, _) = setup(n, false);
             let h = header(bits);
-            let (lo, med, hi) = measure(|| e.deliver(black_box(&h)).is_ok());
+            let (lo, med, hi, share) = measure(|| e.deliver(black_box(&h)).is_ok());
             let peer = PostedQueue::new(n);
-            let (_, pmed, _) = measure(|| peer.find(black_box(bits), 1, 64, 1024).is_some());
+            let (_, pmed, _, _) = measure(|| peer.find(black_box(bits), 1, 64, 1024).is_some());
             println!(
-                "{:<22} {:>12.1} {:>12.1} {:>12.1} {:>14.1} {:>8.2}",
-                format!("{name} hit, list {n}"),
+                "{:<22} {:>12.1} {:>12.1} {:>12.1} {:>14.1} {:>8.2} {:>6.0}%",
+                label,
                 lo / 1e6,
                 med / 1e6,
                 hi / 1e6,
                 pmed / 1e6,
-                med / pmed
+                med / pmed,
+                share * 100.0
             );
         }
+    }
+    if !selected("head + event poll, 1") {
+        return;
     }
     let (mut e, eq) = setup(1, true);
     let q = eq.expect("eq");
     let h = header(0);
-    let (lo, med, hi) = measure(|| {
+    let (lo, med, hi, share) = measure(|| {
         let ok = e.deliver(black_box(&h)).is_ok();
         ok & matches!(e.eq_get(q), Ok(Some(_)))
     });
     println!(
-        "{:<22} {:>12.1} {:>12.1} {:>12.1} {:>14} {:>8}",
+        "{:<22} {:>12.1} {:>12.1} {:>12.1} {:>14} {:>8} {:>6.0}%",
         "head + event poll, 1",
         lo / 1e6,
         med / 1e6,
         hi / 1e6,
         "-",
-        "-"
+        "-",
+        share * 100.0
     );
     println!(
-        "(ratio = portals median / peer median; the peer does only the search and bounds check)"
+        "(ratio = portals median / peer median; the peer does only the search and bounds check;"
+    );
+    println!(
+        " on-CPU = median share of wall time the thread ran; below 100% the cores were shared)"
     );
 }
 

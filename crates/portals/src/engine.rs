@@ -863,6 +863,28 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Decode the header at the start of `bytes` and deliver it. Unlike
+    /// [`Engine::decode`] followed by [`Engine::deliver`], a header that
+    /// fails to decode is counted as a drop ([`DropReason::BadHeader`] or
+    /// [`DropReason::InvalidPortal`]). Returns the header with the plan,
+    /// since descriptors that save headers need its bytes.
+    pub fn deliver_bytes(&mut self, bytes: &[u8]) -> Result<(WireHeader, DeliveryPlan), Dropped> {
+        match WireHeader::decode(bytes, &self.limits) {
+            Ok(h) => self.deliver(&h).map(|p| (h, p)),
+            Err(e) => {
+                let reason = match e {
+                    HeaderError::Portal { .. } => DropReason::InvalidPortal,
+                    _ => DropReason::BadHeader,
+                };
+                self.counters.drops[reason as usize] += 1;
+                Err(Dropped {
+                    header: Some(e),
+                    ..Dropped::bare(reason)
+                })
+            }
+        }
+    }
+
     #[inline]
     fn deliver_target(&mut self, h: &WireHeader) -> Result<DeliveryPlan, Dropped> {
         let is_get = h.op == Op::Get;
@@ -1068,7 +1090,7 @@ impl<S: Store> Engine<S> {
             Response::None
         };
         self.counters.delivered += 1;
-        self.counters.bytes += p.mlength;
+        self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
         Ok(DeliveryPlan {
             op: h.op,
             portal: h.portal,
@@ -1137,7 +1159,7 @@ impl<S: Store> Engine<S> {
             self.counters.eq_overflows += 1;
         }
         self.counters.delivered += 1;
-        self.counters.bytes += p.mlength;
+        self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
         Ok(DeliveryPlan {
             op: Op::Reply,
             portal: h.portal,

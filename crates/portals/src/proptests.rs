@@ -32,8 +32,22 @@ struct ModelEntry {
     threshold: Option<u32>,
     uses: u32,
     md: ModelMd,
+    /// The descriptor was released (the third link applies).
+    md_valid: bool,
+    /// Second link (too long) and third link (invalid descriptor).
+    too_long: MLink,
+    invalid: MLink,
     /// Index into the engine-side handle table.
     id: usize,
+}
+
+/// A link in the model: forward jumps only (to an entry with a larger id),
+/// so the model needs no cycle detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MLink {
+    Next,
+    End,
+    To(usize),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,12 +67,28 @@ enum Outcome {
 /// the search on (default second link).
 fn model_deliver(list: &mut Vec<ModelEntry>, src: ProcessId, bits: u64, len: u64) -> Outcome {
     let mut miss = DropReason::NoMatch;
-    for i in 0..list.len() {
+    let mut i = 0;
+    while i < list.len() {
+        let follow = |link: MLink, list: &Vec<ModelEntry>| match link {
+            MLink::Next => Some(i + 1),
+            MLink::End => None,
+            MLink::To(id) => list.iter().position(|x| x.id == id),
+        };
         let e = &mut list[i];
         let hit = (e.group == ANY || e.group == src.group)
             && (e.rank == ANY || e.rank == src.rank)
             && (e.bits & !e.ignore) == (bits & !e.ignore);
         if !hit {
+            i += 1;
+            continue;
+        }
+        if !e.md_valid {
+            miss = DropReason::InvalidMd;
+            let link = e.invalid;
+            match follow(link, list) {
+                Some(j) => i = j,
+                None => break,
+            }
             continue;
         }
         let placed = match &mut e.md {
@@ -116,7 +146,14 @@ fn model_deliver(list: &mut Vec<ModelEntry>, src: ProcessId, bits: u64, len: u64
                     unlinked,
                 };
             }
-            None => miss = DropReason::TooLong,
+            None => {
+                miss = DropReason::TooLong;
+                let link = e.too_long;
+                match follow(link, list) {
+                    Some(j) => i = j,
+                    None => break,
+                }
+            }
         }
     }
     Outcome::Dropped(miss)
@@ -133,6 +170,9 @@ struct EntryGen {
     cap: u64,
     truncate: bool,
     max: usize,
+    /// 0: next, 1: end, 2+: jump forward by (n - 1) entries.
+    too_long: u8,
+    invalid: u8,
 }
 
 fn entry_gen() -> impl Strategy<Value = EntryGen> {
@@ -146,9 +186,23 @@ fn entry_gen() -> impl Strategy<Value = EntryGen> {
         0u64..200,
         any::<bool>(),
         1usize..4,
+        (0u8..5, 0u8..5),
     )
         .prop_map(
-            |(group, rank, bits, ignore, threshold, heap, cap, truncate, max)| EntryGen {
+            |(
+                group,
+                rank,
+                bits,
+                ignore,
+                threshold,
+                heap,
+                cap,
+                truncate,
+                max,
+                (too_long, invalid),
+            )| EntryGen {
+                too_long,
+                invalid,
                 group,
                 rank,
                 bits,
@@ -172,6 +226,8 @@ enum Action {
     },
     /// Free the `k`-th live allocation of some heap (if any).
     Free(usize),
+    /// Release the descriptor of entry `k % n`.
+    Release(usize),
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -179,6 +235,7 @@ fn action() -> impl Strategy<Value = Action> {
         4 => (1u32..3, 0u32..3, 0u64..4, 0u64..90)
             .prop_map(|(group, rank, bits, len)| Action::Msg { group, rank, bits, len }),
         1 => any::<usize>().prop_map(Action::Free),
+        1 => any::<usize>().prop_map(Action::Release),
     ]
 }
 
@@ -220,7 +277,26 @@ proptest! {
             model.push(ModelEntry {
                 group: g.group, rank: g.rank, bits: g.bits, ignore: g.ignore,
                 threshold: g.threshold, uses: 0, md, id,
+                md_valid: true, too_long: MLink::Next, invalid: MLink::Next,
             });
+        }
+        // Links: forward jumps only (they may dangle once the target unlinks
+        // itself; both sides then end the search).
+        let n = gens.len();
+        let to_link = |code: u8, id: usize| match code {
+            0 => (MLink::Next, Link::Next),
+            1 => (MLink::End, Link::End),
+            c => {
+                let j = id + (c as usize - 1);
+                if j < n { (MLink::To(j), Link::Entry(handles[j])) } else { (MLink::End, Link::End) }
+            }
+        };
+        for (id, g) in gens.iter().enumerate() {
+            let (mt, et) = to_link(g.too_long, id);
+            let (mi, ei) = to_link(g.invalid, id);
+            e.me_set_links(handles[id], et, ei).unwrap();
+            model[id].too_long = mt;
+            model[id].invalid = mi;
         }
         for a in actions {
             match a {
@@ -249,6 +325,17 @@ proptest! {
                         Err(d) => Outcome::Dropped(d.reason),
                     };
                     prop_assert_eq!(got, want);
+                }
+                Action::Release(k) => {
+                    let id = k % n;
+                    let released = e.md_release(mds[id].0).is_ok();
+                    for m in model.iter_mut().filter(|m| m.id == id) {
+                        prop_assert_eq!(released, m.md_valid);
+                        m.md_valid = false;
+                        if let ModelMd::Heap { allocs, .. } = &mut m.md {
+                            allocs.clear();
+                        }
+                    }
                 }
                 Action::Free(k) => {
                     let live: Vec<(usize, u64)> = model
