@@ -225,6 +225,7 @@ pub mod abi {
     pub const DROP_FORBIDDEN: usize = 4;
     pub const DROP_NO_MATCH: usize = 5;
     pub const DROP_TOO_LONG: usize = 6;
+    pub const DROP_INVALID_MD: usize = 7;
 
     // --- PCT only (levels of trust: QK > PCT > applications) ---
     /// First PCT-only number; every call at or above it is refused to applications.
