@@ -489,22 +489,32 @@ pub fn forget(slot: usize) {
 /// portal and descriptor posts to, every portal enabled with an access
 /// control entry admitting the job.
 fn endpoint(slot: usize) -> Result<&'static mut Endpoint, i64> {
-    let eps = endpoints();
-    if eps[slot].is_none() {
-        let id = ProcessId::new(JOB, fabric().node * RANKS_PER_NODE + pid_of(slot) as u32);
-        let mut engine = Engine::with_store(Store::config(id, MAX_MESSAGE), Store::new())
-            .map_err(|_| abi::ENOMEM)?;
-        let eq = engine.eq_alloc(64).map_err(|_| abi::ENOMEM)?;
-        for p in 0..PORTALS {
-            engine
-                .portal_set_eq(p, Some(eq))
-                .and_then(|_| engine.portal_set_acl(p, Acl::job(JOB)))
-                .and_then(|_| engine.portal_enable(p))
-                .map_err(|_| abi::ENOMEM)?;
-        }
-        eps[slot] = Some(Endpoint { engine, eq });
+    if endpoints()[slot].is_none() {
+        create_endpoint(slot)?;
     }
-    eps[slot].as_mut().ok_or(abi::ENOMEM)
+    endpoints()[slot].as_mut().ok_or(abi::ENOMEM)
+}
+
+/// Builds a process's engine. Kept out of line: the engine is built on the
+/// stack before it moves into its static slot (tens of KiB of frame), and
+/// only the first portals call of a process needs that frame; the delivery
+/// path (nested sends, replies) must not carry it.
+#[inline(never)]
+#[cold]
+fn create_endpoint(slot: usize) -> Result<(), i64> {
+    let id = ProcessId::new(JOB, fabric().node * RANKS_PER_NODE + pid_of(slot) as u32);
+    let mut engine = Engine::with_store(Store::config(id, MAX_MESSAGE), Store::new())
+        .map_err(|_| abi::ENOMEM)?;
+    let eq = engine.eq_alloc(64).map_err(|_| abi::ENOMEM)?;
+    for p in 0..PORTALS {
+        engine
+            .portal_set_eq(p, Some(eq))
+            .and_then(|_| engine.portal_set_acl(p, Acl::job(JOB)))
+            .and_then(|_| engine.portal_enable(p))
+            .map_err(|_| abi::ENOMEM)?;
+    }
+    endpoints()[slot] = Some(Endpoint { engine, eq });
+    Ok(())
 }
 
 fn engine_err(e: portals::Error) -> i64 {
