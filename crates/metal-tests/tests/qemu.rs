@@ -351,3 +351,35 @@ fn two_nodes_get_acked_put_dropped_puts_and_a_64k_put() {
     }
     assert!(n0.clean_shutdown() && n1.clean_shutdown(), "{both}");
 }
+
+#[test]
+fn two_nodes_stream_64k_messages_both_ways_through_full_rings() {
+    let Some(k) = kernel() else { return };
+    let (n0, n1) =
+        metal_tests::run_two_nodes(&k, "run=ptltest:2", TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+    let both = format!(
+        "--- node 0 ---\n{}\n--- node 1 ---\n{}",
+        n0.output, n1.output
+    );
+    let waits = |out: &str, node: u32| -> u64 {
+        let line = out
+            .lines()
+            .find(|l| {
+                l.contains(&format!(
+                    "node {node}: sent and received 20 x 64 KiB concurrently, every byte checked"
+                ))
+            })
+            .unwrap_or_else(|| panic!("node {node} did not finish:\n{both}"));
+        assert!(line.ends_with("fabric lost 0"), "{both}");
+        line.split("ring space ")
+            .nth(1)
+            .and_then(|t| t.split(';').next())
+            .and_then(|w| w.parse().ok())
+            .unwrap_or_else(|| panic!("no wait count in {line:?}"))
+    };
+    // 20 messages of 17 slots into a 120-slot ring that the receiver drains
+    // only while its own sends wait: some send must have found it full.
+    let total = waits(&n0.output, 0) + waits(&n1.output, 1);
+    assert!(total > 0, "no send ever waited for ring space:\n{both}");
+    assert!(n0.clean_shutdown() && n1.clean_shutdown(), "{both}");
+}

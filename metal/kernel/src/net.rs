@@ -86,6 +86,8 @@ struct Fabric {
     polling: bool,
     /// Messages (mostly acks and replies) given up on: the ring stayed full.
     lost: u64,
+    /// Sends that found the destination ring full and had to wait.
+    waits: u64,
 }
 
 static mut FABRIC: Fabric = Fabric {
@@ -94,6 +96,7 @@ static mut FABRIC: Fabric = Fabric {
     shm: 0,
     polling: false,
     lost: 0,
+    waits: 0,
 };
 
 fn fabric() -> &'static mut Fabric {
@@ -256,10 +259,15 @@ fn send_remote(dst: u32, header: &[u8; HEADER_LEN], len: u64, src: &Src) -> Resu
     }
     let r = ring(dst);
     let t0 = metal_rt::rdtsc();
+    let mut waited = false;
     let head = loop {
         let head = rd(r);
         if head - rd(r + 64) + n <= SLOTS {
             break head;
+        }
+        if !waited {
+            waited = true;
+            fabric().waits += 1;
         }
         if metal_rt::rdtsc() - t0 > SEND_PATIENCE {
             return Err(abi::ENOMEM);
@@ -904,7 +912,7 @@ pub fn get(cur: usize, spec: u64) -> i64 {
 
 /// `ptl_counters(&mut Counters)`.
 pub fn counters(cur: usize, out: u64) -> i64 {
-    let lost = fabric().lost;
+    let (lost, waits) = (fabric().lost, fabric().waits);
     let ep = match endpoint(cur) {
         Ok(e) => e,
         Err(e) => return e,
@@ -915,6 +923,7 @@ pub fn counters(cur: usize, out: u64) -> i64 {
         bytes: c.bytes,
         eq_overflows: c.eq_overflows,
         fabric_lost: lost,
+        fabric_waits: waits,
         ..Default::default()
     };
     for (r, n) in c.iter_drops() {

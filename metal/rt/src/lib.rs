@@ -408,6 +408,9 @@ pub mod abi {
         pub drops: [u64; 10],
         /// Messages this node's fabric could not send (ring full too long).
         pub fabric_lost: u64,
+        /// Sends on this node that found the other node's ring full and
+        /// waited (draining their own ring meanwhile).
+        pub fabric_waits: u64,
     }
 
     /// A portals event as returned by `ptl_eq_wait`.
