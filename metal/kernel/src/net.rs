@@ -43,9 +43,9 @@ const RANKS_PER_NODE: u32 = 16;
 /// Portal table size per process.
 const PORTALS: u32 = 4;
 
-/// Per process: 4 portals, 16 match entries, 16 descriptors, 32 blocks,
+/// Per process: 4 portals, 16 match entries, 24 descriptors, 32 blocks,
 /// 2 event queues, 64 events, 32 heap records.
-type Store = ArrayStore<4, 16, 16, 32, 2, 64, 32>;
+type Store = ArrayStore<4, 16, 24, 32, 2, 64, 32>;
 
 struct Endpoint {
     engine: Engine<Store>,
@@ -262,7 +262,13 @@ fn send_remote(dst: u32, header: &[u8; HEADER_LEN], len: u64, src: &Src) -> Resu
     let mut waited = false;
     let head = loop {
         let head = rd(r);
-        if head - rd(r + 64) + n <= SLOTS {
+        // The other node owns `tail`; a value ahead of `head` or more than a
+        // ring behind means the shared memory is corrupt: do not write.
+        let used = head.checked_sub(rd(r + 64)).filter(|&u| u <= SLOTS);
+        let Some(used) = used else {
+            return Err(abi::EINVAL);
+        };
+        if used + n <= SLOTS {
             break head;
         }
         if !waited {
@@ -337,6 +343,13 @@ pub fn poll() {
         let tail = rd(r + 64);
         let head = rd(r);
         if tail == head {
+            break;
+        }
+        if head < tail || head - tail > SLOTS {
+            // Only the other node writes `head`: garbage there must not make
+            // us walk the ring forever. Skip whatever it claims.
+            kprintln!("qk: inbound ring head {head} / tail {tail} inconsistent; resynchronised");
+            wr(r + 64, head);
             break;
         }
         fence(Ordering::SeqCst);

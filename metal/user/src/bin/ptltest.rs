@@ -432,6 +432,37 @@ fn local() -> R<()> {
     check(into[..200] == remote[10..210], "reply data")?;
     println!("ptltest: get with the reply deposited: ok");
 
+    // Truncation: a 40-byte put into a 16-byte truncating descriptor keeps 16.
+    let tb = buf(32);
+    let mtr = ok(
+        "md_create",
+        ptl::md_create(&single(&tb[..16], abi::MDO_PUT | abi::MDO_TRUNCATE)),
+    )?;
+    ok("me_append", ptl::me_append(0, &me_desc(mtr, 0xb8)))?;
+    let m = buf(40);
+    fill(m, 65);
+    ok("put", me.put(0, 0xb8, m, 0))?;
+    let ev = wait_kind(abi::EV_PUT)?;
+    check(
+        ev.truncated == 1 && ev.len == 16 && ev.rlength == 40,
+        "truncated event",
+    )?;
+    check(
+        tb[..16] == m[..16] && tb[16..].iter().all(|&x| x == 0),
+        "truncated data",
+    )?;
+    // Releasing the descriptor: the next message finds no valid one.
+    ok("md_release", ptl::md_release(mtr))?;
+    check(ptl::md_release(mtr) == Err(abi::ENOENT), "stale md refused")?;
+    let before = drops(abi::DROP_INVALID_MD)?;
+    ok("put", me.put(0, 0xb8, m, 0))?;
+    check(
+        wait_kind(abi::EV_DISCARD)?.reason == abi::DROP_INVALID_MD as u64
+            && drops(abi::DROP_INVALID_MD)? == before + 1,
+        "released md drops",
+    )?;
+    println!("ptltest: truncating descriptor kept 16 of 40 bytes; released descriptor drops: ok");
+
     // 12. 64 KiB put.
     let big_src = buf(65536);
     fill(big_src, 70);
