@@ -27,7 +27,7 @@ use core::sync::atomic::{fence, Ordering};
 
 use metal_rt::abi;
 use portals::{
-    Acl, ArrayStore, Engine, EqHandle, EventKind, GetArgs, MatchHandle, MatchSpec, MdHandle,
+    Acl, ArrayStore, Engine, EqHandle, EventKind, GetArgs, Link, MatchHandle, MatchSpec, MdHandle,
     MdKind, MdOptions, MdSpec, OffsetMode, Op, Position, ProcessId, PutArgs, Region, Response,
     Save, Segment, WireHeader, HEADER_LEN,
 };
@@ -699,7 +699,7 @@ fn md_create(cur: usize, desc: u64) -> i64 {
         .map_or_else(engine_err, |h| cookie(h.to_cookie()))
 }
 
-/// `ptl_me(op, a, &MeDesc)`: append, insert before/after, unlink.
+/// `ptl_me(op, a, &MeDesc)`: append, insert before/after, unlink, set links.
 pub fn me(cur: usize, op: u64, a: u64, desc: u64) -> i64 {
     let ep = match endpoint(cur) {
         Ok(e) => e,
@@ -709,6 +709,25 @@ pub fn me(cur: usize, op: u64, a: u64, desc: u64) -> i64 {
         return ep
             .engine
             .me_unlink(MatchHandle::from_cookie(a))
+            .map_or_else(engine_err, |_| 0);
+    }
+    if op == abi::ME_SET_LINKS {
+        let l: abi::MeLinks = match mm::read_pod(cur, desc) {
+            Ok(l) => l,
+            Err(_) => return abi::EFAULT,
+        };
+        let link = |v: u64| match v {
+            abi::LINK_NEXT => Link::Next,
+            abi::LINK_END => Link::End,
+            h => Link::Entry(MatchHandle::from_cookie(h)),
+        };
+        return ep
+            .engine
+            .me_set_links(
+                MatchHandle::from_cookie(a),
+                link(l.too_long),
+                link(l.invalid),
+            )
             .map_or_else(engine_err, |_| 0);
     }
     let d: abi::MeDesc = match mm::read_pod(cur, desc) {

@@ -163,6 +163,13 @@ pub mod abi {
     pub const ME_INSERT_BEFORE: u64 = 1;
     pub const ME_INSERT_AFTER: u64 = 2;
     pub const ME_UNLINK: u64 = 3;
+    /// `ptl_me(ME_SET_LINKS, entry, &MeLinks)`: where the search goes when
+    /// the entry's descriptor is too short (second link) or not valid (third).
+    pub const ME_SET_LINKS: u64 = 4;
+    /// `MeLinks` values: follow list order / end the search; any other
+    /// value is an entry handle of the same portal.
+    pub const LINK_NEXT: u64 = u64::MAX;
+    pub const LINK_END: u64 = u64::MAX - 1;
     /// `ptl_portal` operations.
     pub const PORTAL_ENABLE: u64 = 0;
     pub const PORTAL_DISABLE: u64 = 1;
@@ -380,6 +387,17 @@ pub mod abi {
         pub source_pid: u64,
         /// Unlink after this many messages (0 = never).
         pub threshold: u64,
+    }
+
+    /// The second and third links of a match entry (`ME_SET_LINKS`).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct MeLinks {
+        /// Followed when the message is too long for the descriptor.
+        pub too_long: u64,
+        /// Followed when the descriptor is not valid (released, used up,
+        /// or not permitting the operation).
+        pub invalid: u64,
     }
 
     /// Access control entry for `ptl_portal(PORTAL_ACL)`.

@@ -116,6 +116,16 @@ pub mod ptl {
     pub fn me_unlink(entry: u64) -> Result<u64, i64> {
         res(syscall(abi::PTL_ME, abi::ME_UNLINK, entry, 0, 0))
     }
+    /// Sets an entry's second (too long) and third (invalid descriptor) links.
+    pub fn me_set_links(entry: u64, links: &abi::MeLinks) -> Result<u64, i64> {
+        res(syscall(
+            abi::PTL_ME,
+            abi::ME_SET_LINKS,
+            entry,
+            links as *const _ as u64,
+            0,
+        ))
+    }
     /// Enables or disables a portal.
     pub fn portal_enable(portal: u64, on: bool) -> Result<u64, i64> {
         let op = if on {

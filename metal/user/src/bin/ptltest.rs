@@ -363,6 +363,40 @@ fn local() -> R<()> {
     check(ptl::me_unlink(ey).is_err(), "stale entry refused")?;
     println!("ptltest: insert before + use-once + unlink: messages went z, y, x: ok");
 
+    // Second link: a message too long for S goes to the next entry (T) by
+    // default, to U once S's second link names U, nowhere once it says end.
+    let (s8, t8, u8_) = (buf(8), buf(64), buf(64));
+    let ms = ok("md_create", ptl::md_create(&single(s8, abi::MDO_PUT)))?;
+    let mt = ok("md_create", ptl::md_create(&single(t8, abi::MDO_PUT)))?;
+    let mu = ok("md_create", ptl::md_create(&single(u8_, abi::MDO_PUT)))?;
+    let es = ok("me_append", ptl::me_append(2, &me_desc(ms, 0x99)))?;
+    ok("me_append", ptl::me_append(2, &me_desc(mt, 0x99)))?;
+    let eu = ok("me_append", ptl::me_append(2, &me_desc(mu, 0x99)))?;
+    let m = buf(20);
+    fill(m, 45);
+    ok("put", me.put(2, 0x99, m, 0))?;
+    check(wait_kind(abi::EV_PUT)?.md == mt, "too long: next entry")?;
+    let links = |too_long| abi::MeLinks {
+        too_long,
+        invalid: abi::LINK_NEXT,
+    };
+    ok("me_set_links", ptl::me_set_links(es, &links(eu)))?;
+    ok("put", me.put(2, 0x99, m, 0))?;
+    check(
+        wait_kind(abi::EV_PUT)?.md == mu && u8_[..20] == m[..],
+        "too long: linked entry",
+    )?;
+    ok("me_set_links", ptl::me_set_links(es, &links(abi::LINK_END)))?;
+    let before = drops(abi::DROP_TOO_LONG)?;
+    ok("put", me.put(2, 0x99, m, 0))?;
+    check(
+        wait_kind(abi::EV_DISCARD)?.reason == abi::DROP_TOO_LONG as u64
+            && drops(abi::DROP_TOO_LONG)? == before + 1,
+        "too long: end of search",
+    )?;
+    check(s8.iter().all(|&x| x == 0), "short descriptor untouched")?;
+    println!("ptltest: second link: too-long message went to next, then the linked entry, then nowhere: ok");
+
     // 8. Portal disable / enable.
     let w = buf(16);
     let mw = ok("md_create", ptl::md_create(&single(w, abi::MDO_PUT)))?;
