@@ -4,7 +4,7 @@
 use std::{env, fs, path::PathBuf};
 
 const PROGRAMS: &[&str] = &[
-    "pct", "hello", "ftq", "fault", "pctcall", "pingpong", "spin",
+    "pct", "hello", "ftq", "fault", "pctcall", "pingpong", "spin", "ptltest",
 ];
 
 fn main() {

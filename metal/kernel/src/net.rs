@@ -14,15 +14,22 @@
 //!
 //! Shared memory layout (1 MiB): page 0 unused, then one inbound ring per
 //! node. Ring: `head` (written only by the other node), `tail` (written only
-//! by the owner), then `SLOTS` slots of `SLOT_BYTES`: a length word, the
-//! 80-byte wire header, the payload.
+//! by the owner), then `SLOTS` slots of `SLOT_BYTES`. A message takes one or
+//! more consecutive slots: the first holds a length word, the 80-byte wire
+//! header and the start of the payload, each further slot a length word and
+//! the next part of the payload. The sender publishes all slots of a
+//! message at once (one `head` update), so the receiver always sees whole
+//! messages, and copies the payload straight from the slots into the
+//! receiving process's descriptor: no reassembly buffer. Acks and replies
+//! (the reply carries the data of a get) travel the same way.
 use core::ptr::{addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
 
 use metal_rt::abi;
 use portals::{
-    Acl, ArrayStore, Engine, EqHandle, EventKind, MatchSpec, MdKind, MdOptions, MdSpec, OffsetMode,
-    ProcessId, PutArgs, Region, WireHeader, HEADER_LEN,
+    Acl, ArrayStore, Engine, EqHandle, EventKind, GetArgs, Link, MatchHandle, MatchSpec, MdHandle,
+    MdKind, MdOptions, MdSpec, OffsetMode, Op, Position, ProcessId, PutArgs, Region, Response,
+    Save, Segment, WireHeader, HEADER_LEN,
 };
 
 use crate::arch::{inl, outl};
@@ -36,12 +43,13 @@ const RANKS_PER_NODE: u32 = 16;
 /// Portal table size per process.
 const PORTALS: u32 = 4;
 
-type Store = ArrayStore<4, 8, 8, 8, 2, 32, 8>;
+/// Per process: 4 portals, 16 match entries, 24 descriptors, 32 blocks,
+/// 2 event queues, 64 events, 32 heap records.
+type Store = ArrayStore<4, 16, 24, 32, 2, 64, 32>;
 
 struct Endpoint {
     engine: Engine<Store>,
     eq: EqHandle,
-    enabled: [bool; PORTALS as usize],
 }
 
 static mut ENDPOINTS: [Option<Endpoint>; MAX_PROCS] = [const { None }; MAX_PROCS];
@@ -56,22 +64,39 @@ fn endpoints() -> &'static mut [Option<Endpoint>; MAX_PROCS] {
 const SHM_SIZE: u64 = 1 << 20;
 const SHM_PHYS: u64 = 0xC000_0000;
 const RING_BASE: u64 = 0x1000;
-const SLOTS: u64 = 48;
+const SLOTS: u64 = 120;
 const SLOT_BYTES: u64 = 4096;
 const RING_BYTES: u64 = 128 + SLOTS * SLOT_BYTES;
-/// Largest payload one message carries.
-pub const MAX_PAYLOAD: u64 = SLOT_BYTES - 8 - HEADER_LEN as u64;
+/// Payload bytes in a message's first slot (after length word and header).
+const FIRST_CAP: u64 = SLOT_BYTES - 8 - HEADER_LEN as u64;
+/// Payload bytes in each following slot (after the length word).
+const NEXT_CAP: u64 = SLOT_BYTES - 8;
+/// Largest message: fragmented over up to 33 slots.
+pub const MAX_MESSAGE: u64 = abi::MAX_MESSAGE;
+/// How long a send waits for room in the other node's ring (TSC ticks).
+const SEND_PATIENCE: u64 = 4_000_000_000;
+/// Most segments one body is split into (blocks of a combined descriptor).
+const MAX_SEGS: usize = 16;
 
 struct Fabric {
     node: u32,
     nodes: u32,
     shm: u64,
+    /// True while the inbound ring is being drained (no nested drains).
+    polling: bool,
+    /// Messages (mostly acks and replies) given up on: the ring stayed full.
+    lost: u64,
+    /// Sends that found the destination ring full and had to wait.
+    waits: u64,
 }
 
 static mut FABRIC: Fabric = Fabric {
     node: 0,
     nodes: 1,
     shm: 0,
+    polling: false,
+    lost: 0,
+    waits: 0,
 };
 
 fn fabric() -> &'static mut Fabric {
@@ -158,56 +183,210 @@ fn wr(addr: u64, v: u64) {
     unsafe { write_volatile(addr as *mut u64, v) }
 }
 
-/// Puts `header` + payload into `dst`'s inbound ring. False if the ring is full.
-fn send_remote(dst: u32, header: &[u8; HEADER_LEN], payload: &[u8]) -> bool {
-    let r = ring(dst);
-    let head = rd(r);
-    let tail = rd(r + 64);
-    if head - tail >= SLOTS {
-        return false;
+/// Payload bytes that follow a header on the wire (acks and gets carry none).
+fn payload_len(h: &WireHeader) -> u64 {
+    match h.op {
+        Op::Put | Op::Reply => h.length,
+        Op::Get | Op::Ack => 0,
     }
-    let slot = r + 128 + (head % SLOTS) * SLOT_BYTES;
-    wr(slot, (HEADER_LEN + payload.len()) as u64);
-    // SAFETY: the slot is SLOT_BYTES long inside the BAR and the length is
-    // bounded by MAX_PAYLOAD; the consumer does not read it until head moves.
-    unsafe {
-        core::ptr::copy_nonoverlapping(header.as_ptr(), (slot + 8) as *mut u8, HEADER_LEN);
-        core::ptr::copy_nonoverlapping(
-            payload.as_ptr(),
-            (slot + 8 + HEADER_LEN as u64) as *mut u8,
-            payload.len(),
-        );
+}
+
+/// Ring slots a message with `len` payload bytes takes.
+fn frags(len: u64) -> u64 {
+    1 + len.saturating_sub(FIRST_CAP).div_ceil(NEXT_CAP)
+}
+
+/// Where the payload of a message is read from.
+enum Src<'a> {
+    /// Published slots of this node's inbound ring, starting at slot index `first`.
+    Ring { ring: u64, first: u64 },
+    /// A local process's memory, as the engine's segments of a body.
+    Proc { slot: usize, segs: &'a [Segment] },
+    /// No payload.
+    Empty,
+}
+
+impl Src<'_> {
+    /// Copies payload bytes `off..off+out.len()` into `out`.
+    fn read(&self, off: u64, out: &mut [u8]) -> Result<(), ()> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let i = off + done as u64;
+            let n = match *self {
+                Src::Ring { ring, first } => {
+                    let (k, within, avail) = if i < FIRST_CAP {
+                        (0, 8 + HEADER_LEN as u64 + i, FIRST_CAP - i)
+                    } else {
+                        let j = i - FIRST_CAP;
+                        (1 + j / NEXT_CAP, 8 + j % NEXT_CAP, NEXT_CAP - j % NEXT_CAP)
+                    };
+                    let at = ring + 128 + ((first + k) % SLOTS) * SLOT_BYTES + within;
+                    let n = (avail as usize).min(out.len() - done);
+                    // SAFETY: `at..at+n` lies inside one published slot of
+                    // the ivshmem BAR (within + n <= SLOT_BYTES); the other
+                    // node does not write it until we move `tail`.
+                    unsafe {
+                        core::ptr::copy_nonoverlapping(at as *const u8, out[done..].as_mut_ptr(), n)
+                    };
+                    n
+                }
+                Src::Proc { slot, segs } => {
+                    let s = segs
+                        .iter()
+                        .find(|s| s.msg_offset <= i && i < s.msg_offset + s.len)
+                        .ok_or(())?;
+                    let within = i - s.msg_offset;
+                    let n = ((s.len - within) as usize).min(out.len() - done);
+                    mm::copy_in(slot, s.addr + within, &mut out[done..done + n]).map_err(|_| ())?;
+                    n
+                }
+                Src::Empty => return Err(()),
+            };
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Sends one message (header, then `len` payload bytes from `src`) into
+/// `dst`'s inbound ring. Waits for room, draining this node's own ring
+/// meanwhile (unless already draining) so two nodes sending to each other
+/// cannot deadlock; gives up after `SEND_PATIENCE`.
+fn send_remote(dst: u32, header: &[u8; HEADER_LEN], len: u64, src: &Src) -> Result<(), i64> {
+    let n = frags(len);
+    if n > SLOTS {
+        return Err(abi::EINVAL);
+    }
+    let r = ring(dst);
+    let t0 = metal_rt::rdtsc();
+    let mut waited = false;
+    let head = loop {
+        let head = rd(r);
+        // The other node owns `tail`; a value ahead of `head` or more than a
+        // ring behind means the shared memory is corrupt: do not write.
+        let used = head.checked_sub(rd(r + 64)).filter(|&u| u <= SLOTS);
+        let Some(used) = used else {
+            return Err(abi::EINVAL);
+        };
+        if used + n <= SLOTS {
+            break head;
+        }
+        if !waited {
+            waited = true;
+            fabric().waits += 1;
+        }
+        if metal_rt::rdtsc() - t0 > SEND_PATIENCE {
+            return Err(abi::ENOMEM);
+        }
+        if !fabric().polling {
+            poll();
+        }
+        core::hint::spin_loop();
+    };
+    let mut off = 0u64;
+    for k in 0..n {
+        let slot = r + 128 + ((head + k) % SLOTS) * SLOT_BYTES;
+        let (data, cap) = if k == 0 {
+            // SAFETY: the slot is ours until `head` moves past it; the header
+            // fits in the slot after the length word.
+            unsafe {
+                core::ptr::copy_nonoverlapping(header.as_ptr(), (slot + 8) as *mut u8, HEADER_LEN)
+            };
+            (slot + 8 + HEADER_LEN as u64, FIRST_CAP)
+        } else {
+            (slot + 8, NEXT_CAP)
+        };
+        let part = (len - off).min(cap);
+        // SAFETY: `data..data+part` lies inside this free slot of the BAR
+        // (part <= cap); nothing else refers to it while we fill it.
+        let dst = unsafe { core::slice::from_raw_parts_mut(data as *mut u8, part as usize) };
+        if src.read(off, dst).is_err() {
+            return Err(abi::EFAULT);
+        }
+        let hl = if k == 0 { HEADER_LEN as u64 } else { 0 };
+        wr(slot, hl + part);
+        off += part;
     }
     fence(Ordering::SeqCst);
-    wr(r, head + 1);
-    true
+    wr(r, head + n);
+    Ok(())
+}
+
+/// Sends a message to its destination: straight into the local engine when
+/// it is on this node, through the fabric otherwise.
+fn send(h: &WireHeader, src: &Src) -> Result<(), i64> {
+    let node = h.dst.rank / RANKS_PER_NODE;
+    if node == fabric().node {
+        incoming(h, src);
+        Ok(())
+    } else if node < fabric().nodes {
+        send_remote(node, &h.encode(), payload_len(h), src)
+    } else {
+        Err(abi::EINVAL)
+    }
 }
 
 /// Drains this node's inbound ring: every message is delivered (or dropped)
 /// through the destination process's portals engine.
 pub fn poll() {
     let f = fabric();
-    if f.nodes < 2 {
+    if f.nodes < 2 || f.polling {
         return;
     }
+    f.polling = true;
     let r = ring(f.node);
-    let mut buf = [0u8; SLOT_BYTES as usize];
+    let limits = portals::Limits {
+        portals: PORTALS,
+        max_message: MAX_MESSAGE,
+    };
     loop {
         let tail = rd(r + 64);
-        if tail == rd(r) {
-            return;
+        let head = rd(r);
+        if tail == head {
+            break;
+        }
+        if head < tail || head - tail > SLOTS {
+            // Only the other node writes `head`: garbage there must not make
+            // us walk the ring forever. Skip whatever it claims.
+            kprintln!("qk: inbound ring head {head} / tail {tail} inconsistent; resynchronised");
+            wr(r + 64, head);
+            break;
         }
         fence(Ordering::SeqCst);
         let slot = r + 128 + (tail % SLOTS) * SLOT_BYTES;
-        let len = rd(slot).min(SLOT_BYTES - 8) as usize;
-        // SAFETY: reading `len` bytes of a published slot inside the BAR.
-        unsafe { core::ptr::copy_nonoverlapping((slot + 8) as *const u8, buf.as_mut_ptr(), len) };
-        fence(Ordering::SeqCst);
-        wr(r + 64, tail + 1);
-        if len >= HEADER_LEN {
-            incoming(&buf[..HEADER_LEN], &buf[HEADER_LEN..len]);
+        let len = rd(slot);
+        let mut hdr = [0u8; HEADER_LEN];
+        let mut used = 1;
+        if (HEADER_LEN as u64..=SLOT_BYTES - 8).contains(&len) {
+            // SAFETY: reading the header of a published slot inside the BAR.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    (slot + 8) as *const u8,
+                    hdr.as_mut_ptr(),
+                    HEADER_LEN,
+                )
+            };
+            match WireHeader::decode(&hdr, &limits) {
+                Ok(h) if frags(payload_len(&h)) <= head - tail => {
+                    used = frags(payload_len(&h));
+                    incoming(
+                        &h,
+                        &Src::Ring {
+                            ring: r,
+                            first: tail,
+                        },
+                    );
+                }
+                Ok(h) => kprintln!("qk: dropped a message whose fragments are missing: {h:?}"),
+                Err(e) => kprintln!("qk: dropped a malformed message: {e:?}"),
+            }
+        } else {
+            kprintln!("qk: dropped a ring slot with length {len}");
         }
+        fence(Ordering::SeqCst);
+        wr(r + 64, tail + used);
     }
+    fabric().polling = false;
 }
 
 fn local_slot(id: ProcessId) -> Option<usize> {
@@ -217,19 +396,24 @@ fn local_slot(id: ProcessId) -> Option<usize> {
     slot_of(u64::from(id.rank % RANKS_PER_NODE))
 }
 
-/// One message arrived: match it, deposit the bytes, post and hand out the event.
-fn incoming(hdr: &[u8], payload: &[u8]) {
-    let limits = portals::Limits {
-        portals: PORTALS,
-        max_message: MAX_PAYLOAD,
-    };
-    let h = match WireHeader::decode(hdr, &limits) {
-        Ok(h) => h,
-        Err(e) => {
-            kprintln!("qk: dropped a malformed message: {e:?}");
-            return;
+/// Copies the payload from `src` into the destination segments.
+fn deposit(slot: usize, segs: &[Segment], src: &Src) -> Result<(), ()> {
+    let mut bounce = [0u8; 1024];
+    for s in segs {
+        let mut done = 0u64;
+        while done < s.len {
+            let n = (s.len - done).min(bounce.len() as u64) as usize;
+            src.read(s.msg_offset + done, &mut bounce[..n])?;
+            mm::copy_out(slot, s.addr + done, &bounce[..n]).map_err(|_| ())?;
+            done += n as u64;
         }
-    };
+    }
+    Ok(())
+}
+
+/// One message arrived: match it, deposit the bytes (or, for a get, send the
+/// reply with the bytes), post and hand out the event, send any ack.
+fn incoming(h: &WireHeader, src: &Src) {
     let Some(slot) = local_slot(h.dst)
         .filter(|&s| matches!(k().procs[s].state, State::Ready | State::Blocked(_)))
     else {
@@ -246,7 +430,7 @@ fn incoming(hdr: &[u8], payload: &[u8]) {
         );
         return;
     };
-    let plan = match ep.engine.deliver(&h) {
+    let plan = match ep.engine.deliver(h) {
         Ok(p) => p,
         Err(d) => {
             kprintln!(
@@ -254,21 +438,49 @@ fn incoming(hdr: &[u8], payload: &[u8]) {
                 pid_of(slot),
                 d.reason.name()
             );
+            wake(slot);
             return;
         }
     };
-    if let Ok(segs) = ep.engine.segments(&plan.body) {
-        for s in segs {
-            let from = s.msg_offset as usize;
-            let to = (from + s.len as usize).min(payload.len());
-            if from < to && mm::copy_out(slot, s.addr, &payload[from..to]).is_err() {
-                kprintln!(
-                    "qk: deposit into pid {} at {:#x} faulted; message lost",
-                    pid_of(slot),
-                    s.addr
-                );
+    let mut segs = [Segment {
+        addr: 0,
+        len: 0,
+        msg_offset: 0,
+    }; MAX_SEGS];
+    let nsegs = match ep.engine.write_segments(&plan.body, &mut segs) {
+        Ok(n) => n,
+        Err(e) => {
+            kprintln!("qk: cannot lay out a body for pid {}: {e:?}", pid_of(slot));
+            0
+        }
+    };
+    let segs = &segs[..nsegs];
+    if let Some(at) = plan.header_at {
+        if mm::copy_out(slot, at, &h.encode()).is_err() {
+            kprintln!("qk: saving a header into pid {} faulted", pid_of(slot));
+        }
+    }
+    if matches!(h.op, Op::Put | Op::Reply) && deposit(slot, segs, src).is_err() {
+        kprintln!(
+            "qk: deposit into pid {} faulted; message lost",
+            pid_of(slot)
+        );
+    }
+    // `ep` is not used past this point: replies may re-enter the engine.
+    match plan.response {
+        Response::Reply(r) => {
+            if let Err(e) = send(&r, &Src::Proc { slot, segs }) {
+                fabric().lost += 1;
+                kprintln!("qk: reply to {:?} not sent ({e})", r.dst);
             }
         }
+        Response::Ack(a) => {
+            if let Err(e) = send(&a, &Src::Empty) {
+                fabric().lost += 1;
+                kprintln!("qk: ack to {:?} not sent ({e})", a.dst);
+            }
+        }
+        Response::None => {}
     }
     // The receiving process is not running while its message lands: it is
     // blocked, or another process is current, or the kernel is idle.
@@ -294,23 +506,64 @@ pub fn forget(slot: usize) {
     endpoints()[slot] = None;
 }
 
+/// The caller's portals, created on first use: one event queue that every
+/// portal and descriptor posts to, every portal enabled with an access
+/// control entry admitting the job.
 fn endpoint(slot: usize) -> Result<&'static mut Endpoint, i64> {
-    let eps = endpoints();
-    if eps[slot].is_none() {
-        let id = ProcessId::new(JOB, fabric().node * RANKS_PER_NODE + pid_of(slot) as u32);
-        let mut engine = Engine::with_store(Store::config(id, MAX_PAYLOAD), Store::new())
-            .map_err(|_| abi::ENOMEM)?;
-        let eq = engine.eq_alloc(32).map_err(|_| abi::ENOMEM)?;
-        eps[slot] = Some(Endpoint {
-            engine,
-            eq,
-            enabled: [false; PORTALS as usize],
-        });
+    if endpoints()[slot].is_none() {
+        create_endpoint(slot)?;
     }
-    eps[slot].as_mut().ok_or(abi::ENOMEM)
+    endpoints()[slot].as_mut().ok_or(abi::ENOMEM)
 }
 
-/// `ptl_me_append(portal, &MeSpec)`.
+/// Builds a process's engine. Kept out of line: the engine is built on the
+/// stack before it moves into its static slot (tens of KiB of frame), and
+/// only the first portals call of a process needs that frame; the delivery
+/// path (nested sends, replies) must not carry it.
+#[inline(never)]
+#[cold]
+fn create_endpoint(slot: usize) -> Result<(), i64> {
+    let id = ProcessId::new(JOB, fabric().node * RANKS_PER_NODE + pid_of(slot) as u32);
+    let mut engine = Engine::with_store(Store::config(id, MAX_MESSAGE), Store::new())
+        .map_err(|_| abi::ENOMEM)?;
+    let eq = engine.eq_alloc(64).map_err(|_| abi::ENOMEM)?;
+    for p in 0..PORTALS {
+        engine
+            .portal_set_eq(p, Some(eq))
+            .and_then(|_| engine.portal_set_acl(p, Acl::job(JOB)))
+            .and_then(|_| engine.portal_enable(p))
+            .map_err(|_| abi::ENOMEM)?;
+    }
+    endpoints()[slot] = Some(Endpoint { engine, eq });
+    Ok(())
+}
+
+fn engine_err(e: portals::Error) -> i64 {
+    match e {
+        portals::Error::Exhausted { .. } => abi::ENOMEM,
+        portals::Error::StaleHandle(_) => abi::ENOENT,
+        _ => abi::EINVAL,
+    }
+}
+
+/// Encodes a handle for user space (non-negative).
+fn cookie(c: u64) -> i64 {
+    (c & (i64::MAX as u64)) as i64
+}
+
+/// The rank of `(node, pid)`, or `ANY` when either is `u64::MAX`.
+fn rank_of(node: u64, pid: u64) -> Result<u32, i64> {
+    if node == u64::MAX || pid == u64::MAX {
+        return Ok(portals::ANY);
+    }
+    if node >= nodes() || pid >= u64::from(RANKS_PER_NODE) {
+        return Err(abi::EINVAL);
+    }
+    Ok((node * u64::from(RANKS_PER_NODE) + pid) as u32)
+}
+
+/// `ptl_me_append(portal, &MeSpec)`: a match entry with its own single,
+/// sender-managed descriptor (the simple form).
 pub fn me_append(cur: usize, portal: u64, spec: u64) -> i64 {
     let s: abi::MeSpec = match mm::read_pod(cur, spec) {
         Ok(s) => s,
@@ -322,21 +575,15 @@ pub fn me_append(cur: usize, portal: u64, spec: u64) -> i64 {
     if mm::check(cur, s.buf, s.len).is_err() {
         return abi::EFAULT;
     }
+    let rank = match rank_of(s.source_node, s.source_pid) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
     let ep = match endpoint(cur) {
         Ok(e) => e,
         Err(e) => return e,
     };
-    let p = portal as u32;
     let e = &mut ep.engine;
-    if !ep.enabled[p as usize] {
-        if e.portal_set_eq(p, Some(ep.eq)).is_err()
-            || e.portal_set_acl(p, Acl::job(JOB)).is_err()
-            || e.portal_enable(p).is_err()
-        {
-            return abi::EINVAL;
-        }
-        ep.enabled[p as usize] = true;
-    }
     let md = match e.md_create(&MdSpec {
         kind: MdKind::Single {
             region: Region::new(s.buf, s.len),
@@ -346,38 +593,256 @@ pub fn me_append(cur: usize, portal: u64, spec: u64) -> i64 {
         eq: None,
     }) {
         Ok(m) => m,
-        Err(_) => return abi::ENOMEM,
+        Err(err) => return engine_err(err),
     };
     let mut m = MatchSpec::new(s.match_bits).ignore(s.ignore_bits);
-    if s.source_node != u64::MAX || s.source_pid != u64::MAX {
-        let rank = if s.source_node == u64::MAX || s.source_pid == u64::MAX {
-            portals::ANY
-        } else {
-            (s.source_node * u64::from(RANKS_PER_NODE) + s.source_pid) as u32
-        };
+    if rank != portals::ANY {
         m = m.from(JOB, rank);
     }
-    match e.me_append(p, m, md) {
-        Ok(h) => (h.to_cookie() & (i64::MAX as u64)) as i64,
-        Err(_) => {
+    match e.me_append(portal as u32, m, md) {
+        Ok(h) => cookie(h.to_cookie()),
+        Err(err) => {
             let _ = e.md_release(md);
-            abi::ENOMEM
+            engine_err(err)
         }
     }
 }
 
-/// `ptl_put(&PutSpec)`: one copy from the sender into the fabric.
+/// `ptl_md(op, a, b)`: create, release, or free in a dynamic heap.
+pub fn md(cur: usize, op: u64, a: u64, b: u64) -> i64 {
+    match op {
+        abi::MD_CREATE => md_create(cur, a),
+        abi::MD_RELEASE | abi::MD_FREE => {
+            let ep = match endpoint(cur) {
+                Ok(e) => e,
+                Err(e) => return e,
+            };
+            let h = MdHandle::from_cookie(a);
+            let r = if op == abi::MD_RELEASE {
+                ep.engine.md_release(h)
+            } else {
+                ep.engine.md_free(h, b)
+            };
+            r.map_or_else(engine_err, |_| 0)
+        }
+        _ => abi::EINVAL,
+    }
+}
+
+fn md_create(cur: usize, desc: u64) -> i64 {
+    let d: abi::MdDesc = match mm::read_pod(cur, desc) {
+        Ok(d) => d,
+        Err(_) => return abi::EFAULT,
+    };
+    let options = MdOptions {
+        put: d.options & abi::MDO_PUT != 0,
+        get: d.options & abi::MDO_GET != 0,
+        ack: d.options & abi::MDO_ACK != 0,
+        truncate: d.options & abi::MDO_TRUNCATE != 0,
+    };
+    let offset = if d.options & abi::MDO_RECEIVER_OFFSET != 0 {
+        OffsetMode::Receiver
+    } else {
+        OffsetMode::Sender
+    };
+    let save = match d.save {
+        abi::SAVE_HEADER => Save::Header,
+        abi::SAVE_BODY => Save::Body,
+        abi::SAVE_BOTH => Save::Both,
+        _ => return abi::EINVAL,
+    };
+    let mut blocks = [Region::EMPTY; abi::MAX_BLOCKS];
+    let nblocks = d.nblocks as usize;
+    if matches!(d.kind, abi::MD_INDEPENDENT | abi::MD_COMBINED) {
+        if nblocks == 0 || nblocks > abi::MAX_BLOCKS {
+            return abi::EINVAL;
+        }
+        for (i, b) in blocks[..nblocks].iter_mut().enumerate() {
+            let pair: [u64; 2] = match mm::read_pod(cur, d.blocks.wrapping_add(16 * i as u64)) {
+                Ok(p) => p,
+                Err(_) => return abi::EFAULT,
+            };
+            if mm::check(cur, pair[0], pair[1]).is_err() {
+                return abi::EFAULT;
+            }
+            *b = Region::new(pair[0], pair[1]);
+        }
+    } else if mm::check(cur, d.buf, d.len).is_err() {
+        return abi::EFAULT;
+    }
+    let region = Region::new(d.buf, d.len);
+    let kind = match d.kind {
+        abi::MD_SINGLE => MdKind::Single { region, offset },
+        abi::MD_INDEPENDENT => MdKind::Independent {
+            blocks: &blocks[..nblocks],
+            circular: d.options & abi::MDO_CIRCULAR != 0,
+            save,
+        },
+        abi::MD_COMBINED => MdKind::Combined {
+            blocks: &blocks[..nblocks],
+            offset,
+        },
+        abi::MD_DYNAMIC => MdKind::Dynamic {
+            region,
+            save,
+            max_messages: d.max_messages.min(32) as u32,
+        },
+        _ => return abi::EINVAL,
+    };
+    let ep = match endpoint(cur) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let eq = Some(ep.eq);
+    ep.engine
+        .md_create(&MdSpec { kind, options, eq })
+        .map_or_else(engine_err, |h| cookie(h.to_cookie()))
+}
+
+/// `ptl_me(op, a, &MeDesc)`: append, insert before/after, unlink, set links.
+pub fn me(cur: usize, op: u64, a: u64, desc: u64) -> i64 {
+    let ep = match endpoint(cur) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    if op == abi::ME_UNLINK {
+        return ep
+            .engine
+            .me_unlink(MatchHandle::from_cookie(a))
+            .map_or_else(engine_err, |_| 0);
+    }
+    if op == abi::ME_SET_LINKS {
+        let l: abi::MeLinks = match mm::read_pod(cur, desc) {
+            Ok(l) => l,
+            Err(_) => return abi::EFAULT,
+        };
+        let link = |v: u64| match v {
+            abi::LINK_NEXT => Link::Next,
+            abi::LINK_END => Link::End,
+            h => Link::Entry(MatchHandle::from_cookie(h)),
+        };
+        return ep
+            .engine
+            .me_set_links(
+                MatchHandle::from_cookie(a),
+                link(l.too_long),
+                link(l.invalid),
+            )
+            .map_or_else(engine_err, |_| 0);
+    }
+    let d: abi::MeDesc = match mm::read_pod(cur, desc) {
+        Ok(d) => d,
+        Err(_) => return abi::EFAULT,
+    };
+    let rank = match rank_of(d.source_node, d.source_pid) {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let mut m = MatchSpec::new(d.match_bits).ignore(d.ignore_bits);
+    if rank != portals::ANY {
+        m = m.from(JOB, rank);
+    }
+    if d.threshold != 0 {
+        m = m.threshold(d.threshold.min(u64::from(u32::MAX)) as u32);
+    }
+    let md = MdHandle::from_cookie(d.md);
+    let r = match op {
+        abi::ME_APPEND if a < u64::from(PORTALS) => ep.engine.me_append(a as u32, m, md),
+        abi::ME_INSERT_BEFORE | abi::ME_INSERT_AFTER => {
+            let pos = if op == abi::ME_INSERT_BEFORE {
+                Position::Before
+            } else {
+                Position::After
+            };
+            ep.engine.me_insert(MatchHandle::from_cookie(a), pos, m, md)
+        }
+        _ => return abi::EINVAL,
+    };
+    r.map_or_else(engine_err, |h| cookie(h.to_cookie()))
+}
+
+/// `ptl_portal(op, portal, &AclDesc)`: enable, disable, access control.
+pub fn portal(cur: usize, op: u64, portal: u64, acl: u64) -> i64 {
+    if portal >= u64::from(PORTALS) {
+        return abi::EINVAL;
+    }
+    let p = portal as u32;
+    let r = match op {
+        abi::PORTAL_ENABLE | abi::PORTAL_DISABLE => {
+            let ep = match endpoint(cur) {
+                Ok(e) => e,
+                Err(e) => return e,
+            };
+            if op == abi::PORTAL_ENABLE {
+                ep.engine.portal_enable(p)
+            } else {
+                ep.engine.portal_disable(p)
+            }
+        }
+        abi::PORTAL_ACL => {
+            let d: abi::AclDesc = match mm::read_pod(cur, acl) {
+                Ok(d) => d,
+                Err(_) => return abi::EFAULT,
+            };
+            let rank = match rank_of(d.node, d.pid) {
+                Ok(r) => r,
+                Err(e) => return e,
+            };
+            let group = if d.job == u64::MAX {
+                portals::ANY
+            } else {
+                d.job.min(u64::from(u32::MAX - 1)) as u32
+            };
+            let ep = match endpoint(cur) {
+                Ok(e) => e,
+                Err(e) => return e,
+            };
+            ep.engine.portal_set_acl(
+                p,
+                Acl {
+                    group,
+                    rank,
+                    put: d.put != 0,
+                    get: d.get != 0,
+                },
+            )
+        }
+        _ => return abi::EINVAL,
+    };
+    r.map_or_else(engine_err, |_| 0)
+}
+
+/// The target process id of `(node, pid)`.
+fn target(node: u64, pid: u64) -> Result<ProcessId, i64> {
+    if node >= nodes() || pid == 0 || pid >= u64::from(RANKS_PER_NODE) {
+        return Err(abi::EINVAL);
+    }
+    Ok(ProcessId::new(
+        JOB,
+        (node * u64::from(RANKS_PER_NODE) + pid) as u32,
+    ))
+}
+
+/// `ptl_put(&PutSpec)`: one copy from the sender's memory into the fabric
+/// (or straight into the local receiver's descriptor).
 pub fn put(cur: usize, spec: u64) -> i64 {
     let s: abi::PutSpec = match mm::read_pod(cur, spec) {
         Ok(s) => s,
         Err(_) => return abi::EFAULT,
     };
-    if s.len > MAX_PAYLOAD || s.node >= nodes() || s.pid == 0 || s.pid > RANKS_PER_NODE as u64 {
+    if s.len > MAX_MESSAGE || s.portal >= u64::from(PORTALS) {
         return abi::EINVAL;
     }
-    let mut payload = [0u8; MAX_PAYLOAD as usize];
-    let payload = &mut payload[..s.len as usize];
-    if mm::copy_in(cur, s.buf, payload).is_err() {
+    let target = match target(s.node, s.pid) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    let from_md = s.flags & abi::PUT_FROM_MD != 0;
+    let ack = s.flags & abi::PUT_ACK != 0;
+    if ack && !from_md {
+        return abi::EINVAL;
+    }
+    if !from_md && mm::check(cur, s.buf, s.len).is_err() {
         return abi::EFAULT;
     }
     let ep = match endpoint(cur) {
@@ -385,46 +850,120 @@ pub fn put(cur: usize, spec: u64) -> i64 {
         Err(e) => return e,
     };
     let e = &mut ep.engine;
-    let md = match e.md_create(&MdSpec {
-        kind: MdKind::Single {
-            region: Region::new(s.buf, s.len),
-            offset: OffsetMode::Sender,
-        },
-        options: MdOptions::PUT,
-        eq: None,
-    }) {
-        Ok(m) => m,
-        Err(_) => return abi::ENOMEM,
+    let (md, local_offset) = if from_md {
+        (MdHandle::from_cookie(s.md), s.local_offset)
+    } else {
+        match e.md_create(&MdSpec {
+            kind: MdKind::Single {
+                region: Region::new(s.buf, s.len),
+                offset: OffsetMode::Sender,
+            },
+            options: MdOptions::PUT,
+            eq: None,
+        }) {
+            Ok(m) => (m, 0),
+            Err(err) => return engine_err(err),
+        }
     };
-    let target = ProcessId::new(JOB, (s.node * u64::from(RANKS_PER_NODE) + s.pid) as u32);
     let plan = e.prepare_put(&PutArgs {
         md,
-        local_offset: 0,
+        local_offset,
         length: s.len,
         target,
         portal: s.portal as u32,
         match_bits: s.match_bits,
-        remote_offset: 0,
-        ack: false,
+        remote_offset: s.remote_offset,
+        ack,
         hdr_data: s.hdr_data,
     });
+    let mut segs = [Segment {
+        addr: 0,
+        len: 0,
+        msg_offset: 0,
+    }; MAX_SEGS];
     let r = match plan {
-        Err(_) => abi::EINVAL,
-        Ok(plan) => {
-            let hdr = plan.header.encode();
-            let _ = e.sent(&plan);
-            if s.node == node() {
-                incoming(&hdr, payload);
-                0
-            } else if send_remote(s.node as u32, &hdr, payload) {
-                0
-            } else {
-                abi::ENOMEM
-            }
-        }
+        Err(err) => Err(engine_err(err)),
+        Ok(plan) => match e.write_segments(&plan.body, &mut segs) {
+            Err(err) => Err(engine_err(err)),
+            Ok(n) => Ok((plan.header, n)),
+        },
     };
-    let _ = e.md_release(md);
-    r
+    // Sending may drain the ring and re-enter engines: no borrow held across.
+    let r = match r {
+        Ok((header, n)) => send(
+            &header,
+            &Src::Proc {
+                slot: cur,
+                segs: &segs[..n],
+            },
+        )
+        .map(|_| 0),
+        Err(e) => Err(e),
+    };
+    if !from_md {
+        if let Some(ep) = endpoints()[cur].as_mut() {
+            let _ = ep.engine.md_release(md);
+        }
+    }
+    r.unwrap_or_else(|e| e)
+}
+
+/// `ptl_get(&GetSpec)`: ask the target for bytes; the reply lands in the
+/// caller's descriptor and posts a reply event.
+pub fn get(cur: usize, spec: u64) -> i64 {
+    let s: abi::GetSpec = match mm::read_pod(cur, spec) {
+        Ok(s) => s,
+        Err(_) => return abi::EFAULT,
+    };
+    if s.len > MAX_MESSAGE || s.portal >= u64::from(PORTALS) {
+        return abi::EINVAL;
+    }
+    let target = match target(s.node, s.pid) {
+        Ok(t) => t,
+        Err(e) => return e,
+    };
+    let ep = match endpoint(cur) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let plan = ep.engine.prepare_get(&GetArgs {
+        md: MdHandle::from_cookie(s.md),
+        local_offset: s.local_offset,
+        length: s.len,
+        target,
+        portal: s.portal as u32,
+        match_bits: s.match_bits,
+        remote_offset: s.remote_offset,
+        hdr_data: s.hdr_data,
+    });
+    match plan {
+        Err(e) => engine_err(e),
+        Ok(plan) => send(&plan.header, &Src::Empty).map_or_else(|e| e, |_| 0),
+    }
+}
+
+/// `ptl_counters(&mut Counters)`.
+pub fn counters(cur: usize, out: u64) -> i64 {
+    let (lost, waits) = (fabric().lost, fabric().waits);
+    let ep = match endpoint(cur) {
+        Ok(e) => e,
+        Err(e) => return e,
+    };
+    let c = ep.engine.counters();
+    let mut u = abi::Counters {
+        delivered: c.delivered,
+        bytes: c.bytes,
+        eq_overflows: c.eq_overflows,
+        fabric_lost: lost,
+        fabric_waits: waits,
+        ..Default::default()
+    };
+    for (r, n) in c.iter_drops() {
+        if let Some(d) = u.drops.get_mut(r as usize) {
+            *d = n;
+        }
+    }
+    mm::write_pod(cur, out, &u).map_or(abi::EFAULT, |_| 0)
 }
 
 /// `ptl_eq_wait`: drain the fabric first, then look for an event.
@@ -444,14 +983,17 @@ pub fn eq_poll(cur: usize, out: u64) -> Option<i64> {
         Ok(e) => e,
         Err(e) => return Some(e),
     };
-    for _ in 0..64 {
+    for _ in 0..128 {
         match ep.engine.eq_get(ep.eq) {
             Ok(Some(ev)) => {
                 let kind = match ev.kind {
-                    EventKind::Put => 1,
+                    EventKind::Put => abi::EV_PUT,
+                    EventKind::Get => abi::EV_GET,
+                    EventKind::Reply => abi::EV_REPLY,
+                    EventKind::Ack => abi::EV_ACK,
+                    EventKind::Unlink => abi::EV_UNLINK,
+                    EventKind::Discard => abi::EV_DISCARD,
                     EventKind::Send => continue,
-                    EventKind::Unlink => continue,
-                    _ => 2,
                 };
                 let u = abi::Event {
                     kind,
@@ -463,6 +1005,10 @@ pub fn eq_poll(cur: usize, out: u64) -> Option<i64> {
                     src_pid: u64::from(ev.initiator.rank % RANKS_PER_NODE),
                     hdr_data: ev.hdr_data,
                     deposited_while_blocked: deposits,
+                    rlength: ev.rlength,
+                    md: ev.md.to_cookie() & (i64::MAX as u64),
+                    reason: ev.reason.map_or(u64::MAX, |r| r as u64),
+                    truncated: u64::from(ev.truncated),
                 };
                 return Some(mm::write_pod(cur, out, &u).map_or(abi::EFAULT, |_| 0));
             }

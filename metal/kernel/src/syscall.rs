@@ -43,6 +43,12 @@ pub fn dispatch(cur: usize) {
             abi::MEM_MAP => mem_map(cur, a0, a1, a2),
             abi::PTL_ME_APPEND => net::me_append(cur, a0, a1),
             abi::PTL_PUT => net::put(cur, a0),
+            abi::PTL_GET => net::get(cur, a0),
+            abi::PTL_MD => net::md(cur, a0, a1, a2),
+            abi::PTL_ME => net::me(cur, a0, a1, a2),
+            abi::PTL_PORTAL => net::portal(cur, a0, a1, a2),
+            abi::PTL_COUNTERS => net::counters(cur, a0),
+            abi::PTL_EQ_POLL => net::poll_then_eq(cur, a0).unwrap_or(abi::EAGAIN),
             abi::PTL_EQ_WAIT => match net::poll_then_eq(cur, a0) {
                 Some(r) => r,
                 None => {

@@ -134,6 +134,105 @@ pub mod abi {
     /// `ptl_eq_wait(&mut Event)`: block until the caller's event queue has an
     /// event, then return it.
     pub const PTL_EQ_WAIT: u64 = 10;
+    /// `ptl_md(op, a, b)`: memory descriptors. `MD_CREATE` (`a` = `&MdDesc`)
+    /// returns a handle; `MD_RELEASE` (`a` = handle); `MD_FREE` (`a` =
+    /// handle, `b` = the event's offset) frees a message in a dynamic heap.
+    pub const PTL_MD: u64 = 5;
+    /// `ptl_me(op, a, &MeDesc)`: match entries. `ME_APPEND` (`a` = portal),
+    /// `ME_INSERT_BEFORE` / `ME_INSERT_AFTER` (`a` = anchor entry) return the
+    /// new entry's handle; `ME_UNLINK` (`a` = entry).
+    pub const PTL_ME: u64 = 6;
+    /// `ptl_portal(op, portal, &AclDesc)`: `PORTAL_ENABLE`, `PORTAL_DISABLE`,
+    /// `PORTAL_ACL` (access control entry).
+    pub const PTL_PORTAL: u64 = 7;
+    /// `ptl_get(&GetSpec)`: read from a remote descriptor; the reply lands in
+    /// the caller's descriptor and posts a reply event.
+    pub const PTL_GET: u64 = 11;
+    /// `ptl_eq_poll(&mut Event)`: like `ptl_eq_wait` but returns `EAGAIN` at
+    /// once when the queue is empty.
+    pub const PTL_EQ_POLL: u64 = 12;
+    /// `ptl_counters(&mut Counters)`: the caller's delivery and drop counters.
+    pub const PTL_COUNTERS: u64 = 13;
+
+    /// `ptl_md` operations.
+    pub const MD_CREATE: u64 = 0;
+    pub const MD_RELEASE: u64 = 1;
+    pub const MD_FREE: u64 = 2;
+    /// `ptl_me` operations.
+    pub const ME_APPEND: u64 = 0;
+    pub const ME_INSERT_BEFORE: u64 = 1;
+    pub const ME_INSERT_AFTER: u64 = 2;
+    pub const ME_UNLINK: u64 = 3;
+    /// `ptl_me(ME_SET_LINKS, entry, &MeLinks)`: where the search goes when
+    /// the entry's descriptor is too short (second link) or not valid (third).
+    pub const ME_SET_LINKS: u64 = 4;
+    /// `MeLinks` values: follow list order / end the search; any other
+    /// value is an entry handle of the same portal.
+    pub const LINK_NEXT: u64 = u64::MAX;
+    pub const LINK_END: u64 = u64::MAX - 1;
+    /// `ptl_portal` operations.
+    pub const PORTAL_ENABLE: u64 = 0;
+    pub const PORTAL_DISABLE: u64 = 1;
+    pub const PORTAL_ACL: u64 = 2;
+
+    /// `MdDesc::kind`: one region (7.2).
+    pub const MD_SINGLE: u64 = 0;
+    /// `MdDesc::kind`: independent blocks, one message per block (7.3).
+    pub const MD_INDEPENDENT: u64 = 1;
+    /// `MdDesc::kind`: combined blocks forming one buffer (7.4).
+    pub const MD_COMBINED: u64 = 2;
+    /// `MdDesc::kind`: a heap the kernel allocates from per message (7.5).
+    pub const MD_DYNAMIC: u64 = 3;
+    /// `MdDesc::options` bits.
+    pub const MDO_PUT: u64 = 1;
+    pub const MDO_GET: u64 = 2;
+    pub const MDO_ACK: u64 = 4;
+    pub const MDO_TRUNCATE: u64 = 8;
+    /// Receiver-managed offset (single, combined); default sender-managed.
+    pub const MDO_RECEIVER_OFFSET: u64 = 16;
+    /// Independent blocks wrap around.
+    pub const MDO_CIRCULAR: u64 = 32;
+    /// `MdDesc::save` for independent and dynamic descriptors.
+    pub const SAVE_HEADER: u64 = 0;
+    pub const SAVE_BODY: u64 = 1;
+    pub const SAVE_BOTH: u64 = 2;
+    /// Most blocks in one independent or combined descriptor.
+    pub const MAX_BLOCKS: usize = 8;
+    /// `PutSpec::flags`: send from the descriptor `md` instead of `buf`.
+    pub const PUT_FROM_MD: u64 = 1;
+    /// `PutSpec::flags`: ask for an acknowledgment (needs `PUT_FROM_MD`).
+    pub const PUT_ACK: u64 = 2;
+    /// Largest message (put payload or get length); larger than one ring
+    /// slot, so the fabric fragments it.
+    pub const MAX_MESSAGE: u64 = 128 * 1024;
+    /// Wire header length (carried before every payload; saved by
+    /// descriptors that keep headers).
+    pub const HEADER_LEN: u64 = 80;
+    /// Event kinds.
+    pub const EV_PUT: u64 = 1;
+    pub const EV_GET: u64 = 2;
+    pub const EV_REPLY: u64 = 3;
+    pub const EV_ACK: u64 = 4;
+    pub const EV_UNLINK: u64 = 6;
+    pub const EV_DISCARD: u64 = 7;
+    /// Drop reasons, the index into `Counters::drops` (the engine's order).
+    pub const DROP_REASONS: [&str; 10] = [
+        "bad_header",
+        "wrong_destination",
+        "invalid_portal",
+        "disabled",
+        "forbidden",
+        "no_match",
+        "too_long",
+        "invalid_md",
+        "link_loop",
+        "unexpected",
+    ];
+    pub const DROP_DISABLED: usize = 3;
+    pub const DROP_FORBIDDEN: usize = 4;
+    pub const DROP_NO_MATCH: usize = 5;
+    pub const DROP_TOO_LONG: usize = 6;
+    pub const DROP_INVALID_MD: usize = 7;
 
     // --- PCT only (levels of trust: QK > PCT > applications) ---
     /// First PCT-only number; every call at or above it is refused to applications.
@@ -169,6 +268,8 @@ pub mod abi {
     pub const EFAULT: i64 = -5;
     /// No process left to wait for.
     pub const ECHILD: i64 = -6;
+    /// Nothing there yet (`ptl_eq_poll`).
+    pub const EAGAIN: i64 = -7;
 
     /// Scheduling policy: run one application to completion, no timer.
     pub const POLICY_SINGLE: u64 = 0;
@@ -225,13 +326,116 @@ pub mod abi {
         pub buf: u64,
         pub len: u64,
         pub hdr_data: u64,
+        /// `PUT_FROM_MD`, `PUT_ACK`.
+        pub flags: u64,
+        /// Descriptor handle (with `PUT_FROM_MD`): the payload is its bytes
+        /// `local_offset..local_offset+len`; acks are posted for it.
+        pub md: u64,
+        pub local_offset: u64,
+        /// Offset at the target (sender-managed descriptors).
+        pub remote_offset: u64,
+    }
+
+    /// A get request for `ptl_get`: `len` bytes from the target's matched
+    /// descriptor (at `remote_offset` when it is sender-managed) into the
+    /// caller's descriptor `md` at `local_offset`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct GetSpec {
+        pub node: u64,
+        pub pid: u64,
+        pub portal: u64,
+        pub match_bits: u64,
+        pub md: u64,
+        pub local_offset: u64,
+        pub remote_offset: u64,
+        pub len: u64,
+        pub hdr_data: u64,
+    }
+
+    /// A memory descriptor for `ptl_md(MD_CREATE)`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct MdDesc {
+        /// `MD_SINGLE`, `MD_INDEPENDENT`, `MD_COMBINED`, `MD_DYNAMIC`.
+        pub kind: u64,
+        /// `MDO_*` bits.
+        pub options: u64,
+        /// Region (single, dynamic).
+        pub buf: u64,
+        pub len: u64,
+        /// Blocks (independent, combined): address of `nblocks` `[addr, len]` pairs.
+        pub blocks: u64,
+        pub nblocks: u64,
+        /// `SAVE_*` (independent, dynamic).
+        pub save: u64,
+        /// Most messages a dynamic heap holds at once.
+        pub max_messages: u64,
+    }
+
+    /// A match entry for `ptl_me`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct MeDesc {
+        /// The descriptor messages matching this entry land in.
+        pub md: u64,
+        pub match_bits: u64,
+        /// Bits set here are not compared.
+        pub ignore_bits: u64,
+        /// Accepted source (`u64::MAX` = any).
+        pub source_node: u64,
+        pub source_pid: u64,
+        /// Unlink after this many messages (0 = never).
+        pub threshold: u64,
+    }
+
+    /// The second and third links of a match entry (`ME_SET_LINKS`).
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct MeLinks {
+        /// Followed when the message is too long for the descriptor.
+        pub too_long: u64,
+        /// Followed when the descriptor is not valid (released, used up,
+        /// or not permitting the operation).
+        pub invalid: u64,
+    }
+
+    /// Access control entry for `ptl_portal(PORTAL_ACL)`.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct AclDesc {
+        /// Allowed job (`u64::MAX` = any; applications are job 1).
+        pub job: u64,
+        /// Allowed source (`u64::MAX` = any).
+        pub node: u64,
+        pub pid: u64,
+        /// 1 = puts allowed.
+        pub put: u64,
+        /// 1 = gets allowed.
+        pub get: u64,
+    }
+
+    /// Delivery and drop counters of the caller's portals.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct Counters {
+        pub delivered: u64,
+        pub bytes: u64,
+        pub eq_overflows: u64,
+        /// Per drop reason, indexed as `DROP_REASONS`.
+        pub drops: [u64; 10],
+        /// Messages this node's fabric could not send (ring full too long).
+        pub fabric_lost: u64,
+        /// Sends on this node that found the other node's ring full and
+        /// waited (draining their own ring meanwhile).
+        pub fabric_waits: u64,
     }
 
     /// A portals event as returned by `ptl_eq_wait`.
     #[repr(C)]
     #[derive(Debug, Clone, Copy, Default)]
     pub struct Event {
-        /// 1 = put landed.
+        /// `EV_*`.
         pub kind: u64,
         pub portal: u64,
         pub match_bits: u64,
@@ -242,5 +446,14 @@ pub mod abi {
         pub hdr_data: u64,
         /// Times the kernel polled/deposited while this process was not running.
         pub deposited_while_blocked: u64,
+        /// Length the initiator asked for.
+        pub rlength: u64,
+        /// The local descriptor (target side: where it landed; initiator: the
+        /// one the ack/reply is for).
+        pub md: u64,
+        /// Drop reason index for `EV_DISCARD` (else `u64::MAX`).
+        pub reason: u64,
+        /// 1 if the message was truncated.
+        pub truncated: u64,
     }
 }

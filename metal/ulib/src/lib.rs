@@ -63,6 +63,116 @@ pub fn info() -> (u64, u64, u64) {
     (v & 0xffff, (v >> 16) & 0xffff, v >> 32)
 }
 
+fn res(r: i64) -> Result<u64, i64> {
+    if r < 0 {
+        Err(r)
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// Portals entry points (section 7 of the Puma report) as thin wrappers.
+pub mod ptl {
+    use super::{abi, res, syscall};
+
+    /// Creates a memory descriptor; returns its handle.
+    pub fn md_create(d: &abi::MdDesc) -> Result<u64, i64> {
+        res(syscall(
+            abi::PTL_MD,
+            abi::MD_CREATE,
+            d as *const _ as u64,
+            0,
+            0,
+        ))
+    }
+    /// Releases a memory descriptor.
+    pub fn md_release(md: u64) -> Result<u64, i64> {
+        res(syscall(abi::PTL_MD, abi::MD_RELEASE, md, 0, 0))
+    }
+    /// Frees the message a dynamic descriptor holds at `offset`.
+    pub fn md_free(md: u64, offset: u64) -> Result<u64, i64> {
+        res(syscall(abi::PTL_MD, abi::MD_FREE, md, offset, 0))
+    }
+    /// Appends a match entry to `portal`'s list; returns its handle.
+    pub fn me_append(portal: u64, d: &abi::MeDesc) -> Result<u64, i64> {
+        res(syscall(
+            abi::PTL_ME,
+            abi::ME_APPEND,
+            portal,
+            d as *const _ as u64,
+            0,
+        ))
+    }
+    /// Inserts a match entry before (or after) `anchor`; returns its handle.
+    pub fn me_insert(anchor: u64, before: bool, d: &abi::MeDesc) -> Result<u64, i64> {
+        let op = if before {
+            abi::ME_INSERT_BEFORE
+        } else {
+            abi::ME_INSERT_AFTER
+        };
+        res(syscall(abi::PTL_ME, op, anchor, d as *const _ as u64, 0))
+    }
+    /// Removes a match entry from its list.
+    pub fn me_unlink(entry: u64) -> Result<u64, i64> {
+        res(syscall(abi::PTL_ME, abi::ME_UNLINK, entry, 0, 0))
+    }
+    /// Sets an entry's second (too long) and third (invalid descriptor) links.
+    pub fn me_set_links(entry: u64, links: &abi::MeLinks) -> Result<u64, i64> {
+        res(syscall(
+            abi::PTL_ME,
+            abi::ME_SET_LINKS,
+            entry,
+            links as *const _ as u64,
+            0,
+        ))
+    }
+    /// Enables or disables a portal.
+    pub fn portal_enable(portal: u64, on: bool) -> Result<u64, i64> {
+        let op = if on {
+            abi::PORTAL_ENABLE
+        } else {
+            abi::PORTAL_DISABLE
+        };
+        res(syscall(abi::PTL_PORTAL, op, portal, 0, 0))
+    }
+    /// Sets a portal's access control entry.
+    pub fn portal_acl(portal: u64, acl: &abi::AclDesc) -> Result<u64, i64> {
+        res(syscall(
+            abi::PTL_PORTAL,
+            abi::PORTAL_ACL,
+            portal,
+            acl as *const _ as u64,
+            0,
+        ))
+    }
+    /// Sends a put.
+    pub fn put(s: &abi::PutSpec) -> Result<u64, i64> {
+        res(syscall(abi::PTL_PUT, s as *const _ as u64, 0, 0, 0))
+    }
+    /// Sends a get.
+    pub fn get(s: &abi::GetSpec) -> Result<u64, i64> {
+        res(syscall(abi::PTL_GET, s as *const _ as u64, 0, 0, 0))
+    }
+    /// Blocks until an event arrives.
+    pub fn eq_wait() -> Result<abi::Event, i64> {
+        let mut ev = abi::Event::default();
+        res(syscall(abi::PTL_EQ_WAIT, &mut ev as *mut _ as u64, 0, 0, 0)).map(|_| ev)
+    }
+    /// The next event, if any, without blocking.
+    pub fn eq_poll() -> Result<Option<abi::Event>, i64> {
+        let mut ev = abi::Event::default();
+        match syscall(abi::PTL_EQ_POLL, &mut ev as *mut _ as u64, 0, 0, 0) {
+            abi::EAGAIN => Ok(None),
+            r => res(r).map(|_| Some(ev)),
+        }
+    }
+    /// The caller's delivery and drop counters.
+    pub fn counters() -> Result<abi::Counters, i64> {
+        let mut c = abi::Counters::default();
+        res(syscall(abi::PTL_COUNTERS, &mut c as *mut _ as u64, 0, 0, 0)).map(|_| c)
+    }
+}
+
 /// A name for a QK error code.
 pub fn errname(e: i64) -> &'static str {
     match e {
@@ -72,6 +182,7 @@ pub fn errname(e: i64) -> &'static str {
         abi::ENOENT => "ENOENT (no such object)",
         abi::EFAULT => "EFAULT (bad address)",
         abi::ECHILD => "ECHILD (no process to wait for)",
+        abi::EAGAIN => "EAGAIN (nothing there yet)",
         _ => "unknown error",
     }
 }

@@ -55,6 +55,7 @@ fn put(node: u64, pid: u64, match_bits: u64, data: &[u8], hdr: u64) -> Result<()
         buf: data.as_ptr() as u64,
         len: data.len() as u64,
         hdr_data: hdr,
+        ..Default::default()
     };
     // The ring may be momentarily full: retry.
     loop {
