@@ -6,6 +6,7 @@
 //! HTML report.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod error;
 pub mod format;
 pub mod ftq;
