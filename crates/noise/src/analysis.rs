@@ -329,8 +329,13 @@ pub fn refine_frequency(x: &[f64], fs: f64, f: f64, span: f64) -> f64 {
     best.0
 }
 
-/// If the waveform found at `f` is in fact periodic at a multiple `k·f` (folding there explains
-/// as much), return that multiple: `f` was a subharmonic.
+/// If most of the waveform found at `f` (at least [`LIFT_SHARE`] of its fold score) is periodic
+/// at a multiple `k·f`, return that multiple: `f` was a subharmonic, or a weaker source at `f`
+/// is riding on a stronger one at `k·f` (the weaker one is then found in a later round, from the
+/// residual).
+/// Share of a fold's score that a multiple of its frequency must explain to be preferred.
+pub const LIFT_SHARE: f64 = 0.8;
+
 fn lift_subharmonic(x: &[f64], fs: f64, f: f64, res: f64) -> f64 {
     let base = fold_score(x, fs, f);
     let mut best = f;
@@ -340,7 +345,7 @@ fn lift_subharmonic(x: &[f64], fs: f64, f: f64, res: f64) -> f64 {
             break;
         }
         let g = refine_frequency(x, fs, g0, res / 4.0);
-        if fold_score(x, fs, g) >= 0.98 * base {
+        if fold_score(x, fs, g) >= LIFT_SHARE * base {
             best = g;
         }
     }
@@ -489,7 +494,7 @@ pub fn analyse_series(x: &[f64], fs: f64, noise_fraction: f64) -> Result<SeriesA
         let f = refine_frequency(&residual, fs, f0, res);
         let f = lift_subharmonic(&residual, fs, f, res);
         let lost = periodic_lost(&residual, fs, f);
-        if lost <= 0.0 {
+        if lost <= 1e-9 {
             break;
         }
         let bins = fold(&residual, fs, f);

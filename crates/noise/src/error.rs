@@ -31,6 +31,14 @@ pub enum NoiseError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Setting a thread's nice value failed.
+    #[error("cannot set nice {nice} (negative values need root or CAP_SYS_NICE): {source}")]
+    Nice {
+        /// The requested nice value.
+        nice: i32,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

@@ -33,6 +33,8 @@ pub struct FtqConfig {
     pub command: Vec<String>,
     /// Show a progress line on stderr (only if it is a terminal).
     pub progress: bool,
+    /// Nice value for the sampler (and interferer) threads; negative needs root.
+    pub nice: Option<i32>,
 }
 
 /// One FTQ run: counts per interval per CPU plus the metadata that makes them interpretable.
@@ -139,6 +141,7 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
         ));
     }
     sys::check_cpus(&cfg.cpus)?;
+    let _group = cfg.nice.map(sys::AutogroupNice::set);
     let n = (cfg.duration_ns / cfg.interval_ns) as usize;
     let ncpu = cfg.cpus.len();
     let barrier = Arc::new(Barrier::new(ncpu + 1));
@@ -148,11 +151,14 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     let mut handles = Vec::new();
     for (slot, &cpu) in cfg.cpus.iter().enumerate() {
         let (barrier, start, progress) = (barrier.clone(), start.clone(), progress.clone());
-        let (interval, target) = (cfg.interval_ns, cfg.quantum_target_ns);
+        let (interval, target, nice) = (cfg.interval_ns, cfg.quantum_target_ns, cfg.nice);
         let h = std::thread::Builder::new()
             .name(format!("ftq-cpu{cpu}"))
             .spawn(move || -> Result<(work::Calibration, Vec<u32>)> {
-                let pinned = sys::pin_to(cpu);
+                let pinned = sys::pin_to(cpu).and_then(|()| match nice {
+                    Some(n) => sys::set_thread_nice(n),
+                    None => Ok(()),
+                });
                 let cal = work::calibrate(target);
                 barrier.wait(); // calibration done everywhere
                 barrier.wait(); // start time published
@@ -198,11 +204,12 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
 
     let mut injectors = Vec::new();
     if let Some(spec) = cfg.inject {
+        let nice = cfg.nice;
         for &cpu in &cfg.cpus {
             injectors.push(
                 std::thread::Builder::new()
                     .name(format!("inject-cpu{cpu}"))
-                    .spawn(move || run_interferer(cpu, spec, t0, t_end))
+                    .spawn(move || run_interferer(cpu, spec, nice, t0, t_end))
                     .map_err(|e| NoiseError::Thread(e.to_string()))?,
             );
         }
@@ -269,6 +276,9 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     if let Some(spec) = cfg.inject {
         meta.push(("inject".to_string(), spec.to_string()));
         meta.push(("inject_wakeups".to_string(), burns.to_string()));
+    }
+    if let Some(n) = cfg.nice {
+        meta.push(("nice".to_string(), n.to_string()));
     }
     meta.extend(command_meta);
     Ok(FtqRun {

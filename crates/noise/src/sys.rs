@@ -76,10 +76,50 @@ pub fn pin_to(cpu: usize) -> Result<()> {
     })
 }
 
-/// Raise the calling thread's priority to nice -20 if allowed (root); returns whether it worked.
-/// Used so that ordinary background processes take less of the sampled CPU than the interference
-/// being measured; the CSV records whether it was done.
-pub fn try_raise_priority() -> bool {
+/// Set the calling thread's nice value (Linux nice is per thread). Negative values need
+/// CAP_SYS_NICE (root). Used so that ordinary background processes take less of the sampled CPU
+/// than the interference being measured.
+pub fn set_thread_nice(nice: i32) -> Result<()> {
     let tid = rustix::thread::gettid();
-    rustix::process::setpriority_process(Some(tid), -20).is_ok()
+    rustix::process::setpriority_process(Some(tid), nice).map_err(|e| NoiseError::Nice {
+        nice,
+        source: e.into(),
+    })
+}
+
+/// While alive, holds this session's scheduler autogroup at a given nice value and restores the
+/// previous value on drop. With `kernel.sched_autogroup_enabled=1` a thread's nice value only
+/// weighs against threads of its own session; other sessions' processes share the CPU group
+/// against group, so `--nice` must lower the group's nice too to mean anything.
+pub struct AutogroupNice {
+    previous: Option<i32>,
+}
+
+impl AutogroupNice {
+    /// Set the autogroup nice (does nothing where autogroups are off or not writable).
+    pub fn set(nice: i32) -> AutogroupNice {
+        let enabled = std::fs::read_to_string("/proc/sys/kernel/sched_autogroup_enabled")
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false);
+        if !enabled {
+            return AutogroupNice { previous: None };
+        }
+        let previous = std::fs::read_to_string("/proc/self/autogroup")
+            .ok()
+            .and_then(|s| s.split_whitespace().last()?.parse::<i32>().ok());
+        match previous {
+            Some(p) if std::fs::write("/proc/self/autogroup", nice.to_string()).is_ok() => {
+                AutogroupNice { previous: Some(p) }
+            }
+            _ => AutogroupNice { previous: None },
+        }
+    }
+}
+
+impl Drop for AutogroupNice {
+    fn drop(&mut self) {
+        if let Some(p) = self.previous {
+            let _ = std::fs::write("/proc/self/autogroup", p.to_string());
+        }
+    }
 }

@@ -115,9 +115,9 @@ fn harmonics_are_grouped_under_the_cepstral_fundamental() {
 }
 
 #[test]
-fn missing_fundamental_found_by_cepstrum() {
-    // Two pulses per 25 ms period (at 0 and 12.5 ms, so 80 Hz) plus one more at 5 ms make a
-    // waveform of period 25 ms (40 Hz) whose 40 Hz line is weak against its harmonics.
+fn weak_fundamental_found_by_cepstrum() {
+    // Two detours per 25 ms period, at 0 and 10 ms: the waveform repeats at 40 Hz, but its
+    // 40 Hz line is weaker than its 80, 120 and 200 Hz lines (|1 + e^(-2πi·n·0.4)|).
     let trains = [
         PulseTrain {
             freq_hz: 40.0,
@@ -127,16 +127,25 @@ fn missing_fundamental_found_by_cepstrum() {
         PulseTrain {
             freq_hz: 40.0,
             width_ns: 300e3,
-            phase_ns: 12.5e6,
-        },
-        PulseTrain {
-            freq_hz: 40.0,
-            width_ns: 150e3,
-            phase_ns: 5e6,
+            phase_ns: 10e6,
         },
     ];
     let counts = synth_counts(20_000, INTERVAL, NOMINAL, &trains);
     let a = analyse_counts(&counts, NOMINAL, INTERVAL).unwrap();
+    let strongest = a.peaks[0].freq;
+    assert!(
+        (strongest - 40.0).abs() > 5.0,
+        "40 Hz line should not be the strongest"
+    );
+    assert!(
+        a.cepstral_peaks
+            .iter()
+            .take(3)
+            .any(|(q, _)| (q - 0.025).abs() <= 0.001),
+        "cepstrum {:?}",
+        &a.cepstral_peaks[..3.min(a.cepstral_peaks.len())]
+    );
+    assert_eq!(a.sources.len(), 1, "{:?}", a.sources);
     let s = &a.sources[0];
     assert!(
         (s.freq - 40.0).abs() < 0.4,
@@ -144,12 +153,38 @@ fn missing_fundamental_found_by_cepstrum() {
         s.freq,
         a.sources
     );
-    let duty = (300.0 + 300.0 + 150.0) * 1e-6 * 40.0;
+    let duty = 600.0e-6 * 40.0;
     assert!(
         (s.lost_fraction - duty).abs() / duty < 0.05,
         "{} vs {duty}",
         s.lost_fraction
     );
+}
+
+#[test]
+fn weak_source_on_a_harmonic_of_a_strong_one_is_separated() {
+    // 100 Hz × 200 us (2 %) plus 50 Hz × 60 us (0.3 %): one 50 Hz-periodic waveform, but two
+    // sources; the strong one is reported at its own frequency, not at the weak one's. (Folding
+    // at 100 Hz cannot tell the 50 Hz detours from every-other-period 100 Hz ones, so the lost
+    // work of the pair is checked as a whole.)
+    let trains = [
+        PulseTrain {
+            freq_hz: 100.0,
+            width_ns: 200e3,
+            phase_ns: 3.3e6,
+        },
+        PulseTrain {
+            freq_hz: 50.0,
+            width_ns: 60e3,
+            phase_ns: 7.1e6,
+        },
+    ];
+    let counts = synth_counts(20_000, INTERVAL, NOMINAL, &trains);
+    let a = analyse_counts(&counts, NOMINAL, INTERVAL).unwrap();
+    assert!((a.sources[0].freq - 100.0).abs() < 1.0, "{:?}", a.sources);
+    let pair: f64 = a.sources.iter().take(2).map(|s| s.lost_fraction).sum();
+    assert!((pair - 0.023).abs() / 0.023 < 0.05, "{:?}", a.sources);
+    assert!(a.sources[0].lost_fraction >= 0.02 * 0.95, "{:?}", a.sources);
 }
 
 #[test]
