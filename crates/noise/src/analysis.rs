@@ -244,14 +244,24 @@ pub fn cepstral_peaks(c: &Cepstrum) -> Vec<(f64, f64)> {
 }
 
 /// Fold `x` (sampled at `fs`) at frequency `f` into phase bins: `(mean per bin, samples per bin)`.
+/// One bin per sample of the period (at most 100); empty bins have mean 0 and count 0.
 pub fn fold_counts(x: &[f64], fs: f64, f: f64) -> (Vec<f64>, Vec<usize>) {
+    fold_coarse(x, fs, f)
+}
+
+/// Fold with one bin per sample of the period (at most 100): for *comparing* frequencies, since
+/// finer bins at a high multiple `k·f` would separate the samples of an `f`-periodic waveform by
+/// their sampling phase and so fit it as well as `f` itself.
+fn fold_coarse(x: &[f64], fs: f64, f: f64) -> (Vec<f64>, Vec<usize>) {
+    fold_with(x, fs, f, ((fs / f).floor() as usize).clamp(2, 100))
+}
+
+fn fold_with(x: &[f64], fs: f64, f: f64, bins: usize) -> (Vec<f64>, Vec<usize>) {
     let period = fs / f;
-    let bins = (period.floor() as usize).clamp(2, 100);
     let mut sum = vec![0.0; bins];
     let mut cnt = vec![0usize; bins];
     for (i, v) in x.iter().enumerate() {
-        let phase = (i as f64 / period).fract();
-        let b = ((phase * bins as f64) as usize).min(bins - 1);
+        let b = bin_of(i, period, bins);
         sum[b] += v;
         cnt[b] += 1;
     }
@@ -263,17 +273,42 @@ pub fn fold_counts(x: &[f64], fs: f64, f: f64) -> (Vec<f64>, Vec<usize>) {
     (means, cnt)
 }
 
-/// Fold `x` at frequency `f` and return the mean per phase bin.
+fn bin_of(i: usize, period: f64, bins: usize) -> usize {
+    (((i as f64 / period).fract() * bins as f64) as usize).min(bins - 1)
+}
+
+/// Fold `x` at frequency `f` and return the mean per phase bin (0 for empty bins).
 pub fn fold(x: &[f64], fs: f64, f: f64) -> Vec<f64> {
     fold_counts(x, fs, f).0
 }
 
-/// The lost-work fraction carried by a component periodic at `f`: fold at `f`, take the median
-/// phase bin as the aperiodic background, and average the excess over all samples. Assumes the
-/// interference occupies less than half of its period (true of every short periodic detour).
+/// The aperiodic background level of a fold: the mean of its non-empty phase bins without the
+/// highest third (where a periodic detour sits) and the lowest tenth. Robust to other sources
+/// whose folded pattern is not flat (e.g. a 250 Hz tick folded at 100 Hz alternates bin by bin).
+pub fn fold_background(bins: &[f64], cnt: &[usize]) -> f64 {
+    let mut v: Vec<f64> = bins
+        .iter()
+        .zip(cnt)
+        .filter(|(_, &c)| c > 0)
+        .map(|(b, _)| *b)
+        .collect();
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len();
+    let lo = n / 10;
+    let hi = (n - n / 3).max(lo + 1).min(n);
+    let kept = &v[lo..hi];
+    kept.iter().sum::<f64>() / kept.len() as f64
+}
+
+/// The lost-work fraction carried by a component periodic at `f`: fold at `f`, take
+/// [`fold_background`] as the aperiodic level, and average the excess over all samples. Assumes
+/// the interference occupies less than a third of its period (true of short periodic detours).
 pub fn periodic_lost(x: &[f64], fs: f64, f: f64) -> f64 {
     let (bins, cnt) = fold_counts(x, fs, f);
-    let base = median(&mut bins.clone());
+    let base = fold_background(&bins, &cnt);
     let total: usize = cnt.iter().sum();
     if total == 0 {
         return 0.0;
@@ -287,13 +322,14 @@ pub fn periodic_lost(x: &[f64], fs: f64, f: f64) -> f64 {
 
 /// Epoch-folding score of frequency `f`: the variance the phase-bin means explain, less what
 /// noise alone would explain with that many bins (so subharmonics, which have more bins, do
-/// not win by fitting noise).
-pub fn fold_score(x: &[f64], fs: f64, f: f64) -> f64 {
-    let (bins, cnt) = fold_counts(x, fs, f);
+/// not win by fitting noise). Also returns the score's standard deviation under pure noise.
+pub fn fold_score_sd(x: &[f64], fs: f64, f: f64) -> (f64, f64) {
+    let (bins, cnt) = fold_coarse(x, fs, f);
     let n = x.len() as f64;
     if n < 2.0 {
-        return 0.0;
+        return (0.0, 0.0);
     }
+    let used = cnt.iter().filter(|&&c| c > 0).count() as f64;
     let mean = x.iter().sum::<f64>() / n;
     let total: f64 = x.iter().map(|v| (v - mean) * (v - mean)).sum();
     let explained: f64 = bins
@@ -301,8 +337,14 @@ pub fn fold_score(x: &[f64], fs: f64, f: f64) -> f64 {
         .zip(&cnt)
         .map(|(b, &c)| c as f64 * (b - mean) * (b - mean))
         .sum();
-    let within = ((total - explained) / (n - bins.len() as f64).max(1.0)).max(0.0);
-    explained - (bins.len() as f64 - 1.0) * within
+    let within = ((total - explained) / (n - used).max(1.0)).max(0.0);
+    let dof = (used - 1.0).max(1.0);
+    (explained - dof * within, within * (2.0 * dof).sqrt())
+}
+
+/// [`fold_score_sd`] without the standard deviation.
+pub fn fold_score(x: &[f64], fs: f64, f: f64) -> f64 {
+    fold_score_sd(x, fs, f).0
 }
 
 /// Refine `f` to the frequency (within ± `span` Hz) with the best fold score: a coarse grid,
@@ -334,7 +376,7 @@ pub fn refine_frequency(x: &[f64], fs: f64, f: f64, span: f64) -> f64 {
 /// is riding on a stronger one at `k·f` (the weaker one is then found in a later round, from the
 /// residual).
 /// Share of a fold's score that a multiple of its frequency must explain to be preferred.
-pub const LIFT_SHARE: f64 = 0.8;
+pub const LIFT_SHARE: f64 = 0.6;
 
 fn lift_subharmonic(x: &[f64], fs: f64, f: f64, res: f64) -> f64 {
     let base = fold_score(x, fs, f);
@@ -458,6 +500,16 @@ fn pick_fundamental(
         })
 }
 
+/// Whether `f` is a harmonic of `f0`, directly or aliased by sampling at `fs`.
+fn is_aliased_harmonic(f: f64, f0: f64, fs: f64, tol: f64) -> bool {
+    let max_n = ((20.0 * fs / f0) as u64).clamp(1, 2000);
+    (1..=max_n).any(|n| {
+        let h = (n as f64 * f0).rem_euclid(fs);
+        let alias = if h > fs / 2.0 { fs - h } else { h };
+        (alias - f).abs() <= tol
+    })
+}
+
 fn harmonic_of_tight(f: f64, f0: f64, tol: f64) -> Option<u32> {
     let n = (f / f0).round();
     (n >= 1.0 && (f - n * f0).abs() <= tol).then_some(n as u32)
@@ -482,11 +534,12 @@ pub fn analyse_series(x: &[f64], fs: f64, noise_fraction: f64) -> Result<SeriesA
     let mut round_peaks = peaks.clone();
     let mut round_cpeaks = cpeaks.clone();
     while sources.len() < MAX_SOURCES {
-        // Lines already explained by a found source are not new sources.
+        // Lines already explained by a found source (its harmonics, also where they alias back
+        // below Nyquist) are what is left of that source's subtraction, not new sources.
         round_peaks.retain(|p| {
             !sources
                 .iter()
-                .any(|s| harmonic_of_tight(p.freq, s.freq, tol).is_some())
+                .any(|s| is_aliased_harmonic(p.freq, s.freq, fs, tol))
         });
         let Some(f0) = pick_fundamental(&residual, fs, &round_peaks, &round_cpeaks, res) else {
             break;
@@ -497,14 +550,18 @@ pub fn analyse_series(x: &[f64], fs: f64, noise_fraction: f64) -> Result<SeriesA
         if lost <= 1e-9 {
             break;
         }
-        let bins = fold(&residual, fs, f);
-        let base = median(&mut bins.clone());
+        let (score, sd) = fold_score_sd(&residual, fs, f);
+        if score < 6.0 * sd {
+            break; // not significantly periodic: what is left is noise
+        }
+        let (bins, cnt) = fold_counts(&residual, fs, f);
+        let base = fold_background(&bins, &cnt);
         let period = fs / f;
         // Circular centroid of the excess gives the phase of the detour centres.
         let nb = bins.len() as f64;
         let (mut sx, mut sy) = (0.0, 0.0);
-        for (b, v) in bins.iter().enumerate() {
-            let excess = (v - base).max(0.0);
+        for (b, (v, &c)) in bins.iter().zip(&cnt).enumerate() {
+            let excess = (v - base).max(0.0) * c as f64;
             let ang = 2.0 * std::f64::consts::PI * (b as f64 + 0.5) / nb;
             sx += excess * ang.cos();
             sy += excess * ang.sin();
@@ -514,8 +571,7 @@ pub fn analyse_series(x: &[f64], fs: f64, noise_fraction: f64) -> Result<SeriesA
         // Resolution: one interval (the lost work of an interval is not located within it).
         let phase = (turn * period / fs).rem_euclid(1.0 / f);
         for (i, v) in residual.iter_mut().enumerate() {
-            let b = (((i as f64 / period).fract() * nb) as usize).min(bins.len() - 1);
-            *v -= bins[b] - base;
+            *v -= bins[bin_of(i, period, bins.len())] - base;
         }
         let mut harmonics: Vec<u32> = peaks
             .iter()

@@ -278,12 +278,14 @@ pub struct Fig1Reading {
     pub median_ns: u64,
     /// Largest delta, ns.
     pub max_ns: u64,
-    /// Share of samples slower than 1.5 × the minimum.
+    /// Share of samples slower than 1.5 × the median.
     pub disturbed_samples: f64,
-    /// Per-sample noise: mean over samples of `1 − min/delta` (what a per-sample plot shows).
+    /// Per-sample noise: the mean over samples of each sample's slowdown `1 − median/delta`,
+    /// counting only visibly disturbed samples (`delta > 1.5 × median`; the rest is clock and
+    /// pipeline jitter). This is what averaging a per-sample plot shows.
     pub per_sample_noise: f64,
-    /// Time-weighted noise of the same deltas, `Σ(delta − min)/Σ delta` (ignores the unmeasured
-    /// time between samples, which Figure 1 never sees).
+    /// Time-weighted noise of the same deltas, `Σ max(0, delta − median) / Σ delta` (still blind
+    /// to the unmeasured time between samples, which Figure 1 never sees).
     pub time_weighted_noise: f64,
     /// Frequency of the strongest spectral line when sample `j` is placed at `j × median`.
     pub apparent_freq_hz: Option<f64>,
@@ -303,18 +305,23 @@ pub fn read_fig1(deltas: &[u32]) -> Result<Fig1Reading> {
     let median = sorted[sorted.len() / 2].max(1);
     let max = *sorted.last().unwrap_or(&min);
     let n = deltas.len() as f64;
+    let med = median as f64;
     let lost: Vec<f64> = deltas
         .iter()
-        .map(|&d| 1.0 - min as f64 / f64::from(d.max(1)))
+        .map(|&d| (1.0 - med / f64::from(d.max(1))).max(0.0))
         .collect();
-    let per_sample_noise = lost.iter().sum::<f64>() / n;
-    let total: f64 = deltas.iter().map(|&d| f64::from(d)).sum();
-    let time_weighted_noise = (total - n * min as f64) / total;
-    let disturbed_samples = deltas
+    let disturbed = |d: u32| f64::from(d) > 1.5 * med;
+    let per_sample_noise = deltas
         .iter()
-        .filter(|&&d| f64::from(d) > 1.5 * min as f64)
-        .count() as f64
+        .zip(&lost)
+        .filter(|(&d, _)| disturbed(d))
+        .map(|(_, l)| l)
+        .sum::<f64>()
         / n;
+    let total: f64 = deltas.iter().map(|&d| f64::from(d)).sum();
+    let excess: f64 = deltas.iter().map(|&d| (f64::from(d) - med).max(0.0)).sum();
+    let time_weighted_noise = excess / total;
+    let disturbed_samples = deltas.iter().filter(|&&d| disturbed(d)).count() as f64 / n;
     let fs = 1e9 / median as f64;
     let spec = crate::analysis::welch(&lost, fs, 1 << 20)?;
     let apparent_freq_hz = crate::analysis::spectral_peaks(&spec)
