@@ -57,6 +57,9 @@ pub enum NoiseError {
         /// What was wrong.
         why: String,
     },
+    /// A comparison exceeded the limits it was given (exit status 3).
+    #[error("comparison exceeds the given limits")]
+    Verdict,
     /// Too little data for the requested analysis.
     #[error("not enough data: {0}")]
     TooShort(String),

@@ -127,6 +127,11 @@ enum Cmd {
         a: PathBuf,
         /// The run to compare with it.
         b: PathBuf,
+        /// Exit with status 3 if B adds more than this much noise (percent of the CPU) on any
+        /// CPU, or shows a periodic source A does not have (e.g. `0.1` for the "less than 0.1 %
+        /// lost work, no new peak" goal).
+        #[arg(long)]
+        max_added: Option<f64>,
     },
     /// Convert an FTQ run between CSV and the binary format (chosen by the output's extension).
     Convert {
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(NoiseError::Verdict) => ExitCode::from(3),
         Err(e) => {
             eprintln!("puma-noise: {e}");
             ExitCode::FAILURE
@@ -364,13 +370,23 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
             }
             Ok(())
         }
-        Cmd::Compare { a, b } => {
+        Cmd::Compare { a, b, max_added } => {
             let (ra, rb) = (format::load_ftq(&a)?, format::load_ftq(&b)?);
             let (aa, ab) = (report::analyse_run(&ra)?, report::analyse_run(&rb)?);
-            print!(
-                "{}",
-                report::compare_text(&a.display().to_string(), &aa, &b.display().to_string(), &ab)
-            );
+            let c = report::compare(&a.display().to_string(), &aa, &b.display().to_string(), &ab);
+            print!("{}", c.text);
+            if let Some(limit) = max_added {
+                let fail = c.added_noise * 100.0 > limit || !c.new_sources.is_empty();
+                println!(
+                    "\n{}: B adds {:+.4} % (limit {limit} %), {} new periodic source(s)",
+                    if fail { "FAIL" } else { "PASS" },
+                    100.0 * c.added_noise,
+                    c.new_sources.len()
+                );
+                if fail {
+                    return Err(NoiseError::Verdict);
+                }
+            }
             Ok(())
         }
         Cmd::Convert { input, output } => {

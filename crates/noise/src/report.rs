@@ -168,8 +168,26 @@ fn fmt_harmonics(h: &[u32]) -> String {
     v.join(",")
 }
 
+/// The verdict of a comparison.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Comparison {
+    /// Human-readable comparison.
+    pub text: String,
+    /// Largest per-CPU increase of the noise fraction from A to B.
+    pub added_noise: f64,
+    /// Periodic sources of B (top few per CPU) with no counterpart within 2 % in A.
+    pub new_sources: Vec<(usize, f64)>,
+}
+
 /// Compare two analysed runs: noise fractions and which periodic sources appear, vanish or change.
 pub fn compare_text(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]) -> String {
+    compare(name_a, a, name_b, b).text
+}
+
+/// Compare two analysed runs (see [`Comparison`]).
+pub fn compare(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]) -> Comparison {
+    let mut added_noise = f64::NEG_INFINITY;
+    let mut new_sources = Vec::new();
     let mut s = String::new();
     let (na, nb) = (mean_noise(a), mean_noise(b));
     let _ = writeln!(s, "A = {name_a}\nB = {name_b}");
@@ -186,6 +204,7 @@ pub fn compare_text(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]
             let _ = writeln!(s, "cpu {}: only in B", rb.cpu);
             continue;
         };
+        added_noise = added_noise.max(rb.analysis.noise_fraction - ra.analysis.noise_fraction);
         let _ = writeln!(
             s,
             "\ncpu {}: noise A {:.4} %  B {:.4} %  B-A {:+.4} %; max detour A {}  B {}",
@@ -213,6 +232,7 @@ pub fn compare_text(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]
                     );
                 }
                 None => {
+                    new_sources.push((rb.cpu, src.freq));
                     let _ = writeln!(
                         s,
                         "  {:>10.3} Hz  NEW in B: {:.1} us/s lost, period {}",
@@ -234,7 +254,15 @@ pub fn compare_text(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]
             }
         }
     }
-    s
+    Comparison {
+        text: s,
+        added_noise: if added_noise.is_finite() {
+            added_noise
+        } else {
+            0.0
+        },
+        new_sources,
+    }
 }
 
 fn series_chart(run: &FtqRun) -> Chart {
