@@ -148,7 +148,7 @@ impl Scale {
             let mut t = (self.lo / step).ceil() * step;
             let mut v = Vec::new();
             while t <= self.hi + step * 1e-9 {
-                v.push(t);
+                v.push(if t.abs() < step * 1e-6 { 0.0 } else { t });
                 t += step;
             }
             v
@@ -285,6 +285,12 @@ impl Chart {
             );
             if self.lines.len() > 1 || !line.label.is_empty() {
                 let ly = T + 14.0 + 14.0 * i as f64;
+                let _ = writeln!(
+                    s,
+                    r#"<rect x="{}" y="{}" width="140" height="14" fill="white" fill-opacity="0.85"/>"#,
+                    W - R - 155.0,
+                    ly - 11.0
+                );
                 let _ = writeln!(
                     s,
                     r#"<line x1="{}" y1="{}" x2="{}" y2="{}" stroke="{color}" stroke-width="2"/><text x="{}" y="{}">{}</text>"#,

