@@ -92,6 +92,33 @@ pub fn mean_noise(reports: &[CpuReport]) -> f64 {
         / reports.len() as f64
 }
 
+/// The share of the lost work that happened on every sampled CPU in the same interval
+/// (`Σ_i min_c lost / Σ_i mean_c lost`). Seed 003: interference that is *not* synchronised across
+/// the CPUs of a parallel job is what hurts, because the others wait for the one disturbed.
+/// `None` with fewer than two CPUs or no lost work.
+pub fn synchronised_share(run: &FtqRun) -> Option<f64> {
+    if run.counts.len() < 2 || run.nominal_count == 0 {
+        return None;
+    }
+    let nom = run.nominal_count as f64;
+    let n = run.len();
+    let (mut sync, mut total) = (0.0, 0.0);
+    for i in 0..n {
+        let lost = run
+            .counts
+            .iter()
+            .map(|c| (1.0 - f64::from(c[i]) / nom).max(0.0));
+        let (mut lo, mut sum) = (f64::INFINITY, 0.0);
+        for l in lost {
+            lo = lo.min(l);
+            sum += l;
+        }
+        sync += lo;
+        total += sum / run.counts.len() as f64;
+    }
+    (total > 0.0).then(|| sync / total)
+}
+
 /// How many sources a summary lists per CPU.
 pub const TOP_SOURCES: usize = 5;
 
@@ -110,6 +137,13 @@ pub fn summary_text(run: &FtqRun, reports: &[CpuReport]) -> String {
         if let Some(v) = run.meta(key) {
             let _ = writeln!(s, "{key}: {v}");
         }
+    }
+    if let Some(share) = synchronised_share(run) {
+        let _ = writeln!(
+            s,
+            "lost work on all CPUs in the same interval: {:.1} % of it (the rest hits CPUs one at a time)",
+            100.0 * share
+        );
     }
     for r in reports {
         let a = &r.analysis;
@@ -530,4 +564,45 @@ pub fn write_detour_report(dir: &Path, trace: &DetourTrace, command: &str) -> Re
     let page = dir.join("report.html");
     write_file(&page, &h)?;
     Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::{synth_counts, PulseTrain};
+
+    fn run_of(trains: [&[PulseTrain]; 2]) -> FtqRun {
+        FtqRun {
+            interval_ns: 1_000_000,
+            quantum_ns: 1000.0,
+            nominal_count: 1000,
+            cpus: vec![0, 1],
+            counts: trains
+                .iter()
+                .map(|t| synth_counts(4000, 1_000_000, 1000, t))
+                .collect(),
+            meta: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn synchronised_share_tells_aligned_from_staggered_interference() {
+        let at = |phase_ns: f64| PulseTrain {
+            freq_hz: 10.0,
+            width_ns: 500e3,
+            phase_ns,
+        };
+        let same = run_of([&[at(1e6)], &[at(1e6)]]);
+        assert!((synchronised_share(&same).unwrap() - 1.0).abs() < 1e-9);
+        let staggered = run_of([&[at(1e6)], &[at(50e6)]]);
+        assert!(synchronised_share(&staggered).unwrap() < 1e-9);
+        let quiet = run_of([&[], &[]]);
+        assert_eq!(synchronised_share(&quiet), None);
+        // The detours derived from the series: one per pulse, 500 us each.
+        let d = ftq_detours(&same.counts[0], 1000, 1_000_000);
+        assert_eq!(d.len(), 40);
+        assert!(d
+            .iter()
+            .all(|&(s, l)| l == 500_000 && s % 100_000_000 == 1_000_000));
+    }
 }
