@@ -223,11 +223,22 @@ pub fn compare(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]) -> 
     let mut added_noise = f64::NEG_INFINITY;
     let mut new_sources = Vec::new();
     let mut s = String::new();
-    let (na, nb) = (mean_noise(a), mean_noise(b));
+    // Means over the CPUs both runs sampled.
+    let common_a: Vec<CpuReport> = a
+        .iter()
+        .filter(|r| b.iter().any(|x| x.cpu == r.cpu))
+        .cloned()
+        .collect();
+    let common_b: Vec<CpuReport> = b
+        .iter()
+        .filter(|r| a.iter().any(|x| x.cpu == r.cpu))
+        .cloned()
+        .collect();
+    let (na, nb) = (mean_noise(&common_a), mean_noise(&common_b));
     let _ = writeln!(s, "A = {name_a}\nB = {name_b}");
     let _ = writeln!(
         s,
-        "noise fraction (mean over CPUs): A {:.4} %  B {:.4} %  B-A {:+.4} %",
+        "noise fraction (mean over the CPUs both sampled): A {:.4} %  B {:.4} %  B-A {:+.4} %",
         100.0 * na,
         100.0 * nb,
         100.0 * (nb - na)
