@@ -227,7 +227,7 @@ pub fn cepstral_peaks(c: &Cepstrum) -> Vec<(f64, f64)> {
     let spread = median(&mut abs) * 1.4826;
     let mut out = Vec::new();
     for q in 3..n - 1 {
-        if v[q] > v[q - 1] && v[q] >= v[q + 1] && v[q] > 8.0 * spread {
+        if v[q] > v[q - 1] && v[q] >= v[q + 1] && v[q] > 5.0 * spread {
             let (a, b, cc) = (v[q - 1], v[q], v[q + 1]);
             let denom = a - 2.0 * b + cc;
             let delta = if denom.abs() > 1e-300 {
