@@ -142,6 +142,27 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     }
     sys::check_cpus(&cfg.cpus)?;
     let _group = cfg.nice.map(sys::AutogroupNice::set);
+    // The command starts first (a failure to start it is reported before any sampling) and
+    // runs from just before the samplers' calibration until sampling ends.
+    let mut child = None;
+    let mut command_meta = Vec::new();
+    if !cfg.command.is_empty() {
+        let line = cfg.command.join(" ");
+        command_meta.push(("command".to_string(), line.clone()));
+        match std::process::Command::new(&cfg.command[0])
+            .args(&cfg.command[1..])
+            .spawn()
+        {
+            Ok(c) => child = Some(c),
+            Err(source) => {
+                return Err(NoiseError::Spawn {
+                    command: line,
+                    source,
+                })
+            }
+        }
+    }
+
     let n = (cfg.duration_ns / cfg.interval_ns) as usize;
     let ncpu = cfg.cpus.len();
     let barrier = Arc::new(Barrier::new(ncpu + 1));
@@ -172,31 +193,6 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     }
     barrier.wait();
 
-    let mut child = None;
-    let mut command_meta = Vec::new();
-    if !cfg.command.is_empty() {
-        let line = cfg.command.join(" ");
-        command_meta.push(("command".to_string(), line.clone()));
-        match std::process::Command::new(&cfg.command[0])
-            .args(&cfg.command[1..])
-            .spawn()
-        {
-            Ok(c) => child = Some(c),
-            Err(source) => {
-                // Release the samplers (they will run to completion) before reporting.
-                start.store(align_up(now_ns(), cfg.interval_ns), Ordering::Release);
-                barrier.wait();
-                for h in handles {
-                    let _ = h.join();
-                }
-                return Err(NoiseError::Spawn {
-                    command: line,
-                    source,
-                });
-            }
-        }
-    }
-
     let t0 = align_up(now_ns() + 20_000_000, cfg.interval_ns);
     let t_end = t0 + n as u64 * cfg.interval_ns;
     start.store(t0, Ordering::Release);
@@ -223,6 +219,22 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     }
     bar.finish();
 
+    // Stop the command first, so that no error below leaves it running.
+    if let Some(mut c) = child {
+        let exit = match c.try_wait() {
+            Ok(Some(status)) => format!("{status}"),
+            Ok(None) => {
+                let _ = c.kill();
+                match c.wait() {
+                    Ok(status) => format!("still running at end of sampling; killed ({status})"),
+                    Err(e) => format!("still running at end of sampling; kill failed: {e}"),
+                }
+            }
+            Err(e) => format!("unknown: {e}"),
+        };
+        command_meta.push(("command_exit".to_string(), exit));
+    }
+
     let mut cals = Vec::new();
     let mut counts = Vec::new();
     for h in handles {
@@ -237,21 +249,6 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
         burns += h
             .join()
             .map_err(|_| NoiseError::Thread("interferer panicked".into()))??;
-    }
-
-    if let Some(mut c) = child {
-        let exit = match c.try_wait() {
-            Ok(Some(status)) => format!("{status}"),
-            Ok(None) => {
-                let _ = c.kill();
-                match c.wait() {
-                    Ok(status) => format!("still running at end of sampling; killed ({status})"),
-                    Err(e) => format!("still running at end of sampling; kill failed: {e}"),
-                }
-            }
-            Err(e) => format!("unknown: {e}"),
-        };
-        command_meta.push(("command_exit".to_string(), exit));
     }
 
     let quantum_ns = cals.iter().map(|c| c.quantum_ns).sum::<f64>() / cals.len().max(1) as f64;
