@@ -342,6 +342,23 @@ pub fn fold_score_sd(x: &[f64], fs: f64, f: f64) -> (f64, f64) {
     (explained - dof * within, within * (2.0 * dof).sqrt())
 }
 
+/// The best fold score at frequencies a few phase drifts per run away from `f` (`f ± k/T`,
+/// k = 3, 5, 7, 9): what folding finds where there is no periodic source. A periodic source folds
+/// coherently only at its own frequency, while rare long aperiodic detours fold just as "well"
+/// at any nearby frequency, so a real source must score well above this.
+pub fn null_fold_score(x: &[f64], fs: f64, f: f64) -> f64 {
+    let duration = x.len() as f64 / fs;
+    [-9.0, -7.0, -5.0, -3.0, 3.0, 5.0, 7.0, 9.0]
+        .iter()
+        .map(|k| f + k / duration)
+        .filter(|g| *g > 0.0 && *g < fs / 2.0)
+        .map(|g| fold_score(x, fs, g))
+        .fold(0.0, f64::max)
+}
+
+/// Minimum ratio of a source's fold score to [`null_fold_score`].
+pub const NULL_RATIO: f64 = 3.0;
+
 /// [`fold_score_sd`] without the standard deviation.
 pub fn fold_score(x: &[f64], fs: f64, f: f64) -> f64 {
     fold_score_sd(x, fs, f).0
@@ -485,7 +502,10 @@ fn pick_fundamental(
         if harmonic_of(strongest.freq, f0, tol).is_none() {
             continue;
         }
-        scored.push((f0, fold_score(x, fs, f0)));
+        let score = fold_score(x, fs, f0);
+        if score >= NULL_RATIO * null_fold_score(x, fs, f0) {
+            scored.push((f0, score));
+        }
     }
     let best = scored.iter().map(|s| s.1).fold(f64::NEG_INFINITY, f64::max);
     if best <= 0.0 {
@@ -533,7 +553,9 @@ pub fn analyse_series(x: &[f64], fs: f64, noise_fraction: f64) -> Result<SeriesA
     let mut sources: Vec<Source> = Vec::new();
     let mut round_peaks = peaks.clone();
     let mut round_cpeaks = cpeaks.clone();
-    while sources.len() < MAX_SOURCES {
+    let mut attempts = 0;
+    while sources.len() < MAX_SOURCES && attempts < 4 * MAX_SOURCES {
+        attempts += 1;
         // Lines already explained by a found source (its harmonics, also where they alias back
         // below Nyquist) are what is left of that source's subtraction, not new sources.
         round_peaks.retain(|p| {
@@ -547,12 +569,19 @@ pub fn analyse_series(x: &[f64], fs: f64, noise_fraction: f64) -> Result<SeriesA
         let f = refine_frequency(&residual, fs, f0, res);
         let f = lift_subharmonic(&residual, fs, f, res);
         let lost = periodic_lost(&residual, fs, f);
-        if lost <= 1e-9 {
-            break;
-        }
         let (score, sd) = fold_score_sd(&residual, fs, f);
-        if score < 6.0 * sd {
-            break; // not significantly periodic: what is left is noise
+        let null = null_fold_score(&residual, fs, f);
+        if lost <= 1e-9 || score < 6.0 * sd || score < NULL_RATIO * null {
+            // Not a periodic source: try the line again without the cepstrum's suggestions, then
+            // drop the line and look at the next.
+            if !round_cpeaks.is_empty() {
+                round_cpeaks.clear();
+            } else if !round_peaks.is_empty() {
+                round_peaks.remove(0);
+            } else {
+                break;
+            }
+            continue;
         }
         let (bins, cnt) = fold_counts(&residual, fs, f);
         let base = fold_background(&bins, &cnt);
