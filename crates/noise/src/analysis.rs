@@ -674,6 +674,9 @@ pub fn synth_counts(n: usize, interval_ns: u64, nominal: u64, trains: &[PulseTra
     let end = n as f64 * dt;
     for t in trains {
         let period = 1e9 / t.freq_hz;
+        if !period.is_finite() || period <= 0.0 {
+            continue;
+        }
         let mut k = 0u64;
         loop {
             let s = t.phase_ns + k as f64 * period;

@@ -251,7 +251,15 @@ pub fn read_ftq_csv(path: &Path, r: impl Read) -> Result<FtqRun> {
     }
     let cpus = mp.cpus.clone().unwrap_or_default();
     let mut counts: Vec<Vec<u32>> = vec![Vec::new(); cpus.len()];
+    let nrows = rows.len();
     for (k, (cpu, index, count)) in rows.into_iter().enumerate() {
+        if index >= nrows {
+            return Err(NoiseError::Format {
+                path: path.to_path_buf(),
+                line: k + 1,
+                why: format!("interval index {index} but the file has only {nrows} rows"),
+            });
+        }
         let Some(slot) = cpus.iter().position(|&c| c == cpu) else {
             return Err(NoiseError::Format {
                 path: path.to_path_buf(),
@@ -467,6 +475,9 @@ mod tests {
         let missing = "# puma-noise ftq v1\n# interval_ns=1000\ncpu,index,start_ns,count\n";
         let e = read_ftq_csv(Path::new("b.csv"), missing.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("quantum_ns"), "{e}");
+        let huge = "# puma-noise ftq v1\n# interval_ns=1000\n# quantum_ns=1\n# nominal_count=5\n# cpus=0\ncpu,index,start_ns,count\n0,999999999999,0,5\n";
+        let e = read_ftq_csv(Path::new("b.csv"), huge.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("only 1 rows"), "{e}");
     }
 
     #[test]

@@ -16,6 +16,9 @@ use crate::work::{self, quantum};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 
+/// Most intervals one run keeps per CPU (1 GiB of counts).
+pub const MAX_INTERVALS: u64 = 1 << 28;
+
 /// What to sample.
 #[derive(Debug, Clone)]
 pub struct FtqConfig {
@@ -138,6 +141,13 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
             "quantum",
             &format!("{} ns", cfg.quantum_target_ns),
             "a work quantum must be at most a tenth of the interval",
+        ));
+    }
+    if cfg.duration_ns / cfg.interval_ns > MAX_INTERVALS {
+        return Err(NoiseError::bad(
+            "duration",
+            &format!("{} ns", cfg.duration_ns),
+            format!("more than {MAX_INTERVALS} intervals per CPU; use a longer interval or several runs"),
         ));
     }
     sys::check_cpus(&cfg.cpus)?;

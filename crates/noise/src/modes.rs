@@ -109,6 +109,20 @@ where
     Ok((t0, out))
 }
 
+/// Most samples FWQ and Figure 1 keep per CPU; sampling stops early when they are full.
+pub const MAX_SAMPLES: usize = 1 << 26;
+
+fn sample_capacity(duration_ns: u64, work_ns: u64) -> Result<usize> {
+    if work_ns < 100 {
+        return Err(NoiseError::bad(
+            "work",
+            &format!("{work_ns} ns"),
+            "a piece of work must be at least 100 ns (longer than a clock read)",
+        ));
+    }
+    Ok(((duration_ns / work_ns) as usize + 16).min(MAX_SAMPLES))
+}
+
 /// One CPU's fixed-work samples: `(start_ns since t0, duration_ns)`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FwqSeries {
@@ -121,7 +135,7 @@ pub struct FwqSeries {
 /// Fixed work quantum: repeat a calibrated piece of work of about `work_ns`, recording when each
 /// started and how long it took (absolute time stamps, so the time base is kept).
 pub fn run_fwq(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec<FwqSeries>)> {
-    let cap = (cfg.duration_ns / work_ns.max(1)) as usize + 16;
+    let cap = sample_capacity(cfg.duration_ns, work_ns)?;
     let (_, out) = run_pinned(
         cfg,
         "fwq",
@@ -167,7 +181,7 @@ pub struct Fig1Series {
 /// repeated. The time base is relative (sample number, not time) and the start of each sample
 /// is wherever the previous one ended. Kept to show how it misreports.
 pub fn run_fig1(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec<Fig1Series>)> {
-    let cap = (cfg.duration_ns / work_ns.max(1)) as usize + 16;
+    let cap = sample_capacity(cfg.duration_ns, work_ns)?;
     let (_, out) = run_pinned(
         cfg,
         "fig1",
