@@ -104,7 +104,18 @@ fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let (f, lost, total, base) = ftq_injected(dir.path(), "8s");
+    // Two baseline/injected pairs, averaged, so that a change of background load during one
+    // pair (other processes on a shared machine) weighs less.
+    let (f1, lost1, total1, base1) = ftq_injected(dir.path(), "5s");
+    let (f2, lost2, total2, base2) = ftq_injected(dir.path(), "5s");
+    println!(
+        "pair 1: {f1:.3} Hz, {:.3} %; pair 2: {f2:.3} Hz, {:.3} %",
+        100.0 * lost1,
+        100.0 * lost2
+    );
+    let (f, lost) = ((f1 + f2) / 2.0, (lost1 + lost2) / 2.0);
+    let (total, base) = ((total1 + total2) / 2.0, base1.max(base2));
+    assert!((f1 - 100.0).abs() / 100.0 < 0.02 && (f2 - 100.0).abs() / 100.0 < 0.02);
     println!(
         "injected 100 Hz x 200 us (2 %): FTQ reports {f:.3} Hz, {:.3} % lost to it (net of baseline); total noise {:+.3} % over a baseline of {:.3} %",
         100.0 * lost,
