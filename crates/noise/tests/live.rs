@@ -1,0 +1,195 @@
+//! Live tests of the real samplers against the built-in interferer (`--inject 100Hz:200us`,
+//! a 2 % duty cycle). They measure time, so their names carry `exclusive_` and nextest runs them
+//! alone. To stay robust on a shared 2-core VM they run the samplers at nice -20 (which needs
+//! root; without it they skip), measure the baseline in the same test and subtract it, and look
+//! for the injected line only among the few strongest sources.
+
+use noise::analysis::{lost_series, periodic_lost, refine_frequency};
+use noise::format::load_ftq;
+use noise::report::analyse_run;
+use std::path::Path;
+use std::process::Command;
+
+const DUTY: f64 = 0.02;
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn test_cpu() -> usize {
+    *noise::sys::allowed_cpus().last().unwrap_or(&0)
+}
+
+fn ftq(out: &Path, duration: &str, inject: bool) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_puma-noise"));
+    cmd.args([
+        "ftq",
+        "--quiet",
+        "--nice",
+        "-20",
+        "--duration",
+        duration,
+        "--cpu",
+    ])
+    .arg(test_cpu().to_string())
+    .arg("-o")
+    .arg(out);
+    if inject {
+        cmd.args(["--inject", "100Hz:200us"]);
+    }
+    let o = cmd.output().expect("run puma-noise");
+    assert!(
+        o.status.success(),
+        "puma-noise failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&o.stdout));
+}
+
+/// What FTQ reports for the injected source: (frequency, lost fraction net of baseline, total
+/// noise fraction net of baseline, baseline noise fraction).
+fn ftq_injected(dir: &Path, duration: &str) -> (f64, f64, f64, f64) {
+    let (base_p, inj_p) = (dir.join("base.csv"), dir.join("inj.csv"));
+    ftq(&base_p, duration, false);
+    ftq(&inj_p, duration, true);
+    let (base, inj) = (load_ftq(&base_p).unwrap(), load_ftq(&inj_p).unwrap());
+    let (rb, ri) = (analyse_run(&base).unwrap(), analyse_run(&inj).unwrap());
+    // The reported spectral line nearest 100 Hz among the five strongest, refined by folding.
+    let fs = 1e9 / inj.interval_ns as f64;
+    let a = &ri[0].analysis;
+    println!(
+        "sources reported: {:?}",
+        &a.sources[..a.sources.len().min(3)]
+    );
+    let peak = a
+        .peaks
+        .iter()
+        .take(5)
+        .min_by(|x, y| (x.freq - 100.0).abs().total_cmp(&(y.freq - 100.0).abs()))
+        .unwrap_or_else(|| panic!("no spectral peak at all; sources {:?}", a.sources));
+    let inj_series = lost_series(&inj.counts[0], inj.nominal_count);
+    let f = refine_frequency(&inj_series, fs, peak.freq, a.spectrum.resolution());
+    // Net of what the quiet run already had periodic at that frequency.
+    let base_series = lost_series(&base.counts[0], base.nominal_count);
+    let lost = periodic_lost(&inj_series, fs, f) - periodic_lost(&base_series, fs, f).max(0.0);
+    let src = noise::analysis::Source {
+        freq: f,
+        period: 1.0 / f,
+        lost_fraction: lost,
+        harmonics: Vec::new(),
+        amplitude: peak.amplitude,
+        cepstrum_confirmed: false,
+        width: lost / f,
+        phase: 0.0,
+    };
+    (
+        src.freq,
+        src.lost_fraction,
+        ri[0].analysis.noise_fraction - rb[0].analysis.noise_fraction,
+        rb[0].analysis.noise_fraction,
+    )
+}
+
+#[test]
+fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
+    if !is_root() {
+        println!("SKIP: needs root for --nice -20 (keeps background load off the sampled CPU)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Two baseline/injected pairs, averaged, so that a change of background load during one
+    // pair (other processes on a shared machine) weighs less.
+    let (f1, lost1, total1, base1) = ftq_injected(dir.path(), "5s");
+    let (f2, lost2, total2, base2) = ftq_injected(dir.path(), "5s");
+    println!(
+        "pair 1: {f1:.3} Hz, {:.3} %; pair 2: {f2:.3} Hz, {:.3} %",
+        100.0 * lost1,
+        100.0 * lost2
+    );
+    let (f, lost) = ((f1 + f2) / 2.0, (lost1 + lost2) / 2.0);
+    let (total, base) = ((total1 + total2) / 2.0, base1.max(base2));
+    assert!((f1 - 100.0).abs() / 100.0 < 0.02 && (f2 - 100.0).abs() / 100.0 < 0.02);
+    println!(
+        "injected 100 Hz x 200 us (2 %): FTQ reports {f:.3} Hz, {:.3} % lost to it (net of baseline); total noise {:+.3} % over a baseline of {:.3} %",
+        100.0 * lost,
+        100.0 * total,
+        100.0 * base
+    );
+    assert!((f - 100.0).abs() / 100.0 < 0.02, "frequency {f}");
+    assert!(
+        (lost - DUTY).abs() / DUTY < 0.2,
+        "lost fraction {lost}, injected {DUTY}"
+    );
+    if base < 0.005 {
+        // A quiet CPU: the whole-run noise fraction must show the injection too.
+        assert!(
+            (total - DUTY).abs() / DUTY < 0.2,
+            "total noise difference {total}"
+        );
+    } else {
+        println!(
+            "note: baseline noise {:.2} % too high to check the whole-run difference",
+            100.0 * base
+        );
+    }
+}
+
+#[test]
+fn exclusive_figure1_benchmark_misreports_what_ftq_gets_right() {
+    if !is_root() {
+        println!("SKIP: needs root for --nice -20 (keeps background load off the sampled CPU)");
+        return;
+    }
+    let fig1_run = |inject: bool| {
+        let cfg = noise::modes::RunConfig {
+            cpus: vec![test_cpu()],
+            duration_ns: 4_000_000_000,
+            inject: inject.then(|| "100Hz:200us".parse().unwrap()),
+            progress: false,
+            nice: Some(-20),
+        };
+        let (_, series) = noise::modes::run_fig1(&cfg, 1000).unwrap();
+        noise::modes::read_fig1(&series[0].deltas).unwrap()
+    };
+    let fig1_base = fig1_run(false);
+    let fig1 = fig1_run(true);
+    let fig1_added = fig1.per_sample_noise - fig1_base.per_sample_noise;
+    let dir = tempfile::tempdir().unwrap();
+    let (f, lost, _, _) = ftq_injected(dir.path(), "6s");
+    println!("under --inject 100Hz:200us (2 % duty cycle):");
+    println!(
+        "  Figure 1: {} samples, {:.4} % disturbed, per-sample noise {:.4} %, line at {:?} Hz",
+        fig1.samples,
+        100.0 * fig1.disturbed_samples,
+        100.0 * fig1.per_sample_noise,
+        fig1.apparent_freq_hz
+    );
+    println!(
+        "  Figure 1 without injection: per-sample noise {:.4} %, so the injection added {:+.4} %",
+        100.0 * fig1_base.per_sample_noise,
+        100.0 * fig1_added
+    );
+    println!("  FTQ:      {f:.3} Hz, {:.3} % lost to it", 100.0 * lost);
+    // FTQ is right...
+    assert!((f - 100.0).abs() / 100.0 < 0.02, "frequency {f}");
+    assert!(
+        (lost - DUTY).abs() / DUTY < 0.2,
+        "lost {lost}, injected {DUTY}"
+    );
+    // ...while Figure 1's per-sample reading makes the 2 % interference all but vanish.
+    assert!(
+        fig1_added < DUTY / 4.0,
+        "Figure 1 saw the injection add {fig1_added} (base {}, injected {})",
+        fig1_base.per_sample_noise,
+        fig1.per_sample_noise
+    );
+    // Its sample-numbered spectrum is printed above for the record but not asserted on: where
+    // (or whether) the line shows depends on how much the gaps between samples stretch time.
+}
