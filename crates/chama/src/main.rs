@@ -1,0 +1,4 @@
+//! `chama` command-line tool.
+#![forbid(unsafe_code)]
+
+fn main() {}
