@@ -92,6 +92,12 @@ pub enum ChamaError {
     /// A specification string was malformed.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// A noise specification or the file it names was bad.
+    #[error(transparent)]
+    Noise(#[from] crate::noise::ChamaSpecError),
+    /// A child process (benchmark) failed.
+    #[error("{0}")]
+    Child(String),
     /// The simulation could not finish every operation.
     #[error("{0}")]
     Incomplete(String),

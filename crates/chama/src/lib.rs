@@ -5,8 +5,12 @@
 //! LogGOPS discrete-event simulation; [`analysis`] compares a noisy run with the noise-free one.
 #![forbid(unsafe_code)]
 
+pub mod analysis;
 pub mod error;
+pub mod gen;
 pub mod goal;
 pub mod noise;
 pub mod schedule;
 pub mod sim;
+pub mod svg;
+pub mod trace;

@@ -653,3 +653,31 @@ pub fn read_ftq(path: &str, cpu: Option<u64>) -> Result<(Vec<(u64, u64)>, u64), 
     }
     Ok((det, span))
 }
+
+impl NoiseSource {
+    /// The same source with every detour `f` times as long (amplitude sweeps). Detours stay
+    /// shorter than their interval so the CPU is never unavailable forever.
+    pub fn scaled(&self, f: f64) -> NoiseSource {
+        let sc = |d: u64, cap: u64| ((d as f64 * f).round() as u64).min(cap.saturating_sub(1));
+        match self {
+            NoiseSource::None => NoiseSource::None,
+            NoiseSource::Periodic { interval, detour } => NoiseSource::Periodic {
+                interval: *interval,
+                detour: sc(*detour, *interval),
+            },
+            NoiseSource::Poisson { interval, detour } => NoiseSource::Poisson {
+                interval: *interval,
+                detour: sc(*detour, *interval),
+            },
+            NoiseSource::Gaussian { interval, mean, sd } => NoiseSource::Gaussian {
+                interval: *interval,
+                mean: sc(*mean, *interval),
+                sd: (*sd as f64 * f).round() as u64,
+            },
+            NoiseSource::Trace { starts, ends, span } => {
+                let det = starts.iter().zip(ends).map(|(&s, &e)| (s, e - s)).collect();
+                trace_source(det, *span, f)
+            }
+        }
+    }
+}
