@@ -184,18 +184,18 @@ fn class_rows(s: &Schedule, clean: &SimOutput, noisy: &SimOutput) -> Vec<ClassRo
         }
     }
     for op in 0..s.len() {
-        if clean.end[op] == u64::MAX || noisy.end[op] == u64::MAX {
+        if clean.st[op].end == u64::MAX || noisy.st[op].end == u64::MAX {
             continue;
         }
-        let row = &mut rows[s.class[op] as usize * 3 + s.kind[op] as usize];
+        let row = &mut rows[s.ops[op].class as usize * 3 + s.ops[op].kind as usize];
         row.ops += 1;
         let n = if noisy.noise.is_empty() {
             0
         } else {
             noisy.noise[op] as i128
         };
-        let din = noisy.ready[op] as i128 - clean.ready[op] as i128;
-        let dout = noisy.end[op] as i128 - clean.end[op] as i128;
+        let din = noisy.st[op].ready as i128 - clean.st[op].ready as i128;
+        let dout = noisy.st[op].end as i128 - clean.st[op].end as i128;
         row.noise_injected_ns += n as u64;
         row.delay_in_ns += din;
         row.delay_out_ns += dout;

@@ -603,7 +603,7 @@ pub fn write_goal<W: Write>(s: &Schedule, mut w: W) -> std::io::Result<()> {
     for op in 0..n {
         for &d in s.dependents(op) {
             let to = (d & !IREQ_BIT) as usize;
-            if s.rank[to] != s.rank[op] {
+            if s.ops[to].rank != s.ops[op].rank {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
                     "a dependency crosses ranks; GOAL cannot express it",
@@ -632,7 +632,7 @@ pub fn write_goal<W: Write>(s: &Schedule, mut w: W) -> std::io::Result<()> {
             match s.op_kind(op) {
                 OpKind::Calc => {
                     line.extend_from_slice(b"calc ");
-                    push_u64(&mut line, s.size[op]);
+                    push_u64(&mut line, s.ops[op].size);
                 }
                 k => {
                     line.extend_from_slice(if k == OpKind::Send {
@@ -640,24 +640,24 @@ pub fn write_goal<W: Write>(s: &Schedule, mut w: W) -> std::io::Result<()> {
                     } else {
                         b"recv "
                     });
-                    push_u64(&mut line, s.size[op]);
+                    push_u64(&mut line, s.ops[op].size);
                     line.extend_from_slice(if k == OpKind::Send {
                         b"b to "
                     } else {
                         b"b from "
                     });
-                    push_i(&mut line, s.peer[op]);
+                    push_i(&mut line, s.ops[op].peer);
                     line.extend_from_slice(b" tag ");
-                    push_i(&mut line, s.tag[op]);
+                    push_i(&mut line, s.ops[op].tag);
                 }
             }
-            if s.cpu[op] != 0 {
+            if s.ops[op].cpu != 0 {
                 line.extend_from_slice(b" cpu ");
-                push_u64(&mut line, s.cpu[op] as u64);
+                push_u64(&mut line, s.ops[op].cpu as u64);
             }
-            if s.nic[op] != 0 && s.op_kind(op) != OpKind::Calc {
+            if s.ops[op].nic != 0 && s.op_kind(op) != OpKind::Calc {
                 line.extend_from_slice(b" nic ");
-                push_u64(&mut line, s.nic[op] as u64);
+                push_u64(&mut line, s.ops[op].nic as u64);
             }
             line.push(b'\n');
             w.write_all(&line)?;

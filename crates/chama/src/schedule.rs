@@ -45,33 +45,38 @@ impl OpKind {
     }
 }
 
+/// One operation (24 bytes): everything the simulator reads about it in one cache line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Op {
+    /// Bytes (send/recv) or nanoseconds (calc).
+    pub size: u64,
+    /// Rank executing the operation.
+    pub rank: u32,
+    /// Destination (send) or source (recv, may be [`ANY`]); unused for calc.
+    pub peer: u32,
+    /// Message tag (may be [`ANY`] on a recv); unused for calc.
+    pub tag: u32,
+    /// [`OpKind`] as a byte.
+    pub kind: u8,
+    /// Operation class index into [`Schedule::class_names`] (collective or phase).
+    pub class: u8,
+    /// CPU index on the rank.
+    pub cpu: u8,
+    /// NIC index on the rank.
+    pub nic: u8,
+}
+
 /// A complete schedule ready for simulation.
 #[derive(Clone, Debug, Default)]
 pub struct Schedule {
     /// Number of ranks (processes).
     pub num_ranks: u32,
-    /// Rank executing each operation.
-    pub rank: Vec<u32>,
-    /// [`OpKind`] as a byte.
-    pub kind: Vec<u8>,
-    /// Operation class index into [`Schedule::class_names`] (collective or phase the op belongs to).
-    pub class: Vec<u8>,
-    /// CPU index on the rank.
-    pub cpu: Vec<u8>,
-    /// NIC index on the rank.
-    pub nic: Vec<u8>,
-    /// Destination (send) or source (recv, may be [`ANY`]); unused for calc.
-    pub peer: Vec<u32>,
-    /// Message tag (may be [`ANY`] on a recv); unused for calc.
-    pub tag: Vec<u32>,
-    /// Bytes (send/recv) or nanoseconds (calc).
-    pub size: Vec<u64>,
+    /// The operations.
+    pub ops: Vec<Op>,
     /// CSR offsets: dependents of op `i` are `dep_list[dep_start[i]..dep_start[i+1]]`.
     pub dep_start: Vec<u32>,
     /// Dependent op index, with [`IREQ_BIT`] set for `irequires` edges.
     pub dep_list: Vec<u32>,
-    /// Number of dependencies each op waits for.
-    pub num_deps: Vec<u32>,
     /// Names of the operation classes.
     pub class_names: Vec<String>,
     /// Number of CPUs per rank (largest cpu index + 1).
@@ -83,15 +88,15 @@ pub struct Schedule {
 impl Schedule {
     /// Number of operations.
     pub fn len(&self) -> usize {
-        self.kind.len()
+        self.ops.len()
     }
     /// True when the schedule has no operations.
     pub fn is_empty(&self) -> bool {
-        self.kind.is_empty()
+        self.ops.is_empty()
     }
     /// Kind of operation `op`.
     pub fn op_kind(&self, op: usize) -> OpKind {
-        OpKind::from_u8(self.kind[op])
+        OpKind::from_u8(self.ops[op].kind)
     }
     /// Dependents of `op` (raw entries, [`IREQ_BIT`] marks `irequires`).
     pub fn dependents(&self, op: usize) -> &[u32] {
@@ -106,23 +111,23 @@ impl Schedule {
     pub fn ops_by_rank(&self) -> (Vec<u32>, Vec<u32>) {
         let p = self.num_ranks as usize;
         let mut off = vec![0u32; p + 1];
-        for &r in &self.rank {
-            off[r as usize + 1] += 1;
+        for o in &self.ops {
+            off[o.rank as usize + 1] += 1;
         }
         for i in 0..p {
             off[i + 1] += off[i];
         }
         let mut fill = off.clone();
         let mut idx = vec![0u32; self.len()];
-        for (op, &r) in self.rank.iter().enumerate() {
-            idx[fill[r as usize] as usize] = op as u32;
-            fill[r as usize] += 1;
+        for (op, o) in self.ops.iter().enumerate() {
+            idx[fill[o.rank as usize] as usize] = op as u32;
+            fill[o.rank as usize] += 1;
         }
         (off, idx)
     }
     /// Approximate heap bytes held by the schedule.
     pub fn heap_bytes(&self) -> usize {
-        self.len() * (4 + 1 + 1 + 1 + 1 + 4 + 4 + 8 + 4 + 4) + self.dep_list.len() * 4
+        self.len() * (std::mem::size_of::<Op>() + 4) + self.dep_list.len() * 4
     }
 }
 
@@ -152,15 +157,7 @@ impl ScheduleBuilder {
 
     /// Reserve room for `ops` operations and `edges` dependencies.
     pub fn reserve(&mut self, ops: usize, edges: usize) {
-        let s = &mut self.s;
-        s.rank.reserve(ops);
-        s.kind.reserve(ops);
-        s.class.reserve(ops);
-        s.cpu.reserve(ops);
-        s.nic.reserve(ops);
-        s.peer.reserve(ops);
-        s.tag.reserve(ops);
-        s.size.reserve(ops);
+        self.s.ops.reserve(ops);
         self.edges.reserve(edges);
     }
 
@@ -188,12 +185,12 @@ impl ScheduleBuilder {
 
     /// Number of operations added so far.
     pub fn len(&self) -> usize {
-        self.s.kind.len()
+        self.s.ops.len()
     }
 
     /// True when no operation was added yet.
     pub fn is_empty(&self) -> bool {
-        self.s.kind.is_empty()
+        self.s.ops.is_empty()
     }
 
     /// Add one operation; returns its index.
@@ -223,18 +220,20 @@ impl ScheduleBuilder {
                 num_ranks: s.num_ranks,
             });
         }
-        if s.kind.len() >= MAX_OPS {
+        if s.ops.len() >= MAX_OPS {
             return Err(ScheduleError::TooManyOps);
         }
-        let id = s.kind.len() as u32;
-        s.rank.push(rank);
-        s.kind.push(kind as u8);
-        s.class.push(class);
-        s.cpu.push(cpu);
-        s.nic.push(nic);
-        s.peer.push(peer);
-        s.tag.push(tag);
-        s.size.push(size);
+        let id = s.ops.len() as u32;
+        s.ops.push(Op {
+            size,
+            rank,
+            peer,
+            tag,
+            kind: kind as u8,
+            class,
+            cpu,
+            nic,
+        });
         if cpu >= s.num_cpus {
             s.num_cpus = cpu + 1;
         }
@@ -287,7 +286,7 @@ impl ScheduleBuilder {
     /// Finish: builds the dependency CSR.
     pub fn finish(self) -> Result<Schedule, ScheduleError> {
         let ScheduleBuilder { mut s, edges } = self;
-        let n = s.kind.len();
+        let n = s.ops.len();
         for &(from, to) in &edges {
             let to_op = to & !IREQ_BIT;
             if from as usize >= n || to_op as usize >= n {
@@ -298,10 +297,8 @@ impl ScheduleBuilder {
             }
         }
         let mut start = vec![0u32; n + 1];
-        let mut num_deps = vec![0u32; n];
-        for &(from, to) in &edges {
+        for &(from, _) in &edges {
             start[from as usize + 1] += 1;
-            num_deps[(to & !IREQ_BIT) as usize] += 1;
         }
         for i in 0..n {
             start[i + 1] += start[i];
@@ -316,7 +313,6 @@ impl ScheduleBuilder {
         drop(edges);
         s.dep_start = start;
         s.dep_list = list;
-        s.num_deps = num_deps;
         Ok(s)
     }
 }

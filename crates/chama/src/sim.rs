@@ -81,6 +81,19 @@ pub const PRED_RESOURCE: u32 = 1 << 31;
 /// No predecessor.
 pub const PRED_NONE: u32 = u32::MAX;
 
+/// Per-operation simulation state (24 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpState {
+    /// Time its dependencies were satisfied.
+    pub ready: u64,
+    /// Completion time (`u64::MAX`: never completed).
+    pub end: u64,
+    /// Internal: pending-dependency count, then matching-queue link / matched receive.
+    pub link: u32,
+    /// The predecessor that determined its timing ([`PRED_RESOURCE`] bit, [`PRED_NONE`]).
+    pub pred: u32,
+}
+
 /// Result of one simulation.
 #[derive(Clone, Debug, Default)]
 pub struct SimOutput {
@@ -90,12 +103,8 @@ pub struct SimOutput {
     pub events: u64,
     /// Operations completed.
     pub completed: u64,
-    /// Per op: time its dependencies were satisfied.
-    pub ready: Vec<u64>,
-    /// Per op: completion time.
-    pub end: Vec<u64>,
-    /// Per op: the predecessor that determined its timing ([`PRED_RESOURCE`] bit, [`PRED_NONE`]).
-    pub pred: Vec<u32>,
+    /// Per operation.
+    pub st: Vec<OpState>,
     /// Per op: detour time inside its own CPU work (empty unless recorded).
     pub noise: Vec<u32>,
     /// Per rank: time spent in posted receives waiting for the message.
@@ -113,14 +122,20 @@ pub struct SimOutput {
 impl SimOutput {
     /// Operations that never completed.
     pub fn unfinished(&self) -> u64 {
-        self.end.len() as u64 - self.completed
+        self.st.len() as u64 - self.completed
+    }
+
+    /// Completion time of every operation (`u64::MAX`: never completed).
+    pub fn ends(&self) -> Vec<u64> {
+        self.st.iter().map(|x| x.end).collect()
     }
 
     /// Per rank: time its last operation completed.
     pub fn rank_end(&self, s: &Schedule) -> Vec<u64> {
         let mut v = vec![0u64; s.num_ranks as usize];
-        for (op, &e) in self.end.iter().enumerate() {
-            let r = s.rank[op] as usize;
+        for (op, x) in self.st.iter().enumerate() {
+            let e = x.end;
+            let r = s.ops[op].rank as usize;
             if e != u64::MAX && e > v[r] {
                 v[r] = e;
             }
@@ -188,6 +203,31 @@ const EV_CTS: u64 = 2;
 const EV_DATA: u64 = 3;
 const NIL: u32 = u32::MAX;
 
+#[derive(Clone, Copy)]
+struct CpuState {
+    free: u64,
+    last: u32,
+}
+
+#[derive(Clone, Copy, Default)]
+struct NicState {
+    send_free: u64,
+    recv_free: u64,
+}
+
+/// Everything per rank in one cache line (CPU 0 and NIC 0 live here too).
+#[derive(Clone, Copy)]
+struct RankState {
+    cpu0: CpuState,
+    nic0: NicState,
+    last_arr: u64,
+    wait: u64,
+    prq_head: u32,
+    prq_tail: u32,
+    uq_head: u32,
+    uq_tail: u32,
+}
+
 struct Sim<'a> {
     s: &'a Schedule,
     p: Params,
@@ -196,24 +236,14 @@ struct Sim<'a> {
     now: u64,
     heap: RadixHeap,
     fifo: VecDeque<u64>,
-    // per op
-    ready: Vec<u64>,
-    end: Vec<u64>,
-    /// Pending-dependency count until ready; then the matching-queue link / matched receive.
-    link: Vec<u32>,
-    pred: Vec<u32>,
+    st: Vec<OpState>,
     noise_op: Vec<u32>,
-    // per rank (x cpu / x nic)
-    cpu_free: Vec<u64>,
-    cpu_last: Vec<u32>,
-    nic_free: Vec<u64>,
-    nicr_free: Vec<u64>,
-    last_arr: Vec<u64>,
-    prq_head: Vec<u32>,
-    prq_tail: Vec<u32>,
-    uq_head: Vec<u32>,
-    uq_tail: Vec<u32>,
-    rank_wait: Vec<u64>,
+    /// CPUs and NICs when a rank has more than one (else they live in `rk`).
+    cpu_x: Vec<CpuState>,
+    nic_x: Vec<NicState>,
+    nc1: bool,
+    nn1: bool,
+    rk: Vec<RankState>,
     class_wait: Vec<u64>,
     class_noise: Vec<u64>,
     events: u64,
@@ -226,9 +256,17 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
     let pr = s.num_ranks as usize;
     let nc = s.num_cpus as usize;
     let nn = s.num_nics as usize;
-    let mut link = vec![0u32; n];
+    let mut st = vec![
+        OpState {
+            ready: 0,
+            end: u64::MAX,
+            link: 0,
+            pred: PRED_NONE,
+        };
+        n
+    ];
     for &d in &s.dep_list {
-        link[(d & !IREQ_BIT) as usize] += 1;
+        st[(d & !IREQ_BIT) as usize].link += 1;
     }
     let mut sim = Sim {
         s,
@@ -238,32 +276,44 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         now: 0,
         heap: RadixHeap::new(),
         fifo: VecDeque::with_capacity(1024),
-        ready: vec![0; n],
-        end: vec![u64::MAX; n],
-        link,
-        pred: vec![PRED_NONE; n],
+        st,
         noise_op: if opts.record_noise {
             vec![0; n]
         } else {
             Vec::new()
         },
-        cpu_free: vec![0; pr * nc],
-        cpu_last: vec![NIL; pr * nc],
-        nic_free: vec![0; pr * nn],
-        nicr_free: vec![0; pr * nn],
-        last_arr: vec![0; pr],
-        prq_head: vec![NIL; pr],
-        prq_tail: vec![NIL; pr],
-        uq_head: vec![NIL; pr],
-        uq_tail: vec![NIL; pr],
-        rank_wait: vec![0; pr],
+        cpu_x: if nc > 1 {
+            vec![CpuState { free: 0, last: NIL }; pr * nc]
+        } else {
+            Vec::new()
+        },
+        nic_x: if nn > 1 {
+            vec![NicState::default(); pr * nn]
+        } else {
+            Vec::new()
+        },
+        nc1: nc == 1,
+        nn1: nn == 1,
+        rk: vec![
+            RankState {
+                cpu0: CpuState { free: 0, last: NIL },
+                nic0: NicState::default(),
+                last_arr: 0,
+                wait: 0,
+                prq_head: NIL,
+                prq_tail: NIL,
+                uq_head: NIL,
+                uq_tail: NIL,
+            };
+            pr
+        ],
         class_wait: vec![0; 256],
         class_noise: vec![0; 256],
         events: 0,
         completed: 0,
     };
     for op in 0..n {
-        if sim.link[op] == 0 {
+        if sim.st[op].link == 0 {
             sim.fifo.push_back(EV_READY << 32 | op as u64);
         }
     }
@@ -272,6 +322,24 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
 }
 
 impl<'a> Sim<'a> {
+    #[inline]
+    fn cpu_at(&mut self, ci: usize) -> &mut CpuState {
+        if self.nc1 {
+            &mut self.rk[ci].cpu0
+        } else {
+            &mut self.cpu_x[ci]
+        }
+    }
+
+    #[inline]
+    fn nic_at(&mut self, ni: usize) -> &mut NicState {
+        if self.nn1 {
+            &mut self.rk[ni].nic0
+        } else {
+            &mut self.nic_x[ni]
+        }
+    }
+
     fn run(&mut self) {
         let mut batch: Vec<u64> = Vec::with_capacity(1024);
         loop {
@@ -285,8 +353,24 @@ impl<'a> Sim<'a> {
                     // Deterministic order among events due at the same instant.
                     batch.sort_unstable();
                     let evs = std::mem::take(&mut batch);
-                    for &ev in &evs {
-                        self.handle(ev);
+                    for i in 0..evs.len() {
+                        // Read ahead: start the cache misses of later events of this batch
+                        // so they overlap with the work on this one.
+                        if let Some(&e2) = evs.get(i + 16) {
+                            let o = (e2 & 0xffff_ffff) as usize;
+                            std::hint::black_box(self.s.ops[o].peer);
+                            std::hint::black_box(self.st[o].end);
+                        }
+                        if let Some(&e1) = evs.get(i + 8) {
+                            let o = &self.s.ops[(e1 & 0xffff_ffff) as usize];
+                            let r = if e1 >> 32 == EV_ARRIVE {
+                                o.peer
+                            } else {
+                                o.rank
+                            };
+                            std::hint::black_box(self.rk[r as usize].last_arr);
+                        }
+                        self.handle(evs[i]);
                     }
                     batch = evs;
                     batch.clear();
@@ -312,7 +396,7 @@ impl<'a> Sim<'a> {
         let e = self.noise.finish(rank, start, w);
         let extra = e - start - w;
         if extra > 0 {
-            self.class_noise[self.s.class[op] as usize] += extra;
+            self.class_noise[self.s.ops[op].class as usize] += extra;
             if !self.noise_op.is_empty() {
                 self.noise_op[op] =
                     self.noise_op[op].saturating_add(extra.min(u32::MAX as u64) as u32);
@@ -333,13 +417,13 @@ impl<'a> Sim<'a> {
                 continue;
             }
             let d = (d & !IREQ_BIT) as usize;
-            if t >= self.ready[d] {
-                self.ready[d] = t;
-                self.pred[d] = op as u32;
+            if t >= self.st[d].ready {
+                self.st[d].ready = t;
+                self.st[d].pred = op as u32;
             }
-            self.link[d] -= 1;
-            if self.link[d] == 0 {
-                let rt = self.ready[d];
+            self.st[d].link -= 1;
+            if self.st[d].link == 0 {
+                let rt = self.st[d].ready;
                 self.schedule(rt, EV_READY << 32 | d as u64);
             }
         }
@@ -347,7 +431,7 @@ impl<'a> Sim<'a> {
 
     #[inline]
     fn complete(&mut self, op: usize, t: u64) {
-        self.end[op] = t;
+        self.st[op].end = t;
         self.completed += 1;
         self.release(op, t, false, true);
     }
@@ -366,38 +450,38 @@ impl<'a> Sim<'a> {
     fn on_ready(&mut self, op: usize) {
         let s = self.s;
         let now = self.now;
-        let rank = s.rank[op];
-        let ci = rank as usize * s.num_cpus as usize + s.cpu[op] as usize;
+        let rank = s.ops[op].rank;
+        let ci = rank as usize * s.num_cpus as usize + s.ops[op].cpu as usize;
         match s.op_kind(op) {
             OpKind::Calc => {
-                let start = now.max(self.cpu_free[ci]);
+                let start = now.max(self.cpu_at(ci).free);
                 if start > now {
-                    self.pred[op] = self.cpu_last[ci] | PRED_RESOURCE;
+                    self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
                 }
-                let e = self.work(op, rank, start, s.size[op]);
-                self.cpu_free[ci] = e;
-                self.cpu_last[ci] = op as u32;
+                let e = self.work(op, rank, start, s.ops[op].size);
+                self.cpu_at(ci).free = e;
+                self.cpu_at(ci).last = op as u32;
                 self.release(op, start, true, false);
                 self.complete(op, e);
             }
             OpKind::Send => {
-                let ni = rank as usize * s.num_nics as usize + s.nic[op] as usize;
-                let start = now.max(self.cpu_free[ci]).max(self.nic_free[ni]);
+                let ni = rank as usize * s.num_nics as usize + s.ops[op].nic as usize;
+                let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).send_free);
                 if start > now {
-                    self.pred[op] = self.cpu_last[ci] | PRED_RESOURCE;
+                    self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
                 }
-                let z = s.size[op];
+                let z = s.ops[op].size;
                 let eager = z <= self.p.s;
                 let w = self.p.o + if eager { self.p.ob(z) } else { 0 };
                 let e = self.work(op, rank, start, w);
-                self.cpu_free[ci] = e;
-                self.cpu_last[ci] = op as u32;
+                self.cpu_at(ci).free = e;
+                self.cpu_at(ci).last = op as u32;
                 let wire = if eager { self.p.gb(z) } else { 0 };
-                self.nic_free[ni] = start + self.p.g + wire;
+                self.nic_at(ni).send_free = start + self.p.g + wire;
                 let mut arr = e + self.p.l + wire + self.noise.latency(op as u32, 0);
                 let r = rank as usize;
-                arr = arr.max(self.last_arr[r]);
-                self.last_arr[r] = arr;
+                arr = arr.max(self.rk[r].last_arr);
+                self.rk[r].last_arr = arr;
                 self.schedule(arr, EV_ARRIVE << 32 | op as u64);
                 self.release(op, start, true, false);
                 if eager {
@@ -406,104 +490,104 @@ impl<'a> Sim<'a> {
             }
             OpKind::Recv => {
                 // Until it completes, `end` holds the posting time.
-                self.end[op] = now;
+                self.st[op].end = now;
                 self.release(op, now, true, false);
                 let r = rank as usize;
-                let (src, tag) = (s.peer[op], s.tag[op]);
+                let (src, tag) = (s.ops[op].peer, s.ops[op].tag);
                 let mut prev = NIL;
-                let mut cur = self.uq_head[r];
+                let mut cur = self.rk[r].uq_head;
                 while cur != NIL {
                     let c = cur as usize;
-                    if (src == ANY || src == s.rank[c]) && (tag == ANY || tag == s.tag[c]) {
-                        let next = self.link[c];
+                    if (src == ANY || src == s.ops[c].rank) && (tag == ANY || tag == s.ops[c].tag) {
+                        let next = self.st[c].link;
                         if prev == NIL {
-                            self.uq_head[r] = next;
+                            self.rk[r].uq_head = next;
                         } else {
-                            self.link[prev as usize] = next;
+                            self.st[prev as usize].link = next;
                         }
-                        if self.uq_tail[r] == cur {
-                            self.uq_tail[r] = prev;
+                        if self.rk[r].uq_tail == cur {
+                            self.rk[r].uq_tail = prev;
                         }
                         self.matched(op, c);
                         return;
                     }
                     prev = cur;
-                    cur = self.link[c];
+                    cur = self.st[c].link;
                 }
-                self.link[op] = NIL;
-                if self.prq_tail[r] == NIL {
-                    self.prq_head[r] = op as u32;
+                self.st[op].link = NIL;
+                if self.rk[r].prq_tail == NIL {
+                    self.rk[r].prq_head = op as u32;
                 } else {
-                    self.link[self.prq_tail[r] as usize] = op as u32;
+                    self.st[self.rk[r].prq_tail as usize].link = op as u32;
                 }
-                self.prq_tail[r] = op as u32;
+                self.rk[r].prq_tail = op as u32;
             }
         }
     }
 
     fn on_arrive(&mut self, sop: usize) {
         let s = self.s;
-        let dest = s.peer[sop] as usize;
-        let (src, tag) = (s.rank[sop], s.tag[sop]);
+        let dest = s.ops[sop].peer as usize;
+        let (src, tag) = (s.ops[sop].rank, s.ops[sop].tag);
         let mut prev = NIL;
-        let mut cur = self.prq_head[dest];
+        let mut cur = self.rk[dest].prq_head;
         while cur != NIL {
             let c = cur as usize;
-            let (rs, rt) = (s.peer[c], s.tag[c]);
+            let (rs, rt) = (s.ops[c].peer, s.ops[c].tag);
             if (rs == ANY || rs == src) && (rt == ANY || rt == tag) {
-                let next = self.link[c];
+                let next = self.st[c].link;
                 if prev == NIL {
-                    self.prq_head[dest] = next;
+                    self.rk[dest].prq_head = next;
                 } else {
-                    self.link[prev as usize] = next;
+                    self.st[prev as usize].link = next;
                 }
-                if self.prq_tail[dest] == cur {
-                    self.prq_tail[dest] = prev;
+                if self.rk[dest].prq_tail == cur {
+                    self.rk[dest].prq_tail = prev;
                 }
                 self.matched(c, sop);
                 return;
             }
             prev = cur;
-            cur = self.link[c];
+            cur = self.st[c].link;
         }
-        self.link[sop] = NIL;
-        if self.uq_tail[dest] == NIL {
-            self.uq_head[dest] = sop as u32;
+        self.st[sop].link = NIL;
+        if self.rk[dest].uq_tail == NIL {
+            self.rk[dest].uq_head = sop as u32;
         } else {
-            self.link[self.uq_tail[dest] as usize] = sop as u32;
+            self.st[self.rk[dest].uq_tail as usize].link = sop as u32;
         }
-        self.uq_tail[dest] = sop as u32;
+        self.rk[dest].uq_tail = sop as u32;
     }
 
     /// Receive `r` and message `sop` meet at `now`.
     fn matched(&mut self, r: usize, sop: usize) {
         let s = self.s;
         let now = self.now;
-        let rank = s.rank[r];
-        let posted = self.end[r];
+        let rank = s.ops[r].rank;
+        let posted = self.st[r].end;
         let wait = now - posted;
-        self.rank_wait[rank as usize] += wait;
-        self.class_wait[s.class[r] as usize] += wait;
+        self.rk[rank as usize].wait += wait;
+        self.class_wait[s.ops[r].class as usize] += wait;
         if now > posted {
-            self.pred[r] = sop as u32;
+            self.st[r].pred = sop as u32;
         }
-        let ci = rank as usize * s.num_cpus as usize + s.cpu[r] as usize;
-        let ni = rank as usize * s.num_nics as usize + s.nic[r] as usize;
-        let start = now.max(self.cpu_free[ci]).max(self.nicr_free[ni]);
+        let ci = rank as usize * s.num_cpus as usize + s.ops[r].cpu as usize;
+        let ni = rank as usize * s.num_nics as usize + s.ops[r].nic as usize;
+        let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).recv_free);
         if start > now {
-            self.pred[r] = self.cpu_last[ci] | PRED_RESOURCE;
+            self.st[r].pred = self.cpu_at(ci).last | PRED_RESOURCE;
         }
-        let z = s.size[sop];
-        self.nicr_free[ni] = start + self.p.g;
-        self.cpu_last[ci] = r as u32;
+        let z = s.ops[sop].size;
+        self.nic_at(ni).recv_free = start + self.p.g;
+        self.cpu_at(ci).last = r as u32;
         if z <= self.p.s {
             let e = self.work(r, rank, start, self.p.o + self.p.ob(z));
-            self.cpu_free[ci] = e;
+            self.cpu_at(ci).free = e;
             self.complete(r, e);
         } else {
             let e = self.work(r, rank, start, self.p.o);
-            self.cpu_free[ci] = e;
-            self.link[sop] = r as u32;
+            self.cpu_at(ci).free = e;
+            self.st[sop].link = r as u32;
             let t = e + self.p.l + self.noise.latency(sop as u32, 1);
             self.schedule(t, EV_CTS << 32 | sop as u64);
         }
@@ -513,24 +597,24 @@ impl<'a> Sim<'a> {
     fn on_cts(&mut self, sop: usize) {
         let s = self.s;
         let now = self.now;
-        let rank = s.rank[sop];
-        let ci = rank as usize * s.num_cpus as usize + s.cpu[sop] as usize;
-        let ni = rank as usize * s.num_nics as usize + s.nic[sop] as usize;
-        let start = now.max(self.cpu_free[ci]).max(self.nic_free[ni]);
-        self.pred[sop] = if start > now {
-            self.cpu_last[ci] | PRED_RESOURCE
+        let rank = s.ops[sop].rank;
+        let ci = rank as usize * s.num_cpus as usize + s.ops[sop].cpu as usize;
+        let ni = rank as usize * s.num_nics as usize + s.ops[sop].nic as usize;
+        let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).send_free);
+        self.st[sop].pred = if start > now {
+            self.cpu_at(ci).last | PRED_RESOURCE
         } else {
-            self.link[sop]
+            self.st[sop].link
         };
-        let z = s.size[sop];
+        let z = s.ops[sop].size;
         let e = self.work(sop, rank, start, self.p.o + self.p.ob(z));
-        self.cpu_free[ci] = e;
-        self.cpu_last[ci] = sop as u32;
-        self.nic_free[ni] = start + self.p.g + self.p.gb(z);
+        self.cpu_at(ci).free = e;
+        self.cpu_at(ci).last = sop as u32;
+        self.nic_at(ni).send_free = start + self.p.g + self.p.gb(z);
         let r = rank as usize;
-        let arr =
-            (e + self.p.l + self.p.gb(z) + self.noise.latency(sop as u32, 2)).max(self.last_arr[r]);
-        self.last_arr[r] = arr;
+        let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(sop as u32, 2))
+            .max(self.rk[r].last_arr);
+        self.rk[r].last_arr = arr;
         self.complete(sop, e);
         self.schedule(arr, EV_DATA << 32 | sop as u64);
     }
@@ -539,21 +623,21 @@ impl<'a> Sim<'a> {
     fn on_data(&mut self, sop: usize) {
         let s = self.s;
         let now = self.now;
-        let r = self.link[sop] as usize;
-        let rank = s.rank[r];
-        let ci = rank as usize * s.num_cpus as usize + s.cpu[r] as usize;
-        let ni = rank as usize * s.num_nics as usize + s.nic[r] as usize;
-        let start = now.max(self.cpu_free[ci]).max(self.nicr_free[ni]);
-        self.pred[r] = if start > now {
-            self.cpu_last[ci] | PRED_RESOURCE
+        let r = self.st[sop].link as usize;
+        let rank = s.ops[r].rank;
+        let ci = rank as usize * s.num_cpus as usize + s.ops[r].cpu as usize;
+        let ni = rank as usize * s.num_nics as usize + s.ops[r].nic as usize;
+        let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).recv_free);
+        self.st[r].pred = if start > now {
+            self.cpu_at(ci).last | PRED_RESOURCE
         } else {
             sop as u32
         };
-        let z = s.size[sop];
+        let z = s.ops[sop].size;
         let e = self.work(r, rank, start, self.p.o + self.p.ob(z));
-        self.cpu_free[ci] = e;
-        self.cpu_last[ci] = r as u32;
-        self.nicr_free[ni] = start + self.p.g;
+        self.cpu_at(ci).free = e;
+        self.cpu_at(ci).last = r as u32;
+        self.nic_at(ni).recv_free = start + self.p.g;
         self.complete(r, e);
     }
 
@@ -561,35 +645,33 @@ impl<'a> Sim<'a> {
         let mut unmatched_recvs = 0;
         let mut unmatched_sends = 0;
         for r in 0..self.s.num_ranks as usize {
-            let mut c = self.prq_head[r];
+            let mut c = self.rk[r].prq_head;
             while c != NIL {
                 unmatched_recvs += 1;
                 // It holds its posting time; it never completed.
-                self.end[c as usize] = u64::MAX;
-                c = self.link[c as usize];
+                self.st[c as usize].end = u64::MAX;
+                c = self.st[c as usize].link;
             }
-            let mut c = self.uq_head[r];
+            let mut c = self.rk[r].uq_head;
             while c != NIL {
                 unmatched_sends += 1;
-                c = self.link[c as usize];
+                c = self.st[c as usize].link;
             }
         }
         let completion = self
-            .end
+            .st
             .iter()
-            .filter(|&&e| e != u64::MAX)
+            .map(|x| x.end)
+            .filter(|&e| e != u64::MAX)
             .max()
-            .copied()
             .unwrap_or(0);
         SimOutput {
             completion,
             events: self.events,
             completed: self.completed,
-            ready: self.ready,
-            end: self.end,
-            pred: self.pred,
+            st: self.st,
             noise: self.noise_op,
-            rank_wait: self.rank_wait,
+            rank_wait: self.rk.iter().map(|r| r.wait).collect(),
             class_wait: self.class_wait,
             class_noise: self.class_noise,
             unmatched_recvs,
@@ -638,11 +720,12 @@ pub struct CriticalPath {
 pub fn critical_path(s: &Schedule, out: &SimOutput, limit: usize) -> CriticalPath {
     let mut cp = CriticalPath::default();
     let Some((mut cur, _)) = out
-        .end
+        .st
         .iter()
+        .map(|x| x.end)
         .enumerate()
-        .filter(|(_, &e)| e != u64::MAX)
-        .max_by_key(|(i, &e)| (e, std::cmp::Reverse(*i)))
+        .filter(|&(_, e)| e != u64::MAX)
+        .max_by_key(|&(i, e)| (e, std::cmp::Reverse(i)))
     else {
         return cp;
     };
@@ -652,9 +735,9 @@ pub fn critical_path(s: &Schedule, out: &SimOutput, limit: usize) -> CriticalPat
     loop {
         steps += 1;
         cp.length += 1;
-        ranks.insert(s.rank[cur]);
+        ranks.insert(s.ops[cur].rank);
         if s.op_kind(cur) == OpKind::Calc {
-            cp.calc_ns += s.size[cur];
+            cp.calc_ns += s.ops[cur].size;
         }
         if !out.noise.is_empty() {
             cp.noise_ns += out.noise[cur] as u64;
@@ -662,26 +745,26 @@ pub fn critical_path(s: &Schedule, out: &SimOutput, limit: usize) -> CriticalPat
         if cp.tail.len() < limit {
             cp.tail.push(PathStep {
                 op: cur as u32,
-                rank: s.rank[cur],
+                rank: s.ops[cur].rank,
                 kind: s.op_kind(cur),
-                class: s.class_names[s.class[cur] as usize].clone(),
-                end: out.end[cur],
+                class: s.class_names[s.ops[cur].class as usize].clone(),
+                end: out.st[cur].end,
                 via,
             });
         }
-        let p = out.pred[cur];
+        let p = out.st[cur].pred;
         if p == PRED_NONE || steps > s.len() {
             break;
         }
         let res = p & PRED_RESOURCE != 0;
         let pi = (p & !PRED_RESOURCE) as usize;
-        if pi >= s.len() || out.end[pi] == u64::MAX || out.end[pi] > out.end[cur] {
+        if pi >= s.len() || out.st[pi].end == u64::MAX || out.st[pi].end > out.st[cur].end {
             break;
         }
         if res {
             cp.cpu_contention += 1;
             via = "cpu";
-        } else if s.rank[pi] != s.rank[cur] {
+        } else if s.ops[pi].rank != s.ops[cur].rank {
             cp.messages += 1;
             via = "msg";
         } else {

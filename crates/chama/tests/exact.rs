@@ -41,7 +41,7 @@ fn rendezvous_three_legs() {
     );
     assert_eq!(out.completion, 613_494);
     // The send completes after its data leg.
-    assert_eq!(out.end[0], 9500);
+    assert_eq!(out.st[0].end, 9500);
 }
 
 /// calc 1000 then send 8b; receiver computes 500 after the receive.
@@ -64,7 +64,7 @@ l2 requires l1
         Params::default(),
     );
     assert_eq!(out.completion, 7042);
-    assert_eq!(out.end, vec![1000, 2500, 6542, 7042]);
+    assert_eq!(out.ends(), vec![1000, 2500, 6542, 7042]);
 }
 
 /// Two messages with the same source and tag match the receives in posting order.
@@ -85,7 +85,7 @@ l2: recv 2b from -1 tag -1
 ",
         Params::default(),
     );
-    assert_eq!(out.end, vec![1500, 3000, 5500, 7006]);
+    assert_eq!(out.ends(), vec![1500, 3000, 5500, 7006]);
 }
 
 /// `irequires`: the send may start as soon as the receive is posted (time 0), so the
