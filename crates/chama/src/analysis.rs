@@ -129,7 +129,15 @@ pub fn analyse(
     let noisy: &SimOutput = if noise.is_quiet() {
         &clean
     } else {
-        noisy_run = simulate(s, p, noise, &SimOptions { record_noise: true });
+        noisy_run = simulate(
+            s,
+            p,
+            noise,
+            &SimOptions {
+                record_noise: true,
+                ..SimOptions::default()
+            },
+        );
         &noisy_run
     };
     let secs = t0.elapsed().as_secs_f64();

@@ -74,6 +74,8 @@ impl Params {
 pub struct SimOptions {
     /// Keep per-operation noise (needed for the per-class absorbed/amplified analysis).
     pub record_noise: bool,
+    /// Keep per-operation start times (send: CPU start, recv: posting, calc: CPU start).
+    pub record_start: bool,
 }
 
 /// Marks a critical-path predecessor reached through CPU contention (not a dependency/message).
@@ -107,6 +109,8 @@ pub struct SimOutput {
     pub st: Vec<OpState>,
     /// Per op: detour time inside its own CPU work (empty unless recorded).
     pub noise: Vec<u32>,
+    /// Per op: start time (empty unless recorded).
+    pub start: Vec<u64>,
     /// Per rank: time spent in posted receives waiting for the message.
     pub rank_wait: Vec<u64>,
     /// Per class: receive wait time.
@@ -238,6 +242,7 @@ struct Sim<'a> {
     fifo: VecDeque<u64>,
     st: Vec<OpState>,
     noise_op: Vec<u32>,
+    start: Vec<u64>,
     /// CPUs and NICs when a rank has more than one (else they live in `rk`).
     cpu_x: Vec<CpuState>,
     nic_x: Vec<NicState>,
@@ -282,6 +287,11 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         } else {
             Vec::new()
         },
+        start: if opts.record_start {
+            vec![u64::MAX; n]
+        } else {
+            Vec::new()
+        },
         cpu_x: if nc > 1 {
             vec![CpuState { free: 0, last: NIL }; pr * nc]
         } else {
@@ -322,6 +332,13 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
 }
 
 impl<'a> Sim<'a> {
+    #[inline]
+    fn note_start(&mut self, op: usize, t: u64) {
+        if !self.start.is_empty() {
+            self.start[op] = t;
+        }
+    }
+
     #[inline]
     fn cpu_at(&mut self, ci: usize) -> &mut CpuState {
         if self.nc1 {
@@ -458,6 +475,7 @@ impl<'a> Sim<'a> {
                 if start > now {
                     self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
                 }
+                self.note_start(op, start);
                 let e = self.work(op, rank, start, s.ops[op].size);
                 self.cpu_at(ci).free = e;
                 self.cpu_at(ci).last = op as u32;
@@ -470,6 +488,7 @@ impl<'a> Sim<'a> {
                 if start > now {
                     self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
                 }
+                self.note_start(op, start);
                 let z = s.ops[op].size;
                 let eager = z <= self.p.s;
                 let w = self.p.o + if eager { self.p.ob(z) } else { 0 };
@@ -491,6 +510,7 @@ impl<'a> Sim<'a> {
             OpKind::Recv => {
                 // Until it completes, `end` holds the posting time.
                 self.st[op].end = now;
+                self.note_start(op, now);
                 self.release(op, now, true, false);
                 let r = rank as usize;
                 let (src, tag) = (s.ops[op].peer, s.ops[op].tag);
@@ -671,6 +691,7 @@ impl<'a> Sim<'a> {
             completed: self.completed,
             st: self.st,
             noise: self.noise_op,
+            start: self.start,
             rank_wait: self.rk.iter().map(|r| r.wait).collect(),
             class_wait: self.class_wait,
             class_noise: self.class_noise,
