@@ -81,7 +81,10 @@ fn noise() -> impl Strategy<Value = Noise> {
     })
 }
 
-fn program() -> impl Strategy<Value = (u32, Vec<(u32, u32, u64, u64)>, Vec<u64>)> {
+/// (ranks, messages (src, dst, bytes, compute before), compute jitter).
+type Program = (u32, Vec<(u32, u32, u64, u64)>, Vec<u64>);
+
+fn program() -> impl Strategy<Value = Program> {
     (2u32..9).prop_flat_map(|p| {
         (
             Just(p),
