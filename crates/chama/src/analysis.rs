@@ -57,9 +57,9 @@ pub struct ClassRow {
     pub absorbed_ns: u128,
     /// Delay amplified (ns).
     pub amplified_ns: u128,
-    /// Receive wait (skew) without noise (ns).
+    /// Time receives of this class were posted before their message arrived, without noise (ns).
     pub wait_clean_ns: u64,
-    /// Receive wait (skew) with noise (ns).
+    /// The same with noise (ns): the skew between partners this class saw.
     pub wait_noisy_ns: u64,
 }
 
@@ -92,7 +92,7 @@ pub struct Report {
     pub sim_seconds: f64,
     /// Events per second of wall time.
     pub events_per_second: f64,
-    /// Per-rank receive wait with noise.
+    /// Per-rank wait (completion minus CPU busy time) with noise.
     pub rank_wait_ns: Stats,
     /// Per-rank completion time with noise.
     pub rank_end_ns: Stats,
@@ -160,7 +160,6 @@ pub fn analyse(
         events,
         sim_seconds: secs,
         events_per_second: events as f64 / secs.max(1e-9),
-        rank_wait_ns: Stats::of(&noisy.rank_wait),
         critical_path: critical_path(s, noisy, path_limit),
         unfinished_ops: noisy.unfinished(),
         unmatched_recvs: noisy.unmatched_recvs,
@@ -168,11 +167,13 @@ pub fn analyse(
         ..Report::default()
     };
     let ends = noisy.rank_end(s);
+    let waits = noisy.rank_wait(s);
     r.rank_end_ns = Stats::of(&ends);
+    r.rank_wait_ns = Stats::of(&waits);
     if per_rank {
         let ce = clean.rank_end(s);
         r.per_rank = (0..s.num_ranks as usize)
-            .map(|i| (ce[i], ends[i], noisy.rank_wait[i]))
+            .map(|i| (ce[i], ends[i], waits[i]))
             .collect();
     }
     r.classes = class_rows(s, &clean, noisy);
@@ -268,8 +269,13 @@ pub fn summary(r: &Report) -> String {
         r.completion_ns, r.baseline_ns, r.slowdown
     );
     s += &format!(
-        "rank end (ns): min {} mean {:.0} max {}\nrank receive wait (ns): min {} mean {:.0} max {}\n",
-        r.rank_end_ns.min, r.rank_end_ns.mean, r.rank_end_ns.max, r.rank_wait_ns.min, r.rank_wait_ns.mean, r.rank_wait_ns.max
+        "rank end (ns): min {} mean {:.0} max {}\nrank wait (ns): min {} mean {:.0} max {}\n",
+        r.rank_end_ns.min,
+        r.rank_end_ns.mean,
+        r.rank_end_ns.max,
+        r.rank_wait_ns.min,
+        r.rank_wait_ns.mean,
+        r.rank_wait_ns.max
     );
     let cp = &r.critical_path;
     s += &format!(

@@ -111,8 +111,8 @@ pub struct SimOutput {
     pub noise: Vec<u32>,
     /// Per op: start time (empty unless recorded).
     pub start: Vec<u64>,
-    /// Per rank: time spent in posted receives waiting for the message.
-    pub rank_wait: Vec<u64>,
+    /// Per rank: CPU time used (work plus the detours inside it).
+    pub rank_busy: Vec<u64>,
     /// Per class: receive wait time.
     pub class_wait: Vec<u64>,
     /// Per class: detour time injected into the class's CPU work.
@@ -132,6 +132,16 @@ impl SimOutput {
     /// Completion time of every operation (`u64::MAX`: never completed).
     pub fn ends(&self) -> Vec<u64> {
         self.st.iter().map(|x| x.end).collect()
+    }
+
+    /// Per rank: wait time = completion time of the rank minus its CPU busy time (time it had
+    /// nothing to run because it waited for messages or dependencies).
+    pub fn rank_wait(&self, s: &Schedule) -> Vec<u64> {
+        self.rank_end(s)
+            .iter()
+            .zip(&self.rank_busy)
+            .map(|(&e, &b)| e.saturating_sub(b))
+            .collect()
     }
 
     /// Per rank: time its last operation completed.
@@ -225,7 +235,8 @@ struct RankState {
     cpu0: CpuState,
     nic0: NicState,
     last_arr: u64,
-    wait: u64,
+    /// CPU time used (work and the detours inside it).
+    busy: u64,
     prq_head: u32,
     prq_tail: u32,
     uq_head: u32,
@@ -309,7 +320,7 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
                 cpu0: CpuState { free: 0, last: NIL },
                 nic0: NicState::default(),
                 last_arr: 0,
-                wait: 0,
+                busy: 0,
                 prq_head: NIL,
                 prq_tail: NIL,
                 uq_head: NIL,
@@ -408,9 +419,11 @@ impl<'a> Sim<'a> {
     #[inline]
     fn work(&mut self, op: usize, rank: u32, start: u64, w: u64) -> u64 {
         if !self.noisy {
+            self.rk[rank as usize].busy += w;
             return start + w;
         }
         let e = self.noise.finish(rank, start, w);
+        self.rk[rank as usize].busy += e - start;
         let extra = e - start - w;
         if extra > 0 {
             self.class_noise[self.s.ops[op].class as usize] += extra;
@@ -586,7 +599,6 @@ impl<'a> Sim<'a> {
         let rank = s.ops[r].rank;
         let posted = self.st[r].end;
         let wait = now - posted;
-        self.rk[rank as usize].wait += wait;
         self.class_wait[s.ops[r].class as usize] += wait;
         if now > posted {
             self.st[r].pred = sop as u32;
@@ -692,7 +704,7 @@ impl<'a> Sim<'a> {
             st: self.st,
             noise: self.noise_op,
             start: self.start,
-            rank_wait: self.rk.iter().map(|r| r.wait).collect(),
+            rank_busy: self.rk.iter().map(|r| r.busy).collect(),
             class_wait: self.class_wait,
             class_noise: self.class_noise,
             unmatched_recvs,
