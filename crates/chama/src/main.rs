@@ -362,6 +362,13 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
     ))
 }
 
+/// CPU time consumed by the calling thread (ns), from /proc/thread-self/schedstat; immune to
+/// other processes competing for the cores.
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 /// Peak resident set (VmHWM) in KiB, if /proc is there.
 fn vm_hwm_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -372,14 +379,17 @@ fn vm_hwm_kib() -> Option<u64> {
 
 fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let t0 = Instant::now();
+    let c0 = thread_cpu_ns().unwrap_or(0);
     let params = a.model.params()?;
     let (noise, desc) = a.noise.build()?;
     let (s, input) = load(&a.input)?;
     let t_load = t0.elapsed().as_secs_f64();
+    let c1 = thread_cpu_ns().unwrap_or(0);
     if a.single {
         let t1 = Instant::now();
         let out = simulate(&s, &params, &noise, &SimOptions::default());
         let t_sim = t1.elapsed().as_secs_f64();
+        let c2 = thread_cpu_ns().unwrap_or(0);
         let j = serde_json::json!({
             "input": input,
             "noise": desc,
@@ -392,6 +402,9 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             "sim_seconds": t_sim,
             "total_seconds": t0.elapsed().as_secs_f64(),
             "events_per_second": out.events as f64 / t_sim.max(1e-9),
+            "load_cpu_seconds": (c1 - c0) as f64 / 1e9,
+            "sim_cpu_seconds": (c2 - c1) as f64 / 1e9,
+            "events_per_cpu_second": out.events as f64 / ((c2 - c1) as f64 / 1e9).max(1e-9),
             "vm_hwm_kib": vm_hwm_kib(),
         });
         println!("{j}");

@@ -333,9 +333,11 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         events: 0,
         completed: 0,
     };
+    // Operations without dependencies start at time 0, in program order, before anything
+    // they trigger.
     for op in 0..n {
         if sim.st[op].link == 0 {
-            sim.fifo.push_back(EV_READY << 32 | op as u64);
+            sim.handle(EV_READY << 32 | op as u64);
         }
     }
     sim.run();
@@ -378,8 +380,8 @@ impl<'a> Sim<'a> {
                 None => break,
                 Some(t) => {
                     self.now = t;
-                    // Deterministic order among events due at the same instant.
-                    batch.sort_unstable();
+                    // Events due at the same instant run in the radix heap's order, which is a
+                    // deterministic function of the schedule and the seed.
                     let evs = std::mem::take(&mut batch);
                     for i in 0..evs.len() {
                         // Read ahead: start the cache misses of later events of this batch
@@ -390,13 +392,26 @@ impl<'a> Sim<'a> {
                             std::hint::black_box(self.st[o].end);
                         }
                         if let Some(&e1) = evs.get(i + 8) {
-                            let o = &self.s.ops[(e1 & 0xffff_ffff) as usize];
+                            let oi = (e1 & 0xffff_ffff) as usize;
+                            let o = &self.s.ops[oi];
                             let r = if e1 >> 32 == EV_ARRIVE {
                                 o.peer
                             } else {
                                 o.rank
                             };
                             std::hint::black_box(self.rk[r as usize].last_arr);
+                            std::hint::black_box(self.s.dep_start[oi]);
+                        }
+                        if let Some(&e0) = evs.get(i + 4) {
+                            if e0 >> 32 == EV_ARRIVE {
+                                let o = &self.s.ops[(e0 & 0xffff_ffff) as usize];
+                                let h = self.rk[o.peer as usize].prq_head;
+                                if h != NIL {
+                                    std::hint::black_box(self.s.ops[h as usize].tag);
+                                    std::hint::black_box(self.st[h as usize].end);
+                                    std::hint::black_box(self.s.dep_start[h as usize]);
+                                }
+                            }
                         }
                         self.handle(evs[i]);
                     }
