@@ -336,7 +336,8 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
     // Operations without dependencies start at time 0, in program order, before anything
     // they trigger.
     for op in 0..n {
-        if sim.st[op].link == 0 {
+        // (An op released by an earlier initial op has a predecessor: it is queued already.)
+        if sim.st[op].link == 0 && sim.st[op].pred == PRED_NONE {
             sim.handle(EV_READY << 32 | op as u64);
         }
     }
