@@ -124,7 +124,15 @@ pub fn analyse(
     per_rank: bool,
 ) -> Report {
     let t0 = Instant::now();
-    let clean = simulate(s, p, &Noise::none(), &SimOptions::default());
+    let clean = simulate(
+        s,
+        p,
+        &Noise::none(),
+        &SimOptions {
+            record_busy: true,
+            ..SimOptions::default()
+        },
+    );
     let noisy_run;
     let noisy: &SimOutput = if noise.is_quiet() {
         &clean
@@ -135,6 +143,7 @@ pub fn analyse(
             noise,
             &SimOptions {
                 record_noise: true,
+                record_busy: true,
                 ..SimOptions::default()
             },
         );

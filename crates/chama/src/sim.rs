@@ -76,6 +76,8 @@ pub struct SimOptions {
     pub record_noise: bool,
     /// Keep per-operation start times (send: CPU start, recv: posting, calc: CPU start).
     pub record_start: bool,
+    /// Keep per-rank CPU busy time (needed for per-rank wait).
+    pub record_busy: bool,
 }
 
 /// Marks a critical-path predecessor reached through CPU contention (not a dependency/message).
@@ -111,7 +113,7 @@ pub struct SimOutput {
     pub noise: Vec<u32>,
     /// Per op: start time (empty unless recorded).
     pub start: Vec<u64>,
-    /// Per rank: CPU time used (work plus the detours inside it).
+    /// Per rank: CPU time used (work plus the detours inside it); empty unless recorded.
     pub rank_busy: Vec<u64>,
     /// Per class: receive wait time.
     pub class_wait: Vec<u64>,
@@ -137,6 +139,9 @@ impl SimOutput {
     /// Per rank: wait time = completion time of the rank minus its CPU busy time (time it had
     /// nothing to run because it waited for messages or dependencies).
     pub fn rank_wait(&self, s: &Schedule) -> Vec<u64> {
+        if self.rank_busy.is_empty() {
+            return Vec::new();
+        }
         self.rank_end(s)
             .iter()
             .zip(&self.rank_busy)
@@ -217,6 +222,51 @@ const EV_CTS: u64 = 2;
 const EV_DATA: u64 = 3;
 const NIL: u32 = u32::MAX;
 
+/// Append `x` to the circular FIFO whose tail is `tail` (threaded through `link`).
+#[inline]
+fn q_push(st: &mut [OpState], tail: &mut u32, x: u32) {
+    if *tail == NIL {
+        st[x as usize].link = x;
+    } else {
+        let t = *tail as usize;
+        st[x as usize].link = st[t].link;
+        st[t].link = x;
+    }
+    *tail = x;
+}
+
+/// Remove and return the first element of the circular FIFO satisfying `pred`.
+#[inline]
+fn q_take(
+    st: &mut [OpState],
+    tail: &mut u32,
+    mut pred: impl FnMut(usize) -> bool,
+) -> Option<usize> {
+    if *tail == NIL {
+        return None;
+    }
+    let t = *tail as usize;
+    let mut prev = t;
+    loop {
+        let cur = st[prev].link as usize;
+        if pred(cur) {
+            if cur == prev {
+                *tail = NIL;
+            } else {
+                st[prev].link = st[cur].link;
+                if cur == t {
+                    *tail = prev as u32;
+                }
+            }
+            return Some(cur);
+        }
+        if cur == t {
+            return None;
+        }
+        prev = cur;
+    }
+}
+
 #[derive(Clone, Copy)]
 struct CpuState {
     free: u64,
@@ -236,10 +286,9 @@ struct RankState {
     nic0: NicState,
     last_arr: u64,
     /// CPU time used (work and the detours inside it).
-    busy: u64,
-    prq_head: u32,
+    /// Posted receives (circular list through `OpState::link`; head = link of the tail).
     prq_tail: u32,
-    uq_head: u32,
+    /// Unexpected messages (same).
     uq_tail: u32,
 }
 
@@ -254,6 +303,7 @@ struct Sim<'a> {
     st: Vec<OpState>,
     noise_op: Vec<u32>,
     start: Vec<u64>,
+    busy: Vec<u64>,
     /// CPUs and NICs when a rank has more than one (else they live in `rk`).
     cpu_x: Vec<CpuState>,
     nic_x: Vec<NicState>,
@@ -298,6 +348,11 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         } else {
             Vec::new()
         },
+        busy: if opts.record_busy {
+            vec![0; pr]
+        } else {
+            Vec::new()
+        },
         start: if opts.record_start {
             vec![u64::MAX; n]
         } else {
@@ -320,10 +375,7 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
                 cpu0: CpuState { free: 0, last: NIL },
                 nic0: NicState::default(),
                 last_arr: 0,
-                busy: 0,
-                prq_head: NIL,
                 prq_tail: NIL,
-                uq_head: NIL,
                 uq_tail: NIL,
             };
             pr
@@ -406,8 +458,9 @@ impl<'a> Sim<'a> {
                         if let Some(&e0) = evs.get(i + 4) {
                             if e0 >> 32 == EV_ARRIVE {
                                 let o = &self.s.ops[(e0 & 0xffff_ffff) as usize];
-                                let h = self.rk[o.peer as usize].prq_head;
-                                if h != NIL {
+                                let t = self.rk[o.peer as usize].prq_tail;
+                                if t != NIL {
+                                    let h = self.st[t as usize].link;
                                     std::hint::black_box(self.s.ops[h as usize].tag);
                                     std::hint::black_box(self.st[h as usize].end);
                                     std::hint::black_box(self.s.dep_start[h as usize]);
@@ -435,11 +488,15 @@ impl<'a> Sim<'a> {
     #[inline]
     fn work(&mut self, op: usize, rank: u32, start: u64, w: u64) -> u64 {
         if !self.noisy {
-            self.rk[rank as usize].busy += w;
+            if !self.busy.is_empty() {
+                self.busy[rank as usize] += w;
+            }
             return start + w;
         }
         let e = self.noise.finish(rank, start, w);
-        self.rk[rank as usize].busy += e - start;
+        if !self.busy.is_empty() {
+            self.busy[rank as usize] += e - start;
+        }
         let extra = e - start - w;
         if extra > 0 {
             self.class_noise[self.s.ops[op].class as usize] += extra;
@@ -543,33 +600,19 @@ impl<'a> Sim<'a> {
                 self.release(op, now, true, false);
                 let r = rank as usize;
                 let (src, tag) = (s.ops[op].peer, s.ops[op].tag);
-                let mut prev = NIL;
-                let mut cur = self.rk[r].uq_head;
-                while cur != NIL {
-                    let c = cur as usize;
-                    if (src == ANY || src == s.ops[c].rank) && (tag == ANY || tag == s.ops[c].tag) {
-                        let next = self.st[c].link;
-                        if prev == NIL {
-                            self.rk[r].uq_head = next;
-                        } else {
-                            self.st[prev as usize].link = next;
-                        }
-                        if self.rk[r].uq_tail == cur {
-                            self.rk[r].uq_tail = prev;
-                        }
-                        self.matched(op, c);
-                        return;
+                let mut tail = self.rk[r].uq_tail;
+                let hit = q_take(&mut self.st, &mut tail, |c| {
+                    (src == ANY || src == s.ops[c].rank) && (tag == ANY || tag == s.ops[c].tag)
+                });
+                self.rk[r].uq_tail = tail;
+                match hit {
+                    Some(c) => self.matched(op, c),
+                    None => {
+                        let mut tail = self.rk[r].prq_tail;
+                        q_push(&mut self.st, &mut tail, op as u32);
+                        self.rk[r].prq_tail = tail;
                     }
-                    prev = cur;
-                    cur = self.st[c].link;
                 }
-                self.st[op].link = NIL;
-                if self.rk[r].prq_tail == NIL {
-                    self.rk[r].prq_head = op as u32;
-                } else {
-                    self.st[self.rk[r].prq_tail as usize].link = op as u32;
-                }
-                self.rk[r].prq_tail = op as u32;
             }
         }
     }
@@ -578,34 +621,20 @@ impl<'a> Sim<'a> {
         let s = self.s;
         let dest = s.ops[sop].peer as usize;
         let (src, tag) = (s.ops[sop].rank, s.ops[sop].tag);
-        let mut prev = NIL;
-        let mut cur = self.rk[dest].prq_head;
-        while cur != NIL {
-            let c = cur as usize;
+        let mut tail = self.rk[dest].prq_tail;
+        let hit = q_take(&mut self.st, &mut tail, |c| {
             let (rs, rt) = (s.ops[c].peer, s.ops[c].tag);
-            if (rs == ANY || rs == src) && (rt == ANY || rt == tag) {
-                let next = self.st[c].link;
-                if prev == NIL {
-                    self.rk[dest].prq_head = next;
-                } else {
-                    self.st[prev as usize].link = next;
-                }
-                if self.rk[dest].prq_tail == cur {
-                    self.rk[dest].prq_tail = prev;
-                }
-                self.matched(c, sop);
-                return;
+            (rs == ANY || rs == src) && (rt == ANY || rt == tag)
+        });
+        self.rk[dest].prq_tail = tail;
+        match hit {
+            Some(c) => self.matched(c, sop),
+            None => {
+                let mut tail = self.rk[dest].uq_tail;
+                q_push(&mut self.st, &mut tail, sop as u32);
+                self.rk[dest].uq_tail = tail;
             }
-            prev = cur;
-            cur = self.st[c].link;
         }
-        self.st[sop].link = NIL;
-        if self.rk[dest].uq_tail == NIL {
-            self.rk[dest].uq_head = sop as u32;
-        } else {
-            self.st[self.rk[dest].uq_tail as usize].link = sop as u32;
-        }
-        self.rk[dest].uq_tail = sop as u32;
     }
 
     /// Receive `r` and message `sop` meet at `now`.
@@ -693,17 +722,36 @@ impl<'a> Sim<'a> {
         let mut unmatched_recvs = 0;
         let mut unmatched_sends = 0;
         for r in 0..self.s.num_ranks as usize {
-            let mut c = self.rk[r].prq_head;
-            while c != NIL {
-                unmatched_recvs += 1;
-                // It holds its posting time; it never completed.
-                self.st[c as usize].end = u64::MAX;
-                c = self.st[c as usize].link;
+            let t = self.rk[r].prq_tail;
+            if t != NIL {
+                let mut c = t;
+                loop {
+                    c = self.st[c as usize].link;
+                    unmatched_recvs += 1;
+                    if c == t {
+                        break;
+                    }
+                }
+                // They hold their posting time; they never completed.
+                let mut c = t;
+                loop {
+                    c = self.st[c as usize].link;
+                    self.st[c as usize].end = u64::MAX;
+                    if c == t {
+                        break;
+                    }
+                }
             }
-            let mut c = self.rk[r].uq_head;
-            while c != NIL {
-                unmatched_sends += 1;
-                c = self.st[c as usize].link;
+            let t = self.rk[r].uq_tail;
+            if t != NIL {
+                let mut c = t;
+                loop {
+                    c = self.st[c as usize].link;
+                    unmatched_sends += 1;
+                    if c == t {
+                        break;
+                    }
+                }
             }
         }
         let completion = self
@@ -720,7 +768,7 @@ impl<'a> Sim<'a> {
             st: self.st,
             noise: self.noise_op,
             start: self.start,
-            rank_busy: self.rk.iter().map(|r| r.busy).collect(),
+            rank_busy: self.busy,
             class_wait: self.class_wait,
             class_noise: self.class_noise,
             unmatched_recvs,
