@@ -106,6 +106,8 @@ pub struct Report {
     pub unmatched_recvs: u64,
     /// Messages never received.
     pub unmatched_sends: u64,
+    /// CPU time of the whole command (load + both runs + analysis, s), filled in by the command.
+    pub cpu_seconds: f64,
     /// Peak resident memory of the process (KiB, VmHWM), filled in by the command.
     pub peak_memory_kib: u64,
     /// Per rank (only when requested): (end_clean, end_noisy, wait_noisy).
