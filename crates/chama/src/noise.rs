@@ -483,7 +483,7 @@ pub fn trace_source(mut det: Vec<(u64, u64)>, span: u64, scale: f64) -> NoiseSou
         if d == 0 || s >= span {
             continue;
         }
-        let e = (s + d).min(span);
+        let e = s.saturating_add(d).min(span);
         if let Some(last) = ends.last_mut() {
             if s <= *last {
                 *last = (*last).max(e);
@@ -562,7 +562,11 @@ pub fn read_detour_trace(path: &str) -> Result<(Vec<(u64, u64)>, u64), InputErro
     if det.is_empty() {
         return Err(syn(path, 1, "the detour trace holds no detours"));
     }
-    let max_end = det.iter().map(|&(s, d)| s + d).max().unwrap_or(1);
+    let max_end = det
+        .iter()
+        .map(|&(s, d)| s.saturating_add(d))
+        .max()
+        .unwrap_or(1);
     let span = span_meta.unwrap_or(max_end).max(max_end).max(1);
     Ok((det, span))
 }
@@ -638,7 +642,7 @@ pub fn read_ftq(path: &str, cpu: Option<u64>) -> Result<(Vec<(u64, u64)>, u64), 
         if c != want {
             continue;
         }
-        span = span.max(st + iv);
+        span = span.max(st.saturating_add(iv));
         let lost = ((nom.saturating_sub(cnt)) as f64 * q).round() as u64;
         if lost > 0 {
             det.push((st, lost.min(iv)));
