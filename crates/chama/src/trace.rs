@@ -29,6 +29,9 @@ pub enum TraceOp {
     Isend,
     /// Non-blocking receive (end = when its wait/test returned).
     Irecv,
+    /// A wait (or waitall / successful test) call: [start, end] is the time spent in it. Optional:
+    /// it lets the converter tell waiting from computing. Peer, tag and bytes are ignored.
+    Wait,
 }
 
 impl TraceOp {
@@ -38,6 +41,7 @@ impl TraceOp {
             "recv" => TraceOp::Recv,
             "isend" => TraceOp::Isend,
             "irecv" => TraceOp::Irecv,
+            "wait" => TraceOp::Wait,
             _ => return None,
         })
     }
@@ -48,6 +52,7 @@ impl TraceOp {
             TraceOp::Recv => "recv",
             TraceOp::Isend => "isend",
             TraceOp::Irecv => "irecv",
+            TraceOp::Wait => "wait",
         }
     }
     fn blocking(self) -> bool {
@@ -172,8 +177,9 @@ pub fn read_trace_from<R: BufRead>(r: R, path: &str) -> Result<Trace, InputError
             )
         })?;
         let recv = !op.is_send();
-        let peer = signed(cols[2], "peer", path, ln, recv)?;
-        let tag = signed(cols[3], "tag", path, ln, recv)?;
+        let any_ok = recv || op == TraceOp::Wait;
+        let peer = signed(cols[2], "peer", path, ln, any_ok)?;
+        let tag = signed(cols[3], "tag", path, ln, any_ok)?;
         let bytes: u64 = cols[4]
             .parse()
             .map_err(|_| syn(path, ln, format!("bad bytes `{}`", cols[4])))?;
@@ -192,7 +198,7 @@ pub fn read_trace_from<R: BufRead>(r: R, path: &str) -> Result<Trace, InputError
             .unwrap_or(&"p2p")
             .to_string();
         max_rank = max_rank.max(rank);
-        if peer != ANY {
+        if peer != ANY && op != TraceOp::Wait {
             max_rank = max_rank.max(peer);
         }
         t.events.push(TraceEvent {
@@ -301,6 +307,31 @@ pub fn trace_to_schedule(t: &Trace, path: &str) -> Result<Schedule, InputError> 
                     b.depend(c, w, false);
                 }
                 chain = Some((c, false));
+            }
+            if e.op == TraceOp::Wait {
+                // Everything completed by this wait must finish before the program goes on;
+                // the time spent inside the wait is not computation.
+                let mut done = Vec::new();
+                pending.retain(|&(op, end)| {
+                    if end <= e.end_ns {
+                        done.push(op);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                let join = b
+                    .push(rank, OpKind::Calc, 0, 0, 0, 0, 0, compute)
+                    .map_err(mk)?;
+                if let Some((prev, ireq)) = chain {
+                    b.depend(join, prev, ireq);
+                }
+                for d in done {
+                    b.depend(join, d, false);
+                }
+                chain = Some((join, false));
+                cursor = cursor.max(e.end_ns);
+                continue;
             }
             let class = b.class(&e.class);
             let kind = if e.op.is_send() {

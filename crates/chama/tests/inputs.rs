@@ -96,6 +96,35 @@ fn trace_converts_and_simulates() {
     assert_eq!(out.unfinished(), 0);
 }
 
+/// With a `wait` line, the time spent waiting is not replayed as computation.
+#[test]
+fn trace_wait_lines_separate_waiting_from_computing() {
+    let t = tmp(
+        "w.trace",
+        "# chama-trace v1\n0\tirecv\t1\t0\t8\t1000\t9000\n0\twait\t-1\t-1\t0\t3000\t9000\n0\tsend\t1\t1\t8\t9500\t9600\n\
+1\tsend\t0\t0\t8\t0\t100\n1\trecv\t0\t1\t8\t200\t20000\n",
+    );
+    let tr = read_trace(&t).expect("trace");
+    assert_eq!(tr.ranks, 2);
+    let s = trace_to_schedule(&tr, &t).expect("schedule");
+    let calcs: Vec<u64> = s
+        .ops
+        .iter()
+        .filter(|o| o.rank == 0 && o.kind == 2)
+        .map(|o| o.size)
+        .collect();
+    // 2000 ns computing before the wait, a zero-length join for the wait, 500 ns after it;
+    // the 6000 ns inside the wait are not computation.
+    assert_eq!(calcs, vec![2000, 0, 500]);
+    let out = simulate(
+        &s,
+        &Params::default(),
+        &Noise::none(),
+        &SimOptions::default(),
+    );
+    assert_eq!(out.unfinished(), 0);
+}
+
 #[test]
 fn trace_errors_are_clear() {
     let bad = tmp("bad.trace", "# chama-trace v1\n0\tsend\t1\t0\t8\t100\t50\n");
