@@ -372,6 +372,18 @@ fn thread_cpu_ns() -> Option<u64> {
     s.split_whitespace().next()?.parse().ok()
 }
 
+/// CPU time (user + system) of the whole process including finished threads, in seconds, from
+/// /proc/self/stat (USER_HZ = 100 on Linux).
+fn process_cpu_seconds() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ut: f64 = f.get(11)?.parse().ok()?;
+    let st: f64 = f.get(12)?.parse().ok()?;
+    Some((ut + st) / 100.0)
+}
+
 /// Peak resident set (VmHWM) in KiB, if /proc is there.
 fn vm_hwm_kib() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -423,11 +435,11 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let per_rank = a.ranks_csv.is_some();
     let mut r = analyse(&s, &params, &noise, &input, &desc, a.path_limit, per_rank);
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);
-    r.cpu_seconds = thread_cpu_ns().unwrap_or(0).saturating_sub(c0) as f64 / 1e9;
+    r.cpu_seconds = process_cpu_seconds().unwrap_or(0.0);
     if !a.quiet {
         print!("{}", summary(&r));
         println!(
-            "load: {t_load:.3} s  total CPU: {:.3} s  wall: {:.3} s  peak memory: {} KiB",
+            "load: {t_load:.3} s  process CPU: {:.2} s  wall: {:.3} s  peak memory: {} KiB",
             r.cpu_seconds,
             t0.elapsed().as_secs_f64(),
             r.peak_memory_kib
