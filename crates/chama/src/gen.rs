@@ -1,0 +1,549 @@
+//! Built-in schedule generators for the patterns studied at scale, for any number of ranks.
+//!
+//! Every generator builds the simulator's [`Schedule`] directly; [`crate::goal::write_goal`]
+//! turns any of them into GOAL text. Operation classes name the collective or phase
+//! (`barrier`, `bcast`, `allreduce`, `halo`, `compute`) so reports can say which class absorbed
+//! or amplified noise.
+
+use crate::error::{ScheduleError, SpecError};
+use crate::schedule::{Schedule, ScheduleBuilder};
+
+/// A communication pattern.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Pattern {
+    /// Dissemination barrier: ceil(log2 P) rounds, rank r sends to r+2^k, receives from r-2^k.
+    Barrier,
+    /// Binomial-tree broadcast from rank 0 (largest subtree first).
+    Bcast,
+    /// Recursive-doubling all-reduce (non-powers of two fold the extra ranks in and out).
+    AllreduceRd,
+    /// Ring all-reduce: reduce-scatter then all-gather, 2(P-1) steps of bytes/P.
+    AllreduceRing,
+    /// Rabenseifner all-reduce: recursive-halving reduce-scatter, recursive-doubling all-gather.
+    AllreduceRab,
+    /// 2-D periodic stencil: compute, halo exchange with 4 neighbours, periodic all-reduce.
+    Stencil2d,
+    /// 3-D periodic stencil: compute, halo exchange with 6 neighbours, periodic all-reduce.
+    Stencil3d,
+}
+
+impl Pattern {
+    /// Name as typed on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Barrier => "barrier",
+            Pattern::Bcast => "bcast",
+            Pattern::AllreduceRd => "allreduce-rd",
+            Pattern::AllreduceRing => "allreduce-ring",
+            Pattern::AllreduceRab => "allreduce-rab",
+            Pattern::Stencil2d => "stencil2d",
+            Pattern::Stencil3d => "stencil3d",
+        }
+    }
+    /// Every pattern.
+    pub fn all() -> [Pattern; 7] {
+        [
+            Pattern::Barrier,
+            Pattern::Bcast,
+            Pattern::AllreduceRd,
+            Pattern::AllreduceRing,
+            Pattern::AllreduceRab,
+            Pattern::Stencil2d,
+            Pattern::Stencil3d,
+        ]
+    }
+}
+
+/// Generator parameters.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct GenParams {
+    /// Number of ranks.
+    pub ranks: u32,
+    /// Message / vector size of the collective (bytes).
+    pub bytes: u64,
+    /// Reduction cost in picoseconds per byte (0: no reduction compute ops).
+    pub reduce_ps_per_byte: u64,
+    /// Stencil: iterations.
+    pub iterations: u32,
+    /// Stencil: compute per iteration (ns).
+    pub compute_ns: u64,
+    /// Stencil: bytes per halo face.
+    pub halo_bytes: u64,
+    /// Stencil: all-reduce (8 bytes, recursive doubling) every this many iterations (0: never).
+    pub allreduce_every: u32,
+}
+
+impl Default for GenParams {
+    fn default() -> Self {
+        GenParams {
+            ranks: 16,
+            bytes: 8,
+            reduce_ps_per_byte: 0,
+            iterations: 10,
+            compute_ns: 100_000,
+            halo_bytes: 4096,
+            allreduce_every: 5,
+        }
+    }
+}
+
+const NIL: u32 = u32::MAX;
+
+/// Per-rank frontier: the operations the next step of each rank must wait for
+/// (a run of consecutive operation indices).
+struct Front {
+    first: Vec<u32>,
+    count: Vec<u8>,
+}
+
+impl Front {
+    fn new(p: usize) -> Self {
+        Front {
+            first: vec![NIL; p],
+            count: vec![0; p],
+        }
+    }
+    fn depend(&self, b: &mut ScheduleBuilder, r: usize, op: u32) {
+        let f = self.first[r];
+        for k in 0..self.count[r] as u32 {
+            b.depend(op, f + k, false);
+        }
+    }
+    fn set(&mut self, r: usize, op: u32) {
+        self.first[r] = op;
+        self.count[r] = 1;
+    }
+    fn set_range(&mut self, r: usize, first: u32, count: u8) {
+        self.first[r] = first;
+        self.count[r] = count;
+    }
+}
+
+/// Generate `pattern`.
+pub fn generate(pattern: Pattern, gp: &GenParams) -> Result<Schedule, SpecError> {
+    let p = gp.ranks;
+    if p == 0 {
+        return Err(SpecError("the number of ranks must be at least 1".into()));
+    }
+    let ops_estimate = estimate_ops(pattern, gp);
+    if ops_estimate > crate::schedule::MAX_OPS as u64 {
+        return Err(SpecError(format!(
+            "{} at {p} ranks needs about {ops_estimate} operations, more than the 2^31 a schedule holds",
+            pattern.name()
+        )));
+    }
+    let mut b = ScheduleBuilder::new(p);
+    b.reserve(ops_estimate as usize, ops_estimate as usize * 2);
+    let mut front = Front::new(p as usize);
+    let mut tag = 0u32;
+    match pattern {
+        Pattern::Barrier => barrier(&mut b, &mut front, &mut tag),
+        Pattern::Bcast => bcast(&mut b, &mut front, gp.bytes, &mut tag),
+        Pattern::AllreduceRd => allreduce_rd(
+            &mut b,
+            &mut front,
+            gp.bytes,
+            gp.reduce_ps_per_byte,
+            &mut tag,
+        ),
+        Pattern::AllreduceRing => allreduce_ring(&mut b, &mut front, gp, &mut tag),
+        Pattern::AllreduceRab => allreduce_rab(&mut b, &mut front, gp, &mut tag),
+        Pattern::Stencil2d => stencil(&mut b, &mut front, gp, 2, &mut tag),
+        Pattern::Stencil3d => stencil(&mut b, &mut front, gp, 3, &mut tag),
+    }
+    b.finish()
+        .map_err(|e: ScheduleError| SpecError(e.to_string()))
+}
+
+fn log2_ceil(p: u32) -> u32 {
+    if p <= 1 {
+        0
+    } else {
+        32 - (p - 1).leading_zeros()
+    }
+}
+
+/// Rough operation count, for pre-sizing and for refusing impossible requests.
+pub fn estimate_ops(pattern: Pattern, gp: &GenParams) -> u64 {
+    let p = gp.ranks as u64;
+    let l = log2_ceil(gp.ranks) as u64 + 2;
+    match pattern {
+        Pattern::Barrier => 2 * p * l,
+        Pattern::Bcast => 2 * p,
+        Pattern::AllreduceRd => 3 * p * l,
+        Pattern::AllreduceRing => 6 * p * p.saturating_sub(1).max(1),
+        Pattern::AllreduceRab => 6 * p * l,
+        Pattern::Stencil2d | Pattern::Stencil3d => {
+            let per_iter = if pattern == Pattern::Stencil2d { 9 } else { 13 };
+            let ar = (gp.iterations / gp.allreduce_every.max(1)) as u64 * 3 * l;
+            p * (gp.iterations as u64 * per_iter + ar)
+        }
+    }
+}
+
+fn barrier(b: &mut ScheduleBuilder, front: &mut Front, tag: &mut u32) {
+    let p = b.num_ranks();
+    let class = b.class("barrier");
+    for k in 0..log2_ceil(p) {
+        let d = 1u32 << k;
+        let t = *tag;
+        *tag += 1;
+        for r in 0..p {
+            let ru = r as usize;
+            let s = b.send(r, ((r as u64 + d as u64) % p as u64) as u32, t, 1, class);
+            let rv = b.recv(
+                r,
+                ((r as u64 + p as u64 - d as u64) % p as u64) as u32,
+                t,
+                1,
+                class,
+            );
+            front.depend(b, ru, s);
+            front.depend(b, ru, rv);
+            front.set(ru, rv);
+        }
+    }
+}
+
+fn bcast(b: &mut ScheduleBuilder, front: &mut Front, bytes: u64, tag: &mut u32) {
+    let p = b.num_ranks();
+    let class = b.class("bcast");
+    let t = *tag;
+    *tag += 1;
+    for r in 0..p {
+        let ru = r as usize;
+        let mut last = NIL;
+        // Lowest power of two above r: children are r + 2^k for 2^k > r.
+        let first_k = if r == 0 { 0 } else { 32 - r.leading_zeros() };
+        if r != 0 {
+            let parent = r & !(1u32 << (31 - r.leading_zeros()));
+            let rv = b.recv(r, parent, t, bytes, class);
+            front.depend(b, ru, rv);
+            last = rv;
+        }
+        let gate = last;
+        let mut kids = [0u32; 32];
+        let mut nk = 0;
+        let mut k = first_k;
+        while k < 32 && (r as u64 + (1u64 << k)) < p as u64 {
+            kids[nk] = r + (1u32 << k);
+            nk += 1;
+            k += 1;
+        }
+        for &c in kids[..nk].iter().rev() {
+            let s = b.send(r, c, t, bytes, class);
+            if gate != NIL {
+                b.depend(s, gate, false);
+            } else {
+                front.depend(b, ru, s);
+            }
+            last = s;
+        }
+        if last != NIL {
+            front.set(ru, last);
+        }
+    }
+}
+
+/// Exchange with `partner`: send and receive `bytes`, then optionally reduce.
+#[allow(clippy::too_many_arguments)]
+fn exchange(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    r: u32,
+    partner: u32,
+    t: u32,
+    bytes: u64,
+    reduce_ps: u64,
+    class: u8,
+) {
+    let ru = r as usize;
+    let s = b.send(r, partner, t, bytes, class);
+    let rv = b.recv(r, partner, t, bytes, class);
+    front.depend(b, ru, s);
+    front.depend(b, ru, rv);
+    let cost = bytes.saturating_mul(reduce_ps) / 1000;
+    if cost > 0 {
+        let c = b.calc(r, cost, class);
+        b.depend(c, rv, false);
+        front.set(ru, c);
+    } else {
+        front.set(ru, rv);
+    }
+}
+
+/// One-way step: `from` sends to `to`.
+#[allow(clippy::too_many_arguments)]
+fn one_way(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    from: u32,
+    to: u32,
+    t: u32,
+    bytes: u64,
+    reduce_ps: u64,
+    class: u8,
+) {
+    let s = b.send(from, to, t, bytes, class);
+    front.depend(b, from as usize, s);
+    front.set(from as usize, s);
+    let rv = b.recv(to, from, t, bytes, class);
+    front.depend(b, to as usize, rv);
+    let cost = bytes.saturating_mul(reduce_ps) / 1000;
+    if cost > 0 {
+        let c = b.calc(to, cost, class);
+        b.depend(c, rv, false);
+        front.set(to as usize, c);
+    } else {
+        front.set(to as usize, rv);
+    }
+}
+
+/// Fold ranks beyond the largest power of two: returns (p2, rem). Ranks 2i (i < rem) hand their
+/// data to 2i+1 and sit out; participants are renumbered 0..p2.
+fn fold_in(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    bytes: u64,
+    reduce_ps: u64,
+    class: u8,
+    tag: &mut u32,
+) -> (u32, u32) {
+    let p = b.num_ranks();
+    let p2 = if p.is_power_of_two() {
+        p
+    } else {
+        1u32 << (31 - p.leading_zeros())
+    };
+    let rem = p - p2;
+    if rem > 0 {
+        let t = *tag;
+        *tag += 1;
+        for i in 0..rem {
+            one_way(b, front, 2 * i, 2 * i + 1, t, bytes, reduce_ps, class);
+        }
+    }
+    (p2, rem)
+}
+
+fn fold_out(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    bytes: u64,
+    rem: u32,
+    class: u8,
+    tag: &mut u32,
+) {
+    if rem > 0 {
+        let t = *tag;
+        *tag += 1;
+        for i in 0..rem {
+            one_way(b, front, 2 * i + 1, 2 * i, t, bytes, 0, class);
+        }
+    }
+}
+
+#[inline]
+fn real_rank(nr: u32, rem: u32) -> u32 {
+    if nr < rem {
+        2 * nr + 1
+    } else {
+        nr + rem
+    }
+}
+
+fn allreduce_rd(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    bytes: u64,
+    reduce_ps: u64,
+    tag: &mut u32,
+) {
+    let class = b.class("allreduce");
+    let (p2, rem) = fold_in(b, front, bytes, reduce_ps, class, tag);
+    let mut d = 1u32;
+    while d < p2 {
+        let t = *tag;
+        *tag += 1;
+        for nr in 0..p2 {
+            exchange(
+                b,
+                front,
+                real_rank(nr, rem),
+                real_rank(nr ^ d, rem),
+                t,
+                bytes,
+                reduce_ps,
+                class,
+            );
+        }
+        d <<= 1;
+    }
+    fold_out(b, front, bytes, rem, class, tag);
+}
+
+fn allreduce_ring(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, tag: &mut u32) {
+    let p = b.num_ranks();
+    let class = b.class("allreduce");
+    if p == 1 {
+        return;
+    }
+    let chunk = gp.bytes.div_ceil(p as u64).max(1);
+    for phase in 0..2 {
+        let reduce = if phase == 0 { gp.reduce_ps_per_byte } else { 0 };
+        for _ in 0..p - 1 {
+            let t = *tag;
+            *tag = tag.wrapping_add(1) & 0x7fff_ffff;
+            for r in 0..p {
+                let ru = r as usize;
+                let s = b.send(r, (r + 1) % p, t, chunk, class);
+                let rv = b.recv(r, (r + p - 1) % p, t, chunk, class);
+                front.depend(b, ru, s);
+                front.depend(b, ru, rv);
+                let cost = chunk.saturating_mul(reduce) / 1000;
+                if cost > 0 {
+                    let c = b.calc(r, cost, class);
+                    b.depend(c, rv, false);
+                    front.set(ru, c);
+                } else {
+                    front.set(ru, rv);
+                }
+            }
+        }
+    }
+}
+
+fn allreduce_rab(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, tag: &mut u32) {
+    let class = b.class("allreduce");
+    let (p2, rem) = fold_in(b, front, gp.bytes, gp.reduce_ps_per_byte, class, tag);
+    let steps = log2_ceil(p2);
+    // Reduce-scatter by recursive halving: partner distance p2/2, p2/4, ..., 1.
+    let mut size = gp.bytes;
+    for k in (0..steps).rev() {
+        size = size.div_ceil(2).max(1);
+        let t = *tag;
+        *tag += 1;
+        for nr in 0..p2 {
+            exchange(
+                b,
+                front,
+                real_rank(nr, rem),
+                real_rank(nr ^ (1 << k), rem),
+                t,
+                size,
+                gp.reduce_ps_per_byte,
+                class,
+            );
+        }
+    }
+    // All-gather by recursive doubling: distance 1, 2, ..., p2/2, sizes growing back.
+    for k in 0..steps {
+        let t = *tag;
+        *tag += 1;
+        for nr in 0..p2 {
+            exchange(
+                b,
+                front,
+                real_rank(nr, rem),
+                real_rank(nr ^ (1 << k), rem),
+                t,
+                size,
+                0,
+                class,
+            );
+        }
+        size = size.saturating_mul(2).min(gp.bytes.max(1));
+    }
+    fold_out(b, front, gp.bytes, rem, class, tag);
+}
+
+/// Split `p` into `nd` factors as equal as possible (largest first).
+pub fn grid_dims(p: u32, nd: usize) -> Vec<u32> {
+    let mut dims = vec![1u32; nd];
+    let mut rest = p;
+    // Assign prime factors, largest first, to the currently smallest dimension.
+    let mut factors = Vec::new();
+    let mut f = 2u32;
+    while (f as u64) * (f as u64) <= rest as u64 {
+        while rest % f == 0 {
+            factors.push(f);
+            rest /= f;
+        }
+        f += 1;
+    }
+    if rest > 1 {
+        factors.push(rest);
+    }
+    factors.sort_unstable_by(|a, b| b.cmp(a));
+    for fa in factors {
+        let i = (0..nd).min_by_key(|&i| dims[i]).unwrap_or(0);
+        dims[i] *= fa;
+    }
+    dims.sort_unstable_by(|a, b| b.cmp(a));
+    dims
+}
+
+fn stencil(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, nd: usize, tag: &mut u32) {
+    let p = b.num_ranks();
+    let dims = grid_dims(p, nd);
+    let c_compute = b.class("compute");
+    let c_halo = b.class("halo");
+    let mut stride = vec![1u32; nd];
+    for i in 1..nd {
+        stride[i] = stride[i - 1] * dims[i - 1];
+    }
+    let mut nbr: Vec<(u32, u32)> = Vec::with_capacity(2 * nd);
+    for it in 0..gp.iterations {
+        let base = *tag;
+        *tag += 2 * nd as u32;
+        for r in 0..p {
+            let ru = r as usize;
+            let c = b.calc(r, gp.compute_ns, c_compute);
+            front.depend(b, ru, c);
+            // Neighbours along each dimension of extent > 1: (rank, direction id).
+            nbr.clear();
+            for (i, (&dim, &st)) in dims.iter().zip(&stride).enumerate() {
+                if dim < 2 {
+                    continue;
+                }
+                let coord = (r / st) % dim;
+                let up = r - coord * st + ((coord + 1) % dim) * st;
+                let down = r - coord * st + ((coord + dim - 1) % dim) * st;
+                nbr.push((up, 2 * i as u32));
+                nbr.push((down, 2 * i as u32 + 1));
+            }
+            if nbr.is_empty() {
+                front.set(ru, c);
+                continue;
+            }
+            let first = b.len() as u32;
+            for &(q, dir) in &nbr {
+                // A message sent in direction `dir` is received as coming from `dir ^ 1`.
+                let rv = b.recv(r, q, base + (dir ^ 1), gp.halo_bytes, c_halo);
+                b.depend(rv, c, true);
+            }
+            for &(q, dir) in &nbr {
+                let s = b.send(r, q, base + dir, gp.halo_bytes, c_halo);
+                b.depend(s, c, false);
+            }
+            front.set_range(ru, first, (2 * nbr.len()) as u8);
+        }
+        if gp.allreduce_every > 0 && (it + 1) % gp.allreduce_every == 0 {
+            allreduce_rd(b, front, 8, gp.reduce_ps_per_byte, tag);
+        }
+    }
+}
+
+/// Parse a pattern name.
+pub fn parse_pattern(s: &str) -> Result<Pattern, SpecError> {
+    Pattern::all()
+        .into_iter()
+        .find(|p| p.name() == s)
+        .ok_or_else(|| {
+            SpecError(format!(
+                "unknown pattern `{s}` (one of: {})",
+                Pattern::all().map(|p| p.name()).join(", ")
+            ))
+        })
+}

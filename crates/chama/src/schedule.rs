@@ -1,0 +1,318 @@
+//! The simulator's schedule: every operation of every rank in struct-of-arrays form, plus the
+//! dependency graph in compressed-sparse-row form.
+//!
+//! One operation costs 24 bytes here, one dependency 8 bytes; nothing is allocated per operation.
+
+use crate::error::ScheduleError;
+
+/// Wildcard peer (`MPI_ANY_SOURCE`) or tag (`MPI_ANY_TAG`); written `-1` in GOAL.
+pub const ANY: u32 = u32::MAX;
+/// Set in a dependent's entry when the dependency is an `irequires` (satisfied when the
+/// dependency *starts*) rather than a `requires` (satisfied when it *completes*).
+pub const IREQ_BIT: u32 = 1 << 31;
+/// Largest operation count a schedule may hold (indices are 31-bit).
+pub const MAX_OPS: usize = (1 << 31) - 1;
+
+/// What an operation does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[repr(u8)]
+pub enum OpKind {
+    /// Send `size` bytes to `peer` with `tag`.
+    Send = 0,
+    /// Receive `size` bytes from `peer` (or [`ANY`]) with `tag` (or [`ANY`]).
+    Recv = 1,
+    /// Compute for `size` nanoseconds on the rank's CPU.
+    Calc = 2,
+}
+
+impl OpKind {
+    /// Decode the byte stored in [`Schedule::kind`].
+    pub fn from_u8(v: u8) -> OpKind {
+        match v {
+            0 => OpKind::Send,
+            1 => OpKind::Recv,
+            _ => OpKind::Calc,
+        }
+    }
+    /// Lower-case name as used in GOAL and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::Send => "send",
+            OpKind::Recv => "recv",
+            OpKind::Calc => "calc",
+        }
+    }
+}
+
+/// One operation (24 bytes): everything the simulator reads about it in one cache line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Op {
+    /// Bytes (send/recv) or nanoseconds (calc).
+    pub size: u64,
+    /// Rank executing the operation.
+    pub rank: u32,
+    /// Destination (send) or source (recv, may be [`ANY`]); unused for calc.
+    pub peer: u32,
+    /// Message tag (may be [`ANY`] on a recv); unused for calc.
+    pub tag: u32,
+    /// [`OpKind`] as a byte.
+    pub kind: u8,
+    /// Operation class index into [`Schedule::class_names`] (collective or phase).
+    pub class: u8,
+    /// CPU index on the rank.
+    pub cpu: u8,
+    /// NIC index on the rank.
+    pub nic: u8,
+}
+
+/// A complete schedule ready for simulation.
+#[derive(Clone, Debug, Default)]
+pub struct Schedule {
+    /// Number of ranks (processes).
+    pub num_ranks: u32,
+    /// The operations.
+    pub ops: Vec<Op>,
+    /// CSR offsets: dependents of op `i` are `dep_list[dep_start[i]..dep_start[i+1]]`.
+    pub dep_start: Vec<u32>,
+    /// Dependent op index, with [`IREQ_BIT`] set for `irequires` edges.
+    pub dep_list: Vec<u32>,
+    /// Names of the operation classes.
+    pub class_names: Vec<String>,
+    /// Number of CPUs per rank (largest cpu index + 1).
+    pub num_cpus: u8,
+    /// Number of NICs per rank (largest nic index + 1).
+    pub num_nics: u8,
+}
+
+impl Schedule {
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    /// True when the schedule has no operations.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+    /// Kind of operation `op`.
+    pub fn op_kind(&self, op: usize) -> OpKind {
+        OpKind::from_u8(self.ops[op].kind)
+    }
+    /// Dependents of `op` (raw entries, [`IREQ_BIT`] marks `irequires`).
+    pub fn dependents(&self, op: usize) -> &[u32] {
+        &self.dep_list[self.dep_start[op] as usize..self.dep_start[op + 1] as usize]
+    }
+    /// Total number of dependency edges.
+    pub fn num_edges(&self) -> usize {
+        self.dep_list.len()
+    }
+    /// Operations of every rank, grouped by rank and in program order within a rank.
+    /// Returns (offsets per rank, op indices).
+    pub fn ops_by_rank(&self) -> (Vec<u32>, Vec<u32>) {
+        let p = self.num_ranks as usize;
+        let mut off = vec![0u32; p + 1];
+        for o in &self.ops {
+            off[o.rank as usize + 1] += 1;
+        }
+        for i in 0..p {
+            off[i + 1] += off[i];
+        }
+        let mut fill = off.clone();
+        let mut idx = vec![0u32; self.len()];
+        for (op, o) in self.ops.iter().enumerate() {
+            idx[fill[o.rank as usize] as usize] = op as u32;
+            fill[o.rank as usize] += 1;
+        }
+        (off, idx)
+    }
+    /// Approximate heap bytes held by the schedule.
+    pub fn heap_bytes(&self) -> usize {
+        self.len() * (std::mem::size_of::<Op>() + 4) + self.dep_list.len() * 4
+    }
+}
+
+/// Builds a [`Schedule`] operation by operation; dependencies may be added in any order.
+#[derive(Debug, Default)]
+pub struct ScheduleBuilder {
+    s: Schedule,
+    /// (dependency, dependent | IREQ_BIT)
+    edges: Vec<(u32, u32)>,
+}
+
+impl ScheduleBuilder {
+    /// A builder for `num_ranks` ranks, with the class `"default"` as class 0.
+    pub fn new(num_ranks: u32) -> Self {
+        let s = Schedule {
+            num_ranks,
+            num_cpus: 1,
+            num_nics: 1,
+            class_names: vec!["default".to_string()],
+            ..Schedule::default()
+        };
+        ScheduleBuilder {
+            s,
+            edges: Vec::new(),
+        }
+    }
+
+    /// Reserve room for `ops` operations and `edges` dependencies.
+    pub fn reserve(&mut self, ops: usize, edges: usize) {
+        self.s.ops.reserve(ops);
+        self.edges.reserve(edges);
+    }
+
+    /// Change the declared number of ranks (GOAL's `num_ranks` may come after nothing else).
+    pub fn set_num_ranks(&mut self, n: u32) {
+        self.s.num_ranks = n;
+    }
+
+    /// Declared number of ranks.
+    pub fn num_ranks(&self) -> u32 {
+        self.s.num_ranks
+    }
+
+    /// Register (or look up) an operation class by name; returns its index.
+    pub fn class(&mut self, name: &str) -> u8 {
+        if let Some(i) = self.s.class_names.iter().position(|c| c == name) {
+            return i as u8;
+        }
+        let i = self.s.class_names.len().min(255);
+        if i < 255 {
+            self.s.class_names.push(name.to_string());
+        }
+        i as u8
+    }
+
+    /// Number of operations added so far.
+    pub fn len(&self) -> usize {
+        self.s.ops.len()
+    }
+
+    /// True when no operation was added yet.
+    pub fn is_empty(&self) -> bool {
+        self.s.ops.is_empty()
+    }
+
+    /// Add one operation; returns its index.
+    #[allow(clippy::too_many_arguments)]
+    pub fn push(
+        &mut self,
+        rank: u32,
+        kind: OpKind,
+        peer: u32,
+        tag: u32,
+        size: u64,
+        cpu: u8,
+        nic: u8,
+        class: u8,
+    ) -> Result<u32, ScheduleError> {
+        let s = &mut self.s;
+        if rank >= s.num_ranks {
+            return Err(ScheduleError::RankOutOfRange {
+                rank,
+                num_ranks: s.num_ranks,
+            });
+        }
+        if kind != OpKind::Calc && peer != ANY && peer >= s.num_ranks {
+            return Err(ScheduleError::PeerOutOfRange {
+                rank,
+                peer,
+                num_ranks: s.num_ranks,
+            });
+        }
+        if s.ops.len() >= MAX_OPS {
+            return Err(ScheduleError::TooManyOps);
+        }
+        let id = s.ops.len() as u32;
+        s.ops.push(Op {
+            size,
+            rank,
+            peer,
+            tag,
+            kind: kind as u8,
+            class,
+            cpu,
+            nic,
+        });
+        if cpu >= s.num_cpus {
+            s.num_cpus = cpu + 1;
+        }
+        if nic >= s.num_nics {
+            s.num_nics = nic + 1;
+        }
+        Ok(id)
+    }
+
+    /// Shorthand: send on CPU 0 / NIC 0.
+    pub fn send(&mut self, rank: u32, to: u32, tag: u32, bytes: u64, class: u8) -> u32 {
+        self.push_checked(rank, OpKind::Send, to, tag, bytes, class)
+    }
+    /// Shorthand: receive on CPU 0 / NIC 0.
+    pub fn recv(&mut self, rank: u32, from: u32, tag: u32, bytes: u64, class: u8) -> u32 {
+        self.push_checked(rank, OpKind::Recv, from, tag, bytes, class)
+    }
+    /// Shorthand: compute on CPU 0.
+    pub fn calc(&mut self, rank: u32, ns: u64, class: u8) -> u32 {
+        self.push_checked(rank, OpKind::Calc, 0, 0, ns, class)
+    }
+
+    /// Used by generators whose arguments are correct by construction.
+    fn push_checked(
+        &mut self,
+        rank: u32,
+        kind: OpKind,
+        peer: u32,
+        tag: u32,
+        size: u64,
+        class: u8,
+    ) -> u32 {
+        match self.push(rank, kind, peer, tag, size, 0, 0, class) {
+            Ok(id) => id,
+            // Generators compute ranks modulo num_ranks; reaching this is a bug in a generator.
+            Err(e) => panic!("generator produced an invalid operation: {e}"),
+        }
+    }
+
+    /// `dependent requires dependency` (or `irequires` when `start_only`).
+    pub fn depend(&mut self, dependent: u32, dependency: u32, start_only: bool) {
+        let d = if start_only {
+            dependent | IREQ_BIT
+        } else {
+            dependent
+        };
+        self.edges.push((dependency, d));
+    }
+
+    /// Finish: builds the dependency CSR.
+    pub fn finish(self) -> Result<Schedule, ScheduleError> {
+        let ScheduleBuilder { mut s, edges } = self;
+        let n = s.ops.len();
+        for &(from, to) in &edges {
+            let to_op = to & !IREQ_BIT;
+            if from as usize >= n || to_op as usize >= n {
+                return Err(ScheduleError::BadEdge { from, to: to_op });
+            }
+            if from == to_op {
+                return Err(ScheduleError::SelfDependency { op: from });
+            }
+        }
+        let mut start = vec![0u32; n + 1];
+        for &(from, _) in &edges {
+            start[from as usize + 1] += 1;
+        }
+        for i in 0..n {
+            start[i + 1] += start[i];
+        }
+        let mut fill: Vec<u32> = start[..n].to_vec();
+        let mut list = vec![0u32; edges.len()];
+        for &(from, to) in &edges {
+            let f = &mut fill[from as usize];
+            list[*f as usize] = to;
+            *f += 1;
+        }
+        drop(edges);
+        s.dep_start = start;
+        s.dep_list = list;
+        Ok(s)
+    }
+}

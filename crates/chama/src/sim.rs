@@ -1,0 +1,874 @@
+//! The discrete-event LogGOPS simulator.
+//!
+//! Time is integer nanoseconds (`u64`). State is struct-of-arrays indexed by operation or rank;
+//! the event queue is a radix heap (events never move backwards in time), and events due at the
+//! current instant go through a FIFO. Nothing is allocated per event.
+//!
+//! # Model (per rank: `num_cpus` CPUs, `num_nics` NICs)
+//! * `calc w`: starts when its dependencies are met and its CPU is free; occupies the CPU for `w`
+//!   ns of available (non-detour) CPU time.
+//! * Eager send of `z <= S` bytes: starts when the CPU and the NIC are free; CPU busy for
+//!   `o + (z-1)O` (stretched by detours); NIC busy for `g + (z-1)G`; the message is completely at
+//!   the receiver `L + (z-1)G` after the CPU part ends. The send completes when its CPU part ends.
+//! * A message is matched at the receiver when it has arrived *and* a matching receive is posted
+//!   (MPI semantics: posted-receive queue and unexpected-message queue, first match in order, so
+//!   receives with identical source and tag match in posting order; messages from one rank arrive
+//!   in injection order, so they cannot overtake each other). The receiver then spends
+//!   `o + (z-1)O` on its CPU (after its NIC receive gap `g`); the receive completes at the end.
+//! * Rendezvous (`z > S`): the send's CPU spends `o` issuing a request-to-send; when the request
+//!   is matched the receiver spends `o` and returns a clear-to-send (`L`); then the sender spends
+//!   `o + (z-1)O` and the data arrives `L + (z-1)G` later; the receiver finishes with
+//!   `o + (z-1)O`. The send completes after its data part, the receive after its last part.
+//! * `a requires b`: `a` becomes ready when `b` completes; `a irequires b`: when `b` starts
+//!   (a receive starts when it is posted). Resources are granted first-come first-served.
+
+use std::collections::VecDeque;
+
+use crate::noise::Noise;
+use crate::schedule::{OpKind, Schedule, ANY, IREQ_BIT};
+
+/// LogGOPS parameters. Times in ns; `G` and `O` in picoseconds per byte.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct Params {
+    /// Latency.
+    pub l: u64,
+    /// CPU overhead per message.
+    pub o: u64,
+    /// NIC gap per message.
+    pub g: u64,
+    /// Gap per byte (ps).
+    pub big_g_ps: u64,
+    /// CPU overhead per byte (ps).
+    pub big_o_ps: u64,
+    /// Rendezvous threshold: messages larger than `s` bytes use rendezvous.
+    pub s: u64,
+}
+
+impl Default for Params {
+    /// LogGOPSim's defaults: L=2500, o=1500, g=1000, G=6, O=0, S=65535.
+    fn default() -> Self {
+        Params {
+            l: 2500,
+            o: 1500,
+            g: 1000,
+            big_g_ps: 6000,
+            big_o_ps: 0,
+            s: 65535,
+        }
+    }
+}
+
+impl Params {
+    #[inline]
+    fn gb(&self, z: u64) -> u64 {
+        z.saturating_sub(1).saturating_mul(self.big_g_ps) / 1000
+    }
+    #[inline]
+    fn ob(&self, z: u64) -> u64 {
+        z.saturating_sub(1).saturating_mul(self.big_o_ps) / 1000
+    }
+}
+
+/// What to record beyond completion times.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SimOptions {
+    /// Keep per-operation noise (needed for the per-class absorbed/amplified analysis).
+    pub record_noise: bool,
+    /// Keep per-operation start times (send: CPU start, recv: posting, calc: CPU start).
+    pub record_start: bool,
+    /// Keep per-rank CPU busy time (needed for per-rank wait).
+    pub record_busy: bool,
+}
+
+/// Marks a critical-path predecessor reached through CPU contention (not a dependency/message).
+pub const PRED_RESOURCE: u32 = 1 << 31;
+/// No predecessor.
+pub const PRED_NONE: u32 = u32::MAX;
+
+/// Per-operation simulation state (24 bytes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpState {
+    /// Time its dependencies were satisfied.
+    pub ready: u64,
+    /// Completion time (`u64::MAX`: never completed).
+    pub end: u64,
+    /// Internal: pending-dependency count, then matching-queue link / matched receive.
+    pub link: u32,
+    /// The predecessor that determined its timing ([`PRED_RESOURCE`] bit, [`PRED_NONE`]).
+    pub pred: u32,
+}
+
+/// Result of one simulation.
+#[derive(Clone, Debug, Default)]
+pub struct SimOutput {
+    /// Time the last operation completed (ns).
+    pub completion: u64,
+    /// Events processed.
+    pub events: u64,
+    /// Operations completed.
+    pub completed: u64,
+    /// Per operation.
+    pub st: Vec<OpState>,
+    /// Per op: detour time inside its own CPU work (empty unless recorded).
+    pub noise: Vec<u32>,
+    /// Per op: start time (empty unless recorded).
+    pub start: Vec<u64>,
+    /// Per rank: CPU time used (work plus the detours inside it); empty unless recorded.
+    pub rank_busy: Vec<u64>,
+    /// Per class: receive wait time.
+    pub class_wait: Vec<u64>,
+    /// Per class: detour time injected into the class's CPU work.
+    pub class_noise: Vec<u64>,
+    /// Receives never matched.
+    pub unmatched_recvs: u64,
+    /// Messages never received.
+    pub unmatched_sends: u64,
+}
+
+impl SimOutput {
+    /// Operations that never completed.
+    pub fn unfinished(&self) -> u64 {
+        self.st.len() as u64 - self.completed
+    }
+
+    /// Completion time of every operation (`u64::MAX`: never completed).
+    pub fn ends(&self) -> Vec<u64> {
+        self.st.iter().map(|x| x.end).collect()
+    }
+
+    /// Per rank: wait time = completion time of the rank minus its CPU busy time (time it had
+    /// nothing to run because it waited for messages or dependencies).
+    pub fn rank_wait(&self, s: &Schedule) -> Vec<u64> {
+        if self.rank_busy.is_empty() {
+            return Vec::new();
+        }
+        self.rank_end(s)
+            .iter()
+            .zip(&self.rank_busy)
+            .map(|(&e, &b)| e.saturating_sub(b))
+            .collect()
+    }
+
+    /// Per rank: time its last operation completed.
+    pub fn rank_end(&self, s: &Schedule) -> Vec<u64> {
+        let mut v = vec![0u64; s.num_ranks as usize];
+        for (op, x) in self.st.iter().enumerate() {
+            let e = x.end;
+            let r = s.ops[op].rank as usize;
+            if e != u64::MAX && e > v[r] {
+                v[r] = e;
+            }
+        }
+        v
+    }
+}
+
+/// Monotone priority queue keyed by time (radix heap): O(1) push, amortised O(log range) pop.
+struct RadixHeap {
+    last: u64,
+    buckets: Vec<Vec<(u64, u64)>>,
+    len: usize,
+}
+
+impl RadixHeap {
+    fn new() -> Self {
+        RadixHeap {
+            last: 0,
+            buckets: (0..65).map(|_| Vec::new()).collect(),
+            len: 0,
+        }
+    }
+    #[inline]
+    fn bucket(&self, t: u64) -> usize {
+        if t == self.last {
+            0
+        } else {
+            64 - (t ^ self.last).leading_zeros() as usize
+        }
+    }
+    #[inline]
+    fn push(&mut self, t: u64, v: u64) {
+        let b = self.bucket(t);
+        self.buckets[b].push((t, v));
+        self.len += 1;
+    }
+    /// Move every entry with the minimum time into `out` (payloads); returns that time.
+    fn pop_batch(&mut self, out: &mut Vec<u64>) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        if self.buckets[0].is_empty() {
+            let i = (1..65).find(|&i| !self.buckets[i].is_empty())?;
+            let mut items = std::mem::take(&mut self.buckets[i]);
+            self.last = items.iter().map(|x| x.0).min().unwrap_or(self.last);
+            for &(t, v) in &items {
+                let b = self.bucket(t);
+                self.buckets[b].push((t, v));
+            }
+            items.clear();
+            // Give the (now empty) bucket its allocation back.
+            self.buckets[i] = items;
+        }
+        let b0 = &mut self.buckets[0];
+        self.len -= b0.len();
+        out.extend(b0.drain(..).map(|x| x.1));
+        Some(self.last)
+    }
+}
+
+const EV_READY: u64 = 0;
+const EV_ARRIVE: u64 = 1;
+const EV_CTS: u64 = 2;
+const EV_DATA: u64 = 3;
+const NIL: u32 = u32::MAX;
+
+/// Append `x` to the circular FIFO whose tail is `tail` (threaded through `link`).
+#[inline]
+fn q_push(st: &mut [OpState], tail: &mut u32, x: u32) {
+    if *tail == NIL {
+        st[x as usize].link = x;
+    } else {
+        let t = *tail as usize;
+        st[x as usize].link = st[t].link;
+        st[t].link = x;
+    }
+    *tail = x;
+}
+
+/// Remove and return the first element of the circular FIFO satisfying `pred`.
+#[inline]
+fn q_take(
+    st: &mut [OpState],
+    tail: &mut u32,
+    mut pred: impl FnMut(usize) -> bool,
+) -> Option<usize> {
+    if *tail == NIL {
+        return None;
+    }
+    let t = *tail as usize;
+    let mut prev = t;
+    loop {
+        let cur = st[prev].link as usize;
+        if pred(cur) {
+            if cur == prev {
+                *tail = NIL;
+            } else {
+                st[prev].link = st[cur].link;
+                if cur == t {
+                    *tail = prev as u32;
+                }
+            }
+            return Some(cur);
+        }
+        if cur == t {
+            return None;
+        }
+        prev = cur;
+    }
+}
+
+#[derive(Clone, Copy)]
+struct CpuState {
+    free: u64,
+    last: u32,
+}
+
+#[derive(Clone, Copy, Default)]
+struct NicState {
+    send_free: u64,
+    recv_free: u64,
+}
+
+/// Everything per rank in one cache line (CPU 0 and NIC 0 live here too).
+#[derive(Clone, Copy)]
+struct RankState {
+    cpu0: CpuState,
+    nic0: NicState,
+    last_arr: u64,
+    /// CPU time used (work and the detours inside it).
+    /// Posted receives (circular list through `OpState::link`; head = link of the tail).
+    prq_tail: u32,
+    /// Unexpected messages (same).
+    uq_tail: u32,
+}
+
+struct Sim<'a> {
+    s: &'a Schedule,
+    p: Params,
+    noise: &'a Noise,
+    noisy: bool,
+    now: u64,
+    heap: RadixHeap,
+    fifo: VecDeque<u64>,
+    st: Vec<OpState>,
+    noise_op: Vec<u32>,
+    start: Vec<u64>,
+    busy: Vec<u64>,
+    /// CPUs and NICs when a rank has more than one (else they live in `rk`).
+    cpu_x: Vec<CpuState>,
+    nic_x: Vec<NicState>,
+    nc1: bool,
+    nn1: bool,
+    rk: Vec<RankState>,
+    class_wait: Vec<u64>,
+    class_noise: Vec<u64>,
+    events: u64,
+    completed: u64,
+}
+
+/// Run one simulation of `s`.
+pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
+    let n = s.len();
+    let pr = s.num_ranks as usize;
+    let nc = s.num_cpus as usize;
+    let nn = s.num_nics as usize;
+    let mut st = vec![
+        OpState {
+            ready: 0,
+            end: u64::MAX,
+            link: 0,
+            pred: PRED_NONE,
+        };
+        n
+    ];
+    for &d in &s.dep_list {
+        st[(d & !IREQ_BIT) as usize].link += 1;
+    }
+    let mut sim = Sim {
+        s,
+        p: *p,
+        noise,
+        noisy: noise.has_detours(),
+        now: 0,
+        heap: RadixHeap::new(),
+        fifo: VecDeque::with_capacity(1024),
+        st,
+        noise_op: if opts.record_noise {
+            vec![0; n]
+        } else {
+            Vec::new()
+        },
+        busy: if opts.record_busy {
+            vec![0; pr]
+        } else {
+            Vec::new()
+        },
+        start: if opts.record_start {
+            vec![u64::MAX; n]
+        } else {
+            Vec::new()
+        },
+        cpu_x: if nc > 1 {
+            vec![CpuState { free: 0, last: NIL }; pr * nc]
+        } else {
+            Vec::new()
+        },
+        nic_x: if nn > 1 {
+            vec![NicState::default(); pr * nn]
+        } else {
+            Vec::new()
+        },
+        nc1: nc == 1,
+        nn1: nn == 1,
+        rk: vec![
+            RankState {
+                cpu0: CpuState { free: 0, last: NIL },
+                nic0: NicState::default(),
+                last_arr: 0,
+                prq_tail: NIL,
+                uq_tail: NIL,
+            };
+            pr
+        ],
+        class_wait: vec![0; 256],
+        class_noise: vec![0; 256],
+        events: 0,
+        completed: 0,
+    };
+    // Operations without dependencies start at time 0, in program order, before anything
+    // they trigger.
+    for op in 0..n {
+        // (An op released by an earlier initial op has a predecessor: it is queued already.)
+        if sim.st[op].link == 0 && sim.st[op].pred == PRED_NONE {
+            sim.handle(EV_READY << 32 | op as u64);
+        }
+    }
+    sim.run();
+    sim.finish()
+}
+
+impl<'a> Sim<'a> {
+    #[inline]
+    fn note_start(&mut self, op: usize, t: u64) {
+        if !self.start.is_empty() {
+            self.start[op] = t;
+        }
+    }
+
+    #[inline]
+    fn cpu_at(&mut self, ci: usize) -> &mut CpuState {
+        if self.nc1 {
+            &mut self.rk[ci].cpu0
+        } else {
+            &mut self.cpu_x[ci]
+        }
+    }
+
+    #[inline]
+    fn nic_at(&mut self, ni: usize) -> &mut NicState {
+        if self.nn1 {
+            &mut self.rk[ni].nic0
+        } else {
+            &mut self.nic_x[ni]
+        }
+    }
+
+    fn run(&mut self) {
+        let mut batch: Vec<u64> = Vec::with_capacity(1024);
+        loop {
+            while let Some(ev) = self.fifo.pop_front() {
+                self.handle(ev);
+            }
+            match self.heap.pop_batch(&mut batch) {
+                None => break,
+                Some(t) => {
+                    self.now = t;
+                    // Events due at the same instant run in the radix heap's order, which is a
+                    // deterministic function of the schedule and the seed.
+                    let evs = std::mem::take(&mut batch);
+                    for i in 0..evs.len() {
+                        // Read ahead: start the cache misses of later events of this batch
+                        // so they overlap with the work on this one.
+                        if let Some(&e2) = evs.get(i + 16) {
+                            let o = (e2 & 0xffff_ffff) as usize;
+                            std::hint::black_box(self.s.ops[o].peer);
+                            std::hint::black_box(self.st[o].end);
+                        }
+                        if let Some(&e1) = evs.get(i + 8) {
+                            let oi = (e1 & 0xffff_ffff) as usize;
+                            let o = &self.s.ops[oi];
+                            let r = if e1 >> 32 == EV_ARRIVE {
+                                o.peer
+                            } else {
+                                o.rank
+                            };
+                            std::hint::black_box(self.rk[r as usize].last_arr);
+                            std::hint::black_box(self.s.dep_start[oi]);
+                        }
+                        if let Some(&e0) = evs.get(i + 4) {
+                            if e0 >> 32 == EV_ARRIVE {
+                                let o = &self.s.ops[(e0 & 0xffff_ffff) as usize];
+                                let t = self.rk[o.peer as usize].prq_tail;
+                                if t != NIL {
+                                    let h = self.st[t as usize].link;
+                                    std::hint::black_box(self.s.ops[h as usize].tag);
+                                    std::hint::black_box(self.st[h as usize].end);
+                                    std::hint::black_box(self.s.dep_start[h as usize]);
+                                }
+                            }
+                        }
+                        self.handle(evs[i]);
+                    }
+                    batch = evs;
+                    batch.clear();
+                }
+            }
+        }
+    }
+
+    #[inline]
+    fn schedule(&mut self, t: u64, ev: u64) {
+        if t == self.now {
+            self.fifo.push_back(ev);
+        } else {
+            self.heap.push(t, ev);
+        }
+    }
+
+    #[inline]
+    fn work(&mut self, op: usize, rank: u32, start: u64, w: u64) -> u64 {
+        if !self.noisy {
+            if !self.busy.is_empty() {
+                self.busy[rank as usize] += w;
+            }
+            return start + w;
+        }
+        let e = self.noise.finish(rank, start, w);
+        if !self.busy.is_empty() {
+            self.busy[rank as usize] += e - start;
+        }
+        let extra = e - start - w;
+        if extra > 0 {
+            self.class_noise[self.s.ops[op].class as usize] += extra;
+            if !self.noise_op.is_empty() {
+                self.noise_op[op] =
+                    self.noise_op[op].saturating_add(extra.min(u32::MAX as u64) as u32);
+            }
+        }
+        e
+    }
+
+    /// Satisfy dependents of `op` at time `t`: `irequires` edges if `ireq`, `requires` if `req`.
+    #[inline]
+    fn release(&mut self, op: usize, t: u64, ireq: bool, req: bool) {
+        let s = self.s;
+        let (a, b) = (s.dep_start[op] as usize, s.dep_start[op + 1] as usize);
+        for k in a..b {
+            let d = s.dep_list[k];
+            let is_ireq = d & IREQ_BIT != 0;
+            if (is_ireq && !ireq) || (!is_ireq && !req) {
+                continue;
+            }
+            let d = (d & !IREQ_BIT) as usize;
+            if t >= self.st[d].ready {
+                self.st[d].ready = t;
+                self.st[d].pred = op as u32;
+            }
+            self.st[d].link -= 1;
+            if self.st[d].link == 0 {
+                let rt = self.st[d].ready;
+                self.schedule(rt, EV_READY << 32 | d as u64);
+            }
+        }
+    }
+
+    #[inline]
+    fn complete(&mut self, op: usize, t: u64) {
+        self.st[op].end = t;
+        self.completed += 1;
+        self.release(op, t, false, true);
+    }
+
+    fn handle(&mut self, ev: u64) {
+        self.events += 1;
+        let op = (ev & 0xffff_ffff) as usize;
+        match ev >> 32 {
+            EV_READY => self.on_ready(op),
+            EV_ARRIVE => self.on_arrive(op),
+            EV_CTS => self.on_cts(op),
+            _ => self.on_data(op),
+        }
+    }
+
+    fn on_ready(&mut self, op: usize) {
+        let s = self.s;
+        let now = self.now;
+        let rank = s.ops[op].rank;
+        let ci = rank as usize * s.num_cpus as usize + s.ops[op].cpu as usize;
+        match s.op_kind(op) {
+            OpKind::Calc => {
+                let start = now.max(self.cpu_at(ci).free);
+                if start > now {
+                    self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
+                }
+                self.note_start(op, start);
+                let e = self.work(op, rank, start, s.ops[op].size);
+                self.cpu_at(ci).free = e;
+                self.cpu_at(ci).last = op as u32;
+                self.release(op, start, true, false);
+                self.complete(op, e);
+            }
+            OpKind::Send => {
+                let ni = rank as usize * s.num_nics as usize + s.ops[op].nic as usize;
+                let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).send_free);
+                if start > now {
+                    self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
+                }
+                self.note_start(op, start);
+                let z = s.ops[op].size;
+                let eager = z <= self.p.s;
+                let w = self.p.o + if eager { self.p.ob(z) } else { 0 };
+                let e = self.work(op, rank, start, w);
+                self.cpu_at(ci).free = e;
+                self.cpu_at(ci).last = op as u32;
+                let wire = if eager { self.p.gb(z) } else { 0 };
+                self.nic_at(ni).send_free = start + self.p.g + wire;
+                let mut arr = e + self.p.l + wire + self.noise.latency(op as u32, 0);
+                let r = rank as usize;
+                arr = arr.max(self.rk[r].last_arr);
+                self.rk[r].last_arr = arr;
+                self.schedule(arr, EV_ARRIVE << 32 | op as u64);
+                self.release(op, start, true, false);
+                if eager {
+                    self.complete(op, e);
+                }
+            }
+            OpKind::Recv => {
+                // Until it completes, `end` holds the posting time.
+                self.st[op].end = now;
+                self.note_start(op, now);
+                self.release(op, now, true, false);
+                let r = rank as usize;
+                let (src, tag) = (s.ops[op].peer, s.ops[op].tag);
+                let mut tail = self.rk[r].uq_tail;
+                let hit = q_take(&mut self.st, &mut tail, |c| {
+                    (src == ANY || src == s.ops[c].rank) && (tag == ANY || tag == s.ops[c].tag)
+                });
+                self.rk[r].uq_tail = tail;
+                match hit {
+                    Some(c) => self.matched(op, c),
+                    None => {
+                        let mut tail = self.rk[r].prq_tail;
+                        q_push(&mut self.st, &mut tail, op as u32);
+                        self.rk[r].prq_tail = tail;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_arrive(&mut self, sop: usize) {
+        let s = self.s;
+        let dest = s.ops[sop].peer as usize;
+        let (src, tag) = (s.ops[sop].rank, s.ops[sop].tag);
+        let mut tail = self.rk[dest].prq_tail;
+        let hit = q_take(&mut self.st, &mut tail, |c| {
+            let (rs, rt) = (s.ops[c].peer, s.ops[c].tag);
+            (rs == ANY || rs == src) && (rt == ANY || rt == tag)
+        });
+        self.rk[dest].prq_tail = tail;
+        match hit {
+            Some(c) => self.matched(c, sop),
+            None => {
+                let mut tail = self.rk[dest].uq_tail;
+                q_push(&mut self.st, &mut tail, sop as u32);
+                self.rk[dest].uq_tail = tail;
+            }
+        }
+    }
+
+    /// Receive `r` and message `sop` meet at `now`.
+    fn matched(&mut self, r: usize, sop: usize) {
+        let s = self.s;
+        let now = self.now;
+        let rank = s.ops[r].rank;
+        let posted = self.st[r].end;
+        let wait = now - posted;
+        self.class_wait[s.ops[r].class as usize] += wait;
+        if now > posted {
+            self.st[r].pred = sop as u32;
+        }
+        let ci = rank as usize * s.num_cpus as usize + s.ops[r].cpu as usize;
+        let ni = rank as usize * s.num_nics as usize + s.ops[r].nic as usize;
+        let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).recv_free);
+        if start > now {
+            self.st[r].pred = self.cpu_at(ci).last | PRED_RESOURCE;
+        }
+        let z = s.ops[sop].size;
+        self.nic_at(ni).recv_free = start + self.p.g;
+        self.cpu_at(ci).last = r as u32;
+        if z <= self.p.s {
+            let e = self.work(r, rank, start, self.p.o + self.p.ob(z));
+            self.cpu_at(ci).free = e;
+            self.complete(r, e);
+        } else {
+            let e = self.work(r, rank, start, self.p.o);
+            self.cpu_at(ci).free = e;
+            self.st[sop].link = r as u32;
+            let t = e + self.p.l + self.noise.latency(sop as u32, 1);
+            self.schedule(t, EV_CTS << 32 | sop as u64);
+        }
+    }
+
+    /// Clear-to-send reached the sender of rendezvous message `sop`.
+    fn on_cts(&mut self, sop: usize) {
+        let s = self.s;
+        let now = self.now;
+        let rank = s.ops[sop].rank;
+        let ci = rank as usize * s.num_cpus as usize + s.ops[sop].cpu as usize;
+        let ni = rank as usize * s.num_nics as usize + s.ops[sop].nic as usize;
+        let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).send_free);
+        self.st[sop].pred = if start > now {
+            self.cpu_at(ci).last | PRED_RESOURCE
+        } else {
+            self.st[sop].link
+        };
+        let z = s.ops[sop].size;
+        let e = self.work(sop, rank, start, self.p.o + self.p.ob(z));
+        self.cpu_at(ci).free = e;
+        self.cpu_at(ci).last = sop as u32;
+        self.nic_at(ni).send_free = start + self.p.g + self.p.gb(z);
+        let r = rank as usize;
+        let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(sop as u32, 2))
+            .max(self.rk[r].last_arr);
+        self.rk[r].last_arr = arr;
+        self.complete(sop, e);
+        self.schedule(arr, EV_DATA << 32 | sop as u64);
+    }
+
+    /// Rendezvous data reached the receiver.
+    fn on_data(&mut self, sop: usize) {
+        let s = self.s;
+        let now = self.now;
+        let r = self.st[sop].link as usize;
+        let rank = s.ops[r].rank;
+        let ci = rank as usize * s.num_cpus as usize + s.ops[r].cpu as usize;
+        let ni = rank as usize * s.num_nics as usize + s.ops[r].nic as usize;
+        let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).recv_free);
+        self.st[r].pred = if start > now {
+            self.cpu_at(ci).last | PRED_RESOURCE
+        } else {
+            sop as u32
+        };
+        let z = s.ops[sop].size;
+        let e = self.work(r, rank, start, self.p.o + self.p.ob(z));
+        self.cpu_at(ci).free = e;
+        self.cpu_at(ci).last = r as u32;
+        self.nic_at(ni).recv_free = start + self.p.g;
+        self.complete(r, e);
+    }
+
+    fn finish(mut self) -> SimOutput {
+        let mut unmatched_recvs = 0;
+        let mut unmatched_sends = 0;
+        for r in 0..self.s.num_ranks as usize {
+            let t = self.rk[r].prq_tail;
+            if t != NIL {
+                let mut c = t;
+                loop {
+                    c = self.st[c as usize].link;
+                    unmatched_recvs += 1;
+                    if c == t {
+                        break;
+                    }
+                }
+                // They hold their posting time; they never completed.
+                let mut c = t;
+                loop {
+                    c = self.st[c as usize].link;
+                    self.st[c as usize].end = u64::MAX;
+                    if c == t {
+                        break;
+                    }
+                }
+            }
+            let t = self.rk[r].uq_tail;
+            if t != NIL {
+                let mut c = t;
+                loop {
+                    c = self.st[c as usize].link;
+                    unmatched_sends += 1;
+                    if c == t {
+                        break;
+                    }
+                }
+            }
+        }
+        let completion = self
+            .st
+            .iter()
+            .map(|x| x.end)
+            .filter(|&e| e != u64::MAX)
+            .max()
+            .unwrap_or(0);
+        SimOutput {
+            completion,
+            events: self.events,
+            completed: self.completed,
+            st: self.st,
+            noise: self.noise_op,
+            start: self.start,
+            rank_busy: self.busy,
+            class_wait: self.class_wait,
+            class_noise: self.class_noise,
+            unmatched_recvs,
+            unmatched_sends,
+        }
+    }
+}
+
+/// One step of the critical path, latest first.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PathStep {
+    /// Operation index.
+    pub op: u32,
+    /// Rank.
+    pub rank: u32,
+    /// Operation kind.
+    pub kind: OpKind,
+    /// Class name.
+    pub class: String,
+    /// Completion time (ns).
+    pub end: u64,
+    /// How this step was reached from the next-later step: "dep", "msg" or "cpu".
+    pub via: &'static str,
+}
+
+/// Critical-path summary.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct CriticalPath {
+    /// Number of operations on the path.
+    pub length: u64,
+    /// Edges that are messages between ranks.
+    pub messages: u64,
+    /// Edges that are CPU contention on one rank.
+    pub cpu_contention: u64,
+    /// Computation (calc) time on the path (ns).
+    pub calc_ns: u64,
+    /// Detour time inside operations on the path (ns; 0 unless noise was recorded).
+    pub noise_ns: u64,
+    /// Distinct ranks visited.
+    pub ranks_visited: u64,
+    /// The last `limit` steps (latest first).
+    pub tail: Vec<PathStep>,
+}
+
+/// Walk the critical path back from the last operation to complete.
+pub fn critical_path(s: &Schedule, out: &SimOutput, limit: usize) -> CriticalPath {
+    let mut cp = CriticalPath::default();
+    let Some((mut cur, _)) = out
+        .st
+        .iter()
+        .map(|x| x.end)
+        .enumerate()
+        .filter(|&(_, e)| e != u64::MAX)
+        .max_by_key(|&(i, e)| (e, std::cmp::Reverse(i)))
+    else {
+        return cp;
+    };
+    let mut ranks = std::collections::HashSet::new();
+    let mut steps = 0usize;
+    let mut via = "end";
+    loop {
+        steps += 1;
+        cp.length += 1;
+        ranks.insert(s.ops[cur].rank);
+        if s.op_kind(cur) == OpKind::Calc {
+            cp.calc_ns += s.ops[cur].size;
+        }
+        if !out.noise.is_empty() {
+            cp.noise_ns += out.noise[cur] as u64;
+        }
+        if cp.tail.len() < limit {
+            cp.tail.push(PathStep {
+                op: cur as u32,
+                rank: s.ops[cur].rank,
+                kind: s.op_kind(cur),
+                class: s.class_names[s.ops[cur].class as usize].clone(),
+                end: out.st[cur].end,
+                via,
+            });
+        }
+        let p = out.st[cur].pred;
+        if p == PRED_NONE || steps > s.len() {
+            break;
+        }
+        let res = p & PRED_RESOURCE != 0;
+        let pi = (p & !PRED_RESOURCE) as usize;
+        if pi >= s.len() || out.st[pi].end == u64::MAX || out.st[pi].end > out.st[cur].end {
+            break;
+        }
+        if res {
+            cp.cpu_contention += 1;
+            via = "cpu";
+        } else if s.ops[pi].rank != s.ops[cur].rank {
+            cp.messages += 1;
+            via = "msg";
+        } else {
+            via = "dep";
+        }
+        cur = pi;
+    }
+    cp.ranks_visited = ranks.len() as u64;
+    cp
+}
