@@ -1,33 +1,49 @@
 //! Per-port counters kept in the job's shared memory so `qk-stat` (and any rank) can read them.
 
-/// Why the QK dropped a message. Every drop increments exactly one of these counters.
+/// Why the QK dropped a message. Every drop increments exactly one of these counters. The first
+/// group is checked by the QK before the portals engine sees the header; the second mirrors the
+/// portals engine's own reasons (`portals::DropReason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum DropReason {
     /// Header fields that cannot be decoded (unknown op, bad flags, impossible lengths).
     Malformed = 0,
     /// The header claims a source other than the queue or connection it arrived on.
-    ForgedSource = 1,
+    ForgedSource,
     /// The header names another job.
-    WrongJob = 2,
-    /// Portal index outside the portal table.
-    BadPortal = 3,
-    /// The portal's access control refused the sender.
-    AccessDenied = 4,
-    /// No match entry accepted the message (portals semantics: discard).
-    NoMatch = 5,
+    WrongJob,
     /// A large-message reference points outside the sender's part of the job heap.
-    BadReference = 6,
-    /// An ack or reply names a memory descriptor that no longer exists.
-    StaleHandle = 7,
+    BadReference,
     /// A queue's framing was corrupted by its producer; the queue is abandoned.
-    CorruptQueue = 8,
-    /// The portal's memory descriptor is unusable (e.g. no room, threshold used up).
-    Rejected = 9,
+    CorruptQueue,
+    /// A completion names a transfer this rank never started.
+    UnknownToken,
+    /// A memory descriptor names memory this rank does not own; nothing was written.
+    BadMemory,
+    /// portals: header failed validation.
+    BadHeader,
+    /// portals: addressed to another process.
+    WrongDestination,
+    /// portals: portal index outside the table.
+    InvalidPortal,
+    /// portals: portal disabled.
+    Disabled,
+    /// portals: the portal's access control refused the sender.
+    Forbidden,
+    /// portals: no match entry accepted the message.
+    NoMatch,
+    /// portals: too long for the descriptor.
+    TooLong,
+    /// portals: descriptor not valid for the operation.
+    InvalidMd,
+    /// portals: match list links form a loop.
+    LinkLoop,
+    /// portals: unexpected reply or ack.
+    Unexpected,
 }
 
 /// Number of drop reasons.
-pub const N_DROP: usize = 10;
+pub const N_DROP: usize = 17;
 
 impl DropReason {
     /// All reasons in counter order.
@@ -35,13 +51,20 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::ForgedSource,
         DropReason::WrongJob,
-        DropReason::BadPortal,
-        DropReason::AccessDenied,
-        DropReason::NoMatch,
         DropReason::BadReference,
-        DropReason::StaleHandle,
         DropReason::CorruptQueue,
-        DropReason::Rejected,
+        DropReason::UnknownToken,
+        DropReason::BadMemory,
+        DropReason::BadHeader,
+        DropReason::WrongDestination,
+        DropReason::InvalidPortal,
+        DropReason::Disabled,
+        DropReason::Forbidden,
+        DropReason::NoMatch,
+        DropReason::TooLong,
+        DropReason::InvalidMd,
+        DropReason::LinkLoop,
+        DropReason::Unexpected,
     ];
 
     /// Short name used by `qk-stat`.
@@ -50,13 +73,37 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::ForgedSource => "forged_source",
             DropReason::WrongJob => "wrong_job",
-            DropReason::BadPortal => "bad_portal",
-            DropReason::AccessDenied => "access_denied",
-            DropReason::NoMatch => "no_match",
             DropReason::BadReference => "bad_reference",
-            DropReason::StaleHandle => "stale_handle",
             DropReason::CorruptQueue => "corrupt_queue",
-            DropReason::Rejected => "rejected",
+            DropReason::UnknownToken => "unknown_token",
+            DropReason::BadMemory => "bad_memory",
+            DropReason::BadHeader => "bad_header",
+            DropReason::WrongDestination => "wrong_destination",
+            DropReason::InvalidPortal => "invalid_portal",
+            DropReason::Disabled => "disabled",
+            DropReason::Forbidden => "forbidden",
+            DropReason::NoMatch => "no_match",
+            DropReason::TooLong => "too_long",
+            DropReason::InvalidMd => "invalid_md",
+            DropReason::LinkLoop => "link_loop",
+            DropReason::Unexpected => "unexpected",
+        }
+    }
+
+    /// The QK counter for a portals drop reason.
+    pub fn from_portals(r: portals::DropReason) -> DropReason {
+        use portals::DropReason as P;
+        match r {
+            P::BadHeader => DropReason::BadHeader,
+            P::WrongDestination => DropReason::WrongDestination,
+            P::InvalidPortal => DropReason::InvalidPortal,
+            P::Disabled => DropReason::Disabled,
+            P::Forbidden => DropReason::Forbidden,
+            P::NoMatch => DropReason::NoMatch,
+            P::TooLong => DropReason::TooLong,
+            P::InvalidMd => DropReason::InvalidMd,
+            P::LinkLoop => DropReason::LinkLoop,
+            P::Unexpected => DropReason::Unexpected,
         }
     }
 }

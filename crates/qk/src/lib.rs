@@ -9,6 +9,7 @@
 //! See `crates/qk/README.md` for the interface contract with the PCT and the benchmark.
 
 pub mod counters;
+pub mod endpoint;
 pub mod error;
 pub mod fabric;
 pub mod job;
@@ -17,5 +18,8 @@ pub mod ring;
 pub mod sys;
 
 pub use counters::{DropReason, PortStats};
+pub use endpoint::{AttachSpec, Buf, Endpoint, PrivatePath};
 pub use error::QkError;
 pub use job::{CpuMode, JobFabricSpec, NodeFabric};
+/// The portals engine crate, re-exported so users name its types through `qk::portals`.
+pub use portals;

@@ -293,6 +293,11 @@ impl Region {
         &self.map
     }
 
+    /// The mapping, shared.
+    pub fn map_arc(&self) -> Arc<Mapping> {
+        self.map.clone()
+    }
+
     /// The node-engine port number.
     pub fn engine_port(&self) -> u32 {
         self.layout.local

@@ -400,3 +400,140 @@ pub fn cpu_relax() {
 pub fn raw_fd_of(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// The memory a rank's engine may deposit into or read from: its part of the job heap (through
+/// the region mapping) and private buffers it allocated. Every raw access is checked against these
+/// ranges first, so a memory descriptor naming any other address is refused, never dereferenced.
+#[derive(Debug, Default)]
+pub struct OwnedMemory {
+    heap: Option<(std::sync::Arc<Mapping>, usize, usize)>, // mapping, offset, len
+    private: Vec<Box<[u8]>>,
+}
+
+impl OwnedMemory {
+    /// Memory consisting of `len` bytes of `map` at `off` (the rank's heap part).
+    pub fn new(map: std::sync::Arc<Mapping>, off: usize, len: usize) -> OwnedMemory {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= map.len()),
+            "heap part outside mapping"
+        );
+        OwnedMemory {
+            heap: Some((map, off, len)),
+            private: Vec::new(),
+        }
+    }
+
+    /// Address range of the heap part in this process.
+    pub fn heap_range(&self) -> (u64, u64) {
+        match &self.heap {
+            Some((m, off, len)) => (m.ptr() as u64 + *off as u64, *len as u64),
+            None => (0, 0),
+        }
+    }
+
+    /// Allocates a private (not shared) zeroed buffer; returns its address.
+    pub fn alloc_private(&mut self, len: usize) -> u64 {
+        let b = vec![0u8; len.max(1)].into_boxed_slice();
+        let a = b.as_ptr() as u64;
+        self.private.push(b);
+        a
+    }
+
+    /// Frees a private buffer by address. Returns false if it was not one.
+    pub fn free_private(&mut self, addr: u64) -> bool {
+        match self.private.iter().position(|b| b.as_ptr() as u64 == addr) {
+            Some(i) => {
+                self.private.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// True when `addr..addr+len` lies inside memory we own.
+    pub fn owns(&self, addr: u64, len: u64) -> bool {
+        let inside = |base: u64, blen: u64| {
+            addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + blen)
+        };
+        let (hb, hl) = self.heap_range();
+        inside(hb, hl)
+            || self
+                .private
+                .iter()
+                .any(|b| inside(b.as_ptr() as u64, b.len() as u64))
+    }
+
+    /// True when `addr..addr+len` lies inside the heap part.
+    pub fn in_heap(&self, addr: u64, len: u64) -> bool {
+        let (hb, hl) = self.heap_range();
+        addr >= hb && addr.checked_add(len).is_some_and(|e| e <= hb + hl)
+    }
+
+    /// Copies `src` to owned address `addr`. False (nothing copied) if the range is not owned.
+    pub fn write(&self, addr: u64, src: &[u8]) -> bool {
+        if !self.owns(addr, src.len() as u64) {
+            return false;
+        }
+        // SAFETY: the destination lies in memory this table owns (checked above) and stays alive
+        // while &self lives; ptr::copy tolerates overlap (a rank putting to itself).
+        unsafe { std::ptr::copy(src.as_ptr(), addr as usize as *mut u8, src.len()) };
+        true
+    }
+
+    /// Copies from owned address `addr` into `dst`. False if the range is not owned.
+    pub fn read(&self, addr: u64, dst: &mut [u8]) -> bool {
+        if !self.owns(addr, dst.len() as u64) {
+            return false;
+        }
+        // SAFETY: the source lies in owned memory (checked); dst is an exclusive slice.
+        unsafe { std::ptr::copy(addr as usize as *const u8, dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+
+    /// Runs `f` on the owned bytes at `addr..addr+len`, or returns None if not owned.
+    pub fn with_slice<R>(&self, addr: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        if !self.owns(addr, len) {
+            return None;
+        }
+        // SAFETY: owned range (checked), alive while &self lives; the engine lock the caller holds
+        // keeps deposits out while `f` runs.
+        Some(f(unsafe {
+            std::slice::from_raw_parts(addr as usize as *const u8, len as usize)
+        }))
+    }
+
+    /// Runs `f` on the owned bytes mutably. `&mut self` keeps every other access out.
+    pub fn with_slice_mut<R>(
+        &mut self,
+        addr: u64,
+        len: u64,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Option<R> {
+        if !self.owns(addr, len) {
+            return None;
+        }
+        // SAFETY: owned range (checked); exclusive because we hold &mut self.
+        Some(f(unsafe {
+            std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize)
+        }))
+    }
+
+    /// Reads `len` bytes of process `pid` at `remote` into owned address `addr` with cross-memory
+    /// attach. Returns bytes read, or an error (range not owned, or the kernel refused).
+    pub fn cma_into(&self, addr: u64, len: u64, pid: i32, remote: u64) -> io::Result<usize> {
+        if !self.owns(addr, len) {
+            return Err(io::Error::other("destination not owned"));
+        }
+        // SAFETY: owned range (checked), alive while &self lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize) };
+        let mut done = 0;
+        while done < dst.len() {
+            let n = cma_read(pid, remote + done as u64, &mut dst[done..])?;
+            if n == 0 {
+                return Err(io::Error::other("cross-memory attach read 0 bytes"));
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+}

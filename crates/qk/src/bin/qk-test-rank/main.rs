@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use qk::fabric::{op, Hdr, Port};
 use qk::region::Region;
 use qk::sys::Memfd;
+use qk::{AttachSpec, CpuMode, Endpoint};
 
 #[derive(Parser)]
 #[command(about = "QK test rank: runs one side of a multi-process fabric test")]
@@ -41,6 +42,67 @@ enum Cmd {
         #[arg(long)]
         count: u64,
     },
+    /// Portals scenarios through a full endpoint (job id, mode given).
+    Portals {
+        #[arg(long)]
+        job: u32,
+        #[arg(long, default_value = "heater")]
+        mode: String,
+        #[command(subcommand)]
+        scenario: Scenario,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum Scenario {
+    /// Target of the descriptor-kind test: exposes every kind, checks what lands.
+    KindsTarget {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        large: u64,
+    },
+    /// Initiator of the descriptor-kind test: puts/gets into every kind, checks acks and replies.
+    KindsInitiator {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        large: u64,
+        #[arg(long, default_value = "bounce")]
+        private_path: String,
+    },
+    /// Streams `count` messages of random sizes (mostly small, some up to `max`) to `peer`.
+    StressSend {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        max: u64,
+        #[arg(long)]
+        seed: u64,
+    },
+    /// Receives the stream, verifying every byte and the order.
+    StressRecv {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        max: u64,
+        #[arg(long)]
+        seed: u64,
+    },
+    /// Sends forged and corrupted records, then one valid put; expects the target to count drops.
+    Forge {
+        #[arg(long)]
+        peer: u32,
+    },
+    /// Waits for the valid put after the forged ones and prints the drop counters.
+    ForgeTarget {
+        #[arg(long)]
+        peer: u32,
+    },
 }
 
 fn xorshift(s: &mut u64) -> u64 {
@@ -57,6 +119,19 @@ fn fnv(b: &[u8]) -> u64 {
 }
 
 fn run(cli: Cli) -> Result<String, String> {
+    if let Cmd::Portals {
+        job,
+        mode,
+        scenario,
+    } = &cli.cmd
+    {
+        let fd = Memfd::from_inherited(cli.fd).map_err(|e| e.to_string())?;
+        let mode: CpuMode = mode.parse().map_err(|e: qk::QkError| e.to_string())?;
+        let mut spec = AttachSpec::new(*job, cli.port, mode);
+        spec.lock_memory = false;
+        let ep = Endpoint::attach(fd, &spec).map_err(|e| e.to_string())?;
+        return scenarios::run(&ep, scenario.clone()).map_err(|e| e.to_string());
+    }
     let fd = Memfd::from_inherited(cli.fd).map_err(|e| e.to_string())?;
     let region = Region::attach(&fd, true, false).map_err(|e| e.to_string())?;
     let mut port = Port::new(region, cli.port);
@@ -81,8 +156,14 @@ fn run(cli: Cli) -> Result<String, String> {
                     hdr_data: fnv(&buf[..len]),
                     ..Hdr::default()
                 };
+                let mut spins = 0u32;
                 while !port.try_send(to, &h, &buf[..len]) {
-                    std::hint::spin_loop();
+                    spins += 1;
+                    if spins > 200 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
                 }
             }
             Ok(format!("sent {count}"))
@@ -92,7 +173,7 @@ fn run(cli: Cli) -> Result<String, String> {
             let mut err = None;
             let start = std::time::Instant::now();
             while next < count && err.is_none() {
-                port.poll(64, |m| {
+                let got = port.poll(64, |m| {
                     if m.from != from || m.hdr.op != op::RAW {
                         err = Some(format!(
                             "unexpected record from port {} op {}",
@@ -110,6 +191,9 @@ fn run(cli: Cli) -> Result<String, String> {
                     }
                     next += 1;
                 });
+                if got == 0 {
+                    std::thread::yield_now();
+                }
                 if start.elapsed().as_secs() > 50 {
                     err = Some(format!("timed out after {next} records"));
                 }
@@ -119,8 +203,11 @@ fn run(cli: Cli) -> Result<String, String> {
                 None => Ok(format!("received {count} in order, checksums ok")),
             }
         }
+        Cmd::Portals { .. } => Err("unreachable".into()),
     }
 }
+
+mod scenarios;
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
