@@ -134,8 +134,34 @@ struct Inner {
     private_path: PrivatePath,
 }
 
+/// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
+/// no store-buffer drain on the message path), behind a mutex when a co-processor thread shares it.
+enum G<'a> {
+    Own(&'a mut Inner),
+    Lock(MutexGuard<'a, Inner>),
+}
+
+impl std::ops::Deref for G<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        match self {
+            G::Own(i) => i,
+            G::Lock(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for G<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        match self {
+            G::Own(i) => i,
+            G::Lock(g) => g,
+        }
+    }
+}
+
 struct Shared {
-    inner: Mutex<Inner>,
+    inner: Option<Mutex<Inner>>,
     region: Region,
     port: u32,
     rank: u32,
@@ -147,6 +173,7 @@ struct Shared {
 
 /// A rank's endpoint. Cheap to share between threads of the rank (`Send + Sync`).
 pub struct Endpoint {
+    own: Option<Box<Inner>>,
     shared: Arc<Shared>,
     mode: CpuMode,
     coproc: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -285,8 +312,14 @@ impl Endpoint {
             next_token: 1,
             private_path: PrivatePath::default(),
         };
+        let coproc_mode = spec.mode.engine_on_own_core();
+        let (own, inner) = if coproc_mode {
+            (None, Some(inner))
+        } else {
+            (Some(Box::new(inner)), None)
+        };
         let shared = Arc::new(Shared {
-            inner: Mutex::new(inner),
+            inner: inner.map(Mutex::new),
             region: region.clone(),
             port,
             rank,
@@ -295,6 +328,7 @@ impl Endpoint {
             app_waiting: AtomicU32::new(0),
         });
         Ok(Endpoint {
+            own,
             shared,
             mode: spec.mode,
             coproc: Mutex::new(None),
@@ -359,27 +393,28 @@ impl Endpoint {
         self.shared.region.eager_max as u64
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.shared.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    fn lock(&mut self) -> G<'_> {
+        match (&mut self.own, &self.shared.inner) {
+            (Some(b), _) => G::Own(b),
+            (None, Some(m)) => G::Lock(m.lock().unwrap_or_else(|e| e.into_inner())),
+            (None, None) => unreachable!("an endpoint always has owned or shared state"),
         }
     }
 
     /// Runs `f` with the rank's portals engine (portal table, match entries, descriptors, event
     /// queues). Descriptors must use memory from [`Endpoint::alloc_shared`] or
     /// [`Endpoint::alloc_private`]; deposits into anything else are refused and counted.
-    pub fn with_engine<R>(&self, f: impl FnOnce(&mut PortalsEngine) -> R) -> R {
+    pub fn with_engine<R>(&mut self, f: impl FnOnce(&mut PortalsEngine) -> R) -> R {
         f(&mut self.lock().engine)
     }
 
     /// Chooses how large payloads leave private memory.
-    pub fn set_private_path(&self, p: PrivatePath) {
+    pub fn set_private_path(&mut self, p: PrivatePath) {
         self.lock().private_path = p;
     }
 
     /// Allocates `len` bytes of the job-shared heap (large messages from/to it move with one copy).
-    pub fn alloc_shared(&self, len: u64) -> Result<Buf, QkError> {
+    pub fn alloc_shared(&mut self, len: u64) -> Result<Buf, QkError> {
         let mut g = self.lock();
         let off = g.heap.alloc(len).ok_or(QkError::HeapExhausted {
             want: len,
@@ -394,7 +429,7 @@ impl Endpoint {
     }
 
     /// Allocates a private (zeroed) buffer of `len` bytes.
-    pub fn alloc_private(&self, len: u64) -> Buf {
+    pub fn alloc_private(&mut self, len: u64) -> Buf {
         let addr = self.lock().mem.alloc_private(len as usize);
         Buf {
             addr,
@@ -404,7 +439,7 @@ impl Endpoint {
     }
 
     /// Frees a buffer. Descriptors still naming it make later deposits fail (counted as bad memory).
-    pub fn free(&self, b: Buf) {
+    pub fn free(&mut self, b: Buf) {
         let mut g = self.lock();
         if b.shared {
             let (base, _) = g.mem.heap_range();
@@ -415,7 +450,7 @@ impl Endpoint {
     }
 
     /// Copies `src` into a buffer at `off`.
-    pub fn write(&self, b: &Buf, off: u64, src: &[u8]) -> Result<(), QkError> {
+    pub fn write(&mut self, b: &Buf, off: u64, src: &[u8]) -> Result<(), QkError> {
         if off.checked_add(src.len() as u64).is_none_or(|e| e > b.len) {
             return Err(QkError::BadHandle("write beyond the buffer"));
         }
@@ -427,7 +462,7 @@ impl Endpoint {
     }
 
     /// Copies from a buffer at `off` into `dst`.
-    pub fn read(&self, b: &Buf, off: u64, dst: &mut [u8]) -> Result<(), QkError> {
+    pub fn read(&mut self, b: &Buf, off: u64, dst: &mut [u8]) -> Result<(), QkError> {
         if off.checked_add(dst.len() as u64).is_none_or(|e| e > b.len) {
             return Err(QkError::BadHandle("read beyond the buffer"));
         }
@@ -439,7 +474,7 @@ impl Endpoint {
     }
 
     /// Runs `f` on a buffer's bytes (the engine does not deposit while `f` runs).
-    pub fn with_bytes<R>(&self, b: &Buf, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, QkError> {
+    pub fn with_bytes<R>(&mut self, b: &Buf, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, QkError> {
         self.lock()
             .mem
             .with_slice_mut(b.addr, b.len, f)
@@ -448,7 +483,7 @@ impl Endpoint {
 
     /// Starts a put (portals semantics). Small payloads are copied into the target's queue now;
     /// large ones leave the buffer when the target copies them (the send event says when).
-    pub fn put(&self, a: &PutArgs) -> Result<(), QkError> {
+    pub fn put(&mut self, a: &PutArgs) -> Result<(), QkError> {
         if a.target.group != self.job() {
             return Err(QkError::Portals(format!(
                 "target job {} is not this job ({})",
@@ -466,6 +501,34 @@ impl Endpoint {
             .map_err(|e| QkError::Portals(e.to_string()))?;
         let hdr = hdr_from_wire(&plan.header);
         let len = plan.body.len();
+        if len <= g.region.eager_max as u64 && plan.body.is_contiguous() {
+            // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
+            let dst = g.region.port_of_rank(a.target.rank);
+            let first = plan.body.first();
+            let inner = &mut *g;
+            let sent = match dst {
+                Some(d) => inner
+                    .mem
+                    .with_slice(first.addr, first.len, |s| inner.port.try_send(d, &hdr, s)),
+                None => None,
+            };
+            match sent {
+                Some(true) => {
+                    inner
+                        .engine
+                        .sent(&plan)
+                        .map_err(|e| QkError::Portals(e.to_string()))?;
+                    return Ok(());
+                }
+                Some(false) => {}
+                None => {
+                    return Err(QkError::Portals(format!(
+                        "memory descriptor names {} bytes at {:#x}, which this rank does not own",
+                        first.len, first.addr
+                    )))
+                }
+            }
+        }
         if len <= g.region.eager_max as u64 {
             let body = g.gather(&plan.body)?;
             drop(g);
@@ -483,7 +546,7 @@ impl Endpoint {
     }
 
     /// Starts a get (portals semantics): the reply lands in `a.md` and posts a reply event.
-    pub fn get(&self, a: &GetArgs) -> Result<(), QkError> {
+    pub fn get(&mut self, a: &GetArgs) -> Result<(), QkError> {
         if a.target.group != self.job() {
             return Err(QkError::Portals(format!(
                 "target job {} is not this job ({})",
@@ -520,7 +583,7 @@ impl Endpoint {
 
     /// Enqueues a record to `dst_rank`, waiting (and making progress) while the queue is full.
     fn send_blocking(
-        &self,
+        &mut self,
         dst_rank: u32,
         hdr: &Hdr,
         body: &[u8],
@@ -544,7 +607,8 @@ impl Endpoint {
                 }
                 if !waited {
                     waited = true;
-                    g.region.count(self.shared.port, slot::SEND_WAITS, 1);
+                    let me = g.port.me();
+                    g.region.count(me, slot::SEND_WAITS, 1);
                 }
                 if inline {
                     g.progress(64);
@@ -556,15 +620,16 @@ impl Endpoint {
 
     /// Makes progress: delivers whatever arrived, sends pending responses. Returns records handled.
     /// (Inline mode calls this from every wait; co-processor mode runs it on the engine thread.)
-    pub fn progress(&self) -> usize {
+    pub fn progress(&mut self) -> usize {
         self.lock().progress(256)
     }
 
     /// Takes the next event from `eq`, if any (makes progress first in inline mode).
-    pub fn eq_poll(&self, eq: EqHandle) -> Result<Option<Event>, QkError> {
+    pub fn eq_poll(&mut self, eq: EqHandle) -> Result<Option<Event>, QkError> {
         self.start_engine()?;
+        let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
-        if self.mode != CpuMode::MsgCoproc {
+        if inline {
             g.progress(256);
         }
         g.engine
@@ -574,13 +639,19 @@ impl Endpoint {
 
     /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
     /// busy-poll of unbounded length on the application's core).
-    pub fn eq_wait(&self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
+    pub fn eq_wait(&mut self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
         let start = Instant::now();
         let coproc = self.mode == CpuMode::MsgCoproc;
+        let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
             if let Some(ev) = self.eq_poll(eq)? {
                 return Ok(ev);
+            }
+            polls = polls.wrapping_add(1);
+            if polls % 64 != 0 {
+                std::hint::spin_loop();
+                continue;
             }
             let el = start.elapsed();
             if el > timeout {
@@ -597,15 +668,16 @@ impl Endpoint {
                 }
                 self.shared.app_waiting.store(0, Ordering::Relaxed);
             } else {
-                self.block_until_arrival(Duration::from_millis(2));
+                self.block_until_arrival(crate::region::MAX_SLEEP);
             }
         }
     }
 
     /// Blocks on this port's doorbell until a record arrives or `max` passes.
-    fn block_until_arrival(&self, max: Duration) {
-        let r = &self.shared.region;
-        let p = self.shared.port;
+    fn block_until_arrival(&mut self, max: Duration) {
+        let sh = self.shared.clone();
+        let r = &sh.region;
+        let p = sh.port;
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
         let pending = self.lock().port.has_pending();
@@ -629,12 +701,12 @@ impl Endpoint {
     }
 
     /// Large sends still waiting for the receiver to copy them.
-    pub fn large_in_flight(&self) -> usize {
+    pub fn large_in_flight(&mut self) -> usize {
         self.lock().large.len()
     }
 
     /// Test hook: enqueue a raw, possibly forged, record body to local rank `dst_rank`.
-    pub fn send_raw_record(&self, dst_rank: u32, body: &[u8]) -> Result<(), QkError> {
+    pub fn send_raw_record(&mut self, dst_rank: u32, body: &[u8]) -> Result<(), QkError> {
         let dst = self
             .shared
             .region
@@ -694,15 +766,15 @@ fn backoff(start: Instant) {
 /// The co-processor engine: progress continuously while there is traffic; after
 /// [`SPIN_BEFORE_BLOCK`] without any, block on the port's doorbell until a sender rings it.
 fn coproc_loop(sh: &Shared) {
+    let Some(inner) = &sh.inner else {
+        return;
+    };
     let r = &sh.region;
     let p = sh.port;
     let mut last = Instant::now();
     while !sh.stop.load(Ordering::Relaxed) {
         let n = {
-            let mut g = match sh.inner.lock() {
-                Ok(g) => g,
-                Err(e) => e.into_inner(),
-            };
+            let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
             g.progress(256)
         };
         if n > 0 {
@@ -720,15 +792,12 @@ fn coproc_loop(sh: &Shared) {
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
         let pending = {
-            let mut g = match sh.inner.lock() {
-                Ok(g) => g,
-                Err(e) => e.into_inner(),
-            };
+            let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
             g.port.has_pending() || !g.out.is_empty()
         };
         if !pending && !sh.stop.load(Ordering::SeqCst) {
             r.count(p, slot::SLEEPS, 1);
-            crate::sys::futex_wait(r.doorbell(p), bell, Duration::from_millis(10));
+            crate::sys::futex_wait(r.doorbell(p), bell, crate::region::MAX_SLEEP);
         }
         r.sleeping(p).store(0, Ordering::SeqCst);
         last = Instant::now();
@@ -1026,6 +1095,16 @@ impl Ctx<'_> {
             }
         }
         match plan.op {
+            Op::Put | Op::Reply if lref.is_none() && plan.body.is_contiguous() => {
+                let first = plan.body.first();
+                let n = first.len as usize;
+                if n > m.body.len() || !self.mem.write(first.addr, &m.body[..n]) {
+                    self.drop_msg(DropReason::BadMemory);
+                }
+                self.region.bump(me_port, slot::DELIVERED, 1);
+                self.region
+                    .bump(me_port, slot::DELIVERED_BYTES, plan.mlength);
+            }
             Op::Put | Op::Reply => {
                 let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
                     Ok(s) => s.collect(),
@@ -1075,7 +1154,7 @@ impl Ctx<'_> {
                     .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
             }
             Op::Get | Op::Ack => {
-                self.region.count(me_port, slot::DELIVERED, 1);
+                self.region.bump(me_port, slot::DELIVERED, 1);
             }
         }
         // 6. Respond.

@@ -195,9 +195,9 @@ impl Port {
             ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
         }
         prod.publish(ring, r);
-        self.region.count(self.me, slot::SENT, 1);
+        self.region.bump(self.me, slot::SENT, 1);
         self.region
-            .count(self.me, slot::SENT_BYTES, payload.len() as u64);
+            .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
         self.region.wake(dst);
         true
     }

@@ -357,6 +357,14 @@ impl Region {
         self.counter(p, s).fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Adds to a counter that only one thread writes at a time (the port's owner, under its
+    /// endpoint lock): a plain load and store, no locked instruction on the message path.
+    #[inline]
+    pub fn bump(&self, p: u32, s: usize, n: u64) {
+        let c = self.counter(p, s);
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
     /// Counts a drop at port `p`.
     pub fn count_drop(&self, p: u32, r: DropReason) {
         self.count(p, slot::DROP0 + r as usize, 1);
@@ -384,15 +392,24 @@ impl Region {
     }
 
     /// Rings the doorbell of port `p` if its engine sleeps. Call after publishing a record.
+    ///
+    /// No fence on this path: a full fence per message would drain the store buffer and serialise
+    /// every record on a cross-core round trip (it cut the message rate five-fold). The price is a
+    /// rare lost wake-up when the receiver decides to sleep in the ~100 ns before our record becomes
+    /// visible; every sleep is therefore bounded ([`MAX_SLEEP`]), so such a message waits at most
+    /// that long instead of forever.
     #[inline]
     pub fn wake(&self, p: u32) {
-        std::sync::atomic::fence(Ordering::SeqCst);
         if self.sleeping(p).load(Ordering::Relaxed) != 0 {
             self.doorbell(p).fetch_add(1, Ordering::SeqCst);
             crate::sys::futex_wake(self.doorbell(p));
         }
     }
 }
+
+/// Longest a sleeping engine or waiter blocks before it looks again (bounds the cost of a lost
+/// wake-up, see [`Region::wake`]).
+pub const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(1);
 
 fn ring_cap_limit(cap: u64) -> u64 {
     (cap / 2).min(crate::ring::MAX_RECORD as u64)

@@ -129,8 +129,8 @@ fn run(cli: Cli) -> Result<String, String> {
         let mode: CpuMode = mode.parse().map_err(|e: qk::QkError| e.to_string())?;
         let mut spec = AttachSpec::new(*job, cli.port, mode);
         spec.lock_memory = false;
-        let ep = Endpoint::attach(fd, &spec).map_err(|e| e.to_string())?;
-        return scenarios::run(&ep, scenario.clone()).map_err(|e| e.to_string());
+        let mut ep = Endpoint::attach(fd, &spec).map_err(|e| e.to_string())?;
+        return scenarios::run(&mut ep, scenario.clone()).map_err(|e| e.to_string());
     }
     let fd = Memfd::from_inherited(cli.fd).map_err(|e| e.to_string())?;
     let region = Region::attach(&fd, true, false).map_err(|e| e.to_string())?;
