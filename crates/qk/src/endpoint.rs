@@ -65,17 +65,17 @@ pub enum PrivatePath {
 
 /// First-fit allocator over the rank's part of the job heap (offsets relative to the part).
 #[derive(Debug)]
-struct HeapAlloc {
+pub(crate) struct HeapAlloc {
     free: Vec<(u64, u64)>,
 }
 
 impl HeapAlloc {
-    fn new(total: u64) -> Self {
+    pub(crate) fn new(total: u64) -> Self {
         HeapAlloc {
             free: vec![(0, total)],
         }
     }
-    fn alloc(&mut self, len: u64) -> Option<u64> {
+    pub(crate) fn alloc(&mut self, len: u64) -> Option<u64> {
         let len = len.max(1).div_ceil(64) * 64;
         let i = self.free.iter().position(|&(_, l)| l >= len)?;
         let (o, l) = self.free[i];
@@ -86,7 +86,7 @@ impl HeapAlloc {
         }
         Some(o)
     }
-    fn free(&mut self, off: u64, len: u64) {
+    pub(crate) fn free(&mut self, off: u64, len: u64) {
         let len = len.max(1).div_ceil(64) * 64;
         let i = self.free.partition_point(|&(o, _)| o < off);
         self.free.insert(i, (off, len));
@@ -501,18 +501,18 @@ impl Endpoint {
             .map_err(|e| QkError::Portals(e.to_string()))?;
         let hdr = hdr_from_wire(&plan.header);
         let len = plan.body.len();
-        if len <= g.region.eager_max as u64 && plan.body.is_contiguous() {
+        let local_dst = g.region.port_of_rank(a.target.rank);
+        if let (true, Some(d)) = (
+            len <= g.region.eager_max as u64 && plan.body.is_contiguous(),
+            local_dst,
+        ) {
             // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
-            let dst = g.region.port_of_rank(a.target.rank);
             let first = plan.body.first();
             let inner = &mut *g;
-            let sent = match dst {
-                Some(d) => inner
-                    .mem
-                    .with_slice(first.addr, first.len, |s| inner.port.try_send(d, &hdr, s)),
-                None => None,
-            };
-            match sent {
+            match inner
+                .mem
+                .with_slice(first.addr, first.len, |s| inner.port.try_send(d, &hdr, s))
+            {
                 Some(true) => {
                     inner
                         .engine
@@ -539,7 +539,7 @@ impl Endpoint {
                 .map_err(|e| QkError::Portals(e.to_string()))?;
             return Ok(());
         }
-        let (mut hdr, body) = g.large_source(hdr, &plan.body, Some(plan))?;
+        let (mut hdr, body) = g.large_source(hdr, &plan.body, Some(plan), a.target.rank)?;
         hdr.flags |= body.1;
         drop(g);
         self.send_blocking(a.target.rank, &hdr, &body.0, inline)
@@ -573,11 +573,6 @@ impl Endpoint {
                 world: self.world_size(),
             });
         }
-        if self.shared.region.port_of_rank(r).is_none() {
-            return Err(QkError::Transport(format!(
-                "rank {r} is on another node; this endpoint's node has no inter-node engine attached"
-            )));
-        }
         Ok(())
     }
 
@@ -589,20 +584,18 @@ impl Endpoint {
         body: &[u8],
         inline: bool,
     ) -> Result<(), QkError> {
-        let dst = self
-            .shared
-            .region
-            .port_of_rank(dst_rank)
-            .ok_or(QkError::NoSuchRank {
+        if dst_rank >= self.world_size() {
+            return Err(QkError::NoSuchRank {
                 rank: dst_rank,
                 world: self.world_size(),
-            })?;
+            });
+        }
         let mut waited = false;
         let start = Instant::now();
         loop {
             {
                 let mut g = self.lock();
-                if g.port.try_send(dst, hdr, body) {
+                if g.port.send_to_rank(dst_rank, hdr, body) {
                     return Ok(());
                 }
                 if !waited {
@@ -805,7 +798,7 @@ fn coproc_loop(sh: &Shared) {
 }
 
 /// Fabric header from a portals header (the job and destination are implied by the queue).
-pub(crate) fn hdr_from_wire(h: &WireHeader) -> Hdr {
+pub fn hdr_from_wire(h: &WireHeader) -> Hdr {
     let mut flags = 0;
     if h.flags & portals::flags::ACK_REQ != 0 {
         flags |= flag::ACK_REQ;
@@ -834,7 +827,7 @@ pub(crate) fn hdr_from_wire(h: &WireHeader) -> Hdr {
 }
 
 /// Portals header from a fabric header that arrived from `src` for `dst`.
-pub(crate) fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
+pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
     let (opv, rlength, return_offset) = match h.op {
         op::PUT => (Op::Put, h.length, h.aux),
         op::GET => (Op::Get, h.length, h.aux),
@@ -867,14 +860,14 @@ pub(crate) fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHea
 }
 
 /// Where the payload of a large message is: (flag bit, reference, token).
-fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
+pub(crate) fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(LARGE_REF);
     v.extend_from_slice(&addr.to_le_bytes());
     v.extend_from_slice(&token.to_le_bytes());
     v
 }
 
-fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
     if b.len() < LARGE_REF {
         return None;
     }
@@ -914,7 +907,10 @@ impl Inner {
         hdr: Hdr,
         body: &portals::Body,
         plan: Option<SendPlan>,
+        dst_rank: u32,
     ) -> Result<(Hdr, (Vec<u8>, u8)), QkError> {
+        // Cross-memory attach only works on this node; the node engine reads the heap instead.
+        let remote_ok_cma = self.region.port_of_rank(dst_rank).is_some();
         let token = self.next_token;
         self.next_token += 1;
         let first = body.first();
@@ -924,6 +920,7 @@ impl Inner {
             return Ok((hdr, (encode_ref(first.addr - map_base, token), flag::HEAP)));
         }
         if body.is_contiguous()
+            && remote_ok_cma
             && self.private_path == PrivatePath::CrossMemoryAttach
             && self.mem.owns(first.addr, first.len)
         {
@@ -956,11 +953,7 @@ impl Inner {
 
     fn flush(&mut self) {
         while let Some(p) = self.out.front() {
-            let Some(dst) = self.region.port_of_rank(p.dst_rank) else {
-                self.out.pop_front();
-                continue;
-            };
-            if !self.port.try_send(dst, &p.hdr, &p.body) {
+            if !self.port.send_to_rank(p.dst_rank, &p.hdr, &p.body) {
                 break;
             }
             self.out.pop_front();
@@ -1061,10 +1054,8 @@ impl Ctx<'_> {
         };
         // 3. Large references must point into the sender's own part of the heap.
         if let (Some((addr, _)), true) = (lref, h.flags & flag::HEAP != 0) {
-            let Some(sp) = self.region.port_of_rank(h.src) else {
-                return self.drop_msg(DropReason::BadReference);
-            };
-            let base = self.region.layout.heap(sp);
+            // The part of the queue's owner: a local rank's own part, or the node engine's staging part.
+            let base = self.region.layout.heap(m.from);
             let ok = addr >= base
                 && addr
                     .checked_add(h.length)
@@ -1126,10 +1117,7 @@ impl Ctx<'_> {
                             self.mem.write(s.addr, src)
                         }
                         Some((src, _)) => {
-                            let pid = self
-                                .region
-                                .pid(self.region.port_of_rank(h.src).unwrap_or(0))
-                                as i32;
+                            let pid = self.region.pid(m.from) as i32;
                             self.mem
                                 .cma_into(s.addr, s.len, pid, src + s.msg_offset)
                                 .is_ok()
@@ -1198,7 +1186,10 @@ impl Ctx<'_> {
                             hdr,
                             body: encode_ref(first.addr - map_base, 0),
                         });
-                    } else if plan.body.is_contiguous() && self.mem.owns(first.addr, first.len) {
+                    } else if plan.body.is_contiguous()
+                        && self.region.port_of_rank(h.src).is_some()
+                        && self.mem.owns(first.addr, first.len)
+                    {
                         hdr.flags |= flag::CMA;
                         self.out.push_back(Pending {
                             dst_rank: h.src,

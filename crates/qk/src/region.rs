@@ -6,9 +6,10 @@
 //!              doorbell futex word, sleeping flag, counters
 //! ring_off     P*P rings (P = L+1), ring (src, dst) at index src*P+dst: a 64-byte line holding the
 //!              consumer's head, then `ring_cap` bytes of records
-//! heap_off     the job-shared heap: `heap_per_rank` bytes per local rank, each rank allocates only
-//!              from its own part; every rank maps all of it, so a receiver copies a large message
-//!              straight from the sender's buffer with one memcpy
+//! heap_off     the job-shared heap: `heap_per_rank` bytes per port (local ranks, then the node
+//!              engine's staging part); each allocates only from its own part; every rank maps all
+//!              of it, so a receiver copies a large message straight from the sender's buffer with
+//!              one memcpy
 //! ```
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -99,7 +100,7 @@ impl Layout {
         let total = heap_off
             .checked_add(
                 heap_per_rank
-                    .checked_mul(local as u64)
+                    .checked_mul(ports as u64)
                     .ok_or_else(|| QkError::BadSpec("heap too large".into()))?,
             )
             .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
@@ -301,6 +302,16 @@ impl Region {
     /// The node-engine port number.
     pub fn engine_port(&self) -> u32 {
         self.layout.local
+    }
+
+    /// The port a record for world rank `rank` goes to: the rank's own port on this node, or the
+    /// node engine's port for a rank elsewhere (None = not in the job).
+    pub fn route(&self, rank: u32) -> Option<u32> {
+        match self.port_of_rank(rank) {
+            Some(p) => Some(p),
+            None if rank < self.world => Some(self.engine_port()),
+            None => None,
+        }
     }
 
     /// Local port of a world rank, if it lives on this node.
