@@ -622,6 +622,15 @@ impl Endpoint {
         self.start_engine()?;
         let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
+        // Events already queued first: one progress pass delivers a whole batch of records, the
+        // following calls just hand out its events.
+        if let Some(ev) = g
+            .engine
+            .eq_get(eq)
+            .map_err(|e| QkError::Portals(e.to_string()))?
+        {
+            return Ok(Some(ev));
+        }
         if inline {
             g.progress(256);
         }
@@ -633,6 +642,9 @@ impl Endpoint {
     /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
     /// busy-poll of unbounded length on the application's core).
     pub fn eq_wait(&mut self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
+        if let Some(ev) = self.eq_poll(eq)? {
+            return Ok(ev);
+        }
         let start = Instant::now();
         let coproc = self.mode == CpuMode::MsgCoproc;
         let mut polls = 0u32;
@@ -977,7 +989,9 @@ impl Inner {
             heap,
             ..
         } = self;
+        let me_port = port.me();
         let mut ctx = Ctx {
+            me_port,
             region,
             me: *me,
             engine,
@@ -996,6 +1010,7 @@ impl Inner {
 
 /// The pieces of [`Inner`] the delivery path needs while the port is borrowed by the poll.
 struct Ctx<'a> {
+    me_port: u32,
     region: &'a Region,
     me: ProcessId,
     engine: &'a mut PortalsEngine,
@@ -1011,7 +1026,7 @@ impl Ctx<'_> {
     }
 
     fn me_port(&self) -> u32 {
-        self.region.port_of_rank(self.me.rank).unwrap_or(0)
+        self.me_port
     }
 
     /// Validates and delivers one record.
