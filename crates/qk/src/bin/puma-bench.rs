@@ -38,6 +38,10 @@ struct Cli {
     /// Our progress modes to run (comma list of heater,msg-coproc).
     #[arg(long, default_value = "heater,msg-coproc")]
     modes: String,
+    /// Compare over TCP instead: ours through two node engines on loopback, the peers with their
+    /// TCP transports forced (MPICH: MPIR_CVAR_CH3_NOLOCAL=1; Open MPI: --mca btl tcp,self).
+    #[arg(long)]
+    tcp: bool,
     /// Scale iteration counts (0.1 = a quick look).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
@@ -119,6 +123,8 @@ fn human(n: u64) -> String {
 #[derive(Clone)]
 enum Contender {
     Ours(CpuMode),
+    /// Ours with the two ranks on two "nodes" joined by node engines over TCP (loopback).
+    OursTcp(CpuMode),
     Mpi {
         name: &'static str,
         bin: PathBuf,
@@ -131,11 +137,19 @@ impl Contender {
     fn name(&self) -> String {
         match self {
             Contender::Ours(m) => format!("qk {m}"),
+            Contender::OursTcp(m) => format!("qk tcp {m}"),
             Contender::Mpi { name, .. } => name.to_string(),
         }
     }
     fn is_peer(&self) -> bool {
         matches!(self, Contender::Mpi { .. })
+    }
+    fn is_tcp(&self) -> bool {
+        match self {
+            Contender::OursTcp(_) => true,
+            Contender::Mpi { name, .. } => name.contains("TCP"),
+            Contender::Ours(_) => false,
+        }
     }
 }
 
@@ -169,16 +183,27 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 fn bench_main(cli: &Cli) -> R<()> {
     let mut contenders = Vec::new();
     for m in cli.modes.split(',').filter(|s| !s.is_empty()) {
-        contenders.push(Contender::Ours(m.parse()?));
+        let mode: CpuMode = m.parse()?;
+        contenders.push(if cli.tcp {
+            Contender::OursTcp(mode)
+        } else {
+            Contender::Ours(mode)
+        });
     }
     let mpich = cli.peers.join("mpi_peer.mpich");
     let ompi = cli.peers.join("mpi_peer.openmpi");
     if mpich.exists() && which("mpirun.mpich") {
         contenders.push(Contender::Mpi {
             name: "MPICH",
-            bin: mpich,
+            bin: mpich.clone(),
             launcher: "mpirun.mpich",
             extra: vec!["-bind-to", "core"],
+        });
+        contenders.push(Contender::Mpi {
+            name: "MPICH TCP",
+            bin: mpich,
+            launcher: "mpirun.mpich",
+            extra: vec!["-bind-to", "core", "-env", "MPIR_CVAR_CH3_NOLOCAL", "1"],
         });
     } else {
         println!(
@@ -192,6 +217,19 @@ fn bench_main(cli: &Cli) -> R<()> {
             bin: ompi.clone(),
             launcher: "mpirun.openmpi",
             extra: vec!["--allow-run-as-root", "--bind-to", "core"],
+        });
+        contenders.push(Contender::Mpi {
+            name: "Open MPI TCP",
+            bin: ompi.clone(),
+            launcher: "mpirun.openmpi",
+            extra: vec![
+                "--allow-run-as-root",
+                "--bind-to",
+                "core",
+                "--mca",
+                "btl",
+                "tcp,self",
+            ],
         });
         contenders.push(Contender::Mpi {
             name: "Open MPI no-CMA",
@@ -212,6 +250,7 @@ fn bench_main(cli: &Cli) -> R<()> {
             ompi.display()
         );
     }
+    contenders.retain(|c| c.is_tcp() == cli.tcp);
     let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
     let mut ms = Vec::new();
     if cli.only.contains("lat") {
@@ -337,6 +376,7 @@ fn which(cmd: &str) -> bool {
 fn run_one(c: &Contender, m: &Measure) -> R<f64> {
     match c {
         Contender::Ours(mode) => run_ours(*mode, m),
+        Contender::OursTcp(mode) => run_ours_tcp(*mode, m),
         Contender::Mpi {
             bin,
             launcher,
@@ -428,6 +468,86 @@ fn run_ours(mode: CpuMode, m: &Measure) -> R<f64> {
     parse_result(&outs[0], m)
 }
 
+fn run_ours_tcp(mode: CpuMode, m: &Measure) -> R<f64> {
+    use qk::tcp::{NodeEngine, NodeEngineSpec};
+    let listeners = [
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    ];
+    let addrs = [listeners[0].local_addr()?, listeners[1].local_addr()?];
+    let mut fabs = Vec::new();
+    for node in 0..2u32 {
+        let mut spec = JobFabricSpec::new(78, 2, vec![node], mode);
+        spec.node_id = node;
+        spec.heap_bytes_per_rank = 4 * m.size.max(1 << 16) + (8 << 20);
+        spec.lock_memory = false;
+        fabs.push(NodeFabric::create(&spec)?);
+    }
+    let mut starting = Vec::new();
+    for (node, l) in listeners.into_iter().enumerate() {
+        let fd = fabs[node].dup_fd()?;
+        let spec = NodeEngineSpec {
+            job_id: 78,
+            node_id: node as u32,
+            listen: addrs[node],
+            peers: vec![(1 - node as u32, addrs[1 - node])],
+            rank_node: vec![0, 1],
+            cluster_key: b"puma-bench".to_vec(),
+            connect_timeout: Duration::from_secs(10),
+        };
+        starting.push(std::thread::spawn(move || {
+            NodeEngine::with_listener(fd, spec, l)
+        }));
+    }
+    let mut engines = Vec::new();
+    for t in starting {
+        let e = t.join().map_err(|_| "engine start panicked")??;
+        engines.push(e.spawn()?);
+    }
+    let exe = std::env::current_exe()?;
+    let cpus = qk::sys::allowed_cpus();
+    let mut kids = Vec::new();
+    for (node, fab) in fabs.iter().enumerate() {
+        let fd = fab.prepare_child_fd()?;
+        let mut c = Command::new(&exe);
+        c.args([
+            "rank",
+            "--fd",
+            &fd.to_string(),
+            "--port",
+            "0",
+            "--job",
+            "78",
+            "--mode",
+            mode.as_str(),
+        ]);
+        c.args([
+            "--what",
+            m.what,
+            "--size",
+            &m.size.to_string(),
+            "--iters",
+            &m.iters.to_string(),
+        ]);
+        c.args(["--window", &m.window.to_string()]);
+        if cpus.len() >= 2 {
+            c.args(["--cpu", &cpus[node].to_string()]);
+        }
+        kids.push(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
+    }
+    let mut outs = Vec::new();
+    for k in kids {
+        outs.push(k.wait_with_output()?);
+    }
+    for e in engines {
+        e.stop()?;
+    }
+    if !outs[1].status.success() {
+        return Err(format!("rank 1: {}", String::from_utf8_lossy(&outs[1].stderr)).into());
+    }
+    parse_result(&outs[0], m)
+}
+
 const P_DATA: u32 = 1;
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -455,7 +575,8 @@ fn rank_main(
             ..AttachSpec::new(job, port, mode)
         },
     )?;
-    let peer = ProcessId::new(job, 1 - port);
+    let me = ep.rank();
+    let peer = ProcessId::new(job, 1 - me);
     let sbuf = ep.alloc_shared(size.max(8))?;
     let rbuf = ep.alloc_shared(size.max(8))?;
     let pe = |e: qk::portals::Error| QkError::Portals(e.to_string());
@@ -507,7 +628,7 @@ fn rank_main(
         }
     };
     // Start-up handshake: rank 1 announces it is ready; rank 0 answers (both portals are set up).
-    if port == 1 {
+    if me == 1 {
         put(&mut ep, 0, 9)?;
         wait_put(&mut ep)?;
     } else {
@@ -521,7 +642,7 @@ fn rank_main(
             if i == warm {
                 t0 = Instant::now();
             }
-            if port == 0 {
+            if me == 0 {
                 put(&mut ep, size, 1)?;
                 wait_put(&mut ep)?;
             } else {
@@ -529,7 +650,7 @@ fn rank_main(
                 put(&mut ep, size, 1)?;
             }
         }
-        if port == 0 {
+        if me == 0 {
             println!(
                 "lat {size} {:.1}",
                 t0.elapsed().as_nanos() as f64 / iters as f64 / 2.0
@@ -540,7 +661,7 @@ fn rank_main(
             if i == warm {
                 t0 = Instant::now();
             }
-            if port == 0 {
+            if me == 0 {
                 for _ in 0..window {
                     put(&mut ep, size, 2)?;
                 }
@@ -552,7 +673,7 @@ fn rank_main(
                 put(&mut ep, 0, 3)?;
             }
         }
-        if port == 0 {
+        if me == 0 {
             let t = t0.elapsed().as_secs_f64();
             let msgs = (iters * window) as f64;
             if what == "bw" {
