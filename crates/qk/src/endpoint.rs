@@ -650,7 +650,16 @@ impl Endpoint {
     /// Takes the next event from `eq`, if any (makes progress first in inline mode).
     pub fn eq_poll(&mut self, eq: EqHandle) -> Result<Option<Event>, QkError> {
         self.start_engine()?;
-        let inline = self.mode != CpuMode::MsgCoproc;
+        // In co-processor mode the engine thread normally does the work; if it has gone to sleep
+        // (idle, or its core is busy with someone else), the waiting application makes the
+        // progress itself rather than pay the thread's wake-up.
+        let inline = self.mode != CpuMode::MsgCoproc
+            || self
+                .shared
+                .region
+                .sleeping(self.shared.port)
+                .load(Ordering::Relaxed)
+                != 0;
         let mut g = self.lock();
         // Events already queued first: one progress pass delivers a whole batch of records, the
         // following calls just hand out its events.
