@@ -863,6 +863,28 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// Decode the header at the start of `bytes` and deliver it. Unlike
+    /// [`Engine::decode`] followed by [`Engine::deliver`], a header that
+    /// fails to decode is counted as a drop ([`DropReason::BadHeader`] or
+    /// [`DropReason::InvalidPortal`]). Returns the header with the plan,
+    /// since descriptors that save headers need its bytes.
+    pub fn deliver_bytes(&mut self, bytes: &[u8]) -> Result<(WireHeader, DeliveryPlan), Dropped> {
+        match WireHeader::decode(bytes, &self.limits) {
+            Ok(h) => self.deliver(&h).map(|p| (h, p)),
+            Err(e) => {
+                let reason = match e {
+                    HeaderError::Portal { .. } => DropReason::InvalidPortal,
+                    _ => DropReason::BadHeader,
+                };
+                self.counters.drops[reason as usize] += 1;
+                Err(Dropped {
+                    header: Some(e),
+                    ..Dropped::bare(reason)
+                })
+            }
+        }
+    }
+
     #[inline]
     fn deliver_target(&mut self, h: &WireHeader) -> Result<DeliveryPlan, Dropped> {
         let is_get = h.op == Op::Get;
@@ -918,22 +940,23 @@ impl<S: Store> Engine<S> {
             }
             Target::List { head, .. } => {
                 let mut cur = head;
-                let mut steps = 0u32;
+                // The list order (first link) is acyclic by construction, so
+                // only explicit jumps (second and third links) can loop. A
+                // finite search jumps at most once per entry: placement has
+                // no side effect on a miss, so revisiting an entry after a
+                // jump means the search would never end.
+                let mut jumps = 0u32;
                 let mut miss = DropReason::NoMatch;
+                let entries: &[EntrySlot] = t.entries;
                 let found = loop {
-                    if cur == NIL {
-                        break None;
-                    }
-                    if steps > max_steps {
-                        miss = DropReason::LinkLoop;
-                        break None;
-                    }
-                    steps += 1;
-                    let e = &t.entries[cur as usize];
-                    if !e.matches(h) {
-                        cur = e.next;
-                        continue;
-                    }
+                    // Hot loop: skip entries that do not match.
+                    let e = loop {
+                        match entries.get(cur as usize) {
+                            Some(e) if !e.matches(h) => cur = e.next,
+                            other => break other,
+                        }
+                    };
+                    let Some(e) = e else { break None };
                     let mdh = e.md;
                     let link = match t.mds.get_mut(mdh.idx as usize) {
                         Some(slot) if slot.is(mdh) => {
@@ -957,10 +980,17 @@ impl<S: Store> Engine<S> {
                     cur = match link {
                         Link::Next => e.next,
                         Link::End => NIL,
-                        Link::Entry(to) => match t.entries.get(to.idx as usize) {
-                            Some(x) if x.is(to) && x.portal == h.portal => to.idx,
-                            _ => NIL,
-                        },
+                        Link::Entry(to) => {
+                            jumps += 1;
+                            if jumps > max_steps {
+                                miss = DropReason::LinkLoop;
+                                break None;
+                            }
+                            match entries.get(to.idx as usize) {
+                                Some(x) if x.is(to) && x.portal == h.portal => to.idx,
+                                _ => NIL,
+                            }
+                        }
                     };
                 };
                 match found {
@@ -1060,7 +1090,7 @@ impl<S: Store> Engine<S> {
             Response::None
         };
         self.counters.delivered += 1;
-        self.counters.bytes += p.mlength;
+        self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
         Ok(DeliveryPlan {
             op: h.op,
             portal: h.portal,
@@ -1129,7 +1159,7 @@ impl<S: Store> Engine<S> {
             self.counters.eq_overflows += 1;
         }
         self.counters.delivered += 1;
-        self.counters.bytes += p.mlength;
+        self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
         Ok(DeliveryPlan {
             op: Op::Reply,
             portal: h.portal,

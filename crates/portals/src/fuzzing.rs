@@ -246,9 +246,25 @@ pub fn run(data: &[u8]) {
                         raw[56..64].copy_from_slice(&k.md.to_cookie().to_le_bytes());
                     }
                 }
-                let Ok(h) = e.decode(&raw) else { continue };
                 let before = *e.counters();
-                match e.deliver(&h) {
+                // Odd ops go through decode + deliver, even ones through
+                // deliver_bytes (which also counts undecodable headers).
+                let result = if op & 1 == 1 {
+                    match e.decode(&raw) {
+                        Ok(h) => e.deliver(&h),
+                        Err(_) => continue,
+                    }
+                } else {
+                    e.deliver_bytes(&raw).map(|(h, p)| {
+                        assert_eq!(
+                            h.encode(),
+                            raw,
+                            "decoded header must re-encode to its bytes"
+                        );
+                        p
+                    })
+                };
+                match result {
                     Ok(plan) => {
                         assert!(plan.mlength <= plan.rlength, "mlength > rlength");
                         assert_eq!(plan.body.len(), plan.mlength, "body length != mlength");

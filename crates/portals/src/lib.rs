@@ -139,6 +139,11 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
+//! `examples/fabric.rs` runs the same protocol with real bytes: two
+//! engines, two byte vectors as memory, and a loop that carries headers and
+//! performs the copies the plans describe (`cargo run -p portals --example
+//! fabric`).
+//!
 //! # Room for Portals 4
 //!
 //! * Op codes 5..=31 are reserved in [`Op`] for atomics, fetch-atomics and
@@ -181,6 +186,8 @@ mod store;
 mod types;
 mod wire;
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;
 

@@ -94,26 +94,29 @@ pub enum Position {
 }
 
 /// Match entry slot (opaque; public only so callers can provide storage).
+/// `repr(C)` with the fields the match loop reads first, so that they share
+/// a cache line.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub struct EntrySlot {
-    pub(crate) gen: u32,
-    pub(crate) live: bool,
-    pub(crate) portal: u32,
-    pub(crate) group: u32,
-    pub(crate) rank: u32,
     pub(crate) bits: u64,
     pub(crate) care: u64,
-    pub(crate) md: MdHandle,
+    pub(crate) group: u32,
+    pub(crate) rank: u32,
     /// First link: next entry on no match (list order). Also the free-list link.
     pub(crate) next: u32,
+    pub(crate) gen: u32,
+    pub(crate) md: MdHandle,
+    pub(crate) portal: u32,
     pub(crate) prev: u32,
+    pub(crate) uses: u32,
+    /// 0 means never unlink.
+    pub(crate) threshold: u32,
     /// Second link: message too long for the descriptor.
     pub(crate) too_long: Link,
     /// Third link: descriptor not valid.
     pub(crate) invalid: Link,
-    pub(crate) uses: u32,
-    /// 0 means never unlink.
-    pub(crate) threshold: u32,
+    pub(crate) live: bool,
 }
 
 impl EntrySlot {

@@ -46,7 +46,9 @@ pub struct MdOptions {
     pub get: bool,
     /// Send an acknowledgment when a put asks for one.
     pub ack: bool,
-    /// Deposit what fits instead of refusing a message that is too long.
+    /// Deposit what fits instead of refusing a message that is too long
+    /// (single, independent and combined blocks; a dynamic descriptor
+    /// always allocates the whole message or refuses it).
     pub truncate: bool,
 }
 

@@ -1329,3 +1329,66 @@ fn section_7_7_protocol_preposted_unexpected_and_header_only() {
     );
     assert_eq!(recv.counters().total_drops(), 0);
 }
+
+#[test]
+fn independent_blocks_serve_gets_one_block_each() {
+    let mut e = engine();
+    open(&mut e, 0);
+    let b = blocks3();
+    let m = md(
+        &mut e,
+        MdKind::Independent {
+            blocks: &b,
+            circular: false,
+            save: Save::Both,
+        },
+        MdOptions::GET.truncating(),
+    );
+    e.portal_attach_md(0, m).unwrap();
+    // Reads start at the block (no header on the read side), the sender's
+    // offset is ignored, and a long read is truncated to the block.
+    let p = e.deliver(&get(0, 999, 50)).unwrap();
+    assert_eq!(
+        (p.body.first(), p.header_at, p.md_offset),
+        (Region::new(0x1000, 50), None, 0)
+    );
+    let p = e.deliver(&get(0, 0, 150)).unwrap();
+    assert_eq!(
+        (p.body.first(), p.truncated),
+        (Region::new(0x2000, 100), true)
+    );
+    let Response::Reply(r) = p.response else {
+        panic!("reply expected")
+    };
+    assert_eq!((r.length, r.rlength, r.truncated()), (100, 150, true));
+    assert_eq!(drop_reason(&mut e, &put(0, 0, 1)), DropReason::InvalidMd);
+}
+
+#[test]
+fn deliver_bytes_counts_undecodable_headers() {
+    let mut e = engine();
+    open(&mut e, 0);
+    let m = sink(&mut e, 0x100, 100);
+    e.portal_attach_md(0, m).unwrap();
+    let (h, p) = e.deliver_bytes(&put(0, 0, 10).encode()).unwrap();
+    assert_eq!((h.length, p.body.first()), (10, Region::new(0x100, 10)));
+    let d = e.deliver_bytes(&[1, 2, 3]).unwrap_err();
+    assert_eq!(
+        (d.reason, d.header),
+        (DropReason::BadHeader, Some(HeaderError::Short(3)))
+    );
+    let mut raw = put(0, 0, 10).encode();
+    raw[4] = 200; // portal 200 of 16
+    assert_eq!(
+        e.deliver_bytes(&raw).unwrap_err().reason,
+        DropReason::InvalidPortal
+    );
+    raw[4] = 0;
+    raw[1] = 17; // unknown op
+    assert_eq!(
+        e.deliver_bytes(&raw).unwrap_err().reason,
+        DropReason::BadHeader
+    );
+    assert_eq!(e.counters().drops(DropReason::BadHeader), 2);
+    assert_eq!(e.counters().drops(DropReason::InvalidPortal), 1);
+}

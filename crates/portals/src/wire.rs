@@ -8,7 +8,7 @@
 //! | 0      | 1    | `version`       | [`WIRE_VERSION`]                                         |
 //! | 1      | 1    | `op`            | [`Op`] code                                              |
 //! | 2      | 2    | `flags`         | [`flags::ACK_REQ`], [`flags::TRUNCATED`]                 |
-//! | 4      | 4    | `portal`        | portal table index at the target                         |
+//! | 4      | 4    | `portal`        | portal table index at the target (checked for put/get)   |
 //! | 8      | 8    | `src`           | sender group id, rank                                    |
 //! | 16     | 8    | `dst`           | receiver group id, rank                                  |
 //! | 24     | 8    | `match_bits`    | 64 match bits                                            |
@@ -269,7 +269,10 @@ impl WireHeader {
                 op: self.op,
             });
         }
-        if self.portal >= limits.portals {
+        // Replies and acks carry the target's portal index for information
+        // only; the initiator's table may be smaller.
+        let targets_portal = matches!(self.op, Op::Put | Op::Get);
+        if targets_portal & (self.portal >= limits.portals) {
             return Err(HeaderError::Portal {
                 portal: self.portal,
                 limit: limits.portals,
@@ -423,6 +426,13 @@ mod tests {
         assert!(bad(&|h| {
             h.return_md = NO_MD;
             h.flags = 0
+        })
+        .is_ok());
+        // A reply or ack may name a portal beyond the initiator's table.
+        assert!(bad(&|h| {
+            h.op = Op::Ack;
+            h.flags = 0;
+            h.portal = 1000
         })
         .is_ok());
         // Ack may report fewer bytes than requested, never more.

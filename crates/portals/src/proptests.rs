@@ -1,0 +1,393 @@
+//! Property tests: the engine against a small reference model of matching
+//! and deposit, and the fuzz body driven by random bytes.
+
+use crate::*;
+use proptest::prelude::*;
+use std::vec::Vec;
+
+const ME: ProcessId = ProcessId::new(1, 0);
+
+#[derive(Clone, Debug)]
+enum ModelMd {
+    /// Receiver-managed single block.
+    Single {
+        cap: u64,
+        truncate: bool,
+        local: u64,
+    },
+    /// Heap of `cap` bytes holding at most `max` messages, body only.
+    Heap {
+        cap: u64,
+        max: usize,
+        allocs: Vec<(u64, u64)>,
+    },
+}
+
+#[derive(Clone, Debug)]
+struct ModelEntry {
+    group: u32,
+    rank: u32,
+    bits: u64,
+    ignore: u64,
+    threshold: Option<u32>,
+    uses: u32,
+    md: ModelMd,
+    /// The descriptor was released (the third link applies).
+    md_valid: bool,
+    /// Second link (too long) and third link (invalid descriptor).
+    too_long: MLink,
+    invalid: MLink,
+    /// Index into the engine-side handle table.
+    id: usize,
+}
+
+/// A link in the model: forward jumps only (to an entry with a larger id),
+/// so the model needs no cycle detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MLink {
+    Next,
+    End,
+    To(usize),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Outcome {
+    Delivered {
+        id: usize,
+        offset: u64,
+        mlength: u64,
+        truncated: bool,
+        unlinked: bool,
+    },
+    Dropped(DropReason),
+}
+
+/// The reference: walk entries in order; the first that matches and whose
+/// descriptor takes the message wins; a descriptor that is too small sends
+/// the search on (default second link).
+fn model_deliver(list: &mut Vec<ModelEntry>, src: ProcessId, bits: u64, len: u64) -> Outcome {
+    let mut miss = DropReason::NoMatch;
+    let mut i = 0;
+    while i < list.len() {
+        let follow = |link: MLink, list: &Vec<ModelEntry>| match link {
+            MLink::Next => Some(i + 1),
+            MLink::End => None,
+            MLink::To(id) => list.iter().position(|x| x.id == id),
+        };
+        let e = &mut list[i];
+        let hit = (e.group == ANY || e.group == src.group)
+            && (e.rank == ANY || e.rank == src.rank)
+            && (e.bits & !e.ignore) == (bits & !e.ignore);
+        if !hit {
+            i += 1;
+            continue;
+        }
+        if !e.md_valid {
+            miss = DropReason::InvalidMd;
+            let link = e.invalid;
+            match follow(link, list) {
+                Some(j) => i = j,
+                None => break,
+            }
+            continue;
+        }
+        let placed = match &mut e.md {
+            ModelMd::Single {
+                cap,
+                truncate,
+                local,
+            } => {
+                let avail = *cap - *local;
+                if len <= avail {
+                    let at = *local;
+                    *local += len;
+                    Some((at, len, false))
+                } else if *truncate {
+                    let at = *local;
+                    *local = *cap;
+                    Some((at, avail, true))
+                } else {
+                    None
+                }
+            }
+            ModelMd::Heap { cap, max, allocs } => {
+                let need = len.max(1).div_ceil(8) * 8;
+                if allocs.len() == *max {
+                    None
+                } else {
+                    // Lowest address where `need` bytes are free.
+                    let mut starts: Vec<u64> = allocs.iter().map(|(o, l)| o + l).collect();
+                    starts.push(0);
+                    starts.sort();
+                    let at = starts.into_iter().find(|&c| {
+                        c + need <= *cap && allocs.iter().all(|&(o, l)| c + need <= o || o + l <= c)
+                    });
+                    at.map(|c| {
+                        allocs.push((c, need));
+                        allocs.sort();
+                        (c, len, false)
+                    })
+                }
+            }
+        };
+        match placed {
+            Some((offset, mlength, truncated)) => {
+                e.uses += 1;
+                let id = e.id;
+                let unlinked = e.threshold.is_some_and(|t| e.uses >= t);
+                if unlinked {
+                    list.remove(i);
+                }
+                return Outcome::Delivered {
+                    id,
+                    offset,
+                    mlength,
+                    truncated,
+                    unlinked,
+                };
+            }
+            None => {
+                miss = DropReason::TooLong;
+                let link = e.too_long;
+                match follow(link, list) {
+                    Some(j) => i = j,
+                    None => break,
+                }
+            }
+        }
+    }
+    Outcome::Dropped(miss)
+}
+
+#[derive(Clone, Debug)]
+struct EntryGen {
+    group: u32,
+    rank: u32,
+    bits: u64,
+    ignore: u64,
+    threshold: Option<u32>,
+    heap: bool,
+    cap: u64,
+    truncate: bool,
+    max: usize,
+    /// 0: next, 1: end, 2+: jump forward by (n - 1) entries.
+    too_long: u8,
+    invalid: u8,
+}
+
+fn entry_gen() -> impl Strategy<Value = EntryGen> {
+    (
+        prop_oneof![Just(ANY), 1u32..3],
+        prop_oneof![Just(ANY), 0u32..3],
+        0u64..4,
+        prop_oneof![Just(0u64), Just(1u64)],
+        prop_oneof![Just(None), (1u32..4).prop_map(Some)],
+        any::<bool>(),
+        0u64..200,
+        any::<bool>(),
+        1usize..4,
+        (0u8..5, 0u8..5),
+    )
+        .prop_map(
+            |(
+                group,
+                rank,
+                bits,
+                ignore,
+                threshold,
+                heap,
+                cap,
+                truncate,
+                max,
+                (too_long, invalid),
+            )| EntryGen {
+                too_long,
+                invalid,
+                group,
+                rank,
+                bits,
+                ignore,
+                threshold,
+                heap,
+                cap,
+                truncate,
+                max,
+            },
+        )
+}
+
+#[derive(Clone, Debug)]
+enum Action {
+    Msg {
+        group: u32,
+        rank: u32,
+        bits: u64,
+        len: u64,
+    },
+    /// Free the `k`-th live allocation of some heap (if any).
+    Free(usize),
+    /// Release the descriptor of entry `k % n`.
+    Release(usize),
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        4 => (1u32..3, 0u32..3, 0u64..4, 0u64..90)
+            .prop_map(|(group, rank, bits, len)| Action::Msg { group, rank, bits, len }),
+        1 => any::<usize>().prop_map(Action::Free),
+        1 => any::<usize>().prop_map(Action::Release),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_matches_reference_model(
+        gens in proptest::collection::vec(entry_gen(), 1..7),
+        actions in proptest::collection::vec(action(), 1..60),
+    ) {
+        let mut e = Engine::new(Config::small(ME)).unwrap();
+        e.portal_set_acl(0, Acl::ALLOW_ALL).unwrap();
+        e.portal_enable(0).unwrap();
+        let mut model = Vec::new();
+        let mut handles = Vec::new();
+        let mut mds = Vec::new();
+        for (id, g) in gens.iter().enumerate() {
+            let base = 0x10_000 * (id as u64 + 1);
+            let (kind, md) = if g.heap {
+                (
+                    MdKind::Dynamic { region: Region::new(base, g.cap), save: Save::Body, max_messages: g.max as u32 },
+                    ModelMd::Heap { cap: g.cap, max: g.max, allocs: Vec::new() },
+                )
+            } else {
+                (
+                    MdKind::Single { region: Region::new(base, g.cap), offset: OffsetMode::Receiver },
+                    ModelMd::Single { cap: g.cap, truncate: g.truncate, local: 0 },
+                )
+            };
+            let options = MdOptions { truncate: g.truncate && !g.heap, ..MdOptions::PUT };
+            let m = e.md_create(&MdSpec { kind, options, eq: None }).unwrap();
+            let mut spec = MatchSpec::new(g.bits).from(g.group, g.rank).ignore(g.ignore);
+            if let Some(t) = g.threshold {
+                spec = spec.threshold(t);
+            }
+            handles.push(e.me_append(0, spec, m).unwrap());
+            mds.push((m, base));
+            model.push(ModelEntry {
+                group: g.group, rank: g.rank, bits: g.bits, ignore: g.ignore,
+                threshold: g.threshold, uses: 0, md, id,
+                md_valid: true, too_long: MLink::Next, invalid: MLink::Next,
+            });
+        }
+        // Links: forward jumps only (they may dangle once the target unlinks
+        // itself; both sides then end the search).
+        let n = gens.len();
+        let to_link = |code: u8, id: usize| match code {
+            0 => (MLink::Next, Link::Next),
+            1 => (MLink::End, Link::End),
+            c => {
+                let j = id + (c as usize - 1);
+                if j < n { (MLink::To(j), Link::Entry(handles[j])) } else { (MLink::End, Link::End) }
+            }
+        };
+        for (id, g) in gens.iter().enumerate() {
+            let (mt, et) = to_link(g.too_long, id);
+            let (mi, ei) = to_link(g.invalid, id);
+            e.me_set_links(handles[id], et, ei).unwrap();
+            model[id].too_long = mt;
+            model[id].invalid = mi;
+        }
+        for a in actions {
+            match a {
+                Action::Msg { group, rank, bits, len } => {
+                    let src = ProcessId::new(group, rank);
+                    let want = model_deliver(&mut model, src, bits, len);
+                    let h = WireHeader {
+                        version: WIRE_VERSION, op: Op::Put, flags: 0, portal: 0, src, dst: ME,
+                        match_bits: bits, offset: 0, length: len, rlength: len,
+                        return_md: NO_MD, return_offset: 0, hdr_data: 0,
+                    };
+                    let got = match e.deliver(&h) {
+                        Ok(p) => {
+                            let id = handles.iter().position(|x| *x == p.entry).unwrap();
+                            prop_assert_eq!(p.md, mds[id].0);
+                            prop_assert_eq!(p.body.first().addr, mds[id].1 + p.md_offset);
+                            prop_assert_eq!(p.body.len(), p.mlength);
+                            Outcome::Delivered {
+                                id,
+                                offset: p.md_offset,
+                                mlength: p.mlength,
+                                truncated: p.truncated,
+                                unlinked: p.unlinked,
+                            }
+                        }
+                        Err(d) => Outcome::Dropped(d.reason),
+                    };
+                    prop_assert_eq!(got, want);
+                }
+                Action::Release(k) => {
+                    let id = k % n;
+                    let released = e.md_release(mds[id].0).is_ok();
+                    for m in model.iter_mut().filter(|m| m.id == id) {
+                        prop_assert_eq!(released, m.md_valid);
+                        m.md_valid = false;
+                        if let ModelMd::Heap { allocs, .. } = &mut m.md {
+                            allocs.clear();
+                        }
+                    }
+                }
+                Action::Free(k) => {
+                    let live: Vec<(usize, u64)> = model
+                        .iter()
+                        .filter_map(|m| match &m.md {
+                            ModelMd::Heap { allocs, .. } => Some(allocs.iter().map(move |a| (m.id, a.0))),
+                            _ => None,
+                        })
+                        .flatten()
+                        .collect();
+                    if live.is_empty() {
+                        continue;
+                    }
+                    let (id, off) = live[k % live.len()];
+                    for m in model.iter_mut().filter(|m| m.id == id) {
+                        if let ModelMd::Heap { allocs, .. } = &mut m.md {
+                            allocs.retain(|a| a.0 != off);
+                        }
+                    }
+                    prop_assert_eq!(e.md_free(mds[id].0, off), Ok(()));
+                }
+            }
+        }
+        let n = e.me_list(0, &mut [MatchHandle::NONE; 0]).unwrap();
+        prop_assert_eq!(n, model.len());
+    }
+
+    #[test]
+    fn fuzz_body_holds_its_invariants_on_random_bytes(
+        data in proptest::collection::vec(any::<u8>(), 0..1500),
+    ) {
+        crate::fuzzing::run(&data);
+    }
+
+    #[test]
+    fn decode_never_panics_and_round_trips(data in proptest::collection::vec(any::<u8>(), 0..100)) {
+        let limits = Limits { portals: 64, max_message: 1 << 40 };
+        if let Ok(h) = WireHeader::decode(&data, &limits) {
+            prop_assert_eq!(&h.encode()[..], &data[..HEADER_LEN]);
+        }
+    }
+}
+
+/// The committed fuzz corpus replays clean (and stays readable).
+#[test]
+fn fuzz_corpus_replays_clean() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/deliver");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let data = std::fs::read(entry.unwrap().path()).unwrap();
+        crate::fuzzing::run(&data);
+        n += 1;
+    }
+    assert!(n >= 5, "expected the committed corpus in {}", dir.display());
+}
