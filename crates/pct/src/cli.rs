@@ -131,6 +131,10 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         .unwrap_or_else(|| std::env::temp_dir().join(format!("puma-pct-{uid}-{name}")));
     std::fs::create_dir_all(&run_dir)
         .map_err(|e| PctError::io(format!("creating {}", run_dir.display()), e))?;
+    let leftovers = crate::job::reap_previous_life(&run_dir);
+    if leftovers > 0 {
+        eprintln!("pct[{name}]: killed {leftovers} process(es) left by an earlier PCT");
+    }
     let node = Arc::new(Node::with_defaults(name, key, &cfg, run_dir.clone()));
     let listener = Arc::new(Listener::bind(&addr)?);
 

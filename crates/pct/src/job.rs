@@ -315,6 +315,11 @@ fn start_and_run(
         });
         // `child` is dropped without waiting: we reap through the pidfd below.
     }
+    let pg: Vec<String> = ranks
+        .iter()
+        .map(|r| r.pid.as_raw_pid().to_string())
+        .collect();
+    let _ = std::fs::write(job_dir.join(PGIDS_FILE), pg.join(" "));
     let _ = sink.send(&FromPct::Started {
         pids: ranks
             .iter()
@@ -477,4 +482,71 @@ pub fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
         rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
     )?;
     Ok((r, w))
+}
+
+/// Kills, by scanning /proc, every process of job `job` whose process group is one
+/// of `pgids` (the ranks' groups), checking the job id in its environment so a
+/// recycled pid is never hit. Used when the PCT that owned the ranks is gone: by
+/// yod for a lost local virtual node, and by a restarted PCT for jobs of its
+/// previous life. Returns how many processes were signalled.
+pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
+    let want = format!("PUMA_JOB={job}");
+    let mut n = 0;
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pgrp is field 5; fields after the command name start at field 3.
+        let pgrp = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().nth(2))
+            .and_then(|v| v.parse::<i32>().ok());
+        if !pgrp.is_some_and(|g| pgids.contains(&g)) {
+            continue;
+        }
+        let ours = std::fs::read(e.path().join("environ"))
+            .map(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes()))
+            .unwrap_or(false);
+        if ours {
+            if let Some(p) = Pid::from_raw(pid) {
+                if rustix::process::kill_process(p, Signal::KILL).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
+/// File in a job directory listing the ranks' process groups.
+pub const PGIDS_FILE: &str = "pgids";
+
+/// Cleans job directories left by an earlier PCT that died without cleaning up:
+/// kills their leftover processes and removes the directories.
+pub fn reap_previous_life(run_dir: &Path) -> usize {
+    let mut killed = 0;
+    let Ok(dir) = std::fs::read_dir(run_dir) else {
+        return 0;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("job-") else {
+            continue;
+        };
+        let job = rest.rsplit_once('-').map_or(rest, |(j, _)| j).to_string();
+        let pgids: Vec<i32> = std::fs::read_to_string(e.path().join(PGIDS_FILE))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        killed += kill_job_leftovers(&job, &pgids);
+        let _ = std::fs::remove_dir_all(e.path());
+    }
+    killed
 }

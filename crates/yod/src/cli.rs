@@ -174,6 +174,7 @@ fn spec_of(cli: &RunCli) -> Result<JobSpec> {
         program,
         args: args.to_vec(),
         verbose: cli.verbose,
+        local: false,
     })
 }
 
@@ -242,6 +243,10 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
             dims: vec![k as u32],
         },
         down: vec![],
+    };
+    let spec = JobSpec {
+        local: true,
+        ..spec
     };
     let out = launch::run(&spec, alloc);
     lp.stop();

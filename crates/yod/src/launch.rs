@@ -48,6 +48,9 @@ pub struct JobSpec {
     pub program: String,
     pub args: Vec<String>,
     pub verbose: bool,
+    /// The nodes are virtual nodes of this machine (embedded partition): if one's
+    /// PCT dies, yod itself kills what its ranks left behind.
+    pub local: bool,
 }
 
 /// An authenticated link to one PCT.
@@ -434,6 +437,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
     let mut code_override: Option<i32> = None;
     let mut teardown: Option<Instant> = None;
     let mut exited = 0u32;
+    let mut pgids: Vec<Vec<i32>> = vec![Vec::new(); k];
     let kill_all = |sig: i32, done: &[bool]| {
         for (i, d) in done.iter().enumerate() {
             if !d {
@@ -488,6 +492,9 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                     }
                 }
             }
+            Ev::Msg(i, FromPct::Started { pids }) => {
+                pgids[i] = pids.iter().map(|(_, p)| *p as i32).collect();
+            }
             Ev::Msg(i, FromPct::JobDone) => done[i] = true,
             Ev::Msg(i, FromPct::Refused { reason }) => {
                 eprintln!("yod: {reason}");
@@ -508,6 +515,9 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                 done[i] = true;
                 lost.push(names[i].clone());
                 eprintln!("yod: node {} lost ({why}); ending job {job}", names[i]);
+                if spec.local {
+                    pct::job::kill_job_leftovers(&job, &pgids[i]);
+                }
                 if code_override.is_none() && first_failure.is_none() {
                     code_override = Some(EXIT_NODE_LOST);
                 }

@@ -122,3 +122,36 @@ pub fn wait_for(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Pids whose environment contains `KEY=VALUE` (our tests mark jobs this way;
+/// ranks, their children, yod and its PCTs all inherit it).
+pub fn procs_with_env(kv: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let me = std::process::id();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(env) = std::fs::read(e.path().join("environ")) {
+            if env.split(|&b| b == 0).any(|v| v == kv.as_bytes()) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// The job id from yod's "ending job ID" / "tearing down job ID" message.
+pub fn job_id_from(stderr: &str) -> Option<String> {
+    stderr
+        .split_whitespace()
+        .skip_while(|w| *w != "job")
+        .nth(1)
+        .map(|s| {
+            s.trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+                .to_string()
+        })
+}
