@@ -44,6 +44,8 @@ pub enum JobCmd {
 pub struct JobCtl {
     pub tx: Sender<JobCmd>,
     pub wake: OwnedFd,
+    /// Set once every rank has been reaped (just before `JobDone`).
+    pub finished: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl JobCtl {
@@ -169,9 +171,10 @@ pub fn run_job(
     sink: Sink,
     cmds: Receiver<JobCmd>,
     wake: OwnedFd,
+    finished: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     let job_dir = node.run_dir.join(format!("job-{}-{}", req.job, req.node));
-    let res = start_and_run(&node, &req, &sink, &cmds, &wake, &job_dir);
+    let res = start_and_run(&node, &req, &sink, &cmds, &wake, &job_dir, finished);
     remove_job_dir(&job_dir);
     if let Err(e) = &res {
         let _ = sink.send(&FromPct::Refused {
@@ -188,6 +191,7 @@ fn start_and_run(
     cmds: &Receiver<JobCmd>,
     wake: &OwnedFd,
     job_dir: &PathBuf,
+    finished: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     std::fs::create_dir_all(job_dir)
         .map_err(|e| PctError::io(format!("creating {}", job_dir.display()), e))?;
@@ -416,6 +420,7 @@ fn start_and_run(
         }
     }
     drop(stdin_tx);
+    finished.store(true, std::sync::atomic::Ordering::Release);
     let _ = sink.send(&FromPct::JobDone);
     drop(resources);
     Ok(())

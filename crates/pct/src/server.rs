@@ -300,7 +300,7 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
         }
     };
     if let Some((ctl, handle, id)) = job.take() {
-        if !handle.is_finished() {
+        if !handle.is_finished() && !ctl.finished.load(Ordering::Acquire) {
             node.log(format!("{reason}; ending job {id}"));
             ctl.send(JobCmd::Kill(Signal::KILL.as_raw()));
         }
@@ -341,18 +341,27 @@ fn admit_and_start(
     let id = req.job.clone();
     let (wake_r, wake_w) = job::wake_pipe()?;
     let (tx, rx) = std::sync::mpsc::channel();
-    let (n, s) = (node.clone(), sink.clone());
+    let finished = Arc::new(AtomicBool::new(false));
+    let (n, s, f) = (node.clone(), sink.clone(), finished.clone());
     let done_node = node.clone();
     let job_id = id.clone();
     let handle = std::thread::Builder::new()
         .name("pct-job".into())
         .spawn(move || {
             // Failures are reported to yod as `Refused`; nothing more to do here.
-            let _ = job::run_job(n, req, s, rx, wake_r);
+            let _ = job::run_job(n, req, s, rx, wake_r, &f);
             if let Ok(mut jobs) = done_node.jobs.lock() {
                 jobs.retain(|j| j.job != job_id);
             }
         })
         .map_err(|e| PctError::io("starting the job thread", e))?;
-    Ok((JobCtl { tx, wake: wake_w }, handle, id))
+    Ok((
+        JobCtl {
+            tx,
+            wake: wake_w,
+            finished,
+        },
+        handle,
+        id,
+    ))
 }
