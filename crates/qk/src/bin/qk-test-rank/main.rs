@@ -1,0 +1,223 @@
+//! Test helper: a rank process used by the multi-process tests (started with the job's memfd).
+//! Not meant for users; `--help` lists the scenarios.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use qk::fabric::{op, Hdr, Port};
+use qk::region::Region;
+use qk::sys::Memfd;
+use qk::{AttachSpec, CpuMode, Endpoint};
+
+#[derive(Parser)]
+#[command(about = "QK test rank: runs one side of a multi-process fabric test")]
+struct Cli {
+    /// Inherited region fd.
+    #[arg(long)]
+    fd: i32,
+    /// This process's port (local rank).
+    #[arg(long)]
+    port: u32,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Send `count` raw checksummed records of random sizes to `to`.
+    RawSend {
+        #[arg(long)]
+        to: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        max: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Receive `count` raw records from `from`, checking order and checksums.
+    RawRecv {
+        #[arg(long)]
+        from: u32,
+        #[arg(long)]
+        count: u64,
+    },
+    /// Portals scenarios through a full endpoint (job id, mode given).
+    Portals {
+        #[arg(long)]
+        job: u32,
+        #[arg(long, default_value = "heater")]
+        mode: String,
+        #[command(subcommand)]
+        scenario: Scenario,
+    },
+}
+
+#[derive(Subcommand, Clone)]
+enum Scenario {
+    /// Target of the descriptor-kind test: exposes every kind, checks what lands.
+    KindsTarget {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        large: u64,
+    },
+    /// Initiator of the descriptor-kind test: puts/gets into every kind, checks acks and replies.
+    KindsInitiator {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        large: u64,
+        #[arg(long, default_value = "bounce")]
+        private_path: String,
+    },
+    /// Streams `count` messages of random sizes (mostly small, some up to `max`) to `peer`.
+    StressSend {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        max: u64,
+        #[arg(long)]
+        seed: u64,
+    },
+    /// Receives the stream, verifying every byte and the order.
+    StressRecv {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        count: u64,
+        #[arg(long)]
+        max: u64,
+        #[arg(long)]
+        seed: u64,
+    },
+    /// Sends forged and corrupted records, then one valid put; expects the target to count drops.
+    Forge {
+        #[arg(long)]
+        peer: u32,
+    },
+    /// Waits for the valid put after the forged ones and prints the drop counters.
+    ForgeTarget {
+        #[arg(long)]
+        peer: u32,
+    },
+}
+
+fn xorshift(s: &mut u64) -> u64 {
+    *s ^= *s << 13;
+    *s ^= *s >> 7;
+    *s ^= *s << 17;
+    *s
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter().fold(0xcbf29ce484222325u64, |h, &x| {
+        (h ^ x as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+fn run(cli: Cli) -> Result<String, String> {
+    if let Cmd::Portals {
+        job,
+        mode,
+        scenario,
+    } = &cli.cmd
+    {
+        let fd = Memfd::from_inherited(cli.fd).map_err(|e| e.to_string())?;
+        let mode: CpuMode = mode.parse().map_err(|e: qk::QkError| e.to_string())?;
+        let mut spec = AttachSpec::new(*job, cli.port, mode);
+        spec.lock_memory = false;
+        let ep = Endpoint::attach(fd, &spec).map_err(|e| e.to_string())?;
+        return scenarios::run(&ep, scenario.clone()).map_err(|e| e.to_string());
+    }
+    let fd = Memfd::from_inherited(cli.fd).map_err(|e| e.to_string())?;
+    let region = Region::attach(&fd, true, false).map_err(|e| e.to_string())?;
+    let mut port = Port::new(region, cli.port);
+    match cli.cmd {
+        Cmd::RawSend {
+            to,
+            count,
+            max,
+            seed,
+        } => {
+            let mut s = seed | 1;
+            let mut buf = vec![0u8; max];
+            for seq in 0..count {
+                let len = (xorshift(&mut s) % (max as u64 + 1)) as usize;
+                for b in buf[..len].iter_mut() {
+                    *b = xorshift(&mut s) as u8;
+                }
+                let h = Hdr {
+                    op: op::RAW,
+                    length: len as u64,
+                    aux: seq,
+                    hdr_data: fnv(&buf[..len]),
+                    ..Hdr::default()
+                };
+                let mut spins = 0u32;
+                while !port.try_send(to, &h, &buf[..len]) {
+                    spins += 1;
+                    if spins > 200 {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            Ok(format!("sent {count}"))
+        }
+        Cmd::RawRecv { from, count } => {
+            let mut next = 0u64;
+            let mut err = None;
+            let start = std::time::Instant::now();
+            while next < count && err.is_none() {
+                let got = port.poll(64, |m| {
+                    if m.from != from || m.hdr.op != op::RAW {
+                        err = Some(format!(
+                            "unexpected record from port {} op {}",
+                            m.from, m.hdr.op
+                        ));
+                    } else if m.hdr.aux != next {
+                        err = Some(format!(
+                            "record {} arrived when {} was expected",
+                            m.hdr.aux, next
+                        ));
+                    } else if m.hdr.length as usize > m.body.len()
+                        || fnv(&m.body[..m.hdr.length as usize]) != m.hdr.hdr_data
+                    {
+                        err = Some(format!("record {next} failed its checksum"));
+                    }
+                    next += 1;
+                });
+                if got == 0 {
+                    std::thread::yield_now();
+                }
+                if start.elapsed().as_secs() > 50 {
+                    err = Some(format!("timed out after {next} records"));
+                }
+            }
+            match err {
+                Some(e) => Err(e),
+                None => Ok(format!("received {count} in order, checksums ok")),
+            }
+        }
+        Cmd::Portals { .. } => Err("unreachable".into()),
+    }
+}
+
+mod scenarios;
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(s) => {
+            println!("OK {s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("qk-test-rank: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

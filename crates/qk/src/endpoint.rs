@@ -1,0 +1,1168 @@
+//! A rank's attachment to the fabric: the portals engine of the rank, the memory it owns, and the
+//! progress engine that moves its messages (inline in library calls, or on a co-processor thread).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use portals::{
+    BoxStore, Config, EqHandle, Event, GetArgs, Op, ProcessId, PutArgs, Region as PRegion,
+    Response, SendPlan, WireHeader, WIRE_VERSION,
+};
+
+use crate::counters::{slot, DropReason, PortStats};
+use crate::fabric::{flag, op, Hdr, Incoming, Port};
+use crate::job::CpuMode;
+use crate::region::Region;
+use crate::sys::{Memfd, OwnedMemory};
+use crate::QkError;
+
+/// The portals engine type a rank runs.
+pub type PortalsEngine = portals::Engine<BoxStore>;
+
+/// How long a waiter spins before it blocks. Waking a blocked process on the other core costs
+/// 20–40 µs on this class of machine, so spinning for about that long first is never worse than
+/// twice the optimum (the classic competitive bound) and keeps short waits at cache-line latency.
+pub const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(50);
+
+/// Bytes of the large-message reference that follows the header when the payload stays put.
+const LARGE_REF: usize = 16;
+
+/// A buffer the rank owns, usable as memory-descriptor memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Buf {
+    /// Address in this process.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// True when it lives in the job-shared heap (large messages leave it with a single copy).
+    pub shared: bool,
+}
+
+impl Buf {
+    /// The whole buffer as a portals region.
+    pub fn region(&self) -> PRegion {
+        PRegion::new(self.addr, self.len)
+    }
+
+    /// A sub-range as a portals region (clamped to the buffer).
+    pub fn sub(&self, off: u64, len: u64) -> PRegion {
+        let off = off.min(self.len);
+        PRegion::new(self.addr + off, len.min(self.len - off))
+    }
+}
+
+/// How large payloads leave private (non-shared) memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PrivatePath {
+    /// Copy into a job-heap bounce buffer, receiver copies out (two copies, both plain memcpy).
+    #[default]
+    Bounce,
+    /// The receiver reads straight from the sender's process with `process_vm_readv`.
+    CrossMemoryAttach,
+}
+
+/// First-fit allocator over the rank's part of the job heap (offsets relative to the part).
+#[derive(Debug)]
+struct HeapAlloc {
+    free: Vec<(u64, u64)>,
+}
+
+impl HeapAlloc {
+    fn new(total: u64) -> Self {
+        HeapAlloc {
+            free: vec![(0, total)],
+        }
+    }
+    fn alloc(&mut self, len: u64) -> Option<u64> {
+        let len = len.max(1).div_ceil(64) * 64;
+        let i = self.free.iter().position(|&(_, l)| l >= len)?;
+        let (o, l) = self.free[i];
+        if l == len {
+            self.free.remove(i);
+        } else {
+            self.free[i] = (o + len, l - len);
+        }
+        Some(o)
+    }
+    fn free(&mut self, off: u64, len: u64) {
+        let len = len.max(1).div_ceil(64) * 64;
+        let i = self.free.partition_point(|&(o, _)| o < off);
+        self.free.insert(i, (off, len));
+        // Coalesce with neighbours.
+        if i + 1 < self.free.len() && self.free[i].0 + self.free[i].1 == self.free[i + 1].0 {
+            self.free[i].1 += self.free[i + 1].1;
+            self.free.remove(i + 1);
+        }
+        if i > 0 && self.free[i - 1].0 + self.free[i - 1].1 == self.free[i].0 {
+            self.free[i - 1].1 += self.free[i].1;
+            self.free.remove(i);
+        }
+    }
+    fn free_bytes(&self) -> u64 {
+        self.free.iter().map(|f| f.1).sum()
+    }
+}
+
+/// A record waiting for queue space (responses are never allowed to block the engine).
+#[derive(Debug)]
+struct Pending {
+    dst_rank: u32,
+    hdr: Hdr,
+    body: Vec<u8>,
+}
+
+/// A large send waiting for the receiver's FIN.
+#[derive(Debug)]
+struct LargeSend {
+    plan: Option<SendPlan>,
+    bounce: Option<Buf>,
+}
+
+/// Everything behind the endpoint's lock.
+struct Inner {
+    port: Port,
+    region: Region,
+    me: ProcessId,
+    engine: PortalsEngine,
+    mem: OwnedMemory,
+    heap: HeapAlloc,
+    out: VecDeque<Pending>,
+    large: HashMap<u64, LargeSend>,
+    next_token: u64,
+    private_path: PrivatePath,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    region: Region,
+    port: u32,
+    rank: u32,
+    stop: AtomicBool,
+    /// Bumped by the co-processor thread after it delivered something (app waiters block on it).
+    delivered: AtomicU32,
+    app_waiting: AtomicU32,
+}
+
+/// A rank's endpoint. Cheap to share between threads of the rank (`Send + Sync`).
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    mode: CpuMode,
+    coproc: Mutex<Option<std::thread::JoinHandle<()>>>,
+    started: AtomicBool,
+    _fd: Memfd,
+}
+
+/// Attachment parameters for [`Endpoint::attach`].
+#[derive(Clone, Debug)]
+pub struct AttachSpec {
+    /// Local rank (port) in the region.
+    pub local_rank: u32,
+    /// Expected job id (refuses a region of another job).
+    pub job: u32,
+    /// CPU mode (decides the progress engine).
+    pub mode: CpuMode,
+    /// Portals table sizes.
+    pub portals: u32,
+    /// Memory descriptors.
+    pub mds: u32,
+    /// Match entries.
+    pub match_entries: u32,
+    /// Event slots.
+    pub events: u32,
+    /// Lock and prefault this process's mapping.
+    pub lock_memory: bool,
+}
+
+impl AttachSpec {
+    /// Defaults for a local rank of job `job`.
+    pub fn new(job: u32, local_rank: u32, mode: CpuMode) -> Self {
+        AttachSpec {
+            local_rank,
+            job,
+            mode,
+            portals: 64,
+            mds: 1024,
+            match_entries: 4096,
+            events: 1 << 16,
+            lock_memory: true,
+        }
+    }
+}
+
+fn env(var: &'static str) -> Result<String, QkError> {
+    std::env::var(var).map_err(|_| QkError::NotLaunched { var })
+}
+
+fn env_num(var: &'static str) -> Result<u32, QkError> {
+    let v = env(var)?;
+    v.parse().map_err(|_| QkError::BadEnv {
+        var,
+        value: v,
+        why: "expected a non-negative integer",
+    })
+}
+
+impl Endpoint {
+    /// Attaches to the fabric the PCT prepared, from the environment yod/the PCT set
+    /// (`PUMA_QK_FD`, `PUMA_JOB`, `PUMA_RANK`, `PUMA_LOCAL_RANK`, `PUMA_MODE`).
+    pub fn from_env() -> Result<Endpoint, QkError> {
+        let fd = env_num("PUMA_QK_FD")?;
+        let job = env_num("PUMA_JOB")?;
+        let rank = env_num("PUMA_RANK")?;
+        let local = env_num("PUMA_LOCAL_RANK")?;
+        let mode: CpuMode = match std::env::var("PUMA_MODE") {
+            Ok(m) => m.parse()?,
+            Err(_) => CpuMode::Heater,
+        };
+        let memfd = Memfd::from_inherited(fd as i32).map_err(|e| QkError::BadEnv {
+            var: "PUMA_QK_FD",
+            value: fd.to_string(),
+            why: if e.to_string().contains("not an open") {
+                "not an open file descriptor in this process"
+            } else {
+                "unusable"
+            },
+        })?;
+        let ep = Endpoint::attach(memfd, &AttachSpec::new(job, local, mode))?;
+        if ep.rank() != rank {
+            return Err(QkError::BadRegion(format!(
+                "PUMA_RANK={rank} but local rank {local} of this node's region is world rank {}",
+                ep.rank()
+            )));
+        }
+        Ok(ep)
+    }
+
+    /// Attaches local rank `spec.local_rank` to the region behind `fd`.
+    pub fn attach(fd: Memfd, spec: &AttachSpec) -> Result<Endpoint, QkError> {
+        let region = Region::attach(&fd, true, spec.lock_memory)?;
+        if region.job != spec.job {
+            return Err(QkError::BadRegion(format!(
+                "the region belongs to job {}, not job {}: a process may only attach to its own job's fabric",
+                region.job, spec.job
+            )));
+        }
+        let port = spec.local_rank;
+        if port >= region.layout.local {
+            return Err(QkError::BadRegion(format!(
+                "local rank {port} out of range (node has {} ranks)",
+                region.layout.local
+            )));
+        }
+        let rank = region.ranks[port as usize];
+        let me = ProcessId::new(region.job, rank);
+        let cfg = Config {
+            id: me,
+            portals: spec.portals,
+            match_entries: spec.match_entries,
+            mds: spec.mds,
+            blocks: spec.mds * 4,
+            eqs: 64,
+            events: spec.events,
+            heap_records: spec.mds * 4,
+            max_message: region.max_message,
+        };
+        let engine = PortalsEngine::new(cfg).map_err(|e| QkError::Portals(e.to_string()))?;
+        let heap_part_off = region.layout.heap(port);
+        let map = region_map_arc(&region);
+        let mem = OwnedMemory::new(
+            map,
+            heap_part_off as usize,
+            region.layout.heap_per_rank as usize,
+        );
+        region.set_pid(port, std::process::id());
+        let inner = Inner {
+            port: Port::new(region.clone(), port),
+            region: region.clone(),
+            me,
+            engine,
+            mem,
+            heap: HeapAlloc::new(region.layout.heap_per_rank),
+            out: VecDeque::new(),
+            large: HashMap::new(),
+            next_token: 1,
+            private_path: PrivatePath::default(),
+        };
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(inner),
+            region: region.clone(),
+            port,
+            rank,
+            stop: AtomicBool::new(false),
+            delivered: AtomicU32::new(0),
+            app_waiting: AtomicU32::new(0),
+        });
+        Ok(Endpoint {
+            shared,
+            mode: spec.mode,
+            coproc: Mutex::new(None),
+            started: AtomicBool::new(false),
+            _fd: fd,
+        })
+    }
+
+    /// Starts the progress engine of the CPU mode: in message co-processor mode, the engine thread
+    /// on the other core (from then on messages are deposited while the application computes). A
+    /// no-op in the inline modes. Called implicitly by the first put, get or event wait, so the
+    /// application can set up its portals before anything is delivered.
+    pub fn start_engine(&self) -> Result<(), QkError> {
+        if !self.mode.engine_on_own_core() || self.started.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let sh = self.shared.clone();
+        // Put the engine on a core other than the one the application runs on now.
+        let cpus = crate::sys::allowed_cpus();
+        let here = current_cpu();
+        let target = cpus.iter().copied().find(|&c| Some(c) != here);
+        let h = std::thread::Builder::new()
+            .name(format!("qk-engine-{}", sh.rank))
+            .spawn(move || {
+                if let Some(c) = target {
+                    let _ = crate::sys::pin_to_cpu(c);
+                }
+                coproc_loop(&sh)
+            })
+            .map_err(|e| QkError::os("starting the co-processor engine thread", e))?;
+        *self.coproc.lock().unwrap_or_else(|e| e.into_inner()) = Some(h);
+        Ok(())
+    }
+
+    /// This rank's world rank.
+    pub fn rank(&self) -> u32 {
+        self.shared.rank
+    }
+
+    /// Job id.
+    pub fn job(&self) -> u32 {
+        self.shared.region.job
+    }
+
+    /// World size.
+    pub fn world_size(&self) -> u32 {
+        self.shared.region.world
+    }
+
+    /// This rank's portals process id.
+    pub fn id(&self) -> ProcessId {
+        ProcessId::new(self.job(), self.rank())
+    }
+
+    /// CPU mode.
+    pub fn mode(&self) -> CpuMode {
+        self.mode
+    }
+
+    /// Largest message carried eagerly in the queue.
+    pub fn eager_max(&self) -> u64 {
+        self.shared.region.eager_max as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        match self.shared.inner.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// Runs `f` with the rank's portals engine (portal table, match entries, descriptors, event
+    /// queues). Descriptors must use memory from [`Endpoint::alloc_shared`] or
+    /// [`Endpoint::alloc_private`]; deposits into anything else are refused and counted.
+    pub fn with_engine<R>(&self, f: impl FnOnce(&mut PortalsEngine) -> R) -> R {
+        f(&mut self.lock().engine)
+    }
+
+    /// Chooses how large payloads leave private memory.
+    pub fn set_private_path(&self, p: PrivatePath) {
+        self.lock().private_path = p;
+    }
+
+    /// Allocates `len` bytes of the job-shared heap (large messages from/to it move with one copy).
+    pub fn alloc_shared(&self, len: u64) -> Result<Buf, QkError> {
+        let mut g = self.lock();
+        let off = g.heap.alloc(len).ok_or(QkError::HeapExhausted {
+            want: len,
+            free: g.heap.free_bytes(),
+        })?;
+        let (base, _) = g.mem.heap_range();
+        Ok(Buf {
+            addr: base + off,
+            len,
+            shared: true,
+        })
+    }
+
+    /// Allocates a private (zeroed) buffer of `len` bytes.
+    pub fn alloc_private(&self, len: u64) -> Buf {
+        let addr = self.lock().mem.alloc_private(len as usize);
+        Buf {
+            addr,
+            len,
+            shared: false,
+        }
+    }
+
+    /// Frees a buffer. Descriptors still naming it make later deposits fail (counted as bad memory).
+    pub fn free(&self, b: Buf) {
+        let mut g = self.lock();
+        if b.shared {
+            let (base, _) = g.mem.heap_range();
+            g.heap.free(b.addr - base, b.len);
+        } else {
+            g.mem.free_private(b.addr);
+        }
+    }
+
+    /// Copies `src` into a buffer at `off`.
+    pub fn write(&self, b: &Buf, off: u64, src: &[u8]) -> Result<(), QkError> {
+        if off.checked_add(src.len() as u64).is_none_or(|e| e > b.len) {
+            return Err(QkError::BadHandle("write beyond the buffer"));
+        }
+        if self.lock().mem.write(b.addr + off, src) {
+            Ok(())
+        } else {
+            Err(QkError::BadHandle("buffer"))
+        }
+    }
+
+    /// Copies from a buffer at `off` into `dst`.
+    pub fn read(&self, b: &Buf, off: u64, dst: &mut [u8]) -> Result<(), QkError> {
+        if off.checked_add(dst.len() as u64).is_none_or(|e| e > b.len) {
+            return Err(QkError::BadHandle("read beyond the buffer"));
+        }
+        if self.lock().mem.read(b.addr + off, dst) {
+            Ok(())
+        } else {
+            Err(QkError::BadHandle("buffer"))
+        }
+    }
+
+    /// Runs `f` on a buffer's bytes (the engine does not deposit while `f` runs).
+    pub fn with_bytes<R>(&self, b: &Buf, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, QkError> {
+        self.lock()
+            .mem
+            .with_slice_mut(b.addr, b.len, f)
+            .ok_or(QkError::BadHandle("buffer"))
+    }
+
+    /// Starts a put (portals semantics). Small payloads are copied into the target's queue now;
+    /// large ones leave the buffer when the target copies them (the send event says when).
+    pub fn put(&self, a: &PutArgs) -> Result<(), QkError> {
+        if a.target.group != self.job() {
+            return Err(QkError::Portals(format!(
+                "target job {} is not this job ({})",
+                a.target.group,
+                self.job()
+            )));
+        }
+        self.check_rank(a.target.rank)?;
+        self.start_engine()?;
+        let inline = self.mode != CpuMode::MsgCoproc;
+        let mut g = self.lock();
+        let plan = g
+            .engine
+            .prepare_put(a)
+            .map_err(|e| QkError::Portals(e.to_string()))?;
+        let hdr = hdr_from_wire(&plan.header);
+        let len = plan.body.len();
+        if len <= g.region.eager_max as u64 {
+            let body = g.gather(&plan.body)?;
+            drop(g);
+            self.send_blocking(a.target.rank, &hdr, &body, inline)?;
+            let mut g = self.lock();
+            g.engine
+                .sent(&plan)
+                .map_err(|e| QkError::Portals(e.to_string()))?;
+            return Ok(());
+        }
+        let (mut hdr, body) = g.large_source(hdr, &plan.body, Some(plan))?;
+        hdr.flags |= body.1;
+        drop(g);
+        self.send_blocking(a.target.rank, &hdr, &body.0, inline)
+    }
+
+    /// Starts a get (portals semantics): the reply lands in `a.md` and posts a reply event.
+    pub fn get(&self, a: &GetArgs) -> Result<(), QkError> {
+        if a.target.group != self.job() {
+            return Err(QkError::Portals(format!(
+                "target job {} is not this job ({})",
+                a.target.group,
+                self.job()
+            )));
+        }
+        self.check_rank(a.target.rank)?;
+        self.start_engine()?;
+        let inline = self.mode != CpuMode::MsgCoproc;
+        let plan = self
+            .lock()
+            .engine
+            .prepare_get(a)
+            .map_err(|e| QkError::Portals(e.to_string()))?;
+        let hdr = hdr_from_wire(&plan.header);
+        self.send_blocking(a.target.rank, &hdr, &[], inline)
+    }
+
+    fn check_rank(&self, r: u32) -> Result<(), QkError> {
+        if r >= self.world_size() {
+            return Err(QkError::NoSuchRank {
+                rank: r,
+                world: self.world_size(),
+            });
+        }
+        if self.shared.region.port_of_rank(r).is_none() {
+            return Err(QkError::Transport(format!(
+                "rank {r} is on another node; this endpoint's node has no inter-node engine attached"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Enqueues a record to `dst_rank`, waiting (and making progress) while the queue is full.
+    fn send_blocking(
+        &self,
+        dst_rank: u32,
+        hdr: &Hdr,
+        body: &[u8],
+        inline: bool,
+    ) -> Result<(), QkError> {
+        let dst = self
+            .shared
+            .region
+            .port_of_rank(dst_rank)
+            .ok_or(QkError::NoSuchRank {
+                rank: dst_rank,
+                world: self.world_size(),
+            })?;
+        let mut waited = false;
+        let start = Instant::now();
+        loop {
+            {
+                let mut g = self.lock();
+                if g.port.try_send(dst, hdr, body) {
+                    return Ok(());
+                }
+                if !waited {
+                    waited = true;
+                    g.region.count(self.shared.port, slot::SEND_WAITS, 1);
+                }
+                if inline {
+                    g.progress(64);
+                }
+            }
+            backoff(start);
+        }
+    }
+
+    /// Makes progress: delivers whatever arrived, sends pending responses. Returns records handled.
+    /// (Inline mode calls this from every wait; co-processor mode runs it on the engine thread.)
+    pub fn progress(&self) -> usize {
+        self.lock().progress(256)
+    }
+
+    /// Takes the next event from `eq`, if any (makes progress first in inline mode).
+    pub fn eq_poll(&self, eq: EqHandle) -> Result<Option<Event>, QkError> {
+        self.start_engine()?;
+        let mut g = self.lock();
+        if self.mode != CpuMode::MsgCoproc {
+            g.progress(256);
+        }
+        g.engine
+            .eq_get(eq)
+            .map_err(|e| QkError::Portals(e.to_string()))
+    }
+
+    /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
+    /// busy-poll of unbounded length on the application's core).
+    pub fn eq_wait(&self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
+        let start = Instant::now();
+        let coproc = self.mode == CpuMode::MsgCoproc;
+        loop {
+            let seen = self.shared.delivered.load(Ordering::Acquire);
+            if let Some(ev) = self.eq_poll(eq)? {
+                return Ok(ev);
+            }
+            let el = start.elapsed();
+            if el > timeout {
+                return Err(QkError::Timeout(timeout, "an event"));
+            }
+            if el < SPIN_BEFORE_BLOCK {
+                std::hint::spin_loop();
+                continue;
+            }
+            if coproc {
+                self.shared.app_waiting.store(1, Ordering::SeqCst);
+                if self.shared.delivered.load(Ordering::SeqCst) == seen {
+                    crate::sys::futex_wait(&self.shared.delivered, seen, Duration::from_millis(2));
+                }
+                self.shared.app_waiting.store(0, Ordering::Relaxed);
+            } else {
+                self.block_until_arrival(Duration::from_millis(2));
+            }
+        }
+    }
+
+    /// Blocks on this port's doorbell until a record arrives or `max` passes.
+    fn block_until_arrival(&self, max: Duration) {
+        let r = &self.shared.region;
+        let p = self.shared.port;
+        let bell = r.doorbell(p).load(Ordering::SeqCst);
+        r.sleeping(p).store(1, Ordering::SeqCst);
+        let pending = self.lock().port.has_pending();
+        if !pending {
+            r.count(p, slot::SLEEPS, 1);
+            crate::sys::futex_wait(r.doorbell(p), bell, max);
+        }
+        r.sleeping(p).store(0, Ordering::SeqCst);
+    }
+
+    /// Counters of this rank's port.
+    pub fn stats(&self) -> PortStats {
+        self.shared.region.stats(self.shared.port)
+    }
+
+    /// Counters of every port on the node.
+    pub fn node_stats(&self) -> Vec<PortStats> {
+        (0..self.shared.region.layout.ports)
+            .map(|p| self.shared.region.stats(p))
+            .collect()
+    }
+
+    /// Large sends still waiting for the receiver to copy them.
+    pub fn large_in_flight(&self) -> usize {
+        self.lock().large.len()
+    }
+
+    /// Test hook: enqueue a raw, possibly forged, record body to local rank `dst_rank`.
+    pub fn send_raw_record(&self, dst_rank: u32, body: &[u8]) -> Result<(), QkError> {
+        let dst = self
+            .shared
+            .region
+            .port_of_rank(dst_rank)
+            .ok_or(QkError::NoSuchRank {
+                rank: dst_rank,
+                world: self.world_size(),
+            })?;
+        let start = Instant::now();
+        while !self.lock().port.try_send_raw(dst, body) {
+            backoff(start);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let r = &self.shared.region;
+        r.doorbell(self.shared.port).fetch_add(1, Ordering::SeqCst);
+        crate::sys::futex_wake(r.doorbell(self.shared.port));
+        if let Some(h) = self
+            .coproc
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            let _ = h.join();
+        }
+    }
+}
+
+fn region_map_arc(region: &Region) -> Arc<crate::sys::Mapping> {
+    region.map_arc()
+}
+
+fn current_cpu() -> Option<usize> {
+    // /proc/self/stat field 39 is the CPU the thread last ran on.
+    let s = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
+    let after = s.rsplit_once(')')?.1;
+    after.split_whitespace().nth(36)?.parse().ok()
+}
+
+/// Spin briefly, then yield, then sleep a little: used while a queue is full.
+fn backoff(start: Instant) {
+    let el = start.elapsed();
+    if el < Duration::from_micros(20) {
+        std::hint::spin_loop();
+    } else if el < SPIN_BEFORE_BLOCK * 4 {
+        std::thread::yield_now();
+    } else {
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+/// The co-processor engine: progress continuously while there is traffic; after
+/// [`SPIN_BEFORE_BLOCK`] without any, block on the port's doorbell until a sender rings it.
+fn coproc_loop(sh: &Shared) {
+    let r = &sh.region;
+    let p = sh.port;
+    let mut last = Instant::now();
+    while !sh.stop.load(Ordering::Relaxed) {
+        let n = {
+            let mut g = match sh.inner.lock() {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+            g.progress(256)
+        };
+        if n > 0 {
+            last = Instant::now();
+            sh.delivered.fetch_add(1, Ordering::SeqCst);
+            if sh.app_waiting.load(Ordering::SeqCst) != 0 {
+                crate::sys::futex_wake(&sh.delivered);
+            }
+            continue;
+        }
+        if last.elapsed() < SPIN_BEFORE_BLOCK {
+            std::hint::spin_loop();
+            continue;
+        }
+        let bell = r.doorbell(p).load(Ordering::SeqCst);
+        r.sleeping(p).store(1, Ordering::SeqCst);
+        let pending = {
+            let mut g = match sh.inner.lock() {
+                Ok(g) => g,
+                Err(e) => e.into_inner(),
+            };
+            g.port.has_pending() || !g.out.is_empty()
+        };
+        if !pending && !sh.stop.load(Ordering::SeqCst) {
+            r.count(p, slot::SLEEPS, 1);
+            crate::sys::futex_wait(r.doorbell(p), bell, Duration::from_millis(10));
+        }
+        r.sleeping(p).store(0, Ordering::SeqCst);
+        last = Instant::now();
+    }
+}
+
+/// Fabric header from a portals header (the job and destination are implied by the queue).
+pub(crate) fn hdr_from_wire(h: &WireHeader) -> Hdr {
+    let mut flags = 0;
+    if h.flags & portals::flags::ACK_REQ != 0 {
+        flags |= flag::ACK_REQ;
+    }
+    if h.flags & portals::flags::TRUNCATED != 0 {
+        flags |= flag::TRUNCATED;
+    }
+    let (opc, aux) = match h.op {
+        Op::Put => (op::PUT, h.return_offset),
+        Op::Get => (op::GET, h.return_offset),
+        Op::Reply => (op::REPLY, h.rlength),
+        Op::Ack => (op::ACK, h.rlength),
+    };
+    Hdr {
+        op: opc,
+        flags,
+        portal: h.portal.min(u16::MAX as u32) as u16,
+        src: h.src.rank,
+        match_bits: h.match_bits,
+        offset: h.offset,
+        length: h.length,
+        return_md: h.return_md,
+        aux,
+        hdr_data: h.hdr_data,
+    }
+}
+
+/// Portals header from a fabric header that arrived from `src` for `dst`.
+pub(crate) fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
+    let (opv, rlength, return_offset) = match h.op {
+        op::PUT => (Op::Put, h.length, h.aux),
+        op::GET => (Op::Get, h.length, h.aux),
+        op::REPLY => (Op::Reply, h.aux, 0),
+        op::ACK => (Op::Ack, h.aux, 0),
+        _ => return None,
+    };
+    let mut flags = 0;
+    if h.flags & flag::ACK_REQ != 0 {
+        flags |= portals::flags::ACK_REQ;
+    }
+    if h.flags & flag::TRUNCATED != 0 {
+        flags |= portals::flags::TRUNCATED;
+    }
+    Some(WireHeader {
+        version: WIRE_VERSION,
+        op: opv,
+        flags,
+        portal: h.portal as u32,
+        src: ProcessId::new(job, h.src),
+        dst,
+        match_bits: h.match_bits,
+        offset: h.offset,
+        length: h.length,
+        rlength,
+        return_md: h.return_md,
+        return_offset,
+        hdr_data: if opv == Op::Reply { 0 } else { h.hdr_data },
+    })
+}
+
+/// Where the payload of a large message is: (flag bit, reference, token).
+fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(LARGE_REF);
+    v.extend_from_slice(&addr.to_le_bytes());
+    v.extend_from_slice(&token.to_le_bytes());
+    v
+}
+
+fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
+    if b.len() < LARGE_REF {
+        return None;
+    }
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    let mut t = [0u8; 8];
+    t.copy_from_slice(&b[8..16]);
+    Some((u64::from_le_bytes(a), u64::from_le_bytes(t)))
+}
+
+impl Inner {
+    /// Collects the bytes of a local body (for eager sends and replies).
+    fn gather(&mut self, body: &portals::Body) -> Result<Vec<u8>, QkError> {
+        let mut out = vec![0u8; body.len() as usize];
+        let segs: Vec<portals::Segment> = self
+            .engine
+            .segments(body)
+            .map_err(|e| QkError::Portals(e.to_string()))?
+            .collect();
+        for s in segs {
+            let at = s.msg_offset as usize;
+            if !self.mem.read(s.addr, &mut out[at..at + s.len as usize]) {
+                return Err(QkError::Portals(format!(
+                    "memory descriptor names {} bytes at {:#x}, which this rank does not own",
+                    s.len, s.addr
+                )));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Prepares a large payload to stay where it is: returns the reference body and the flag.
+    /// A contiguous body in the job heap goes as is (single copy by the receiver); private memory
+    /// goes by cross-memory attach or through a heap bounce buffer, per `private_path`.
+    fn large_source(
+        &mut self,
+        hdr: Hdr,
+        body: &portals::Body,
+        plan: Option<SendPlan>,
+    ) -> Result<(Hdr, (Vec<u8>, u8)), QkError> {
+        let token = self.next_token;
+        self.next_token += 1;
+        let first = body.first();
+        let map_base = self.region.map().ptr() as u64;
+        if body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
+            self.large.insert(token, LargeSend { plan, bounce: None });
+            return Ok((hdr, (encode_ref(first.addr - map_base, token), flag::HEAP)));
+        }
+        if body.is_contiguous()
+            && self.private_path == PrivatePath::CrossMemoryAttach
+            && self.mem.owns(first.addr, first.len)
+        {
+            self.large.insert(token, LargeSend { plan, bounce: None });
+            return Ok((hdr, (encode_ref(first.addr, token), flag::CMA)));
+        }
+        // Bounce through the heap.
+        let len = body.len();
+        let off = self.heap.alloc(len).ok_or(QkError::HeapExhausted {
+            want: len,
+            free: self.heap.free_bytes(),
+        })?;
+        let (hb, _) = self.mem.heap_range();
+        let bounce = Buf {
+            addr: hb + off,
+            len,
+            shared: true,
+        };
+        let data = self.gather(body)?;
+        self.mem.write(bounce.addr, &data);
+        self.large.insert(
+            token,
+            LargeSend {
+                plan,
+                bounce: Some(bounce),
+            },
+        );
+        Ok((hdr, (encode_ref(bounce.addr - map_base, token), flag::HEAP)))
+    }
+
+    fn flush(&mut self) {
+        while let Some(p) = self.out.front() {
+            let Some(dst) = self.region.port_of_rank(p.dst_rank) else {
+                self.out.pop_front();
+                continue;
+            };
+            if !self.port.try_send(dst, &p.hdr, &p.body) {
+                break;
+            }
+            self.out.pop_front();
+        }
+    }
+
+    fn progress(&mut self, budget: usize) -> usize {
+        if !self.out.is_empty() {
+            self.flush();
+        }
+        // Records are handled inside the poll callback: an eager payload is copied straight from
+        // the queue into the descriptor.
+        let Inner {
+            port,
+            region,
+            me,
+            engine,
+            mem,
+            out,
+            large,
+            heap,
+            ..
+        } = self;
+        let mut ctx = Ctx {
+            region,
+            me: *me,
+            engine,
+            mem,
+            out,
+            large,
+            heap,
+        };
+        let handled = port.poll(budget, |m| ctx.handle(m));
+        if !self.out.is_empty() {
+            self.flush();
+        }
+        handled
+    }
+}
+
+/// The pieces of [`Inner`] the delivery path needs while the port is borrowed by the poll.
+struct Ctx<'a> {
+    region: &'a Region,
+    me: ProcessId,
+    engine: &'a mut PortalsEngine,
+    mem: &'a mut OwnedMemory,
+    out: &'a mut VecDeque<Pending>,
+    large: &'a mut HashMap<u64, LargeSend>,
+    heap: &'a mut HeapAlloc,
+}
+
+impl Ctx<'_> {
+    fn drop_msg(&self, r: DropReason) {
+        self.region.count_drop(self.me_port(), r);
+    }
+
+    fn me_port(&self) -> u32 {
+        self.region.port_of_rank(self.me.rank).unwrap_or(0)
+    }
+
+    /// Validates and delivers one record.
+    fn handle(&mut self, m: Incoming<'_>) {
+        let h = m.hdr;
+        // 1. The source must be the process that owns the queue it came on.
+        let expected = self.region.ranks.get(m.from as usize).copied();
+        match expected {
+            Some(r) if r == h.src => {}
+            Some(_) => return self.drop_msg(DropReason::ForgedSource),
+            None => {
+                // From the node engine: must be a rank of this job on another node.
+                if h.src >= self.region.world || self.region.port_of_rank(h.src).is_some() {
+                    return self.drop_msg(DropReason::ForgedSource);
+                }
+            }
+        }
+        // 2. Structure.
+        if h.flags & !flag::KNOWN != 0 || (h.flags & flag::HEAP != 0 && h.flags & flag::CMA != 0) {
+            return self.drop_msg(DropReason::Malformed);
+        }
+        let large = h.flags & (flag::HEAP | flag::CMA) != 0;
+        if large && !matches!(h.op, op::PUT | op::REPLY) {
+            return self.drop_msg(DropReason::Malformed);
+        }
+        if h.op == op::FIN {
+            return self.fin(&h);
+        }
+        let inline_len = h.inline_len();
+        if inline_len > m.body.len() as u64 || inline_len > self.region.eager_max as u64 {
+            return self.drop_msg(DropReason::Malformed);
+        }
+        let lref = if large {
+            match decode_ref(m.body) {
+                Some(r) => Some(r),
+                None => return self.drop_msg(DropReason::Malformed),
+            }
+        } else {
+            None
+        };
+        // 3. Large references must point into the sender's own part of the heap.
+        if let (Some((addr, _)), true) = (lref, h.flags & flag::HEAP != 0) {
+            let Some(sp) = self.region.port_of_rank(h.src) else {
+                return self.drop_msg(DropReason::BadReference);
+            };
+            let base = self.region.layout.heap(sp);
+            let ok = addr >= base
+                && addr
+                    .checked_add(h.length)
+                    .is_some_and(|e| e <= base + self.region.layout.heap_per_rank);
+            if !ok {
+                return self.drop_msg(DropReason::BadReference);
+            }
+        }
+        let Some(w) = wire_from_hdr(&h, self.region.job, self.me) else {
+            return self.drop_msg(DropReason::Malformed);
+        };
+        // 4. Portals: access control, matching, placement, events.
+        let plan = match self.engine.deliver(&w) {
+            Ok(p) => p,
+            Err(d) => {
+                self.drop_msg(DropReason::from_portals(d.reason));
+                if let Some((_, token)) = lref {
+                    self.send_fin(&h, token, 0);
+                }
+                return;
+            }
+        };
+        let me_port = self.me_port();
+        // 5. Move the bytes.
+        if let Some(at) = plan.header_at {
+            if !self.mem.write(at, &w.encode()) {
+                self.drop_msg(DropReason::BadMemory);
+            }
+        }
+        match plan.op {
+            Op::Put | Op::Reply => {
+                let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+                    Ok(s) => s.collect(),
+                    Err(_) => return self.drop_msg(DropReason::BadMemory),
+                };
+                let mut ok = true;
+                for s in &segs {
+                    let good = match lref {
+                        None => {
+                            let a = s.msg_offset as usize;
+                            let b = a + s.len as usize;
+                            b <= m.body.len() && self.mem.write(s.addr, &m.body[a..b])
+                        }
+                        Some((src, _)) if h.flags & flag::HEAP != 0 => {
+                            let src = self
+                                .region
+                                .map()
+                                .slice((src + s.msg_offset) as usize, s.len as usize);
+                            self.mem.write(s.addr, src)
+                        }
+                        Some((src, _)) => {
+                            let pid = self
+                                .region
+                                .pid(self.region.port_of_rank(h.src).unwrap_or(0))
+                                as i32;
+                            self.mem
+                                .cma_into(s.addr, s.len, pid, src + s.msg_offset)
+                                .is_ok()
+                        }
+                    };
+                    ok &= good;
+                }
+                if !ok {
+                    self.drop_msg(DropReason::BadMemory);
+                }
+                if let Some((_, token)) = lref {
+                    let counter = if h.flags & flag::HEAP != 0 {
+                        slot::LARGE_DIRECT
+                    } else {
+                        slot::LARGE_CMA
+                    };
+                    self.region.count(me_port, counter, 1);
+                    self.send_fin(&h, token, plan.mlength);
+                }
+                self.region.count(me_port, slot::DELIVERED, 1);
+                self.region
+                    .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
+            }
+            Op::Get | Op::Ack => {
+                self.region.count(me_port, slot::DELIVERED, 1);
+            }
+        }
+        // 6. Respond.
+        match plan.response {
+            Response::None => {}
+            Response::Ack(a) => {
+                let hdr = hdr_from_wire(&a);
+                self.out.push_back(Pending {
+                    dst_rank: h.src,
+                    hdr,
+                    body: Vec::new(),
+                });
+            }
+            Response::Reply(r) => {
+                let mut hdr = hdr_from_wire(&r);
+                let len = plan.body.len();
+                if len <= self.region.eager_max as u64 {
+                    let mut data = vec![0u8; len as usize];
+                    let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+                        Ok(s) => s.collect(),
+                        Err(_) => return self.drop_msg(DropReason::BadMemory),
+                    };
+                    for s in segs {
+                        let a = s.msg_offset as usize;
+                        if !self.mem.read(s.addr, &mut data[a..a + s.len as usize]) {
+                            return self.drop_msg(DropReason::BadMemory);
+                        }
+                    }
+                    self.out.push_back(Pending {
+                        dst_rank: h.src,
+                        hdr,
+                        body: data,
+                    });
+                } else {
+                    let first = plan.body.first();
+                    let map_base = self.region.map().ptr() as u64;
+                    if plan.body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
+                        hdr.flags |= flag::HEAP;
+                        self.out.push_back(Pending {
+                            dst_rank: h.src,
+                            hdr,
+                            body: encode_ref(first.addr - map_base, 0),
+                        });
+                    } else if plan.body.is_contiguous() && self.mem.owns(first.addr, first.len) {
+                        hdr.flags |= flag::CMA;
+                        self.out.push_back(Pending {
+                            dst_rank: h.src,
+                            hdr,
+                            body: encode_ref(first.addr, 0),
+                        });
+                    } else {
+                        self.drop_msg(DropReason::BadMemory);
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_fin(&mut self, h: &Hdr, token: u64, copied: u64) {
+        if token == 0 {
+            return;
+        }
+        let fin = Hdr {
+            op: op::FIN,
+            src: self.me.rank,
+            return_md: h.return_md,
+            aux: token,
+            length: copied,
+            ..Hdr::default()
+        };
+        self.out.push_back(Pending {
+            dst_rank: h.src,
+            hdr: fin,
+            body: Vec::new(),
+        });
+    }
+
+    fn fin(&mut self, h: &Hdr) {
+        let Some(ls) = self.large.remove(&h.aux) else {
+            return self.drop_msg(DropReason::UnknownToken);
+        };
+        if let Some(plan) = ls.plan {
+            let _ = self.engine.sent(&plan);
+        }
+        if let Some(b) = ls.bounce {
+            let (base, _) = self.mem.heap_range();
+            self.heap.free(b.addr - base, b.len);
+        }
+    }
+}

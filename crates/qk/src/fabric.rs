@@ -1,0 +1,259 @@
+//! The node-local fabric: a process's attachment to the rings of its job's region, and the compact
+//! header records travel with.
+//!
+//! A record body is a 56-byte [`Hdr`] followed by the eager payload, so a header plus the ring's
+//! stamp is exactly one cache line.
+
+use crate::counters::slot;
+use crate::region::{Region, ShmRing};
+use crate::ring::{Consumer, Peek, Producer, RingMem};
+
+/// Encoded size of [`Hdr`].
+pub const HDR_LEN: usize = 56;
+
+/// Operation codes of the fabric (1..=4 are the portals operations).
+pub mod op {
+    /// Portals put.
+    pub const PUT: u8 = 1;
+    /// Portals get.
+    pub const GET: u8 = 2;
+    /// Portals reply (answer to a get).
+    pub const REPLY: u8 = 3;
+    /// Portals ack (answer to a put).
+    pub const ACK: u8 = 4;
+    /// QK internal: the receiver finished copying a large message out of the sender's buffer.
+    pub const FIN: u8 = 16;
+    /// QK internal: raw test record (checksummed payload), used by fabric tests and benchmarks.
+    pub const RAW: u8 = 17;
+}
+
+/// Header flag bits.
+pub mod flag {
+    /// Put: acknowledgment requested.
+    pub const ACK_REQ: u8 = 1;
+    /// Ack/reply: the target truncated.
+    pub const TRUNCATED: u8 = 2;
+    /// The payload is not in the queue: `src_ref` is an offset into the sender's heap part.
+    pub const HEAP: u8 = 4;
+    /// The payload is not in the queue: `src_ref` is an address in the sender's process, to be
+    /// read with cross-memory attach.
+    pub const CMA: u8 = 8;
+    /// Every defined bit.
+    pub const KNOWN: u8 = ACK_REQ | TRUNCATED | HEAP | CMA;
+}
+
+/// The fabric header. Field use by op:
+///
+/// | field | put | get | reply | ack | fin |
+/// |---|---|---|---|---|---|
+/// | `offset` | remote offset | remote offset | initiator offset | initiator offset | - |
+/// | `length` | payload bytes | bytes wanted | payload bytes | bytes deposited | bytes copied |
+/// | `aux` | source ref (large) | return offset | requested length | requested length | source ref |
+/// | `hdr_data` | user data | user data | source ref (large) | user data | - |
+/// | `return_md` | initiator MD cookie | initiator MD cookie | initiator MD cookie | initiator MD cookie | initiator MD cookie |
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hdr {
+    /// [`op`] code.
+    pub op: u8,
+    /// [`flag`] bits.
+    pub flags: u8,
+    /// Portal table index.
+    pub portal: u16,
+    /// Sender's world rank.
+    pub src: u32,
+    /// Match bits.
+    pub match_bits: u64,
+    /// See the table.
+    pub offset: u64,
+    /// See the table.
+    pub length: u64,
+    /// Initiator's memory descriptor cookie.
+    pub return_md: u64,
+    /// See the table.
+    pub aux: u64,
+    /// See the table.
+    pub hdr_data: u64,
+}
+
+impl Hdr {
+    /// Encodes into 56 little-endian bytes.
+    pub fn encode(&self) -> [u8; HDR_LEN] {
+        let mut b = [0u8; HDR_LEN];
+        b[0] = self.op;
+        b[1] = self.flags;
+        b[2..4].copy_from_slice(&self.portal.to_le_bytes());
+        b[4..8].copy_from_slice(&self.src.to_le_bytes());
+        for (i, v) in [
+            self.match_bits,
+            self.offset,
+            self.length,
+            self.return_md,
+            self.aux,
+            self.hdr_data,
+        ]
+        .iter()
+        .enumerate()
+        {
+            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        b
+    }
+
+    /// Decodes 56 bytes (no validation: see the endpoint's checks).
+    pub fn decode(b: &[u8]) -> Option<Hdr> {
+        if b.len() < HDR_LEN {
+            return None;
+        }
+        let w = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[8 + 8 * i..16 + 8 * i]);
+            u64::from_le_bytes(a)
+        };
+        Some(Hdr {
+            op: b[0],
+            flags: b[1],
+            portal: u16::from_le_bytes([b[2], b[3]]),
+            src: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            match_bits: w(0),
+            offset: w(1),
+            length: w(2),
+            return_md: w(3),
+            aux: w(4),
+            hdr_data: w(5),
+        })
+    }
+
+    /// Bytes of payload that travel inside the queue with this header.
+    pub fn inline_len(&self) -> u64 {
+        match self.op {
+            op::PUT | op::REPLY | op::RAW if self.flags & (flag::HEAP | flag::CMA) == 0 => {
+                self.length
+            }
+            _ => 0,
+        }
+    }
+}
+
+/// A process's (or the node engine's) attachment to the node-local rings.
+#[derive(Debug)]
+pub struct Port {
+    region: Region,
+    me: u32,
+    out: Vec<(ShmRing, Producer)>,
+    inb: Vec<(ShmRing, Consumer)>,
+    next: usize,
+}
+
+/// A record handed to [`Port::poll`]'s handler.
+pub struct Incoming<'a> {
+    /// Port it came from.
+    pub from: u32,
+    /// Decoded header (not yet validated).
+    pub hdr: Hdr,
+    /// Record body after the header (may be longer than the header's payload).
+    pub body: &'a [u8],
+}
+
+impl Port {
+    /// Attaches port `me` of `region`.
+    pub fn new(region: Region, me: u32) -> Port {
+        let p = region.layout.ports;
+        let out = (0..p)
+            .map(|d| (region.ring(me, d), Producer::new()))
+            .collect();
+        let inb = (0..p)
+            .map(|s| (region.ring(s, me), Consumer::new()))
+            .collect();
+        Port {
+            region,
+            me,
+            out,
+            inb,
+            next: 0,
+        }
+    }
+
+    /// The region.
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// This port's number.
+    pub fn me(&self) -> u32 {
+        self.me
+    }
+
+    /// Tries to enqueue a record; `false` when the ring to `dst` is full.
+    #[inline]
+    pub fn try_send(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
+        let (ring, prod) = &mut self.out[dst as usize];
+        let Some(r) = prod.reserve(ring, HDR_LEN + payload.len()) else {
+            return false;
+        };
+        ring.write_bytes(r.body_off, &hdr.encode());
+        if !payload.is_empty() {
+            ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
+        }
+        prod.publish(ring, r);
+        self.region.count(self.me, slot::SENT, 1);
+        self.region
+            .count(self.me, slot::SENT_BYTES, payload.len() as u64);
+        self.region.wake(dst);
+        true
+    }
+
+    /// Enqueues raw body bytes (used by tests to forge records).
+    pub fn try_send_raw(&mut self, dst: u32, body: &[u8]) -> bool {
+        let (ring, prod) = &mut self.out[dst as usize];
+        if prod.try_push(ring, body).is_none() {
+            return false;
+        }
+        self.region.wake(dst);
+        true
+    }
+
+    /// True when any inbound ring holds a record (cheap check, used before sleeping).
+    pub fn has_pending(&mut self) -> bool {
+        self.inb
+            .iter_mut()
+            .any(|(ring, cons)| matches!(cons.peek(ring), Peek::Record(_)))
+    }
+
+    /// Hands up to `budget` inbound records to `f`, round-robin over source ports. Corrupt rings are
+    /// counted and abandoned. Returns the number of records handled.
+    pub fn poll(&mut self, budget: usize, mut f: impl FnMut(Incoming<'_>)) -> usize {
+        let n = self.inb.len();
+        let mut done = 0;
+        let mut idle_rounds = 0;
+        while done < budget && idle_rounds < n {
+            let i = self.next;
+            self.next = if i + 1 == n { 0 } else { i + 1 };
+            let (ring, cons) = &mut self.inb[i];
+            match cons.peek(ring) {
+                Peek::Empty => idle_rounds += 1,
+                Peek::Corrupt => {
+                    self.region
+                        .count_drop(self.me, crate::counters::DropReason::CorruptQueue);
+                    idle_rounds += 1;
+                }
+                Peek::Record(r) => {
+                    idle_rounds = 0;
+                    let body = ring.body(r.body_off, r.body_len as usize);
+                    match Hdr::decode(body) {
+                        Some(hdr) => f(Incoming {
+                            from: i as u32,
+                            hdr,
+                            body: &body[HDR_LEN..],
+                        }),
+                        None => self
+                            .region
+                            .count_drop(self.me, crate::counters::DropReason::Malformed),
+                    }
+                    cons.consume(ring, r);
+                    done += 1;
+                }
+            }
+        }
+        done
+    }
+}

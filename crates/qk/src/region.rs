@@ -1,0 +1,469 @@
+//! The job's shared-memory region on one node: layout, creation and attachment.
+//!
+//! ```text
+//! 0            header page: magic, version, job, sizes, offsets, world rank and pid of each local rank
+//! port_off     one 1 KiB control block per port (local ranks 0..L, then the node engine = port L):
+//!              doorbell futex word, sleeping flag, counters
+//! ring_off     P*P rings (P = L+1), ring (src, dst) at index src*P+dst: a 64-byte line holding the
+//!              consumer's head, then `ring_cap` bytes of records
+//! heap_off     the job-shared heap: `heap_per_rank` bytes per local rank, each rank allocates only
+//!              from its own part; every rank maps all of it, so a receiver copies a large message
+//!              straight from the sender's buffer with one memcpy
+//! ```
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::counters::{slot, DropReason, PortStats};
+use crate::ring::RingMem;
+use crate::sys::{Mapping, Memfd};
+use crate::QkError;
+
+/// Magic number at offset 0 ("PUMAQK01").
+pub const MAGIC: u64 = u64::from_le_bytes(*b"PUMAQK01");
+/// Layout version.
+pub const VERSION: u32 = 1;
+/// Most local ports (ranks on one node) a region supports.
+pub const MAX_LOCAL: usize = 256;
+const PORT_BLOCK: usize = 1024;
+const PAGE: u64 = 4096;
+
+// Header field offsets.
+const H_MAGIC: usize = 0;
+const H_VERSION: usize = 8;
+const H_LOCAL: usize = 12;
+const H_JOB: usize = 16;
+const H_WORLD: usize = 24;
+const H_NODE: usize = 28;
+const H_RING_CAP: usize = 32;
+const H_HEAP_PER_RANK: usize = 40;
+const H_EAGER: usize = 48;
+const H_MODE: usize = 52;
+const H_TOTAL: usize = 56;
+const H_MAX_MSG: usize = 64;
+const H_RANKS: usize = 1024; // [u32; MAX_LOCAL]
+const H_PIDS: usize = 2048; // [u32; MAX_LOCAL]
+const HEADER_BYTES: u64 = 4096;
+// Port block offsets.
+const P_DOORBELL: usize = 0;
+const P_SLEEPING: usize = 4;
+const P_COUNTERS: usize = 64;
+
+/// Computed offsets of a region.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Local ranks.
+    pub local: u32,
+    /// Ports = local ranks + the node engine.
+    pub ports: u32,
+    /// Bytes per ring.
+    pub ring_cap: u64,
+    /// Heap bytes per local rank.
+    pub heap_per_rank: u64,
+    /// Port control blocks.
+    pub port_off: u64,
+    /// First ring.
+    pub ring_off: u64,
+    /// Bytes per ring including its control line.
+    pub ring_stride: u64,
+    /// Heap start.
+    pub heap_off: u64,
+    /// Total size.
+    pub total: u64,
+}
+
+fn round_up(v: u64, a: u64) -> u64 {
+    v.div_ceil(a) * a
+}
+
+impl Layout {
+    /// Lays out a region for `local` ranks.
+    pub fn new(local: u32, ring_cap: u64, heap_per_rank: u64) -> Result<Layout, QkError> {
+        if local == 0 || local as usize > MAX_LOCAL - 1 {
+            return Err(QkError::BadSpec(format!(
+                "local rank count {local} must be 1..{}",
+                MAX_LOCAL - 1
+            )));
+        }
+        if !ring_cap.is_power_of_two() || !(4096..=(1 << 30)).contains(&ring_cap) {
+            return Err(QkError::BadSpec(format!(
+                "queue size {ring_cap} must be a power of two between 4 KiB and 1 GiB"
+            )));
+        }
+        let ports = local + 1;
+        let port_off = HEADER_BYTES;
+        let ring_off = round_up(port_off + ports as u64 * PORT_BLOCK as u64, PAGE);
+        let ring_stride = 64 + ring_cap;
+        let heap_off = round_up(ring_off + (ports as u64 * ports as u64) * ring_stride, PAGE);
+        let heap_per_rank = round_up(heap_per_rank, PAGE);
+        let total = heap_off
+            .checked_add(
+                heap_per_rank
+                    .checked_mul(local as u64)
+                    .ok_or_else(|| QkError::BadSpec("heap too large".into()))?,
+            )
+            .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
+        Ok(Layout {
+            local,
+            ports,
+            ring_cap,
+            heap_per_rank,
+            port_off,
+            ring_off,
+            ring_stride,
+            heap_off,
+            total,
+        })
+    }
+
+    /// Offset of ring (src, dst)'s control line.
+    pub fn ring(&self, src: u32, dst: u32) -> u64 {
+        self.ring_off + (src as u64 * self.ports as u64 + dst as u64) * self.ring_stride
+    }
+
+    /// Offset of local rank `r`'s heap part.
+    pub fn heap(&self, r: u32) -> u64 {
+        self.heap_off + r as u64 * self.heap_per_rank
+    }
+
+    /// Offset of port `p`'s control block.
+    pub fn port(&self, p: u32) -> u64 {
+        self.port_off + p as u64 * PORT_BLOCK as u64
+    }
+}
+
+/// Parameters written into a region's header at creation.
+#[derive(Clone, Debug)]
+pub struct RegionParams {
+    /// Job id.
+    pub job: u32,
+    /// Ranks in the whole job.
+    pub world: u32,
+    /// Node id.
+    pub node: u32,
+    /// World rank of each local rank.
+    pub ranks: Vec<u32>,
+    /// Bytes per queue.
+    pub ring_cap: u64,
+    /// Heap bytes per local rank.
+    pub heap_per_rank: u64,
+    /// Largest message carried eagerly (inside the queue).
+    pub eager_max: u32,
+    /// CPU mode code.
+    pub mode: u32,
+    /// Largest message the job may send.
+    pub max_message: u64,
+}
+
+/// An attached region: the mapping plus its decoded layout. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Region {
+    map: Arc<Mapping>,
+    /// Layout.
+    pub layout: Layout,
+    /// Job id.
+    pub job: u32,
+    /// World size.
+    pub world: u32,
+    /// Node id.
+    pub node: u32,
+    /// Eager limit.
+    pub eager_max: u32,
+    /// CPU mode code.
+    pub mode: u32,
+    /// Largest message.
+    pub max_message: u64,
+    /// World rank of each local port (the node engine is not listed).
+    pub ranks: Vec<u32>,
+}
+
+impl Region {
+    /// Creates, maps, locks and initialises a region. Returns the memfd and the region.
+    pub fn create(p: &RegionParams, lock: bool) -> Result<(Memfd, Region), QkError> {
+        let layout = Layout::new(p.ranks.len() as u32, p.ring_cap, p.heap_per_rank)?;
+        if p.eager_max as u64 + 64 > ring_cap_limit(p.ring_cap) {
+            return Err(QkError::BadSpec(format!(
+                "eager limit {} does not fit a queue of {} bytes (at most half the queue minus one line)",
+                p.eager_max, p.ring_cap
+            )));
+        }
+        let fd = Memfd::create(&format!("puma-qk-job{}", p.job), layout.total).map_err(|e| {
+            QkError::os(
+                format!("creating a {}-byte memfd for job {}", layout.total, p.job),
+                e,
+            )
+        })?;
+        let map = Mapping::map(&fd, layout.total as usize, true)
+            .map_err(|e| QkError::os("mapping the job's shared memory", e))?;
+        if lock {
+            lock_map(&map, layout.total)?;
+        }
+        map.atomic_u32(H_VERSION).store(VERSION, Ordering::Relaxed);
+        map.atomic_u32(H_LOCAL)
+            .store(layout.local, Ordering::Relaxed);
+        map.atomic_u64(H_JOB).store(p.job as u64, Ordering::Relaxed);
+        map.atomic_u32(H_WORLD).store(p.world, Ordering::Relaxed);
+        map.atomic_u32(H_NODE).store(p.node, Ordering::Relaxed);
+        map.atomic_u64(H_RING_CAP)
+            .store(p.ring_cap, Ordering::Relaxed);
+        map.atomic_u64(H_HEAP_PER_RANK)
+            .store(layout.heap_per_rank, Ordering::Relaxed);
+        map.atomic_u32(H_EAGER)
+            .store(p.eager_max, Ordering::Relaxed);
+        map.atomic_u32(H_MODE).store(p.mode, Ordering::Relaxed);
+        map.atomic_u64(H_TOTAL)
+            .store(layout.total, Ordering::Relaxed);
+        map.atomic_u64(H_MAX_MSG)
+            .store(p.max_message, Ordering::Relaxed);
+        for (i, r) in p.ranks.iter().enumerate() {
+            map.atomic_u32(H_RANKS + 4 * i).store(*r, Ordering::Relaxed);
+        }
+        map.atomic_u64(H_MAGIC).store(MAGIC, Ordering::Release);
+        let region = Region {
+            map: Arc::new(map),
+            layout,
+            job: p.job,
+            world: p.world,
+            node: p.node,
+            eager_max: p.eager_max,
+            mode: p.mode,
+            max_message: p.max_message,
+            ranks: p.ranks.clone(),
+        };
+        Ok((fd, region))
+    }
+
+    /// Maps an existing region (from an inherited fd) and checks its header. `lock` locks and
+    /// prefaults it in this process too.
+    pub fn attach(fd: &Memfd, write: bool, lock: bool) -> Result<Region, QkError> {
+        let len = fd
+            .size()
+            .map_err(|e| QkError::os("reading the size of the QK region fd", e))?;
+        if len < HEADER_BYTES {
+            return Err(QkError::BadRegion(format!(
+                "fd {} is {len} bytes, smaller than a QK region header",
+                fd.raw()
+            )));
+        }
+        let map = Mapping::map(fd, len as usize, write)
+            .map_err(|e| QkError::os("mapping the QK region", e))?;
+        if map.atomic_u64(H_MAGIC).load(Ordering::Acquire) != MAGIC {
+            return Err(QkError::BadRegion(format!(
+                "fd {} is not a QK job region (bad magic)",
+                fd.raw()
+            )));
+        }
+        let version = map.atomic_u32(H_VERSION).load(Ordering::Relaxed);
+        if version != VERSION {
+            return Err(QkError::BadRegion(format!(
+                "region layout version {version}, this QK speaks {VERSION}"
+            )));
+        }
+        let local = map.atomic_u32(H_LOCAL).load(Ordering::Relaxed);
+        let ring_cap = map.atomic_u64(H_RING_CAP).load(Ordering::Relaxed);
+        let heap = map.atomic_u64(H_HEAP_PER_RANK).load(Ordering::Relaxed);
+        let layout = Layout::new(local, ring_cap, heap)?;
+        if layout.total != len || map.atomic_u64(H_TOTAL).load(Ordering::Relaxed) != len {
+            return Err(QkError::BadRegion(format!(
+                "region is {len} bytes but its header describes {}",
+                layout.total
+            )));
+        }
+        if lock {
+            lock_map(&map, len)?;
+        }
+        let ranks = (0..local as usize)
+            .map(|i| map.atomic_u32(H_RANKS + 4 * i).load(Ordering::Relaxed))
+            .collect();
+        Ok(Region {
+            layout,
+            job: map.atomic_u64(H_JOB).load(Ordering::Relaxed) as u32,
+            world: map.atomic_u32(H_WORLD).load(Ordering::Relaxed),
+            node: map.atomic_u32(H_NODE).load(Ordering::Relaxed),
+            eager_max: map.atomic_u32(H_EAGER).load(Ordering::Relaxed),
+            mode: map.atomic_u32(H_MODE).load(Ordering::Relaxed),
+            max_message: map.atomic_u64(H_MAX_MSG).load(Ordering::Relaxed),
+            ranks,
+            map: Arc::new(map),
+        })
+    }
+
+    /// The mapping.
+    pub fn map(&self) -> &Mapping {
+        &self.map
+    }
+
+    /// The mapping, shared.
+    pub fn map_arc(&self) -> Arc<Mapping> {
+        self.map.clone()
+    }
+
+    /// The node-engine port number.
+    pub fn engine_port(&self) -> u32 {
+        self.layout.local
+    }
+
+    /// Local port of a world rank, if it lives on this node.
+    pub fn port_of_rank(&self, rank: u32) -> Option<u32> {
+        self.ranks.iter().position(|&r| r == rank).map(|p| p as u32)
+    }
+
+    /// The ring carrying records from port `src` to port `dst`.
+    pub fn ring(&self, src: u32, dst: u32) -> ShmRing {
+        let off = self.layout.ring(src, dst) as usize;
+        ShmRing {
+            map: self.map.clone(),
+            head: off,
+            data: off + 64,
+            cap: self.layout.ring_cap,
+        }
+    }
+
+    /// Records a process id for a port (rank attach), used for cross-memory attach and `qk-stat`.
+    pub fn set_pid(&self, port: u32, pid: u32) {
+        self.map
+            .atomic_u32(H_PIDS + 4 * port as usize)
+            .store(pid, Ordering::Release);
+    }
+
+    /// Process id recorded for a port (0 = not attached).
+    pub fn pid(&self, port: u32) -> u32 {
+        self.map
+            .atomic_u32(H_PIDS + 4 * port as usize)
+            .load(Ordering::Acquire)
+    }
+
+    /// Port `p`'s doorbell futex word.
+    pub fn doorbell(&self, p: u32) -> &AtomicU32 {
+        self.map
+            .atomic_u32(self.layout.port(p) as usize + P_DOORBELL)
+    }
+
+    /// Port `p`'s "engine is asleep" flag.
+    pub fn sleeping(&self, p: u32) -> &AtomicU32 {
+        self.map
+            .atomic_u32(self.layout.port(p) as usize + P_SLEEPING)
+    }
+
+    /// Counter `slot` of port `p`.
+    pub fn counter(&self, p: u32, s: usize) -> &AtomicU64 {
+        self.map
+            .atomic_u64(self.layout.port(p) as usize + P_COUNTERS + 8 * s)
+    }
+
+    /// Adds to a counter.
+    #[inline]
+    pub fn count(&self, p: u32, s: usize, n: u64) {
+        self.counter(p, s).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a drop at port `p`.
+    pub fn count_drop(&self, p: u32, r: DropReason) {
+        self.count(p, slot::DROP0 + r as usize, 1);
+    }
+
+    /// Snapshot of port `p`'s counters.
+    pub fn stats(&self, p: u32) -> PortStats {
+        let c = |s| self.counter(p, s).load(Ordering::Relaxed);
+        PortStats {
+            port: p,
+            rank: self.ranks.get(p as usize).copied().unwrap_or(u32::MAX),
+            sent: c(slot::SENT),
+            sent_bytes: c(slot::SENT_BYTES),
+            delivered: c(slot::DELIVERED),
+            delivered_bytes: c(slot::DELIVERED_BYTES),
+            send_waits: c(slot::SEND_WAITS),
+            large_direct: c(slot::LARGE_DIRECT),
+            large_cma: c(slot::LARGE_CMA),
+            sleeps: c(slot::SLEEPS),
+            drops: DropReason::ALL
+                .iter()
+                .map(|r| (r.name().to_string(), c(slot::DROP0 + *r as usize)))
+                .collect(),
+        }
+    }
+
+    /// Rings the doorbell of port `p` if its engine sleeps. Call after publishing a record.
+    #[inline]
+    pub fn wake(&self, p: u32) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.sleeping(p).load(Ordering::Relaxed) != 0 {
+            self.doorbell(p).fetch_add(1, Ordering::SeqCst);
+            crate::sys::futex_wake(self.doorbell(p));
+        }
+    }
+}
+
+fn ring_cap_limit(cap: u64) -> u64 {
+    (cap / 2).min(crate::ring::MAX_RECORD as u64)
+}
+
+fn lock_map(map: &Mapping, len: u64) -> Result<(), QkError> {
+    map.lock_and_prefault().map_err(|e| match e {
+        crate::sys::LockError::Mlock(source) => QkError::Memlock {
+            bytes: len,
+            limit: match crate::sys::memlock_limit() {
+                Some(l) => format!("{} KiB", l / 1024),
+                None => "unlimited".into(),
+            },
+            source,
+        },
+    })
+}
+
+/// One ring inside a region, as [`RingMem`].
+#[derive(Clone, Debug)]
+pub struct ShmRing {
+    map: Arc<Mapping>,
+    head: usize,
+    data: usize,
+    cap: u64,
+}
+
+impl ShmRing {
+    /// The body bytes of a record, borrowed from shared memory.
+    pub fn body(&self, off: u64, len: usize) -> &[u8] {
+        self.map.slice(self.data + off as usize, len)
+    }
+}
+
+impl RingMem for ShmRing {
+    #[inline]
+    fn cap(&self) -> u64 {
+        self.cap
+    }
+    #[inline]
+    fn load_acquire(&self, off: u64) -> u64 {
+        self.map
+            .atomic_u64(self.data + off as usize)
+            .load(Ordering::Acquire)
+    }
+    #[inline]
+    fn store_release(&self, off: u64, v: u64) {
+        self.map
+            .atomic_u64(self.data + off as usize)
+            .store(v, Ordering::Release)
+    }
+    #[inline]
+    fn zero_word(&self, off: u64) {
+        self.map
+            .atomic_u64(self.data + off as usize)
+            .store(0, Ordering::Relaxed)
+    }
+    #[inline]
+    fn write_bytes(&self, off: u64, src: &[u8]) {
+        self.map.write(self.data + off as usize, src)
+    }
+    #[inline]
+    fn read_bytes(&self, off: u64, dst: &mut [u8]) {
+        self.map.read(self.data + off as usize, dst)
+    }
+    #[inline]
+    fn load_head(&self) -> u64 {
+        self.map.atomic_u64(self.head).load(Ordering::Acquire)
+    }
+    #[inline]
+    fn store_head(&self, v: u64) {
+        self.map.atomic_u64(self.head).store(v, Ordering::Release)
+    }
+}

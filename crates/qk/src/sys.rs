@@ -1,0 +1,539 @@
+//! Every system call and raw-memory operation of the hosted QK lives here.
+//!
+//! The rest of the crate deals in safe handles: [`Memfd`], [`Mapping`], and a few free functions.
+//! Each `unsafe` block states why it is sound.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+/// An anonymous, sealed-size shared-memory file (Linux `memfd_create`). Nothing is left in
+/// `/dev/shm` when the last holder exits.
+#[derive(Debug)]
+pub struct Memfd {
+    fd: OwnedFd,
+}
+
+impl Memfd {
+    /// Creates a memfd of `len` bytes. The fd is created close-on-exec; [`Memfd::inheritable`]
+    /// clears the flag for the launcher that hands it to a rank.
+    pub fn create(name: &str, len: u64) -> io::Result<Memfd> {
+        let cname =
+            std::ffi::CString::new(name).map_err(|_| io::Error::other("memfd name has NUL"))?;
+        // SAFETY: cname is a valid NUL-terminated string; flags are constants.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd was just returned by memfd_create and is owned by no one else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let len_off =
+            libc::off_t::try_from(len).map_err(|_| io::Error::other("region too large"))?;
+        // SAFETY: fd is a valid open memfd.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len_off) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Memfd { fd })
+    }
+
+    /// Takes ownership of an fd inherited from the launcher (e.g. `PUMA_QK_FD`). Fails when the
+    /// number is not an open file descriptor.
+    pub fn from_inherited(fd: RawFd) -> io::Result<Memfd> {
+        // SAFETY: F_GETFD only queries the descriptor table; no memory is touched.
+        if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::other(format!(
+                "fd {fd} is not an open file descriptor"
+            )));
+        }
+        // SAFETY: the launcher handed this descriptor to us for our exclusive use; we checked it is
+        // open. Nothing else in this process owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(Memfd { fd })
+    }
+
+    /// Opens a file (e.g. `/proc/<pid>/fd/<n>`) read-write or read-only as a region fd.
+    pub fn open_path(path: &std::path::Path, write: bool) -> io::Result<Memfd> {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)?;
+        Ok(Memfd {
+            fd: OwnedFd::from(f),
+        })
+    }
+
+    /// Size of the file in bytes.
+    pub fn size(&self) -> io::Result<u64> {
+        let f = std::fs::File::from(self.fd.try_clone()?);
+        Ok(f.metadata()?.len())
+    }
+
+    /// The raw descriptor number.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Clears close-on-exec so a child started with `exec` inherits this descriptor.
+    pub fn inheritable(&self) -> io::Result<()> {
+        set_cloexec(self.fd.as_raw_fd(), false)
+    }
+
+    /// Duplicates the descriptor (both refer to the same memory).
+    pub fn try_clone(&self) -> io::Result<Memfd> {
+        Ok(Memfd {
+            fd: self.fd.try_clone()?,
+        })
+    }
+}
+
+/// Sets or clears `FD_CLOEXEC` on a descriptor.
+pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor number only manipulates the descriptor table.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let new = if on {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, new) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A shared mapping of a [`Memfd`]. Unmapped on drop.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory; all concurrent access to it goes through atomics or
+// through copies whose ordering is established by the ring protocol (release/acquire stamps).
+unsafe impl Send for Mapping {}
+// SAFETY: see above.
+unsafe impl Sync for Mapping {}
+
+/// Why locking memory failed.
+#[derive(Debug)]
+pub enum LockError {
+    /// `mlock` failed (usually `RLIMIT_MEMLOCK`).
+    Mlock(io::Error),
+}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` shared, read-write (or read-only).
+    pub fn map(fd: &Memfd, len: usize, write: bool) -> io::Result<Mapping> {
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: we ask the kernel for a fresh mapping (addr = NULL); fd is an open file of at least
+        // len bytes (checked by callers); the result is checked for MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.raw(),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// Locks the mapping into RAM and touches every page so no message ever takes a page fault.
+    pub fn lock_and_prefault(&self) -> Result<(), LockError> {
+        // SAFETY: ptr/len describe a mapping we own.
+        if unsafe { libc::mlock(self.ptr.cast(), self.len) } != 0 {
+            return Err(LockError::Mlock(io::Error::last_os_error()));
+        }
+        // mlock faults pages in already; MADV_POPULATE_WRITE makes sure they are writable-mapped
+        // (ignored by older kernels, hence the error is not fatal).
+        // SAFETY: as above; madvise does not change the contents.
+        unsafe {
+            libc::madvise(self.ptr.cast(), self.len, 23 /* MADV_POPULATE_WRITE */)
+        };
+        Ok(())
+    }
+
+    /// Base address.
+    pub fn ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when the mapping is empty (never, in practice).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// An atomic u64 at byte offset `off` (must be 8-aligned and in bounds; checked).
+    pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
+        assert!(
+            off % 8 == 0 && off + 8 <= self.len,
+            "atomic_u64 out of bounds"
+        );
+        // SAFETY: in bounds and aligned (mmap returns page-aligned memory); AtomicU64 has the same
+        // layout as u64; the memory lives as long as &self.
+        unsafe { &*(self.ptr.add(off) as *const AtomicU64) }
+    }
+
+    /// An atomic u32 at byte offset `off` (4-aligned, in bounds; checked).
+    pub fn atomic_u32(&self, off: usize) -> &AtomicU32 {
+        assert!(
+            off % 4 == 0 && off + 4 <= self.len,
+            "atomic_u32 out of bounds"
+        );
+        // SAFETY: in bounds and aligned; same layout; lives as long as &self.
+        unsafe { &*(self.ptr.add(off) as *const AtomicU32) }
+    }
+
+    /// Copies `src` into the mapping at `off` (bounds checked).
+    pub fn write(&self, off: usize, src: &[u8]) {
+        assert!(
+            off.checked_add(src.len()).is_some_and(|e| e <= self.len),
+            "write out of bounds"
+        );
+        // SAFETY: destination range is inside the mapping; source is a valid slice that cannot
+        // overlap the mapping's range we write (callers never pass a slice of the same bytes).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(off), src.len()) };
+    }
+
+    /// Copies from the mapping at `off` into `dst` (bounds checked).
+    pub fn read(&self, off: usize, dst: &mut [u8]) {
+        assert!(
+            off.checked_add(dst.len()).is_some_and(|e| e <= self.len),
+            "read out of bounds"
+        );
+        // SAFETY: source range is inside the mapping; dst is a valid exclusive slice.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(off), dst.as_mut_ptr(), dst.len()) };
+    }
+
+    /// Copies `len` bytes inside the mapping from `src` to `dst` (ranges checked; may not overlap).
+    pub fn copy_within(&self, src: usize, dst: usize, len: usize) {
+        let ok = |o: usize| o.checked_add(len).is_some_and(|e| e <= self.len);
+        assert!(ok(src) && ok(dst), "copy_within out of bounds");
+        assert!(
+            src + len <= dst || dst + len <= src || len == 0,
+            "copy_within overlaps"
+        );
+        // SAFETY: both ranges are inside the mapping and do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(src), self.ptr.add(dst), len) };
+    }
+
+    /// A shared view of `len` bytes at `off` (bounds checked). The caller must know no one writes
+    /// these bytes concurrently (the protocol guarantees it for message buffers in flight).
+    pub fn slice(&self, off: usize, len: usize) -> &[u8] {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len),
+            "slice out of bounds"
+        );
+        // SAFETY: in bounds; lifetime tied to &self; see the contract above.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(off), len) }
+    }
+
+    /// A mutable view of `len` bytes at `off` (bounds checked). Heap buffers handed out by the
+    /// allocator are disjoint, so two views of different buffers never alias.
+    #[allow(clippy::mut_from_ref)]
+    pub fn slice_mut(&self, off: usize, len: usize) -> &mut [u8] {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len),
+            "slice_mut out of bounds"
+        );
+        // SAFETY: in bounds; callers obtain disjoint ranges from the per-rank heap allocator.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len came from a successful mmap and are unmapped exactly once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Copies `len` bytes between two raw addresses the caller has validated.
+///
+/// # Safety
+/// `src..src+len` must be readable, `dst..dst+len` writable, and the ranges must not overlap.
+pub unsafe fn raw_copy(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+/// Blocks while `*word == expected` (shared futex, works across processes), for at most `timeout`.
+pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: std::time::Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: word points to a live, aligned u32 in a shared mapping; FUTEX_WAIT only reads it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &ts as *const libc::timespec,
+        )
+    };
+}
+
+/// Wakes every waiter blocked on `word`.
+pub fn futex_wake(word: &AtomicU32) {
+    // SAFETY: word is a live aligned u32; FUTEX_WAKE does not touch memory.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE, i32::MAX) };
+}
+
+/// Pins the calling thread to one CPU.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return Err(io::Error::other(format!("cpu {cpu} out of range")));
+    }
+    // SAFETY: cpu is within the set's capacity (checked above).
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: set is a valid cpu_set_t of the size we pass; 0 = calling thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Number of CPUs this process may run on.
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: zeroed cpu_set_t is valid.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: set is a valid out-parameter of the given size.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return vec![0];
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: i is below CPU_SETSIZE.
+        .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
+        .collect()
+}
+
+/// Reads `len` bytes at address `remote` of process `pid` into `dst` with one cross-memory-attach
+/// call (`process_vm_readv`). Returns the number of bytes read.
+pub fn cma_read(pid: i32, remote: u64, dst: &mut [u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: dst.as_mut_ptr().cast(),
+        iov_len: dst.len(),
+    };
+    let rem = libc::iovec {
+        iov_base: remote as usize as *mut libc::c_void,
+        iov_len: dst.len(),
+    };
+    // SAFETY: local describes our exclusive slice; the kernel validates the remote range and
+    // permission (ptrace access) and fails cleanly otherwise.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &rem, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// Fills `buf` with random bytes from the kernel.
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        // SAFETY: the pointer/length describe the unfilled tail of our exclusive slice.
+        let n = unsafe { libc::getrandom(buf[done..].as_mut_ptr().cast(), buf.len() - done, 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+/// This process's id.
+pub fn getpid() -> i32 {
+    std::process::id() as i32
+}
+
+/// Current `RLIMIT_MEMLOCK` soft limit in bytes (None = unlimited or unknown).
+pub fn memlock_limit() -> Option<u64> {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: r is a valid out-parameter.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0
+        || r.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    Some(r.rlim_cur)
+}
+
+/// Spin-loop hint.
+#[inline(always)]
+pub fn cpu_relax() {
+    std::hint::spin_loop();
+}
+
+/// Raw descriptor number helper for `Command` users.
+pub fn raw_fd_of(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+/// The memory a rank's engine may deposit into or read from: its part of the job heap (through
+/// the region mapping) and private buffers it allocated. Every raw access is checked against these
+/// ranges first, so a memory descriptor naming any other address is refused, never dereferenced.
+#[derive(Debug, Default)]
+pub struct OwnedMemory {
+    heap: Option<(std::sync::Arc<Mapping>, usize, usize)>, // mapping, offset, len
+    private: Vec<Box<[u8]>>,
+}
+
+impl OwnedMemory {
+    /// Memory consisting of `len` bytes of `map` at `off` (the rank's heap part).
+    pub fn new(map: std::sync::Arc<Mapping>, off: usize, len: usize) -> OwnedMemory {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= map.len()),
+            "heap part outside mapping"
+        );
+        OwnedMemory {
+            heap: Some((map, off, len)),
+            private: Vec::new(),
+        }
+    }
+
+    /// Address range of the heap part in this process.
+    pub fn heap_range(&self) -> (u64, u64) {
+        match &self.heap {
+            Some((m, off, len)) => (m.ptr() as u64 + *off as u64, *len as u64),
+            None => (0, 0),
+        }
+    }
+
+    /// Allocates a private (not shared) zeroed buffer; returns its address.
+    pub fn alloc_private(&mut self, len: usize) -> u64 {
+        let b = vec![0u8; len.max(1)].into_boxed_slice();
+        let a = b.as_ptr() as u64;
+        self.private.push(b);
+        a
+    }
+
+    /// Frees a private buffer by address. Returns false if it was not one.
+    pub fn free_private(&mut self, addr: u64) -> bool {
+        match self.private.iter().position(|b| b.as_ptr() as u64 == addr) {
+            Some(i) => {
+                self.private.swap_remove(i);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// True when `addr..addr+len` lies inside memory we own.
+    pub fn owns(&self, addr: u64, len: u64) -> bool {
+        let inside = |base: u64, blen: u64| {
+            addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + blen)
+        };
+        let (hb, hl) = self.heap_range();
+        inside(hb, hl)
+            || self
+                .private
+                .iter()
+                .any(|b| inside(b.as_ptr() as u64, b.len() as u64))
+    }
+
+    /// True when `addr..addr+len` lies inside the heap part.
+    pub fn in_heap(&self, addr: u64, len: u64) -> bool {
+        let (hb, hl) = self.heap_range();
+        addr >= hb && addr.checked_add(len).is_some_and(|e| e <= hb + hl)
+    }
+
+    /// Copies `src` to owned address `addr`. False (nothing copied) if the range is not owned.
+    pub fn write(&self, addr: u64, src: &[u8]) -> bool {
+        if !self.owns(addr, src.len() as u64) {
+            return false;
+        }
+        // SAFETY: the destination lies in memory this table owns (checked above) and stays alive
+        // while &self lives; ptr::copy tolerates overlap (a rank putting to itself).
+        unsafe { std::ptr::copy(src.as_ptr(), addr as usize as *mut u8, src.len()) };
+        true
+    }
+
+    /// Copies from owned address `addr` into `dst`. False if the range is not owned.
+    pub fn read(&self, addr: u64, dst: &mut [u8]) -> bool {
+        if !self.owns(addr, dst.len() as u64) {
+            return false;
+        }
+        // SAFETY: the source lies in owned memory (checked); dst is an exclusive slice.
+        unsafe { std::ptr::copy(addr as usize as *const u8, dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+
+    /// Runs `f` on the owned bytes at `addr..addr+len`, or returns None if not owned.
+    pub fn with_slice<R>(&self, addr: u64, len: u64, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        if !self.owns(addr, len) {
+            return None;
+        }
+        // SAFETY: owned range (checked), alive while &self lives; the engine lock the caller holds
+        // keeps deposits out while `f` runs.
+        Some(f(unsafe {
+            std::slice::from_raw_parts(addr as usize as *const u8, len as usize)
+        }))
+    }
+
+    /// Runs `f` on the owned bytes mutably. `&mut self` keeps every other access out.
+    pub fn with_slice_mut<R>(
+        &mut self,
+        addr: u64,
+        len: u64,
+        f: impl FnOnce(&mut [u8]) -> R,
+    ) -> Option<R> {
+        if !self.owns(addr, len) {
+            return None;
+        }
+        // SAFETY: owned range (checked); exclusive because we hold &mut self.
+        Some(f(unsafe {
+            std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize)
+        }))
+    }
+
+    /// Reads `len` bytes of process `pid` at `remote` into owned address `addr` with cross-memory
+    /// attach. Returns bytes read, or an error (range not owned, or the kernel refused).
+    pub fn cma_into(&self, addr: u64, len: u64, pid: i32, remote: u64) -> io::Result<usize> {
+        if !self.owns(addr, len) {
+            return Err(io::Error::other("destination not owned"));
+        }
+        // SAFETY: owned range (checked), alive while &self lives.
+        let dst = unsafe { std::slice::from_raw_parts_mut(addr as usize as *mut u8, len as usize) };
+        let mut done = 0;
+        while done < dst.len() {
+            let n = cma_read(pid, remote + done as u64, &mut dst[done..])?;
+            if n == 0 {
+                return Err(io::Error::other("cross-memory attach read 0 bytes"));
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+}
