@@ -420,6 +420,7 @@ fn start_and_run(
         }
     }
     drop(stdin_tx);
+    node.policies.variant.job_done(req);
     finished.store(true, std::sync::atomic::Ordering::Release);
     let _ = sink.send(&FromPct::JobDone);
     drop(resources);

@@ -64,6 +64,10 @@ pub struct RunCli {
     /// TCP port of the PCTs started with srun inside Slurm.
     #[arg(long, default_value_t = 7070)]
     pub pct_port: u16,
+    /// PCT policy configuration (TOML, see the pct README) for the embedded
+    /// partition's PCTs.
+    #[arg(long, value_name = "FILE")]
+    pub pct_config: Option<PathBuf>,
     /// Say where ranks go.
     #[arg(short, long)]
     pub verbose: bool,
@@ -231,7 +235,13 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
             "{k} virtual nodes is too many for one machine"
         )));
     }
-    let mut lp = LocalPartition::start(k)?;
+    let cfg = match &cli.pct_config {
+        Some(p) => {
+            Some(std::path::absolute(p).map_err(|e| YodError::io("resolving --pct-config", e))?)
+        }
+        None => None,
+    };
+    let mut lp = LocalPartition::start(k, cfg.as_deref())?;
     let mut links = Vec::with_capacity(k);
     for i in 0..k {
         let conn = lp.wait_ready(i)?;
