@@ -63,6 +63,9 @@ impl JobResourceHandle for MemfdHandle {
     }
 }
 
+/// Most ranks one node's QK fabric holds (one port is the node engine's).
+pub const MAX_LOCAL_RANKS: u32 = 255;
+
 /// The QK's node fabric: one locked, prefaulted region per job and node holding
 /// the ranks' inbound queues and job heap (`qk::job::NodeFabric`), passed to ranks
 /// as `PUMA_QK_FD` (they attach with `qk::Endpoint::from_env`).
@@ -103,8 +106,11 @@ pub fn qk_job_id(job: &str) -> u32 {
     })
 }
 
+/// Holds only the region's memfd: the PCT unmaps the region once it is built, so
+/// forking the ranks does not copy its page tables, and the memory is locked by
+/// the ranks that map it (and released with the last of them).
 struct QkHandle {
-    fabric: qk::NodeFabric,
+    fd: qk::sys::Memfd,
 }
 
 impl JobResources for QkFabric {
@@ -112,6 +118,12 @@ impl JobResources for QkFabric {
         "qk-fabric"
     }
     fn create(&self, req: &LoadRequest) -> Result<Box<dyn JobResourceHandle>> {
+        if req.ranks.len() > MAX_LOCAL_RANKS as usize {
+            return Err(PctError::Refused(format!(
+                "{} ranks on one node, but the QK fabric holds at most {MAX_LOCAL_RANKS}; use more nodes (--nodes / --ppn)",
+                req.ranks.len()
+            )));
+        }
         let mode = match req.mode {
             crate::proto::CpuMode::Heater => qk::CpuMode::Heater,
             crate::proto::CpuMode::MsgCoproc => qk::CpuMode::MsgCoproc,
@@ -138,16 +150,20 @@ impl JobResources for QkFabric {
             }
             Err(e) => return Err(PctError::Refused(format!("QK fabric: {e}"))),
         };
-        Ok(Box::new(QkHandle { fabric }))
+        let fd = fabric
+            .dup_fd()
+            .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?;
+        drop(fabric);
+        Ok(Box::new(QkHandle { fd }))
     }
 }
 
 impl JobResourceHandle for QkHandle {
     fn rank_env(&self, _local_rank: u32) -> Vec<(String, String)> {
-        self.fabric.child_env()
+        vec![("PUMA_QK_FD".into(), self.fd.raw().to_string())]
     }
     fn inherited_fds(&self) -> Vec<RawFd> {
-        vec![self.fabric.fd()]
+        vec![self.fd.raw()]
     }
 }
 
@@ -165,7 +181,11 @@ mod tests {
         assert_eq!(f.queue_for(1), qk::job::DEFAULT_QUEUE_BYTES);
         let q = f.queue_for(16);
         assert!(q.is_power_of_two() && 17 * 17 * q <= QkFabric::QUEUE_BUDGET && q > 4096);
-        assert_eq!(f.queue_for(256), 4096, "never below the QK's smallest queue");
+        assert_eq!(
+            f.queue_for(256),
+            4096,
+            "never below the QK's smallest queue"
+        );
         assert_eq!(qk_job_id("1234"), 1234);
         assert_eq!(qk_job_id("abc"), qk_job_id("abc"));
     }

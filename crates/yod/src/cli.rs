@@ -228,7 +228,8 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
     let k = match (cli.nodes, cli.ppn) {
         (Some(k), _) => k.min(cli.n) as usize,
         (None, Some(p)) => cli.n.div_ceil(p) as usize,
-        (None, None) => 1,
+        // One virtual node unless the job exceeds what one node's QK fabric holds.
+        (None, None) => cli.n.div_ceil(pct::resources::MAX_LOCAL_RANKS) as usize,
     };
     if k > 1024 {
         return Err(YodError::Usage(format!(
