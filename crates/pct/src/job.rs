@@ -320,11 +320,6 @@ fn start_and_run(
         });
         // `child` is dropped without waiting: we reap through the pidfd below.
     }
-    let pg: Vec<String> = ranks
-        .iter()
-        .map(|r| r.pid.as_raw_pid().to_string())
-        .collect();
-    let _ = std::fs::write(job_dir.join(PGIDS_FILE), pg.join(" "));
     let _ = sink.send(&FromPct::Started {
         pids: ranks
             .iter()
@@ -492,13 +487,15 @@ pub fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// Kills, by scanning /proc, every process of job `job` whose process group is one
-/// of `pgids` (the ranks' groups), checking the job id in its environment so a
-/// recycled pid is never hit. Used when the PCT that owned the ranks is gone: by
-/// yod for a lost local virtual node, and by a restarted PCT for jobs of its
-/// previous life. Returns how many processes were signalled.
-pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
-    let want = format!("PUMA_JOB={job}");
+/// Kills, by scanning /proc, every process of job `job` on node `node` (the
+/// ranks and anything they started): they carry `PUMA_JOB` and `PUMA_NODE` in
+/// their environment. Used when the PCT that owned the ranks is gone: by yod for
+/// a lost local virtual node, and by a restarted PCT for the jobs of its previous
+/// life. Returns how many processes were signalled.
+pub fn kill_job_leftovers(job: &str, node: u32) -> usize {
+    let want_job = format!("PUMA_JOB={job}");
+    let want_node = format!("PUMA_NODE={node}");
+    let me = rustix::process::getpid().as_raw_pid();
     let mut n = 0;
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -507,21 +504,14 @@ pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pgrp is field 5; fields after the command name start at field 3.
-        let pgrp = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 2..].split_whitespace().nth(2))
-            .and_then(|v| v.parse::<i32>().ok());
-        if !pgrp.is_some_and(|g| pgids.contains(&g)) {
+        if pid == me {
             continue;
         }
-        let ours = std::fs::read(e.path().join("environ"))
-            .map(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes()))
-            .unwrap_or(false);
-        if ours {
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let has = |w: &str| env.split(|&b| b == 0).any(|v| v == w.as_bytes());
+        if has(&want_job) && has(&want_node) {
             if let Some(p) = Pid::from_raw(pid) {
                 if rustix::process::kill_process(p, Signal::KILL).is_ok() {
                     n += 1;
@@ -531,9 +521,6 @@ pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
     }
     n
 }
-
-/// File in a job directory listing the ranks' process groups.
-pub const PGIDS_FILE: &str = "pgids";
 
 /// Cleans job directories left by an earlier PCT that died without cleaning up:
 /// kills their leftover processes and removes the directories.
@@ -547,13 +534,11 @@ pub fn reap_previous_life(run_dir: &Path) -> usize {
         let Some(rest) = name.strip_prefix("job-") else {
             continue;
         };
-        let job = rest.rsplit_once('-').map_or(rest, |(j, _)| j).to_string();
-        let pgids: Vec<i32> = std::fs::read_to_string(e.path().join(PGIDS_FILE))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        killed += kill_job_leftovers(&job, &pgids);
+        if let Some((job, node)) = rest.rsplit_once('-') {
+            if let Ok(node) = node.parse() {
+                killed += kill_job_leftovers(job, node);
+            }
+        }
         let _ = std::fs::remove_dir_all(e.path());
     }
     killed

@@ -245,6 +245,13 @@ fn exclusive_multinode_job_lost_node_and_recovery() {
         wait_for(Duration::from_secs(2), || procs_with_env(&kv).is_empty()),
         "left behind: {:?}",
         procs_with_env(&kv)
+            .iter()
+            .map(|p| (
+                p,
+                std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+                std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()
+            ))
+            .collect::<Vec<_>>()
     );
     drop(net);
 }
