@@ -277,13 +277,18 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
                     });
                     continue;
                 }
-                match admit_and_start(&node, *req, &sink) {
+                match admit_and_start(&node, *req, &sink, conn.local_ip()) {
                     Ok(j) => job = Some(j),
                     Err(e) => {
                         let _ = sink.send(&FromPct::Refused {
                             reason: format!("node {}: {e}", node.name),
                         });
                     }
+                }
+            }
+            ToPct::Peers { peers } => {
+                if let Some((ctl, _, _)) = &job {
+                    ctl.send(JobCmd::Peers(peers));
                 }
             }
             ToPct::Stdin { data } => {
@@ -347,6 +352,7 @@ fn admit_and_start(
     node: &Arc<Node>,
     req: crate::proto::LoadRequest,
     sink: &Sink,
+    fabric_ip: std::net::IpAddr,
 ) -> Result<(JobCtl, std::thread::JoinHandle<()>, String)> {
     req.validate()?;
     {
@@ -376,7 +382,7 @@ fn admit_and_start(
         .name("pct-job".into())
         .spawn(move || {
             // Failures are reported to yod as `Refused`; nothing more to do here.
-            let _ = job::run_job(n, req, s, rx, wake_r, &f);
+            let _ = job::run_job(n, req, s, rx, wake_r, &f, fabric_ip);
             if let Ok(mut jobs) = done_node.jobs.lock() {
                 jobs.retain(|j| j.job != job_id);
             }

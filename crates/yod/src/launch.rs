@@ -438,6 +438,8 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
     let mut code_override: Option<i32> = None;
     let mut teardown: Option<Instant> = None;
     let mut exited = 0u32;
+    // Multi-node jobs: fabric addresses, sent to everyone once all are known.
+    let mut fabric: Vec<Option<Option<String>>> = vec![None; k];
     let kill_all = |sig: i32, done: &[bool]| {
         for (i, d) in done.iter().enumerate() {
             if !d {
@@ -489,6 +491,24 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                     if spec.fault == FaultPolicy::EndJob {
                         kill_all(15, &done);
                         teardown = Some(Instant::now() + Duration::from_secs(3));
+                    }
+                }
+            }
+            Ev::Msg(i, FromPct::FabricReady { addr }) => {
+                fabric[i] = Some(addr);
+                if fabric.iter().all(Option::is_some) {
+                    let peers: Vec<(u32, String)> = fabric
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(n, a)| Some((n as u32, a.clone()??)))
+                        .collect();
+                    for n in 0..k {
+                        send_to(
+                            n,
+                            &ToPct::Peers {
+                                peers: peers.clone(),
+                            },
+                        );
                     }
                 }
             }
