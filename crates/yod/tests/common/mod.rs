@@ -113,7 +113,8 @@ pub fn procs_with(needle: &str) -> Vec<u32> {
     out
 }
 
-/// memfds named after `job_part` held by any process.
+/// memfds of the runtime (`memfd:puma-job-<id>` job segments, `memfd:puma-qk-job<id>`
+/// QK regions) whose name contains `job_part`, held by any process.
 pub fn memfds_with(job_part: &str) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -123,8 +124,27 @@ pub fn memfds_with(job_part: &str) -> Vec<String> {
         for fd in fds.flatten() {
             if let Ok(l) = std::fs::read_link(fd.path()) {
                 let l = l.to_string_lossy().into_owned();
-                if l.contains("memfd:puma-job-") && l.contains(job_part) {
+                if l.contains("memfd:puma-") && l.contains(job_part) {
                     out.push(format!("{}: {l}", e.path().display()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runtime memfds held by the given processes.
+pub fn memfds_held_by(pids: &[u32]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(l) = std::fs::read_link(fd.path()) {
+                let l = l.to_string_lossy().into_owned();
+                if l.contains("memfd:puma-") {
+                    out.push(format!("{p}: {l}"));
                 }
             }
         }
