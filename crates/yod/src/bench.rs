@@ -329,8 +329,7 @@ fn main() {
             match memory_during_job(&yod, n, &extra) {
                 Ok(m) => {
                     let nodes = n.div_ceil(pct::resources::MAX_LOCAL_RANKS) as u64;
-                    let own =
-                        m.pct_kib as f64 - (idle * nodes) as f64 - m.segment_bytes as f64 / 1024.0;
+                    let own = m.pct_kib as f64 - (idle * nodes) as f64;
                     println!(
                         "{n:>6}  {:>10}  {:>10}  {:>14}  {:>22.1}  {:>16.1}   ({label}, {nodes} PCT)",
                         m.yod_kib,
