@@ -271,6 +271,7 @@ fn main() {
                     Ok(t) => series[i].push(t),
                     Err(e) => {
                         eprintln!("yod-bench: {e}");
+                        let _ = std::fs::remove_file(&memfd_cfg);
                         std::process::exit(1);
                     }
                 }
