@@ -1,0 +1,257 @@
+//! The `pct` command line (also reachable as `yod pct ...`).
+
+use crate::config::PctConfig;
+use crate::error::{PctError, Result};
+use crate::key::{default_key_path, ClusterKey};
+use crate::proto::{
+    connect_handshake, read_frame, write_frame, Address, Conn, FromPct, NameEntry, ToPct, MAX_FRAME,
+};
+use crate::server::{serve, Listener, Node};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Puma process control thread: the per-node daemon that loads, pins, runs and
+/// reaps the ranks of jobs started by yod, and keeps the node's name table.
+#[derive(Parser, Debug)]
+#[command(name = "pct", version)]
+pub struct PctCli {
+    #[command(subcommand)]
+    pub cmd: PctCmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PctCmd {
+    /// Run the daemon.
+    Serve(ServeArgs),
+    /// Create a cluster key file (mode 0600) shared by every PCT and yod.
+    Keygen {
+        /// Where to write it [default: $PUMA_KEY or ~/.config/puma/cluster.key]
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Replace an existing key.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask a PCT for its status (proves the key first).
+    Status {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Name server: register or look up a name on a PCT.
+    Name {
+        #[arg(long)]
+        connect: String,
+        #[arg(long)]
+        key: Option<PathBuf>,
+        #[command(subcommand)]
+        op: NameOp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum NameOp {
+    /// Register NAME → (node, pid, portal).
+    Register {
+        name: String,
+        #[arg(long)]
+        node: String,
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        portal: u32,
+    },
+    /// Print the entry for NAME as JSON (exit 1 if unknown).
+    Lookup { name: String },
+    /// Remove NAME.
+    Unregister { name: String },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Control address: unix:/path (default for local use) or tcp:HOST:PORT.
+    #[arg(long)]
+    pub listen: String,
+    /// Cluster key file [default: $PUMA_KEY or ~/.config/puma/cluster.key]
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Policy configuration (TOML; see the README).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Node name reported to yod [default: config `name`, else the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Directory for job files (node maps) [default: $TMPDIR/puma-pct-<uid>-<name>].
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Exit (killing all ranks) when the process that started us dies.
+    #[arg(long)]
+    pub exit_with_parent: bool,
+    /// Also remove this directory when the daemon is stopped (used by yod's
+    /// embedded partition for its private directory).
+    #[arg(long, hide = true)]
+    pub remove_on_exit: Option<PathBuf>,
+}
+
+fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or parent death with --exit-with-parent).
+pub fn run_serve(a: ServeArgs) -> Result<()> {
+    let parent = rustix::process::getppid();
+    if a.exit_with_parent {
+        rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
+        if rustix::process::getppid() != parent {
+            return Err(PctError::Refused("parent already gone".into()));
+        }
+    }
+    let cfg = match &a.config {
+        Some(p) => PctConfig::load(p)?,
+        None => PctConfig::default(),
+    };
+    let key_path = a.key.clone().unwrap_or_else(default_key_path);
+    let key = ClusterKey::load(&key_path)?;
+    let name = a
+        .name
+        .clone()
+        .or(cfg.name.clone())
+        .unwrap_or_else(host_name);
+    let addr: Address = a.listen.parse()?;
+    let uid = rustix::process::getuid().as_raw();
+    let run_dir = a
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("puma-pct-{uid}-{name}")));
+    std::fs::create_dir_all(&run_dir)
+        .map_err(|e| PctError::io(format!("creating {}", run_dir.display()), e))?;
+    let leftovers = crate::job::reap_previous_life(&run_dir);
+    if leftovers > 0 {
+        eprintln!("pct[{name}]: killed {leftovers} process(es) left by an earlier PCT");
+    }
+    let node = Arc::new(Node::with_defaults(name, key, &cfg, run_dir.clone()));
+    let listener = Arc::new(Listener::bind(&addr)?);
+
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGHUP,
+    ])
+    .map_err(|e| PctError::io("installing signal handlers", e))?;
+    {
+        let (node, listener) = (node.clone(), listener.clone());
+        let extra = a.remove_on_exit.clone();
+        std::thread::Builder::new()
+            .name("pct-signals".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    node.kill_everything();
+                    listener.cleanup();
+                    let _ = std::fs::remove_dir_all(&node.run_dir);
+                    if let Some(d) = &extra {
+                        let _ = std::fs::remove_dir_all(d);
+                    }
+                    std::process::exit(128 + sig);
+                }
+            })
+            .map_err(|e| PctError::io("starting the signal thread", e))?;
+    }
+    if !a.exit_with_parent {
+        println!("pct[{}]: listening on {}", node.name, listener.local_addr());
+    }
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    serve(node, &listener)
+}
+
+fn client(connect: &str, key: Option<PathBuf>) -> Result<Conn> {
+    let addr: Address = connect.parse()?;
+    let key = ClusterKey::load(&key.unwrap_or_else(default_key_path))?;
+    let mut c = Conn::connect(&addr, Duration::from_secs(3))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    connect_handshake(&mut c, &key)?;
+    Ok(c)
+}
+
+fn request(c: &mut Conn, msg: &ToPct) -> Result<FromPct> {
+    write_frame(c, msg)?;
+    loop {
+        match read_frame::<_, FromPct>(c, MAX_FRAME)? {
+            FromPct::Heartbeat => continue,
+            other => return Ok(other),
+        }
+    }
+}
+
+/// Entry point of the `pct` binary. Returns the process exit code.
+pub fn main_with(cli: PctCli) -> i32 {
+    let res: Result<i32> = match cli.cmd {
+        PctCmd::Serve(a) => run_serve(a).map(|_| 0),
+        PctCmd::Keygen { out, force } => {
+            let p = out.unwrap_or_else(default_key_path);
+            ClusterKey::generate()
+                .and_then(|k| k.write(&p, force))
+                .map(|_| {
+                    println!(
+                        "wrote cluster key {} (mode 0600); copy it to every node",
+                        p.display()
+                    );
+                    0
+                })
+        }
+        PctCmd::Status { connect, key } => {
+            client(&connect, key).and_then(|mut c| match request(&mut c, &ToPct::Status)? {
+                FromPct::Status(s) => {
+                    println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default());
+                    Ok(0)
+                }
+                other => Err(PctError::Malformed(format!("unexpected reply {other:?}"))),
+            })
+        }
+        PctCmd::Name { connect, key, op } => client(&connect, key).and_then(|mut c| {
+            let msg = match &op {
+                NameOp::Register {
+                    name,
+                    node,
+                    pid,
+                    portal,
+                } => ToPct::NameRegister {
+                    name: name.clone(),
+                    entry: NameEntry {
+                        node: node.clone(),
+                        pid: *pid,
+                        portal: *portal,
+                    },
+                },
+                NameOp::Lookup { name } => ToPct::NameLookup { name: name.clone() },
+                NameOp::Unregister { name } => ToPct::NameUnregister { name: name.clone() },
+            };
+            match request(&mut c, &msg)? {
+                FromPct::Ok => Ok(0),
+                FromPct::Name { entry: Some(e) } => {
+                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                    Ok(0)
+                }
+                FromPct::Name { entry: None } => {
+                    eprintln!("pct: no such name");
+                    Ok(1)
+                }
+                FromPct::Refused { reason } => Err(PctError::Refused(reason)),
+                other => Err(PctError::Malformed(format!("unexpected reply {other:?}"))),
+            }
+        }),
+    };
+    match res {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pct: {e}");
+            1
+        }
+    }
+}

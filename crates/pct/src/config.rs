@@ -1,0 +1,102 @@
+//! Per-node configuration: which policies this PCT runs.
+//!
+//! ```toml
+//! name = "n0"                 # node name reported to yod (default: host name)
+//! tasking = "single"          # single | multi
+//! scheduling = "round-robin"  # round-robin | priority
+//! placement = "compact"       # compact | spread | none
+//! variant = "performance"     # performance | profiling
+//! trace_dir = "/var/tmp/puma-traces"   # profiling variant: where per-rank traces go
+//! kill_grace_ms = 300         # SIGTERM → SIGKILL grace when a job is torn down
+//! ```
+
+use crate::error::{PctError, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tasking {
+    /// One job per node at a time (Puma's default for high performance).
+    #[default]
+    Single,
+    /// Several jobs of the same user may share the node.
+    Multi,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scheduling {
+    /// Jobs on a node get equal shares.
+    #[default]
+    RoundRobin,
+    /// A job's priority (yod --priority) sets its share.
+    Priority,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlacementKind {
+    /// Ranks pinned to consecutive cores.
+    #[default]
+    Compact,
+    /// Ranks pinned spread out over the cores (stride).
+    Spread,
+    /// No pinning (the kernel places ranks).
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum VariantKind {
+    #[default]
+    Performance,
+    /// Records a per-rank trace of every job.
+    Profiling,
+}
+
+/// A PCT's configuration file.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PctConfig {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub tasking: Tasking,
+    #[serde(default)]
+    pub scheduling: Scheduling,
+    #[serde(default)]
+    pub placement: PlacementKind,
+    #[serde(default)]
+    pub variant: VariantKind,
+    pub trace_dir: Option<PathBuf>,
+    pub kill_grace_ms: Option<u64>,
+}
+
+impl PctConfig {
+    pub fn load(path: &Path) -> Result<Self> {
+        let err = |reason: String| PctError::Config {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        toml::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_rejects_unknown_keys() {
+        let c: PctConfig = toml::from_str(
+            "tasking = \"multi\"\nscheduling = \"priority\"\nvariant = \"profiling\"",
+        )
+        .unwrap();
+        assert_eq!(c.tasking, Tasking::Multi);
+        assert_eq!(c.scheduling, Scheduling::Priority);
+        assert_eq!(c.variant, VariantKind::Profiling);
+        assert!(toml::from_str::<PctConfig>("taskng = \"multi\"").is_err());
+        assert!(toml::from_str::<PctConfig>("tasking = \"several\"").is_err());
+    }
+}

@@ -1,0 +1,340 @@
+//! Pluggable node policies (seed 000: "changes behavior of OS without changing the
+//! kernel"). Each is a trait; the PCT picks implementations from its configuration.
+
+use crate::config::{PctConfig, PlacementKind, Scheduling, Tasking, VariantKind};
+use crate::proto::{CpuMode, LoadRequest, RankStatus};
+use serde::Serialize;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+/// A job already running on this node, as the admission policy sees it.
+#[derive(Debug, Clone)]
+pub struct RunningJob {
+    pub job: String,
+    pub uid: u32,
+    pub priority: i32,
+}
+
+/// Decides whether a new job may start next to the running ones.
+pub trait Admission: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn admit(&self, running: &[RunningJob], req: &LoadRequest) -> Result<(), String>;
+}
+
+/// One job per node.
+pub struct SingleTasking;
+impl Admission for SingleTasking {
+    fn name(&self) -> &'static str {
+        "single"
+    }
+    fn admit(&self, running: &[RunningJob], _req: &LoadRequest) -> Result<(), String> {
+        match running.first() {
+            None => Ok(()),
+            Some(j) => Err(format!(
+                "node is single-tasking and runs job {} already",
+                j.job
+            )),
+        }
+    }
+}
+
+/// Several jobs, but whole nodes stay with one user.
+pub struct MultiTasking;
+impl Admission for MultiTasking {
+    fn name(&self) -> &'static str {
+        "multi"
+    }
+    fn admit(&self, running: &[RunningJob], req: &LoadRequest) -> Result<(), String> {
+        match running.iter().find(|j| j.uid != req.uid) {
+            None => Ok(()),
+            Some(j) => Err(format!(
+                "node is allocated to user {} (job {}); nodes are never shared between users",
+                j.uid, j.job
+            )),
+        }
+    }
+}
+
+/// Sets the scheduling share of a job's ranks (as a nice value).
+pub trait SchedulingPolicy: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The nice value for a job of this priority, or None to leave it alone.
+    fn nice_for(&self, priority: i32) -> Option<i32>;
+}
+
+pub struct RoundRobin;
+impl SchedulingPolicy for RoundRobin {
+    fn name(&self) -> &'static str {
+        "round-robin"
+    }
+    fn nice_for(&self, _priority: i32) -> Option<i32> {
+        None
+    }
+}
+
+/// Higher priority → lower nice value. Unprivileged PCTs can only lower priority,
+/// so positive priorities map to nice 0 and negative ones to nice 1..=19.
+pub struct PriorityScheduling;
+impl SchedulingPolicy for PriorityScheduling {
+    fn name(&self) -> &'static str {
+        "priority"
+    }
+    fn nice_for(&self, priority: i32) -> Option<i32> {
+        Some((-priority).clamp(if is_root() { -20 } else { 0 }, 19))
+    }
+}
+
+fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// Chooses the cores a rank is pinned to.
+pub trait Placement: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// `avail` are the node's usable CPU numbers. None = do not pin.
+    fn cpus_for(
+        &self,
+        local_rank: usize,
+        local_size: usize,
+        mode: CpuMode,
+        avail: &[usize],
+    ) -> Option<Vec<usize>>;
+}
+
+/// Consecutive cores: rank i gets cores [i*c, i*c+c) (c = cores per rank in the mode),
+/// wrapping round when the node is oversubscribed.
+pub struct Compact;
+impl Placement for Compact {
+    fn name(&self) -> &'static str {
+        "compact"
+    }
+    fn cpus_for(
+        &self,
+        lr: usize,
+        _ls: usize,
+        mode: CpuMode,
+        avail: &[usize],
+    ) -> Option<Vec<usize>> {
+        if avail.is_empty() {
+            return None;
+        }
+        let c = mode.cores_per_rank().min(avail.len());
+        Some((0..c).map(|k| avail[(lr * c + k) % avail.len()]).collect())
+    }
+}
+
+/// Ranks spread evenly over the cores (leaves gaps when undersubscribed).
+pub struct Spread;
+impl Placement for Spread {
+    fn name(&self) -> &'static str {
+        "spread"
+    }
+    fn cpus_for(&self, lr: usize, ls: usize, mode: CpuMode, avail: &[usize]) -> Option<Vec<usize>> {
+        if avail.is_empty() {
+            return None;
+        }
+        let c = mode.cores_per_rank().min(avail.len());
+        let slots = (avail.len() / c).max(1);
+        let stride = (slots / ls.max(1)).max(1);
+        let first = ((lr * stride) % slots) * c;
+        Some((0..c).map(|k| avail[(first + k) % avail.len()]).collect())
+    }
+}
+
+pub struct NoPinning;
+impl Placement for NoPinning {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn cpus_for(&self, _: usize, _: usize, _: CpuMode, _: &[usize]) -> Option<Vec<usize>> {
+        None
+    }
+}
+
+/// One rank's record, written by the profiling variant.
+#[derive(Debug, Clone, Serialize)]
+pub struct RankRecord {
+    pub job: String,
+    pub rank: u32,
+    pub node: u32,
+    pub pid: u32,
+    pub cpus: Option<Vec<usize>>,
+    pub start_unix_ns: u128,
+    pub end_unix_ns: u128,
+    pub user_cpu_ns: u64,
+    pub system_cpu_ns: u64,
+    pub status: RankStatus,
+    /// Where the rank's message trace was asked to go (`PUMA_TRACE`).
+    pub message_trace: Option<String>,
+}
+
+/// High-performance vs debugging/profiling behaviour.
+pub trait Variant: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Extra environment for a rank.
+    fn rank_env(&self, _job: &str, _rank: u32) -> Vec<(String, String)> {
+        Vec::new()
+    }
+    /// Called when a rank has ended, before it is reaped.
+    fn rank_done(&self, _rec: &RankRecord) {}
+}
+
+pub struct Performance;
+impl Variant for Performance {
+    fn name(&self) -> &'static str {
+        "performance"
+    }
+}
+
+/// Records, for every rank, a JSON line with its timing, CPU use and exit, in
+/// `<trace_dir>/<job>/ranks.jsonl`, and asks the rank's library to write its message
+/// trace to `<trace_dir>/<job>/rank-<r>.trace` (`PUMA_TRACE`).
+pub struct Profiling {
+    pub dir: PathBuf,
+}
+
+impl Profiling {
+    fn job_dir(&self, job: &str) -> PathBuf {
+        self.dir.join(job)
+    }
+}
+
+impl Variant for Profiling {
+    fn name(&self) -> &'static str {
+        "profiling"
+    }
+    fn rank_env(&self, job: &str, rank: u32) -> Vec<(String, String)> {
+        let d = self.job_dir(job);
+        let _ = std::fs::create_dir_all(&d);
+        vec![(
+            "PUMA_TRACE".into(),
+            d.join(format!("rank-{rank}.trace")).display().to_string(),
+        )]
+    }
+    fn rank_done(&self, rec: &RankRecord) {
+        let d = self.job_dir(&rec.job);
+        let res = std::fs::create_dir_all(&d).and_then(|_| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(d.join("ranks.jsonl"))?;
+            let mut line = serde_json::to_vec(rec).map_err(std::io::Error::other)?;
+            line.push(b'\n');
+            f.write_all(&line)
+        });
+        if let Err(e) = res {
+            eprintln!("pct: profiling: cannot record rank {}: {e}", rec.rank);
+        }
+    }
+}
+
+/// The set of policies one PCT runs.
+pub struct Policies {
+    pub admission: Box<dyn Admission>,
+    pub scheduling: Box<dyn SchedulingPolicy>,
+    pub placement: Box<dyn Placement>,
+    pub variant: Box<dyn Variant>,
+}
+
+impl Policies {
+    pub fn from_config(cfg: &PctConfig) -> Self {
+        Policies {
+            admission: match cfg.tasking {
+                Tasking::Single => Box::new(SingleTasking),
+                Tasking::Multi => Box::new(MultiTasking),
+            },
+            scheduling: match cfg.scheduling {
+                Scheduling::RoundRobin => Box::new(RoundRobin),
+                Scheduling::Priority => Box::new(PriorityScheduling),
+            },
+            placement: match cfg.placement {
+                PlacementKind::Compact => Box::new(Compact),
+                PlacementKind::Spread => Box::new(Spread),
+                PlacementKind::None => Box::new(NoPinning),
+            },
+            variant: match cfg.variant {
+                VariantKind::Performance => Box::new(Performance),
+                VariantKind::Profiling => Box::new(Profiling {
+                    dir: cfg
+                        .trace_dir
+                        .clone()
+                        .unwrap_or_else(|| std::env::temp_dir().join("puma-traces")),
+                }),
+            },
+        }
+    }
+}
+
+/// Nanoseconds since the Unix epoch.
+pub fn unix_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(uid: u32) -> LoadRequest {
+        LoadRequest {
+            job: "b".into(),
+            uid,
+            program: "x".into(),
+            args: vec![],
+            env: vec![],
+            cwd: "/".into(),
+            size: 1,
+            node: 0,
+            ranks: vec![0],
+            mode: CpuMode::Heater,
+            node_map: "{}".into(),
+            stdin_rank: None,
+            priority: 0,
+        }
+    }
+
+    #[test]
+    fn admission_policies() {
+        let running = [RunningJob {
+            job: "a".into(),
+            uid: 1000,
+            priority: 0,
+        }];
+        assert!(SingleTasking.admit(&[], &req(1)).is_ok());
+        assert!(SingleTasking.admit(&running, &req(1000)).is_err());
+        assert!(MultiTasking.admit(&running, &req(1000)).is_ok());
+        assert!(MultiTasking.admit(&running, &req(1001)).is_err());
+    }
+
+    #[test]
+    fn placement_per_mode() {
+        let cpus = [0, 1, 2, 3];
+        assert_eq!(
+            Compact.cpus_for(1, 4, CpuMode::Heater, &cpus),
+            Some(vec![1])
+        );
+        assert_eq!(
+            Compact.cpus_for(1, 2, CpuMode::MsgCoproc, &cpus),
+            Some(vec![2, 3])
+        );
+        assert_eq!(
+            Compact.cpus_for(5, 8, CpuMode::Heater, &cpus),
+            Some(vec![1])
+        );
+        assert_eq!(Spread.cpus_for(1, 2, CpuMode::Heater, &cpus), Some(vec![2]));
+        assert_eq!(NoPinning.cpus_for(0, 1, CpuMode::Heater, &cpus), None);
+        assert_eq!(
+            Compact.cpus_for(0, 1, CpuMode::MsgCoproc, &[7]),
+            Some(vec![7])
+        );
+    }
+
+    #[test]
+    fn priority_maps_to_nice() {
+        assert_eq!(RoundRobin.nice_for(5), None);
+        assert_eq!(PriorityScheduling.nice_for(-5), Some(5));
+    }
+}

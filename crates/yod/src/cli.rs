@@ -1,0 +1,355 @@
+//! The `yod` command line.
+
+use crate::error::{Result, YodError};
+use crate::launch::{self, allocate, FaultPolicy, JobSpec, Target};
+use crate::local::{pct_command, LocalPartition};
+use crate::nodemap::Topology;
+use crate::partition::Partition;
+use crate::slurm;
+use clap::Parser;
+use pct::key::{default_key_path, ClusterKey};
+use pct::proto::CpuMode;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const AFTER: &str = "\
+Other commands:
+  yod keygen [--out FILE] [--force]   create a cluster key (mode 0600) for PCTs and yod
+  yod pct serve --listen ADDR ...     run a PCT daemon (same as the `pct` binary)
+
+Where the nodes come from, first match wins:
+  --partition FILE / $PUMA_PARTITION   a partition file (TOML) naming the compute nodes
+  $SLURM_JOB_NODELIST                  inside a Slurm allocation: one PCT per node via srun
+  otherwise                            an embedded local partition of this machine
+                                       (--nodes K virtual nodes, started by yod itself)
+
+Exit status: 0 when every rank succeeded, else the first failing rank's status
+(128+N for a rank killed by signal N); 255 when a node was lost; 128+N when yod
+itself was stopped by signal N; 1 when the job could not be started.";
+
+/// Run a parallel job: N ranks of PROGRAM, on whole nodes of the compute partition.
+#[derive(Parser, Debug)]
+#[command(name = "yod", version, after_help = AFTER, trailing_var_arg = true)]
+pub struct RunCli {
+    /// Number of ranks.
+    #[arg(short = 'n', long = "ntasks", value_name = "N")]
+    pub n: u32,
+    /// Ranks per node (default: spread evenly over the nodes).
+    #[arg(long, value_name = "P")]
+    pub ppn: Option<u32>,
+    /// Number of nodes (embedded partition: split this machine into K virtual nodes).
+    #[arg(long, value_name = "K")]
+    pub nodes: Option<u32>,
+    /// Prefix every output line with the rank that wrote it ("3: ...").
+    #[arg(long)]
+    pub label: bool,
+    /// CPU mode chosen at load time.
+    #[arg(long, value_enum, default_value = "heater")]
+    pub mode: ModeArg,
+    /// Partition file (TOML) describing the machine.
+    #[arg(long, env = "PUMA_PARTITION", value_name = "FILE")]
+    pub partition: Option<PathBuf>,
+    /// Cluster key [default: the partition's `key`, $PUMA_KEY or ~/.config/puma/cluster.key].
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// Ignore a surrounding Slurm allocation and use the embedded local partition.
+    #[arg(long)]
+    pub local: bool,
+    /// What a failing rank does to the job.
+    #[arg(long, value_enum, default_value = "end-job")]
+    pub fault: FaultPolicy,
+    /// Job priority between jobs on multi-tasking nodes (-20..=20, higher first).
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    pub priority: i32,
+    /// TCP port of the PCTs started with srun inside Slurm.
+    #[arg(long, default_value_t = 7070)]
+    pub pct_port: u16,
+    /// Say where ranks go.
+    #[arg(short, long)]
+    pub verbose: bool,
+    /// The program and its arguments.
+    #[arg(required = true, value_name = "PROGRAM [ARGS]...")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum ModeArg {
+    Heater,
+    MsgCoproc,
+    ComputeCoproc,
+    VirtualNode,
+}
+
+impl From<ModeArg> for CpuMode {
+    fn from(m: ModeArg) -> CpuMode {
+        match m {
+            ModeArg::Heater => CpuMode::Heater,
+            ModeArg::MsgCoproc => CpuMode::MsgCoproc,
+            ModeArg::ComputeCoproc => CpuMode::ComputeCoproc,
+            ModeArg::VirtualNode => CpuMode::VirtualNode,
+        }
+    }
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "yod keygen")]
+struct KeygenCli {
+    /// Where to write [default: $PUMA_KEY or ~/.config/puma/cluster.key].
+    #[arg(long, short)]
+    out: Option<PathBuf>,
+    /// Replace an existing key.
+    #[arg(long)]
+    force: bool,
+}
+
+/// Entry point; returns the exit status.
+pub fn main() -> i32 {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("pct") => {
+            let cli = <pct::cli::PctCli as clap::Parser>::parse_from(&args[1..]);
+            return pct::cli::main_with(cli);
+        }
+        Some("keygen") => {
+            let k = KeygenCli::parse_from(&args[1..]);
+            let p = k.out.unwrap_or_else(default_key_path);
+            return match ClusterKey::generate().and_then(|key| key.write(&p, k.force)) {
+                Ok(()) => {
+                    println!(
+                        "wrote cluster key {} (mode 0600); copy it to every node",
+                        p.display()
+                    );
+                    0
+                }
+                Err(e) => {
+                    eprintln!("yod: {e}");
+                    1
+                }
+            };
+        }
+        _ => {}
+    }
+    let cli = RunCli::parse_from(&args);
+    match run_cli(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("yod: {e}");
+            launch::EXIT_LAUNCH_FAILED
+        }
+    }
+}
+
+fn spec_of(cli: &RunCli) -> Result<JobSpec> {
+    let (program, args) = cli
+        .command
+        .split_first()
+        .ok_or_else(|| YodError::Usage("no program given".into()))?;
+    if cli.n == 0 {
+        return Err(YodError::Usage("-n must be at least 1".into()));
+    }
+    if cli.ppn == Some(0) || cli.nodes == Some(0) {
+        return Err(YodError::Usage(
+            "--ppn and --nodes must be at least 1".into(),
+        ));
+    }
+    if !(-20..=20).contains(&cli.priority) {
+        return Err(YodError::Usage("--priority must be in -20..=20".into()));
+    }
+    // Resolve a relative program path against our directory so every node finds it.
+    let program = if program.contains('/') && !program.starts_with('/') {
+        std::env::current_dir()
+            .map(|d| d.join(program).display().to_string())
+            .unwrap_or_else(|_| program.clone())
+    } else {
+        program.clone()
+    };
+    Ok(JobSpec {
+        n: cli.n,
+        ppn: cli.ppn,
+        nodes: cli.nodes,
+        label: cli.label,
+        mode: cli.mode.into(),
+        fault: cli.fault,
+        priority: cli.priority,
+        program,
+        args: args.to_vec(),
+        verbose: cli.verbose,
+        local: false,
+    })
+}
+
+fn load_key(p: Option<PathBuf>) -> Result<ClusterKey> {
+    Ok(ClusterKey::load(&p.unwrap_or_else(default_key_path))?)
+}
+
+/// Runs one job as the command line says; returns yod's exit status.
+pub fn run_cli(cli: RunCli) -> Result<i32> {
+    let spec = spec_of(&cli)?;
+    if let Some(pf) = &cli.partition {
+        let part = Partition::load(pf)?;
+        let key = load_key(cli.key.clone().or(part.key.clone()))?;
+        let state = DownList::for_partition(&part.name);
+        let mut cands: Vec<Target> = part
+            .compute_nodes()
+            .into_iter()
+            .map(|c| Target {
+                name: c.name,
+                address: c.address,
+                coords: c.coords,
+            })
+            .collect();
+        // Nodes marked down by earlier jobs are tried last.
+        let down_before = state.load();
+        cands.sort_by_key(|t| down_before.contains(&t.name));
+        let alloc = allocate(&spec, cands, &key, part.topology.clone())?;
+        let mut down: Vec<String> = down_before
+            .into_iter()
+            .filter(|n| !alloc.links.iter().any(|l| &l.target.name == n))
+            .collect();
+        down.extend(alloc.down.iter().cloned());
+        state.store(&down);
+        let out = launch::run(&spec, alloc)?;
+        if !out.lost.is_empty() {
+            down.extend(out.lost);
+            state.store(&down);
+        }
+        return Ok(out.code);
+    }
+    if !cli.local {
+        if let Some(hosts) = slurm::nodes_from_env() {
+            return run_slurm(&cli, &spec, hosts?);
+        }
+    }
+    // Embedded local partition.
+    let k = match (cli.nodes, cli.ppn) {
+        (Some(k), _) => k.min(cli.n) as usize,
+        (None, Some(p)) => cli.n.div_ceil(p) as usize,
+        (None, None) => 1,
+    };
+    if k > 1024 {
+        return Err(YodError::Usage(format!(
+            "{k} virtual nodes is too many for one machine"
+        )));
+    }
+    let mut lp = LocalPartition::start(k)?;
+    let mut links = Vec::with_capacity(k);
+    for i in 0..k {
+        let conn = lp.wait_ready(i)?;
+        links.push(launch::Link::over(lp.targets[i].clone(), conn, &lp.key)?);
+    }
+    let alloc = launch::Allocation {
+        links,
+        topology: Topology::Mesh {
+            dims: vec![k as u32],
+        },
+        down: vec![],
+    };
+    let spec = JobSpec {
+        local: true,
+        ..spec
+    };
+    let out = launch::run(&spec, alloc);
+    lp.stop();
+    Ok(out?.code)
+}
+
+fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>) -> Result<i32> {
+    let key_path = cli.key.clone().unwrap_or_else(default_key_path);
+    let key = ClusterKey::load(&key_path)?;
+    let (prog, pre) = pct_command();
+    let argv = slurm::srun_argv(&prog, &pre, &hosts, cli.pct_port, &key_path);
+    if cli.verbose {
+        eprintln!("yod: starting PCTs: {}", argv.join(" "));
+    }
+    let mut srun = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| YodError::io("starting srun (is Slurm installed?)", e))?;
+    let targets = slurm::targets(&hosts, cli.pct_port)?;
+    // Give the PCTs up to 10 s to come up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut links = Vec::new();
+    for t in &targets {
+        loop {
+            match launch::Link::open(t.clone(), &key, Duration::from_secs(1)) {
+                Ok(l) => {
+                    links.push(l);
+                    break;
+                }
+                Err(e) if std::time::Instant::now() > deadline => {
+                    let _ = srun.kill();
+                    let _ = srun.wait();
+                    return Err(YodError::Allocation(format!(
+                        "PCT on {} did not come up: {e}",
+                        t.name
+                    )));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+    let k = launch::nodes_needed(spec, links.len())?;
+    links.truncate(k);
+    let alloc = launch::Allocation {
+        links,
+        topology: Topology::Mesh {
+            dims: vec![hosts.len() as u32],
+        },
+        down: vec![],
+    };
+    let out = launch::run(spec, alloc);
+    let _ = srun.kill();
+    let _ = srun.wait();
+    Ok(out?.code)
+}
+
+/// The partition's record of nodes found down: tried last by later jobs.
+struct DownList {
+    path: Option<PathBuf>,
+}
+
+impl DownList {
+    fn for_partition(name: &str) -> DownList {
+        let base = std::env::var_os("XDG_STATE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")));
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        DownList {
+            path: base.map(|b| b.join("puma").join(format!("{safe}.down.json"))),
+        }
+    }
+
+    fn load(&self) -> Vec<String> {
+        self.path
+            .as_ref()
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn store(&self, names: &[String]) {
+        let Some(p) = &self.path else { return };
+        let mut v: Vec<&String> = names.iter().collect();
+        v.sort();
+        v.dedup();
+        if let Some(d) = p.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+        if let Ok(b) = serde_json::to_vec(&v) {
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, p);
+            }
+        }
+    }
+}

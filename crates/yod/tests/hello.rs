@@ -1,0 +1,155 @@
+//! hello on 1, 2, 8 and 64 ranks through the real yod and PCT binaries.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+
+/// Runs hello and checks: one line per rank, the right size, node and
+/// distance, and the whole output present.
+fn check_hello(n: u32, extra: &[&str], expect_nodes: u32) {
+    let hello = hello();
+    let ns = n.to_string();
+    let mut args = vec!["-n", &ns];
+    args.extend_from_slice(extra);
+    let h = hello.display().to_string();
+    args.push(&h);
+    let out = run_yod(&args);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "yod {args:?} failed: {:?}\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        text(&out.stderr)
+    );
+    let mut seen = BTreeMap::new();
+    for line in stdout.lines() {
+        // hello from rank R of N on node K (NAME) coords [..] mode M distance-to-rank0 D
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert!(w.len() >= 16 && w[0] == "hello", "malformed line {line:?}");
+        let rank: u32 = w[3].parse().unwrap();
+        assert_eq!(w[5], ns, "size in {line:?}");
+        let node: u32 = w[8].parse().unwrap();
+        assert!(node < expect_nodes, "{line:?}");
+        let d = w[w.len() - 1].to_string();
+        assert!(seen.insert(rank, (node, d)).is_none(), "rank {rank} twice");
+    }
+    assert_eq!(
+        seen.len(),
+        n as usize,
+        "every rank must print exactly once:\n{stdout}"
+    );
+    // Block distribution over the nodes: node of rank r is monotone, distance = |node - 0|.
+    let mut last = 0;
+    for (r, (node, d)) in &seen {
+        assert!(*node >= last, "rank {r} placed out of order");
+        last = *node;
+        assert_eq!(
+            d,
+            &node.to_string(),
+            "distance of rank {r} to rank 0 on a 1-D mesh"
+        );
+    }
+    assert_eq!(last + 1, expect_nodes.min(n));
+}
+
+#[test]
+fn hello_1_rank() {
+    check_hello(1, &[], 1);
+}
+
+#[test]
+fn hello_2_ranks() {
+    check_hello(2, &[], 1);
+}
+
+#[test]
+fn hello_8_ranks_on_2_virtual_nodes() {
+    check_hello(8, &["--nodes", "2"], 2);
+}
+
+#[test]
+fn hello_64_ranks_oversubscribed_on_4_virtual_nodes() {
+    check_hello(64, &["--nodes", "4", "--mode", "virtual-node"], 4);
+}
+
+#[test]
+fn hello_ppn_decides_node_count() {
+    check_hello(6, &["--ppn", "2"], 3);
+}
+
+#[test]
+fn hello_without_yod_says_so() {
+    let out = std::process::Command::new(hello())
+        .env_remove("PUMA_RANK")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("not started by yod"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn label_prefixes_every_line_and_lines_never_mix() {
+    // 8 ranks each print 200 long lines at once; every line must arrive whole.
+    let script =
+        "i=0; while [ $i -lt 200 ]; do printf 'r%s-%s-%0500d\\n' $PUMA_RANK $i 0; i=$((i+1)); done";
+    let out = run_yod(&["-n", "8", "--nodes", "2", "--label", "sh", "-c", script]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let s = text(&out.stdout);
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 1600);
+    for l in lines {
+        let (label, body) = l.split_once(": ").expect("label");
+        assert!(body.starts_with(&format!("r{label}-")), "mixed line {l:?}");
+        assert_eq!(
+            body.len(),
+            format!("r{label}-").len() + body.split('-').nth(1).unwrap().len() + 501
+        );
+        assert!(body.ends_with(&"0".repeat(500)), "truncated line {l:?}");
+    }
+}
+
+#[test]
+fn environment_passes_through_and_rank_env_is_set() {
+    let out = std::process::Command::new(yod())
+        .args(["-n", "2", "--mode", "msg-coproc", "sh", "-c"])
+        .arg("echo $PUMA_RANK $PUMA_SIZE $PUMA_LOCAL_RANK $PUMA_LOCAL_SIZE $PUMA_MODE $MY_TEST_VAR; test -s $PUMA_NODE_MAP")
+        .env("MY_TEST_VAR", "passed-through")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut lines: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "0 2 0 2 msg-coproc passed-through",
+            "1 2 1 2 msg-coproc passed-through"
+        ]
+    );
+}
+
+#[test]
+fn stdin_goes_to_rank_0_only() {
+    use std::io::Write;
+    let mut child = std::process::Command::new(yod())
+        .args(["-n", "3", "--label", "sh", "-c", "cat | wc -l"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"a\nb\nc\n").unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let mut lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| l.replace(' ', ""))
+        .collect();
+    lines.sort();
+    assert_eq!(lines, ["0:3", "1:0", "2:0"]);
+}

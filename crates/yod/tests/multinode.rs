@@ -1,0 +1,250 @@
+//! Multi-node: three network namespaces joined by veth pairs to a bridge in a
+//! fourth (the service node, where yod runs), a PCT listening on TCP in each,
+//! a partition file naming them. Needs root and `ip`; skips with a reason
+//! otherwise. All addresses are inside the namespaces the test creates.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Net {
+    hub: String,
+    nodes: Vec<String>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for n in self.nodes.iter().chain(std::iter::once(&self.hub)) {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn addr(i: usize) -> String {
+    format!("10.231.0.{}", 11 + i)
+}
+
+fn setup(k: usize) -> Result<Net, String> {
+    if !rustix::process::geteuid().is_root() {
+        return Err("not root".into());
+    }
+    let tag = std::process::id() % 100_000;
+    let net = Net {
+        hub: format!("pumat{tag}h"),
+        nodes: (0..k).map(|i| format!("pumat{tag}n{i}")).collect(),
+    };
+    ip(&["netns", "add", &net.hub])?;
+    for n in &net.nodes {
+        ip(&["netns", "add", n])?;
+    }
+    let h = net.hub.as_str();
+    ip(&["-n", h, "link", "set", "lo", "up"])?;
+    ip(&["-n", h, "link", "add", "br0", "type", "bridge"])?;
+    ip(&["-n", h, "addr", "add", "10.231.0.1/24", "dev", "br0"])?;
+    ip(&["-n", h, "link", "set", "br0", "up"])?;
+    for (i, n) in net.nodes.iter().enumerate() {
+        let a = format!("vp{tag}a{i}");
+        let b = format!("vp{tag}b{i}");
+        ip(&[
+            "link", "add", &a, "netns", h, "type", "veth", "peer", "name", &b, "netns", n,
+        ])?;
+        ip(&["-n", h, "link", "set", &a, "master", "br0"])?;
+        ip(&["-n", h, "link", "set", &a, "up"])?;
+        ip(&["-n", n, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            n,
+            "addr",
+            "add",
+            &format!("{}/24", addr(i)),
+            "dev",
+            &b,
+        ])?;
+        ip(&["-n", n, "link", "set", &b, "up"])?;
+    }
+    Ok(net)
+}
+
+/// Starts `yod pct serve` inside namespace `ns`; waits for its "listening" line.
+fn start_pct(ns: &str, i: usize, key: &Path, dir: &Path, mark: &str) -> Child {
+    let mut c = Command::new("ip")
+        .args(["netns", "exec", ns, yod(), "pct", "serve", "--listen"])
+        .arg(format!("tcp:{}:7070", addr(i)))
+        .arg("--key")
+        .arg(key)
+        .arg("--name")
+        .arg(format!("n{i}"))
+        .arg("--run-dir")
+        .arg(dir.join(format!("run{i}")))
+        .env("YODTEST_MARK", mark)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.contains("listening"),
+        "PCT n{i} did not start: {line:?}"
+    );
+    c
+}
+
+fn partition(dir: &Path, key: &Path, k: usize) -> PathBuf {
+    let mut s = format!(
+        "name = \"nstest{}\"\nkey = \"{}\"\n[topology]\nkind = \"mesh\"\ndims = [{}]\n\n\
+         [[node]]\nname = \"svc\"\nrole = \"service\"\ncoords = [0]\n",
+        std::process::id(),
+        key.display(),
+        k + 1
+    );
+    for i in 0..k {
+        s += &format!(
+            "\n[[node]]\nname = \"n{i}\"\nrole = \"compute\"\naddress = \"tcp:{}:7070\"\ncoords = [{}]\n",
+            addr(i),
+            i + 1
+        );
+    }
+    let p = dir.join("partition.toml");
+    std::fs::write(&p, s).unwrap();
+    p
+}
+
+fn yod_in(ns: &str, dir: &Path, args: &[&str], mark: &str) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns, yod()])
+        .args(args)
+        .env("XDG_STATE_HOME", dir.join("state"))
+        .env("YODTEST_MARK", mark)
+        .stdin(Stdio::null());
+    c
+}
+
+#[test]
+fn exclusive_multinode_job_lost_node_and_recovery() {
+    let net = match setup(3) {
+        Ok(n) => n,
+        Err(why) => {
+            println!("SKIPPED: network namespaces unavailable ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    let kg = Command::new(yod())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(kg.status.success());
+    let m = marker("netns");
+    let mut pcts: Vec<Child> = (0..3)
+        .map(|i| start_pct(&net.nodes[i], i, &key, dir.path(), &m))
+        .collect();
+    let part = partition(dir.path(), &key, 3);
+    let p = part.display().to_string();
+    let hello = hello().display().to_string();
+
+    // 1. A job across all three nodes, with the node map checked.
+    let out = yod_in(
+        &net.hub,
+        dir.path(),
+        &["-n", "6", "--partition", &p, &hello],
+        &m,
+    )
+    .output()
+    .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{}\n{}", so, text(&out.stderr));
+    assert_eq!(so.lines().count(), 6, "{so}");
+    for r in 0..6 {
+        let n = r / 2;
+        let want = format!("hello from rank {r} of 6 on node {n} (n{n}) coords [{}] mode heater distance-to-rank0 {n}", n + 1);
+        assert!(so.lines().any(|l| l == want), "missing {want:?} in\n{so}");
+    }
+
+    // 2. Kill one PCT mid-job: clear error within 2 s.
+    let mut job = yod_in(
+        &net.hub,
+        dir.path(),
+        &["-n", "3", "--partition", &p, "sh", "-c", "sleep 30"],
+        &m,
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let ranks_up = wait_for(Duration::from_secs(5), || {
+        procs_with_env(&format!("YODTEST_MARK={m}"))
+            .iter()
+            .filter(|p| {
+                std::fs::read(format!("/proc/{p}/environ"))
+                    .map(|e| String::from_utf8_lossy(&e).contains("PUMA_RANK="))
+                    .unwrap_or(false)
+            })
+            .count()
+            >= 3
+    });
+    assert!(ranks_up, "ranks did not start");
+    let t = Instant::now();
+    pcts[1].kill().unwrap();
+    pcts[1].wait().unwrap();
+    let status = job.wait().unwrap();
+    let took = t.elapsed();
+    let mut err = String::new();
+    std::io::Read::read_to_string(job.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(255), "{err}");
+    assert!(err.contains("node n1 lost"), "{err}");
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+
+    // 3. The next job avoids the lost node and runs on the other two.
+    let out = yod_in(
+        &net.hub,
+        dir.path(),
+        &["-n", "2", "--partition", &p, &hello],
+        &m,
+    )
+    .output()
+    .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{so}\n{}", text(&out.stderr));
+    assert!(
+        so.contains("(n0)") && so.contains("(n2)") && !so.contains("(n1)"),
+        "{so}"
+    );
+
+    // 4. A PCT restarted on the lost node reaps what its predecessor's ranks left.
+    pcts[1] = start_pct(&net.nodes[1], 1, &key, dir.path(), &m);
+    for mut c in pcts {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let kv = format!("YODTEST_MARK={m}");
+    assert!(
+        wait_for(Duration::from_secs(2), || procs_with_env(&kv).is_empty()),
+        "left behind: {:?}",
+        procs_with_env(&kv)
+    );
+    drop(net);
+}
