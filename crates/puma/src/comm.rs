@@ -35,6 +35,17 @@ pub struct Universe {
     /// Rank, size, node map and CPU mode (from the PCT's environment).
     pub info: World,
     world: Comm,
+    finalized: bool,
+}
+
+impl Drop for Universe {
+    fn drop(&mut self) {
+        if !self.finalized {
+            // Let sends still waiting for their receivers finish (briefly: this may run on an
+            // error path where a peer will never receive).
+            self.world.core.flush_sends(Duration::from_secs(2));
+        }
+    }
 }
 
 impl std::ops::Deref for Universe {
@@ -48,6 +59,21 @@ impl Universe {
     /// The communicator of every rank of the job.
     pub fn world(&self) -> Comm {
         self.world.clone()
+    }
+
+    /// Ends messaging: waits until every rank got here, so no rank leaves while a peer still
+    /// needs it (acknowledgments, fetched bodies). Dropping the universe does the same and
+    /// ignores errors.
+    pub fn finalize(mut self) -> Result<()> {
+        self.finalized = true;
+        self.world.barrier()?;
+        self.world.core.flush_sends(self.world.core.timeout);
+        self.world.core.drain()
+    }
+
+    /// This rank's messaging counters (unexpected messages, header-only saves, fetched bodies).
+    pub fn stats(&self) -> crate::MsgStats {
+        self.world.core.st.borrow().stats
     }
 }
 
@@ -72,7 +98,11 @@ pub fn start() -> Result<Universe> {
     if info.rank == 0 {
         crate::fabric::unpublish(&info);
     }
-    Ok(Universe { info, world })
+    Ok(Universe {
+        info,
+        world,
+        finalized: false,
+    })
 }
 
 pub(crate) struct Group {

@@ -23,7 +23,7 @@ use qk::portals::{
     Acl, EqHandle, Event, EventKind, GetArgs, MatchHandle, MatchSpec, MdHandle, MdKind, MdOptions,
     MdSpec, OffsetMode, Position, ProcessId, PutArgs, Save, ANY, HEADER_LEN,
 };
-use qk::{Buf, Endpoint, QkError};
+use qk::{Buf, Endpoint, PrivatePath, QkError};
 
 use crate::error::{Error, Result};
 use crate::fabric::{pid_dead, Attached};
@@ -74,8 +74,9 @@ pub(crate) struct Unexpected {
     pub bits: u64,
     pub len: u64,
     send_id: u64,
-    /// The body, or `None` when only the header was saved.
-    data: Option<Vec<u8>>,
+    /// Where header and body sit in the unexpected heap, or `None` when only the header was
+    /// saved.
+    data: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -127,6 +128,18 @@ pub(crate) struct State {
     /// Bytes deposited into each window by remote puts.
     pub win_bytes: HashMap<u32, u64>,
     errors: VecDeque<Error>,
+    pub stats: MsgStats,
+}
+
+/// Counters of the messaging layer of this rank.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsgStats {
+    /// Unexpected messages kept whole in the dynamic descriptor.
+    pub unexpected_whole: u64,
+    /// Unexpected messages of which only the header was kept (the dynamic descriptor was full).
+    pub unexpected_header_only: u64,
+    /// Bodies fetched from their senders with a get after a header-only save.
+    pub bodies_fetched: u64,
 }
 
 /// The per-process engine shared by every communicator.
@@ -199,6 +212,7 @@ impl Core {
                 deferred: Vec::new(),
                 win_bytes: HashMap::new(),
                 errors: VecDeque::new(),
+                stats: MsgStats::default(),
             }),
             timeout,
             unex_md,
@@ -226,6 +240,26 @@ impl Core {
             return Ok(b);
         }
         if class >= self.ep.eager_max() {
+            if let Ok(b) = self.ep.alloc_shared(class) {
+                return Ok(b);
+            }
+            // Give the cached shared buffers back to the heap and try again.
+            let cached: Vec<Buf> = {
+                let mut st = self.st.borrow_mut();
+                let mut out = Vec::new();
+                for v in st.pool.values_mut() {
+                    v.retain(|b| {
+                        if b.shared {
+                            out.push(*b);
+                        }
+                        !b.shared
+                    });
+                }
+                out
+            };
+            for b in cached {
+                self.ep.free(b);
+            }
             if let Ok(b) = self.ep.alloc_shared(class) {
                 return Ok(b);
             }
@@ -290,17 +324,22 @@ impl Core {
             if ev.kind != EventKind::Put {
                 return Ok(());
             }
+            // A whole message stays in the dynamic descriptor until a receive takes it; a
+            // header-only record is freed at once (the event carries everything needed).
             let data = if ev.md == self.unex_md {
-                let mut v = vec![0u8; ev.mlength as usize];
-                self.ep
-                    .read(&self.unex_buf, ev.offset + HEADER_LEN as u64, &mut v)?;
-                Some(v)
+                Some(ev.offset)
             } else {
+                let md = ev.md;
+                pe(self.ep.with_engine(|e| e.md_free(md, ev.offset)))?;
                 None
             };
-            let md = ev.md;
-            pe(self.ep.with_engine(|e| e.md_free(md, ev.offset)))?;
-            self.st.borrow_mut().unexpected.push_back(Unexpected {
+            let mut st = self.st.borrow_mut();
+            if data.is_some() {
+                st.stats.unexpected_whole += 1;
+            } else {
+                st.stats.unexpected_header_only += 1;
+            }
+            st.unexpected.push_back(Unexpected {
                 src: ev.initiator.rank,
                 bits: ev.match_bits,
                 len: ev.rlength,
@@ -418,6 +457,28 @@ impl Core {
         }
     }
 
+    /// Waits up to `limit` for every send to be fully delivered (errors ignored).
+    pub fn flush_sends(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.drain().is_err() {
+                return;
+            }
+            let busy = self
+                .st
+                .borrow()
+                .reqs
+                .values()
+                .any(|r| matches!(r.kind, Kind::Send) && !r.finished);
+            if !busy || start.elapsed() > limit {
+                return;
+            }
+            if let Ok(ev) = self.ep.eq_wait(self.eq, Duration::from_millis(20)) {
+                let _ = self.dispatch(ev);
+            }
+        }
+    }
+
     fn check_peers(&self, peers: &[u32], what: &dyn Fn() -> String) -> Result<()> {
         for &r in peers {
             if let Some(port) = self.region.port_of_rank(r) {
@@ -495,7 +556,7 @@ impl Core {
                 },
             );
         }
-        let r = self.ep.put(&PutArgs {
+        let args = PutArgs {
             md,
             local_offset: 0,
             length: len,
@@ -505,7 +566,18 @@ impl Core {
             remote_offset: 0,
             ack: true,
             hdr_data: id,
-        });
+        };
+        let r = match self.ep.put(&args) {
+            // The job heap is full (many large sends in flight): let the receiver read this
+            // private buffer straight from this process instead of through a heap bounce buffer.
+            Err(QkError::HeapExhausted { .. }) if !buf.shared => {
+                self.ep.set_private_path(PrivatePath::CrossMemoryAttach);
+                let r = self.ep.put(&args);
+                self.ep.set_private_path(PrivatePath::Bounce);
+                r
+            }
+            r => r,
+        };
         if let Err(e) = r {
             let mut st = self.st.borrow_mut();
             st.owners.remove(&md.to_cookie());
@@ -552,14 +624,19 @@ impl Core {
             };
             if let Some(u) = hit {
                 let tag = (u.bits & TAG_MASK) as u32 as i32;
-                if let Some(d) = u.data {
+                if let Some(at) = u.data {
+                    let mut d = vec![0u8; u.len.min(cap) as usize];
+                    self.ep
+                        .read(&self.unex_buf, at + HEADER_LEN as u64, &mut d)?;
+                    let md = self.unex_md;
+                    pe(self.ep.with_engine(|e| e.md_free(md, at)))?;
                     let mut r = mk(None, MdHandle::NONE, MatchHandle::NONE);
                     r.done = true;
                     r.finished = true;
                     r.src_world = u.src;
                     r.sent = u.len;
                     r.status.tag = tag;
-                    r.status.bytes = d.len() as u64;
+                    r.status.bytes = u.len.min(cap);
                     r.data = Some(d);
                     self.st.borrow_mut().reqs.insert(id, r);
                     return Ok(id);
@@ -579,6 +656,7 @@ impl Core {
                     })
                 }))?;
                 let mut r = mk(Some(buf), md, MatchHandle::NONE);
+                self.st.borrow_mut().stats.bodies_fetched += 1;
                 r.src_world = u.src;
                 r.sent = u.len;
                 r.status.tag = tag;

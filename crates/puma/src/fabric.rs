@@ -107,7 +107,7 @@ pub(crate) fn attach(w: &World, timeout: Duration) -> Result<Attached> {
     let heap_mb: u64 = std::env::var("PUMA_HEAP_MB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(32);
+        .unwrap_or(64);
     if w.rank == 0 {
         let mut s = JobFabricSpec::new(job_id(&w.job), w.size, (0..w.size).collect(), mode);
         s.heap_bytes_per_rank = heap_mb << 20;

@@ -12,7 +12,7 @@ mod fabric;
 pub mod ops;
 pub mod window;
 
-pub use crate::core::Status;
+pub use crate::core::{MsgStats, Status};
 pub use bytemuck::{Pod, Zeroable};
 pub use comm::{start, wait_all, Comm, Request, Source, Universe, ANY_SOURCE, ANY_TAG};
 pub use env::{init, CpuMode, InitError, NodeMap, World};
