@@ -135,7 +135,25 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
     if leftovers > 0 {
         eprintln!("pct[{name}]: killed {leftovers} process(es) left by an earlier PCT");
     }
-    let node = Arc::new(Node::with_defaults(name, key, &cfg, run_dir.clone()));
+    if let Some(q) = cfg.queue_bytes {
+        if !q.is_power_of_two() || !(4096..=(1 << 30)).contains(&q) {
+            return Err(PctError::Config {
+                path: a
+                    .config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                reason: format!("queue_bytes {q} must be a power of two between 4 KiB and 1 GiB"),
+            });
+        }
+    }
+    let node = Arc::new(Node::new(
+        name,
+        key,
+        &cfg,
+        run_dir.clone(),
+        cfg.job_resources(),
+    ));
     let listener = Arc::new(Listener::bind(&addr)?);
 
     let mut signals = signal_hook::iterator::Signals::new([

@@ -8,6 +8,10 @@
 //! variant = "performance"     # performance | profiling
 //! trace_dir = "/var/tmp/puma-traces"   # profiling variant: where per-rank traces go
 //! kill_grace_ms = 300         # SIGTERM → SIGKILL grace when a job is torn down
+//! fabric = "qk"               # qk (the QK's node fabric, PUMA_QK_FD) | memfd (plain job segment)
+//! queue_bytes = 65536         # QK inbound queue size (default: fit 64 MiB of queues per node)
+//! heap_bytes_per_rank = 1048576   # QK job heap per local rank
+//! lock_memory = true          # lock and prefault the QK region (falls back if RLIMIT_MEMLOCK is low)
 //! ```
 
 use crate::error::{PctError, Result};
@@ -48,6 +52,16 @@ pub enum PlacementKind {
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "kebab-case")]
+pub enum FabricKind {
+    /// The QK's node fabric (`qk::NodeFabric`).
+    #[default]
+    Qk,
+    /// A plain memfd segment holding the node map (no QK).
+    Memfd,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
 pub enum VariantKind {
     #[default]
     Performance,
@@ -70,9 +84,27 @@ pub struct PctConfig {
     pub variant: VariantKind,
     pub trace_dir: Option<PathBuf>,
     pub kill_grace_ms: Option<u64>,
+    #[serde(default)]
+    pub fabric: FabricKind,
+    pub queue_bytes: Option<u64>,
+    pub heap_bytes_per_rank: Option<u64>,
+    pub lock_memory: Option<bool>,
 }
 
 impl PctConfig {
+    /// The job resources this configuration asks for.
+    pub fn job_resources(&self) -> Box<dyn crate::resources::JobResources> {
+        use crate::resources::{MemfdSegment, QkFabric};
+        match self.fabric {
+            FabricKind::Memfd => Box::new(MemfdSegment),
+            FabricKind::Qk => Box::new(QkFabric {
+                queue_bytes: self.queue_bytes,
+                heap_bytes_per_rank: self.heap_bytes_per_rank.unwrap_or(QkFabric::DEFAULT_HEAP),
+                lock_memory: self.lock_memory.unwrap_or(true),
+            }),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let err = |reason: String| PctError::Config {
             path: path.display().to_string(),

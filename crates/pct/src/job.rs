@@ -176,6 +176,7 @@ pub fn run_job(
     let job_dir = node.run_dir.join(format!("job-{}-{}", req.job, req.node));
     let res = start_and_run(&node, &req, &sink, &cmds, &wake, &job_dir, finished);
     remove_job_dir(&job_dir);
+    node.job_finished(&req.job);
     if let Err(e) = &res {
         let _ = sink.send(&FromPct::Refused {
             reason: format!("node {}: {e}", node.name),
@@ -420,9 +421,11 @@ fn start_and_run(
         }
     }
     drop(stdin_tx);
+    node.policies.variant.job_done(req);
+    drop(resources);
+    node.job_finished(&req.job);
     finished.store(true, std::sync::atomic::Ordering::Release);
     let _ = sink.send(&FromPct::JobDone);
-    drop(resources);
     Ok(())
 }
 

@@ -152,6 +152,11 @@ impl Placement for NoPinning {
     }
 }
 
+/// First line of a Chama trace (crates/chama, `chama-trace v1`).
+pub const TRACE_MAGIC: &str = "# chama-trace v1";
+/// Column header of a Chama trace.
+pub const TRACE_HEADER: &str = "rank\top\tpeer\ttag\tbytes\tstart_ns\tend_ns\tclass";
+
 /// One rank's record, written by the profiling variant.
 #[derive(Debug, Clone, Serialize)]
 pub struct RankRecord {
@@ -178,6 +183,8 @@ pub trait Variant: Send + Sync {
     }
     /// Called when a rank has ended, before it is reaped.
     fn rank_done(&self, _rec: &RankRecord) {}
+    /// Called when every rank of the job on this node has ended.
+    fn job_done(&self, _req: &LoadRequest) {}
 }
 
 pub struct Performance;
@@ -188,8 +195,12 @@ impl Variant for Performance {
 }
 
 /// Records, for every rank, a JSON line with its timing, CPU use and exit, in
-/// `<trace_dir>/<job>/ranks.jsonl`, and asks the rank's library to write its message
-/// trace to `<trace_dir>/<job>/rank-<r>.trace` (`PUMA_TRACE`).
+/// `<trace_dir>/<job>/ranks.jsonl`, and asks the rank's library to append its
+/// message records (chama-trace v1 record lines: rank, op, peer, tag, bytes,
+/// start_ns, end_ns, class, tab-separated) to `<trace_dir>/<job>/rank-<r>.trace`
+/// (`PUMA_TRACE`). When the job ends on the node, the PCT merges them into
+/// `<trace_dir>/<job>/node-<n>.trace`, a complete `chama-trace v1` file that the
+/// simulator reads (`chama convert` / `chama run`).
 pub struct Profiling {
     pub dir: PathBuf,
 }
@@ -211,6 +222,28 @@ impl Variant for Profiling {
             "PUMA_TRACE".into(),
             d.join(format!("rank-{rank}.trace")).display().to_string(),
         )]
+    }
+    fn job_done(&self, req: &LoadRequest) {
+        let d = self.job_dir(&req.job);
+        let mut text = format!(
+            "{TRACE_MAGIC}\n# ranks={}\n# node={}\n{TRACE_HEADER}\n",
+            req.size, req.node
+        );
+        for r in &req.ranks {
+            if let Ok(body) = std::fs::read_to_string(d.join(format!("rank-{r}.trace"))) {
+                for l in body.lines().filter(|l| {
+                    !l.trim().is_empty() && !l.starts_with('#') && !l.starts_with("rank\t")
+                }) {
+                    text.push_str(l);
+                    text.push('\n');
+                }
+            }
+        }
+        let out = d.join(format!("node-{}.trace", req.node));
+        let tmp = d.join(format!(".node-{}.trace.tmp", req.node));
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &out)) {
+            eprintln!("pct: profiling: cannot write {}: {e}", out.display());
+        }
     }
     fn rank_done(&self, rec: &RankRecord) {
         let d = self.job_dir(&rec.job);

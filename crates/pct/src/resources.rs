@@ -62,3 +62,131 @@ impl JobResourceHandle for MemfdHandle {
         vec![self.fd.as_raw_fd()]
     }
 }
+
+/// Most ranks one node's QK fabric holds (one port is the node engine's).
+pub const MAX_LOCAL_RANKS: u32 = 255;
+
+/// The QK's node fabric: one locked, prefaulted region per job and node holding
+/// the ranks' inbound queues and job heap (`qk::job::NodeFabric`), passed to ranks
+/// as `PUMA_QK_FD` (they attach with `qk::Endpoint::from_env`).
+pub struct QkFabric {
+    /// Bytes per inbound queue; None = sized so all queues of a node fit in
+    /// [`QkFabric::QUEUE_BUDGET`] (the queues are per pair of local ports).
+    pub queue_bytes: Option<u64>,
+    pub heap_bytes_per_rank: u64,
+    /// Lock the region (Puma: no paging). Falls back to unlocked, with a warning,
+    /// when RLIMIT_MEMLOCK is too small.
+    pub lock_memory: bool,
+}
+
+impl QkFabric {
+    /// Bytes all inbound queues of one node may take by default.
+    pub const QUEUE_BUDGET: u64 = 64 << 20;
+    /// Default job heap per local rank.
+    pub const DEFAULT_HEAP: u64 = 1 << 20;
+
+    /// Queue size for `local` ranks (a power of two in 4 KiB ..= 256 KiB).
+    pub fn queue_for(&self, local: usize) -> u64 {
+        if let Some(q) = self.queue_bytes {
+            return q;
+        }
+        let ports = (local as u64 + 1).pow(2);
+        let per = (Self::QUEUE_BUDGET / ports).clamp(4096, qk::job::DEFAULT_QUEUE_BYTES);
+        1u64 << (63 - per.leading_zeros())
+    }
+}
+
+/// The QK's numeric job id for a yod job id (decimal ids map to themselves).
+pub fn qk_job_id(job: &str) -> u32 {
+    job.parse().unwrap_or_else(|_| {
+        // FNV-1a, the same on every node.
+        job.bytes().fold(0x811c9dc5u32, |h, b| {
+            (h ^ b as u32).wrapping_mul(0x01000193)
+        })
+    })
+}
+
+/// Holds only the region's memfd: the PCT unmaps the region once it is built, so
+/// forking the ranks does not copy its page tables, and the memory is locked by
+/// the ranks that map it (and released with the last of them).
+struct QkHandle {
+    fd: qk::sys::Memfd,
+}
+
+impl JobResources for QkFabric {
+    fn name(&self) -> &'static str {
+        "qk-fabric"
+    }
+    fn create(&self, req: &LoadRequest) -> Result<Box<dyn JobResourceHandle>> {
+        if req.ranks.len() > MAX_LOCAL_RANKS as usize {
+            return Err(PctError::Refused(format!(
+                "{} ranks on one node, but the QK fabric holds at most {MAX_LOCAL_RANKS}; use more nodes (--nodes / --ppn)",
+                req.ranks.len()
+            )));
+        }
+        let mode = match req.mode {
+            crate::proto::CpuMode::Heater => qk::CpuMode::Heater,
+            crate::proto::CpuMode::MsgCoproc => qk::CpuMode::MsgCoproc,
+            crate::proto::CpuMode::ComputeCoproc => qk::CpuMode::ComputeCoproc,
+            crate::proto::CpuMode::VirtualNode => qk::CpuMode::VirtualNode,
+        };
+        let mut spec =
+            qk::JobFabricSpec::new(qk_job_id(&req.job), req.size, req.ranks.clone(), mode);
+        spec.node_id = req.node;
+        spec.queue_bytes = self.queue_for(req.ranks.len());
+        spec.eager_bytes = (qk::job::DEFAULT_EAGER_BYTES as u64).min(spec.queue_bytes / 8) as u32;
+        spec.heap_bytes_per_rank = self.heap_bytes_per_rank;
+        spec.lock_memory = self.lock_memory;
+        let fabric = match qk::NodeFabric::create(&spec) {
+            Ok(f) => f,
+            Err(qk::QkError::Memlock { bytes, limit, .. }) if self.lock_memory => {
+                eprintln!(
+                    "pct: cannot lock {bytes} bytes for job {} (RLIMIT_MEMLOCK {limit}); running it unlocked",
+                    req.job
+                );
+                spec.lock_memory = false;
+                qk::NodeFabric::create(&spec)
+                    .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?
+            }
+            Err(e) => return Err(PctError::Refused(format!("QK fabric: {e}"))),
+        };
+        let fd = fabric
+            .dup_fd()
+            .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?;
+        drop(fabric);
+        Ok(Box::new(QkHandle { fd }))
+    }
+}
+
+impl JobResourceHandle for QkHandle {
+    fn rank_env(&self, _local_rank: u32) -> Vec<(String, String)> {
+        vec![("PUMA_QK_FD".into(), self.fd.raw().to_string())]
+    }
+    fn inherited_fds(&self) -> Vec<RawFd> {
+        vec![self.fd.raw()]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_size_scales_down_with_local_ranks() {
+        let f = QkFabric {
+            queue_bytes: None,
+            heap_bytes_per_rank: QkFabric::DEFAULT_HEAP,
+            lock_memory: false,
+        };
+        assert_eq!(f.queue_for(1), qk::job::DEFAULT_QUEUE_BYTES);
+        let q = f.queue_for(16);
+        assert!(q.is_power_of_two() && 17 * 17 * q <= QkFabric::QUEUE_BUDGET && q > 4096);
+        assert_eq!(
+            f.queue_for(256),
+            4096,
+            "never below the QK's smallest queue"
+        );
+        assert_eq!(qk_job_id("1234"), 1234);
+        assert_eq!(qk_job_id("abc"), qk_job_id("abc"));
+    }
+}

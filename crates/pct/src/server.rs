@@ -77,6 +77,14 @@ impl Node {
         }
     }
 
+    /// Forgets a job (called before `JobDone` is sent, so the node is free the
+    /// moment yod learns the job has ended).
+    pub(crate) fn job_finished(&self, job: &str) {
+        if let Ok(mut jobs) = self.jobs.lock() {
+            jobs.retain(|j| j.job != job);
+        }
+    }
+
     pub(crate) fn track(&self, pid: Pid, alive: bool) {
         if let Ok(mut l) = self.live.lock() {
             if alive {

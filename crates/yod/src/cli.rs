@@ -64,6 +64,10 @@ pub struct RunCli {
     /// TCP port of the PCTs started with srun inside Slurm.
     #[arg(long, default_value_t = 7070)]
     pub pct_port: u16,
+    /// PCT policy configuration (TOML, see the pct README) for the embedded
+    /// partition's PCTs.
+    #[arg(long, value_name = "FILE")]
+    pub pct_config: Option<PathBuf>,
     /// Say where ranks go.
     #[arg(short, long)]
     pub verbose: bool,
@@ -224,14 +228,21 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
     let k = match (cli.nodes, cli.ppn) {
         (Some(k), _) => k.min(cli.n) as usize,
         (None, Some(p)) => cli.n.div_ceil(p) as usize,
-        (None, None) => 1,
+        // One virtual node unless the job exceeds what one node's QK fabric holds.
+        (None, None) => cli.n.div_ceil(pct::resources::MAX_LOCAL_RANKS) as usize,
     };
     if k > 1024 {
         return Err(YodError::Usage(format!(
             "{k} virtual nodes is too many for one machine"
         )));
     }
-    let mut lp = LocalPartition::start(k)?;
+    let cfg = match &cli.pct_config {
+        Some(p) => {
+            Some(std::path::absolute(p).map_err(|e| YodError::io("resolving --pct-config", e))?)
+        }
+        None => None,
+    };
+    let mut lp = LocalPartition::start(k, cfg.as_deref())?;
     let mut links = Vec::with_capacity(k);
     for i in 0..k {
         let conn = lp.wait_ready(i)?;

@@ -191,13 +191,14 @@ fn emit(label: bool, rank: u32, stream: Stream, data: &[u8]) {
     };
 }
 
-/// Makes a job id: time and pid, [A-Za-z0-9].
+/// Makes a job id: a random non-zero 32-bit number in decimal (the QK uses it as
+/// the portals job id, so it must be numeric).
 pub fn new_job_id() -> String {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    format!("j{ms:x}p{}", std::process::id())
+    let mut b = [0u8; 4];
+    let n = pct::key::random_bytes(&mut b)
+        .map(|_| u32::from_le_bytes(b))
+        .unwrap_or_else(|_| std::process::id());
+    n.max(1).to_string()
 }
 
 /// Where yod found its nodes.

@@ -12,19 +12,16 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// How to run a PCT: a program and leading arguments before `serve ...`.
+/// `$PUMA_PCT` names a `pct` binary; otherwise yod runs its own copy of the PCT
+/// (`yod pct serve ...`), so yod and its PCTs can never be of different versions.
 pub fn pct_command() -> (PathBuf, Vec<String>) {
     if let Some(p) = std::env::var_os("PUMA_PCT") {
         return (PathBuf::from(p), vec![]);
     }
-    if let Ok(me) = std::env::current_exe() {
-        let sibling = me.with_file_name("pct");
-        if sibling.is_file() {
-            return (sibling, vec![]);
-        }
-        // The PCT code is linked into yod as well: `yod pct serve ...`.
-        return (me, vec!["pct".into()]);
+    match std::env::current_exe() {
+        Ok(me) => (me, vec!["pct".into()]),
+        Err(_) => (PathBuf::from("pct"), vec![]),
     }
-    (PathBuf::from("pct"), vec![])
 }
 
 /// K local PCTs and their private directory (key, sockets, job files).
@@ -36,7 +33,7 @@ pub struct LocalPartition {
 }
 
 impl LocalPartition {
-    pub fn start(k: usize) -> Result<LocalPartition> {
+    pub fn start(k: usize, config: Option<&std::path::Path>) -> Result<LocalPartition> {
         let mut rnd = [0u8; 6];
         pct::key::random_bytes(&mut rnd)?;
         let tag: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
@@ -61,9 +58,12 @@ impl LocalPartition {
         let (prog, pre) = pct_command();
         for i in 0..k {
             let sock = dir.join(format!("node{i}.sock"));
-            let child = Command::new(&prog)
-                .args(&pre)
-                .arg("serve")
+            let mut cmd = Command::new(&prog);
+            cmd.args(&pre).arg("serve");
+            if let Some(c) = config {
+                cmd.arg("--config").arg(c);
+            }
+            let child = cmd
                 .arg("--listen")
                 .arg(format!("unix:{}", sock.display()))
                 .arg("--key")

@@ -90,7 +90,7 @@ fn exclusive_segfault_ends_the_job_within_a_second() {
         err.contains("rank 3 on node local1 was killed by signal 11 (SIGSEGV)"),
         "{err}"
     );
-    assert!(took < Duration::from_millis(1200), "took {took:?}");
+    assert!(took < Duration::from_millis(1200), "took {took:?}: {err}");
     assert_nothing_left(&m, job_id_from(&err).as_deref());
 }
 
@@ -117,7 +117,7 @@ fn exclusive_abort_ends_the_job_within_a_second() {
         err.contains("rank 0 on node local0 was killed by signal 6 (SIGABRT)"),
         "{err}"
     );
-    assert!(took < Duration::from_millis(1200), "took {took:?}");
+    assert!(took < Duration::from_millis(1200), "took {took:?}: {err}");
     assert_nothing_left(&m, job_id_from(&err).as_deref());
 }
 

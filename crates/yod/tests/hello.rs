@@ -153,3 +153,92 @@ fn stdin_goes_to_rank_0_only() {
     lines.sort();
     assert_eq!(lines, ["0:3", "1:0", "2:0"]);
 }
+
+#[test]
+fn ranks_attach_to_the_qk_fabric_their_pct_created() {
+    let prog = qk_attach().display().to_string();
+    let out = run_yod(&["-n", "6", "--nodes", "2", "--mode", "msg-coproc", &prog]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mut l: Vec<String> = text(&out.stdout).lines().map(String::from).collect();
+    l.sort();
+    let want: Vec<String> = (0..6)
+        .map(|r| format!("rank {r} attached to the QK fabric"))
+        .collect();
+    assert_eq!(l, want);
+}
+
+#[test]
+fn profiling_variant_records_every_rank_and_pinning_follows_the_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let traces = dir.path().join("traces");
+    let cfg = dir.path().join("pct.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "variant = \"profiling\"\nplacement = \"compact\"\ntrace_dir = \"{}\"\n",
+            traces.display()
+        ),
+    )
+    .unwrap();
+    // Each rank appends one message record, as the library will.
+    let script = "printf '%s\\tsend\\t0\\t1\\t8\\t100\\t200\\n' $PUMA_RANK >> $PUMA_TRACE; \
+                  echo $PUMA_RANK $(grep Cpus_allowed_list /proc/self/status | cut -f2)";
+    let c = cfg.display().to_string();
+    let out = run_yod(&[
+        "-n",
+        "4",
+        "--nodes",
+        "2",
+        "--mode",
+        "msg-coproc",
+        "--pct-config",
+        &c,
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // msg-coproc: each rank gets two cores (wrapping on small machines).
+    let cpus = pct::server::usable_cpus();
+    for line in text(&out.stdout).lines() {
+        let (r, list) = line.split_once(' ').unwrap();
+        let local: usize = r.parse::<usize>().unwrap() % 2;
+        let want: Vec<usize> = (0..2.min(cpus.len()))
+            .map(|k| cpus[(local * 2 + k) % cpus.len()])
+            .collect();
+        let mut got: Vec<usize> = list
+            .split(',')
+            .flat_map(|p| match p.split_once('-') {
+                Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+                None => vec![p.parse().unwrap()],
+            })
+            .collect();
+        got.sort();
+        let mut want = want;
+        want.sort();
+        want.dedup();
+        assert_eq!(got, want, "rank {r} pinned wrongly");
+    }
+    let jobs: Vec<_> = std::fs::read_dir(&traces).unwrap().flatten().collect();
+    assert_eq!(jobs.len(), 1);
+    let jd = jobs[0].path();
+    let recs = std::fs::read_to_string(jd.join("ranks.jsonl")).unwrap();
+    assert_eq!(recs.lines().count(), 4, "{recs}");
+    for l in recs.lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["status"]["exited"], 0);
+        assert!(v["end_unix_ns"].as_u64().unwrap() >= v["start_unix_ns"].as_u64().unwrap());
+    }
+    for node in 0..2 {
+        let t = std::fs::read_to_string(jd.join(format!("node-{node}.trace"))).unwrap();
+        let mut lines = t.lines();
+        assert_eq!(lines.next(), Some("# chama-trace v1"));
+        assert_eq!(lines.next(), Some("# ranks=4"));
+        let recs: Vec<&str> = t
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with("rank\t"))
+            .collect();
+        assert_eq!(recs.len(), 2, "{t}");
+        assert!(recs.iter().all(|r| r.split('\t').count() == 7));
+    }
+}

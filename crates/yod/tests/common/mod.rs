@@ -14,26 +14,36 @@ pub fn yod() -> &'static str {
 /// target/<profile>/examples/hello, built on first use.
 pub fn hello() -> PathBuf {
     static HELLO: OnceLock<PathBuf> = OnceLock::new();
-    HELLO
-        .get_or_init(|| {
+    HELLO.get_or_init(|| example("puma", "hello")).clone()
+}
+
+/// target/<profile>/examples/qk_attach (a rank that attaches to the QK fabric).
+pub fn qk_attach() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| example("pct", "qk_attach")).clone()
+}
+
+fn example(pkg: &str, name: &str) -> PathBuf {
+    {
+        {
             let bin = Path::new(yod()).parent().unwrap().to_path_buf();
             let target_dir = bin.parent().unwrap().to_path_buf();
             let profile = bin.file_name().unwrap().to_str().unwrap().to_string();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", "puma", "--example", "hello"])
+            cmd.args(["build", "--quiet", "-p", pkg, "--example", name])
                 .arg("--target-dir")
                 .arg(&target_dir);
             if profile == "release" {
                 cmd.arg("--release");
             }
             let st = cmd.status().expect("run cargo to build the hello example");
-            assert!(st.success(), "building the hello example failed");
-            let p = bin.join("examples").join("hello");
+            assert!(st.success(), "building the {name} example failed");
+            let p = bin.join("examples").join(name);
             assert!(p.is_file(), "{} missing", p.display());
             p
-        })
-        .clone()
+        }
+    }
 }
 
 pub fn run_yod(args: &[&str]) -> Output {
