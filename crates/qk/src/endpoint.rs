@@ -65,17 +65,17 @@ pub enum PrivatePath {
 
 /// First-fit allocator over the rank's part of the job heap (offsets relative to the part).
 #[derive(Debug)]
-struct HeapAlloc {
+pub(crate) struct HeapAlloc {
     free: Vec<(u64, u64)>,
 }
 
 impl HeapAlloc {
-    fn new(total: u64) -> Self {
+    pub(crate) fn new(total: u64) -> Self {
         HeapAlloc {
             free: vec![(0, total)],
         }
     }
-    fn alloc(&mut self, len: u64) -> Option<u64> {
+    pub(crate) fn alloc(&mut self, len: u64) -> Option<u64> {
         let len = len.max(1).div_ceil(64) * 64;
         let i = self.free.iter().position(|&(_, l)| l >= len)?;
         let (o, l) = self.free[i];
@@ -86,7 +86,7 @@ impl HeapAlloc {
         }
         Some(o)
     }
-    fn free(&mut self, off: u64, len: u64) {
+    pub(crate) fn free(&mut self, off: u64, len: u64) {
         let len = len.max(1).div_ceil(64) * 64;
         let i = self.free.partition_point(|&(o, _)| o < off);
         self.free.insert(i, (off, len));
@@ -134,8 +134,34 @@ struct Inner {
     private_path: PrivatePath,
 }
 
+/// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
+/// no store-buffer drain on the message path), behind a mutex when a co-processor thread shares it.
+enum G<'a> {
+    Own(&'a mut Inner),
+    Lock(MutexGuard<'a, Inner>),
+}
+
+impl std::ops::Deref for G<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        match self {
+            G::Own(i) => i,
+            G::Lock(g) => g,
+        }
+    }
+}
+
+impl std::ops::DerefMut for G<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        match self {
+            G::Own(i) => i,
+            G::Lock(g) => g,
+        }
+    }
+}
+
 struct Shared {
-    inner: Mutex<Inner>,
+    inner: Option<Mutex<Inner>>,
     region: Region,
     port: u32,
     rank: u32,
@@ -147,6 +173,7 @@ struct Shared {
 
 /// A rank's endpoint. Cheap to share between threads of the rank (`Send + Sync`).
 pub struct Endpoint {
+    own: Option<Box<Inner>>,
     shared: Arc<Shared>,
     mode: CpuMode,
     coproc: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -285,8 +312,14 @@ impl Endpoint {
             next_token: 1,
             private_path: PrivatePath::default(),
         };
+        let coproc_mode = spec.mode.engine_on_own_core();
+        let (own, inner) = if coproc_mode {
+            (None, Some(inner))
+        } else {
+            (Some(Box::new(inner)), None)
+        };
         let shared = Arc::new(Shared {
-            inner: Mutex::new(inner),
+            inner: inner.map(Mutex::new),
             region: region.clone(),
             port,
             rank,
@@ -295,6 +328,7 @@ impl Endpoint {
             app_waiting: AtomicU32::new(0),
         });
         Ok(Endpoint {
+            own,
             shared,
             mode: spec.mode,
             coproc: Mutex::new(None),
@@ -359,27 +393,28 @@ impl Endpoint {
         self.shared.region.eager_max as u64
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        match self.shared.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    fn lock(&mut self) -> G<'_> {
+        match (&mut self.own, &self.shared.inner) {
+            (Some(b), _) => G::Own(b),
+            (None, Some(m)) => G::Lock(m.lock().unwrap_or_else(|e| e.into_inner())),
+            (None, None) => unreachable!("an endpoint always has owned or shared state"),
         }
     }
 
     /// Runs `f` with the rank's portals engine (portal table, match entries, descriptors, event
     /// queues). Descriptors must use memory from [`Endpoint::alloc_shared`] or
     /// [`Endpoint::alloc_private`]; deposits into anything else are refused and counted.
-    pub fn with_engine<R>(&self, f: impl FnOnce(&mut PortalsEngine) -> R) -> R {
+    pub fn with_engine<R>(&mut self, f: impl FnOnce(&mut PortalsEngine) -> R) -> R {
         f(&mut self.lock().engine)
     }
 
     /// Chooses how large payloads leave private memory.
-    pub fn set_private_path(&self, p: PrivatePath) {
+    pub fn set_private_path(&mut self, p: PrivatePath) {
         self.lock().private_path = p;
     }
 
     /// Allocates `len` bytes of the job-shared heap (large messages from/to it move with one copy).
-    pub fn alloc_shared(&self, len: u64) -> Result<Buf, QkError> {
+    pub fn alloc_shared(&mut self, len: u64) -> Result<Buf, QkError> {
         let mut g = self.lock();
         let off = g.heap.alloc(len).ok_or(QkError::HeapExhausted {
             want: len,
@@ -394,7 +429,7 @@ impl Endpoint {
     }
 
     /// Allocates a private (zeroed) buffer of `len` bytes.
-    pub fn alloc_private(&self, len: u64) -> Buf {
+    pub fn alloc_private(&mut self, len: u64) -> Buf {
         let addr = self.lock().mem.alloc_private(len as usize);
         Buf {
             addr,
@@ -404,7 +439,7 @@ impl Endpoint {
     }
 
     /// Frees a buffer. Descriptors still naming it make later deposits fail (counted as bad memory).
-    pub fn free(&self, b: Buf) {
+    pub fn free(&mut self, b: Buf) {
         let mut g = self.lock();
         if b.shared {
             let (base, _) = g.mem.heap_range();
@@ -415,7 +450,7 @@ impl Endpoint {
     }
 
     /// Copies `src` into a buffer at `off`.
-    pub fn write(&self, b: &Buf, off: u64, src: &[u8]) -> Result<(), QkError> {
+    pub fn write(&mut self, b: &Buf, off: u64, src: &[u8]) -> Result<(), QkError> {
         if off.checked_add(src.len() as u64).is_none_or(|e| e > b.len) {
             return Err(QkError::BadHandle("write beyond the buffer"));
         }
@@ -427,7 +462,7 @@ impl Endpoint {
     }
 
     /// Copies from a buffer at `off` into `dst`.
-    pub fn read(&self, b: &Buf, off: u64, dst: &mut [u8]) -> Result<(), QkError> {
+    pub fn read(&mut self, b: &Buf, off: u64, dst: &mut [u8]) -> Result<(), QkError> {
         if off.checked_add(dst.len() as u64).is_none_or(|e| e > b.len) {
             return Err(QkError::BadHandle("read beyond the buffer"));
         }
@@ -439,7 +474,7 @@ impl Endpoint {
     }
 
     /// Runs `f` on a buffer's bytes (the engine does not deposit while `f` runs).
-    pub fn with_bytes<R>(&self, b: &Buf, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, QkError> {
+    pub fn with_bytes<R>(&mut self, b: &Buf, f: impl FnOnce(&mut [u8]) -> R) -> Result<R, QkError> {
         self.lock()
             .mem
             .with_slice_mut(b.addr, b.len, f)
@@ -448,7 +483,7 @@ impl Endpoint {
 
     /// Starts a put (portals semantics). Small payloads are copied into the target's queue now;
     /// large ones leave the buffer when the target copies them (the send event says when).
-    pub fn put(&self, a: &PutArgs) -> Result<(), QkError> {
+    pub fn put(&mut self, a: &PutArgs) -> Result<(), QkError> {
         if a.target.group != self.job() {
             return Err(QkError::Portals(format!(
                 "target job {} is not this job ({})",
@@ -466,6 +501,34 @@ impl Endpoint {
             .map_err(|e| QkError::Portals(e.to_string()))?;
         let hdr = hdr_from_wire(&plan.header);
         let len = plan.body.len();
+        let local_dst = g.region.port_of_rank(a.target.rank);
+        if let (true, Some(d)) = (
+            len <= g.region.eager_max as u64 && plan.body.is_contiguous(),
+            local_dst,
+        ) {
+            // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
+            let first = plan.body.first();
+            let inner = &mut *g;
+            match inner
+                .mem
+                .with_slice(first.addr, first.len, |s| inner.port.try_send(d, &hdr, s))
+            {
+                Some(true) => {
+                    inner
+                        .engine
+                        .sent(&plan)
+                        .map_err(|e| QkError::Portals(e.to_string()))?;
+                    return Ok(());
+                }
+                Some(false) => {}
+                None => {
+                    return Err(QkError::Portals(format!(
+                        "memory descriptor names {} bytes at {:#x}, which this rank does not own",
+                        first.len, first.addr
+                    )))
+                }
+            }
+        }
         if len <= g.region.eager_max as u64 {
             let body = g.gather(&plan.body)?;
             drop(g);
@@ -476,14 +539,14 @@ impl Endpoint {
                 .map_err(|e| QkError::Portals(e.to_string()))?;
             return Ok(());
         }
-        let (mut hdr, body) = g.large_source(hdr, &plan.body, Some(plan))?;
+        let (mut hdr, body) = g.large_source(hdr, &plan.body, Some(plan), a.target.rank)?;
         hdr.flags |= body.1;
         drop(g);
         self.send_blocking(a.target.rank, &hdr, &body.0, inline)
     }
 
     /// Starts a get (portals semantics): the reply lands in `a.md` and posts a reply event.
-    pub fn get(&self, a: &GetArgs) -> Result<(), QkError> {
+    pub fn get(&mut self, a: &GetArgs) -> Result<(), QkError> {
         if a.target.group != self.job() {
             return Err(QkError::Portals(format!(
                 "target job {} is not this job ({})",
@@ -510,41 +573,35 @@ impl Endpoint {
                 world: self.world_size(),
             });
         }
-        if self.shared.region.port_of_rank(r).is_none() {
-            return Err(QkError::Transport(format!(
-                "rank {r} is on another node; this endpoint's node has no inter-node engine attached"
-            )));
-        }
         Ok(())
     }
 
     /// Enqueues a record to `dst_rank`, waiting (and making progress) while the queue is full.
     fn send_blocking(
-        &self,
+        &mut self,
         dst_rank: u32,
         hdr: &Hdr,
         body: &[u8],
         inline: bool,
     ) -> Result<(), QkError> {
-        let dst = self
-            .shared
-            .region
-            .port_of_rank(dst_rank)
-            .ok_or(QkError::NoSuchRank {
+        if dst_rank >= self.world_size() {
+            return Err(QkError::NoSuchRank {
                 rank: dst_rank,
                 world: self.world_size(),
-            })?;
+            });
+        }
         let mut waited = false;
         let start = Instant::now();
         loop {
             {
                 let mut g = self.lock();
-                if g.port.try_send(dst, hdr, body) {
+                if g.port.send_to_rank(dst_rank, hdr, body) {
                     return Ok(());
                 }
                 if !waited {
                     waited = true;
-                    g.region.count(self.shared.port, slot::SEND_WAITS, 1);
+                    let me = g.port.me();
+                    g.region.count(me, slot::SEND_WAITS, 1);
                 }
                 if inline {
                     g.progress(64);
@@ -556,15 +613,25 @@ impl Endpoint {
 
     /// Makes progress: delivers whatever arrived, sends pending responses. Returns records handled.
     /// (Inline mode calls this from every wait; co-processor mode runs it on the engine thread.)
-    pub fn progress(&self) -> usize {
+    pub fn progress(&mut self) -> usize {
         self.lock().progress(256)
     }
 
     /// Takes the next event from `eq`, if any (makes progress first in inline mode).
-    pub fn eq_poll(&self, eq: EqHandle) -> Result<Option<Event>, QkError> {
+    pub fn eq_poll(&mut self, eq: EqHandle) -> Result<Option<Event>, QkError> {
         self.start_engine()?;
+        let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
-        if self.mode != CpuMode::MsgCoproc {
+        // Events already queued first: one progress pass delivers a whole batch of records, the
+        // following calls just hand out its events.
+        if let Some(ev) = g
+            .engine
+            .eq_get(eq)
+            .map_err(|e| QkError::Portals(e.to_string()))?
+        {
+            return Ok(Some(ev));
+        }
+        if inline {
             g.progress(256);
         }
         g.engine
@@ -574,13 +641,22 @@ impl Endpoint {
 
     /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
     /// busy-poll of unbounded length on the application's core).
-    pub fn eq_wait(&self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
+    pub fn eq_wait(&mut self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
+        if let Some(ev) = self.eq_poll(eq)? {
+            return Ok(ev);
+        }
         let start = Instant::now();
         let coproc = self.mode == CpuMode::MsgCoproc;
+        let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
             if let Some(ev) = self.eq_poll(eq)? {
                 return Ok(ev);
+            }
+            polls = polls.wrapping_add(1);
+            if polls % 64 != 0 {
+                std::hint::spin_loop();
+                continue;
             }
             let el = start.elapsed();
             if el > timeout {
@@ -597,15 +673,16 @@ impl Endpoint {
                 }
                 self.shared.app_waiting.store(0, Ordering::Relaxed);
             } else {
-                self.block_until_arrival(Duration::from_millis(2));
+                self.block_until_arrival(crate::region::MAX_SLEEP);
             }
         }
     }
 
     /// Blocks on this port's doorbell until a record arrives or `max` passes.
-    fn block_until_arrival(&self, max: Duration) {
-        let r = &self.shared.region;
-        let p = self.shared.port;
+    fn block_until_arrival(&mut self, max: Duration) {
+        let sh = self.shared.clone();
+        let r = &sh.region;
+        let p = sh.port;
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
         let pending = self.lock().port.has_pending();
@@ -629,12 +706,12 @@ impl Endpoint {
     }
 
     /// Large sends still waiting for the receiver to copy them.
-    pub fn large_in_flight(&self) -> usize {
+    pub fn large_in_flight(&mut self) -> usize {
         self.lock().large.len()
     }
 
     /// Test hook: enqueue a raw, possibly forged, record body to local rank `dst_rank`.
-    pub fn send_raw_record(&self, dst_rank: u32, body: &[u8]) -> Result<(), QkError> {
+    pub fn send_raw_record(&mut self, dst_rank: u32, body: &[u8]) -> Result<(), QkError> {
         let dst = self
             .shared
             .region
@@ -694,15 +771,15 @@ fn backoff(start: Instant) {
 /// The co-processor engine: progress continuously while there is traffic; after
 /// [`SPIN_BEFORE_BLOCK`] without any, block on the port's doorbell until a sender rings it.
 fn coproc_loop(sh: &Shared) {
+    let Some(inner) = &sh.inner else {
+        return;
+    };
     let r = &sh.region;
     let p = sh.port;
     let mut last = Instant::now();
     while !sh.stop.load(Ordering::Relaxed) {
         let n = {
-            let mut g = match sh.inner.lock() {
-                Ok(g) => g,
-                Err(e) => e.into_inner(),
-            };
+            let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
             g.progress(256)
         };
         if n > 0 {
@@ -720,15 +797,12 @@ fn coproc_loop(sh: &Shared) {
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
         let pending = {
-            let mut g = match sh.inner.lock() {
-                Ok(g) => g,
-                Err(e) => e.into_inner(),
-            };
+            let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
             g.port.has_pending() || !g.out.is_empty()
         };
         if !pending && !sh.stop.load(Ordering::SeqCst) {
             r.count(p, slot::SLEEPS, 1);
-            crate::sys::futex_wait(r.doorbell(p), bell, Duration::from_millis(10));
+            crate::sys::futex_wait(r.doorbell(p), bell, crate::region::MAX_SLEEP);
         }
         r.sleeping(p).store(0, Ordering::SeqCst);
         last = Instant::now();
@@ -736,7 +810,7 @@ fn coproc_loop(sh: &Shared) {
 }
 
 /// Fabric header from a portals header (the job and destination are implied by the queue).
-pub(crate) fn hdr_from_wire(h: &WireHeader) -> Hdr {
+pub fn hdr_from_wire(h: &WireHeader) -> Hdr {
     let mut flags = 0;
     if h.flags & portals::flags::ACK_REQ != 0 {
         flags |= flag::ACK_REQ;
@@ -765,7 +839,7 @@ pub(crate) fn hdr_from_wire(h: &WireHeader) -> Hdr {
 }
 
 /// Portals header from a fabric header that arrived from `src` for `dst`.
-pub(crate) fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
+pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
     let (opv, rlength, return_offset) = match h.op {
         op::PUT => (Op::Put, h.length, h.aux),
         op::GET => (Op::Get, h.length, h.aux),
@@ -798,14 +872,14 @@ pub(crate) fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHea
 }
 
 /// Where the payload of a large message is: (flag bit, reference, token).
-fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
+pub(crate) fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(LARGE_REF);
     v.extend_from_slice(&addr.to_le_bytes());
     v.extend_from_slice(&token.to_le_bytes());
     v
 }
 
-fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
+pub(crate) fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
     if b.len() < LARGE_REF {
         return None;
     }
@@ -845,7 +919,10 @@ impl Inner {
         hdr: Hdr,
         body: &portals::Body,
         plan: Option<SendPlan>,
+        dst_rank: u32,
     ) -> Result<(Hdr, (Vec<u8>, u8)), QkError> {
+        // Cross-memory attach only works on this node; the node engine reads the heap instead.
+        let remote_ok_cma = self.region.port_of_rank(dst_rank).is_some();
         let token = self.next_token;
         self.next_token += 1;
         let first = body.first();
@@ -855,6 +932,7 @@ impl Inner {
             return Ok((hdr, (encode_ref(first.addr - map_base, token), flag::HEAP)));
         }
         if body.is_contiguous()
+            && remote_ok_cma
             && self.private_path == PrivatePath::CrossMemoryAttach
             && self.mem.owns(first.addr, first.len)
         {
@@ -887,11 +965,7 @@ impl Inner {
 
     fn flush(&mut self) {
         while let Some(p) = self.out.front() {
-            let Some(dst) = self.region.port_of_rank(p.dst_rank) else {
-                self.out.pop_front();
-                continue;
-            };
-            if !self.port.try_send(dst, &p.hdr, &p.body) {
+            if !self.port.send_to_rank(p.dst_rank, &p.hdr, &p.body) {
                 break;
             }
             self.out.pop_front();
@@ -915,7 +989,9 @@ impl Inner {
             heap,
             ..
         } = self;
+        let me_port = port.me();
         let mut ctx = Ctx {
+            me_port,
             region,
             me: *me,
             engine,
@@ -934,6 +1010,7 @@ impl Inner {
 
 /// The pieces of [`Inner`] the delivery path needs while the port is borrowed by the poll.
 struct Ctx<'a> {
+    me_port: u32,
     region: &'a Region,
     me: ProcessId,
     engine: &'a mut PortalsEngine,
@@ -949,7 +1026,7 @@ impl Ctx<'_> {
     }
 
     fn me_port(&self) -> u32 {
-        self.region.port_of_rank(self.me.rank).unwrap_or(0)
+        self.me_port
     }
 
     /// Validates and delivers one record.
@@ -992,10 +1069,8 @@ impl Ctx<'_> {
         };
         // 3. Large references must point into the sender's own part of the heap.
         if let (Some((addr, _)), true) = (lref, h.flags & flag::HEAP != 0) {
-            let Some(sp) = self.region.port_of_rank(h.src) else {
-                return self.drop_msg(DropReason::BadReference);
-            };
-            let base = self.region.layout.heap(sp);
+            // The part of the queue's owner: a local rank's own part, or the node engine's staging part.
+            let base = self.region.layout.heap(m.from);
             let ok = addr >= base
                 && addr
                     .checked_add(h.length)
@@ -1026,6 +1101,16 @@ impl Ctx<'_> {
             }
         }
         match plan.op {
+            Op::Put | Op::Reply if lref.is_none() && plan.body.is_contiguous() => {
+                let first = plan.body.first();
+                let n = first.len as usize;
+                if n > m.body.len() || !self.mem.write(first.addr, &m.body[..n]) {
+                    self.drop_msg(DropReason::BadMemory);
+                }
+                self.region.bump(me_port, slot::DELIVERED, 1);
+                self.region
+                    .bump(me_port, slot::DELIVERED_BYTES, plan.mlength);
+            }
             Op::Put | Op::Reply => {
                 let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
                     Ok(s) => s.collect(),
@@ -1047,10 +1132,7 @@ impl Ctx<'_> {
                             self.mem.write(s.addr, src)
                         }
                         Some((src, _)) => {
-                            let pid = self
-                                .region
-                                .pid(self.region.port_of_rank(h.src).unwrap_or(0))
-                                as i32;
+                            let pid = self.region.pid(m.from) as i32;
                             self.mem
                                 .cma_into(s.addr, s.len, pid, src + s.msg_offset)
                                 .is_ok()
@@ -1075,7 +1157,7 @@ impl Ctx<'_> {
                     .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
             }
             Op::Get | Op::Ack => {
-                self.region.count(me_port, slot::DELIVERED, 1);
+                self.region.bump(me_port, slot::DELIVERED, 1);
             }
         }
         // 6. Respond.
@@ -1119,7 +1201,10 @@ impl Ctx<'_> {
                             hdr,
                             body: encode_ref(first.addr - map_base, 0),
                         });
-                    } else if plan.body.is_contiguous() && self.mem.owns(first.addr, first.len) {
+                    } else if plan.body.is_contiguous()
+                        && self.region.port_of_rank(h.src).is_some()
+                        && self.mem.owns(first.addr, first.len)
+                    {
                         hdr.flags |= flag::CMA;
                         self.out.push_back(Pending {
                             dst_rank: h.src,

@@ -195,11 +195,43 @@ impl Port {
             ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
         }
         prod.publish(ring, r);
-        self.region.count(self.me, slot::SENT, 1);
+        self.region.bump(self.me, slot::SENT, 1);
         self.region
-            .count(self.me, slot::SENT_BYTES, payload.len() as u64);
+            .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
         self.region.wake(dst);
         true
+    }
+
+    /// Enqueues a record for world rank `dst_rank` on another node: it goes to the node engine's
+    /// port with the destination in the 8 bytes after the header.
+    pub fn try_send_routed(&mut self, dst_rank: u32, hdr: &Hdr, payload: &[u8]) -> bool {
+        let dst = self.region.engine_port();
+        let (ring, prod) = &mut self.out[dst as usize];
+        let Some(r) = prod.reserve(ring, HDR_LEN + 8 + payload.len()) else {
+            return false;
+        };
+        ring.write_bytes(r.body_off, &hdr.encode());
+        ring.write_bytes(
+            r.body_off + HDR_LEN as u64,
+            &(dst_rank as u64).to_le_bytes(),
+        );
+        if !payload.is_empty() {
+            ring.write_bytes(r.body_off + HDR_LEN as u64 + 8, payload);
+        }
+        prod.publish(ring, r);
+        self.region.bump(self.me, slot::SENT, 1);
+        self.region
+            .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
+        self.region.wake(dst);
+        true
+    }
+
+    /// Sends to any rank of the job: its port if local, else through the node engine.
+    pub fn send_to_rank(&mut self, dst_rank: u32, hdr: &Hdr, payload: &[u8]) -> bool {
+        match self.region.port_of_rank(dst_rank) {
+            Some(p) => self.try_send(p, hdr, payload),
+            None => self.try_send_routed(dst_rank, hdr, payload),
+        }
     }
 
     /// Enqueues raw body bytes (used by tests to forge records).

@@ -16,6 +16,7 @@ pub mod job;
 pub mod region;
 pub mod ring;
 pub mod sys;
+pub mod tcp;
 
 pub use counters::{DropReason, PortStats};
 pub use endpoint::{AttachSpec, Buf, Endpoint, PrivatePath};

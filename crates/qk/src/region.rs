@@ -6,9 +6,10 @@
 //!              doorbell futex word, sleeping flag, counters
 //! ring_off     P*P rings (P = L+1), ring (src, dst) at index src*P+dst: a 64-byte line holding the
 //!              consumer's head, then `ring_cap` bytes of records
-//! heap_off     the job-shared heap: `heap_per_rank` bytes per local rank, each rank allocates only
-//!              from its own part; every rank maps all of it, so a receiver copies a large message
-//!              straight from the sender's buffer with one memcpy
+//! heap_off     the job-shared heap: `heap_per_rank` bytes per port (local ranks, then the node
+//!              engine's staging part); each allocates only from its own part; every rank maps all
+//!              of it, so a receiver copies a large message straight from the sender's buffer with
+//!              one memcpy
 //! ```
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -99,7 +100,7 @@ impl Layout {
         let total = heap_off
             .checked_add(
                 heap_per_rank
-                    .checked_mul(local as u64)
+                    .checked_mul(ports as u64)
                     .ok_or_else(|| QkError::BadSpec("heap too large".into()))?,
             )
             .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
@@ -303,6 +304,16 @@ impl Region {
         self.layout.local
     }
 
+    /// The port a record for world rank `rank` goes to: the rank's own port on this node, or the
+    /// node engine's port for a rank elsewhere (None = not in the job).
+    pub fn route(&self, rank: u32) -> Option<u32> {
+        match self.port_of_rank(rank) {
+            Some(p) => Some(p),
+            None if rank < self.world => Some(self.engine_port()),
+            None => None,
+        }
+    }
+
     /// Local port of a world rank, if it lives on this node.
     pub fn port_of_rank(&self, rank: u32) -> Option<u32> {
         self.ranks.iter().position(|&r| r == rank).map(|p| p as u32)
@@ -357,6 +368,14 @@ impl Region {
         self.counter(p, s).fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Adds to a counter that only one thread writes at a time (the port's owner, under its
+    /// endpoint lock): a plain load and store, no locked instruction on the message path.
+    #[inline]
+    pub fn bump(&self, p: u32, s: usize, n: u64) {
+        let c = self.counter(p, s);
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
     /// Counts a drop at port `p`.
     pub fn count_drop(&self, p: u32, r: DropReason) {
         self.count(p, slot::DROP0 + r as usize, 1);
@@ -384,15 +403,24 @@ impl Region {
     }
 
     /// Rings the doorbell of port `p` if its engine sleeps. Call after publishing a record.
+    ///
+    /// No fence on this path: a full fence per message would drain the store buffer and serialise
+    /// every record on a cross-core round trip (it cut the message rate five-fold). The price is a
+    /// rare lost wake-up when the receiver decides to sleep in the ~100 ns before our record becomes
+    /// visible; every sleep is therefore bounded ([`MAX_SLEEP`]), so such a message waits at most
+    /// that long instead of forever.
     #[inline]
     pub fn wake(&self, p: u32) {
-        std::sync::atomic::fence(Ordering::SeqCst);
         if self.sleeping(p).load(Ordering::Relaxed) != 0 {
             self.doorbell(p).fetch_add(1, Ordering::SeqCst);
             crate::sys::futex_wake(self.doorbell(p));
         }
     }
 }
+
+/// Longest a sleeping engine or waiter blocks before it looks again (bounds the cost of a lost
+/// wake-up, see [`Region::wake`]).
+pub const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(1);
 
 fn ring_cap_limit(cap: u64) -> u64 {
     (cap / 2).min(crate::ring::MAX_RECORD as u64)

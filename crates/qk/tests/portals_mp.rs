@@ -127,6 +127,65 @@ fn forged_and_corrupted_headers_are_dropped_and_counted() {
     assert_eq!(st.drops_for(D::Disabled), 1, "{st:?}");
     assert_eq!(st.drops_for(D::Forbidden), 1, "{st:?}");
     assert_eq!(st.total_drops(), 9, "{st:?}");
+    // The same counters through the CLI.
+    let out = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--fd",
+            &fab.fd().to_string(),
+        ])
+        .output()
+        .expect("qk-stat");
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = |want: &[&str]| {
+        so.lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == want)
+    };
+    assert!(
+        line(&["drop", "forged_source", "1"]) && line(&["drop", "forbidden", "1"]),
+        "{so}"
+    );
+    let js = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--fd",
+            &fab.fd().to_string(),
+            "--json",
+        ])
+        .output()
+        .expect("qk-stat --json");
+    let v: serde_json::Value = serde_json::from_slice(&js.stdout).expect("json");
+    assert_eq!(v["job"], 12);
+    assert_eq!(v["ports"][1]["drops"][1][1], 1, "{v}");
+}
+
+#[test]
+fn qk_stat_explains_a_process_not_started_by_yod() {
+    let out = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
+        .args(["--pid", &std::process::id().to_string()])
+        .output()
+        .expect("qk-stat");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no PUMA_QK_FD"));
+}
+
+#[test]
+fn endpoint_from_env_says_what_is_missing() {
+    let e = qk::Endpoint::from_env()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        e.contains("PUMA_QK_FD") && e.contains("not started by yod"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1,1 +1,693 @@
-fn main() {}
+//! `puma-bench`: the hosted QK's fabric against MPICH and Open MPI, side by side, interleaved.
+//!
+//! Every measurement launches a fresh pair of ranks (ours: a fabric from `NodeFabric::create` and
+//! two processes of this program pinned one per core; the peers: `mpirun -n 2` of
+//! `bench-peers/mpi_peer.c`), in the order A B C A B C ... so the host moving the two virtual CPUs
+//! between "near" and "far" placements hits every contender alike. It prints min / median / max per
+//! contender and the median of the per-round ratios to the best peer of the same round.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use qk::portals::{
+    Acl, EventKind, MatchSpec, MdKind, MdOptions, MdSpec, OffsetMode, ProcessId, PutArgs,
+};
+use qk::{AttachSpec, CpuMode, Endpoint, JobFabricSpec, NodeFabric, QkError};
+
+#[derive(Parser)]
+#[command(
+    about = "Benchmark the QK fabric against MPICH and Open MPI (ping-pong latency, streaming bandwidth, message rate)",
+    long_about = "Runs our fabric (inline and co-processor progress) and the MPI peers built by \
+                  crates/qk/bench-peers/install.sh in interleaved rounds and prints min/median/max and \
+                  ratios to the best peer of each round. Peers that are not installed are reported as absent."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    /// Rounds per measurement (each round runs every contender once).
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Directory holding mpi_peer.mpich / mpi_peer.openmpi (built by bench-peers/install.sh).
+    #[arg(long, default_value = "target/bench-peers")]
+    peers: PathBuf,
+    /// Only these measurements (comma list of lat,bw,rate).
+    #[arg(long, default_value = "lat,bw,rate")]
+    only: String,
+    /// Our progress modes to run (comma list of heater,msg-coproc).
+    #[arg(long, default_value = "heater,msg-coproc")]
+    modes: String,
+    /// Compare over TCP instead: ours through two node engines on loopback, the peers with their
+    /// TCP transports forced (MPICH: MPIR_CVAR_CH3_NOLOCAL=1; Open MPI: --mca btl tcp,self).
+    #[arg(long)]
+    tcp: bool,
+    /// Scale iteration counts (0.1 = a quick look).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Internal: one rank of our side.
+    Rank {
+        #[arg(long)]
+        fd: i32,
+        #[arg(long)]
+        port: u32,
+        #[arg(long)]
+        job: u32,
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        what: String,
+        #[arg(long)]
+        size: u64,
+        #[arg(long)]
+        iters: u64,
+        #[arg(long)]
+        window: u64,
+        #[arg(long)]
+        cpu: Option<usize>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Better {
+    Lower,
+    Higher,
+}
+
+struct Measure {
+    what: &'static str,
+    size: u64,
+    iters: u64,
+    window: u64,
+}
+
+impl Measure {
+    fn better(&self) -> Better {
+        if self.what == "lat" {
+            Better::Lower
+        } else {
+            Better::Higher
+        }
+    }
+    fn label(&self) -> String {
+        let s = human(self.size);
+        match self.what {
+            "lat" => format!("one-way latency {s} (µs)"),
+            "bw" => format!("bandwidth {s} (GB/s)"),
+            _ => format!("message rate {s} (M msg/s)"),
+        }
+    }
+    fn display(&self, v: f64) -> f64 {
+        match self.what {
+            "lat" => v / 1000.0,
+            "bw" => v / 1e9,
+            _ => v / 1e6,
+        }
+    }
+}
+
+fn human(n: u64) -> String {
+    if n >= 1 << 20 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1024 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} B")
+    }
+}
+
+#[derive(Clone)]
+enum Contender {
+    Ours(CpuMode),
+    /// Ours with the two ranks on two "nodes" joined by node engines over TCP (loopback).
+    OursTcp(CpuMode),
+    Mpi {
+        name: &'static str,
+        bin: PathBuf,
+        launcher: &'static str,
+        extra: Vec<&'static str>,
+    },
+}
+
+impl Contender {
+    fn name(&self) -> String {
+        match self {
+            Contender::Ours(m) => format!("qk {m}"),
+            Contender::OursTcp(m) => format!("qk tcp {m}"),
+            Contender::Mpi { name, .. } => name.to_string(),
+        }
+    }
+    fn is_peer(&self) -> bool {
+        matches!(self, Contender::Mpi { .. })
+    }
+    fn is_tcp(&self) -> bool {
+        match self {
+            Contender::OursTcp(_) => true,
+            Contender::Mpi { name, .. } => name.contains("TCP"),
+            Contender::Ours(_) => false,
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        Some(Cmd::Rank {
+            fd,
+            port,
+            job,
+            mode,
+            what,
+            size,
+            iters,
+            window,
+            cpu,
+        }) => rank_main(fd, port, job, &mode, &what, size, iters, window, cpu),
+        None => bench_main(&cli),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("puma-bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+type R<T> = Result<T, Box<dyn std::error::Error>>;
+
+fn bench_main(cli: &Cli) -> R<()> {
+    let mut contenders = Vec::new();
+    for m in cli.modes.split(',').filter(|s| !s.is_empty()) {
+        let mode: CpuMode = m.parse()?;
+        contenders.push(if cli.tcp {
+            Contender::OursTcp(mode)
+        } else {
+            Contender::Ours(mode)
+        });
+    }
+    let mpich = cli.peers.join("mpi_peer.mpich");
+    let ompi = cli.peers.join("mpi_peer.openmpi");
+    if mpich.exists() && which("mpirun.mpich") {
+        contenders.push(Contender::Mpi {
+            name: "MPICH",
+            bin: mpich.clone(),
+            launcher: "mpirun.mpich",
+            extra: vec!["-bind-to", "core"],
+        });
+        contenders.push(Contender::Mpi {
+            name: "MPICH TCP",
+            bin: mpich,
+            launcher: "mpirun.mpich",
+            extra: vec!["-bind-to", "core", "-env", "MPIR_CVAR_CH3_NOLOCAL", "1"],
+        });
+    } else {
+        println!(
+            "peer absent: MPICH (run crates/qk/bench-peers/install.sh; looked for {})",
+            mpich.display()
+        );
+    }
+    if ompi.exists() && which("mpirun.openmpi") {
+        contenders.push(Contender::Mpi {
+            name: "Open MPI",
+            bin: ompi.clone(),
+            launcher: "mpirun.openmpi",
+            extra: vec!["--allow-run-as-root", "--bind-to", "core"],
+        });
+        contenders.push(Contender::Mpi {
+            name: "Open MPI TCP",
+            bin: ompi.clone(),
+            launcher: "mpirun.openmpi",
+            extra: vec![
+                "--allow-run-as-root",
+                "--bind-to",
+                "core",
+                "--mca",
+                "btl",
+                "tcp,self",
+            ],
+        });
+        contenders.push(Contender::Mpi {
+            name: "Open MPI no-CMA",
+            bin: ompi,
+            launcher: "mpirun.openmpi",
+            extra: vec![
+                "--allow-run-as-root",
+                "--bind-to",
+                "core",
+                "--mca",
+                "btl_vader_single_copy_mechanism",
+                "none",
+            ],
+        });
+    } else {
+        println!(
+            "peer absent: Open MPI (run crates/qk/bench-peers/install.sh; looked for {})",
+            ompi.display()
+        );
+    }
+    contenders.retain(|c| c.is_tcp() == cli.tcp);
+    let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
+    let mut ms = Vec::new();
+    if cli.only.contains("lat") {
+        for (s, it) in [
+            (0, 20000),
+            (8, 20000),
+            (1024, 20000),
+            (65536, 3000),
+            (1 << 20, 400),
+            (4 << 20, 100),
+        ] {
+            ms.push(Measure {
+                what: "lat",
+                size: s,
+                iters: sc(it),
+                window: 1,
+            });
+        }
+    }
+    if cli.only.contains("bw") {
+        for (s, it, w) in [(65536, 100, 64), (1 << 20, 40, 16), (4 << 20, 12, 8)] {
+            ms.push(Measure {
+                what: "bw",
+                size: s,
+                iters: sc(it),
+                window: w,
+            });
+        }
+    }
+    if cli.only.contains("rate") {
+        ms.push(Measure {
+            what: "rate",
+            size: 8,
+            iters: sc(3000),
+            window: 64,
+        });
+    }
+    let cpus = qk::sys::allowed_cpus();
+    println!(
+        "puma-bench: {} rounds, contenders: {}; cpus {:?}",
+        cli.reps,
+        contenders
+            .iter()
+            .map(|c| c.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        cpus
+    );
+    for m in &ms {
+        let mut vals: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        for _rep in 0..cli.reps {
+            let mut round = vec![f64::NAN; contenders.len()];
+            for (i, c) in contenders.iter().enumerate() {
+                match run_one(c, m) {
+                    Ok(v) => {
+                        round[i] = v;
+                        vals[i].push(v);
+                    }
+                    Err(e) => eprintln!("  {} {}: failed: {e}", c.name(), m.label()),
+                }
+            }
+            let peers: Vec<f64> = contenders
+                .iter()
+                .zip(&round)
+                .filter(|(c, v)| c.is_peer() && v.is_finite())
+                .map(|(_, v)| *v)
+                .collect();
+            if let Some(best) = best_of(&peers, m.better()) {
+                for (i, c) in contenders.iter().enumerate() {
+                    if !c.is_peer() && round[i].is_finite() {
+                        ratios[i].push(round[i] / best);
+                    }
+                }
+            }
+        }
+        println!("\n{}", m.label());
+        for (i, c) in contenders.iter().enumerate() {
+            let mut v: Vec<f64> = vals[i].iter().map(|x| m.display(*x)).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            if v.is_empty() {
+                println!("  {:<18} no result", c.name());
+                continue;
+            }
+            let mut line = format!(
+                "  {:<18} min {:>9.3}  median {:>9.3}  max {:>9.3}",
+                c.name(),
+                v[0],
+                v[v.len() / 2],
+                v[v.len() - 1]
+            );
+            let mut r = ratios[i].clone();
+            r.sort_by(|a, b| a.total_cmp(b));
+            if !r.is_empty() {
+                line += &format!(
+                    "   ratio to best peer (per round) median {:.2} [{:.2} .. {:.2}]",
+                    r[r.len() / 2],
+                    r[0],
+                    r[r.len() - 1]
+                );
+            }
+            println!("{line}");
+        }
+    }
+    Ok(())
+}
+
+fn best_of(v: &[f64], b: Better) -> Option<f64> {
+    v.iter().copied().reduce(|a, x| {
+        if (b == Better::Lower) == (x < a) {
+            x
+        } else {
+            a
+        }
+    })
+}
+
+fn which(cmd: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).exists()))
+}
+
+fn run_one(c: &Contender, m: &Measure) -> R<f64> {
+    match c {
+        Contender::Ours(mode) => run_ours(*mode, m),
+        Contender::OursTcp(mode) => run_ours_tcp(*mode, m),
+        Contender::Mpi {
+            bin,
+            launcher,
+            extra,
+            ..
+        } => {
+            let out = Command::new(launcher)
+                .args(extra)
+                .args(["-n", "2"])
+                .arg(bin)
+                .args([
+                    m.what.to_string(),
+                    m.size.to_string(),
+                    m.iters.to_string(),
+                    m.window.to_string(),
+                ])
+                .stdin(Stdio::null())
+                .output()?;
+            parse_result(&out, m)
+        }
+    }
+}
+
+fn parse_result(out: &std::process::Output, m: &Measure) -> R<f64> {
+    let so = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "exit {}: {}{}",
+            out.status,
+            so,
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    for l in so.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() == 3 && f[0] == m.what {
+            return Ok(f[2].parse()?);
+        }
+    }
+    Err(format!("no result line in {so:?}").into())
+}
+
+fn run_ours(mode: CpuMode, m: &Measure) -> R<f64> {
+    let mut spec = JobFabricSpec::new(77, 2, vec![0, 1], mode);
+    spec.heap_bytes_per_rank = 2 * m.size.max(1 << 16) + (8 << 20);
+    spec.lock_memory = false;
+    let fab = NodeFabric::create(&spec)?;
+    let fd = fab.prepare_child_fd()?;
+    let exe = std::env::current_exe()?;
+    let cpus = qk::sys::allowed_cpus();
+    let mut kids = Vec::new();
+    for port in 0..2u32 {
+        let mut c = Command::new(&exe);
+        c.args([
+            "rank",
+            "--fd",
+            &fd.to_string(),
+            "--port",
+            &port.to_string(),
+            "--job",
+            "77",
+            "--mode",
+            mode.as_str(),
+        ]);
+        c.args([
+            "--what",
+            m.what,
+            "--size",
+            &m.size.to_string(),
+            "--iters",
+            &m.iters.to_string(),
+        ]);
+        c.args(["--window", &m.window.to_string()]);
+        if cpus.len() >= 2 {
+            c.args(["--cpu", &cpus[port as usize].to_string()]);
+        }
+        kids.push(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
+    }
+    let mut outs = Vec::new();
+    for k in kids {
+        outs.push(k.wait_with_output()?);
+    }
+    for o in &outs[1..] {
+        if !o.status.success() {
+            return Err(format!("rank 1: {}", String::from_utf8_lossy(&o.stderr)).into());
+        }
+    }
+    parse_result(&outs[0], m)
+}
+
+fn run_ours_tcp(mode: CpuMode, m: &Measure) -> R<f64> {
+    use qk::tcp::{NodeEngine, NodeEngineSpec};
+    let listeners = [
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+        std::net::TcpListener::bind("127.0.0.1:0")?,
+    ];
+    let addrs = [listeners[0].local_addr()?, listeners[1].local_addr()?];
+    let mut fabs = Vec::new();
+    for node in 0..2u32 {
+        let mut spec = JobFabricSpec::new(78, 2, vec![node], mode);
+        spec.node_id = node;
+        spec.heap_bytes_per_rank = 4 * m.size.max(1 << 16) + (8 << 20);
+        spec.lock_memory = false;
+        fabs.push(NodeFabric::create(&spec)?);
+    }
+    let mut starting = Vec::new();
+    for (node, l) in listeners.into_iter().enumerate() {
+        let fd = fabs[node].dup_fd()?;
+        let spec = NodeEngineSpec {
+            job_id: 78,
+            node_id: node as u32,
+            listen: addrs[node],
+            peers: vec![(1 - node as u32, addrs[1 - node])],
+            rank_node: vec![0, 1],
+            cluster_key: b"puma-bench".to_vec(),
+            connect_timeout: Duration::from_secs(10),
+        };
+        starting.push(std::thread::spawn(move || {
+            NodeEngine::with_listener(fd, spec, l)
+        }));
+    }
+    let mut engines = Vec::new();
+    for t in starting {
+        let e = t.join().map_err(|_| "engine start panicked")??;
+        engines.push(e.spawn()?);
+    }
+    let exe = std::env::current_exe()?;
+    let cpus = qk::sys::allowed_cpus();
+    let mut kids = Vec::new();
+    for (node, fab) in fabs.iter().enumerate() {
+        let fd = fab.prepare_child_fd()?;
+        let mut c = Command::new(&exe);
+        c.args([
+            "rank",
+            "--fd",
+            &fd.to_string(),
+            "--port",
+            "0",
+            "--job",
+            "78",
+            "--mode",
+            mode.as_str(),
+        ]);
+        c.args([
+            "--what",
+            m.what,
+            "--size",
+            &m.size.to_string(),
+            "--iters",
+            &m.iters.to_string(),
+        ]);
+        c.args(["--window", &m.window.to_string()]);
+        if cpus.len() >= 2 {
+            c.args(["--cpu", &cpus[node].to_string()]);
+        }
+        kids.push(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
+    }
+    let mut outs = Vec::new();
+    for k in kids {
+        outs.push(k.wait_with_output()?);
+    }
+    for e in engines {
+        e.stop()?;
+    }
+    if !outs[1].status.success() {
+        return Err(format!("rank 1: {}", String::from_utf8_lossy(&outs[1].stderr)).into());
+    }
+    parse_result(&outs[0], m)
+}
+
+const P_DATA: u32 = 1;
+const WAIT: Duration = Duration::from_secs(60);
+
+#[allow(clippy::too_many_arguments)]
+fn rank_main(
+    fd: i32,
+    port: u32,
+    job: u32,
+    mode: &str,
+    what: &str,
+    size: u64,
+    iters: u64,
+    window: u64,
+    cpu: Option<usize>,
+) -> R<()> {
+    if let Some(c) = cpu {
+        qk::sys::pin_to_cpu(c)?;
+    }
+    let mode: CpuMode = mode.parse()?;
+    let memfd = qk::sys::Memfd::from_inherited(fd)?;
+    let mut ep = Endpoint::attach(
+        memfd,
+        &AttachSpec {
+            lock_memory: false,
+            ..AttachSpec::new(job, port, mode)
+        },
+    )?;
+    let me = ep.rank();
+    let peer = ProcessId::new(job, 1 - me);
+    let sbuf = ep.alloc_shared(size.max(8))?;
+    let rbuf = ep.alloc_shared(size.max(8))?;
+    let pe = |e: qk::portals::Error| QkError::Portals(e.to_string());
+    let (eq, smd) = ep.with_engine(|e| -> Result<_, QkError> {
+        let eq = e.eq_alloc(4 * window as u32 + 64).map_err(pe)?;
+        let rmd = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: rbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: Some(eq),
+            })
+            .map_err(pe)?;
+        e.portal_enable(P_DATA).map_err(pe)?;
+        e.portal_set_acl(P_DATA, Acl::job(job)).map_err(pe)?;
+        e.me_append(P_DATA, MatchSpec::any(), rmd).map_err(pe)?;
+        let smd = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: sbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: None,
+            })
+            .map_err(pe)?;
+        Ok((eq, smd))
+    })?;
+    let put = |ep: &mut Endpoint, n: u64, bits: u64| {
+        ep.put(&PutArgs {
+            md: smd,
+            local_offset: 0,
+            length: n,
+            target: peer,
+            portal: P_DATA,
+            match_bits: bits,
+            remote_offset: 0,
+            ack: false,
+            hdr_data: 0,
+        })
+    };
+    let wait_put = |ep: &mut Endpoint| -> Result<(), QkError> {
+        loop {
+            if ep.eq_wait(eq, WAIT)?.kind == EventKind::Put {
+                return Ok(());
+            }
+        }
+    };
+    // Start-up handshake: rank 1 announces it is ready; rank 0 answers (both portals are set up).
+    if me == 1 {
+        put(&mut ep, 0, 9)?;
+        wait_put(&mut ep)?;
+    } else {
+        wait_put(&mut ep)?;
+        put(&mut ep, 0, 9)?;
+    }
+    let warm = iters / 10 + 1;
+    let mut t0 = Instant::now();
+    if what == "lat" {
+        for i in 0..iters + warm {
+            if i == warm {
+                t0 = Instant::now();
+            }
+            if me == 0 {
+                put(&mut ep, size, 1)?;
+                wait_put(&mut ep)?;
+            } else {
+                wait_put(&mut ep)?;
+                put(&mut ep, size, 1)?;
+            }
+        }
+        if me == 0 {
+            println!(
+                "lat {size} {:.1}",
+                t0.elapsed().as_nanos() as f64 / iters as f64 / 2.0
+            );
+        }
+    } else {
+        for i in 0..iters + warm {
+            if i == warm {
+                t0 = Instant::now();
+            }
+            if me == 0 {
+                for _ in 0..window {
+                    put(&mut ep, size, 2)?;
+                }
+                wait_put(&mut ep)?;
+            } else {
+                for _ in 0..window {
+                    wait_put(&mut ep)?;
+                }
+                put(&mut ep, 0, 3)?;
+            }
+        }
+        if me == 0 {
+            let t = t0.elapsed().as_secs_f64();
+            let msgs = (iters * window) as f64;
+            if what == "bw" {
+                println!("bw {size} {:.1}", msgs * size as f64 / t);
+            } else {
+                println!("rate {size} {:.1}", msgs / t);
+            }
+        }
+    }
+    // Let the last completions drain before the fabric goes away.
+    let end = Instant::now();
+    while ep.large_in_flight() > 0 && end.elapsed() < Duration::from_secs(2) {
+        ep.progress();
+    }
+    let _ = Path::new(".");
+    Ok(())
+}

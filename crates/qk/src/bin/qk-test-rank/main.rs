@@ -13,10 +13,10 @@ use qk::{AttachSpec, CpuMode, Endpoint};
 #[command(about = "QK test rank: runs one side of a multi-process fabric test")]
 struct Cli {
     /// Inherited region fd.
-    #[arg(long)]
+    #[arg(long, default_value_t = -1)]
     fd: i32,
     /// This process's port (local rank).
-    #[arg(long)]
+    #[arg(long, default_value_t = 0)]
     port: u32,
     #[command(subcommand)]
     cmd: Cmd,
@@ -41,6 +41,30 @@ enum Cmd {
         from: u32,
         #[arg(long)]
         count: u64,
+    },
+    /// A miniature PCT for one node: creates the job's fabric, runs the node engine (TCP to the
+    /// other nodes), starts this node's single rank with `rank_args`, reports its output.
+    Node {
+        #[arg(long)]
+        job: u32,
+        #[arg(long)]
+        node: u32,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Other nodes as id=addr.
+        #[arg(long)]
+        peer: Vec<String>,
+        /// Node of each world rank, comma separated.
+        #[arg(long)]
+        rank_node: String,
+        /// Cluster key.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value = "heater")]
+        mode: String,
+        /// Arguments of the rank (a `portals` scenario).
+        #[arg(last = true)]
+        rank_args: Vec<String>,
     },
     /// Portals scenarios through a full endpoint (job id, mode given).
     Portals {
@@ -118,7 +142,100 @@ fn fnv(b: &[u8]) -> u64 {
     })
 }
 
+fn node(cli: &Cli) -> Result<String, String> {
+    let Cmd::Node {
+        job,
+        node,
+        listen,
+        peer,
+        rank_node,
+        key,
+        mode,
+        rank_args,
+    } = &cli.cmd
+    else {
+        return Err("not a node command".into());
+    };
+    let rank_node: Vec<u32> = rank_node
+        .split(',')
+        .map(|x| x.trim().parse().map_err(|_| format!("bad rank_node {x}")))
+        .collect::<Result<_, _>>()?;
+    let mut peers = Vec::new();
+    for p in peer {
+        let (id, addr) = p
+            .split_once('=')
+            .ok_or(format!("peer {p} is not id=addr"))?;
+        peers.push((
+            id.parse().map_err(|_| format!("bad node id {id}"))?,
+            addr.parse().map_err(|_| format!("bad address {addr}"))?,
+        ));
+    }
+    let local: Vec<u32> = (0..rank_node.len() as u32)
+        .filter(|r| rank_node[*r as usize] == *node)
+        .collect();
+    let mut spec = qk::JobFabricSpec::new(
+        *job,
+        rank_node.len() as u32,
+        local.clone(),
+        mode.parse().map_err(|e: qk::QkError| e.to_string())?,
+    );
+    spec.node_id = *node;
+    spec.heap_bytes_per_rank = 32 << 20;
+    spec.lock_memory = false;
+    let fab = qk::NodeFabric::create(&spec).map_err(|e| e.to_string())?;
+    let es = qk::tcp::NodeEngineSpec {
+        job_id: *job,
+        node_id: *node,
+        listen: *listen,
+        peers,
+        rank_node,
+        cluster_key: key.as_bytes().to_vec(),
+        connect_timeout: std::time::Duration::from_secs(20),
+    };
+    let engine = qk::tcp::NodeEngine::new(fab.dup_fd().map_err(|e| e.to_string())?, es)
+        .map_err(|e| e.to_string())?;
+    let handle = engine.spawn().map_err(|e| e.to_string())?;
+    let fd = fab.prepare_child_fd().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let out = std::process::Command::new(exe)
+        .args([
+            "--fd",
+            &fd.to_string(),
+            "--port",
+            "0",
+            "portals",
+            "--job",
+            &job.to_string(),
+            "--mode",
+            mode,
+        ])
+        .args(rank_args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stop = handle.stop();
+    let so = String::from_utf8_lossy(&out.stdout).to_string();
+    let se = String::from_utf8_lossy(&out.stderr).to_string();
+    let st = fab.stats();
+    let eng = &st[st.len() - 1];
+    if !out.status.success() {
+        return Err(format!(
+            "rank failed: {so}{se}; engine drops {:?}",
+            eng.drops
+        ));
+    }
+    stop.map_err(|e| e.to_string())?;
+    Ok(format!(
+        "node {node}: rank said: {} engine sent {} drops {}",
+        so.trim(),
+        eng.sent,
+        eng.total_drops()
+    ))
+}
+
 fn run(cli: Cli) -> Result<String, String> {
+    if matches!(cli.cmd, Cmd::Node { .. }) {
+        return node(&cli);
+    }
     if let Cmd::Portals {
         job,
         mode,
@@ -129,8 +246,8 @@ fn run(cli: Cli) -> Result<String, String> {
         let mode: CpuMode = mode.parse().map_err(|e: qk::QkError| e.to_string())?;
         let mut spec = AttachSpec::new(*job, cli.port, mode);
         spec.lock_memory = false;
-        let ep = Endpoint::attach(fd, &spec).map_err(|e| e.to_string())?;
-        return scenarios::run(&ep, scenario.clone()).map_err(|e| e.to_string());
+        let mut ep = Endpoint::attach(fd, &spec).map_err(|e| e.to_string())?;
+        return scenarios::run(&mut ep, scenario.clone()).map_err(|e| e.to_string());
     }
     let fd = Memfd::from_inherited(cli.fd).map_err(|e| e.to_string())?;
     let region = Region::attach(&fd, true, false).map_err(|e| e.to_string())?;
@@ -203,7 +320,7 @@ fn run(cli: Cli) -> Result<String, String> {
                 None => Ok(format!("received {count} in order, checksums ok")),
             }
         }
-        Cmd::Portals { .. } => Err("unreachable".into()),
+        Cmd::Portals { .. } | Cmd::Node { .. } => Err("unreachable".into()),
     }
 }
 

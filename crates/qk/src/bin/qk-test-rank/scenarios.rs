@@ -29,7 +29,7 @@ struct Ctl {
     peer: ProcessId,
 }
 
-fn ctl(ep: &Endpoint, peer: u32) -> R<Ctl> {
+fn ctl(ep: &mut Endpoint, peer: u32) -> R<Ctl> {
     let job = ep.job();
     let land = ep.alloc_private(64);
     let srcb = ep.alloc_private(8);
@@ -67,7 +67,7 @@ fn ctl(ep: &Endpoint, peer: u32) -> R<Ctl> {
     Ok(c)
 }
 
-fn signal(ep: &Endpoint, c: &Ctl, bits: u64, data: u64) -> R<()> {
+fn signal(ep: &mut Endpoint, c: &Ctl, bits: u64, data: u64) -> R<()> {
     ep.put(&PutArgs {
         md: c.src,
         local_offset: 0,
@@ -82,7 +82,7 @@ fn signal(ep: &Endpoint, c: &Ctl, bits: u64, data: u64) -> R<()> {
     Ok(())
 }
 
-fn wait_signal(ep: &Endpoint, c: &Ctl, bits: u64) -> R<Event> {
+fn wait_signal(ep: &mut Endpoint, c: &Ctl, bits: u64) -> R<Event> {
     loop {
         let ev = ep.eq_wait(c.eq, WAIT)?;
         if ev.kind == EventKind::Put && ev.match_bits == bits {
@@ -95,13 +95,13 @@ fn pattern(bits: u64, n: u64, i: u64) -> u8 {
     (i.wrapping_mul(7) ^ bits.wrapping_mul(13) ^ n.wrapping_mul(3) ^ (i >> 9)) as u8
 }
 
-fn fill(ep: &Endpoint, b: &Buf, off: u64, bits: u64, n: u64) -> R<()> {
+fn fill(ep: &mut Endpoint, b: &Buf, off: u64, bits: u64, n: u64) -> R<()> {
     let v: Vec<u8> = (0..n).map(|i| pattern(bits, n, i)).collect();
     ep.write(b, off, &v)?;
     Ok(())
 }
 
-fn check(ep: &Endpoint, b: &Buf, off: u64, bits: u64, n: u64, what: &str) -> R<()> {
+fn check(ep: &mut Endpoint, b: &Buf, off: u64, bits: u64, n: u64, what: &str) -> R<()> {
     let mut v = vec![0u8; n as usize];
     ep.read(b, off, &mut v)?;
     if let Some(i) = (0..n).find(|&i| v[i as usize] != pattern(bits, n, i)) {
@@ -110,7 +110,7 @@ fn check(ep: &Endpoint, b: &Buf, off: u64, bits: u64, n: u64, what: &str) -> R<(
     Ok(())
 }
 
-pub fn run(ep: &Endpoint, s: Scenario) -> R<String> {
+pub fn run(ep: &mut Endpoint, s: Scenario) -> R<String> {
     match s {
         Scenario::KindsTarget { peer, large } => kinds_target(ep, peer, large),
         Scenario::KindsInitiator {
@@ -137,7 +137,7 @@ pub fn run(ep: &Endpoint, s: Scenario) -> R<String> {
 
 const SMALL: u64 = 1000;
 
-fn kinds_target(ep: &Endpoint, peer: u32, large: u64) -> R<String> {
+fn kinds_target(ep: &mut Endpoint, peer: u32, large: u64) -> R<String> {
     let c = ctl(ep, peer)?;
     let job = ep.job();
     let single = ep.alloc_shared(SMALL + large)?;
@@ -250,7 +250,7 @@ fn kinds_target(ep: &Endpoint, peer: u32, large: u64) -> R<String> {
     ))
 }
 
-fn kinds_initiator(ep: &Endpoint, peer: u32, large: u64, private_path: &str) -> R<String> {
+fn kinds_initiator(ep: &mut Endpoint, peer: u32, large: u64, private_path: &str) -> R<String> {
     let c = ctl(ep, peer)?;
     let job = ep.job();
     let private = private_path != "shared";
@@ -407,7 +407,7 @@ fn batch_bytes(max: u64) -> u64 {
     4 * max
 }
 
-fn stress_send(ep: &Endpoint, peer: u32, count: u64, max: u64, seed: u64) -> R<String> {
+fn stress_send(ep: &mut Endpoint, peer: u32, count: u64, max: u64, seed: u64) -> R<String> {
     let c = ctl(ep, peer)?;
     let poolv = pool(seed, (max + 65536) as usize);
     let pb = ep.alloc_shared(poolv.len() as u64)?;
@@ -457,7 +457,7 @@ fn stress_send(ep: &Endpoint, peer: u32, count: u64, max: u64, seed: u64) -> R<S
     Ok(format!("stress sent {count} messages, {total} bytes"))
 }
 
-fn stress_recv(ep: &Endpoint, peer: u32, count: u64, max: u64, seed: u64) -> R<String> {
+fn stress_recv(ep: &mut Endpoint, peer: u32, count: u64, max: u64, seed: u64) -> R<String> {
     let c = ctl(ep, peer)?;
     let poolv = pool(seed, (max + 65536) as usize);
     let heap = ep.alloc_shared(batch_bytes(max) + BATCH_MSGS * 64 + 65536)?;
@@ -539,7 +539,7 @@ fn raw(h: &Hdr, extra: &[u8]) -> Vec<u8> {
     v
 }
 
-fn forge(ep: &Endpoint, peer: u32) -> R<String> {
+fn forge(ep: &mut Endpoint, peer: u32) -> R<String> {
     let c = ctl(ep, peer)?;
     wait_signal(ep, &c, 100)?;
     let me = ep.rank();
@@ -616,7 +616,7 @@ fn forge(ep: &Endpoint, peer: u32) -> R<String> {
     Ok("forger done".into())
 }
 
-fn forge_target(ep: &Endpoint, peer: u32) -> R<String> {
+fn forge_target(ep: &mut Endpoint, peer: u32) -> R<String> {
     let c = ctl(ep, peer)?;
     let job = ep.job();
     let b = ep.alloc_shared(1 << 16)?;

@@ -1,0 +1,68 @@
+/* MPI peer of puma-bench: the same measurements as puma-bench's own ranks, through MPI.
+ * Usage: mpirun -n 2 mpi_peer <what> <size> <iters> [window]
+ *   what = lat   ping-pong, prints one-way latency in ns
+ *        = bw    streaming `window` messages per round, prints bytes per second
+ *        = rate  streaming 8-byte messages, prints messages per second
+ * Output (rank 0): a single line "<what> <size> <value>".
+ */
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int main(int argc, char **argv) {
+    MPI_Init(&argc, &argv);
+    int rank;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    if (argc < 4) {
+        if (rank == 0) fprintf(stderr, "usage: mpi_peer lat|bw|rate size iters [window]\n");
+        MPI_Finalize();
+        return 2;
+    }
+    const char *what = argv[1];
+    long size = atol(argv[2]);
+    long iters = atol(argv[3]);
+    int window = argc > 4 ? atoi(argv[4]) : 64;
+    char *buf = malloc(size > 0 ? (size_t)size * (window > 1 ? 1 : 1) : 1);
+    memset(buf, 1, size > 0 ? size : 1);
+    MPI_Request *req = malloc(sizeof(MPI_Request) * (window + 1));
+    int peer = 1 - rank;
+    long warm = iters / 10 + 1;
+    double t0 = 0;
+    if (!strcmp(what, "lat")) {
+        for (long i = 0; i < iters + warm; i++) {
+            if (i == warm) { MPI_Barrier(MPI_COMM_WORLD); t0 = MPI_Wtime(); }
+            if (rank == 0) {
+                MPI_Send(buf, size, MPI_BYTE, peer, 1, MPI_COMM_WORLD);
+                MPI_Recv(buf, size, MPI_BYTE, peer, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            } else {
+                MPI_Recv(buf, size, MPI_BYTE, peer, 1, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+                MPI_Send(buf, size, MPI_BYTE, peer, 1, MPI_COMM_WORLD);
+            }
+        }
+        double t = MPI_Wtime() - t0;
+        if (rank == 0) printf("lat %ld %.1f\n", size, t / iters / 2 * 1e9);
+    } else {
+        char ack = 0;
+        for (long i = 0; i < iters + warm; i++) {
+            if (i == warm) { MPI_Barrier(MPI_COMM_WORLD); t0 = MPI_Wtime(); }
+            for (int w = 0; w < window; w++) {
+                if (rank == 0) MPI_Isend(buf, size, MPI_BYTE, peer, 2, MPI_COMM_WORLD, &req[w]);
+                else MPI_Irecv(buf, size, MPI_BYTE, peer, 2, MPI_COMM_WORLD, &req[w]);
+            }
+            MPI_Waitall(window, req, MPI_STATUSES_IGNORE);
+            if (rank == 0) MPI_Recv(&ack, 0, MPI_BYTE, peer, 3, MPI_COMM_WORLD, MPI_STATUS_IGNORE);
+            else MPI_Send(&ack, 0, MPI_BYTE, peer, 3, MPI_COMM_WORLD);
+        }
+        double t = MPI_Wtime() - t0;
+        double msgs = (double)iters * window;
+        if (rank == 0) {
+            if (!strcmp(what, "bw")) printf("bw %ld %.1f\n", size, msgs * size / t);
+            else printf("rate %ld %.1f\n", size, msgs / t);
+        }
+    }
+    free(req);
+    free(buf);
+    MPI_Finalize();
+    return 0;
+}

@@ -1,0 +1,736 @@
+//! The inter-node fabric: the node engine (run by the PCT on its service core) owns one
+//! authenticated TCP connection per peer node for a job and carries the job's headers between the
+//! node's shared-memory queues and the network.
+//!
+//! * Small messages travel eagerly: header and payload in one frame.
+//! * Large messages use a get-based rendezvous: the sending node announces the message (RTS); the
+//!   receiving node's engine, once it has staging room, asks for the bytes (GET); the sending
+//!   engine streams them straight from the sender's buffer in the job heap (DATA) and tells the
+//!   sending rank its buffer is free; the receiving engine hands the target rank a reference to
+//!   the staged bytes, and the rank copies them once into the matched descriptor.
+//! * The connection handshake is an HMAC-SHA256 challenge-response over fresh nonces with the
+//!   cluster key: a host without the key cannot complete it, so it cannot inject a message.
+//! * The [`Transport`] trait is the boundary: a libfabric backend is another implementation of it.
+//!
+//! Per-process state does not grow with the number of nodes: ranks only ever talk to their node's
+//! engine through the queue they already have.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::counters::{slot, DropReason};
+use crate::endpoint::{decode_ref, encode_ref, HeapAlloc};
+use crate::fabric::{flag, op, Hdr, Port, HDR_LEN};
+use crate::region::Region;
+use crate::sys::Memfd;
+use crate::QkError;
+
+const HELLO_MAGIC: &[u8; 8] = b"PUMAQKT1";
+const NONCE: usize = 32;
+const MAC: usize = 32;
+
+/// Frame kinds.
+mod kind {
+    pub const MSG: u8 = 1;
+    pub const RTS: u8 = 2;
+    pub const GET: u8 = 3;
+    pub const DATA: u8 = 4;
+}
+
+/// A frame: kind, job, destination rank, then kind-specific bytes. On the wire it is preceded
+/// by its length (u32, little-endian).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Frame kind.
+    pub kind: u8,
+    /// Job id.
+    pub job: u32,
+    /// Destination world rank.
+    pub dst: u32,
+    /// Kind-specific body.
+    pub body: Vec<u8>,
+}
+
+impl Frame {
+    fn encode_head(&self, extra: usize) -> Vec<u8> {
+        let len = 12 + self.body.len() + extra;
+        let mut v = Vec::with_capacity(4 + len);
+        v.extend_from_slice(&(len as u32).to_le_bytes());
+        v.push(self.kind);
+        v.extend_from_slice(&[0, 0, 0]);
+        v.extend_from_slice(&self.job.to_le_bytes());
+        v.extend_from_slice(&self.dst.to_le_bytes());
+        v.extend_from_slice(&self.body);
+        v
+    }
+
+    fn decode(b: Vec<u8>) -> Option<Frame> {
+        if b.len() < 12 {
+            return None;
+        }
+        let job = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let dst = u32::from_le_bytes([b[8], b[9], b[10], b[11]]);
+        Some(Frame {
+            kind: b[0],
+            job,
+            dst,
+            body: b[12..].to_vec(),
+        })
+    }
+}
+
+/// The boundary between the node engine and a network. TCP is [`TcpTransport`]; a libfabric
+/// backend would be another implementation.
+pub trait Transport: Send {
+    /// Sends `frame` to node `node`, followed by `tail` bytes (payload borrowed from shared memory).
+    fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError>;
+    /// Hands every frame that has arrived to `f` (never blocks).
+    fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize;
+}
+
+/// TCP transport: one authenticated connection per peer node, a reader thread per connection.
+pub struct TcpTransport {
+    out: HashMap<u32, TcpStream>,
+    rx: Receiver<(u32, Frame)>,
+}
+
+fn proof(
+    key: &[u8],
+    prover: u32,
+    verifier: u32,
+    job: u32,
+    challenge: &[u8],
+    own: &[u8],
+) -> Hmac<Sha256> {
+    // A key of any length is accepted by HMAC.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+    m.update(b"puma-qk-tcp-v1");
+    m.update(&prover.to_le_bytes());
+    m.update(&verifier.to_le_bytes());
+    m.update(&job.to_le_bytes());
+    m.update(challenge);
+    m.update(own);
+    m
+}
+
+/// Runs the key handshake on a fresh connection. Returns the peer's node id once the peer has
+/// proved it holds `key` for `job` (and we have proved it to the peer).
+pub fn handshake(
+    s: &mut TcpStream,
+    key: &[u8],
+    me: u32,
+    job: u32,
+    expect: Option<u32>,
+) -> Result<u32, QkError> {
+    let peer_addr = s
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
+    let fail = |why: String| QkError::Handshake {
+        peer: peer_addr.clone(),
+        why,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| fail(e.to_string()))?;
+    let mut nonce = [0u8; NONCE];
+    crate::sys::random_bytes(&mut nonce).map_err(|e| fail(format!("no randomness: {e}")))?;
+    let mut hello = Vec::with_capacity(8 + 8 + NONCE);
+    hello.extend_from_slice(HELLO_MAGIC);
+    hello.extend_from_slice(&me.to_le_bytes());
+    hello.extend_from_slice(&job.to_le_bytes());
+    hello.extend_from_slice(&nonce);
+    s.write_all(&hello)
+        .map_err(|e| fail(format!("sending hello: {e}")))?;
+    let mut theirs = [0u8; 8 + 8 + NONCE];
+    s.read_exact(&mut theirs)
+        .map_err(|e| fail(format!("reading hello: {e}")))?;
+    if &theirs[..8] != HELLO_MAGIC {
+        return Err(fail("not a QK node engine (bad hello)".into()));
+    }
+    let peer = u32::from_le_bytes([theirs[8], theirs[9], theirs[10], theirs[11]]);
+    let pjob = u32::from_le_bytes([theirs[12], theirs[13], theirs[14], theirs[15]]);
+    let pnonce = &theirs[16..];
+    if pjob != job {
+        return Err(fail(format!("peer serves job {pjob}, not {job}")));
+    }
+    if let Some(e) = expect {
+        if e != peer {
+            return Err(fail(format!(
+                "expected node {e}, peer says it is node {peer}"
+            )));
+        }
+    }
+    if pnonce == nonce {
+        return Err(fail("peer echoed our nonce".into()));
+    }
+    let mine = proof(key, me, peer, job, pnonce, &nonce)
+        .finalize()
+        .into_bytes();
+    s.write_all(&mine)
+        .map_err(|e| fail(format!("sending proof: {e}")))?;
+    let mut got = [0u8; MAC];
+    s.read_exact(&mut got).map_err(|_| {
+        fail("peer did not prove it holds the cluster key (connection closed)".into())
+    })?;
+    proof(key, peer, me, job, &nonce, pnonce)
+        .verify_slice(&got)
+        .map_err(|_| fail("peer does not hold the cluster key".into()))?;
+    s.set_read_timeout(None).map_err(|e| fail(e.to_string()))?;
+    let _ = s.set_nodelay(true);
+    Ok(peer)
+}
+
+fn reader(mut s: TcpStream, node: u32, tx: Sender<(u32, Frame)>, max: u64, wake: impl Fn()) {
+    loop {
+        let mut l = [0u8; 4];
+        if s.read_exact(&mut l).is_err() {
+            return;
+        }
+        let len = u32::from_le_bytes(l) as u64;
+        if len < 12 || len > max + 4096 {
+            // A framing error from an authenticated peer: stop reading this connection.
+            return;
+        }
+        let mut b = vec![0u8; len as usize];
+        if s.read_exact(&mut b).is_err() {
+            return;
+        }
+        let Some(f) = Frame::decode(b) else { return };
+        if tx.send((node, f)).is_err() {
+            return;
+        }
+        wake();
+    }
+}
+
+impl TcpTransport {
+    /// Connects to every peer: this node dials peers with a larger id and accepts the others, all
+    /// through the key handshake. `wake` is called after each frame arrives (rings the engine).
+    #[allow(clippy::too_many_arguments)]
+    pub fn connect(
+        listener: &TcpListener,
+        me: u32,
+        job: u32,
+        peers: &[(u32, SocketAddr)],
+        key: &[u8],
+        max_message: u64,
+        timeout: Duration,
+        wake: impl Fn() + Clone + Send + 'static,
+    ) -> Result<TcpTransport, QkError> {
+        let (tx, rx) = channel();
+        let mut out = HashMap::new();
+        let deadline = Instant::now() + timeout;
+        for &(id, addr) in peers.iter().filter(|p| p.0 > me) {
+            let mut s = loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(QkError::Transport(format!(
+                            "cannot reach node {id} at {addr}: {e}"
+                        )))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            handshake(&mut s, key, me, job, Some(id))?;
+            out.insert(id, s);
+        }
+        let want: Vec<u32> = peers.iter().filter(|p| p.0 < me).map(|p| p.0).collect();
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| QkError::os("listener", e))?;
+        while want.iter().any(|w| !out.contains_key(w)) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    // A failed handshake (no key, wrong job) just closes that connection.
+                    if let Ok(id) = handshake(&mut s, key, me, job, None) {
+                        if want.contains(&id) {
+                            out.insert(id, s);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(QkError::Transport(format!(
+                            "timed out waiting for nodes {:?} to connect",
+                            want.iter()
+                                .filter(|w| !out.contains_key(w))
+                                .collect::<Vec<_>>()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(QkError::os("accepting a peer node", e)),
+            }
+        }
+        for (&id, s) in &out {
+            let r = s
+                .try_clone()
+                .map_err(|e| QkError::os("cloning a socket", e))?;
+            let tx = tx.clone();
+            let w = wake.clone();
+            std::thread::Builder::new()
+                .name(format!("qk-tcp-rx-{id}"))
+                .spawn(move || reader(r, id, tx, max_message, w))
+                .map_err(|e| QkError::os("starting a reader thread", e))?;
+        }
+        Ok(TcpTransport { out, rx })
+    }
+}
+
+impl Transport for TcpTransport {
+    fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError> {
+        let s = self
+            .out
+            .get_mut(&node)
+            .ok_or_else(|| QkError::Transport(format!("no connection to node {node}")))?;
+        let head = frame.encode_head(tail.len());
+        s.write_all(&head)
+            .map_err(|e| QkError::Transport(format!("sending to node {node}: {e}")))?;
+        if !tail.is_empty() {
+            s.write_all(tail)
+                .map_err(|e| QkError::Transport(format!("sending to node {node}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
+        let mut n = 0;
+        while let Ok((node, fr)) = self.rx.try_recv() {
+            f(node, fr);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Configuration of a node engine for one job.
+#[derive(Clone, Debug)]
+pub struct NodeEngineSpec {
+    /// Job id.
+    pub job_id: u32,
+    /// This node's id.
+    pub node_id: u32,
+    /// Address to listen on for peer nodes.
+    pub listen: SocketAddr,
+    /// Every other node of the job: (node id, address).
+    pub peers: Vec<(u32, SocketAddr)>,
+    /// Node id of every world rank (index = rank).
+    pub rank_node: Vec<u32>,
+    /// The cluster key (shared secret) both ends of every connection must hold.
+    pub cluster_key: Vec<u8>,
+    /// How long to wait for peers at start-up.
+    pub connect_timeout: Duration,
+}
+
+struct Outgoing {
+    from_port: u32,
+    heap_off: u64,
+    len: u64,
+    rank_token: u64,
+}
+
+struct Staged {
+    hdr: Hdr,
+    dst: u32,
+    off: u64,
+    len: u64,
+}
+
+/// The node's engine for one job: moves records between the node's queues and the other nodes.
+/// The PCT creates it after [`crate::NodeFabric::create`] and runs it ([`NodeEngine::run`]) on its
+/// service core, or starts it on a thread with [`NodeEngine::spawn`].
+pub struct NodeEngine {
+    region: Region,
+    port: Port,
+    spec: NodeEngineSpec,
+    transport: Box<dyn Transport>,
+    heap: HeapAlloc,
+    outgoing: HashMap<u64, Outgoing>,
+    staged: HashMap<u64, Staged>,
+    waiting_rts: VecDeque<(u32, Frame)>,
+    to_local: VecDeque<(u32, Hdr, Vec<u8>)>,
+    next_id: u64,
+    _fd: Memfd,
+}
+
+/// A running node engine thread.
+pub struct NodeEngineHandle {
+    stop: Arc<AtomicBool>,
+    region: Region,
+    thread: Option<std::thread::JoinHandle<Result<(), QkError>>>,
+}
+
+impl NodeEngineHandle {
+    /// Stops the engine and returns how its loop ended.
+    pub fn stop(mut self) -> Result<(), QkError> {
+        self.stop.store(true, Ordering::SeqCst);
+        let p = self.region.engine_port();
+        self.region.doorbell(p).fetch_add(1, Ordering::SeqCst);
+        crate::sys::futex_wake(self.region.doorbell(p));
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(QkError::Transport("node engine thread panicked".into())),
+            None => Ok(()),
+        }
+    }
+}
+
+impl NodeEngine {
+    /// Listens, connects to every peer node through the key handshake, and attaches to the job's
+    /// region (`fd` from [`crate::NodeFabric::dup_fd`]).
+    pub fn new(fd: Memfd, spec: NodeEngineSpec) -> Result<NodeEngine, QkError> {
+        let listener = TcpListener::bind(spec.listen)
+            .map_err(|e| QkError::os(format!("listening on {}", spec.listen), e))?;
+        Self::with_listener(fd, spec, listener)
+    }
+
+    /// As [`NodeEngine::new`] with a listener the caller bound already.
+    pub fn with_listener(
+        fd: Memfd,
+        spec: NodeEngineSpec,
+        listener: TcpListener,
+    ) -> Result<NodeEngine, QkError> {
+        let region = Region::attach(&fd, true, false)?;
+        if region.job != spec.job_id {
+            return Err(QkError::BadRegion(format!(
+                "region of job {} given to the engine of job {}",
+                region.job, spec.job_id
+            )));
+        }
+        if spec.rank_node.len() != region.world as usize {
+            return Err(QkError::BadSpec(format!(
+                "rank_node has {} entries, the job has {} ranks",
+                spec.rank_node.len(),
+                region.world
+            )));
+        }
+        let r2 = region.clone();
+        let p = region.engine_port();
+        let wake = move || {
+            r2.doorbell(p).fetch_add(1, Ordering::SeqCst);
+            crate::sys::futex_wake(r2.doorbell(p));
+        };
+        let t = TcpTransport::connect(
+            &listener,
+            spec.node_id,
+            spec.job_id,
+            &spec.peers,
+            &spec.cluster_key,
+            region.max_message,
+            spec.connect_timeout,
+            wake,
+        )?;
+        Ok(Self::with_transport(fd, region, spec, Box::new(t)))
+    }
+
+    /// An engine over any transport (the boundary a libfabric backend plugs into).
+    pub fn with_transport(
+        fd: Memfd,
+        region: Region,
+        spec: NodeEngineSpec,
+        transport: Box<dyn Transport>,
+    ) -> NodeEngine {
+        let port = Port::new(region.clone(), region.engine_port());
+        let heap = HeapAlloc::new(region.layout.heap_per_rank);
+        region.set_pid(region.engine_port(), std::process::id());
+        NodeEngine {
+            region,
+            port,
+            spec,
+            transport,
+            heap,
+            outgoing: HashMap::new(),
+            staged: HashMap::new(),
+            waiting_rts: VecDeque::new(),
+            to_local: VecDeque::new(),
+            next_id: 1,
+            _fd: fd,
+        }
+    }
+
+    /// Runs the engine on a thread of its own.
+    pub fn spawn(mut self) -> Result<NodeEngineHandle, QkError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s2 = stop.clone();
+        let region = self.region.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("qk-node-engine-{}", self.spec.node_id))
+            .spawn(move || self.run(&s2))
+            .map_err(|e| QkError::os("starting the node engine", e))?;
+        Ok(NodeEngineHandle {
+            stop,
+            region,
+            thread: Some(t),
+        })
+    }
+
+    /// The engine loop: until `stop`, carry records out and frames in; spin while busy, block on
+    /// the doorbell when idle (bounded by [`crate::region::MAX_SLEEP`]).
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), QkError> {
+        let p = self.region.engine_port();
+        let mut last = Instant::now();
+        while !stop.load(Ordering::Relaxed) {
+            let n = self.step()?;
+            if n > 0 {
+                last = Instant::now();
+                continue;
+            }
+            if last.elapsed() < crate::endpoint::SPIN_BEFORE_BLOCK {
+                std::hint::spin_loop();
+                continue;
+            }
+            let bell = self.region.doorbell(p).load(Ordering::SeqCst);
+            self.region.sleeping(p).store(1, Ordering::SeqCst);
+            if !self.port.has_pending() && self.to_local.is_empty() {
+                crate::sys::futex_wait(self.region.doorbell(p), bell, crate::region::MAX_SLEEP);
+            }
+            self.region.sleeping(p).store(0, Ordering::SeqCst);
+            last = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn drop_msg(&self, r: DropReason) {
+        self.region.count_drop(self.region.engine_port(), r);
+    }
+
+    /// One round of work; returns how many items were handled.
+    pub fn step(&mut self) -> Result<usize, QkError> {
+        let mut n = 0;
+        // Local ranks -> other nodes.
+        let mut recs: Vec<(u32, Hdr, Vec<u8>)> = Vec::new();
+        n += self
+            .port
+            .poll(64, |m| recs.push((m.from, m.hdr, m.body.to_vec())));
+        for (from, h, body) in recs {
+            self.outbound(from, h, &body)?;
+        }
+        // Other nodes -> local ranks.
+        let mut frames = Vec::new();
+        n += self.transport.poll(&mut |node, f| frames.push((node, f)));
+        let retry: Vec<(u32, Frame)> = self.waiting_rts.drain(..).collect();
+        for (node, f) in retry.into_iter().chain(frames) {
+            self.inbound(node, f)?;
+        }
+        while let Some((port, h, b)) = self.to_local.front() {
+            if !self.port.try_send(*port, h, b) {
+                break;
+            }
+            self.to_local.pop_front();
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    fn outbound(&mut self, from: u32, h: Hdr, body: &[u8]) -> Result<(), QkError> {
+        // The queue's owner must be the header's source (a local rank).
+        if from >= self.region.layout.local || self.region.ranks[from as usize] != h.src {
+            self.drop_msg(DropReason::ForgedSource);
+            return Ok(());
+        }
+        if body.len() < 8 {
+            self.drop_msg(DropReason::Malformed);
+            return Ok(());
+        }
+        let dst = u64::from_le_bytes(body[..8].try_into().unwrap_or([0; 8])) as u32;
+        let payload = &body[8..];
+        if dst as usize >= self.spec.rank_node.len() || self.region.port_of_rank(dst).is_some() {
+            self.drop_msg(DropReason::Malformed);
+            return Ok(());
+        }
+        if h.op == op::FIN {
+            // The local target finished copying a staged message: free the staging space.
+            if let Some(s) = self.staged.remove(&h.aux) {
+                self.heap.free(s.off, s.len);
+            } else {
+                self.drop_msg(DropReason::UnknownToken);
+            }
+            return Ok(());
+        }
+        let node = self.spec.rank_node[dst as usize];
+        let mut hb = h.encode().to_vec();
+        if h.flags & flag::HEAP != 0 {
+            let Some((addr, token)) = decode_ref(payload) else {
+                self.drop_msg(DropReason::Malformed);
+                return Ok(());
+            };
+            let base = self.region.layout.heap(from);
+            if !(addr >= base
+                && addr
+                    .checked_add(h.length)
+                    .is_some_and(|e| e <= base + self.region.layout.heap_per_rank))
+            {
+                self.drop_msg(DropReason::BadReference);
+                return Ok(());
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            self.outgoing.insert(
+                id,
+                Outgoing {
+                    from_port: from,
+                    heap_off: addr,
+                    len: h.length,
+                    rank_token: token,
+                },
+            );
+            hb.extend_from_slice(&id.to_le_bytes());
+            let f = Frame {
+                kind: kind::RTS,
+                job: self.spec.job_id,
+                dst,
+                body: hb,
+            };
+            self.transport.send(node, &f, &[])?;
+        } else if h.flags & flag::CMA != 0 {
+            self.drop_msg(DropReason::BadReference);
+        } else {
+            let f = Frame {
+                kind: kind::MSG,
+                job: self.spec.job_id,
+                dst,
+                body: hb,
+            };
+            let n = h.inline_len().min(payload.len() as u64) as usize;
+            self.transport.send(node, &f, &payload[..n])?;
+        }
+        self.region.bump(self.region.engine_port(), slot::SENT, 1);
+        Ok(())
+    }
+
+    fn inbound(&mut self, node: u32, f: Frame) -> Result<(), QkError> {
+        if f.job != self.spec.job_id {
+            self.drop_msg(DropReason::WrongJob);
+            return Ok(());
+        }
+        match f.kind {
+            kind::MSG | kind::RTS => {
+                let Some(h) = Hdr::decode(&f.body) else {
+                    self.drop_msg(DropReason::Malformed);
+                    return Ok(());
+                };
+                // The source rank must live on the node the connection belongs to.
+                if self.spec.rank_node.get(h.src as usize) != Some(&node) {
+                    self.drop_msg(DropReason::ForgedSource);
+                    return Ok(());
+                }
+                let Some(port) = self.region.port_of_rank(f.dst) else {
+                    self.drop_msg(DropReason::Malformed);
+                    return Ok(());
+                };
+                if f.kind == kind::MSG {
+                    if h.flags & (flag::HEAP | flag::CMA) != 0 {
+                        self.drop_msg(DropReason::Malformed);
+                        return Ok(());
+                    }
+                    self.to_local
+                        .push_back((port, h, f.body[HDR_LEN..].to_vec()));
+                    return Ok(());
+                }
+                if f.body.len() < HDR_LEN + 8 || h.length > self.region.max_message {
+                    self.drop_msg(DropReason::Malformed);
+                    return Ok(());
+                }
+                let id =
+                    u64::from_le_bytes(f.body[HDR_LEN..HDR_LEN + 8].try_into().unwrap_or([0; 8]));
+                let Some(off) = self.heap.alloc(h.length) else {
+                    // No staging room yet: ask again once earlier messages are copied out.
+                    self.waiting_rts.push_back((node, f));
+                    return Ok(());
+                };
+                let token = self.next_id;
+                self.next_id += 1;
+                self.staged.insert(
+                    token,
+                    Staged {
+                        hdr: h,
+                        dst: port,
+                        off,
+                        len: h.length,
+                    },
+                );
+                let mut b = id.to_le_bytes().to_vec();
+                b.extend_from_slice(&token.to_le_bytes());
+                b.extend_from_slice(&f.dst.to_le_bytes());
+                let g = Frame {
+                    kind: kind::GET,
+                    job: self.spec.job_id,
+                    dst: h.src,
+                    body: b,
+                };
+                self.transport.send(node, &g, &[])?;
+            }
+            kind::GET => {
+                if f.body.len() < 20 {
+                    self.drop_msg(DropReason::Malformed);
+                    return Ok(());
+                }
+                let id = u64::from_le_bytes(f.body[..8].try_into().unwrap_or([0; 8]));
+                let token = &f.body[8..16];
+                let target = u32::from_le_bytes(f.body[16..20].try_into().unwrap_or([0; 4]));
+                let Some(o) = self.outgoing.remove(&id) else {
+                    self.drop_msg(DropReason::UnknownToken);
+                    return Ok(());
+                };
+                if self.spec.rank_node.get(target as usize) != Some(&node) {
+                    self.drop_msg(DropReason::ForgedSource);
+                    return Ok(());
+                }
+                let d = Frame {
+                    kind: kind::DATA,
+                    job: self.spec.job_id,
+                    dst: f.dst,
+                    body: token.to_vec(),
+                };
+                let data = self.region.map().slice(o.heap_off as usize, o.len as usize);
+                self.transport.send(node, &d, data)?;
+                // The bytes have left the sender's buffer: tell the sending rank.
+                if o.rank_token != 0 {
+                    let fin = Hdr {
+                        op: op::FIN,
+                        src: target,
+                        aux: o.rank_token,
+                        length: o.len,
+                        ..Hdr::default()
+                    };
+                    self.to_local.push_back((o.from_port, fin, Vec::new()));
+                }
+            }
+            kind::DATA => {
+                if f.body.len() < 8 {
+                    self.drop_msg(DropReason::Malformed);
+                    return Ok(());
+                }
+                let token = u64::from_le_bytes(f.body[..8].try_into().unwrap_or([0; 8]));
+                let Some(s) = self.staged.get(&token) else {
+                    self.drop_msg(DropReason::UnknownToken);
+                    return Ok(());
+                };
+                let data = &f.body[8..];
+                if data.len() as u64 != s.len {
+                    self.drop_msg(DropReason::Malformed);
+                    return Ok(());
+                }
+                let at = self.region.layout.heap(self.region.engine_port()) + s.off;
+                self.region.map().write(at as usize, data);
+                let mut h = s.hdr;
+                h.flags |= flag::HEAP;
+                let dst = s.dst;
+                self.to_local.push_back((dst, h, encode_ref(at, token)));
+            }
+            _ => self.drop_msg(DropReason::Malformed),
+        }
+        Ok(())
+    }
+}

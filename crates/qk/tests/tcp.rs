@@ -1,0 +1,211 @@
+//! Inter-node fabric: the key handshake, and two "hosts" in network namespaces joined by a veth
+//! pair that the test creates and removes (root only; skipped with a reason otherwise).
+
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+use qk::tcp::{handshake, TcpTransport};
+
+#[test]
+fn a_connection_without_the_cluster_key_is_refused() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        TcpTransport::connect(
+            &l,
+            1,
+            9,
+            &[(0, addr)],
+            b"the cluster key",
+            1 << 20,
+            Duration::from_secs(3),
+            || {},
+        )
+    });
+    // An outsider with the wrong key.
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let e = handshake(&mut s, b"a guess", 0, 9, Some(1)).expect_err("wrong key must fail");
+    assert!(e.to_string().contains("cluster key"), "{e}");
+    // An outsider speaking garbage.
+    let mut g = TcpStream::connect(addr).expect("connect");
+    use std::io::Write;
+    let _ = g.write_all(&[0u8; 64]);
+    // The engine never accepted either: it gives up waiting for a real node 1.
+    let r = server.join().expect("server thread");
+    let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("timed out waiting for nodes [0]"), "{msg}");
+}
+
+#[test]
+fn the_right_key_connects() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        TcpTransport::connect(
+            &l,
+            1,
+            9,
+            &[(0, addr)],
+            b"k",
+            1 << 20,
+            Duration::from_secs(5),
+            || {},
+        )
+        .map(|_| ())
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    assert_eq!(
+        handshake(&mut s, b"k", 0, 9, Some(1)).expect("handshake"),
+        1
+    );
+    server
+        .join()
+        .expect("join")
+        .expect("server accepted the keyed peer");
+}
+
+struct Netns {
+    names: Vec<String>,
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn tcp_between_two_hosts_in_network_namespaces() {
+    // Root check: the Uid line of /proc/self/status.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    if !root || !ip(&["-V"]) {
+        eprintln!(
+            "SKIP tcp_between_two_hosts_in_network_namespaces: needs root and iproute2 (ip netns)"
+        );
+        return;
+    }
+    let id = std::process::id() % 200 + 20;
+    let (a, b) = (format!("qkA{id}"), format!("qkB{id}"));
+    let guard = Netns {
+        names: vec![a.clone(), b.clone()],
+    };
+    let (va, vb) = (format!("qkva{id}"), format!("qkvb{id}"));
+    let (ipa, ipb) = (format!("10.231.{id}.1"), format!("10.231.{id}.2"));
+    assert!(
+        ip(&["netns", "add", &a]) && ip(&["netns", "add", &b]),
+        "creating namespaces"
+    );
+    assert!(
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb]),
+        "creating veth pair"
+    );
+    assert!(ip(&["link", "set", &va, "netns", &a]) && ip(&["link", "set", &vb, "netns", &b]));
+    for (ns, dev, addr) in [(&a, &va, &ipa), (&b, &vb, &ipb)] {
+        assert!(ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            dev
+        ]));
+        assert!(ip(&["-n", ns, "link", "set", dev, "up"]));
+        assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
+    }
+    let bin = env!("CARGO_BIN_EXE_qk-test-rank");
+    let node = |ns: &str, me: u32, listen: &str, peer: String, args: &[&str]| {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                bin,
+                "node",
+                "--job",
+                "31",
+                "--node",
+                &me.to_string(),
+            ])
+            .args([
+                "--listen",
+                listen,
+                "--peer",
+                &peer,
+                "--rank-node",
+                "0,1",
+                "--key",
+                "ci-cluster-key",
+                "--",
+            ])
+            .args(args)
+            .output()
+            .expect("run node")
+    };
+    let la = format!("{ipa}:47300");
+    let lb = format!("{ipb}:47300");
+    let pa = format!("1={lb}");
+    let pb = format!("0={la}");
+    let t = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            node(
+                &a,
+                0,
+                &la,
+                pa,
+                &["kinds-target", "--peer", "1", "--large", "1048576"],
+            )
+        })
+    };
+    let i = node(
+        &b,
+        1,
+        &lb,
+        pb,
+        &["kinds-initiator", "--peer", "0", "--large", "1048576"],
+    );
+    let t = t.join().expect("join");
+    let (so_i, so_t) = (
+        String::from_utf8_lossy(&i.stdout),
+        String::from_utf8_lossy(&t.stdout),
+    );
+    let (se_i, se_t) = (
+        String::from_utf8_lossy(&i.stderr),
+        String::from_utf8_lossy(&t.stderr),
+    );
+    assert!(
+        i.status.success() && so_i.contains("kinds initiator ok"),
+        "initiator: {so_i}{se_i}"
+    );
+    assert!(
+        t.status.success() && so_t.contains("kinds target ok"),
+        "target: {so_t}{se_t}"
+    );
+    assert!(
+        so_t.contains("drops 0") && so_i.contains("drops 0"),
+        "{so_t}{so_i}"
+    );
+    drop(guard);
+    assert!(!Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&a))
+        .unwrap_or(true));
+}
