@@ -35,6 +35,9 @@ pub(crate) const P_WIN: u32 = 3;
 /// Bits carrying the tag.
 pub(crate) const TAG_MASK: u64 = 0xffff_ffff;
 
+/// Match bit of the "body copied" notice on [`P_RDV`].
+const DONE_BIT: u64 = 1 << 63;
+
 /// Sends up to this size complete as soon as the payload is copied out of the user's buffer;
 /// larger blocking sends wait until the receiver has the body.
 pub(crate) const EAGER_COMPLETE: u64 = 64 * 1024;
@@ -108,6 +111,8 @@ struct Req {
     data: Option<Vec<u8>>,
     /// The application dropped the handle.
     orphan: bool,
+    /// Receives whose body was fetched: the sender's id, to tell it when the copy is done.
+    fetched_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -144,7 +149,7 @@ pub struct MsgStats {
 
 /// The per-process engine shared by every communicator.
 pub(crate) struct Core {
-    pub ep: Endpoint,
+    ep: RefCell<Endpoint>,
     region: qk::region::Region,
     pub job: u32,
     pub eq: EqHandle,
@@ -154,6 +159,8 @@ pub(crate) struct Core {
     unex_buf: Buf,
     unex_me: MatchHandle,
     unex_hdr_md: MdHandle,
+    done_md: MdHandle,
+    zero_md: MdHandle,
     pub next_ctx: Cell<u16>,
     _fabric: Option<qk::NodeFabric>,
 }
@@ -164,42 +171,73 @@ fn pe<T>(r: std::result::Result<T, qk::portals::Error>) -> Result<T> {
 
 impl Core {
     pub fn new(a: Attached, timeout: Duration) -> Result<Core> {
-        let Attached { ep, region, fabric } = a;
+        let Attached {
+            mut ep,
+            region,
+            fabric,
+        } = a;
         let job = ep.job();
         let unex_buf = ep.alloc_private(UNEX_HEAP);
         let unex_hdr_buf = ep.alloc_private(UNEX_HDR_MAX as u64 * (HEADER_LEN as u64 + 8));
-        let (eq, unex_md, unex_me, unex_hdr_md) = ep.with_engine(|e| -> Result<_> {
-            let eq = pe(e.eq_alloc(60_000))?;
-            for p in [P_MSG, P_RDV, P_WIN] {
-                pe(e.portal_set_acl(p, Acl::job(job)))?;
-                pe(e.portal_enable(p))?;
-            }
-            let unex_md = pe(e.md_create(&MdSpec {
-                kind: MdKind::Dynamic {
-                    region: unex_buf.region(),
-                    save: Save::Both,
-                    max_messages: UNEX_MAX,
-                },
-                options: MdOptions::PUT,
-                eq: Some(eq),
-            }))?;
-            let hdr_md = pe(e.md_create(&MdSpec {
-                kind: MdKind::Dynamic {
-                    region: unex_hdr_buf.region(),
-                    save: Save::Header,
-                    max_messages: UNEX_HDR_MAX,
-                },
-                options: MdOptions::PUT,
-                eq: Some(eq),
-            }))?;
-            let any = MatchSpec::any().from(job, ANY);
-            let me = pe(e.me_append(P_MSG, any, unex_md))?;
-            pe(e.me_append(P_MSG, any, hdr_md))?;
-            Ok((eq, unex_md, me, hdr_md))
-        })?;
+        let done_buf = ep.alloc_private(1024 * (HEADER_LEN as u64 + 8));
+        let zero_buf = ep.alloc_private(64);
+        let (eq, unex_md, unex_me, unex_hdr_md, done_md, zero_md) =
+            ep.with_engine(|e| -> Result<_> {
+                let eq = pe(e.eq_alloc(60_000))?;
+                for p in [P_MSG, P_RDV, P_WIN] {
+                    pe(e.portal_set_acl(p, Acl::job(job)))?;
+                    pe(e.portal_enable(p))?;
+                }
+                let unex_md = pe(e.md_create(&MdSpec {
+                    kind: MdKind::Dynamic {
+                        region: unex_buf.region(),
+                        save: Save::Both,
+                        max_messages: UNEX_MAX,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(eq),
+                }))?;
+                let hdr_md = pe(e.md_create(&MdSpec {
+                    kind: MdKind::Dynamic {
+                        region: unex_hdr_buf.region(),
+                        save: Save::Header,
+                        max_messages: UNEX_HDR_MAX,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(eq),
+                }))?;
+                // Receivers tell a sender that they finished copying a fetched body (its buffer may
+                // then be reused) with an empty put whose match bits are the send id | DONE_BIT.
+                let done_md = pe(e.md_create(&MdSpec {
+                    kind: MdKind::Dynamic {
+                        region: done_buf.region(),
+                        save: Save::Header,
+                        max_messages: 1024,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(eq),
+                }))?;
+                pe(e.me_append(
+                    P_RDV,
+                    MatchSpec::new(DONE_BIT).ignore(!DONE_BIT).from(job, ANY),
+                    done_md,
+                ))?;
+                let zero_md = pe(e.md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: zero_buf.region(),
+                        offset: OffsetMode::Receiver,
+                    },
+                    options: MdOptions::GET,
+                    eq: None,
+                }))?;
+                let any = MatchSpec::any().from(job, ANY);
+                let me = pe(e.me_append(P_MSG, any, unex_md))?;
+                pe(e.me_append(P_MSG, any, hdr_md))?;
+                Ok((eq, unex_md, me, hdr_md, done_md, zero_md))
+            })?;
         ep.start_engine()?;
         Ok(Core {
-            ep,
+            ep: RefCell::new(ep),
             region,
             job,
             eq,
@@ -219,13 +257,20 @@ impl Core {
             unex_buf,
             unex_me,
             unex_hdr_md,
+            done_md,
+            zero_md,
             next_ctx: Cell::new(2),
             _fabric: fabric,
         })
     }
 
     pub fn world_rank(&self) -> u32 {
-        self.ep.rank()
+        self.ep().rank()
+    }
+
+    /// The endpoint (never borrowed across a call that may borrow it again).
+    pub fn ep(&self) -> std::cell::RefMut<'_, Endpoint> {
+        self.ep.borrow_mut()
     }
 
     fn pid(&self, id: u32) -> ProcessId {
@@ -239,8 +284,9 @@ impl Core {
         if let Some(b) = self.st.borrow_mut().pool.get_mut(&class).and_then(Vec::pop) {
             return Ok(b);
         }
-        if class >= self.ep.eager_max() {
-            if let Ok(b) = self.ep.alloc_shared(class) {
+        if class >= self.ep().eager_max() {
+            let got = self.ep().alloc_shared(class);
+            if let Ok(b) = got {
                 return Ok(b);
             }
             // Give the cached shared buffers back to the heap and try again.
@@ -258,13 +304,14 @@ impl Core {
                 out
             };
             for b in cached {
-                self.ep.free(b);
+                self.ep().free(b);
             }
-            if let Ok(b) = self.ep.alloc_shared(class) {
+            let got = self.ep().alloc_shared(class);
+            if let Ok(b) = got {
                 return Ok(b);
             }
         }
-        Ok(self.ep.alloc_private(class))
+        Ok(self.ep().alloc_private(class))
     }
 
     pub fn give_buf(&self, st: &mut State, b: Buf) {
@@ -272,7 +319,7 @@ impl Core {
         if v.len() < 16 {
             v.push(b);
         } else {
-            self.ep.free(b);
+            self.ep().free(b);
         }
     }
 
@@ -280,11 +327,15 @@ impl Core {
 
     /// Handles every event waiting in the queue.
     pub fn drain(&self) -> Result<()> {
-        while let Some(ev) = self.ep.eq_poll(self.eq)? {
-            self.dispatch(ev)?;
+        loop {
+            let ev = self.ep().eq_poll(self.eq)?;
+            match ev {
+                Some(ev) => self.dispatch(ev)?,
+                None => break,
+            }
         }
         let mut st = self.st.borrow_mut();
-        if !st.deferred.is_empty() && self.ep.large_in_flight() == 0 {
+        if !st.deferred.is_empty() && self.ep().large_in_flight() == 0 {
             let d = std::mem::take(&mut st.deferred);
             for b in d {
                 self.give_buf(&mut st, b);
@@ -297,7 +348,7 @@ impl Core {
     }
 
     fn release(&self, md: MdHandle, me: Option<MatchHandle>) {
-        self.ep.with_engine(|e| {
+        self.ep().with_engine(|e| {
             if let Some(me) = me {
                 let _ = e.me_unlink(me);
             }
@@ -330,7 +381,7 @@ impl Core {
                 Some(ev.offset)
             } else {
                 let md = ev.md;
-                pe(self.ep.with_engine(|e| e.md_free(md, ev.offset)))?;
+                pe(self.ep().with_engine(|e| e.md_free(md, ev.offset)))?;
                 None
             };
             let mut st = self.st.borrow_mut();
@@ -346,6 +397,28 @@ impl Core {
                 send_id: ev.hdr_data,
                 data,
             });
+            return Ok(());
+        }
+        if ev.md == self.done_md {
+            if ev.kind == EventKind::Put {
+                let md = ev.md;
+                pe(self.ep().with_engine(|e| e.md_free(md, ev.offset)))?;
+                let id = ev.match_bits & !DONE_BIT;
+                let mut st = self.st.borrow_mut();
+                let (buf, remove) = match st.reqs.get_mut(&id) {
+                    Some(r) if matches!(r.kind, Kind::Send) => {
+                        r.finished = true;
+                        (r.buf.take(), r.orphan)
+                    }
+                    _ => (None, false),
+                };
+                if remove {
+                    st.reqs.remove(&id);
+                }
+                if let Some(b) = buf {
+                    self.give_buf(&mut st, b);
+                }
+            }
             return Ok(());
         }
         let mut st = self.st.borrow_mut();
@@ -370,8 +443,9 @@ impl Core {
                         release = true;
                     }
                     (Kind::Send, EventKind::Get) => {
+                        // The receiver copies the body from our buffer after this: keep the
+                        // buffer until its "done" notice.
                         r.done = true;
-                        r.finished = true;
                         release = true;
                     }
                     (Kind::Recv, EventKind::Put) => {
@@ -399,9 +473,14 @@ impl Core {
                 if release {
                     let (md, me) = (r.md, r.me);
                     let is_send = matches!(r.kind, Kind::Send);
-                    let orphan = r.orphan;
-                    let buf = if is_send || orphan {
+                    let orphan = r.orphan && r.finished;
+                    let buf = if (is_send && r.finished) || orphan {
                         r.buf.take()
+                    } else {
+                        None
+                    };
+                    let notify = if ev.kind == EventKind::Reply {
+                        r.fetched_from.map(|sid| (sid, r.src_world))
                     } else {
                         None
                     };
@@ -410,14 +489,25 @@ impl Core {
                     }
                     st.owners.remove(&md.to_cookie());
                     if let Some(b) = buf {
-                        if ev.kind == EventKind::Get {
-                            st.deferred.push(b);
-                        } else {
-                            self.give_buf(&mut st, b);
-                        }
+                        self.give_buf(&mut st, b);
                     }
                     drop(st);
                     self.release(md, (me != MatchHandle::NONE).then_some(me));
+                    if let Some((sid, src)) = notify {
+                        // The body is here: the sender may reuse its buffer.
+                        let args = PutArgs {
+                            md: self.zero_md,
+                            local_offset: 0,
+                            length: 0,
+                            target: self.pid(src),
+                            portal: P_RDV,
+                            match_bits: sid | DONE_BIT,
+                            remote_offset: 0,
+                            ack: false,
+                            hdr_data: 0,
+                        };
+                        self.ep().put(&args)?;
+                    }
                 }
                 Ok(())
             }
@@ -441,7 +531,8 @@ impl Core {
             if cond(&mut self.st.borrow_mut()) {
                 return Ok(());
             }
-            match self.ep.eq_wait(self.eq, Duration::from_millis(50)) {
+            let got = self.ep().eq_wait(self.eq, Duration::from_millis(50));
+            match got {
                 Ok(ev) => self.dispatch(ev)?,
                 Err(QkError::Timeout(..)) => {}
                 Err(e) => return Err(e.into()),
@@ -473,7 +564,8 @@ impl Core {
             if !busy || start.elapsed() > limit {
                 return;
             }
-            if let Ok(ev) = self.ep.eq_wait(self.eq, Duration::from_millis(20)) {
+            let got = self.ep().eq_wait(self.eq, Duration::from_millis(20));
+            if let Ok(ev) = got {
                 let _ = self.dispatch(ev);
             }
         }
@@ -508,12 +600,12 @@ impl Core {
         let len = data.len() as u64;
         let buf = self.take_buf(len)?;
         if len > 0 {
-            self.ep.write(&buf, 0, data)?;
+            self.ep().write(&buf, 0, data)?;
         }
         let id = Self::new_id(&mut self.st.borrow_mut());
         let job = self.job;
         let eq = self.eq;
-        let (md, me) = self.ep.with_engine(|e| -> Result<_> {
+        let (md, me) = self.ep().with_engine(|e| -> Result<_> {
             let md = pe(e.md_create(&MdSpec {
                 kind: MdKind::Single {
                     region: buf.sub(0, len.max(1)),
@@ -553,6 +645,7 @@ impl Core {
                     sent: len,
                     data: None,
                     orphan: false,
+                    fetched_from: None,
                 },
             );
         }
@@ -567,13 +660,14 @@ impl Core {
             ack: true,
             hdr_data: id,
         };
-        let r = match self.ep.put(&args) {
+        let first = self.ep().put(&args);
+        let r = match first {
             // The job heap is full (many large sends in flight): let the receiver read this
             // private buffer straight from this process instead of through a heap bounce buffer.
             Err(QkError::HeapExhausted { .. }) if !buf.shared => {
-                self.ep.set_private_path(PrivatePath::CrossMemoryAttach);
-                let r = self.ep.put(&args);
-                self.ep.set_private_path(PrivatePath::Bounce);
+                self.ep().set_private_path(PrivatePath::CrossMemoryAttach);
+                let r = self.ep().put(&args);
+                self.ep().set_private_path(PrivatePath::Bounce);
                 r
             }
             r => r,
@@ -615,6 +709,7 @@ impl Core {
             sent: 0,
             data: None,
             orphan: false,
+            fetched_from: None,
         };
         loop {
             self.drain()?;
@@ -626,10 +721,10 @@ impl Core {
                 let tag = (u.bits & TAG_MASK) as u32 as i32;
                 if let Some(at) = u.data {
                     let mut d = vec![0u8; u.len.min(cap) as usize];
-                    self.ep
+                    self.ep()
                         .read(&self.unex_buf, at + HEADER_LEN as u64, &mut d)?;
                     let md = self.unex_md;
-                    pe(self.ep.with_engine(|e| e.md_free(md, at)))?;
+                    pe(self.ep().with_engine(|e| e.md_free(md, at)))?;
                     let mut r = mk(None, MdHandle::NONE, MatchHandle::NONE);
                     r.done = true;
                     r.finished = true;
@@ -645,7 +740,7 @@ impl Core {
                 let want = u.len.min(cap);
                 let buf = self.take_buf(want)?;
                 let eq = self.eq;
-                let md = pe(self.ep.with_engine(|e| {
+                let md = pe(self.ep().with_engine(|e| {
                     e.md_create(&MdSpec {
                         kind: MdKind::Single {
                             region: buf.sub(0, want.max(1)),
@@ -656,6 +751,7 @@ impl Core {
                     })
                 }))?;
                 let mut r = mk(Some(buf), md, MatchHandle::NONE);
+                r.fetched_from = Some(u.send_id);
                 self.st.borrow_mut().stats.bodies_fetched += 1;
                 r.src_world = u.src;
                 r.sent = u.len;
@@ -665,7 +761,7 @@ impl Core {
                     st.owners.insert(md.to_cookie(), Owner::Req(id));
                     st.reqs.insert(id, r);
                 }
-                self.ep.get(&GetArgs {
+                self.ep().get(&GetArgs {
                     md,
                     local_offset: 0,
                     length: want,
@@ -684,7 +780,7 @@ impl Core {
                 .ignore(ignore)
                 .use_once();
             let posted = self
-                .ep
+                .ep()
                 .with_engine(|e| -> Result<Option<(MdHandle, MatchHandle)>> {
                     // Something arrived since the drain (co-processor engine): look again first.
                     if pe(e.eq_len(eq))? > 0 {
@@ -783,7 +879,7 @@ impl Core {
                 dst[..n].copy_from_slice(&d[..n]);
             } else if let Some(b) = &r.buf {
                 if n > 0 {
-                    self.ep.read(b, 0, &mut dst[..n])?;
+                    self.ep().read(b, 0, &mut dst[..n])?;
                 }
             }
         }
@@ -851,7 +947,7 @@ impl Core {
     /// Exposes `buf` as window `wid` of context `ctx`.
     pub fn expose(&self, ctx: u16, wid: u32, buf: Buf) -> Result<(MdHandle, MatchHandle)> {
         let (eq, job) = (self.eq, self.job);
-        let r = self.ep.with_engine(|e| -> Result<_> {
+        let r = self.ep().with_engine(|e| -> Result<_> {
             let md = pe(e.md_create(&MdSpec {
                 kind: MdKind::Single {
                     region: buf.region(),
@@ -886,10 +982,10 @@ impl Core {
     pub fn rma_put(&self, dst: u32, bits: u64, offset: u64, data: &[u8]) -> Result<u64> {
         let len = data.len() as u64;
         let buf = self.take_buf(len)?;
-        self.ep.write(&buf, 0, data)?;
+        self.ep().write(&buf, 0, data)?;
         let id = self.rma_md(Kind::Put, buf, len)?;
         let md = self.st.borrow().reqs[&id].md;
-        self.ep.put(&PutArgs {
+        self.ep().put(&PutArgs {
             md,
             local_offset: 0,
             length: len,
@@ -908,7 +1004,7 @@ impl Core {
         let buf = self.take_buf(len)?;
         let id = self.rma_md(Kind::Get, buf, len)?;
         let md = self.st.borrow().reqs[&id].md;
-        self.ep.get(&GetArgs {
+        self.ep().get(&GetArgs {
             md,
             local_offset: 0,
             length: len,
@@ -923,7 +1019,7 @@ impl Core {
 
     fn rma_md(&self, kind: Kind, buf: Buf, len: u64) -> Result<u64> {
         let eq = self.eq;
-        let md = pe(self.ep.with_engine(|e| {
+        let md = pe(self.ep().with_engine(|e| {
             e.md_create(&MdSpec {
                 kind: MdKind::Single {
                     region: buf.sub(0, len.max(1)),
@@ -955,6 +1051,7 @@ impl Core {
                 sent: len,
                 data: None,
                 orphan: false,
+                fetched_from: None,
             },
         );
         Ok(id)

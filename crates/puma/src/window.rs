@@ -37,11 +37,12 @@ impl<T: Pod> Window<T> {
         comm.win_seq.set(wid + 1);
         let bytes = (len * std::mem::size_of::<T>()) as u64;
         let core = &comm.core;
-        let buf = core
-            .ep
-            .alloc_shared(bytes.max(64))
-            .or_else(|_| -> Result<Buf> { Ok(core.ep.alloc_private(bytes.max(64))) })?;
-        core.ep.with_bytes(&buf, |b| b.fill(0))?;
+        let shared = core.ep().alloc_shared(bytes.max(64));
+        let buf = match shared {
+            Ok(b) => b,
+            Err(_) => core.ep().alloc_private(bytes.max(64)),
+        };
+        core.ep().with_bytes(&buf, |b| b.fill(0))?;
         let (md, me) = core.expose(comm.ctx, wid, buf)?;
         comm.barrier()?;
         Ok(Window {
@@ -174,7 +175,7 @@ impl<T: Pod> Window<T> {
         let mut v = vec![T::zeroed(); self.len];
         self.comm
             .core
-            .ep
+            .ep()
             .read(&self.buf, 0, bytemuck::cast_slice_mut(&mut v))?;
         Ok(v)
     }
@@ -190,7 +191,7 @@ impl<T: Pod> Window<T> {
         }
         self.comm
             .core
-            .ep
+            .ep()
             .write(&self.buf, 0, bytemuck::cast_slice(data))?;
         Ok(())
     }
