@@ -660,18 +660,7 @@ impl Core {
             ack: true,
             hdr_data: id,
         };
-        let first = self.ep().put(&args);
-        let r = match first {
-            // The job heap is full (many large sends in flight): let the receiver read this
-            // private buffer straight from this process instead of through a heap bounce buffer.
-            Err(QkError::HeapExhausted { .. }) if !buf.shared => {
-                self.ep().set_private_path(PrivatePath::CrossMemoryAttach);
-                let r = self.ep().put(&args);
-                self.ep().set_private_path(PrivatePath::Bounce);
-                r
-            }
-            r => r,
-        };
+        let r = self.put(&args, buf);
         if let Err(e) = r {
             let mut st = self.st.borrow_mut();
             st.owners.remove(&md.to_cookie());
@@ -681,6 +670,21 @@ impl Core {
             return Err(e.into());
         }
         Ok(id)
+    }
+
+    /// A put; when the job heap is full (many large sends in flight) the target reads a private
+    /// buffer straight from this process instead of through a heap bounce buffer.
+    fn put(&self, args: &PutArgs, buf: Buf) -> Result<(), QkError> {
+        let first = self.ep().put(args);
+        match first {
+            Err(QkError::HeapExhausted { .. }) if !buf.shared => {
+                self.ep().set_private_path(PrivatePath::CrossMemoryAttach);
+                let r = self.ep().put(args);
+                self.ep().set_private_path(PrivatePath::Bounce);
+                r
+            }
+            r => r,
+        }
     }
 
     fn find_unexpected(st: &State, src: Option<u32>, bits: u64, ignore: u64) -> Option<usize> {
@@ -985,7 +989,7 @@ impl Core {
         self.ep().write(&buf, 0, data)?;
         let id = self.rma_md(Kind::Put, buf, len)?;
         let md = self.st.borrow().reqs[&id].md;
-        self.ep().put(&PutArgs {
+        let args = PutArgs {
             md,
             local_offset: 0,
             length: len,
@@ -995,7 +999,8 @@ impl Core {
             remote_offset: offset,
             ack: true,
             hdr_data: 0,
-        })?;
+        };
+        self.put(&args, buf)?;
         Ok(id)
     }
 
