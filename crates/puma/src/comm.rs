@@ -90,7 +90,14 @@ pub fn start() -> Result<Universe> {
             .unwrap_or(60_000),
     );
     let att = crate::fabric::attach(&info, timeout)?;
-    let core = Rc::new(Core::new(att, timeout)?);
+    // Ranks sharing this machine's cores: the node's ranks, or every rank when the library-side
+    // fabric holds the whole job (all virtual nodes on this machine).
+    let local = if att.fabric.is_some() || att.library_fabric {
+        info.size
+    } else {
+        info.local_size
+    };
+    let core = Rc::new(Core::new(att, timeout, local)?);
     let ranks: Vec<u32> = (0..info.size).collect();
     let nodes: Vec<u32> = info.node_map.ranks.iter().map(|r| r.node).collect();
     let world = Comm::build(core, 0, ranks, nodes);

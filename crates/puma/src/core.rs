@@ -42,6 +42,13 @@ const DONE_BIT: u64 = 1 << 63;
 /// larger blocking sends wait until the receiver has the body.
 pub(crate) const EAGER_COMPLETE: u64 = 64 * 1024;
 
+/// Most sends to one destination whose body the receiver does not hold yet; a sender that
+/// runs further ahead waits (the receiver's unexpected descriptors stay bounded, nothing drops).
+const SEND_WINDOW: u32 = 512;
+
+/// How long an oversubscribed waiter polls and yields before it blocks in the QK.
+const YIELD_PHASE: Duration = Duration::from_millis(5);
+
 /// Bytes of the unexpected-message heap (header + body per message).
 const UNEX_HEAP: u64 = 8 << 20;
 const UNEX_MAX: u32 = 4096;
@@ -162,6 +169,10 @@ pub(crate) struct Core {
     done_md: MdHandle,
     zero_md: MdHandle,
     pub next_ctx: Cell<u16>,
+    /// Sends per destination whose body the receiver does not hold yet (flow control).
+    unfinished: RefCell<HashMap<u32, u32>>,
+    /// More ranks on this node than cores: waiters yield instead of spinning.
+    oversubscribed: bool,
     _fabric: Option<qk::NodeFabric>,
 }
 
@@ -170,11 +181,15 @@ fn pe<T>(r: std::result::Result<T, qk::portals::Error>) -> Result<T> {
 }
 
 impl Core {
-    pub fn new(a: Attached, timeout: Duration) -> Result<Core> {
+    pub fn new(a: Attached, timeout: Duration, local_ranks: u32) -> Result<Core> {
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1);
         let Attached {
             mut ep,
             region,
             fabric,
+            ..
         } = a;
         let job = ep.job();
         let unex_buf = ep.alloc_private(UNEX_HEAP);
@@ -185,6 +200,8 @@ impl Core {
             ep.with_engine(|e| -> Result<_> {
                 let eq = pe(e.eq_alloc(60_000))?;
                 for p in [P_MSG, P_RDV, P_WIN] {
+                    // Discards land in our queue and become errors, never silent losses.
+                    pe(e.portal_set_eq(p, Some(eq)))?;
                     pe(e.portal_set_acl(p, Acl::job(job)))?;
                     pe(e.portal_enable(p))?;
                 }
@@ -260,6 +277,8 @@ impl Core {
             done_md,
             zero_md,
             next_ctx: Cell::new(2),
+            oversubscribed: local_ranks > cores,
+            unfinished: RefCell::new(HashMap::new()),
             _fabric: fabric,
         })
     }
@@ -408,7 +427,10 @@ impl Core {
                 let (buf, remove) = match st.reqs.get_mut(&id) {
                     Some(r) if matches!(r.kind, Kind::Send) => {
                         r.finished = true;
-                        (r.buf.take(), r.orphan)
+                        let dst = r.src_world;
+                        let out = (r.buf.take(), r.orphan);
+                        self.one_less(dst);
+                        out
                     }
                     _ => (None, false),
                 };
@@ -441,6 +463,8 @@ impl Core {
                         r.done = true;
                         r.finished = true;
                         release = true;
+                        let dst = r.src_world;
+                        self.one_less(dst);
                     }
                     (Kind::Send, EventKind::Get) => {
                         // The receiver copies the body from our buffer after this: keep the
@@ -531,6 +555,12 @@ impl Core {
             if cond(&mut self.st.borrow_mut()) {
                 return Ok(());
             }
+            if self.oversubscribed && start.elapsed() < YIELD_PHASE {
+                // More ranks than cores: hand the core to a peer (it is probably the one we wait
+                // for) instead of spinning, then look again.
+                std::thread::yield_now();
+                continue;
+            }
             let got = self.ep().eq_wait(self.eq, Duration::from_millis(50));
             match got {
                 Ok(ev) => self.dispatch(ev)?,
@@ -587,6 +617,16 @@ impl Core {
         Ok(())
     }
 
+    fn ahead(&self, dst: u32) -> u32 {
+        self.unfinished.borrow().get(&dst).copied().unwrap_or(0)
+    }
+
+    fn one_less(&self, dst: u32) {
+        if let Some(c) = self.unfinished.borrow_mut().get_mut(&dst) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
     fn new_id(st: &mut State) -> u64 {
         let id = st.next_id;
         st.next_id += 1;
@@ -598,6 +638,14 @@ impl Core {
     /// Starts a send of `data` to world rank `dst`. The payload is copied out at once.
     pub fn isend(&self, dst: u32, bits: u64, data: &[u8]) -> Result<u64> {
         let len = data.len() as u64;
+        let ahead = self.ahead(dst);
+        if ahead >= SEND_WINDOW {
+            self.wait_until(
+                &|| format!("rank {dst} to take some of the {ahead} messages sent to it"),
+                &[dst],
+                |_| self.ahead(dst) < SEND_WINDOW,
+            )?;
+        }
         let buf = self.take_buf(len)?;
         if len > 0 {
             self.ep().write(&buf, 0, data)?;
@@ -625,6 +673,7 @@ impl Core {
         })?;
         {
             let mut st = self.st.borrow_mut();
+            *self.unfinished.borrow_mut().entry(dst).or_default() += 1;
             st.owners.insert(md.to_cookie(), Owner::Req(id));
             st.reqs.insert(
                 id,
@@ -665,6 +714,7 @@ impl Core {
             let mut st = self.st.borrow_mut();
             st.owners.remove(&md.to_cookie());
             st.reqs.remove(&id);
+            self.one_less(dst);
             self.release(md, Some(me));
             self.give_buf(&mut st, buf);
             return Err(e.into());

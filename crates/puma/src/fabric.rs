@@ -28,6 +28,8 @@ pub(crate) struct Attached {
     pub ep: Endpoint,
     pub region: Region,
     pub fabric: Option<NodeFabric>,
+    /// The library-side fabric (all ranks of the job in one region).
+    pub library_fabric: bool,
 }
 
 fn qk_mode(w: &World) -> QkMode {
@@ -110,6 +112,7 @@ pub(crate) fn attach(w: &World, timeout: Duration) -> Result<Attached> {
             ep,
             region,
             fabric: None,
+            library_fabric: false,
         });
     }
     let path = rendezvous_path(w);
@@ -132,6 +135,7 @@ pub(crate) fn attach(w: &World, timeout: Duration) -> Result<Attached> {
             ep,
             region,
             fabric: Some(fabric),
+            library_fabric: true,
         });
     }
     let start = Instant::now();
@@ -163,6 +167,7 @@ pub(crate) fn attach(w: &World, timeout: Duration) -> Result<Attached> {
         ep,
         region,
         fabric: None,
+        library_fabric: true,
     })
 }
 
