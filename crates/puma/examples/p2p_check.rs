@@ -16,6 +16,9 @@ struct Args {
     /// Receive into a buffer that is too small (expects a clear error).
     #[arg(long)]
     truncate: bool,
+    /// Rank 1 leaves at once while rank 0 waits for it (expects a "has died" error, not a hang).
+    #[arg(long)]
+    die: bool,
 }
 
 fn fail(s: String) -> Error {
@@ -32,6 +35,17 @@ fn run(a: &Args) -> Result<()> {
     let u = puma::start()?;
     let w = u.world();
     let (me, p) = (w.rank(), w.size());
+    if a.die {
+        if me == 1 {
+            std::process::exit(0);
+        }
+        if me == 0 {
+            let mut x = [0u8; 4];
+            w.recv(&mut x, 1, 1)?;
+            println!("receive from a dead rank returned");
+        }
+        return Ok(());
+    }
     if a.truncate {
         if p < 2 {
             return Err(fail("--truncate needs 2 ranks".into()));

@@ -44,3 +44,13 @@ fn messaging_in_msg_coproc_mode() {
     );
     assert!(so.contains("p2p-check OK: 3 ranks"), "{so}");
 }
+
+#[test]
+fn a_dead_peer_is_an_error_not_a_hang() {
+    let t0 = std::time::Instant::now();
+    let out = yod(2, &[], "p2p_check", &["--die"]);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("rank 1 (pid") && e.contains("has died"), "{e}");
+    assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+}
