@@ -77,18 +77,31 @@ impl Universe {
     }
 }
 
+/// Start-up options for [`start_with`].
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Longest any wait may last (default: `PUMA_TIMEOUT_MS`, else 60 s). A dead peer is
+    /// reported sooner.
+    pub timeout: Option<Duration>,
+}
+
 /// Starts messaging: reads the environment ([`crate::init`]), attaches to the job's QK fabric and
 /// synchronises with every rank. Fails clearly when the program was not started by yod.
-///
-/// `PUMA_TIMEOUT_MS` (default 60000) bounds every wait; a dead peer is reported sooner.
 pub fn start() -> Result<Universe> {
+    start_with(Options::default())
+}
+
+/// [`start`] with options.
+pub fn start_with(opts: Options) -> Result<Universe> {
     let info = crate::env::init()?;
-    let timeout = Duration::from_millis(
-        std::env::var("PUMA_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(60_000),
-    );
+    let timeout = opts.timeout.unwrap_or_else(|| {
+        Duration::from_millis(
+            std::env::var("PUMA_TIMEOUT_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(60_000),
+        )
+    });
     let att = crate::fabric::attach(&info, timeout)?;
     // Ranks sharing this machine's cores: the node's ranks, or every rank when the library-side
     // fabric holds the whole job (all virtual nodes on this machine).

@@ -14,7 +14,9 @@ pub mod window;
 
 pub use crate::core::{MsgStats, Status};
 pub use bytemuck::{Pod, Zeroable};
-pub use comm::{start, wait_all, Comm, Request, Source, Universe, ANY_SOURCE, ANY_TAG};
+pub use comm::{
+    start, start_with, wait_all, Comm, Options, Request, Source, Universe, ANY_SOURCE, ANY_TAG,
+};
 pub use env::{init, CpuMode, InitError, NodeMap, World};
 pub use error::{Error, Result};
 pub use ops::{Max, Min, Operation, Product, Sum, UserOp};
