@@ -1,7 +1,7 @@
 //! Point-to-point checks: any-source / any-tag matching keeps each sender's order, probe,
 //! non-blocking requests with test / wait_all, messages from 0 bytes to several MiB, a flood of
 //! unexpected large messages that overflows the unexpected-message heap (bodies then fetched
-//! from the senders), and — with `--truncate` — a receive buffer that is too small (an error).
+//! from the senders), one-sided put / fence / get, and — with `--truncate` — a receive buffer that is too small (an error).
 //! Run: `yod -n 4 target/debug/examples/p2p_check`.
 
 use clap::Parser;
@@ -146,6 +146,26 @@ fn run(a: &Args) -> Result<()> {
         }
     }
     w.barrier()?;
+    // 5. One-sided: each rank puts into its right neighbour's window, fences, then gets from its
+    // left neighbour and checks.
+    {
+        let n = 1000usize;
+        let mut win: puma::Window<u32> = puma::Window::new(&w, 2 * n)?;
+        win.put_nb(next, n, &pattern(me, 77, n))?;
+        win.fence()?;
+        let local = win.read_local()?;
+        if local[n..] != pattern(prev, 77, n)[..] || local[..n].iter().any(|&x| x != 0) {
+            return Err(fail("window put landed wrong".into()));
+        }
+        win.write_local(&pattern(me, 78, n))?;
+        w.barrier()?;
+        let g = win.get(prev, 0, n)?;
+        let got = win.wait_get(g)?;
+        if got != pattern(prev, 78, n) {
+            return Err(fail("window get returned wrong data".into()));
+        }
+        w.barrier()?;
+    }
     if me == 0 {
         let st = u.stats();
         println!(

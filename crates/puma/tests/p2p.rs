@@ -1,5 +1,6 @@
 //! Point-to-point through yod: any-source order, probe, requests, 0 B to 4 MiB, the
-//! unexpected-message flood (header-only saves and fetched bodies), truncation errors.
+//! unexpected-message flood (header-only saves and fetched bodies), windows (put, fence, get),
+//! truncation errors, dead peers.
 
 mod common;
 use common::*;
@@ -32,6 +33,12 @@ fn too_small_receive_buffer_is_a_clear_error() {
         e.contains("message truncated: rank 1 sent 80 bytes with tag 3 but the receive buffer holds only 32 bytes"),
         "{e}"
     );
+}
+
+#[test]
+fn messaging_across_two_virtual_nodes() {
+    let so = ok(4, &["--nodes", "2"], "p2p_check", &["--count", "50"]);
+    assert!(so.contains("p2p-check OK: 4 ranks"), "{so}");
 }
 
 #[test]
