@@ -38,8 +38,13 @@ struct Cli {
     /// Our progress modes to run (comma list of heater,msg-coproc).
     #[arg(long, default_value = "heater,msg-coproc")]
     modes: String,
+    /// Where our sender's buffers live (comma list of shared, bounce, cma): shared = job heap
+    /// (single copy); bounce / cma = private memory through a heap bounce buffer or cross-memory
+    /// attach. Several values run side by side, interleaved.
+    #[arg(long, default_value = "shared")]
+    sources: String,
     /// Compare over TCP instead: ours through two node engines on loopback, the peers with their
-    /// TCP transports forced (MPICH: MPIR_CVAR_CH3_NOLOCAL=1; Open MPI: --mca btl tcp,self).
+    /// TCP transports forced (MPICH: MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self; Open MPI: --mca btl tcp,self).
     #[arg(long)]
     tcp: bool,
     /// Scale iteration counts (0.1 = a quick look).
@@ -120,9 +125,38 @@ fn human(n: u64) -> String {
     }
 }
 
+/// Where our sender's buffer lives (how a large message leaves it).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    /// Job heap: the receiver copies once, straight from it.
+    Shared,
+    /// Private memory, bounced through the heap (two memcpys).
+    Bounce,
+    /// Private memory, read by the receiver with process_vm_readv.
+    Cma,
+}
+
+impl Source {
+    fn name(self) -> &'static str {
+        match self {
+            Source::Shared => "shared",
+            Source::Bounce => "private-bounce",
+            Source::Cma => "private-cma",
+        }
+    }
+    fn parse(s: &str) -> Result<Source, String> {
+        match s {
+            "shared" => Ok(Source::Shared),
+            "bounce" | "private-bounce" => Ok(Source::Bounce),
+            "cma" | "private-cma" => Ok(Source::Cma),
+            _ => Err(format!("unknown source {s:?} (shared, bounce, cma)")),
+        }
+    }
+}
+
 #[derive(Clone)]
 enum Contender {
-    Ours(CpuMode),
+    Ours(CpuMode, Source),
     /// Ours with the two ranks on two "nodes" joined by node engines over TCP (loopback).
     OursTcp(CpuMode),
     Mpi {
@@ -136,7 +170,8 @@ enum Contender {
 impl Contender {
     fn name(&self) -> String {
         match self {
-            Contender::Ours(m) => format!("qk {m}"),
+            Contender::Ours(m, Source::Shared) => format!("qk {m}"),
+            Contender::Ours(m, src) => format!("qk {m} {}", src.name()),
             Contender::OursTcp(m) => format!("qk tcp {m}"),
             Contender::Mpi { name, .. } => name.to_string(),
         }
@@ -148,7 +183,7 @@ impl Contender {
         match self {
             Contender::OursTcp(_) => true,
             Contender::Mpi { name, .. } => name.contains("TCP"),
-            Contender::Ours(_) => false,
+            Contender::Ours(..) => false,
         }
     }
 }
@@ -184,11 +219,13 @@ fn bench_main(cli: &Cli) -> R<()> {
     let mut contenders = Vec::new();
     for m in cli.modes.split(',').filter(|s| !s.is_empty()) {
         let mode: CpuMode = m.parse()?;
-        contenders.push(if cli.tcp {
-            Contender::OursTcp(mode)
+        if cli.tcp {
+            contenders.push(Contender::OursTcp(mode));
         } else {
-            Contender::Ours(mode)
-        });
+            for src in cli.sources.split(',').filter(|s| !s.is_empty()) {
+                contenders.push(Contender::Ours(mode, Source::parse(src)?));
+            }
+        }
     }
     let mpich = cli.peers.join("mpi_peer.mpich");
     let ompi = cli.peers.join("mpi_peer.openmpi");
@@ -203,7 +240,17 @@ fn bench_main(cli: &Cli) -> R<()> {
             name: "MPICH TCP",
             bin: mpich,
             launcher: "mpirun.mpich",
-            extra: vec!["-bind-to", "core", "-env", "MPIR_CVAR_CH3_NOLOCAL", "1"],
+            // Debian's MPICH is ch4:ucx: no local shortcut, and UCX restricted to TCP.
+            extra: vec![
+                "-bind-to",
+                "core",
+                "-env",
+                "MPIR_CVAR_NOLOCAL",
+                "1",
+                "-env",
+                "UCX_TLS",
+                "tcp,self",
+            ],
         });
     } else {
         println!(
@@ -375,7 +422,7 @@ fn which(cmd: &str) -> bool {
 
 fn run_one(c: &Contender, m: &Measure) -> R<f64> {
     match c {
-        Contender::Ours(mode) => run_ours(*mode, m),
+        Contender::Ours(mode, src) => run_ours(*mode, *src, m),
         Contender::OursTcp(mode) => run_ours_tcp(*mode, m),
         Contender::Mpi {
             bin,
@@ -420,7 +467,7 @@ fn parse_result(out: &std::process::Output, m: &Measure) -> R<f64> {
     Err(format!("no result line in {so:?}").into())
 }
 
-fn run_ours(mode: CpuMode, m: &Measure) -> R<f64> {
+fn run_ours(mode: CpuMode, src: Source, m: &Measure) -> R<f64> {
     let mut spec = JobFabricSpec::new(77, 2, vec![0, 1], mode);
     spec.heap_bytes_per_rank = 2 * m.size.max(1 << 16) + (8 << 20);
     spec.lock_memory = false;
@@ -451,6 +498,7 @@ fn run_ours(mode: CpuMode, m: &Measure) -> R<f64> {
             &m.iters.to_string(),
         ]);
         c.args(["--window", &m.window.to_string()]);
+        c.env("PUMA_BENCH_SOURCE", src.name());
         if cpus.len() >= 2 {
             c.args(["--cpu", &cpus[port as usize].to_string()]);
         }
@@ -577,7 +625,19 @@ fn rank_main(
     )?;
     let me = ep.rank();
     let peer = ProcessId::new(job, 1 - me);
-    let sbuf = ep.alloc_shared(size.max(8))?;
+    let source =
+        Source::parse(&std::env::var("PUMA_BENCH_SOURCE").unwrap_or_else(|_| "shared".into()))?;
+    let sbuf = match source {
+        Source::Shared => ep.alloc_shared(size.max(8))?,
+        Source::Bounce => {
+            ep.set_private_path(qk::PrivatePath::Bounce);
+            ep.alloc_private(size.max(8))
+        }
+        Source::Cma => {
+            ep.set_private_path(qk::PrivatePath::CrossMemoryAttach);
+            ep.alloc_private(size.max(8))
+        }
+    };
     let rbuf = ep.alloc_shared(size.max(8))?;
     let pe = |e: qk::portals::Error| QkError::Portals(e.to_string());
     let (eq, smd) = ep.with_engine(|e| -> Result<_, QkError> {

@@ -254,8 +254,10 @@ fn kinds_initiator(ep: &mut Endpoint, peer: u32, large: u64, private_path: &str)
     let c = ctl(ep, peer)?;
     let job = ep.job();
     let private = private_path != "shared";
-    if private_path == "cma" {
-        ep.set_private_path(PrivatePath::CrossMemoryAttach);
+    match private_path {
+        "cma" => ep.set_private_path(PrivatePath::CrossMemoryAttach),
+        "bounce" => ep.set_private_path(PrivatePath::Bounce),
+        _ => {}
     }
     let eq = ep.with_engine(|e| e.eq_alloc(1024)).map_err(pe)?;
     let mut srcs = Vec::new();
