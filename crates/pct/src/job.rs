@@ -35,6 +35,8 @@ impl Sink {
 /// Commands from the session to a running job.
 #[derive(Debug)]
 pub enum JobCmd {
+    /// Every node's fabric address (multi-node jobs).
+    Peers(Vec<(u32, String)>),
     Stdin(Vec<u8>),
     StdinEof,
     Kill(i32),
@@ -164,6 +166,11 @@ fn remove_job_dir(dir: &Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The job's directory on this node (node map file).
+fn job_dir_of(node: &Node, req: &LoadRequest) -> PathBuf {
+    node.run_dir.join(format!("job-{}-{}", req.job, req.node))
+}
+
 /// Runs the job to its end. Always sends `JobDone` (or `Refused`) before returning.
 pub fn run_job(
     node: Arc<Node>,
@@ -172,9 +179,10 @@ pub fn run_job(
     cmds: Receiver<JobCmd>,
     wake: OwnedFd,
     finished: &std::sync::atomic::AtomicBool,
+    fabric_ip: std::net::IpAddr,
 ) -> Result<()> {
     let job_dir = node.run_dir.join(format!("job-{}-{}", req.job, req.node));
-    let res = start_and_run(&node, &req, &sink, &cmds, &wake, &job_dir, finished);
+    let res = start_and_run(&node, &req, &sink, &cmds, &wake, finished, fabric_ip);
     remove_job_dir(&job_dir);
     node.job_finished(&req.job);
     if let Err(e) = &res {
@@ -191,15 +199,56 @@ fn start_and_run(
     sink: &Sink,
     cmds: &Receiver<JobCmd>,
     wake: &OwnedFd,
-    job_dir: &PathBuf,
     finished: &std::sync::atomic::AtomicBool,
+    fabric_ip: std::net::IpAddr,
 ) -> Result<()> {
+    let job_dir = &job_dir_of(node, req);
     std::fs::create_dir_all(job_dir)
         .map_err(|e| PctError::io(format!("creating {}", job_dir.display()), e))?;
     let map_path = job_dir.join("nodemap.json");
     std::fs::write(&map_path, &req.node_map)
         .map_err(|e| PctError::io(format!("writing {}", map_path.display()), e))?;
-    let resources = node.resources.create(req)?;
+    let mut resources = node.resources.create(req)?;
+    // A job on several nodes: build the inter-node fabric before any rank runs.
+    let mut early = Vec::new();
+    let (job_nodes, rank_node) = job_layout(&req.node_map, req.size)?;
+    if job_nodes > 1 {
+        let listener =
+            if resources.wants_node_engine() {
+                Some(std::net::TcpListener::bind((fabric_ip, 0)).map_err(|e| {
+                    PctError::io(format!("binding the node engine on {fabric_ip}"), e)
+                })?)
+            } else {
+                None
+            };
+        let addr = listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.to_string());
+        let _ = sink.send(&FromPct::FabricReady { addr });
+        let peers = wait_for_peers(cmds, &mut early)?;
+        if let Some(listener) = listener {
+            let mut list = Vec::new();
+            for (n, a) in peers {
+                if n == req.node {
+                    continue;
+                }
+                let sa = a
+                    .parse()
+                    .map_err(|_| PctError::BadRequest(format!("peer address {a:?} of node {n}")))?;
+                list.push((n, sa));
+            }
+            resources.start_node_engine(crate::resources::EngineStart {
+                job_id: crate::resources::qk_job_id(&req.job),
+                node_id: req.node,
+                listener,
+                peers: list,
+                rank_node,
+                cluster_key: node.key.bytes().to_vec(),
+                connect_timeout: Duration::from_secs(20),
+            })?;
+        }
+    }
     let cwd = if Path::new(&req.cwd).is_dir() {
         PathBuf::from(&req.cwd)
     } else {
@@ -320,11 +369,6 @@ fn start_and_run(
         });
         // `child` is dropped without waiting: we reap through the pidfd below.
     }
-    let pg: Vec<String> = ranks
-        .iter()
-        .map(|r| r.pid.as_raw_pid().to_string())
-        .collect();
-    let _ = std::fs::write(job_dir.join(PGIDS_FILE), pg.join(" "));
     let _ = sink.send(&FromPct::Started {
         pids: ranks
             .iter()
@@ -332,6 +376,22 @@ fn start_and_run(
             .collect(),
     });
 
+    // Input that arrived while the fabric was being built.
+    for c in early {
+        match c {
+            JobCmd::Stdin(d) => {
+                if let Some(tx) = &stdin_tx {
+                    let _ = tx.send(Some(d));
+                }
+            }
+            JobCmd::StdinEof => {
+                if let Some(tx) = stdin_tx.take() {
+                    let _ = tx.send(None);
+                }
+            }
+            _ => {}
+        }
+    }
     let grace = Duration::from_millis(node.kill_grace_ms);
     let mut escalate: Option<Instant> = None;
     loop {
@@ -387,6 +447,7 @@ fn start_and_run(
                             let _ = tx.send(None);
                         }
                     }
+                    JobCmd::Peers(_) => {}
                     JobCmd::Kill(sig) => {
                         let s = Signal::from_named_raw(sig).unwrap_or(Signal::KILL);
                         kill_all(node, &ranks, s);
@@ -427,6 +488,53 @@ fn start_and_run(
     finished.store(true, std::sync::atomic::Ordering::Release);
     let _ = sink.send(&FromPct::JobDone);
     Ok(())
+}
+
+/// Number of nodes of the job and the node of every rank, from the node map.
+fn job_layout(node_map: &str, size: u32) -> Result<(usize, Vec<u32>)> {
+    let v: serde_json::Value = serde_json::from_str(node_map)
+        .map_err(|e| PctError::BadRequest(format!("node map: {e}")))?;
+    let nodes = v
+        .get("nodes")
+        .and_then(|n| n.as_array())
+        .map_or(1, |a| a.len().max(1));
+    let rank_node: Vec<u32> = v
+        .get("ranks")
+        .and_then(|r| r.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r.get("node").and_then(|n| n.as_u64()).map(|n| n as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    if nodes > 1 && rank_node.len() != size as usize {
+        return Err(PctError::BadRequest(
+            "node map does not give the node of every rank".into(),
+        ));
+    }
+    Ok((nodes, rank_node))
+}
+
+/// Waits (30 s at most) for yod's list of fabric addresses; keeps early input.
+fn wait_for_peers(cmds: &Receiver<JobCmd>, early: &mut Vec<JobCmd>) -> Result<Vec<(u32, String)>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match cmds.recv_timeout(left) {
+            Ok(JobCmd::Peers(p)) => return Ok(p),
+            Ok(JobCmd::Kill(_)) => {
+                return Err(PctError::Refused(
+                    "job ended before its fabric was complete".into(),
+                ))
+            }
+            Ok(other) => early.push(other),
+            Err(_) => {
+                return Err(PctError::Refused(
+                    "no peer list from yod within 30 s".into(),
+                ))
+            }
+        }
+    }
 }
 
 fn reap(node: &Node, req: &LoadRequest, r: &mut Rank, sink: &Sink) {
@@ -492,13 +600,15 @@ pub fn wake_pipe() -> Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-/// Kills, by scanning /proc, every process of job `job` whose process group is one
-/// of `pgids` (the ranks' groups), checking the job id in its environment so a
-/// recycled pid is never hit. Used when the PCT that owned the ranks is gone: by
-/// yod for a lost local virtual node, and by a restarted PCT for jobs of its
-/// previous life. Returns how many processes were signalled.
-pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
-    let want = format!("PUMA_JOB={job}");
+/// Kills, by scanning /proc, every process of job `job` on node `node` (the
+/// ranks and anything they started): they carry `PUMA_JOB` and `PUMA_NODE` in
+/// their environment. Used when the PCT that owned the ranks is gone: by yod for
+/// a lost local virtual node, and by a restarted PCT for the jobs of its previous
+/// life. Returns how many processes were signalled.
+pub fn kill_job_leftovers(job: &str, node: u32) -> usize {
+    let want_job = format!("PUMA_JOB={job}");
+    let want_node = format!("PUMA_NODE={node}");
+    let me = rustix::process::getpid().as_raw_pid();
     let mut n = 0;
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
@@ -507,21 +617,14 @@ pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
             continue;
         };
-        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pgrp is field 5; fields after the command name start at field 3.
-        let pgrp = stat
-            .rfind(')')
-            .and_then(|i| stat[i + 2..].split_whitespace().nth(2))
-            .and_then(|v| v.parse::<i32>().ok());
-        if !pgrp.is_some_and(|g| pgids.contains(&g)) {
+        if pid == me {
             continue;
         }
-        let ours = std::fs::read(e.path().join("environ"))
-            .map(|env| env.split(|&b| b == 0).any(|v| v == want.as_bytes()))
-            .unwrap_or(false);
-        if ours {
+        let Ok(env) = std::fs::read(e.path().join("environ")) else {
+            continue;
+        };
+        let has = |w: &str| env.split(|&b| b == 0).any(|v| v == w.as_bytes());
+        if has(&want_job) && has(&want_node) {
             if let Some(p) = Pid::from_raw(pid) {
                 if rustix::process::kill_process(p, Signal::KILL).is_ok() {
                     n += 1;
@@ -531,9 +634,6 @@ pub fn kill_job_leftovers(job: &str, pgids: &[i32]) -> usize {
     }
     n
 }
-
-/// File in a job directory listing the ranks' process groups.
-pub const PGIDS_FILE: &str = "pgids";
 
 /// Cleans job directories left by an earlier PCT that died without cleaning up:
 /// kills their leftover processes and removes the directories.
@@ -547,13 +647,11 @@ pub fn reap_previous_life(run_dir: &Path) -> usize {
         let Some(rest) = name.strip_prefix("job-") else {
             continue;
         };
-        let job = rest.rsplit_once('-').map_or(rest, |(j, _)| j).to_string();
-        let pgids: Vec<i32> = std::fs::read_to_string(e.path().join(PGIDS_FILE))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        killed += kill_job_leftovers(&job, &pgids);
+        if let Some((job, node)) = rest.rsplit_once('-') {
+            if let Ok(node) = node.parse() {
+                killed += kill_job_leftovers(job, node);
+            }
+        }
         let _ = std::fs::remove_dir_all(e.path());
     }
     killed

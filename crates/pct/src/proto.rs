@@ -141,6 +141,18 @@ impl Conn {
     }
 
     /// A printable description of the peer, for logs.
+    /// Our own IP on this link (127.0.0.1 for a Unix socket): where peer nodes
+    /// can reach this node's fabric.
+    pub fn local_ip(&self) -> std::net::IpAddr {
+        match self {
+            Conn::Tcp(s) => s
+                .local_addr()
+                .map(|a| a.ip())
+                .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+            Conn::Unix(_) => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        }
+    }
+
     pub fn peer(&self) -> String {
         match self {
             Conn::Unix(_) => "local peer (unix socket)".into(),
@@ -359,6 +371,11 @@ pub struct NameEntry {
 #[serde(tag = "t", rename_all = "snake_case")]
 pub enum ToPct {
     Status,
+    /// For a job on several nodes: every node's fabric address (node id, `IP:PORT`),
+    /// sent once all nodes reported `FabricReady`.
+    Peers {
+        peers: Vec<(u32, String)>,
+    },
     Load(Box<LoadRequest>),
     Stdin {
         data: Vec<u8>,
@@ -417,6 +434,11 @@ pub enum FromPct {
     Status(NodeStatus),
     Started {
         pids: Vec<(u32, u32)>,
+    },
+    /// A job on several nodes: the node's fabric is built and listens at `addr`
+    /// (None: no inter-node engine); the PCT waits for `Peers` before spawning.
+    FabricReady {
+        addr: Option<String>,
     },
     /// Complete lines (or the final fragment at end of stream).
     Output {

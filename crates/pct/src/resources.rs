@@ -26,6 +26,27 @@ pub trait JobResourceHandle: Send {
     fn rank_env(&self, local_rank: u32) -> Vec<(String, String)>;
     /// Descriptors every rank inherits (the PCT clears close-on-exec in the child).
     fn inherited_fds(&self) -> Vec<RawFd>;
+    /// Whether a job spanning several nodes needs an inter-node engine here.
+    fn wants_node_engine(&self) -> bool {
+        false
+    }
+    /// Starts the inter-node engine (connects to every peer node; blocks until done).
+    fn start_node_engine(&mut self, _e: EngineStart) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// What the PCT hands the job resources to start a node engine.
+pub struct EngineStart {
+    pub job_id: u32,
+    pub node_id: u32,
+    pub listener: std::net::TcpListener,
+    /// Every other node of the job: (node id, address).
+    pub peers: Vec<(u32, std::net::SocketAddr)>,
+    /// Node of every world rank.
+    pub rank_node: Vec<u32>,
+    pub cluster_key: Vec<u8>,
+    pub connect_timeout: std::time::Duration,
 }
 
 /// The default until the QK fabric lands: one anonymous memory file (memfd, so
@@ -111,6 +132,15 @@ pub fn qk_job_id(job: &str) -> u32 {
 /// the ranks that map it (and released with the last of them).
 struct QkHandle {
     fd: qk::sys::Memfd,
+    engine: Option<qk::tcp::NodeEngineHandle>,
+}
+
+impl Drop for QkHandle {
+    fn drop(&mut self) {
+        if let Some(h) = self.engine.take() {
+            let _ = h.stop();
+        }
+    }
 }
 
 impl JobResources for QkFabric {
@@ -154,7 +184,7 @@ impl JobResources for QkFabric {
             .dup_fd()
             .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?;
         drop(fabric);
-        Ok(Box::new(QkHandle { fd }))
+        Ok(Box::new(QkHandle { fd, engine: None }))
     }
 }
 
@@ -164,6 +194,35 @@ impl JobResourceHandle for QkHandle {
     }
     fn inherited_fds(&self) -> Vec<RawFd> {
         vec![self.fd.raw()]
+    }
+    fn wants_node_engine(&self) -> bool {
+        true
+    }
+    fn start_node_engine(&mut self, e: EngineStart) -> Result<()> {
+        let fd = self
+            .fd
+            .try_clone()
+            .map_err(|err| PctError::io("duplicating the QK fd for the node engine", err))?;
+        let spec = qk::tcp::NodeEngineSpec {
+            job_id: e.job_id,
+            node_id: e.node_id,
+            listen: e
+                .listener
+                .local_addr()
+                .map_err(|err| PctError::io("reading the engine's address", err))?,
+            peers: e.peers,
+            rank_node: e.rank_node,
+            cluster_key: e.cluster_key,
+            connect_timeout: e.connect_timeout,
+        };
+        let engine = qk::tcp::NodeEngine::with_listener(fd, spec, e.listener)
+            .map_err(|err| PctError::Refused(format!("QK node engine: {err}")))?;
+        self.engine = Some(
+            engine
+                .spawn()
+                .map_err(|err| PctError::Refused(format!("QK node engine: {err}")))?,
+        );
+        Ok(())
     }
 }
 

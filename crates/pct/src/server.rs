@@ -36,7 +36,13 @@ pub struct Node {
     names: Mutex<HashMap<String, NameEntry>>,
     /// Process groups of live ranks, for emergency teardown.
     live: Mutex<HashSet<i32>>,
+    /// Connections that have not proved the key yet.
+    unproven: std::sync::atomic::AtomicUsize,
 }
+
+/// Most connections allowed to be in the handshake at once (a flood of idle
+/// connections cannot exhaust the PCT's threads).
+pub const MAX_UNPROVEN: usize = 32;
 
 impl Node {
     pub fn new(
@@ -57,6 +63,7 @@ impl Node {
             jobs: Mutex::new(Vec::new()),
             names: Mutex::new(HashMap::new()),
             live: Mutex::new(HashSet::new()),
+            unproven: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -187,11 +194,21 @@ pub fn serve(node: Arc<Node>, listener: &Listener) -> Result<()> {
                 continue;
             }
         };
+        if node.unproven.fetch_add(1, Ordering::AcqRel) >= MAX_UNPROVEN {
+            node.unproven.fetch_sub(1, Ordering::AcqRel);
+            node.log(format!(
+                "rejected {}: {MAX_UNPROVEN} connections already in the handshake",
+                conn.peer()
+            ));
+            conn.shutdown();
+            continue;
+        }
         let n = node.clone();
         let spawned = std::thread::Builder::new()
             .name("pct-session".into())
             .spawn(move || session(n, conn));
         if let Err(e) = spawned {
+            node.unproven.fetch_sub(1, Ordering::AcqRel);
             node.log(format!("cannot start a session thread: {e}"));
         }
     }
@@ -202,7 +219,9 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
     let peer = conn.peer();
     let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
-    if let Err(e) = accept_handshake(&mut conn, &node.key, &node.status()) {
+    let proved = accept_handshake(&mut conn, &node.key, &node.status());
+    node.unproven.fetch_sub(1, Ordering::AcqRel);
+    if let Err(e) = proved {
         node.log(format!("rejected {peer}: {e}"));
         conn.shutdown();
         return;
@@ -258,13 +277,18 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
                     });
                     continue;
                 }
-                match admit_and_start(&node, *req, &sink) {
+                match admit_and_start(&node, *req, &sink, conn.local_ip()) {
                     Ok(j) => job = Some(j),
                     Err(e) => {
                         let _ = sink.send(&FromPct::Refused {
                             reason: format!("node {}: {e}", node.name),
                         });
                     }
+                }
+            }
+            ToPct::Peers { peers } => {
+                if let Some((ctl, _, _)) = &job {
+                    ctl.send(JobCmd::Peers(peers));
                 }
             }
             ToPct::Stdin { data } => {
@@ -328,6 +352,7 @@ fn admit_and_start(
     node: &Arc<Node>,
     req: crate::proto::LoadRequest,
     sink: &Sink,
+    fabric_ip: std::net::IpAddr,
 ) -> Result<(JobCtl, std::thread::JoinHandle<()>, String)> {
     req.validate()?;
     {
@@ -357,7 +382,7 @@ fn admit_and_start(
         .name("pct-job".into())
         .spawn(move || {
             // Failures are reported to yod as `Refused`; nothing more to do here.
-            let _ = job::run_job(n, req, s, rx, wake_r, &f);
+            let _ = job::run_job(n, req, s, rx, wake_r, &f, fabric_ip);
             if let Ok(mut jobs) = done_node.jobs.lock() {
                 jobs.retain(|j| j.job != job_id);
             }

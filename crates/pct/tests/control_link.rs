@@ -269,3 +269,44 @@ fn keygen_writes_a_private_key() {
     );
     assert!(ClusterKey::load(&p).is_ok());
 }
+
+#[test]
+fn single_tasking_node_refuses_a_second_job() {
+    let (_dir, key, d) = setup();
+    let key = ClusterKey::load(&key).unwrap();
+    let open = || {
+        let mut c = Conn::connect(&d.addr, Duration::from_secs(2)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        connect_handshake(&mut c, &key).unwrap();
+        c
+    };
+    let mut first = open();
+    write_frame(
+        &mut first,
+        &ToPct::Load(Box::new(load("/bin/sh", &["-c", "sleep 5"]))),
+    )
+    .unwrap();
+    loop {
+        match read_frame::<_, FromPct>(&mut first, MAX_FRAME).unwrap() {
+            FromPct::Started { .. } => break,
+            FromPct::Heartbeat => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let mut second = open();
+    let mut req = load("/bin/true", &[]);
+    req.job = "jsecond".into();
+    write_frame(&mut second, &ToPct::Load(Box::new(req))).unwrap();
+    loop {
+        match read_frame::<_, FromPct>(&mut second, MAX_FRAME).unwrap() {
+            FromPct::Refused { reason } => {
+                assert!(reason.contains("single-tasking"), "{reason}");
+                break;
+            }
+            FromPct::Heartbeat => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Closing the first link ends its job.
+    first.shutdown();
+}

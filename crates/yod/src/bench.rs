@@ -271,6 +271,7 @@ fn main() {
                     Ok(t) => series[i].push(t),
                     Err(e) => {
                         eprintln!("yod-bench: {e}");
+                        let _ = std::fs::remove_file(&memfd_cfg);
                         std::process::exit(1);
                     }
                 }
@@ -288,16 +289,19 @@ fn main() {
         };
         let (a0, _) = fmt(&mut series[0]);
         let (a1, m1) = fmt(&mut series[1]);
-        let (a2, _) = fmt(&mut series[2]);
+        let (a2, m2) = fmt(&mut series[2]);
         let (a3, m3) = fmt(&mut series[3]);
-        let ratio = if mpi {
-            format!("{:.2}x", m3 / m1)
-        } else {
-            "-".into()
+        let r = |m: f64| {
+            if mpi {
+                format!("{:.2}x", m3 / m)
+            } else {
+                "-".into()
+            }
         };
-        println!("{n:>6}  {a0:>26}  {a1:>26}  {a2:>26}  {a3:>26}  {ratio:>8}");
+        let (ratio, ratio2) = (r(m1), r(m2));
+        println!("{n:>6}  {a0:>26}  {a1:>26}  {a2:>26}  {a3:>26}  {ratio:>8}  {ratio2:>8}");
     }
-    println!("ratio = median mpiexec / median yod (same sh-echo program, QK fabric); > 1 means yod is faster");
+    println!("ratio = median mpiexec / median yod for the same sh-echo program (QK fabric, memfd segment); > 1 means yod is faster");
     let _ = std::fs::remove_file(&memfd_cfg);
     if a.no_memory {
         return;
@@ -312,10 +316,10 @@ fn main() {
             0
         }
     };
-    println!("memory while a job of sleeping ranks runs (PCT KiB includes the QK region it maps):");
+    println!("memory while a job of sleeping ranks runs (with 2 PCTs the QK node engine maps the region, which then counts in PCT KiB):");
     println!(
         "{:>6}  {:>10}  {:>10}  {:>14}  {:>22}  {:>16}",
-        "ranks", "yod KiB", "PCT KiB", "segment KiB", "PCT-idle-segment /rank", "segment KiB/rank"
+        "ranks", "yod KiB", "PCT KiB", "segment KiB", "(PCT - idle) KiB/rank", "segment KiB/rank"
     );
     for n in [8u32, 256] {
         for (label, extra) in [
@@ -326,8 +330,7 @@ fn main() {
             match memory_during_job(&yod, n, &extra) {
                 Ok(m) => {
                     let nodes = n.div_ceil(pct::resources::MAX_LOCAL_RANKS) as u64;
-                    let own =
-                        m.pct_kib as f64 - (idle * nodes) as f64 - m.segment_bytes as f64 / 1024.0;
+                    let own = m.pct_kib as f64 - (idle * nodes) as f64;
                     println!(
                         "{n:>6}  {:>10}  {:>10}  {:>14}  {:>22.1}  {:>16.1}   ({label}, {nodes} PCT)",
                         m.yod_kib,

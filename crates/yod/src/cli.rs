@@ -289,8 +289,7 @@ fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>) -> Result<i32> {
                     break;
                 }
                 Err(e) if std::time::Instant::now() > deadline => {
-                    let _ = srun.kill();
-                    let _ = srun.wait();
+                    stop_srun(&mut srun);
                     return Err(YodError::Allocation(format!(
                         "PCT on {} did not come up: {e}",
                         t.name
@@ -310,9 +309,25 @@ fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>) -> Result<i32> {
         down: vec![],
     };
     let out = launch::run(spec, alloc);
+    stop_srun(&mut srun);
+    Ok(out?.code)
+}
+
+/// Stops the srun step politely (srun forwards SIGTERM to the PCTs, which clean
+/// up), then for good after 3 s.
+fn stop_srun(srun: &mut std::process::Child) {
+    if let Some(pid) = rustix::process::Pid::from_raw(srun.id() as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = srun.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let _ = srun.kill();
     let _ = srun.wait();
-    Ok(out?.code)
 }
 
 /// The partition's record of nodes found down: tried last by later jobs.

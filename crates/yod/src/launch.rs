@@ -438,7 +438,8 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
     let mut code_override: Option<i32> = None;
     let mut teardown: Option<Instant> = None;
     let mut exited = 0u32;
-    let mut pgids: Vec<Vec<i32>> = vec![Vec::new(); k];
+    // Multi-node jobs: fabric addresses, sent to everyone once all are known.
+    let mut fabric: Vec<Option<Option<String>>> = vec![None; k];
     let kill_all = |sig: i32, done: &[bool]| {
         for (i, d) in done.iter().enumerate() {
             if !d {
@@ -493,8 +494,23 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                     }
                 }
             }
-            Ev::Msg(i, FromPct::Started { pids }) => {
-                pgids[i] = pids.iter().map(|(_, p)| *p as i32).collect();
+            Ev::Msg(i, FromPct::FabricReady { addr }) => {
+                fabric[i] = Some(addr);
+                if fabric.iter().all(Option::is_some) {
+                    let peers: Vec<(u32, String)> = fabric
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(n, a)| Some((n as u32, a.clone()??)))
+                        .collect();
+                    for n in 0..k {
+                        send_to(
+                            n,
+                            &ToPct::Peers {
+                                peers: peers.clone(),
+                            },
+                        );
+                    }
+                }
             }
             Ev::Msg(i, FromPct::JobDone) => done[i] = true,
             Ev::Msg(i, FromPct::Refused { reason }) => {
@@ -517,7 +533,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                 lost.push(names[i].clone());
                 eprintln!("yod: node {} lost ({why}); ending job {job}", names[i]);
                 if spec.local {
-                    pct::job::kill_job_leftovers(&job, &pgids[i]);
+                    pct::job::kill_job_leftovers(&job, i as u32);
                 }
                 if code_override.is_none() && first_failure.is_none() {
                     code_override = Some(EXIT_NODE_LOST);

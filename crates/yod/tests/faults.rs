@@ -168,10 +168,29 @@ fn yod_sigkilled_mid_job_leaves_nothing_behind() {
     .spawn()
     .unwrap();
     wait_running(&m, 4);
+    // The job's QK regions exist now (held by the ranks) — the check below can see them.
+    let held = memfds_held_by(&procs_with_env(&format!("{MARK}={m}")));
+    assert!(
+        !held.is_empty(),
+        "no runtime memfd found while the job runs"
+    );
     let yod_pid = child.id();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert_nothing_left(&m, None);
+    let job = held[0]
+        .rsplit("job")
+        .next()
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        memfds_with(&job).is_empty(),
+        "segments of job {job} remain: {:?}",
+        memfds_with(&job)
+    );
     // The embedded partition's private directory (key, sockets, node maps) is gone too.
     let prefix = format!("yod-{yod_pid}-");
     let mut dirs = vec![std::env::temp_dir()];

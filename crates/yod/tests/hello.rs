@@ -242,3 +242,23 @@ fn profiling_variant_records_every_rank_and_pinning_follows_the_mode() {
         assert!(recs.iter().all(|r| r.split('\t').count() == 7));
     }
 }
+
+#[test]
+fn ranks_on_two_virtual_nodes_exchange_messages_through_the_qk_node_engines() {
+    // Rank 0 on local0, rank 1 on local1: every message crosses the PCTs' node
+    // engines (TCP on loopback), set up by the two-phase load.
+    let out = run_yod(&[
+        "-n",
+        "2",
+        "--nodes",
+        "2",
+        "--label",
+        "sh",
+        "-c",
+        &qk_pair_script(),
+    ]);
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{so}\n{}", text(&out.stderr));
+    assert!(so.contains("0: OK kinds target ok"), "{so}");
+    assert!(so.contains("1: OK kinds initiator ok"), "{so}");
+}

@@ -184,6 +184,33 @@ fn exclusive_multinode_job_lost_node_and_recovery() {
         assert!(so.lines().any(|l| l == want), "missing {want:?} in\n{so}");
     }
 
+    // 1b. Two ranks on two namespaces exchange messages over the QK node engines (TCP).
+    let out = yod_in(
+        &net.hub,
+        dir.path(),
+        &[
+            "-n",
+            "2",
+            "--ppn",
+            "1",
+            "--label",
+            "--partition",
+            &p,
+            "sh",
+            "-c",
+            &qk_pair_script(),
+        ],
+        &m,
+    )
+    .output()
+    .unwrap();
+    let so = text(&out.stdout);
+    assert!(out.status.success(), "{so}\n{}", text(&out.stderr));
+    assert!(
+        so.contains("0: OK kinds target ok") && so.contains("1: OK kinds initiator ok"),
+        "{so}"
+    );
+
     // 2. Kill one PCT mid-job: clear error within 2 s.
     let mut job = yod_in(
         &net.hub,
@@ -245,6 +272,13 @@ fn exclusive_multinode_job_lost_node_and_recovery() {
         wait_for(Duration::from_secs(2), || procs_with_env(&kv).is_empty()),
         "left behind: {:?}",
         procs_with_env(&kv)
+            .iter()
+            .map(|p| (
+                p,
+                std::fs::read_to_string(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+                std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()
+            ))
+            .collect::<Vec<_>>()
     );
     drop(net);
 }

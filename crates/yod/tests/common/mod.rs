@@ -23,7 +23,28 @@ pub fn qk_attach() -> PathBuf {
     P.get_or_init(|| example("pct", "qk_attach")).clone()
 }
 
+/// target/<profile>/qk-test-rank (the QK's test rank, run here as a real rank).
+pub fn qk_test_rank() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| build("qk", "--bin", "qk-test-rank"))
+        .clone()
+}
+
+/// A shell script for 2 ranks: rank 0 is the target, rank 1 the initiator of the
+/// QK's "kinds" scenario (puts, gets, acks, large messages) through the fabric.
+pub fn qk_pair_script() -> String {
+    let b = qk_test_rank().display().to_string();
+    format!(
+        "if [ $PUMA_RANK = 0 ]; then exec {b} --fd $PUMA_QK_FD --port $PUMA_LOCAL_RANK portals --job $PUMA_JOB kinds-target --peer 1 --large 65536; \
+         else exec {b} --fd $PUMA_QK_FD --port $PUMA_LOCAL_RANK portals --job $PUMA_JOB kinds-initiator --peer 0 --large 65536; fi"
+    )
+}
+
 fn example(pkg: &str, name: &str) -> PathBuf {
+    build(pkg, "--example", name)
+}
+
+fn build(pkg: &str, kind: &str, name: &str) -> PathBuf {
     {
         {
             let bin = Path::new(yod()).parent().unwrap().to_path_buf();
@@ -31,15 +52,19 @@ fn example(pkg: &str, name: &str) -> PathBuf {
             let profile = bin.file_name().unwrap().to_str().unwrap().to_string();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "-p", pkg, "--example", name])
+            cmd.args(["build", "--quiet", "-p", pkg, kind, name])
                 .arg("--target-dir")
                 .arg(&target_dir);
             if profile == "release" {
                 cmd.arg("--release");
             }
             let st = cmd.status().expect("run cargo to build the hello example");
-            assert!(st.success(), "building the {name} example failed");
-            let p = bin.join("examples").join(name);
+            assert!(st.success(), "building {name} failed");
+            let p = if kind == "--example" {
+                bin.join("examples").join(name)
+            } else {
+                bin.join(name)
+            };
             assert!(p.is_file(), "{} missing", p.display());
             p
         }
@@ -88,7 +113,8 @@ pub fn procs_with(needle: &str) -> Vec<u32> {
     out
 }
 
-/// memfds named after `job_part` held by any process.
+/// memfds of the runtime (`memfd:puma-job-<id>` job segments, `memfd:puma-qk-job<id>`
+/// QK regions) whose name contains `job_part`, held by any process.
 pub fn memfds_with(job_part: &str) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -98,8 +124,27 @@ pub fn memfds_with(job_part: &str) -> Vec<String> {
         for fd in fds.flatten() {
             if let Ok(l) = std::fs::read_link(fd.path()) {
                 let l = l.to_string_lossy().into_owned();
-                if l.contains("memfd:puma-job-") && l.contains(job_part) {
+                if l.contains("memfd:puma-") && l.contains(job_part) {
                     out.push(format!("{}: {l}", e.path().display()));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runtime memfds held by the given processes.
+pub fn memfds_held_by(pids: &[u32]) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(l) = std::fs::read_link(fd.path()) {
+                let l = l.to_string_lossy().into_owned();
+                if l.contains("memfd:puma-") {
+                    out.push(format!("{p}: {l}"));
                 }
             }
         }
