@@ -46,6 +46,9 @@ pub(crate) const EAGER_COMPLETE: u64 = 64 * 1024;
 /// runs further ahead waits (the receiver's unexpected descriptors stay bounded, nothing drops).
 const SEND_WINDOW: u32 = 512;
 
+/// Below this job heap per rank, large private payloads go by cross-memory attach.
+const SMALL_HEAP: u64 = 16 << 20;
+
 /// How long an oversubscribed waiter polls and yields before it blocks in the QK.
 const YIELD_PHASE: Duration = Duration::from_millis(5);
 
@@ -173,6 +176,8 @@ pub(crate) struct Core {
     unfinished: RefCell<HashMap<u32, u32>>,
     /// More ranks on this node than cores: waiters yield instead of spinning.
     oversubscribed: bool,
+    /// The job heap is too small for bounce copies (cross-memory attach is the private path).
+    small_heap: bool,
     _fabric: Option<qk::NodeFabric>,
 }
 
@@ -192,6 +197,12 @@ impl Core {
             ..
         } = a;
         let job = ep.job();
+        // A small job heap (the PCT's default is 1 MiB per rank) cannot hold bounce copies of
+        // large messages: let receivers read private buffers straight from this process.
+        let small_heap = region.layout.heap_per_rank < SMALL_HEAP;
+        if small_heap {
+            ep.set_private_path(PrivatePath::CrossMemoryAttach);
+        }
         let unex_buf = ep.alloc_private(UNEX_HEAP);
         let unex_hdr_buf = ep.alloc_private(UNEX_HDR_MAX as u64 * (HEADER_LEN as u64 + 8));
         let done_buf = ep.alloc_private(1024 * (HEADER_LEN as u64 + 8));
@@ -278,6 +289,7 @@ impl Core {
             zero_md,
             next_ctx: Cell::new(2),
             oversubscribed: local_ranks > cores,
+            small_heap,
             unfinished: RefCell::new(HashMap::new()),
             _fabric: fabric,
         })
@@ -730,7 +742,9 @@ impl Core {
             Err(QkError::HeapExhausted { .. }) if !buf.shared => {
                 self.ep().set_private_path(PrivatePath::CrossMemoryAttach);
                 let r = self.ep().put(args);
-                self.ep().set_private_path(PrivatePath::Bounce);
+                if !self.small_heap {
+                    self.ep().set_private_path(PrivatePath::Bounce);
+                }
                 r
             }
             r => r,
