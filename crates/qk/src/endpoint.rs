@@ -522,10 +522,21 @@ impl Endpoint {
             // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
             let first = plan.body.first();
             let inner = &mut *g;
-            match inner
-                .mem
-                .with_slice(first.addr, first.len, |s| inner.port.try_send(d, &hdr, s))
-            {
+            let tiny = first.len <= 8 && hdr.flags & flag::ACK_REQ == 0 && hdr.op == op::PUT;
+            match inner.mem.with_slice(first.addr, first.len, |s| {
+                if tiny {
+                    let mut w = [0u8; 8];
+                    w[..s.len()].copy_from_slice(s);
+                    let h8 = Hdr {
+                        flags: hdr.flags | flag::INLINE8,
+                        aux: u64::from_le_bytes(w),
+                        ..hdr
+                    };
+                    inner.port.try_send(d, &h8, &[])
+                } else {
+                    inner.port.try_send(d, &hdr, s)
+                }
+            }) {
                 Some(true) => {
                     inner
                         .engine
@@ -887,6 +898,7 @@ pub fn hdr_from_wire(h: &WireHeader) -> Hdr {
 /// Portals header from a fabric header that arrived from `src` for `dst`.
 pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
     let (opv, rlength, return_offset) = match h.op {
+        op::PUT if h.flags & flag::INLINE8 != 0 => (Op::Put, h.length, 0),
         op::PUT => (Op::Put, h.length, h.aux),
         op::GET => (Op::Get, h.length, h.aux),
         op::REPLY => (Op::Reply, h.aux, 0),
@@ -1122,6 +1134,16 @@ impl Ctx<'_> {
         if inline_len > m.body.len() as u64 || inline_len > self.region.eager_max as u64 {
             return self.drop_msg(DropReason::Malformed);
         }
+        let tiny = h.flags & flag::INLINE8 != 0;
+        if tiny && (h.op != op::PUT || large || h.length > 8 || h.flags & flag::ACK_REQ != 0) {
+            return self.drop_msg(DropReason::Malformed);
+        }
+        let word = h.aux.to_le_bytes();
+        let body: &[u8] = if tiny {
+            &word[..h.length as usize]
+        } else {
+            m.body
+        };
         let lref = if large {
             match decode_ref(m.body) {
                 Some(r) => Some(r),
@@ -1167,7 +1189,7 @@ impl Ctx<'_> {
             Op::Put | Op::Reply if lref.is_none() && plan.body.is_contiguous() => {
                 let first = plan.body.first();
                 let n = first.len as usize;
-                if n > m.body.len() || !self.mem.write(first.addr, &m.body[..n]) {
+                if n > body.len() || !self.mem.write(first.addr, &body[..n]) {
                     self.drop_msg(DropReason::BadMemory);
                 }
                 self.region.bump(me_port, slot::DELIVERED, 1);
@@ -1185,7 +1207,7 @@ impl Ctx<'_> {
                         None => {
                             let a = s.msg_offset as usize;
                             let b = a + s.len as usize;
-                            b <= m.body.len() && self.mem.write(s.addr, &m.body[a..b])
+                            b <= body.len() && self.mem.write(s.addr, &body[a..b])
                         }
                         Some((src, _)) if h.flags & flag::HEAP != 0 => {
                             let src = self

@@ -38,8 +38,11 @@ pub mod flag {
     /// The payload is not in the queue: `src_ref` is an address in the sender's process, to be
     /// read with cross-memory attach.
     pub const CMA: u8 = 8;
+    /// Put of at most 8 bytes without ack: the payload travels in `aux`, so the whole message is
+    /// one 64-byte record (one cache line).
+    pub const INLINE8: u8 = 16;
     /// Every defined bit.
-    pub const KNOWN: u8 = ACK_REQ | TRUNCATED | HEAP | CMA;
+    pub const KNOWN: u8 = ACK_REQ | TRUNCATED | HEAP | CMA | INLINE8;
 }
 
 /// The fabric header. Field use by op:
@@ -126,7 +129,9 @@ impl Hdr {
     /// Bytes of payload that travel inside the queue with this header.
     pub fn inline_len(&self) -> u64 {
         match self.op {
-            op::PUT | op::REPLY | op::RAW if self.flags & (flag::HEAP | flag::CMA) == 0 => {
+            op::PUT | op::REPLY | op::RAW
+                if self.flags & (flag::HEAP | flag::CMA | flag::INLINE8) == 0 =>
+            {
                 self.length
             }
             _ => 0,

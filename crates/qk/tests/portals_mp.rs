@@ -237,8 +237,24 @@ fn exclusive_integrity_under_load_a_million_messages() {
     let t0 = std::time::Instant::now();
     let rc = spawn(&fab, 1, "heater", &r);
     let sc = spawn(&fab, 0, "heater", &s);
-    let so = finish(sc);
-    let ro = finish(rc);
+    let (so, ro) = (
+        sc.wait_with_output().expect("wait"),
+        rc.wait_with_output().expect("wait"),
+    );
+    let text = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(
+        so.status.success() && ro.status.success(),
+        "sender: {}\nreceiver: {}",
+        text(&so),
+        text(&ro)
+    );
+    let (so, ro) = (text(&so), text(&ro));
     eprintln!("{so}{ro}in {:?}", t0.elapsed());
     assert!(
         ro.contains(&format!("stress received {count} messages")),

@@ -495,14 +495,23 @@ fn stress_recv(ep: &mut Endpoint, peer: u32, count: u64, max: u64, seed: u64) ->
             batch_b = 0;
         }
         let off = sizes.next() % (poolv.len() as u64 - n + 1);
-        let ev = ep.eq_wait(eq, WAIT)?;
+        let ev = match ep.eq_wait(eq, WAIT) {
+            Ok(ev) => ev,
+            Err(e) => {
+                let st = ep.stats();
+                let d: Vec<_> = st.drops.iter().filter(|d| d.1 > 0).collect();
+                return Err(format!("message {seq}: {e}; drops {d:?}").into());
+            }
+        };
         if ev.kind != EventKind::Put {
             return Err(format!("message {seq}: unexpected event {:?}", ev.kind).into());
         }
         if ev.hdr_data != seq {
+            let st = ep.stats();
+            let d: Vec<_> = st.drops.iter().filter(|d| d.1 > 0).collect();
             return Err(format!(
-                "message {} arrived when {seq} was expected (reordered or lost)",
-                ev.hdr_data
+                "message {} ({} bytes) arrived when {seq} ({n} bytes) was expected (reordered or lost); drops {d:?}",
+                ev.hdr_data, ev.mlength
             )
             .into());
         }
