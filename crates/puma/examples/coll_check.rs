@@ -1,0 +1,230 @@
+//! Checks every collective against a serial computation, for many sizes, with random inputs.
+//! Every rank draws the same pseudo-random data for every rank from `--seed`, so each can compute
+//! the serial answer itself. Run: `yod -n 5 target/debug/examples/coll_check --seed 7`.
+//! `--mismatch` makes the last rank pass a shorter buffer to an all-reduce (must be an error).
+
+use clap::Parser;
+use puma::{Comm, Error, Max, Min, Product, Result, Sum, UserOp};
+
+/// Verify the collectives against serial results.
+#[derive(Parser)]
+struct Args {
+    /// Seed of the random inputs.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Element counts to try.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,1,3,17,255,1000,4099,30000"
+    )]
+    sizes: Vec<usize>,
+    /// Make the last rank's all-reduce buffer shorter (expects a clear error).
+    #[arg(long)]
+    mismatch: bool,
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn data(seed: u64, rank: u32, n: usize, salt: u64) -> Vec<i64> {
+    (0..n)
+        .map(|i| mix(seed ^ (rank as u64) << 40 ^ (i as u64) << 8 ^ salt) as i64 % 1000)
+        .collect()
+}
+
+fn fail(what: String) -> Error {
+    Error::Invalid(format!("check failed: {what}"))
+}
+
+fn expect<T: PartialEq + std::fmt::Debug>(what: &str, got: &[T], want: &[T]) -> Result<()> {
+    if got != want {
+        let i = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(0);
+        return Err(fail(format!(
+            "{what}: {} elements, first difference at {i}: {:?} vs {:?}",
+            want.len(),
+            got.get(i),
+            want.get(i)
+        )));
+    }
+    Ok(())
+}
+
+fn serial(p: u32, seed: u64, n: usize, salt: u64, f: impl Fn(i64, i64) -> i64) -> Vec<i64> {
+    let mut acc = data(seed, 0, n, salt);
+    for r in 1..p {
+        for (a, b) in acc.iter_mut().zip(data(seed, r, n, salt)) {
+            *a = f(*a, b);
+        }
+    }
+    acc
+}
+
+fn check_size(w: &Comm, seed: u64, n: usize, checks: &mut u32) -> Result<()> {
+    let (me, p) = (w.rank(), w.size());
+    let salt = n as u64;
+    let mine = data(seed, me, n, salt);
+    let mut out = vec![0i64; n];
+    w.all_reduce(&mine, &mut out, Sum)?;
+    expect(
+        "all-reduce sum",
+        &out,
+        &serial(p, seed, n, salt, |a, b| a.wrapping_add(b)),
+    )?;
+    w.all_reduce(&mine, &mut out, Min)?;
+    expect(
+        "all-reduce min",
+        &out,
+        &serial(p, seed, n, salt, |a, b| a.min(b)),
+    )?;
+    w.all_reduce(&mine, &mut out, Max)?;
+    expect(
+        "all-reduce max",
+        &out,
+        &serial(p, seed, n, salt, |a, b| a.max(b)),
+    )?;
+    w.all_reduce(&mine, &mut out, Product)?;
+    expect(
+        "all-reduce product",
+        &out,
+        &serial(p, seed, n, salt, |a, b| a.wrapping_mul(b)),
+    )?;
+    w.all_reduce(&mine, &mut out, UserOp(|a: i64, b: i64| a ^ b))?;
+    expect(
+        "all-reduce closure (xor)",
+        &out,
+        &serial(p, seed, n, salt, |a, b| a ^ b),
+    )?;
+    // Floating point: sums of small integers are exact.
+    let fm: Vec<f64> = mine.iter().map(|&x| x as f64).collect();
+    let mut fo = vec![0f64; n];
+    w.all_reduce(&fm, &mut fo, Sum)?;
+    let fw: Vec<f64> = serial(p, seed, n, salt, |a, b| a + b)
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    expect("all-reduce f64 sum", &fo, &fw)?;
+    *checks += 6;
+
+    for root in [0, p - 1, p / 2] {
+        let mut r = vec![0i64; n];
+        w.reduce(&mine, (me == root).then_some(&mut r[..]), root, Sum)?;
+        if me == root {
+            expect(
+                "reduce sum",
+                &r,
+                &serial(p, seed, n, salt, |a, b| a.wrapping_add(b)),
+            )?;
+        }
+        let mut b = if me == root {
+            data(seed, root, n, salt ^ 1)
+        } else {
+            vec![0; n]
+        };
+        w.broadcast(&mut b, root)?;
+        expect("broadcast", &b, &data(seed, root, n, salt ^ 1))?;
+        let mut g = vec![0i64; n * p as usize];
+        w.gather(&mine, (me == root).then_some(&mut g[..]), root)?;
+        let all: Vec<i64> = (0..p).flat_map(|r| data(seed, r, n, salt)).collect();
+        if me == root {
+            expect("gather", &g, &all)?;
+        }
+        let src: Vec<i64> = (0..p).flat_map(|r| data(seed, r, n, salt ^ 2)).collect();
+        let mut s = vec![0i64; n];
+        w.scatter((me == root).then_some(&src[..]), &mut s, root)?;
+        expect("scatter", &s, &data(seed, me, n, salt ^ 2))?;
+        *checks += 4;
+    }
+    let mut ag = vec![0i64; n * p as usize];
+    w.all_gather(&mine, &mut ag)?;
+    let all: Vec<i64> = (0..p).flat_map(|r| data(seed, r, n, salt)).collect();
+    expect("all-gather", &ag, &all)?;
+    // All-to-all: block j of rank i is data(i, salt ^ (j+3)).
+    let blk = n / p as usize + 1;
+    let send: Vec<i64> = (0..p)
+        .flat_map(|j| data(seed, me, blk, salt ^ (j as u64 + 3)))
+        .collect();
+    let mut recv = vec![0i64; send.len()];
+    w.all_to_all(&send, &mut recv)?;
+    let want: Vec<i64> = (0..p)
+        .flat_map(|i| data(seed, i, blk, salt ^ (me as u64 + 3)))
+        .collect();
+    expect("all-to-all", &recv, &want)?;
+    w.barrier()?;
+    *checks += 3;
+    Ok(())
+}
+
+fn run(a: &Args) -> Result<()> {
+    let u = puma::start()?;
+    let w = u.world();
+    let (me, p) = (w.rank(), w.size());
+    if a.mismatch {
+        let n = if me == p - 1 { 5 } else { 8 };
+        let mut out = vec![0u32; n];
+        w.all_reduce(&vec![1u32; n], &mut out, Sum)?;
+        println!("rank {me}: mismatched all-reduce returned without error");
+        return Ok(());
+    }
+    let mut checks = 0;
+    for &n in &a.sizes {
+        check_size(&w, a.seed, n, &mut checks)?;
+    }
+    // Sub-communicators: split by parity, ordered by descending rank; dup keeps traffic apart.
+    let sub = w
+        .split(Some(me % 2), -(me as i32))?
+        .ok_or_else(|| fail("split gave None".into()))?;
+    let members: Vec<u32> = (0..p).filter(|r| r % 2 == me % 2).rev().collect();
+    if sub.size() as usize != members.len() || members[sub.rank() as usize] != me {
+        return Err(fail(format!(
+            "split: rank {} of {} for world rank {me}",
+            sub.rank(),
+            sub.size()
+        )));
+    }
+    let mut s = [0u64];
+    sub.all_reduce(&[me as u64], &mut s, Sum)?;
+    if s[0] != members.iter().map(|&r| r as u64).sum::<u64>() {
+        return Err(fail(format!("split all-reduce gave {}", s[0])));
+    }
+    let none = w.split(None, 0)?;
+    if none.is_some() {
+        return Err(fail("split(None) gave a communicator".into()));
+    }
+    let d = w.dup()?;
+    if p > 1 {
+        // Same tag on both communicators; receive in the opposite order: no mixing.
+        if me == 0 {
+            w.send(&[1u32], 1, 5)?;
+            d.send(&[2u32], 1, 5)?;
+        } else if me == 1 {
+            let mut x = [0u32];
+            d.recv(&mut x, 0, 5)?;
+            let mut y = [0u32];
+            w.recv(&mut y, 0, 5)?;
+            if (x[0], y[0]) != (2, 1) {
+                return Err(fail(format!("dup traffic mixed: {x:?} {y:?}")));
+            }
+        }
+    }
+    check_size(&d, a.seed + 1, 100, &mut checks)?;
+    checks += 3;
+    let mut total = [0u32];
+    w.reduce(&[checks], Some(&mut total), 0, Sum)?;
+    if me == 0 {
+        println!("coll-check OK: {p} ranks, {} checks passed", total[0]);
+    }
+    Ok(())
+}
+
+fn main() {
+    let a = Args::parse();
+    if let Err(e) = run(&a) {
+        eprintln!("coll_check: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,120 @@
+//! One rank of the collective benchmark (started by `puma-coll-bench` through yod; the MPI peer
+//! `bench-peers/coll_peer.c` does exactly the same through MPI). For every operation and size it
+//! times one call, picks an iteration count filling about `--target-ms` (rank 0 decides and
+//! broadcasts it), then times `--reps` repetitions of that many calls. Rank 0 prints
+//! `<op> <bytes> <min_us> <median_us> <max_us>` per operation and size (time per call).
+
+use clap::Parser;
+use puma::{Comm, Result, Sum};
+use std::time::Instant;
+
+/// A rank of the OSU-style collective benchmark.
+#[derive(Parser)]
+struct Args {
+    /// Operations: barrier, bcast, allreduce, alltoall.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "barrier,bcast,allreduce,alltoall"
+    )]
+    ops: Vec<String>,
+    /// Largest size in bytes (sizes go 8, 64, 512, ... by 8x, plus the maximum).
+    #[arg(long, default_value_t = 1 << 20)]
+    max: usize,
+    /// Largest all-to-all block in bytes.
+    #[arg(long, default_value_t = 64 << 10)]
+    max_alltoall: usize,
+    /// Repetitions per size.
+    #[arg(long, default_value_t = 7)]
+    reps: usize,
+    /// Wall time one repetition aims for.
+    #[arg(long, default_value_t = 20)]
+    target_ms: u64,
+}
+
+fn sizes(max: usize) -> Vec<usize> {
+    let mut v = Vec::new();
+    let mut s = 8;
+    while s < max {
+        v.push(s);
+        s *= 8;
+    }
+    v.push(max);
+    v
+}
+
+fn once(
+    w: &Comm,
+    op: &str,
+    bytes: usize,
+    a: &mut [u8],
+    b: &mut [u8],
+    f: &[f32],
+    g: &mut [f32],
+) -> Result<()> {
+    match op {
+        "barrier" => w.barrier(),
+        "bcast" => w.broadcast(&mut a[..bytes], 0),
+        "allreduce" => w.all_reduce(&f[..bytes / 4], &mut g[..bytes / 4], Sum),
+        "alltoall" => {
+            let n = bytes * w.size() as usize;
+            w.all_to_all(&a[..n], &mut b[..n])
+        }
+        other => Err(puma::Error::Invalid(format!("unknown operation {other}"))),
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    let u = puma::start()?;
+    let w = u.world();
+    let p = w.size() as usize;
+    let big = args.max.max(args.max_alltoall * p);
+    let mut a = vec![1u8; big];
+    let mut b = vec![0u8; big];
+    let f = vec![1.0f32; args.max / 4 + 1];
+    let mut g = vec![0.0f32; args.max / 4 + 1];
+    for op in &args.ops {
+        let list = match op.as_str() {
+            "barrier" => vec![0],
+            "alltoall" => sizes(args.max_alltoall),
+            _ => sizes(args.max),
+        };
+        for &bytes in &list {
+            w.barrier()?;
+            let t0 = Instant::now();
+            once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
+            once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
+            let one = t0.elapsed().as_secs_f64() / 2.0;
+            let mut iters =
+                [((args.target_ms as f64 / 1e3) / one.max(1e-7)).clamp(2.0, 20_000.0) as u32];
+            w.broadcast(&mut iters, 0)?;
+            let mut times = Vec::new();
+            for _ in 0..args.reps {
+                w.barrier()?;
+                let t0 = Instant::now();
+                for _ in 0..iters[0] {
+                    once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
+                }
+                times.push(t0.elapsed().as_secs_f64() * 1e6 / iters[0] as f64);
+            }
+            times.sort_by(f64::total_cmp);
+            if w.rank() == 0 {
+                println!(
+                    "{op} {bytes} {:.3} {:.3} {:.3}",
+                    times[0],
+                    times[times.len() / 2],
+                    times[times.len() - 1]
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() {
+    let a = Args::parse();
+    if let Err(e) = run(&a) {
+        eprintln!("puma-coll-rank: {e}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,740 @@
+//! Collective operations. Every call takes the communicator's collective context (its context
+//! id + 1) and a fresh sequence number as tag, so collectives never match point-to-point
+//! traffic nor each other.
+//!
+//! Algorithm choice (`n` = bytes per rank, `p` = ranks, "multi-node" = the communicator spans
+//! more than one node of the node map and some node holds several of its ranks):
+//!
+//! | operation   | small (`n ≤` limit)                                   | large                                      | limit   |
+//! |-------------|--------------------------------------------------------|--------------------------------------------|---------|
+//! | barrier     | dissemination (⌈log₂ p⌉ rounds)                        | —                                          | —       |
+//! | broadcast   | binomial tree; multi-node: leaders first, then per node | scatter + ring all-gather                  | 64 KiB  |
+//! | reduce      | binomial tree; multi-node: per node first, then leaders | ring reduce-scatter + gather to the root   | 64 KiB  |
+//! | all-reduce  | recursive doubling (non-powers of two fold the extra ranks in); multi-node: node reduce, doubling among leaders, node broadcast | ring reduce-scatter + ring all-gather, ranks ordered by node | 16 KiB |
+//! | gather      | binomial tree                                          | direct (root receives from everyone)       | 64 KiB total |
+//! | scatter     | binomial tree                                          | direct                                     | 64 KiB total |
+//! | all-gather  | binomial gather + binomial broadcast                   | ring                                       | 64 KiB total |
+//! | all-to-all  | all messages posted at once                            | pairwise exchange (p − 1 steps)            | 1 KiB per block |
+
+use bytemuck::Pod;
+
+use crate::comm::{wait_all, Comm, Request, Source};
+use crate::error::{Error, Result};
+use crate::ops::Operation;
+
+/// Broadcast and reduce switch algorithms above this many bytes.
+pub const BCAST_LONG: usize = 64 * 1024;
+/// All-reduce switches to the ring above this many bytes.
+pub const ALLREDUCE_LONG: usize = 16 * 1024;
+/// Gather, scatter and all-gather switch above this many bytes in total.
+pub const GATHER_LONG: usize = 64 * 1024;
+/// All-to-all switches to pairwise exchange above this many bytes per block.
+pub const ALLTOALL_LONG: usize = 1024;
+
+fn bytes<T: Pod>(v: &[T]) -> &[u8] {
+    bytemuck::cast_slice(v)
+}
+fn bytes_mut<T: Pod>(v: &mut [T]) -> &mut [u8] {
+    bytemuck::cast_slice_mut(v)
+}
+
+/// Element range of chunk `i` of `n` elements cut in `k` pieces.
+fn chunk(n: usize, k: usize, i: usize) -> std::ops::Range<usize> {
+    (i * n / k)..((i + 1) * n / k)
+}
+
+impl Comm {
+    fn coll_tag(&self) -> u32 {
+        let t = self.coll_seq.get();
+        self.coll_seq.set(t.wrapping_add(1));
+        t & 0x7fff_ffff
+    }
+
+    fn xsend(&self, data: &[u8], to: u32, tag: u32) -> Result<Request<'static>> {
+        self.isend_bytes(data, to, self.ctx + 1, tag)
+    }
+
+    fn xirecv<'a>(&self, buf: &'a mut [u8], from: u32, tag: u32) -> Result<Request<'a>> {
+        self.irecv_bytes(buf, Source::Rank(from), self.ctx + 1, tag as i32)
+    }
+
+    fn check(op: &'static str, r: Result<crate::Status>, want: usize) -> Result<()> {
+        match r {
+            Ok(st) if st.bytes == want as u64 => Ok(()),
+            Ok(st) => Err(Error::SizeMismatch {
+                op,
+                detail: format!(
+                    "rank {} contributed {} bytes where this rank expects {want}",
+                    st.source, st.bytes
+                ),
+            }),
+            Err(Error::Truncated {
+                from, sent, cap, ..
+            }) => Err(Error::SizeMismatch {
+                op,
+                detail: format!(
+                    "rank {from} contributed {sent} bytes where this rank expects {cap}"
+                ),
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn xrecv(&self, buf: &mut [u8], from: u32, tag: u32, op: &'static str) -> Result<()> {
+        let want = buf.len();
+        let r = self.xirecv(buf, from, tag)?.wait();
+        Self::check(op, r, want)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn xsendrecv(
+        &self,
+        data: &[u8],
+        to: u32,
+        buf: &mut [u8],
+        from: u32,
+        tag: u32,
+        op: &'static str,
+    ) -> Result<()> {
+        let want = buf.len();
+        let r = self.xirecv(buf, from, tag)?;
+        let s = self.xsend(data, to, tag)?;
+        Self::check(op, r.wait(), want)?;
+        s.wait().map(|_| ())
+    }
+
+    /// Members grouped by node, in order of first appearance; each group in rank order.
+    fn node_groups(&self) -> Vec<Vec<u32>> {
+        let mut groups: Vec<(u32, Vec<u32>)> = Vec::new();
+        for (r, &n) in self.group.nodes.iter().enumerate() {
+            match groups.iter_mut().find(|g| g.0 == n) {
+                Some(g) => g.1.push(r as u32),
+                None => groups.push((n, vec![r as u32])),
+            }
+        }
+        groups.into_iter().map(|g| g.1).collect()
+    }
+
+    /// Node groups when a two-level algorithm pays (several nodes, some with several ranks).
+    fn hierarchy(&self) -> Option<Vec<Vec<u32>>> {
+        let g = self.node_groups();
+        (g.len() > 1 && g.len() < self.size() as usize).then_some(g)
+    }
+
+    /// Members ordered node by node (rings cross each node boundary once).
+    fn node_order(&self) -> Vec<u32> {
+        self.node_groups().concat()
+    }
+
+    fn pos(members: &[u32], r: u32) -> usize {
+        members.iter().position(|&m| m == r).unwrap_or(0)
+    }
+
+    // ---------------------------------------------------------------- building blocks
+
+    fn tree_bcast(&self, members: &[u32], root: usize, buf: &mut [u8], tag: u32) -> Result<()> {
+        let g = members.len();
+        if g <= 1 {
+            return Ok(());
+        }
+        let rel = (Self::pos(members, self.rank) + g - root) % g;
+        let mut mask = 1;
+        while mask < g {
+            if rel & mask != 0 {
+                let src = members[(rel - mask + root) % g];
+                self.xrecv(buf, src, tag, "broadcast")?;
+                break;
+            }
+            mask <<= 1;
+        }
+        mask >>= 1;
+        let mut reqs = Vec::new();
+        while mask > 0 {
+            if rel + mask < g {
+                reqs.push(self.xsend(buf, members[(rel + mask + root) % g], tag)?);
+            }
+            mask >>= 1;
+        }
+        wait_all(reqs).map(|_| ())
+    }
+
+    fn tree_reduce<T: Pod>(
+        &self,
+        members: &[u32],
+        root: usize,
+        acc: &mut [T],
+        op: &dyn Operation<T>,
+        tag: u32,
+    ) -> Result<()> {
+        let g = members.len();
+        let rel = (Self::pos(members, self.rank) + g - root) % g;
+        let mut tmp = vec![T::zeroed(); acc.len()];
+        let mut mask = 1;
+        while mask < g {
+            if rel & mask == 0 {
+                let src = rel | mask;
+                if src < g {
+                    self.xrecv(
+                        bytes_mut(&mut tmp),
+                        members[(src + root) % g],
+                        tag,
+                        "reduce",
+                    )?;
+                    op.combine(acc, &tmp);
+                }
+            } else {
+                let dst = members[((rel & !mask) + root) % g];
+                self.xsend(bytes(acc), dst, tag)?.wait()?;
+                break;
+            }
+            mask <<= 1;
+        }
+        Ok(())
+    }
+
+    fn rd_allreduce<T: Pod>(
+        &self,
+        members: &[u32],
+        acc: &mut [T],
+        op: &dyn Operation<T>,
+        tag: u32,
+    ) -> Result<()> {
+        let g = members.len();
+        if g <= 1 {
+            return Ok(());
+        }
+        let me = Self::pos(members, self.rank);
+        let mut pof2 = 1;
+        while pof2 * 2 <= g {
+            pof2 *= 2;
+        }
+        let rem = g - pof2;
+        let mut tmp = vec![T::zeroed(); acc.len()];
+        let newrank = if me < 2 * rem {
+            if me % 2 == 0 {
+                self.xsend(bytes(acc), members[me + 1], tag)?.wait()?;
+                None
+            } else {
+                self.xrecv(bytes_mut(&mut tmp), members[me - 1], tag, "all-reduce")?;
+                op.combine(acc, &tmp);
+                Some(me / 2)
+            }
+        } else {
+            Some(me - rem)
+        };
+        if let Some(nr) = newrank {
+            let mut mask = 1;
+            while mask < pof2 {
+                let pn = nr ^ mask;
+                let p = members[if pn < rem { pn * 2 + 1 } else { pn + rem }];
+                self.xsendrecv(bytes(acc), p, bytes_mut(&mut tmp), p, tag, "all-reduce")?;
+                op.combine(acc, &tmp);
+                mask <<= 1;
+            }
+        }
+        if me < 2 * rem {
+            if me % 2 == 1 {
+                self.xsend(bytes(acc), members[me - 1], tag)?.wait()?;
+            } else {
+                self.xrecv(bytes_mut(acc), members[me + 1], tag, "all-reduce")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ring reduce-scatter: afterwards this rank holds the reduced chunk `(pos + 1) % g`.
+    fn ring_reduce_scatter<T: Pod>(
+        &self,
+        members: &[u32],
+        acc: &mut [T],
+        op: &dyn Operation<T>,
+        tag: u32,
+    ) -> Result<usize> {
+        let g = members.len();
+        let n = acc.len();
+        let me = Self::pos(members, self.rank);
+        let next = members[(me + 1) % g];
+        let prev = members[(me + g - 1) % g];
+        let mut tmp = vec![T::zeroed(); n / g + 1];
+        for step in 0..g - 1 {
+            let s = chunk(n, g, (me + g - step) % g);
+            let r = chunk(n, g, (me + 2 * g - step - 1) % g);
+            let t = &mut tmp[..r.len()];
+            let rq = self.xirecv(bytes_mut(t), prev, tag)?;
+            let sq = self.xsend(bytes(&acc[s]), next, tag)?;
+            Self::check("reduce", rq.wait(), r.len() * std::mem::size_of::<T>())?;
+            sq.wait()?;
+            op.combine(&mut acc[r.clone()], &tmp[..r.len()]);
+        }
+        Ok((me + 1) % g)
+    }
+
+    /// Ring all-gather of chunks: this rank starts with chunk `first` complete.
+    fn ring_allgather_chunks(
+        &self,
+        members: &[u32],
+        buf: &mut [u8],
+        elem: usize,
+        first: usize,
+        tag: u32,
+    ) -> Result<()> {
+        let g = members.len();
+        let n = buf.len() / elem.max(1);
+        let me = Self::pos(members, self.rank);
+        let next = members[(me + 1) % g];
+        let prev = members[(me + g - 1) % g];
+        let mut tmp = vec![0u8; (n / g + 1) * elem];
+        let span = |c: usize| {
+            let r = chunk(n, g, c);
+            r.start * elem..r.end * elem
+        };
+        for step in 0..g - 1 {
+            let s = span((first + g - step) % g);
+            let r = span((first + 2 * g - step - 1) % g);
+            let t = &mut tmp[..r.len()];
+            let rq = self.xirecv(t, prev, tag)?;
+            let sq = self.xsend(&buf[s], next, tag)?;
+            Self::check("all-gather", rq.wait(), r.len())?;
+            sq.wait()?;
+            buf[r.clone()].copy_from_slice(&tmp[..r.len()]);
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- the collectives
+
+    /// Waits until every rank of the communicator has called `barrier`.
+    pub fn barrier(&self) -> Result<()> {
+        let tag = self.coll_tag();
+        let g = self.size() as usize;
+        let me = self.rank as usize;
+        let mut k = 1;
+        while k < g {
+            let to = ((me + k) % g) as u32;
+            let from = ((me + g - k) % g) as u32;
+            self.xsendrecv(&[], to, &mut [], from, tag, "barrier")?;
+            k <<= 1;
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` of rank `root` into `buf` of every rank (all must pass the same length).
+    pub fn broadcast<T: Pod>(&self, buf: &mut [T], root: u32) -> Result<()> {
+        self.world_rank(root)?;
+        let tag = self.coll_tag();
+        let g = self.size() as usize;
+        let b = bytes_mut(buf);
+        if b.len() <= BCAST_LONG || g <= 2 {
+            let all: Vec<u32> = (0..g as u32).collect();
+            match self.hierarchy() {
+                None => self.tree_bcast(&all, root as usize, b, tag),
+                Some(groups) => {
+                    let leaders: Vec<u32> = groups
+                        .iter()
+                        .map(|m| if m.contains(&root) { root } else { m[0] })
+                        .collect();
+                    let mine = groups
+                        .iter()
+                        .position(|m| m.contains(&self.rank))
+                        .unwrap_or(0);
+                    let my_leader = leaders[mine];
+                    if my_leader == self.rank {
+                        let rp = Self::pos(&leaders, root);
+                        self.tree_bcast(&leaders, rp, b, tag)?;
+                    }
+                    let local = &groups[mine];
+                    self.tree_bcast(local, Self::pos(local, my_leader), b, tag)
+                }
+            }
+        } else {
+            // Scatter the chunks from the root, then ring all-gather them.
+            let order: Vec<u32> = (0..g as u32).collect();
+            let elem = std::mem::size_of::<T>().max(1);
+            let n = b.len() / elem;
+            let span = |c: usize| {
+                let r = chunk(n, g, c);
+                r.start * elem..r.end * elem
+            };
+            // Chunk i goes to rank i; the ring starts with each rank's own chunk.
+            if self.rank == root {
+                let mut reqs = Vec::new();
+                for i in 0..g {
+                    if i as u32 != root {
+                        reqs.push(self.xsend(&b[span(i)], i as u32, tag)?);
+                    }
+                }
+                wait_all(reqs)?;
+            } else {
+                let s = span(self.rank as usize);
+                self.xrecv(&mut b[s], root, tag, "broadcast")?;
+            }
+            self.ring_allgather_chunks(&order, b, elem, self.rank as usize, tag)
+        }
+    }
+
+    /// Combines `send` of every rank with `op`; the result lands in `recv` of `root` (other
+    /// ranks pass `None`).
+    pub fn reduce<T: Pod>(
+        &self,
+        send: &[T],
+        recv: Option<&mut [T]>,
+        root: u32,
+        op: impl Operation<T>,
+    ) -> Result<()> {
+        self.world_rank(root)?;
+        let tag = self.coll_tag();
+        let g = self.size() as usize;
+        let mut acc = send.to_vec();
+        let n = acc.len();
+        let elem = std::mem::size_of::<T>();
+        if n * elem <= BCAST_LONG || n < g {
+            let all: Vec<u32> = (0..g as u32).collect();
+            match self.hierarchy() {
+                None => self.tree_reduce(&all, root as usize, &mut acc, &op, tag)?,
+                Some(groups) => {
+                    let leaders: Vec<u32> = groups
+                        .iter()
+                        .map(|m| if m.contains(&root) { root } else { m[0] })
+                        .collect();
+                    let mine = groups
+                        .iter()
+                        .position(|m| m.contains(&self.rank))
+                        .unwrap_or(0);
+                    let local = &groups[mine];
+                    let my_leader = leaders[mine];
+                    self.tree_reduce(local, Self::pos(local, my_leader), &mut acc, &op, tag)?;
+                    if my_leader == self.rank {
+                        self.tree_reduce(&leaders, Self::pos(&leaders, root), &mut acc, &op, tag)?;
+                    }
+                }
+            }
+        } else {
+            let order = self.node_order();
+            let own = self.ring_reduce_scatter(&order, &mut acc, &op, tag)?;
+            if self.rank != root {
+                self.xsend(bytes(&acc[chunk(n, g, own)]), root, tag)?
+                    .wait()?;
+            } else {
+                let mut reqs = Vec::new();
+                let mut rest: &mut [T] = &mut acc;
+                let mut base = 0;
+                // Receive every other chunk straight into place (chunks in index order).
+                let mut pieces = Vec::new();
+                for c in 0..g {
+                    let r = chunk(n, g, c);
+                    let (head, tail) = rest.split_at_mut(r.end - base);
+                    base = r.end;
+                    rest = tail;
+                    pieces.push(head);
+                }
+                for (c, piece) in pieces.into_iter().enumerate() {
+                    if c == own {
+                        continue;
+                    }
+                    // Owner of chunk c is the member at position c - 1 of the ring order.
+                    let owner = order[(c + g - 1) % g];
+                    let want = std::mem::size_of_val(piece);
+                    reqs.push((want, self.xirecv(bytes_mut(piece), owner, tag)?));
+                }
+                for (want, r) in reqs {
+                    Self::check("reduce", r.wait(), want)?;
+                }
+            }
+        }
+        if let Some(out) = recv {
+            if self.rank == root {
+                if out.len() != n {
+                    return Err(Error::SizeMismatch {
+                        op: "reduce",
+                        detail: format!(
+                            "receive buffer holds {} elements, data has {n}",
+                            out.len()
+                        ),
+                    });
+                }
+                out.copy_from_slice(&acc);
+            }
+        }
+        Ok(())
+    }
+
+    /// Combines `send` of every rank with `op`; every rank gets the result in `recv`.
+    pub fn all_reduce<T: Pod>(
+        &self,
+        send: &[T],
+        recv: &mut [T],
+        op: impl Operation<T>,
+    ) -> Result<()> {
+        if send.len() != recv.len() {
+            return Err(Error::SizeMismatch {
+                op: "all-reduce",
+                detail: format!("send has {} elements, receive {}", send.len(), recv.len()),
+            });
+        }
+        let tag = self.coll_tag();
+        let g = self.size() as usize;
+        recv.copy_from_slice(send);
+        if g == 1 {
+            return Ok(());
+        }
+        let n = recv.len();
+        let all: Vec<u32> = (0..g as u32).collect();
+        if std::mem::size_of_val(recv) <= ALLREDUCE_LONG || n < g {
+            match self.hierarchy() {
+                None => self.rd_allreduce(&all, recv, &op, tag),
+                Some(groups) => {
+                    let mine = groups
+                        .iter()
+                        .position(|m| m.contains(&self.rank))
+                        .unwrap_or(0);
+                    let local = &groups[mine];
+                    self.tree_reduce(local, 0, recv, &op, tag)?;
+                    if local[0] == self.rank {
+                        let leaders: Vec<u32> = groups.iter().map(|m| m[0]).collect();
+                        self.rd_allreduce(&leaders, recv, &op, tag)?;
+                    }
+                    self.tree_bcast(local, 0, bytes_mut(recv), tag)
+                }
+            }
+        } else {
+            let order = self.node_order();
+            let own = self.ring_reduce_scatter(&order, recv, &op, tag)?;
+            let elem = std::mem::size_of::<T>();
+            self.ring_allgather_chunks(&order, bytes_mut(recv), elem, own, tag)
+        }
+    }
+
+    /// Collects `send` (same length on every rank) of every rank, in rank order, into `recv` of
+    /// `root` (`size × send.len()` elements; other ranks pass `None`).
+    pub fn gather<T: Pod>(&self, send: &[T], recv: Option<&mut [T]>, root: u32) -> Result<()> {
+        self.world_rank(root)?;
+        let tag = self.coll_tag();
+        let g = self.size() as usize;
+        let blk = std::mem::size_of_val(send);
+        let mut out = recv;
+        if self.rank == root {
+            let have = out.as_ref().map(|o| o.len()).unwrap_or(0);
+            if have != send.len() * g {
+                return Err(Error::SizeMismatch {
+                    op: "gather",
+                    detail: format!(
+                        "the root's receive buffer holds {have} elements, {g} ranks x {} are coming",
+                        send.len()
+                    ),
+                });
+            }
+        }
+        if blk * g <= GATHER_LONG {
+            // Binomial: each subtree's blocks travel together, in relative-rank order.
+            let rel = (self.rank as usize + g - root as usize) % g;
+            let mut span = 1;
+            while rel & span == 0 && span < g {
+                span <<= 1;
+            }
+            let cnt = span.min(g - rel);
+            let mut tmp = vec![0u8; cnt * blk];
+            tmp[..blk].copy_from_slice(bytes(send));
+            let mut mask = 1;
+            while mask < g {
+                if rel & mask == 0 {
+                    let src = rel | mask;
+                    if src < g {
+                        let c = mask.min(g - src);
+                        let at = mask * blk;
+                        let from = ((src + root as usize) % g) as u32;
+                        self.xrecv(&mut tmp[at..at + c * blk], from, tag, "gather")?;
+                    }
+                } else {
+                    let dst = (((rel & !mask) + root as usize) % g) as u32;
+                    self.xsend(&tmp, dst, tag)?.wait()?;
+                    break;
+                }
+                mask <<= 1;
+            }
+            if self.rank == root {
+                if let Some(o) = out.as_deref_mut() {
+                    let ob = bytes_mut(o);
+                    for r in 0..g {
+                        let real = (r + root as usize) % g;
+                        ob[real * blk..(real + 1) * blk]
+                            .copy_from_slice(&tmp[r * blk..(r + 1) * blk]);
+                    }
+                }
+            }
+            Ok(())
+        } else if self.rank == root {
+            let o = out.map(bytes_mut).unwrap_or_default();
+            let mut reqs = Vec::new();
+            for (r, piece) in o.chunks_mut(blk.max(1)).enumerate() {
+                if r as u32 == root {
+                    piece.copy_from_slice(bytes(send));
+                } else {
+                    reqs.push((r, self.xirecv(piece, r as u32, tag)?));
+                }
+            }
+            for (_, q) in reqs {
+                Self::check("gather", q.wait(), blk)?;
+            }
+            Ok(())
+        } else {
+            self.xsend(bytes(send), root, tag)?.wait().map(|_| ())
+        }
+    }
+
+    /// Hands block `i` of `send` at `root` (`size × recv.len()` elements; others pass `None`)
+    /// to rank `i`'s `recv`.
+    pub fn scatter<T: Pod>(&self, send: Option<&[T]>, recv: &mut [T], root: u32) -> Result<()> {
+        self.world_rank(root)?;
+        let tag = self.coll_tag();
+        let g = self.size() as usize;
+        let blk = std::mem::size_of_val(recv);
+        if self.rank == root {
+            let have = send.map(|s| s.len()).unwrap_or(0);
+            if have != recv.len() * g {
+                return Err(Error::SizeMismatch {
+                    op: "scatter",
+                    detail: format!(
+                        "the root sends {have} elements, {g} ranks x {} are expected",
+                        recv.len()
+                    ),
+                });
+            }
+        }
+        if blk * g <= GATHER_LONG {
+            let rel = (self.rank as usize + g - root as usize) % g;
+            let mut span = 1;
+            while rel & span == 0 && span < g {
+                span <<= 1;
+            }
+            let cnt = span.min(g - rel);
+            let mut tmp = vec![0u8; cnt * blk];
+            let mut mask = 1;
+            if rel == 0 {
+                let sb = bytes(send.unwrap_or_default());
+                for r in 0..g {
+                    let real = (r + root as usize) % g;
+                    tmp[r * blk..(r + 1) * blk].copy_from_slice(&sb[real * blk..(real + 1) * blk]);
+                }
+                while mask < g {
+                    mask <<= 1;
+                }
+            } else {
+                while mask < g {
+                    if rel & mask != 0 {
+                        let from = (((rel & !mask) + root as usize) % g) as u32;
+                        self.xrecv(&mut tmp, from, tag, "scatter")?;
+                        break;
+                    }
+                    mask <<= 1;
+                }
+            }
+            mask >>= 1;
+            let mut reqs = Vec::new();
+            while mask > 0 {
+                if rel + mask < g {
+                    let c = mask.min(g - rel - mask);
+                    let to = ((rel + mask + root as usize) % g) as u32;
+                    reqs.push(self.xsend(&tmp[mask * blk..(mask + c) * blk], to, tag)?);
+                }
+                mask >>= 1;
+            }
+            wait_all(reqs)?;
+            bytes_mut(recv).copy_from_slice(&tmp[..blk]);
+            Ok(())
+        } else if self.rank == root {
+            let sb = bytes(send.unwrap_or_default());
+            let mut reqs = Vec::new();
+            for (r, piece) in sb.chunks(blk.max(1)).enumerate() {
+                if r as u32 == root {
+                    bytes_mut(recv).copy_from_slice(piece);
+                } else {
+                    reqs.push(self.xsend(piece, r as u32, tag)?);
+                }
+            }
+            wait_all(reqs).map(|_| ())
+        } else {
+            self.xrecv(bytes_mut(recv), root, tag, "scatter")
+        }
+    }
+
+    /// Every rank gets every rank's `send`, in rank order (`recv` holds `size × send.len()`).
+    pub fn all_gather<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let g = self.size() as usize;
+        if recv.len() != send.len() * g {
+            return Err(Error::SizeMismatch {
+                op: "all-gather",
+                detail: format!(
+                    "receive buffer holds {} elements, {g} ranks x {} are coming",
+                    recv.len(),
+                    send.len()
+                ),
+            });
+        }
+        if std::mem::size_of_val(recv) <= GATHER_LONG {
+            self.gather(send, Some(recv), 0)?;
+            return self.broadcast(recv, 0);
+        }
+        let tag = self.coll_tag();
+        let n = send.len();
+        let me = self.rank as usize;
+        recv[me * n..(me + 1) * n].copy_from_slice(send);
+        let order: Vec<u32> = (0..g as u32).collect();
+        // Blocks are equal, so chunk i of the whole buffer is rank i's block.
+        let elem = std::mem::size_of_val(send);
+        self.ring_allgather_chunks(&order, bytes_mut(recv), elem, me, tag)
+    }
+
+    /// Block `j` of `send` goes to rank `j`; block `i` of `recv` comes from rank `i`.
+    pub fn all_to_all<T: Pod>(&self, send: &[T], recv: &mut [T]) -> Result<()> {
+        let g = self.size() as usize;
+        if send.len() != recv.len() || send.len() % g != 0 {
+            return Err(Error::SizeMismatch {
+                op: "all-to-all",
+                detail: format!(
+                    "send has {} and receive {} elements; both must be {g} equal blocks",
+                    send.len(),
+                    recv.len()
+                ),
+            });
+        }
+        let tag = self.coll_tag();
+        let n = send.len() / g;
+        let me = self.rank as usize;
+        let blk = n * std::mem::size_of::<T>();
+        recv[me * n..(me + 1) * n].copy_from_slice(&send[me * n..(me + 1) * n]);
+        let sb = bytes(send);
+        if blk <= ALLTOALL_LONG {
+            let mut rq = Vec::new();
+            for (i, piece) in bytes_mut(recv).chunks_mut(blk.max(1)).enumerate().take(g) {
+                if i != me {
+                    rq.push(self.xirecv(piece, i as u32, tag)?);
+                }
+            }
+            let mut sq = Vec::new();
+            for k in 1..g {
+                let j = (me + k) % g;
+                sq.push(self.xsend(&sb[j * blk..(j + 1) * blk], j as u32, tag)?);
+            }
+            for q in rq {
+                Self::check("all-to-all", q.wait(), blk)?;
+            }
+            wait_all(sq).map(|_| ())
+        } else {
+            let rb = bytes_mut(recv);
+            for k in 1..g {
+                let to = (me + k) % g;
+                let from = (me + g - k) % g;
+                let (s, r) = (to * blk..(to + 1) * blk, from * blk..(from + 1) * blk);
+                self.xsendrecv(
+                    &sb[s],
+                    to as u32,
+                    &mut rb[r],
+                    from as u32,
+                    tag,
+                    "all-to-all",
+                )?;
+            }
+            Ok(())
+        }
+    }
+}
