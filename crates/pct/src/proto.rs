@@ -228,38 +228,8 @@ pub fn read_frame<R: Read, T: DeserializeOwned>(r: &mut R, limit: usize) -> Resu
     serde_json::from_slice(&body).map_err(|e| PctError::Malformed(e.to_string()))
 }
 
-/// The CPU mode chosen at load time (seed 000).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum CpuMode {
-    /// Application and message engine share one core.
-    #[default]
-    Heater,
-    /// The engine runs on a core of its own next to the application's.
-    MsgCoproc,
-    /// The application uses two cores (threads); the engine runs inline.
-    ComputeCoproc,
-    /// Two application processes per node pair of cores, one per core.
-    VirtualNode,
-}
-
-impl CpuMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CpuMode::Heater => "heater",
-            CpuMode::MsgCoproc => "msg-coproc",
-            CpuMode::ComputeCoproc => "compute-coproc",
-            CpuMode::VirtualNode => "virtual-node",
-        }
-    }
-    /// Cores one rank occupies in this mode.
-    pub fn cores_per_rank(self) -> usize {
-        match self {
-            CpuMode::Heater | CpuMode::VirtualNode => 1,
-            CpuMode::MsgCoproc | CpuMode::ComputeCoproc => 2,
-        }
-    }
-}
+/// The CPU mode chosen at load time (seed 000); the QK defines it.
+pub use qk::CpuMode;
 
 /// What a node says about itself.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

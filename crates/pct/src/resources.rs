@@ -154,12 +154,7 @@ impl JobResources for QkFabric {
                 req.ranks.len()
             )));
         }
-        let mode = match req.mode {
-            crate::proto::CpuMode::Heater => qk::CpuMode::Heater,
-            crate::proto::CpuMode::MsgCoproc => qk::CpuMode::MsgCoproc,
-            crate::proto::CpuMode::ComputeCoproc => qk::CpuMode::ComputeCoproc,
-            crate::proto::CpuMode::VirtualNode => qk::CpuMode::VirtualNode,
-        };
+        let mode = req.mode;
         let mut spec =
             qk::JobFabricSpec::new(qk_job_id(&req.job), req.size, req.ranks.clone(), mode);
         spec.node_id = req.node;

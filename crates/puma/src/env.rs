@@ -25,34 +25,8 @@ pub enum InitError {
     NodeMap { path: String, reason: String },
 }
 
-/// CPU mode chosen at load time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CpuMode {
-    Heater,
-    MsgCoproc,
-    ComputeCoproc,
-    VirtualNode,
-}
-
-impl CpuMode {
-    pub fn parse(s: &str) -> Option<CpuMode> {
-        Some(match s {
-            "heater" => CpuMode::Heater,
-            "msg-coproc" => CpuMode::MsgCoproc,
-            "compute-coproc" => CpuMode::ComputeCoproc,
-            "virtual-node" => CpuMode::VirtualNode,
-            _ => return None,
-        })
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CpuMode::Heater => "heater",
-            CpuMode::MsgCoproc => "msg-coproc",
-            CpuMode::ComputeCoproc => "compute-coproc",
-            CpuMode::VirtualNode => "virtual-node",
-        }
-    }
-}
+/// CPU mode chosen at load time (defined by the QK).
+pub use qk::CpuMode;
 
 /// Machine shape the coordinates live in.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -173,7 +147,7 @@ pub fn init() -> Result<World, InitError> {
     let local_rank = num("PUMA_LOCAL_RANK")?;
     let local_size = num("PUMA_LOCAL_SIZE")?;
     let m = var("PUMA_MODE")?;
-    let mode = CpuMode::parse(&m).ok_or(InitError::BadVariable {
+    let mode = m.parse::<CpuMode>().ok().ok_or(InitError::BadVariable {
         name: "PUMA_MODE",
         value: m.clone(),
         reason: "expected heater, msg-coproc, compute-coproc or virtual-node".into(),

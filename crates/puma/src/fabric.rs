@@ -32,10 +32,6 @@ pub(crate) struct Attached {
     pub library_fabric: bool,
 }
 
-fn qk_mode(w: &World) -> QkMode {
-    w.mode.as_str().parse().unwrap_or_default()
-}
-
 fn spec(job: u32, local: u32, mode: QkMode, lock: bool) -> AttachSpec {
     AttachSpec {
         mds: 4096,
@@ -85,7 +81,7 @@ fn rendezvous_path(w: &World) -> PathBuf {
 }
 
 pub(crate) fn attach(w: &World, timeout: Duration) -> Result<Attached> {
-    let mode = qk_mode(w);
+    let mode = w.mode;
     // The PCT's fabric joins the ranks of one node; until the PCTs run the QK's node engines
     // between nodes, a job spread over several (virtual) nodes of this machine uses the
     // library-side fabric, which holds every rank. PUMA_QK_ROUTED=1 trusts the PCT's fabric.

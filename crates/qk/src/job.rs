@@ -34,6 +34,14 @@ impl CpuMode {
         }
     }
 
+    /// Cores one rank occupies in this mode (placement uses it).
+    pub fn cores_per_rank(self) -> usize {
+        match self {
+            CpuMode::Heater | CpuMode::VirtualNode => 1,
+            CpuMode::MsgCoproc | CpuMode::ComputeCoproc => 2,
+        }
+    }
+
     /// True when the progress engine runs on its own core (a co-processor thread).
     pub fn engine_on_own_core(self) -> bool {
         self == CpuMode::MsgCoproc
