@@ -8,12 +8,13 @@
 #                      [--nice -20] [--max-added 0.1] [-- APP [ARGS...]]
 #   --cpu       application core to sample (default: the last CPU this process may use)
 #   --duration  sampling time per run (default 10s)
-#   --modes     CPU modes to try (default: heater message-coprocessor compute-coprocessor virtual-node)
+#   --modes     CPU modes to try (default: heater msg-coproc compute-coproc virtual-node)
 #   --out       where CSVs, reports and comparisons go (default: self-noise-<date>)
 #   --nice      nice value for the sampler (negative needs root; default: none)
 #   --max-added the added lost work allowed, percent (default 0.1)
-#   APP         the job yod launches (default: `sleep <duration>`, i.e. just our runtime's own
-#               daemons, engines and heartbeats)
+#   APP         what follows `yod --mode <m>`: yod's options and the program (default:
+#               `-n 2 sleep <duration>`, i.e. just our runtime's own daemons, engines and
+#               heartbeats on both cores)
 # Environment: PUMA_NOISE, YOD = paths to the binaries (default: target/release, then PATH).
 # Exit status: 0 all modes pass, 3 some mode fails the goal, 2 yod or puma-noise missing,
 # 1 other errors.
@@ -21,7 +22,7 @@ set -euo pipefail
 
 cpu=""
 duration="10s"
-modes="heater message-coprocessor compute-coprocessor virtual-node"
+modes="heater msg-coproc compute-coproc virtual-node"
 out=""
 nice=()
 max_added="0.1"
@@ -68,7 +69,7 @@ if [ -z "$cpu" ]; then
 fi
 if [ ${#app[@]} -eq 0 ]; then
     secs="${duration%s}"
-    app=(sleep "$secs")
+    app=(-n 2 sleep "$secs")
 fi
 out="${out:-self-noise-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
@@ -84,6 +85,17 @@ for m in $modes; do
     echo "== mode $m: $yod --mode $m ${app[*]}"
     "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
         -o "$out/$m.csv" --report "$out/$m" -- "$yod" --mode "$m" "${app[@]}" | tee "$out/$m.txt"
+    # A job that failed to launch measures nothing: only a clean exit or a job still running
+    # when sampling ended counts.
+    job_exit="$(sed -n 's/^command_exit: //p' "$out/$m.txt" | head -n 1)"
+    case "$job_exit" in
+        "exit status: 0"|"still running at end of sampling"*) ;;
+        *)
+            summary+=("$m: ERROR the job did not run (command_exit: ${job_exit:-none})")
+            status=1
+            continue
+            ;;
+    esac
     set +e
     "$noise" compare "$out/baseline.csv" "$out/$m.csv" --max-added "$max_added" | tee "$out/$m.compare.txt"
     rc=${PIPESTATUS[0]}
