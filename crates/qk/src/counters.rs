@@ -1,13 +1,12 @@
 //! Per-port counters kept in the job's shared memory so `qk-stat` (and any rank) can read them.
 
-/// Why the QK dropped a message. Every drop increments exactly one of these counters. The first
-/// group is checked by the QK before the portals engine sees the header; the second mirrors the
-/// portals engine's own reasons (`portals::DropReason`).
+/// Why the QK dropped a message. Every drop increments exactly one of these counters. The fabric's
+/// own reasons are checked before the portals engine sees the header; the engine's reasons are
+/// carried as they are ([`DropReason::Portals`]), so a reason added to portals is counted here too.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(u8)]
 pub enum DropReason {
     /// Header fields that cannot be decoded (unknown op, bad flags, impossible lengths).
-    Malformed = 0,
+    Malformed,
     /// The header claims a source other than the queue or connection it arrived on.
     ForgedSource,
     /// The header names another job.
@@ -20,52 +19,54 @@ pub enum DropReason {
     UnknownToken,
     /// A memory descriptor names memory this rank does not own; nothing was written.
     BadMemory,
-    /// portals: header failed validation.
-    BadHeader,
-    /// portals: addressed to another process.
-    WrongDestination,
-    /// portals: portal index outside the table.
-    InvalidPortal,
-    /// portals: portal disabled.
-    Disabled,
-    /// portals: the portal's access control refused the sender.
-    Forbidden,
-    /// portals: no match entry accepted the message.
-    NoMatch,
-    /// portals: too long for the descriptor.
-    TooLong,
-    /// portals: descriptor not valid for the operation.
-    InvalidMd,
-    /// portals: match list links form a loop.
-    LinkLoop,
-    /// portals: unexpected reply or ack.
-    Unexpected,
+    /// The portals engine dropped the message.
+    Portals(portals::DropReason),
 }
 
+/// The fabric's own reasons, in counter order (before the portals engine's).
+const FABRIC_REASONS: [DropReason; 7] = [
+    DropReason::Malformed,
+    DropReason::ForgedSource,
+    DropReason::WrongJob,
+    DropReason::BadReference,
+    DropReason::CorruptQueue,
+    DropReason::UnknownToken,
+    DropReason::BadMemory,
+];
+
 /// Number of drop reasons.
-pub const N_DROP: usize = 17;
+pub const N_DROP: usize = FABRIC_REASONS.len() + portals::DropReason::COUNT;
 
 impl DropReason {
-    /// All reasons in counter order.
-    pub const ALL: [DropReason; N_DROP] = [
-        DropReason::Malformed,
-        DropReason::ForgedSource,
-        DropReason::WrongJob,
-        DropReason::BadReference,
-        DropReason::CorruptQueue,
-        DropReason::UnknownToken,
-        DropReason::BadMemory,
-        DropReason::BadHeader,
-        DropReason::WrongDestination,
-        DropReason::InvalidPortal,
-        DropReason::Disabled,
-        DropReason::Forbidden,
-        DropReason::NoMatch,
-        DropReason::TooLong,
-        DropReason::InvalidMd,
-        DropReason::LinkLoop,
-        DropReason::Unexpected,
-    ];
+    /// All reasons in counter order: the fabric's, then the portals engine's.
+    pub const ALL: [DropReason; N_DROP] = {
+        let mut all = [DropReason::Malformed; N_DROP];
+        let mut i = 0;
+        while i < FABRIC_REASONS.len() {
+            all[i] = FABRIC_REASONS[i];
+            i += 1;
+        }
+        let mut j = 0;
+        while j < portals::DropReason::COUNT {
+            all[FABRIC_REASONS.len() + j] = DropReason::Portals(portals::DropReason::ALL[j]);
+            j += 1;
+        }
+        all
+    };
+
+    /// Position of this reason's counter among the drop counters ([`DropReason::ALL`] order).
+    pub fn index(self) -> usize {
+        match self {
+            DropReason::Malformed => 0,
+            DropReason::ForgedSource => 1,
+            DropReason::WrongJob => 2,
+            DropReason::BadReference => 3,
+            DropReason::CorruptQueue => 4,
+            DropReason::UnknownToken => 5,
+            DropReason::BadMemory => 6,
+            DropReason::Portals(r) => FABRIC_REASONS.len() + r as usize,
+        }
+    }
 
     /// Short name used by `qk-stat`.
     pub fn name(self) -> &'static str {
@@ -77,34 +78,14 @@ impl DropReason {
             DropReason::CorruptQueue => "corrupt_queue",
             DropReason::UnknownToken => "unknown_token",
             DropReason::BadMemory => "bad_memory",
-            DropReason::BadHeader => "bad_header",
-            DropReason::WrongDestination => "wrong_destination",
-            DropReason::InvalidPortal => "invalid_portal",
-            DropReason::Disabled => "disabled",
-            DropReason::Forbidden => "forbidden",
-            DropReason::NoMatch => "no_match",
-            DropReason::TooLong => "too_long",
-            DropReason::InvalidMd => "invalid_md",
-            DropReason::LinkLoop => "link_loop",
-            DropReason::Unexpected => "unexpected",
+            DropReason::Portals(r) => r.name(),
         }
     }
+}
 
-    /// The QK counter for a portals drop reason.
-    pub fn from_portals(r: portals::DropReason) -> DropReason {
-        use portals::DropReason as P;
-        match r {
-            P::BadHeader => DropReason::BadHeader,
-            P::WrongDestination => DropReason::WrongDestination,
-            P::InvalidPortal => DropReason::InvalidPortal,
-            P::Disabled => DropReason::Disabled,
-            P::Forbidden => DropReason::Forbidden,
-            P::NoMatch => DropReason::NoMatch,
-            P::TooLong => DropReason::TooLong,
-            P::InvalidMd => DropReason::InvalidMd,
-            P::LinkLoop => DropReason::LinkLoop,
-            P::Unexpected => DropReason::Unexpected,
-        }
+impl From<portals::DropReason> for DropReason {
+    fn from(r: portals::DropReason) -> DropReason {
+        DropReason::Portals(r)
     }
 }
 
@@ -126,7 +107,7 @@ pub mod slot {
     pub const LARGE_CMA: usize = 6;
     /// Times the engine blocked (futex) because it was idle.
     pub const SLEEPS: usize = 7;
-    /// First drop counter; drop reason `r` is at `DROP0 + r as usize`.
+    /// First drop counter; drop reason `r` is at `DROP0 + r.index()`.
     pub const DROP0: usize = 8;
     /// Number of counter slots.
     pub const COUNT: usize = DROP0 + super::N_DROP;
@@ -167,6 +148,25 @@ impl PortStats {
 
     /// Drops for one reason.
     pub fn drops_for(&self, r: DropReason) -> u64 {
-        self.drops.get(r as usize).map(|d| d.1).unwrap_or(0)
+        self.drops.get(r.index()).map(|d| d.1).unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_has_its_own_counter_in_all_order() {
+        for (i, r) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(r.index(), i, "{r:?}");
+        }
+        let names: std::collections::HashSet<_> =
+            DropReason::ALL.iter().map(|r| r.name()).collect();
+        assert_eq!(names.len(), N_DROP);
+        assert_eq!(
+            DropReason::from(portals::DropReason::NoMatch).name(),
+            portals::DropReason::NoMatch.name()
+        );
     }
 }

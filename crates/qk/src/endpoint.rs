@@ -1171,7 +1171,7 @@ impl Ctx<'_> {
         let plan = match self.engine.deliver(&w) {
             Ok(p) => p,
             Err(d) => {
-                self.drop_msg(DropReason::from_portals(d.reason));
+                self.drop_msg(DropReason::from(d.reason));
                 if let Some((_, token)) = lref {
                     self.send_fin(&h, token, 0);
                 }

@@ -378,7 +378,7 @@ impl Region {
 
     /// Counts a drop at port `p`.
     pub fn count_drop(&self, p: u32, r: DropReason) {
-        self.count(p, slot::DROP0 + r as usize, 1);
+        self.count(p, slot::DROP0 + r.index(), 1);
     }
 
     /// Snapshot of port `p`'s counters.
@@ -397,7 +397,7 @@ impl Region {
             sleeps: c(slot::SLEEPS),
             drops: DropReason::ALL
                 .iter()
-                .map(|r| (r.name().to_string(), c(slot::DROP0 + *r as usize)))
+                .map(|r| (r.name().to_string(), c(slot::DROP0 + r.index())))
                 .collect(),
         }
     }

@@ -113,19 +113,20 @@ fn forged_and_corrupted_headers_are_dropped_and_counted() {
         "a forged record deposited bytes: {out}"
     );
     let st = &fab.stats()[1];
+    use portals::DropReason as P;
     use qk::DropReason as D;
     assert_eq!(st.drops_for(D::ForgedSource), 1, "{st:?}");
     // Unknown op, undefined flags, oversized eager length, and a 3-byte record (caught by the QK or,
     // once padded to a line, by the portals header check).
     assert_eq!(
-        st.drops_for(D::Malformed) + st.drops_for(D::BadHeader),
+        st.drops_for(D::Malformed) + st.drops_for(D::Portals(P::BadHeader)),
         4,
         "{st:?}"
     );
     assert_eq!(st.drops_for(D::BadReference), 1, "{st:?}");
-    assert_eq!(st.drops_for(D::InvalidPortal), 1, "{st:?}");
-    assert_eq!(st.drops_for(D::Disabled), 1, "{st:?}");
-    assert_eq!(st.drops_for(D::Forbidden), 1, "{st:?}");
+    assert_eq!(st.drops_for(D::Portals(P::InvalidPortal)), 1, "{st:?}");
+    assert_eq!(st.drops_for(D::Portals(P::Disabled)), 1, "{st:?}");
+    assert_eq!(st.drops_for(D::Portals(P::Forbidden)), 1, "{st:?}");
     assert_eq!(st.total_drops(), 9, "{st:?}");
     // The same counters through the CLI.
     let out = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
