@@ -527,11 +527,7 @@ impl Comm {
         if blk * g <= GATHER_LONG {
             // Binomial: each subtree's blocks travel together, in relative-rank order.
             let rel = (self.rank as usize + g - root as usize) % g;
-            let mut span = 1;
-            while rel & span == 0 && span < g {
-                span <<= 1;
-            }
-            let cnt = span.min(g - rel);
+            let cnt = binomial_subtree_len(rel, g);
             let mut tmp = vec![0u8; cnt * blk];
             tmp[..blk].copy_from_slice(bytes(send));
             let mut mask = 1;
@@ -602,11 +598,7 @@ impl Comm {
         }
         if blk * g <= GATHER_LONG {
             let rel = (self.rank as usize + g - root as usize) % g;
-            let mut span = 1;
-            while rel & span == 0 && span < g {
-                span <<= 1;
-            }
-            let cnt = span.min(g - rel);
+            let cnt = binomial_subtree_len(rel, g);
             let mut tmp = vec![0u8; cnt * blk];
             let mut mask = 1;
             if rel == 0 {
@@ -737,4 +729,14 @@ impl Comm {
             Ok(())
         }
     }
+}
+
+/// Ranks in the binomial subtree rooted at relative rank `rel` of a `g`-rank tree (the blocks a
+/// rank holds once its gather children have sent, or before it scatters to them).
+fn binomial_subtree_len(rel: usize, g: usize) -> usize {
+    let mut span = 1;
+    while rel & span == 0 && span < g {
+        span <<= 1;
+    }
+    span.min(g - rel)
 }
