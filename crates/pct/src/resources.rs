@@ -161,10 +161,71 @@ impl JobResources for QkFabric {
         spec.queue_bytes = self.queue_for(req.ranks.len());
         spec.eager_bytes = (qk::job::DEFAULT_EAGER_BYTES as u64).min(spec.queue_bytes / 8) as u32;
         spec.heap_bytes_per_rank = self.heap_bytes_per_rank;
-        spec.lock_memory = self.lock_memory;
+        // The PCT does not keep the region mapped (see `QkHandle`): its job is to
+        // have every page allocated before any rank runs; each rank locks and
+        // prefaults its own mapping when it attaches. Allocating the pages with
+        // fallocate costs a fraction of mapping, locking and unmapping them here
+        // (about 0.07 s instead of 0.25 s for the 195 MiB of a 128-rank node).
+        spec.lock_memory = false;
+        let fabric = qk::NodeFabric::create(&spec)
+            .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?;
+        let fd = fabric
+            .dup_fd()
+            .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?;
+        drop(fabric);
+        let bytes = fd
+            .size()
+            .map_err(|e| PctError::io("reading the QK region's size", e))?;
+        if let Err(e) = allocate_all(fd.raw(), bytes) {
+            if self.lock_memory {
+                // The old way still works where fallocate does not (no /proc).
+                eprintln!(
+                    "pct: fallocate of the QK region failed ({e}); prefaulting it by locking"
+                );
+                return self.create_locked(req, spec);
+            }
+            return Err(e);
+        }
+        if self.lock_memory {
+            if let Some(limit) = qk::sys::memlock_limit().filter(|&l| l < bytes) {
+                eprintln!(
+                    "pct: RLIMIT_MEMLOCK {limit} is below the {bytes} bytes of job {}'s QK region; its ranks may not be able to lock it",
+                    req.job
+                );
+            }
+        }
+        Ok(Box::new(QkHandle { fd, engine: None }))
+    }
+}
+
+/// Allocates (and zeroes) every page of the memfd `fd` now, without mapping it.
+fn allocate_all(fd: RawFd, bytes: u64) -> Result<()> {
+    // A second open file description of the same memfd, through /proc: plain
+    // safe code, and the PCT's own descriptor stays as it is.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| PctError::io("reopening the QK region", e))?;
+    rustix::fs::fallocate(&f, rustix::fs::FallocateFlags::empty(), 0, bytes).map_err(|e| {
+        PctError::Refused(format!(
+            "cannot allocate the {bytes} bytes of the QK region: {}",
+            std::io::Error::from(e)
+        ))
+    })
+}
+
+impl QkFabric {
+    /// The previous way: qk maps, locks and prefaults the region in the PCT.
+    fn create_locked(
+        &self,
+        req: &LoadRequest,
+        mut spec: qk::JobFabricSpec,
+    ) -> Result<Box<dyn JobResourceHandle>> {
+        spec.lock_memory = true;
         let fabric = match qk::NodeFabric::create(&spec) {
             Ok(f) => f,
-            Err(qk::QkError::Memlock { bytes, limit, .. }) if self.lock_memory => {
+            Err(qk::QkError::Memlock { bytes, limit, .. }) => {
                 eprintln!(
                     "pct: cannot lock {bytes} bytes for job {} (RLIMIT_MEMLOCK {limit}); running it unlocked",
                     req.job
@@ -178,7 +239,6 @@ impl JobResources for QkFabric {
         let fd = fabric
             .dup_fd()
             .map_err(|e| PctError::Refused(format!("QK fabric: {e}")))?;
-        drop(fabric);
         Ok(Box::new(QkHandle { fd, engine: None }))
     }
 }
@@ -242,5 +302,47 @@ mod tests {
         );
         assert_eq!(qk_job_id("1234"), 1234);
         assert_eq!(qk_job_id("abc"), qk_job_id("abc"));
+    }
+
+    #[test]
+    fn every_page_of_the_qk_region_is_allocated_before_ranks_run() {
+        use std::os::unix::fs::MetadataExt;
+        let f = QkFabric {
+            queue_bytes: None,
+            heap_bytes_per_rank: QkFabric::DEFAULT_HEAP,
+            lock_memory: false,
+        };
+        let req = LoadRequest {
+            job: "77".into(),
+            uid: 0,
+            program: "/bin/true".into(),
+            args: vec![],
+            env: vec![],
+            cwd: "/".into(),
+            size: 4,
+            node: 0,
+            ranks: vec![0, 1, 2, 3],
+            mode: qk::CpuMode::Heater,
+            node_map: "{}".into(),
+            stdin_rank: None,
+            priority: 0,
+        };
+        let h = f.create(&req).unwrap();
+        let fd = h.inherited_fds()[0];
+        let m = std::fs::metadata(format!("/proc/self/fd/{fd}")).unwrap();
+        assert!(m.len() > 4 << 20, "region of {} bytes", m.len());
+        // shmem counts allocated pages in st_blocks (512-byte units).
+        assert!(
+            m.blocks() * 512 >= m.len(),
+            "{} of {} bytes allocated",
+            m.blocks() * 512,
+            m.len()
+        );
+        // The ranks attach to a valid region.
+        let memfd =
+            qk::sys::Memfd::open_path(std::path::Path::new(&format!("/proc/self/fd/{fd}")), false)
+                .unwrap();
+        let r = qk::region::Region::attach(&memfd, false, false).unwrap();
+        assert_eq!(r.job, 77);
     }
 }
