@@ -3,6 +3,7 @@
 use crate::config::PctConfig;
 use crate::error::{PctError, Result};
 use crate::key::{default_key_path, ClusterKey};
+use crate::names::NameClient;
 use crate::proto::{
     connect_handshake, read_frame, write_frame, Address, Conn, FromPct, NameEntry, ToPct, MAX_FRAME,
 };
@@ -41,10 +42,12 @@ pub enum PctCmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
-    /// Name server: register or look up a name on a PCT.
+    /// Name server: register or look up a name on a PCT. Inside a rank (no
+    /// --connect) it reaches the rank's own PCT ($PUMA_PCT) with the job's
+    /// credential ($PUMA_JOB_CRED); with --connect it proves the cluster key.
     Name {
         #[arg(long)]
-        connect: String,
+        connect: Option<String>,
         #[arg(long)]
         key: Option<PathBuf>,
         #[command(subcommand)]
@@ -57,10 +60,12 @@ pub enum NameOp {
     /// Register NAME → (node, pid, portal).
     Register {
         name: String,
+        /// Node [default: $PUMA_NODE]
         #[arg(long)]
-        node: String,
+        node: Option<String>,
+        /// Process [default: the process that ran this command, e.g. the rank's shell]
         #[arg(long)]
-        pid: u32,
+        pid: Option<u32>,
         #[arg(long)]
         portal: u32,
     },
@@ -180,6 +185,7 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             })
             .map_err(|e| PctError::io("starting the signal thread", e))?;
     }
+    node.set_listen_addr(&listener.local_addr());
     if !a.exit_with_parent {
         println!("pct[{}]: listening on {}", node.name, listener.local_addr());
     }
@@ -204,6 +210,46 @@ fn request(c: &mut Conn, msg: &ToPct) -> Result<FromPct> {
             FromPct::Heartbeat => continue,
             other => return Ok(other),
         }
+    }
+}
+
+fn name_command(connect: Option<String>, key: Option<PathBuf>, op: NameOp) -> Result<i32> {
+    let ns = match connect {
+        Some(c) => {
+            let key = ClusterKey::load(&key.unwrap_or_else(default_key_path))?;
+            NameClient::with_cluster_key(c.parse()?, key)
+        }
+        None => NameClient::from_env()?,
+    };
+    match op {
+        NameOp::Register {
+            name,
+            node,
+            pid,
+            portal,
+        } => {
+            let node = match node {
+                Some(n) => n,
+                None => std::env::var("PUMA_NODE")
+                    .map_err(|_| PctError::BadRequest("--node is needed outside a rank".into()))?,
+            };
+            let pid = pid.unwrap_or_else(|| {
+                rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32)
+            });
+            ns.register(&name, &NameEntry { node, pid, portal })?;
+            Ok(0)
+        }
+        NameOp::Lookup { name } => match ns.lookup(&name)? {
+            Some(e) => {
+                println!("{}", serde_json::to_string(&e).unwrap_or_default());
+                Ok(0)
+            }
+            None => {
+                eprintln!("pct: no such name {name:?}");
+                Ok(1)
+            }
+        },
+        NameOp::Unregister { name } => ns.unregister(&name).map(|_| 0),
     }
 }
 
@@ -232,38 +278,7 @@ pub fn main_with(cli: PctCli) -> i32 {
                 other => Err(PctError::Malformed(format!("unexpected reply {other:?}"))),
             })
         }
-        PctCmd::Name { connect, key, op } => client(&connect, key).and_then(|mut c| {
-            let msg = match &op {
-                NameOp::Register {
-                    name,
-                    node,
-                    pid,
-                    portal,
-                } => ToPct::NameRegister {
-                    name: name.clone(),
-                    entry: NameEntry {
-                        node: node.clone(),
-                        pid: *pid,
-                        portal: *portal,
-                    },
-                },
-                NameOp::Lookup { name } => ToPct::NameLookup { name: name.clone() },
-                NameOp::Unregister { name } => ToPct::NameUnregister { name: name.clone() },
-            };
-            match request(&mut c, &msg)? {
-                FromPct::Ok => Ok(0),
-                FromPct::Name { entry: Some(e) } => {
-                    println!("{}", serde_json::to_string(&e).unwrap_or_default());
-                    Ok(0)
-                }
-                FromPct::Name { entry: None } => {
-                    eprintln!("pct: no such name");
-                    Ok(1)
-                }
-                FromPct::Refused { reason } => Err(PctError::Refused(reason)),
-                other => Err(PctError::Malformed(format!("unexpected reply {other:?}"))),
-            }
-        }),
+        PctCmd::Name { connect, key, op } => name_command(connect, key, op),
     };
     match res {
         Ok(c) => c,

@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod job;
 pub mod key;
+pub mod names;
 pub mod policy;
 pub mod proto;
 pub mod resources;

@@ -443,6 +443,22 @@ struct Challenge {
 struct Proof {
     nonce: String,
     mac: String,
+    /// Set by a rank proving its job's credential instead of the cluster key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    job: Option<String>,
+}
+
+/// Who proved what in the handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peer {
+    /// Proved the cluster key (yod, an administrator's `pct` command).
+    Cluster,
+    /// Proved the credential of a running job: may only use the name server.
+    Job {
+        /// The PCT's serial number of the credential (names are owned by it).
+        serial: u64,
+        job: String,
+    },
 }
 
 #[derive(Serialize, Deserialize)]
@@ -453,9 +469,9 @@ struct Welcome {
 
 const NONCE_LEN: usize = 32;
 
-fn mac(key: &ClusterKey, label: &[u8], a: &[u8], b: &[u8]) -> Hmac<Sha256> {
-    // HMAC accepts keys of any length; this cannot fail for a 32-byte key.
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key.bytes())
+fn mac(key: &[u8], label: &[u8], a: &[u8], b: &[u8]) -> Hmac<Sha256> {
+    // HMAC accepts keys of any length; this cannot fail.
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC-SHA256 takes any key length"));
     m.update(label);
     m.update(a);
@@ -472,6 +488,26 @@ fn nonce_from_hex(s: &str) -> Result<Vec<u8>> {
 
 /// Server side of the handshake (the PCT). Returns only if the peer proved the key.
 pub fn accept_handshake(conn: &mut Conn, key: &ClusterKey, status: &NodeStatus) -> Result<()> {
+    match accept_handshake_as(conn, key, status, &|_| Vec::new())? {
+        Peer::Cluster => Ok(()),
+        Peer::Job { .. } => Err(PctError::Auth(
+            "job credentials are not accepted here".into(),
+        )),
+    }
+}
+
+/// Looks up the (serial, secret) credentials of the running jobs with an id.
+pub type JobSecrets<'a> = dyn Fn(&str) -> Vec<(u64, [u8; 32])> + 'a;
+
+/// Server side of the handshake, also accepting job credentials: `job_secrets(job)`
+/// lists the (serial, secret) pairs of the running jobs with that id. Returns who
+/// the peer proved to be; returns only after a valid proof.
+pub fn accept_handshake_as(
+    conn: &mut Conn,
+    key: &ClusterKey,
+    status: &NodeStatus,
+    job_secrets: &JobSecrets,
+) -> Result<Peer> {
     let mut np = [0u8; NONCE_LEN];
     random_bytes(&mut np)?;
     write_frame(
@@ -484,22 +520,65 @@ pub fn accept_handshake(conn: &mut Conn, key: &ClusterKey, status: &NodeStatus) 
     let proof: Proof = read_frame(conn, MAX_HELLO_FRAME)?;
     let ny = nonce_from_hex(&proof.nonce)?;
     let theirs = unhex(&proof.mac).ok_or_else(|| PctError::Auth("MAC is not hex".into()))?;
-    mac(key, b"puma-yod", &np, &ny)
-        .verify_slice(&theirs)
-        .map_err(|_| PctError::Auth("peer did not prove the cluster key".into()))?;
-    let ours = mac(key, b"puma-pct", &ny, &np).finalize().into_bytes();
+    let (peer, secret): (Peer, Vec<u8>) = match proof.job {
+        None => {
+            mac(key.bytes(), b"puma-yod", &np, &ny)
+                .verify_slice(&theirs)
+                .map_err(|_| PctError::Auth("peer did not prove the cluster key".into()))?;
+            (Peer::Cluster, key.bytes().to_vec())
+        }
+        Some(job) => {
+            let found = job_secrets(&job)
+                .into_iter()
+                .find(|(_, s)| mac(s, b"puma-job", &np, &ny).verify_slice(&theirs).is_ok());
+            match found {
+                Some((serial, s)) => (Peer::Job { serial, job }, s.to_vec()),
+                None => {
+                    return Err(PctError::Auth(format!(
+                        "peer did not prove the credential of a running job {:?}",
+                        job.chars().take(64).collect::<String>()
+                    )))
+                }
+            }
+        }
+    };
+    let ours = mac(&secret, b"puma-pct", &ny, &np).finalize().into_bytes();
     write_frame(
         conn,
         &Welcome {
             mac: hex(&ours),
             status: status.clone(),
         },
-    )
+    )?;
+    Ok(peer)
 }
 
 /// Client side of the handshake (yod). Returns the node's status once the PCT proved the key.
 pub fn connect_handshake(conn: &mut Conn, key: &ClusterKey) -> Result<NodeStatus> {
-    let ch: Challenge = read_frame(conn, MAX_HELLO_FRAME)?;
+    client_handshake(conn, key.bytes(), None)
+}
+
+/// Client side of the handshake for a rank: proves the credential of job `job`
+/// (the secret the PCT put in the rank's environment) instead of the cluster key.
+pub fn connect_job_handshake(conn: &mut Conn, job: &str, secret: &[u8]) -> Result<NodeStatus> {
+    client_handshake(conn, secret, Some(job))
+}
+
+fn client_handshake(conn: &mut Conn, secret: &[u8], job: Option<&str>) -> Result<NodeStatus> {
+    let what = if job.is_some() {
+        "the job credential"
+    } else {
+        "our cluster key"
+    };
+    let ch: Challenge = match read_frame(conn, MAX_HELLO_FRAME) {
+        Ok(c) => c,
+        Err(PctError::Closed) => {
+            return Err(PctError::Auth(
+                "the PCT hung up before its challenge (busy, or not a PCT)".into(),
+            ))
+        }
+        Err(e) => return Err(e),
+    };
     if ch.version != PROTOCOL_VERSION {
         return Err(PctError::Auth(format!(
             "PCT speaks protocol version {}, this yod speaks {PROTOCOL_VERSION}",
@@ -509,27 +588,33 @@ pub fn connect_handshake(conn: &mut Conn, key: &ClusterKey) -> Result<NodeStatus
     let np = nonce_from_hex(&ch.nonce)?;
     let mut ny = [0u8; NONCE_LEN];
     random_bytes(&mut ny)?;
-    let m = mac(key, b"puma-yod", &np, &ny).finalize().into_bytes();
+    let label: &[u8] = if job.is_some() {
+        b"puma-job"
+    } else {
+        b"puma-yod"
+    };
+    let m = mac(secret, label, &np, &ny).finalize().into_bytes();
     write_frame(
         conn,
         &Proof {
             nonce: hex(&ny),
             mac: hex(&m),
+            job: job.map(str::to_string),
         },
     )?;
     let w: Welcome = match read_frame(conn, MAX_FRAME) {
         Ok(w) => w,
         Err(PctError::Closed) => {
-            return Err(PctError::Auth(
-                "the PCT hung up: it does not accept our cluster key".into(),
-            ))
+            return Err(PctError::Auth(format!(
+                "the PCT hung up: it does not accept {what}"
+            )))
         }
         Err(e) => return Err(e),
     };
     let theirs = unhex(&w.mac).ok_or_else(|| PctError::Auth("MAC is not hex".into()))?;
-    mac(key, b"puma-pct", &ny, &np)
+    mac(secret, b"puma-pct", &ny, &np)
         .verify_slice(&theirs)
-        .map_err(|_| PctError::Auth("the PCT did not prove the cluster key".into()))?;
+        .map_err(|_| PctError::Auth(format!("the PCT did not prove {what}")))?;
     Ok(w.status)
 }
 

@@ -5,9 +5,10 @@ use crate::config::PctConfig;
 use crate::error::{PctError, Result};
 use crate::job::{self, JobCmd, JobCtl, Sink};
 use crate::key::ClusterKey;
+use crate::names::{JobCredential, ENV_CRED, ENV_PCT};
 use crate::policy::{Policies, RunningJob};
 use crate::proto::{
-    accept_handshake, read_frame, Address, Conn, FromPct, NameEntry, NodeStatus, ToPct,
+    accept_handshake_as, read_frame, Address, Conn, FromPct, NameEntry, NodeStatus, Peer, ToPct,
     HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MAX_FRAME,
 };
 use crate::resources::{JobResources, MemfdSegment};
@@ -33,11 +34,30 @@ pub struct Node {
     pub run_dir: PathBuf,
     pub kill_grace_ms: u64,
     jobs: Mutex<Vec<RunningJob>>,
-    names: Mutex<HashMap<String, NameEntry>>,
+    names: Mutex<HashMap<String, Named>>,
+    /// Credentials of the running jobs (serial, job id, secret): ranks prove
+    /// them to reach the name server.
+    creds: Mutex<Vec<(u64, String, [u8; 32])>>,
+    next_cred: std::sync::atomic::AtomicU64,
+    /// The address ranks reach this PCT at (`PUMA_PCT`), once listening.
+    rank_addr: Mutex<Option<String>>,
     /// Process groups of live ranks, for emergency teardown.
     live: Mutex<HashSet<i32>>,
     /// Connections that have not proved the key yet.
     unproven: std::sync::atomic::AtomicUsize,
+}
+
+/// Who may change a name: the job whose credential registered it (its names go
+/// when it ends), or a cluster-key holder (kept until unregistered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Owner {
+    Cluster,
+    Job(u64),
+}
+
+struct Named {
+    entry: NameEntry,
+    owner: Owner,
 }
 
 /// Most connections allowed to be in the handshake at once (a flood of idle
@@ -62,6 +82,9 @@ impl Node {
             kill_grace_ms: cfg.kill_grace_ms.unwrap_or(300).min(10_000),
             jobs: Mutex::new(Vec::new()),
             names: Mutex::new(HashMap::new()),
+            creds: Mutex::new(Vec::new()),
+            next_cred: std::sync::atomic::AtomicU64::new(1),
+            rank_addr: Mutex::new(None),
             live: Mutex::new(HashSet::new()),
             unproven: std::sync::atomic::AtomicUsize::new(0),
         }
@@ -90,6 +113,20 @@ impl Node {
         if let Ok(mut jobs) = self.jobs.lock() {
             jobs.retain(|j| j.job != job);
         }
+        // The job's credential and names end with it (before yod hears JobDone).
+        let serials: Vec<u64> = self
+            .creds
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .filter(|(_, j, _)| j == job)
+                    .map(|(s, _, _)| *s)
+                    .collect()
+            })
+            .unwrap_or_default();
+        for s in serials {
+            self.revoke(s);
+        }
     }
 
     pub(crate) fn track(&self, pid: Pid, alive: bool) {
@@ -110,6 +147,90 @@ impl Node {
                     let _ = kill_process_group(pid, Signal::KILL);
                 }
             }
+        }
+    }
+
+    /// Records the address ranks use to reach this PCT (a wildcard TCP address
+    /// becomes loopback: a rank always talks to its own node's PCT).
+    pub fn set_listen_addr(&self, addr: &str) {
+        let a = if let Some(port) = addr.strip_prefix("tcp:0.0.0.0:") {
+            format!("tcp:127.0.0.1:{port}")
+        } else if let Some(port) = addr.strip_prefix("tcp:[::]:") {
+            format!("tcp:[::1]:{port}")
+        } else {
+            addr.to_string()
+        };
+        if let Ok(mut r) = self.rank_addr.lock() {
+            *r = Some(a);
+        }
+    }
+
+    /// A fresh credential for a job being started; revoked by [`Node::revoke`].
+    fn issue_credential(&self, job: &str) -> Result<(u64, JobCredential)> {
+        let cred = JobCredential::generate(job)?;
+        let serial = self.next_cred.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.creds.lock() {
+            c.push((serial, job.to_string(), *cred.secret()));
+        }
+        Ok((serial, cred))
+    }
+
+    /// Forgets a job's credential and the names it registered.
+    fn revoke(&self, serial: u64) {
+        if let Ok(mut c) = self.creds.lock() {
+            c.retain(|(s, _, _)| *s != serial);
+        }
+        if let Ok(mut t) = self.names.lock() {
+            t.retain(|_, n| n.owner != Owner::Job(serial));
+        }
+    }
+
+    fn job_secrets(&self, job: &str) -> Vec<(u64, [u8; 32])> {
+        self.creds
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .filter(|(_, j, _)| j == job)
+                    .map(|(s, _, k)| (*s, *k))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Serves one name-server request from `owner`.
+    fn name_request(&self, owner: Owner, msg: ToPct) -> FromPct {
+        let refused = |reason: String| FromPct::Refused { reason };
+        let Ok(mut t) = self.names.lock() else {
+            return refused("name table poisoned".into());
+        };
+        match msg {
+            ToPct::NameRegister { name, entry } => {
+                if name.is_empty() || name.len() > 256 {
+                    return refused("names are 1-256 bytes".into());
+                }
+                match t.get(&name) {
+                    Some(n) if owner != Owner::Cluster && n.owner != owner => {
+                        refused(format!("name {name:?} belongs to another job"))
+                    }
+                    _ => {
+                        t.insert(name, Named { entry, owner });
+                        FromPct::Ok
+                    }
+                }
+            }
+            ToPct::NameLookup { name } => FromPct::Name {
+                entry: t.get(&name).map(|n| n.entry.clone()),
+            },
+            ToPct::NameUnregister { name } => match t.get(&name) {
+                Some(n) if owner != Owner::Cluster && n.owner != owner => {
+                    refused(format!("name {name:?} belongs to another job"))
+                }
+                _ => {
+                    t.remove(&name);
+                    FromPct::Ok
+                }
+            },
+            _ => refused("not a name-server request".into()),
         }
     }
 
@@ -219,13 +340,22 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
     let peer = conn.peer();
     let _ = conn.set_read_timeout(Some(Duration::from_secs(3)));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(3)));
-    let proved = accept_handshake(&mut conn, &node.key, &node.status());
+    let proved = accept_handshake_as(&mut conn, &node.key, &node.status(), &|j| {
+        node.job_secrets(j)
+    });
     node.unproven.fetch_sub(1, Ordering::AcqRel);
-    if let Err(e) = proved {
-        node.log(format!("rejected {peer}: {e}"));
-        conn.shutdown();
-        return;
-    }
+    let who = match proved {
+        Ok(w) => w,
+        Err(e) => {
+            node.log(format!("rejected {peer}: {e}"));
+            conn.shutdown();
+            return;
+        }
+    };
+    let owner = match &who {
+        Peer::Cluster => Owner::Cluster,
+        Peer::Job { serial, .. } => Owner::Job(*serial),
+    };
     let _ = conn.set_read_timeout(Some(HEARTBEAT_TIMEOUT));
     let _ = conn.set_write_timeout(Some(Duration::from_secs(10)));
     let writer = match conn.try_clone() {
@@ -265,6 +395,26 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
             }
             Err(e) => break format!("bad message from {peer}: {e}"),
         };
+        if let Peer::Job { job: j, .. } = &who {
+            // A rank's credential reaches the name server and nothing else.
+            let allowed = matches!(
+                msg,
+                ToPct::Heartbeat
+                    | ToPct::Status
+                    | ToPct::NameRegister { .. }
+                    | ToPct::NameLookup { .. }
+                    | ToPct::NameUnregister { .. }
+            );
+            if !allowed {
+                node.log(format!(
+                    "refused a control request from a rank of job {j} ({peer})"
+                ));
+                let _ = sink.send(&FromPct::Refused {
+                    reason: "a job credential only reaches the name server".into(),
+                });
+                continue;
+            }
+        }
         match msg {
             ToPct::Heartbeat => {}
             ToPct::Status => {
@@ -306,28 +456,10 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
                     ctl.send(JobCmd::Kill(signal));
                 }
             }
-            ToPct::NameRegister { name, entry } => {
-                let ok = name.len() <= 256 && !name.is_empty();
-                if ok {
-                    if let Ok(mut t) = node.names.lock() {
-                        t.insert(name, entry);
-                    }
-                    let _ = sink.send(&FromPct::Ok);
-                } else {
-                    let _ = sink.send(&FromPct::Refused {
-                        reason: "names are 1-256 bytes".into(),
-                    });
-                }
-            }
-            ToPct::NameLookup { name } => {
-                let entry = node.names.lock().ok().and_then(|t| t.get(&name).cloned());
-                let _ = sink.send(&FromPct::Name { entry });
-            }
-            ToPct::NameUnregister { name } => {
-                if let Ok(mut t) = node.names.lock() {
-                    t.remove(&name);
-                }
-                let _ = sink.send(&FromPct::Ok);
+            m @ (ToPct::NameRegister { .. }
+            | ToPct::NameLookup { .. }
+            | ToPct::NameUnregister { .. }) => {
+                let _ = sink.send(&node.name_request(owner, m));
             }
         }
     };
@@ -350,7 +482,7 @@ pub fn session(node: Arc<Node>, mut conn: Conn) {
 
 fn admit_and_start(
     node: &Arc<Node>,
-    req: crate::proto::LoadRequest,
+    mut req: crate::proto::LoadRequest,
     sink: &Sink,
     fabric_ip: std::net::IpAddr,
 ) -> Result<(JobCtl, std::thread::JoinHandle<()>, String)> {
@@ -372,7 +504,20 @@ fn admit_and_start(
         });
     }
     let id = req.job.clone();
-    let (wake_r, wake_w) = job::wake_pipe()?;
+    // The ranks reach this PCT's name server with a credential of their own job
+    // (never the cluster key); yod passes no PUMA_* variable, the PCT sets them.
+    req.env.retain(|(k, _)| k != ENV_PCT && k != ENV_CRED);
+    let (serial, cred) = node
+        .issue_credential(&req.job)
+        .inspect_err(|_| node.job_finished(&id))?;
+    if let Some(a) = node.rank_addr.lock().ok().and_then(|a| a.clone()) {
+        req.env.push((ENV_PCT.into(), a));
+    }
+    req.env.push((ENV_CRED.into(), cred.to_env()));
+    let (wake_r, wake_w) = job::wake_pipe().inspect_err(|_| {
+        node.revoke(serial);
+        node.job_finished(&id);
+    })?;
     let (tx, rx) = std::sync::mpsc::channel();
     let finished = Arc::new(AtomicBool::new(false));
     let (n, s, f) = (node.clone(), sink.clone(), finished.clone());
@@ -382,12 +527,17 @@ fn admit_and_start(
         .name("pct-job".into())
         .spawn(move || {
             // Failures are reported to yod as `Refused`; nothing more to do here.
-            let _ = job::run_job(n, req, s, rx, wake_r, &f, fabric_ip);
+            let _ = job::run_job(n.clone(), req, s, rx, wake_r, &f, fabric_ip);
+            n.revoke(serial);
             if let Ok(mut jobs) = done_node.jobs.lock() {
                 jobs.retain(|j| j.job != job_id);
             }
         })
-        .map_err(|e| PctError::io("starting the job thread", e))?;
+        .map_err(|e| {
+            node.revoke(serial);
+            node.job_finished(&id);
+            PctError::io("starting the job thread", e)
+        })?;
     Ok((
         JobCtl {
             tx,

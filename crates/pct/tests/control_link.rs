@@ -310,3 +310,90 @@ fn single_tasking_node_refuses_a_second_job() {
     // Closing the first link ends its job.
     first.shutdown();
 }
+
+/// Runs a one-rank job through a keyed control link; returns its output and status.
+fn run_job(d: &Daemon, key: &Path, req: LoadRequest) -> (String, Option<RankStatus>) {
+    let key = ClusterKey::load(key).unwrap();
+    let mut c = Conn::connect(&d.addr, Duration::from_secs(2)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    connect_handshake(&mut c, &key).unwrap();
+    write_frame(&mut c, &ToPct::Load(Box::new(req))).unwrap();
+    let (mut out, mut status) = (String::new(), None);
+    loop {
+        match read_frame::<_, FromPct>(&mut c, MAX_FRAME).unwrap() {
+            FromPct::Output { text: Some(t), .. } => out.push_str(&t),
+            FromPct::Exited { status: s, .. } => status = Some(s),
+            FromPct::JobDone => return (out, status),
+            FromPct::Refused { reason } => panic!("refused: {reason}"),
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_rank_reaches_the_name_server_with_its_job_credential_only() {
+    let (_dir, key, mut d) = setup();
+    let pct = env!("CARGO_BIN_EXE_pct");
+    let zeros = "0".repeat(64);
+    // Registers and looks up with the job's credential; a forged credential is refused.
+    let script = format!(
+        "echo pct=$PUMA_PCT; {pct} name register svc --portal 5 || exit 10; \
+         {pct} name lookup svc || exit 11; \
+         PUMA_JOB_CRED={zeros} {pct} name register forged --portal 1 && exit 12; \
+         exit 0"
+    );
+    let (out, status) = run_job(&d, &key, load("/bin/sh", &["-c", &script]));
+    assert_eq!(status, Some(RankStatus::Exited(0)), "{out}");
+    assert!(out.contains(&format!("pct={}", d.addr)), "{out}");
+    assert!(
+        out.contains(r#""node":"0""#) && out.contains(r#""portal":5"#),
+        "{out}"
+    );
+    let mut log = Vec::new();
+    while let Ok(l) = d.stderr.recv_timeout(Duration::from_millis(500)) {
+        log.push(l);
+    }
+    assert!(
+        log.iter()
+            .any(|l| l.contains("rejected") && l.contains("credential of a running job")),
+        "{log:?}"
+    );
+    // The job is over: its credential and its names are gone.
+    let k = key.display().to_string();
+    let look = Command::new(pct)
+        .args([
+            "name",
+            "--connect",
+            &d.addr.to_string(),
+            "--key",
+            &k,
+            "lookup",
+            "svc",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(look.status.code(), Some(1), "{look:?}");
+    assert!(d.child.try_wait().unwrap().is_none(), "the PCT died");
+}
+
+#[test]
+fn the_name_client_library_proves_a_credential_and_names_stay_with_their_owner() {
+    use pct::names::{JobCredential, NameClient};
+    use pct::proto::NameEntry;
+    let (_dir, key, _d) = setup();
+    let admin = NameClient::with_cluster_key(_d.addr.clone(), ClusterKey::load(&key).unwrap());
+    let e = NameEntry {
+        node: "io0".into(),
+        pid: 9,
+        portal: 3,
+    };
+    admin.register("fs", &e).unwrap();
+    assert_eq!(admin.lookup("fs").unwrap(), Some(e.clone()));
+    // No job runs, so no job credential is valid.
+    let stranger =
+        NameClient::with_credential(_d.addr.clone(), JobCredential::generate("jtest").unwrap());
+    let err = stranger.lookup("fs").unwrap_err().to_string();
+    assert!(err.contains("does not accept the job credential"), "{err}");
+    admin.unregister("fs").unwrap();
+    assert_eq!(admin.lookup("fs").unwrap(), None);
+}
