@@ -165,6 +165,9 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGHUP,
+        // srun forwards SIGUSR1 to its tasks, but answers SIGTERM by killing the
+        // step with SIGKILL: yod stops the PCTs of a Slurm job with SIGUSR1.
+        signal_hook::consts::SIGUSR1,
     ])
     .map_err(|e| PctError::io("installing signal handlers", e))?;
     {

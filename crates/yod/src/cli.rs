@@ -313,18 +313,24 @@ fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>) -> Result<i32> {
     Ok(out?.code)
 }
 
-/// Stops the srun step politely (srun forwards SIGTERM to the PCTs, which clean
-/// up), then for good after 3 s.
+/// Stops the srun step politely: srun forwards SIGUSR1 to the PCTs, which kill
+/// their jobs and remove their files (a SIGTERM would make srun kill the step
+/// with SIGKILL, leaving the PCTs no time to clean up). SIGTERM after 5 s, then
+/// SIGKILL.
 fn stop_srun(srun: &mut std::process::Child) {
-    if let Some(pid) = rustix::process::Pid::from_raw(srun.id() as i32) {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-    }
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
-    while std::time::Instant::now() < deadline {
-        if let Ok(Some(_)) = srun.try_wait() {
-            return;
+    use rustix::process::Signal;
+    let pid = rustix::process::Pid::from_raw(srun.id() as i32);
+    for (sig, wait) in [(Signal::USR1, 5), (Signal::TERM, 3)] {
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, sig);
         }
-        std::thread::sleep(Duration::from_millis(10));
+        let deadline = std::time::Instant::now() + Duration::from_secs(wait);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = srun.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     let _ = srun.kill();
     let _ = srun.wait();
