@@ -186,7 +186,7 @@ impl JobResources for QkFabric {
             }
             return Err(e);
         }
-        if self.lock_memory {
+        if self.lock_memory && !can_lock_without_limit() {
             if let Some(limit) = qk::sys::memlock_limit().filter(|&l| l < bytes) {
                 eprintln!(
                     "pct: RLIMIT_MEMLOCK {limit} is below the {bytes} bytes of job {}'s QK region; its ranks may not be able to lock it",
@@ -196,6 +196,20 @@ impl JobResources for QkFabric {
         }
         Ok(Box::new(QkHandle { fd, engine: None }))
     }
+}
+
+/// Whether this process (and so the ranks it starts) has CAP_IPC_LOCK, which
+/// lifts RLIMIT_MEMLOCK.
+fn can_lock_without_limit() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
 /// Allocates (and zeroes) every page of the memfd `fd` now, without mapping it.
