@@ -3,7 +3,8 @@
 //! runtime adds per rank.
 //!
 //! ```text
-//! cargo build --release -p yod -p puma --example hello
+//! cargo build --release -p yod -p puma --bins --example hello
+//! cargo build --release -p pct --example qk_attach   # optional: ranks that attach to the QK fabric
 //! target/release/yod-bench --ranks 1,8,64,256 --repeats 7
 //! ```
 
@@ -28,6 +29,11 @@ struct Args {
     /// The puma hello example [default: examples/hello next to this program].
     #[arg(long)]
     hello: Option<PathBuf>,
+    /// A rank that attaches to the QK fabric (maps, locks and prefaults the
+    /// node's region) [default: examples/qk_attach next to this program, if built
+    /// with `cargo build --release -p pct --example qk_attach`].
+    #[arg(long)]
+    attach: Option<PathBuf>,
     /// MPICH's mpiexec to compare with [default: mpiexec.hydra, else mpiexec.mpich].
     #[arg(long)]
     mpiexec: Option<String>,
@@ -207,6 +213,11 @@ fn main() {
         );
         std::process::exit(2);
     }
+    let attach = a
+        .attach
+        .clone()
+        .unwrap_or_else(|| me.with_file_name("examples").join("qk_attach"));
+    let attach = attach.is_file().then_some(attach);
     let mpiexec = a.mpiexec.clone().unwrap_or_else(|| {
         ["mpiexec.hydra", "mpiexec.mpich"]
             .into_iter()
@@ -231,17 +242,23 @@ fn main() {
         a.repeats
     );
     println!(
-        "{:>6}  {:>26}  {:>26}  {:>26}  {:>26}  {:>8}",
+        "{:>6}  {:>26}  {:>26}  {:>26}  {:>26}  {:>8}  {:>8}  {:>26}",
         "ranks",
         "yod puma-hello (QK fabric)",
         "yod sh-echo (QK fabric)",
         "yod sh-echo (memfd)",
         "mpiexec sh-echo",
-        "ratio"
+        "ratio",
+        "ratio",
+        if attach.is_some() {
+            "yod qk_attach (QK fabric)"
+        } else {
+            ""
+        }
     );
     for &n in &a.ranks {
         let ns = n.to_string();
-        let mut series: Vec<Vec<f64>> = vec![Vec::new(); 4];
+        let mut series: Vec<Vec<f64>> = vec![Vec::new(); 5];
         for _ in 0..a.repeats {
             let mut cmds: Vec<Command> = Vec::new();
             let mut c = Command::new(&yod);
@@ -261,14 +278,22 @@ fn main() {
                 "echo hello from $PUMA_RANK",
             ]);
             cmds.push(c);
+            let mut slot = vec![0, 1, 2];
             if mpi {
                 let mut c = Command::new(&mpiexec);
                 c.args(["-n", &ns, "sh", "-c", "echo hello from $PMI_RANK"]);
                 cmds.push(c);
+                slot.push(3);
+            }
+            if let Some(p) = &attach {
+                let mut c = Command::new(&yod);
+                c.args(["-n", &ns]).arg(p);
+                cmds.push(c);
+                slot.push(4);
             }
             for (i, c) in cmds.iter_mut().enumerate() {
                 match time_once(c, n) {
-                    Ok(t) => series[i].push(t),
+                    Ok(t) => series[slot[i]].push(t),
                     Err(e) => {
                         eprintln!("yod-bench: {e}");
                         let _ = std::fs::remove_file(&memfd_cfg);
@@ -291,6 +316,11 @@ fn main() {
         let (a1, m1) = fmt(&mut series[1]);
         let (a2, m2) = fmt(&mut series[2]);
         let (a3, m3) = fmt(&mut series[3]);
+        let (a4, _) = if attach.is_some() {
+            fmt(&mut series[4])
+        } else {
+            (String::new(), f64::NAN)
+        };
         let r = |m: f64| {
             if mpi {
                 format!("{:.2}x", m3 / m)
@@ -299,9 +329,14 @@ fn main() {
             }
         };
         let (ratio, ratio2) = (r(m1), r(m2));
-        println!("{n:>6}  {a0:>26}  {a1:>26}  {a2:>26}  {a3:>26}  {ratio:>8}  {ratio2:>8}");
+        println!(
+            "{n:>6}  {a0:>26}  {a1:>26}  {a2:>26}  {a3:>26}  {ratio:>8}  {ratio2:>8}  {a4:>26}"
+        );
     }
     println!("ratio = median mpiexec / median yod for the same sh-echo program (QK fabric, memfd segment); > 1 means yod is faster");
+    if attach.is_some() {
+        println!("qk_attach: every rank maps, locks and prefaults its node's QK region (qk::Endpoint::from_env), as a messaging rank will");
+    }
     let _ = std::fs::remove_file(&memfd_cfg);
     if a.no_memory {
         return;
