@@ -397,3 +397,88 @@ fn the_name_client_library_proves_a_credential_and_names_stay_with_their_owner()
     admin.unregister("fs").unwrap();
     assert_eq!(admin.lookup("fs").unwrap(), None);
 }
+
+#[test]
+fn a_job_credential_reaches_the_name_server_and_nothing_else() {
+    use pct::proto::connect_job_handshake;
+    let (dir, key, d) = setup();
+    let witness = dir.path().join("spawned");
+    // A rank that shows its credential (as a compromised rank could) and waits.
+    let key_c = ClusterKey::load(&key).unwrap();
+    let mut yodc = Conn::connect(&d.addr, Duration::from_secs(2)).unwrap();
+    yodc.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    connect_handshake(&mut yodc, &key_c).unwrap();
+    write_frame(
+        &mut yodc,
+        &ToPct::Load(Box::new(load(
+            "/bin/sh",
+            &["-c", "echo cred=$PUMA_JOB_CRED; sleep 20"],
+        ))),
+    )
+    .unwrap();
+    let cred = loop {
+        match read_frame::<_, FromPct>(&mut yodc, MAX_FRAME).unwrap() {
+            FromPct::Output { text: Some(t), .. } => {
+                break t.trim().strip_prefix("cred=").unwrap().to_string()
+            }
+            FromPct::Refused { reason } => panic!("refused: {reason}"),
+            _ => {}
+        }
+    };
+    let secret: Vec<u8> = (0..cred.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&cred[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(secret.len(), 32, "{cred}");
+    let mut c = Conn::connect(&d.addr, Duration::from_secs(2)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    connect_job_handshake(&mut c, "jtest", &secret).unwrap();
+    let reply = |c: &mut Conn, msg: &ToPct| -> FromPct {
+        write_frame(c, msg).unwrap();
+        loop {
+            match read_frame::<_, FromPct>(c, MAX_FRAME).unwrap() {
+                FromPct::Heartbeat => continue,
+                r => return r,
+            }
+        }
+    };
+    let mut other = load("/bin/sh", &["-c", &format!("touch {}", witness.display())]);
+    other.job = "jother".into();
+    for msg in [
+        ToPct::Load(Box::new(other)),
+        ToPct::Kill { signal: 9 },
+        ToPct::Stdin {
+            data: b"x\n".to_vec(),
+        },
+    ] {
+        match reply(&mut c, &msg) {
+            FromPct::Refused { reason } => {
+                assert!(reason.contains("only reaches the name server"), "{reason}")
+            }
+            r => panic!("{msg:?} was not refused: {r:?}"),
+        }
+    }
+    // The name server does answer it.
+    assert!(matches!(
+        reply(&mut c, &ToPct::NameLookup { name: "x".into() }),
+        FromPct::Name { entry: None }
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!witness.exists(), "a job credential started a job");
+    // The job is still running (the Kill above was refused): end it as yod would.
+    write_frame(&mut yodc, &ToPct::Kill { signal: 9 }).unwrap();
+    loop {
+        match read_frame::<_, FromPct>(&mut yodc, MAX_FRAME).unwrap() {
+            FromPct::Exited { status, .. } => {
+                assert_eq!(status, RankStatus::Signaled(9));
+            }
+            FromPct::JobDone => break,
+            _ => {}
+        }
+    }
+    // With the job gone, so is its credential.
+    let mut c = Conn::connect(&d.addr, Duration::from_secs(2)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(connect_job_handshake(&mut c, "jtest", &secret).is_err());
+}

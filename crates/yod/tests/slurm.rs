@@ -346,18 +346,28 @@ fn exclusive_real_slurm_salloc_yod_starts_the_pct_with_srun() {
     }
 
     // Who started the PCT: each rank looks at its parent (the PCT) and the PCT's parent.
-    let probe = "pp=$(cut -d' ' -f4 /proc/$PPID/stat); \
-                 echo rank $PUMA_RANK pct-parent $(cat /proc/$pp/comm) \
-                 step-env $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -c '^SLURM_STEP_ID=')";
+    // It also registers a name with its job credential at the PCT (which listens
+    // on all interfaces; the rank reaches it on loopback).
+    let probe = format!(
+        "pp=$(cut -d' ' -f4 /proc/$PPID/stat); \
+         echo rank $PUMA_RANK pct-parent $(cat /proc/$pp/comm) \
+         step-env $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -c '^SLURM_STEP_ID='); \
+         {y} pct name register r$PUMA_RANK --portal 4 && echo rank $PUMA_RANK named via $PUMA_PCT",
+        y = yod()
+    );
     let out = slurm.salloc(
         &key,
-        &[yod(), "-n", "2", "--pct-port", &port, "sh", "-c", probe],
+        &[yod(), "-n", "2", "--pct-port", &port, "sh", "-c", &probe],
     );
     let (so, se) = (text(&out.stdout), text(&out.stderr));
     assert!(out.status.success(), "{so}\n{se}\n{}", slurm.logs());
     for r in 0..2 {
         assert!(
             so.contains(&format!("rank {r} pct-parent slurmstepd step-env 1")),
+            "{so}\n{se}"
+        );
+        assert!(
+            so.contains(&format!("rank {r} named via tcp:127.0.0.1:{port}")),
             "{so}\n{se}"
         );
     }
