@@ -265,6 +265,24 @@ impl PrivateSlurm {
 
 impl Drop for PrivateSlurm {
     fn drop(&mut self) {
+        // A failed test may leave its allocation (and a PCT step) behind: cancel
+        // it while slurmctld still runs, so slurmd ends the steps.
+        let cancelled = Command::new("scancel")
+            .args(["--full", "-n", "puma-yod-test"])
+            .env("SLURM_CONF", &self.conf)
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if cancelled {
+            let _ = wait_for(std::time::Duration::from_secs(5), || {
+                Command::new("squeue")
+                    .args(["-h", "-n", "puma-yod-test"])
+                    .env("SLURM_CONF", &self.conf)
+                    .output()
+                    .map(|o| o.stdout.is_empty())
+                    .unwrap_or(true)
+            });
+        }
         // Politely first (slurmd ends its steps), then for good; newest first.
         for (_, c) in self.daemons.iter().rev() {
             if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
