@@ -20,6 +20,15 @@ fn assert_nothing_left(mark: &str, job: Option<&str>) {
         gone,
         "processes of the job remain: {:?}",
         procs_with_env(&kv)
+            .into_iter()
+            .map(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                    .unwrap_or_default();
+                format!("{stat} [{cmd}]")
+            })
+            .collect::<Vec<_>>()
     );
     if let Some(j) = job {
         assert!(
