@@ -221,8 +221,11 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
         }
     }
 
+    // The command has started (it inherited every CPU); from here the coordinating thread keeps
+    // off the sampled CPUs, and without a progress line it simply waits for the samplers.
+    let _away = sys::OffSampledCpus::enter(&cfg.cpus);
     let mut bar = Progress::new(cfg.progress, "ftq", t0, t_end);
-    while handles.iter().any(|h| !h.is_finished()) {
+    while bar.active() && handles.iter().any(|h| !h.is_finished()) {
         let done = progress.iter().map(|p| p.load(Ordering::Relaxed)).min();
         bar.update(done.unwrap_or(0) * cfg.interval_ns + t0);
         std::thread::sleep(std::time::Duration::from_millis(100));

@@ -89,8 +89,9 @@ where
             );
         }
     }
+    let _away = sys::OffSampledCpus::enter(&cfg.cpus);
     let mut bar = Progress::new(cfg.progress, label, t0, t_end);
-    while handles.iter().any(|h| !h.is_finished()) {
+    while bar.active() && handles.iter().any(|h| !h.is_finished()) {
         bar.update(now_ns());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
