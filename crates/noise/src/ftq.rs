@@ -231,8 +231,10 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     bar.finish();
+    // Sampling ends when every sampler has returned (joining, not polling: no wake-ups here).
+    let sampled: Vec<_> = handles.into_iter().map(|h| h.join()).collect();
 
-    // Stop the command first, so that no error below leaves it running.
+    // Stop the command before looking at the results, so that no error below leaves it running.
     if let Some(mut c) = child {
         let exit = match c.try_wait() {
             Ok(Some(status)) => format!("{status}"),
@@ -250,10 +252,8 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
 
     let mut cals = Vec::new();
     let mut counts = Vec::new();
-    for h in handles {
-        let (cal, c) = h
-            .join()
-            .map_err(|_| NoiseError::Thread("sampler panicked".into()))??;
+    for r in sampled {
+        let (cal, c) = r.map_err(|_| NoiseError::Thread("sampler panicked".into()))??;
         cals.push(cal);
         counts.push(c);
     }
