@@ -4,38 +4,54 @@
 # CPU mode, against the same core with nothing of ours running. Goal per mode: no new periodic
 # peak and less than 0.1 % added lost work on the application core.
 #
-# Usage: self-noise.sh [--cpu N] [--duration 10s] [--modes "heater ..."] [--out DIR]
-#                      [--nice -20] [--max-added 0.1] [-- APP [ARGS...]]
-#   --cpu       application core to sample (default: the last CPU this process may use)
+# Runs in rounds: each round measures a baseline, then every mode, so that the machine's slow
+# load drifts hit baseline and modes alike; each mode's run is paired with its round's baseline.
+# The verdict (`puma-noise judge`) is per mode: added lost work min / median / max over the
+# rounds, and the periodic sources found in at least half of a mode's runs but in no baseline.
+#
+# Usage: self-noise.sh [--cpu N] [--duration 10s] [--repeats 3] [--modes "heater ..."]
+#                      [--out DIR] [--nice -20] [--max-added 0.1] [-- APP [ARGS...]]
+#   --cpu       application core to sample (default: the last CPU this process may use; yod's
+#               default service CPU is the first, so this is an application CPU)
 #   --duration  sampling time per run (default 10s)
+#   --repeats   rounds (default 3)
 #   --modes     CPU modes to try (default: heater msg-coproc compute-coproc virtual-node)
 #   --out       where CSVs, reports and comparisons go (default: self-noise-<date>)
 #   --nice      nice value for the sampler (negative needs root; default: none)
-#   --max-added the added lost work allowed, percent (default 0.1)
+#   --max-added the median added lost work allowed, percent (default 0.1)
+#   --trace     also record, with `perf`, every context switch on the sampled CPU during each
+#               mode's run and count those into our own threads (yod, PCT, QK engines): a
+#               direct check, immune to other users' noise, that nothing of ours runs there
+#               (needs perf and root, or perf_event_paranoid <= -1)
 #   APP         what follows `yod --mode <m>`: yod's options and the program (default:
 #               `-n 2 sleep <duration>`, i.e. just our runtime's own daemons, engines and
-#               heartbeats on both cores)
-# Environment: PUMA_NOISE, YOD = paths to the binaries (default: target/release, then PATH).
+#               heartbeats)
+# Environment: PUMA_NOISE, YOD = paths to the binaries (default: target/release, then PATH);
+# PUMA_SERVICE_CPUS is passed through to yod (see `yod --help`).
 # Exit status: 0 all modes pass, 3 some mode fails the goal, 2 yod or puma-noise missing,
 # 1 other errors.
 set -euo pipefail
 
 cpu=""
 duration="10s"
+repeats=3
 modes="heater msg-coproc compute-coproc virtual-node"
 out=""
 nice=()
 max_added="0.1"
+trace=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) cpu="$2"; shift 2 ;;
         --duration) duration="$2"; shift 2 ;;
+        --repeats) repeats="$2"; shift 2 ;;
         --modes) modes="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --nice) nice=(--nice "$2"); shift 2 ;;
         --max-added) max_added="$2"; shift 2 ;;
+        --trace) trace=1; shift ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
         *) echo "self-noise.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
     esac
 done
@@ -67,47 +83,123 @@ if [ -z "$cpu" ]; then
     cpu="$(nproc --all 2>/dev/null || echo 1)"
     cpu=$((cpu - 1))
 fi
+default_app=0
 if [ ${#app[@]} -eq 0 ]; then
     secs="${duration%s}"
     app=(-n 2 sleep "$secs")
+    default_app=1
+fi
+# For --trace: the rank's PCT is its parent, yod the PCT's parent.
+tid_script='
+if [ "$PUMA_RANK" = 0 ]; then
+  sleep 0.5
+  pct=$PPID
+  yod=$(sed -n "s/^PPid:[[:space:]]*//p" /proc/$pct/status)
+  for p in $pct $yod; do ls /proc/$p/task; done > "$1"
+fi
+exec sleep "$2"'
+if [ "$trace" = 1 ] && ! command -v perf > /dev/null; then
+    echo "self-noise.sh: --trace needs perf (apt-get install linux-perf)" >&2
+    exit 2
 fi
 out="${out:-self-noise-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 
-echo "== baseline: cpu $cpu, $duration, nothing of ours running"
-"$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
-    -o "$out/baseline.csv" --report "$out/baseline" | tee "$out/baseline.txt"
+case "$repeats" in ''|*[!0-9]*|0) echo "self-noise.sh: --repeats must be a positive number" >&2; exit 1 ;; esac
 
 status=0
-summary=()
-for m in $modes; do
-    echo
-    echo "== mode $m: $yod --mode $m ${app[*]}"
+errors=()
+traced=()
+trace_bad=0
+for r in $(seq 1 "$repeats"); do
+    d="$out/r$r"
+    mkdir -p "$d"
+    echo "== round $r/$repeats: baseline: cpu $cpu, $duration, nothing of ours running"
     "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
-        -o "$out/$m.csv" --report "$out/$m" -- "$yod" --mode "$m" "${app[@]}" | tee "$out/$m.txt"
-    # A job that failed to launch measures nothing: only a clean exit or a job still running
-    # when sampling ended counts.
-    job_exit="$(sed -n 's/^command_exit: //p' "$out/$m.txt" | head -n 1)"
-    case "$job_exit" in
-        "exit status: 0"|"still running at end of sampling"*) ;;
-        *)
-            summary+=("$m: ERROR the job did not run (command_exit: ${job_exit:-none})")
-            status=1
-            continue
-            ;;
-    esac
-    set +e
-    "$noise" compare "$out/baseline.csv" "$out/$m.csv" --max-added "$max_added" | tee "$out/$m.compare.txt"
-    rc=${PIPESTATUS[0]}
-    set -e
-    case "$rc" in
-        0) summary+=("$m: PASS") ;;
-        3) summary+=("$m: FAIL (see $out/$m.compare.txt)"); status=3 ;;
-        *) summary+=("$m: ERROR $rc"); status=1 ;;
-    esac
+        -o "$d/baseline.csv" --report "$d/baseline" > "$d/baseline.txt"
+    sed -n 's/^ *\(noise fraction\|cpu [0-9]*:\).*/  &/p' "$d/baseline.txt" | head -n 3
+    for m in $modes; do
+        echo "== round $r/$repeats: mode $m: $yod --mode $m ${app[*]}"
+        perf_pid=""
+        job=("${app[@]}")
+        if [ "$trace" = 1 ]; then
+            rm -f "$d/$m.tids"
+            # perf itself is kept off the sampled CPU.
+            perf_cpu=$(( cpu == 0 ? 1 : 0 ))
+            taskset -c "$perf_cpu" perf record -q -e sched:sched_switch -C "$cpu" -o "$d/$m.perf" \
+                -- sleep "${duration%s}" > /dev/null 2>&1 &
+            perf_pid=$!
+            if [ "$default_app" = 1 ]; then
+                # Rank 0 writes down the thread ids of its PCT and of yod (other users of this
+                # machine may run yods of their own), then the ranks sleep as usual.
+                job=(-n 2 sh -c "$tid_script" rank "$d/$m.tids" "${duration%s}")
+            fi
+        fi
+        "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
+            -o "$d/$m.csv" --report "$d/$m" -- "$yod" --mode "$m" "${job[@]}" > "$d/$m.txt"
+        if [ -n "$perf_pid" ]; then
+            wait "$perf_pid" || true
+            # Switches into our threads: yod's and the PCT's by thread id when known, else
+            # by name (yod-*, pct-*, qk-* for the QK engines).
+            perf script -i "$d/$m.perf" -F trace 2>/dev/null \
+                | sed -n 's/.*next_comm=\(.*\) next_pid=\([0-9]*\) .*/\2 \1/p' > "$d/$m.switches" || true
+            if [ -s "$d/$m.tids" ]; then
+                awk 'NR == FNR { ours[$1] = 1; next } ($1 in ours) { print $2 }' \
+                    "$d/$m.tids" "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
+            else
+                awk '$2 ~ /^(yod|pct|qk-)/ { print $2 }' "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
+            fi
+            ours="$(awk '{n += $1} END {print n + 0}' "$d/$m.ours.txt")"
+            all="$(wc -l < "$d/$m.switches")"
+            echo "  our threads switched in on cpu $cpu: $ours of $all switches$( [ "$ours" = 0 ] || echo ": $(tr -s ' \n' ' ' < "$d/$m.ours.txt")")"
+            traced+=("round $r, $m: $ours of $all context switches on cpu $cpu were into our threads ($(wc -l < "$d/$m.tids" 2>/dev/null || echo '?') known)")
+            [ "$ours" = 0 ] || trace_bad=1
+        fi
+        # A job that failed to launch measures nothing: only a clean exit or a job still
+        # running when sampling ended counts.
+        job_exit="$(sed -n 's/^command_exit: //p' "$d/$m.txt" | head -n 1)"
+        case "$job_exit" in
+            "exit status: 0"|"still running at end of sampling"*) ;;
+            *)
+                errors+=("round $r, $m: the job did not run (command_exit: ${job_exit:-none})")
+                status=1
+                continue
+                ;;
+        esac
+        # The pairwise comparison, for the details (the verdict is the judge's, below).
+        "$noise" compare "$d/baseline.csv" "$d/$m.csv" > "$d/$m.compare.txt" || true
+        sed -n 's/^noise fraction.*B-A \(.*\)$/  added \1/p' "$d/$m.compare.txt"
+    done
+done
+if [ ${#errors[@]} -gt 0 ]; then
+    printf 'ERROR %s\n' "${errors[@]}" >&2
+    echo "self-noise.sh: some jobs did not run; no verdict" >&2
+    exit 1
+fi
+
+judge=()
+for r in $(seq 1 "$repeats"); do judge+=(--baseline "$out/r$r/baseline.csv"); done
+for m in $modes; do
+    files=""
+    for r in $(seq 1 "$repeats"); do files="$files${files:+,}$out/r$r/$m.csv"; done
+    judge+=(--mode "$m=$files")
 done
 echo
-echo "== summary (goal: < $max_added % added lost work and no new periodic peak on cpu $cpu)"
-printf '%s\n' "${summary[@]}"
-echo "reports: $out/*/report.html"
+echo "== verdict over $repeats round(s), cpu $cpu"
+set +e
+"$noise" judge "${judge[@]}" --max-added "$max_added" | tee "$out/judge.txt"
+rc=${PIPESTATUS[0]}
+set -e
+case "$rc" in
+    0) ;;
+    3) status=3 ;;
+    *) status=1 ;;
+esac
+if [ "$trace" = 1 ]; then
+    echo
+    echo "== context switches into our threads on cpu $cpu (perf, per run; goal 0)"
+    printf '%s\n' "${traced[@]}" | tee "$out/trace.txt"
+    if [ "$trace_bad" = 1 ] && [ "$status" = 0 ]; then status=3; fi
+fi
+echo "reports: $out/r*/*/report.html; per-run comparisons: $out/r*/*.compare.txt"
 exit "$status"

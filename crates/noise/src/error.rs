@@ -83,7 +83,8 @@ impl NoiseError {
             source,
         }
     }
-    pub(crate) fn bad(what: &'static str, value: &str, why: impl Into<String>) -> Self {
+    /// A bad value given by the user: what it was for, the value, and why it is refused.
+    pub fn bad(what: &'static str, value: &str, why: impl Into<String>) -> Self {
         NoiseError::BadValue {
             what,
             value: value.to_string(),

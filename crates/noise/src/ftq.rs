@@ -8,13 +8,11 @@
 //! long interruption appears as zero-count intervals rather than shifting every later sample.
 
 use crate::error::{NoiseError, Result};
-use crate::inject::run_interferer;
-use crate::progress::Progress;
+use crate::modes::{run_pinned, Pinned, RunConfig};
 use crate::sys::{self, now_ns};
 use crate::units::InjectSpec;
 use crate::work::{self, quantum};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier};
 
 /// Most intervals one run keeps per CPU (1 GiB of counts).
 pub const MAX_INTERVALS: u64 = 1 << 28;
@@ -174,62 +172,28 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     }
 
     let n = (cfg.duration_ns / cfg.interval_ns) as usize;
-    let ncpu = cfg.cpus.len();
-    let barrier = Arc::new(Barrier::new(ncpu + 1));
-    let start = Arc::new(AtomicU64::new(0));
-    let progress: Arc<Vec<AtomicU64>> = Arc::new((0..ncpu).map(|_| AtomicU64::new(0)).collect());
+    let run_cfg = RunConfig {
+        cpus: cfg.cpus.clone(),
+        duration_ns: n as u64 * cfg.interval_ns,
+        inject: cfg.inject,
+        progress: cfg.progress,
+        nice: cfg.nice,
+    };
+    let (interval, target) = (cfg.interval_ns, cfg.quantum_target_ns);
+    let sampled = run_pinned(
+        &run_cfg,
+        "ftq",
+        interval,
+        move || work::calibrate(target),
+        move |cal: work::Calibration, t0, _t_end, progress| {
+            (
+                cal,
+                sample_intervals(t0, interval, n, cal.iterations, progress),
+            )
+        },
+    );
 
-    let mut handles = Vec::new();
-    for (slot, &cpu) in cfg.cpus.iter().enumerate() {
-        let (barrier, start, progress) = (barrier.clone(), start.clone(), progress.clone());
-        let (interval, target, nice) = (cfg.interval_ns, cfg.quantum_target_ns, cfg.nice);
-        let h = std::thread::Builder::new()
-            .name(format!("ftq-cpu{cpu}"))
-            .spawn(move || -> Result<(work::Calibration, Vec<u32>)> {
-                let pinned = sys::pin_to(cpu).and_then(|()| match nice {
-                    Some(n) => sys::set_thread_nice(n),
-                    None => Ok(()),
-                });
-                let cal = work::calibrate(target);
-                barrier.wait(); // calibration done everywhere
-                barrier.wait(); // start time published
-                pinned?;
-                let t0 = start.load(Ordering::Acquire);
-                let counts = sample_intervals(t0, interval, n, cal.iterations, &progress[slot]);
-                Ok((cal, counts))
-            })
-            .map_err(|e| NoiseError::Thread(e.to_string()))?;
-        handles.push(h);
-    }
-    barrier.wait();
-
-    let t0 = align_up(now_ns() + 20_000_000, cfg.interval_ns);
-    let t_end = t0 + n as u64 * cfg.interval_ns;
-    start.store(t0, Ordering::Release);
-    barrier.wait();
-
-    let mut injectors = Vec::new();
-    if let Some(spec) = cfg.inject {
-        let nice = cfg.nice;
-        for &cpu in &cfg.cpus {
-            injectors.push(
-                std::thread::Builder::new()
-                    .name(format!("inject-cpu{cpu}"))
-                    .spawn(move || run_interferer(cpu, spec, nice, t0, t_end))
-                    .map_err(|e| NoiseError::Thread(e.to_string()))?,
-            );
-        }
-    }
-
-    let mut bar = Progress::new(cfg.progress, "ftq", t0, t_end);
-    while handles.iter().any(|h| !h.is_finished()) {
-        let done = progress.iter().map(|p| p.load(Ordering::Relaxed)).min();
-        bar.update(done.unwrap_or(0) * cfg.interval_ns + t0);
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    bar.finish();
-
-    // Stop the command first, so that no error below leaves it running.
+    // Stop the command before looking at the results, so that no error leaves it running.
     if let Some(mut c) = child {
         let exit = match c.try_wait() {
             Ok(Some(status)) => format!("{status}"),
@@ -244,22 +208,12 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
         };
         command_meta.push(("command_exit".to_string(), exit));
     }
-
-    let mut cals = Vec::new();
-    let mut counts = Vec::new();
-    for h in handles {
-        let (cal, c) = h
-            .join()
-            .map_err(|_| NoiseError::Thread("sampler panicked".into()))??;
-        cals.push(cal);
-        counts.push(c);
-    }
-    let mut burns = 0u64;
-    for h in injectors {
-        burns += h
-            .join()
-            .map_err(|_| NoiseError::Thread("interferer panicked".into()))??;
-    }
+    let Pinned {
+        t0,
+        out,
+        inject_wakeups: burns,
+    } = sampled?;
+    let (cals, counts): (Vec<work::Calibration>, Vec<Vec<u32>>) = out.into_iter().unzip();
 
     let quantum_ns = cals.iter().map(|c| c.quantum_ns).sum::<f64>() / cals.len().max(1) as f64;
     let mut meta = vec![

@@ -133,6 +133,21 @@ enum Cmd {
         #[arg(long)]
         max_added: Option<f64>,
     },
+    /// Judge repeated runs against repeated baselines (run i of each mode paired with baseline
+    /// i): per mode the added lost work min / median / max and the periodic sources no baseline
+    /// shows. Exit status 3 when a mode's median added lost work reaches --max-added or a new
+    /// source shows in at least half of its runs.
+    Judge {
+        /// Baseline runs, in round order (repeat the option).
+        #[arg(long = "baseline", value_name = "FILE", required = true)]
+        baselines: Vec<PathBuf>,
+        /// A mode's runs in the same round order: NAME=FILE,FILE,... (repeat the option).
+        #[arg(long = "mode", value_name = "NAME=FILES", required = true)]
+        modes: Vec<String>,
+        /// Largest median added lost work allowed, percent of the CPU.
+        #[arg(long, default_value_t = 0.1)]
+        max_added: f64,
+    },
     /// Convert an FTQ run between CSV and the binary format (chosen by the output's extension).
     Convert {
         /// Input (CSV or binary).
@@ -388,6 +403,54 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                 }
             }
             Ok(())
+        }
+        Cmd::Judge {
+            baselines,
+            modes,
+            max_added,
+        } => {
+            let load = |p: &Path| -> Result<report::NamedRun, NoiseError> {
+                let run = format::load_ftq(p)?;
+                Ok((p.display().to_string(), report::analyse_run(&run)?))
+            };
+            let bases = baselines
+                .iter()
+                .map(|p| load(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut judged = Vec::new();
+            for m in &modes {
+                let (name, files) = m.split_once('=').ok_or_else(|| {
+                    NoiseError::bad(
+                        "mode",
+                        m,
+                        "expected NAME=FILE,FILE,... (e.g. heater=h1.csv,h2.csv)",
+                    )
+                })?;
+                let runs = files
+                    .split(',')
+                    .filter(|f| !f.is_empty())
+                    .map(|f| load(Path::new(f)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                if runs.len() != bases.len() {
+                    return Err(NoiseError::bad(
+                        "mode",
+                        m,
+                        format!(
+                            "{} runs, but {} baselines to pair them with",
+                            runs.len(),
+                            bases.len()
+                        ),
+                    ));
+                }
+                judged.push((name.to_string(), runs));
+            }
+            let j = report::judge(&bases, &judged, max_added / 100.0);
+            print!("{}", j.text);
+            if j.pass {
+                Ok(())
+            } else {
+                Err(NoiseError::Verdict)
+            }
         }
         Cmd::Convert { input, output } => {
             let run = format::load_ftq(&input)?;

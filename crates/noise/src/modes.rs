@@ -28,14 +28,24 @@ pub struct RunConfig {
     pub nice: Option<i32>,
 }
 
-/// Run `body(cpu, t0, t_end, progress)` on a thread pinned to each CPU after `prepare(cpu)` has
-/// run on it there; all bodies start at the same aligned absolute time `t0`.
-fn run_pinned<P, T>(
+/// What [`run_pinned`] returns: the common start, one result per CPU, and how many times the
+/// interferers (if any) woke up.
+pub(crate) struct Pinned<T> {
+    pub t0: u64,
+    pub out: Vec<T>,
+    pub inject_wakeups: u64,
+}
+
+/// Run `body(prepared, t0, t_end, progress)` on a thread pinned to each CPU after `prepare()` has
+/// run on it there; all bodies start at the same absolute time `t0`, a multiple of `align_ns`.
+/// Every sampler of this crate (FTQ, FWQ, Figure 1, selfish detour) runs through here.
+pub(crate) fn run_pinned<P, T>(
     cfg: &RunConfig,
     label: &'static str,
+    align_ns: u64,
     prepare: impl Fn() -> P + Send + Sync + 'static,
     body: impl Fn(P, u64, u64, &AtomicU64) -> T + Send + Sync + 'static,
-) -> Result<(u64, Vec<T>)>
+) -> Result<Pinned<T>>
 where
     P: Send + 'static,
     T: Send + 'static,
@@ -74,7 +84,7 @@ where
         );
     }
     barrier.wait();
-    let t0 = align_up(now_ns() + 20_000_000, 1_000_000);
+    let t0 = align_up(now_ns() + 20_000_000, align_ns.max(1));
     let t_end = t0 + duration;
     start.store(t0, Ordering::Release);
     barrier.wait();
@@ -89,8 +99,9 @@ where
             );
         }
     }
+    let _away = sys::OffSampledCpus::enter(&cfg.cpus);
     let mut bar = Progress::new(cfg.progress, label, t0, t_end);
-    while handles.iter().any(|h| !h.is_finished()) {
+    while bar.active() && handles.iter().any(|h| !h.is_finished()) {
         bar.update(now_ns());
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -102,11 +113,17 @@ where
                 .map_err(|_| NoiseError::Thread(format!("{label} sampler panicked")))??,
         );
     }
+    let mut inject_wakeups = 0;
     for h in injectors {
-        h.join()
+        inject_wakeups += h
+            .join()
             .map_err(|_| NoiseError::Thread("interferer panicked".into()))??;
     }
-    Ok((t0, out))
+    Ok(Pinned {
+        t0,
+        out,
+        inject_wakeups,
+    })
 }
 
 /// Most samples FWQ and Figure 1 keep per CPU; sampling stops early when they are full.
@@ -136,9 +153,10 @@ pub struct FwqSeries {
 /// started and how long it took (absolute time stamps, so the time base is kept).
 pub fn run_fwq(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec<FwqSeries>)> {
     let cap = sample_capacity(cfg.duration_ns, work_ns)?;
-    let (_, out) = run_pinned(
+    let Pinned { out, .. } = run_pinned(
         cfg,
         "fwq",
+        1_000_000,
         move || work::calibrate(work_ns),
         move |cal: work::Calibration, t0, t_end, progress| {
             let mut v = Vec::with_capacity(cap);
@@ -182,9 +200,10 @@ pub struct Fig1Series {
 /// is wherever the previous one ended. Kept to show how it misreports.
 pub fn run_fig1(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec<Fig1Series>)> {
     let cap = sample_capacity(cfg.duration_ns, work_ns)?;
-    let (_, out) = run_pinned(
+    let Pinned { out, .. } = run_pinned(
         cfg,
         "fig1",
+        1_000_000,
         move || work::calibrate(work_ns),
         move |cal: work::Calibration, _t0, t_end, progress| {
             let mut v: Vec<u32> = Vec::with_capacity(cap);
@@ -224,9 +243,10 @@ pub const MAX_DETOURS: usize = 1 << 19;
 /// Selfish detour: read the clock in a tight loop; every gap between consecutive reads longer
 /// than `threshold_ns` is a detour `(start since t0, duration)`. Returns one trace per CPU.
 pub fn run_detour(cfg: &RunConfig, threshold_ns: u64) -> Result<Vec<DetourTrace>> {
-    let (t0, out) = run_pinned(
+    let Pinned { t0, out, .. } = run_pinned(
         cfg,
         "detour",
+        1_000_000,
         || {
             // The loop's own undisturbed cost, for the metadata.
             let mut best = u64::MAX;

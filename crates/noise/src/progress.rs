@@ -24,6 +24,11 @@ impl Progress {
         }
     }
 
+    /// Whether anything is drawn (when not, nobody needs to poll for updates).
+    pub fn active(&self) -> bool {
+        self.enabled
+    }
+
     /// Redraw (at most four times a second) given the time sampled up to so far.
     pub fn update(&mut self, sampled_to: u64) {
         if !self.enabled {

@@ -310,6 +310,180 @@ pub fn compare(name_a: &str, a: &[CpuReport], name_b: &str, b: &[CpuReport]) -> 
     }
 }
 
+/// One analysed run, named (usually by its file).
+pub type NamedRun = (String, Vec<CpuReport>);
+
+/// The verdict over repeated runs (see [`judge`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// Human-readable table and findings.
+    pub text: String,
+    /// Every mode passed.
+    pub pass: bool,
+}
+
+/// Mean noise fraction over a run's CPUs.
+fn run_noise(r: &[CpuReport]) -> f64 {
+    mean_noise(r)
+}
+
+/// Frequencies of a run's periodic sources (the top few per CPU).
+fn run_sources(r: &[CpuReport]) -> Vec<f64> {
+    r.iter()
+        .flat_map(|c| c.analysis.sources.iter().take(TOP_SOURCES).map(|s| s.freq))
+        .collect()
+}
+
+fn near(f: f64, g: f64) -> bool {
+    (f - g).abs() <= 0.02 * f.max(g)
+}
+
+/// `(min, median, max)` of a non-empty list.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let med = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    (v[0], med, v[n - 1])
+}
+
+/// Judges repeated runs of several modes against repeated baselines, run `i` of every mode
+/// paired with baseline `i` (measured in the same round, so slow drifts of the machine's load
+/// cancel). Per mode: the added lost work (run minus its baseline) as min / median / max, and
+/// the periodic sources that no baseline run shows. A source found in at least half of a mode's
+/// runs and in no baseline is a new peak; one found in fewer is listed as sporadic. A mode
+/// passes when the median added lost work is below `max_added` (a fraction) and it has no new
+/// peak. Sources present in the baselines too (the kernel tick, other users) are listed apart.
+pub fn judge(
+    baselines: &[NamedRun],
+    modes: &[(String, Vec<NamedRun>)],
+    max_added: f64,
+) -> Judgement {
+    let mut s = String::new();
+    let base_noise: Vec<f64> = baselines.iter().map(|b| run_noise(&b.1)).collect();
+    let base_sources: Vec<f64> = baselines.iter().flat_map(|b| run_sources(&b.1)).collect();
+    let mut pass = true;
+    if baselines.is_empty() {
+        let _ = writeln!(s, "no baseline run: nothing to judge against");
+        return Judgement {
+            text: s,
+            pass: false,
+        };
+    }
+    let (bmin, bmed, bmax) = spread(&base_noise);
+    let _ = writeln!(
+        s,
+        "baseline lost work ({} runs): min {:.3} %  median {:.3} %  max {:.3} %",
+        baselines.len(),
+        100.0 * bmin,
+        100.0 * bmed,
+        100.0 * bmax
+    );
+    let mut shared: Vec<f64> = Vec::new();
+    for f in &base_sources {
+        if !shared.iter().any(|g| near(*f, *g)) {
+            shared.push(*f);
+        }
+    }
+    shared.sort_by(f64::total_cmp);
+    let _ = writeln!(
+        s,
+        "periodic sources in the baselines: {}",
+        if shared.is_empty() {
+            "none".to_string()
+        } else {
+            shared
+                .iter()
+                .map(|f| format!("{f:.1} Hz"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    let _ = writeln!(
+        s,
+        "\n{:<16} {:>5} {:>10} {:>10} {:>10}  new peaks (runs with it)          verdict",
+        "mode", "runs", "added min", "median", "max"
+    );
+    let mut details = String::new();
+    for (mode, runs) in modes {
+        let added: Vec<f64> = runs
+            .iter()
+            .zip(&base_noise)
+            .map(|(r, b)| run_noise(&r.1) - b)
+            .collect();
+        if added.is_empty() {
+            let _ = writeln!(s, "{mode:<16} {:>5}  (no run paired with a baseline)", 0);
+            pass = false;
+            continue;
+        }
+        // New sources: in no baseline run; grouped across runs by frequency.
+        let mut groups: Vec<(f64, usize)> = Vec::new();
+        for (_, r) in runs.iter().take(added.len()) {
+            let mut seen_here: Vec<f64> = Vec::new();
+            for f in run_sources(r) {
+                if base_sources.iter().any(|g| near(f, *g)) || seen_here.iter().any(|g| near(f, *g))
+                {
+                    continue;
+                }
+                seen_here.push(f);
+                match groups.iter_mut().find(|(g, _)| near(f, *g)) {
+                    Some(gr) => gr.1 += 1,
+                    None => groups.push((f, 1)),
+                }
+            }
+        }
+        groups.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let n = added.len();
+        let persistent: Vec<&(f64, usize)> = groups.iter().filter(|g| 2 * g.1 >= n).collect();
+        let sporadic: Vec<&(f64, usize)> = groups.iter().filter(|g| 2 * g.1 < n).collect();
+        let (amin, amed, amax) = spread(&added);
+        let ok = amed < max_added && persistent.is_empty();
+        pass &= ok;
+        let list = |v: &[&(f64, usize)]| {
+            if v.is_empty() {
+                "none".to_string()
+            } else {
+                v.iter()
+                    .map(|(f, k)| format!("{f:.1} Hz ({k}/{n})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let _ = writeln!(
+            s,
+            "{mode:<16} {n:>5} {:>+9.3}% {:>+9.3}% {:>+9.3}%  {:<32} {}",
+            100.0 * amin,
+            100.0 * amed,
+            100.0 * amax,
+            list(&persistent),
+            if ok { "PASS" } else { "FAIL" }
+        );
+        let _ = writeln!(
+            details,
+            "{mode}: added per run {}; sporadic new sources (in fewer than half the runs): {}",
+            added
+                .iter()
+                .map(|a| format!("{:+.3} %", 100.0 * a))
+                .collect::<Vec<_>>()
+                .join(", "),
+            list(&sporadic)
+        );
+    }
+    let _ = writeln!(s, "\n{details}");
+    let _ = writeln!(
+        s,
+        "verdict: {} (goal: median added lost work < {:.3} % and no periodic source found in at \
+         least half of a mode's runs and in no baseline)",
+        if pass { "PASS" } else { "FAIL" },
+        100.0 * max_added
+    );
+    Judgement { text: s, pass }
+}
+
 fn series_chart(run: &FtqRun) -> Chart {
     let mut c = Chart::new(
         "Work per interval (downward spikes are interference)",
@@ -594,6 +768,88 @@ mod tests {
                 .collect(),
             meta: Vec::new(),
         }
+    }
+
+    fn one_cpu(trains: &[PulseTrain]) -> NamedRun {
+        let run = FtqRun {
+            interval_ns: 1_000_000,
+            quantum_ns: 1000.0,
+            nominal_count: 1000,
+            cpus: vec![1],
+            counts: vec![synth_counts(4000, 1_000_000, 1000, trains)],
+            meta: Vec::new(),
+        };
+        ("synthetic".into(), analyse_run(&run).unwrap())
+    }
+
+    #[test]
+    fn judge_pairs_rounds_and_tells_new_peaks_from_baseline_and_sporadic_ones() {
+        let train = |freq_hz: f64, width_ns: f64| PulseTrain {
+            freq_hz,
+            width_ns,
+            phase_ns: 300e3,
+        };
+        let tick = train(250.0, 20e3);
+        let bases: Vec<NamedRun> = (0..3).map(|_| one_cpu(&[tick])).collect();
+        let quiet: Vec<NamedRun> = (0..3).map(|_| one_cpu(&[tick])).collect();
+        // 20 Hz, 800 us: 1.6 % lost, in two of three rounds.
+        let hb = train(20.0, 800e3);
+        let noisy = vec![one_cpu(&[tick, hb]), one_cpu(&[tick]), one_cpu(&[tick, hb])];
+        // 37 Hz, 100 us in one round only: sporadic, and the median round adds nothing.
+        let odd = vec![
+            one_cpu(&[tick]),
+            one_cpu(&[tick, train(37.0, 100e3)]),
+            one_cpu(&[tick]),
+        ];
+
+        let j = judge(&bases, &[("quiet".into(), quiet.clone())], 0.001);
+        assert!(j.pass, "{}", j.text);
+        assert!(
+            j.text.contains("250.0 Hz"),
+            "the tick is a baseline source: {}",
+            j.text
+        );
+
+        let j = judge(&bases, &[("odd".into(), odd)], 0.001);
+        assert!(
+            j.pass,
+            "a source in one round of three is not a new peak: {}",
+            j.text
+        );
+        assert!(
+            j.text
+                .contains("sporadic new sources (in fewer than half the runs): 37.0 Hz (1/3)"),
+            "{}",
+            j.text
+        );
+
+        let j = judge(
+            &bases,
+            &[("quiet".into(), quiet), ("noisy".into(), noisy)],
+            0.001,
+        );
+        assert!(!j.pass, "{}", j.text);
+        let line = j.text.lines().find(|l| l.starts_with("noisy")).unwrap();
+        assert!(
+            line.contains("20.0 Hz (2/3)") && line.ends_with("FAIL"),
+            "{line}"
+        );
+        // Added lost work: min 0 (the clean round), median and max 1.6 %.
+        let pct: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|w| w.strip_suffix('%')?.parse().ok())
+            .collect();
+        assert_eq!(pct.len(), 3, "{line}");
+        assert!(pct[0].abs() < 0.01, "{line}");
+        assert!(
+            (pct[1] - 1.6).abs() < 0.05 && (pct[2] - 1.6).abs() < 0.05,
+            "{line}"
+        );
+        let line = j.text.lines().find(|l| l.starts_with("quiet")).unwrap();
+        assert!(line.ends_with("PASS"), "{line}");
+
+        // Nothing to compare with: never a pass.
+        assert!(!judge(&[], &[("x".into(), Vec::new())], 0.001).pass);
     }
 
     #[test]

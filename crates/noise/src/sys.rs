@@ -76,6 +76,43 @@ pub fn pin_to(cpu: usize) -> Result<()> {
     })
 }
 
+/// While alive, keeps the calling thread (the coordinator that waits for the samplers) off the
+/// sampled CPUs, so its own wake-ups never land on them; restores its mask on drop. Does nothing
+/// when every allowed CPU is sampled.
+pub struct OffSampledCpus {
+    previous: Option<CpuSet>,
+}
+
+impl OffSampledCpus {
+    /// Move the calling thread to the allowed CPUs outside `sampled`.
+    pub fn enter(sampled: &[usize]) -> OffSampledCpus {
+        let Ok(previous) = rustix::thread::sched_getaffinity(None) else {
+            return OffSampledCpus { previous: None };
+        };
+        let mut away = CpuSet::new();
+        let mut any = false;
+        for c in (0..CpuSet::MAX_CPU).filter(|&c| previous.is_set(c) && !sampled.contains(&c)) {
+            away.set(c);
+            any = true;
+        }
+        if any && rustix::thread::sched_setaffinity(None, &away).is_ok() {
+            OffSampledCpus {
+                previous: Some(previous),
+            }
+        } else {
+            OffSampledCpus { previous: None }
+        }
+    }
+}
+
+impl Drop for OffSampledCpus {
+    fn drop(&mut self) {
+        if let Some(p) = &self.previous {
+            let _ = rustix::thread::sched_setaffinity(None, p);
+        }
+    }
+}
+
 /// Set the calling thread's nice value (Linux nice is per thread). Negative values need
 /// CAP_SYS_NICE (root). Used so that ordinary background processes take less of the sampled CPU
 /// than the interference being measured.

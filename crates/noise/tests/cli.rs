@@ -186,6 +186,36 @@ fn ftq_runs_a_command_while_sampling_and_records_its_exit() {
     let run = noise::format::load_ftq(&out).unwrap();
     assert_eq!(run.meta("command"), Some("sh -c exit 7"));
     assert!(run.meta("command_exit").unwrap().contains('7'));
+    // The command runs for the whole sampling time, not just its start: a command that outlives
+    // the first moments of sampling is stopped only at the end (with --quiet, where nothing
+    // polls the samplers, as without).
+    let mark = dir.path().join("still-there");
+    let st = bin()
+        .args(["ftq", "--quiet", "--duration", "1500ms", "--cpu"])
+        .arg(last_cpu().to_string())
+        .arg("-o")
+        .arg(dir.path().join("long.csv"))
+        .args(["--", "sh", "-c"])
+        .arg(format!("sleep 0.3 && touch {} && sleep 30", mark.display()))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    assert!(
+        mark.exists(),
+        "the command was stopped before sampling ended"
+    );
+    let run = noise::format::load_ftq(&dir.path().join("long.csv")).unwrap();
+    assert!(
+        run.meta("command_exit")
+            .unwrap()
+            .starts_with("still running at end of sampling"),
+        "{:?}",
+        run.meta("command_exit")
+    );
     let st = bin()
         .args(["ftq", "--quiet", "--duration", "300ms", "-o"])
         .arg(dir.path().join("x.csv"))

@@ -4,10 +4,11 @@ use crate::config::PctConfig;
 use crate::error::{PctError, Result};
 use crate::key::{default_key_path, ClusterKey};
 use crate::names::NameClient;
+use crate::policy::{format_cpu_list, CpuSplit, SERVICE_CPUS_ENV};
 use crate::proto::{
     connect_handshake, read_frame, write_frame, Address, Conn, FromPct, NameEntry, ToPct, MAX_FRAME,
 };
-use crate::server::{serve, Listener, Node};
+use crate::server::{serve, usable_cpus, Listener, Node};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -99,6 +100,11 @@ pub struct ServeArgs {
     /// embedded partition for its private directory).
     #[arg(long, hide = true)]
     pub remove_on_exit: Option<PathBuf>,
+    /// CPUs for the PCT's own threads: `auto` (CPU 0 when the node has two or more),
+    /// `none` (no split) or a list like `0,2-3`. Ranks go to the other CPUs
+    /// [default: $PUMA_SERVICE_CPUS, else the config's `service_cpus`, else auto].
+    #[arg(long, value_name = "LIST")]
+    pub service_cpus: Option<String>,
 }
 
 fn host_name() -> String {
@@ -117,10 +123,25 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
             return Err(PctError::Refused("parent already gone".into()));
         }
     }
-    let cfg = match &a.config {
+    let mut cfg = match &a.config {
         Some(p) => PctConfig::load(p)?,
         None => PctConfig::default(),
     };
+    // Service CPUs: the command line, then the environment, then the configuration file.
+    let (origin, setting) = match (&a.service_cpus, std::env::var(SERVICE_CPUS_ENV).ok()) {
+        (Some(s), _) => ("--service-cpus".to_string(), Some(s.clone())),
+        (None, Some(s)) => (format!("${SERVICE_CPUS_ENV}"), Some(s)),
+        (None, None) => ("service_cpus".to_string(), cfg.service_cpus.clone()),
+    };
+    cfg.service_cpus = setting;
+    let spec = cfg.service_cpus().map_err(|reason| PctError::Config {
+        path: origin.clone(),
+        reason,
+    })?;
+    CpuSplit::new(&usable_cpus(), &spec).map_err(|reason| PctError::Config {
+        path: origin,
+        reason,
+    })?;
     let key_path = a.key.clone().unwrap_or_else(default_key_path);
     let key = ClusterKey::load(&key_path)?;
     let name = a
@@ -159,6 +180,15 @@ pub fn run_serve(a: ServeArgs) -> Result<()> {
         run_dir.clone(),
         cfg.job_resources(),
     ));
+    // Every thread the PCT starts from here on inherits the service CPUs (ranks are given
+    // their own mask when they are spawned).
+    if let Err(e) = node.split.pin_here_to_service() {
+        eprintln!(
+            "pct[{}]: cannot pin to service CPUs {}: {e}; our threads may run on application CPUs",
+            node.name,
+            format_cpu_list(&node.split.service)
+        );
+    }
     let listener = Arc::new(Listener::bind(&addr)?);
 
     let mut signals = signal_hook::iterator::Signals::new([

@@ -12,7 +12,15 @@
 //! queue_bytes = 65536         # QK inbound queue size (default: fit 64 MiB of queues per node)
 //! heap_bytes_per_rank = 1048576   # QK job heap per local rank
 //! lock_memory = true          # lock and prefault the QK region (falls back if RLIMIT_MEMLOCK is low)
+//! service_cpus = "0"          # CPUs for the PCT's own threads: auto | none | a list like 0,2-3
 //! ```
+//!
+//! `service_cpus` (overridden by `$PUMA_SERVICE_CPUS`, itself overridden by `pct serve
+//! --service-cpus`) keeps every thread of the PCT (control link, heartbeats, output forwarding,
+//! the job and node-engine threads) on the service CPUs and places ranks on the others, the
+//! application CPUs. `auto` (the default) takes the first usable CPU as the service CPU when the
+//! node has two or more. When a job needs more cores than the application CPUs have (say
+//! `-n 2` in heater mode on a 2-CPU node), the ranks placed last share the service CPUs.
 
 use crate::error::{PctError, Result};
 use serde::Deserialize;
@@ -89,6 +97,8 @@ pub struct PctConfig {
     pub queue_bytes: Option<u64>,
     pub heap_bytes_per_rank: Option<u64>,
     pub lock_memory: Option<bool>,
+    /// Service CPUs: `auto`, `none` or a CPU list (see the module docs).
+    pub service_cpus: Option<String>,
 }
 
 impl PctConfig {
@@ -105,13 +115,23 @@ impl PctConfig {
         }
     }
 
+    /// The service CPUs this configuration asks for (`auto` when unset).
+    pub fn service_cpus(&self) -> std::result::Result<crate::policy::ServiceCpus, String> {
+        self.service_cpus
+            .as_deref()
+            .map_or(Ok(crate::policy::ServiceCpus::Auto), str::parse)
+    }
+
     pub fn load(path: &Path) -> Result<Self> {
         let err = |reason: String| PctError::Config {
             path: path.display().to_string(),
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        toml::from_str(&text).map_err(|e| err(e.to_string()))
+        let cfg: PctConfig = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        cfg.service_cpus()
+            .map_err(|e| err(format!("service_cpus: {e}")))?;
+        Ok(cfg)
     }
 }
 

@@ -291,10 +291,11 @@ fn start_and_run(
             }
             cmd.env(k, v);
         }
+        let offered = node.split.rank_cpus(local_size * req.mode.cores_per_rank());
         let cpus = node
             .policies
             .placement
-            .cpus_for(lr, local_size, req.mode, &node.cpus);
+            .cpus_for(lr, local_size, req.mode, &offered);
         if let Some(c) = &cpus {
             cmd.env(
                 "PUMA_CPUS",
@@ -304,7 +305,9 @@ fn start_and_run(
                     .join(","),
             );
         }
-        sys::prepare_rank(&mut cmd, cpus.as_deref(), resources.inherited_fds());
+        // Unpinned ranks still leave the PCT's own (service) mask for the whole node.
+        let mask = cpus.as_deref().unwrap_or(&offered);
+        sys::prepare_rank(&mut cmd, mask, resources.inherited_fds());
         let mut child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {

@@ -307,6 +307,161 @@ pub fn unix_ns() -> u128 {
         .unwrap_or(0)
 }
 
+/// Environment variable naming a node's service CPUs (same syntax as `--service-cpus`).
+pub const SERVICE_CPUS_ENV: &str = "PUMA_SERVICE_CPUS";
+
+/// Which CPUs the runtime's own threads (PCT, yod, the node engine) are kept on, as asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ServiceCpus {
+    /// CPU 0 (the first usable CPU) on a node with two or more CPUs; the only CPU otherwise.
+    #[default]
+    Auto,
+    /// No split: our threads run wherever the kernel puts them, ranks get every CPU.
+    Shared,
+    /// These CPUs.
+    List(Vec<usize>),
+}
+
+impl std::str::FromStr for ServiceCpus {
+    type Err = String;
+    /// `auto`, `none` (no split) or a CPU list such as `0` or `0,2-3`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim() {
+            "auto" => Ok(ServiceCpus::Auto),
+            "none" => Ok(ServiceCpus::Shared),
+            list => parse_cpu_list(list).map(ServiceCpus::List),
+        }
+    }
+}
+
+/// Parses a CPU list in the kernel's notation (`0-3,5`); the result is sorted, without duplicates.
+pub fn parse_cpu_list(s: &str) -> std::result::Result<Vec<usize>, String> {
+    let bad = |why: &str| format!("bad CPU list {s:?}: {why} (expected e.g. 0 or 0,2-3)");
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(bad("empty entry"));
+        }
+        let num = |t: &str| -> std::result::Result<usize, String> {
+            let v: usize = t
+                .trim()
+                .parse()
+                .map_err(|_| bad(&format!("{t:?} is not a CPU number")))?;
+            if v >= rustix::thread::CpuSet::MAX_CPU {
+                return Err(bad(&format!("CPU {v} is beyond the largest CPU number")));
+            }
+            Ok(v)
+        };
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(bad(&format!("range {a}-{b} runs backwards")));
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(num(part)?),
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Writes a CPU list in the kernel's notation (`0-3,5`).
+pub fn format_cpu_list(cpus: &[usize]) -> String {
+    let mut v = cpus.to_vec();
+    v.sort_unstable();
+    v.dedup();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j {
+            v[i].to_string()
+        } else {
+            format!("{}-{}", v[i], v[j])
+        });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// A node's CPUs split into service CPUs (where every thread of the PCT and yod runs, heartbeats,
+/// control link, output forwarding and the node engine included) and application CPUs (where
+/// ranks run and nothing of ours wakes up).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CpuSplit {
+    /// Every CPU of the node we may use.
+    pub all: Vec<usize>,
+    /// Where our own threads are pinned.
+    pub service: Vec<usize>,
+    /// Where ranks go first.
+    pub app: Vec<usize>,
+}
+
+impl CpuSplit {
+    /// Splits `usable` (the CPUs in our affinity mask) as `spec` asks.
+    pub fn new(usable: &[usize], spec: &ServiceCpus) -> std::result::Result<CpuSplit, String> {
+        let all = usable.to_vec();
+        if all.is_empty() {
+            return Err("no usable CPU in the affinity mask".into());
+        }
+        let (service, app) = match spec {
+            ServiceCpus::Shared => (all.clone(), all.clone()),
+            ServiceCpus::Auto if all.len() == 1 => (all.clone(), all.clone()),
+            ServiceCpus::Auto => (vec![all[0]], all[1..].to_vec()),
+            ServiceCpus::List(l) => {
+                if let Some(c) = l.iter().find(|c| !all.contains(c)) {
+                    return Err(format!(
+                        "service CPU {c} is not usable here (usable CPUs: {})",
+                        format_cpu_list(&all)
+                    ));
+                }
+                if l.is_empty() {
+                    return Err("the service CPU list is empty (use `none` for no split)".into());
+                }
+                let app: Vec<usize> = all.iter().copied().filter(|c| !l.contains(c)).collect();
+                // Every CPU a service CPU: ranks share them.
+                let app = if app.is_empty() { all.clone() } else { app };
+                (l.clone(), app)
+            }
+        };
+        Ok(CpuSplit { all, service, app })
+    }
+
+    /// True when our threads have CPUs of their own, apart from the ranks'.
+    pub fn separated(&self) -> bool {
+        self.service.iter().all(|c| !self.app.contains(c))
+    }
+
+    /// The CPUs offered to a job's placement on this node when it needs `cores` cores: the
+    /// application CPUs, or, when those are too few, the application CPUs followed by the
+    /// service CPUs (the ranks placed last then share a CPU with our threads).
+    pub fn rank_cpus(&self, cores: usize) -> Vec<usize> {
+        if cores <= self.app.len() {
+            return self.app.clone();
+        }
+        let mut v = self.app.clone();
+        v.extend(
+            self.service
+                .iter()
+                .copied()
+                .filter(|c| !self.app.contains(c)),
+        );
+        v
+    }
+
+    /// Pins the calling thread (and so every thread it starts afterwards, and every process it
+    /// spawns unless that process is pinned again) to the service CPUs.
+    pub fn pin_here_to_service(&self) -> std::io::Result<()> {
+        crate::sys::pin_current_thread(&self.service)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -363,6 +518,65 @@ mod tests {
             Compact.cpus_for(0, 1, CpuMode::MsgCoproc, &[7]),
             Some(vec![7])
         );
+    }
+
+    #[test]
+    fn cpu_lists_parse_and_format() {
+        assert_eq!(parse_cpu_list("0"), Ok(vec![0]));
+        assert_eq!(parse_cpu_list("3,0-1, 1"), Ok(vec![0, 1, 3]));
+        assert_eq!(format_cpu_list(&[5, 0, 1, 2, 7, 8]), "0-2,5,7-8");
+        for bad in ["", "1,", "a", "3-1", "-1", "99999"] {
+            assert!(parse_cpu_list(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_eq!("auto".parse(), Ok(ServiceCpus::Auto));
+        assert_eq!("none".parse(), Ok(ServiceCpus::Shared));
+        assert_eq!("2-3".parse(), Ok(ServiceCpus::List(vec![2, 3])));
+    }
+
+    #[test]
+    fn service_and_application_cpus() {
+        let all = [0, 1, 2, 3];
+        let auto = CpuSplit::new(&all, &ServiceCpus::Auto).unwrap();
+        assert_eq!(
+            (auto.service.clone(), auto.app.clone()),
+            (vec![0], vec![1, 2, 3])
+        );
+        assert!(auto.separated());
+        // Enough application CPUs: only those are offered; too few: the service CPU comes last.
+        assert_eq!(auto.rank_cpus(3), vec![1, 2, 3]);
+        assert_eq!(auto.rank_cpus(4), vec![1, 2, 3, 0]);
+        // Heater on 2 of 4 CPUs never touches CPU 0; msg-coproc with 2 ranks needs all four.
+        let offered = auto.rank_cpus(2 * CpuMode::Heater.cores_per_rank());
+        assert_eq!(
+            Compact.cpus_for(0, 2, CpuMode::Heater, &offered),
+            Some(vec![1])
+        );
+        assert_eq!(
+            Compact.cpus_for(1, 2, CpuMode::Heater, &offered),
+            Some(vec![2])
+        );
+        let offered = auto.rank_cpus(2 * CpuMode::MsgCoproc.cores_per_rank());
+        assert_eq!(
+            Compact.cpus_for(1, 2, CpuMode::MsgCoproc, &offered),
+            Some(vec![3, 0])
+        );
+
+        let one = CpuSplit::new(&[5], &ServiceCpus::Auto).unwrap();
+        assert_eq!((one.service.clone(), one.app.clone()), (vec![5], vec![5]));
+        assert!(!one.separated());
+        let shared = CpuSplit::new(&all, &ServiceCpus::Shared).unwrap();
+        assert_eq!(shared.app, all.to_vec());
+        assert!(!shared.separated());
+        let listed = CpuSplit::new(&all, &ServiceCpus::List(vec![2, 3])).unwrap();
+        assert_eq!(
+            (listed.service.clone(), listed.app.clone()),
+            (vec![2, 3], vec![0, 1])
+        );
+        let every = CpuSplit::new(&[0, 1], &ServiceCpus::List(vec![0, 1])).unwrap();
+        assert_eq!(every.app, vec![0, 1]);
+        let err = CpuSplit::new(&all, &ServiceCpus::List(vec![7])).unwrap_err();
+        assert!(err.contains("CPU 7") && err.contains("0-3"), "{err}");
+        assert!(CpuSplit::new(&[], &ServiceCpus::Auto).is_err());
     }
 
     #[test]

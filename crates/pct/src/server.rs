@@ -6,7 +6,7 @@ use crate::error::{PctError, Result};
 use crate::job::{self, JobCmd, JobCtl, Sink};
 use crate::key::ClusterKey;
 use crate::names::{JobCredential, ENV_CRED, ENV_PCT};
-use crate::policy::{Policies, RunningJob};
+use crate::policy::{CpuSplit, Policies, RunningJob, ServiceCpus};
 use crate::proto::{
     accept_handshake_as, read_frame, Address, Conn, FromPct, NameEntry, NodeStatus, Peer, ToPct,
     HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, MAX_FRAME,
@@ -28,8 +28,10 @@ pub struct Node {
     pub key: ClusterKey,
     pub policies: Policies,
     pub resources: Box<dyn JobResources>,
-    /// CPUs ranks may be placed on.
+    /// Every CPU of the node we may use.
     pub cpus: Vec<usize>,
+    /// The node's CPUs split into service CPUs (ours) and application CPUs (the ranks').
+    pub split: CpuSplit,
     /// Where job directories (node map files) are created.
     pub run_dir: PathBuf,
     pub kill_grace_ms: u64,
@@ -72,12 +74,24 @@ impl Node {
         run_dir: PathBuf,
         resources: Box<dyn JobResources>,
     ) -> Self {
+        let cpus = usable_cpus();
+        // `run_serve` has checked the setting; a bad one in a hand-made Node falls back to auto.
+        let split = cfg
+            .service_cpus()
+            .and_then(|s| CpuSplit::new(&cpus, &s))
+            .or_else(|_| CpuSplit::new(&cpus, &ServiceCpus::Auto))
+            .unwrap_or_else(|_| CpuSplit {
+                all: cpus.clone(),
+                service: cpus.clone(),
+                app: cpus.clone(),
+            });
         Node {
             name,
             key,
             policies: Policies::from_config(cfg),
             resources,
-            cpus: usable_cpus(),
+            cpus,
+            split,
             run_dir,
             kill_grace_ms: cfg.kill_grace_ms.unwrap_or(300).min(10_000),
             jobs: Mutex::new(Vec::new()),

@@ -1,5 +1,6 @@
 //! The one place the PCT needs `unsafe`: work done in a rank between `fork` and
-//! `exec` (parent-death signal, core pinning, handing down job resource fds).
+//! `exec` (parent-death signal, core pinning, handing down job resource fds); and the
+//! (safe) pinning of our own threads to the service CPUs.
 #![allow(unsafe_code)]
 
 use rustix::process::{getppid, set_parent_process_death_signal, Signal};
@@ -8,18 +9,27 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
-/// Arranges for the child to (1) die with SIGKILL when the PCT thread that spawned
-/// it goes away, so no rank outlives its PCT, (2) run on `cpus`, (3) inherit `fds`.
-pub fn prepare_rank(cmd: &mut Command, cpus: Option<&[usize]>, fds: Vec<RawFd>) {
-    let set = cpus.map(|cpus| {
-        let mut s = CpuSet::new();
-        for &c in cpus {
-            if c < CpuSet::MAX_CPU {
-                s.set(c);
-            }
+fn cpu_set(cpus: &[usize]) -> CpuSet {
+    let mut s = CpuSet::new();
+    for &c in cpus {
+        if c < CpuSet::MAX_CPU {
+            s.set(c);
         }
-        s
-    });
+    }
+    s
+}
+
+/// Pins the calling thread to `cpus`. Threads it starts later inherit the mask.
+pub fn pin_current_thread(cpus: &[usize]) -> std::io::Result<()> {
+    sched_setaffinity(None, &cpu_set(cpus)).map_err(std::io::Error::from)
+}
+
+/// Arranges for the child to (1) die with SIGKILL when the PCT thread that spawned
+/// it goes away, so no rank outlives its PCT, (2) run on `cpus` (the PCT itself runs
+/// on the service CPUs, so a rank always gets a mask of its own, never the PCT's),
+/// (3) inherit `fds`.
+pub fn prepare_rank(cmd: &mut Command, cpus: &[usize], fds: Vec<RawFd>) {
+    let set = (!cpus.is_empty()).then(|| cpu_set(cpus));
     let parent = rustix::process::getpid();
     // SAFETY: the closure runs in the forked child before exec. It performs only
     // raw system calls (prctl, getppid, sched_setaffinity, fcntl), which are

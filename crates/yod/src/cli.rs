@@ -8,6 +8,7 @@ use crate::partition::Partition;
 use crate::slurm;
 use clap::Parser;
 use pct::key::{default_key_path, ClusterKey};
+use pct::policy::{format_cpu_list, CpuSplit, ServiceCpus};
 use pct::proto::CpuMode;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -68,6 +69,12 @@ pub struct RunCli {
     /// partition's PCTs.
     #[arg(long, value_name = "FILE")]
     pub pct_config: Option<PathBuf>,
+    /// CPUs for yod's and the embedded PCTs' own threads: `auto` (CPU 0 on a machine with
+    /// two or more CPUs), `none` (no split) or a list like `0,2-3`. Ranks go to the other CPUs.
+    /// Passed on to the embedded PCTs [default: auto, or the --pct-config's `service_cpus` for
+    /// the PCTs].
+    #[arg(long, env = "PUMA_SERVICE_CPUS", value_name = "LIST")]
+    pub service_cpus: Option<String>,
     /// Say where ranks go.
     #[arg(short, long)]
     pub verbose: bool,
@@ -186,9 +193,38 @@ fn load_key(p: Option<PathBuf>) -> Result<ClusterKey> {
     Ok(ClusterKey::load(&p.unwrap_or_else(default_key_path))?)
 }
 
+/// This machine's CPUs split as `--service-cpus` asks (yod's own threads go to the service CPUs).
+fn service_split(cli: &RunCli) -> Result<CpuSplit> {
+    let Some(text) = &cli.service_cpus else {
+        return CpuSplit::new(&pct::server::usable_cpus(), &ServiceCpus::Auto)
+            .map_err(YodError::Usage);
+    };
+    let bad = |why: String| YodError::Usage(format!("--service-cpus {text:?}: {why}"));
+    let spec: ServiceCpus = text.parse().map_err(bad)?;
+    CpuSplit::new(&pct::server::usable_cpus(), &spec).map_err(bad)
+}
+
+/// Pins yod's calling thread, and so every thread yod starts afterwards, to the service CPUs.
+/// Called after the embedded PCTs (which must see every CPU) have been started.
+fn pin_to_service(split: &CpuSplit, verbose: bool) {
+    match split.pin_here_to_service() {
+        Ok(()) if verbose => eprintln!(
+            "yod: own threads on service CPU(s) {}; ranks on {}",
+            format_cpu_list(&split.service),
+            format_cpu_list(&split.app)
+        ),
+        Ok(()) => {}
+        Err(e) => eprintln!(
+            "yod: cannot pin to service CPUs {}: {e}; yod's threads may run on application CPUs",
+            format_cpu_list(&split.service)
+        ),
+    }
+}
+
 /// Runs one job as the command line says; returns yod's exit status.
 pub fn run_cli(cli: RunCli) -> Result<i32> {
     let spec = spec_of(&cli)?;
+    let split = service_split(&cli)?;
     if let Some(pf) = &cli.partition {
         let part = Partition::load(pf)?;
         let key = load_key(cli.key.clone().or(part.key.clone()))?;
@@ -205,6 +241,7 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
         // Nodes marked down by earlier jobs are tried last.
         let down_before = state.load();
         cands.sort_by_key(|t| down_before.contains(&t.name));
+        pin_to_service(&split, cli.verbose);
         let alloc = allocate(&spec, cands, &key, part.topology.clone())?;
         let mut down: Vec<String> = down_before
             .into_iter()
@@ -221,7 +258,7 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
     }
     if !cli.local {
         if let Some(hosts) = slurm::nodes_from_env() {
-            return run_slurm(&cli, &spec, hosts?);
+            return run_slurm(&cli, &spec, hosts?, &split);
         }
     }
     // Embedded local partition.
@@ -242,7 +279,8 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
         }
         None => None,
     };
-    let mut lp = LocalPartition::start(k, cfg.as_deref())?;
+    let mut lp = LocalPartition::start(k, cfg.as_deref(), cli.service_cpus.as_deref())?;
+    pin_to_service(&split, cli.verbose);
     let mut links = Vec::with_capacity(k);
     for i in 0..k {
         let conn = lp.wait_ready(i)?;
@@ -264,7 +302,7 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
     Ok(out?.code)
 }
 
-fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>) -> Result<i32> {
+fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>, split: &CpuSplit) -> Result<i32> {
     let key_path = cli.key.clone().unwrap_or_else(default_key_path);
     let key = ClusterKey::load(&key_path)?;
     let (prog, pre) = pct_command();
@@ -277,6 +315,7 @@ fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>) -> Result<i32> {
         .stdin(std::process::Stdio::null())
         .spawn()
         .map_err(|e| YodError::io("starting srun (is Slurm installed?)", e))?;
+    pin_to_service(split, cli.verbose);
     let targets = slurm::targets(&hosts, cli.pct_port)?;
     // Give the PCTs up to 10 s to come up.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

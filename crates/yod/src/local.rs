@@ -33,7 +33,13 @@ pub struct LocalPartition {
 }
 
 impl LocalPartition {
-    pub fn start(k: usize, config: Option<&std::path::Path>) -> Result<LocalPartition> {
+    /// Starts `k` PCTs with policy `config` and service CPUs `service_cpus` (as
+    /// `pct serve --service-cpus` takes them).
+    pub fn start(
+        k: usize,
+        config: Option<&std::path::Path>,
+        service_cpus: Option<&str>,
+    ) -> Result<LocalPartition> {
         let mut rnd = [0u8; 6];
         pct::key::random_bytes(&mut rnd)?;
         let tag: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
@@ -60,6 +66,9 @@ impl LocalPartition {
             let sock = dir.join(format!("node{i}.sock"));
             let mut cmd = Command::new(&prog);
             cmd.args(&pre).arg("serve");
+            if let Some(s) = service_cpus {
+                cmd.arg("--service-cpus").arg(s);
+            }
             if let Some(c) = config {
                 cmd.arg("--config").arg(c);
             }
