@@ -96,6 +96,11 @@ pub struct ServeArgs {
     /// Exit (killing all ranks) when the process that started us dies.
     #[arg(long)]
     pub exit_with_parent: bool,
+    /// With --exit-with-parent: the pid of the process that started us. Closes the
+    /// race where that process dies before we arm the parent-death signal (we would
+    /// otherwise take the reaper that adopted us for our parent and never exit).
+    #[arg(long, value_name = "PID", requires = "exit_with_parent")]
+    pub parent_pid: Option<u32>,
     /// Also remove this directory when the daemon is stopped (used by yod's
     /// embedded partition for its private directory).
     #[arg(long, hide = true)]
@@ -116,11 +121,16 @@ fn host_name() -> String {
 
 /// Runs the daemon until SIGTERM/SIGINT (or parent death with --exit-with-parent).
 pub fn run_serve(a: ServeArgs) -> Result<()> {
-    let parent = rustix::process::getppid();
+    let parent = match a.parent_pid {
+        Some(pid) => rustix::process::Pid::from_raw(pid as i32),
+        None => rustix::process::getppid(),
+    };
     if a.exit_with_parent {
         rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM))?;
         if rustix::process::getppid() != parent {
-            return Err(PctError::Refused("parent already gone".into()));
+            return Err(PctError::Refused(
+                "the process that started this PCT (--exit-with-parent) is already gone".into(),
+            ));
         }
     }
     let mut cfg = match &a.config {

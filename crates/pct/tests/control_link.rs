@@ -482,3 +482,41 @@ fn a_job_credential_reaches_the_name_server_and_nothing_else() {
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert!(connect_job_handshake(&mut c, "jtest", &secret).is_err());
 }
+
+#[test]
+fn a_pct_whose_starter_is_already_gone_refuses_to_serve() {
+    // The starter died before the PCT armed its parent-death signal: the PCT must notice
+    // instead of serving forever as an orphan.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k");
+    ClusterKey::generate().unwrap().write(&key, false).unwrap();
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id();
+    gone.wait().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pct"))
+        .args(["serve", "--listen", "tcp:127.0.0.1:0", "--name", "orphan"])
+        .arg("--key")
+        .arg(&key)
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .args(["--exit-with-parent", "--parent-pid", &gone_pid.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the PCT kept serving although its starter {gone_pid} is gone");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(err.contains("already gone"), "stderr: {err}");
+}

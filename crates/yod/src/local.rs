@@ -82,6 +82,8 @@ impl LocalPartition {
                 .arg("--run-dir")
                 .arg(dir.join(format!("run{i}")))
                 .arg("--exit-with-parent")
+                .arg("--parent-pid")
+                .arg(std::process::id().to_string())
                 .arg("--remove-on-exit")
                 .arg(&dir)
                 .stdin(Stdio::null())
