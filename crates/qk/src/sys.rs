@@ -293,6 +293,22 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: std::time::Duration)
     };
 }
 
+/// Blocks until one of `fds` is readable (or hung up), for at most `timeout`. True when one is.
+pub fn poll_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -> bool {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: p is a live array of p.len() pollfd structures that poll(2) may write.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    n > 0 && p.iter().any(|x| x.revents != 0)
+}
+
 /// Wakes every waiter blocked on `word`.
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: word is a live aligned u32; FUTEX_WAKE does not touch memory.
