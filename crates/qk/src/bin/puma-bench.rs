@@ -35,6 +35,9 @@ struct Cli {
     /// Only these measurements (comma list of lat,bw,rate).
     #[arg(long, default_value = "lat,bw,rate")]
     only: String,
+    /// Only these message sizes in bytes (comma list; empty = every size of each measurement).
+    #[arg(long, default_value = "")]
+    sizes: String,
     /// Our progress modes to run (comma list of heater,msg-coproc).
     #[arg(long, default_value = "heater,msg-coproc")]
     modes: String,
@@ -54,6 +57,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// CPU cost of one small put end to end on a single core: both ranks' endpoints live in this
+    /// process and take turns (sender library call, queue, receiver engine, match, deposit,
+    /// event), so the figure has no cache-line crossing, no scheduling and no peer in it.
+    Cost {
+        /// Payload bytes.
+        #[arg(long, default_value_t = 8)]
+        size: u64,
+        /// Messages per batch (sent, then all received).
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+        /// Batches per repeat.
+        #[arg(long, default_value_t = 20000)]
+        batches: u64,
+        /// Repeats (min/median/max printed).
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+    },
     /// Internal: one rank of our side.
     Rank {
         #[arg(long)]
@@ -202,6 +222,12 @@ fn main() -> std::process::ExitCode {
             window,
             cpu,
         }) => rank_main(fd, port, job, &mode, &what, size, iters, window, cpu),
+        Some(Cmd::Cost {
+            size,
+            window,
+            batches,
+            reps,
+        }) => cost_main(size, window, batches, reps),
         None => bench_main(&cli),
     };
     match r {
@@ -334,6 +360,15 @@ fn bench_main(cli: &Cli) -> R<()> {
             iters: sc(3000),
             window: 64,
         });
+    }
+    if !cli.sizes.is_empty() {
+        let keep: Vec<u64> = cli
+            .sizes
+            .split(',')
+            .map(|x| x.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--sizes wants byte counts separated by commas: {e}"))?;
+        ms.retain(|m| keep.contains(&m.size));
     }
     let cpus = qk::sys::allowed_cpus();
     println!(
@@ -749,5 +784,121 @@ fn rank_main(
         ep.progress();
     }
     let _ = Path::new(".");
+    Ok(())
+}
+
+/// Sets up `ep` the way a benchmark rank does: an event queue, a receive descriptor on
+/// [`P_DATA`] matching anything, and a send descriptor over `sbuf`. Returns (eq, send md).
+fn bench_portals(
+    ep: &mut Endpoint,
+    job: u32,
+    window: u64,
+    sbuf: qk::Buf,
+    rbuf: qk::Buf,
+) -> Result<(qk::portals::EqHandle, qk::portals::MdHandle), QkError> {
+    let pe = |e: qk::portals::Error| QkError::Portals(e.to_string());
+    ep.with_engine(|e| -> Result<_, QkError> {
+        let eq = e.eq_alloc(4 * window as u32 + 64).map_err(pe)?;
+        let rmd = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: rbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: Some(eq),
+            })
+            .map_err(pe)?;
+        e.portal_enable(P_DATA).map_err(pe)?;
+        e.portal_set_acl(P_DATA, Acl::job(job)).map_err(pe)?;
+        e.me_append(P_DATA, MatchSpec::any(), rmd).map_err(pe)?;
+        let smd = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: sbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: None,
+            })
+            .map_err(pe)?;
+        Ok((eq, smd))
+    })
+}
+
+fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
+    let job = 79;
+    let mut spec = JobFabricSpec::new(job, 2, vec![0, 1], CpuMode::Heater);
+    spec.heap_bytes_per_rank = 2 * size.max(1 << 16) + (8 << 20);
+    spec.lock_memory = false;
+    let fab = NodeFabric::create(&spec)?;
+    let mut eps = Vec::new();
+    for port in 0..2 {
+        eps.push(Endpoint::attach(
+            fab.dup_fd()?,
+            &AttachSpec {
+                lock_memory: false,
+                ..AttachSpec::new(job, port, CpuMode::Heater)
+            },
+        )?);
+    }
+    let mut setup = Vec::new();
+    for ep in eps.iter_mut() {
+        let sbuf = ep.alloc_shared(size.max(8))?;
+        let rbuf = ep.alloc_shared(size.max(8))?;
+        setup.push(bench_portals(ep, job, window, sbuf, rbuf)?);
+    }
+    let (a, b) = eps.split_at_mut(1);
+    let (tx, rx) = (&mut a[0], &mut b[0]);
+    let smd = setup[0].1;
+    let eq = setup[1].0;
+    let args = PutArgs {
+        md: smd,
+        local_offset: 0,
+        length: size,
+        target: ProcessId::new(job, 1),
+        portal: P_DATA,
+        match_bits: 1,
+        remote_offset: 0,
+        ack: false,
+        hdr_data: 0,
+    };
+    let mut send_ns = Vec::new();
+    let mut recv_ns = Vec::new();
+    for _ in 0..reps {
+        let (mut ts, mut tr) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..batches {
+            let t0 = Instant::now();
+            for _ in 0..window {
+                tx.put(&args)?;
+            }
+            let t1 = Instant::now();
+            for _ in 0..window {
+                match rx.eq_poll(eq)? {
+                    Some(ev) if ev.kind == EventKind::Put => {}
+                    other => return Err(format!("expected a put event, got {other:?}").into()),
+                }
+            }
+            ts += t1 - t0;
+            tr += t1.elapsed();
+        }
+        let n = (batches * window) as f64;
+        send_ns.push(ts.as_nanos() as f64 / n);
+        recv_ns.push(tr.as_nanos() as f64 / n);
+    }
+    let show = |name: &str, v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "  {name:<8} min {:>7.1}  median {:>7.1}  max {:>7.1} ns/message",
+            v[0],
+            v[v.len() / 2],
+            v[v.len() - 1]
+        );
+    };
+    println!("cost of a {size} B put on one core ({reps} repeats of {batches} x {window}):");
+    show("send", &mut send_ns);
+    show("receive", &mut recv_ns);
+    let mut tot: Vec<f64> = send_ns.iter().zip(&recv_ns).map(|(a, b)| a + b).collect();
+    show("total", &mut tot);
     Ok(())
 }
