@@ -309,6 +309,18 @@ pub fn poll_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -
     n > 0 && p.iter().any(|x| x.revents != 0)
 }
 
+/// Moves the calling thread into the network namespace at `path` (e.g. `/var/run/netns/NAME`):
+/// sockets it creates from then on belong to that namespace (needs CAP_SYS_ADMIN).
+pub fn enter_netns(path: &std::path::Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns only reads the descriptor, which stays open for the call.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Wakes every waiter blocked on `word`.
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: word is a live aligned u32; FUTEX_WAKE does not touch memory.

@@ -46,8 +46,9 @@ struct Cli {
     /// attach. Several values run side by side, interleaved.
     #[arg(long, default_value = "shared")]
     sources: String,
-    /// Compare over TCP instead: ours through two node engines on loopback, the peers with their
-    /// TCP transports forced (MPICH: MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self; Open MPI: --mca btl tcp,self).
+    /// Compare over TCP instead, between two network namespaces joined by a veth pair that the
+    /// benchmark creates and removes (root only): ours through two node engines, one per namespace;
+    /// MPICH with one rank per namespace over UCX's TCP transport.
     #[arg(long)]
     tcp: bool,
     /// Scale iteration counts (0.1 = a quick look).
@@ -177,13 +178,13 @@ impl Source {
 #[derive(Clone)]
 enum Contender {
     Ours(CpuMode, Source),
-    /// Ours with the two ranks on two "nodes" joined by node engines over TCP (loopback).
-    OursTcp(CpuMode),
+    /// Ours with the two ranks on two "hosts" (network namespaces) joined by node engines over TCP.
+    OursTcp(CpuMode, std::sync::Arc<Netns>),
     Mpi {
         name: &'static str,
         bin: PathBuf,
         launcher: &'static str,
-        extra: Vec<&'static str>,
+        extra: Vec<String>,
     },
 }
 
@@ -192,7 +193,7 @@ impl Contender {
         match self {
             Contender::Ours(m, Source::Shared) => format!("qk {m}"),
             Contender::Ours(m, src) => format!("qk {m} {}", src.name()),
-            Contender::OursTcp(m) => format!("qk tcp {m}"),
+            Contender::OursTcp(m, _) => format!("qk tcp {m}"),
             Contender::Mpi { name, .. } => name.to_string(),
         }
     }
@@ -201,7 +202,7 @@ impl Contender {
     }
     fn is_tcp(&self) -> bool {
         match self {
-            Contender::OursTcp(_) => true,
+            Contender::OursTcp(..) => true,
             Contender::Mpi { name, .. } => name.contains("TCP"),
             Contender::Ours(..) => false,
         }
@@ -243,10 +244,21 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn bench_main(cli: &Cli) -> R<()> {
     let mut contenders = Vec::new();
+    let netns = if cli.tcp {
+        match Netns::create() {
+            Ok(n) => Some(std::sync::Arc::new(n)),
+            Err(why) => {
+                println!("puma-bench: skipping the TCP comparison: {why}");
+                return Ok(());
+            }
+        }
+    } else {
+        None
+    };
     for m in cli.modes.split(',').filter(|s| !s.is_empty()) {
         let mode: CpuMode = m.parse()?;
-        if cli.tcp {
-            contenders.push(Contender::OursTcp(mode));
+        if let Some(ns) = &netns {
+            contenders.push(Contender::OursTcp(mode, ns.clone()));
         } else {
             for src in cli.sources.split(',').filter(|s| !s.is_empty()) {
                 contenders.push(Contender::Ours(mode, Source::parse(src)?));
@@ -260,24 +272,18 @@ fn bench_main(cli: &Cli) -> R<()> {
             name: "MPICH",
             bin: mpich.clone(),
             launcher: "mpirun.mpich",
-            extra: vec!["-bind-to", "core"],
+            extra: strs(&["-bind-to", "core"]),
         });
-        contenders.push(Contender::Mpi {
-            name: "MPICH TCP",
-            bin: mpich,
-            launcher: "mpirun.mpich",
-            // Debian's MPICH is ch4:ucx: no local shortcut, and UCX restricted to TCP.
-            extra: vec![
-                "-bind-to",
-                "core",
-                "-env",
-                "MPIR_CVAR_NOLOCAL",
-                "1",
-                "-env",
-                "UCX_TLS",
-                "tcp,self",
-            ],
-        });
+        if let Some(ns) = &netns {
+            // One rank per namespace: mpiexec runs in the first namespace and reaches the second
+            // "host" through a launcher script, so MPICH really goes over the veth pair.
+            contenders.push(Contender::Mpi {
+                name: "MPICH TCP",
+                bin: mpich,
+                launcher: "ip",
+                extra: ns.mpich_args(),
+            });
+        }
     } else {
         println!(
             "peer absent: MPICH (run crates/qk/bench-peers/install.sh; looked for {})",
@@ -289,33 +295,20 @@ fn bench_main(cli: &Cli) -> R<()> {
             name: "Open MPI",
             bin: ompi.clone(),
             launcher: "mpirun.openmpi",
-            extra: vec!["--allow-run-as-root", "--bind-to", "core"],
-        });
-        contenders.push(Contender::Mpi {
-            name: "Open MPI TCP",
-            bin: ompi.clone(),
-            launcher: "mpirun.openmpi",
-            extra: vec![
-                "--allow-run-as-root",
-                "--bind-to",
-                "core",
-                "--mca",
-                "btl",
-                "tcp,self",
-            ],
+            extra: strs(&["--allow-run-as-root", "--bind-to", "core"]),
         });
         contenders.push(Contender::Mpi {
             name: "Open MPI no-CMA",
             bin: ompi,
             launcher: "mpirun.openmpi",
-            extra: vec![
+            extra: strs(&[
                 "--allow-run-as-root",
                 "--bind-to",
                 "core",
                 "--mca",
                 "btl_vader_single_copy_mechanism",
                 "none",
-            ],
+            ]),
         });
     } else {
         println!(
@@ -324,6 +317,11 @@ fn bench_main(cli: &Cli) -> R<()> {
         );
     }
     contenders.retain(|c| c.is_tcp() == cli.tcp);
+    if cli.tcp {
+        println!(
+            "puma-bench: Open MPI is not run over TCP: its runtime daemons cannot span two network namespaces of one machine"
+        );
+    }
     let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
     let mut ms = Vec::new();
     if cli.only.contains("lat") {
@@ -458,7 +456,7 @@ fn which(cmd: &str) -> bool {
 fn run_one(c: &Contender, m: &Measure) -> R<f64> {
     match c {
         Contender::Ours(mode, src) => run_ours(*mode, *src, m),
-        Contender::OursTcp(mode) => run_ours_tcp(*mode, m),
+        Contender::OursTcp(mode, ns) => run_ours_tcp(*mode, ns, m),
         Contender::Mpi {
             bin,
             launcher,
@@ -551,13 +549,8 @@ fn run_ours(mode: CpuMode, src: Source, m: &Measure) -> R<f64> {
     parse_result(&outs[0], m)
 }
 
-fn run_ours_tcp(mode: CpuMode, m: &Measure) -> R<f64> {
+fn run_ours_tcp(mode: CpuMode, ns: &Netns, m: &Measure) -> R<f64> {
     use qk::tcp::{NodeEngine, NodeEngineSpec};
-    let listeners = [
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-    ];
-    let addrs = [listeners[0].local_addr()?, listeners[1].local_addr()?];
     let mut fabs = Vec::new();
     for node in 0..2u32 {
         let mut spec = JobFabricSpec::new(78, 2, vec![node], mode);
@@ -566,20 +559,36 @@ fn run_ours_tcp(mode: CpuMode, m: &Measure) -> R<f64> {
         spec.lock_memory = false;
         fabs.push(NodeFabric::create(&spec)?);
     }
+    // Each node engine is built on a thread inside its namespace, so its listener and the
+    // connection it dials belong there; the two threads swap listening addresses first.
+    let (tx0, rx0) = std::sync::mpsc::channel::<std::net::SocketAddr>();
+    let (tx1, rx1) = std::sync::mpsc::channel::<std::net::SocketAddr>();
+    let mut chans = vec![(tx0, rx1), (tx1, rx0)];
     let mut starting = Vec::new();
-    for (node, l) in listeners.into_iter().enumerate() {
-        let fd = fabs[node].dup_fd()?;
-        let spec = NodeEngineSpec {
-            job_id: 78,
-            node_id: node as u32,
-            listen: addrs[node],
-            peers: vec![(1 - node as u32, addrs[1 - node])],
-            rank_node: vec![0, 1],
-            cluster_key: b"puma-bench".to_vec(),
-            connect_timeout: Duration::from_secs(10),
-        };
-        starting.push(std::thread::spawn(move || {
-            NodeEngine::with_listener(fd, spec, l)
+    for node in (0..2u32).rev() {
+        let (tx, rx) = chans.pop().ok_or("channel")?;
+        let fd = fabs[node as usize].dup_fd()?;
+        let path = ns.path(node as usize);
+        let ip = ns.addr(node as usize);
+        starting.push(std::thread::spawn(move || -> Result<NodeEngine, String> {
+            qk::sys::enter_netns(&path).map_err(|e| format!("entering {}: {e}", path.display()))?;
+            let l = std::net::TcpListener::bind((ip, 0))
+                .map_err(|e| format!("listening on {ip}: {e}"))?;
+            let me = l.local_addr().map_err(|e| e.to_string())?;
+            tx.send(me).map_err(|e| e.to_string())?;
+            let peer = rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let spec = NodeEngineSpec {
+                job_id: 78,
+                node_id: node,
+                listen: me,
+                peers: vec![(1 - node, peer)],
+                rank_node: vec![0, 1],
+                cluster_key: b"puma-bench".to_vec(),
+                connect_timeout: Duration::from_secs(10),
+            };
+            NodeEngine::with_listener(fd, spec, l).map_err(|e| e.to_string())
         }));
     }
     let mut engines = Vec::new();
@@ -901,4 +910,137 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
     let mut tot: Vec<f64> = send_ns.iter().zip(&recv_ns).map(|(a, b)| a + b).collect();
     show("total", &mut tot);
     Ok(())
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Two network namespaces joined by a veth pair (each end named `qk0` inside its namespace),
+/// created for the TCP comparison and removed when dropped, with the launcher script that lets
+/// MPICH's mpiexec start its second rank in the second namespace.
+struct Netns {
+    names: [String; 2],
+    ips: [std::net::Ipv4Addr; 2],
+    script: PathBuf,
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false);
+        if !root {
+            return Err(
+                "it runs between two network namespaces joined by a veth pair, and creating them needs root"
+                    .into(),
+            );
+        }
+        if !which("ip") {
+            return Err("iproute2 (the `ip` command) is not installed".into());
+        }
+        let id = std::process::id() % 250 + 1;
+        let ns = Netns {
+            names: [format!("qkbenchA{id}"), format!("qkbenchB{id}")],
+            ips: [
+                std::net::Ipv4Addr::new(10, 234, id as u8, 1),
+                std::net::Ipv4Addr::new(10, 234, id as u8, 2),
+            ],
+            script: std::env::temp_dir().join(format!("puma-bench-nslaunch-{id}.sh")),
+        };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let st = Command::new("ip")
+                .args(args)
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
+            if st.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&st.stderr).trim()
+                ))
+            }
+        };
+        let (a, b) = (&ns.names[0], &ns.names[1]);
+        ip(&["netns", "add", a])?;
+        ip(&["netns", "add", b])?;
+        let (va, vb) = (format!("qkbva{id}"), format!("qkbvb{id}"));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        for (n, v, addr) in [(a, &va, ns.ips[0]), (b, &vb, ns.ips[1])] {
+            ip(&["link", "set", v, "netns", n])?;
+            ip(&["-n", n, "link", "set", "dev", v, "name", "qk0"])?;
+            ip(&["-n", n, "addr", "add", &format!("{addr}/24"), "dev", "qk0"])?;
+            ip(&["-n", n, "link", "set", "qk0", "up"])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        }
+        // mpiexec calls the launcher like ssh: options, host, command. Host A's rank goes on CPU
+        // 0 and host B's on CPU 1, as ours do.
+        let cpus = qk::sys::allowed_cpus();
+        let cpu = |i: usize| cpus.get(i).or(cpus.first()).copied().unwrap_or(0);
+        let script = format!(
+            "#!/bin/sh\nwhile [ \"${{1#-}}\" != \"$1\" ]; do shift; done\nhost=\"$1\"; shift\ncase \"$host\" in\n  {}) ns={a}; cpu={} ;;\n  {}) ns={b}; cpu={} ;;\n  *) echo \"unknown host $host\" >&2; exit 1 ;;\nesac\nexec ip netns exec \"$ns\" taskset -c \"$cpu\" sh -c \"$*\"\n",
+            ns.ips[0],
+            cpu(0),
+            ns.ips[1],
+            cpu(1)
+        );
+        std::fs::write(&ns.script, script).map_err(|e| format!("writing the launcher: {e}"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ns.script, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("launcher permissions: {e}"))?;
+        Ok(ns)
+    }
+
+    fn path(&self, i: usize) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.names[i])
+    }
+
+    fn addr(&self, i: usize) -> std::net::Ipv4Addr {
+        self.ips[i]
+    }
+
+    /// Arguments after `ip` that run MPICH's mpiexec with one rank per namespace over TCP.
+    fn mpich_args(&self) -> Vec<String> {
+        let hosts = format!("{},{}", self.ips[0], self.ips[1]);
+        let script = self.script.display().to_string();
+        strs(&[
+            "netns",
+            "exec",
+            &self.names[0],
+            "mpirun.mpich",
+            "-launcher",
+            "ssh",
+            "-launcher-exec",
+            &script,
+            "-iface",
+            "qk0",
+            "-hosts",
+            &hosts,
+            "-ppn",
+            "1",
+            "-bind-to",
+            "none",
+            "-env",
+            "UCX_TLS",
+            "tcp,self",
+            "-env",
+            "UCX_NET_DEVICES",
+            "qk0",
+        ])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        let _ = std::fs::remove_file(&self.script);
+    }
 }
