@@ -26,6 +26,9 @@ pub type PortalsEngine = portals::Engine<BoxStore>;
 /// twice the optimum (the classic competitive bound) and keeps short waits at cache-line latency.
 pub const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(50);
 
+/// How long a waiter spins without giving up its core (after that it yields between looks).
+pub const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(5);
+
 /// Bytes of the large-message reference that follows the header when the payload stays put.
 const LARGE_REF: usize = 16;
 
@@ -697,6 +700,7 @@ impl Endpoint {
         }
         let start = Instant::now();
         let coproc = self.mode == CpuMode::MsgCoproc;
+        let multi_node = (self.shared.region.ranks.len() as u32) < self.world_size();
         let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
@@ -714,13 +718,26 @@ impl Endpoint {
             }
             // While one of our large messages is being copied by its receiver the wait is known to
             // be short (a copy, not an idle peer): keep spinning rather than pay a wake-up.
-            let spin = if self.lock().large.is_empty() {
-                SPIN_BEFORE_BLOCK
-            } else {
+            // Likewise when the job spans nodes: an answer from another node is a network round
+            // trip away (tens of microseconds), longer than the plain spin but far shorter than
+            // idleness; the spin yields the core past its first microseconds, so the node engine
+            // sharing it still runs.
+            let spin = if !self.lock().large.is_empty() {
                 SPIN_BEFORE_BLOCK * 20
+            } else if multi_node {
+                crate::tcp::ENGINE_SPIN
+            } else {
+                SPIN_BEFORE_BLOCK
             };
             if el < spin {
-                std::hint::spin_loop();
+                // Past the first microseconds, let whatever else is runnable on this core (a node
+                // engine, the co-processor thread) have it between looks: on a shared core the
+                // message we wait for may need exactly that thread to move.
+                if el > SPIN_BEFORE_YIELD {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             if coproc {
