@@ -6,6 +6,7 @@
 //! between "near" and "far" placements hits every contender alike. It prints min / median / max per
 //! contender and the median of the per-round ratios to the best peer of the same round.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -474,9 +475,54 @@ fn run_one(c: &Contender, m: &Measure) -> R<f64> {
                     m.window.to_string(),
                 ])
                 .stdin(Stdio::null())
-                .output()?;
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .spawn()?;
+            let out = wait_bounded(out, PEER_DEADLINE)?;
             parse_result(&out, m)
         }
+    }
+}
+
+/// Longest a peer run may take: MPICH over UCX's TCP transport has been seen to hang in the
+/// 4 MiB streaming test between namespaces; such a run is killed and reported as failed.
+const PEER_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Waits for `child` (leader of its own process group) for at most `limit`; past it, kills the
+/// whole group (the launcher and the ranks it started) and says so.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> R<std::process::Output> {
+    let start = Instant::now();
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut so = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut se = child.stderr.take().ok_or("no stderr pipe")?;
+    let to = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let te = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(std::process::Output {
+                status,
+                stdout: to.join().unwrap_or_default(),
+                stderr: te.join().unwrap_or_default(),
+            });
+        }
+        if start.elapsed() > limit {
+            // The child leads its own group: kill the launcher and every rank it started.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            return Err(format!("no result after {limit:?}: killed").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
