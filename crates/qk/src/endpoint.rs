@@ -26,7 +26,8 @@ pub type PortalsEngine = portals::Engine<BoxStore>;
 /// twice the optimum (the classic competitive bound) and keeps short waits at cache-line latency.
 pub const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(50);
 
-/// How long a waiter spins without giving up its core (after that it yields between looks).
+/// How long a waiter in a multi-node job spins without giving up its core (after that it yields
+/// between looks, so a node engine sharing the core can move the message).
 pub const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(5);
 
 /// Bytes of the large-message reference that follows the header when the payload stays put.
@@ -730,10 +731,11 @@ impl Endpoint {
                 SPIN_BEFORE_BLOCK
             };
             if el < spin {
-                // Past the first microseconds, let whatever else is runnable on this core (a node
-                // engine, the co-processor thread) have it between looks: on a shared core the
-                // message we wait for may need exactly that thread to move.
-                if el > SPIN_BEFORE_YIELD {
+                // In a job that spans nodes, past the first microseconds, let the node engine
+                // that may share this core run between looks: the message we wait for needs it
+                // to move. Node-local waits never yield: puma-bench measured that yielding hands
+                // the core to unrelated work (builds) and made msg-coproc 8 B latency 2-5x worse.
+                if multi_node && el > SPIN_BEFORE_YIELD {
                     std::thread::yield_now();
                 } else {
                     std::hint::spin_loop();
