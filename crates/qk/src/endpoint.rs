@@ -26,6 +26,10 @@ pub type PortalsEngine = portals::Engine<BoxStore>;
 /// twice the optimum (the classic competitive bound) and keeps short waits at cache-line latency.
 pub const SPIN_BEFORE_BLOCK: Duration = Duration::from_micros(50);
 
+/// How long a waiter in a multi-node job spins without giving up its core (after that it yields
+/// between looks, so a node engine sharing the core can move the message).
+pub const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(5);
+
 /// Bytes of the large-message reference that follows the header when the payload stays put.
 const LARGE_REF: usize = 16;
 
@@ -697,6 +701,7 @@ impl Endpoint {
         }
         let start = Instant::now();
         let coproc = self.mode == CpuMode::MsgCoproc;
+        let multi_node = (self.shared.region.ranks.len() as u32) < self.world_size();
         let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
@@ -714,13 +719,27 @@ impl Endpoint {
             }
             // While one of our large messages is being copied by its receiver the wait is known to
             // be short (a copy, not an idle peer): keep spinning rather than pay a wake-up.
-            let spin = if self.lock().large.is_empty() {
-                SPIN_BEFORE_BLOCK
-            } else {
+            // Likewise when the job spans nodes: an answer from another node is a network round
+            // trip away (tens of microseconds), longer than the plain spin but far shorter than
+            // idleness; the spin yields the core past its first microseconds, so the node engine
+            // sharing it still runs.
+            let spin = if !self.lock().large.is_empty() {
                 SPIN_BEFORE_BLOCK * 20
+            } else if multi_node {
+                crate::tcp::ENGINE_SPIN
+            } else {
+                SPIN_BEFORE_BLOCK
             };
             if el < spin {
-                std::hint::spin_loop();
+                // In a job that spans nodes, past the first microseconds, let the node engine
+                // that may share this core run between looks: the message we wait for needs it
+                // to move. Node-local waits never yield: puma-bench measured that yielding hands
+                // the core to unrelated work (builds) and made msg-coproc 8 B latency 2-5x worse.
+                if multi_node && el > SPIN_BEFORE_YIELD {
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             if coproc {
@@ -1197,49 +1216,9 @@ impl Ctx<'_> {
                     .bump(me_port, slot::DELIVERED_BYTES, plan.mlength);
             }
             Op::Put | Op::Reply => {
-                let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
-                    Ok(s) => s.collect(),
-                    Err(_) => return self.drop_msg(DropReason::BadMemory),
-                };
-                let mut ok = true;
-                for s in &segs {
-                    let good = match lref {
-                        None => {
-                            let a = s.msg_offset as usize;
-                            let b = a + s.len as usize;
-                            b <= body.len() && self.mem.write(s.addr, &body[a..b])
-                        }
-                        Some((src, _)) if h.flags & flag::HEAP != 0 => {
-                            let src = self
-                                .region
-                                .map()
-                                .slice((src + s.msg_offset) as usize, s.len as usize);
-                            self.mem.write(s.addr, src)
-                        }
-                        Some((src, _)) => {
-                            let pid = self.region.pid(m.from) as i32;
-                            self.mem
-                                .cma_into(s.addr, s.len, pid, src + s.msg_offset)
-                                .is_ok()
-                        }
-                    };
-                    ok &= good;
+                if !self.deposit_segments(&h, m.from, body, lref, &plan) {
+                    return;
                 }
-                if !ok {
-                    self.drop_msg(DropReason::BadMemory);
-                }
-                if let Some((_, token)) = lref {
-                    let counter = if h.flags & flag::HEAP != 0 {
-                        slot::LARGE_DIRECT
-                    } else {
-                        slot::LARGE_CMA
-                    };
-                    self.region.count(me_port, counter, 1);
-                    self.send_fin(&h, token, plan.mlength);
-                }
-                self.region.count(me_port, slot::DELIVERED, 1);
-                self.region
-                    .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
             }
             Op::Get | Op::Ack => {
                 self.region.bump(me_port, slot::DELIVERED, 1);
@@ -1256,50 +1235,117 @@ impl Ctx<'_> {
                     body: Vec::new(),
                 });
             }
-            Response::Reply(r) => {
-                let mut hdr = hdr_from_wire(&r);
-                let len = plan.body.len();
-                if len <= self.region.eager_max as u64 {
-                    let mut data = vec![0u8; len as usize];
-                    let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
-                        Ok(s) => s.collect(),
-                        Err(_) => return self.drop_msg(DropReason::BadMemory),
-                    };
-                    for s in segs {
-                        let a = s.msg_offset as usize;
-                        if !self.mem.read(s.addr, &mut data[a..a + s.len as usize]) {
-                            return self.drop_msg(DropReason::BadMemory);
-                        }
-                    }
-                    self.out.push_back(Pending {
-                        dst_rank: h.src,
-                        hdr,
-                        body: data,
-                    });
-                } else {
-                    let first = plan.body.first();
-                    let map_base = self.region.map().ptr() as u64;
-                    if plan.body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
-                        hdr.flags |= flag::HEAP;
-                        self.out.push_back(Pending {
-                            dst_rank: h.src,
-                            hdr,
-                            body: encode_ref(first.addr - map_base, 0),
-                        });
-                    } else if plan.body.is_contiguous()
-                        && self.region.port_of_rank(h.src).is_some()
-                        && self.mem.owns(first.addr, first.len)
-                    {
-                        hdr.flags |= flag::CMA;
-                        self.out.push_back(Pending {
-                            dst_rank: h.src,
-                            hdr,
-                            body: encode_ref(first.addr, 0),
-                        });
-                    } else {
-                        self.drop_msg(DropReason::BadMemory);
-                    }
+            Response::Reply(r) => self.reply(&h, r, &plan),
+        }
+    }
+
+    /// Deposits a body that is not one eager run into one region: several segments, or a large
+    /// message copied from the sender's heap part or by cross-memory attach (kept out of the
+    /// small-message path so that stays short). False when the descriptor is gone (dropped and
+    /// counted; no response follows).
+    #[inline(never)]
+    fn deposit_segments(
+        &mut self,
+        h: &Hdr,
+        from: u32,
+        body: &[u8],
+        lref: Option<(u64, u64)>,
+        plan: &portals::DeliveryPlan,
+    ) -> bool {
+        let me_port = self.me_port();
+        let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+            Ok(s) => s.collect(),
+            Err(_) => {
+                self.drop_msg(DropReason::BadMemory);
+                return false;
+            }
+        };
+        let mut ok = true;
+        for s in &segs {
+            let good = match lref {
+                None => {
+                    let a = s.msg_offset as usize;
+                    let b = a + s.len as usize;
+                    b <= body.len() && self.mem.write(s.addr, &body[a..b])
                 }
+                Some((src, _)) if h.flags & flag::HEAP != 0 => {
+                    let src = self
+                        .region
+                        .map()
+                        .slice((src + s.msg_offset) as usize, s.len as usize);
+                    self.mem.write(s.addr, src)
+                }
+                Some((src, _)) => {
+                    let pid = self.region.pid(from) as i32;
+                    self.mem
+                        .cma_into(s.addr, s.len, pid, src + s.msg_offset)
+                        .is_ok()
+                }
+            };
+            ok &= good;
+        }
+        if !ok {
+            self.drop_msg(DropReason::BadMemory);
+        }
+        if let Some((_, token)) = lref {
+            let counter = if h.flags & flag::HEAP != 0 {
+                slot::LARGE_DIRECT
+            } else {
+                slot::LARGE_CMA
+            };
+            self.region.count(me_port, counter, 1);
+            self.send_fin(h, token, plan.mlength);
+        }
+        self.region.count(me_port, slot::DELIVERED, 1);
+        self.region
+            .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
+        true
+    }
+
+    /// Sends the reply to a get (eager from the descriptor, or a reference for a large one).
+    #[inline(never)]
+    fn reply(&mut self, h: &Hdr, r: WireHeader, plan: &portals::DeliveryPlan) {
+        let mut hdr = hdr_from_wire(&r);
+        let len = plan.body.len();
+        if len <= self.region.eager_max as u64 {
+            let mut data = vec![0u8; len as usize];
+            let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+                Ok(s) => s.collect(),
+                Err(_) => return self.drop_msg(DropReason::BadMemory),
+            };
+            for s in segs {
+                let a = s.msg_offset as usize;
+                if !self.mem.read(s.addr, &mut data[a..a + s.len as usize]) {
+                    return self.drop_msg(DropReason::BadMemory);
+                }
+            }
+            self.out.push_back(Pending {
+                dst_rank: h.src,
+                hdr,
+                body: data,
+            });
+        } else {
+            let first = plan.body.first();
+            let map_base = self.region.map().ptr() as u64;
+            if plan.body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
+                hdr.flags |= flag::HEAP;
+                self.out.push_back(Pending {
+                    dst_rank: h.src,
+                    hdr,
+                    body: encode_ref(first.addr - map_base, 0),
+                });
+            } else if plan.body.is_contiguous()
+                && self.region.port_of_rank(h.src).is_some()
+                && self.mem.owns(first.addr, first.len)
+            {
+                hdr.flags |= flag::CMA;
+                self.out.push_back(Pending {
+                    dst_rank: h.src,
+                    hdr,
+                    body: encode_ref(first.addr, 0),
+                });
+            } else {
+                self.drop_msg(DropReason::BadMemory);
             }
         }
     }

@@ -357,6 +357,7 @@ impl Region {
     }
 
     /// Counter `slot` of port `p`.
+    #[inline]
     pub fn counter(&self, p: u32, s: usize) -> &AtomicU64 {
         self.map
             .atomic_u64(self.layout.port(p) as usize + P_COUNTERS + 8 * s)

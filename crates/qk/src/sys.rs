@@ -293,6 +293,34 @@ pub fn futex_wait(word: &AtomicU32, expected: u32, timeout: std::time::Duration)
     };
 }
 
+/// Blocks until one of `fds` is readable (or hung up), for at most `timeout`. True when one is.
+pub fn poll_readable(fds: &[std::os::fd::RawFd], timeout: std::time::Duration) -> bool {
+    let mut p: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+    // SAFETY: p is a live array of p.len() pollfd structures that poll(2) may write.
+    let n = unsafe { libc::poll(p.as_mut_ptr(), p.len() as libc::nfds_t, ms) };
+    n > 0 && p.iter().any(|x| x.revents != 0)
+}
+
+/// Moves the calling thread into the network namespace at `path` (e.g. `/var/run/netns/NAME`):
+/// sockets it creates from then on belong to that namespace (needs CAP_SYS_ADMIN).
+pub fn enter_netns(path: &std::path::Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    // SAFETY: setns only reads the descriptor, which stays open for the call.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Wakes every waiter blocked on `word`.
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: word is a live aligned u32; FUTEX_WAKE does not touch memory.

@@ -19,7 +19,6 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,7 +71,7 @@ impl Frame {
         v
     }
 
-    fn decode(b: Vec<u8>) -> Option<Frame> {
+    fn decode(b: &[u8]) -> Option<Frame> {
         if b.len() < 12 {
             return None;
         }
@@ -94,12 +93,22 @@ pub trait Transport: Send {
     fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError>;
     /// Hands every frame that has arrived to `f` (never blocks).
     fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize;
+    /// The engine is about to sleep on its doorbell: arrange to be rung when frames arrive.
+    /// Returns true when frames are already waiting (the engine must not sleep then).
+    fn sleep_begin(&mut self) -> bool {
+        false
+    }
+    /// The engine woke up.
+    fn sleep_end(&mut self) {}
 }
 
-/// TCP transport: one authenticated connection per peer node, a reader thread per connection.
+/// TCP transport: one authenticated connection per peer node, read and written by the engine
+/// itself without blocking; one watcher thread rings the engine while it sleeps.
 pub struct TcpTransport {
-    out: HashMap<u32, TcpStream>,
-    rx: Receiver<(u32, Frame)>,
+    conns: Vec<Conn>,
+    max: u64,
+    st: Arc<WakeState>,
+    watcher: Option<std::thread::JoinHandle<()>>,
 }
 
 fn proof(
@@ -189,32 +198,154 @@ pub fn handshake(
     Ok(peer)
 }
 
-fn reader(mut s: TcpStream, node: u32, tx: Sender<(u32, Frame)>, max: u64, wake: impl Fn()) {
-    loop {
-        let mut l = [0u8; 4];
-        if s.read_exact(&mut l).is_err() {
-            return;
+/// One peer connection, read by the engine itself without blocking.
+struct Conn {
+    node: u32,
+    s: TcpStream,
+    /// Receive buffer: `buf[..filled]` are bytes received and not yet made into frames; the rest
+    /// is room already allocated (grown, never shrunk below 64 KiB, so polling does not allocate).
+    buf: Vec<u8>,
+    filled: usize,
+    /// Frames taken off the socket and not yet handed to the engine.
+    ready: VecDeque<Frame>,
+    /// The peer closed or broke the connection, or sent a framing error: no more reads.
+    dead: bool,
+}
+
+impl Conn {
+    fn new(node: u32, s: TcpStream) -> Conn {
+        Conn {
+            node,
+            s,
+            buf: vec![0; 64 << 10],
+            filled: 0,
+            ready: VecDeque::new(),
+            dead: false,
         }
-        let len = u32::from_le_bytes(l) as u64;
-        if len < 12 || len > max + 4096 {
-            // A framing error from an authenticated peer: stop reading this connection.
-            return;
+    }
+
+    /// Reads whatever the socket holds now and turns complete frames into `ready`. Never blocks.
+    fn fill(&mut self, max: u64) -> usize {
+        let mut got = 0;
+        while !self.dead {
+            // Room for the whole frame being received, at least 64 KiB.
+            let need = match self.frame_len() {
+                Some(l) => (l as usize + 4).max(64 << 10),
+                None => 64 << 10,
+            };
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
+            let room = self.buf.len() - self.filled;
+            match self.s.read(&mut self.buf[self.filled..]) {
+                Ok(0) => self.dead = true,
+                Ok(n) => {
+                    self.filled += n;
+                    got += self.split(max);
+                    if n < room {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => self.dead = true,
+            }
         }
-        let mut b = vec![0u8; len as usize];
-        if s.read_exact(&mut b).is_err() {
-            return;
+        got
+    }
+
+    /// Length field of the frame at the front of the buffer, once its 4 bytes are in.
+    fn frame_len(&self) -> Option<u64> {
+        if self.filled < 4 {
+            return None;
         }
-        let Some(f) = Frame::decode(b) else { return };
-        if tx.send((node, f)).is_err() {
-            return;
+        let l = &self.buf[..4];
+        Some(u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as u64)
+    }
+
+    /// Moves every complete frame from the buffer to `ready`.
+    fn split(&mut self, max: u64) -> usize {
+        let mut n = 0;
+        let mut at = 0;
+        loop {
+            let rest = &self.buf[at..self.filled];
+            if rest.len() < 4 {
+                break;
+            }
+            let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as u64;
+            if !(12..=max + 4096).contains(&len) {
+                // A framing error from an authenticated peer: stop reading this connection.
+                self.dead = true;
+                break;
+            }
+            if rest.len() < 4 + len as usize {
+                break;
+            }
+            match Frame::decode(&rest[4..4 + len as usize]) {
+                Some(f) => self.ready.push_back(f),
+                None => {
+                    self.dead = true;
+                    break;
+                }
+            }
+            at += 4 + len as usize;
+            n += 1;
         }
-        wake();
+        if at > 0 {
+            self.buf.copy_within(at..self.filled, 0);
+            self.filled -= at;
+            if self.filled == 0 && self.buf.len() > 4 << 20 {
+                self.buf.truncate(64 << 10);
+                self.buf.shrink_to_fit();
+            }
+        }
+        n
+    }
+}
+
+/// State shared between the engine and the thread that watches the sockets while it sleeps.
+struct WakeState {
+    /// 1 while the engine is asleep (or about to be): the watcher may poll the sockets.
+    asleep: std::sync::atomic::AtomicU32,
+    closed: AtomicBool,
+    /// Per connection, in the watcher's order: stop watching (the engine saw it die).
+    dead: Vec<AtomicBool>,
+}
+
+/// The watcher: while the engine sleeps, block in poll(2) on the connections and ring the engine
+/// when one is readable; while the engine runs, wait for it to sleep again. It never reads.
+fn watch(fds: Vec<std::os::fd::RawFd>, st: Arc<WakeState>, wake: impl Fn()) {
+    use std::sync::atomic::Ordering::SeqCst;
+    while !st.closed.load(SeqCst) {
+        if st.asleep.load(SeqCst) == 0 {
+            crate::sys::futex_wait(&st.asleep, 0, Duration::from_millis(100));
+            continue;
+        }
+        let live: Vec<std::os::fd::RawFd> = fds
+            .iter()
+            .zip(&st.dead)
+            .filter(|(_, d)| !d.load(SeqCst))
+            .map(|(f, _)| *f)
+            .collect();
+        if live.is_empty() {
+            crate::sys::futex_wait(&st.asleep, 1, Duration::from_millis(100));
+            continue;
+        }
+        if crate::sys::poll_readable(&live, Duration::from_millis(100)) {
+            wake();
+            // Wait for the engine to wake up and take the bytes before polling again.
+            while st.asleep.load(SeqCst) != 0 && !st.closed.load(SeqCst) {
+                crate::sys::futex_wait(&st.asleep, 1, Duration::from_millis(1));
+            }
+        }
     }
 }
 
 impl TcpTransport {
     /// Connects to every peer: this node dials peers with a larger id and accepts the others, all
-    /// through the key handshake. `wake` is called after each frame arrives (rings the engine).
+    /// through the key handshake. The engine reads the connections itself without blocking (busy
+    /// polling while traffic flows); while it sleeps, a watcher thread blocked in poll(2) calls
+    /// `wake` (which rings the engine) as soon as a connection has bytes.
     #[allow(clippy::too_many_arguments)]
     pub fn connect(
         listener: &TcpListener,
@@ -226,7 +357,6 @@ impl TcpTransport {
         timeout: Duration,
         wake: impl Fn() + Clone + Send + 'static,
     ) -> Result<TcpTransport, QkError> {
-        let (tx, rx) = channel();
         let mut out = HashMap::new();
         let deadline = Instant::now() + timeout;
         for &(id, addr) in peers.iter().filter(|p| p.0 > me) {
@@ -273,46 +403,134 @@ impl TcpTransport {
                 Err(e) => return Err(QkError::os("accepting a peer node", e)),
             }
         }
-        for (&id, s) in &out {
-            let r = s
-                .try_clone()
-                .map_err(|e| QkError::os("cloning a socket", e))?;
-            let tx = tx.clone();
-            let w = wake.clone();
-            std::thread::Builder::new()
-                .name(format!("qk-tcp-rx-{id}"))
-                .spawn(move || reader(r, id, tx, max_message, w))
-                .map_err(|e| QkError::os("starting a reader thread", e))?;
+        let mut conns: Vec<Conn> = Vec::new();
+        let mut ids: Vec<u32> = out.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(s) = out.remove(&id) else { continue };
+            s.set_nonblocking(true)
+                .map_err(|e| QkError::os("making a peer connection non-blocking", e))?;
+            conns.push(Conn::new(id, s));
         }
-        Ok(TcpTransport { out, rx })
+        use std::os::fd::AsRawFd;
+        let fds: Vec<std::os::fd::RawFd> = conns.iter().map(|c| c.s.as_raw_fd()).collect();
+        let st = Arc::new(WakeState {
+            asleep: std::sync::atomic::AtomicU32::new(0),
+            closed: AtomicBool::new(false),
+            dead: conns.iter().map(|_| AtomicBool::new(false)).collect(),
+        });
+        let st2 = st.clone();
+        let watcher = std::thread::Builder::new()
+            .name(format!("qk-tcp-watch-{me}"))
+            .spawn(move || watch(fds, st2, wake))
+            .map_err(|e| QkError::os("starting the connection watcher thread", e))?;
+        Ok(TcpTransport {
+            conns,
+            max: max_message,
+            st,
+            watcher: Some(watcher),
+        })
+    }
+
+    fn conn(&mut self, node: u32) -> Result<usize, QkError> {
+        self.conns
+            .iter()
+            .position(|c| c.node == node)
+            .ok_or_else(|| QkError::Transport(format!("no connection to node {node}")))
+    }
+
+    /// Writes all of `b` to connection `i`; while the socket is full, takes in what the peers
+    /// send (two engines sending large frames to each other must not wait on each other).
+    fn write_all(&mut self, i: usize, mut b: &[u8]) -> Result<(), QkError> {
+        let start = Instant::now();
+        while !b.is_empty() {
+            let node = self.conns[i].node;
+            match self.conns[i].s.write(b) {
+                Ok(0) => {
+                    return Err(QkError::Transport(format!(
+                        "sending to node {node}: connection closed"
+                    )))
+                }
+                Ok(n) => b = &b[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let max = self.max;
+                    for c in &mut self.conns {
+                        c.fill(max);
+                    }
+                    if start.elapsed() > Duration::from_micros(50) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(QkError::Transport(format!("sending to node {node}: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.st.closed.store(true, Ordering::SeqCst);
+        self.st.asleep.store(0, Ordering::SeqCst);
+        crate::sys::futex_wake(&self.st.asleep);
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
     }
 }
 
 impl Transport for TcpTransport {
     fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError> {
-        let s = self
-            .out
-            .get_mut(&node)
-            .ok_or_else(|| QkError::Transport(format!("no connection to node {node}")))?;
+        let i = self.conn(node)?;
         let head = frame.encode_head(tail.len());
-        s.write_all(&head)
-            .map_err(|e| QkError::Transport(format!("sending to node {node}: {e}")))?;
+        self.write_all(i, &head)?;
         if !tail.is_empty() {
-            s.write_all(tail)
-                .map_err(|e| QkError::Transport(format!("sending to node {node}: {e}")))?;
+            self.write_all(i, tail)?;
         }
         Ok(())
     }
 
     fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
         let mut n = 0;
-        while let Ok((node, fr)) = self.rx.try_recv() {
-            f(node, fr);
-            n += 1;
+        let max = self.max;
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            c.fill(max);
+            if c.dead {
+                self.st.dead[i].store(true, Ordering::Relaxed);
+            }
+            while let Some(fr) = c.ready.pop_front() {
+                f(c.node, fr);
+                n += 1;
+            }
         }
         n
     }
+
+    fn sleep_begin(&mut self) -> bool {
+        self.st.asleep.store(1, Ordering::SeqCst);
+        crate::sys::futex_wake(&self.st.asleep);
+        // Bytes that came in before the watcher started watching must not be slept on.
+        let max = self.max;
+        let mut pending = false;
+        for c in &mut self.conns {
+            c.fill(max);
+            pending |= !c.ready.is_empty();
+        }
+        pending
+    }
+
+    fn sleep_end(&mut self) {
+        self.st.asleep.store(0, Ordering::SeqCst);
+        crate::sys::futex_wake(&self.st.asleep);
+    }
 }
+
+/// How long the node engine keeps polling its queues and connections after the last item before
+/// it blocks: longer than a network round trip, so a ping-pong never pays a wake-up.
+pub const ENGINE_SPIN: Duration = Duration::from_micros(500);
 
 /// Configuration of a node engine for one job.
 #[derive(Clone, Debug)]
@@ -486,17 +704,36 @@ impl NodeEngine {
                 last = Instant::now();
                 continue;
             }
-            if last.elapsed() < crate::endpoint::SPIN_BEFORE_BLOCK {
-                std::hint::spin_loop();
+            // Busy-poll (queues and sockets) while traffic flows: a network round trip takes
+            // tens of microseconds, so keep looking for [`ENGINE_SPIN`] after the last item,
+            // yielding the core after the first few microseconds to whatever else wants it.
+            let idle = last.elapsed();
+            if idle < ENGINE_SPIN {
+                if idle < Duration::from_micros(5) {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let bell = self.region.doorbell(p).load(Ordering::SeqCst);
             self.region.sleeping(p).store(1, Ordering::SeqCst);
-            if !self.port.has_pending() && self.to_local.is_empty() {
+            let frames_waiting = self.transport.sleep_begin();
+            if !frames_waiting && !self.port.has_pending() && self.to_local.is_empty() {
                 crate::sys::futex_wait(self.region.doorbell(p), bell, crate::region::MAX_SLEEP);
             }
+            self.transport.sleep_end();
             self.region.sleeping(p).store(0, Ordering::SeqCst);
             last = Instant::now();
+        }
+        // Stopping: what the local ranks handed over before they finished still leaves (a rank's
+        // last put may sit in the queue when the PCT stops the engine), within a bounded time.
+        let start = Instant::now();
+        let mut quiet = 0;
+        while quiet < 3 && start.elapsed() < Duration::from_millis(200) {
+            let n = self.step()?;
+            let busy = n > 0 || self.port.has_pending() || !self.to_local.is_empty();
+            quiet = if busy { 0 } else { quiet + 1 };
         }
         Ok(())
     }

@@ -6,6 +6,7 @@
 //! between "near" and "far" placements hits every contender alike. It prints min / median / max per
 //! contender and the median of the per-round ratios to the best peer of the same round.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -35,6 +36,9 @@ struct Cli {
     /// Only these measurements (comma list of lat,bw,rate).
     #[arg(long, default_value = "lat,bw,rate")]
     only: String,
+    /// Only these message sizes in bytes (comma list; empty = every size of each measurement).
+    #[arg(long, default_value = "")]
+    sizes: String,
     /// Our progress modes to run (comma list of heater,msg-coproc).
     #[arg(long, default_value = "heater,msg-coproc")]
     modes: String,
@@ -43,8 +47,9 @@ struct Cli {
     /// attach. Several values run side by side, interleaved.
     #[arg(long, default_value = "shared")]
     sources: String,
-    /// Compare over TCP instead: ours through two node engines on loopback, the peers with their
-    /// TCP transports forced (MPICH: MPIR_CVAR_NOLOCAL=1 UCX_TLS=tcp,self; Open MPI: --mca btl tcp,self).
+    /// Compare over TCP instead, between two network namespaces joined by a veth pair that the
+    /// benchmark creates and removes (root only): ours through two node engines, one per namespace;
+    /// MPICH with one rank per namespace over UCX's TCP transport.
     #[arg(long)]
     tcp: bool,
     /// Scale iteration counts (0.1 = a quick look).
@@ -54,6 +59,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// CPU cost of one small put end to end on a single core: both ranks' endpoints live in this
+    /// process and take turns (sender library call, queue, receiver engine, match, deposit,
+    /// event), so the figure has no cache-line crossing, no scheduling and no peer in it.
+    Cost {
+        /// Payload bytes.
+        #[arg(long, default_value_t = 8)]
+        size: u64,
+        /// Messages per batch (sent, then all received).
+        #[arg(long, default_value_t = 64)]
+        window: u64,
+        /// Batches per repeat.
+        #[arg(long, default_value_t = 20000)]
+        batches: u64,
+        /// Repeats (min/median/max printed).
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+    },
     /// Internal: one rank of our side.
     Rank {
         #[arg(long)]
@@ -157,13 +179,13 @@ impl Source {
 #[derive(Clone)]
 enum Contender {
     Ours(CpuMode, Source),
-    /// Ours with the two ranks on two "nodes" joined by node engines over TCP (loopback).
-    OursTcp(CpuMode),
+    /// Ours with the two ranks on two "hosts" (network namespaces) joined by node engines over TCP.
+    OursTcp(CpuMode, std::sync::Arc<Netns>),
     Mpi {
         name: &'static str,
         bin: PathBuf,
         launcher: &'static str,
-        extra: Vec<&'static str>,
+        extra: Vec<String>,
     },
 }
 
@@ -172,7 +194,7 @@ impl Contender {
         match self {
             Contender::Ours(m, Source::Shared) => format!("qk {m}"),
             Contender::Ours(m, src) => format!("qk {m} {}", src.name()),
-            Contender::OursTcp(m) => format!("qk tcp {m}"),
+            Contender::OursTcp(m, _) => format!("qk tcp {m}"),
             Contender::Mpi { name, .. } => name.to_string(),
         }
     }
@@ -181,7 +203,7 @@ impl Contender {
     }
     fn is_tcp(&self) -> bool {
         match self {
-            Contender::OursTcp(_) => true,
+            Contender::OursTcp(..) => true,
             Contender::Mpi { name, .. } => name.contains("TCP"),
             Contender::Ours(..) => false,
         }
@@ -202,6 +224,12 @@ fn main() -> std::process::ExitCode {
             window,
             cpu,
         }) => rank_main(fd, port, job, &mode, &what, size, iters, window, cpu),
+        Some(Cmd::Cost {
+            size,
+            window,
+            batches,
+            reps,
+        }) => cost_main(size, window, batches, reps),
         None => bench_main(&cli),
     };
     match r {
@@ -217,10 +245,21 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn bench_main(cli: &Cli) -> R<()> {
     let mut contenders = Vec::new();
+    let netns = if cli.tcp {
+        match Netns::create() {
+            Ok(n) => Some(std::sync::Arc::new(n)),
+            Err(why) => {
+                println!("puma-bench: skipping the TCP comparison: {why}");
+                return Ok(());
+            }
+        }
+    } else {
+        None
+    };
     for m in cli.modes.split(',').filter(|s| !s.is_empty()) {
         let mode: CpuMode = m.parse()?;
-        if cli.tcp {
-            contenders.push(Contender::OursTcp(mode));
+        if let Some(ns) = &netns {
+            contenders.push(Contender::OursTcp(mode, ns.clone()));
         } else {
             for src in cli.sources.split(',').filter(|s| !s.is_empty()) {
                 contenders.push(Contender::Ours(mode, Source::parse(src)?));
@@ -234,24 +273,18 @@ fn bench_main(cli: &Cli) -> R<()> {
             name: "MPICH",
             bin: mpich.clone(),
             launcher: "mpirun.mpich",
-            extra: vec!["-bind-to", "core"],
+            extra: strs(&["-bind-to", "core"]),
         });
-        contenders.push(Contender::Mpi {
-            name: "MPICH TCP",
-            bin: mpich,
-            launcher: "mpirun.mpich",
-            // Debian's MPICH is ch4:ucx: no local shortcut, and UCX restricted to TCP.
-            extra: vec![
-                "-bind-to",
-                "core",
-                "-env",
-                "MPIR_CVAR_NOLOCAL",
-                "1",
-                "-env",
-                "UCX_TLS",
-                "tcp,self",
-            ],
-        });
+        if let Some(ns) = &netns {
+            // One rank per namespace: mpiexec runs in the first namespace and reaches the second
+            // "host" through a launcher script, so MPICH really goes over the veth pair.
+            contenders.push(Contender::Mpi {
+                name: "MPICH TCP",
+                bin: mpich,
+                launcher: "ip",
+                extra: ns.mpich_args(),
+            });
+        }
     } else {
         println!(
             "peer absent: MPICH (run crates/qk/bench-peers/install.sh; looked for {})",
@@ -263,33 +296,20 @@ fn bench_main(cli: &Cli) -> R<()> {
             name: "Open MPI",
             bin: ompi.clone(),
             launcher: "mpirun.openmpi",
-            extra: vec!["--allow-run-as-root", "--bind-to", "core"],
-        });
-        contenders.push(Contender::Mpi {
-            name: "Open MPI TCP",
-            bin: ompi.clone(),
-            launcher: "mpirun.openmpi",
-            extra: vec![
-                "--allow-run-as-root",
-                "--bind-to",
-                "core",
-                "--mca",
-                "btl",
-                "tcp,self",
-            ],
+            extra: strs(&["--allow-run-as-root", "--bind-to", "core"]),
         });
         contenders.push(Contender::Mpi {
             name: "Open MPI no-CMA",
             bin: ompi,
             launcher: "mpirun.openmpi",
-            extra: vec![
+            extra: strs(&[
                 "--allow-run-as-root",
                 "--bind-to",
                 "core",
                 "--mca",
                 "btl_vader_single_copy_mechanism",
                 "none",
-            ],
+            ]),
         });
     } else {
         println!(
@@ -298,6 +318,11 @@ fn bench_main(cli: &Cli) -> R<()> {
         );
     }
     contenders.retain(|c| c.is_tcp() == cli.tcp);
+    if cli.tcp {
+        println!(
+            "puma-bench: Open MPI is not run over TCP: its runtime daemons cannot span two network namespaces of one machine"
+        );
+    }
     let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
     let mut ms = Vec::new();
     if cli.only.contains("lat") {
@@ -334,6 +359,15 @@ fn bench_main(cli: &Cli) -> R<()> {
             iters: sc(3000),
             window: 64,
         });
+    }
+    if !cli.sizes.is_empty() {
+        let keep: Vec<u64> = cli
+            .sizes
+            .split(',')
+            .map(|x| x.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--sizes wants byte counts separated by commas: {e}"))?;
+        ms.retain(|m| keep.contains(&m.size));
     }
     let cpus = qk::sys::allowed_cpus();
     println!(
@@ -423,7 +457,7 @@ fn which(cmd: &str) -> bool {
 fn run_one(c: &Contender, m: &Measure) -> R<f64> {
     match c {
         Contender::Ours(mode, src) => run_ours(*mode, *src, m),
-        Contender::OursTcp(mode) => run_ours_tcp(*mode, m),
+        Contender::OursTcp(mode, ns) => run_ours_tcp(*mode, ns, m),
         Contender::Mpi {
             bin,
             launcher,
@@ -441,9 +475,54 @@ fn run_one(c: &Contender, m: &Measure) -> R<f64> {
                     m.window.to_string(),
                 ])
                 .stdin(Stdio::null())
-                .output()?;
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .process_group(0)
+                .spawn()?;
+            let out = wait_bounded(out, PEER_DEADLINE)?;
             parse_result(&out, m)
         }
+    }
+}
+
+/// Longest a peer run may take: MPICH over UCX's TCP transport has been seen to hang in the
+/// 4 MiB streaming test between namespaces; such a run is killed and reported as failed.
+const PEER_DEADLINE: Duration = Duration::from_secs(90);
+
+/// Waits for `child` (leader of its own process group) for at most `limit`; past it, kills the
+/// whole group (the launcher and the ranks it started) and says so.
+fn wait_bounded(mut child: std::process::Child, limit: Duration) -> R<std::process::Output> {
+    let start = Instant::now();
+    // Drain the pipes on threads so a chatty child cannot block on a full pipe.
+    let mut so = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut se = child.stderr.take().ok_or("no stderr pipe")?;
+    let to = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut so, &mut v);
+        v
+    });
+    let te = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut se, &mut v);
+        v
+    });
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(std::process::Output {
+                status,
+                stdout: to.join().unwrap_or_default(),
+                stderr: te.join().unwrap_or_default(),
+            });
+        }
+        if start.elapsed() > limit {
+            // The child leads its own group: kill the launcher and every rank it started.
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", child.id())])
+                .status();
+            let _ = child.wait();
+            return Err(format!("no result after {limit:?}: killed").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -516,13 +595,8 @@ fn run_ours(mode: CpuMode, src: Source, m: &Measure) -> R<f64> {
     parse_result(&outs[0], m)
 }
 
-fn run_ours_tcp(mode: CpuMode, m: &Measure) -> R<f64> {
+fn run_ours_tcp(mode: CpuMode, ns: &Netns, m: &Measure) -> R<f64> {
     use qk::tcp::{NodeEngine, NodeEngineSpec};
-    let listeners = [
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-        std::net::TcpListener::bind("127.0.0.1:0")?,
-    ];
-    let addrs = [listeners[0].local_addr()?, listeners[1].local_addr()?];
     let mut fabs = Vec::new();
     for node in 0..2u32 {
         let mut spec = JobFabricSpec::new(78, 2, vec![node], mode);
@@ -531,20 +605,36 @@ fn run_ours_tcp(mode: CpuMode, m: &Measure) -> R<f64> {
         spec.lock_memory = false;
         fabs.push(NodeFabric::create(&spec)?);
     }
+    // Each node engine is built on a thread inside its namespace, so its listener and the
+    // connection it dials belong there; the two threads swap listening addresses first.
+    let (tx0, rx0) = std::sync::mpsc::channel::<std::net::SocketAddr>();
+    let (tx1, rx1) = std::sync::mpsc::channel::<std::net::SocketAddr>();
+    let mut chans = vec![(tx0, rx1), (tx1, rx0)];
     let mut starting = Vec::new();
-    for (node, l) in listeners.into_iter().enumerate() {
-        let fd = fabs[node].dup_fd()?;
-        let spec = NodeEngineSpec {
-            job_id: 78,
-            node_id: node as u32,
-            listen: addrs[node],
-            peers: vec![(1 - node as u32, addrs[1 - node])],
-            rank_node: vec![0, 1],
-            cluster_key: b"puma-bench".to_vec(),
-            connect_timeout: Duration::from_secs(10),
-        };
-        starting.push(std::thread::spawn(move || {
-            NodeEngine::with_listener(fd, spec, l)
+    for node in (0..2u32).rev() {
+        let (tx, rx) = chans.pop().ok_or("channel")?;
+        let fd = fabs[node as usize].dup_fd()?;
+        let path = ns.path(node as usize);
+        let ip = ns.addr(node as usize);
+        starting.push(std::thread::spawn(move || -> Result<NodeEngine, String> {
+            qk::sys::enter_netns(&path).map_err(|e| format!("entering {}: {e}", path.display()))?;
+            let l = std::net::TcpListener::bind((ip, 0))
+                .map_err(|e| format!("listening on {ip}: {e}"))?;
+            let me = l.local_addr().map_err(|e| e.to_string())?;
+            tx.send(me).map_err(|e| e.to_string())?;
+            let peer = rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let spec = NodeEngineSpec {
+                job_id: 78,
+                node_id: node,
+                listen: me,
+                peers: vec![(1 - node, peer)],
+                rank_node: vec![0, 1],
+                cluster_key: b"puma-bench".to_vec(),
+                connect_timeout: Duration::from_secs(10),
+            };
+            NodeEngine::with_listener(fd, spec, l).map_err(|e| e.to_string())
         }));
     }
     let mut engines = Vec::new();
@@ -750,4 +840,253 @@ fn rank_main(
     }
     let _ = Path::new(".");
     Ok(())
+}
+
+/// Sets up `ep` the way a benchmark rank does: an event queue, a receive descriptor on
+/// [`P_DATA`] matching anything, and a send descriptor over `sbuf`. Returns (eq, send md).
+fn bench_portals(
+    ep: &mut Endpoint,
+    job: u32,
+    window: u64,
+    sbuf: qk::Buf,
+    rbuf: qk::Buf,
+) -> Result<(qk::portals::EqHandle, qk::portals::MdHandle), QkError> {
+    let pe = |e: qk::portals::Error| QkError::Portals(e.to_string());
+    ep.with_engine(|e| -> Result<_, QkError> {
+        let eq = e.eq_alloc(4 * window as u32 + 64).map_err(pe)?;
+        let rmd = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: rbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: Some(eq),
+            })
+            .map_err(pe)?;
+        e.portal_enable(P_DATA).map_err(pe)?;
+        e.portal_set_acl(P_DATA, Acl::job(job)).map_err(pe)?;
+        e.me_append(P_DATA, MatchSpec::any(), rmd).map_err(pe)?;
+        let smd = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: sbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: None,
+            })
+            .map_err(pe)?;
+        Ok((eq, smd))
+    })
+}
+
+fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
+    let job = 79;
+    let mut spec = JobFabricSpec::new(job, 2, vec![0, 1], CpuMode::Heater);
+    spec.heap_bytes_per_rank = 2 * size.max(1 << 16) + (8 << 20);
+    spec.lock_memory = false;
+    let fab = NodeFabric::create(&spec)?;
+    let mut eps = Vec::new();
+    for port in 0..2 {
+        eps.push(Endpoint::attach(
+            fab.dup_fd()?,
+            &AttachSpec {
+                lock_memory: false,
+                ..AttachSpec::new(job, port, CpuMode::Heater)
+            },
+        )?);
+    }
+    let mut setup = Vec::new();
+    for ep in eps.iter_mut() {
+        let sbuf = ep.alloc_shared(size.max(8))?;
+        let rbuf = ep.alloc_shared(size.max(8))?;
+        setup.push(bench_portals(ep, job, window, sbuf, rbuf)?);
+    }
+    let (a, b) = eps.split_at_mut(1);
+    let (tx, rx) = (&mut a[0], &mut b[0]);
+    let smd = setup[0].1;
+    let eq = setup[1].0;
+    let args = PutArgs {
+        md: smd,
+        local_offset: 0,
+        length: size,
+        target: ProcessId::new(job, 1),
+        portal: P_DATA,
+        match_bits: 1,
+        remote_offset: 0,
+        ack: false,
+        hdr_data: 0,
+    };
+    let mut send_ns = Vec::new();
+    let mut recv_ns = Vec::new();
+    for _ in 0..reps {
+        let (mut ts, mut tr) = (Duration::ZERO, Duration::ZERO);
+        for _ in 0..batches {
+            let t0 = Instant::now();
+            for _ in 0..window {
+                tx.put(&args)?;
+            }
+            let t1 = Instant::now();
+            for _ in 0..window {
+                match rx.eq_poll(eq)? {
+                    Some(ev) if ev.kind == EventKind::Put => {}
+                    other => return Err(format!("expected a put event, got {other:?}").into()),
+                }
+            }
+            ts += t1 - t0;
+            tr += t1.elapsed();
+        }
+        let n = (batches * window) as f64;
+        send_ns.push(ts.as_nanos() as f64 / n);
+        recv_ns.push(tr.as_nanos() as f64 / n);
+    }
+    let show = |name: &str, v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "  {name:<8} min {:>7.1}  median {:>7.1}  max {:>7.1} ns/message",
+            v[0],
+            v[v.len() / 2],
+            v[v.len() - 1]
+        );
+    };
+    println!("cost of a {size} B put on one core ({reps} repeats of {batches} x {window}):");
+    show("send", &mut send_ns);
+    show("receive", &mut recv_ns);
+    let mut tot: Vec<f64> = send_ns.iter().zip(&recv_ns).map(|(a, b)| a + b).collect();
+    show("total", &mut tot);
+    Ok(())
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Two network namespaces joined by a veth pair (each end named `qk0` inside its namespace),
+/// created for the TCP comparison and removed when dropped, with the launcher script that lets
+/// MPICH's mpiexec start its second rank in the second namespace.
+struct Netns {
+    names: [String; 2],
+    ips: [std::net::Ipv4Addr; 2],
+    script: PathBuf,
+}
+
+impl Netns {
+    fn create() -> Result<Netns, String> {
+        let root = std::fs::read_to_string("/proc/self/status")
+            .map(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+            })
+            .unwrap_or(false);
+        if !root {
+            return Err(
+                "it runs between two network namespaces joined by a veth pair, and creating them needs root"
+                    .into(),
+            );
+        }
+        if !which("ip") {
+            return Err("iproute2 (the `ip` command) is not installed".into());
+        }
+        let id = std::process::id() % 250 + 1;
+        let ns = Netns {
+            names: [format!("qkbenchA{id}"), format!("qkbenchB{id}")],
+            ips: [
+                std::net::Ipv4Addr::new(10, 234, id as u8, 1),
+                std::net::Ipv4Addr::new(10, 234, id as u8, 2),
+            ],
+            script: std::env::temp_dir().join(format!("puma-bench-nslaunch-{id}.sh")),
+        };
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let st = Command::new("ip")
+                .args(args)
+                .stderr(Stdio::piped())
+                .output()
+                .map_err(|e| format!("running ip: {e}"))?;
+            if st.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&st.stderr).trim()
+                ))
+            }
+        };
+        let (a, b) = (&ns.names[0], &ns.names[1]);
+        ip(&["netns", "add", a])?;
+        ip(&["netns", "add", b])?;
+        let (va, vb) = (format!("qkbva{id}"), format!("qkbvb{id}"));
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])?;
+        for (n, v, addr) in [(a, &va, ns.ips[0]), (b, &vb, ns.ips[1])] {
+            ip(&["link", "set", v, "netns", n])?;
+            ip(&["-n", n, "link", "set", "dev", v, "name", "qk0"])?;
+            ip(&["-n", n, "addr", "add", &format!("{addr}/24"), "dev", "qk0"])?;
+            ip(&["-n", n, "link", "set", "qk0", "up"])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
+        }
+        // mpiexec calls the launcher like ssh: options, host, command. Host A's rank goes on CPU
+        // 0 and host B's on CPU 1, as ours do.
+        let cpus = qk::sys::allowed_cpus();
+        let cpu = |i: usize| cpus.get(i).or(cpus.first()).copied().unwrap_or(0);
+        let script = format!(
+            "#!/bin/sh\nwhile [ \"${{1#-}}\" != \"$1\" ]; do shift; done\nhost=\"$1\"; shift\ncase \"$host\" in\n  {}) ns={a}; cpu={} ;;\n  {}) ns={b}; cpu={} ;;\n  *) echo \"unknown host $host\" >&2; exit 1 ;;\nesac\nexec ip netns exec \"$ns\" taskset -c \"$cpu\" sh -c \"$*\"\n",
+            ns.ips[0],
+            cpu(0),
+            ns.ips[1],
+            cpu(1)
+        );
+        std::fs::write(&ns.script, script).map_err(|e| format!("writing the launcher: {e}"))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ns.script, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("launcher permissions: {e}"))?;
+        Ok(ns)
+    }
+
+    fn path(&self, i: usize) -> PathBuf {
+        Path::new("/var/run/netns").join(&self.names[i])
+    }
+
+    fn addr(&self, i: usize) -> std::net::Ipv4Addr {
+        self.ips[i]
+    }
+
+    /// Arguments after `ip` that run MPICH's mpiexec with one rank per namespace over TCP.
+    fn mpich_args(&self) -> Vec<String> {
+        let hosts = format!("{},{}", self.ips[0], self.ips[1]);
+        let script = self.script.display().to_string();
+        strs(&[
+            "netns",
+            "exec",
+            &self.names[0],
+            "mpirun.mpich",
+            "-launcher",
+            "ssh",
+            "-launcher-exec",
+            &script,
+            "-iface",
+            "qk0",
+            "-hosts",
+            &hosts,
+            "-ppn",
+            "1",
+            "-bind-to",
+            "none",
+            "-env",
+            "UCX_TLS",
+            "tcp,self",
+            "-env",
+            "UCX_NET_DEVICES",
+            "qk0",
+        ])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+        let _ = std::fs::remove_file(&self.script);
+    }
 }
