@@ -215,7 +215,7 @@ pub struct AttachSpec {
     pub match_entries: u32,
     /// Event slots.
     pub events: u32,
-    /// Lock and prefault this process's mapping.
+    /// Lock and prefault this rank's part of the region ([`Region::lock_for_port`]).
     pub lock_memory: bool,
 }
 
@@ -281,7 +281,7 @@ impl Endpoint {
 
     /// Attaches local rank `spec.local_rank` to the region behind `fd`.
     pub fn attach(fd: Memfd, spec: &AttachSpec) -> Result<Endpoint, QkError> {
-        let region = Region::attach(&fd, true, spec.lock_memory)?;
+        let region = Region::attach(&fd, true, false)?;
         if region.job != spec.job {
             return Err(QkError::BadRegion(format!(
                 "the region belongs to job {}, not job {}: a process may only attach to its own job's fabric",
@@ -294,6 +294,9 @@ impl Endpoint {
                 "local rank {port} out of range (node has {} ranks)",
                 region.layout.local
             )));
+        }
+        if spec.lock_memory {
+            region.lock_for_port(port)?;
         }
         let rank = region.ranks[port as usize];
         let me = ProcessId::new(region.job, rank);

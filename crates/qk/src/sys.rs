@@ -118,6 +118,9 @@ unsafe impl Send for Mapping {}
 // SAFETY: see above.
 unsafe impl Sync for Mapping {}
 
+/// The page size this code assumes (x86_64 Linux); ranges to lock are widened to it.
+pub const PAGE_SIZE: usize = 4096;
+
 /// Why locking memory failed.
 #[derive(Debug)]
 pub enum LockError {
@@ -153,15 +156,33 @@ impl Mapping {
 
     /// Locks the mapping into RAM and touches every page so no message ever takes a page fault.
     pub fn lock_and_prefault(&self) -> Result<(), LockError> {
-        // SAFETY: ptr/len describe a mapping we own.
-        if unsafe { libc::mlock(self.ptr.cast(), self.len) } != 0 {
+        self.lock_and_prefault_range(0, self.len)
+    }
+
+    /// Locks bytes `off..off + len` of the mapping (widened to whole pages, clamped to the
+    /// mapping) into RAM and maps every page of them writable in this process.
+    pub fn lock_and_prefault_range(&self, off: usize, len: usize) -> Result<(), LockError> {
+        let page = PAGE_SIZE;
+        let start = (off / page * page).min(self.len);
+        let end = off
+            .saturating_add(len)
+            .div_ceil(page)
+            .saturating_mul(page)
+            .min(self.len);
+        if end <= start {
+            return Ok(());
+        }
+        // SAFETY: start..end lies inside the mapping we own (clamped above).
+        let p = unsafe { self.ptr.add(start) };
+        // SAFETY: p/end-start describe part of a mapping we own.
+        if unsafe { libc::mlock(p.cast(), end - start) } != 0 {
             return Err(LockError::Mlock(io::Error::last_os_error()));
         }
         // mlock faults pages in already; MADV_POPULATE_WRITE makes sure they are writable-mapped
         // (ignored by older kernels, hence the error is not fatal).
         // SAFETY: as above; madvise does not change the contents.
         unsafe {
-            libc::madvise(self.ptr.cast(), self.len, 23 /* MADV_POPULATE_WRITE */)
+            libc::madvise(p.cast(), end - start, 23 /* MADV_POPULATE_WRITE */)
         };
         Ok(())
     }
