@@ -144,6 +144,8 @@ pub struct Comm {
     pub(crate) rank: u32,
     pub(crate) coll_seq: Rc<std::cell::Cell<u32>>,
     pub(crate) win_seq: Rc<std::cell::Cell<u32>>,
+    /// The node-local group on the region's collective area (decided on the first collective).
+    pub(crate) node: Rc<std::cell::OnceCell<Option<crate::shm::NodeColl>>>,
 }
 
 /// A non-blocking operation in flight. Receives borrow their buffer until waited for.
@@ -252,6 +254,7 @@ impl Comm {
             rank,
             coll_seq: Rc::new(std::cell::Cell::new(0)),
             win_seq: Rc::new(std::cell::Cell::new(0)),
+            node: Rc::new(std::cell::OnceCell::new()),
         }
     }
 

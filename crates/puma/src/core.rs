@@ -178,6 +178,8 @@ pub(crate) struct Core {
     oversubscribed: bool,
     /// The job heap is too small for bounce copies (cross-memory attach is the private path).
     small_heap: bool,
+    /// The region's collective area (intra-node collectives).
+    shm: Option<crate::shm::ShmCore>,
     _fabric: Option<qk::NodeFabric>,
 }
 
@@ -264,6 +266,9 @@ impl Core {
                 Ok((eq, unex_md, me, hdr_md, done_md, zero_md))
             })?;
         ep.start_engine()?;
+        let shm = Some(crate::shm::ShmCore::new(qk::coll_area::CollArea::of(
+            &region,
+        )));
         Ok(Core {
             ep: RefCell::new(ep),
             region,
@@ -291,8 +296,24 @@ impl Core {
             oversubscribed: local_ranks > cores,
             small_heap,
             unfinished: RefCell::new(HashMap::new()),
+            shm,
             _fabric: fabric,
         })
+    }
+
+    /// The collective area, when the region has one.
+    pub fn shm(&self) -> Option<&crate::shm::ShmCore> {
+        self.shm.as_ref()
+    }
+
+    /// Port of a world rank in this rank's region (None: another node's region).
+    pub fn port_of(&self, world: u32) -> Option<u32> {
+        self.region.port_of_rank(world)
+    }
+
+    /// More ranks share this machine's cores than it has.
+    pub fn oversubscribed(&self) -> bool {
+        self.oversubscribed
     }
 
     pub fn world_rank(&self) -> u32 {
@@ -613,7 +634,7 @@ impl Core {
         }
     }
 
-    fn check_peers(&self, peers: &[u32], what: &dyn Fn() -> String) -> Result<()> {
+    pub(crate) fn check_peers(&self, peers: &[u32], what: &dyn Fn() -> String) -> Result<()> {
         for &r in peers {
             if let Some(port) = self.region.port_of_rank(r) {
                 let pid = self.region.pid(port);

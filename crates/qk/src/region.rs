@@ -10,6 +10,8 @@
 //!              engine's staging part); each allocates only from its own part; every rank maps all
 //!              of it, so a receiver copies a large message straight from the sender's buffer with
 //!              one memcpy
+//! coll_off     the collective area (see `coll_area`): per-context, per-local-rank flag lines and
+//!              small data slots for intra-node collectives
 //! ```
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -69,6 +71,8 @@ pub struct Layout {
     pub ring_stride: u64,
     /// Heap start.
     pub heap_off: u64,
+    /// Collective area start (after the heap).
+    pub coll_off: u64,
     /// Total size.
     pub total: u64,
 }
@@ -97,12 +101,15 @@ impl Layout {
         let ring_stride = 64 + ring_cap;
         let heap_off = round_up(ring_off + (ports as u64 * ports as u64) * ring_stride, PAGE);
         let heap_per_rank = round_up(heap_per_rank, PAGE);
-        let total = heap_off
+        let coll_off = heap_off
             .checked_add(
                 heap_per_rank
                     .checked_mul(ports as u64)
                     .ok_or_else(|| QkError::BadSpec("heap too large".into()))?,
             )
+            .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
+        let total = coll_off
+            .checked_add(crate::coll_area::bytes(local))
             .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
         Ok(Layout {
             local,
@@ -113,6 +120,7 @@ impl Layout {
             ring_off,
             ring_stride,
             heap_off,
+            coll_off,
             total,
         })
     }
