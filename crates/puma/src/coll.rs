@@ -2,8 +2,29 @@
 //! id + 1) and a fresh sequence number as tag, so collectives never match point-to-point
 //! traffic nor each other.
 //!
-//! Algorithm choice (`n` = bytes per rank, `p` = ranks, "multi-node" = the communicator spans
-//! more than one node of the node map and some node holds several of its ranks):
+//! Algorithm choice (`n` = bytes per rank, `p` = ranks, "node group" = the members on one node of
+//! the node map, "multi-node" = the communicator spans more than one node).
+//!
+//! **Inside a node** (any node group with several members) barrier, broadcast, reduce and
+//! all-reduce do not use messages at all: they go through the collective area of the node's QK
+//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 8 per rank, used in
+//! turn. Payloads larger than a slot go piece by piece. The portals algorithms below then run only
+//! among one *leader* per node (the root on its node, else the node's first member), so every
+//! collective is "intra-node first, then across nodes":
+//!
+//! | operation  | node group (shared memory)                                        | leaders (portals)   |
+//! |------------|-------------------------------------------------------------------|---------------------|
+//! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 7 operations ahead) | binomial tree |
+//! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
+//! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
+//!
+//! This path is taken for payloads up to [`SHM_LONG`] (64 KiB), and up to [`SHM_LONG_ONE_NODE`]
+//! (4 MiB) when the whole communicator is on one node with a core per rank (with more ranks than
+//! cores every rank reading every slot costs more CPU than the portals ring). `PUMACOLL_SHM=0`
+//! turns it off, `PUMACOLL_SHM_MAX=<bytes>` sets the limit (for measurements). A communicator
+//! whose members all sit on different nodes, or whose area context is taken (more than 8 live
+//! communicators with common members), uses the portals algorithms throughout:
 //!
 //! | operation   | small (`n ≤` limit)                                   | large                                      | limit   |
 //! |-------------|--------------------------------------------------------|--------------------------------------------|---------|
@@ -327,12 +348,9 @@ impl Comm {
         self.world_rank(root)?;
         let tag = self.coll_tag();
         let g = self.size() as usize;
-        let elem = std::mem::size_of::<T>();
         let b = bytes_mut(buf);
-        if Self::shm_fits(b.len(), elem.max(1)) {
-            if let Some(n) = self.node(tag)? {
-                return self.node_bcast(n, b, root, tag);
-            }
+        if let Some(n) = self.node_for(b.len(), 1, tag)? {
+            return self.node_bcast(n, b, root, tag);
         }
         if b.len() <= BCAST_LONG || g <= 2 {
             let all: Vec<u32> = (0..g as u32).collect();
@@ -397,12 +415,7 @@ impl Comm {
         let mut acc = send.to_vec();
         let n = acc.len();
         let elem = std::mem::size_of::<T>();
-        let node = if Self::shm_fits(n * elem, elem) {
-            self.node(tag)?
-        } else {
-            None
-        };
-        if let Some(nc) = node {
+        if let Some(nc) = self.node_for(n * elem, elem, tag)? {
             self.node_reduce(nc, &mut acc, root, &op, tag)?;
         } else if n * elem <= BCAST_LONG || n < g {
             let all: Vec<u32> = (0..g as u32).collect();
@@ -495,10 +508,9 @@ impl Comm {
             return Ok(());
         }
         let n = recv.len();
-        if Self::shm_fits(std::mem::size_of_val(recv), std::mem::size_of::<T>()) {
-            if let Some(nc) = self.node(tag)? {
-                return self.node_allreduce(nc, recv, &op, tag);
-            }
+        let elem = std::mem::size_of::<T>();
+        if let Some(nc) = self.node_for(std::mem::size_of_val(recv), elem, tag)? {
+            return self.node_allreduce(nc, recv, &op, tag);
         }
         let all: Vec<u32> = (0..g as u32).collect();
         if std::mem::size_of_val(recv) <= ALLREDUCE_LONG || n < g {
@@ -769,6 +781,9 @@ fn binomial_subtree_len(rel: usize, g: usize) -> usize {
 /// all-reduce carry through the collective area, in slot-sized pieces; larger ones take the
 /// portals algorithms.
 pub const SHM_LONG: usize = 64 * 1024;
+/// The same limit for a communicator on one node with a core per rank: there, moving even large
+/// payloads through the slots (every rank reading every slot) beats the portals algorithms.
+pub const SHM_LONG_ONE_NODE: usize = 4 << 20;
 
 /// Pieces of `n` elements, `per` at a time (at least one piece, possibly empty, so every member
 /// takes the same steps and a length mismatch is seen).
@@ -794,7 +809,7 @@ impl Comm {
         let groups = self.node_groups();
         if g == 1
             || groups.iter().all(|m| m.len() == 1)
-            || std::env::var("PUMA_COLL_SHM").is_ok_and(|v| v == "0")
+            || std::env::var("PUMACOLL_SHM").is_ok_and(|v| v == "0")
         {
             return Ok(None);
         }
@@ -980,8 +995,31 @@ impl Comm {
         Ok(())
     }
 
-    /// True when a payload of `bytes` with elements of `elem` bytes goes through the area.
-    fn shm_fits(bytes: usize, elem: usize) -> bool {
-        elem > 0 && elem <= crate::shm::SLOT_BYTES && bytes <= SHM_LONG
+    /// The node group, when a payload of `bytes` with elements of `elem` bytes goes through the
+    /// area: up to [`SHM_LONG`], or up to [`SHM_LONG_ONE_NODE`] when the whole communicator is on
+    /// one node that has a core per rank (`PUMACOLL_SHM_MAX` bytes overrides both).
+    fn node_for(&self, bytes: usize, elem: usize, tag: u32) -> Result<Option<&NodeColl>> {
+        static LIMIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = *LIMIT.get_or_init(|| {
+            std::env::var("PUMACOLL_SHM_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if elem == 0 || elem > crate::shm::SLOT_BYTES {
+            return Ok(None);
+        }
+        if bytes > forced.unwrap_or(SHM_LONG_ONE_NODE) {
+            return Ok(None);
+        }
+        let Some(n) = self.node(tag)? else {
+            return Ok(None);
+        };
+        let one_node_with_cores = n.groups.len() == 1 && !self.core.oversubscribed();
+        let limit = forced.unwrap_or(if one_node_with_cores {
+            SHM_LONG_ONE_NODE
+        } else {
+            SHM_LONG
+        });
+        Ok((bytes <= limit).then_some(n))
     }
 }

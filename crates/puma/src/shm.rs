@@ -6,16 +6,18 @@
 //! no live communicator of theirs holds it, else the communicator keeps the portals algorithms).
 //! Each collective of the communicator gets the next sequence number `s` (the same on every
 //! member, since all call the same collectives in the same order). Per member and context the
-//! area has an *arrival* word, a *release* word and two data slots; slot `s & 1` belongs to
-//! operation `s`. The words hold `(ctx << 48) | s`, so a value left by another communicator never
+//! area has an *arrival* word, a *release* word and `SLOTS` data slots; slot `s mod SLOTS` belongs
+//! to operation `s`. The words hold `(ctx << 48) | s`, so a value left by another communicator never
 //! passes for this one's.
 //!
 //! The rules that make it safe without any further handshake:
 //! * a member sets its arrival word to `s` when it enters operation `s`, after writing its data
-//!   (if any) into its slot `s & 1`; it leaves operation `s - 1` before that, so it no longer
-//!   reads anyone's slots of operation `s - 2`;
-//! * before writing slot `s & 1` a member waits until every local member arrived at `s - 1`
-//!   (so they are done reading slot `(s - 2) & 1`); that wait is almost always already true.
+//!   (if any) into its slot; it has left operation `s - 1` before that, so it no longer reads
+//!   anyone's slots of earlier operations;
+//! * before writing the slot of operation `s` a member waits until every local member arrived at
+//!   `s - SLOTS + 1` (so they are done with operation `s - SLOTS`, the slot's previous user).
+//!   A broadcast root can therefore run `SLOTS - 1` operations ahead of its slowest reader, which
+//!   matters when ranks share cores and a reader is not scheduled for a while.
 //!
 //! Waiting spins briefly, then hands the core away (`sched_yield`) while still driving the
 //! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender
@@ -27,14 +29,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
-use qk::coll_area::{CollArea, CONTEXTS, SLOT};
+use qk::coll_area::{CollArea, CONTEXTS, SLOT, SLOTS};
 
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ops::Operation;
 
-/// Bytes of one slot: payloads up to this size take one step; larger ones go in pieces.
-pub const SLOT_BYTES: usize = SLOT;
+/// Payload bytes of one slot (its first 8 bytes hold the length of the whole payload, so a
+/// reader checks it with the same cache line it reads small data from): payloads up to this
+/// size take one step; larger ones go in pieces.
+pub const SLOT_BYTES: usize = SLOT - 8;
 
 /// The process's share of the area: which contexts its live communicators hold.
 pub(crate) struct ShmCore {
@@ -87,6 +91,9 @@ pub(crate) struct NodeColl {
     /// This rank's index in the group.
     pub me: usize,
     oversubscribed: bool,
+    /// Highest arrival seen from each member (arrivals only grow; saves re-reading a line
+    /// another core keeps writing).
+    seen: RefCell<Vec<u64>>,
 }
 
 impl Drop for NodeColl {
@@ -118,7 +125,9 @@ impl NodeColl {
         let shm = core.shm()?;
         shm.claim(c, ctx);
         let oversubscribed = core.oversubscribed();
+        let seen = RefCell::new(vec![0; ports.len()]);
         Some(NodeColl {
+            seen,
             core,
             c,
             ctx,
@@ -146,9 +155,18 @@ impl NodeColl {
         ((self.ctx as u64) << 48) | s
     }
 
-    fn reached(&self, w: &AtomicU64, s: u64) -> bool {
+    /// The sequence number in word `w` if it belongs to this communicator.
+    fn seq_of(&self, w: &AtomicU64) -> u64 {
         let v = w.load(Ordering::Acquire);
-        v >> 48 == self.ctx as u64 && (v & 0xffff_ffff_ffff) >= s
+        if v >> 48 == self.ctx as u64 {
+            v & 0xffff_ffff_ffff
+        } else {
+            0
+        }
+    }
+
+    fn reached(&self, w: &AtomicU64, s: u64) -> bool {
+        self.seq_of(w) >= s
     }
 
     /// Starts the next operation; returns its sequence number.
@@ -211,7 +229,15 @@ impl NodeColl {
 
     /// Waits until member `i` arrived at operation `s`.
     pub fn wait_arrival(&self, i: usize, s: u64, what: &str) -> Result<()> {
-        self.wait(self.area().arrival(self.c, self.ports[i]), s, i, what)
+        if self.seen.borrow()[i] >= s {
+            return Ok(());
+        }
+        let w = self.area().arrival(self.c, self.ports[i]);
+        self.wait(w, s, i, what)?;
+        let now = self.seq_of(w);
+        let mut seen = self.seen.borrow_mut();
+        seen[i] = seen[i].max(now);
+        Ok(())
     }
 
     /// Waits until member `i` released operation `s`.
@@ -246,23 +272,23 @@ impl NodeColl {
     /// Writes `data` into this rank's slot of operation `s` (after the reuse check) and `total`
     /// (the whole payload's length, which every reader checks) into its info word.
     pub fn publish(&self, s: u64, data: &[u8], total: u64, what: &str) -> Result<()> {
-        if s > 1 {
-            self.wait_all(s - 1, what)?;
+        if s >= SLOTS as u64 {
+            self.wait_all(s + 1 - SLOTS as u64, what)?;
         }
+        let slot = (s % SLOTS as u64) as u32;
         let port = self.ports[self.me];
-        self.area().write(self.c, port, s as u32 & 1, 0, data);
         self.area()
-            .info(self.c, port, s as u32 & 1)
-            .store(total, Ordering::Relaxed);
+            .write(self.c, port, slot, 0, &total.to_le_bytes());
+        self.area().write(self.c, port, slot, 8, data);
         Ok(())
     }
 
     /// Checks that member `i` (which published operation `s`) has a payload of `total` bytes.
     pub fn check_len(&self, i: usize, s: u64, total: u64, op: &'static str) -> Result<()> {
-        let theirs = self
-            .area()
-            .info(self.c, self.ports[i], s as u32 & 1)
-            .load(Ordering::Relaxed);
+        let mut b = [0u8; 8];
+        self.area()
+            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 0, &mut b);
+        let theirs = u64::from_le_bytes(b);
         if theirs != total {
             return Err(Error::SizeMismatch {
                 op,
@@ -288,7 +314,7 @@ impl NodeColl {
     /// Reads member `i`'s slot of operation `s`.
     pub fn read(&self, i: usize, s: u64, dst: &mut [u8]) {
         self.area()
-            .read(self.c, self.ports[i], s as u32 & 1, 0, dst);
+            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 8, dst);
     }
 
     /// Combines every member's slot of operation `s` in group order into `acc` (which holds this

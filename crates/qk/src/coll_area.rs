@@ -3,9 +3,9 @@
 //!
 //! ```text
 //! coll_off   CONTEXTS contexts; context c holds, for each local port p, a block of
-//!            BLOCK bytes: line 0 = arrival word (u64) and two info
-//!            words (u64, one per slot), line 1 = release word (u64),
-//!            then two data slots of SLOT bytes each (double buffering)
+//!            BLOCK bytes: line 0 = arrival word (u64), line 1 = release word (u64), then
+//!            SLOTS data slots of SLOT bytes each (operation s uses slot s mod SLOTS, so a writer may run up to
+//!            SLOTS - 1 operations ahead of its slowest reader)
 //! ```
 //!
 //! The QK gives the memory and its addresses; the protocol on top (who writes which word when)
@@ -20,9 +20,12 @@ use crate::sys::Mapping;
 /// Contexts (communicators that can use the area at the same time).
 pub const CONTEXTS: u32 = 8;
 /// Bytes of one data slot.
-pub const SLOT: usize = 4096;
-/// Bytes one port owns in one context: two control lines and two slots.
-pub const BLOCK: usize = 128 + 2 * SLOT;
+pub const SLOT: usize = 2048;
+/// Data slots per port and context.
+pub const SLOTS: u32 = 8;
+const HEAD: usize = 128;
+/// Bytes one port owns in one context: two control lines and the slots.
+pub const BLOCK: usize = HEAD + SLOTS as usize * SLOT;
 
 /// Bytes of the collective area for `local` ranks.
 pub fn bytes(local: u32) -> u64 {
@@ -65,13 +68,6 @@ impl CollArea {
         self.map.atomic_u64(self.block(ctx, port))
     }
 
-    /// Port `port`'s info word `which` (0 or 1, one per slot) in context `ctx`, beside its
-    /// arrival word (e.g. the length of what the slot holds).
-    pub fn info(&self, ctx: u32, port: u32, which: u32) -> &AtomicU64 {
-        self.map
-            .atomic_u64(self.block(ctx, port) + 8 + 8 * (which as usize & 1))
-    }
-
     /// Port `port`'s release word in context `ctx` (written only by that port).
     pub fn release(&self, ctx: u32, port: u32) -> &AtomicU64 {
         self.map.atomic_u64(self.block(ctx, port) + 64)
@@ -82,10 +78,10 @@ impl CollArea {
             off.checked_add(len).is_some_and(|e| e <= SLOT),
             "collective slot access {off}+{len} beyond {SLOT} bytes"
         );
-        self.block(ctx, port) + 128 + (which as usize & 1) * SLOT + off
+        self.block(ctx, port) + HEAD + (which % SLOTS) as usize * SLOT + off
     }
 
-    /// Copies `src` into slot `which` (0 or 1) of `port` in `ctx`, at `off`. Publish it with a
+    /// Copies `src` into slot `which` (taken mod [`SLOTS`]) of `port` in `ctx`, at `off`. Publish it with a
     /// release store to a word afterwards.
     pub fn write(&self, ctx: u32, port: u32, which: u32, off: usize, src: &[u8]) {
         let at = self.slot(ctx, port, which, off, src.len());
@@ -129,26 +125,23 @@ mod tests {
             for p in 0..3 {
                 let v = (c as u64) << 8 | p as u64;
                 a.arrival(c, p).store(v + 1, Ordering::Relaxed);
-                a.info(c, p, 0).store(v + 2, Ordering::Relaxed);
-                a.info(c, p, 1).store(v + 3, Ordering::Relaxed);
-                a.release(c, p).store(v + 4, Ordering::Relaxed);
-                a.write(c, p, 0, 0, &[v as u8; SLOT]);
-                a.write(c, p, 1, SLOT - 1, &[!(v as u8)]);
+                a.release(c, p).store(v + 2, Ordering::Relaxed);
+                for k in 0..SLOTS {
+                    a.write(c, p, k, 0, &[(v as u8) ^ k as u8; SLOT]);
+                }
             }
         }
         for c in 0..CONTEXTS {
             for p in 0..3 {
                 let v = (c as u64) << 8 | p as u64;
                 assert_eq!(a.arrival(c, p).load(Ordering::Relaxed), v + 1);
-                assert_eq!(a.info(c, p, 0).load(Ordering::Relaxed), v + 2);
-                assert_eq!(a.info(c, p, 1).load(Ordering::Relaxed), v + 3);
-                assert_eq!(a.release(c, p).load(Ordering::Relaxed), v + 4);
-                let mut s = vec![0u8; SLOT];
-                a.read(c, p, 0, 0, &mut s);
-                assert!(s.iter().all(|&b| b == v as u8));
-                let mut last = [0u8];
-                a.read(c, p, 1, SLOT - 1, &mut last);
-                assert_eq!(last[0], !(v as u8));
+                assert_eq!(a.release(c, p).load(Ordering::Relaxed), v + 2);
+                for k in 0..SLOTS {
+                    let mut s = vec![0u8; SLOT];
+                    // `which` wraps: slot k + SLOTS is slot k.
+                    a.read(c, p, k + SLOTS, 0, &mut s);
+                    assert!(s.iter().all(|&b| b == (v as u8) ^ k as u8));
+                }
             }
         }
     }
