@@ -71,6 +71,12 @@ impl Universe {
         self.world.core.drain()
     }
 
+    /// True when the job spans nodes whose QK fabrics are joined by their node engines (ranks on
+    /// other nodes are reached through the engine), false when one region holds every rank.
+    pub fn routed(&self) -> bool {
+        self.world.core.routed()
+    }
+
     /// This rank's messaging counters (unexpected messages, header-only saves, fetched bodies).
     pub fn stats(&self) -> crate::MsgStats {
         self.world.core.st.borrow().stats

@@ -21,7 +21,8 @@
 //!
 //! Waiting spins briefly, then hands the core away (`sched_yield`) while still driving the
 //! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender
-//! blocked on a full queue to this rank can drain.
+//! blocked on a full queue to this rank can drain; after 2 ms it sleeps between looks (20 µs
+//! growing to 1 ms), so a long wait leaves the CPU to the launcher, the PCT and busy ranks.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -104,6 +105,8 @@ impl Drop for NodeColl {
     }
 }
 
+/// How long a waiter yields its core in a loop before it starts sleeping between looks.
+const YIELD_FOR: Duration = Duration::from_millis(2);
 /// Spins before a waiter starts yielding its core.
 const SPIN: u32 = 4000;
 const SPIN_OVERSUBSCRIBED: u32 = 50;
@@ -201,12 +204,20 @@ impl NodeColl {
             if self.reached(w, s) {
                 return Ok(());
             }
-            std::thread::yield_now();
+            // Yield for a while; a longer wait sleeps (briefly, growing to 1 ms) so waiting ranks
+            // stop taking CPU from yod, the PCT and ranks that still compute.
+            let el = start.elapsed();
+            if el < YIELD_FOR {
+                std::thread::yield_now();
+            } else {
+                let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(1));
+                std::thread::sleep(nap);
+            }
             if self.reached(w, s) {
                 return Ok(());
             }
             n = n.wrapping_add(1);
-            if n % 64 == 0 {
+            if n % 16 == 0 {
                 let el = start.elapsed();
                 if el > next_check {
                     next_check = el + Duration::from_millis(200);
