@@ -19,9 +19,11 @@
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
 //!
-//! This path is taken for payloads up to [`SHM_LONG`] (64 KiB), and up to [`SHM_LONG_ONE_NODE`]
-//! (4 MiB) when the whole communicator is on one node with a core per rank (with more ranks than
-//! cores every rank reading every slot costs more CPU than the portals ring). `PUMACOLL_SHM=0`
+//! This path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
+//! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
+//! there the portals algorithms, one copy per message and no handshake per 2 KiB piece, are faster
+//! for larger payloads, while with more ranks than cores (or across nodes) the slots win up to
+//! 64 KiB because no rank has to be scheduled to match a message. `PUMACOLL_SHM=0`
 //! turns it off, `PUMACOLL_SHM_MAX=<bytes>` sets the limit (for measurements). A communicator
 //! whose members all sit on different nodes, or whose area context is taken (more than 8 live
 //! communicators with common members), uses the portals algorithms throughout:
@@ -781,9 +783,9 @@ fn binomial_subtree_len(rel: usize, g: usize) -> usize {
 /// all-reduce carry through the collective area, in slot-sized pieces; larger ones take the
 /// portals algorithms.
 pub const SHM_LONG: usize = 64 * 1024;
-/// The same limit for a communicator on one node with a core per rank: there, moving even large
-/// payloads through the slots (every rank reading every slot) beats the portals algorithms.
-pub const SHM_LONG_ONE_NODE: usize = 4 << 20;
+/// The limit for a communicator on one node with a core per rank: there the portals algorithms
+/// (one copy per message, no per-piece handshake) win above a few KiB.
+pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
 
 /// Pieces of `n` elements, `per` at a time (at least one piece, possibly empty, so every member
 /// takes the same steps and a length mismatch is seen).
@@ -996,8 +998,8 @@ impl Comm {
     }
 
     /// The node group, when a payload of `bytes` with elements of `elem` bytes goes through the
-    /// area: up to [`SHM_LONG`], or up to [`SHM_LONG_ONE_NODE`] when the whole communicator is on
-    /// one node that has a core per rank (`PUMACOLL_SHM_MAX` bytes overrides both).
+    /// area: up to [`SHM_LONG`], or up to [`SHM_LONG_DEDICATED`] when the whole communicator is
+    /// on one node that has a core per rank (`PUMACOLL_SHM_MAX` bytes overrides both).
     fn node_for(&self, bytes: usize, elem: usize, tag: u32) -> Result<Option<&NodeColl>> {
         static LIMIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
         let forced = *LIMIT.get_or_init(|| {
@@ -1008,7 +1010,7 @@ impl Comm {
         if elem == 0 || elem > crate::shm::SLOT_BYTES {
             return Ok(None);
         }
-        if bytes > forced.unwrap_or(SHM_LONG_ONE_NODE) {
+        if bytes > forced.unwrap_or(SHM_LONG) {
             return Ok(None);
         }
         let Some(n) = self.node(tag)? else {
@@ -1016,7 +1018,7 @@ impl Comm {
         };
         let one_node_with_cores = n.groups.len() == 1 && !self.core.oversubscribed();
         let limit = forced.unwrap_or(if one_node_with_cores {
-            SHM_LONG_ONE_NODE
+            SHM_LONG_DEDICATED
         } else {
             SHM_LONG
         });
