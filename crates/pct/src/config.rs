@@ -10,7 +10,7 @@
 //! kill_grace_ms = 300         # SIGTERM → SIGKILL grace when a job is torn down
 //! fabric = "qk"               # qk (the QK's node fabric, PUMA_QK_FD) | memfd (plain job segment)
 //! queue_bytes = 65536         # QK inbound queue size (default: fit 64 MiB of queues per node)
-//! heap_bytes_per_rank = 1048576   # QK job heap per local rank
+//! heap_bytes_per_rank = 16777216  # QK job heap per local rank (default 16 MiB)
 //! lock_memory = true          # lock and prefault the QK region (falls back if RLIMIT_MEMLOCK is low)
 //! service_cpus = "0"          # CPUs for the PCT's own threads: auto | none | a list like 0,2-3
 //! ```

@@ -103,8 +103,14 @@ pub struct QkFabric {
 impl QkFabric {
     /// Bytes all inbound queues of one node may take by default.
     pub const QUEUE_BUDGET: u64 = 64 << 20;
-    /// Default job heap per local rank.
-    pub const DEFAULT_HEAP: u64 = 1 << 20;
+    /// Default job heap per local rank: 16 MiB. Every message above the eager limit to a rank on
+    /// another node is staged in the sender's heap while the node engine ships it, so the heap
+    /// bounds the largest such message (1 MiB refused a 4 MiB send); and at 16 MiB and more the
+    /// puma library bounces large private payloads to local ranks through the heap (one copy)
+    /// instead of cross-memory attach (a system call per message). Locked, it costs 16 MiB per
+    /// rank (128 MiB for 8 ranks on a node); `heap_bytes_per_rank` in the PCT configuration
+    /// changes it.
+    pub const DEFAULT_HEAP: u64 = 16 << 20;
 
     /// Queue size for `local` ranks (a power of two in 4 KiB ..= 256 KiB).
     pub fn queue_for(&self, local: usize) -> u64 {

@@ -216,7 +216,15 @@ fn run(a: &Args) -> Result<()> {
     let mut total = [0u32];
     w.reduce(&[checks], Some(&mut total), 0, Sum)?;
     if me == 0 {
-        println!("coll-check OK: {p} ranks, {} checks passed", total[0]);
+        let fabric = if u.routed() {
+            "routed between nodes"
+        } else {
+            "one region"
+        };
+        println!(
+            "coll-check OK: {p} ranks, {} checks passed (fabric: {fabric})",
+            total[0]
+        );
     }
     Ok(())
 }

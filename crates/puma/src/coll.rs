@@ -2,8 +2,31 @@
 //! id + 1) and a fresh sequence number as tag, so collectives never match point-to-point
 //! traffic nor each other.
 //!
-//! Algorithm choice (`n` = bytes per rank, `p` = ranks, "multi-node" = the communicator spans
-//! more than one node of the node map and some node holds several of its ranks):
+//! Algorithm choice (`n` = bytes per rank, `p` = ranks, "node group" = the members on one node of
+//! the node map, "multi-node" = the communicator spans more than one node).
+//!
+//! **Inside a node** (any node group with several members) barrier, broadcast, reduce and
+//! all-reduce do not use messages at all: they go through the collective area of the node's QK
+//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 8 per rank, used in
+//! turn. Payloads larger than a slot go piece by piece. The portals algorithms below then run only
+//! among one *leader* per node (the root on its node, else the node's first member), so every
+//! collective is "intra-node first, then across nodes":
+//!
+//! | operation  | node group (shared memory)                                        | leaders (portals)   |
+//! |------------|-------------------------------------------------------------------|---------------------|
+//! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 7 operations ahead) | binomial tree |
+//! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
+//! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
+//!
+//! This path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
+//! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
+//! there the portals algorithms, one copy per message and no handshake per 2 KiB piece, are faster
+//! for larger payloads, while with more ranks than cores (or across nodes) the slots win up to
+//! 64 KiB because no rank has to be scheduled to match a message. `PUMACOLL_SHM=0`
+//! turns it off, `PUMACOLL_SHM_MAX=<bytes>` sets the limit (for measurements). A communicator
+//! whose members all sit on different nodes, or whose area context is taken (more than 8 live
+//! communicators with common members), uses the portals algorithms throughout:
 //!
 //! | operation   | small (`n ≤` limit)                                   | large                                      | limit   |
 //! |-------------|--------------------------------------------------------|--------------------------------------------|---------|
@@ -21,6 +44,7 @@ use bytemuck::Pod;
 use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
+use crate::shm::NodeColl;
 
 /// Broadcast and reduce switch algorithms above this many bytes.
 pub const BCAST_LONG: usize = 64 * 1024;
@@ -306,6 +330,9 @@ impl Comm {
     /// Waits until every rank of the communicator has called `barrier`.
     pub fn barrier(&self) -> Result<()> {
         let tag = self.coll_tag();
+        if let Some(n) = self.node(tag)? {
+            return self.node_barrier(n, tag);
+        }
         let g = self.size() as usize;
         let me = self.rank as usize;
         let mut k = 1;
@@ -324,6 +351,9 @@ impl Comm {
         let tag = self.coll_tag();
         let g = self.size() as usize;
         let b = bytes_mut(buf);
+        if let Some(n) = self.node_for(b.len(), 1, tag)? {
+            return self.node_bcast(n, b, root, tag);
+        }
         if b.len() <= BCAST_LONG || g <= 2 {
             let all: Vec<u32> = (0..g as u32).collect();
             match self.hierarchy() {
@@ -387,7 +417,9 @@ impl Comm {
         let mut acc = send.to_vec();
         let n = acc.len();
         let elem = std::mem::size_of::<T>();
-        if n * elem <= BCAST_LONG || n < g {
+        if let Some(nc) = self.node_for(n * elem, elem, tag)? {
+            self.node_reduce(nc, &mut acc, root, &op, tag)?;
+        } else if n * elem <= BCAST_LONG || n < g {
             let all: Vec<u32> = (0..g as u32).collect();
             match self.hierarchy() {
                 None => self.tree_reduce(&all, root as usize, &mut acc, &op, tag)?,
@@ -478,6 +510,10 @@ impl Comm {
             return Ok(());
         }
         let n = recv.len();
+        let elem = std::mem::size_of::<T>();
+        if let Some(nc) = self.node_for(std::mem::size_of_val(recv), elem, tag)? {
+            return self.node_allreduce(nc, recv, &op, tag);
+        }
         let all: Vec<u32> = (0..g as u32).collect();
         if std::mem::size_of_val(recv) <= ALLREDUCE_LONG || n < g {
             match self.hierarchy() {
@@ -739,4 +775,253 @@ fn binomial_subtree_len(rel: usize, g: usize) -> usize {
         span <<= 1;
     }
     span.min(g - rel)
+}
+
+// -------------------------------------------------------------------- intra-node (shared memory)
+
+/// Largest payload (bytes per rank) that barrier-free node-local broadcast, reduce and
+/// all-reduce carry through the collective area, in slot-sized pieces; larger ones take the
+/// portals algorithms.
+pub const SHM_LONG: usize = 64 * 1024;
+/// The limit for a communicator on one node with a core per rank: there the portals algorithms
+/// (one copy per message, no per-piece handshake) win above a few KiB.
+pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
+
+/// Pieces of `n` elements, `per` at a time (at least one piece, possibly empty, so every member
+/// takes the same steps and a length mismatch is seen).
+fn pieces(n: usize, per: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let k = n.div_ceil(per).max(1);
+    (0..k).map(move |i| (i * per).min(n)..((i + 1) * per).min(n))
+}
+
+impl Comm {
+    /// The communicator's node group on the collective area, set up on the first collective:
+    /// every member agrees (one portals all-reduce) that its node's members all live in its
+    /// region and that the area context is free for them.
+    fn node(&self, tag: u32) -> Result<Option<&NodeColl>> {
+        if self.node.get().is_none() {
+            let v = self.setup_node(tag)?;
+            let _ = self.node.set(v);
+        }
+        Ok(self.node.get().and_then(|o| o.as_ref()))
+    }
+
+    fn setup_node(&self, tag: u32) -> Result<Option<NodeColl>> {
+        let g = self.size() as usize;
+        let groups = self.node_groups();
+        if g == 1
+            || groups.iter().all(|m| m.len() == 1)
+            || std::env::var("PUMACOLL_SHM").is_ok_and(|v| v == "0")
+        {
+            return Ok(None);
+        }
+        let mine = groups
+            .iter()
+            .position(|m| m.contains(&self.rank))
+            .unwrap_or(0);
+        let world: Vec<u32> = groups[mine]
+            .iter()
+            .map(|&r| self.group.ranks[r as usize])
+            .collect();
+        let ports: Option<Vec<u32>> = world.iter().map(|&w| self.core.port_of(w)).collect();
+        let c = self.core.shm().and_then(|s| s.free_context(self.ctx));
+        let all: Vec<u32> = (0..g as u32).collect();
+        let mut bad = [u32::from(ports.is_none() || c.is_none())];
+        self.rd_allreduce(&all, &mut bad, &crate::ops::Max, tag)?;
+        let (Some(ports), Some(c), 0) = (ports, c, bad[0]) else {
+            return Ok(None);
+        };
+        let me = Self::pos(&groups[mine], self.rank);
+        Ok(NodeColl::claim(
+            self.core.clone(),
+            c,
+            self.ctx,
+            ports,
+            world,
+            groups,
+            mine,
+            me,
+        ))
+    }
+
+    /// Dissemination barrier among `members` (communicator ranks) through portals.
+    fn dissemination(&self, members: &[u32], tag: u32) -> Result<()> {
+        let g = members.len();
+        let me = Self::pos(members, self.rank);
+        let mut k = 1;
+        while k < g {
+            let to = members[(me + k) % g];
+            let from = members[(me + g - k) % g];
+            self.xsendrecv(&[], to, &mut [], from, tag, "barrier")?;
+            k <<= 1;
+        }
+        Ok(())
+    }
+
+    /// Barrier: node members meet on their arrival words; across nodes the first member of each
+    /// node runs a dissemination barrier and then releases its node.
+    fn node_barrier(&self, n: &NodeColl, tag: u32) -> Result<()> {
+        let s = n.next();
+        n.arrive(s);
+        if n.groups.len() == 1 {
+            return n.wait_all(s, "barrier");
+        }
+        if n.me == 0 {
+            n.wait_all(s, "barrier")?;
+            let leaders: Vec<u32> = n.groups.iter().map(|m| m[0]).collect();
+            self.dissemination(&leaders, tag)?;
+            n.release(s);
+            Ok(())
+        } else {
+            n.wait_release(0, s, "barrier")
+        }
+    }
+
+    /// All-reduce piece by piece through the slots. One node: everyone publishes and everyone
+    /// combines every slot in rank order (identical results everywhere). Several nodes: the
+    /// first member of each node combines its node, the leaders all-reduce through portals
+    /// (recursive doubling), and each leader publishes the result to its node.
+    fn node_allreduce<T: Pod>(
+        &self,
+        n: &NodeColl,
+        recv: &mut [T],
+        op: &dyn Operation<T>,
+        tag: u32,
+    ) -> Result<()> {
+        const OP: &str = "all-reduce";
+        let per = crate::shm::SLOT_BYTES / std::mem::size_of::<T>();
+        let total = std::mem::size_of_val(recv) as u64;
+        let k = per.min(recv.len());
+        let (mut tmp, mut own) = (vec![T::zeroed(); k], vec![T::zeroed(); k]);
+        let multi = n.groups.len() > 1;
+        let leaders: Vec<u32> = n.groups.iter().map(|m| m[0]).collect();
+        for r in pieces(recv.len(), per) {
+            let piece = &mut recv[r];
+            let m = piece.len();
+            let s = n.next();
+            if !multi {
+                n.publish(s, bytes(piece), total, OP)?;
+                n.arrive(s);
+                n.wait_all(s, OP)?;
+                n.check_all(s, total, "all-reduce")?;
+                n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
+            } else if n.me != 0 {
+                n.publish(s, bytes(piece), total, OP)?;
+                n.arrive(s);
+                n.wait_release(0, s, OP)?;
+                n.check_len(0, s, total, "all-reduce")?;
+                n.read(0, s, bytes_mut(piece));
+            } else {
+                n.arrive(s);
+                n.wait_all(s, OP)?;
+                n.check_all(s, total, "all-reduce")?;
+                n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
+                self.rd_allreduce(&leaders, piece, op, tag)?;
+                n.publish(s, bytes(piece), total, OP)?;
+                n.release(s);
+            }
+        }
+        Ok(())
+    }
+
+    /// The member of this node that talks to the other nodes for a rooted operation: the root
+    /// on its own node, else the node's first member. Returns (leaders, my leader's index).
+    fn node_leaders(n: &NodeColl, root: u32) -> (Vec<u32>, usize) {
+        let leaders: Vec<u32> = n
+            .groups
+            .iter()
+            .map(|m| if m.contains(&root) { root } else { m[0] })
+            .collect();
+        let mine = &n.groups[n.mine];
+        (leaders.clone(), Self::pos(mine, leaders[n.mine]))
+    }
+
+    /// Reduce: members publish, the node leader combines its node in rank order, and the leaders
+    /// reduce to the root through portals (binomial tree).
+    fn node_reduce<T: Pod>(
+        &self,
+        n: &NodeColl,
+        acc: &mut [T],
+        root: u32,
+        op: &dyn Operation<T>,
+        tag: u32,
+    ) -> Result<()> {
+        const OP: &str = "reduce";
+        let per = crate::shm::SLOT_BYTES / std::mem::size_of::<T>();
+        let total = std::mem::size_of_val(acc) as u64;
+        let k = per.min(acc.len());
+        let (mut tmp, mut own) = (vec![T::zeroed(); k], vec![T::zeroed(); k]);
+        let (leaders, lead) = Self::node_leaders(n, root);
+        for r in pieces(acc.len(), per) {
+            let piece = &mut acc[r];
+            let m = piece.len();
+            let s = n.next();
+            if n.me != lead {
+                n.publish(s, bytes(piece), total, OP)?;
+                n.arrive(s);
+                continue;
+            }
+            n.arrive(s);
+            n.wait_all(s, OP)?;
+            n.check_all(s, total, "reduce")?;
+            n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
+            if leaders.len() > 1 {
+                self.tree_reduce(&leaders, Self::pos(&leaders, root), piece, op, tag)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Broadcast: the leaders get the data through portals (binomial tree from the root), then
+    /// each leader publishes it piece by piece and its node copies it out.
+    fn node_bcast(&self, n: &NodeColl, b: &mut [u8], root: u32, tag: u32) -> Result<()> {
+        const OP: &str = "broadcast";
+        let (leaders, lead) = Self::node_leaders(n, root);
+        let total = b.len() as u64;
+        if n.me == lead && leaders.len() > 1 {
+            self.tree_bcast(&leaders, Self::pos(&leaders, root), b, tag)?;
+        }
+        for r in pieces(b.len(), crate::shm::SLOT_BYTES) {
+            let piece = &mut b[r];
+            let s = n.next();
+            if n.me == lead {
+                n.publish(s, piece, total, OP)?;
+                n.arrive(s);
+            } else {
+                n.arrive(s);
+                n.wait_arrival(lead, s, OP)?;
+                n.check_len(lead, s, total, "broadcast")?;
+                n.read(lead, s, piece);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node group, when a payload of `bytes` with elements of `elem` bytes goes through the
+    /// area: up to [`SHM_LONG`], or up to [`SHM_LONG_DEDICATED`] when the whole communicator is
+    /// on one node that has a core per rank (`PUMACOLL_SHM_MAX` bytes overrides both).
+    fn node_for(&self, bytes: usize, elem: usize, tag: u32) -> Result<Option<&NodeColl>> {
+        static LIMIT: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = *LIMIT.get_or_init(|| {
+            std::env::var("PUMACOLL_SHM_MAX")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if elem == 0 || elem > crate::shm::SLOT_BYTES {
+            return Ok(None);
+        }
+        if bytes > forced.unwrap_or(SHM_LONG) {
+            return Ok(None);
+        }
+        let Some(n) = self.node(tag)? else {
+            return Ok(None);
+        };
+        let one_node_with_cores = n.groups.len() == 1 && !self.core.oversubscribed();
+        let limit = forced.unwrap_or(if one_node_with_cores {
+            SHM_LONG_DEDICATED
+        } else {
+            SHM_LONG
+        });
+        Ok((bytes <= limit).then_some(n))
+    }
 }

@@ -71,6 +71,12 @@ impl Universe {
         self.world.core.drain()
     }
 
+    /// True when the job spans nodes whose QK fabrics are joined by their node engines (ranks on
+    /// other nodes are reached through the engine), false when one region holds every rank.
+    pub fn routed(&self) -> bool {
+        self.world.core.routed()
+    }
+
     /// This rank's messaging counters (unexpected messages, header-only saves, fetched bodies).
     pub fn stats(&self) -> crate::MsgStats {
         self.world.core.st.borrow().stats
@@ -144,6 +150,8 @@ pub struct Comm {
     pub(crate) rank: u32,
     pub(crate) coll_seq: Rc<std::cell::Cell<u32>>,
     pub(crate) win_seq: Rc<std::cell::Cell<u32>>,
+    /// The node-local group on the region's collective area (decided on the first collective).
+    pub(crate) node: Rc<std::cell::OnceCell<Option<crate::shm::NodeColl>>>,
 }
 
 /// A non-blocking operation in flight. Receives borrow their buffer until waited for.
@@ -252,6 +260,7 @@ impl Comm {
             rank,
             coll_seq: Rc::new(std::cell::Cell::new(0)),
             win_seq: Rc::new(std::cell::Cell::new(0)),
+            node: Rc::new(std::cell::OnceCell::new()),
         }
     }
 

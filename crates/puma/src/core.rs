@@ -178,6 +178,8 @@ pub(crate) struct Core {
     oversubscribed: bool,
     /// The job heap is too small for bounce copies (cross-memory attach is the private path).
     small_heap: bool,
+    /// The region's collective area (intra-node collectives).
+    shm: Option<crate::shm::ShmCore>,
     _fabric: Option<qk::NodeFabric>,
 }
 
@@ -264,6 +266,9 @@ impl Core {
                 Ok((eq, unex_md, me, hdr_md, done_md, zero_md))
             })?;
         ep.start_engine()?;
+        let shm = Some(crate::shm::ShmCore::new(qk::coll_area::CollArea::of(
+            &region,
+        )));
         Ok(Core {
             ep: RefCell::new(ep),
             region,
@@ -291,8 +296,30 @@ impl Core {
             oversubscribed: local_ranks > cores,
             small_heap,
             unfinished: RefCell::new(HashMap::new()),
+            shm,
             _fabric: fabric,
         })
+    }
+
+    /// The collective area, when the region has one.
+    pub fn shm(&self) -> Option<&crate::shm::ShmCore> {
+        self.shm.as_ref()
+    }
+
+    /// Port of a world rank in this rank's region (None: another node's region).
+    pub fn port_of(&self, world: u32) -> Option<u32> {
+        self.region.port_of_rank(world)
+    }
+
+    /// Some ranks of the job live in other nodes' regions: records to them go through the QK
+    /// node engine (TCP between nodes).
+    pub fn routed(&self) -> bool {
+        (self.region.ranks.len() as u32) < self.region.world
+    }
+
+    /// More ranks share this machine's cores than it has.
+    pub fn oversubscribed(&self) -> bool {
+        self.oversubscribed
     }
 
     pub fn world_rank(&self) -> u32 {
@@ -613,7 +640,7 @@ impl Core {
         }
     }
 
-    fn check_peers(&self, peers: &[u32], what: &dyn Fn() -> String) -> Result<()> {
+    pub(crate) fn check_peers(&self, peers: &[u32], what: &dyn Fn() -> String) -> Result<()> {
         for &r in peers {
             if let Some(port) = self.region.port_of_rank(r) {
                 let pid = self.region.pid(port);
@@ -735,8 +762,53 @@ impl Core {
     }
 
     /// A put; when the job heap is full (many large sends in flight) the target reads a private
-    /// buffer straight from this process instead of through a heap bounce buffer.
+    /// buffer straight from this process instead of through a heap bounce buffer. A target on
+    /// another node cannot read this process: then the put waits (driving progress, which frees
+    /// the staging of earlier sends) until the heap has room, at most the job's timeout.
     fn put(&self, args: &PutArgs, buf: Buf) -> Result<(), QkError> {
+        let start = Instant::now();
+        loop {
+            match self.put_once(args, buf) {
+                // More than the whole heap can never fit (a message to another node is staged
+                // in it): fail at once instead of waiting out the timeout.
+                Err(e @ QkError::HeapExhausted { want, .. })
+                    if want > self.region.layout.heap_per_rank =>
+                {
+                    return Err(e);
+                }
+                Err(QkError::HeapExhausted { .. }) if start.elapsed() < self.timeout => {
+                    self.release_cached_shared();
+                    if let Err(e) = self.drain() {
+                        self.st.borrow_mut().errors.push_front(e);
+                    }
+                    std::thread::yield_now();
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Gives the pooled shared buffers back to the job heap.
+    fn release_cached_shared(&self) {
+        let cached: Vec<Buf> = {
+            let mut st = self.st.borrow_mut();
+            let mut out = Vec::new();
+            for v in st.pool.values_mut() {
+                v.retain(|b| {
+                    if b.shared {
+                        out.push(*b);
+                    }
+                    !b.shared
+                });
+            }
+            out
+        };
+        for b in cached {
+            self.ep().free(b);
+        }
+    }
+
+    fn put_once(&self, args: &PutArgs, buf: Buf) -> Result<(), QkError> {
         let first = self.ep().put(args);
         match first {
             Err(QkError::HeapExhausted { .. }) if !buf.shared => {

@@ -3,9 +3,10 @@
 //! Two ways, tried in this order:
 //! 1. `PUMA_QK_FD` is set: the PCT created the node's [`qk::NodeFabric`] and the rank inherited its
 //!    memfd under that number (the contract of `crates/qk`). The local rank is `PUMA_LOCAL_RANK`.
-//!    Used when the job has one node (or `PUMA_QK_ROUTED=1` says the PCTs route between nodes).
-//! 2. Otherwise (a PCT without the fabric, or a job over several virtual nodes of this machine,
-//!    whose node fabrics are not yet connected), the library builds the fabric itself, which
+//!    When the job spans several nodes the PCTs have started their QK node engines and connected
+//!    them (TCP, cluster key) before spawning any rank, so records for ranks elsewhere go to the
+//!    node engine's port and are routed: the same code serves one node and many.
+//! 2. Otherwise (a PCT without the fabric), the library builds the fabric itself, which
 //!    works when every rank of the job runs on this machine (the embedded partition, any
 //!    `--nodes`): rank 0 creates one region for the whole job and publishes `<pid> <fd>` in a
 //!    rendezvous file in yod's private run directory (found above `PUMA_NODE_MAP`); the other
@@ -82,14 +83,9 @@ fn rendezvous_path(w: &World) -> PathBuf {
 
 pub(crate) fn attach(w: &World, timeout: Duration) -> Result<Attached> {
     let mode = w.mode;
-    // The PCT's fabric joins the ranks of one node; until the PCTs run the QK's node engines
-    // between nodes, a job spread over several (virtual) nodes of this machine uses the
-    // library-side fabric, which holds every rank. PUMA_QK_ROUTED=1 trusts the PCT's fabric.
-    let routed = std::env::var("PUMA_QK_ROUTED").is_ok_and(|v| v == "1");
-    let pct_fd = std::env::var("PUMA_QK_FD")
-        .ok()
-        .filter(|_| w.node_map.nodes.len() == 1 || routed);
-    if let Some(v) = pct_fd {
+    // The PCT's fabric: its node engine routes to the job's other nodes (the PCT sets
+    // PUMA_QK_FD only with the QK fabric, whose node engines it starts for multi-node jobs).
+    if let Ok(v) = std::env::var("PUMA_QK_FD") {
         let fd: i32 = v
             .parse()
             .map_err(|_| Error::Attach(format!("PUMA_QK_FD={v:?} is not a descriptor number")))?;

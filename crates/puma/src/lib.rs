@@ -10,6 +10,7 @@ pub mod env;
 pub mod error;
 mod fabric;
 pub mod ops;
+mod shm;
 pub mod window;
 
 pub use crate::core::{MsgStats, Status};

@@ -10,6 +10,8 @@
 //!              engine's staging part); each allocates only from its own part; every rank maps all
 //!              of it, so a receiver copies a large message straight from the sender's buffer with
 //!              one memcpy
+//! coll_off     the collective area (see `coll_area`): per-context, per-local-rank flag lines and
+//!              small data slots for intra-node collectives
 //! ```
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -69,6 +71,8 @@ pub struct Layout {
     pub ring_stride: u64,
     /// Heap start.
     pub heap_off: u64,
+    /// Collective area start (after the heap).
+    pub coll_off: u64,
     /// Total size.
     pub total: u64,
 }
@@ -97,12 +101,15 @@ impl Layout {
         let ring_stride = 64 + ring_cap;
         let heap_off = round_up(ring_off + (ports as u64 * ports as u64) * ring_stride, PAGE);
         let heap_per_rank = round_up(heap_per_rank, PAGE);
-        let total = heap_off
+        let coll_off = heap_off
             .checked_add(
                 heap_per_rank
                     .checked_mul(ports as u64)
                     .ok_or_else(|| QkError::BadSpec("heap too large".into()))?,
             )
+            .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
+        let total = coll_off
+            .checked_add(crate::coll_area::bytes(local))
             .ok_or_else(|| QkError::BadSpec("heap too large".into()))?;
         Ok(Layout {
             local,
@@ -113,6 +120,7 @@ impl Layout {
             ring_off,
             ring_stride,
             heap_off,
+            coll_off,
             total,
         })
     }
@@ -291,7 +299,7 @@ impl Region {
 
     /// Locks and prefaults, in this process, the part of the region port `port` receives into
     /// or writes most: the header and port blocks, every queue into the port, every queue out of
-    /// it, and its heap part. Each attached rank locks its own part, so every page of the region
+    /// it, its heap part and its blocks of the collective area. Each attached rank locks its own part, so every page of the region
     /// is locked by the rank it belongs to while the work per rank stays proportional to the
     /// node's rank count (locking the whole region in every rank made attaching quadratic:
     /// seconds at 64 ranks per node). Pages of other ranks are resident (the PCT allocated them
@@ -311,6 +319,12 @@ impl Region {
             (l.heap(port) as usize, l.heap_per_rank as usize),
         ];
         ranges.extend((0..l.ports).map(|src| (l.ring(src, port) as usize, stride)));
+        if port < l.local {
+            ranges.extend((0..crate::coll_area::CONTEXTS).map(|ctx| {
+                let off = crate::coll_area::block_offset(l.coll_off as usize, l.local, ctx, port);
+                (off, crate::coll_area::BLOCK)
+            }));
+        }
         for (off, len) in ranges {
             self.map
                 .lock_and_prefault_range(off, len)
@@ -557,7 +571,7 @@ mod tests {
         };
         let (fd, _creator) = Region::create(&params, false).unwrap();
         let r = Region::attach(&fd, true, false).unwrap();
-        let l = r.layout.clone();
+        let l = r.layout;
         let before = locked_bytes();
         match r.lock_for_port(3) {
             Ok(()) => {}

@@ -1,0 +1,356 @@
+//! Intra-node collectives through the collective area of the job's QK region
+//! ([`qk::coll_area`]): no queues, no portals matching, one cache line per rank and operation.
+//!
+//! A communicator that has at least one node with several of its members claims one context of
+//! the area (context `(ctx / 2) mod CONTEXTS`; members agree once, on its first collective, that
+//! no live communicator of theirs holds it, else the communicator keeps the portals algorithms).
+//! Each collective of the communicator gets the next sequence number `s` (the same on every
+//! member, since all call the same collectives in the same order). Per member and context the
+//! area has an *arrival* word, a *release* word and `SLOTS` data slots; slot `s mod SLOTS` belongs
+//! to operation `s`. The words hold `(ctx << 48) | s`, so a value left by another communicator never
+//! passes for this one's.
+//!
+//! The rules that make it safe without any further handshake:
+//! * a member sets its arrival word to `s` when it enters operation `s`, after writing its data
+//!   (if any) into its slot; it has left operation `s - 1` before that, so it no longer reads
+//!   anyone's slots of earlier operations;
+//! * before writing the slot of operation `s` a member waits until every local member arrived at
+//!   `s - SLOTS + 1` (so they are done with operation `s - SLOTS`, the slot's previous user).
+//!   A broadcast root can therefore run `SLOTS - 1` operations ahead of its slowest reader, which
+//!   matters when ranks share cores and a reader is not scheduled for a while.
+//!
+//! Waiting spins briefly, then hands the core away (`sched_yield`) while still driving the
+//! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender
+//! blocked on a full queue to this rank can drain; after 2 ms it sleeps between looks (20 µs
+//! growing to 1 ms), so a long wait leaves the CPU to the launcher, the PCT and busy ranks.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytemuck::Pod;
+use qk::coll_area::{CollArea, CONTEXTS, SLOT, SLOTS};
+
+use crate::core::Core;
+use crate::error::{Error, Result};
+use crate::ops::Operation;
+
+/// Payload bytes of one slot (its first 8 bytes hold the length of the whole payload, so a
+/// reader checks it with the same cache line it reads small data from): payloads up to this
+/// size take one step; larger ones go in pieces.
+pub const SLOT_BYTES: usize = SLOT - 8;
+
+/// The process's share of the area: which contexts its live communicators hold.
+pub(crate) struct ShmCore {
+    area: CollArea,
+    claims: RefCell<[Option<u16>; CONTEXTS as usize]>,
+}
+
+impl ShmCore {
+    pub fn new(area: CollArea) -> ShmCore {
+        ShmCore {
+            area,
+            claims: RefCell::new([None; CONTEXTS as usize]),
+        }
+    }
+
+    /// The context a communicator with context id `ctx` would use, if free in this process.
+    pub fn free_context(&self, ctx: u16) -> Option<u32> {
+        let c = (ctx as u32 / 2) % CONTEXTS;
+        self.claims.borrow()[c as usize].is_none().then_some(c)
+    }
+
+    fn claim(&self, c: u32, ctx: u16) {
+        self.claims.borrow_mut()[c as usize] = Some(ctx);
+    }
+
+    fn release(&self, c: u32, ctx: u16) {
+        let mut cl = self.claims.borrow_mut();
+        if cl[c as usize] == Some(ctx) {
+            cl[c as usize] = None;
+        }
+    }
+}
+
+/// One communicator's node-local group on the area.
+pub(crate) struct NodeColl {
+    core: Rc<Core>,
+    /// Context in the area.
+    c: u32,
+    /// The communicator's context id (high bits of every word).
+    ctx: u16,
+    seq: std::cell::Cell<u64>,
+    /// Area port of each member of this node's group (group order = communicator rank order).
+    ports: Vec<u32>,
+    /// The communicator's members grouped by node (communicator ranks; see `Comm::node_groups`).
+    pub groups: Vec<Vec<u32>>,
+    /// Index of this rank's group in `groups`.
+    pub mine: usize,
+    /// World rank of each member of the group (liveness checks).
+    world: Vec<u32>,
+    /// This rank's index in the group.
+    pub me: usize,
+    oversubscribed: bool,
+    /// Highest arrival seen from each member (arrivals only grow; saves re-reading a line
+    /// another core keeps writing).
+    seen: RefCell<Vec<u64>>,
+}
+
+impl Drop for NodeColl {
+    fn drop(&mut self) {
+        if let Some(s) = self.core.shm() {
+            s.release(self.c, self.ctx);
+        }
+    }
+}
+
+/// How long a waiter yields its core in a loop before it starts sleeping between looks.
+const YIELD_FOR: Duration = Duration::from_millis(2);
+/// Spins before a waiter starts yielding its core.
+const SPIN: u32 = 4000;
+const SPIN_OVERSUBSCRIBED: u32 = 50;
+
+impl NodeColl {
+    /// A group on context `c`, claimed for communicator context `ctx`. `ports` and `world` list
+    /// the group in communicator rank order; `me` indexes this rank.
+    #[allow(clippy::too_many_arguments)]
+    pub fn claim(
+        core: Rc<Core>,
+        c: u32,
+        ctx: u16,
+        ports: Vec<u32>,
+        world: Vec<u32>,
+        groups: Vec<Vec<u32>>,
+        mine: usize,
+        me: usize,
+    ) -> Option<NodeColl> {
+        let shm = core.shm()?;
+        shm.claim(c, ctx);
+        let oversubscribed = core.oversubscribed();
+        let seen = RefCell::new(vec![0; ports.len()]);
+        Some(NodeColl {
+            seen,
+            core,
+            c,
+            ctx,
+            seq: std::cell::Cell::new(0),
+            ports,
+            groups,
+            mine,
+            world,
+            me,
+            oversubscribed,
+        })
+    }
+
+    /// Members of the group.
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    fn area(&self) -> &CollArea {
+        // A NodeColl exists only when the core has the area.
+        &self.core.shm().expect("collective area present").area
+    }
+
+    fn word(&self, s: u64) -> u64 {
+        ((self.ctx as u64) << 48) | s
+    }
+
+    /// The sequence number in word `w` if it belongs to this communicator.
+    fn seq_of(&self, w: &AtomicU64) -> u64 {
+        let v = w.load(Ordering::Acquire);
+        if v >> 48 == self.ctx as u64 {
+            v & 0xffff_ffff_ffff
+        } else {
+            0
+        }
+    }
+
+    fn reached(&self, w: &AtomicU64, s: u64) -> bool {
+        self.seq_of(w) >= s
+    }
+
+    /// Starts the next operation; returns its sequence number.
+    pub fn next(&self) -> u64 {
+        let s = self.seq.get() + 1;
+        self.seq.set(s);
+        s
+    }
+
+    fn wait(&self, w: &AtomicU64, s: u64, who: usize, what: &str) -> Result<()> {
+        if self.reached(w, s) {
+            return Ok(());
+        }
+        let spin = if self.oversubscribed {
+            SPIN_OVERSUBSCRIBED
+        } else {
+            SPIN
+        };
+        for _ in 0..spin {
+            std::hint::spin_loop();
+            if self.reached(w, s) {
+                return Ok(());
+            }
+        }
+        let start = Instant::now();
+        let mut next_check = Duration::from_millis(200);
+        let mut n: u32 = 0;
+        loop {
+            // Keep the portals engine going (a sender may wait for queue space here), then give
+            // the core to whoever we wait for.
+            self.core.drain()?;
+            if self.reached(w, s) {
+                return Ok(());
+            }
+            // Yield for a while; a longer wait sleeps (briefly, growing to 1 ms) so waiting ranks
+            // stop taking CPU from yod, the PCT and ranks that still compute.
+            let el = start.elapsed();
+            if el < YIELD_FOR {
+                std::thread::yield_now();
+            } else {
+                let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(1));
+                std::thread::sleep(nap);
+            }
+            if self.reached(w, s) {
+                return Ok(());
+            }
+            n = n.wrapping_add(1);
+            if n % 16 == 0 {
+                let el = start.elapsed();
+                if el > next_check {
+                    next_check = el + Duration::from_millis(200);
+                    let peer = self.world[who];
+                    let describe = || format!("rank {peer} in a node-local {what} (step {s})");
+                    self.core.check_peers(&[peer], &describe)?;
+                }
+                if el > self.core.timeout {
+                    return Err(Error::Timeout(
+                        self.core.timeout,
+                        format!(
+                            "world rank {} in a node-local {what} (step {s})",
+                            self.world[who]
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Waits until member `i` arrived at operation `s`.
+    pub fn wait_arrival(&self, i: usize, s: u64, what: &str) -> Result<()> {
+        if self.seen.borrow()[i] >= s {
+            return Ok(());
+        }
+        let w = self.area().arrival(self.c, self.ports[i]);
+        self.wait(w, s, i, what)?;
+        let now = self.seq_of(w);
+        let mut seen = self.seen.borrow_mut();
+        seen[i] = seen[i].max(now);
+        Ok(())
+    }
+
+    /// Waits until member `i` released operation `s`.
+    pub fn wait_release(&self, i: usize, s: u64, what: &str) -> Result<()> {
+        self.wait(self.area().release(self.c, self.ports[i]), s, i, what)
+    }
+
+    /// Waits until every other member arrived at `s`.
+    pub fn wait_all(&self, s: u64, what: &str) -> Result<()> {
+        for i in 0..self.len() {
+            if i != self.me {
+                self.wait_arrival(i, s, what)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks this rank arrived at `s`.
+    pub fn arrive(&self, s: u64) {
+        self.area()
+            .arrival(self.c, self.ports[self.me])
+            .store(self.word(s), Ordering::Release);
+    }
+
+    /// Marks operation `s` released by this rank (a leader: its result is in its slot).
+    pub fn release(&self, s: u64) {
+        self.area()
+            .release(self.c, self.ports[self.me])
+            .store(self.word(s), Ordering::Release);
+    }
+
+    /// Writes `data` into this rank's slot of operation `s` (after the reuse check) and `total`
+    /// (the whole payload's length, which every reader checks) into its info word.
+    pub fn publish(&self, s: u64, data: &[u8], total: u64, what: &str) -> Result<()> {
+        if s >= SLOTS as u64 {
+            self.wait_all(s + 1 - SLOTS as u64, what)?;
+        }
+        let slot = (s % SLOTS as u64) as u32;
+        let port = self.ports[self.me];
+        self.area()
+            .write(self.c, port, slot, 0, &total.to_le_bytes());
+        self.area().write(self.c, port, slot, 8, data);
+        Ok(())
+    }
+
+    /// Checks that member `i` (which published operation `s`) has a payload of `total` bytes.
+    pub fn check_len(&self, i: usize, s: u64, total: u64, op: &'static str) -> Result<()> {
+        let mut b = [0u8; 8];
+        self.area()
+            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 0, &mut b);
+        let theirs = u64::from_le_bytes(b);
+        if theirs != total {
+            return Err(Error::SizeMismatch {
+                op,
+                detail: format!(
+                    "world rank {} contributed {theirs} bytes where this rank has {total}",
+                    self.world[i]
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks every other member's payload length.
+    pub fn check_all(&self, s: u64, total: u64, op: &'static str) -> Result<()> {
+        for i in 0..self.len() {
+            if i != self.me {
+                self.check_len(i, s, total, op)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads member `i`'s slot of operation `s`.
+    pub fn read(&self, i: usize, s: u64, dst: &mut [u8]) {
+        self.area()
+            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 8, dst);
+    }
+
+    /// Combines every member's slot of operation `s` in group order into `acc` (which holds this
+    /// rank's own contribution on entry; `tmp` is scratch of the same length).
+    pub fn combine_all<T: Pod>(
+        &self,
+        s: u64,
+        acc: &mut [T],
+        tmp: &mut [T],
+        own: &mut [T],
+        op: &dyn Operation<T>,
+    ) {
+        own.copy_from_slice(acc);
+        for i in 0..self.len() {
+            let src: &[T] = if i == self.me {
+                own
+            } else {
+                self.read(i, s, bytemuck::cast_slice_mut(tmp));
+                tmp
+            };
+            if i == 0 {
+                acc.copy_from_slice(src);
+            } else {
+                op.combine(acc, src);
+            }
+        }
+    }
+}

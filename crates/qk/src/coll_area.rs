@@ -1,0 +1,172 @@
+//! The collective area of a job region: per-communicator, per-local-rank cache lines and small
+//! data slots that libraries use for intra-node collectives without going through the queues.
+//!
+//! ```text
+//! coll_off   CONTEXTS contexts; context c holds, for each local port p, a block of
+//!            BLOCK bytes: line 0 = arrival word (u64), line 1 = release word (u64), then
+//!            SLOTS data slots of SLOT bytes each (operation s uses slot s mod SLOTS, so a writer may run up to
+//!            SLOTS - 1 operations ahead of its slowest reader)
+//! ```
+//!
+//! The QK gives the memory and its addresses; the protocol on top (who writes which word when)
+//! belongs to the library. Every access is bounds-checked by [`Mapping`]; words are 8-aligned.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use crate::region::Region;
+use crate::sys::Mapping;
+
+/// Contexts (communicators that can use the area at the same time).
+pub const CONTEXTS: u32 = 8;
+/// Bytes of one data slot.
+pub const SLOT: usize = 2048;
+/// Data slots per port and context.
+pub const SLOTS: u32 = 8;
+const HEAD: usize = 128;
+/// Bytes one port owns in one context: two control lines and the slots.
+pub const BLOCK: usize = HEAD + SLOTS as usize * SLOT;
+
+/// Bytes of the collective area for `local` ranks.
+pub fn bytes(local: u32) -> u64 {
+    CONTEXTS as u64 * local as u64 * BLOCK as u64
+}
+
+/// Byte offset of port `port`'s block in context `ctx`, for an area at `coll_off` with
+/// `local` ports.
+pub(crate) fn block_offset(coll_off: usize, local: u32, ctx: u32, port: u32) -> usize {
+    coll_off + (ctx as usize * local as usize + port as usize) * BLOCK
+}
+
+/// A view of a region's collective area. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CollArea {
+    map: Arc<Mapping>,
+    off: usize,
+    local: u32,
+}
+
+impl CollArea {
+    /// The collective area of `region`.
+    pub fn of(region: &Region) -> CollArea {
+        CollArea {
+            map: region.map_arc(),
+            off: region.layout.coll_off as usize,
+            local: region.layout.local,
+        }
+    }
+
+    /// Local ranks (ports) the area has blocks for.
+    pub fn local(&self) -> u32 {
+        self.local
+    }
+
+    fn block(&self, ctx: u32, port: u32) -> usize {
+        assert!(
+            ctx < CONTEXTS && port < self.local,
+            "collective area: context {ctx} / port {port} out of range"
+        );
+        block_offset(self.off, self.local, ctx, port)
+    }
+
+    /// Port `port`'s arrival word in context `ctx` (written only by that port).
+    pub fn arrival(&self, ctx: u32, port: u32) -> &AtomicU64 {
+        self.map.atomic_u64(self.block(ctx, port))
+    }
+
+    /// Port `port`'s release word in context `ctx` (written only by that port).
+    pub fn release(&self, ctx: u32, port: u32) -> &AtomicU64 {
+        self.map.atomic_u64(self.block(ctx, port) + 64)
+    }
+
+    fn slot(&self, ctx: u32, port: u32, which: u32, off: usize, len: usize) -> usize {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= SLOT),
+            "collective slot access {off}+{len} beyond {SLOT} bytes"
+        );
+        self.block(ctx, port) + HEAD + (which % SLOTS) as usize * SLOT + off
+    }
+
+    /// Copies `src` into slot `which` (taken mod [`SLOTS`]) of `port` in `ctx`, at `off`. Publish it with a
+    /// release store to a word afterwards.
+    pub fn write(&self, ctx: u32, port: u32, which: u32, off: usize, src: &[u8]) {
+        let at = self.slot(ctx, port, which, off, src.len());
+        self.map.write(at, src);
+    }
+
+    /// Copies from slot `which` of `port` in `ctx` at `off` into `dst` (after an acquire load
+    /// of the word that published it).
+    pub fn read(&self, ctx: u32, port: u32, which: u32, off: usize, dst: &mut [u8]) {
+        let at = self.slot(ctx, port, which, off, dst.len());
+        self.map.read(at, dst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::RegionParams;
+    use std::sync::atomic::Ordering;
+
+    #[test]
+    fn area_follows_the_heap_and_blocks_do_not_overlap() {
+        let p = RegionParams {
+            job: 7,
+            world: 3,
+            node: 0,
+            ranks: vec![0, 1, 2],
+            ring_cap: 4096,
+            heap_per_rank: 8192,
+            eager_max: 1024,
+            mode: 0,
+            max_message: 1 << 20,
+        };
+        let (_fd, r) = Region::create(&p, false).unwrap();
+        let l = r.layout;
+        assert_eq!(l.coll_off, l.heap_off + 4 * l.heap_per_rank);
+        assert_eq!(l.total, l.coll_off + bytes(3));
+        let a = CollArea::of(&r);
+        // Every word and slot of every (context, port) is its own memory.
+        for c in 0..CONTEXTS {
+            for p in 0..3 {
+                let v = (c as u64) << 8 | p as u64;
+                a.arrival(c, p).store(v + 1, Ordering::Relaxed);
+                a.release(c, p).store(v + 2, Ordering::Relaxed);
+                for k in 0..SLOTS {
+                    a.write(c, p, k, 0, &[(v as u8) ^ k as u8; SLOT]);
+                }
+            }
+        }
+        for c in 0..CONTEXTS {
+            for p in 0..3 {
+                let v = (c as u64) << 8 | p as u64;
+                assert_eq!(a.arrival(c, p).load(Ordering::Relaxed), v + 1);
+                assert_eq!(a.release(c, p).load(Ordering::Relaxed), v + 2);
+                for k in 0..SLOTS {
+                    let mut s = vec![0u8; SLOT];
+                    // `which` wraps: slot k + SLOTS is slot k.
+                    a.read(c, p, k + SLOTS, 0, &mut s);
+                    assert!(s.iter().all(|&b| b == (v as u8) ^ k as u8));
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond")]
+    fn slot_access_past_the_end_is_refused() {
+        let p = RegionParams {
+            job: 1,
+            world: 1,
+            node: 0,
+            ranks: vec![0],
+            ring_cap: 4096,
+            heap_per_rank: 4096,
+            eager_max: 1024,
+            mode: 0,
+            max_message: 1 << 20,
+        };
+        let (_fd, r) = Region::create(&p, false).unwrap();
+        CollArea::of(&r).write(0, 0, 0, SLOT - 1, &[1, 2]);
+    }
+}
