@@ -53,6 +53,28 @@ pub struct JobSpec {
     pub local: bool,
 }
 
+/// Variables the runtime sets for each rank (who it is, its fabric, its PCT). yod never
+/// forwards the caller's values of these (a yod started inside a rank would otherwise hand
+/// its own identity down); every other variable, `PUMA_HEAP_MB` or `PUMA_TIMEOUT_MS` included,
+/// reaches the ranks.
+pub const RANK_IDENTITY_VARS: &[&str] = &[
+    "PUMA_JOB",
+    "PUMA_JOB_CRED",
+    "PUMA_RANK",
+    "PUMA_SIZE",
+    "PUMA_NODE",
+    "PUMA_LOCAL_RANK",
+    "PUMA_LOCAL_SIZE",
+    "PUMA_MODE",
+    "PUMA_NODE_MAP",
+    "PUMA_CPUS",
+    "PUMA_PCT",
+    "PUMA_TRACE",
+    "PUMA_QK_FD",
+    "PUMA_JOB_SEGMENT_FD",
+    "PUMA_KEY",
+];
+
 /// An authenticated link to one PCT.
 pub struct Link {
     pub target: Target,
@@ -312,7 +334,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
         .map_err(|e| YodError::Usage(format!("cannot encode the node map: {e}")))?;
     let env: Vec<(String, String)> = std::env::vars_os()
         .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| !k.starts_with("PUMA_"))
+        .filter(|(k, _)| !RANK_IDENTITY_VARS.contains(&k.as_str()))
         .collect();
     let cwd = std::env::current_dir()
         .map(|p| p.display().to_string())

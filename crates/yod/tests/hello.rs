@@ -116,8 +116,12 @@ fn label_prefixes_every_line_and_lines_never_mix() {
 fn environment_passes_through_and_rank_env_is_set() {
     let out = std::process::Command::new(yod())
         .args(["-n", "2", "--mode", "msg-coproc", "sh", "-c"])
-        .arg("echo $PUMA_RANK $PUMA_SIZE $PUMA_LOCAL_RANK $PUMA_LOCAL_SIZE $PUMA_MODE $MY_TEST_VAR; test -s $PUMA_NODE_MAP")
+        .arg("echo $PUMA_RANK $PUMA_SIZE $PUMA_LOCAL_RANK $PUMA_LOCAL_SIZE $PUMA_MODE $MY_TEST_VAR $PUMA_TIMEOUT_MS ${PUMA_JOB_SEGMENT_FD:-none}; test -s $PUMA_NODE_MAP")
         .env("MY_TEST_VAR", "passed-through")
+        // Tuning variables reach the ranks; a caller's rank identity never does.
+        .env("PUMA_TIMEOUT_MS", "1234")
+        .env("PUMA_RANK", "99")
+        .env("PUMA_JOB_SEGMENT_FD", "42")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -126,8 +130,8 @@ fn environment_passes_through_and_rank_env_is_set() {
     assert_eq!(
         lines,
         [
-            "0 2 0 2 msg-coproc passed-through",
-            "1 2 1 2 msg-coproc passed-through"
+            "0 2 0 2 msg-coproc passed-through 1234 none",
+            "1 2 1 2 msg-coproc passed-through 1234 none"
         ]
     );
 }
