@@ -267,20 +267,20 @@ fn q_take(
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct CpuState {
     free: u64,
     last: u32,
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct NicState {
     send_free: u64,
     recv_free: u64,
 }
 
 /// Everything per rank in one cache line (CPU 0 and NIC 0 live here too).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct RankState {
     cpu0: CpuState,
     nic0: NicState,
@@ -292,8 +292,47 @@ struct RankState {
     uq_tail: u32,
 }
 
+impl RankState {
+    const IDLE: RankState = RankState {
+        cpu0: CpuState { free: 0, last: NIL },
+        nic0: NicState {
+            send_free: 0,
+            recv_free: 0,
+        },
+        last_arr: 0,
+        prq_tail: NIL,
+        uq_tail: NIL,
+    };
+}
+
+/// Per-rank state carried from one segment of a long schedule to the next (see
+/// [`simulate_segment`]): when each rank may start its next segment, its CPU and NIC, its
+/// message ordering and its CPU busy time.
+#[derive(Clone, Debug)]
+pub struct Carry {
+    /// Time each rank's exit operation of the previous segment completed.
+    pub ready: Vec<u64>,
+    rk: Vec<RankState>,
+    /// Per rank: CPU time used so far (work plus the detours inside it).
+    pub busy: Vec<u64>,
+}
+
+impl Carry {
+    /// State of `ranks` idle ranks at time 0.
+    pub fn new(ranks: u32) -> Self {
+        Carry {
+            ready: vec![0; ranks as usize],
+            rk: vec![RankState::IDLE; ranks as usize],
+            busy: vec![0; ranks as usize],
+        }
+    }
+}
+
 struct Sim<'a> {
     s: &'a Schedule,
+    /// Index of this schedule's first operation in the whole (segmented) program; keys the
+    /// latency noise so a segmented run draws what the whole program would.
+    op_base: u64,
     p: Params,
     noise: &'a Noise,
     noisy: bool,
@@ -318,6 +357,43 @@ struct Sim<'a> {
 
 /// Run one simulation of `s`.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
+    simulate_inner(s, p, noise, opts, None, 0)
+}
+
+/// Simulate `s` as one segment of a longer program whose earlier segments left `carry`.
+///
+/// Operations of `s` without dependencies become ready when their rank's previous segment
+/// ended (`carry.ready`); each rank's CPU, NIC, message order and busy time continue from
+/// `carry`. On return `carry` describes the end of this segment: `ready[r]` is the completion
+/// time of `exits[r]` (the operation the rank's next segment depends on; `u32::MAX`: the rank
+/// keeps its previous ready time). `op_base` is the index of the segment's first operation in
+/// the whole program (it keys latency noise).
+///
+/// This reproduces the whole program's simulation exactly when every resource use of a rank in
+/// this segment happens before the rank's exit operation completes (true for blocking steps of
+/// eager messages, as in the ring all-reduce) and messages never cross a segment boundary.
+/// Unsupported on schedules with more than one CPU or NIC per rank (the extra ones are not
+/// carried).
+pub fn simulate_segment(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    carry: &mut Carry,
+    exits: &[u32],
+    op_base: u64,
+) -> SimOutput {
+    simulate_inner(s, p, noise, opts, Some((carry, exits)), op_base)
+}
+
+fn simulate_inner(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    carry: Option<(&mut Carry, &[u32])>,
+    op_base: u64,
+) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
     let nc = s.num_cpus as usize;
@@ -336,6 +412,7 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
     }
     let mut sim = Sim {
         s,
+        op_base,
         p: *p,
         noise,
         noisy: noise.has_detours(),
@@ -348,10 +425,10 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         } else {
             Vec::new()
         },
-        busy: if opts.record_busy {
-            vec![0; pr]
-        } else {
-            Vec::new()
+        busy: match (&carry, opts.record_busy) {
+            (_, false) => Vec::new(),
+            (Some((c, _)), true) => c.busy.clone(),
+            (None, true) => vec![0; pr],
         },
         start: if opts.record_start {
             vec![u64::MAX; n]
@@ -370,16 +447,22 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         },
         nc1: nc == 1,
         nn1: nn == 1,
-        rk: vec![
-            RankState {
-                cpu0: CpuState { free: 0, last: NIL },
-                nic0: NicState::default(),
-                last_arr: 0,
-                prq_tail: NIL,
-                uq_tail: NIL,
-            };
-            pr
-        ],
+        rk: match &carry {
+            Some((c, _)) => {
+                c.rk.iter()
+                    .map(|x| RankState {
+                        cpu0: CpuState {
+                            free: x.cpu0.free,
+                            last: NIL,
+                        },
+                        prq_tail: NIL,
+                        uq_tail: NIL,
+                        ..*x
+                    })
+                    .collect()
+            }
+            None => vec![RankState::IDLE; pr],
+        },
         class_wait: vec![0; 256],
         class_noise: vec![0; 256],
         events: 0,
@@ -390,11 +473,34 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
     for op in 0..n {
         // (An op released by an earlier initial op has a predecessor: it is queued already.)
         if sim.st[op].link == 0 && sim.st[op].pred == PRED_NONE {
-            sim.handle(EV_READY << 32 | op as u64);
+            let t = match &carry {
+                Some((c, _)) => c.ready[s.ops[op].rank as usize],
+                None => 0,
+            };
+            if t == 0 {
+                sim.handle(EV_READY << 32 | op as u64);
+            } else {
+                sim.st[op].ready = t;
+                sim.heap.push(t, EV_READY << 32 | op as u64);
+            }
         }
     }
     sim.run();
-    sim.finish()
+    let Some((c, exits)) = carry else {
+        return sim.finish();
+    };
+    c.rk.copy_from_slice(&sim.rk);
+    let out = sim.finish();
+    if opts.record_busy {
+        c.busy.copy_from_slice(&out.rank_busy);
+    }
+    for (r, &e) in exits.iter().enumerate() {
+        if e != NIL {
+            // `u64::MAX` when the exit never completed; the caller stops there.
+            c.ready[r] = out.st[e as usize].end;
+        }
+    }
+    out
 }
 
 impl<'a> Sim<'a> {
@@ -583,7 +689,7 @@ impl<'a> Sim<'a> {
                 self.cpu_at(ci).last = op as u32;
                 let wire = if eager { self.p.gb(z) } else { 0 };
                 self.nic_at(ni).send_free = start + self.p.g + wire;
-                let mut arr = e + self.p.l + wire + self.noise.latency(op as u32, 0);
+                let mut arr = e + self.p.l + wire + self.noise.latency(self.op_base + op as u64, 0);
                 let r = rank as usize;
                 arr = arr.max(self.rk[r].last_arr);
                 self.rk[r].last_arr = arr;
@@ -665,7 +771,7 @@ impl<'a> Sim<'a> {
             let e = self.work(r, rank, start, self.p.o);
             self.cpu_at(ci).free = e;
             self.st[sop].link = r as u32;
-            let t = e + self.p.l + self.noise.latency(sop as u32, 1);
+            let t = e + self.p.l + self.noise.latency(self.op_base + sop as u64, 1);
             self.schedule(t, EV_CTS << 32 | sop as u64);
         }
     }
@@ -689,7 +795,7 @@ impl<'a> Sim<'a> {
         self.cpu_at(ci).last = sop as u32;
         self.nic_at(ni).send_free = start + self.p.g + self.p.gb(z);
         let r = rank as usize;
-        let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(sop as u32, 2))
+        let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(self.op_base + sop as u64, 2))
             .max(self.rk[r].last_arr);
         self.rk[r].last_arr = arr;
         self.complete(sop, e);
