@@ -15,7 +15,7 @@ use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
 use chama::sim::{simulate, Params, SimOptions};
-use chama::stream::simulate_ring_segmented;
+use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
 
@@ -225,6 +225,9 @@ struct RunArgs {
     /// Operations per segment of a segmented run.
     #[arg(long, default_value_t = 1 << 20)]
     segment_ops: u64,
+    /// Segmented run: report progress on stderr every N seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    progress: u64,
 }
 
 #[derive(Args)]
@@ -504,12 +507,34 @@ fn cmd_run_segmented(a: RunArgs, gp: GenParams) -> Result<(), ChamaError> {
     };
     let seg = a.segment_ops.max(1);
     let run = |n: &Noise| simulate_ring_segmented(&gp, &params, n, &opts, seg);
+    let every = a.progress;
+    let mut last = Instant::now();
+    let mut report = |o: &StreamOutput, done: u64, total: u64| {
+        if every > 0 && (last.elapsed().as_secs() >= every || done == total) {
+            last = Instant::now();
+            eprintln!(
+                "ring {} ranks: {done}/{total} steps ({:.2} %), {} events, {} ops, {} unfinished, {} unmatched receives, {:.0} s wall, {:.0} s CPU, {} KiB peak",
+                gp.ranks,
+                100.0 * done as f64 / total as f64,
+                o.events,
+                o.ops,
+                o.unfinished(),
+                o.unmatched_recvs,
+                t0.elapsed().as_secs_f64(),
+                process_cpu_seconds().unwrap_or(0.0),
+                vm_hwm_kib().unwrap_or(0)
+            );
+        }
+    };
+    let run_noisy = |r: &mut dyn FnMut(&StreamOutput, u64, u64)| {
+        simulate_ring_segmented_with_progress(&gp, &params, &noise, &opts, seg, r)
+    };
     let (clean, noisy) = if a.single {
-        (None, run(&noise))
+        (None, run_noisy(&mut report))
     } else {
         std::thread::scope(|sc| {
             let h = sc.spawn(|| run(&Noise::none()));
-            let n = run(&noise);
+            let n = run_noisy(&mut report);
             let c = h.join().unwrap_or_else(|_| run(&Noise::none()));
             (Some(c), n)
         })

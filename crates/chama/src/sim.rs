@@ -357,47 +357,29 @@ struct Sim<'a> {
 
 /// Run one simulation of `s`.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, 0)
+    simulate_inner(s, p, noise, opts, None)
 }
 
-/// Simulate `s` as one segment of a longer program whose earlier segments left `carry`.
-///
-/// Operations of `s` without dependencies become ready when their rank's previous segment
-/// ended (`carry.ready`); each rank's CPU, NIC, message order and busy time continue from
-/// `carry`. On return `carry` describes the end of this segment: `ready[r]` is the completion
-/// time of `exits[r]` (the operation the rank's next segment depends on; `u32::MAX`: the rank
-/// keeps its previous ready time). `op_base` is the index of the segment's first operation in
-/// the whole program (it keys latency noise).
-///
-/// This reproduces the whole program's simulation exactly when every resource use of a rank in
-/// this segment happens before the rank's exit operation completes (true for blocking steps of
-/// eager messages, as in the ring all-reduce) and messages never cross a segment boundary.
-/// Unsupported on schedules with more than one CPU or NIC per rank (the extra ones are not
-/// carried).
-pub fn simulate_segment(
-    s: &Schedule,
-    p: &Params,
-    noise: &Noise,
-    opts: &SimOptions,
-    carry: &mut Carry,
-    exits: &[u32],
-    op_base: u64,
-) -> SimOutput {
-    simulate_inner(s, p, noise, opts, Some((carry, exits)), op_base)
+/// A schedule's initial simulation state (pending-dependency counts, dependency-free
+/// operations), computed once for a schedule that is simulated many times as a segment.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    st: Vec<OpState>,
+    entries: Vec<u32>,
 }
 
-fn simulate_inner(
-    s: &Schedule,
-    p: &Params,
-    noise: &Noise,
-    opts: &SimOptions,
-    carry: Option<(&mut Carry, &[u32])>,
-    op_base: u64,
-) -> SimOutput {
-    let n = s.len();
-    let pr = s.num_ranks as usize;
-    let nc = s.num_cpus as usize;
-    let nn = s.num_nics as usize;
+impl Prepared {
+    /// Prepare `s`.
+    pub fn new(s: &Schedule) -> Self {
+        let st = initial_state(s);
+        let entries = (0..st.len() as u32)
+            .filter(|&i| st[i as usize].link == 0)
+            .collect();
+        Prepared { st, entries }
+    }
+}
+
+fn initial_state(s: &Schedule) -> Vec<OpState> {
     let mut st = vec![
         OpState {
             ready: 0,
@@ -405,11 +387,65 @@ fn simulate_inner(
             link: 0,
             pred: PRED_NONE,
         };
-        n
+        s.len()
     ];
     for &d in &s.dep_list {
         st[(d & !IREQ_BIT) as usize].link += 1;
     }
+    st
+}
+
+/// One segment of a longer program, for [`simulate_segment`].
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// The segment's operations.
+    pub schedule: &'a Schedule,
+    /// [`Prepared::new`] of `schedule`.
+    pub prepared: &'a Prepared,
+    /// Per rank: the operation the rank's next segment depends on (`u32::MAX`: none, the rank
+    /// keeps its previous ready time).
+    pub exits: &'a [u32],
+    /// Index of the segment's first operation in the whole program (keys latency noise).
+    pub op_base: u64,
+}
+
+/// Simulate one segment of a longer program whose earlier segments left `carry`.
+///
+/// Operations of the segment without dependencies become ready when their rank's previous
+/// segment ended (`carry.ready`); each rank's CPU, NIC, message order and busy time continue
+/// from `carry`. On return `carry` describes the end of this segment: `ready[r]` is the
+/// completion time of `exits[r]` (`u64::MAX` if it never completed: stop there).
+///
+/// This reproduces the whole program's simulation exactly when every resource use of a rank in
+/// the segment happens before the rank's exit operation completes (true for blocking steps of
+/// eager messages, as in the ring all-reduce) and messages never cross a segment boundary.
+/// Schedules with more than one CPU or NIC per rank are not supported (the extra ones are not
+/// carried).
+pub fn simulate_segment(
+    seg: &Segment,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    carry: &mut Carry,
+) -> SimOutput {
+    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)))
+}
+
+fn simulate_inner(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    carry: Option<(&mut Carry, &Segment)>,
+) -> SimOutput {
+    let n = s.len();
+    let pr = s.num_ranks as usize;
+    let nc = s.num_cpus as usize;
+    let nn = s.num_nics as usize;
+    let (st, op_base) = match &carry {
+        Some((_, seg)) => (seg.prepared.st.clone(), seg.op_base),
+        None => (initial_state(s), 0),
+    };
     let mut sim = Sim {
         s,
         op_base,
@@ -470,7 +506,11 @@ fn simulate_inner(
     };
     // Operations without dependencies start at time 0, in program order, before anything
     // they trigger.
-    for op in 0..n {
+    let entries: Box<dyn Iterator<Item = usize> + '_> = match &carry {
+        Some((_, seg)) => Box::new(seg.prepared.entries.iter().map(|&o| o as usize)),
+        None => Box::new(0..n),
+    };
+    for op in entries {
         // (An op released by an earlier initial op has a predecessor: it is queued already.)
         if sim.st[op].link == 0 && sim.st[op].pred == PRED_NONE {
             let t = match &carry {
@@ -486,7 +526,7 @@ fn simulate_inner(
         }
     }
     sim.run();
-    let Some((c, exits)) = carry else {
+    let Some((c, seg)) = carry else {
         return sim.finish();
     };
     c.rk.copy_from_slice(&sim.rk);
@@ -494,7 +534,7 @@ fn simulate_inner(
     if opts.record_busy {
         c.busy.copy_from_slice(&out.rank_busy);
     }
-    for (r, &e) in exits.iter().enumerate() {
+    for (r, &e) in seg.exits.iter().enumerate() {
         if e != NIL {
             // `u64::MAX` when the exit never completed; the caller stops there.
             c.ready[r] = out.st[e as usize].end;

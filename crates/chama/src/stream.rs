@@ -21,7 +21,7 @@
 use crate::error::SpecError;
 use crate::gen::{ring_chunk, ring_ops_per_step, ring_segment, GenParams};
 use crate::noise::Noise;
-use crate::sim::{simulate_segment, Carry, Params, SimOptions};
+use crate::sim::{simulate_segment, Carry, Params, Prepared, Segment, SimOptions};
 
 /// What a segmented run produces (per-operation state is not kept).
 #[derive(Clone, Debug, Default)]
@@ -76,6 +76,19 @@ pub fn simulate_ring_segmented(
     opts: &SimOptions,
     segment_ops: u64,
 ) -> Result<StreamOutput, SpecError> {
+    simulate_ring_segmented_with_progress(gp, p, noise, opts, segment_ops, &mut |_, _, _| {})
+}
+
+/// [`simulate_ring_segmented`], calling `progress(so_far, steps_done, steps_total)` after
+/// every segment.
+pub fn simulate_ring_segmented_with_progress(
+    gp: &GenParams,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    segment_ops: u64,
+    progress: &mut dyn FnMut(&StreamOutput, u64, u64),
+) -> Result<StreamOutput, SpecError> {
     let ranks = gp.ranks;
     if ranks < 2 {
         return Err(SpecError(
@@ -103,21 +116,35 @@ pub fn simulate_ring_segmented(
     let mut op_base = 0u64;
     'phases: for phase in 0..2 {
         let (full, full_exits) = ring_segment(gp, phase, k)?;
+        let full_prep = Prepared::new(&full);
         let mut done = 0u32;
         while done < total_steps {
             let n = k.min(total_steps - done);
             let tail;
-            let (seg, exits) = if n == k {
-                (&full, &full_exits)
+            let seg = if n == k {
+                Segment {
+                    schedule: &full,
+                    prepared: &full_prep,
+                    exits: &full_exits,
+                    op_base,
+                }
             } else {
-                tail = ring_segment(gp, phase, n)?;
-                (&tail.0, &tail.1)
+                let (s, e) = ring_segment(gp, phase, n)?;
+                let pr = Prepared::new(&s);
+                tail = (s, e, pr);
+                Segment {
+                    schedule: &tail.0,
+                    prepared: &tail.2,
+                    exits: &tail.1,
+                    op_base,
+                }
             };
-            let out = simulate_segment(seg, p, noise, opts, &mut carry, exits, op_base);
+            let out = simulate_segment(&seg, p, noise, opts, &mut carry);
+            let len = seg.schedule.len() as u64;
             o.segments += 1;
             o.events += out.events;
-            o.ops += seg.len() as u64;
-            o.max_segment_ops = o.max_segment_ops.max(seg.len() as u64);
+            o.ops += len;
+            o.max_segment_ops = o.max_segment_ops.max(len);
             o.completed += out.completed;
             o.unmatched_recvs += out.unmatched_recvs;
             o.unmatched_sends += out.unmatched_sends;
@@ -127,17 +154,27 @@ pub fn simulate_ring_segmented(
             for (a, b) in o.class_noise.iter_mut().zip(&out.class_noise) {
                 *a += b;
             }
-            for (op, st) in seg.ops.iter().zip(&out.st) {
-                let r = op.rank as usize;
-                if st.end != u64::MAX && st.end > o.rank_end[r] {
-                    o.rank_end[r] = st.end;
+            let last = phase == 1 && done + n == total_steps;
+            if last || out.unfinished() > 0 {
+                // Every operation of a segment depends (through its rank's exit) on the
+                // previous segment, so a rank's last completion is in the last segment.
+                for (op, st) in seg.schedule.ops.iter().zip(&out.st) {
+                    let r = op.rank as usize;
+                    if st.end != u64::MAX && st.end > o.rank_end[r] {
+                        o.rank_end[r] = st.end;
+                    }
                 }
             }
+            op_base += len;
+            done += n;
+            progress(
+                &o,
+                (phase * total_steps + done) as u64,
+                2 * total_steps as u64,
+            );
             if out.unfinished() > 0 {
                 break 'phases;
             }
-            op_base += seg.len() as u64;
-            done += n;
         }
     }
     o.completion = o.rank_end.iter().copied().max().unwrap_or(0);
