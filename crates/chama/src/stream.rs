@@ -1,8 +1,8 @@
 //! Segmented simulation of schedules too large to hold: the ring all-reduce.
 //!
 //! A ring all-reduce on P ranks has 2(P−1) steps of 2P (or 3P) operations: at 65,536 ranks
-//! 8.6·10⁹ operations, more than a [`Schedule`](crate::schedule::Schedule) can index and far
-//! more than memory holds. Its steps are regular, so the simulator runs it a few steps at a
+//! 1.7·10¹⁰ operations (8.6·10⁹ messages), more than a
+//! [`Schedule`](crate::schedule::Schedule) can index and far more than memory holds. Its steps are regular, so the simulator runs it a few steps at a
 //! time: [`ring_segment`] builds a block of consecutive steps laid out exactly as the whole
 //! ring would lay them out, and [`simulate_segment`] runs the block starting from the per-rank
 //! state ([`Carry`]) the previous block left: each rank starts when its previous step's receive

@@ -80,7 +80,7 @@ scale_test!(
     Pattern::Stencil3d,
     [1, 2, 16, 256, 1000, 65536]
 );
-// A ring all-reduce has 2(P-1) steps: at 65,536 ranks that is 8.6e9 operations, beyond what a
+// A ring all-reduce has 2(P-1) steps: at 65,536 ranks that is 1.7e10 operations, beyond what a
 // 2^31-operation schedule can hold; materialised, it is tested up to 1000 ranks, and the
 // segmented simulation (which `chama run` uses beyond that) is checked against it below.
 scale_test!(
