@@ -129,8 +129,13 @@ pub fn generate(pattern: Pattern, gp: &GenParams) -> Result<Schedule, SpecError>
     let ops_estimate = estimate_ops(pattern, gp);
     if ops_estimate > crate::schedule::MAX_OPS as u64 {
         return Err(SpecError(format!(
-            "{} at {p} ranks needs about {ops_estimate} operations, more than the 2^31 a schedule holds",
-            pattern.name()
+            "{} at {p} ranks needs about {ops_estimate} operations, more than the 2^31 a schedule holds{}",
+            pattern.name(),
+            if pattern == Pattern::AllreduceRing {
+                " (`chama run` simulates it in segments instead)"
+            } else {
+                ""
+            }
         )));
     }
     let mut b = ScheduleBuilder::new(p);
@@ -385,33 +390,87 @@ fn allreduce_rd(
 
 fn allreduce_ring(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, tag: &mut u32) {
     let p = b.num_ranks();
-    let class = b.class("allreduce");
     if p == 1 {
+        b.class("allreduce");
         return;
     }
-    let chunk = gp.bytes.div_ceil(p as u64).max(1);
-    for phase in 0..2 {
-        let reduce = if phase == 0 { gp.reduce_ps_per_byte } else { 0 };
-        for _ in 0..p - 1 {
-            let t = *tag;
-            *tag = tag.wrapping_add(1) & 0x7fff_ffff;
-            for r in 0..p {
-                let ru = r as usize;
-                let s = b.send(r, (r + 1) % p, t, chunk, class);
-                let rv = b.recv(r, (r + p - 1) % p, t, chunk, class);
-                front.depend(b, ru, s);
-                front.depend(b, ru, rv);
-                let cost = chunk.saturating_mul(reduce) / 1000;
-                if cost > 0 {
-                    let c = b.calc(r, cost, class);
-                    b.depend(c, rv, false);
-                    front.set(ru, c);
-                } else {
-                    front.set(ru, rv);
-                }
+    let chunk = ring_chunk(gp);
+    ring_steps(b, front, chunk, gp.reduce_ps_per_byte, p - 1, tag);
+    ring_steps(b, front, chunk, 0, p - 1, tag);
+}
+
+/// Bytes each ring step moves: the vector split in P chunks.
+pub fn ring_chunk(gp: &GenParams) -> u64 {
+    gp.bytes.div_ceil(gp.ranks.max(1) as u64).max(1)
+}
+
+/// `steps` ring steps: every rank sends a chunk to its right neighbour, receives one from its
+/// left neighbour and (if `reduce` > 0) reduces it.
+fn ring_steps(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    chunk: u64,
+    reduce: u64,
+    steps: u32,
+    tag: &mut u32,
+) {
+    let p = b.num_ranks();
+    let class = b.class("allreduce");
+    for _ in 0..steps {
+        let t = *tag;
+        *tag = tag.wrapping_add(1) & 0x7fff_ffff;
+        for r in 0..p {
+            let ru = r as usize;
+            let s = b.send(r, (r + 1) % p, t, chunk, class);
+            let rv = b.recv(r, (r + p - 1) % p, t, chunk, class);
+            front.depend(b, ru, s);
+            front.depend(b, ru, rv);
+            let cost = chunk.saturating_mul(reduce) / 1000;
+            if cost > 0 {
+                let c = b.calc(r, cost, class);
+                b.depend(c, rv, false);
+                front.set(ru, c);
+            } else {
+                front.set(ru, rv);
             }
         }
     }
+}
+
+/// Operations one ring step of `phase` (0: reduce-scatter, 1: all-gather) adds.
+pub fn ring_ops_per_step(gp: &GenParams, phase: u32) -> u64 {
+    let reduce = if phase == 0 { gp.reduce_ps_per_byte } else { 0 };
+    let calc = ring_chunk(gp).saturating_mul(reduce) / 1000 > 0;
+    gp.ranks as u64 * if calc { 3 } else { 2 }
+}
+
+/// `steps` consecutive steps of the ring all-reduce's `phase` (0: reduce-scatter with its
+/// reductions, 1: all-gather) as a schedule of their own, laid out exactly as [`generate`] lays
+/// them out inside the whole ring. The first step's operations have no dependencies (they
+/// depend on the previous segment, see [`crate::sim::simulate_segment`]); returns the
+/// schedule and every rank's exit operation (the one its next step waits for).
+pub fn ring_segment(
+    gp: &GenParams,
+    phase: u32,
+    steps: u32,
+) -> Result<(Schedule, Vec<u32>), SpecError> {
+    let p = gp.ranks;
+    let ops = ring_ops_per_step(gp, phase).saturating_mul(steps as u64);
+    if p < 2 || ops > crate::schedule::MAX_OPS as u64 {
+        return Err(SpecError(format!(
+            "a ring segment of {steps} steps at {p} ranks is not possible"
+        )));
+    }
+    let mut b = ScheduleBuilder::new(p);
+    b.reserve(ops as usize, ops as usize * 2);
+    let mut front = Front::new(p as usize);
+    let reduce = if phase == 0 { gp.reduce_ps_per_byte } else { 0 };
+    let mut tag = 0;
+    ring_steps(&mut b, &mut front, ring_chunk(gp), reduce, steps, &mut tag);
+    let s = b
+        .finish()
+        .map_err(|e: ScheduleError| SpecError(e.to_string()))?;
+    Ok((s, front.first))
 }
 
 fn allreduce_rab(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, tag: &mut u32) {

@@ -12,5 +12,6 @@ pub mod goal;
 pub mod noise;
 pub mod schedule;
 pub mod sim;
+pub mod stream;
 pub mod svg;
 pub mod trace;

@@ -10,11 +10,12 @@ use clap::{Args, Parser, Subcommand};
 
 use chama::analysis::{analyse, classes_csv, ranks_csv, summary};
 use chama::error::{ChamaError, SpecError};
-use chama::gen::{generate, GenParams, Pattern};
+use chama::gen::{estimate_ops, generate, GenParams, Pattern};
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
-use chama::schedule::Schedule;
+use chama::schedule::{Schedule, MAX_OPS};
 use chama::sim::{simulate, Params, SimOptions};
+use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
 
@@ -215,6 +216,18 @@ struct RunArgs {
     /// Do not print the summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Simulate a ring all-reduce (`--gen allreduce-ring`) a few steps at a time with bounded
+    /// memory, exactly as the whole ring would run (automatic when the ring does not fit one
+    /// schedule, e.g. 65,536 ranks). Reports completion, slowdown, per-rank wait and per-class
+    /// noise; no critical path.
+    #[arg(long)]
+    segmented: bool,
+    /// Operations per segment of a segmented run.
+    #[arg(long, default_value_t = 1 << 20)]
+    segment_ops: u64,
+    /// Segmented run: report progress on stderr every N seconds (0: never).
+    #[arg(long, default_value_t = 0)]
+    progress: u64,
 }
 
 #[derive(Args)]
@@ -393,6 +406,17 @@ fn vm_hwm_kib() -> Option<u64> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
+    if a.input.gen == Some(Pattern::AllreduceRing)
+        && a.input.goal.is_none()
+        && a.input.trace.is_none()
+    {
+        let gp = a.input.g.params(a.input.g.ranks)?;
+        if a.segmented || estimate_ops(Pattern::AllreduceRing, &gp) > MAX_OPS as u64 {
+            return cmd_run_segmented(a, gp);
+        }
+    } else if a.segmented {
+        return Err(SpecError("--segmented applies to --gen allreduce-ring only".into()).into());
+    }
     let t0 = Instant::now();
     let c0 = thread_cpu_ns().unwrap_or(0);
     let params = a.model.params()?;
@@ -461,6 +485,122 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         return Err(ChamaError::Incomplete(format!(
             "{} operations never completed: {} receives unmatched, {} messages never received (deadlock or missing partner)",
             r.unfinished_ops, r.unmatched_recvs, r.unmatched_sends
+        )));
+    }
+    Ok(())
+}
+
+/// `chama run` on a ring all-reduce too large for one schedule: see [`chama::stream`].
+fn cmd_run_segmented(a: RunArgs, gp: GenParams) -> Result<(), ChamaError> {
+    if a.csv.is_some() {
+        return Err(SpecError(
+            "a segmented run keeps no per-operation state: no per-class CSV (use --json)".into(),
+        )
+        .into());
+    }
+    let t0 = Instant::now();
+    let params = a.model.params()?;
+    let (noise, desc) = a.noise.build()?;
+    let opts = SimOptions {
+        record_busy: true,
+        ..SimOptions::default()
+    };
+    let seg = a.segment_ops.max(1);
+    let run = |n: &Noise| simulate_ring_segmented(&gp, &params, n, &opts, seg);
+    let every = a.progress;
+    let mut last = Instant::now();
+    let mut report = |o: &StreamOutput, done: u64, total: u64| {
+        if every > 0 && (last.elapsed().as_secs() >= every || done == total) {
+            last = Instant::now();
+            eprintln!(
+                "ring {} ranks: {done}/{total} steps ({:.2} %), {} events, {} ops, {} unfinished, {} unmatched receives, {:.0} s wall, {:.0} s CPU, {} KiB peak",
+                gp.ranks,
+                100.0 * done as f64 / total as f64,
+                o.events,
+                o.ops,
+                o.unfinished(),
+                o.unmatched_recvs,
+                t0.elapsed().as_secs_f64(),
+                process_cpu_seconds().unwrap_or(0.0),
+                vm_hwm_kib().unwrap_or(0)
+            );
+        }
+    };
+    let run_noisy = |r: &mut dyn FnMut(&StreamOutput, u64, u64)| {
+        simulate_ring_segmented_with_progress(&gp, &params, &noise, &opts, seg, r)
+    };
+    let (clean, noisy) = if a.single {
+        (None, run_noisy(&mut report))
+    } else {
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| run(&Noise::none()));
+            let n = run_noisy(&mut report);
+            let c = h.join().unwrap_or_else(|_| run(&Noise::none()));
+            (Some(c), n)
+        })
+    };
+    let clean = clean.transpose()?;
+    let noisy = noisy?;
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu = process_cpu_seconds().unwrap_or(0.0);
+    let wait: Vec<u64> = noisy
+        .rank_end
+        .iter()
+        .zip(&noisy.rank_busy)
+        .map(|(&e, &b)| e.saturating_sub(b))
+        .collect();
+    let wmax = wait.iter().copied().max().unwrap_or(0);
+    let wmean = wait.iter().sum::<u64>() as f64 / wait.len().max(1) as f64;
+    let events = noisy.events + clean.as_ref().map_or(0, |c| c.events);
+    let j = serde_json::json!({
+        "input": format!("allreduce-ring on {} ranks (segmented)", gp.ranks),
+        "noise": desc,
+        "ranks": gp.ranks,
+        "ops": noisy.ops,
+        "segments": noisy.segments,
+        "steps_per_segment": noisy.steps_per_segment,
+        "max_segment_ops": noisy.max_segment_ops,
+        "events": noisy.events,
+        "completion_ns": noisy.completion,
+        "clean_completion_ns": clean.as_ref().map(|c| c.completion),
+        "slowdown": clean.as_ref().map(|c| noisy.completion as f64 / c.completion.max(1) as f64),
+        "unfinished_ops": noisy.unfinished(),
+        "unmatched_recvs": noisy.unmatched_recvs,
+        "unmatched_sends": noisy.unmatched_sends,
+        "clean_unfinished_ops": clean.as_ref().map(|c| c.unfinished()),
+        "rank_wait_max_ns": wmax,
+        "rank_wait_mean_ns": wmean,
+        "allreduce_noise_ns": noisy.class_noise.get(1).copied().unwrap_or(0),
+        "allreduce_recv_wait_ns": noisy.class_wait.get(1).copied().unwrap_or(0),
+        "wall_seconds": wall,
+        "process_cpu_seconds": cpu,
+        "events_all_runs": events,
+        "events_per_cpu_second": events as f64 / cpu.max(1e-9),
+        "vm_hwm_kib": vm_hwm_kib(),
+    });
+    if !a.quiet {
+        println!("{j}");
+    }
+    if let Some(f) = &a.json {
+        write_out(f, |w| {
+            serde_json::to_writer_pretty(&mut *w, &j).map_err(std::io::Error::other)?;
+            writeln!(w)
+        })?;
+    }
+    if let Some(f) = &a.ranks_csv {
+        write_out(f, |w| {
+            writeln!(w, "rank,completion_ns,wait_ns")?;
+            for (r, (e, wt)) in noisy.rank_end.iter().zip(&wait).enumerate() {
+                writeln!(w, "{r},{e},{wt}")?;
+            }
+            Ok(())
+        })?;
+    }
+    let bad = noisy.unfinished() + clean.as_ref().map_or(0, |c| c.unfinished());
+    if bad > 0 {
+        return Err(ChamaError::Incomplete(format!(
+            "{bad} operations never completed: {} receives unmatched, {} messages never received",
+            noisy.unmatched_recvs, noisy.unmatched_sends
         )));
     }
     Ok(())

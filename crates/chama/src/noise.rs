@@ -271,20 +271,20 @@ impl Noise {
 
     /// Extra latency for message `msg` (a send op index; `leg` separates rendezvous legs).
     #[inline]
-    pub fn latency(&self, msg: u32, leg: u64) -> u64 {
+    pub fn latency(&self, msg: u64, leg: u64) -> u64 {
         match self.latency {
             LatencyNoise::None => 0,
             LatencyNoise::Exp { mean } => {
-                let u = unit(h3(self.seed ^ 0x1a7e, msg as u64, leg)).max(1e-300);
+                let u = unit(h3(self.seed ^ 0x1a7e, msg, leg)).max(1e-300);
                 (-u.ln() * mean as f64) as u64
             }
             LatencyNoise::Uniform { max } => {
-                (unit(h3(self.seed ^ 0x1a7e, msg as u64, leg)) * (max as f64 + 1.0)) as u64
+                (unit(h3(self.seed ^ 0x1a7e, msg, leg)) * (max as f64 + 1.0)) as u64
             }
             LatencyNoise::Gauss { mean, sd } => {
                 let z = normal(
-                    h3(self.seed ^ 0x1a7e, msg as u64, leg),
-                    h3(self.seed ^ 0x1a7f, msg as u64, leg),
+                    h3(self.seed ^ 0x1a7e, msg, leg),
+                    h3(self.seed ^ 0x1a7f, msg, leg),
                 );
                 (mean as f64 + z * sd as f64).max(0.0) as u64
             }

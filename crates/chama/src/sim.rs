@@ -267,20 +267,20 @@ fn q_take(
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct CpuState {
     free: u64,
     last: u32,
 }
 
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 struct NicState {
     send_free: u64,
     recv_free: u64,
 }
 
 /// Everything per rank in one cache line (CPU 0 and NIC 0 live here too).
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct RankState {
     cpu0: CpuState,
     nic0: NicState,
@@ -292,8 +292,47 @@ struct RankState {
     uq_tail: u32,
 }
 
+impl RankState {
+    const IDLE: RankState = RankState {
+        cpu0: CpuState { free: 0, last: NIL },
+        nic0: NicState {
+            send_free: 0,
+            recv_free: 0,
+        },
+        last_arr: 0,
+        prq_tail: NIL,
+        uq_tail: NIL,
+    };
+}
+
+/// Per-rank state carried from one segment of a long schedule to the next (see
+/// [`simulate_segment`]): when each rank may start its next segment, its CPU and NIC, its
+/// message ordering and its CPU busy time.
+#[derive(Clone, Debug)]
+pub struct Carry {
+    /// Time each rank's exit operation of the previous segment completed.
+    pub ready: Vec<u64>,
+    rk: Vec<RankState>,
+    /// Per rank: CPU time used so far (work plus the detours inside it).
+    pub busy: Vec<u64>,
+}
+
+impl Carry {
+    /// State of `ranks` idle ranks at time 0.
+    pub fn new(ranks: u32) -> Self {
+        Carry {
+            ready: vec![0; ranks as usize],
+            rk: vec![RankState::IDLE; ranks as usize],
+            busy: vec![0; ranks as usize],
+        }
+    }
+}
+
 struct Sim<'a> {
     s: &'a Schedule,
+    /// Index of this schedule's first operation in the whole (segmented) program; keys the
+    /// latency noise so a segmented run draws what the whole program would.
+    op_base: u64,
     p: Params,
     noise: &'a Noise,
     noisy: bool,
@@ -318,10 +357,29 @@ struct Sim<'a> {
 
 /// Run one simulation of `s`.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    let n = s.len();
-    let pr = s.num_ranks as usize;
-    let nc = s.num_cpus as usize;
-    let nn = s.num_nics as usize;
+    simulate_inner(s, p, noise, opts, None)
+}
+
+/// A schedule's initial simulation state (pending-dependency counts, dependency-free
+/// operations), computed once for a schedule that is simulated many times as a segment.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    st: Vec<OpState>,
+    entries: Vec<u32>,
+}
+
+impl Prepared {
+    /// Prepare `s`.
+    pub fn new(s: &Schedule) -> Self {
+        let st = initial_state(s);
+        let entries = (0..st.len() as u32)
+            .filter(|&i| st[i as usize].link == 0)
+            .collect();
+        Prepared { st, entries }
+    }
+}
+
+fn initial_state(s: &Schedule) -> Vec<OpState> {
     let mut st = vec![
         OpState {
             ready: 0,
@@ -329,13 +387,68 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
             link: 0,
             pred: PRED_NONE,
         };
-        n
+        s.len()
     ];
     for &d in &s.dep_list {
         st[(d & !IREQ_BIT) as usize].link += 1;
     }
+    st
+}
+
+/// One segment of a longer program, for [`simulate_segment`].
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    /// The segment's operations.
+    pub schedule: &'a Schedule,
+    /// [`Prepared::new`] of `schedule`.
+    pub prepared: &'a Prepared,
+    /// Per rank: the operation the rank's next segment depends on (`u32::MAX`: none, the rank
+    /// keeps its previous ready time).
+    pub exits: &'a [u32],
+    /// Index of the segment's first operation in the whole program (keys latency noise).
+    pub op_base: u64,
+}
+
+/// Simulate one segment of a longer program whose earlier segments left `carry`.
+///
+/// Operations of the segment without dependencies become ready when their rank's previous
+/// segment ended (`carry.ready`); each rank's CPU, NIC, message order and busy time continue
+/// from `carry`. On return `carry` describes the end of this segment: `ready[r]` is the
+/// completion time of `exits[r]` (`u64::MAX` if it never completed: stop there).
+///
+/// This reproduces the whole program's simulation exactly when every resource use of a rank in
+/// the segment happens before the rank's exit operation completes (true for blocking steps of
+/// eager messages, as in the ring all-reduce) and messages never cross a segment boundary.
+/// Schedules with more than one CPU or NIC per rank are not supported (the extra ones are not
+/// carried).
+pub fn simulate_segment(
+    seg: &Segment,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    carry: &mut Carry,
+) -> SimOutput {
+    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)))
+}
+
+fn simulate_inner(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    carry: Option<(&mut Carry, &Segment)>,
+) -> SimOutput {
+    let n = s.len();
+    let pr = s.num_ranks as usize;
+    let nc = s.num_cpus as usize;
+    let nn = s.num_nics as usize;
+    let (st, op_base) = match &carry {
+        Some((_, seg)) => (seg.prepared.st.clone(), seg.op_base),
+        None => (initial_state(s), 0),
+    };
     let mut sim = Sim {
         s,
+        op_base,
         p: *p,
         noise,
         noisy: noise.has_detours(),
@@ -348,10 +461,10 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         } else {
             Vec::new()
         },
-        busy: if opts.record_busy {
-            vec![0; pr]
-        } else {
-            Vec::new()
+        busy: match (&carry, opts.record_busy) {
+            (_, false) => Vec::new(),
+            (Some((c, _)), true) => c.busy.clone(),
+            (None, true) => vec![0; pr],
         },
         start: if opts.record_start {
             vec![u64::MAX; n]
@@ -370,16 +483,22 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
         },
         nc1: nc == 1,
         nn1: nn == 1,
-        rk: vec![
-            RankState {
-                cpu0: CpuState { free: 0, last: NIL },
-                nic0: NicState::default(),
-                last_arr: 0,
-                prq_tail: NIL,
-                uq_tail: NIL,
-            };
-            pr
-        ],
+        rk: match &carry {
+            Some((c, _)) => {
+                c.rk.iter()
+                    .map(|x| RankState {
+                        cpu0: CpuState {
+                            free: x.cpu0.free,
+                            last: NIL,
+                        },
+                        prq_tail: NIL,
+                        uq_tail: NIL,
+                        ..*x
+                    })
+                    .collect()
+            }
+            None => vec![RankState::IDLE; pr],
+        },
         class_wait: vec![0; 256],
         class_noise: vec![0; 256],
         events: 0,
@@ -387,14 +506,41 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
     };
     // Operations without dependencies start at time 0, in program order, before anything
     // they trigger.
-    for op in 0..n {
+    let entries: Box<dyn Iterator<Item = usize> + '_> = match &carry {
+        Some((_, seg)) => Box::new(seg.prepared.entries.iter().map(|&o| o as usize)),
+        None => Box::new(0..n),
+    };
+    for op in entries {
         // (An op released by an earlier initial op has a predecessor: it is queued already.)
         if sim.st[op].link == 0 && sim.st[op].pred == PRED_NONE {
-            sim.handle(EV_READY << 32 | op as u64);
+            let t = match &carry {
+                Some((c, _)) => c.ready[s.ops[op].rank as usize],
+                None => 0,
+            };
+            if t == 0 {
+                sim.handle(EV_READY << 32 | op as u64);
+            } else {
+                sim.st[op].ready = t;
+                sim.heap.push(t, EV_READY << 32 | op as u64);
+            }
         }
     }
     sim.run();
-    sim.finish()
+    let Some((c, seg)) = carry else {
+        return sim.finish();
+    };
+    c.rk.copy_from_slice(&sim.rk);
+    let out = sim.finish();
+    if opts.record_busy {
+        c.busy.copy_from_slice(&out.rank_busy);
+    }
+    for (r, &e) in seg.exits.iter().enumerate() {
+        if e != NIL {
+            // `u64::MAX` when the exit never completed; the caller stops there.
+            c.ready[r] = out.st[e as usize].end;
+        }
+    }
+    out
 }
 
 impl<'a> Sim<'a> {
@@ -583,7 +729,7 @@ impl<'a> Sim<'a> {
                 self.cpu_at(ci).last = op as u32;
                 let wire = if eager { self.p.gb(z) } else { 0 };
                 self.nic_at(ni).send_free = start + self.p.g + wire;
-                let mut arr = e + self.p.l + wire + self.noise.latency(op as u32, 0);
+                let mut arr = e + self.p.l + wire + self.noise.latency(self.op_base + op as u64, 0);
                 let r = rank as usize;
                 arr = arr.max(self.rk[r].last_arr);
                 self.rk[r].last_arr = arr;
@@ -665,7 +811,7 @@ impl<'a> Sim<'a> {
             let e = self.work(r, rank, start, self.p.o);
             self.cpu_at(ci).free = e;
             self.st[sop].link = r as u32;
-            let t = e + self.p.l + self.noise.latency(sop as u32, 1);
+            let t = e + self.p.l + self.noise.latency(self.op_base + sop as u64, 1);
             self.schedule(t, EV_CTS << 32 | sop as u64);
         }
     }
@@ -689,7 +835,7 @@ impl<'a> Sim<'a> {
         self.cpu_at(ci).last = sop as u32;
         self.nic_at(ni).send_free = start + self.p.g + self.p.gb(z);
         let r = rank as usize;
-        let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(sop as u32, 2))
+        let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(self.op_base + sop as u64, 2))
             .max(self.rk[r].last_arr);
         self.rk[r].last_arr = arr;
         self.complete(sop, e);

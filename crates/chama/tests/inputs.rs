@@ -266,3 +266,54 @@ fn command_line_end_to_end() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn cli_segmented_ring_reports_what_the_whole_ring_reports() {
+    let args = [
+        "run",
+        "--gen",
+        "allreduce-ring",
+        "--ranks",
+        "48",
+        "--noise",
+        "poisson:interval=30us,detour=4us",
+        "--latency-noise",
+        "exp:mean=200ns",
+        "--seed",
+        "9",
+        "--json",
+        "-",
+        "-q",
+    ];
+    let whole = chama().args(args).output().expect("run");
+    assert!(
+        whole.status.success(),
+        "{}",
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    let whole: serde_json::Value = serde_json::from_slice(&whole.stdout).expect("json");
+    let seg = chama()
+        .args(args)
+        .args(["--segmented", "--segment-ops", "400"])
+        .output()
+        .expect("run");
+    assert!(
+        seg.status.success(),
+        "{}",
+        String::from_utf8_lossy(&seg.stderr)
+    );
+    let seg: serde_json::Value = serde_json::from_slice(&seg.stdout).expect("json");
+    assert!(seg["segments"].as_u64().expect("segments") > 2);
+    assert_eq!(seg["completion_ns"], whole["completion_ns"]);
+    assert_eq!(seg["clean_completion_ns"], whole["baseline_ns"]);
+    assert_eq!(seg["unfinished_ops"], 0);
+    // The report counts the events of both runs.
+    assert_eq!(seg["events_all_runs"], whole["events"]);
+    // --segmented is for the ring only.
+    let e = chama()
+        .args(["run", "--gen", "bcast", "--segmented"])
+        .output()
+        .expect("run");
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("allreduce-ring"));
+}
