@@ -112,8 +112,11 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
-/// Bytes of job segments (memfds) a process holds.
+/// Bytes of job segments (memfds) a process holds, each segment counted once however many
+/// descriptors of it the process has (a multi-node job's node engine holds its own).
 fn memfd_bytes(pid: u32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
     let mut total = 0;
     if let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
         for fd in fds.flatten() {
@@ -121,7 +124,11 @@ fn memfd_bytes(pid: u32) -> u64 {
                 .map(|l| l.to_string_lossy().starts_with("/memfd:"))
                 .unwrap_or(false);
             if is_memfd {
-                total += std::fs::metadata(fd.path()).map(|m| m.len()).unwrap_or(0);
+                if let Ok(m) = std::fs::metadata(fd.path()) {
+                    if seen.insert((m.dev(), m.ino())) {
+                        total += m.len();
+                    }
+                }
             }
         }
     }
