@@ -348,22 +348,7 @@ impl Core {
                 return Ok(b);
             }
             // Give the cached shared buffers back to the heap and try again.
-            let cached: Vec<Buf> = {
-                let mut st = self.st.borrow_mut();
-                let mut out = Vec::new();
-                for v in st.pool.values_mut() {
-                    v.retain(|b| {
-                        if b.shared {
-                            out.push(*b);
-                        }
-                        !b.shared
-                    });
-                }
-                out
-            };
-            for b in cached {
-                self.ep().free(b);
-            }
+            self.release_cached_shared();
             let got = self.ep().alloc_shared(class);
             if let Ok(b) = got {
                 return Ok(b);

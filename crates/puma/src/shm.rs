@@ -76,6 +76,8 @@ impl ShmCore {
 /// One communicator's node-local group on the area.
 pub(crate) struct NodeColl {
     core: Rc<Core>,
+    /// The job region's collective area (taken from the core when the group is claimed).
+    area: CollArea,
     /// Context in the area.
     c: u32,
     /// The communicator's context id (high bits of every word).
@@ -127,10 +129,12 @@ impl NodeColl {
     ) -> Option<NodeColl> {
         let shm = core.shm()?;
         shm.claim(c, ctx);
+        let area = shm.area.clone();
         let oversubscribed = core.oversubscribed();
         let seen = RefCell::new(vec![0; ports.len()]);
         Some(NodeColl {
             seen,
+            area,
             core,
             c,
             ctx,
@@ -150,8 +154,7 @@ impl NodeColl {
     }
 
     fn area(&self) -> &CollArea {
-        // A NodeColl exists only when the core has the area.
-        &self.core.shm().expect("collective area present").area
+        &self.area
     }
 
     fn word(&self, s: u64) -> u64 {

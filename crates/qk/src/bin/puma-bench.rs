@@ -729,34 +729,7 @@ fn rank_main(
         }
     };
     let rbuf = ep.alloc_shared(size.max(8))?;
-    let pe = |e: qk::portals::Error| QkError::Portals(e.to_string());
-    let (eq, smd) = ep.with_engine(|e| -> Result<_, QkError> {
-        let eq = e.eq_alloc(4 * window as u32 + 64).map_err(pe)?;
-        let rmd = e
-            .md_create(&MdSpec {
-                kind: MdKind::Single {
-                    region: rbuf.region(),
-                    offset: OffsetMode::Sender,
-                },
-                options: MdOptions::PUT,
-                eq: Some(eq),
-            })
-            .map_err(pe)?;
-        e.portal_enable(P_DATA).map_err(pe)?;
-        e.portal_set_acl(P_DATA, Acl::job(job)).map_err(pe)?;
-        e.me_append(P_DATA, MatchSpec::any(), rmd).map_err(pe)?;
-        let smd = e
-            .md_create(&MdSpec {
-                kind: MdKind::Single {
-                    region: sbuf.region(),
-                    offset: OffsetMode::Sender,
-                },
-                options: MdOptions::PUT,
-                eq: None,
-            })
-            .map_err(pe)?;
-        Ok((eq, smd))
-    })?;
+    let (eq, smd) = bench_portals(&mut ep, job, window, sbuf, rbuf)?;
     let put = |ep: &mut Endpoint, n: u64, bits: u64| {
         ep.put(&PutArgs {
             md: smd,
@@ -838,7 +811,6 @@ fn rank_main(
     while ep.large_in_flight() > 0 && end.elapsed() < Duration::from_secs(2) {
         ep.progress();
     }
-    let _ = Path::new(".");
     Ok(())
 }
 
