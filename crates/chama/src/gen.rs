@@ -263,9 +263,26 @@ fn exchange(
     reduce_ps: u64,
     class: u8,
 ) {
+    shift(b, front, r, partner, partner, t, bytes, reduce_ps, class);
+}
+
+/// Rank `r` sends `bytes` to `to` and receives as much from `from` (both after its previous
+/// step), then optionally reduces what it received.
+#[allow(clippy::too_many_arguments)]
+fn shift(
+    b: &mut ScheduleBuilder,
+    front: &mut Front,
+    r: u32,
+    to: u32,
+    from: u32,
+    t: u32,
+    bytes: u64,
+    reduce_ps: u64,
+    class: u8,
+) {
     let ru = r as usize;
-    let s = b.send(r, partner, t, bytes, class);
-    let rv = b.recv(r, partner, t, bytes, class);
+    let s = b.send(r, to, t, bytes, class);
+    let rv = b.recv(r, from, t, bytes, class);
     front.depend(b, ru, s);
     front.depend(b, ru, rv);
     let cost = bytes.saturating_mul(reduce_ps) / 1000;
@@ -420,19 +437,17 @@ fn ring_steps(
         let t = *tag;
         *tag = tag.wrapping_add(1) & 0x7fff_ffff;
         for r in 0..p {
-            let ru = r as usize;
-            let s = b.send(r, (r + 1) % p, t, chunk, class);
-            let rv = b.recv(r, (r + p - 1) % p, t, chunk, class);
-            front.depend(b, ru, s);
-            front.depend(b, ru, rv);
-            let cost = chunk.saturating_mul(reduce) / 1000;
-            if cost > 0 {
-                let c = b.calc(r, cost, class);
-                b.depend(c, rv, false);
-                front.set(ru, c);
-            } else {
-                front.set(ru, rv);
-            }
+            shift(
+                b,
+                front,
+                r,
+                (r + 1) % p,
+                (r + p - 1) % p,
+                t,
+                chunk,
+                reduce,
+                class,
+            );
         }
     }
 }
