@@ -61,7 +61,10 @@ fn ftq_injected(dir: &Path, duration: &str) -> (f64, f64, f64, f64) {
     ftq(&inj_p, duration, true);
     let (base, inj) = (load_ftq(&base_p).unwrap(), load_ftq(&inj_p).unwrap());
     let (rb, ri) = (analyse_run(&base).unwrap(), analyse_run(&inj).unwrap());
-    // The reported spectral line nearest 100 Hz among the five strongest, refined by folding.
+    // What the tool reports nearest 100 Hz: among its five strongest spectral lines and its
+    // three strongest sources (a source folds harmonics, so on a machine with its own 50 Hz
+    // line the injection can be filed under 50 Hz; a raw line can be the 200 Hz harmonic),
+    // refined by folding.
     let fs = 1e9 / inj.interval_ns as f64;
     let a = &ri[0].analysis;
     println!(
@@ -72,8 +75,11 @@ fn ftq_injected(dir: &Path, duration: &str) -> (f64, f64, f64, f64) {
         .peaks
         .iter()
         .take(5)
-        .min_by(|x, y| (x.freq - 100.0).abs().total_cmp(&(y.freq - 100.0).abs()))
-        .unwrap_or_else(|| panic!("no spectral peak at all; sources {:?}", a.sources));
+        .map(|p| (p.freq, p.amplitude))
+        .chain(a.sources.iter().take(3).map(|s| (s.freq, s.amplitude)))
+        .min_by(|x, y| (x.0 - 100.0).abs().total_cmp(&(y.0 - 100.0).abs()))
+        .map(|(freq, amplitude)| Line { freq, amplitude })
+        .unwrap_or_else(|| panic!("no spectral line at all; sources {:?}", a.sources));
     let inj_series = lost_series(&inj.counts[0], inj.nominal_count);
     let f = refine_frequency(&inj_series, fs, peak.freq, a.spectrum.resolution());
     // Net of what the quiet run already had periodic at that frequency.
@@ -97,6 +103,12 @@ fn ftq_injected(dir: &Path, duration: &str) -> (f64, f64, f64, f64) {
     )
 }
 
+/// A reported line: frequency and amplitude.
+struct Line {
+    freq: f64,
+    amplitude: f64,
+}
+
 #[test]
 fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
     if !is_root() {
@@ -104,18 +116,26 @@ fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    // Two baseline/injected pairs, averaged, so that a change of background load during one
-    // pair (other processes on a shared machine) weighs less.
-    let (f1, lost1, total1, base1) = ftq_injected(dir.path(), "5s");
-    let (f2, lost2, total2, base2) = ftq_injected(dir.path(), "5s");
-    println!(
-        "pair 1: {f1:.3} Hz, {:.3} %; pair 2: {f2:.3} Hz, {:.3} %",
-        100.0 * lost1,
-        100.0 * lost2
-    );
-    let (f, lost) = ((f1 + f2) / 2.0, (lost1 + lost2) / 2.0);
-    let (total, base) = ((total1 + total2) / 2.0, base1.max(base2));
-    assert!((f1 - 100.0).abs() / 100.0 < 0.02 && (f2 - 100.0).abs() / 100.0 < 0.02);
+    // Three baseline/injected pairs; the lost work is their median, so that a change of
+    // background load during one pair (a shared, virtualised machine whose own noise is
+    // several per cent) cannot decide the result alone.
+    let pairs: Vec<(f64, f64, f64, f64)> = (0..3).map(|_| ftq_injected(dir.path(), "5s")).collect();
+    for (i, (fi, lost_i, _, _)) in pairs.iter().enumerate() {
+        println!("pair {}: {fi:.3} Hz, {:.3} %", i + 1, 100.0 * lost_i);
+        assert!(
+            (fi - 100.0).abs() / 100.0 < 0.02,
+            "pair {}: frequency {fi}",
+            i + 1
+        );
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let f = pairs.iter().map(|p| p.0).sum::<f64>() / pairs.len() as f64;
+    let lost = median(pairs.iter().map(|p| p.1).collect());
+    let total = median(pairs.iter().map(|p| p.2).collect());
+    let base = pairs.iter().map(|p| p.3).fold(0.0, f64::max);
     println!(
         "injected 100 Hz x 200 us (2 %): FTQ reports {f:.3} Hz, {:.3} % lost to it (net of baseline); total noise {:+.3} % over a baseline of {:.3} %",
         100.0 * lost,
