@@ -320,6 +320,108 @@ pub fn periodic_lost(x: &[f64], fs: f64, f: f64) -> f64 {
         / total as f64
 }
 
+/// The strongest detour of a fold at one frequency: a contiguous (circular) window of phase
+/// bins around the bin with the most excess.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dip {
+    /// Lost-work fraction the window carries (excess over the fold's median, averaged over all
+    /// samples).
+    pub lost: f64,
+    /// First phase bin of the window.
+    pub first_bin: usize,
+    /// Number of bins in the window.
+    pub len: usize,
+    /// Number of bins of the fold.
+    pub bins: usize,
+}
+
+/// The lost work of the single strongest detour periodic at `f`, told apart by phase from
+/// other detours with the same period (e.g. a machine's own 100 Hz line under an injected one)
+/// and from sources of other periods, whose folds spread over many phases. Folds at `f` with
+/// one bin per sample of the period, takes the median bin as the background, and grows a
+/// window from the two adjacent bins of most excess while its neighbours stay above a tenth of
+/// the peak's excess, up to a quarter of the period (a periodic thread whose wake-up the
+/// scheduler delays spills into the next bins; those belong to the same detour).
+pub fn dip_lost(x: &[f64], fs: f64, f: f64) -> Dip {
+    let (bins, cnt) = fold_coarse(x, fs, f);
+    let nb = bins.len();
+    let empty = Dip {
+        lost: 0.0,
+        first_bin: 0,
+        len: 0,
+        bins: nb,
+    };
+    let mut sorted: Vec<f64> = bins
+        .iter()
+        .zip(&cnt)
+        .filter(|(_, &c)| c > 0)
+        .map(|(b, _)| *b)
+        .collect();
+    if sorted.len() < 3 {
+        return empty;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    // Seed with the two adjacent bins of most excess, so that a detour straddling two bins
+    // outweighs a weaker one that happens to sit inside a single bin.
+    let excess = |b: usize| if cnt[b] > 0 { bins[b] - median } else { 0.0 };
+    let Some(top) = (0..nb).max_by(|&a, &b| {
+        (excess(a) + excess((a + 1) % nb)).total_cmp(&(excess(b) + excess((b + 1) % nb)))
+    }) else {
+        return empty;
+    };
+    let peak = excess(top).max(excess((top + 1) % nb));
+    if peak <= 0.0 {
+        return empty;
+    }
+    let floor = 0.1 * peak;
+    let inside = |b: usize| cnt[b] > 0 && bins[b] - median > floor;
+    let widest = (nb / 4).max(2);
+    // The seed pair keeps only the bins that are part of the detour.
+    let (mut first, mut len) = match (inside(top), inside((top + 1) % nb)) {
+        (true, true) => (top, 2),
+        (false, true) => ((top + 1) % nb, 1),
+        _ => (top, 1),
+    };
+    while len < widest && inside((first + nb - 1) % nb) {
+        first = (first + nb - 1) % nb;
+        len += 1;
+    }
+    while len < widest && inside((first + len) % nb) {
+        len += 1;
+    }
+    Dip {
+        lost: window_lost(x, fs, f, first, len),
+        first_bin: first,
+        len,
+        bins: nb,
+    }
+}
+
+/// The lost-work fraction in phase bins `first..first+len` (circular) of the fold of `x` at `f`
+/// (the same binning as [`dip_lost`]), as excess over the fold's median bin.
+pub fn window_lost(x: &[f64], fs: f64, f: f64, first: usize, len: usize) -> f64 {
+    let (bins, cnt) = fold_coarse(x, fs, f);
+    let nb = bins.len();
+    let mut sorted: Vec<f64> = bins
+        .iter()
+        .zip(&cnt)
+        .filter(|(_, &c)| c > 0)
+        .map(|(b, _)| *b)
+        .collect();
+    let total: usize = cnt.iter().sum();
+    if sorted.is_empty() || total == 0 {
+        return 0.0;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    (0..len.min(nb))
+        .map(|k| (first + k) % nb)
+        .map(|b| (bins[b] - median) * cnt[b] as f64)
+        .sum::<f64>()
+        / total as f64
+}
+
 /// Epoch-folding score of frequency `f`: the variance the phase-bin means explain, less what
 /// noise alone would explain with that many bins (so subharmonics, which have more bins, do
 /// not win by fitting noise). Also returns the score's standard deviation under pure noise.

@@ -243,3 +243,58 @@ fn white_noise_gives_no_false_peak() {
 fn too_short_series_is_an_error_not_a_panic() {
     assert!(analyse_counts(&[1000; 5], NOMINAL, INTERVAL).is_err());
 }
+
+/// Two detours with the same period but different phases (an injected 100 Hz × 200 µs source on
+/// a machine with its own, weaker 100 Hz line) plus a 62.5 Hz source: `dip_lost` measures the
+/// strongest one alone, and `window_lost` over its window in a run without it sees only what
+/// falls there by chance.
+#[test]
+fn dip_lost_tells_two_same_period_detours_apart_by_phase() {
+    use noise::analysis::{dip_lost, lost_series, window_lost};
+    let interval = 250_000; // 250 us: 40 phase bins at 100 Hz
+    let nominal = 250;
+    let injected = PulseTrain {
+        freq_hz: 100.0,
+        width_ns: 200_000.0,
+        phase_ns: 9_900_000.0,
+    };
+    let native = PulseTrain {
+        freq_hz: 100.0,
+        width_ns: 100_000.0,
+        phase_ns: 4_300_000.0,
+    };
+    let other = PulseTrain {
+        freq_hz: 62.5,
+        width_ns: 300_000.0,
+        phase_ns: 1_000_000.0,
+    };
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let fs = 1e9 / interval as f64;
+    let mut with = synth_counts(20_000, interval, nominal, &[injected, native, other]);
+    jitter(&mut with, &mut rng);
+    let dip = dip_lost(&lost_series(&with, nominal), fs, 100.0);
+    assert_eq!(dip.bins, 40);
+    assert!(
+        (dip.lost - 0.02).abs() / 0.02 < 0.05,
+        "injected dip measured {} (window {:?})",
+        dip.lost,
+        dip
+    );
+    assert!(dip.len <= 3, "window too wide: {dip:?}");
+    let mut without = synth_counts(20_000, interval, nominal, &[native, other]);
+    jitter(&mut without, &mut rng);
+    let there = window_lost(
+        &lost_series(&without, nominal),
+        fs,
+        100.0,
+        dip.first_bin,
+        dip.len,
+    );
+    assert!(there.abs() < 0.001, "baseline window carries {there}");
+    // The weaker same-period detour is the strongest once the injected one is gone.
+    let native_dip = dip_lost(&lost_series(&without, nominal), fs, 100.0);
+    assert!(
+        (native_dip.lost - 0.01).abs() / 0.01 < 0.1,
+        "native dip {native_dip:?}"
+    );
+}
