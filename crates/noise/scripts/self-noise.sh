@@ -10,7 +10,8 @@
 # rounds, and the periodic sources found in at least half of a mode's runs but in no baseline.
 #
 # Usage: self-noise.sh [--cpu N] [--duration 10s] [--repeats 3] [--modes "heater ..."]
-#                      [--out DIR] [--nice -20] [--max-added 0.1] [-- APP [ARGS...]]
+#                      [--out DIR] [--nice -20] [--max-added 0.1] [--trace] [--puma-job]
+#                      [-- APP [ARGS...]]
 #   --cpu       application core to sample (default: the last CPU this process may use; yod's
 #               default service CPU is the first, so this is an application CPU)
 #   --duration  sampling time per run (default 10s)
@@ -23,6 +24,11 @@
 #               mode's run and count those into our own threads (yod, PCT, QK engines): a
 #               direct check, immune to other users' noise, that nothing of ours runs there
 #               (needs perf and root, or perf_event_paranoid <= -1)
+#   --puma-job  run a real puma job instead of `sleep`: `yod -n 2 examples/wait`, whose rank 1
+#               blocks in a puma receive (QK engine attached, spin-then-block) for the whole run.
+#               The job starts 2 s before sampling so that its loading (attach, prefault) is
+#               not counted; what FTQ sees is a rank waiting in the library on its core
+#               (build it with `cargo build --release -p puma --examples`)
 #   APP         what follows `yod --mode <m>`: yod's options and the program (default:
 #               `-n 2 sleep <duration>`, i.e. just our runtime's own daemons, engines and
 #               heartbeats)
@@ -40,6 +46,7 @@ out=""
 nice=()
 max_added="0.1"
 trace=0
+puma_job=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) cpu="$2"; shift 2 ;;
@@ -50,8 +57,9 @@ while [ $# -gt 0 ]; do
         --nice) nice=(--nice "$2"); shift 2 ;;
         --max-added) max_added="$2"; shift 2 ;;
         --trace) trace=1; shift ;;
+        --puma-job) puma_job=1; shift ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
         *) echo "self-noise.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
     esac
 done
@@ -84,7 +92,19 @@ if [ -z "$cpu" ]; then
     cpu=$((cpu - 1))
 fi
 default_app=0
-if [ ${#app[@]} -eq 0 ]; then
+if [ "$puma_job" = 1 ]; then
+    if [ ${#app[@]} -gt 0 ]; then
+        echo "self-noise.sh: --puma-job and an APP after -- are exclusive" >&2
+        exit 1
+    fi
+    wait_bin="$root/target/release/examples/wait"
+    if [ ! -x "$wait_bin" ]; then
+        echo "self-noise.sh: --puma-job needs $wait_bin: cargo build --release -p puma --examples" >&2
+        exit 2
+    fi
+    # Rank 0 sleeps through the 2 s lead-in, the sampling and a margin, then releases rank 1.
+    app=(-n 2 "$wait_bin" --seconds "$(awk -v d="${duration%s}" 'BEGIN { print d + 3 }')")
+elif [ ${#app[@]} -eq 0 ]; then
     secs="${duration%s}"
     app=(-n 2 sleep "$secs")
     default_app=1
@@ -107,6 +127,16 @@ mkdir -p "$out"
 
 case "$repeats" in ''|*[!0-9]*|0) echo "self-noise.sh: --repeats must be a positive number" >&2; exit 1 ;; esac
 
+# With --trace: record every context switch on the sampled CPU for the sampling time (perf
+# itself kept off that CPU); sets perf_pid.
+start_trace() {
+    [ "$trace" = 1 ] || return 0
+    local perf_cpu=$(( cpu == 0 ? 1 : 0 ))
+    taskset -c "$perf_cpu" perf record -q -e sched:sched_switch -C "$cpu" -o "$d/$m.perf" \
+        -- sleep "${duration%s}" > /dev/null 2>&1 &
+    perf_pid=$!
+}
+
 status=0
 errors=()
 traced=()
@@ -124,30 +154,42 @@ for r in $(seq 1 "$repeats"); do
         job=("${app[@]}")
         if [ "$trace" = 1 ]; then
             rm -f "$d/$m.tids"
-            # perf itself is kept off the sampled CPU.
-            perf_cpu=$(( cpu == 0 ? 1 : 0 ))
-            taskset -c "$perf_cpu" perf record -q -e sched:sched_switch -C "$cpu" -o "$d/$m.perf" \
-                -- sleep "${duration%s}" > /dev/null 2>&1 &
-            perf_pid=$!
             if [ "$default_app" = 1 ]; then
                 # Rank 0 writes down the thread ids of its PCT and of yod (other users of this
                 # machine may run yods of their own), then the ranks sleep as usual.
                 job=(-n 2 sh -c "$tid_script" rank "$d/$m.tids" "${duration%s}")
             fi
         fi
-        "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
-            -o "$d/$m.csv" --report "$d/$m" -- "$yod" --mode "$m" "${job[@]}" > "$d/$m.txt"
+        if [ "$puma_job" = 1 ]; then
+            # Start the job first, sample (and trace) once it has loaded, then collect its exit
+            # status.
+            "$yod" --mode "$m" "${job[@]}" > "$d/$m.job.txt" 2>&1 &
+            job_pid=$!
+            sleep 2
+            start_trace
+            "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
+                -o "$d/$m.csv" --report "$d/$m" > "$d/$m.txt"
+            if wait "$job_pid"; then
+                echo "command_exit: exit status: 0" >> "$d/$m.txt"
+            else
+                echo "command_exit: yod failed ($(tail -n 1 "$d/$m.job.txt"))" >> "$d/$m.txt"
+            fi
+        else
+            start_trace
+            "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
+                -o "$d/$m.csv" --report "$d/$m" -- "$yod" --mode "$m" "${job[@]}" > "$d/$m.txt"
+        fi
         if [ -n "$perf_pid" ]; then
             wait "$perf_pid" || true
             # Switches into our threads: yod's and the PCT's by thread id when known, else
-            # by name (yod-*, pct-*, qk-* for the QK engines).
+            # by name (yod-*, pct-*, qk-* for the QK engines, wait for --puma-job's ranks).
             perf script -i "$d/$m.perf" -F trace 2>/dev/null \
                 | sed -n 's/.*next_comm=\(.*\) next_pid=\([0-9]*\) .*/\2 \1/p' > "$d/$m.switches" || true
             if [ -s "$d/$m.tids" ]; then
                 awk 'NR == FNR { ours[$1] = 1; next } ($1 in ours) { print $2 }' \
                     "$d/$m.tids" "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
             else
-                awk '$2 ~ /^(yod|pct|qk-)/ { print $2 }' "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
+                awk '$2 ~ /^(yod|pct|qk-|wait$)/ { print $2 }' "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
             fi
             ours="$(awk '{n += $1} END {print n + 0}' "$d/$m.ours.txt")"
             all="$(wc -l < "$d/$m.switches")"

@@ -585,7 +585,9 @@ impl Core {
                 std::thread::yield_now();
                 continue;
             }
-            let got = self.ep().eq_wait(self.eq, Duration::from_millis(50));
+            // Slices as long as the peer-check period: an idle waiter then wakes a few times a
+            // second (the QK sleeps long once a wait has been idle, see Region::fence_before_sleep).
+            let got = self.ep().eq_wait(self.eq, Duration::from_millis(200));
             match got {
                 Ok(ev) => self.dispatch(ev)?,
                 Err(QkError::Timeout(..)) => {}

@@ -195,6 +195,10 @@ pub struct Endpoint {
     mode: CpuMode,
     coproc: Mutex<Option<std::thread::JoinHandle<()>>>,
     started: AtomicBool,
+    /// Set when an [`Endpoint::eq_wait`] ran out of time with no event: the start of that wait,
+    /// so that a caller waiting in slices (to check its peers between them) is seen as idle for
+    /// the whole wait, and sleeps long, rather than re-spinning every slice.
+    idle_since: Option<Instant>,
     _fd: Memfd,
 }
 
@@ -353,6 +357,7 @@ impl Endpoint {
             mode: spec.mode,
             coproc: Mutex::new(None),
             started: AtomicBool::new(false),
+            idle_since: None,
             _fd: fd,
         })
     }
@@ -681,19 +686,24 @@ impl Endpoint {
         let mut g = self.lock();
         // Events already queued first: one progress pass delivers a whole batch of records, the
         // following calls just hand out its events.
-        if let Some(ev) = g
+        let mut ev = g
             .engine
             .eq_get(eq)
-            .map_err(|e| QkError::Portals(e.to_string()))?
-        {
-            return Ok(Some(ev));
+            .map_err(|e| QkError::Portals(e.to_string()))?;
+        if ev.is_none() {
+            if inline {
+                g.progress(256);
+            }
+            ev = g
+                .engine
+                .eq_get(eq)
+                .map_err(|e| QkError::Portals(e.to_string()))?;
         }
-        if inline {
-            g.progress(256);
+        drop(g);
+        if ev.is_some() {
+            self.idle_since = None;
         }
-        g.engine
-            .eq_get(eq)
-            .map_err(|e| QkError::Portals(e.to_string()))
+        Ok(ev)
     }
 
     /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
@@ -703,6 +713,10 @@ impl Endpoint {
             return Ok(ev);
         }
         let start = Instant::now();
+        // A wait that continues an earlier one that timed out: no spinning, and the idle time
+        // counts from the earlier wait's start.
+        let continuing = self.idle_since.is_some();
+        let waiting_since = self.idle_since.unwrap_or(start);
         let coproc = self.mode == CpuMode::MsgCoproc;
         let multi_node = (self.shared.region.ranks.len() as u32) < self.world_size();
         let mut polls = 0u32;
@@ -718,6 +732,7 @@ impl Endpoint {
             }
             let el = start.elapsed();
             if el > timeout {
+                self.idle_since = Some(waiting_since);
                 return Err(QkError::Timeout(timeout, "an event"));
             }
             // While one of our large messages is being copied by its receiver the wait is known to
@@ -733,7 +748,7 @@ impl Endpoint {
             } else {
                 SPIN_BEFORE_BLOCK
             };
-            if el < spin {
+            if el < spin && !continuing {
                 // In a job that spans nodes, past the first microseconds, let the node engine
                 // that may share this core run between looks: the message we wait for needs it
                 // to move. Node-local waits never yield: puma-bench measured that yielding hands
@@ -745,29 +760,49 @@ impl Endpoint {
                 }
                 continue;
             }
+            let left = timeout.saturating_sub(el);
             if coproc {
+                // Both sides of this handshake are sequentially consistent (the engine bumps
+                // `delivered`, then reads `app_waiting`), so no wake-up is lost: the bound only
+                // keeps the timeout honest.
                 self.shared.app_waiting.store(1, Ordering::SeqCst);
                 if self.shared.delivered.load(Ordering::SeqCst) == seen {
-                    crate::sys::futex_wait(&self.shared.delivered, seen, Duration::from_millis(2));
+                    crate::sys::futex_wait(
+                        &self.shared.delivered,
+                        seen,
+                        left.min(crate::region::DEEP_SLEEP),
+                    );
                 }
                 self.shared.app_waiting.store(0, Ordering::Relaxed);
             } else {
-                self.block_until_arrival(crate::region::MAX_SLEEP);
+                self.block_until_arrival(waiting_since.elapsed(), left);
             }
         }
     }
 
-    /// Blocks on this port's doorbell until a record arrives or `max` passes.
-    fn block_until_arrival(&mut self, max: Duration) {
+    /// Blocks on this port's doorbell until a record arrives, for at most `max` and at most
+    /// what [`crate::Region::fence_before_sleep`] allows after `idle` without traffic.
+    fn block_until_arrival(&mut self, idle: Duration, max: Duration) {
         let sh = self.shared.clone();
         let r = &sh.region;
         let p = sh.port;
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
-        let pending = self.lock().port.has_pending();
+        let nap = r.fence_before_sleep(idle).min(max);
+        let (pending, stuck) = {
+            let mut g = self.lock();
+            (g.port.has_pending(), !g.out.is_empty())
+        };
+        // Responses waiting for room in a full queue: the peer that drains it rings no bell
+        // here, so look again soon.
+        let nap = if stuck {
+            nap.min(crate::region::MAX_SLEEP)
+        } else {
+            nap
+        };
         if !pending {
             r.count(p, slot::SLEEPS, 1);
-            crate::sys::futex_wait(r.doorbell(p), bell, max);
+            crate::sys::futex_wait(r.doorbell(p), bell, nap);
         }
         r.sleeping(p).store(0, Ordering::SeqCst);
     }
@@ -875,16 +910,19 @@ fn coproc_loop(sh: &Shared) {
         }
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
+        let nap = r.fence_before_sleep(last.elapsed());
         let pending = {
             let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
             g.port.has_pending() || !g.out.is_empty()
         };
         if !pending && !sh.stop.load(Ordering::SeqCst) {
             r.count(p, slot::SLEEPS, 1);
-            crate::sys::futex_wait(r.doorbell(p), bell, crate::region::MAX_SLEEP);
+            crate::sys::futex_wait(r.doorbell(p), bell, nap);
         }
         r.sleeping(p).store(0, Ordering::SeqCst);
-        last = Instant::now();
+        // `last` stays: a wake-up that brings work resets it in the loop (and the engine spins
+        // again), one that brings nothing sends the engine straight back to sleep, so an idle
+        // engine costs a wake-up per sleep and no spinning.
     }
 }
 

@@ -44,6 +44,9 @@ const H_EAGER: usize = 48;
 const H_MODE: usize = 52;
 const H_TOTAL: usize = 56;
 const H_MAX_MSG: usize = 64;
+/// Non-zero when some process of the job could not register for membarrier(2): idle waiters
+/// then keep to bounded short sleeps (see [`Region::fence_before_sleep`]).
+const H_NO_FENCE: usize = 72;
 const H_RANKS: usize = 1024; // [u32; MAX_LOCAL]
 const H_PIDS: usize = 2048; // [u32; MAX_LOCAL]
 const HEADER_BYTES: u64 = 4096;
@@ -239,6 +242,7 @@ impl Region {
             max_message: p.max_message,
             ranks: p.ranks.clone(),
         };
+        region.register_fence();
         Ok((fd, region))
     }
 
@@ -284,7 +288,7 @@ impl Region {
         let ranks = (0..local as usize)
             .map(|i| map.atomic_u32(H_RANKS + 4 * i).load(Ordering::Relaxed))
             .collect();
-        Ok(Region {
+        let region = Region {
             layout,
             job: map.atomic_u64(H_JOB).load(Ordering::Relaxed) as u32,
             world: map.atomic_u32(H_WORLD).load(Ordering::Relaxed),
@@ -294,7 +298,12 @@ impl Region {
             max_message: map.atomic_u64(H_MAX_MSG).load(Ordering::Relaxed),
             ranks,
             map: Arc::new(map),
-        })
+        };
+        if write {
+            // A process that can write can send, so it must take part in the sleep fence.
+            region.register_fence();
+        }
+        Ok(region)
     }
 
     /// Locks and prefaults, in this process, the part of the region port `port` receives into
@@ -447,6 +456,37 @@ impl Region {
         }
     }
 
+    /// How long a waiter on one of this region's doorbells may sleep, having been idle for
+    /// `idle`. Call after storing 1 to the port's sleeping flag and *before* the last look at the
+    /// inbound rings.
+    ///
+    /// Senders publish a record and then read the sleeping flag with no fence between
+    /// ([`Region::wake`]), so a waiter can miss a record published just as it decides to sleep;
+    /// short sleeps ([`MAX_SLEEP`]) bound that cost while traffic is bursty. Once the waiter has
+    /// been idle for [`DEEP_AFTER`] it issues the fence on the senders' behalf: membarrier(2)
+    /// makes every running thread of every attached process execute a full fence, after which a
+    /// sender either has its record visible to the waiter's last look or sees the sleeping flag
+    /// and rings the doorbell. The waiter may then sleep [`DEEP_SLEEP`]. One fence (an IPI to
+    /// the CPUs running attached processes) per idle period, instead of a fence per message.
+    pub fn fence_before_sleep(&self, idle: std::time::Duration) -> std::time::Duration {
+        if idle < DEEP_AFTER || self.map.atomic_u32(H_NO_FENCE).load(Ordering::SeqCst) != 0 {
+            return MAX_SLEEP;
+        }
+        if crate::sys::membarrier_global() {
+            DEEP_SLEEP
+        } else {
+            MAX_SLEEP
+        }
+    }
+
+    /// Registers this process for the fence of [`Region::fence_before_sleep`]; where the kernel
+    /// does not allow it, marks the region so that no waiter relies on the fence.
+    fn register_fence(&self) {
+        if !crate::sys::membarrier_register() {
+            self.map.atomic_u32(H_NO_FENCE).store(1, Ordering::SeqCst);
+        }
+    }
+
     /// Rings the doorbell of port `p` if its engine sleeps. Call after publishing a record.
     ///
     /// No fence on this path: a full fence per message would drain the store buffer and serialise
@@ -466,6 +506,11 @@ impl Region {
 /// Longest a sleeping engine or waiter blocks before it looks again (bounds the cost of a lost
 /// wake-up, see [`Region::wake`]).
 pub const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(1);
+/// Idle time after which a waiter fences and sleeps [`DEEP_SLEEP`] instead of [`MAX_SLEEP`].
+pub const DEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
+/// Longest sleep of a waiter that has fenced (a safety bound only: with the fence no wake-up is
+/// lost). An idle engine or rank then wakes 10 times a second instead of 1000.
+pub const DEEP_SLEEP: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn ring_cap_limit(cap: u64) -> u64 {
     (cap / 2).min(crate::ring::MAX_RECORD as u64)

@@ -342,6 +342,36 @@ pub fn enter_netns(path: &std::path::Path) -> io::Result<()> {
     Ok(())
 }
 
+// membarrier(2) commands (linux/membarrier.h).
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_GLOBAL_EXPEDITED: libc::c_int = 1 << 1;
+const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_int = 1 << 2;
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes two integer arguments (command, flags) and no pointers.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_int) }
+}
+
+/// Registers this process for expedited global memory barriers
+/// (`MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED`, Linux 4.16): from then on a
+/// [`membarrier_global`] issued by any process makes this process's running threads execute a
+/// full fence. Done once per process; false when the kernel does not offer it.
+pub fn membarrier_register() -> bool {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        let offered = membarrier(MEMBARRIER_CMD_QUERY);
+        offered >= 0
+            && offered & libc::c_long::from(MEMBARRIER_CMD_GLOBAL_EXPEDITED) != 0
+            && membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) == 0
+    })
+}
+
+/// A full memory fence on every CPU that runs a thread of a process registered with
+/// [`membarrier_register`] (and on this one). False when the call failed.
+pub fn membarrier_global() -> bool {
+    membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED) == 0
+}
+
 /// Wakes every waiter blocked on `word`.
 pub fn futex_wake(word: &AtomicU32) {
     // SAFETY: word is a live aligned u32; FUTEX_WAKE does not touch memory.
