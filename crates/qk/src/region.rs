@@ -639,4 +639,32 @@ mod tests {
             Err(QkError::BadRegion(_))
         ));
     }
+
+    #[test]
+    fn a_waiter_sleeps_long_only_when_idle_and_every_process_takes_the_fence() {
+        let params = RegionParams {
+            job: 8,
+            world: 2,
+            node: 0,
+            ranks: vec![0, 1],
+            ring_cap: 64 << 10,
+            heap_per_rank: 64 << 10,
+            eager_max: 4096,
+            mode: 0,
+            max_message: 1 << 20,
+        };
+        let (fd, _creator) = Region::create(&params, false).unwrap();
+        let r = Region::attach(&fd, true, false).unwrap();
+        let short = std::time::Duration::from_millis(1);
+        assert_eq!(r.fence_before_sleep(short), MAX_SLEEP);
+        if !crate::sys::membarrier_register() {
+            eprintln!("this kernel has no expedited global membarrier: waiters keep short sleeps");
+            assert_eq!(r.fence_before_sleep(DEEP_AFTER * 2), MAX_SLEEP);
+            return;
+        }
+        assert_eq!(r.fence_before_sleep(DEEP_AFTER * 2), DEEP_SLEEP);
+        // A process that could not register marks the region: nobody relies on the fence.
+        r.map.atomic_u32(H_NO_FENCE).store(1, Ordering::SeqCst);
+        assert_eq!(r.fence_before_sleep(DEEP_AFTER * 2), MAX_SLEEP);
+    }
 }

@@ -262,3 +262,48 @@ fn exclusive_integrity_under_load_a_million_messages() {
         "{ro}"
     );
 }
+
+/// An idle waiter sleeps long instead of waking every millisecond (its core stays quiet: issue
+/// "noise"), and no wake-up is lost: every signal, sent while the target sleeps deeply, ends its
+/// wait. Before the membarrier fence a 300 ms wait cost ~300 sleeps; now ~10 short ones, then
+/// sleeps of up to 100 ms.
+#[test]
+fn an_idle_waiter_sleeps_long_and_still_wakes_for_each_message() {
+    for mode in ["heater", "msg-coproc"] {
+        let fab = fabric(31, 1 << 20);
+        let rounds = "5";
+        let t = spawn(
+            &fab,
+            1,
+            mode,
+            &["idle-target", "--peer", "0", "--rounds", rounds],
+        );
+        let i = spawn(
+            &fab,
+            0,
+            mode,
+            &[
+                "idle-initiator",
+                "--peer",
+                "1",
+                "--rounds",
+                rounds,
+                "--gap-ms",
+                "300",
+            ],
+        );
+        finish(i);
+        let out = finish(t);
+        eprintln!("{mode}: {out}");
+        let sleeps: u64 = out
+            .split_whitespace()
+            .skip_while(|w| *w != "sleeps")
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no sleep count in {out:?}"));
+        assert!(
+            sleeps < 5 * 60,
+            "{mode}: the port slept {sleeps} times in 5 waits of 300 ms: {out}"
+        );
+    }
+}

@@ -127,6 +127,23 @@ enum Scenario {
         #[arg(long)]
         peer: u32,
     },
+    /// Waits `rounds` times for a signal that comes `gap_ms` later, and prints how many times
+    /// its port slept (an idle waiter should sleep long, not wake every millisecond).
+    IdleTarget {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        rounds: u64,
+    },
+    /// Sends `rounds` signals, `gap_ms` apart, each after the target said it waits.
+    IdleInitiator {
+        #[arg(long)]
+        peer: u32,
+        #[arg(long)]
+        rounds: u64,
+        #[arg(long)]
+        gap_ms: u64,
+    },
 }
 
 fn xorshift(s: &mut u64) -> u64 {

@@ -132,7 +132,39 @@ pub fn run(ep: &mut Endpoint, s: Scenario) -> R<String> {
         } => stress_recv(ep, peer, count, max, seed),
         Scenario::Forge { peer } => forge(ep, peer),
         Scenario::ForgeTarget { peer } => forge_target(ep, peer),
+        Scenario::IdleTarget { peer, rounds } => idle_target(ep, peer, rounds),
+        Scenario::IdleInitiator {
+            peer,
+            rounds,
+            gap_ms,
+        } => idle_initiator(ep, peer, rounds, gap_ms),
     }
+}
+
+fn idle_target(ep: &mut Endpoint, peer: u32, rounds: u64) -> R<String> {
+    let c = ctl(ep, peer)?;
+    let mut waits = Vec::new();
+    let before = ep.stats().sleeps;
+    for k in 0..rounds {
+        signal(ep, &c, 2 * k, 0)?;
+        let t = std::time::Instant::now();
+        wait_signal(ep, &c, 2 * k + 1)?;
+        waits.push(t.elapsed().as_millis());
+    }
+    let sleeps = ep.stats().sleeps - before;
+    Ok(format!(
+        "idle rounds {rounds} sleeps {sleeps} waits_ms {waits:?}"
+    ))
+}
+
+fn idle_initiator(ep: &mut Endpoint, peer: u32, rounds: u64, gap_ms: u64) -> R<String> {
+    let c = ctl(ep, peer)?;
+    for k in 0..rounds {
+        wait_signal(ep, &c, 2 * k)?;
+        std::thread::sleep(Duration::from_millis(gap_ms));
+        signal(ep, &c, 2 * k + 1, 0)?;
+    }
+    Ok(format!("sent {rounds} signals {gap_ms} ms apart"))
 }
 
 const SMALL: u64 = 1000;
