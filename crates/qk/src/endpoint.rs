@@ -149,6 +149,9 @@ struct Inner {
     large: HashMap<u64, LargeSend>,
     next_token: u64,
     private_path: PrivatePath,
+    /// The delivery plan the engine writes each incoming message's placement into (one value kept
+    /// and overwritten, instead of a ~300-byte plan built and moved per message).
+    plan: Box<portals::DeliveryPlan>,
 }
 
 /// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
@@ -331,6 +334,7 @@ impl Endpoint {
             large: HashMap::new(),
             next_token: 1,
             private_path: PrivatePath::for_this_host(),
+            plan: Box::new(portals::DeliveryPlan::EMPTY),
         };
         let coproc_mode = spec.mode.engine_on_own_core();
         let (own, inner) = if coproc_mode {
@@ -361,8 +365,19 @@ impl Endpoint {
     /// on the other core (from then on messages are deposited while the application computes). A
     /// no-op in the inline modes. Called implicitly by the first put, get or event wait, so the
     /// application can set up its portals before anything is delivered.
+    #[inline]
     pub fn start_engine(&self) -> Result<(), QkError> {
-        if !self.mode.engine_on_own_core() || self.started.swap(true, Ordering::AcqRel) {
+        // Every put, get and event poll passes here: in the inline modes, and once the thread
+        // runs, it is one flag test (no atomic read-modify-write, no call).
+        if !self.mode.engine_on_own_core() || self.started.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.spawn_engine()
+    }
+
+    #[cold]
+    fn spawn_engine(&self) -> Result<(), QkError> {
+        if self.started.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         let sh = self.shared.clone();
@@ -1084,6 +1099,7 @@ impl Inner {
             out,
             large,
             heap,
+            plan,
             ..
         } = self;
         let me_port = port.me();
@@ -1096,6 +1112,7 @@ impl Inner {
             out,
             large,
             heap,
+            plan,
         };
         let handled = port.poll(budget, |m| ctx.handle(m));
         if !self.out.is_empty() {
@@ -1115,6 +1132,7 @@ struct Ctx<'a> {
     out: &'a mut VecDeque<Pending>,
     large: &'a mut HashMap<u64, LargeSend>,
     heap: &'a mut HeapAlloc,
+    plan: &'a mut portals::DeliveryPlan,
 }
 
 impl Ctx<'_> {
@@ -1190,36 +1208,36 @@ impl Ctx<'_> {
             return self.drop_msg(DropReason::Malformed);
         };
         // 4. Portals: access control, matching, placement, events.
-        let plan = match self.engine.deliver(&w) {
-            Ok(p) => p,
-            Err(d) => {
-                self.drop_msg(DropReason::from(d.reason));
-                if let Some((_, token)) = lref {
-                    self.send_fin(&h, token, 0);
-                }
-                return;
+        if let Err(d) = self.engine.deliver_into(&w, self.plan) {
+            self.drop_msg(DropReason::from(d.reason));
+            if let Some((_, token)) = lref {
+                self.send_fin(&h, token, 0);
             }
-        };
+            return;
+        }
         let me_port = self.me_port();
+        let (pop, header_at, pbody, mlength) = {
+            let p = &*self.plan;
+            (p.op, p.header_at, p.body, p.mlength)
+        };
         // 5. Move the bytes.
-        if let Some(at) = plan.header_at {
+        if let Some(at) = header_at {
             if !self.mem.write(at, &w.encode()) {
                 self.drop_msg(DropReason::BadMemory);
             }
         }
-        match plan.op {
-            Op::Put | Op::Reply if lref.is_none() && plan.body.is_contiguous() => {
-                let first = plan.body.first();
+        match pop {
+            Op::Put | Op::Reply if lref.is_none() && pbody.is_contiguous() => {
+                let first = pbody.first();
                 let n = first.len as usize;
                 if n > body.len() || !self.mem.write(first.addr, &body[..n]) {
                     self.drop_msg(DropReason::BadMemory);
                 }
                 self.region.bump(me_port, slot::DELIVERED, 1);
-                self.region
-                    .bump(me_port, slot::DELIVERED_BYTES, plan.mlength);
+                self.region.bump(me_port, slot::DELIVERED_BYTES, mlength);
             }
             Op::Put | Op::Reply => {
-                if !self.deposit_segments(&h, m.from, body, lref, &plan) {
+                if !self.deposit_segments(&h, m.from, body, lref, &pbody, mlength) {
                     return;
                 }
             }
@@ -1227,8 +1245,8 @@ impl Ctx<'_> {
                 self.region.bump(me_port, slot::DELIVERED, 1);
             }
         }
-        // 6. Respond.
-        match plan.response {
+        // 6. Respond (the response header is copied out of the plan only when there is one).
+        match self.plan.response {
             Response::None => {}
             Response::Ack(a) => {
                 let hdr = hdr_from_wire(&a);
@@ -1238,7 +1256,7 @@ impl Ctx<'_> {
                     body: Vec::new(),
                 });
             }
-            Response::Reply(r) => self.reply(&h, r, &plan),
+            Response::Reply(r) => self.reply(&h, r, &pbody),
         }
     }
 
@@ -1253,10 +1271,11 @@ impl Ctx<'_> {
         from: u32,
         body: &[u8],
         lref: Option<(u64, u64)>,
-        plan: &portals::DeliveryPlan,
+        pbody: &portals::Body,
+        mlength: u64,
     ) -> bool {
         let me_port = self.me_port();
-        let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+        let segs: Vec<portals::Segment> = match self.engine.segments(pbody) {
             Ok(s) => s.collect(),
             Err(_) => {
                 self.drop_msg(DropReason::BadMemory);
@@ -1297,22 +1316,21 @@ impl Ctx<'_> {
                 slot::LARGE_CMA
             };
             self.region.count(me_port, counter, 1);
-            self.send_fin(h, token, plan.mlength);
+            self.send_fin(h, token, mlength);
         }
         self.region.count(me_port, slot::DELIVERED, 1);
-        self.region
-            .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
+        self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
         true
     }
 
     /// Sends the reply to a get (eager from the descriptor, or a reference for a large one).
     #[inline(never)]
-    fn reply(&mut self, h: &Hdr, r: WireHeader, plan: &portals::DeliveryPlan) {
+    fn reply(&mut self, h: &Hdr, r: WireHeader, pbody: &portals::Body) {
         let mut hdr = hdr_from_wire(&r);
-        let len = plan.body.len();
+        let len = pbody.len();
         if len <= self.region.eager_max as u64 {
             let mut data = vec![0u8; len as usize];
-            let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+            let segs: Vec<portals::Segment> = match self.engine.segments(pbody) {
                 Ok(s) => s.collect(),
                 Err(_) => return self.drop_msg(DropReason::BadMemory),
             };
@@ -1328,16 +1346,16 @@ impl Ctx<'_> {
                 body: data,
             });
         } else {
-            let first = plan.body.first();
+            let first = pbody.first();
             let map_base = self.region.map().ptr() as u64;
-            if plan.body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
+            if pbody.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
                 hdr.flags |= flag::HEAP;
                 self.out.push_back(Pending {
                     dst_rank: h.src,
                     hdr,
                     body: encode_ref(first.addr - map_base, 0),
                 });
-            } else if plan.body.is_contiguous()
+            } else if pbody.is_contiguous()
                 && self.region.port_of_rank(h.src).is_some()
                 && self.mem.owns(first.addr, first.len)
             {
