@@ -174,6 +174,7 @@ impl Consumer {
     }
 
     /// Looks for the next complete record.
+    #[inline]
     pub fn peek<M: RingMem>(&mut self, mem: &M) -> Peek {
         if self.broken {
             return Peek::Empty;
@@ -198,10 +199,7 @@ impl Consumer {
                 return Peek::Corrupt;
             }
             let len = (w & LEN_MASK) * 8;
-            if len == 0
-                || len % LINE as u64 != 0
-                || off + len > cap
-            {
+            if len == 0 || len % LINE as u64 != 0 || off + len > cap {
                 self.broken = true;
                 return Peek::Corrupt;
             }
@@ -224,6 +222,7 @@ impl Consumer {
     }
 
     /// Releases a record's space to the producer.
+    #[inline]
     pub fn consume<M: RingMem>(&mut self, mem: &M, r: Record) {
         clear_later_lines(mem, r.body_off - 8, r.body_len + 8);
         self.head = r.next;
@@ -325,7 +324,10 @@ mod tests {
                 assert!(p.try_push(&m, &[lap, i]).is_some());
                 assert_ne!(m.word(i as u64 * 64), before, "a new stamp every lap");
                 let stamp = m.word(i as u64 * 64);
-                assert_eq!(take(&mut c, &m).map(|b| b[..2].to_vec()), Some(vec![lap, i]));
+                assert_eq!(
+                    take(&mut c, &m).map(|b| b[..2].to_vec()),
+                    Some(vec![lap, i])
+                );
                 // The consumer left the stamp alone (no store to the line) ...
                 assert_eq!(m.word(i as u64 * 64), stamp);
                 // ... and it does not read it again as a record.
@@ -387,7 +389,10 @@ mod tests {
             let len = if n % 3 == 0 { 100 } else { 20 };
             let body: Vec<u8> = (0..len).map(|i| n.wrapping_add(i)).collect();
             assert!(p.try_push(&m, &body).is_some(), "record {n}");
-            assert_eq!(take(&mut c, &m).map(|b| b[..len as usize].to_vec()), Some(body));
+            assert_eq!(
+                take(&mut c, &m).map(|b| b[..len as usize].to_vec()),
+                Some(body)
+            );
         }
         assert!(!c.is_broken());
     }
