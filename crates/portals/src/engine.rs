@@ -801,7 +801,30 @@ impl<S: Store> Engine<S> {
     /// Take the oldest event. `Ok(None)`: the queue is empty.
     /// `Err(Error::EventsDropped(n))`: the queue overflowed since the last
     /// call and `n` events were lost; reported once, then polling goes on.
+    #[inline]
     pub fn eq_get(&mut self, h: EqHandle) -> Result<Option<Event>, Error> {
+        Ok(self.eq_take(h)?.map(|i| self.store.tables_ref().events[i]))
+    }
+
+    /// [`Engine::eq_get`] into a caller's event: `Ok(true)` when one was
+    /// taken (written to `out`), `Ok(false)` when the queue is empty (`out`
+    /// untouched). A poll loop that keeps one event saves moving it through
+    /// a `Result<Option<Event>>` at every level.
+    #[inline]
+    pub fn eq_get_into(&mut self, h: EqHandle, out: &mut Event) -> Result<bool, Error> {
+        match self.eq_take(h)? {
+            Some(i) => {
+                *out = self.store.tables_ref().events[i];
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Removes the oldest event of queue `h` and returns its slot (valid
+    /// until the next post), or reports an overflow once.
+    #[inline]
+    fn eq_take(&mut self, h: EqHandle) -> Result<Option<usize>, Error> {
         if !self.eq_live(h) {
             return Err(Error::StaleHandle("event queue"));
         }
@@ -815,13 +838,13 @@ impl<S: Store> Engine<S> {
         if q.len == 0 {
             return Ok(None);
         }
-        let ev = t.events[(q.base + q.head) as usize];
+        let at = (q.base + q.head) as usize;
         q.head += 1;
         if q.head == q.cap {
             q.head = 0;
         }
         q.len -= 1;
-        Ok(Some(ev))
+        Ok(Some(at))
     }
 
     /// Events waiting in a queue.

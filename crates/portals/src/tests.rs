@@ -1530,3 +1530,38 @@ fn deliver_into_a_reused_plan_equals_deliver() {
         assert_eq!(ea, eb);
     }
 }
+
+#[test]
+fn eq_get_into_takes_the_same_events_as_eq_get_and_leaves_out_alone_when_empty() {
+    let mut e = engine();
+    open(&mut e, 0);
+    let q = e.eq_alloc(2).unwrap();
+    e.portal_set_eq(0, Some(q)).unwrap();
+    let m = sink(&mut e, 0, 100);
+    e.portal_attach_md(0, m).unwrap();
+    let mut out = Event {
+        hdr_data: 0xdead,
+        ..Event::EMPTY
+    };
+    assert_eq!(e.eq_get_into(q, &mut out), Ok(false));
+    assert_eq!(out.hdr_data, 0xdead, "untouched when empty");
+    for n in 1..=3 {
+        e.deliver(&WireHeader {
+            hdr_data: n,
+            ..put(0, 0, 1)
+        })
+        .unwrap();
+    }
+    assert_eq!(e.eq_get_into(q, &mut out), Err(Error::EventsDropped(1)));
+    assert_eq!(e.eq_get_into(q, &mut out), Ok(true));
+    assert_eq!((out.kind, out.hdr_data, out.seq), (EventKind::Put, 1, 0));
+    let next = e.eq_get(q).unwrap().unwrap();
+    assert_eq!((next.hdr_data, next.seq), (2, 1));
+    assert_eq!(e.eq_get_into(q, &mut out), Ok(false));
+    assert_eq!(out.hdr_data, 1);
+    e.eq_free(q).unwrap();
+    assert_eq!(
+        e.eq_get_into(q, &mut out),
+        Err(Error::StaleHandle("event queue"))
+    );
+}

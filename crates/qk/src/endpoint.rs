@@ -682,6 +682,22 @@ impl Endpoint {
 
     /// Takes the next event from `eq`, if any (makes progress first in inline mode).
     pub fn eq_poll(&mut self, eq: EqHandle) -> Result<Option<Event>, QkError> {
+        self.poll_with(|e| e.eq_get(eq))
+    }
+
+    /// [`Endpoint::eq_poll`] into a caller's event: `Ok(true)` when one was taken and written to
+    /// `out`. A loop that keeps one event avoids moving it through `Result<Option<Event>>`.
+    pub fn eq_poll_into(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
+        self.poll_with(|e| e.eq_get_into(eq, out).map(|got| got.then_some(())))
+            .map(|r| r.is_some())
+    }
+
+    /// Takes what `take` finds: queued events first, else after one progress pass.
+    #[inline]
+    fn poll_with<T>(
+        &mut self,
+        mut take: impl FnMut(&mut PortalsEngine) -> Result<Option<T>, portals::Error>,
+    ) -> Result<Option<T>, QkError> {
         self.start_engine()?;
         // In co-processor mode the engine thread normally does the work; if it has gone to sleep
         // (idle, or its core is busy with someone else), the waiting application makes the
@@ -696,26 +712,34 @@ impl Endpoint {
         let mut g = self.lock();
         // Events already queued first: one progress pass delivers a whole batch of records, the
         // following calls just hand out its events.
-        if let Some(ev) = g
-            .engine
-            .eq_get(eq)
-            .map_err(|e| QkError::Portals(e.to_string()))?
-        {
-            return Ok(Some(ev));
+        match take(&mut g.engine) {
+            Ok(None) => {}
+            Ok(found) => return Ok(found),
+            Err(e) => return Err(QkError::Portals(e.to_string())),
         }
         if inline {
             g.progress(256);
         }
-        g.engine
-            .eq_get(eq)
-            .map_err(|e| QkError::Portals(e.to_string()))
+        take(&mut g.engine).map_err(|e| QkError::Portals(e.to_string()))
     }
 
     /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
     /// busy-poll of unbounded length on the application's core).
     pub fn eq_wait(&mut self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
-        if let Some(ev) = self.eq_poll(eq)? {
-            return Ok(ev);
+        let mut ev = Event::EMPTY;
+        self.eq_wait_into(eq, timeout, &mut ev)?;
+        Ok(ev)
+    }
+
+    /// [`Endpoint::eq_wait`] into a caller's event (written when this returns `Ok`).
+    pub fn eq_wait_into(
+        &mut self,
+        eq: EqHandle,
+        timeout: Duration,
+        out: &mut Event,
+    ) -> Result<(), QkError> {
+        if self.eq_poll_into(eq, out)? {
+            return Ok(());
         }
         let start = Instant::now();
         let coproc = self.mode == CpuMode::MsgCoproc;
@@ -723,8 +747,8 @@ impl Endpoint {
         let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
-            if let Some(ev) = self.eq_poll(eq)? {
-                return Ok(ev);
+            if self.eq_poll_into(eq, out)? {
+                return Ok(());
             }
             polls = polls.wrapping_add(1);
             if polls % 64 != 0 {
@@ -1401,5 +1425,114 @@ impl Ctx<'_> {
             let (base, _) = self.mem.heap_range();
             self.heap.free(b.addr - base, b.len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{JobFabricSpec, NodeFabric};
+    use portals::{Acl, EventKind, MatchSpec, MdKind, MdOptions, MdSpec, OffsetMode};
+
+    /// Two endpoints of one job in this process (inline progress), rank 1 receiving on portal 1.
+    fn pair() -> (
+        NodeFabric,
+        Endpoint,
+        Endpoint,
+        EqHandle,
+        portals::MdHandle,
+        Buf,
+        Buf,
+    ) {
+        let mut spec = JobFabricSpec::new(41, 2, vec![0, 1], CpuMode::Heater);
+        spec.queue_bytes = 64 << 10;
+        spec.heap_bytes_per_rank = 1 << 20;
+        spec.lock_memory = false;
+        let fab = NodeFabric::create(&spec).expect("fabric");
+        let attach = |port| {
+            Endpoint::attach(
+                fab.dup_fd().expect("fd"),
+                &AttachSpec {
+                    lock_memory: false,
+                    ..AttachSpec::new(41, port, CpuMode::Heater)
+                },
+            )
+            .expect("attach")
+        };
+        let (mut tx, mut rx) = (attach(0), attach(1));
+        let sbuf = tx.alloc_shared(256).expect("send buffer");
+        let rbuf = rx.alloc_shared(256).expect("receive buffer");
+        let eq = rx.with_engine(|e| {
+            let eq = e.eq_alloc(64).expect("eq");
+            let md = e
+                .md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: rbuf.region(),
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(eq),
+                })
+                .expect("md");
+            e.portal_set_acl(1, Acl::job(41)).expect("acl");
+            e.portal_enable(1).expect("enable");
+            e.me_append(1, MatchSpec::any(), md).expect("me");
+            eq
+        });
+        let smd = tx.with_engine(|e| {
+            e.md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: sbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: None,
+            })
+            .expect("send md")
+        });
+        (fab, tx, rx, eq, smd, sbuf, rbuf)
+    }
+
+    #[test]
+    fn eq_poll_into_and_eq_wait_into_hand_out_each_put_once_with_its_bytes() {
+        let (_fab, mut tx, mut rx, eq, smd, sbuf, rbuf) = pair();
+        let mut ev = Event::EMPTY;
+        assert!(!rx.eq_poll_into(eq, &mut ev).expect("poll"));
+        assert_eq!(ev, Event::EMPTY, "nothing written when there is no event");
+        for (n, len) in [(1u64, 0u64), (2, 8), (3, 100)] {
+            let data: Vec<u8> = (0..len as u8).map(|b| b ^ n as u8).collect();
+            tx.write(&sbuf, 0, &data).expect("fill");
+            tx.put(&PutArgs {
+                md: smd,
+                local_offset: 0,
+                length: len,
+                target: ProcessId::new(41, 1),
+                portal: 1,
+                match_bits: n,
+                remote_offset: 16,
+                ack: false,
+                hdr_data: 10 + n,
+            })
+            .expect("put");
+            if n == 2 {
+                rx.eq_wait_into(eq, Duration::from_secs(5), &mut ev)
+                    .expect("wait");
+            } else {
+                assert!(rx.eq_poll_into(eq, &mut ev).expect("poll"));
+            }
+            assert_eq!(
+                (ev.kind, ev.match_bits, ev.hdr_data, ev.mlength, ev.offset),
+                (EventKind::Put, n, 10 + n, len, 16)
+            );
+            let mut got = vec![0u8; len as usize];
+            rx.read(&rbuf, 16, &mut got).expect("read");
+            assert_eq!(got, data);
+            assert!(
+                !rx.eq_poll_into(eq, &mut ev).expect("poll"),
+                "each event once"
+            );
+        }
+        assert_eq!(rx.eq_poll(eq).expect("poll"), None);
+        assert_eq!(rx.stats().total_drops(), 0);
     }
 }
