@@ -536,6 +536,10 @@ impl RingMem for ShmRing {
         self.map.read(self.data + off as usize, dst)
     }
     #[inline]
+    fn prefetch(&self, off: u64) {
+        self.map.prefetch(self.data + off as usize)
+    }
+    #[inline]
     fn load_head(&self) -> u64 {
         self.map.atomic_u64(self.head).load(Ordering::Acquire)
     }

@@ -49,6 +49,8 @@ pub trait RingMem {
     fn write_bytes(&self, off: u64, src: &[u8]);
     /// Copies from `off` into `dst`.
     fn read_bytes(&self, off: u64, dst: &mut [u8]);
+    /// Hints that the line at `off` will be read soon (a no-op by default).
+    fn prefetch(&self, _off: u64) {}
     /// The consumer's published head (acquire).
     fn load_head(&self) -> u64;
     /// Publishes the consumer's head (release).
@@ -213,6 +215,9 @@ impl Consumer {
                 mem.store_head(self.head);
                 continue;
             }
+            // Start fetching the line the next record begins on while this one is handled: in a
+            // stream it is usually written already, and the fetch overlaps the delivery work.
+            mem.prefetch((off + len) & (cap - 1));
             return Peek::Record(Record {
                 body_off: off + 8,
                 body_len: len - 8,
