@@ -136,6 +136,7 @@ impl Layout {
     }
 
     /// Offset of port `p`'s control block.
+    #[inline]
     pub fn port(&self, p: u32) -> u64 {
         self.port_off + p as u64 * PORT_BLOCK as u64
     }
@@ -401,7 +402,7 @@ impl Region {
     }
 
     /// Counter `slot` of port `p`.
-    #[inline]
+    #[inline(always)]
     pub fn counter(&self, p: u32, s: usize) -> &AtomicU64 {
         self.map
             .atomic_u64(self.layout.port(p) as usize + P_COUNTERS + 8 * s)
