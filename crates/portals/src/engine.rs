@@ -801,7 +801,30 @@ impl<S: Store> Engine<S> {
     /// Take the oldest event. `Ok(None)`: the queue is empty.
     /// `Err(Error::EventsDropped(n))`: the queue overflowed since the last
     /// call and `n` events were lost; reported once, then polling goes on.
+    #[inline]
     pub fn eq_get(&mut self, h: EqHandle) -> Result<Option<Event>, Error> {
+        Ok(self.eq_take(h)?.map(|i| self.store.tables_ref().events[i]))
+    }
+
+    /// [`Engine::eq_get`] into a caller's event: `Ok(true)` when one was
+    /// taken (written to `out`), `Ok(false)` when the queue is empty (`out`
+    /// untouched). A poll loop that keeps one event saves moving it through
+    /// a `Result<Option<Event>>` at every level.
+    #[inline]
+    pub fn eq_get_into(&mut self, h: EqHandle, out: &mut Event) -> Result<bool, Error> {
+        match self.eq_take(h)? {
+            Some(i) => {
+                *out = self.store.tables_ref().events[i];
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Removes the oldest event of queue `h` and returns its slot (valid
+    /// until the next post), or reports an overflow once.
+    #[inline]
+    fn eq_take(&mut self, h: EqHandle) -> Result<Option<usize>, Error> {
         if !self.eq_live(h) {
             return Err(Error::StaleHandle("event queue"));
         }
@@ -815,13 +838,13 @@ impl<S: Store> Engine<S> {
         if q.len == 0 {
             return Ok(None);
         }
-        let ev = t.events[(q.base + q.head) as usize];
+        let at = (q.base + q.head) as usize;
         q.head += 1;
         if q.head == q.cap {
             q.head = 0;
         }
         q.len -= 1;
-        Ok(Some(ev))
+        Ok(Some(at))
     }
 
     /// Events waiting in a queue.
@@ -841,6 +864,16 @@ impl<S: Store> Engine<S> {
     /// back. Never copies, never allocates, never panics on any header.
     #[inline]
     pub fn deliver(&mut self, h: &WireHeader) -> Result<DeliveryPlan, Dropped> {
+        let mut plan = DeliveryPlan::EMPTY;
+        self.deliver_into(h, &mut plan).map(|()| plan)
+    }
+
+    /// [`Engine::deliver`] that writes the plan into `plan` instead of returning it: a fabric
+    /// that keeps one plan and hands it in for every message saves building a ~300-byte value
+    /// and moving it through the return. Same checks, same counters, same events; on `Err` the
+    /// contents of `plan` are unspecified (but valid).
+    #[inline]
+    pub fn deliver_into(&mut self, h: &WireHeader, plan: &mut DeliveryPlan) -> Result<(), Dropped> {
         if let Err(e) = h.validate(&self.limits) {
             let reason = match e {
                 HeaderError::Portal { .. } => DropReason::InvalidPortal,
@@ -857,9 +890,9 @@ impl<S: Store> Engine<S> {
             return Err(Dropped::bare(DropReason::WrongDestination));
         }
         match h.op {
-            Op::Put | Op::Get => self.deliver_target(h),
-            Op::Reply => self.deliver_reply(h),
-            Op::Ack => self.deliver_ack(h),
+            Op::Put | Op::Get => self.deliver_target(h, plan),
+            Op::Reply => self.deliver_reply(h, plan),
+            Op::Ack => self.deliver_ack(h, plan),
         }
     }
 
@@ -886,7 +919,7 @@ impl<S: Store> Engine<S> {
     }
 
     #[inline]
-    fn deliver_target(&mut self, h: &WireHeader) -> Result<DeliveryPlan, Dropped> {
+    fn deliver_target(&mut self, h: &WireHeader, out: &mut DeliveryPlan) -> Result<(), Dropped> {
         let is_get = h.op == Op::Get;
         let max_steps = self.cfg.match_entries;
         let mut t = self.store.tables();
@@ -1023,7 +1056,8 @@ impl<S: Store> Engine<S> {
         } else {
             portal.eq
         };
-        let event = Event {
+        // The event is built once, in the plan, and copied from there into its queue.
+        out.event = Event {
             kind: if is_get {
                 EventKind::Get
             } else {
@@ -1044,13 +1078,13 @@ impl<S: Store> Engine<S> {
             seq: 0,
         };
         let posted = if eq.idx != u32::MAX {
-            let r = post(t.eqs, t.events, eq, event);
+            let r = post(t.eqs, t.events, eq, &out.event);
             if unlinked {
                 let ev = Event {
                     kind: EventKind::Unlink,
-                    ..event
+                    ..out.event
                 };
-                if let Posted::Overflowed(_) = post(t.eqs, t.events, eq, ev) {
+                if let Posted::Overflowed(_) = post(t.eqs, t.events, eq, &ev) {
                     self.counters.eq_overflows += 1;
                 }
             }
@@ -1062,55 +1096,37 @@ impl<S: Store> Engine<S> {
             self.counters.eq_overflows += 1;
         }
 
-        let trunc_flag = if p.truncated { flags::TRUNCATED } else { 0 };
-        let back = WireHeader {
-            version: WIRE_VERSION,
-            op: Op::Ack,
-            flags: trunc_flag,
-            portal: h.portal,
-            src: h.dst,
-            dst: h.src,
-            match_bits: h.match_bits,
-            offset: p.md_offset,
-            length: p.mlength,
-            rlength: h.length,
-            return_md: h.return_md,
-            return_offset: h.return_offset,
-            hdr_data: h.hdr_data,
-        };
-        let response = if is_get {
-            Response::Reply(WireHeader {
+        // The response header only when there is a response.
+        if is_get {
+            out.response = Response::Reply(WireHeader {
                 op: Op::Reply,
                 offset: h.return_offset,
-                ..back
-            })
+                ..response_header(h, &p)
+            });
         } else if h.ack_requested() & ack_ok {
-            Response::Ack(back)
+            out.response = Response::Ack(response_header(h, &p));
         } else {
-            Response::None
-        };
+            out.response = Response::None;
+        }
         self.counters.delivered += 1;
         self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
-        Ok(DeliveryPlan {
-            op: h.op,
-            portal: h.portal,
-            md,
-            entry: entry_h,
-            header_at: p.header_at,
-            body: p.body,
-            md_offset: p.md_offset,
-            rlength: h.length,
-            mlength: p.mlength,
-            truncated: p.truncated,
-            response,
-            event,
-            posted,
-            unlinked,
-            handler: portal.handler,
-        })
+        out.op = h.op;
+        out.portal = h.portal;
+        out.md = md;
+        out.entry = entry_h;
+        out.header_at = p.header_at;
+        out.body = p.body;
+        out.md_offset = p.md_offset;
+        out.rlength = h.length;
+        out.mlength = p.mlength;
+        out.truncated = p.truncated;
+        out.posted = posted;
+        out.unlinked = unlinked;
+        out.handler = portal.handler;
+        Ok(())
     }
 
-    fn deliver_reply(&mut self, h: &WireHeader) -> Result<DeliveryPlan, Dropped> {
+    fn deliver_reply(&mut self, h: &WireHeader, out: &mut DeliveryPlan) -> Result<(), Dropped> {
         let t = self.store.tables();
         let md = MdHandle::from_cookie(h.return_md);
         let ok = md.idx < self.cfg.mds
@@ -1138,7 +1154,7 @@ impl<S: Store> Engine<S> {
         };
         slot.pending_replies -= 1;
         let eq = slot.eq;
-        let event = Event {
+        out.event = Event {
             kind: EventKind::Reply,
             initiator: h.src,
             portal: h.portal,
@@ -1154,32 +1170,30 @@ impl<S: Store> Engine<S> {
             reason: None,
             seq: 0,
         };
-        let posted = post(t.eqs, t.events, eq, event);
+        let posted = post(t.eqs, t.events, eq, &out.event);
         if let Posted::Overflowed(_) = posted {
             self.counters.eq_overflows += 1;
         }
         self.counters.delivered += 1;
         self.counters.bytes = self.counters.bytes.wrapping_add(p.mlength);
-        Ok(DeliveryPlan {
-            op: Op::Reply,
-            portal: h.portal,
-            md,
-            entry: MatchHandle::NONE,
-            header_at: p.header_at,
-            body: p.body,
-            md_offset: p.md_offset,
-            rlength: h.rlength,
-            mlength: p.mlength,
-            truncated: event.truncated,
-            response: Response::None,
-            event,
-            posted,
-            unlinked: false,
-            handler: None,
-        })
+        out.op = Op::Reply;
+        out.portal = h.portal;
+        out.md = md;
+        out.entry = MatchHandle::NONE;
+        out.header_at = p.header_at;
+        out.body = p.body;
+        out.md_offset = p.md_offset;
+        out.rlength = h.rlength;
+        out.mlength = p.mlength;
+        out.truncated = out.event.truncated;
+        out.response = Response::None;
+        out.posted = posted;
+        out.unlinked = false;
+        out.handler = None;
+        Ok(())
     }
 
-    fn deliver_ack(&mut self, h: &WireHeader) -> Result<DeliveryPlan, Dropped> {
+    fn deliver_ack(&mut self, h: &WireHeader, out: &mut DeliveryPlan) -> Result<(), Dropped> {
         let t = self.store.tables();
         let md = MdHandle::from_cookie(h.return_md);
         let slot = match t.mds.get_mut(md.idx as usize) {
@@ -1191,7 +1205,7 @@ impl<S: Store> Engine<S> {
         };
         slot.pending_acks -= 1;
         let eq = slot.eq;
-        let event = Event {
+        out.event = Event {
             kind: EventKind::Ack,
             initiator: h.src,
             portal: h.portal,
@@ -1207,28 +1221,26 @@ impl<S: Store> Engine<S> {
             reason: None,
             seq: 0,
         };
-        let posted = post(t.eqs, t.events, eq, event);
+        let posted = post(t.eqs, t.events, eq, &out.event);
         if let Posted::Overflowed(_) = posted {
             self.counters.eq_overflows += 1;
         }
         self.counters.delivered += 1;
-        Ok(DeliveryPlan {
-            op: Op::Ack,
-            portal: h.portal,
-            md,
-            entry: MatchHandle::NONE,
-            header_at: None,
-            body: Body { md, ..Body::EMPTY },
-            md_offset: h.offset,
-            rlength: h.rlength,
-            mlength: h.length,
-            truncated: h.truncated(),
-            response: Response::None,
-            event,
-            posted,
-            unlinked: false,
-            handler: None,
-        })
+        out.op = Op::Ack;
+        out.portal = h.portal;
+        out.md = md;
+        out.entry = MatchHandle::NONE;
+        out.header_at = None;
+        out.body = Body { md, ..Body::EMPTY };
+        out.md_offset = h.offset;
+        out.rlength = h.rlength;
+        out.mlength = h.length;
+        out.truncated = h.truncated();
+        out.response = Response::None;
+        out.posted = posted;
+        out.unlinked = false;
+        out.handler = None;
+        Ok(())
     }
 
     // ------------------------------------------------------------- segments
@@ -1407,11 +1419,31 @@ impl<S: Store> Engine<S> {
             reason: None,
             seq: 0,
         };
-        let posted = post(t.eqs, t.events, eq, ev);
+        let posted = post(t.eqs, t.events, eq, &ev);
         if let Posted::Overflowed(_) = posted {
             self.counters.eq_overflows += 1;
         }
         Ok(posted)
+    }
+}
+
+/// The ack a put target sends back (a get's reply starts from it too).
+#[inline]
+fn response_header(h: &WireHeader, p: &Place) -> WireHeader {
+    WireHeader {
+        version: WIRE_VERSION,
+        op: Op::Ack,
+        flags: if p.truncated { flags::TRUNCATED } else { 0 },
+        portal: h.portal,
+        src: h.dst,
+        dst: h.src,
+        match_bits: h.match_bits,
+        offset: p.md_offset,
+        length: p.mlength,
+        rlength: h.length,
+        return_md: h.return_md,
+        return_offset: h.return_offset,
+        hdr_data: h.hdr_data,
     }
 }
 
@@ -1442,7 +1474,7 @@ fn discard(
         reason: Some(reason),
         seq: 0,
     };
-    let posted = post(t.eqs, t.events, portal.eq, event);
+    let posted = post(t.eqs, t.events, portal.eq, &event);
     if let Posted::Overflowed(_) = posted {
         counters.eq_overflows += 1;
     }

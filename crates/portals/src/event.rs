@@ -134,14 +134,14 @@ impl EqSlot {
 /// Post `ev` to queue `h` if it is live. Branch-light: one generation check,
 /// one capacity check.
 #[inline]
-pub(crate) fn post(eqs: &mut [EqSlot], events: &mut [Event], h: EqHandle, mut ev: Event) -> Posted {
+pub(crate) fn post(eqs: &mut [EqSlot], events: &mut [Event], h: EqHandle, ev: &Event) -> Posted {
     let Some(q) = eqs.get_mut(h.idx as usize) else {
         return Posted::NoQueue;
     };
     if !q.live | (q.gen != h.gen) {
         return Posted::NoQueue;
     }
-    ev.seq = q.seq;
+    let seq = q.seq;
     q.seq += 1;
     if q.len == q.cap {
         q.lost += 1;
@@ -151,7 +151,7 @@ pub(crate) fn post(eqs: &mut [EqSlot], events: &mut [Event], h: EqHandle, mut ev
     if at >= q.cap {
         at -= q.cap;
     }
-    events[(q.base + at) as usize] = ev;
+    events[(q.base + at) as usize] = Event { seq, ..*ev };
     q.len += 1;
     Posted::Queued(h)
 }

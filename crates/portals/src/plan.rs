@@ -267,6 +267,26 @@ pub struct DeliveryPlan {
 }
 
 impl DeliveryPlan {
+    /// A plan that delivers nothing: the starting value of a plan kept for
+    /// [`crate::Engine::deliver_into`].
+    pub const EMPTY: DeliveryPlan = DeliveryPlan {
+        op: Op::Ack,
+        portal: 0,
+        md: MdHandle::NONE,
+        entry: MatchHandle::NONE,
+        header_at: None,
+        body: Body::EMPTY,
+        md_offset: 0,
+        rlength: 0,
+        mlength: 0,
+        truncated: false,
+        response: Response::None,
+        event: Event::EMPTY,
+        posted: Posted::NoQueue,
+        unlinked: false,
+        handler: None,
+    };
+
     /// Run the portal's handler, if it has one. Call after the copy.
     pub fn run_handler(&self, h: &mut impl EventHandler) {
         if let Some(id) = self.handler {

@@ -1392,3 +1392,176 @@ fn deliver_bytes_counts_undecodable_headers() {
     assert_eq!(e.counters().drops(DropReason::BadHeader), 2);
     assert_eq!(e.counters().drops(DropReason::InvalidPortal), 1);
 }
+
+// ------------------------------------------------------- plan written in place
+
+/// One engine's deliveries through `deliver`, its twin's through `deliver_into` with one plan
+/// reused for every message (so a field left over from the previous message would show): every
+/// plan, drop and queued event must be the same.
+#[test]
+fn deliver_into_a_reused_plan_equals_deliver() {
+    fn setup() -> (Engine<BoxStore>, EqHandle, EqHandle, MdHandle) {
+        let mut e = engine();
+        let eq = open(&mut e, 0);
+        open(&mut e, 1);
+        let m = md(
+            &mut e,
+            single(0x1000, 64, OffsetMode::Receiver),
+            MdOptions::PUT_GET.truncating(),
+        );
+        e.me_append(0, MatchSpec::new(1).threshold(2), m).unwrap();
+        e.me_append(0, MatchSpec::new(2), m).unwrap();
+        let local_eq = e.eq_alloc(16).unwrap();
+        let local = e
+            .md_create(&MdSpec {
+                kind: single(0x9000, 32, OffsetMode::Sender),
+                options: MdOptions::PUT_GET,
+                eq: Some(local_eq),
+            })
+            .unwrap();
+        e.portal_attach_md(1, local).unwrap();
+        (e, eq, local_eq, local)
+    }
+    let (mut a, qa, la_eq, la) = setup();
+    let (mut b, qb, lb_eq, lb) = setup();
+    assert_eq!(la, lb);
+    // Outstanding ack and reply on the local descriptor, so both arrive expected.
+    for e in [&mut a, &mut b] {
+        let target = ProcessId::new(1, 1);
+        e.prepare_put(&PutArgs {
+            md: la,
+            local_offset: 0,
+            length: 8,
+            target,
+            portal: 0,
+            match_bits: 0,
+            remote_offset: 0,
+            ack: true,
+            hdr_data: 0,
+        })
+        .unwrap();
+        e.prepare_get(&GetArgs {
+            md: la,
+            local_offset: 4,
+            length: 16,
+            target,
+            portal: 0,
+            match_bits: 0,
+            remote_offset: 0,
+            hdr_data: 0,
+        })
+        .unwrap();
+    }
+    let mut acked = put(0, 1, 40);
+    acked.flags = flags::ACK_REQ;
+    acked.return_md = 55;
+    acked.hdr_data = 3;
+    let ack = WireHeader {
+        op: Op::Ack,
+        return_md: la.to_cookie(),
+        length: 8,
+        rlength: 8,
+        offset: 2,
+        ..put(9, 0, 8)
+    };
+    let reply = WireHeader {
+        op: Op::Reply,
+        return_md: la.to_cookie(),
+        offset: 4,
+        length: 16,
+        rlength: 16,
+        ..put(9, 0, 16)
+    };
+    let msgs = [
+        acked, // ack response, truncated, match entry 1
+        WireHeader {
+            match_bits: 1,
+            ..get(0, 0, 10)
+        }, // reply response, unlinks entry 1 (threshold 2)
+        put(0, 2, 8), // no response, entry 2
+        put(0, 7, 8), // no match: dropped
+        ack,   // initiator side: ack
+        reply, // initiator side: reply
+        put(0, 2, 100), // truncated to what is left
+        put(5, 2, 8), // disabled portal: dropped
+        WireHeader {
+            version: 9,
+            ..put(0, 2, 8)
+        }, // bad header
+    ];
+    let mut plan = DeliveryPlan::EMPTY;
+    let mut outcome = Vec::new();
+    for (i, h) in msgs.iter().enumerate() {
+        let want = a.deliver(h);
+        let got = b.deliver_into(h, &mut plan);
+        match want {
+            Ok(p) => {
+                assert_eq!(got, Ok(()), "message {i}");
+                assert_eq!(plan, p, "message {i}");
+                outcome.push((p.op, p.truncated, p.unlinked, p.response != Response::None));
+            }
+            Err(d) => {
+                assert_eq!(got, Err(d), "message {i}");
+                outcome.push((h.op, false, false, false));
+            }
+        }
+    }
+    // The sequence covers what it claims to.
+    assert_eq!(
+        outcome,
+        [
+            (Op::Put, false, false, true),
+            (Op::Get, false, true, true),
+            (Op::Put, false, false, false),
+            (Op::Put, false, false, false),
+            (Op::Ack, false, false, false),
+            (Op::Reply, false, false, false),
+            (Op::Put, true, false, false),
+            (Op::Put, false, false, false),
+            (Op::Put, false, false, false),
+        ]
+    );
+    assert_eq!(a.counters().total_drops(), 3);
+    assert_eq!(a.counters(), b.counters());
+    for (qa, qb) in [(qa, qb), (la_eq, lb_eq)] {
+        let ea: Vec<_> = core::iter::from_fn(|| a.eq_get(qa).ok().flatten()).collect();
+        let eb: Vec<_> = core::iter::from_fn(|| b.eq_get(qb).ok().flatten()).collect();
+        assert!(!ea.is_empty());
+        assert_eq!(ea, eb);
+    }
+}
+
+#[test]
+fn eq_get_into_takes_the_same_events_as_eq_get_and_leaves_out_alone_when_empty() {
+    let mut e = engine();
+    open(&mut e, 0);
+    let q = e.eq_alloc(2).unwrap();
+    e.portal_set_eq(0, Some(q)).unwrap();
+    let m = sink(&mut e, 0, 100);
+    e.portal_attach_md(0, m).unwrap();
+    let mut out = Event {
+        hdr_data: 0xdead,
+        ..Event::EMPTY
+    };
+    assert_eq!(e.eq_get_into(q, &mut out), Ok(false));
+    assert_eq!(out.hdr_data, 0xdead, "untouched when empty");
+    for n in 1..=3 {
+        e.deliver(&WireHeader {
+            hdr_data: n,
+            ..put(0, 0, 1)
+        })
+        .unwrap();
+    }
+    assert_eq!(e.eq_get_into(q, &mut out), Err(Error::EventsDropped(1)));
+    assert_eq!(e.eq_get_into(q, &mut out), Ok(true));
+    assert_eq!((out.kind, out.hdr_data, out.seq), (EventKind::Put, 1, 0));
+    let next = e.eq_get(q).unwrap().unwrap();
+    assert_eq!((next.hdr_data, next.seq), (2, 1));
+    assert_eq!(e.eq_get_into(q, &mut out), Ok(false));
+    assert_eq!(out.hdr_data, 1);
+    e.eq_free(q).unwrap();
+    assert_eq!(
+        e.eq_get_into(q, &mut out),
+        Err(Error::StaleHandle("event queue"))
+    );
+}

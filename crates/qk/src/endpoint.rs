@@ -149,6 +149,9 @@ struct Inner {
     large: HashMap<u64, LargeSend>,
     next_token: u64,
     private_path: PrivatePath,
+    /// The delivery plan the engine writes each incoming message's placement into (one value kept
+    /// and overwritten, instead of a ~300-byte plan built and moved per message).
+    plan: Box<portals::DeliveryPlan>,
 }
 
 /// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
@@ -335,6 +338,7 @@ impl Endpoint {
             large: HashMap::new(),
             next_token: 1,
             private_path: PrivatePath::for_this_host(),
+            plan: Box::new(portals::DeliveryPlan::EMPTY),
         };
         let coproc_mode = spec.mode.engine_on_own_core();
         let (own, inner) = if coproc_mode {
@@ -366,8 +370,19 @@ impl Endpoint {
     /// on the other core (from then on messages are deposited while the application computes). A
     /// no-op in the inline modes. Called implicitly by the first put, get or event wait, so the
     /// application can set up its portals before anything is delivered.
+    #[inline]
     pub fn start_engine(&self) -> Result<(), QkError> {
-        if !self.mode.engine_on_own_core() || self.started.swap(true, Ordering::AcqRel) {
+        // Every put, get and event poll passes here: in the inline modes, and once the thread
+        // runs, it is one flag test (no atomic read-modify-write, no call).
+        if !self.mode.engine_on_own_core() || self.started.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        self.spawn_engine()
+    }
+
+    #[cold]
+    fn spawn_engine(&self) -> Result<(), QkError> {
+        if self.started.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
         let sh = self.shared.clone();
@@ -672,6 +687,22 @@ impl Endpoint {
 
     /// Takes the next event from `eq`, if any (makes progress first in inline mode).
     pub fn eq_poll(&mut self, eq: EqHandle) -> Result<Option<Event>, QkError> {
+        self.poll_with(|e| e.eq_get(eq))
+    }
+
+    /// [`Endpoint::eq_poll`] into a caller's event: `Ok(true)` when one was taken and written to
+    /// `out`. A loop that keeps one event avoids moving it through `Result<Option<Event>>`.
+    pub fn eq_poll_into(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
+        self.poll_with(|e| e.eq_get_into(eq, out).map(|got| got.then_some(())))
+            .map(|r| r.is_some())
+    }
+
+    /// Takes what `take` finds: queued events first, else after one progress pass.
+    #[inline]
+    fn poll_with<T>(
+        &mut self,
+        mut take: impl FnMut(&mut PortalsEngine) -> Result<Option<T>, portals::Error>,
+    ) -> Result<Option<T>, QkError> {
         self.start_engine()?;
         // In co-processor mode the engine thread normally does the work; if it has gone to sleep
         // (idle, or its core is busy with someone else), the waiting application makes the
@@ -686,31 +717,40 @@ impl Endpoint {
         let mut g = self.lock();
         // Events already queued first: one progress pass delivers a whole batch of records, the
         // following calls just hand out its events.
-        let mut ev = g
-            .engine
-            .eq_get(eq)
-            .map_err(|e| QkError::Portals(e.to_string()))?;
-        if ev.is_none() {
-            if inline {
-                g.progress(256);
+        let found = match take(&mut g.engine) {
+            Ok(None) => {
+                if inline {
+                    g.progress(256);
+                }
+                take(&mut g.engine).map_err(|e| QkError::Portals(e.to_string()))?
             }
-            ev = g
-                .engine
-                .eq_get(eq)
-                .map_err(|e| QkError::Portals(e.to_string()))?;
-        }
+            Ok(found) => found,
+            Err(e) => return Err(QkError::Portals(e.to_string())),
+        };
         drop(g);
-        if ev.is_some() {
+        if found.is_some() {
             self.idle_since = None;
         }
-        Ok(ev)
+        Ok(found)
     }
 
     /// Waits for the next event on `eq`: spins while the wait is short, then blocks (never a
     /// busy-poll of unbounded length on the application's core).
     pub fn eq_wait(&mut self, eq: EqHandle, timeout: Duration) -> Result<Event, QkError> {
-        if let Some(ev) = self.eq_poll(eq)? {
-            return Ok(ev);
+        let mut ev = Event::EMPTY;
+        self.eq_wait_into(eq, timeout, &mut ev)?;
+        Ok(ev)
+    }
+
+    /// [`Endpoint::eq_wait`] into a caller's event (written when this returns `Ok`).
+    pub fn eq_wait_into(
+        &mut self,
+        eq: EqHandle,
+        timeout: Duration,
+        out: &mut Event,
+    ) -> Result<(), QkError> {
+        if self.eq_poll_into(eq, out)? {
+            return Ok(());
         }
         let start = Instant::now();
         // A wait that continues an earlier one that timed out: no spinning, and the idle time
@@ -722,8 +762,8 @@ impl Endpoint {
         let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
-            if let Some(ev) = self.eq_poll(eq)? {
-                return Ok(ev);
+            if self.eq_poll_into(eq, out)? {
+                return Ok(());
             }
             polls = polls.wrapping_add(1);
             if polls % 64 != 0 {
@@ -1122,6 +1162,7 @@ impl Inner {
             out,
             large,
             heap,
+            plan,
             ..
         } = self;
         let me_port = port.me();
@@ -1134,6 +1175,7 @@ impl Inner {
             out,
             large,
             heap,
+            plan,
         };
         let handled = port.poll(budget, |m| ctx.handle(m));
         if !self.out.is_empty() {
@@ -1153,6 +1195,7 @@ struct Ctx<'a> {
     out: &'a mut VecDeque<Pending>,
     large: &'a mut HashMap<u64, LargeSend>,
     heap: &'a mut HeapAlloc,
+    plan: &'a mut portals::DeliveryPlan,
 }
 
 impl Ctx<'_> {
@@ -1228,36 +1271,36 @@ impl Ctx<'_> {
             return self.drop_msg(DropReason::Malformed);
         };
         // 4. Portals: access control, matching, placement, events.
-        let plan = match self.engine.deliver(&w) {
-            Ok(p) => p,
-            Err(d) => {
-                self.drop_msg(DropReason::from(d.reason));
-                if let Some((_, token)) = lref {
-                    self.send_fin(&h, token, 0);
-                }
-                return;
+        if let Err(d) = self.engine.deliver_into(&w, self.plan) {
+            self.drop_msg(DropReason::from(d.reason));
+            if let Some((_, token)) = lref {
+                self.send_fin(&h, token, 0);
             }
-        };
+            return;
+        }
         let me_port = self.me_port();
+        let (pop, header_at, pbody, mlength) = {
+            let p = &*self.plan;
+            (p.op, p.header_at, p.body, p.mlength)
+        };
         // 5. Move the bytes.
-        if let Some(at) = plan.header_at {
+        if let Some(at) = header_at {
             if !self.mem.write(at, &w.encode()) {
                 self.drop_msg(DropReason::BadMemory);
             }
         }
-        match plan.op {
-            Op::Put | Op::Reply if lref.is_none() && plan.body.is_contiguous() => {
-                let first = plan.body.first();
+        match pop {
+            Op::Put | Op::Reply if lref.is_none() && pbody.is_contiguous() => {
+                let first = pbody.first();
                 let n = first.len as usize;
                 if n > body.len() || !self.mem.write(first.addr, &body[..n]) {
                     self.drop_msg(DropReason::BadMemory);
                 }
                 self.region.bump(me_port, slot::DELIVERED, 1);
-                self.region
-                    .bump(me_port, slot::DELIVERED_BYTES, plan.mlength);
+                self.region.bump(me_port, slot::DELIVERED_BYTES, mlength);
             }
             Op::Put | Op::Reply => {
-                if !self.deposit_segments(&h, m.from, body, lref, &plan) {
+                if !self.deposit_segments(&h, m.from, body, lref, &pbody, mlength) {
                     return;
                 }
             }
@@ -1265,8 +1308,8 @@ impl Ctx<'_> {
                 self.region.bump(me_port, slot::DELIVERED, 1);
             }
         }
-        // 6. Respond.
-        match plan.response {
+        // 6. Respond (the response header is copied out of the plan only when there is one).
+        match self.plan.response {
             Response::None => {}
             Response::Ack(a) => {
                 let hdr = hdr_from_wire(&a);
@@ -1276,7 +1319,7 @@ impl Ctx<'_> {
                     body: Vec::new(),
                 });
             }
-            Response::Reply(r) => self.reply(&h, r, &plan),
+            Response::Reply(r) => self.reply(&h, r, &pbody),
         }
     }
 
@@ -1291,10 +1334,11 @@ impl Ctx<'_> {
         from: u32,
         body: &[u8],
         lref: Option<(u64, u64)>,
-        plan: &portals::DeliveryPlan,
+        pbody: &portals::Body,
+        mlength: u64,
     ) -> bool {
         let me_port = self.me_port();
-        let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+        let segs: Vec<portals::Segment> = match self.engine.segments(pbody) {
             Ok(s) => s.collect(),
             Err(_) => {
                 self.drop_msg(DropReason::BadMemory);
@@ -1335,22 +1379,21 @@ impl Ctx<'_> {
                 slot::LARGE_CMA
             };
             self.region.count(me_port, counter, 1);
-            self.send_fin(h, token, plan.mlength);
+            self.send_fin(h, token, mlength);
         }
         self.region.count(me_port, slot::DELIVERED, 1);
-        self.region
-            .count(me_port, slot::DELIVERED_BYTES, plan.mlength);
+        self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
         true
     }
 
     /// Sends the reply to a get (eager from the descriptor, or a reference for a large one).
     #[inline(never)]
-    fn reply(&mut self, h: &Hdr, r: WireHeader, plan: &portals::DeliveryPlan) {
+    fn reply(&mut self, h: &Hdr, r: WireHeader, pbody: &portals::Body) {
         let mut hdr = hdr_from_wire(&r);
-        let len = plan.body.len();
+        let len = pbody.len();
         if len <= self.region.eager_max as u64 {
             let mut data = vec![0u8; len as usize];
-            let segs: Vec<portals::Segment> = match self.engine.segments(&plan.body) {
+            let segs: Vec<portals::Segment> = match self.engine.segments(pbody) {
                 Ok(s) => s.collect(),
                 Err(_) => return self.drop_msg(DropReason::BadMemory),
             };
@@ -1366,16 +1409,16 @@ impl Ctx<'_> {
                 body: data,
             });
         } else {
-            let first = plan.body.first();
+            let first = pbody.first();
             let map_base = self.region.map().ptr() as u64;
-            if plan.body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
+            if pbody.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
                 hdr.flags |= flag::HEAP;
                 self.out.push_back(Pending {
                     dst_rank: h.src,
                     hdr,
                     body: encode_ref(first.addr - map_base, 0),
                 });
-            } else if plan.body.is_contiguous()
+            } else if pbody.is_contiguous()
                 && self.region.port_of_rank(h.src).is_some()
                 && self.mem.owns(first.addr, first.len)
             {
@@ -1421,5 +1464,114 @@ impl Ctx<'_> {
             let (base, _) = self.mem.heap_range();
             self.heap.free(b.addr - base, b.len);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{JobFabricSpec, NodeFabric};
+    use portals::{Acl, EventKind, MatchSpec, MdKind, MdOptions, MdSpec, OffsetMode};
+
+    /// Two endpoints of one job in this process (inline progress), rank 1 receiving on portal 1.
+    fn pair() -> (
+        NodeFabric,
+        Endpoint,
+        Endpoint,
+        EqHandle,
+        portals::MdHandle,
+        Buf,
+        Buf,
+    ) {
+        let mut spec = JobFabricSpec::new(41, 2, vec![0, 1], CpuMode::Heater);
+        spec.queue_bytes = 64 << 10;
+        spec.heap_bytes_per_rank = 1 << 20;
+        spec.lock_memory = false;
+        let fab = NodeFabric::create(&spec).expect("fabric");
+        let attach = |port| {
+            Endpoint::attach(
+                fab.dup_fd().expect("fd"),
+                &AttachSpec {
+                    lock_memory: false,
+                    ..AttachSpec::new(41, port, CpuMode::Heater)
+                },
+            )
+            .expect("attach")
+        };
+        let (mut tx, mut rx) = (attach(0), attach(1));
+        let sbuf = tx.alloc_shared(256).expect("send buffer");
+        let rbuf = rx.alloc_shared(256).expect("receive buffer");
+        let eq = rx.with_engine(|e| {
+            let eq = e.eq_alloc(64).expect("eq");
+            let md = e
+                .md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: rbuf.region(),
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(eq),
+                })
+                .expect("md");
+            e.portal_set_acl(1, Acl::job(41)).expect("acl");
+            e.portal_enable(1).expect("enable");
+            e.me_append(1, MatchSpec::any(), md).expect("me");
+            eq
+        });
+        let smd = tx.with_engine(|e| {
+            e.md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: sbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: None,
+            })
+            .expect("send md")
+        });
+        (fab, tx, rx, eq, smd, sbuf, rbuf)
+    }
+
+    #[test]
+    fn eq_poll_into_and_eq_wait_into_hand_out_each_put_once_with_its_bytes() {
+        let (_fab, mut tx, mut rx, eq, smd, sbuf, rbuf) = pair();
+        let mut ev = Event::EMPTY;
+        assert!(!rx.eq_poll_into(eq, &mut ev).expect("poll"));
+        assert_eq!(ev, Event::EMPTY, "nothing written when there is no event");
+        for (n, len) in [(1u64, 0u64), (2, 8), (3, 100)] {
+            let data: Vec<u8> = (0..len as u8).map(|b| b ^ n as u8).collect();
+            tx.write(&sbuf, 0, &data).expect("fill");
+            tx.put(&PutArgs {
+                md: smd,
+                local_offset: 0,
+                length: len,
+                target: ProcessId::new(41, 1),
+                portal: 1,
+                match_bits: n,
+                remote_offset: 16,
+                ack: false,
+                hdr_data: 10 + n,
+            })
+            .expect("put");
+            if n == 2 {
+                rx.eq_wait_into(eq, Duration::from_secs(5), &mut ev)
+                    .expect("wait");
+            } else {
+                assert!(rx.eq_poll_into(eq, &mut ev).expect("poll"));
+            }
+            assert_eq!(
+                (ev.kind, ev.match_bits, ev.hdr_data, ev.mlength, ev.offset),
+                (EventKind::Put, n, 10 + n, len, 16)
+            );
+            let mut got = vec![0u8; len as usize];
+            rx.read(&rbuf, 16, &mut got).expect("read");
+            assert_eq!(got, data);
+            assert!(
+                !rx.eq_poll_into(eq, &mut ev).expect("poll"),
+                "each event once"
+            );
+        }
+        assert_eq!(rx.eq_poll(eq).expect("poll"), None);
+        assert_eq!(rx.stats().total_drops(), 0);
     }
 }

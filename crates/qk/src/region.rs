@@ -139,6 +139,7 @@ impl Layout {
     }
 
     /// Offset of port `p`'s control block.
+    #[inline]
     pub fn port(&self, p: u32) -> u64 {
         self.port_off + p as u64 * PORT_BLOCK as u64
     }
@@ -410,7 +411,7 @@ impl Region {
     }
 
     /// Counter `slot` of port `p`.
-    #[inline]
+    #[inline(always)]
     pub fn counter(&self, p: u32, s: usize) -> &AtomicU64 {
         self.map
             .atomic_u64(self.layout.port(p) as usize + P_COUNTERS + 8 * s)
@@ -579,6 +580,10 @@ impl RingMem for ShmRing {
     #[inline]
     fn read_bytes(&self, off: u64, dst: &mut [u8]) {
         self.map.read(self.data + off as usize, dst)
+    }
+    #[inline]
+    fn prefetch(&self, off: u64) {
+        self.map.prefetch(self.data + off as usize)
     }
     #[inline]
     fn load_head(&self) -> u64 {

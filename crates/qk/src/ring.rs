@@ -5,13 +5,26 @@
 //! carries the record's absolute position in the stream (48 bits), a padding flag and the record
 //! length in 8-byte units, so the consumer knows a record is complete by one acquire load of the
 //! word it is about to read: no separate tail counter crosses between cores, and a 56-byte header
-//! plus stamp is exactly one cache line. The consumer zeroes the first word of every line it
-//! consumed, so a line start not yet rewritten in the current lap always reads 0 and old payload
-//! can never be mistaken for a stamp (the loom model test found exactly that hazard).
+//! plus stamp is exactly one cache line.
+//!
+//! What a line start the consumer is about to read can hold when the producer has not yet
+//! rewritten it in the current lap:
+//! * 0 (never written);
+//! * the stamp of a record of an earlier lap: its position is behind the consumer's by a whole
+//!   number of laps, so it reads as "empty", never as a record (positions only grow);
+//! * the first word of a *later* line of an earlier lap's record, i.e. old payload that could look
+//!   like anything, including a valid stamp (the loom model test found exactly that hazard). The
+//!   consumer therefore zeroes the first word of every line of a consumed record except its first
+//!   line (which holds the stamp).
+//!
+//! So a one-line record (every small message) costs the consumer a read of the line and no write:
+//! the line goes producer → consumer once and back to the producer as a plain invalidation when it
+//! is rewritten a lap later, instead of bouncing a third time for a zeroing store.
 //! The producer writes the body, then the stamp with release ordering. The consumer reads the body,
 //! then publishes its head with release ordering; the producer only re-reads that head when its
-//! cached copy says the ring is full, and then waits (a full ring never drops a record). One
-//! producer per ring means per-pair order is the ring's order.
+//! cached copy says the ring is full, and then waits (a full ring never drops a record). The head
+//! lives on its own line, written only by the consumer. One producer per ring means per-pair order
+//! is the ring's order.
 //!
 //! The algorithm is written against [`RingMem`] so the same code runs on shared memory and in the
 //! loom model test (`tests/loom_ring.rs`).
@@ -36,6 +49,8 @@ pub trait RingMem {
     fn write_bytes(&self, off: u64, src: &[u8]);
     /// Copies from `off` into `dst`.
     fn read_bytes(&self, off: u64, dst: &mut [u8]);
+    /// Hints that the line at `off` will be read soon (a no-op by default).
+    fn prefetch(&self, _off: u64) {}
     /// The consumer's published head (acquire).
     fn load_head(&self) -> u64;
     /// Publishes the consumer's head (release).
@@ -161,6 +176,7 @@ impl Consumer {
     }
 
     /// Looks for the next complete record.
+    #[inline]
     pub fn peek<M: RingMem>(&mut self, mem: &M) -> Peek {
         if self.broken {
             return Peek::Empty;
@@ -172,12 +188,20 @@ impl Consumer {
             if w == 0 {
                 return Peek::Empty;
             }
+            let pos = w >> 16;
+            if pos != (self.head & POS_MASK) {
+                // The stamp of the record the previous lap left here (consumed, not yet rewritten):
+                // exactly one lap behind ours, as every line of a lap is either a record's first
+                // line (its stamp) or cleared when consumed. Anything else is not a stamp the
+                // producer could have written.
+                if self.head.wrapping_sub(pos) & POS_MASK == cap {
+                    return Peek::Empty;
+                }
+                self.broken = true;
+                return Peek::Corrupt;
+            }
             let len = (w & LEN_MASK) * 8;
-            if (w >> 16) != (self.head & POS_MASK)
-                || len == 0
-                || len % LINE as u64 != 0
-                || off + len > cap
-            {
+            if len == 0 || len % LINE as u64 != 0 || off + len > cap {
                 self.broken = true;
                 return Peek::Corrupt;
             }
@@ -186,11 +210,14 @@ impl Consumer {
                     self.broken = true;
                     return Peek::Corrupt;
                 }
-                clear_lines(mem, off, len);
+                clear_later_lines(mem, off, len);
                 self.head += len;
                 mem.store_head(self.head);
                 continue;
             }
+            // Start fetching the line the next record begins on while this one is handled: in a
+            // stream it is usually written already, and the fetch overlaps the delivery work.
+            mem.prefetch((off + len) & (cap - 1));
             return Peek::Record(Record {
                 body_off: off + 8,
                 body_len: len - 8,
@@ -200,17 +227,193 @@ impl Consumer {
     }
 
     /// Releases a record's space to the producer.
+    #[inline]
     pub fn consume<M: RingMem>(&mut self, mem: &M, r: Record) {
-        clear_lines(mem, r.body_off - 8, r.body_len + 8);
+        clear_later_lines(mem, r.body_off - 8, r.body_len + 8);
         self.head = r.next;
         mem.store_head(self.head);
     }
 }
 
-fn clear_lines<M: RingMem>(mem: &M, off: u64, len: u64) {
-    let mut o = off;
+/// Zeroes the first word of every line of the record at `off` (`len` bytes) but its first: those
+/// words are payload (or nothing) that a later lap must never take for a stamp. The first line's
+/// stamp stays: in the next lap it reads as an old stamp, i.e. "empty".
+fn clear_later_lines<M: RingMem>(mem: &M, off: u64, len: u64) {
+    let mut o = off + LINE as u64;
     while o < off + len {
         mem.zero_word(o);
         o += LINE as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::{Cell, RefCell};
+
+    /// Single-threaded ring memory (the concurrent model is `tests/loom_ring.rs`).
+    struct Mem {
+        words: RefCell<Vec<u64>>,
+        head: Cell<u64>,
+    }
+
+    impl Mem {
+        fn new(cap: usize) -> Mem {
+            Mem {
+                words: RefCell::new(vec![0; cap / 8]),
+                head: Cell::new(0),
+            }
+        }
+        fn word(&self, off: u64) -> u64 {
+            self.words.borrow()[off as usize / 8]
+        }
+    }
+
+    impl RingMem for Mem {
+        fn cap(&self) -> u64 {
+            (self.words.borrow().len() * 8) as u64
+        }
+        fn load_acquire(&self, off: u64) -> u64 {
+            self.word(off)
+        }
+        fn store_release(&self, off: u64, v: u64) {
+            self.words.borrow_mut()[off as usize / 8] = v;
+        }
+        fn zero_word(&self, off: u64) {
+            self.words.borrow_mut()[off as usize / 8] = 0;
+        }
+        fn write_bytes(&self, off: u64, src: &[u8]) {
+            let mut w = self.words.borrow_mut();
+            for (i, b) in src.iter().enumerate() {
+                let at = off as usize + i;
+                let mut bytes = w[at / 8].to_le_bytes();
+                bytes[at % 8] = *b;
+                w[at / 8] = u64::from_le_bytes(bytes);
+            }
+        }
+        fn read_bytes(&self, off: u64, dst: &mut [u8]) {
+            let w = self.words.borrow();
+            for (i, b) in dst.iter_mut().enumerate() {
+                let at = off as usize + i;
+                *b = w[at / 8].to_le_bytes()[at % 8];
+            }
+        }
+        fn load_head(&self) -> u64 {
+            self.head.get()
+        }
+        fn store_head(&self, v: u64) {
+            self.head.set(v)
+        }
+    }
+
+    fn take(c: &mut Consumer, m: &Mem) -> Option<Vec<u8>> {
+        match c.peek(m) {
+            Peek::Record(r) => {
+                let mut b = vec![0u8; r.body_len as usize];
+                m.read_bytes(r.body_off, &mut b);
+                c.consume(m, r);
+                Some(b)
+            }
+            Peek::Empty => None,
+            Peek::Corrupt => panic!("corrupt"),
+        }
+    }
+
+    #[test]
+    fn a_consumed_one_line_record_is_not_written_by_the_consumer_and_reads_empty_next_lap() {
+        let m = Mem::new(256);
+        let (mut p, mut c) = (Producer::new(), Consumer::new());
+        for lap in 0..3u8 {
+            for i in 0..4u8 {
+                let before = m.word(i as u64 * 64);
+                assert!(p.try_push(&m, &[lap, i]).is_some());
+                assert_ne!(m.word(i as u64 * 64), before, "a new stamp every lap");
+                let stamp = m.word(i as u64 * 64);
+                assert_eq!(
+                    take(&mut c, &m).map(|b| b[..2].to_vec()),
+                    Some(vec![lap, i])
+                );
+                // The consumer left the stamp alone (no store to the line) ...
+                assert_eq!(m.word(i as u64 * 64), stamp);
+                // ... and it does not read it again as a record.
+                assert!(take(&mut c, &m).is_none());
+            }
+        }
+        assert!(!c.is_broken());
+    }
+
+    #[test]
+    fn old_payload_that_looks_like_a_future_stamp_is_never_taken_for_one() {
+        let m = Mem::new(256);
+        let (mut p, mut c) = (Producer::new(), Consumer::new());
+        // Record 0 covers lines 0-1 (positions 0..128). The first word of line 1 is payload made
+        // to equal exactly the stamp a one-line record at position 256+64 would carry next lap.
+        let forged = stamp(256 + 64, 64, false);
+        let mut body = vec![0u8; 120];
+        body[56..64].copy_from_slice(&forged.to_le_bytes());
+        assert!(p.try_push(&m, &body).is_some());
+        assert_eq!(m.word(64), forged);
+        assert_eq!(take(&mut c, &m), Some(body.clone()));
+        // Consumed: the later line's first word is gone, the first line's stamp stays.
+        assert_eq!(m.word(64), 0);
+        assert_ne!(m.word(0), 0);
+        // Fill the rest of the lap, then one record at position 256 (line 0 of the next lap).
+        for i in 0..3u8 {
+            assert!(p.try_push(&m, &[i]).is_some());
+            assert!(take(&mut c, &m).is_some());
+        }
+        assert!(p.try_push(&m, &[9]).is_some());
+        assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(9));
+        // Position 320 (line 1) has not been written in this lap: it must read empty.
+        assert!(matches!(c.peek(&m), Peek::Empty));
+        assert!(!c.is_broken());
+    }
+
+    #[test]
+    fn a_stamp_with_a_position_that_is_not_ours_or_a_whole_lap_behind_breaks_the_ring() {
+        for bad in [
+            stamp(64, 64, false),
+            stamp(512, 64, false),
+            stamp(8, 64, false),
+            stamp(POS_MASK + 1 - 512, 64, false),
+        ] {
+            let m = Mem::new(256);
+            let mut c = Consumer::new();
+            m.store_release(0, bad);
+            assert!(matches!(c.peek(&m), Peek::Corrupt), "{bad:#x}");
+            assert!(c.is_broken());
+            assert!(matches!(c.peek(&m), Peek::Empty));
+        }
+    }
+
+    #[test]
+    fn padding_at_the_end_of_the_ring_wraps_records_intact() {
+        let m = Mem::new(256);
+        let (mut p, mut c) = (Producer::new(), Consumer::new());
+        for n in 0..40u8 {
+            let len = if n % 3 == 0 { 100 } else { 20 };
+            let body: Vec<u8> = (0..len).map(|i| n.wrapping_add(i)).collect();
+            assert!(p.try_push(&m, &body).is_some(), "record {n}");
+            assert_eq!(
+                take(&mut c, &m).map(|b| b[..len as usize].to_vec()),
+                Some(body)
+            );
+        }
+        assert!(!c.is_broken());
+    }
+
+    #[test]
+    fn a_full_ring_refuses_until_the_consumer_frees_space() {
+        let m = Mem::new(256);
+        let (mut p, mut c) = (Producer::new(), Consumer::new());
+        for i in 0..4u8 {
+            assert!(p.try_push(&m, &[i]).is_some());
+        }
+        assert!(p.try_push(&m, &[4]).is_none());
+        assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(0));
+        assert!(p.try_push(&m, &[4]).is_some());
+        for i in 1..5u8 {
+            assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(i));
+        }
     }
 }

@@ -202,7 +202,24 @@ impl Mapping {
         self.len == 0
     }
 
+    /// Hints the CPU to start fetching the cache line holding byte `off` (no effect on contents;
+    /// an offset outside the mapping is ignored).
+    #[inline]
+    pub fn prefetch(&self, off: usize) {
+        if off >= self.len {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the address is inside the mapping (checked above); a prefetch never faults and
+        // never changes memory, and SSE (which provides it) is part of the x86_64 baseline.
+        unsafe {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            _mm_prefetch::<_MM_HINT_T0>(self.ptr.add(off) as *const i8);
+        }
+    }
+
     /// An atomic u64 at byte offset `off` (must be 8-aligned and in bounds; checked).
+    #[inline]
     pub fn atomic_u64(&self, off: usize) -> &AtomicU64 {
         assert!(
             off % 8 == 0 && off + 8 <= self.len,
@@ -214,6 +231,7 @@ impl Mapping {
     }
 
     /// An atomic u32 at byte offset `off` (4-aligned, in bounds; checked).
+    #[inline]
     pub fn atomic_u32(&self, off: usize) -> &AtomicU32 {
         assert!(
             off % 4 == 0 && off + 4 <= self.len,
@@ -224,6 +242,7 @@ impl Mapping {
     }
 
     /// Copies `src` into the mapping at `off` (bounds checked).
+    #[inline]
     pub fn write(&self, off: usize, src: &[u8]) {
         assert!(
             off.checked_add(src.len()).is_some_and(|e| e <= self.len),
@@ -235,6 +254,7 @@ impl Mapping {
     }
 
     /// Copies from the mapping at `off` into `dst` (bounds checked).
+    #[inline]
     pub fn read(&self, off: usize, dst: &mut [u8]) {
         assert!(
             off.checked_add(dst.len()).is_some_and(|e| e <= self.len),
@@ -258,6 +278,7 @@ impl Mapping {
 
     /// A shared view of `len` bytes at `off` (bounds checked). The caller must know no one writes
     /// these bytes concurrently (the protocol guarantees it for message buffers in flight).
+    #[inline]
     pub fn slice(&self, off: usize, len: usize) -> &[u8] {
         assert!(
             off.checked_add(len).is_some_and(|e| e <= self.len),
@@ -530,6 +551,7 @@ impl OwnedMemory {
     }
 
     /// True when `addr..addr+len` lies inside memory we own.
+    #[inline]
     pub fn owns(&self, addr: u64, len: u64) -> bool {
         let inside = |base: u64, blen: u64| {
             addr >= base && addr.checked_add(len).is_some_and(|e| e <= base + blen)
@@ -543,12 +565,14 @@ impl OwnedMemory {
     }
 
     /// True when `addr..addr+len` lies inside the heap part.
+    #[inline]
     pub fn in_heap(&self, addr: u64, len: u64) -> bool {
         let (hb, hl) = self.heap_range();
         addr >= hb && addr.checked_add(len).is_some_and(|e| e <= hb + hl)
     }
 
     /// Copies `src` to owned address `addr`. False (nothing copied) if the range is not owned.
+    #[inline]
     pub fn write(&self, addr: u64, src: &[u8]) -> bool {
         if !self.owns(addr, src.len() as u64) {
             return false;

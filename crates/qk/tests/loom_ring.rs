@@ -114,3 +114,64 @@ fn loom_ring_delivers_everything_in_order() {
         producer.join().unwrap();
     });
 }
+
+/// The stamp a one-line record at `pos` carries (the layout documented in `qk::ring`).
+fn one_line_stamp(pos: u64) -> u64 {
+    (pos << 16) | 8
+}
+
+#[test]
+fn loom_ring_never_takes_an_old_stamp_or_old_payload_for_a_record() {
+    // The consumer leaves each record's stamp line alone and only clears later lines. On a
+    // 256-byte ring: record 0 spans lines 0-1 and its payload puts, at the start of line 1, the
+    // exact stamp record 4 (one line, position 320 = line 1 of the next lap) will carry. Records
+    // 1-5 are one line each, so the consumer meets the previous lap's stamps (lines 0, 2, 3) and
+    // that forged word (line 1) while the producer may not have rewritten them yet.
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(|| {
+        const N: u8 = 6;
+        let rec = |seq: u8| -> Vec<u8> {
+            if seq == 0 {
+                let mut b = vec![0u8; 120];
+                b[56..64].copy_from_slice(&one_line_stamp(320).to_le_bytes());
+                b
+            } else {
+                vec![seq; 8]
+            }
+        };
+        let mem = Arc::new(LoomMem::new(256));
+        let m2 = mem.clone();
+        let producer = loom::thread::spawn(move || {
+            let mut p = Producer::new();
+            for seq in 0..N {
+                let body = rec(seq);
+                loop {
+                    if let Some(r) = p.reserve(&*m2, body.len()) {
+                        m2.write_bytes(r.body_off, &body);
+                        p.publish(&*m2, r);
+                        break;
+                    }
+                    loom::thread::yield_now();
+                }
+            }
+        });
+        let mut c = Consumer::new();
+        let mut next = 0u8;
+        while next < N {
+            match c.peek(&*mem) {
+                Peek::Record(r) => {
+                    let want = rec(next);
+                    let mut got = vec![0u8; want.len()];
+                    mem.read_bytes(r.body_off, &mut got);
+                    assert_eq!(got, want, "record {next} wrong or out of order");
+                    c.consume(&*mem, r);
+                    next += 1;
+                }
+                Peek::Empty => loom::thread::yield_now(),
+                Peek::Corrupt => panic!("consumer saw a corrupt stamp"),
+            }
+        }
+        producer.join().unwrap();
+    });
+}

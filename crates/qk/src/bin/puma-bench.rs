@@ -743,9 +743,11 @@ fn rank_main(
             hdr_data: 0,
         })
     };
-    let wait_put = |ep: &mut Endpoint| -> Result<(), QkError> {
+    let mut ev = qk::portals::Event::EMPTY;
+    let mut wait_put = |ep: &mut Endpoint| -> Result<(), QkError> {
         loop {
-            if ep.eq_wait(eq, WAIT)?.kind == EventKind::Put {
+            ep.eq_wait_into(eq, WAIT, &mut ev)?;
+            if ev.kind == EventKind::Put {
                 return Ok(());
             }
         }
@@ -892,6 +894,7 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
     };
     let mut send_ns = Vec::new();
     let mut recv_ns = Vec::new();
+    let mut ev = qk::portals::Event::EMPTY;
     for _ in 0..reps {
         let (mut ts, mut tr) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..batches {
@@ -901,9 +904,9 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
             }
             let t1 = Instant::now();
             for _ in 0..window {
-                match rx.eq_poll(eq)? {
-                    Some(ev) if ev.kind == EventKind::Put => {}
-                    other => return Err(format!("expected a put event, got {other:?}").into()),
+                let got = rx.eq_poll_into(eq, &mut ev)?;
+                if !got || ev.kind != EventKind::Put {
+                    return Err(format!("expected a put event, got {:?}", got.then_some(ev)).into());
                 }
             }
             ts += t1 - t0;
