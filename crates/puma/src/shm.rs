@@ -394,6 +394,7 @@ impl NodeColl {
     pub fn stage_piece(&self, writer: bool, what: &str) -> Result<(usize, u64)> {
         let g = self.pieces.get();
         self.pieces.set(g + 1);
+        self.core.st.borrow_mut().stats.stage_pieces += 1;
         let segs = STAGE_SEGS as u64;
         if writer && g + 1 >= segs {
             let free_at = self.piece_seq.borrow()[((g + 1) % segs) as usize];
