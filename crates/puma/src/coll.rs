@@ -19,7 +19,20 @@
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
 //!
-//! This path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
+//! **Large payloads inside one node** (the whole communicator on one node, more than
+//! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
+//! per rank, given at setup to one communicator per process (the first one on one node that
+//! runs a collective; others use the paths below), cut in four 64 KiB segments that successive
+//! pieces of a payload use in turn (a writer may run three pieces ahead of its slowest reader).
+//! Per piece, all-reduce is a reduce-scatter and all-gather in shared memory: every rank copies
+//! the slices the others reduce into its stage, rank `i` combines slice `i` of every rank in rank
+//! order (its own straight from its send buffer) and publishes the result, and every rank copies
+//! the others' results out: two handshakes and about two copies of the payload per rank, no
+//! messages and no allocation. Broadcast: the root copies each piece into its stage, the others
+//! copy it out. `PUMACOLL_STAGE=0` turns the stages off, `PUMACOLL_STAGE_MIN=<bytes>` moves the
+//! limit (for measurements).
+//!
+//! The slot path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
 //! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
 //! there the portals algorithms, one copy per message and no handshake per 2 KiB piece, are faster
 //! for larger payloads, while with more ranks than cores (or across nodes) the slots win up to
