@@ -365,7 +365,7 @@ impl Comm {
         let g = self.size() as usize;
         let b = bytes_mut(buf);
         if g > 1 {
-            if let Some(n) = self.node_stage(b.len(), tag)? {
+            if let Some(n) = self.node_stage(b.len(), 1, tag)? {
                 return self.stage_bcast(n, b, root);
             }
         }
@@ -524,7 +524,9 @@ impl Comm {
         let tag = self.coll_tag();
         let g = self.size() as usize;
         if g > 1 {
-            if let Some(nc) = self.node_stage(std::mem::size_of_val(recv), tag)? {
+            if let Some(nc) =
+                self.node_stage(std::mem::size_of_val(recv), std::mem::size_of::<T>(), tag)?
+            {
                 return self.stage_allreduce(nc, send, recv, &op);
             }
         }
@@ -1058,6 +1060,20 @@ impl Comm {
 /// on one node; smaller ones through the slots (one handshake instead of two per piece).
 pub const STAGE_MIN: usize = crate::shm::SLOT_BYTES;
 
+/// Bytes of one piece through the stages: a whole segment, or less with
+/// `PUMACOLL_STAGE_PIECE=<bytes>` (for measurements; at least 64).
+fn stage_piece_bytes() -> usize {
+    static PIECE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PIECE.get_or_init(|| {
+        std::env::var("PUMACOLL_STAGE_PIECE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(crate::shm::STAGE_SEG, |b: usize| {
+                b.clamp(64, crate::shm::STAGE_SEG)
+            })
+    })
+}
+
 /// `b` as elements of `T` (stage offsets are multiples of the element size from a page-aligned
 /// base, so this only fails on a broken invariant).
 fn elems<T: Pod>(b: &[u8]) -> Result<&[T]> {
@@ -1072,10 +1088,10 @@ fn elems_mut<T: Pod>(b: &mut [u8]) -> Result<&mut [T]> {
 
 impl Comm {
     /// The node group, when a payload of `bytes` per rank goes through the stages: the whole
-    /// communicator on one node whose members gave it their stages, and more than
-    /// [`STAGE_MIN`] bytes (`PUMACOLL_STAGE=0` turns the path off, `PUMACOLL_STAGE_MIN=<bytes>`
+    /// communicator on one node whose members gave it their stages, elements of `elem` bytes that
+    /// fit a piece, and more than [`STAGE_MIN`] bytes (`PUMACOLL_STAGE=0` turns the path off, `PUMACOLL_STAGE_MIN=<bytes>`
     /// moves the limit, for measurements).
-    fn node_stage(&self, bytes: usize, tag: u32) -> Result<Option<&NodeColl>> {
+    fn node_stage(&self, bytes: usize, elem: usize, tag: u32) -> Result<Option<&NodeColl>> {
         static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
         let min = *MIN.get_or_init(|| {
             if std::env::var("PUMACOLL_STAGE").is_ok_and(|v| v == "0") {
@@ -1089,7 +1105,7 @@ impl Comm {
             )
         });
         match min {
-            Some(m) if bytes > m => {}
+            Some(m) if bytes > m && elem > 0 && elem <= stage_piece_bytes() => {}
             _ => return Ok(None),
         }
         Ok(self.node(tag)?.filter(|n| n.stage && n.groups.len() == 1))
@@ -1112,7 +1128,7 @@ impl Comm {
         let elem = std::mem::size_of::<T>();
         let total = std::mem::size_of_val(send) as u64;
         let (p, me) = (n.len(), n.me);
-        let per = (crate::shm::STAGE_SEG / elem).max(1);
+        let per = (stage_piece_bytes() / elem).max(1);
         for (k, r) in pieces(send.len(), per).enumerate() {
             let m = r.len();
             let (src, dst) = (&send[r.clone()], &mut recv[r]);
@@ -1166,7 +1182,7 @@ impl Comm {
         const OP: &str = "broadcast";
         let lead = Self::pos(&n.groups[n.mine], root);
         let total = b.len() as u64;
-        for (k, r) in pieces(b.len(), crate::shm::STAGE_SEG).enumerate() {
+        for (k, r) in pieces(b.len(), stage_piece_bytes()).enumerate() {
             let piece = &mut b[r];
             let (off, s) = n.stage_piece(n.me == lead, OP)?;
             if n.me == lead {
