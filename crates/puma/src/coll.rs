@@ -930,7 +930,7 @@ impl Comm {
             if !multi {
                 n.publish(s, bytes(piece), total, OP)?;
                 n.arrive(s);
-                n.wait_all(s, OP)?;
+                n.wait_all_slots(s, OP)?;
                 n.check_all(s, total, "all-reduce")?;
                 n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
             } else if n.me != 0 {
@@ -1017,7 +1017,7 @@ impl Comm {
                 n.arrive(s);
             } else {
                 n.arrive(s);
-                n.wait_arrival(lead, s, OP)?;
+                n.wait_slot(lead, s, OP)?;
                 n.check_len(lead, s, total, "broadcast")?;
                 n.read(lead, s, piece);
             }

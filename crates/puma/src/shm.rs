@@ -37,10 +37,12 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::ops::Operation;
 
-/// Payload bytes of one slot (its first 8 bytes hold the length of the whole payload, so a
-/// reader checks it with the same cache line it reads small data from): payloads up to this
-/// size take one step; larger ones go in pieces.
-pub const SLOT_BYTES: usize = SLOT - 8;
+/// Payload bytes of one slot. Its first 8 bytes hold the operation's word (`ctx << 48 | s`,
+/// stored last, with release, so a reader can wait on the line it then reads small data from
+/// instead of on the writer's arrival word), the next 8 the length of the whole payload (every
+/// reader checks it). Payloads up to this size take one step; larger ones go in pieces.
+pub const SLOT_BYTES: usize = SLOT - 16;
+const SLOT_DATA: usize = 16;
 
 /// Segments of a port's stage: a large collective goes in pieces of one segment each, and
 /// piece `g` (counted over the communicator's life) uses segment `g mod STAGE_SEGS`, so a writer
@@ -366,8 +368,32 @@ impl NodeColl {
         let slot = (s % SLOTS as u64) as u32;
         let port = self.ports[self.me];
         self.area()
-            .write(self.c, port, slot, 0, &total.to_le_bytes());
-        self.area().write(self.c, port, slot, 8, data);
+            .write(self.c, port, slot, 8, &total.to_le_bytes());
+        self.area().write(self.c, port, slot, SLOT_DATA, data);
+        self.area()
+            .slot_word(self.c, port, slot)
+            .store(self.word(s), Ordering::Release);
+        Ok(())
+    }
+
+    /// Waits until member `i` published its slot of operation `s`.
+    pub fn wait_slot(&self, i: usize, s: u64, what: &str) -> Result<()> {
+        let slot = (s % SLOTS as u64) as u32;
+        self.wait(
+            self.area().slot_word(self.c, self.ports[i], slot),
+            s,
+            i,
+            what,
+        )
+    }
+
+    /// Waits until every other member published its slot of operation `s`.
+    pub fn wait_all_slots(&self, s: u64, what: &str) -> Result<()> {
+        for i in 0..self.len() {
+            if i != self.me {
+                self.wait_slot(i, s, what)?;
+            }
+        }
         Ok(())
     }
 
@@ -375,7 +401,7 @@ impl NodeColl {
     pub fn check_len(&self, i: usize, s: u64, total: u64, op: &'static str) -> Result<()> {
         let mut b = [0u8; 8];
         self.area()
-            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 0, &mut b);
+            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 8, &mut b);
         let theirs = u64::from_le_bytes(b);
         if theirs != total {
             return Err(Error::SizeMismatch {
@@ -401,8 +427,13 @@ impl NodeColl {
 
     /// Reads member `i`'s slot of operation `s`.
     pub fn read(&self, i: usize, s: u64, dst: &mut [u8]) {
-        self.area()
-            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 8, dst);
+        self.area().read(
+            self.c,
+            self.ports[i],
+            (s % SLOTS as u64) as u32,
+            SLOT_DATA,
+            dst,
+        );
     }
 
     /// Starts the next stage piece: returns the byte offset of its segment in every member's

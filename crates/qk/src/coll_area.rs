@@ -105,6 +105,12 @@ impl CollArea {
         self.block(ctx, port) + HEAD + (which % SLOTS) as usize * SLOT + off
     }
 
+    /// The first 8 bytes of slot `which` of `port` in `ctx` as a word (its writer may store there
+    /// with release what the rest of the slot holds).
+    pub fn slot_word(&self, ctx: u32, port: u32, which: u32) -> &AtomicU64 {
+        self.map.atomic_u64(self.slot(ctx, port, which, 0, 8))
+    }
+
     /// Copies `src` into slot `which` (taken mod [`SLOTS`]) of `port` in `ctx`, at `off`. Publish it with a
     /// release store to a word afterwards.
     pub fn write(&self, ctx: u32, port: u32, which: u32, off: usize, src: &[u8]) {
