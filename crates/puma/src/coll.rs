@@ -21,8 +21,8 @@
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
-//! per rank, given at setup to one communicator per process (the first one on one node that
-//! runs a collective; others use the paths below), cut in four 64 KiB segments that successive
+//! per rank, given at setup to one communicator per process for the process's life (the first
+//! one on one node that runs a collective; others use the paths below), cut in four 64 KiB segments that successive
 //! pieces of a payload use in turn (a writer may run three pieces ahead of its slowest reader).
 //! Per piece, all-reduce is a reduce-scatter and all-gather in shared memory: every rank copies
 //! the slices the others reduce into its stage, rank `i` combines slice `i` of every rank in rank

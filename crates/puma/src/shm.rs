@@ -77,7 +77,9 @@ pub(crate) fn copy_elems<T: Pod>(dst: &mut [T], src: &[T]) {
 pub(crate) struct ShmCore {
     area: CollArea,
     claims: RefCell<[Option<u16>; CONTEXTS as usize]>,
-    /// The communicator (context id) that holds this process's stage.
+    /// The communicator (context id) that holds this process's stage. It keeps it for good,
+    /// even once freed: a member of it may still be copying the last piece out of this stage
+    /// when this process has returned, and a later communicator of other ranks could not tell.
     stage: std::cell::Cell<Option<u16>>,
 }
 
@@ -109,9 +111,6 @@ impl ShmCore {
         let mut cl = self.claims.borrow_mut();
         if cl[c as usize] == Some(ctx) {
             cl[c as usize] = None;
-        }
-        if self.stage.get() == Some(ctx) {
-            self.stage.set(None);
         }
     }
 }
