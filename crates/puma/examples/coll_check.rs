@@ -22,6 +22,14 @@ struct Args {
     /// Make the last rank's all-reduce buffer shorter (expects a clear error).
     #[arg(long)]
     mismatch: bool,
+    /// Elements of the other ranks' buffers in the `--mismatch` all-reduce (the last rank has 3
+    /// fewer).
+    #[arg(long, default_value_t = 8)]
+    mismatch_len: usize,
+    /// Element counts to check on a duplicate of the world communicator (which cannot have the
+    /// stages the world communicator holds, so takes the other algorithms).
+    #[arg(long, value_delimiter = ',', default_value = "100")]
+    dup_sizes: Vec<usize>,
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -127,6 +135,19 @@ fn check_size(w: &Comm, seed: u64, n: usize, checks: &mut u32) -> Result<()> {
         };
         w.broadcast(&mut b, root)?;
         expect("broadcast", &b, &data(seed, root, n, salt ^ 1))?;
+        // Bytes, a length that is no multiple of 8.
+        let want: Vec<u8> = data(seed, root, n + 1, salt ^ 5)
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .take(8 * n + 3)
+            .collect();
+        let mut b = if me == root {
+            want.clone()
+        } else {
+            vec![0u8; want.len()]
+        };
+        w.broadcast(&mut b, root)?;
+        expect("byte broadcast", &b, &want)?;
         let mut g = vec![0i64; n * p as usize];
         w.gather(&mine, (me == root).then_some(&mut g[..]), root)?;
         let all: Vec<i64> = (0..p).flat_map(|r| data(seed, r, n, salt)).collect();
@@ -164,7 +185,7 @@ fn run(a: &Args) -> Result<()> {
     let w = u.world();
     let (me, p) = (w.rank(), w.size());
     if a.mismatch {
-        let n = if me == p - 1 { 5 } else { 8 };
+        let n = a.mismatch_len - if me == p - 1 { 3 } else { 0 };
         let mut out = vec![0u32; n];
         w.all_reduce(&vec![1u32; n], &mut out, Sum)?;
         println!("rank {me}: mismatched all-reduce returned without error");
@@ -211,7 +232,9 @@ fn run(a: &Args) -> Result<()> {
             }
         }
     }
-    check_size(&d, a.seed + 1, 100, &mut checks)?;
+    for &n in &a.dup_sizes {
+        check_size(&d, a.seed + 1, n, &mut checks)?;
+    }
     checks += 3;
     let mut total = [0u32];
     w.reduce(&[checks], Some(&mut total), 0, Sum)?;
@@ -225,6 +248,7 @@ fn run(a: &Args) -> Result<()> {
             "coll-check OK: {p} ranks, {} checks passed (fabric: {fabric})",
             total[0]
         );
+        println!("stage pieces: {}", u.stats().stage_pieces);
     }
     Ok(())
 }

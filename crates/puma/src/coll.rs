@@ -7,7 +7,7 @@
 //!
 //! **Inside a node** (any node group with several members) barrier, broadcast, reduce and
 //! all-reduce do not use messages at all: they go through the collective area of the node's QK
-//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 8 per rank, used in
+//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 32 per rank, used in
 //! turn. Payloads larger than a slot go piece by piece. The portals algorithms below then run only
 //! among one *leader* per node (the root on its node, else the node's first member), so every
 //! collective is "intra-node first, then across nodes":
@@ -15,11 +15,24 @@
 //! | operation  | node group (shared memory)                                        | leaders (portals)   |
 //! |------------|-------------------------------------------------------------------|---------------------|
 //! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
-//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 7 operations ahead) | binomial tree |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 31 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
 //!
-//! This path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
+//! **Large payloads inside one node** (the whole communicator on one node, more than
+//! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
+//! per rank, given at setup to one communicator per process for the process's life (the first
+//! one on one node that runs a collective; others use the paths below), cut in four 64 KiB segments that successive
+//! pieces of a payload use in turn (a writer may run three pieces ahead of its slowest reader).
+//! Per piece, all-reduce is a reduce-scatter and all-gather in shared memory: every rank copies
+//! the slices the others reduce into its stage, rank `i` combines slice `i` of every rank in rank
+//! order (its own straight from its send buffer) and publishes the result, and every rank copies
+//! the others' results out: two handshakes and about two copies of the payload per rank, no
+//! messages and no allocation. Broadcast: the root copies each piece into its stage, the others
+//! copy it out. `PUMACOLL_STAGE=0` turns the stages off, `PUMACOLL_STAGE_MIN=<bytes>` moves the
+//! limit (for measurements).
+//!
+//! The slot path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
 //! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
 //! there the portals algorithms, one copy per message and no handshake per 2 KiB piece, are faster
 //! for larger payloads, while with more ranks than cores (or across nodes) the slots win up to
@@ -44,7 +57,7 @@ use bytemuck::Pod;
 use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
-use crate::shm::NodeColl;
+use crate::shm::{copy_bytes, copy_elems, NodeColl};
 
 /// Broadcast and reduce switch algorithms above this many bytes.
 pub const BCAST_LONG: usize = 64 * 1024;
@@ -320,7 +333,7 @@ impl Comm {
             let sq = self.xsend(&buf[s], next, tag)?;
             Self::check("all-gather", rq.wait(), r.len())?;
             sq.wait()?;
-            buf[r.clone()].copy_from_slice(&tmp[..r.len()]);
+            copy_bytes(&mut buf[r.clone()], &tmp[..r.len()]);
         }
         Ok(())
     }
@@ -351,6 +364,11 @@ impl Comm {
         let tag = self.coll_tag();
         let g = self.size() as usize;
         let b = bytes_mut(buf);
+        if g > 1 {
+            if let Some(n) = self.node_stage(b.len(), 1, tag)? {
+                return self.stage_bcast(n, b, root);
+            }
+        }
         if let Some(n) = self.node_for(b.len(), 1, tag)? {
             return self.node_bcast(n, b, root, tag);
         }
@@ -484,7 +502,7 @@ impl Comm {
                         ),
                     });
                 }
-                out.copy_from_slice(&acc);
+                copy_elems(out, &acc);
             }
         }
         Ok(())
@@ -505,7 +523,14 @@ impl Comm {
         }
         let tag = self.coll_tag();
         let g = self.size() as usize;
-        recv.copy_from_slice(send);
+        if g > 1 {
+            if let Some(nc) =
+                self.node_stage(std::mem::size_of_val(recv), std::mem::size_of::<T>(), tag)?
+            {
+                return self.stage_allreduce(nc, send, recv, &op);
+            }
+        }
+        copy_elems(recv, send);
         if g == 1 {
             return Ok(());
         }
@@ -705,7 +730,7 @@ impl Comm {
         let tag = self.coll_tag();
         let n = send.len();
         let me = self.rank as usize;
-        recv[me * n..(me + 1) * n].copy_from_slice(send);
+        copy_elems(&mut recv[me * n..(me + 1) * n], send);
         let order: Vec<u32> = (0..g as u32).collect();
         // Blocks are equal, so chunk i of the whole buffer is rank i's block.
         let elem = std::mem::size_of_val(send);
@@ -729,7 +754,7 @@ impl Comm {
         let n = send.len() / g;
         let me = self.rank as usize;
         let blk = n * std::mem::size_of::<T>();
-        recv[me * n..(me + 1) * n].copy_from_slice(&send[me * n..(me + 1) * n]);
+        copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
         let sb = bytes(send);
         if blk <= ALLTOALL_LONG {
             let mut rq = Vec::new();
@@ -825,8 +850,10 @@ impl Comm {
             .collect();
         let ports: Option<Vec<u32>> = world.iter().map(|&w| self.core.port_of(w)).collect();
         let c = self.core.shm().and_then(|s| s.free_context(self.ctx));
+        // The stages serve communicators on one node; each process's stage goes to one of them.
+        let stage = groups.len() == 1 && self.core.shm().is_some_and(|s| s.stage_free());
         let all: Vec<u32> = (0..g as u32).collect();
-        let mut bad = [u32::from(ports.is_none() || c.is_none())];
+        let mut bad = [u32::from(ports.is_none() || c.is_none()), u32::from(!stage)];
         self.rd_allreduce(&all, &mut bad, &crate::ops::Max, tag)?;
         let (Some(ports), Some(c), 0) = (ports, c, bad[0]) else {
             return Ok(None);
@@ -841,6 +868,7 @@ impl Comm {
             groups,
             mine,
             me,
+            bad[1] == 0,
         ))
     }
 
@@ -902,7 +930,7 @@ impl Comm {
             if !multi {
                 n.publish(s, bytes(piece), total, OP)?;
                 n.arrive(s);
-                n.wait_all(s, OP)?;
+                n.wait_all_slots(s, OP)?;
                 n.check_all(s, total, "all-reduce")?;
                 n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
             } else if n.me != 0 {
@@ -989,7 +1017,7 @@ impl Comm {
                 n.arrive(s);
             } else {
                 n.arrive(s);
-                n.wait_arrival(lead, s, OP)?;
+                n.wait_slot(lead, s, OP)?;
                 n.check_len(lead, s, total, "broadcast")?;
                 n.read(lead, s, piece);
             }
@@ -1023,5 +1051,155 @@ impl Comm {
             SHM_LONG
         });
         Ok((bytes <= limit).then_some(n))
+    }
+}
+
+// ------------------------------------------------------------ intra-node, large (the stages)
+
+/// Payloads above this many bytes (per rank) go through the stages when the communicator lives
+/// on one node; smaller ones through the slots (one handshake instead of two per piece).
+pub const STAGE_MIN: usize = crate::shm::SLOT_BYTES;
+
+/// Bytes of one piece through the stages: a whole segment, or less with
+/// `PUMACOLL_STAGE_PIECE=<bytes>` (for measurements; at least 64).
+fn stage_piece_bytes() -> usize {
+    static PIECE: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PIECE.get_or_init(|| {
+        std::env::var("PUMACOLL_STAGE_PIECE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(crate::shm::STAGE_SEG, |b: usize| {
+                b.clamp(64, crate::shm::STAGE_SEG)
+            })
+    })
+}
+
+/// `b` as elements of `T` (stage offsets are multiples of the element size from a page-aligned
+/// base, so this only fails on a broken invariant).
+fn elems<T: Pod>(b: &[u8]) -> Result<&[T]> {
+    bytemuck::try_cast_slice(b)
+        .map_err(|e| Error::Invalid(format!("stage bytes are not whole elements: {e}")))
+}
+
+fn elems_mut<T: Pod>(b: &mut [u8]) -> Result<&mut [T]> {
+    bytemuck::try_cast_slice_mut(b)
+        .map_err(|e| Error::Invalid(format!("stage bytes are not whole elements: {e}")))
+}
+
+impl Comm {
+    /// The node group, when a payload of `bytes` per rank goes through the stages: the whole
+    /// communicator on one node whose members gave it their stages, elements of `elem` bytes that
+    /// fit a piece, and more than [`STAGE_MIN`] bytes (`PUMACOLL_STAGE=0` turns the path off, `PUMACOLL_STAGE_MIN=<bytes>`
+    /// moves the limit, for measurements).
+    fn node_stage(&self, bytes: usize, elem: usize, tag: u32) -> Result<Option<&NodeColl>> {
+        static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let min = *MIN.get_or_init(|| {
+            if std::env::var("PUMACOLL_STAGE").is_ok_and(|v| v == "0") {
+                return None;
+            }
+            Some(
+                std::env::var("PUMACOLL_STAGE_MIN")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(STAGE_MIN),
+            )
+        });
+        match min {
+            Some(m) if bytes > m && elem > 0 && elem <= stage_piece_bytes() => {}
+            _ => return Ok(None),
+        }
+        Ok(self.node(tag)?.filter(|n| n.stage && n.groups.len() == 1))
+    }
+
+    /// All-reduce through the stages, piece by piece (a piece is at most one stage segment).
+    /// Each piece is cut in one slice per member. Every member copies the slices of the others
+    /// into its stage and arrives; member `i` then combines slice `i` of every member in rank
+    /// order (its own straight from `send`), writes the result into `recv` and into its stage,
+    /// and arrives again; finally each member copies the other members' results into `recv`.
+    /// Every element is combined by one member in rank order, so all ranks get identical bits.
+    fn stage_allreduce<T: Pod>(
+        &self,
+        n: &NodeColl,
+        send: &[T],
+        recv: &mut [T],
+        op: &dyn Operation<T>,
+    ) -> Result<()> {
+        const OP: &str = "all-reduce";
+        let elem = std::mem::size_of::<T>();
+        let total = std::mem::size_of_val(send) as u64;
+        let (p, me) = (n.len(), n.me);
+        let per = (stage_piece_bytes() / elem).max(1);
+        for (k, r) in pieces(send.len(), per).enumerate() {
+            let m = r.len();
+            let (src, dst) = (&send[r.clone()], &mut recv[r]);
+            let (off, s) = n.stage_piece(true, OP)?;
+            {
+                let seg: &mut [T] = elems_mut(n.stage_mine(off, m * elem))?;
+                for j in (0..p).filter(|&j| j != me) {
+                    let c = chunk(m, p, j);
+                    copy_elems(&mut seg[c.clone()], &src[c]);
+                }
+            }
+            if k == 0 {
+                n.publish(s, &[], total, OP)?;
+            }
+            n.arrive(s);
+            n.wait_all(s, OP)?;
+            if k == 0 {
+                n.check_all(s, total, OP)?;
+            }
+            let c = chunk(m, p, me);
+            let out = &mut dst[c.clone()];
+            let at = off + c.start * elem;
+            for j in 0..p {
+                let part: &[T] = if j == me {
+                    &src[c.clone()]
+                } else {
+                    elems(n.stage_of(j, at, c.len() * elem))?
+                };
+                if j == 0 {
+                    copy_elems(out, part);
+                } else {
+                    op.combine(out, part);
+                }
+            }
+            copy_bytes(n.stage_mine(at, c.len() * elem), bytes(out));
+            let s2 = n.next();
+            n.arrive(s2);
+            n.wait_all(s2, OP)?;
+            for j in (0..p).filter(|&j| j != me) {
+                let c = chunk(m, p, j);
+                let theirs = n.stage_of(j, off + c.start * elem, c.len() * elem);
+                copy_bytes(bytes_mut(&mut dst[c]), theirs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Broadcast through the root's stage: the root copies each piece in and arrives, the
+    /// others wait for it and copy the piece out (the root runs up to three pieces ahead).
+    fn stage_bcast(&self, n: &NodeColl, b: &mut [u8], root: u32) -> Result<()> {
+        const OP: &str = "broadcast";
+        let lead = Self::pos(&n.groups[n.mine], root);
+        let total = b.len() as u64;
+        for (k, r) in pieces(b.len(), stage_piece_bytes()).enumerate() {
+            let piece = &mut b[r];
+            let (off, s) = n.stage_piece(n.me == lead, OP)?;
+            if n.me == lead {
+                copy_bytes(n.stage_mine(off, piece.len()), piece);
+                if k == 0 {
+                    n.publish(s, &[], total, OP)?;
+                }
+                n.arrive(s);
+            } else {
+                n.arrive(s);
+                n.wait_arrival(lead, s, OP)?;
+                if k == 0 {
+                    n.check_len(lead, s, total, "broadcast")?;
+                }
+                copy_bytes(piece, n.stage_of(lead, off, piece.len()));
+            }
+        }
+        Ok(())
     }
 }

@@ -77,7 +77,8 @@ impl Universe {
         self.world.core.routed()
     }
 
-    /// This rank's messaging counters (unexpected messages, header-only saves, fetched bodies).
+    /// This rank's messaging counters (unexpected messages, header-only saves, fetched bodies,
+    /// pieces of large collectives through the stages).
     pub fn stats(&self) -> crate::MsgStats {
         self.world.core.st.borrow().stats
     }

@@ -155,6 +155,8 @@ pub struct MsgStats {
     pub unexpected_header_only: u64,
     /// Bodies fetched from their senders with a get after a header-only save.
     pub bodies_fetched: u64,
+    /// Pieces of large node-local collectives carried through the stages of the QK region.
+    pub stage_pieces: u64,
 }
 
 /// The per-process engine shared by every communicator.

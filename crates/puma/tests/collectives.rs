@@ -34,6 +34,45 @@ fn collectives_node_aware_on_several_nodes() {
     check(8, &["--nodes", "4"], 9);
 }
 
+/// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
+/// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
+/// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).
+/// The duplicate communicator cannot get the stages and takes the portals algorithms.
+#[test]
+fn large_collectives_through_the_stages() {
+    let sizes = "254,255,8191,8192,8193,40963";
+    for (n, seed) in [(2, 31), (3, 32), (5, 33), (8, 34)] {
+        let s = seed.to_string();
+        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", "100,20000"];
+        let so = ok(n, &[], "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        assert!(!so.contains("stage pieces: 0\n"), "{so}");
+    }
+    // Turned off, the same checks pass without them.
+    let args = ["--seed", "35", "--sizes", sizes];
+    let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_STAGE", "0")]);
+    let so = text(&out.stdout);
+    assert!(
+        out.status.success() && so.contains("coll-check OK: 3 ranks"),
+        "{so}"
+    );
+    assert!(so.contains("stage pieces: 0\n"), "{so}");
+}
+
+#[test]
+fn mismatched_sizes_in_the_stages_are_a_clear_error() {
+    let out = yod(
+        3,
+        &[],
+        "coll_check",
+        &["--mismatch", "--mismatch-len", "100000"],
+    );
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("size mismatch in all-reduce"), "{e}");
+    assert!(!text(&out.stdout).contains("returned without error"));
+}
+
 #[test]
 fn mismatched_sizes_are_a_clear_error() {
     let out = yod(3, &[], "coll_check", &["--mismatch"]);

@@ -309,7 +309,7 @@ impl Region {
 
     /// Locks and prefaults, in this process, the part of the region port `port` receives into
     /// or writes most: the header and port blocks, every queue into the port, every queue out of
-    /// it, its heap part and its blocks of the collective area. Each attached rank locks its own part, so every page of the region
+    /// it, its heap part and its blocks and stage of the collective area. Each attached rank locks its own part, so every page of the region
     /// is locked by the rank it belongs to while the work per rank stays proportional to the
     /// node's rank count (locking the whole region in every rank made attaching quadratic:
     /// seconds at 64 ranks per node). Pages of other ranks are resident (the PCT allocated them
@@ -334,6 +334,8 @@ impl Region {
                 let off = crate::coll_area::block_offset(l.coll_off as usize, l.local, ctx, port);
                 (off, crate::coll_area::BLOCK)
             }));
+            let stage = crate::coll_area::stage_offset(l.coll_off as usize, l.local, port);
+            ranges.push((stage, crate::coll_area::STAGE));
         }
         for (off, len) in ranges {
             self.map
