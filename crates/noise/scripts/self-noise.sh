@@ -10,7 +10,7 @@
 # rounds, and the periodic sources found in at least half of a mode's runs but in no baseline.
 #
 # Usage: self-noise.sh [--cpu N] [--duration 10s] [--repeats 3] [--modes "heater ..."]
-#                      [--out DIR] [--nice -20] [--max-added 0.1] [--trace] [--puma-job]
+#                      [--out DIR] [--nice -20] [--max-added 0.1] [--trace] [--puma-job OP]
 #                      [-- APP [ARGS...]]
 #   --cpu       application core to sample (default: the last CPU this process may use; yod's
 #               default service CPU is the first, so this is an application CPU)
@@ -24,8 +24,10 @@
 #               mode's run and count those into our own threads (yod, PCT, QK engines): a
 #               direct check, immune to other users' noise, that nothing of ours runs there
 #               (needs perf and root, or perf_event_paranoid <= -1)
-#   --puma-job  run a real puma job instead of `sleep`: `yod -n 2 examples/wait`, whose rank 1
-#               blocks in a puma receive (QK engine attached, spin-then-block) for the whole run.
+#   --puma-job OP  run a real puma job instead of `sleep`: `yod -n 2 examples/wait --op OP`,
+#               whose rank 0 (on the first application CPU) waits for the whole run in a puma
+#               receive (OP=recv: QK engine attached, spin-then-block) or in a node-local
+#               barrier (OP=barrier: the shared collective area).
 #               The job starts 2 s before sampling so that its loading (attach, prefault) is
 #               not counted; what FTQ sees is a rank waiting in the library on its core
 #               (build it with `cargo build --release -p puma --examples`)
@@ -47,6 +49,7 @@ nice=()
 max_added="0.1"
 trace=0
 puma_job=0
+puma_op=recv
 while [ $# -gt 0 ]; do
     case "$1" in
         --cpu) cpu="$2"; shift 2 ;;
@@ -57,9 +60,13 @@ while [ $# -gt 0 ]; do
         --nice) nice=(--nice "$2"); shift 2 ;;
         --max-added) max_added="$2"; shift 2 ;;
         --trace) trace=1; shift ;;
-        --puma-job) puma_job=1; shift ;;
+        --puma-job)
+            case "${2:-}" in
+                recv|barrier) puma_job=1; puma_op="$2"; shift 2 ;;
+                *) echo "self-noise.sh: --puma-job takes recv or barrier" >&2; exit 1 ;;
+            esac ;;
         --) shift; break ;;
-        -h|--help) sed -n '2,41p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,40p' "$0"; exit 0 ;;
         *) echo "self-noise.sh: unknown option $1 (see --help)" >&2; exit 1 ;;
     esac
 done
@@ -103,7 +110,7 @@ if [ "$puma_job" = 1 ]; then
         exit 2
     fi
     # Rank 0 sleeps through the 2 s lead-in, the sampling and a margin, then releases rank 1.
-    app=(-n 2 "$wait_bin" --seconds "$(awk -v d="${duration%s}" 'BEGIN { print d + 3 }')")
+    app=(-n 2 "$wait_bin" --op "$puma_op" --seconds "$(awk -v d="${duration%s}" 'BEGIN { print d + 3 }')")
 elif [ ${#app[@]} -eq 0 ]; then
     secs="${duration%s}"
     app=(-n 2 sleep "$secs")
