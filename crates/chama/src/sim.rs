@@ -221,6 +221,20 @@ const EV_DATA: u64 = 3;
 const NIL: u32 = u32::MAX;
 /// Events whose memory [`Sim::warm`] loads together before handling them.
 const WARM: usize = 32;
+/// A group of events whose operation indices span more than this is warmed first.
+const WARM_SPAN: u64 = 4096;
+
+/// True when the operations of `evs` are spread over more than [`WARM_SPAN`] indices.
+#[inline]
+fn scattered(evs: &[u64]) -> bool {
+    let (mut lo, mut hi) = (u64::MAX, 0u64);
+    for &ev in evs {
+        let o = ev & 0xffff_ffff;
+        lo = lo.min(o);
+        hi = hi.max(o);
+    }
+    hi.saturating_sub(lo) > WARM_SPAN
+}
 
 /// Append `x` to the circular FIFO whose tail is `tail` (threaded through `link`).
 #[inline]
@@ -349,6 +363,8 @@ struct Sim<'a> {
     nic_x: Vec<NicState>,
     nc1: bool,
     nn1: bool,
+    /// Use [`Sim::warm`] (off only in tests that check it changes nothing).
+    warm_on: bool,
     rk: Vec<RankState>,
     class_wait: Vec<u64>,
     class_noise: Vec<u64>,
@@ -358,7 +374,7 @@ struct Sim<'a> {
 
 /// Run one simulation of `s`.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None)
+    simulate_inner(s, p, noise, opts, None, true)
 }
 
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
@@ -429,7 +445,7 @@ pub fn simulate_segment(
     opts: &SimOptions,
     carry: &mut Carry,
 ) -> SimOutput {
-    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)))
+    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), true)
 }
 
 fn simulate_inner(
@@ -438,6 +454,7 @@ fn simulate_inner(
     noise: &Noise,
     opts: &SimOptions,
     carry: Option<(&mut Carry, &Segment)>,
+    warm_on: bool,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
@@ -484,6 +501,7 @@ fn simulate_inner(
         },
         nc1: nc == 1,
         nn1: nn == 1,
+        warm_on,
         rk: match &carry {
             Some((c, _)) => {
                 c.rk.iter()
@@ -596,11 +614,13 @@ impl<'a> Sim<'a> {
         }
     }
 
-    /// Handle `evs` in order, [`WARM`] at a time, each group after [`Sim::warm`].
+    /// Handle `evs` in order, [`WARM`] at a time, each group whose operations lie far apart
+    /// after [`Sim::warm`] (a group of neighbouring operations, as in the lockstep batches of a
+    /// noise-free collective, is streamed by the hardware prefetcher already).
     #[inline]
     fn handle_all(&mut self, evs: &[u64]) {
         for chunk in evs.chunks(WARM) {
-            if chunk.len() > 1 {
+            if self.warm_on && chunk.len() > 1 && scattered(chunk) {
                 self.warm(chunk);
             }
             for &ev in chunk {
@@ -1090,4 +1110,68 @@ pub fn critical_path(s: &Schedule, out: &SimOutput, limit: usize) -> CriticalPat
     }
     cp.ranks_visited = ranks.len() as u64;
     cp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::{generate, GenParams, Pattern};
+    use crate::noise::{LatencyNoise, NoiseSource};
+
+    #[test]
+    fn scattered_groups() {
+        let ev = |kind: u64, op: u64| kind << 32 | op;
+        assert!(!scattered(&[ev(0, 10), ev(1, 12), ev(0, 4000)]));
+        assert!(scattered(&[ev(0, 10), ev(1, 12), ev(0, 4200)]));
+        assert!(scattered(&[ev(1, 1 << 30), ev(0, 0)]));
+        assert!(!scattered(&[ev(3, 77)]));
+    }
+
+    /// Warming only loads memory: with it and without it every operation gets the same times,
+    /// predecessor and noise, on schedules large and scattered enough for it to run.
+    #[test]
+    fn warming_changes_nothing() {
+        let noisy = Noise {
+            source: NoiseSource::Poisson {
+                interval: 200_000,
+                detour: 20_000,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Exp { mean: 300 },
+            seed: 7,
+        };
+        let opts = SimOptions {
+            record_noise: true,
+            record_start: true,
+            record_busy: true,
+        };
+        for (pat, ranks) in [
+            (Pattern::Bcast, 20_000),
+            (Pattern::AllreduceRd, 6_000),
+            (Pattern::Stencil3d, 4_096),
+        ] {
+            let s = generate(
+                pat,
+                &GenParams {
+                    ranks,
+                    iterations: 3,
+                    ..GenParams::default()
+                },
+            )
+            .expect("generator");
+            for noise in [Noise::none(), noisy.clone()] {
+                let p = Params::default();
+                let a = simulate_inner(&s, &p, &noise, &opts, None, true);
+                let b = simulate_inner(&s, &p, &noise, &opts, None, false);
+                assert_eq!(a.completed, s.len() as u64);
+                assert_eq!(a.st, b.st, "{pat:?}");
+                assert_eq!(a.noise, b.noise);
+                assert_eq!(a.start, b.start);
+                assert_eq!(a.rank_busy, b.rank_busy);
+                assert_eq!(a.class_wait, b.class_wait);
+                assert_eq!(a.class_noise, b.class_noise);
+                assert_eq!((a.events, a.completion), (b.events, b.completion));
+            }
+        }
+    }
 }
