@@ -77,7 +77,62 @@ pub enum NoiseSource {
         ends: Vec<u64>,
         /// Length of the recorded run.
         span: u64,
+        /// Where in `ends` to look for a time (built from `ends` and `span`).
+        index: DetourIndex,
     },
+}
+
+/// Bucket index over the sorted detour ends of a [`NoiseSource::Trace`] (built by the trace
+/// readers; `DetourIndex::default()` searches the whole trace): for a time `tau` in
+/// `[0, span)` it gives the few entries among which the first end after `tau` lies, so the
+/// per-operation noise lookup costs a table read and a search over a bucket instead of a binary
+/// search over the whole trace (its branches are unpredictable, and every send, receive and
+/// calc of every rank does one).
+#[derive(Clone, Debug, Default)]
+pub struct DetourIndex {
+    /// Bucket width is `1 << shift` ns.
+    shift: u32,
+    /// `first[b]`: index of the first end greater than `b << shift`; one extra entry at the end
+    /// (the number of ends).
+    first: Vec<u32>,
+}
+
+impl DetourIndex {
+    /// Index `ends` (sorted, all below `span`) in about two buckets per detour.
+    pub(crate) fn new(ends: &[u64], span: u64) -> Self {
+        if ends.is_empty() || ends.len() >= u32::MAX as usize {
+            return DetourIndex::default();
+        }
+        let want = span.div_ceil(2 * ends.len() as u64).max(1);
+        let shift = want.next_power_of_two().trailing_zeros();
+        let buckets = (span >> shift) + 1;
+        let mut first = Vec::with_capacity(buckets as usize + 1);
+        let mut i = 0usize;
+        for b in 0..buckets {
+            let lo = b << shift;
+            while i < ends.len() && ends[i] <= lo {
+                i += 1;
+            }
+            first.push(i as u32);
+        }
+        first.push(ends.len() as u32);
+        DetourIndex { shift, first }
+    }
+
+    /// Index of the first entry of `ends` greater than `tau` (`ends.len()` if none); the same
+    /// as `ends.partition_point(|&e| e <= tau)`.
+    #[inline]
+    fn first_end_after(&self, ends: &[u64], tau: u64) -> usize {
+        let b = (tau >> self.shift) as usize;
+        match (self.first.get(b), self.first.get(b + 1)) {
+            (Some(&lo), Some(&hi)) if hi as usize <= ends.len() && lo <= hi => {
+                let (lo, hi) = (lo as usize, hi as usize);
+                lo + ends[lo..hi].partition_point(|&e| e <= tau)
+            }
+            // Not built for these ends (or `tau` past the span): search everything.
+            _ => ends.partition_point(|&e| e <= tau),
+        }
+    }
 }
 
 /// Extra latency added to each message.
@@ -146,7 +201,9 @@ impl Noise {
             NoiseSource::Periodic { interval, detour }
             | NoiseSource::Poisson { interval, detour } => *detour as f64 / *interval as f64,
             NoiseSource::Gaussian { interval, mean, .. } => *mean as f64 / *interval as f64,
-            NoiseSource::Trace { starts, ends, span } => {
+            NoiseSource::Trace {
+                starts, ends, span, ..
+            } => {
                 let lost: u64 = ends.iter().zip(starts).map(|(e, s)| e - s).sum();
                 lost as f64 / *span as f64
             }
@@ -228,13 +285,18 @@ impl Noise {
                     b += 1;
                 }
             }
-            NoiseSource::Trace { starts, ends, span } => {
+            NoiseSource::Trace {
+                starts,
+                ends,
+                span,
+                index,
+            } => {
                 let p = *span;
                 let shift = p - self.phase(rank, p);
                 let u = t + shift;
                 let k = u / p;
                 let tau = u - k * p;
-                let i = ends.partition_point(|&e| e <= tau);
+                let i = index.first_end_after(ends, tau);
                 let (ds, de) = if i < ends.len() {
                     (k * p + starts[i], k * p + ends[i])
                 } else {
@@ -506,7 +568,13 @@ pub fn trace_source(mut det: Vec<(u64, u64)>, span: u64, scale: f64) -> NoiseSou
             return NoiseSource::None;
         }
     }
-    NoiseSource::Trace { starts, ends, span }
+    let index = DetourIndex::new(&ends, span);
+    NoiseSource::Trace {
+        starts,
+        ends,
+        span,
+        index,
+    }
 }
 
 fn io_err(path: &str, e: std::io::Error) -> InputError {
@@ -678,10 +746,83 @@ impl NoiseSource {
                 mean: sc(*mean, *interval),
                 sd: (*sd as f64 * f).round() as u64,
             },
-            NoiseSource::Trace { starts, ends, span } => {
+            NoiseSource::Trace {
+                starts, ends, span, ..
+            } => {
                 let det = starts.iter().zip(ends).map(|(&s, &e)| (s, e - s)).collect();
                 trace_source(det, *span, f)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bucket index gives what a binary search over all ends gives, for every time in the
+    /// span: ends clustered, spread, at 0 and at the span's end, one detour and many.
+    #[test]
+    fn detour_index_matches_binary_search() {
+        let cases: Vec<(Vec<u64>, u64)> = vec![
+            (vec![5], 10),
+            (vec![10], 10),
+            (vec![1, 2, 3, 4, 5, 6, 7, 8, 9], 10),
+            (vec![3, 4, 5, 900, 901, 902, 903, 904, 999], 1000),
+            ((1..200).map(|i| i * i).collect(), 40_001),
+            ((0..64).map(|i| 1_000_000 + i).collect(), 1u64 << 40),
+        ];
+        for (ends, span) in cases {
+            let ix = DetourIndex::new(&ends, span);
+            assert!(!ix.first.is_empty());
+            let step = (span / 5000).max(1);
+            let mut taus: Vec<u64> = (0..span).step_by(step as usize).collect();
+            for &e in &ends {
+                taus.extend([e.saturating_sub(1), e, e + 1]);
+            }
+            taus.push(span - 1);
+            for tau in taus.into_iter().filter(|&t| t < span) {
+                assert_eq!(
+                    ix.first_end_after(&ends, tau),
+                    ends.partition_point(|&e| e <= tau),
+                    "ends {ends:?} span {span} tau {tau}"
+                );
+            }
+        }
+    }
+
+    /// The default (empty) index searches the whole trace.
+    #[test]
+    fn detour_index_default_searches_everything() {
+        let ends = [10u64, 20, 30];
+        let none = DetourIndex::default();
+        for tau in 0..40 {
+            assert_eq!(
+                none.first_end_after(&ends, tau),
+                ends.partition_point(|&e| e <= tau)
+            );
+        }
+    }
+
+    /// A replayed trace puts each detour where the file says, shifted by the rank's phase.
+    #[test]
+    fn trace_lookup_finds_every_detour() {
+        let det: Vec<(u64, u64)> = (0..500)
+            .map(|i| (i * 2000 + (i % 7) * 100, 50 + i % 13))
+            .collect();
+        let src = trace_source(det.clone(), 1_000_000, 1.0);
+        let n = Noise {
+            source: src,
+            coscheduled: true,
+            latency: LatencyNoise::None,
+            seed: 9,
+        };
+        let p = 1_000_000;
+        let shift = p - n.phase(0, p);
+        for &(s, d) in &det {
+            // The detour recorded at s is at s - shift (mod p) in simulated time.
+            let t = (s + p - shift % p) % p + p;
+            assert_eq!(n.next_detour(0, t), (t, t + d), "detour at {s}");
         }
     }
 }
