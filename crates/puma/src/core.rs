@@ -49,6 +49,11 @@ const SEND_WINDOW: u32 = 512;
 /// Below this job heap per rank, large private payloads go by cross-memory attach.
 const SMALL_HEAP: u64 = 16 << 20;
 
+/// How often a blocked waiter checks that the peers it waits for live (a dead peer is an error,
+/// not a hang; the PCT ends a job whose rank dies sooner than this anyway). Also the longest
+/// slice an idle waiter sleeps in the QK, so it sets how often such a rank wakes.
+const PEER_CHECK: Duration = Duration::from_secs(1);
+
 /// How long an oversubscribed waiter polls and yields before it blocks in the QK.
 const YIELD_PHASE: Duration = Duration::from_millis(5);
 
@@ -575,7 +580,7 @@ impl Core {
         mut cond: impl FnMut(&mut State) -> bool,
     ) -> Result<()> {
         let start = Instant::now();
-        let mut next_check = Duration::from_millis(200);
+        let mut next_check = PEER_CHECK;
         loop {
             self.drain()?;
             if cond(&mut self.st.borrow_mut()) {
@@ -587,9 +592,9 @@ impl Core {
                 std::thread::yield_now();
                 continue;
             }
-            // Slices as long as the peer-check period: an idle waiter then wakes a few times a
-            // second (the QK sleeps long once a wait has been idle, see Region::fence_before_sleep).
-            let got = self.ep().eq_wait(self.eq, Duration::from_millis(200));
+            // Slices as long as the peer-check period: an idle waiter then wakes once a second
+            // (the QK sleeps long once a wait has been idle, see Region::fence_before_sleep).
+            let got = self.ep().eq_wait(self.eq, PEER_CHECK);
             match got {
                 Ok(ev) => self.dispatch(ev)?,
                 Err(QkError::Timeout(..)) => {}
@@ -597,7 +602,7 @@ impl Core {
             }
             let el = start.elapsed();
             if el > next_check {
-                next_check = el + Duration::from_millis(200);
+                next_check = el + PEER_CHECK;
                 self.check_peers(peers, what)?;
             }
             if el > self.timeout {

@@ -282,15 +282,15 @@ impl NodeColl {
             if self.reached(w, s) {
                 return Ok(());
             }
-            // Yield for a while; a longer wait sleeps (briefly, growing with the wait to 10 ms:
+            // Yield for a while; a longer wait sleeps (briefly, growing with the wait to 100 ms:
             // a sixteenth of the time waited so far, so an answer is late by at most ~6 %) so
             // waiting ranks stop taking CPU from yod, the PCT and ranks that still compute, and
-            // a rank parked in a collective wakes a hundred times a second, not a thousand.
+            // a rank parked in a collective wakes ten times a second, not a thousand.
             let el = start.elapsed();
             if el < self.yield_for {
                 std::thread::yield_now();
             } else {
-                let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(10));
+                let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(100));
                 std::thread::sleep(nap);
             }
             if self.reached(w, s) {

@@ -512,8 +512,9 @@ pub const MAX_SLEEP: std::time::Duration = std::time::Duration::from_millis(1);
 /// Idle time after which a waiter fences and sleeps [`DEEP_SLEEP`] instead of [`MAX_SLEEP`].
 pub const DEEP_AFTER: std::time::Duration = std::time::Duration::from_millis(10);
 /// Longest sleep of a waiter that has fenced (a safety bound only: with the fence no wake-up is
-/// lost). An idle engine or rank then wakes 10 times a second instead of 1000.
-pub const DEEP_SLEEP: std::time::Duration = std::time::Duration::from_millis(100);
+/// lost). An idle engine or rank then wakes once a second instead of 1000 times: at 100 ms the
+/// wake-ups still showed as a 10 Hz line in FTQ on the waiter's core.
+pub const DEEP_SLEEP: std::time::Duration = std::time::Duration::from_secs(1);
 
 fn ring_cap_limit(cap: u64) -> u64 {
     (cap / 2).min(crate::ring::MAX_RECORD as u64)
