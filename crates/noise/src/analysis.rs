@@ -351,17 +351,10 @@ pub fn dip_lost(x: &[f64], fs: f64, f: f64) -> Dip {
         len: 0,
         bins: nb,
     };
-    let mut sorted: Vec<f64> = bins
-        .iter()
-        .zip(&cnt)
-        .filter(|(_, &c)| c > 0)
-        .map(|(b, _)| *b)
-        .collect();
-    if sorted.len() < 3 {
+    if cnt.iter().filter(|&&c| c > 0).count() < 3 {
         return empty;
     }
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = median_bin(&bins, &cnt);
     // Seed with the two adjacent bins of most excess, so that a detour straddling two bins
     // outweighs a weaker one that happens to sit inside a single bin.
     let excess = |b: usize| if cnt[b] > 0 { bins[b] - median } else { 0.0 };
@@ -391,7 +384,7 @@ pub fn dip_lost(x: &[f64], fs: f64, f: f64) -> Dip {
         len += 1;
     }
     Dip {
-        lost: window_lost(x, fs, f, first, len),
+        lost: window_excess(&bins, &cnt, median, first, len),
         first_bin: first,
         len,
         bins: nb,
@@ -402,22 +395,34 @@ pub fn dip_lost(x: &[f64], fs: f64, f: f64) -> Dip {
 /// (the same binning as [`dip_lost`]), as excess over the fold's median bin.
 pub fn window_lost(x: &[f64], fs: f64, f: f64, first: usize, len: usize) -> f64 {
     let (bins, cnt) = fold_coarse(x, fs, f);
-    let nb = bins.len();
-    let mut sorted: Vec<f64> = bins
+    window_excess(&bins, &cnt, median_bin(&bins, &cnt), first, len)
+}
+
+/// The median of a fold's non-empty bins (0 when all are empty).
+fn median_bin(bins: &[f64], cnt: &[usize]) -> f64 {
+    let mut v: Vec<f64> = bins
         .iter()
-        .zip(&cnt)
+        .zip(cnt)
         .filter(|(_, &c)| c > 0)
         .map(|(b, _)| *b)
         .collect();
-    let total: usize = cnt.iter().sum();
-    if sorted.is_empty() || total == 0 {
+    if v.is_empty() {
         return 0.0;
     }
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Excess over `background` in bins `first..first+len` (circular), averaged over all samples.
+fn window_excess(bins: &[f64], cnt: &[usize], background: f64, first: usize, len: usize) -> f64 {
+    let nb = bins.len();
+    let total: usize = cnt.iter().sum();
+    if nb == 0 || total == 0 {
+        return 0.0;
+    }
     (0..len.min(nb))
         .map(|k| (first + k) % nb)
-        .map(|b| (bins[b] - median) * cnt[b] as f64)
+        .map(|b| (bins[b] - background) * cnt[b] as f64)
         .sum::<f64>()
         / total as f64
 }
