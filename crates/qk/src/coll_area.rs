@@ -213,39 +213,33 @@ mod tests {
         }
     }
 
-    #[test]
-    #[should_panic(expected = "beyond")]
-    fn stage_access_past_the_end_is_refused() {
+    /// A minimal region of `ranks` local ranks (job 1).
+    fn small_region(ranks: u32) -> (crate::sys::Memfd, Region) {
         let p = RegionParams {
             job: 1,
-            world: 2,
+            world: ranks,
             node: 0,
-            ranks: vec![0, 1],
+            ranks: (0..ranks).collect(),
             ring_cap: 4096,
             heap_per_rank: 4096,
             eager_max: 1024,
             mode: 0,
             max_message: 1 << 20,
         };
-        let (_fd, r) = Region::create(&p, false).unwrap();
+        Region::create(&p, false).unwrap()
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond")]
+    fn stage_access_past_the_end_is_refused() {
+        let (_fd, r) = small_region(2);
         CollArea::of(&r).stage(1, STAGE - 4, 8);
     }
 
     #[test]
     #[should_panic(expected = "beyond")]
     fn slot_access_past_the_end_is_refused() {
-        let p = RegionParams {
-            job: 1,
-            world: 1,
-            node: 0,
-            ranks: vec![0],
-            ring_cap: 4096,
-            heap_per_rank: 4096,
-            eager_max: 1024,
-            mode: 0,
-            max_message: 1 << 20,
-        };
-        let (_fd, r) = Region::create(&p, false).unwrap();
+        let (_fd, r) = small_region(1);
         CollArea::of(&r).write(0, 0, 0, SLOT - 1, &[1, 2]);
     }
 }
