@@ -22,7 +22,8 @@
 #   --max-added the median added lost work allowed, percent (default 0.1)
 #   --trace     also record, with `perf`, every context switch on the sampled CPU during each
 #               mode's run and count those into our own threads (yod, PCT, QK engines): a
-#               direct check, immune to other users' noise, that nothing of ours runs there
+#               direct check, immune to other users' noise, that nothing of ours runs there,
+#               and the CPU time those threads took there (switch-in to the next switch)
 #               (needs perf and root, or perf_event_paranoid <= -1)
 #   --puma-job OP  run a real puma job instead of `sleep`: `yod -n 2 examples/wait --op OP`,
 #               whose rank 0 (on the first application CPU) waits for the whole run in a puma
@@ -133,6 +134,10 @@ out="${out:-self-noise-$(date -u +%Y%m%dT%H%M%SZ)}"
 mkdir -p "$out"
 
 case "$repeats" in ''|*[!0-9]*|0) echo "self-noise.sh: --repeats must be a positive number" >&2; exit 1 ;; esac
+if ! [[ "$duration" =~ ^[0-9]+(\.[0-9]+)?s$ ]]; then
+    echo "self-noise.sh: --duration takes seconds with an s, e.g. 10s or 2.5s (got '$duration')" >&2
+    exit 1
+fi
 
 # With --trace: record every context switch on the sampled CPU for the sampling time (perf
 # itself kept off that CPU); sets perf_pid.
@@ -190,18 +195,29 @@ for r in $(seq 1 "$repeats"); do
             wait "$perf_pid" || true
             # Switches into our threads: yod's and the PCT's by thread id when known, else
             # by name (yod-*, pct-*, qk-* for the QK engines, wait for --puma-job's ranks).
-            perf script -i "$d/$m.perf" -F trace 2>/dev/null \
-                | sed -n 's/.*next_comm=\(.*\) next_pid=\([0-9]*\) .*/\2 \1/p' > "$d/$m.switches" || true
+            # One line per switch: time, the thread switched in, its name. A thread runs from
+            # its switch-in to the next switch on the CPU, which gives the CPU time our threads
+            # took from the sampled core (the last interval runs to the end of the trace).
+            perf script -i "$d/$m.perf" -F time,trace 2>/dev/null \
+                | sed -n 's/^ *\([0-9.]*\): .*next_comm=\(.*\) next_pid=\([0-9]*\) .*/\1\t\3\t\2/p' \
+                > "$d/$m.switches" || true
             if [ -s "$d/$m.tids" ]; then
-                awk 'NR == FNR { ours[$1] = 1; next } ($1 in ours) { print $2 }' \
-                    "$d/$m.tids" "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
+                awk -F '\t' 'NR == FNR { ours[$1] = 1; next } { print (($2 in ours) ? 1 : 0) "\t" $0 }' \
+                    "$d/$m.tids" "$d/$m.switches" > "$d/$m.marked"
             else
-                awk '$2 ~ /^(yod|pct|qk-|wait$)/ { print $2 }' "$d/$m.switches" | sort | uniq -c > "$d/$m.ours.txt"
+                awk -F '\t' '{ print ($3 ~ /^(yod|pct|qk-|wait$)/ ? 1 : 0) "\t" $0 }' \
+                    "$d/$m.switches" > "$d/$m.marked"
             fi
+            awk -F '\t' '$1 == 1 { print $4 }' "$d/$m.marked" | sort | uniq -c > "$d/$m.ours.txt"
             ours="$(awk '{n += $1} END {print n + 0}' "$d/$m.ours.txt")"
             all="$(wc -l < "$d/$m.switches")"
-            echo "  our threads switched in on cpu $cpu: $ours of $all switches$( [ "$ours" = 0 ] || echo ": $(tr -s ' \n' ' ' < "$d/$m.ours.txt")")"
-            traced+=("round $r, $m: $ours of $all context switches on cpu $cpu were into our threads ($(wc -l < "$d/$m.tids" 2>/dev/null || echo '?') known)")
+            ran="$(awk -F '\t' -v dur="${duration%s}" '
+                NR > 1 && was_ours { t += $2 - at }
+                { was_ours = ($1 == 1); at = $2; if (NR == 1) first = $2 }
+                END { if (was_ours) t += first + dur - at;
+                      printf "%.1f us = %.5f %%", t * 1e6, t / dur * 100 }' "$d/$m.marked")"
+            echo "  our threads switched in on cpu $cpu: $ours of $all switches$( [ "$ours" = 0 ] || echo ": $(tr -s ' \n' ' ' < "$d/$m.ours.txt")"), ran $ran of the run"
+            traced+=("round $r, $m: $ours of $all context switches on cpu $cpu were into our threads ($(wc -l < "$d/$m.tids" 2>/dev/null || echo '?') known); they ran $ran of the ${duration} run")
             [ "$ours" = 0 ] || trace_bad=1
         fi
         # A job that failed to launch measures nothing: only a clean exit or a job still
