@@ -22,16 +22,129 @@
 use std::io::{Read, Write};
 
 use crate::error::InputError;
-use crate::schedule::{OpKind, Schedule, ScheduleBuilder, ANY, IREQ_BIT};
+use crate::schedule::{OpKind, Schedule, ScheduleBuilder, ANY, IREQ_BIT, MAX_OPS};
 
-/// Parse a GOAL file from disk, streaming it in 1 MiB chunks.
+/// Files at least this large are parsed by two threads (when the machine has two cores).
+const SPLIT_MIN: u64 = 8 << 20;
+
+/// Parse a GOAL file from disk, streaming it in 1 MiB chunks. A large file is cut in two at a
+/// `rank` line near its middle and the second part is parsed on a second thread; the result,
+/// errors and line numbers included, is always that of reading the file in order (the second
+/// part is read again in order whenever the two parts do not join cleanly).
 pub fn parse_goal_file(path: &str) -> Result<Schedule, InputError> {
-    let f = std::fs::File::open(path).map_err(|e| InputError::Io {
+    let two = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
+    parse_goal_file_split(path, two.then_some(SPLIT_MIN))
+}
+
+/// [`parse_goal_file`] on one thread.
+pub fn parse_goal_file_sequential(path: &str) -> Result<Schedule, InputError> {
+    parse_goal_file_split(path, None)
+}
+
+/// Parse `path`, on two threads if it holds at least `split_min` bytes; the cut is sought from
+/// the middle of the file.
+fn parse_goal_file_split(path: &str, split_min: Option<u64>) -> Result<Schedule, InputError> {
+    let mut f = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let size = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let split = match split_min {
+        Some(min) if size >= min.max(1) => find_split(&f, size / 2),
+        _ => None,
+    };
+    let mut p = GoalParser::new(path, size);
+    match split {
+        Some(split) => {
+            parse_two_parts(&f, path, size, split, &mut p)?;
+        }
+        None => read_lines(&mut f, path, &mut p, &mut |_| true)?,
+    }
+    p.finish()
+}
+
+fn io_err(path: &str, e: std::io::Error) -> InputError {
+    InputError::Io {
         path: path.to_string(),
         source: e,
-    })?;
-    let hint = f.metadata().map(|m| m.len()).unwrap_or(0);
-    parse_goal_reader(f, path, hint)
+    }
+}
+
+/// Offset of the first line starting with `rank ` after offset `from` (within 1 MiB of it).
+fn find_split(f: &std::fs::File, from: u64) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut have = 0;
+    while have < buf.len() {
+        match f.read_at(&mut buf[have..], from + have as u64) {
+            Ok(0) => break,
+            Ok(n) => have += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return None,
+        }
+    }
+    let at = memchr::memmem::find(&buf[..have], b"\nrank ")?;
+    Some(from + at as u64 + 1)
+}
+
+/// Parse `f` as two parts, `..split` here and `split..` on a second thread, into `p`. `split`
+/// must start a line. Returns whether the parts were joined (false: the second part was read
+/// again after the first).
+fn parse_two_parts(
+    f: &std::fs::File,
+    path: &str,
+    size: u64,
+    split: u64,
+    p: &mut GoalParser<'_>,
+) -> Result<bool, InputError> {
+    use std::io::{Seek, SeekFrom};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<u32>();
+    let (first, second) = std::thread::scope(|sc| {
+        let stop = &stop;
+        let h = sc.spawn(move || -> Option<Result<GoalParser<'_>, InputError>> {
+            // The second part can start once the first has read `num_ranks`.
+            let n = rx.recv().ok()?;
+            let mut q = GoalParser::new(path, size - split);
+            q.begin(n);
+            let mut g = std::fs::File::open(path).map_err(|e| io_err(path, e));
+            if let Ok(g) = &mut g {
+                if let Err(e) = g.seek(SeekFrom::Start(split)) {
+                    return Some(Err(io_err(path, e)));
+                }
+            }
+            let r = g.and_then(|mut g| {
+                read_lines(&mut g, path, &mut q, &mut |_| !stop.load(Ordering::Relaxed))
+            });
+            Some(r.map(|()| q))
+        });
+        let mut tx = Some(tx);
+        let first = read_lines(&mut f.take(split), path, p, &mut |p| {
+            if let (Some(b), Some(t)) = (&p.b, &tx) {
+                // The receiver is gone only if the thread ended, which the join below sees.
+                let _ = t.send(b.num_ranks());
+                tx = None;
+            }
+            true
+        });
+        if first.is_err() {
+            stop.store(true, Ordering::Relaxed);
+        }
+        // Without `num_ranks` in the first part the thread is told nothing and gives up.
+        drop(tx);
+        (first, h.join().ok().flatten())
+    });
+    first?;
+    let clean = !p.in_comment && p.rank.is_none() && p.pending_brace.is_none();
+    if let (true, Some(Ok(q))) = (clean, second) {
+        if p.absorb(q) {
+            return Ok(true);
+        }
+    }
+    // Read the second part in order after the first, as a one-thread parse would.
+    let mut f = f;
+    f.seek(SeekFrom::Start(split))
+        .map_err(|e| io_err(path, e))?;
+    read_lines(&mut f, path, p, &mut |_| true)?;
+    Ok(false)
 }
 
 /// Parse GOAL text held in memory.
@@ -46,14 +159,20 @@ pub fn parse_goal_reader<R: Read>(
     size_hint: u64,
 ) -> Result<Schedule, InputError> {
     let mut p = GoalParser::new(path, size_hint);
-    read_lines(&mut r, path, &mut p)?;
+    read_lines(&mut r, path, &mut p, &mut |_| true)?;
     p.finish()
 }
 
 /// Feed every line of `r` to `p`: the common lines go through [`GoalParser::fast_at`], which
 /// reads them in place in one pass; any other line is cut out with `memchr` and given to the
 /// general parser ([`GoalParser::line`]).
-fn read_lines<R: Read>(r: &mut R, path: &str, p: &mut GoalParser<'_>) -> Result<(), InputError> {
+/// `after_read(p)` runs after each read's lines; returning false stops reading there.
+fn read_lines<R: Read>(
+    r: &mut R,
+    path: &str,
+    p: &mut GoalParser<'_>,
+    after_read: &mut dyn FnMut(&GoalParser<'_>) -> bool,
+) -> Result<(), InputError> {
     let mut buf = vec![0u8; 1 << 20];
     let mut have = 0usize;
     loop {
@@ -94,6 +213,9 @@ fn read_lines<R: Read>(r: &mut R, path: &str, p: &mut GoalParser<'_>) -> Result<
         }
         buf.copy_within(start..end, 0);
         have = end - start;
+        if !after_read(p) {
+            return Ok(());
+        }
     }
 }
 
@@ -334,18 +456,25 @@ fn below_bang(w: u64) -> u64 {
 
 impl<'a> Cur<'a> {
     /// Skip blanks: `Some(true)` at a token, `Some(false)` at the newline, `None` to give up.
-    #[inline]
+    #[inline(always)]
     fn skip(&mut self) -> Option<bool> {
         loop {
-            match *self.d.get(self.i)? {
-                b' ' | b'\t' | b'\r' => self.i += 1,
-                b'\n' => return Some(false),
-                _ => return Some(true),
+            let c = *self.d.get(self.i)?;
+            // Tests in the order of their frequency (a jump table here mispredicts).
+            if c > b' ' {
+                return Some(true);
+            }
+            if c == b' ' || c == b'\t' || c == b'\r' {
+                self.i += 1;
+            } else {
+                // A newline ends the line; any other control byte starts a token, which
+                // `word_here` refuses.
+                return Some(c != b'\n');
             }
         }
     }
     /// The token at the cursor (call after `skip` returned `Some(true)`).
-    #[inline]
+    #[inline(always)]
     fn word_here(&mut self) -> Option<&'a [u8]> {
         let st = self.i;
         let mut i = st;
@@ -365,14 +494,15 @@ impl<'a> Cur<'a> {
             }
             i += 8;
         }
-        if !matches!(self.d[i], b' ' | b'\t' | b'\r' | b'\n') || i == st {
+        let c = self.d[i];
+        if i == st || !(c == b' ' || c == b'\n' || c == b'\t' || c == b'\r') {
             return None;
         }
         self.i = i;
         Some(&self.d[st..i])
     }
     /// The next token, which must exist on this line.
-    #[inline]
+    #[inline(always)]
     fn word(&mut self) -> Option<&'a [u8]> {
         if self.skip()? {
             self.word_here()
@@ -381,7 +511,7 @@ impl<'a> Cur<'a> {
         }
     }
     /// `Some(Some(token))`, `Some(None)` at the end of the line, `None` to give up.
-    #[inline]
+    #[inline(always)]
     fn maybe_word(&mut self) -> Option<Option<&'a [u8]>> {
         if self.skip()? {
             self.word_here().map(Some)
@@ -634,6 +764,43 @@ impl<'p> GoalParser<'p> {
         }
     }
 
+    /// Start the schedule once the number of ranks is known.
+    fn begin(&mut self, n: u32) {
+        let mut b = ScheduleBuilder::new(n);
+        // About 30 bytes of text per operation, one dependency per operation.
+        let est = (self.size_hint / 30).min(1 << 31) as usize;
+        b.reserve(est, est);
+        self.seen = vec![false; n as usize];
+        self.b = Some(b);
+    }
+
+    /// Append what `q` parsed from the text that follows this parser's, as if this parser had
+    /// read it: `q` started with no rank block open and outside any comment, which the caller
+    /// checked is where this parser stopped. Returns false, changing nothing, when the two
+    /// parts conflict in a way only reading them in order words right (a rank opened in both,
+    /// too many operations).
+    fn absorb(&mut self, q: GoalParser<'_>) -> bool {
+        let (Some(b), Some(qb)) = (self.b.as_mut(), q.b) else {
+            return false;
+        };
+        if b.len() + qb.len() > MAX_OPS
+            || b.num_ranks() != qb.num_ranks()
+            || self.seen.iter().zip(&q.seen).any(|(&x, &y)| x && y)
+        {
+            return false;
+        }
+        b.append(qb);
+        for (x, y) in self.seen.iter_mut().zip(q.seen) {
+            *x |= y;
+        }
+        self.line_no += q.line_no;
+        self.general_lines += q.general_lines;
+        self.in_comment = q.in_comment;
+        self.rank = q.rank;
+        self.pending_brace = q.pending_brace;
+        true
+    }
+
     fn builder(&mut self) -> Result<&mut ScheduleBuilder, InputError> {
         let (path, line) = (self.path, self.line_no);
         self.b.as_mut().ok_or_else(|| InputError::Syntax {
@@ -667,12 +834,7 @@ impl<'p> GoalParser<'p> {
                 if self.b.is_some() {
                     return Err(self.err("num_ranks given twice"));
                 }
-                let mut b = ScheduleBuilder::new(n as u32);
-                // About 30 bytes of text per operation, one dependency per operation.
-                let est = (self.size_hint / 30).min(1 << 31) as usize;
-                b.reserve(est, est);
-                self.seen = vec![false; n as usize];
-                self.b = Some(b);
+                self.begin(n as u32);
                 Ok(())
             }
             b"rank" => {
@@ -1051,17 +1213,66 @@ mod tests {
         }
     }
 
+    /// A schedule as comparable text.
+    fn describe(s: &Schedule) -> String {
+        format!(
+            "{} {:?} {:?} {:?} {:?} {} {}",
+            s.num_ranks, s.ops, s.dep_start, s.dep_list, s.class_names, s.num_cpus, s.num_nics
+        )
+    }
+
     /// Parse with or without the fast path; a schedule as comparable parts, or the error text.
     fn parse(text: &[u8], fast: bool, step: usize) -> Result<String, String> {
         let mut p = GoalParser::new("<t>", text.len() as u64);
         p.fast = fast;
         let mut r = Trickle { d: text, step };
-        read_lines(&mut r, "<t>", &mut p).map_err(|e| e.to_string())?;
-        let s = p.finish().map_err(|e| e.to_string())?;
-        Ok(format!(
-            "{} {:?} {:?} {:?} {:?} {} {}",
-            s.num_ranks, s.ops, s.dep_start, s.dep_list, s.class_names, s.num_cpus, s.num_nics
-        ))
+        read_lines(&mut r, "<t>", &mut p, &mut |_| true).map_err(|e| e.to_string())?;
+        Ok(describe(&p.finish().map_err(|e| e.to_string())?))
+    }
+
+    /// Parse the file `path` in two parts cut at `split`; the schedule or error (with the
+    /// path shown as `<t>`) and whether the parts were joined.
+    fn parse_split(path: &str, split: u64) -> (Result<String, String>, bool) {
+        let f = std::fs::File::open(path).expect("open");
+        let size = f.metadata().expect("stat").len();
+        let mut p = GoalParser::new(path, size);
+        let mut joined = false;
+        let r = parse_two_parts(&f, path, size, split, &mut p)
+            .and_then(|j| {
+                joined = j;
+                p.finish()
+            })
+            .map(|s| describe(&s))
+            .map_err(|e| e.to_string().replace(path, "<t>"));
+        (r, joined)
+    }
+
+    fn tmp_file(name: &str, text: &str) -> String {
+        let dir = std::env::temp_dir().join(format!("chama-goal-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("tmp dir");
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_string_lossy().into_owned()
+    }
+
+    /// Cutting the file at any line start and parsing the second part on another thread gives
+    /// what reading it in order gives; returns how many cuts were joined.
+    fn split_agrees(name: &str, text: &str) -> usize {
+        split_agrees_every(name, text, 1)
+    }
+
+    /// [`split_agrees`] at every `k`-th line start.
+    fn split_agrees_every(name: &str, text: &str, k: usize) -> usize {
+        let path = tmp_file(name, text);
+        let want = parse(text.as_bytes(), false, usize::MAX);
+        let mut joined = 0;
+        for (i, _) in text.match_indices('\n').step_by(k) {
+            let (got, j) = parse_split(&path, i as u64 + 1);
+            assert_eq!(got, want, "cut at byte {}, input:\n{text}", i + 1);
+            joined += j as usize;
+        }
+        let _ = std::fs::remove_file(&path);
+        joined
     }
 
     /// The general parser alone (every line through `GoalParser::line`, as before the fast
@@ -1092,8 +1303,9 @@ mod tests {
             // Huge values, cpu/nic 254, keys in any order.
             "num_ranks 2\nrank 1 {\nl1: send 18446744073709551615b to 0 nic 254 cpu 254 tag 4294967294\nl2: calc 18446744073709551615\n}\nrank 0 {\nl1: recv 1b from 1 tag 4294967294\n}\n",
         ];
-        for t in ok {
+        for (k, t) in ok.iter().enumerate() {
             assert!(agree(t).is_ok(), "should parse:\n{t}");
+            split_agrees(&format!("ok{k}.goal"), t);
         }
         let bad = [
             ("l1: send 8b to 9\n}\n", ":3:"),
@@ -1124,8 +1336,9 @@ mod tests {
             ("l1: calc 1 /* open\n}\n", "unterminated `/*`"),
             ("l1: sned 1b to 1\n}\n", ":3: expected `send`"),
         ];
-        for (body, want) in bad {
+        for (k, (body, want)) in bad.iter().enumerate() {
             let t = format!("{HEAD}{body}");
+            split_agrees(&format!("bad{k}.goal"), &t);
             let e = agree(&t).expect_err(&t);
             assert!(e.contains(want), "error `{e}` should contain `{want}`");
         }
@@ -1205,7 +1418,33 @@ mod tests {
                 t.push_str("}\n");
             }
             let _ = agree(&t);
+            split_agrees_every("prop.goal", &t, 5);
         }
+    }
+
+    #[test]
+    fn two_part_parse_joins_at_rank_lines_and_matches_one_part() {
+        let text = "num_ranks 3\n// x\nrank 0 {\nl1: send 8b to 1 tag 0 cpu 2\nl2: calc 5\nl2 requires l1\n}\n\nrank 1 {\nl1: recv 8b from 0 tag 0\nl2: send 8b to 2 tag 1 nic 3\nl2 irequires l1\n}\nrank 2 {\nl1: recv 8b from -1 tag 1\n}\n";
+        // Cuts outside rank blocks join: before the comment, `rank 0`, the blank line,
+        // `rank 1`, `rank 2`, and at the very end.
+        assert_eq!(split_agrees("join.goal", text), 6);
+        // A rank opened on both sides, a comment open at the cut: read in order instead.
+        let dup = "num_ranks 2\nrank 0 {\n}\nrank 1 {\n}\nrank 0 {\n}\n";
+        assert_eq!(split_agrees("dup.goal", dup), 0);
+        let comment = "num_ranks 2\n/*\nrank 0 {\n}\n*/\nrank 1 {\n}\n";
+        split_agrees("comment.goal", comment);
+        let path = tmp_file("whole.goal", text);
+        assert_eq!(
+            parse_goal_file_split(&path, Some(1))
+                .map(|s| describe(&s))
+                .map_err(|e| e.to_string()),
+            parse(text.as_bytes(), true, usize::MAX)
+        );
+        let rank1 = text.find("rank 1").expect("rank 1") as u64;
+        let f = std::fs::File::open(&path).expect("open");
+        assert_eq!(find_split(&f, 20), Some(rank1));
+        assert_eq!(find_split(&f, text.len() as u64 - 3), None);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]
@@ -1222,7 +1461,7 @@ mod tests {
         let mut text = Vec::new();
         write_goal(&s, &mut text).expect("write");
         let mut p = GoalParser::new("<t>", text.len() as u64);
-        read_lines(&mut text.as_slice(), "<t>", &mut p).expect("parse");
+        read_lines(&mut text.as_slice(), "<t>", &mut p, &mut |_| true).expect("parse");
         // Only `num_ranks` and the receive from `-1` (ANY) need the general parser.
         assert_eq!(p.general_lines, 2);
         let back = p.finish().expect("valid");
