@@ -1476,6 +1476,20 @@ mod tests {
     }
 
     #[test]
+    fn numbers_are_plain_decimal_u64() {
+        assert_eq!(num(b"0"), Some(0));
+        assert_eq!(num(b"007"), Some(7));
+        assert_eq!(num(b"9999999999999999999"), Some(9_999_999_999_999_999_999));
+        assert_eq!(num(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(num(b"18446744073709551616"), None);
+        assert_eq!(num(b"99999999999999999999"), None);
+        assert_eq!(num(b"000000000000000000001"), None);
+        for t in [&b""[..], b"-1", b"+1", b"1b", b" 1", b"1/", b":", b"\x00"] {
+            assert_eq!(num(t), None, "{}", show(t));
+        }
+    }
+
+    #[test]
     fn dense_labels_only_take_canonical_l_numbers() {
         assert_eq!(dense_index(b"l0"), Some(0));
         assert_eq!(dense_index(b"l17"), Some(17));
