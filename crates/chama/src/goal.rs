@@ -94,30 +94,26 @@ fn parse_two_parts(
     split: u64,
     p: &mut GoalParser<'_>,
 ) -> Result<bool, InputError> {
-    use std::io::{Seek, SeekFrom};
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = AtomicBool::new(false);
     let (tx, rx) = std::sync::mpsc::channel::<u32>();
     let (first, second) = std::thread::scope(|sc| {
         let stop = &stop;
-        let h = sc.spawn(move || -> Option<Result<GoalParser<'_>, InputError>> {
-            // The second part can start once the first has read `num_ranks`.
-            let n = rx.recv().ok()?;
-            let mut q = GoalParser::new(path, size - split);
-            q.begin(n);
-            let mut g = std::fs::File::open(path).map_err(|e| io_err(path, e));
-            if let Ok(g) = &mut g {
-                if let Err(e) = g.seek(SeekFrom::Start(split)) {
-                    return Some(Err(io_err(path, e)));
-                }
-            }
-            let r = g.and_then(|mut g| {
-                read_lines(&mut g, path, &mut q, &mut |_| !stop.load(Ordering::Relaxed))
-            });
-            Some(r.map(|()| q))
-        });
+        // If no thread can be started, the second part is read in order below.
+        let h = std::thread::Builder::new()
+            .name("goal-parse".into())
+            .spawn_scoped(sc, move || -> Option<Result<GoalParser<'_>, InputError>> {
+                // The second part can start once the first has read `num_ranks`.
+                let n = rx.recv().ok()?;
+                let mut q = GoalParser::new(path, size - split);
+                q.begin(n);
+                let mut r = At { f, pos: split };
+                let r = read_lines(&mut r, path, &mut q, &mut |_| !stop.load(Ordering::Relaxed));
+                Some(r.map(|()| q))
+            })
+            .ok();
         let mut tx = Some(tx);
-        let first = read_lines(&mut f.take(split), path, p, &mut |p| {
+        let first = read_lines(&mut At { f, pos: 0 }.take(split), path, p, &mut |p| {
             if let (Some(b), Some(t)) = (&p.b, &tx) {
                 // The receiver is gone only if the thread ended, which the join below sees.
                 let _ = t.send(b.num_ranks());
@@ -130,7 +126,7 @@ fn parse_two_parts(
         }
         // Without `num_ranks` in the first part the thread is told nothing and gives up.
         drop(tx);
-        (first, h.join().ok().flatten())
+        (first, h.and_then(|h| h.join().ok()).flatten())
     });
     first?;
     let clean = !p.in_comment && p.rank.is_none() && p.pending_brace.is_none();
@@ -140,11 +136,24 @@ fn parse_two_parts(
         }
     }
     // Read the second part in order after the first, as a one-thread parse would.
-    let mut f = f;
-    f.seek(SeekFrom::Start(split))
-        .map_err(|e| io_err(path, e))?;
-    read_lines(&mut f, path, p, &mut |_| true)?;
+    read_lines(&mut At { f, pos: split }, path, p, &mut |_| true)?;
     Ok(false)
+}
+
+/// Reads `f` from `pos` on with positioned reads, leaving the file's own offset alone, so two
+/// threads can read one open file at different places.
+struct At<'a> {
+    f: &'a std::fs::File,
+    pos: u64,
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.f.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 /// Parse GOAL text held in memory.
