@@ -36,11 +36,6 @@ pub fn parse_goal_file(path: &str) -> Result<Schedule, InputError> {
     parse_goal_file_split(path, two.then_some(SPLIT_MIN))
 }
 
-/// [`parse_goal_file`] on one thread.
-pub fn parse_goal_file_sequential(path: &str) -> Result<Schedule, InputError> {
-    parse_goal_file_split(path, None)
-}
-
 /// Parse `path`, on two threads if it holds at least `split_min` bytes; the cut is sought from
 /// the middle of the file.
 fn parse_goal_file_split(path: &str, split_min: Option<u64>) -> Result<Schedule, InputError> {
