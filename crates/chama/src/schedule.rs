@@ -273,6 +273,22 @@ impl ScheduleBuilder {
         }
     }
 
+    /// Append the operations and dependencies of `other` (built for the same ranks and
+    /// classes) after this builder's, shifting its operation indices.
+    pub(crate) fn append(&mut self, other: ScheduleBuilder) {
+        debug_assert_eq!(self.s.class_names, other.s.class_names);
+        let off = self.s.ops.len() as u32;
+        self.s.ops.extend_from_slice(&other.s.ops);
+        self.edges.extend(
+            other
+                .edges
+                .iter()
+                .map(|&(from, to)| (from + off, ((to & !IREQ_BIT) + off) | (to & IREQ_BIT))),
+        );
+        self.s.num_cpus = self.s.num_cpus.max(other.s.num_cpus);
+        self.s.num_nics = self.s.num_nics.max(other.s.num_nics);
+    }
+
     /// `dependent requires dependency` (or `irequires` when `start_only`).
     pub fn depend(&mut self, dependent: u32, dependency: u32, start_only: bool) {
         let d = if start_only {
