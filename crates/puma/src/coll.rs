@@ -953,15 +953,15 @@ impl Comm {
     }
 
     /// The member of this node that talks to the other nodes for a rooted operation: the root
-    /// on its own node, else the node's first member. Returns (leaders, my leader's index).
-    fn node_leaders(n: &NodeColl, root: u32) -> (Vec<u32>, usize) {
-        let leaders: Vec<u32> = n
-            .groups
-            .iter()
-            .map(|m| if m.contains(&root) { root } else { m[0] })
-            .collect();
+    /// on its own node, else the node's first member. Returns my leader's index in my node's
+    /// group, and the leaders of all nodes (communicator ranks) when there are several nodes
+    /// (none on one node: the common case allocates nothing).
+    fn node_leaders(n: &NodeColl, root: u32) -> (usize, Option<Vec<u32>>) {
+        let leader = |m: &Vec<u32>| if m.contains(&root) { root } else { m[0] };
         let mine = &n.groups[n.mine];
-        (leaders.clone(), Self::pos(mine, leaders[n.mine]))
+        let lead = Self::pos(mine, leader(mine));
+        let all = (n.groups.len() > 1).then(|| n.groups.iter().map(leader).collect());
+        (lead, all)
     }
 
     /// Reduce: members publish, the node leader combines its node in rank order, and the leaders
@@ -979,7 +979,7 @@ impl Comm {
         let total = std::mem::size_of_val(acc) as u64;
         let k = per.min(acc.len());
         let (mut tmp, mut own) = (vec![T::zeroed(); k], vec![T::zeroed(); k]);
-        let (leaders, lead) = Self::node_leaders(n, root);
+        let (lead, leaders) = Self::node_leaders(n, root);
         for r in pieces(acc.len(), per) {
             let piece = &mut acc[r];
             let m = piece.len();
@@ -993,8 +993,8 @@ impl Comm {
             n.wait_all(s, OP)?;
             n.check_all(s, total, "reduce")?;
             n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
-            if leaders.len() > 1 {
-                self.tree_reduce(&leaders, Self::pos(&leaders, root), piece, op, tag)?;
+            if let Some(leaders) = &leaders {
+                self.tree_reduce(leaders, Self::pos(leaders, root), piece, op, tag)?;
             }
         }
         Ok(())
@@ -1004,10 +1004,10 @@ impl Comm {
     /// each leader publishes it piece by piece and its node copies it out.
     fn node_bcast(&self, n: &NodeColl, b: &mut [u8], root: u32, tag: u32) -> Result<()> {
         const OP: &str = "broadcast";
-        let (leaders, lead) = Self::node_leaders(n, root);
+        let (lead, leaders) = Self::node_leaders(n, root);
         let total = b.len() as u64;
-        if n.me == lead && leaders.len() > 1 {
-            self.tree_bcast(&leaders, Self::pos(&leaders, root), b, tag)?;
+        if let (true, Some(leaders)) = (n.me == lead, &leaders) {
+            self.tree_bcast(leaders, Self::pos(leaders, root), b, tag)?;
         }
         for r in pieces(b.len(), crate::shm::SLOT_BYTES) {
             let piece = &mut b[r];

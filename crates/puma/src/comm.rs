@@ -281,7 +281,8 @@ impl Comm {
             .ranks
             .get(r as usize)
             .copied()
-            .ok_or(Error::BadRank {
+            // ok_or_else: an eagerly built error would be built and dropped on every send.
+            .ok_or_else(|| Error::BadRank {
                 rank: r,
                 size: self.size(),
             })
@@ -293,7 +294,8 @@ impl Comm {
             .nodes
             .get(r as usize)
             .copied()
-            .ok_or(Error::BadRank {
+            // ok_or_else: an eagerly built error would be built and dropped on every send.
+            .ok_or_else(|| Error::BadRank {
                 rank: r,
                 size: self.size(),
             })
