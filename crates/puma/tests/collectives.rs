@@ -34,6 +34,23 @@ fn collectives_node_aware_on_several_nodes() {
     check(8, &["--nodes", "4"], 9);
 }
 
+/// Long runs of back-to-back broadcasts from one root (the root changing every 45), each checked,
+/// with reduces and all-reduces mixed in: the root runs ahead of its readers through all 32 slots
+/// of the collective area and must wait for each slot to be free (and a little longer, see
+/// `NodeColl::wait_reuse`). Sizes on both sides of the slot size and of the 4 KiB slot-path limit;
+/// 1 to 8 ranks (8 on this 2-core machine is oversubscribed), and across nodes.
+#[test]
+fn streaks_of_small_broadcasts_reuse_slots_safely() {
+    for (n, nodes) in [(1, 1), (2, 1), (3, 1), (5, 1), (8, 1), (5, 2)] {
+        let s = (40 + n).to_string();
+        let k = nodes.to_string();
+        let yod_args: &[&str] = if nodes > 1 { &["--nodes", &k] } else { &[] };
+        let args = ["--seed", &s, "--sizes", "1", "--streak", "600"];
+        let so = ok(n, yod_args, "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+    }
+}
+
 /// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
 /// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
 /// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).
