@@ -120,8 +120,10 @@ pub fn start_with(opts: Options) -> Result<Universe> {
     let core = Rc::new(Core::new(att, timeout, local)?);
     let ranks: Vec<u32> = (0..info.size).collect();
     let nodes: Vec<u32> = info.node_map.ranks.iter().map(|r| r.node).collect();
-    let world = Comm::build(core, 0, ranks, nodes);
+    let world = Comm::build(core.clone(), 0, ranks, nodes);
     world.barrier()?;
+    // Every local rank has attached (its pid is in the region): see how they are placed.
+    core.settle_placement();
     if info.rank == 0 {
         crate::fabric::unpublish(&info);
     }

@@ -135,9 +135,9 @@ pub(crate) struct NodeColl {
     world: Vec<u32>,
     /// This rank's index in the group.
     pub me: usize,
-    oversubscribed: bool,
-    /// How long a waiter yields before it naps (`PUMACOLL_YIELD_US` overrides [`YIELD_FOR`]).
-    yield_for: Duration,
+    /// How long a waiter yields before it naps (`PUMACOLL_YIELD_US`; None: [`YIELD_FOR`] or
+    /// [`YIELD_FOR_OVERSUBSCRIBED`], as the core says when the wait starts).
+    yield_us: Option<u64>,
     /// Highest arrival seen from each member (arrivals only grow; saves re-reading a line
     /// another core keeps writing).
     seen: RefCell<Vec<u64>>,
@@ -193,21 +193,12 @@ impl NodeColl {
             shm.stage.set(Some(ctx));
         }
         let area = shm.area.clone();
-        let oversubscribed = core.oversubscribed();
         let seen = RefCell::new(vec![0; ports.len()]);
-        let yield_for = std::env::var("PUMACOLL_YIELD_US")
+        let yield_us = std::env::var("PUMACOLL_YIELD_US")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(
-                if oversubscribed {
-                    YIELD_FOR_OVERSUBSCRIBED
-                } else {
-                    YIELD_FOR
-                },
-                Duration::from_micros,
-            );
+            .and_then(|v| v.parse().ok());
         Some(NodeColl {
-            yield_for,
+            yield_us,
             seen,
             area,
             core,
@@ -219,7 +210,6 @@ impl NodeColl {
             mine,
             world,
             me,
-            oversubscribed,
             stage,
             pieces: std::cell::Cell::new(0),
             piece_seq: RefCell::new([0; STAGE_SEGS]),
@@ -264,10 +254,17 @@ impl NodeColl {
         if self.reached(w, s) {
             return Ok(());
         }
-        let spin = if self.oversubscribed {
+        // Read per wait: the start-up barrier runs before the core knows how the ranks are placed.
+        let oversubscribed = self.core.oversubscribed();
+        let spin = if oversubscribed {
             SPIN_OVERSUBSCRIBED
         } else {
             SPIN
+        };
+        let yield_for = match (self.yield_us, oversubscribed) {
+            (Some(us), _) => Duration::from_micros(us),
+            (None, true) => YIELD_FOR_OVERSUBSCRIBED,
+            (None, false) => YIELD_FOR,
         };
         for _ in 0..spin {
             std::hint::spin_loop();
@@ -290,7 +287,7 @@ impl NodeColl {
             // waiting ranks stop taking CPU from yod, the PCT and ranks that still compute, and
             // a rank parked in a collective wakes ten times a second, not a thousand.
             let el = start.elapsed();
-            if el < self.yield_for {
+            if el < yield_for {
                 std::thread::yield_now();
             } else {
                 let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(100));
