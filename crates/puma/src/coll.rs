@@ -67,6 +67,9 @@ pub const ALLREDUCE_LONG: usize = 16 * 1024;
 pub const GATHER_LONG: usize = 64 * 1024;
 /// All-to-all switches to pairwise exchange above this many bytes per block.
 pub const ALLTOALL_LONG: usize = 1024;
+/// All-to-all of a communicator on one node goes through the collective area up to this many
+/// bytes per rank (its whole send buffer), in slot-sized pieces.
+pub const ALLTOALL_SHM: usize = 64 * 1024;
 
 fn bytes<T: Pod>(v: &[T]) -> &[u8] {
     bytemuck::cast_slice(v)
@@ -755,6 +758,16 @@ impl Comm {
         let me = self.rank as usize;
         let blk = n * std::mem::size_of::<T>();
         copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
+        let total = std::mem::size_of_val(send);
+        if g > 1 && total <= ALLTOALL_SHM {
+            if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
+                return Self::node_alltoall(nd, bytes(send), bytes_mut(recv));
+            }
+        } else if g > 1 {
+            if let Some(nd) = self.node_stage(total, 1, tag)? {
+                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv));
+            }
+        }
         let sb = bytes(send);
         if blk <= ALLTOALL_LONG {
             let mut rq = Vec::new();
@@ -1025,6 +1038,41 @@ impl Comm {
         Ok(())
     }
 
+    /// All-to-all inside one node through the slots (`PUMACOLL_SHM=0` turns it off with the
+    /// rest of the area). The send buffers go in slot-sized pieces; per piece every member
+    /// publishes its piece and arrives, then copies out of every other member's slot the part of
+    /// the piece that holds its own block (members whose block lies elsewhere do not wait). On
+    /// the first piece everyone waits for everyone and checks the lengths, so a mismatch is an
+    /// error everywhere before the piece counts part. `recv` holds this rank's own block already.
+    fn node_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let mine = me * blk..(me + 1) * blk;
+        for (k, r) in pieces(sb.len(), crate::shm::SLOT_BYTES).enumerate() {
+            let s = n.next();
+            n.publish(s, &sb[r.clone()], total, OP)?;
+            n.arrive(s);
+            if k == 0 {
+                n.wait_all_slots(s, OP)?;
+                n.check_all(s, total, OP)?;
+            }
+            let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
+            if lo >= hi {
+                continue;
+            }
+            for j in (0..p).filter(|&j| j != me) {
+                if k != 0 {
+                    n.wait_slot(j, s, OP)?;
+                }
+                let at = j * blk + (lo - mine.start);
+                n.read_at(j, s, lo - r.start, &mut rb[at..at + (hi - lo)]);
+            }
+        }
+        Ok(())
+    }
+
     /// The node group, when a payload of `bytes` with elements of `elem` bytes goes through the
     /// area: up to [`SHM_LONG`], or up to [`SHM_LONG_DEDICATED`] when the whole communicator is
     /// on one node that has a core per rank (`PUMACOLL_SHM_MAX` bytes overrides both).
@@ -1171,6 +1219,44 @@ impl Comm {
                 let c = chunk(m, p, j);
                 let theirs = n.stage_of(j, off + c.start * elem, c.len() * elem);
                 copy_bytes(bytes_mut(&mut dst[c]), theirs);
+            }
+        }
+        Ok(())
+    }
+
+    /// All-to-all through the stages (whole send buffers above [`ALLTOALL_SHM`]): per piece every
+    /// member copies its piece of the send buffer into its stage and arrives, then copies out of
+    /// every other member's stage the part of the piece that holds its own block. As in
+    /// [`Comm::node_alltoall`], the first piece brings everyone together and checks the lengths.
+    /// `recv` holds this rank's own block already.
+    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let mine = me * blk..(me + 1) * blk;
+        for (k, r) in pieces(sb.len(), stage_piece_bytes()).enumerate() {
+            let (off, s) = n.stage_piece(true, OP)?;
+            copy_bytes(n.stage_mine(off, r.len()), &sb[r.clone()]);
+            if k == 0 {
+                n.publish(s, &[], total, OP)?;
+            }
+            n.arrive(s);
+            if k == 0 {
+                n.wait_all(s, OP)?;
+                n.check_all(s, total, OP)?;
+            }
+            let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
+            if lo >= hi {
+                continue;
+            }
+            for j in (0..p).filter(|&j| j != me) {
+                if k != 0 {
+                    n.wait_arrival(j, s, OP)?;
+                }
+                let at = j * blk + (lo - mine.start);
+                let theirs = n.stage_of(j, off + (lo - r.start), hi - lo);
+                copy_bytes(&mut rb[at..at + (hi - lo)], theirs);
             }
         }
         Ok(())

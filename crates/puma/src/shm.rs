@@ -17,7 +17,10 @@
 //! * before writing the slot of operation `s` a member waits until every local member arrived at
 //!   `s - SLOTS + 1` (so they are done with operation `s - SLOTS`, the slot's previous user).
 //!   A broadcast root can therefore run `SLOTS - 1` operations ahead of its slowest reader, which
-//!   matters when ranks share cores and a reader is not scheduled for a while.
+//!   matters when ranks share cores and a reader is not scheduled for a while. A member found
+//!   behind is waited for until it is `REUSE_SLACK` (16) operations further, at most at `s - 1`
+//!   (which every member reaches without the writer), so a root that outruns a reader looks at
+//!   the reader's arrival line once per 16 operations instead of once per operation.
 //!
 //! Waiting spins briefly, then hands the core away (`sched_yield`) while still driving the
 //! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender
@@ -450,6 +453,17 @@ impl NodeColl {
             self.ports[i],
             (s % SLOTS as u64) as u32,
             SLOT_DATA,
+            dst,
+        );
+    }
+
+    /// Reads `dst.len()` bytes at `off` of member `i`'s payload in its slot of operation `s`.
+    pub fn read_at(&self, i: usize, s: u64, off: usize, dst: &mut [u8]) {
+        self.area().read(
+            self.c,
+            self.ports[i],
+            (s % SLOTS as u64) as u32,
+            SLOT_DATA + off,
             dst,
         );
     }

@@ -54,6 +54,8 @@ fn streaks_of_small_broadcasts_reuse_slots_safely() {
 /// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
 /// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
 /// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).
+/// All-to-all (blocks of n/p + 1 elements) goes through the slots up to 64 KiB per rank and the
+/// stages above: 8191 and 8192 fall on either side of that on 2 and 8 ranks.
 /// The duplicate communicator cannot get the stages and takes the portals algorithms.
 #[test]
 fn large_collectives_through_the_stages() {
