@@ -18,7 +18,7 @@
 //! | broadcast  | the leader publishes each piece, the others copy it (the root may run 31 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
-//! | all-to-all | one node only, up to [`ALLTOALL_SHM`] per rank: everyone publishes its send buffer piece by piece, each copies its block out of the others' slots (above: the same through the stages) | — (portals algorithms below) |
+//! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
@@ -68,8 +68,8 @@ pub const ALLREDUCE_LONG: usize = 16 * 1024;
 pub const GATHER_LONG: usize = 64 * 1024;
 /// All-to-all switches to pairwise exchange above this many bytes per block.
 pub const ALLTOALL_LONG: usize = 1024;
-/// All-to-all of a communicator on one node goes through the collective area up to this many
-/// bytes per rank (its whole send buffer), in slot-sized pieces.
+/// All-to-all of a communicator on one node without the stages goes through the slots up to this
+/// many bytes per rank (its whole send buffer), in slot-sized pieces.
 pub const ALLTOALL_SHM: usize = 64 * 1024;
 
 fn bytes<T: Pod>(v: &[T]) -> &[u8] {
@@ -760,13 +760,15 @@ impl Comm {
         let blk = n * std::mem::size_of::<T>();
         copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
         let total = std::mem::size_of_val(send);
-        if g > 1 && total <= ALLTOALL_SHM {
-            if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
-                return Self::node_alltoall(nd, bytes(send), bytes_mut(recv));
-            }
-        } else if g > 1 {
+        if g > 1 {
+            // Above one slot through the stages (one handshake per 64 KiB), else the slots.
             if let Some(nd) = self.node_stage(total, 1, tag)? {
                 return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv));
+            }
+            if total <= ALLTOALL_SHM {
+                if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
+                    return Self::node_alltoall(nd, bytes(send), bytes_mut(recv));
+                }
             }
         }
         let sb = bytes(send);
@@ -1225,8 +1227,8 @@ impl Comm {
         Ok(())
     }
 
-    /// All-to-all through the stages (whole send buffers above [`ALLTOALL_SHM`]): per piece every
-    /// member copies its piece of the send buffer into its stage and arrives, then copies out of
+    /// All-to-all through the stages (send buffers above one slot): per piece every member copies
+    /// its piece of the send buffer (but for its own block) into its stage and arrives, then copies out of
     /// every other member's stage the part of the piece that holds its own block. As in
     /// [`Comm::node_alltoall`], the first piece brings everyone together and checks the lengths.
     /// `recv` holds this rank's own block already.
@@ -1238,7 +1240,13 @@ impl Comm {
         let mine = me * blk..(me + 1) * blk;
         for (k, r) in pieces(sb.len(), stage_piece_bytes()).enumerate() {
             let (off, s) = n.stage_piece(true, OP)?;
-            copy_bytes(n.stage_mine(off, r.len()), &sb[r.clone()]);
+            // Everything but this rank's own block, which nobody else reads.
+            for part in [r.start..r.end.min(mine.start), r.start.max(mine.end)..r.end] {
+                if part.start < part.end {
+                    let at = off + (part.start - r.start);
+                    copy_bytes(n.stage_mine(at, part.len()), &sb[part]);
+                }
+            }
             if k == 0 {
                 n.publish(s, &[], total, OP)?;
             }
