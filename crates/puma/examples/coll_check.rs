@@ -30,6 +30,60 @@ struct Args {
     /// stages the world communicator holds, so takes the other algorithms).
     #[arg(long, value_delimiter = ',', default_value = "100")]
     dup_sizes: Vec<usize>,
+    /// Back-to-back broadcasts (each checked) from one root at a time, the root changing every
+    /// 45 operations, then a reduce and an all-reduce: the root runs ahead of its readers
+    /// through every slot of the collective area and waits for them to free slots.
+    #[arg(long, default_value_t = 200)]
+    streak: usize,
+}
+
+/// `len` elements of broadcast `k` of the streak (what the root sends).
+fn streak_data(seed: u64, k: usize, len: usize) -> Vec<i64> {
+    data(seed, k as u32, len, 0x5eed ^ k as u64)
+}
+
+/// See `Args::streak`. Per block of 45 operations from one root: 44 slot-path broadcasts
+/// (0–6 elements and exactly one slot, 254 i64 = 2032 bytes) while the other ranks pause once
+/// for 2 ms, so the root runs ahead through every slot; then one broadcast above a slot (through
+/// the stages or in pieces), a reduce and an all-reduce of 255, 512 or 513 elements (both sides
+/// of the 4 KiB slot-path limit), which bring everyone together again.
+fn streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
+    const SMALL: [usize; 9] = [1, 0, 2, 6, 3, 254, 1, 4, 5];
+    const LAST: [usize; 3] = [255, 512, 513];
+    let (me, p) = (w.rank(), w.size());
+    for k in 0..count {
+        let (block, pos) = (k / 45, k % 45);
+        let root = block as u32 % p;
+        let len = if pos == 44 {
+            LAST[block % LAST.len()]
+        } else {
+            SMALL[pos % SMALL.len()]
+        };
+        if pos == 2 && me != root {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let want = streak_data(seed, k, len);
+        let mut b = if me == root {
+            want.clone()
+        } else {
+            vec![-1; len]
+        };
+        w.broadcast(&mut b, root)?;
+        expect(&format!("streak broadcast {k} from {root}"), &b, &want)?;
+        if pos == 44 {
+            let mine = data(seed, me, len, k as u64);
+            let sum = serial(p, seed, len, k as u64, |a, b| a.wrapping_add(b));
+            let mut r = vec![0i64; len];
+            w.reduce(&mine, (me == root).then_some(&mut r[..]), root, Sum)?;
+            if me == root {
+                expect(&format!("streak reduce {k}"), &r, &sum)?;
+            }
+            w.all_reduce(&mine, &mut r, Sum)?;
+            expect(&format!("streak all-reduce {k}"), &r, &sum)?;
+        }
+    }
+    *checks += count as u32;
+    Ok(())
 }
 
 fn mix(mut z: u64) -> u64 {
@@ -195,6 +249,7 @@ fn run(a: &Args) -> Result<()> {
     for &n in &a.sizes {
         check_size(&w, a.seed, n, &mut checks)?;
     }
+    streak(&w, a.seed, a.streak, &mut checks)?;
     // Sub-communicators: split by parity, ordered by descending rank; dup keeps traffic apart.
     let sub = w
         .split(Some(me % 2), -(me as i32))?

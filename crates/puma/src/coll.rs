@@ -18,6 +18,7 @@
 //! | broadcast  | the leader publishes each piece, the others copy it (the root may run 31 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
+//! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
@@ -67,6 +68,9 @@ pub const ALLREDUCE_LONG: usize = 16 * 1024;
 pub const GATHER_LONG: usize = 64 * 1024;
 /// All-to-all switches to pairwise exchange above this many bytes per block.
 pub const ALLTOALL_LONG: usize = 1024;
+/// All-to-all of a communicator on one node without the stages goes through the slots up to this
+/// many bytes per rank (its whole send buffer), in slot-sized pieces.
+pub const ALLTOALL_SHM: usize = 64 * 1024;
 
 fn bytes<T: Pod>(v: &[T]) -> &[u8] {
     bytemuck::cast_slice(v)
@@ -755,6 +759,18 @@ impl Comm {
         let me = self.rank as usize;
         let blk = n * std::mem::size_of::<T>();
         copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
+        let total = std::mem::size_of_val(send);
+        if g > 1 {
+            // Above one slot through the stages (one handshake per 64 KiB), else the slots.
+            if let Some(nd) = self.node_stage(total, 1, tag)? {
+                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv));
+            }
+            if total <= ALLTOALL_SHM {
+                if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
+                    return Self::node_alltoall(nd, bytes(send), bytes_mut(recv));
+                }
+            }
+        }
         let sb = bytes(send);
         if blk <= ALLTOALL_LONG {
             let mut rq = Vec::new();
@@ -953,15 +969,15 @@ impl Comm {
     }
 
     /// The member of this node that talks to the other nodes for a rooted operation: the root
-    /// on its own node, else the node's first member. Returns (leaders, my leader's index).
-    fn node_leaders(n: &NodeColl, root: u32) -> (Vec<u32>, usize) {
-        let leaders: Vec<u32> = n
-            .groups
-            .iter()
-            .map(|m| if m.contains(&root) { root } else { m[0] })
-            .collect();
+    /// on its own node, else the node's first member. Returns my leader's index in my node's
+    /// group, and the leaders of all nodes (communicator ranks) when there are several nodes
+    /// (none on one node: the common case allocates nothing).
+    fn node_leaders(n: &NodeColl, root: u32) -> (usize, Option<Vec<u32>>) {
+        let leader = |m: &Vec<u32>| if m.contains(&root) { root } else { m[0] };
         let mine = &n.groups[n.mine];
-        (leaders.clone(), Self::pos(mine, leaders[n.mine]))
+        let lead = Self::pos(mine, leader(mine));
+        let all = (n.groups.len() > 1).then(|| n.groups.iter().map(leader).collect());
+        (lead, all)
     }
 
     /// Reduce: members publish, the node leader combines its node in rank order, and the leaders
@@ -979,7 +995,7 @@ impl Comm {
         let total = std::mem::size_of_val(acc) as u64;
         let k = per.min(acc.len());
         let (mut tmp, mut own) = (vec![T::zeroed(); k], vec![T::zeroed(); k]);
-        let (leaders, lead) = Self::node_leaders(n, root);
+        let (lead, leaders) = Self::node_leaders(n, root);
         for r in pieces(acc.len(), per) {
             let piece = &mut acc[r];
             let m = piece.len();
@@ -993,8 +1009,8 @@ impl Comm {
             n.wait_all(s, OP)?;
             n.check_all(s, total, "reduce")?;
             n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
-            if leaders.len() > 1 {
-                self.tree_reduce(&leaders, Self::pos(&leaders, root), piece, op, tag)?;
+            if let Some(leaders) = &leaders {
+                self.tree_reduce(leaders, Self::pos(leaders, root), piece, op, tag)?;
             }
         }
         Ok(())
@@ -1004,10 +1020,10 @@ impl Comm {
     /// each leader publishes it piece by piece and its node copies it out.
     fn node_bcast(&self, n: &NodeColl, b: &mut [u8], root: u32, tag: u32) -> Result<()> {
         const OP: &str = "broadcast";
-        let (leaders, lead) = Self::node_leaders(n, root);
+        let (lead, leaders) = Self::node_leaders(n, root);
         let total = b.len() as u64;
-        if n.me == lead && leaders.len() > 1 {
-            self.tree_bcast(&leaders, Self::pos(&leaders, root), b, tag)?;
+        if let (true, Some(leaders)) = (n.me == lead, &leaders) {
+            self.tree_bcast(leaders, Self::pos(leaders, root), b, tag)?;
         }
         for r in pieces(b.len(), crate::shm::SLOT_BYTES) {
             let piece = &mut b[r];
@@ -1020,6 +1036,41 @@ impl Comm {
                 n.wait_slot(lead, s, OP)?;
                 n.check_len(lead, s, total, "broadcast")?;
                 n.read(lead, s, piece);
+            }
+        }
+        Ok(())
+    }
+
+    /// All-to-all inside one node through the slots (`PUMACOLL_SHM=0` turns it off with the
+    /// rest of the area). The send buffers go in slot-sized pieces; per piece every member
+    /// publishes its piece and arrives, then copies out of every other member's slot the part of
+    /// the piece that holds its own block (members whose block lies elsewhere do not wait). On
+    /// the first piece everyone waits for everyone and checks the lengths, so a mismatch is an
+    /// error everywhere before the piece counts part. `recv` holds this rank's own block already.
+    fn node_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let mine = me * blk..(me + 1) * blk;
+        for (k, r) in pieces(sb.len(), crate::shm::SLOT_BYTES).enumerate() {
+            let s = n.next();
+            n.publish(s, &sb[r.clone()], total, OP)?;
+            n.arrive(s);
+            if k == 0 {
+                n.wait_all_slots(s, OP)?;
+                n.check_all(s, total, OP)?;
+            }
+            let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
+            if lo >= hi {
+                continue;
+            }
+            for j in (0..p).filter(|&j| j != me) {
+                if k != 0 {
+                    n.wait_slot(j, s, OP)?;
+                }
+                let at = j * blk + (lo - mine.start);
+                n.read_at(j, s, lo - r.start, &mut rb[at..at + (hi - lo)]);
             }
         }
         Ok(())
@@ -1171,6 +1222,50 @@ impl Comm {
                 let c = chunk(m, p, j);
                 let theirs = n.stage_of(j, off + c.start * elem, c.len() * elem);
                 copy_bytes(bytes_mut(&mut dst[c]), theirs);
+            }
+        }
+        Ok(())
+    }
+
+    /// All-to-all through the stages (send buffers above one slot): per piece every member copies
+    /// its piece of the send buffer (but for its own block) into its stage and arrives, then copies out of
+    /// every other member's stage the part of the piece that holds its own block. As in
+    /// [`Comm::node_alltoall`], the first piece brings everyone together and checks the lengths.
+    /// `recv` holds this rank's own block already.
+    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let mine = me * blk..(me + 1) * blk;
+        for (k, r) in pieces(sb.len(), stage_piece_bytes()).enumerate() {
+            let (off, s) = n.stage_piece(true, OP)?;
+            // Everything but this rank's own block, which nobody else reads.
+            for part in [r.start..r.end.min(mine.start), r.start.max(mine.end)..r.end] {
+                if part.start < part.end {
+                    let at = off + (part.start - r.start);
+                    copy_bytes(n.stage_mine(at, part.len()), &sb[part]);
+                }
+            }
+            if k == 0 {
+                n.publish(s, &[], total, OP)?;
+            }
+            n.arrive(s);
+            if k == 0 {
+                n.wait_all(s, OP)?;
+                n.check_all(s, total, OP)?;
+            }
+            let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
+            if lo >= hi {
+                continue;
+            }
+            for j in (0..p).filter(|&j| j != me) {
+                if k != 0 {
+                    n.wait_arrival(j, s, OP)?;
+                }
+                let at = j * blk + (lo - mine.start);
+                let theirs = n.stage_of(j, off + (lo - r.start), hi - lo);
+                copy_bytes(&mut rb[at..at + (hi - lo)], theirs);
             }
         }
         Ok(())

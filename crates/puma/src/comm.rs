@@ -120,8 +120,10 @@ pub fn start_with(opts: Options) -> Result<Universe> {
     let core = Rc::new(Core::new(att, timeout, local)?);
     let ranks: Vec<u32> = (0..info.size).collect();
     let nodes: Vec<u32> = info.node_map.ranks.iter().map(|r| r.node).collect();
-    let world = Comm::build(core, 0, ranks, nodes);
+    let world = Comm::build(core.clone(), 0, ranks, nodes);
     world.barrier()?;
+    // Every local rank has attached (its pid is in the region): see how they are placed.
+    core.settle_placement();
     if info.rank == 0 {
         crate::fabric::unpublish(&info);
     }
@@ -281,7 +283,8 @@ impl Comm {
             .ranks
             .get(r as usize)
             .copied()
-            .ok_or(Error::BadRank {
+            // ok_or_else: an eagerly built error would be built and dropped on every send.
+            .ok_or_else(|| Error::BadRank {
                 rank: r,
                 size: self.size(),
             })
@@ -293,7 +296,8 @@ impl Comm {
             .nodes
             .get(r as usize)
             .copied()
-            .ok_or(Error::BadRank {
+            // ok_or_else: an eagerly built error would be built and dropped on every send.
+            .ok_or_else(|| Error::BadRank {
                 rank: r,
                 size: self.size(),
             })

@@ -17,7 +17,10 @@
 //! * before writing the slot of operation `s` a member waits until every local member arrived at
 //!   `s - SLOTS + 1` (so they are done with operation `s - SLOTS`, the slot's previous user).
 //!   A broadcast root can therefore run `SLOTS - 1` operations ahead of its slowest reader, which
-//!   matters when ranks share cores and a reader is not scheduled for a while.
+//!   matters when ranks share cores and a reader is not scheduled for a while. A member found
+//!   behind is waited for until it is `REUSE_SLACK` (16) operations further, at most at `s - 1`
+//!   (which every member reaches without the writer), so a root that outruns a reader looks at
+//!   the reader's arrival line once per 16 operations instead of once per operation.
 //!
 //! Waiting spins briefly, then hands the core away (`sched_yield`) while still driving the
 //! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender
@@ -135,9 +138,9 @@ pub(crate) struct NodeColl {
     world: Vec<u32>,
     /// This rank's index in the group.
     pub me: usize,
-    oversubscribed: bool,
-    /// How long a waiter yields before it naps (`PUMACOLL_YIELD_US` overrides [`YIELD_FOR`]).
-    yield_for: Duration,
+    /// How long a waiter yields before it naps (`PUMACOLL_YIELD_US`; None: [`YIELD_FOR`] or
+    /// [`YIELD_FOR_OVERSUBSCRIBED`], as the core says when the wait starts).
+    yield_us: Option<u64>,
     /// Highest arrival seen from each member (arrivals only grow; saves re-reading a line
     /// another core keeps writing).
     seen: RefCell<Vec<u64>>,
@@ -164,6 +167,9 @@ const YIELD_FOR: Duration = Duration::from_millis(2);
 /// (puma-coll-bench, against 2 ms): 8-byte all-reduce 16 µs instead of 45, 1 MiB all-reduce
 /// 2.4-3.7 ms instead of 6-8, 1 MiB broadcast 0.4 ms instead of 1.5.
 const YIELD_FOR_OVERSUBSCRIBED: Duration = Duration::from_micros(50);
+/// How much further than needed a writer waits for a member that holds up the reuse of a slot
+/// (see [`NodeColl::wait_reuse`]).
+const REUSE_SLACK: u64 = SLOTS as u64 / 2;
 /// Spins before a waiter starts yielding its core.
 const SPIN: u32 = 4000;
 const SPIN_OVERSUBSCRIBED: u32 = 50;
@@ -190,21 +196,12 @@ impl NodeColl {
             shm.stage.set(Some(ctx));
         }
         let area = shm.area.clone();
-        let oversubscribed = core.oversubscribed();
         let seen = RefCell::new(vec![0; ports.len()]);
-        let yield_for = std::env::var("PUMACOLL_YIELD_US")
+        let yield_us = std::env::var("PUMACOLL_YIELD_US")
             .ok()
-            .and_then(|v| v.parse().ok())
-            .map_or(
-                if oversubscribed {
-                    YIELD_FOR_OVERSUBSCRIBED
-                } else {
-                    YIELD_FOR
-                },
-                Duration::from_micros,
-            );
+            .and_then(|v| v.parse().ok());
         Some(NodeColl {
-            yield_for,
+            yield_us,
             seen,
             area,
             core,
@@ -216,7 +213,6 @@ impl NodeColl {
             mine,
             world,
             me,
-            oversubscribed,
             stage,
             pieces: std::cell::Cell::new(0),
             piece_seq: RefCell::new([0; STAGE_SEGS]),
@@ -261,10 +257,17 @@ impl NodeColl {
         if self.reached(w, s) {
             return Ok(());
         }
-        let spin = if self.oversubscribed {
+        // Read per wait: the start-up barrier runs before the core knows how the ranks are placed.
+        let oversubscribed = self.core.oversubscribed();
+        let spin = if oversubscribed {
             SPIN_OVERSUBSCRIBED
         } else {
             SPIN
+        };
+        let yield_for = match (self.yield_us, oversubscribed) {
+            (Some(us), _) => Duration::from_micros(us),
+            (None, true) => YIELD_FOR_OVERSUBSCRIBED,
+            (None, false) => YIELD_FOR,
         };
         for _ in 0..spin {
             std::hint::spin_loop();
@@ -287,7 +290,7 @@ impl NodeColl {
             // waiting ranks stop taking CPU from yod, the PCT and ranks that still compute, and
             // a rank parked in a collective wakes ten times a second, not a thousand.
             let el = start.elapsed();
-            if el < self.yield_for {
+            if el < yield_for {
                 std::thread::yield_now();
             } else {
                 let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(100));
@@ -360,11 +363,28 @@ impl NodeColl {
             .store(self.word(s), Ordering::Release);
     }
 
+    /// Waits until the slot of operation `s` is free: every member arrived at `s + 1 - SLOTS`.
+    /// A member found behind that is waited for until it is [`REUSE_SLACK`] operations further
+    /// (at most at `s - 1`, which every member reaches without this rank: it finished every
+    /// earlier operation), so a writer that outruns a reader does not poll the reader's arrival
+    /// line on every operation, which would move that line between the cores at each of the
+    /// reader's arrivals.
+    fn wait_reuse(&self, s: u64, what: &str) -> Result<()> {
+        let need = s + 1 - SLOTS as u64;
+        let target = (need + REUSE_SLACK).min(s - 1);
+        for i in 0..self.len() {
+            if i != self.me && self.seen.borrow()[i] < need {
+                self.wait_arrival(i, target, what)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `data` into this rank's slot of operation `s` (after the reuse check) and `total`
     /// (the whole payload's length, which every reader checks) into its info word.
     pub fn publish(&self, s: u64, data: &[u8], total: u64, what: &str) -> Result<()> {
         if s >= SLOTS as u64 {
-            self.wait_all(s + 1 - SLOTS as u64, what)?;
+            self.wait_reuse(s, what)?;
         }
         let slot = (s % SLOTS as u64) as u32;
         let port = self.ports[self.me];
@@ -433,6 +453,17 @@ impl NodeColl {
             self.ports[i],
             (s % SLOTS as u64) as u32,
             SLOT_DATA,
+            dst,
+        );
+    }
+
+    /// Reads `dst.len()` bytes at `off` of member `i`'s payload in its slot of operation `s`.
+    pub fn read_at(&self, i: usize, s: u64, off: usize, dst: &mut [u8]) {
+        self.area().read(
+            self.c,
+            self.ports[i],
+            (s % SLOTS as u64) as u32,
+            SLOT_DATA + off,
             dst,
         );
     }

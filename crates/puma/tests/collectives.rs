@@ -34,16 +34,38 @@ fn collectives_node_aware_on_several_nodes() {
     check(8, &["--nodes", "4"], 9);
 }
 
+/// Long runs of back-to-back broadcasts from one root (the root changing every 45), each checked,
+/// with reduces and all-reduces mixed in: the root runs ahead of its readers through all 32 slots
+/// of the collective area and must wait for each slot to be free (and a little longer, see
+/// `NodeColl::wait_reuse`). Sizes on both sides of the slot size and of the 4 KiB slot-path limit;
+/// 1 to 8 ranks (8 on this 2-core machine is oversubscribed), and across nodes.
+#[test]
+fn streaks_of_small_broadcasts_reuse_slots_safely() {
+    for (n, nodes) in [(1, 1), (2, 1), (3, 1), (5, 1), (8, 1), (5, 2)] {
+        let s = (40 + n).to_string();
+        let k = nodes.to_string();
+        let yod_args: &[&str] = if nodes > 1 { &["--nodes", &k] } else { &[] };
+        let args = ["--seed", &s, "--sizes", "1", "--streak", "600"];
+        let so = ok(n, yod_args, "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+    }
+}
+
 /// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
 /// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
 /// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).
+/// All-to-all (blocks of n/p + 1 elements) goes through the stages above one slot (2032 bytes)
+/// per rank; the duplicate, without stages, through the slots in pieces up to 64 KiB per rank
+/// (2000 elements: 16 KiB; 8191 and 8192 fall on either side of 64 KiB on 2 and 8 ranks) and
+/// through portals above.
 /// The duplicate communicator cannot get the stages and takes the portals algorithms.
 #[test]
 fn large_collectives_through_the_stages() {
     let sizes = "254,255,8191,8192,8193,40963";
     for (n, seed) in [(2, 31), (3, 32), (5, 33), (8, 34)] {
         let s = seed.to_string();
-        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", "100,20000"];
+        let dup = "100,2000,8191,8192,20000";
+        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", dup];
         let so = ok(n, &[], "coll_check", &args);
         assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
         assert!(!so.contains("stage pieces: 0\n"), "{so}");
