@@ -535,19 +535,21 @@ impl Endpoint {
         self.start_engine()?;
         let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
-        let plan = g
+        // The portals checks and accounting of a put, without its portals header: the fabric
+        // header is built straight from the arguments (`Hdr::put`, the same fields).
+        let pbody = g
             .engine
-            .prepare_put(a)
+            .prepare_put_body(a)
             .map_err(|e| QkError::Portals(e.to_string()))?;
-        let hdr = hdr_from_wire(&plan.header);
-        let len = plan.body.len();
+        let hdr = Hdr::put(a, g.me.rank);
+        let len = pbody.len();
         let local_dst = g.region.port_of_rank(a.target.rank);
         if let (true, Some(d)) = (
-            len <= g.region.eager_max as u64 && plan.body.is_contiguous(),
+            len <= g.region.eager_max as u64 && pbody.is_contiguous(),
             local_dst,
         ) {
             // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
-            let first = plan.body.first();
+            let first = pbody.first();
             let inner = &mut *g;
             let tiny = first.len <= 8 && hdr.flags & flag::ACK_REQ == 0 && hdr.op == op::PUT;
             match inner.mem.with_slice(first.addr, first.len, |s| {
@@ -567,7 +569,7 @@ impl Endpoint {
                 Some(true) => {
                     inner
                         .engine
-                        .sent(&plan)
+                        .sent_put(a, &pbody)
                         .map_err(|e| QkError::Portals(e.to_string()))?;
                     return Ok(());
                 }
@@ -580,6 +582,7 @@ impl Endpoint {
                 }
             }
         }
+        let plan = g.engine.put_plan(a, pbody);
         if len <= g.region.eager_max as u64 {
             let body = g.gather(&plan.body)?;
             drop(g);
@@ -1530,6 +1533,30 @@ mod tests {
             .expect("send md")
         });
         (fab, tx, rx, eq, smd, sbuf, rbuf)
+    }
+
+    #[test]
+    fn the_put_header_made_from_the_arguments_is_the_one_made_from_the_portals_header() {
+        let (_fab, mut tx, _rx, _eq, smd, _sbuf, _rbuf) = pair();
+        for (ack, portal, len) in [(false, 1, 8), (true, 1, 0), (true, 70_000, 200)] {
+            let a = PutArgs {
+                md: smd,
+                local_offset: 3,
+                length: len,
+                target: ProcessId::new(41, 1),
+                portal,
+                match_bits: 0xfeed_0000_0000_0001,
+                remote_offset: 77,
+                ack,
+                hdr_data: 0xabc,
+            };
+            let (body, plan) = tx.with_engine(|e| {
+                let body = e.prepare_put_body(&a).expect("put body");
+                (body, e.put_plan(&a, body))
+            });
+            assert_eq!(body.len(), len);
+            assert_eq!(Hdr::put(&a, 0), hdr_from_wire(&plan.header), "ack {ack}");
+        }
     }
 
     #[test]
