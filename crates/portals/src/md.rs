@@ -324,8 +324,42 @@ fn contiguous(md: MdHandle, r: Region) -> Body {
 /// Decide where `length` bytes go in (or come from) descriptor `slot`, and
 /// commit the descriptor's state change (local offset, next block, heap
 /// allocation) when it succeeds. Nothing changes on a miss.
-#[inline]
+#[inline(always)]
 pub(crate) fn place(
+    slot: &mut MdSlot,
+    h: MdHandle,
+    blocks: &[Region],
+    chunks: &mut [HeapChunk],
+    access: Access,
+    length: u64,
+) -> Result<Place, Miss> {
+    // The common case (a put into a sender-managed single block) inline in the delivery path;
+    // everything else out of line.
+    if let (
+        Access::Put { offset },
+        MdState::Single {
+            region,
+            mode: OffsetMode::Sender,
+            ..
+        },
+        true,
+    ) = (access, &slot.state, slot.opts.put)
+    {
+        let (m, truncated) = fit(region.len, offset, length, slot.opts.truncate)?;
+        return Ok(Place {
+            header_at: None,
+            body: contiguous(h, region.sub(offset, m)),
+            md_offset: offset,
+            mlength: m,
+            truncated,
+        });
+    }
+    place_any(slot, h, blocks, chunks, access, length)
+}
+
+/// [`place`] for every kind of descriptor and access.
+#[inline(never)]
+fn place_any(
     slot: &mut MdSlot,
     h: MdHandle,
     blocks: &[Region],
