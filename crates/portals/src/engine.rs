@@ -6,7 +6,7 @@ use crate::matching::{
     EntrySlot, Link, MatchSpec, PortalInfo, PortalSlot, Position, Target, Unlink, NIL,
 };
 use crate::md::{
-    combined_body, linear_len, place, Access, HeapChunk, MdKind, MdSlot, MdSpec, MdState, Miss,
+    combined_body, linear_len, place, place_into, Access, HeapChunk, MdKind, MdSlot, MdSpec, MdState, Miss,
     Place,
 };
 use crate::plan::{
@@ -943,7 +943,9 @@ impl<S: Store> Engine<S> {
         } else {
             Access::Put { offset: h.offset }
         };
-        let (md, entry, p): (MdHandle, u32, Place) = match portal.target {
+        // The placement is written where it is found (`place_into`), not moved out of the match.
+        let mut p = Place::EMPTY;
+        let (md, entry): (MdHandle, u32) = match portal.target {
             Target::None => {
                 return Err(discard(
                     &mut t,
@@ -956,12 +958,12 @@ impl<S: Store> Engine<S> {
             Target::Md(md) => {
                 let r = match t.mds.get_mut(md.idx as usize) {
                     Some(slot) if slot.is(md) => {
-                        place(slot, md, t.blocks, t.chunks, access, h.length)
+                        place_into(slot, md, t.blocks, t.chunks, access, h.length, &mut p)
                     }
                     _ => Err(Miss::Invalid),
                 };
                 match r {
-                    Ok(p) => (md, NIL, p),
+                    Ok(()) => (md, NIL),
                     Err(m) => {
                         let reason = match m {
                             Miss::TooLong => DropReason::TooLong,
@@ -993,8 +995,10 @@ impl<S: Store> Engine<S> {
                     let mdh = e.md;
                     let link = match t.mds.get_mut(mdh.idx as usize) {
                         Some(slot) if slot.is(mdh) => {
-                            match place(slot, mdh, t.blocks, t.chunks, access, h.length) {
-                                Ok(p) => break Some((mdh, cur, p)),
+                            match place_into(
+                                slot, mdh, t.blocks, t.chunks, access, h.length, &mut p,
+                            ) {
+                                Ok(()) => break Some((mdh, cur)),
                                 Err(Miss::TooLong) => {
                                     miss = DropReason::TooLong;
                                     e.too_long

@@ -245,6 +245,17 @@ pub(crate) struct Place {
     pub truncated: bool,
 }
 
+impl Place {
+    /// Nothing placed (a value to assign over).
+    pub(crate) const EMPTY: Place = Place {
+        header_at: None,
+        body: Body::EMPTY,
+        md_offset: 0,
+        mlength: 0,
+        truncated: false,
+    };
+}
+
 /// How the descriptor is being used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -333,8 +344,24 @@ pub(crate) fn place(
     access: Access,
     length: u64,
 ) -> Result<Place, Miss> {
-    // The common case (a put into a sender-managed single block) inline in the delivery path;
-    // everything else out of line.
+    let mut p = Place::EMPTY;
+    place_into(slot, h, blocks, chunks, access, length, &mut p).map(|()| p)
+}
+
+/// [`place`] writing into `out` (left unspecified on a miss). The common case, a put into a
+/// sender-managed single block, is inline and writes `out`'s fields where they are: a placement
+/// built and then moved as a whole was written with narrow stores and read back with wide loads,
+/// a store-forwarding stall that cost a fifth of the delivery path's time.
+#[inline(always)]
+pub(crate) fn place_into(
+    slot: &mut MdSlot,
+    h: MdHandle,
+    blocks: &[Region],
+    chunks: &mut [HeapChunk],
+    access: Access,
+    length: u64,
+    out: &mut Place,
+) -> Result<(), Miss> {
     if let (
         Access::Put { offset },
         MdState::Single {
@@ -346,15 +373,19 @@ pub(crate) fn place(
     ) = (access, &slot.state, slot.opts.put)
     {
         let (m, truncated) = fit(region.len, offset, length, slot.opts.truncate)?;
-        return Ok(Place {
-            header_at: None,
-            body: contiguous(h, region.sub(offset, m)),
-            md_offset: offset,
-            mlength: m,
-            truncated,
-        });
+        out.header_at = None;
+        out.body.md = h;
+        out.body.first = region.sub(offset, m);
+        out.body.pool_next = 0;
+        out.body.pool_end = 0;
+        out.body.rest = 0;
+        out.md_offset = offset;
+        out.mlength = m;
+        out.truncated = truncated;
+        return Ok(());
     }
-    place_any(slot, h, blocks, chunks, access, length)
+    *out = place_any(slot, h, blocks, chunks, access, length)?;
+    Ok(())
 }
 
 /// [`place`] for every kind of descriptor and access.
