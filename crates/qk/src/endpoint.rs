@@ -152,6 +152,8 @@ struct Inner {
     /// The delivery plan the engine writes each incoming message's placement into (one value kept
     /// and overwritten, instead of a ~300-byte plan built and moved per message).
     plan: Box<portals::DeliveryPlan>,
+    /// The portals header of the record being delivered (filled for every record).
+    wire: WireHeader,
 }
 
 /// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
@@ -339,6 +341,7 @@ impl Endpoint {
             next_token: 1,
             private_path: PrivatePath::for_this_host(),
             plan: Box::new(portals::DeliveryPlan::EMPTY),
+            wire: EMPTY_WIRE,
         };
         let coproc_mode = spec.mode.engine_on_own_core();
         let (own, inner) = if coproc_mode {
@@ -1000,13 +1003,39 @@ pub fn hdr_from_wire(h: &WireHeader) -> Hdr {
 
 /// Portals header from a fabric header that arrived from `src` for `dst`.
 pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
+    let mut w = EMPTY_WIRE;
+    wire_from_hdr_into(h, job, dst, &mut w).then_some(w)
+}
+
+/// A header value to write over.
+const EMPTY_WIRE: WireHeader = WireHeader {
+    version: WIRE_VERSION,
+    op: Op::Put,
+    flags: 0,
+    portal: 0,
+    src: ProcessId::new(0, 0),
+    dst: ProcessId::new(0, 0),
+    match_bits: 0,
+    offset: 0,
+    length: 0,
+    rlength: 0,
+    return_md: portals::NO_MD,
+    return_offset: 0,
+    hdr_data: 0,
+};
+
+/// [`wire_from_hdr`] into `out`, field by field (false, `out` unspecified, for an op that is not
+/// a portals operation). The delivery path keeps one header and fills it for every record: a
+/// header built and then moved whole was read back with wide loads from its narrow stores.
+#[inline]
+pub fn wire_from_hdr_into(h: &Hdr, job: u32, dst: ProcessId, out: &mut WireHeader) -> bool {
     let (opv, rlength, return_offset) = match h.op {
         op::PUT if h.flags & flag::INLINE8 != 0 => (Op::Put, h.length, 0),
         op::PUT => (Op::Put, h.length, h.aux),
         op::GET => (Op::Get, h.length, h.aux),
         op::REPLY => (Op::Reply, h.aux, 0),
         op::ACK => (Op::Ack, h.aux, 0),
-        _ => return None,
+        _ => return false,
     };
     let mut flags = 0;
     if h.flags & flag::ACK_REQ != 0 {
@@ -1015,21 +1044,20 @@ pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
     if h.flags & flag::TRUNCATED != 0 {
         flags |= portals::flags::TRUNCATED;
     }
-    Some(WireHeader {
-        version: WIRE_VERSION,
-        op: opv,
-        flags,
-        portal: h.portal as u32,
-        src: ProcessId::new(job, h.src),
-        dst,
-        match_bits: h.match_bits,
-        offset: h.offset,
-        length: h.length,
-        rlength,
-        return_md: h.return_md,
-        return_offset,
-        hdr_data: if opv == Op::Reply { 0 } else { h.hdr_data },
-    })
+    out.version = WIRE_VERSION;
+    out.op = opv;
+    out.flags = flags;
+    out.portal = h.portal as u32;
+    out.src = ProcessId::new(job, h.src);
+    out.dst = dst;
+    out.match_bits = h.match_bits;
+    out.offset = h.offset;
+    out.length = h.length;
+    out.rlength = rlength;
+    out.return_md = h.return_md;
+    out.return_offset = return_offset;
+    out.hdr_data = if opv == Op::Reply { 0 } else { h.hdr_data };
+    true
 }
 
 /// Where the payload of a large message is: (flag bit, reference, token).
@@ -1166,6 +1194,7 @@ impl Inner {
             large,
             heap,
             plan,
+            wire,
             ..
         } = self;
         let me_port = port.me();
@@ -1179,6 +1208,7 @@ impl Inner {
             large,
             heap,
             plan,
+            wire,
             delivered: 0,
             delivered_bytes: 0,
         };
@@ -1205,6 +1235,7 @@ struct Ctx<'a> {
     large: &'a mut HashMap<u64, LargeSend>,
     heap: &'a mut HeapAlloc,
     plan: &'a mut portals::DeliveryPlan,
+    wire: &'a mut WireHeader,
     /// Deliveries (and their bytes) of this poll on the eager path, added to the port's shared
     /// counters once when the poll ends rather than twice per message.
     delivered: u64,
@@ -1222,7 +1253,9 @@ impl Ctx<'_> {
 
     /// Validates and delivers one record.
     fn handle(&mut self, m: Incoming<'_>) {
-        let h = m.hdr;
+        // By reference: the header was just decoded field by field, and copying it whole would
+        // read those narrow stores back with wide loads (a store-forwarding stall).
+        let h = &m.hdr;
         // 1. The source must be the process that owns the queue it came on.
         let expected = self.region.ranks.get(m.from as usize).copied();
         match expected {
@@ -1280,20 +1313,24 @@ impl Ctx<'_> {
                 return self.drop_msg(DropReason::BadReference);
             }
         }
-        let Some(w) = wire_from_hdr(&h, self.region.job, self.me) else {
+        if !wire_from_hdr_into(h, self.region.job, self.me, self.wire) {
             return self.drop_msg(DropReason::Malformed);
-        };
+        }
+        let w = &*self.wire;
         // 4. Portals: access control, matching, placement, events.
-        if let Err(d) = self.engine.deliver_into(&w, self.plan) {
+        if let Err(d) = self.engine.deliver_into(w, self.plan) {
             self.drop_msg(DropReason::from(d.reason));
             if let Some((_, token)) = lref {
                 self.send_fin(&h, token, 0);
             }
             return;
         }
-        let (pop, header_at, pbody, mlength) = {
+        // The plan was just written field by field: read back what is needed field by field too
+        // (copying its body out whole read those stores back with wider loads, a store-forwarding
+        // stall on every message).
+        let (pop, header_at, mlength) = {
             let p = &*self.plan;
-            (p.op, p.header_at, p.body, p.mlength)
+            (p.op, p.header_at, p.mlength)
         };
         // 5. Move the bytes.
         if let Some(at) = header_at {
@@ -1302,17 +1339,20 @@ impl Ctx<'_> {
             }
         }
         match pop {
-            Op::Put | Op::Reply if lref.is_none() && pbody.is_contiguous() => {
-                let first = pbody.first();
-                let n = first.len as usize;
-                if n > body.len() || !self.mem.write(first.addr, &body[..n]) {
+            Op::Put | Op::Reply if lref.is_none() && self.plan.body.is_contiguous() => {
+                let (addr, n) = {
+                    let b = &self.plan.body;
+                    (b.first_addr(), b.first_len() as usize)
+                };
+                if n > body.len() || !self.mem.write(addr, &body[..n]) {
                     self.drop_msg(DropReason::BadMemory);
                 }
                 self.delivered += 1;
                 self.delivered_bytes += mlength;
             }
             Op::Put | Op::Reply => {
-                if !self.deposit_segments(&h, m.from, body, lref, &pbody, mlength) {
+                let pbody = self.plan.body;
+                if !self.deposit_segments(h, m.from, body, lref, &pbody, mlength) {
                     return;
                 }
             }
@@ -1331,7 +1371,10 @@ impl Ctx<'_> {
                     body: Vec::new(),
                 });
             }
-            Response::Reply(r) => self.reply(&h, r, &pbody),
+            Response::Reply(r) => {
+                let pbody = self.plan.body;
+                self.reply(h, r, &pbody)
+            }
         }
     }
 
