@@ -6,8 +6,8 @@ use crate::matching::{
     EntrySlot, Link, MatchSpec, PortalInfo, PortalSlot, Position, Target, Unlink, NIL,
 };
 use crate::md::{
-    combined_body, linear_len, place, place_into, Access, HeapChunk, MdKind, MdSlot, MdSpec, MdState, Miss,
-    Place,
+    combined_body, linear_len, place, place_into, Access, HeapChunk, MdKind, MdSlot, MdSpec,
+    MdState, Miss, Place,
 };
 use crate::plan::{
     Body, Counters, DeliveryPlan, DropReason, Dropped, Response, Segment, Segments, SendPlan,

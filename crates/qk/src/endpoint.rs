@@ -1215,7 +1215,8 @@ impl Inner {
         let handled = port.poll(budget, |m| ctx.handle(m));
         if ctx.delivered > 0 {
             ctx.region.bump(me_port, slot::DELIVERED, ctx.delivered);
-            ctx.region.bump(me_port, slot::DELIVERED_BYTES, ctx.delivered_bytes);
+            ctx.region
+                .bump(me_port, slot::DELIVERED_BYTES, ctx.delivered_bytes);
         }
         if !self.out.is_empty() {
             self.flush();
@@ -1277,7 +1278,7 @@ impl Ctx<'_> {
             return self.drop_msg(DropReason::Malformed);
         }
         if h.op == op::FIN {
-            return self.fin(&h);
+            return self.fin(h);
         }
         let inline_len = h.inline_len();
         if inline_len > m.body.len() as u64 || inline_len > self.region.eager_max as u64 {
@@ -1321,7 +1322,7 @@ impl Ctx<'_> {
         if let Err(d) = self.engine.deliver_into(w, self.plan) {
             self.drop_msg(DropReason::from(d.reason));
             if let Some((_, token)) = lref {
-                self.send_fin(&h, token, 0);
+                self.send_fin(h, token, 0);
             }
             return;
         }
