@@ -407,7 +407,7 @@ proptest! {
             if length > (1 << 30) {
                 return Err(Error::Invalid("length"));
             }
-            if !end.is_some_and(|x| x <= 64) {
+            if end.is_none_or(|x| x > 64) {
                 return Err(Error::Invalid("bounds"));
             }
             let plan = e.put_plan(&a, Body::EMPTY);
