@@ -1027,7 +1027,7 @@ const EMPTY_WIRE: WireHeader = WireHeader {
 /// [`wire_from_hdr`] into `out`, field by field (false, `out` unspecified, for an op that is not
 /// a portals operation). The delivery path keeps one header and fills it for every record: a
 /// header built and then moved whole was read back with wide loads from its narrow stores.
-#[inline]
+#[inline(always)]
 pub fn wire_from_hdr_into(h: &Hdr, job: u32, dst: ProcessId, out: &mut WireHeader) -> bool {
     let (opv, rlength, return_offset) = match h.op {
         op::PUT if h.flags & flag::INLINE8 != 0 => (Op::Put, h.length, 0),
