@@ -6,8 +6,8 @@ use crate::matching::{
     EntrySlot, Link, MatchSpec, PortalInfo, PortalSlot, Position, Target, Unlink, NIL,
 };
 use crate::md::{
-    combined_body, linear_len, place, Access, HeapChunk, MdKind, MdSlot, MdSpec, MdState, Miss,
-    Place,
+    combined_body, linear_len, place, place_into, Access, HeapChunk, MdKind, MdSlot, MdSpec,
+    MdState, Miss, Place,
 };
 use crate::plan::{
     Body, Counters, DeliveryPlan, DropReason, Dropped, Response, Segment, Segments, SendPlan,
@@ -943,7 +943,9 @@ impl<S: Store> Engine<S> {
         } else {
             Access::Put { offset: h.offset }
         };
-        let (md, entry, p): (MdHandle, u32, Place) = match portal.target {
+        // The placement is written where it is found (`place_into`), not moved out of the match.
+        let mut p = Place::EMPTY;
+        let (md, entry): (MdHandle, u32) = match portal.target {
             Target::None => {
                 return Err(discard(
                     &mut t,
@@ -956,12 +958,12 @@ impl<S: Store> Engine<S> {
             Target::Md(md) => {
                 let r = match t.mds.get_mut(md.idx as usize) {
                     Some(slot) if slot.is(md) => {
-                        place(slot, md, t.blocks, t.chunks, access, h.length)
+                        place_into(slot, md, t.blocks, t.chunks, access, h.length, &mut p)
                     }
                     _ => Err(Miss::Invalid),
                 };
                 match r {
-                    Ok(p) => (md, NIL, p),
+                    Ok(()) => (md, NIL),
                     Err(m) => {
                         let reason = match m {
                             Miss::TooLong => DropReason::TooLong,
@@ -993,8 +995,10 @@ impl<S: Store> Engine<S> {
                     let mdh = e.md;
                     let link = match t.mds.get_mut(mdh.idx as usize) {
                         Some(slot) if slot.is(mdh) => {
-                            match place(slot, mdh, t.blocks, t.chunks, access, h.length) {
-                                Ok(p) => break Some((mdh, cur, p)),
+                            match place_into(
+                                slot, mdh, t.blocks, t.chunks, access, h.length, &mut p,
+                            ) {
+                                Ok(()) => break Some((mdh, cur)),
                                 Err(Miss::TooLong) => {
                                     miss = DropReason::TooLong;
                                     e.too_long
@@ -1324,8 +1328,53 @@ impl<S: Store> Engine<S> {
     /// local bytes to send after it. With `a.ack` the descriptor expects one
     /// more acknowledgment. Call [`Engine::sent`] once the bytes are out.
     pub fn prepare_put(&mut self, a: &PutArgs) -> Result<SendPlan, Error> {
+        let body = self.prepare_put_body(a)?;
+        Ok(self.put_plan(a, body))
+    }
+
+    /// [`Engine::prepare_put`] without building the header: the same checks
+    /// (the ones [`WireHeader::validate`] makes on the header `prepare_put`
+    /// would build, plus the descriptor's bounds) and the same accounting,
+    /// returning only the local bytes to send. A fabric that encodes its own
+    /// header straight from `a` saves building a [`SendPlan`] per message;
+    /// [`Engine::put_plan`] gives the header when it is wanted after all,
+    /// [`Engine::sent_put`] posts the send event.
+    #[inline]
+    pub fn prepare_put_body(&mut self, a: &PutArgs) -> Result<Body, Error> {
         self.check_target(a.target, a.length)?;
         let body = self.source_body(a.md, a.local_offset, a.length)?;
+        // What `WireHeader::validate` checks of a put header built from `a`: the version, flags,
+        // portal (below `u32::MAX`, the sending side's limit), destination wildcards and length are right by
+        // construction or by `check_target`, and `local_offset + length` fits (`source_body`).
+        if a.portal == u32::MAX {
+            return Err(Error::Header(HeaderError::Portal {
+                portal: a.portal,
+                limit: u32::MAX,
+            }));
+        }
+        if self.cfg.id.group == ANY || self.cfg.id.rank == ANY {
+            return Err(Error::Header(HeaderError::Wildcard));
+        }
+        if a.remote_offset.checked_add(a.length).is_none() {
+            return Err(Error::Header(HeaderError::Offset));
+        }
+        if a.ack {
+            if a.md.to_cookie() == NO_MD {
+                return Err(Error::Header(HeaderError::ReturnMd(Op::Put)));
+            }
+            let s = &mut self.store.tables().mds[a.md.idx as usize];
+            s.pending_acks = s
+                .pending_acks
+                .checked_add(1)
+                .ok_or(Error::Invalid("too many acknowledgments outstanding"))?;
+        }
+        Ok(body)
+    }
+
+    /// The plan [`Engine::prepare_put`] returns, from the body
+    /// [`Engine::prepare_put_body`] returned for the same `a` (no checks, no
+    /// side effects).
+    pub fn put_plan(&self, a: &PutArgs, body: Body) -> SendPlan {
         let header = WireHeader {
             version: WIRE_VERSION,
             op: Op::Put,
@@ -1341,18 +1390,7 @@ impl<S: Store> Engine<S> {
             return_offset: a.local_offset,
             hdr_data: a.hdr_data,
         };
-        header.validate(&Limits {
-            portals: u32::MAX,
-            max_message: self.cfg.max_message,
-        })?;
-        if a.ack {
-            let s = &mut self.store.tables().mds[a.md.idx as usize];
-            s.pending_acks = s
-                .pending_acks
-                .checked_add(1)
-                .ok_or(Error::Invalid("too many acknowledgments outstanding"))?;
-        }
-        Ok(SendPlan { header, body })
+        SendPlan { header, body }
     }
 
     /// Build the header of a get whose reply lands in `a.md` at
@@ -1396,24 +1434,62 @@ impl<S: Store> Engine<S> {
     /// The fabric has sent `plan` (the local bytes may be reused): post the
     /// send event on the descriptor's queue.
     pub fn sent(&mut self, plan: &SendPlan) -> Result<Posted, Error> {
-        let md = plan.body.md;
+        let h = &plan.header;
+        self.post_send(
+            &plan.body,
+            h.dst,
+            h.portal,
+            h.match_bits,
+            h.rlength,
+            h.return_offset,
+            h.hdr_data,
+        )
+    }
+
+    /// [`Engine::sent`] for a put started with [`Engine::prepare_put_body`]:
+    /// the same event, from the put's arguments and the body it returned.
+    #[inline]
+    pub fn sent_put(&mut self, a: &PutArgs, body: &Body) -> Result<Posted, Error> {
+        self.post_send(
+            body,
+            a.target,
+            a.portal,
+            a.match_bits,
+            a.length,
+            a.local_offset,
+            a.hdr_data,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline]
+    fn post_send(
+        &mut self,
+        body: &Body,
+        dst: ProcessId,
+        portal: u32,
+        match_bits: u64,
+        rlength: u64,
+        offset: u64,
+        hdr_data: u64,
+    ) -> Result<Posted, Error> {
+        let md = body.md;
         if !self.md_live(md) {
             return Err(Error::StaleHandle("memory descriptor"));
         }
-        let h = &plan.header;
         let t = self.store.tables();
         let eq = t.mds[md.idx as usize].eq;
         let ev = Event {
             kind: EventKind::Send,
-            initiator: h.dst,
-            portal: h.portal,
-            match_bits: h.match_bits,
-            rlength: h.rlength,
-            mlength: plan.body.len(),
-            offset: h.return_offset,
+            initiator: dst,
+            portal,
+            match_bits,
+            rlength,
+            mlength: body.len(),
+            offset,
             md,
             entry: MatchHandle::NONE,
-            hdr_data: h.hdr_data,
+            hdr_data,
             truncated: false,
             header_saved: false,
             reason: None,

@@ -169,6 +169,16 @@ impl Body {
     pub const fn first(&self) -> Region {
         self.first
     }
+
+    /// Address of the first region (the field alone, without copying the region).
+    pub const fn first_addr(&self) -> u64 {
+        self.first.addr
+    }
+
+    /// Length of the first region.
+    pub const fn first_len(&self) -> u64 {
+        self.first.len
+    }
 }
 
 /// Allocation-free iterator over the segments of a [`Body`].

@@ -363,6 +363,87 @@ proptest! {
         prop_assert_eq!(n, model.len());
     }
 
+    /// `prepare_put_body` makes exactly the checks of building the put header and validating
+    /// it (the way `prepare_put` worked before it existed), with the same accounting, and
+    /// `sent_put` posts the event `sent` would.
+    #[test]
+    fn prepare_put_body_refuses_exactly_what_the_validated_header_refuses(
+        local_offset in prop_oneof![0..80u64, Just(u64::MAX - 4)],
+        length in prop_oneof![0..80u64, Just(u64::MAX), Just((1u64 << 30) + 1)],
+        remote_offset in prop_oneof![0..1000u64, Just(u64::MAX - 10), Just(u64::MAX)],
+        portal in prop_oneof![0..70u32, Just(u32::MAX - 1), Just(u32::MAX)],
+        group in prop_oneof![Just(1u32), Just(ANY)],
+        rank in prop_oneof![Just(3u32), Just(ANY)],
+        ack in any::<bool>(),
+        bits in any::<u64>(),
+        hdr_data in any::<u64>(),
+    ) {
+        let mut e = Engine::new(Config::small(ME)).unwrap();
+        let eq = e.eq_alloc(8).unwrap();
+        let md = e
+            .md_create(&MdSpec {
+                kind: MdKind::Single { region: Region::new(0x4000, 64), offset: OffsetMode::Sender },
+                options: MdOptions::PUT_GET,
+                eq: Some(eq),
+            })
+            .unwrap();
+        let a = PutArgs {
+            md,
+            local_offset,
+            length,
+            target: ProcessId::new(group, rank),
+            portal,
+            match_bits: bits,
+            remote_offset,
+            ack,
+            hdr_data,
+        };
+        // The reference: the header prepare_put builds, validated as it was.
+        let reference = || -> Result<(), Error> {
+            if group == ANY || rank == ANY {
+                return Err(Error::Invalid("target"));
+            }
+            let end = local_offset.checked_add(length);
+            if length > (1 << 30) {
+                return Err(Error::Invalid("length"));
+            }
+            if end.is_none_or(|x| x > 64) {
+                return Err(Error::Invalid("bounds"));
+            }
+            let plan = e.put_plan(&a, Body::EMPTY);
+            plan.header.validate(&Limits { portals: u32::MAX, max_message: 1 << 30 })?;
+            Ok(())
+        };
+        let want_ok = reference().is_ok();
+        let got = e.prepare_put_body(&a);
+        prop_assert_eq!(got.is_ok(), want_ok, "{:?}", got);
+        if let Ok(body) = got {
+            prop_assert_eq!(body.len(), length);
+            prop_assert_eq!(body.first(), Region::new(0x4000 + local_offset, length));
+            let plan = e.put_plan(&a, body);
+            prop_assert_eq!(e.sent_put(&a, &body), Ok(Posted::Queued(eq)));
+            prop_assert_eq!(e.sent(&plan), Ok(Posted::Queued(eq)));
+            let first = e.eq_get(eq).unwrap().unwrap();
+            let second = e.eq_get(eq).unwrap().unwrap();
+            prop_assert_eq!(Event { seq: second.seq, ..first }, second);
+            prop_assert_eq!(second.seq, first.seq + 1);
+            // An ack was accounted for: it is expected once, and only with `ack`.
+            let ack_hdr = WireHeader {
+                op: Op::Ack,
+                flags: 0,
+                src: ProcessId::new(1, 3),
+                dst: ME,
+                rlength: length,
+                length,
+                offset: 0,
+                return_md: md.to_cookie(),
+                return_offset: 0,
+                ..plan.header
+            };
+            prop_assert_eq!(e.deliver(&ack_hdr).is_ok(), ack);
+        }
+    }
+
     #[test]
     fn fuzz_body_holds_its_invariants_on_random_bytes(
         data in proptest::collection::vec(any::<u8>(), 0..1500),

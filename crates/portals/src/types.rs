@@ -66,7 +66,11 @@ macro_rules! handle {
         /// A handle carries the slot index and the slot's generation; once the
         /// object is released the generation moves on and the handle is
         /// rejected as stale.
+        // Aligned as one 64-bit word so a handle is moved with one load and one store: as two
+        // 32-bit halves, the delivery path wrote a descriptor handle in halves and read it back
+        // as part of a wider load, which stalled store forwarding.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(C, align(8))]
         pub struct $name {
             pub(crate) idx: u32,
             pub(crate) gen: u32,

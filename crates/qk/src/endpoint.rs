@@ -152,6 +152,8 @@ struct Inner {
     /// The delivery plan the engine writes each incoming message's placement into (one value kept
     /// and overwritten, instead of a ~300-byte plan built and moved per message).
     plan: Box<portals::DeliveryPlan>,
+    /// The portals header of the record being delivered (filled for every record).
+    wire: WireHeader,
 }
 
 /// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
@@ -339,6 +341,7 @@ impl Endpoint {
             next_token: 1,
             private_path: PrivatePath::for_this_host(),
             plan: Box::new(portals::DeliveryPlan::EMPTY),
+            wire: EMPTY_WIRE,
         };
         let coproc_mode = spec.mode.engine_on_own_core();
         let (own, inner) = if coproc_mode {
@@ -535,19 +538,21 @@ impl Endpoint {
         self.start_engine()?;
         let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
-        let plan = g
+        // The portals checks and accounting of a put, without its portals header: the fabric
+        // header is built straight from the arguments (`Hdr::put`, the same fields).
+        let pbody = g
             .engine
-            .prepare_put(a)
+            .prepare_put_body(a)
             .map_err(|e| QkError::Portals(e.to_string()))?;
-        let hdr = hdr_from_wire(&plan.header);
-        let len = plan.body.len();
+        let hdr = Hdr::put(a, g.me.rank);
+        let len = pbody.len();
         let local_dst = g.region.port_of_rank(a.target.rank);
         if let (true, Some(d)) = (
-            len <= g.region.eager_max as u64 && plan.body.is_contiguous(),
+            len <= g.region.eager_max as u64 && pbody.is_contiguous(),
             local_dst,
         ) {
             // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
-            let first = plan.body.first();
+            let first = pbody.first();
             let inner = &mut *g;
             let tiny = first.len <= 8 && hdr.flags & flag::ACK_REQ == 0 && hdr.op == op::PUT;
             match inner.mem.with_slice(first.addr, first.len, |s| {
@@ -567,7 +572,7 @@ impl Endpoint {
                 Some(true) => {
                     inner
                         .engine
-                        .sent(&plan)
+                        .sent_put(a, &pbody)
                         .map_err(|e| QkError::Portals(e.to_string()))?;
                     return Ok(());
                 }
@@ -580,6 +585,7 @@ impl Endpoint {
                 }
             }
         }
+        let plan = g.engine.put_plan(a, pbody);
         if len <= g.region.eager_max as u64 {
             let body = g.gather(&plan.body)?;
             drop(g);
@@ -997,13 +1003,39 @@ pub fn hdr_from_wire(h: &WireHeader) -> Hdr {
 
 /// Portals header from a fabric header that arrived from `src` for `dst`.
 pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
+    let mut w = EMPTY_WIRE;
+    wire_from_hdr_into(h, job, dst, &mut w).then_some(w)
+}
+
+/// A header value to write over.
+const EMPTY_WIRE: WireHeader = WireHeader {
+    version: WIRE_VERSION,
+    op: Op::Put,
+    flags: 0,
+    portal: 0,
+    src: ProcessId::new(0, 0),
+    dst: ProcessId::new(0, 0),
+    match_bits: 0,
+    offset: 0,
+    length: 0,
+    rlength: 0,
+    return_md: portals::NO_MD,
+    return_offset: 0,
+    hdr_data: 0,
+};
+
+/// [`wire_from_hdr`] into `out`, field by field (false, `out` unspecified, for an op that is not
+/// a portals operation). The delivery path keeps one header and fills it for every record: a
+/// header built and then moved whole was read back with wide loads from its narrow stores.
+#[inline(always)]
+pub fn wire_from_hdr_into(h: &Hdr, job: u32, dst: ProcessId, out: &mut WireHeader) -> bool {
     let (opv, rlength, return_offset) = match h.op {
         op::PUT if h.flags & flag::INLINE8 != 0 => (Op::Put, h.length, 0),
         op::PUT => (Op::Put, h.length, h.aux),
         op::GET => (Op::Get, h.length, h.aux),
         op::REPLY => (Op::Reply, h.aux, 0),
         op::ACK => (Op::Ack, h.aux, 0),
-        _ => return None,
+        _ => return false,
     };
     let mut flags = 0;
     if h.flags & flag::ACK_REQ != 0 {
@@ -1012,21 +1044,20 @@ pub fn wire_from_hdr(h: &Hdr, job: u32, dst: ProcessId) -> Option<WireHeader> {
     if h.flags & flag::TRUNCATED != 0 {
         flags |= portals::flags::TRUNCATED;
     }
-    Some(WireHeader {
-        version: WIRE_VERSION,
-        op: opv,
-        flags,
-        portal: h.portal as u32,
-        src: ProcessId::new(job, h.src),
-        dst,
-        match_bits: h.match_bits,
-        offset: h.offset,
-        length: h.length,
-        rlength,
-        return_md: h.return_md,
-        return_offset,
-        hdr_data: if opv == Op::Reply { 0 } else { h.hdr_data },
-    })
+    out.version = WIRE_VERSION;
+    out.op = opv;
+    out.flags = flags;
+    out.portal = h.portal as u32;
+    out.src = ProcessId::new(job, h.src);
+    out.dst = dst;
+    out.match_bits = h.match_bits;
+    out.offset = h.offset;
+    out.length = h.length;
+    out.rlength = rlength;
+    out.return_md = h.return_md;
+    out.return_offset = return_offset;
+    out.hdr_data = if opv == Op::Reply { 0 } else { h.hdr_data };
+    true
 }
 
 /// Where the payload of a large message is: (flag bit, reference, token).
@@ -1163,6 +1194,7 @@ impl Inner {
             large,
             heap,
             plan,
+            wire,
             ..
         } = self;
         let me_port = port.me();
@@ -1176,8 +1208,16 @@ impl Inner {
             large,
             heap,
             plan,
+            wire,
+            delivered: 0,
+            delivered_bytes: 0,
         };
         let handled = port.poll(budget, |m| ctx.handle(m));
+        if ctx.delivered > 0 {
+            ctx.region.bump(me_port, slot::DELIVERED, ctx.delivered);
+            ctx.region
+                .bump(me_port, slot::DELIVERED_BYTES, ctx.delivered_bytes);
+        }
         if !self.out.is_empty() {
             self.flush();
         }
@@ -1196,6 +1236,11 @@ struct Ctx<'a> {
     large: &'a mut HashMap<u64, LargeSend>,
     heap: &'a mut HeapAlloc,
     plan: &'a mut portals::DeliveryPlan,
+    wire: &'a mut WireHeader,
+    /// Deliveries (and their bytes) of this poll on the eager path, added to the port's shared
+    /// counters once when the poll ends rather than twice per message.
+    delivered: u64,
+    delivered_bytes: u64,
 }
 
 impl Ctx<'_> {
@@ -1209,7 +1254,9 @@ impl Ctx<'_> {
 
     /// Validates and delivers one record.
     fn handle(&mut self, m: Incoming<'_>) {
-        let h = m.hdr;
+        // By reference: the header was just decoded field by field, and copying it whole would
+        // read those narrow stores back with wide loads (a store-forwarding stall).
+        let h = &m.hdr;
         // 1. The source must be the process that owns the queue it came on.
         let expected = self.region.ranks.get(m.from as usize).copied();
         match expected {
@@ -1231,7 +1278,7 @@ impl Ctx<'_> {
             return self.drop_msg(DropReason::Malformed);
         }
         if h.op == op::FIN {
-            return self.fin(&h);
+            return self.fin(h);
         }
         let inline_len = h.inline_len();
         if inline_len > m.body.len() as u64 || inline_len > self.region.eager_max as u64 {
@@ -1267,21 +1314,24 @@ impl Ctx<'_> {
                 return self.drop_msg(DropReason::BadReference);
             }
         }
-        let Some(w) = wire_from_hdr(&h, self.region.job, self.me) else {
+        if !wire_from_hdr_into(h, self.region.job, self.me, self.wire) {
             return self.drop_msg(DropReason::Malformed);
-        };
+        }
+        let w = &*self.wire;
         // 4. Portals: access control, matching, placement, events.
-        if let Err(d) = self.engine.deliver_into(&w, self.plan) {
+        if let Err(d) = self.engine.deliver_into(w, self.plan) {
             self.drop_msg(DropReason::from(d.reason));
             if let Some((_, token)) = lref {
-                self.send_fin(&h, token, 0);
+                self.send_fin(h, token, 0);
             }
             return;
         }
-        let me_port = self.me_port();
-        let (pop, header_at, pbody, mlength) = {
+        // The plan was just written field by field: read back what is needed field by field too
+        // (copying its body out whole read those stores back with wider loads, a store-forwarding
+        // stall on every message).
+        let (pop, header_at, mlength) = {
             let p = &*self.plan;
-            (p.op, p.header_at, p.body, p.mlength)
+            (p.op, p.header_at, p.mlength)
         };
         // 5. Move the bytes.
         if let Some(at) = header_at {
@@ -1290,22 +1340,25 @@ impl Ctx<'_> {
             }
         }
         match pop {
-            Op::Put | Op::Reply if lref.is_none() && pbody.is_contiguous() => {
-                let first = pbody.first();
-                let n = first.len as usize;
-                if n > body.len() || !self.mem.write(first.addr, &body[..n]) {
+            Op::Put | Op::Reply if lref.is_none() && self.plan.body.is_contiguous() => {
+                let (addr, n) = {
+                    let b = &self.plan.body;
+                    (b.first_addr(), b.first_len() as usize)
+                };
+                if n > body.len() || !self.mem.write(addr, &body[..n]) {
                     self.drop_msg(DropReason::BadMemory);
                 }
-                self.region.bump(me_port, slot::DELIVERED, 1);
-                self.region.bump(me_port, slot::DELIVERED_BYTES, mlength);
+                self.delivered += 1;
+                self.delivered_bytes += mlength;
             }
             Op::Put | Op::Reply => {
-                if !self.deposit_segments(&h, m.from, body, lref, &pbody, mlength) {
+                let pbody = self.plan.body;
+                if !self.deposit_segments(h, m.from, body, lref, &pbody, mlength) {
                     return;
                 }
             }
             Op::Get | Op::Ack => {
-                self.region.bump(me_port, slot::DELIVERED, 1);
+                self.delivered += 1;
             }
         }
         // 6. Respond (the response header is copied out of the plan only when there is one).
@@ -1319,7 +1372,10 @@ impl Ctx<'_> {
                     body: Vec::new(),
                 });
             }
-            Response::Reply(r) => self.reply(&h, r, &pbody),
+            Response::Reply(r) => {
+                let pbody = self.plan.body;
+                self.reply(h, r, &pbody)
+            }
         }
     }
 
@@ -1530,6 +1586,30 @@ mod tests {
             .expect("send md")
         });
         (fab, tx, rx, eq, smd, sbuf, rbuf)
+    }
+
+    #[test]
+    fn the_put_header_made_from_the_arguments_is_the_one_made_from_the_portals_header() {
+        let (_fab, mut tx, _rx, _eq, smd, _sbuf, _rbuf) = pair();
+        for (ack, portal, len) in [(false, 1, 8), (true, 1, 0), (true, 70_000, 200)] {
+            let a = PutArgs {
+                md: smd,
+                local_offset: 3,
+                length: len,
+                target: ProcessId::new(41, 1),
+                portal,
+                match_bits: 0xfeed_0000_0000_0001,
+                remote_offset: 77,
+                ack,
+                hdr_data: 0xabc,
+            };
+            let (body, plan) = tx.with_engine(|e| {
+                let body = e.prepare_put_body(&a).expect("put body");
+                (body, e.put_plan(&a, body))
+            });
+            assert_eq!(body.len(), len);
+            assert_eq!(Hdr::put(&a, 0), hdr_from_wire(&plan.header), "ack {ack}");
+        }
     }
 
     #[test]

@@ -79,6 +79,28 @@ pub struct Hdr {
 }
 
 impl Hdr {
+    /// The header of a put `a` from world rank `src`: the fabric form of the portals header
+    /// [`portals::Engine::prepare_put`] builds for `a`, made straight from the arguments.
+    #[inline]
+    pub fn put(a: &portals::PutArgs, src: u32) -> Hdr {
+        Hdr {
+            op: op::PUT,
+            flags: if a.ack { flag::ACK_REQ } else { 0 },
+            portal: a.portal.min(u16::MAX as u32) as u16,
+            src,
+            match_bits: a.match_bits,
+            offset: a.remote_offset,
+            length: a.length,
+            return_md: if a.ack {
+                a.md.to_cookie()
+            } else {
+                portals::NO_MD
+            },
+            aux: a.local_offset,
+            hdr_data: a.hdr_data,
+        }
+    }
+
     /// Encodes into 56 little-endian bytes.
     pub fn encode(&self) -> [u8; HDR_LEN] {
         let mut b = [0u8; HDR_LEN];

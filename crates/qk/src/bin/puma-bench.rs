@@ -55,6 +55,10 @@ struct Cli {
     /// Scale iteration counts (0.1 = a quick look).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
+    /// Size of our node-local queues in bytes (power of two; default: the fabric's default).
+    /// The eager limit is capped at a quarter of it.
+    #[arg(long)]
+    queue_bytes: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -110,6 +114,7 @@ struct Measure {
     size: u64,
     iters: u64,
     window: u64,
+    queue_bytes: Option<u64>,
 }
 
 impl Measure {
@@ -339,6 +344,7 @@ fn bench_main(cli: &Cli) -> R<()> {
                 size: s,
                 iters: sc(it),
                 window: 1,
+                queue_bytes: cli.queue_bytes,
             });
         }
     }
@@ -349,6 +355,7 @@ fn bench_main(cli: &Cli) -> R<()> {
                 size: s,
                 iters: sc(it),
                 window: w,
+                queue_bytes: cli.queue_bytes,
             });
         }
     }
@@ -358,6 +365,7 @@ fn bench_main(cli: &Cli) -> R<()> {
             size: 8,
             iters: sc(3000),
             window: 64,
+            queue_bytes: cli.queue_bytes,
         });
     }
     if !cli.sizes.is_empty() {
@@ -548,6 +556,10 @@ fn parse_result(out: &std::process::Output, m: &Measure) -> R<f64> {
 
 fn run_ours(mode: CpuMode, src: Source, m: &Measure) -> R<f64> {
     let mut spec = JobFabricSpec::new(77, 2, vec![0, 1], mode);
+    if let Some(q) = m.queue_bytes {
+        spec.queue_bytes = q;
+        spec.eager_bytes = spec.eager_bytes.min((q / 4) as u32);
+    }
     spec.heap_bytes_per_rank = 2 * m.size.max(1 << 16) + (8 << 20);
     spec.lock_memory = false;
     let fab = NodeFabric::create(&spec)?;
