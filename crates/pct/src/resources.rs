@@ -112,7 +112,7 @@ impl QkFabric {
     /// changes it.
     pub const DEFAULT_HEAP: u64 = 16 << 20;
 
-    /// Queue size for `local` ranks (a power of two in 4 KiB ..= 256 KiB).
+    /// Queue size for `local` ranks (a power of two in 4 KiB ..= 64 KiB, qk's default).
     pub fn queue_for(&self, local: usize) -> u64 {
         if let Some(q) = self.queue_bytes {
             return q;
@@ -165,7 +165,9 @@ impl JobResources for QkFabric {
             qk::JobFabricSpec::new(qk_job_id(&req.job), req.size, req.ranks.clone(), mode);
         spec.node_id = req.node;
         spec.queue_bytes = self.queue_for(req.ranks.len());
-        spec.eager_bytes = (qk::job::DEFAULT_EAGER_BYTES as u64).min(spec.queue_bytes / 8) as u32;
+        // A quarter of the queue: at the default 64 KiB queue this is qk's own 16 KiB default
+        // (four eager messages in flight before the sender waits); smaller queues shrink it.
+        spec.eager_bytes = (qk::job::DEFAULT_EAGER_BYTES as u64).min(spec.queue_bytes / 4) as u32;
         spec.heap_bytes_per_rank = self.heap_bytes_per_rank;
         // The PCT does not keep the region mapped (see `QkHandle`): its job is to
         // have every page allocated before any rank runs; each rank locks and
