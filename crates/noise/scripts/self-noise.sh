@@ -139,6 +139,15 @@ if ! [[ "$duration" =~ ^[0-9]+(\.[0-9]+)?s$ ]]; then
     exit 1
 fi
 
+# The thread ids of process $1 and of all its descendants, one per line.
+tree_tids() {
+    local p c
+    for p in "$@"; do
+        ls "/proc/$p/task" 2>/dev/null || true
+        for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree_tids "$c"; done
+    done
+}
+
 # With --trace: record every context switch on the sampled CPU for the sampling time (perf
 # itself kept off that CPU); sets perf_pid.
 start_trace() {
@@ -178,6 +187,9 @@ for r in $(seq 1 "$repeats"); do
             "$yod" --mode "$m" "${job[@]}" > "$d/$m.job.txt" 2>&1 &
             job_pid=$!
             sleep 2
+            # Our threads are those of this yod and its descendants (PCT, ranks, QK engines):
+            # other users' (or other sessions') yods on this machine must not count.
+            [ "$trace" = 1 ] && tree_tids "$job_pid" > "$d/$m.tids"
             start_trace
             "$noise" ftq --quiet --cpu "$cpu" --duration "$duration" "${nice[@]}" \
                 -o "$d/$m.csv" --report "$d/$m" > "$d/$m.txt"
