@@ -225,19 +225,18 @@ impl Port {
             ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
         }
         prod.publish(ring, r);
-        self.region.bump(self.me, slot::SENT, 1);
-        self.region
-            .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
-        self.region.wake(dst);
         // In a burst of sends (no poll in between, e.g. a window of non-blocking sends) fetch a
         // line ahead for writing: the consumer's core holds the ring's lines from the last lap,
         // and a store to one has to wait for it to give the line up. A ping-pong polls between
         // sends and skips this (there the extra ownership traffic cost latency).
         if self.sent_since_poll {
-            let (ring, prod) = &self.out[dst as usize];
             prod.prefetch_ahead(ring, BURST_PREFETCH_LINES);
         }
         self.sent_since_poll = true;
+        self.region.bump(self.me, slot::SENT, 1);
+        self.region
+            .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
+        self.region.wake(dst);
         true
     }
 
