@@ -589,6 +589,10 @@ impl RingMem for ShmRing {
         self.map.prefetch(self.data + off as usize)
     }
     #[inline]
+    fn prefetch_write(&self, off: u64) {
+        self.map.prefetch_write(self.data + off as usize)
+    }
+    #[inline]
     fn load_head(&self) -> u64 {
         self.map.atomic_u64(self.head).load(Ordering::Acquire)
     }
