@@ -26,6 +26,10 @@ struct Args {
     /// fewer).
     #[arg(long, default_value_t = 8)]
     mismatch_len: usize,
+    /// Make the `--mismatch` operation an all-to-all (blocks of `--mismatch-len` elements, the
+    /// last rank's 3 shorter) instead of an all-reduce.
+    #[arg(long)]
+    mismatch_alltoall: bool,
     /// Element counts to check on a duplicate of the world communicator (which cannot have the
     /// stages the world communicator holds, so takes the other algorithms).
     #[arg(long, value_delimiter = ',', default_value = "100")]
@@ -238,6 +242,13 @@ fn run(a: &Args) -> Result<()> {
     let u = puma::start()?;
     let w = u.world();
     let (me, p) = (w.rank(), w.size());
+    if a.mismatch && a.mismatch_alltoall {
+        let n = (a.mismatch_len - if me == p - 1 { 3 } else { 0 }) * p as usize;
+        let mut out = vec![0u64; n];
+        w.all_to_all(&vec![1u64; n], &mut out)?;
+        println!("rank {me}: mismatched all-to-all returned without error");
+        return Ok(());
+    }
     if a.mismatch {
         let n = a.mismatch_len - if me == p - 1 { 3 } else { 0 };
         let mut out = vec![0u32; n];
@@ -304,6 +315,7 @@ fn run(a: &Args) -> Result<()> {
             total[0]
         );
         println!("stage pieces: {}", u.stats().stage_pieces);
+        println!("cma blocks: {}", u.stats().cma_blocks);
     }
     Ok(())
 }

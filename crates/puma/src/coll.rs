@@ -761,6 +761,10 @@ impl Comm {
         copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
         let total = std::mem::size_of_val(send);
         if g > 1 {
+            // Large blocks: each rank reads its block straight out of the others' send buffers.
+            if let Some(nd) = self.node_cma(blk, tag)? {
+                return Self::cma_alltoall(nd, bytes(send), bytes_mut(recv));
+            }
             // Above one slot through the stages (one handshake per 64 KiB), else the slots.
             if let Some(nd) = self.node_stage(total, 1, tag)? {
                 return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv));
@@ -828,6 +832,24 @@ pub const SHM_LONG: usize = 64 * 1024;
 /// (one copy per message, no per-piece handshake) win above a few KiB.
 pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
 
+/// All-to-all of a communicator on one node reads blocks of at least this many bytes straight
+/// from the other ranks' send buffers (cross-memory attach, one copy) when its ranks outnumber the
+/// cores, rather than through the stages (two copies, and one hand-off per 64 KiB piece that costs
+/// a context switch when four ranks share a core).
+pub const ALLTOALL_CMA_OVERSUBSCRIBED: usize = 32 * 1024;
+/// The same with a core per rank.
+pub const ALLTOALL_CMA: usize = 64 * 1024;
+
+/// Cross-memory attach between local ranks is allowed on this host (no Yama ptrace restriction)
+/// and not turned off with `PUMACOLL_CMA=0`.
+fn cma_allowed() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        !std::env::var("PUMACOLL_CMA").is_ok_and(|v| v == "0")
+            && qk::PrivatePath::for_this_host() == qk::PrivatePath::CrossMemoryAttach
+    })
+}
+
 /// Pieces of `n` elements, `per` at a time (at least one piece, possibly empty, so every member
 /// takes the same steps and a length mismatch is seen).
 fn pieces(n: usize, per: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -869,7 +891,11 @@ impl Comm {
         // The stages serve communicators on one node; each process's stage goes to one of them.
         let stage = groups.len() == 1 && self.core.shm().is_some_and(|s| s.stage_free());
         let all: Vec<u32> = (0..g as u32).collect();
-        let mut bad = [u32::from(ports.is_none() || c.is_none()), u32::from(!stage)];
+        let mut bad = [
+            u32::from(ports.is_none() || c.is_none()),
+            u32::from(!stage),
+            u32::from(!cma_allowed()),
+        ];
         self.rd_allreduce(&all, &mut bad, &crate::ops::Max, tag)?;
         let (Some(ports), Some(c), 0) = (ports, c, bad[0]) else {
             return Ok(None);
@@ -885,6 +911,7 @@ impl Comm {
             mine,
             me,
             bad[1] == 0,
+            bad[2] == 0,
         ))
     }
 
@@ -1225,6 +1252,82 @@ impl Comm {
             }
         }
         Ok(())
+    }
+
+    /// The node group when an all-to-all with blocks of `blk` bytes goes by cross-memory attach:
+    /// the whole communicator on one node, every member able to read the others, blocks of at
+    /// least [`ALLTOALL_CMA_OVERSUBSCRIBED`] bytes with more ranks than cores, else
+    /// [`ALLTOALL_CMA`] (`PUMACOLL_CMA_MIN=<bytes>` sets one limit for both, for measurements).
+    fn node_cma(&self, blk: usize, tag: u32) -> Result<Option<&NodeColl>> {
+        static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = *MIN.get_or_init(|| {
+            std::env::var("PUMACOLL_CMA_MIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if blk == 0 || blk < forced.unwrap_or(ALLTOALL_CMA_OVERSUBSCRIBED.min(ALLTOALL_CMA)) {
+            return Ok(None);
+        }
+        let Some(n) = self.node(tag)?.filter(|n| n.cma && n.groups.len() == 1) else {
+            return Ok(None);
+        };
+        let min = forced.unwrap_or(if self.core.oversubscribed() {
+            ALLTOALL_CMA_OVERSUBSCRIBED
+        } else {
+            ALLTOALL_CMA
+        });
+        Ok((blk >= min).then_some(n))
+    }
+
+    /// All-to-all by cross-memory attach: every member publishes where its send buffer lives and
+    /// arrives; each then reads its block out of every other member's send buffer into its
+    /// receive buffer, one copy per block and no staging, taking the members in the order they
+    /// published (starting after itself, so the readers spread over the senders) and waiting only
+    /// when none it still needs has (so a rank that runs while others sharing its core do not
+    /// reads what is there instead of handing the core over at once). Each member's length is
+    /// checked before anything is read from it; every member sees any mismatch (someone differs
+    /// from it) and reports it. Then everyone arrives once more and waits for all, so no send
+    /// buffer is handed back to its caller while a member may still read it. `recv` holds this
+    /// rank's own block already.
+    fn cma_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let s = n.next();
+        n.publish_remote(s, sb, total, OP)?;
+        n.arrive(s);
+        let mut todo: Vec<usize> = (1..p).map(|k| (me + k) % p).collect();
+        let mut read = || -> Result<()> {
+            while let Some(&first) = todo.first() {
+                let before = todo.len();
+                let mut err = None;
+                todo.retain(|&j| {
+                    if err.is_some() || !n.slot_ready(j, s) {
+                        return true;
+                    }
+                    let r = n.check_len(j, s, total, OP).and_then(|()| {
+                        n.read_remote(j, s, me * blk, &mut rb[j * blk..(j + 1) * blk])
+                    });
+                    err = r.err();
+                    false
+                });
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                if todo.len() == before {
+                    n.wait_slot(first, s, OP)?;
+                }
+            }
+            Ok(())
+        };
+        let read = read();
+        // Arrive even after a failed read or check: the others must not wait for this rank in
+        // vain (they report the same mismatch, or time out on a peer that died).
+        let done = n.next();
+        n.arrive(done);
+        n.wait_all(done, OP)?;
+        read
     }
 
     /// All-to-all through the stages (send buffers above one slot): per piece every member copies

@@ -81,6 +81,56 @@ fn large_collectives_through_the_stages() {
     assert!(so.contains("stage pieces: 0\n"), "{so}");
 }
 
+/// All-to-all blocks of at least 64 KiB (32 KiB with more ranks than cores: 8 ranks here) are
+/// read straight from the other ranks' send buffers by cross-memory attach. coll_check's blocks
+/// are n/p + 1 i64: 16381/16382 elements fall on either side of 64 KiB on 2 ranks, 32759/32760
+/// of 32 KiB on 8; 3 ranks cut uneven blocks. Each run must pass and rank 0 must have read
+/// blocks that way; `PUMACOLL_CMA_MIN` forces the path down to small blocks, `PUMACOLL_CMA=0`
+/// turns it off (the stages carry the same sizes).
+#[test]
+fn large_all_to_all_by_cross_memory_attach() {
+    for (n, seed, sizes) in [
+        (2, 61, "16381,16382,50000"),
+        (3, 62, "16381,30000,70001"),
+        (8, 63, "32759,32760,70000"),
+    ] {
+        let s = seed.to_string();
+        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", "40000"];
+        let so = ok(n, &[], "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        assert!(!so.contains("cma blocks: 0\n"), "{so}");
+    }
+    let args = ["--seed", "64", "--sizes", "1,17,300,1000,30000"];
+    for (env, val, off) in [
+        ("PUMACOLL_CMA_MIN", "8", false),
+        ("PUMACOLL_CMA", "0", true),
+    ] {
+        let out = yod_env(3, &[], "coll_check", &args, &[(env, val)]);
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains("coll-check OK: 3 ranks"),
+            "{env}={val}: {so} {}",
+            text(&out.stderr)
+        );
+        assert_eq!(so.contains("cma blocks: 0\n"), off, "{env}={val}: {so}");
+    }
+}
+
+#[test]
+fn mismatched_all_to_all_by_cross_memory_attach_is_a_clear_error() {
+    let args = [
+        "--mismatch",
+        "--mismatch-alltoall",
+        "--mismatch-len",
+        "20000",
+    ];
+    let out = yod(3, &[], "coll_check", &args);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("size mismatch in all-to-all"), "{e}");
+    assert!(!text(&out.stdout).contains("returned without error"));
+}
+
 #[test]
 fn mismatched_sizes_in_the_stages_are_a_clear_error() {
     let out = yod(
