@@ -18,7 +18,7 @@
 //! | broadcast  | the leader publishes each piece, the others copy it (the root may run 31 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
-//! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
+//! | all-to-all | one node only: large blocks ([`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) are read straight from the others' send buffers by cross-memory attach; else everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
@@ -767,7 +767,8 @@ impl Comm {
             }
             // Above one slot through the stages (one handshake per 64 KiB), else the slots.
             if let Some(nd) = self.node_stage(total, 1, tag)? {
-                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv));
+                let rotate = stage_rotate().unwrap_or(!self.core.oversubscribed());
+                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv), rotate);
             }
             if total <= ALLTOALL_SHM {
                 if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
@@ -847,6 +848,17 @@ fn cma_allowed() -> bool {
     *OK.get_or_init(|| {
         !std::env::var("PUMACOLL_CMA").is_ok_and(|v| v == "0")
             && qk::PrivatePath::for_this_host() == qk::PrivatePath::CrossMemoryAttach
+    })
+}
+
+/// `PUMACOLL_STAGE_ROTATE=1|0` forces the stream order of all-to-all through the stages (see
+/// [`Comm::stage_alltoall`]; tests and measurements), else None: rotated with a core per rank.
+fn stage_rotate() -> Option<bool> {
+    static ROT: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *ROT.get_or_init(|| match std::env::var("PUMACOLL_STAGE_ROTATE").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
     })
 }
 
@@ -1330,24 +1342,47 @@ impl Comm {
         read
     }
 
-    /// All-to-all through the stages (send buffers above one slot): per piece every member copies
-    /// its piece of the send buffer (but for its own block) into its stage and arrives, then copies out of
-    /// every other member's stage the part of the piece that holds its own block. As in
-    /// [`Comm::node_alltoall`], the first piece brings everyone together and checks the lengths.
-    /// `recv` holds this rank's own block already.
-    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+    /// All-to-all through the stages (send buffers above one slot). Each member sends a *stream*
+    /// of blocks through its stage, in stage pieces: per piece every member copies its part of
+    /// the stream into its stage and arrives, then copies out of the other members' stages the
+    /// parts that hold blocks for it, once those members arrived. As in [`Comm::node_alltoall`],
+    /// the first piece brings everyone together and checks the lengths. `recv` holds this rank's
+    /// own block already.
+    ///
+    /// With more ranks than cores the stream is the send buffer (blocks in destination order,
+    /// without the member's own block): a piece then holds the blocks of few destinations, only
+    /// they read it and the others go on to the next piece without waiting for anyone, which
+    /// spares context switches. With a core per rank the stream of member `i` is its blocks for
+    /// members `i + 1, i + 2, ...` (mod p): all members stand at the same stream positions, so
+    /// every piece gives each as much to write as to read and they copy at the same time (in
+    /// destination order two ranks with 64 KiB blocks took two pieces, each one rank writing and
+    /// then the other reading: four copies one after the other instead of two).
+    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8], rotate: bool) -> Result<()> {
         const OP: &str = "all-to-all";
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
-        let mine = me * blk..(me + 1) * blk;
-        for (k, r) in pieces(sb.len(), stage_piece_bytes()).enumerate() {
+        let blocks = if rotate { p - 1 } else { p };
+        // (block t of the stream, offset in it, length, offset in the piece) for stream bytes `r`.
+        let spans = |r: std::ops::Range<usize>| {
+            let mut x = r.start;
+            std::iter::from_fn(move || {
+                (x < r.end).then(|| {
+                    let (t, o) = (x / blk, x % blk);
+                    let len = (blk - o).min(r.end - x);
+                    let at = x - r.start;
+                    x += len;
+                    (t, o, len, at)
+                })
+            })
+        };
+        for (k, r) in pieces(blocks * blk, stage_piece_bytes()).enumerate() {
             let (off, s) = n.stage_piece(true, OP)?;
-            // Everything but this rank's own block, which nobody else reads.
-            for part in [r.start..r.end.min(mine.start), r.start.max(mine.end)..r.end] {
-                if part.start < part.end {
-                    let at = off + (part.start - r.start);
-                    copy_bytes(n.stage_mine(at, part.len()), &sb[part]);
+            for (t, o, len, at) in spans(r.clone()) {
+                let to = if rotate { (me + 1 + t) % p } else { t };
+                if to != me {
+                    let src = &sb[to * blk + o..to * blk + o + len];
+                    copy_bytes(n.stage_mine(off + at, len), src);
                 }
             }
             if k == 0 {
@@ -1358,17 +1393,23 @@ impl Comm {
                 n.wait_all(s, OP)?;
                 n.check_all(s, total, OP)?;
             }
-            let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
-            if lo >= hi {
-                continue;
-            }
-            for j in (0..p).filter(|&j| j != me) {
-                if k != 0 {
-                    n.wait_arrival(j, s, OP)?;
+            for (t, o, len, at) in spans(r) {
+                // Members whose block t is for this rank: rotated, the one with j + 1 + t = me
+                // (mod p); else all others when t is this rank's block.
+                let from = if rotate {
+                    (me + p - 1 - t % p) % p..(me + p - 1 - t % p) % p + 1
+                } else if t == me {
+                    0..p
+                } else {
+                    0..0
+                };
+                for j in from.filter(|&j| j != me) {
+                    if k != 0 {
+                        n.wait_arrival(j, s, OP)?;
+                    }
+                    let dst = &mut rb[j * blk + o..j * blk + o + len];
+                    copy_bytes(dst, n.stage_of(j, off + at, len));
                 }
-                let at = j * blk + (lo - mine.start);
-                let theirs = n.stage_of(j, off + (lo - r.start), hi - lo);
-                copy_bytes(&mut rb[at..at + (hi - lo)], theirs);
             }
         }
         Ok(())

@@ -57,7 +57,8 @@ fn streaks_of_small_broadcasts_reuse_slots_safely() {
 /// All-to-all (blocks of n/p + 1 elements) goes through the stages above one slot (2032 bytes)
 /// per rank; the duplicate, without stages, through the slots in pieces up to 64 KiB per rank
 /// (2000 elements: 16 KiB; 8191 and 8192 fall on either side of 64 KiB on 2 and 8 ranks) and
-/// through portals above.
+/// through portals above. All-to-all blocks from 64 KiB (32 KiB with more ranks than cores) go by
+/// cross-memory attach unless `PUMACOLL_CMA=0`.
 /// The duplicate communicator cannot get the stages and takes the portals algorithms.
 #[test]
 fn large_collectives_through_the_stages() {
@@ -69,6 +70,21 @@ fn large_collectives_through_the_stages() {
         let so = ok(n, &[], "coll_check", &args);
         assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
         assert!(!so.contains("stage pieces: 0\n"), "{so}");
+    }
+    // All-to-all through the stages in both stream orders (rotated: the default with a core per
+    // rank; destination order: with more ranks than cores), cross-memory attach off so the
+    // largest blocks take the stages too.
+    for (n, rotate) in [(2, "0"), (3, "1"), (5, "1"), (8, "1")] {
+        let args = ["--seed", "36", "--sizes", sizes, "--dup-sizes", "0"];
+        let env = [("PUMACOLL_STAGE_ROTATE", rotate), ("PUMACOLL_CMA", "0")];
+        let out = yod_env(n, &[], "coll_check", &args, &env);
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+            "rotate={rotate}: {so} {}",
+            text(&out.stderr)
+        );
+        assert!(so.contains("cma blocks: 0\n"), "{so}");
     }
     // Turned off, the same checks pass without them.
     let args = ["--seed", "35", "--sizes", sizes];
