@@ -7,7 +7,7 @@
 //!
 //! **Inside a node** (any node group with several members) barrier, broadcast, reduce and
 //! all-reduce do not use messages at all: they go through the collective area of the node's QK
-//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 32 per rank, used in
+//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 64 per rank, used in
 //! turn. Payloads larger than a slot go piece by piece. The portals algorithms below then run only
 //! among one *leader* per node (the root on its node, else the node's first member), so every
 //! collective is "intra-node first, then across nodes":
@@ -15,7 +15,7 @@
 //! | operation  | node group (shared memory)                                        | leaders (portals)   |
 //! |------------|-------------------------------------------------------------------|---------------------|
 //! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
-//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 31 operations ahead) | binomial tree |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
 //! | all-to-all | one node only: large blocks ([`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) are read straight from the others' send buffers by cross-memory attach; else everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |

@@ -18,9 +18,9 @@
 //!   `s - SLOTS + 1` (so they are done with operation `s - SLOTS`, the slot's previous user).
 //!   A broadcast root can therefore run `SLOTS - 1` operations ahead of its slowest reader, which
 //!   matters when ranks share cores and a reader is not scheduled for a while. A member found
-//!   behind is waited for until it is `REUSE_SLACK` (16) operations further, at most at `s - 1`
+//!   behind is waited for until it is `REUSE_SLACK` (`SLOTS / 2`) operations further, at most at `s - 1`
 //!   (which every member reaches without the writer), so a root that outruns a reader looks at
-//!   the reader's arrival line once per 16 operations instead of once per operation.
+//!   the reader's arrival line once per 32 operations instead of once per operation.
 //!
 //! Waiting spins briefly (not at all with more ranks than cores), then hands the core away (`sched_yield`) while still driving the
 //! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender

@@ -35,7 +35,7 @@ fn collectives_node_aware_on_several_nodes() {
 }
 
 /// Long runs of back-to-back broadcasts from one root (the root changing every 45), each checked,
-/// with reduces and all-reduces mixed in: the root runs ahead of its readers through all 32 slots
+/// with reduces and all-reduces mixed in: the root runs ahead of its readers through all 64 slots
 /// of the collective area and must wait for each slot to be free (and a little longer, see
 /// `NodeColl::wait_reuse`). Sizes on both sides of the slot size and of the 4 KiB slot-path limit;
 /// 1 to 8 ranks (8 on this 2-core machine is oversubscribed), and across nodes.
