@@ -26,12 +26,16 @@ struct Args {
     /// fewer).
     #[arg(long, default_value_t = 8)]
     mismatch_len: usize,
+    /// Make the `--mismatch` operation an all-to-all (blocks of `--mismatch-len` elements, the
+    /// last rank's 3 shorter) instead of an all-reduce.
+    #[arg(long)]
+    mismatch_alltoall: bool,
     /// Element counts to check on a duplicate of the world communicator (which cannot have the
     /// stages the world communicator holds, so takes the other algorithms).
     #[arg(long, value_delimiter = ',', default_value = "100")]
     dup_sizes: Vec<usize>,
     /// Back-to-back broadcasts (each checked) from one root at a time, the root changing every
-    /// 45 operations, then a reduce and an all-reduce: the root runs ahead of its readers
+    /// `STREAK_BLOCK` operations, then a reduce and an all-reduce: the root runs ahead of its readers
     /// through every slot of the collective area and waits for them to free slots.
     #[arg(long, default_value_t = 200)]
     streak: usize,
@@ -42,7 +46,11 @@ fn streak_data(seed: u64, k: usize, len: usize) -> Vec<i64> {
     data(seed, k as u32, len, 0x5eed ^ k as u64)
 }
 
-/// See `Args::streak`. Per block of 45 operations from one root: 44 slot-path broadcasts
+/// Operations per root in a streak: more than the collective area's 64 slots, so the root runs
+/// out of free slots while the others pause.
+const STREAK_BLOCK: usize = 90;
+
+/// See `Args::streak`. Per block of `STREAK_BLOCK` operations from one root: all but the last are slot-path broadcasts
 /// (0–6 elements and exactly one slot, 254 i64 = 2032 bytes) while the other ranks pause once
 /// for 2 ms, so the root runs ahead through every slot; then one broadcast above a slot (through
 /// the stages or in pieces), a reduce and an all-reduce of 255, 512 or 513 elements (both sides
@@ -52,9 +60,10 @@ fn streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
     const LAST: [usize; 3] = [255, 512, 513];
     let (me, p) = (w.rank(), w.size());
     for k in 0..count {
-        let (block, pos) = (k / 45, k % 45);
+        let (block, pos) = (k / STREAK_BLOCK, k % STREAK_BLOCK);
         let root = block as u32 % p;
-        let len = if pos == 44 {
+        let last = pos == STREAK_BLOCK - 1;
+        let len = if last {
             LAST[block % LAST.len()]
         } else {
             SMALL[pos % SMALL.len()]
@@ -70,7 +79,7 @@ fn streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
         };
         w.broadcast(&mut b, root)?;
         expect(&format!("streak broadcast {k} from {root}"), &b, &want)?;
-        if pos == 44 {
+        if last {
             let mine = data(seed, me, len, k as u64);
             let sum = serial(p, seed, len, k as u64, |a, b| a.wrapping_add(b));
             let mut r = vec![0i64; len];
@@ -238,6 +247,13 @@ fn run(a: &Args) -> Result<()> {
     let u = puma::start()?;
     let w = u.world();
     let (me, p) = (w.rank(), w.size());
+    if a.mismatch && a.mismatch_alltoall {
+        let n = (a.mismatch_len - if me == p - 1 { 3 } else { 0 }) * p as usize;
+        let mut out = vec![0u64; n];
+        w.all_to_all(&vec![1u64; n], &mut out)?;
+        println!("rank {me}: mismatched all-to-all returned without error");
+        return Ok(());
+    }
     if a.mismatch {
         let n = a.mismatch_len - if me == p - 1 { 3 } else { 0 };
         let mut out = vec![0u32; n];
@@ -304,6 +320,7 @@ fn run(a: &Args) -> Result<()> {
             total[0]
         );
         println!("stage pieces: {}", u.stats().stage_pieces);
+        println!("cma blocks: {}", u.stats().cma_blocks);
     }
     Ok(())
 }

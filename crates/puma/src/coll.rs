@@ -7,7 +7,7 @@
 //!
 //! **Inside a node** (any node group with several members) barrier, broadcast, reduce and
 //! all-reduce do not use messages at all: they go through the collective area of the node's QK
-//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 32 per rank, used in
+//! region (see `crate::shm`): per-rank arrival words and 2 KiB data slots, 64 per rank, used in
 //! turn. Payloads larger than a slot go piece by piece. The portals algorithms below then run only
 //! among one *leader* per node (the root on its node, else the node's first member), so every
 //! collective is "intra-node first, then across nodes":
@@ -15,10 +15,10 @@
 //! | operation  | node group (shared memory)                                        | leaders (portals)   |
 //! |------------|-------------------------------------------------------------------|---------------------|
 //! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
-//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 31 operations ahead) | binomial tree |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
-//! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
+//! | all-to-all | one node only: large blocks ([`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) are read straight from the others' send buffers by cross-memory attach; else everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
@@ -761,9 +761,14 @@ impl Comm {
         copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
         let total = std::mem::size_of_val(send);
         if g > 1 {
+            // Large blocks: each rank reads its block straight out of the others' send buffers.
+            if let Some(nd) = self.node_cma(blk, tag)? {
+                return Self::cma_alltoall(nd, bytes(send), bytes_mut(recv));
+            }
             // Above one slot through the stages (one handshake per 64 KiB), else the slots.
             if let Some(nd) = self.node_stage(total, 1, tag)? {
-                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv));
+                let rotate = stage_rotate().unwrap_or(!self.core.oversubscribed());
+                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv), rotate);
             }
             if total <= ALLTOALL_SHM {
                 if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
@@ -828,6 +833,35 @@ pub const SHM_LONG: usize = 64 * 1024;
 /// (one copy per message, no per-piece handshake) win above a few KiB.
 pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
 
+/// All-to-all of a communicator on one node reads blocks of at least this many bytes straight
+/// from the other ranks' send buffers (cross-memory attach, one copy) when its ranks outnumber the
+/// cores, rather than through the stages (two copies, and one hand-off per 64 KiB piece that costs
+/// a context switch when four ranks share a core).
+pub const ALLTOALL_CMA_OVERSUBSCRIBED: usize = 32 * 1024;
+/// The same with a core per rank.
+pub const ALLTOALL_CMA: usize = 64 * 1024;
+
+/// Cross-memory attach between local ranks is allowed on this host (no Yama ptrace restriction)
+/// and not turned off with `PUMACOLL_CMA=0`.
+fn cma_allowed() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        !std::env::var("PUMACOLL_CMA").is_ok_and(|v| v == "0")
+            && qk::PrivatePath::for_this_host() == qk::PrivatePath::CrossMemoryAttach
+    })
+}
+
+/// `PUMACOLL_STAGE_ROTATE=1|0` forces the stream order of all-to-all through the stages (see
+/// [`Comm::stage_alltoall`]; tests and measurements), else None: rotated with a core per rank.
+fn stage_rotate() -> Option<bool> {
+    static ROT: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *ROT.get_or_init(|| match std::env::var("PUMACOLL_STAGE_ROTATE").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    })
+}
+
 /// Pieces of `n` elements, `per` at a time (at least one piece, possibly empty, so every member
 /// takes the same steps and a length mismatch is seen).
 fn pieces(n: usize, per: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -869,7 +903,11 @@ impl Comm {
         // The stages serve communicators on one node; each process's stage goes to one of them.
         let stage = groups.len() == 1 && self.core.shm().is_some_and(|s| s.stage_free());
         let all: Vec<u32> = (0..g as u32).collect();
-        let mut bad = [u32::from(ports.is_none() || c.is_none()), u32::from(!stage)];
+        let mut bad = [
+            u32::from(ports.is_none() || c.is_none()),
+            u32::from(!stage),
+            u32::from(!cma_allowed()),
+        ];
         self.rd_allreduce(&all, &mut bad, &crate::ops::Max, tag)?;
         let (Some(ports), Some(c), 0) = (ports, c, bad[0]) else {
             return Ok(None);
@@ -885,6 +923,7 @@ impl Comm {
             mine,
             me,
             bad[1] == 0,
+            bad[2] == 0,
         ))
     }
 
@@ -1227,24 +1266,123 @@ impl Comm {
         Ok(())
     }
 
-    /// All-to-all through the stages (send buffers above one slot): per piece every member copies
-    /// its piece of the send buffer (but for its own block) into its stage and arrives, then copies out of
-    /// every other member's stage the part of the piece that holds its own block. As in
-    /// [`Comm::node_alltoall`], the first piece brings everyone together and checks the lengths.
-    /// `recv` holds this rank's own block already.
-    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+    /// The node group when an all-to-all with blocks of `blk` bytes goes by cross-memory attach:
+    /// the whole communicator on one node, every member able to read the others, blocks of at
+    /// least [`ALLTOALL_CMA_OVERSUBSCRIBED`] bytes with more ranks than cores, else
+    /// [`ALLTOALL_CMA`] (`PUMACOLL_CMA_MIN=<bytes>` sets one limit for both, for measurements).
+    fn node_cma(&self, blk: usize, tag: u32) -> Result<Option<&NodeColl>> {
+        static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = *MIN.get_or_init(|| {
+            std::env::var("PUMACOLL_CMA_MIN")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        if blk == 0 || blk < forced.unwrap_or(ALLTOALL_CMA_OVERSUBSCRIBED.min(ALLTOALL_CMA)) {
+            return Ok(None);
+        }
+        let Some(n) = self.node(tag)?.filter(|n| n.cma && n.groups.len() == 1) else {
+            return Ok(None);
+        };
+        let min = forced.unwrap_or(if self.core.oversubscribed() {
+            ALLTOALL_CMA_OVERSUBSCRIBED
+        } else {
+            ALLTOALL_CMA
+        });
+        Ok((blk >= min).then_some(n))
+    }
+
+    /// All-to-all by cross-memory attach: every member publishes where its send buffer lives and
+    /// arrives; each then reads its block out of every other member's send buffer into its
+    /// receive buffer, one copy per block and no staging, taking the members in the order they
+    /// published (starting after itself, so the readers spread over the senders) and waiting only
+    /// when none it still needs has (so a rank that runs while others sharing its core do not
+    /// reads what is there instead of handing the core over at once). Each member's length is
+    /// checked before anything is read from it; every member sees any mismatch (someone differs
+    /// from it) and reports it. Then everyone arrives once more and waits for all, so no send
+    /// buffer is handed back to its caller while a member may still read it. `recv` holds this
+    /// rank's own block already.
+    fn cma_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
         const OP: &str = "all-to-all";
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
-        let mine = me * blk..(me + 1) * blk;
-        for (k, r) in pieces(sb.len(), stage_piece_bytes()).enumerate() {
+        let s = n.next();
+        n.publish_remote(s, sb, total, OP)?;
+        n.arrive(s);
+        let mut todo: Vec<usize> = (1..p).map(|k| (me + k) % p).collect();
+        let mut read = || -> Result<()> {
+            while let Some(&first) = todo.first() {
+                let before = todo.len();
+                let mut err = None;
+                todo.retain(|&j| {
+                    if err.is_some() || !n.slot_ready(j, s) {
+                        return true;
+                    }
+                    let r = n.check_len(j, s, total, OP).and_then(|()| {
+                        n.read_remote(j, s, me * blk, &mut rb[j * blk..(j + 1) * blk])
+                    });
+                    err = r.err();
+                    false
+                });
+                if let Some(e) = err {
+                    return Err(e);
+                }
+                if todo.len() == before {
+                    n.wait_slot(first, s, OP)?;
+                }
+            }
+            Ok(())
+        };
+        let read = read();
+        // Arrive even after a failed read or check: the others must not wait for this rank in
+        // vain (they report the same mismatch, or time out on a peer that died).
+        let done = n.next();
+        n.arrive(done);
+        n.wait_all(done, OP)?;
+        read
+    }
+
+    /// All-to-all through the stages (send buffers above one slot). Each member sends a *stream*
+    /// of blocks through its stage, in stage pieces: per piece every member copies its part of
+    /// the stream into its stage and arrives, then copies out of the other members' stages the
+    /// parts that hold blocks for it, once those members arrived. As in [`Comm::node_alltoall`],
+    /// the first piece brings everyone together and checks the lengths. `recv` holds this rank's
+    /// own block already.
+    ///
+    /// With more ranks than cores the stream is the send buffer (blocks in destination order,
+    /// without the member's own block): a piece then holds the blocks of few destinations, only
+    /// they read it and the others go on to the next piece without waiting for anyone, which
+    /// spares context switches. With a core per rank the stream of member `i` is its blocks for
+    /// members `i + 1, i + 2, ...` (mod p): all members stand at the same stream positions, so
+    /// every piece gives each as much to write as to read and they copy at the same time (in
+    /// destination order two ranks with 64 KiB blocks took two pieces, each one rank writing and
+    /// then the other reading: four copies one after the other instead of two).
+    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8], rotate: bool) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let blocks = if rotate { p - 1 } else { p };
+        // (block t of the stream, offset in it, length, offset in the piece) for stream bytes `r`.
+        let spans = |r: std::ops::Range<usize>| {
+            let mut x = r.start;
+            std::iter::from_fn(move || {
+                (x < r.end).then(|| {
+                    let (t, o) = (x / blk, x % blk);
+                    let len = (blk - o).min(r.end - x);
+                    let at = x - r.start;
+                    x += len;
+                    (t, o, len, at)
+                })
+            })
+        };
+        for (k, r) in pieces(blocks * blk, stage_piece_bytes()).enumerate() {
             let (off, s) = n.stage_piece(true, OP)?;
-            // Everything but this rank's own block, which nobody else reads.
-            for part in [r.start..r.end.min(mine.start), r.start.max(mine.end)..r.end] {
-                if part.start < part.end {
-                    let at = off + (part.start - r.start);
-                    copy_bytes(n.stage_mine(at, part.len()), &sb[part]);
+            for (t, o, len, at) in spans(r.clone()) {
+                let to = if rotate { (me + 1 + t) % p } else { t };
+                if to != me {
+                    let src = &sb[to * blk + o..to * blk + o + len];
+                    copy_bytes(n.stage_mine(off + at, len), src);
                 }
             }
             if k == 0 {
@@ -1255,17 +1393,23 @@ impl Comm {
                 n.wait_all(s, OP)?;
                 n.check_all(s, total, OP)?;
             }
-            let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
-            if lo >= hi {
-                continue;
-            }
-            for j in (0..p).filter(|&j| j != me) {
-                if k != 0 {
-                    n.wait_arrival(j, s, OP)?;
+            for (t, o, len, at) in spans(r) {
+                // Members whose block t is for this rank: rotated, the one with j + 1 + t = me
+                // (mod p); else all others when t is this rank's block.
+                let from = if rotate {
+                    (me + p - 1 - t % p) % p..(me + p - 1 - t % p) % p + 1
+                } else if t == me {
+                    0..p
+                } else {
+                    0..0
+                };
+                for j in from.filter(|&j| j != me) {
+                    if k != 0 {
+                        n.wait_arrival(j, s, OP)?;
+                    }
+                    let dst = &mut rb[j * blk + o..j * blk + o + len];
+                    copy_bytes(dst, n.stage_of(j, off + at, len));
                 }
-                let at = j * blk + (lo - mine.start);
-                let theirs = n.stage_of(j, off + (lo - r.start), hi - lo);
-                copy_bytes(&mut rb[at..at + (hi - lo)], theirs);
             }
         }
         Ok(())

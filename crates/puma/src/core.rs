@@ -167,6 +167,9 @@ pub struct MsgStats {
     pub bodies_fetched: u64,
     /// Pieces of large node-local collectives carried through the stages of the QK region.
     pub stage_pieces: u64,
+    /// Blocks of node-local all-to-alls read straight from another rank's send buffer
+    /// (cross-memory attach).
+    pub cma_blocks: u64,
 }
 
 /// The per-process engine shared by every communicator.

@@ -35,7 +35,7 @@ fn collectives_node_aware_on_several_nodes() {
 }
 
 /// Long runs of back-to-back broadcasts from one root (the root changing every 45), each checked,
-/// with reduces and all-reduces mixed in: the root runs ahead of its readers through all 32 slots
+/// with reduces and all-reduces mixed in: the root runs ahead of its readers through all 64 slots
 /// of the collective area and must wait for each slot to be free (and a little longer, see
 /// `NodeColl::wait_reuse`). Sizes on both sides of the slot size and of the 4 KiB slot-path limit;
 /// 1 to 8 ranks (8 on this 2-core machine is oversubscribed), and across nodes.
@@ -57,7 +57,8 @@ fn streaks_of_small_broadcasts_reuse_slots_safely() {
 /// All-to-all (blocks of n/p + 1 elements) goes through the stages above one slot (2032 bytes)
 /// per rank; the duplicate, without stages, through the slots in pieces up to 64 KiB per rank
 /// (2000 elements: 16 KiB; 8191 and 8192 fall on either side of 64 KiB on 2 and 8 ranks) and
-/// through portals above.
+/// through portals above. All-to-all blocks from 64 KiB (32 KiB with more ranks than cores) go by
+/// cross-memory attach unless `PUMACOLL_CMA=0`.
 /// The duplicate communicator cannot get the stages and takes the portals algorithms.
 #[test]
 fn large_collectives_through_the_stages() {
@@ -70,6 +71,21 @@ fn large_collectives_through_the_stages() {
         assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
         assert!(!so.contains("stage pieces: 0\n"), "{so}");
     }
+    // All-to-all through the stages in both stream orders (rotated: the default with a core per
+    // rank; destination order: with more ranks than cores), cross-memory attach off so the
+    // largest blocks take the stages too.
+    for (n, rotate) in [(2, "0"), (3, "1"), (5, "1"), (8, "1")] {
+        let args = ["--seed", "36", "--sizes", sizes, "--dup-sizes", "0"];
+        let env = [("PUMACOLL_STAGE_ROTATE", rotate), ("PUMACOLL_CMA", "0")];
+        let out = yod_env(n, &[], "coll_check", &args, &env);
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+            "rotate={rotate}: {so} {}",
+            text(&out.stderr)
+        );
+        assert!(so.contains("cma blocks: 0\n"), "{so}");
+    }
     // Turned off, the same checks pass without them.
     let args = ["--seed", "35", "--sizes", sizes];
     let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_STAGE", "0")]);
@@ -79,6 +95,56 @@ fn large_collectives_through_the_stages() {
         "{so}"
     );
     assert!(so.contains("stage pieces: 0\n"), "{so}");
+}
+
+/// All-to-all blocks of at least 64 KiB (32 KiB with more ranks than cores: 8 ranks here) are
+/// read straight from the other ranks' send buffers by cross-memory attach. coll_check's blocks
+/// are n/p + 1 i64: 16381/16382 elements fall on either side of 64 KiB on 2 ranks, 32759/32760
+/// of 32 KiB on 8; 3 ranks cut uneven blocks. Each run must pass and rank 0 must have read
+/// blocks that way; `PUMACOLL_CMA_MIN` forces the path down to small blocks, `PUMACOLL_CMA=0`
+/// turns it off (the stages carry the same sizes).
+#[test]
+fn large_all_to_all_by_cross_memory_attach() {
+    for (n, seed, sizes) in [
+        (2, 61, "16381,16382,50000"),
+        (3, 62, "16381,30000,70001"),
+        (8, 63, "32759,32760,70000"),
+    ] {
+        let s = seed.to_string();
+        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", "40000"];
+        let so = ok(n, &[], "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        assert!(!so.contains("cma blocks: 0\n"), "{so}");
+    }
+    let args = ["--seed", "64", "--sizes", "1,17,300,1000,30000"];
+    for (env, val, off) in [
+        ("PUMACOLL_CMA_MIN", "8", false),
+        ("PUMACOLL_CMA", "0", true),
+    ] {
+        let out = yod_env(3, &[], "coll_check", &args, &[(env, val)]);
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains("coll-check OK: 3 ranks"),
+            "{env}={val}: {so} {}",
+            text(&out.stderr)
+        );
+        assert_eq!(so.contains("cma blocks: 0\n"), off, "{env}={val}: {so}");
+    }
+}
+
+#[test]
+fn mismatched_all_to_all_by_cross_memory_attach_is_a_clear_error() {
+    let args = [
+        "--mismatch",
+        "--mismatch-alltoall",
+        "--mismatch-len",
+        "20000",
+    ];
+    let out = yod(3, &[], "coll_check", &args);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("size mismatch in all-to-all"), "{e}");
+    assert!(!text(&out.stdout).contains("returned without error"));
 }
 
 #[test]
