@@ -874,6 +874,30 @@ impl<S: Store> Engine<S> {
     /// contents of `plan` are unspecified (but valid).
     #[inline]
     pub fn deliver_into(&mut self, h: &WireHeader, plan: &mut DeliveryPlan) -> Result<(), Dropped> {
+        self.deliver_plan::<true>(h, plan)
+    }
+
+    /// [`Engine::deliver_into`] for a fabric that takes its events from the queues and never
+    /// reads [`DeliveryPlan::event`]: the plan's event is written only when the plan carries a
+    /// handler (so [`DeliveryPlan::run_handler`] still sees it) and otherwise keeps what it held.
+    /// Everything else (checks, counters, queued events, the rest of the plan) is the same; the
+    /// event is written once, into its queue slot, instead of twice.
+    #[inline]
+    pub fn deliver_into_no_event(
+        &mut self,
+        h: &WireHeader,
+        plan: &mut DeliveryPlan,
+    ) -> Result<(), Dropped> {
+        self.deliver_plan::<false>(h, plan)
+    }
+
+    /// Delivery, writing the plan's event when `EVENT` (else only for a handler).
+    #[inline]
+    fn deliver_plan<const EVENT: bool>(
+        &mut self,
+        h: &WireHeader,
+        plan: &mut DeliveryPlan,
+    ) -> Result<(), Dropped> {
         if let Err(e) = h.validate(&self.limits) {
             let reason = match e {
                 HeaderError::Portal { .. } => DropReason::InvalidPortal,
@@ -890,9 +914,9 @@ impl<S: Store> Engine<S> {
             return Err(Dropped::bare(DropReason::WrongDestination));
         }
         match h.op {
-            Op::Put | Op::Get => self.deliver_target(h, plan),
-            Op::Reply => self.deliver_reply(h, plan),
-            Op::Ack => self.deliver_ack(h, plan),
+            Op::Put | Op::Get => self.deliver_target::<EVENT>(h, plan),
+            Op::Reply => self.deliver_reply::<EVENT>(h, plan),
+            Op::Ack => self.deliver_ack::<EVENT>(h, plan),
         }
     }
 
@@ -919,7 +943,11 @@ impl<S: Store> Engine<S> {
     }
 
     #[inline]
-    fn deliver_target(&mut self, h: &WireHeader, out: &mut DeliveryPlan) -> Result<(), Dropped> {
+    fn deliver_target<const EVENT: bool>(
+        &mut self,
+        h: &WireHeader,
+        out: &mut DeliveryPlan,
+    ) -> Result<(), Dropped> {
         let is_get = h.op == Op::Get;
         let max_steps = self.cfg.match_entries;
         let mut t = self.store.tables();
@@ -1060,8 +1088,8 @@ impl<S: Store> Engine<S> {
         } else {
             portal.eq
         };
-        // The event is built once, in the plan, and copied from there into its queue.
-        out.event = Event {
+        // The event is built once and written into its queue (and the plan, when asked for).
+        let ev = Event {
             kind: if is_get {
                 EventKind::Get
             } else {
@@ -1082,13 +1110,13 @@ impl<S: Store> Engine<S> {
             seq: 0,
         };
         let posted = if eq.idx != u32::MAX {
-            let r = post(t.eqs, t.events, eq, &out.event);
+            let r = post(t.eqs, t.events, eq, &ev);
             if unlinked {
-                let ev = Event {
+                let un = Event {
                     kind: EventKind::Unlink,
-                    ..out.event
+                    ..ev
                 };
-                if let Posted::Overflowed(_) = post(t.eqs, t.events, eq, &ev) {
+                if let Posted::Overflowed(_) = post(t.eqs, t.events, eq, &un) {
                     self.counters.eq_overflows += 1;
                 }
             }
@@ -1127,10 +1155,17 @@ impl<S: Store> Engine<S> {
         out.posted = posted;
         out.unlinked = unlinked;
         out.handler = portal.handler;
+        if EVENT | portal.handler.is_some() {
+            out.event = ev;
+        }
         Ok(())
     }
 
-    fn deliver_reply(&mut self, h: &WireHeader, out: &mut DeliveryPlan) -> Result<(), Dropped> {
+    fn deliver_reply<const EVENT: bool>(
+        &mut self,
+        h: &WireHeader,
+        out: &mut DeliveryPlan,
+    ) -> Result<(), Dropped> {
         let t = self.store.tables();
         let md = MdHandle::from_cookie(h.return_md);
         let ok = md.idx < self.cfg.mds
@@ -1158,7 +1193,7 @@ impl<S: Store> Engine<S> {
         };
         slot.pending_replies -= 1;
         let eq = slot.eq;
-        out.event = Event {
+        let ev = Event {
             kind: EventKind::Reply,
             initiator: h.src,
             portal: h.portal,
@@ -1174,7 +1209,7 @@ impl<S: Store> Engine<S> {
             reason: None,
             seq: 0,
         };
-        let posted = post(t.eqs, t.events, eq, &out.event);
+        let posted = post(t.eqs, t.events, eq, &ev);
         if let Posted::Overflowed(_) = posted {
             self.counters.eq_overflows += 1;
         }
@@ -1189,15 +1224,22 @@ impl<S: Store> Engine<S> {
         out.md_offset = p.md_offset;
         out.rlength = h.rlength;
         out.mlength = p.mlength;
-        out.truncated = out.event.truncated;
+        out.truncated = ev.truncated;
         out.response = Response::None;
         out.posted = posted;
         out.unlinked = false;
         out.handler = None;
+        if EVENT {
+            out.event = ev;
+        }
         Ok(())
     }
 
-    fn deliver_ack(&mut self, h: &WireHeader, out: &mut DeliveryPlan) -> Result<(), Dropped> {
+    fn deliver_ack<const EVENT: bool>(
+        &mut self,
+        h: &WireHeader,
+        out: &mut DeliveryPlan,
+    ) -> Result<(), Dropped> {
         let t = self.store.tables();
         let md = MdHandle::from_cookie(h.return_md);
         let slot = match t.mds.get_mut(md.idx as usize) {
@@ -1209,7 +1251,7 @@ impl<S: Store> Engine<S> {
         };
         slot.pending_acks -= 1;
         let eq = slot.eq;
-        out.event = Event {
+        let ev = Event {
             kind: EventKind::Ack,
             initiator: h.src,
             portal: h.portal,
@@ -1225,7 +1267,7 @@ impl<S: Store> Engine<S> {
             reason: None,
             seq: 0,
         };
-        let posted = post(t.eqs, t.events, eq, &out.event);
+        let posted = post(t.eqs, t.events, eq, &ev);
         if let Posted::Overflowed(_) = posted {
             self.counters.eq_overflows += 1;
         }
@@ -1244,6 +1286,9 @@ impl<S: Store> Engine<S> {
         out.posted = posted;
         out.unlinked = false;
         out.handler = None;
+        if EVENT {
+            out.event = ev;
+        }
         Ok(())
     }
 

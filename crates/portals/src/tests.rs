@@ -1073,6 +1073,36 @@ fn portal_event_handler_runs_after_deposit_and_discard() {
     assert_eq!(log.0.len(), 2);
 }
 
+/// `deliver_into_no_event` still hands a handler its event, and otherwise leaves the plan's
+/// event alone while the queued event is the full one.
+#[test]
+fn deliver_into_no_event_writes_the_plan_event_only_for_a_handler() {
+    let mut e = engine();
+    let eq = open(&mut e, 0);
+    let m = md(&mut e, single(0, 64, OffsetMode::Sender), MdOptions::PUT);
+    e.portal_attach_md(0, m).unwrap();
+    e.portal_set_handler(0, Some(HandlerId(5))).unwrap();
+    let mut plan = DeliveryPlan::EMPTY;
+    let mut log = Log::default();
+    e.deliver_into_no_event(&put(0, 0, 4), &mut plan).unwrap();
+    plan.run_handler(&mut log);
+    assert_eq!(log.0, [(HandlerId(5), EventKind::Put, 4)]);
+    assert_eq!(plan.event, e.eq_get(eq).unwrap().unwrap());
+    e.portal_set_handler(0, None).unwrap();
+    let before = plan.event;
+    e.deliver_into_no_event(&put(0, 0, 6), &mut plan).unwrap();
+    assert_eq!(
+        plan.event, before,
+        "no handler: the plan's event is left as it was"
+    );
+    assert_eq!(plan.mlength, 6);
+    let queued = e.eq_get(eq).unwrap().unwrap();
+    assert_eq!(
+        (queued.kind, queued.mlength, queued.seq),
+        (EventKind::Put, 6, 1)
+    );
+}
+
 // ------------------------------------------------------------ initiator
 
 const OTHER: ProcessId = PEER;
@@ -1424,9 +1454,11 @@ fn deliver_into_a_reused_plan_equals_deliver() {
     }
     let (mut a, qa, la_eq, la) = setup();
     let (mut b, qb, lb_eq, lb) = setup();
+    let (mut c, qc, lc_eq, lc) = setup();
     assert_eq!(la, lb);
+    assert_eq!(la, lc);
     // Outstanding ack and reply on the local descriptor, so both arrive expected.
-    for e in [&mut a, &mut b] {
+    for e in [&mut a, &mut b, &mut c] {
         let target = ProcessId::new(1, 1);
         e.prepare_put(&PutArgs {
             md: la,
@@ -1490,14 +1522,27 @@ fn deliver_into_a_reused_plan_equals_deliver() {
         }, // bad header
     ];
     let mut plan = DeliveryPlan::EMPTY;
+    // The third engine's plan never gets an event (no handlers here): all else must match.
+    let mut plan_c = DeliveryPlan::EMPTY;
     let mut outcome = Vec::new();
     for (i, h) in msgs.iter().enumerate() {
         let want = a.deliver(h);
         let got = b.deliver_into(h, &mut plan);
+        let got_c = c.deliver_into_no_event(h, &mut plan_c);
+        assert_eq!(got, got_c, "message {i}");
         match want {
             Ok(p) => {
                 assert_eq!(got, Ok(()), "message {i}");
                 assert_eq!(plan, p, "message {i}");
+                assert_eq!(plan_c.event, Event::EMPTY, "message {i}");
+                assert_eq!(
+                    plan_c,
+                    DeliveryPlan {
+                        event: Event::EMPTY,
+                        ..p
+                    },
+                    "message {i}"
+                );
                 outcome.push((p.op, p.truncated, p.unlinked, p.response != Response::None));
             }
             Err(d) => {
@@ -1523,11 +1568,14 @@ fn deliver_into_a_reused_plan_equals_deliver() {
     );
     assert_eq!(a.counters().total_drops(), 3);
     assert_eq!(a.counters(), b.counters());
-    for (qa, qb) in [(qa, qb), (la_eq, lb_eq)] {
+    assert_eq!(a.counters(), c.counters());
+    for (qa, qb, qc) in [(qa, qb, qc), (la_eq, lb_eq, lc_eq)] {
         let ea: Vec<_> = core::iter::from_fn(|| a.eq_get(qa).ok().flatten()).collect();
         let eb: Vec<_> = core::iter::from_fn(|| b.eq_get(qb).ok().flatten()).collect();
+        let ec: Vec<_> = core::iter::from_fn(|| c.eq_get(qc).ok().flatten()).collect();
         assert!(!ea.is_empty());
         assert_eq!(ea, eb);
+        assert_eq!(ea, ec);
     }
 }
 

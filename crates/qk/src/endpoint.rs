@@ -1324,7 +1324,7 @@ impl Ctx<'_> {
         }
         let w = &*self.wire;
         // 4. Portals: access control, matching, placement, events.
-        if let Err(d) = self.engine.deliver_into(w, self.plan) {
+        if let Err(d) = self.engine.deliver_into_no_event(w, self.plan) {
             self.drop_msg(DropReason::from(d.reason));
             if let Some((_, token)) = lref {
                 self.send_fin(h, token, 0);
