@@ -165,6 +165,8 @@ impl SimOutput {
 struct RadixHeap {
     last: u64,
     buckets: Vec<Vec<(u64, u64)>>,
+    /// Bit `i` set: bucket `i` may be non-empty (clear: it is empty).
+    used: u128,
     len: usize,
 }
 
@@ -173,6 +175,7 @@ impl RadixHeap {
         RadixHeap {
             last: 0,
             buckets: (0..65).map(|_| Vec::new()).collect(),
+            used: 0,
             len: 0,
         }
     }
@@ -189,6 +192,7 @@ impl RadixHeap {
         debug_assert!(t >= self.last, "radix heap: key {t} below the last popped {}", self.last);
         let b = self.bucket(t);
         self.buckets[b].push((t, v));
+        self.used |= 1 << b;
         self.len += 1;
     }
     /// Move every entry with the minimum time into `out` (payloads); returns that time.
@@ -197,12 +201,18 @@ impl RadixHeap {
             return None;
         }
         if self.buckets[0].is_empty() {
-            let i = (1..65).find(|&i| !self.buckets[i].is_empty())?;
+            self.used &= !1;
+            let i = self.used.trailing_zeros() as usize;
+            if i > 64 {
+                return None;
+            }
             let mut items = std::mem::take(&mut self.buckets[i]);
+            self.used &= !(1 << i);
             self.last = items.iter().map(|x| x.0).min().unwrap_or(self.last);
             for &(t, v) in &items {
                 let b = self.bucket(t);
                 self.buckets[b].push((t, v));
+                self.used |= 1 << b;
             }
             items.clear();
             // Give the (now empty) bucket its allocation back.
@@ -220,6 +230,7 @@ impl RadixHeap {
         for b in &mut self.buckets {
             all.extend(b.drain(..).map(|(k, v)| (f(k), v)));
         }
+        self.used = 0;
         // Keep each key's entries in their pop order (bucket by bucket, then push order).
         all.sort_by_key(|x| x.0);
         self.last = all.first().map_or(floor, |x| x.0.min(floor));
