@@ -165,8 +165,6 @@ impl SimOutput {
 struct RadixHeap {
     last: u64,
     buckets: Vec<Vec<(u64, u64)>>,
-    /// Bit `i` set: bucket `i` may be non-empty (clear: it is empty).
-    used: u128,
     len: usize,
 }
 
@@ -175,7 +173,6 @@ impl RadixHeap {
         RadixHeap {
             last: 0,
             buckets: (0..65).map(|_| Vec::new()).collect(),
-            used: 0,
             len: 0,
         }
     }
@@ -189,10 +186,8 @@ impl RadixHeap {
     }
     #[inline]
     fn push(&mut self, t: u64, v: u64) {
-        debug_assert!(t >= self.last, "radix heap: key {t} below the last popped {}", self.last);
         let b = self.bucket(t);
         self.buckets[b].push((t, v));
-        self.used |= 1 << b;
         self.len += 1;
     }
     /// Move every entry with the minimum time into `out` (payloads); returns that time.
@@ -201,18 +196,12 @@ impl RadixHeap {
             return None;
         }
         if self.buckets[0].is_empty() {
-            self.used &= !1;
-            let i = self.used.trailing_zeros() as usize;
-            if i > 64 {
-                return None;
-            }
+            let i = (1..65).find(|&i| !self.buckets[i].is_empty())?;
             let mut items = std::mem::take(&mut self.buckets[i]);
-            self.used &= !(1 << i);
             self.last = items.iter().map(|x| x.0).min().unwrap_or(self.last);
             for &(t, v) in &items {
                 let b = self.bucket(t);
                 self.buckets[b].push((t, v));
-                self.used |= 1 << b;
             }
             items.clear();
             // Give the (now empty) bucket its allocation back.
@@ -222,22 +211,6 @@ impl RadixHeap {
         self.len -= b0.len();
         out.extend(b0.drain(..).map(|x| x.1));
         Some(self.last)
-    }
-    /// Replace every key `k` by `f(k)` (any order-preserving or not: the heap is rebuilt with
-    /// its minimum as the new base; entries with equal new keys keep their relative order).
-    fn rekey(&mut self, f: impl Fn(u64) -> u64, floor: u64) {
-        let mut all: Vec<(u64, u64)> = Vec::with_capacity(self.len);
-        for b in &mut self.buckets {
-            all.extend(b.drain(..).map(|(k, v)| (f(k), v)));
-        }
-        self.used = 0;
-        // Keep each key's entries in their pop order (bucket by bucket, then push order).
-        all.sort_by_key(|x| x.0);
-        self.last = all.first().map_or(floor, |x| x.0.min(floor));
-        self.len = 0;
-        for (k, v) in all {
-            self.push(k, v);
-        }
     }
 }
 
@@ -378,10 +351,6 @@ struct Sim<'a> {
     nn1: bool,
     /// Use [`Sim::warm`] (off only in tests that check it changes nothing).
     warm_on: bool,
-    /// Windowed event order (see [`Window`]); `None`: plain time order.
-    win: Option<Window>,
-    /// Rank whose events are being handled (window order only).
-    cur_rank: u32,
     rk: Vec<RankState>,
     class_wait: Vec<u64>,
     class_noise: Vec<u64>,
@@ -391,114 +360,7 @@ struct Sim<'a> {
 
 /// Run one simulation of `s`.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, Engine::FAST)
-}
-
-/// [`simulate`] with every event handled in global time order (the reference engine; see
-/// [`Window`] for the order [`simulate`] uses). Gives the same results, only slower at scale.
-pub fn simulate_time_ordered(
-    s: &Schedule,
-    p: &Params,
-    noise: &Noise,
-    opts: &SimOptions,
-) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, Engine::TIME)
-}
-
-/// How the engine orders and prefetches events (results never depend on it).
-#[derive(Clone, Copy, Debug)]
-struct Engine {
-    /// Use [`Sim::warm`].
-    warm: bool,
-    /// Use the windowed order when the schedule allows it.
-    window: bool,
-    /// Test hook: largest event time the window keys may hold (lower than the packing's limit
-    /// to exercise the switch to time keys mid-run).
-    tmax: u64,
-}
-
-impl Engine {
-    const FAST: Engine = Engine {
-        warm: true,
-        window: true,
-        tmax: u64::MAX,
-    };
-    const TIME: Engine = Engine {
-        warm: true,
-        window: false,
-        tmax: u64::MAX,
-    };
-}
-
-/// Conservative windowed event order.
-///
-/// Every interaction between ranks is a message, and a message arrives at least `L` after the
-/// event that sends it (arrival = CPU end + `L` + wire + latency noise; clear-to-send and
-/// rendezvous data likewise), while dependencies link operations of one rank only. So in a time
-/// window `[kW, (k+1)W)` with `W <= L`, events of different ranks cannot influence each other:
-/// the engine may handle the window rank by rank (which is close to memory order: operations,
-/// states and ranks are laid out by rank within a step) instead of strictly by time, as long as
-/// each rank's own events stay in time order. The radix heap does this with the key
-/// `(window, rank, time within window)` packed into a `u64`; it stays monotone because a handler
-/// at key `(k, r, t)` schedules events for rank `r` at `t' >= t` and for other ranks at
-/// `>= t + L`, in a later window. The key's rank is the rank whose state the event changes: the
-/// operation's rank for a ready operation and a clear-to-send, the receiver for an arrival and
-/// for rendezvous data.
-///
-/// Events of one rank at one instant run in the same order as in the time-ordered engine: heap
-/// events sorted by (kind, operation), then the zero-delay events they schedule in the order
-/// they were scheduled. Not used when `L == 0`, when a dependency links two ranks, or when the
-/// packing has no room for windows; if an event's time outgrows the key, the queue is re-keyed
-/// by time and the run continues in time order.
-#[derive(Clone, Copy, Debug)]
-struct Window {
-    /// `W = 2^tb`, the largest power of two `<= L`.
-    tb: u32,
-    /// Bits for a rank.
-    rb: u32,
-    /// Largest event time a key can hold.
-    tmax: u64,
-}
-
-impl Window {
-    fn new(s: &Schedule, p: &Params, limit: u64) -> Option<Window> {
-        if p.l == 0 || s.num_ranks < 2 {
-            return None;
-        }
-        let tb = 63 - p.l.leading_zeros();
-        let rb = 32 - (s.num_ranks - 1).leading_zeros();
-        if tb + rb >= 64 {
-            return None;
-        }
-        let tmax = (u64::MAX >> rb).min(limit);
-        if !deps_within_ranks(s) {
-            return None;
-        }
-        Some(Window { tb, rb, tmax })
-    }
-    #[inline]
-    fn key(&self, t: u64, rank: u32) -> u64 {
-        let w = t >> self.tb;
-        (w << (self.rb + self.tb)) | ((rank as u64) << self.tb) | (t & ((1 << self.tb) - 1))
-    }
-    #[inline]
-    fn time(&self, k: u64) -> u64 {
-        ((k >> (self.rb + self.tb)) << self.tb) | (k & ((1 << self.tb) - 1))
-    }
-    #[inline]
-    fn rank(&self, k: u64) -> u32 {
-        ((k >> self.tb) & ((1 << self.rb) - 1)) as u32
-    }
-}
-
-/// True when every dependency links two operations of the same rank.
-fn deps_within_ranks(s: &Schedule) -> bool {
-    (0..s.len()).all(|op| {
-        let r = s.ops[op].rank;
-        s.dependents(op)
-            .iter()
-            .all(|&d| s.ops[(d & !IREQ_BIT) as usize].rank == r)
-    })
+    simulate_inner(s, p, noise, opts, None, true)
 }
 
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
@@ -507,8 +369,6 @@ fn deps_within_ranks(s: &Schedule) -> bool {
 pub struct Prepared {
     st: Vec<OpState>,
     entries: Vec<u32>,
-    /// [`deps_within_ranks`] of the schedule.
-    within_ranks: bool,
 }
 
 impl Prepared {
@@ -518,11 +378,7 @@ impl Prepared {
         let entries = (0..st.len() as u32)
             .filter(|&i| st[i as usize].link == 0)
             .collect();
-        Prepared {
-            st,
-            entries,
-            within_ranks: deps_within_ranks(s),
-        }
+        Prepared { st, entries }
     }
 }
 
@@ -575,7 +431,7 @@ pub fn simulate_segment(
     opts: &SimOptions,
     carry: &mut Carry,
 ) -> SimOutput {
-    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), Engine::FAST)
+    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), true)
 }
 
 fn simulate_inner(
@@ -584,7 +440,7 @@ fn simulate_inner(
     noise: &Noise,
     opts: &SimOptions,
     carry: Option<(&mut Carry, &Segment)>,
-    engine: Engine,
+    warm_on: bool,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
@@ -631,17 +487,7 @@ fn simulate_inner(
         },
         nc1: nc == 1,
         nn1: nn == 1,
-        warm_on: engine.warm,
-        win: if engine.window {
-            match &carry {
-                Some((_, seg)) => seg.prepared.within_ranks.then(|| Window::new(s, p, engine.tmax)),
-                None => Some(Window::new(s, p, engine.tmax)),
-            }
-            .flatten()
-        } else {
-            None
-        },
-        cur_rank: 0,
+        warm_on,
         rk: match &carry {
             Some((c, _)) => {
                 c.rk.iter()
@@ -676,18 +522,7 @@ fn simulate_inner(
                 Some((c, _)) => c.ready[s.ops[op].rank as usize],
                 None => 0,
             };
-            let rank = s.ops[op].rank;
-            if let Some(w) = sim.win {
-                // Rank by rank: each rank's initial operations in program order, then what
-                // they schedule for time `t` (as in the time order below, per rank).
-                sim.st[op].ready = t;
-                if t > w.tmax {
-                    sim.to_time_keys();
-                    sim.heap.push(t, EV_READY << 32 | op as u64);
-                } else {
-                    sim.heap.push(w.key(t, rank), EV_READY << 32 | op as u64);
-                }
-            } else if t == 0 {
+            if t == 0 {
                 sim.handle(EV_READY << 32 | op as u64);
             } else {
                 sim.st[op].ready = t;
@@ -752,26 +587,11 @@ impl<'a> Sim<'a> {
             }
             match self.heap.pop_batch(&mut batch) {
                 None => break,
-                Some(k) => {
-                    let mut evs = std::mem::take(&mut batch);
-                    match self.win {
-                        Some(w) => {
-                            self.now = w.time(k);
-                            self.cur_rank = w.rank(k);
-                            // One rank's events at one instant: canonical order.
-                            if evs.len() > 1 {
-                                evs.sort_unstable();
-                            }
-                        }
-                        None => {
-                            self.now = k;
-                            // Each rank's events at this instant in the same canonical order
-                            // as in the window order (the order between ranks is immaterial).
-                            if evs.len() > 1 {
-                                evs.sort_unstable();
-                            }
-                        }
-                    }
+                Some(t) => {
+                    self.now = t;
+                    // Events due at the same instant run in the radix heap's order, which is a
+                    // deterministic function of the schedule and the seed.
+                    let evs = std::mem::take(&mut batch);
                     self.handle_all(&evs);
                     batch = evs;
                     batch.clear();
@@ -883,42 +703,12 @@ impl<'a> Sim<'a> {
         std::hint::black_box(acc);
     }
 
-    /// Queue event `ev` for time `t`; `rank` is the rank whose state it changes.
     #[inline]
-    fn schedule(&mut self, t: u64, rank: u32, ev: u64) {
-        match self.win {
-            Some(w) => {
-                if t == self.now {
-                    debug_assert_eq!(rank, self.cur_rank, "zero-delay event for another rank");
-                    self.fifo.push(ev);
-                } else if t <= w.tmax {
-                    debug_assert!(
-                        rank == self.cur_rank || t >= self.now + self.p.l,
-                        "event for another rank inside the window"
-                    );
-                    self.heap.push(w.key(t, rank), ev);
-                } else {
-                    self.to_time_keys();
-                    self.heap.push(t, ev);
-                }
-            }
-            None => {
-                if t == self.now {
-                    self.fifo.push(ev);
-                } else {
-                    self.heap.push(t, ev);
-                }
-            }
-        }
-    }
-
-    /// An event time outgrew the window keys: continue in time order. Events of other ranks
-    /// earlier in the current window are still queued; they are independent of everything
-    /// handled since (see [`Window`]), so handling them after `now` is safe.
-    #[cold]
-    fn to_time_keys(&mut self) {
-        if let Some(w) = self.win.take() {
-            self.heap.rekey(|k| w.time(k), self.now);
+    fn schedule(&mut self, t: u64, ev: u64) {
+        if t == self.now {
+            self.fifo.push(ev);
+        } else {
+            self.heap.push(t, ev);
         }
     }
 
@@ -964,7 +754,7 @@ impl<'a> Sim<'a> {
             self.st[d].link -= 1;
             if self.st[d].link == 0 {
                 let rt = self.st[d].ready;
-                self.schedule(rt, self.cur_rank, EV_READY << 32 | d as u64);
+                self.schedule(rt, EV_READY << 32 | d as u64);
             }
         }
     }
@@ -1024,7 +814,7 @@ impl<'a> Sim<'a> {
                 let r = rank as usize;
                 arr = arr.max(self.rk[r].last_arr);
                 self.rk[r].last_arr = arr;
-                self.schedule(arr, s.ops[op].peer, EV_ARRIVE << 32 | op as u64);
+                self.schedule(arr, EV_ARRIVE << 32 | op as u64);
                 self.release(op, start, true, false);
                 if eager {
                     self.complete(op, e);
@@ -1103,7 +893,7 @@ impl<'a> Sim<'a> {
             self.cpu_at(ci).free = e;
             self.st[sop].link = r as u32;
             let t = e + self.p.l + self.noise.latency(self.op_base + sop as u64, 1);
-            self.schedule(t, s.ops[sop].rank, EV_CTS << 32 | sop as u64);
+            self.schedule(t, EV_CTS << 32 | sop as u64);
         }
     }
 
@@ -1130,7 +920,7 @@ impl<'a> Sim<'a> {
             .max(self.rk[r].last_arr);
         self.rk[r].last_arr = arr;
         self.complete(sop, e);
-        self.schedule(arr, s.ops[sop].peer, EV_DATA << 32 | sop as u64);
+        self.schedule(arr, EV_DATA << 32 | sop as u64);
     }
 
     /// Rendezvous data reached the receiver.
@@ -1350,12 +1140,8 @@ mod tests {
             .expect("generator");
             for noise in [Noise::none(), noisy.clone()] {
                 let p = Params::default();
-                let a = simulate_inner(&s, &p, &noise, &opts, None, Engine::FAST);
-                let no_warm = Engine {
-                    warm: false,
-                    ..Engine::FAST
-                };
-                let b = simulate_inner(&s, &p, &noise, &opts, None, no_warm);
+                let a = simulate_inner(&s, &p, &noise, &opts, None, true);
+                let b = simulate_inner(&s, &p, &noise, &opts, None, false);
                 assert_eq!(a.completed, s.len() as u64);
                 assert_eq!(a.st, b.st, "{pat:?}");
                 assert_eq!(a.noise, b.noise);
@@ -1365,144 +1151,6 @@ mod tests {
                 assert_eq!(a.class_noise, b.class_noise);
                 assert_eq!((a.events, a.completion), (b.events, b.completion));
             }
-        }
-    }
-
-    fn assert_same(a: &SimOutput, b: &SimOutput, what: &str) {
-        assert_eq!((a.events, a.completion), (b.events, b.completion), "{what}");
-        assert_eq!(a.completed, b.completed, "{what}");
-        assert_eq!(a.st, b.st, "{what}");
-        assert_eq!(a.noise, b.noise, "{what}");
-        assert_eq!(a.start, b.start, "{what}");
-        assert_eq!(a.rank_busy, b.rank_busy, "{what}");
-        assert_eq!(a.class_wait, b.class_wait, "{what}");
-        assert_eq!(a.class_noise, b.class_noise, "{what}");
-        assert_eq!(
-            (a.unmatched_recvs, a.unmatched_sends),
-            (b.unmatched_recvs, b.unmatched_sends),
-            "{what}"
-        );
-    }
-
-    /// The windowed order (also when it falls back to time keys in the middle of a run) gives
-    /// exactly the time-ordered engine's results on every generator: noise-free and noisy,
-    /// several seeds, non-powers of two, eager and rendezvous sizes, latency noise, latencies
-    /// that are and are not powers of two.
-    #[test]
-    fn window_order_equals_time_order() {
-        let opts = SimOptions {
-            record_noise: true,
-            record_start: true,
-            record_busy: true,
-        };
-        let noises = |seed: u64| {
-            [
-                Noise::none(),
-                Noise {
-                    source: NoiseSource::Poisson {
-                        interval: 50_000,
-                        detour: 9_000,
-                    },
-                    coscheduled: false,
-                    latency: LatencyNoise::Exp { mean: 700 },
-                    seed,
-                },
-                Noise {
-                    source: NoiseSource::Periodic {
-                        interval: 30_000,
-                        detour: 2_000,
-                    },
-                    coscheduled: seed % 2 == 0,
-                    latency: LatencyNoise::Uniform { max: 3000 },
-                    seed,
-                },
-            ]
-        };
-        let mut windowed = 0;
-        for pat in Pattern::all() {
-            for (ranks, bytes) in [(2, 8), (7, 100_000), (64, 8), (100, 70_000), (129, 1024)] {
-                let g = GenParams {
-                    ranks,
-                    bytes,
-                    reduce_ps_per_byte: 50,
-                    iterations: 3,
-                    compute_ns: 20_000,
-                    halo_bytes: bytes,
-                    allreduce_every: 2,
-                };
-                let Ok(s) = generate(pat, &g) else { continue };
-                for (l, big_s) in [(2500, 65535), (1, 65535), (3, 1000), (1000, 0)] {
-                    let p = Params {
-                        l,
-                        s: big_s,
-                        ..Params::default()
-                    };
-                    for seed in 1..=3 {
-                        for noise in noises(seed) {
-                            let what = format!("{pat:?} ranks={ranks} bytes={bytes} l={l} S={big_s} seed={seed} {noise:?}");
-                            let t = simulate_inner(&s, &p, &noise, &opts, None, Engine::TIME);
-                            assert_eq!(t.completed, s.len() as u64, "{what}");
-                            let w = simulate_inner(&s, &p, &noise, &opts, None, Engine::FAST);
-                            assert_same(&t, &w, &what);
-                            windowed += Window::new(&s, &p, u64::MAX).is_some() as u32;
-                            // Run out of window keys halfway through.
-                            let half = Engine {
-                                tmax: t.completion / 2,
-                                ..Engine::FAST
-                            };
-                            let h = simulate_inner(&s, &p, &noise, &opts, None, half);
-                            assert_same(&t, &h, &format!("{what} (switch to time keys)"));
-                        }
-                    }
-                }
-            }
-        }
-        assert!(windowed > 100, "the window order was used {windowed} times");
-    }
-
-    #[test]
-    fn window_key_orders_by_window_then_rank_then_time() {
-        let s = generate(
-            Pattern::Bcast,
-            &GenParams {
-                ranks: 1000,
-                ..GenParams::default()
-            },
-        )
-        .expect("generator");
-        let w = Window::new(&s, &Params::default(), u64::MAX).expect("window applies");
-        // L = 2500: W = 2048; 1000 ranks: 10 bits.
-        assert_eq!((w.tb, w.rb), (11, 10));
-        assert_eq!(w.tmax, u64::MAX >> 10);
-        let k = |t, r| w.key(t, r);
-        assert!(k(2047, 0) < k(0, 1));
-        assert!(k(2047, 999) < k(2048, 0));
-        assert!(k(5, 3) < k(6, 3));
-        for (t, r) in [(0, 0), (2047, 999), (123_456_789, 517), (w.tmax, 999)] {
-            assert_eq!((w.time(k(t, r)), w.rank(k(t, r))), (t, r));
-        }
-        // No window without latency, with one rank, or with a dependency between ranks.
-        let p0 = Params {
-            l: 0,
-            ..Params::default()
-        };
-        assert!(Window::new(&s, &p0, u64::MAX).is_none());
-        let mut b = crate::schedule::ScheduleBuilder::new(2);
-        let a = b.calc(0, 10, 0);
-        let c = b.calc(1, 10, 0);
-        b.depend(c, a, false);
-        let cross = b.finish().expect("schedule");
-        assert!(!deps_within_ranks(&cross));
-        assert!(Window::new(&cross, &Params::default(), u64::MAX).is_none());
-        let one = generate(
-            Pattern::Bcast,
-            &GenParams {
-                ranks: 1,
-                ..GenParams::default()
-            },
-        );
-        if let Ok(one) = one {
-            assert!(Window::new(&one, &Params::default(), u64::MAX).is_none());
         }
     }
 }
