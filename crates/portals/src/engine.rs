@@ -1,7 +1,7 @@
 //! The engine: portal table management, delivery planning, initiator helpers.
 
 use crate::error::Error;
-use crate::event::{post, EqSlot, Event, EventKind, Posted};
+use crate::event::{post, reserve, EqSlot, Event, EventKind, Posted, Slot};
 use crate::matching::{
     EntrySlot, Link, MatchSpec, PortalInfo, PortalSlot, Position, Target, Unlink, NIL,
 };
@@ -902,7 +902,7 @@ impl<S: Store> Engine<S> {
     /// then hands the same header to the general path, which refuses and counts it.
     /// A property test holds the two paths to the same effects on random tables and
     /// headers.
-    #[inline]
+    #[inline(always)]
     pub fn deliver_put_fast(&mut self, h: &WireHeader, out: &mut Region) -> bool {
         // `WireHeader::validate` for a put without ack (which needs no return
         // descriptor), then the destination check of the general path.
@@ -972,24 +972,32 @@ impl<S: Store> Engine<S> {
         // Every check passed: from here on the effects of the general path, in its order.
         t.entries[cur as usize].uses = uses;
         if eq.idx != u32::MAX {
-            let ev = Event {
-                kind: EventKind::Put,
-                initiator: h.src,
-                portal: h.portal,
-                match_bits: h.match_bits,
-                rlength: h.length,
-                mlength: m,
-                offset: h.offset,
-                md: mdh,
-                entry: MatchHandle { idx: cur, gen },
-                hdr_data: h.hdr_data,
-                truncated,
-                header_saved: false,
-                reason: None,
-                seq: 0,
+            let (at, seq) = match reserve(t.eqs, eq) {
+                Slot::At(at, seq) => (at, seq),
+                Slot::Overflowed => {
+                    self.counters.eq_overflows += 1;
+                    (usize::MAX, 0)
+                }
+                Slot::NoQueue => (usize::MAX, 0),
             };
-            if let Posted::Overflowed(_) = post(t.eqs, t.events, eq, &ev) {
-                self.counters.eq_overflows += 1;
+            // Written in place, from registers.
+            if let Some(ev) = t.events.get_mut(at) {
+                *ev = Event {
+                    kind: EventKind::Put,
+                    initiator: h.src,
+                    portal: h.portal,
+                    match_bits: h.match_bits,
+                    rlength: h.length,
+                    mlength: m,
+                    offset: h.offset,
+                    md: mdh,
+                    entry: MatchHandle { idx: cur, gen },
+                    hdr_data: h.hdr_data,
+                    truncated,
+                    header_saved: false,
+                    reason: None,
+                    seq,
+                };
             }
         }
         self.counters.delivered += 1;
