@@ -1639,27 +1639,34 @@ impl<S: Store> Engine<S> {
         }
         let t = self.store.tables();
         let eq = t.mds[md.idx as usize].eq;
-        let ev = Event {
-            kind: EventKind::Send,
-            initiator: dst,
-            portal,
-            match_bits,
-            rlength,
-            mlength: body.len(),
-            offset,
-            md,
-            entry: MatchHandle::NONE,
-            hdr_data,
-            truncated: false,
-            header_saved: false,
-            reason: None,
-            seq: 0,
-        };
-        let posted = post(t.eqs, t.events, eq, &ev);
-        if let Posted::Overflowed(_) = posted {
-            self.counters.eq_overflows += 1;
+        // The slot first, then the event written into it from registers (nothing is built when
+        // the descriptor has no queue).
+        match reserve(t.eqs, eq) {
+            Slot::NoQueue => Ok(Posted::NoQueue),
+            Slot::Overflowed => {
+                self.counters.eq_overflows += 1;
+                Ok(Posted::Overflowed(eq))
+            }
+            Slot::At(at, seq) => {
+                t.events[at] = Event {
+                    kind: EventKind::Send,
+                    initiator: dst,
+                    portal,
+                    match_bits,
+                    rlength,
+                    mlength: body.len(),
+                    offset,
+                    md,
+                    entry: MatchHandle::NONE,
+                    hdr_data,
+                    truncated: false,
+                    header_saved: false,
+                    reason: None,
+                    seq,
+                };
+                Ok(Posted::Queued(eq))
+            }
         }
-        Ok(posted)
     }
 }
 
