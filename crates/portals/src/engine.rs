@@ -1,13 +1,13 @@
 //! The engine: portal table management, delivery planning, initiator helpers.
 
 use crate::error::Error;
-use crate::event::{post, EqSlot, Event, EventKind, Posted};
+use crate::event::{post, reserve, EqSlot, Event, EventKind, Posted, Slot};
 use crate::matching::{
     EntrySlot, Link, MatchSpec, PortalInfo, PortalSlot, Position, Target, Unlink, NIL,
 };
 use crate::md::{
-    combined_body, linear_len, place, place_into, Access, HeapChunk, MdKind, MdSlot, MdSpec,
-    MdState, Miss, Place,
+    combined_body, fit, linear_len, place, place_into, Access, HeapChunk, MdKind, MdSlot, MdSpec,
+    MdState, Miss, OffsetMode, Place,
 };
 use crate::plan::{
     Body, Counters, DeliveryPlan, DropReason, Dropped, Response, Segment, Segments, SendPlan,
@@ -76,7 +76,7 @@ pub struct MatchInfo {
 /// The portals engine: every table, sized once, and the delivery logic.
 ///
 /// See the crate documentation for the life of a message.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Engine<S: Store> {
     store: S,
     cfg: Config,
@@ -891,6 +891,121 @@ impl<S: Store> Engine<S> {
         self.deliver_plan::<false>(h, plan)
     }
 
+    /// The common small put, delivered without a plan: a put that asks for no
+    /// acknowledgment, on an enabled portal without a handler, taken by a match
+    /// entry that stays linked, into a single-block descriptor with sender-managed
+    /// offsets. Returns `true` when it delivered the put: `out` is then the range
+    /// the payload goes to, and the engine's state (entry use, event, counters) is
+    /// exactly what [`Engine::deliver_into`] leaves, whose plan would hold that
+    /// range, no response, no saved header and no handler. Returns `false`, having
+    /// changed nothing, for every other header — invalid ones included: the caller
+    /// then hands the same header to the general path, which refuses and counts it.
+    /// A property test holds the two paths to the same effects on random tables and
+    /// headers.
+    #[inline(always)]
+    pub fn deliver_put_fast(&mut self, h: &WireHeader, out: &mut Region) -> bool {
+        // `WireHeader::validate` for a put without ack (which needs no return
+        // descriptor), then the destination check of the general path.
+        let plain = (h.version == WIRE_VERSION)
+            & (h.op == Op::Put)
+            & (h.flags == 0)
+            & (h.portal < self.limits.portals)
+            & (h.src.group != ANY)
+            & (h.src.rank != ANY)
+            & (h.dst.group != ANY)
+            & (h.dst.rank != ANY)
+            & (h.length == h.rlength)
+            & (h.length <= self.limits.max_message)
+            & h.offset.checked_add(h.length).is_some()
+            & h.return_offset.checked_add(h.rlength).is_some()
+            & (h.dst == self.cfg.id);
+        if !plain {
+            return false;
+        }
+        let t = self.store.tables();
+        let Some(&portal) = t.portals.get(h.portal as usize) else {
+            return false;
+        };
+        if !portal.enabled | portal.handler.is_some() | !portal.acl.permits(h.src, false) {
+            return false;
+        }
+        let Target::List { head, .. } = portal.target else {
+            return false;
+        };
+        // The general path's walk: entries that do not match are skipped without effect.
+        let mut cur = head;
+        let e = loop {
+            match t.entries.get(cur as usize) {
+                Some(e) if !e.matches(h) => cur = e.next,
+                Some(e) => break e,
+                None => return false,
+            }
+        };
+        let (mdh, gen, uses, threshold) = (e.md, e.gen, e.uses, e.threshold);
+        let Some(slot) = t.mds.get(mdh.idx as usize) else {
+            return false;
+        };
+        if !slot.is(mdh) | !slot.opts.put {
+            return false;
+        }
+        let MdState::Single {
+            region,
+            mode: OffsetMode::Sender,
+            ..
+        } = slot.state
+        else {
+            return false;
+        };
+        let Ok((m, truncated)) = fit(region.len, h.offset, h.length, slot.opts.truncate) else {
+            return false;
+        };
+        // An entry reaching its threshold is unlinked (and an unlink event posted): general path.
+        let uses = uses.saturating_add(1);
+        if (threshold != 0) & (uses >= threshold) {
+            return false;
+        }
+        let eq = if slot.eq.idx != u32::MAX {
+            slot.eq
+        } else {
+            portal.eq
+        };
+        // Every check passed: from here on the effects of the general path, in its order.
+        t.entries[cur as usize].uses = uses;
+        if eq.idx != u32::MAX {
+            let (at, seq) = match reserve(t.eqs, eq) {
+                Slot::At(at, seq) => (at, seq),
+                Slot::Overflowed => {
+                    self.counters.eq_overflows += 1;
+                    (usize::MAX, 0)
+                }
+                Slot::NoQueue => (usize::MAX, 0),
+            };
+            // Written in place, from registers.
+            if let Some(ev) = t.events.get_mut(at) {
+                *ev = Event {
+                    kind: EventKind::Put,
+                    initiator: h.src,
+                    portal: h.portal,
+                    match_bits: h.match_bits,
+                    rlength: h.length,
+                    mlength: m,
+                    offset: h.offset,
+                    md: mdh,
+                    entry: MatchHandle { idx: cur, gen },
+                    hdr_data: h.hdr_data,
+                    truncated,
+                    header_saved: false,
+                    reason: None,
+                    seq,
+                };
+            }
+        }
+        self.counters.delivered += 1;
+        self.counters.bytes = self.counters.bytes.wrapping_add(m);
+        *out = region.sub(h.offset, m);
+        true
+    }
+
     /// Delivery, writing the plan's event when `EVENT` (else only for a handler).
     #[inline]
     fn deliver_plan<const EVENT: bool>(
@@ -1524,27 +1639,34 @@ impl<S: Store> Engine<S> {
         }
         let t = self.store.tables();
         let eq = t.mds[md.idx as usize].eq;
-        let ev = Event {
-            kind: EventKind::Send,
-            initiator: dst,
-            portal,
-            match_bits,
-            rlength,
-            mlength: body.len(),
-            offset,
-            md,
-            entry: MatchHandle::NONE,
-            hdr_data,
-            truncated: false,
-            header_saved: false,
-            reason: None,
-            seq: 0,
-        };
-        let posted = post(t.eqs, t.events, eq, &ev);
-        if let Posted::Overflowed(_) = posted {
-            self.counters.eq_overflows += 1;
+        // The slot first, then the event written into it from registers (nothing is built when
+        // the descriptor has no queue).
+        match reserve(t.eqs, eq) {
+            Slot::NoQueue => Ok(Posted::NoQueue),
+            Slot::Overflowed => {
+                self.counters.eq_overflows += 1;
+                Ok(Posted::Overflowed(eq))
+            }
+            Slot::At(at, seq) => {
+                t.events[at] = Event {
+                    kind: EventKind::Send,
+                    initiator: dst,
+                    portal,
+                    match_bits,
+                    rlength,
+                    mlength: body.len(),
+                    offset,
+                    md,
+                    entry: MatchHandle::NONE,
+                    hdr_data,
+                    truncated: false,
+                    header_saved: false,
+                    reason: None,
+                    seq,
+                };
+                Ok(Posted::Queued(eq))
+            }
         }
-        Ok(posted)
     }
 }
 

@@ -131,6 +131,43 @@ impl EqSlot {
     };
 }
 
+/// Where [`reserve`] put the next event of a queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// No live queue: nothing to write.
+    NoQueue,
+    /// The queue was full: the loss is counted, nothing to write.
+    Overflowed,
+    /// Write the event, with this sequence number, at this index of the events table.
+    At(usize, u64),
+}
+
+/// [`post`] without the write: takes the queue's next sequence number and slot (or counts the
+/// loss) and leaves the event to the caller, who writes it in place from its values (an event
+/// built on the stack and then copied was written with narrow stores and read back with wide
+/// loads, a store-forwarding stall).
+#[inline(always)]
+pub(crate) fn reserve(eqs: &mut [EqSlot], h: EqHandle) -> Slot {
+    let Some(q) = eqs.get_mut(h.idx as usize) else {
+        return Slot::NoQueue;
+    };
+    if !q.live | (q.gen != h.gen) {
+        return Slot::NoQueue;
+    }
+    let seq = q.seq;
+    q.seq += 1;
+    if q.len == q.cap {
+        q.lost += 1;
+        return Slot::Overflowed;
+    }
+    let mut at = q.head + q.len;
+    if at >= q.cap {
+        at -= q.cap;
+    }
+    q.len += 1;
+    Slot::At((q.base + at) as usize, seq)
+}
+
 /// Post `ev` to queue `h` if it is live. Branch-light: one generation check,
 /// one capacity check.
 #[inline]

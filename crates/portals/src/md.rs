@@ -269,7 +269,7 @@ pub(crate) enum Access {
 
 /// Fit `want` bytes at `off` in a buffer of `len` bytes.
 #[inline]
-fn fit(len: u64, off: u64, want: u64, truncate: bool) -> Result<(u64, bool), Miss> {
+pub(crate) fn fit(len: u64, off: u64, want: u64, truncate: bool) -> Result<(u64, bool), Miss> {
     if off > len {
         return Err(Miss::TooLong);
     }

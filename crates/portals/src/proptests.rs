@@ -3,6 +3,7 @@
 
 use crate::*;
 use proptest::prelude::*;
+use std::format;
 use std::vec::Vec;
 
 const ME: ProcessId = ProcessId::new(1, 0);
@@ -471,4 +472,418 @@ fn fuzz_corpus_replays_clean() {
         n += 1;
     }
     assert!(n >= 5, "expected the committed corpus in {}", dir.display());
+}
+
+// ------------------------------------------------ the put fast path against the general one
+
+type FastStore = ArrayStore<4, 12, 8, 16, 2, 12, 16>;
+
+/// One descriptor of the random tables: kind 0 single block, 1 independent
+/// blocks, 2 combined blocks, 3 dynamic heap.
+#[derive(Clone, Debug)]
+struct FastMd {
+    kind: u8,
+    len: u64,
+    put: bool,
+    truncate: bool,
+    ack: bool,
+    sender: bool,
+    eq: u8,
+}
+
+/// One portal table entry: enabled, access (0 everyone, 1 group 2 only, 2 rank
+/// (2, 1) only, 3 gets only), queue (0 none, 1, 2), handler, target (0 list,
+/// 1 an attached descriptor, 2 nothing).
+#[derive(Clone, Debug)]
+struct FastPortal {
+    enabled: bool,
+    acl: u8,
+    eq: u8,
+    handler: bool,
+    target: u8,
+    md: usize,
+}
+
+#[derive(Clone, Debug)]
+struct FastEntry {
+    portal: u32,
+    md: usize,
+    bits: u64,
+    ignore: bool,
+    from: u8,
+    threshold: u32,
+}
+
+/// A header, mostly a valid put, with every field sometimes wrong.
+#[derive(Clone, Debug)]
+struct FastHdr {
+    version: u8,
+    op: u8,
+    flags: u16,
+    portal: u32,
+    src: u8,
+    dst: u8,
+    bits: u64,
+    offset: u64,
+    length: u64,
+    rlength_differs: bool,
+    return_offset: u64,
+    return_md: bool,
+    hdr_data: u64,
+    /// Take one event from each queue before this header.
+    drain: bool,
+}
+
+fn fast_md() -> impl Strategy<Value = FastMd> {
+    // Mostly the fast path's kind (a single block, sender-managed, puts allowed).
+    (0u8..8, 0u64..300, 0u8..8, any::<[bool; 2]>(), 0u8..3).prop_map(|(kind, len, odd, b, eq)| {
+        FastMd {
+            kind: kind.saturating_sub(4),
+            len,
+            put: odd != 0,
+            truncate: b[0],
+            ack: b[1],
+            sender: odd != 1,
+            eq,
+        }
+    })
+}
+
+fn fast_portal() -> impl Strategy<Value = FastPortal> {
+    (0u8..12, 0u8..3, 0u8..8, 0usize..8).prop_map(|(odd, eq, target, md)| FastPortal {
+        enabled: odd != 0,
+        acl: match odd {
+            1 => 1,
+            2 => 2,
+            3 => 3,
+            _ => 0,
+        },
+        eq,
+        handler: odd == 4,
+        target: target.saturating_sub(5),
+        md,
+    })
+}
+
+fn fast_entry() -> impl Strategy<Value = FastEntry> {
+    (0u32..4, 0usize..8, 0u64..2, any::<bool>(), 0u8..6, 0u32..8).prop_map(
+        |(portal, md, bits, ignore, from, threshold)| FastEntry {
+            portal,
+            md,
+            bits,
+            ignore,
+            from,
+            threshold: threshold.saturating_sub(4),
+        },
+    )
+}
+
+fn fast_hdr() -> impl Strategy<Value = FastHdr> {
+    // One fault at most per header (about half carry one), so that valid puts are common.
+    (
+        (0u8..28, 0u32..5, 0u8..3, 0u64..2),
+        (0u64..330, 0u64..330, any::<u64>(), any::<[bool; 3]>()),
+    )
+        .prop_map(
+            |((fault, portal, src, bits), (offset, length, data, b))| FastHdr {
+                version: if fault == 0 { 2 } else { WIRE_VERSION },
+                op: match fault {
+                    1 => 2,
+                    2 => 3,
+                    3 => 4,
+                    _ => 1,
+                },
+                flags: match fault {
+                    4 => flags::ACK_REQ,
+                    5 => flags::TRUNCATED,
+                    6 => 0x40,
+                    _ => 0,
+                },
+                portal: if fault == 7 { 4 + portal } else { portal % 4 },
+                src: match fault {
+                    8 => 0,
+                    9 => 1,
+                    10 => 2,
+                    _ => 3 + src % 2,
+                },
+                dst: match fault {
+                    11 => 0,
+                    12 => 1,
+                    _ => 2,
+                },
+                bits,
+                offset: match fault {
+                    13 => u64::MAX - 2,
+                    17 => offset,
+                    _ => offset % 40,
+                },
+                length: match fault {
+                    14 => 5000,
+                    18 => length,
+                    _ => length % 40,
+                },
+                rlength_differs: fault == 15,
+                return_offset: if fault == 16 { u64::MAX } else { 0 },
+                return_md: b[0],
+                hdr_data: data,
+                drain: b[1] && b[2],
+            },
+        )
+}
+
+fn fast_engine(
+    mds: &[FastMd],
+    portals: &[FastPortal],
+    entries: &[FastEntry],
+    release: &[usize],
+) -> (Engine<FastStore>, [EqHandle; 2]) {
+    let mut e = Engine::with_store(FastStore::config(ME, 4096), FastStore::new()).unwrap();
+    let eqs = [e.eq_alloc(3).unwrap(), e.eq_alloc(9).unwrap()];
+    let queue = |i: u8| match i {
+        0 => None,
+        i => Some(eqs[i as usize - 1]),
+    };
+    let mut handles = Vec::new();
+    for (i, m) in mds.iter().enumerate() {
+        let base = 0x10_000 * (i as u64 + 1);
+        let blocks = [
+            Region::new(base, m.len / 3),
+            Region::new(base + m.len / 3, m.len - m.len / 3),
+        ];
+        let offset = if m.sender {
+            OffsetMode::Sender
+        } else {
+            OffsetMode::Receiver
+        };
+        let kind = match m.kind {
+            0 => MdKind::Single {
+                region: Region::new(base, m.len),
+                offset,
+            },
+            1 => MdKind::Independent {
+                blocks: &blocks,
+                circular: m.truncate,
+                save: Save::Both,
+            },
+            2 => MdKind::Combined {
+                blocks: &blocks,
+                offset,
+            },
+            _ => MdKind::Dynamic {
+                region: Region::new(base, m.len),
+                save: Save::Body,
+                max_messages: 3,
+            },
+        };
+        let options = MdOptions {
+            put: m.put,
+            get: true,
+            ack: m.ack,
+            truncate: m.truncate,
+        };
+        handles.push(
+            e.md_create(&MdSpec {
+                kind,
+                options,
+                eq: queue(m.eq),
+            })
+            .ok(),
+        );
+    }
+    let md = |i: usize| handles.get(i % handles.len().max(1)).copied().flatten();
+    for (p, s) in portals.iter().enumerate() {
+        let p = p as u32;
+        if s.enabled {
+            e.portal_enable(p).unwrap();
+        }
+        let acl = match s.acl {
+            0 => Acl::ALLOW_ALL,
+            1 => Acl::job(2),
+            2 => Acl {
+                group: 2,
+                rank: 1,
+                put: true,
+                get: true,
+            },
+            _ => Acl {
+                put: false,
+                ..Acl::ALLOW_ALL
+            },
+        };
+        e.portal_set_acl(p, acl).unwrap();
+        e.portal_set_eq(p, queue(s.eq)).unwrap();
+        if s.handler {
+            e.portal_set_handler(p, Some(HandlerId(7))).unwrap();
+        }
+        if let (1, Some(h)) = (s.target, md(s.md)) {
+            e.portal_attach_md(p, h).unwrap();
+        }
+    }
+    for en in entries {
+        let Some(h) = md(en.md) else { continue };
+        if portals
+            .get(en.portal as usize)
+            .is_some_and(|p| p.target != 0)
+        {
+            continue;
+        }
+        let mut spec = MatchSpec::new(en.bits).ignore(if en.ignore { 1 } else { 0 });
+        spec = match en.from {
+            1 => spec.from(2, ANY),
+            2 => spec.from(2, 1),
+            3 => spec.from(3, ANY),
+            _ => spec,
+        };
+        if en.threshold > 0 {
+            spec = spec.threshold(en.threshold);
+        }
+        let _ = e.me_append(en.portal, spec, h);
+    }
+    for &r in release {
+        if let Some(h) = md(r) {
+            let _ = e.md_release(h);
+        }
+    }
+    (e, eqs)
+}
+
+fn fast_header(g: &FastHdr) -> WireHeader {
+    let pid = |s: u8| match s {
+        0 => ProcessId::new(ANY, 1),
+        1 => ProcessId::new(2, ANY),
+        2 => ProcessId::new(3, 0),
+        3 => ProcessId::new(2, 0),
+        _ => ProcessId::new(2, 1),
+    };
+    WireHeader {
+        version: g.version,
+        op: Op::from_u8(g.op).unwrap(),
+        flags: g.flags,
+        portal: g.portal,
+        src: pid(g.src),
+        dst: match g.dst {
+            0 => ProcessId::new(1, ANY),
+            1 => ProcessId::new(1, 1),
+            _ => ME,
+        },
+        match_bits: g.bits,
+        offset: g.offset,
+        length: g.length,
+        rlength: g.length + g.rlength_differs as u64,
+        return_md: if g.return_md { 7 } else { NO_MD },
+        return_offset: g.return_offset,
+        hdr_data: g.hdr_data,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
+
+    /// On random portal tables and headers (invalid ones included), the fast
+    /// path either leaves the engine exactly as the general path does, with the
+    /// general plan's single deposit range and nothing else to do, or declines
+    /// without touching anything (and the general path then decides).
+    #[test]
+    fn put_fast_path_has_exactly_the_general_paths_effects(
+        mds in proptest::collection::vec(fast_md(), 1..8),
+        portals in proptest::collection::vec(fast_portal(), 4),
+        entries in proptest::collection::vec(fast_entry(), 0..13),
+        release in proptest::collection::vec(0usize..16, 0..3),
+        hdrs in proptest::collection::vec(fast_hdr(), 1..40),
+    ) {
+        let (mut e, eqs) = fast_engine(&mds, &portals, &entries, &release);
+        for g in &hdrs {
+            if g.drain {
+                for q in eqs {
+                    let _ = e.eq_get(q);
+                }
+            }
+            let h = fast_header(g);
+            let before = format!("{e:?}");
+            let mut general = e.clone();
+            let mut plan = DeliveryPlan::EMPTY;
+            let result = general.deliver_into(&h, &mut plan);
+            let mut to = Region::new(1, 1);
+            if e.deliver_put_fast(&h, &mut to) {
+                prop_assert!(result.is_ok(), "fast path took a header the general path drops: {:?}", result);
+                prop_assert_eq!(plan.op, Op::Put);
+                prop_assert!(plan.body.is_contiguous());
+                prop_assert_eq!(plan.body.first(), to);
+                prop_assert_eq!(plan.mlength, to.len);
+                prop_assert_eq!(plan.header_at, None);
+                prop_assert_eq!(plan.response, Response::None);
+                prop_assert_eq!(plan.handler, None);
+                prop_assert_eq!(format!("{e:?}"), format!("{general:?}"));
+            } else {
+                prop_assert_eq!(to, Region::new(1, 1));
+                prop_assert_eq!(format!("{e:?}"), before);
+                e = general;
+            }
+        }
+    }
+}
+
+/// The fast path takes the common put (and posts its event), and leaves to the
+/// general path an acked put, a put that unlinks its entry, and a wrong header.
+#[test]
+fn put_fast_path_takes_the_common_put_only() {
+    let mut e = Engine::with_store(FastStore::config(ME, 4096), FastStore::new()).unwrap();
+    let eq = e.eq_alloc(8).unwrap();
+    let md = e
+        .md_create(&MdSpec {
+            kind: MdKind::Single {
+                region: Region::new(0x1000, 64),
+                offset: OffsetMode::Sender,
+            },
+            options: MdOptions::PUT,
+            eq: Some(eq),
+        })
+        .unwrap();
+    e.portal_enable(0).unwrap();
+    e.portal_set_acl(0, Acl::job(2)).unwrap();
+    let me = e.me_append(0, MatchSpec::new(5), md).unwrap();
+    let once = e.me_append(0, MatchSpec::new(6).use_once(), md).unwrap();
+    let h = WireHeader {
+        version: WIRE_VERSION,
+        op: Op::Put,
+        flags: 0,
+        portal: 0,
+        src: ProcessId::new(2, 1),
+        dst: ME,
+        match_bits: 5,
+        offset: 8,
+        length: 8,
+        rlength: 8,
+        return_md: NO_MD,
+        return_offset: 0,
+        hdr_data: 42,
+    };
+    let mut to = Region::EMPTY;
+    assert!(e.deliver_put_fast(&h, &mut to));
+    assert_eq!(to, Region::new(0x1008, 8));
+    let ev = e.eq_get(eq).unwrap().unwrap();
+    assert_eq!(
+        (ev.kind, ev.entry, ev.offset, ev.hdr_data),
+        (EventKind::Put, me, 8, 42)
+    );
+    assert_eq!(e.counters().delivered, 1);
+    let acked = WireHeader {
+        flags: flags::ACK_REQ,
+        return_md: 3,
+        ..h
+    };
+    assert!(!e.deliver_put_fast(&acked, &mut to));
+    assert!(!e.deliver_put_fast(&WireHeader { match_bits: 6, ..h }, &mut to));
+    assert_eq!(e.me_info(once).unwrap().uses, 0);
+    assert!(!e.deliver_put_fast(&WireHeader { length: 9, ..h }, &mut to));
+    assert!(!e.deliver_put_fast(
+        &WireHeader {
+            offset: 60,
+            rlength: 8,
+            ..h
+        },
+        &mut to
+    ));
+    assert_eq!(e.counters().delivered, 1);
+    assert_eq!(e.eq_len(eq).unwrap(), 0);
 }

@@ -136,7 +136,7 @@ impl Store for SliceStore<'_> {
 /// Tables as fixed arrays: `P` portals, `M` match entries, `D` descriptors,
 /// `B` blocks, `Q` event queues, `E` event slots, `H` heap records.
 /// `ArrayStore::new()` is `const`, so it can initialise a `static`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ArrayStore<
     const P: usize,
     const M: usize,

@@ -1323,6 +1323,22 @@ impl Ctx<'_> {
             return self.drop_msg(DropReason::Malformed);
         }
         let w = &*self.wire;
+        // 4a. The common small put (no ack, no large reference, a match entry that stays linked,
+        // a single sender-managed block): portals delivers it without writing a plan, with the
+        // general path's checks, counters and event (a property test in portals holds the two
+        // paths to the same effects), or declines having touched nothing.
+        if lref.is_none() {
+            let mut to = PRegion::EMPTY;
+            if self.engine.deliver_put_fast(w, &mut to) {
+                let n = to.len as usize;
+                if n > body.len() || !self.mem.write(to.addr, &body[..n]) {
+                    self.drop_msg(DropReason::BadMemory);
+                }
+                self.delivered += 1;
+                self.delivered_bytes += to.len;
+                return;
+            }
+        }
         // 4. Portals: access control, matching, placement, events.
         if let Err(d) = self.engine.deliver_into_no_event(w, self.plan) {
             self.drop_msg(DropReason::from(d.reason));
