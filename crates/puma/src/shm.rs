@@ -46,6 +46,8 @@ use crate::ops::Operation;
 /// reader checks it). Payloads up to this size take one step; larger ones go in pieces.
 pub const SLOT_BYTES: usize = SLOT - 16;
 const SLOT_DATA: usize = 16;
+/// Buffer addresses one member can publish for cross-memory attach.
+const MAX_REMOTE: usize = 2;
 
 /// Segments of a port's stage: a large collective goes in pieces of one segment each, and
 /// piece `g` (counted over the communicator's life) uses segment `g mod STAGE_SEGS`, so a writer
@@ -74,6 +76,129 @@ pub(crate) fn copy_bytes(dst: &mut [u8], src: &[u8]) {
 /// [`copy_bytes`] for elements.
 pub(crate) fn copy_elems<T: Pod>(dst: &mut [T], src: &[T]) {
     copy_bytes(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(src));
+}
+
+/// The two ways a large node-local broadcast or all-reduce can go.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum LargePath {
+    /// Through the stages: two copies, pipelined in pieces.
+    Stage = 0,
+    /// Straight out of the other ranks' buffers by cross-memory attach: one copy.
+    Cma = 1,
+}
+
+impl LargePath {
+    /// The header word a leader publishes for it.
+    pub fn word(self) -> u64 {
+        self as u64
+    }
+
+    /// The path a header word names (anything unknown: the stages).
+    pub fn from_word(w: u64) -> LargePath {
+        if w == LargePath::Cma as u64 {
+            LargePath::Cma
+        } else {
+            LargePath::Stage
+        }
+    }
+}
+
+/// Operations of one size class between two probes of the path not taken, when both estimates
+/// are within [`PROBE_CLOSE`] of each other.
+const PROBE_EVERY: u32 = 16;
+/// The same when the other path was found more than [`PROBE_CLOSE`] times as expensive: probing
+/// it then costs more and is less likely to pay.
+const PROBE_RARE: u32 = 64;
+const PROBE_CLOSE: f64 = 1.5;
+
+/// Picks the cheaper of [`LargePath::Stage`] and [`LargePath::Cma`] for a large operation by
+/// measured cost, per size class (powers of two). Which one is cheaper depends on where the host
+/// placed the two vCPUs (a cache line crossing in ~40 ns or ~215 ns) and changes at run time, and
+/// the guest cannot see it, so the decider times each operation (nanoseconds per byte), keeps a
+/// running estimate per path, takes the cheaper one, and every [`PROBE_EVERY`] operations of a
+/// class (or [`PROBE_RARE`] when the other path was far behind) takes the other one once to
+/// refresh its estimate. A path not yet measured in a class is tried first.
+#[derive(Clone, Debug)]
+pub(crate) struct Chooser {
+    classes: [Class; 64],
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Class {
+    /// Estimated ns per byte of each path (index: `LargePath as usize`).
+    est: [Option<f64>; 2],
+    /// Operations since the other path was last taken.
+    since: u32,
+}
+
+impl Default for Chooser {
+    fn default() -> Chooser {
+        Chooser {
+            classes: [Class::default(); 64],
+        }
+    }
+}
+
+impl Chooser {
+    fn class(bytes: usize) -> usize {
+        bytes.max(1).ilog2() as usize
+    }
+
+    /// The path for an operation of `bytes`.
+    pub fn pick(&mut self, bytes: usize) -> LargePath {
+        let c = &mut self.classes[Self::class(bytes)];
+        let (st, cma) = match c.est {
+            [None, _] => return LargePath::Stage,
+            [_, None] => return LargePath::Cma,
+            [Some(st), Some(cma)] => (st, cma),
+        };
+        let (best, other, ratio) = if cma < st {
+            (LargePath::Cma, LargePath::Stage, st / cma)
+        } else {
+            (
+                LargePath::Stage,
+                LargePath::Cma,
+                cma / st.max(f64::MIN_POSITIVE),
+            )
+        };
+        c.since += 1;
+        let every = if ratio > PROBE_CLOSE {
+            PROBE_RARE
+        } else {
+            PROBE_EVERY
+        };
+        if c.since >= every {
+            c.since = 0;
+            other
+        } else {
+            best
+        }
+    }
+
+    /// Records that an operation of `bytes` took `ns` nanoseconds along `path`. The path in use
+    /// moves its estimate a quarter of the way to each sample, a probe of the other path half
+    /// of the way (it is sampled rarely); a sample is capped at 4x the estimate so one
+    /// descheduled operation does not condemn a path.
+    pub fn record(&mut self, bytes: usize, path: LargePath, ns: f64) {
+        let c = &mut self.classes[Self::class(bytes)];
+        let per = ns / bytes.max(1) as f64;
+        let other = c.est[1 - path as usize];
+        let e = &mut c.est[path as usize];
+        *e = Some(match *e {
+            None => per,
+            Some(old) => {
+                let probe = other.is_some_and(|o| o < old);
+                let w = if probe { 0.5 } else { 0.25 };
+                old + (per.min(4.0 * old) - old) * w
+            }
+        });
+    }
+
+    /// The current estimate (ns per byte) of `path` for operations of `bytes`.
+    #[cfg(test)]
+    pub fn estimate(&self, bytes: usize, path: LargePath) -> Option<f64> {
+        self.classes[Self::class(bytes)].est[path as usize]
+    }
 }
 
 /// The process's share of the area: which contexts its live communicators hold.
@@ -152,6 +277,8 @@ pub(crate) struct NodeColl {
     pieces: std::cell::Cell<u64>,
     /// First sequence number of each of the last `STAGE_SEGS` pieces (index: piece mod segs).
     piece_seq: RefCell<[u64; STAGE_SEGS]>,
+    /// Which path large broadcasts from this rank and all-reduces led by it take.
+    chooser: RefCell<Chooser>,
 }
 
 impl Drop for NodeColl {
@@ -225,6 +352,7 @@ impl NodeColl {
             cma,
             pieces: std::cell::Cell::new(0),
             piece_seq: RefCell::new([0; STAGE_SEGS]),
+            chooser: RefCell::new(Chooser::default()),
         })
     }
 
@@ -483,30 +611,66 @@ impl NodeColl {
         );
     }
 
-    /// Publishes, in this rank's slot of operation `s`, where `buf` lives in this process (its
-    /// address and the process id), for members to read it with [`NodeColl::read_remote`]; `total`
-    /// is the payload length every reader checks. The caller must keep `buf` unchanged until
-    /// every member has arrived at a later operation that it starts only after its reads.
-    pub fn publish_remote(&self, s: u64, buf: &[u8], total: u64, what: &str) -> Result<()> {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&(buf.as_ptr() as u64).to_le_bytes());
-        b[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
-        self.publish(s, &b, total, what)
+    /// Publishes in this rank's slot of operation `s` a header word (which path a large operation
+    /// takes, see [`NodeColl::header`]), this process's id and the addresses of `bufs` in this
+    /// process, for members to read them with [`NodeColl::read_remote`]; `total` is the payload
+    /// length every reader checks. The caller must keep the buffers unchanged until every member
+    /// has arrived at a later operation that it starts only after its reads.
+    pub fn publish_remote(
+        &self,
+        s: u64,
+        header: u64,
+        bufs: &[&[u8]],
+        total: u64,
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
+        b[..8].copy_from_slice(&header.to_le_bytes());
+        b[8..16].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+        for (k, buf) in bufs.iter().take(MAX_REMOTE).enumerate() {
+            b[16 + 8 * k..24 + 8 * k].copy_from_slice(&(buf.as_ptr() as u64).to_le_bytes());
+        }
+        self.publish(s, &b[..16 + 8 * bufs.len().min(MAX_REMOTE)], total, what)
     }
 
-    /// Copies `dst.len()` bytes at offset `off` of the buffer member `i` published with
+    /// Publishes only a header word (see [`NodeColl::publish_remote`]).
+    pub fn publish_header(&self, s: u64, header: u64, total: u64, what: &str) -> Result<()> {
+        self.publish(s, &header.to_le_bytes(), total, what)
+    }
+
+    /// The header word member `i` published for operation `s` (after [`NodeColl::wait_slot`]).
+    pub fn header(&self, i: usize, s: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read(i, s, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// Copies `dst.len()` bytes at offset `off` of buffer `which` that member `i` published with
     /// [`NodeColl::publish_remote`] for operation `s` straight from its process into `dst`
     /// (`process_vm_readv`: one copy, no staging). The caller has checked the published length
     /// covers `off + dst.len()`.
-    pub fn read_remote(&self, i: usize, s: u64, off: usize, dst: &mut [u8]) -> Result<()> {
-        let mut b = [0u8; 16];
+    pub fn read_remote(
+        &self,
+        i: usize,
+        s: u64,
+        which: usize,
+        off: usize,
+        dst: &mut [u8],
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
         self.read(i, s, &mut b);
-        let addr = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
-        let pid = u64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        let word = |k: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[8 * k..8 * k + 8]);
+            u64::from_le_bytes(w)
+        };
+        let pid = word(1);
+        let addr = word(2 + which.min(MAX_REMOTE - 1));
         let len = dst.len();
         let fail = |why: String| {
             Error::Invalid(format!(
-                "node-local all-to-all: cannot read {len} bytes of world rank {} (pid {pid}) by \
+                "node-local {what}: cannot read {len} bytes of world rank {} (pid {pid}) by \
                  cross-memory attach: {why} (PUMACOLL_CMA=0 turns this path off)",
                 self.world[i]
             ))
@@ -524,6 +688,17 @@ impl NodeColl {
         }
         self.core.st.borrow_mut().stats.cma_blocks += 1;
         Ok(())
+    }
+
+    /// The sequence number the next operation will get (without starting it): a member that
+    /// must learn the leader's choice before it starts waits for the leader's slot of it.
+    pub fn peek(&self) -> u64 {
+        self.seq.get() + 1
+    }
+
+    /// The measured-cost chooser of large operations (used by the member that decides).
+    pub fn chooser(&self) -> std::cell::RefMut<'_, Chooser> {
+        self.chooser.borrow_mut()
     }
 
     /// Starts the next stage piece: returns the byte offset of its segment in every member's
@@ -581,5 +756,78 @@ impl NodeColl {
                 op.combine(acc, src);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `ops` operations of `bytes` through the chooser with fixed per-byte costs; returns
+    /// how many took each path.
+    fn run(ch: &mut Chooser, bytes: usize, ops: u32, cost: [f64; 2]) -> [u32; 2] {
+        let mut n = [0; 2];
+        for _ in 0..ops {
+            let p = ch.pick(bytes);
+            n[p as usize] += 1;
+            ch.record(bytes, p, cost[p as usize] * bytes as f64);
+        }
+        n
+    }
+
+    #[test]
+    fn tries_both_paths_then_keeps_the_cheaper_and_probes_the_other() {
+        let mut ch = Chooser::default();
+        assert_eq!(ch.pick(1 << 20), LargePath::Stage);
+        ch.record(1 << 20, LargePath::Stage, 120_000.0);
+        assert_eq!(ch.pick(1 << 20), LargePath::Cma);
+        ch.record(1 << 20, LargePath::Cma, 100_000.0);
+        // Cma is cheaper (but within 1.5x): taken, the stages probed every 16th operation.
+        let n = run(&mut ch, 1 << 20, 160, [0.12, 0.1]);
+        assert_eq!(n, [10, 150]);
+        // Other size classes are measured on their own.
+        assert_eq!(ch.pick(100_000), LargePath::Stage);
+        assert_eq!(ch.estimate(100_000, LargePath::Cma), None);
+    }
+
+    #[test]
+    fn a_far_worse_path_is_probed_rarely() {
+        let mut ch = Chooser::default();
+        let n = run(&mut ch, 300_000, 2 + 640, [0.05, 0.12]);
+        assert_eq!(n, [2 + 640 - 11, 11]);
+    }
+
+    #[test]
+    fn follows_a_change_of_costs() {
+        let mut ch = Chooser::default();
+        run(&mut ch, 1 << 20, 100, [0.05, 0.1]);
+        // The host moved the vCPUs apart: the stages get 3x slower, cross-memory attach not.
+        run(&mut ch, 1 << 20, 200, [0.15, 0.1]);
+        let n = run(&mut ch, 1 << 20, 100, [0.15, 0.1]);
+        assert!(n[1] >= 90, "{n:?}");
+        // And back.
+        run(&mut ch, 1 << 20, 200, [0.05, 0.1]);
+        let n = run(&mut ch, 1 << 20, 100, [0.05, 0.1]);
+        assert!(n[0] >= 90, "{n:?}");
+    }
+
+    #[test]
+    fn one_slow_sample_does_not_condemn_a_path() {
+        let mut ch = Chooser::default();
+        run(&mut ch, 1 << 20, 50, [0.05, 0.1]);
+        ch.record(1 << 20, LargePath::Stage, 100.0 * (1 << 20) as f64);
+        let e = ch.estimate(1 << 20, LargePath::Stage).unwrap_or(0.0);
+        assert!(e < 0.1, "{e}");
+        // Still the path taken (apart from one probe of the other).
+        let n = run(&mut ch, 1 << 20, 16, [0.05, 0.1]);
+        assert!(n[0] >= 15, "{n:?}");
+    }
+
+    #[test]
+    fn header_words_name_the_path() {
+        for p in [LargePath::Stage, LargePath::Cma] {
+            assert_eq!(LargePath::from_word(p.word()), p);
+        }
+        assert_eq!(LargePath::from_word(77), LargePath::Stage);
     }
 }
