@@ -58,7 +58,7 @@ use bytemuck::Pod;
 use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
-use crate::shm::{copy_bytes, copy_elems, LargePath, NodeColl};
+use crate::shm::{copy_bytes, copy_elems, copy_to_stage, LargePath, NodeColl};
 use std::time::{Duration, Instant};
 
 /// Broadcast and reduce switch algorithms above this many bytes.
@@ -858,15 +858,27 @@ fn cma_min() -> Option<usize> {
     })
 }
 
-/// `PUMACOLL_LARGE=stage|cma` forces the path of large node-local broadcasts and all-reduces
-/// (else None: chosen by measured cost).
+/// Large node-local broadcasts and all-reduces of at least this many bytes per rank may write
+/// the stages with non-temporal stores when that measures cheaper (see
+/// [`crate::shm::copy_to_stage`]).
+pub const LARGE_NT: usize = 16 * 1024;
+
+/// `PUMACOLL_LARGE=stage|nt|cma` forces the path of large node-local broadcasts and
+/// all-reduces (else None: chosen by measured cost).
 fn large_forced() -> Option<LargePath> {
     static P: std::sync::OnceLock<Option<LargePath>> = std::sync::OnceLock::new();
     *P.get_or_init(|| match std::env::var("PUMACOLL_LARGE").as_deref() {
         Ok("stage") => Some(LargePath::Stage),
+        Ok("nt") => Some(LargePath::StageNt),
         Ok("cma") => Some(LargePath::Cma),
         _ => None,
     })
+}
+
+/// `PUMACOLL_STAGE_NT=0` keeps non-temporal stores out of the choice (measurements).
+fn stage_nt_allowed() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| !std::env::var("PUMACOLL_STAGE_NT").is_ok_and(|v| v == "0"))
 }
 
 /// Cross-memory attach between local ranks is allowed on this host (no Yama ptrace restriction)
@@ -1199,11 +1211,6 @@ fn elems<T: Pod>(b: &[u8]) -> Result<&[T]> {
         .map_err(|e| Error::Invalid(format!("stage bytes are not whole elements: {e}")))
 }
 
-fn elems_mut<T: Pod>(b: &mut [u8]) -> Result<&mut [T]> {
-    bytemuck::try_cast_slice_mut(b)
-        .map_err(|e| Error::Invalid(format!("stage bytes are not whole elements: {e}")))
-}
-
 impl Comm {
     /// The node group, when a payload of `bytes` per rank goes through the stages: the whole
     /// communicator on one node whose members gave it their stages, elements of `elem` bytes that
@@ -1240,7 +1247,9 @@ impl Comm {
         send: &[T],
         recv: &mut [T],
         op: &dyn Operation<T>,
+        path: LargePath,
     ) -> Result<()> {
+        let nt = path == LargePath::StageNt;
         const OP: &str = "all-reduce";
         let elem = std::mem::size_of::<T>();
         let total = std::mem::size_of_val(send) as u64;
@@ -1252,14 +1261,12 @@ impl Comm {
             let (off, s) = n.stage_piece(true, OP)?;
             if k == 0 {
                 // Before the copy: the other members wait for member 0's header to learn the path.
-                n.publish_header(s, LargePath::Stage.word(), total, OP)?;
+                n.publish_header(s, path.word(), total, OP)?;
             }
-            {
-                let seg: &mut [T] = elems_mut(n.stage_mine(off, m * elem))?;
-                for j in (0..p).filter(|&j| j != me) {
-                    let c = chunk(m, p, j);
-                    copy_elems(&mut seg[c.clone()], &src[c]);
-                }
+            for j in (0..p).filter(|&j| j != me) {
+                let c = chunk(m, p, j);
+                let seg = n.stage_mine(off + c.start * elem, c.len() * elem);
+                copy_to_stage(seg, bytes(&src[c]), nt);
             }
             n.arrive(s);
             n.wait_all(s, OP)?;
@@ -1281,7 +1288,7 @@ impl Comm {
                     op.combine(out, part);
                 }
             }
-            copy_bytes(n.stage_mine(at, c.len() * elem), bytes(out));
+            copy_to_stage(n.stage_mine(at, c.len() * elem), bytes(out), nt);
             let s2 = n.next();
             n.arrive(s2);
             n.wait_all(s2, OP)?;
@@ -1448,12 +1455,11 @@ impl Comm {
         if n.me == lead {
             let (path, timed) = Self::large_path(n, b.len(), true);
             let t0 = Instant::now();
-            let tail = match path {
-                LargePath::Stage => Self::stage_bcast_root(n, b)?,
-                LargePath::Cma => {
-                    Self::cma_bcast_root(n, b)?;
-                    Duration::ZERO
-                }
+            let tail = if path.staged() {
+                Self::stage_bcast_root(n, b, path)?
+            } else {
+                Self::cma_bcast_root(n, b)?;
+                Duration::ZERO
             };
             if timed {
                 let ns = (t0.elapsed() + tail).as_nanos() as f64;
@@ -1464,7 +1470,7 @@ impl Comm {
         let s = n.peek();
         n.wait_slot(lead, s, OP)?;
         match LargePath::from_word(n.header(lead, s)) {
-            LargePath::Stage => {
+            LargePath::Stage | LargePath::StageNt => {
                 n.check_len(lead, s, total, OP)?;
                 Self::stage_bcast_reader(n, b, lead)
             }
@@ -1485,7 +1491,7 @@ impl Comm {
     /// (up to three pieces ahead of its readers); the first piece's slot carries the header.
     /// Returns how long the last piece took to copy in: the readers still copy it out when the
     /// root returns, so the root adds that to its measured time.
-    fn stage_bcast_root(n: &NodeColl, b: &[u8]) -> Result<Duration> {
+    fn stage_bcast_root(n: &NodeColl, b: &[u8], path: LargePath) -> Result<Duration> {
         const OP: &str = "broadcast";
         let total = b.len() as u64;
         let mut last = Duration::ZERO;
@@ -1493,10 +1499,14 @@ impl Comm {
             let piece = &b[r];
             let (off, s) = n.stage_piece(true, OP)?;
             let t = Instant::now();
-            copy_bytes(n.stage_mine(off, piece.len()), piece);
+            copy_to_stage(
+                n.stage_mine(off, piece.len()),
+                piece,
+                path == LargePath::StageNt,
+            );
             last = t.elapsed();
             if k == 0 {
-                n.publish_header(s, LargePath::Stage.word(), total, OP)?;
+                n.publish_header(s, path.word(), total, OP)?;
             }
             n.arrive(s);
         }
@@ -1534,18 +1544,26 @@ impl Comm {
     }
 
     /// The path of a large node-local broadcast or all-reduce of `bytes` per rank, decided by
-    /// the root / member 0, and whether to time it for the chooser. Cross-memory attach needs
-    /// every member able to read the others (agreed at setup) and `bytes` of at least
-    /// [`LARGE_CMA`] (`PUMACOLL_CMA_MIN`); `PUMACOLL_LARGE=stage|cma` forces either (for tests and
-    /// measurements), else the cheaper one by measured cost ([`crate::shm::Chooser`]). `ok`:
-    /// the caller can take the single-copy path for this operation at all.
-    fn large_path(n: &NodeColl, bytes: usize, ok: bool) -> (LargePath, bool) {
-        if !ok || !n.cma || bytes < cma_min().unwrap_or(LARGE_CMA) {
-            return (LargePath::Stage, false);
+    /// the root / member 0, and whether to time it for the chooser. The stages with plain stores
+    /// always qualify; with non-temporal stores from [`LARGE_NT`] bytes (`PUMACOLL_STAGE_NT=0`
+    /// never); cross-memory attach when every member can read the others (agreed at setup), from
+    /// [`LARGE_CMA`] bytes (`PUMACOLL_CMA_MIN`), and `cma_ok` (the caller can take it for this
+    /// operation). `PUMACOLL_LARGE=stage|nt|cma` forces one (if it qualifies; tests and
+    /// measurements), else the cheapest by measured cost ([`crate::shm::Chooser`]).
+    fn large_path(n: &NodeColl, bytes: usize, cma_ok: bool) -> (LargePath, bool) {
+        let mut allowed = Vec::with_capacity(3);
+        allowed.push(LargePath::Stage);
+        if bytes >= LARGE_NT && stage_nt_allowed() {
+            allowed.push(LargePath::StageNt);
+        }
+        if cma_ok && n.cma && bytes >= cma_min().unwrap_or(LARGE_CMA) {
+            allowed.push(LargePath::Cma);
         }
         match large_forced() {
-            Some(p) => (p, false),
-            None => (n.chooser().pick(bytes), true),
+            Some(p) if allowed.contains(&p) => (p, false),
+            Some(_) => (LargePath::Stage, false),
+            None if allowed.len() == 1 => (LargePath::Stage, false),
+            None => (n.chooser().pick(bytes, &allowed), true),
         }
     }
 
@@ -1568,9 +1586,10 @@ impl Comm {
             (LargePath::from_word(n.header(0, s)), false)
         };
         let t0 = Instant::now();
-        match path {
-            LargePath::Stage => Self::stage_allreduce(n, send, recv, op)?,
-            LargePath::Cma => Self::cma_allreduce(n, send, recv, op)?,
+        if path.staged() {
+            Self::stage_allreduce(n, send, recv, op, path)?;
+        } else {
+            Self::cma_allreduce(n, send, recv, op)?;
         }
         if timed {
             let ns = t0.elapsed().as_nanos() as f64;

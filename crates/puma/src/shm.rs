@@ -78,14 +78,20 @@ pub(crate) fn copy_elems<T: Pod>(dst: &mut [T], src: &[T]) {
     copy_bytes(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(src));
 }
 
-/// The two ways a large node-local broadcast or all-reduce can go.
+/// The ways a large node-local broadcast or all-reduce can go.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum LargePath {
-    /// Through the stages: two copies, pipelined in pieces.
+    /// Through the stages with plain stores: two copies, pipelined in pieces.
     Stage = 0,
     /// Straight out of the other ranks' buffers by cross-memory attach: one copy.
     Cma = 1,
+    /// Through the stages, written with non-temporal stores (see [`copy_to_stage`]).
+    StageNt = 2,
 }
+
+/// Number of [`LargePath`]s.
+pub(crate) const PATHS: usize = 3;
+const ALL_PATHS: [LargePath; PATHS] = [LargePath::Stage, LargePath::Cma, LargePath::StageNt];
 
 impl LargePath {
     /// The header word a leader publishes for it.
@@ -95,29 +101,47 @@ impl LargePath {
 
     /// The path a header word names (anything unknown: the stages).
     pub fn from_word(w: u64) -> LargePath {
-        if w == LargePath::Cma as u64 {
-            LargePath::Cma
-        } else {
-            LargePath::Stage
-        }
+        ALL_PATHS
+            .into_iter()
+            .find(|p| p.word() == w)
+            .unwrap_or(LargePath::Stage)
+    }
+
+    /// Goes through the stages.
+    pub fn staged(self) -> bool {
+        self != LargePath::Cma
     }
 }
 
-/// Operations of one size class between two probes of the path not taken, when both estimates
-/// are within [`PROBE_CLOSE`] of each other.
+/// Copies `src` into this rank's stage bytes `dst`, with non-temporal stores when `nt` (a large
+/// operation whose leader chose [`LargePath::StageNt`]). A stage line the others read last time
+/// sits in their caches; a plain store must take it back first, which with the two vCPUs far
+/// apart (a line crossing in ~215 ns) held the writer to ~6 GB/s, against ~26 GB/s for streaming
+/// stores that bypass the caches (the readers then read from memory: ~20 GB/s instead of ~14
+/// from the far cache, or ~36 from a near one, hence the choice by measurement).
+pub(crate) fn copy_to_stage(dst: &mut [u8], src: &[u8], nt: bool) {
+    if nt {
+        qk::sys::copy_nontemporal(dst, src);
+    } else {
+        copy_bytes(dst, src);
+    }
+}
+
+/// Operations of one size class between two probes of a path not taken, when its estimate is
+/// within [`PROBE_CLOSE`] of the best one.
 const PROBE_EVERY: u32 = 16;
-/// The same when the other path was found more than [`PROBE_CLOSE`] times as expensive: probing
-/// it then costs more and is less likely to pay.
+/// The same when it was found more than [`PROBE_CLOSE`] times as expensive: probing it then
+/// costs more and is less likely to pay.
 const PROBE_RARE: u32 = 64;
 const PROBE_CLOSE: f64 = 1.5;
 
-/// Picks the cheaper of [`LargePath::Stage`] and [`LargePath::Cma`] for a large operation by
-/// measured cost, per size class (powers of two). Which one is cheaper depends on where the host
-/// placed the two vCPUs (a cache line crossing in ~40 ns or ~215 ns) and changes at run time, and
-/// the guest cannot see it, so the decider times each operation (nanoseconds per byte), keeps a
-/// running estimate per path, takes the cheaper one, and every [`PROBE_EVERY`] operations of a
-/// class (or [`PROBE_RARE`] when the other path was far behind) takes the other one once to
-/// refresh its estimate. A path not yet measured in a class is tried first.
+/// Picks the cheapest allowed [`LargePath`] for a large operation by measured cost, per size
+/// class (powers of two). Which one is cheapest depends on where the host placed the two vCPUs
+/// (a cache line crossing in ~40 ns or ~215 ns) and changes at run time, and the guest cannot
+/// see it, so the decider times each operation (nanoseconds per byte), keeps a running estimate
+/// per path, takes the cheapest, and takes each other path once every [`PROBE_EVERY`] operations
+/// of the class ([`PROBE_RARE`] when it was far behind) to refresh its estimate. A path not yet
+/// measured in a class is tried first.
 #[derive(Clone, Debug)]
 pub(crate) struct Chooser {
     classes: [Class; 64],
@@ -126,9 +150,9 @@ pub(crate) struct Chooser {
 #[derive(Clone, Copy, Debug, Default)]
 struct Class {
     /// Estimated ns per byte of each path (index: `LargePath as usize`).
-    est: [Option<f64>; 2],
-    /// Operations since the other path was last taken.
-    since: u32,
+    est: [Option<f64>; PATHS],
+    /// Operations of the class since each path was last taken.
+    age: [u32; PATHS],
 }
 
 impl Default for Chooser {
@@ -144,51 +168,58 @@ impl Chooser {
         bytes.max(1).ilog2() as usize
     }
 
-    /// The path for an operation of `bytes`.
-    pub fn pick(&mut self, bytes: usize) -> LargePath {
+    /// The path for an operation of `bytes`, among `allowed` (not empty; `Stage` if it is).
+    pub fn pick(&mut self, bytes: usize, allowed: &[LargePath]) -> LargePath {
         let c = &mut self.classes[Self::class(bytes)];
-        let (st, cma) = match c.est {
-            [None, _] => return LargePath::Stage,
-            [_, None] => return LargePath::Cma,
-            [Some(st), Some(cma)] => (st, cma),
-        };
-        let (best, other, ratio) = if cma < st {
-            (LargePath::Cma, LargePath::Stage, st / cma)
-        } else {
-            (
-                LargePath::Stage,
-                LargePath::Cma,
-                cma / st.max(f64::MIN_POSITIVE),
-            )
-        };
-        c.since += 1;
-        let every = if ratio > PROBE_CLOSE {
-            PROBE_RARE
-        } else {
-            PROBE_EVERY
-        };
-        if c.since >= every {
-            c.since = 0;
-            other
-        } else {
-            best
+        let pick = Self::choose(c, allowed);
+        for p in allowed {
+            c.age[*p as usize] = c.age[*p as usize].saturating_add(1);
         }
+        c.age[pick as usize] = 0;
+        pick
+    }
+
+    fn choose(c: &Class, allowed: &[LargePath]) -> LargePath {
+        if let Some(&p) = allowed.iter().find(|p| c.est[**p as usize].is_none()) {
+            return p;
+        }
+        let est = |p: &LargePath| c.est[*p as usize].unwrap_or(f64::INFINITY);
+        let Some(&best) = allowed.iter().min_by(|a, b| est(a).total_cmp(&est(b))) else {
+            return LargePath::Stage;
+        };
+        // The most overdue other path, if its turn has come.
+        let due = allowed
+            .iter()
+            .filter(|&&p| p != best)
+            .filter(|&&p| {
+                let every = if est(&p) > PROBE_CLOSE * est(&best) {
+                    PROBE_RARE
+                } else {
+                    PROBE_EVERY
+                };
+                c.age[p as usize] + 1 >= every
+            })
+            .max_by_key(|&&p| c.age[p as usize]);
+        due.copied().unwrap_or(best)
     }
 
     /// Records that an operation of `bytes` took `ns` nanoseconds along `path`. The path in use
-    /// moves its estimate a quarter of the way to each sample, a probe of the other path half
-    /// of the way (it is sampled rarely); a sample is capped at 4x the estimate so one
-    /// descheduled operation does not condemn a path.
+    /// moves its estimate a quarter of the way to each sample, a probe of a path found more
+    /// expensive half of the way (it is sampled rarely), all of the way when it beats the best;
+    /// a sample is capped at 4x the estimate so one descheduled operation does not condemn a
+    /// path.
     pub fn record(&mut self, bytes: usize, path: LargePath, ns: f64) {
         let c = &mut self.classes[Self::class(bytes)];
         let per = ns / bytes.max(1) as f64;
-        let other = c.est[1 - path as usize];
+        let best = c.est.iter().flatten().fold(f64::INFINITY, |a, &b| a.min(b));
         let e = &mut c.est[path as usize];
         *e = Some(match *e {
             None => per,
+            // A probe that beats the best estimate is taken at its word (the placement may
+            // have changed; if it was luck, the path's next samples correct it at once).
+            Some(old) if best < old && per < best => per,
             Some(old) => {
-                let probe = other.is_some_and(|o| o < old);
-                let w = if probe { 0.5 } else { 0.25 };
+                let w = if best < old { 0.5 } else { 0.25 };
                 old + (per.min(4.0 * old) - old) * w
             }
         });
@@ -763,12 +794,21 @@ impl NodeColl {
 mod tests {
     use super::*;
 
-    /// Runs `ops` operations of `bytes` through the chooser with fixed per-byte costs; returns
-    /// how many took each path.
-    fn run(ch: &mut Chooser, bytes: usize, ops: u32, cost: [f64; 2]) -> [u32; 2] {
-        let mut n = [0; 2];
+    const TWO: [LargePath; 2] = [LargePath::Stage, LargePath::Cma];
+
+    /// Runs `ops` operations of `bytes` through the chooser among `allowed` with fixed per-byte
+    /// costs (index: path); returns how many took each path.
+    fn run(
+        ch: &mut Chooser,
+        bytes: usize,
+        ops: u32,
+        allowed: &[LargePath],
+        cost: [f64; PATHS],
+    ) -> [u32; PATHS] {
+        let mut n = [0; PATHS];
         for _ in 0..ops {
-            let p = ch.pick(bytes);
+            let p = ch.pick(bytes, allowed);
+            assert!(allowed.contains(&p));
             n[p as usize] += 1;
             ch.record(bytes, p, cost[p as usize] * bytes as f64);
         }
@@ -776,56 +816,76 @@ mod tests {
     }
 
     #[test]
-    fn tries_both_paths_then_keeps_the_cheaper_and_probes_the_other() {
+    fn tries_every_path_then_keeps_the_cheapest_and_probes_the_others() {
         let mut ch = Chooser::default();
-        assert_eq!(ch.pick(1 << 20), LargePath::Stage);
+        assert_eq!(ch.pick(1 << 20, &TWO), LargePath::Stage);
         ch.record(1 << 20, LargePath::Stage, 120_000.0);
-        assert_eq!(ch.pick(1 << 20), LargePath::Cma);
+        assert_eq!(ch.pick(1 << 20, &TWO), LargePath::Cma);
         ch.record(1 << 20, LargePath::Cma, 100_000.0);
-        // Cma is cheaper (but within 1.5x): taken, the stages probed every 16th operation.
-        let n = run(&mut ch, 1 << 20, 160, [0.12, 0.1]);
-        assert_eq!(n, [10, 150]);
+        // Cma is cheaper (within 1.5x): taken, the stages probed every 16th operation.
+        let n = run(&mut ch, 1 << 20, 160, &TWO, [0.12, 0.1, 9.0]);
+        assert_eq!(n, [10, 150, 0]);
         // Other size classes are measured on their own.
-        assert_eq!(ch.pick(100_000), LargePath::Stage);
+        assert_eq!(ch.pick(100_000, &TWO), LargePath::Stage);
         assert_eq!(ch.estimate(100_000, LargePath::Cma), None);
+        // Three paths: each probed in turn.
+        let mut ch = Chooser::default();
+        let n = run(&mut ch, 1 << 20, 3 + 160, &ALL_PATHS, [0.12, 0.11, 0.1]);
+        assert_eq!(n[0] + n[1] + n[2], 163);
+        assert!(
+            (9..=12).contains(&n[0]) && (9..=12).contains(&n[1]),
+            "{n:?}"
+        );
     }
 
     #[test]
     fn a_far_worse_path_is_probed_rarely() {
         let mut ch = Chooser::default();
-        let n = run(&mut ch, 300_000, 2 + 640, [0.05, 0.12]);
-        assert_eq!(n, [2 + 640 - 11, 11]);
+        let n = run(&mut ch, 300_000, 2 + 640, &TWO, [0.05, 0.12, 0.0]);
+        assert_eq!(n, [2 + 640 - 11, 11, 0]);
     }
 
     #[test]
     fn follows_a_change_of_costs() {
         let mut ch = Chooser::default();
-        run(&mut ch, 1 << 20, 100, [0.05, 0.1]);
-        // The host moved the vCPUs apart: the stages get 3x slower, cross-memory attach not.
-        run(&mut ch, 1 << 20, 200, [0.15, 0.1]);
-        let n = run(&mut ch, 1 << 20, 100, [0.15, 0.1]);
-        assert!(n[1] >= 90, "{n:?}");
+        let (near, far) = ([0.05, 0.1, 0.06], [0.15, 0.1, 0.07]);
+        run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        let n = run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        assert!(n[0] >= 80, "{n:?}");
+        // The host moved the vCPUs apart: plain stores into the stage get 3x slower.
+        run(&mut ch, 1 << 20, 100, &ALL_PATHS, far);
+        let n = run(&mut ch, 1 << 20, 100, &ALL_PATHS, far);
+        assert!(n[2] >= 80, "{n:?}");
         // And back.
-        run(&mut ch, 1 << 20, 200, [0.05, 0.1]);
-        let n = run(&mut ch, 1 << 20, 100, [0.05, 0.1]);
-        assert!(n[0] >= 90, "{n:?}");
+        run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        let n = run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        assert!(n[0] >= 80, "{n:?}");
     }
 
     #[test]
     fn one_slow_sample_does_not_condemn_a_path() {
         let mut ch = Chooser::default();
-        run(&mut ch, 1 << 20, 50, [0.05, 0.1]);
+        run(&mut ch, 1 << 20, 50, &TWO, [0.05, 0.1, 0.0]);
         ch.record(1 << 20, LargePath::Stage, 100.0 * (1 << 20) as f64);
         let e = ch.estimate(1 << 20, LargePath::Stage).unwrap_or(0.0);
         assert!(e < 0.1, "{e}");
         // Still the path taken (apart from one probe of the other).
-        let n = run(&mut ch, 1 << 20, 16, [0.05, 0.1]);
+        let n = run(&mut ch, 1 << 20, 16, &TWO, [0.05, 0.1, 0.0]);
         assert!(n[0] >= 15, "{n:?}");
     }
 
     #[test]
+    fn only_allowed_paths_are_taken() {
+        let mut ch = Chooser::default();
+        let only = [LargePath::StageNt];
+        let n = run(&mut ch, 5000, 50, &only, [0.01, 0.01, 1.0]);
+        assert_eq!(n, [0, 0, 50]);
+        assert_eq!(ch.pick(5000, &[]), LargePath::Stage);
+    }
+
+    #[test]
     fn header_words_name_the_path() {
-        for p in [LargePath::Stage, LargePath::Cma] {
+        for p in ALL_PATHS {
             assert_eq!(LargePath::from_word(p.word()), p);
         }
         assert_eq!(LargePath::from_word(77), LargePath::Stage);
