@@ -31,7 +31,12 @@
 //! the others' results out: two handshakes and about two copies of the payload per rank, no
 //! messages and no allocation. Broadcast: the root copies each piece into its stage, the others
 //! copy it out. `PUMACOLL_STAGE=0` turns the stages off, `PUMACOLL_STAGE_MIN=<bytes>` moves the
-//! limit (for measurements).
+//! limit (for measurements). Large broadcasts and all-reduces can also write the stages with
+//! non-temporal stores (from [`LARGE_NT`]) or skip them: the readers copy straight out of the
+//! other ranks' buffers by cross-memory attach (from [`LARGE_CMA`]). Which is cheapest depends on
+//! where the host put the vCPUs, which changes at run time, so the root (broadcast) or member 0
+//! (all-reduce) picks by measured cost (`crate::shm::Chooser`) and names the path in its slot;
+//! `PUMACOLL_LARGE=stage|nt|cma` forces one.
 //!
 //! The slot path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
 //! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
