@@ -30,6 +30,10 @@ struct Args {
     /// last rank's 3 shorter) instead of an all-reduce.
     #[arg(long)]
     mismatch_alltoall: bool,
+    /// Make the `--mismatch` operation a broadcast from rank 0 (the last rank's buffer 3
+    /// elements shorter) instead of an all-reduce.
+    #[arg(long)]
+    mismatch_bcast: bool,
     /// Element counts to check on a duplicate of the world communicator (which cannot have the
     /// stages the world communicator holds, so takes the other algorithms).
     #[arg(long, value_delimiter = ',', default_value = "100")]
@@ -252,6 +256,15 @@ fn run(a: &Args) -> Result<()> {
         let mut out = vec![0u64; n];
         w.all_to_all(&vec![1u64; n], &mut out)?;
         println!("rank {me}: mismatched all-to-all returned without error");
+        return Ok(());
+    }
+    if a.mismatch && a.mismatch_bcast {
+        let n = a.mismatch_len - if me == p - 1 { 3 } else { 0 };
+        let mut b = vec![7u64; n];
+        w.broadcast(&mut b, 0)?;
+        if me == p - 1 {
+            println!("rank {me}: mismatched broadcast returned without error");
+        }
         return Ok(());
     }
     if a.mismatch {

@@ -31,7 +31,12 @@
 //! the others' results out: two handshakes and about two copies of the payload per rank, no
 //! messages and no allocation. Broadcast: the root copies each piece into its stage, the others
 //! copy it out. `PUMACOLL_STAGE=0` turns the stages off, `PUMACOLL_STAGE_MIN=<bytes>` moves the
-//! limit (for measurements).
+//! limit (for measurements). Large broadcasts and all-reduces can also write the stages with
+//! non-temporal stores (from [`LARGE_NT`]) or skip them: the readers copy straight out of the
+//! other ranks' buffers by cross-memory attach (from [`LARGE_CMA`]). Which is cheapest depends on
+//! where the host put the vCPUs, which changes at run time, so the root (broadcast) or member 0
+//! (all-reduce) picks by measured cost (`crate::shm::Chooser`) and names the path in its slot;
+//! `PUMACOLL_LARGE=stage|nt|cma` forces one.
 //!
 //! The slot path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
 //! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
@@ -58,7 +63,8 @@ use bytemuck::Pod;
 use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
-use crate::shm::{copy_bytes, copy_elems, NodeColl};
+use crate::shm::{copy_bytes, copy_elems, copy_to_stage, LargePath, NodeColl};
+use std::time::{Duration, Instant};
 
 /// Broadcast and reduce switch algorithms above this many bytes.
 pub const BCAST_LONG: usize = 64 * 1024;
@@ -370,7 +376,7 @@ impl Comm {
         let b = bytes_mut(buf);
         if g > 1 {
             if let Some(n) = self.node_stage(b.len(), 1, tag)? {
-                return self.stage_bcast(n, b, root);
+                return Self::large_bcast(n, b, root);
             }
         }
         if let Some(n) = self.node_for(b.len(), 1, tag)? {
@@ -531,7 +537,7 @@ impl Comm {
             if let Some(nc) =
                 self.node_stage(std::mem::size_of_val(recv), std::mem::size_of::<T>(), tag)?
             {
-                return self.stage_allreduce(nc, send, recv, &op);
+                return Self::large_allreduce(nc, send, recv, &op);
             }
         }
         copy_elems(recv, send);
@@ -840,6 +846,45 @@ pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
 pub const ALLTOALL_CMA_OVERSUBSCRIBED: usize = 32 * 1024;
 /// The same with a core per rank.
 pub const ALLTOALL_CMA: usize = 64 * 1024;
+
+/// Large node-local broadcasts and all-reduces of at least this many bytes per rank may take the
+/// single-copy path (cross-memory attach) when it measures cheaper than the stages (each
+/// `process_vm_readv` costs ~3 µs here, and below this the stages win in every placement).
+pub const LARGE_CMA: usize = 64 * 1024;
+
+/// `PUMACOLL_CMA_MIN=<bytes>`: one lower limit for every cross-memory-attach path (tests and
+/// measurements).
+fn cma_min() -> Option<usize> {
+    static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| {
+        std::env::var("PUMACOLL_CMA_MIN")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+/// Large node-local broadcasts and all-reduces of at least this many bytes per rank may write
+/// the stages with non-temporal stores when that measures cheaper (see
+/// [`crate::shm::copy_to_stage`]).
+pub const LARGE_NT: usize = 16 * 1024;
+
+/// `PUMACOLL_LARGE=stage|nt|cma` forces the path of large node-local broadcasts and
+/// all-reduces (else None: chosen by measured cost).
+fn large_forced() -> Option<LargePath> {
+    static P: std::sync::OnceLock<Option<LargePath>> = std::sync::OnceLock::new();
+    *P.get_or_init(|| match std::env::var("PUMACOLL_LARGE").as_deref() {
+        Ok("stage") => Some(LargePath::Stage),
+        Ok("nt") => Some(LargePath::StageNt),
+        Ok("cma") => Some(LargePath::Cma),
+        _ => None,
+    })
+}
+
+/// `PUMACOLL_STAGE_NT=0` keeps non-temporal stores out of the choice (measurements).
+fn stage_nt_allowed() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| !std::env::var("PUMACOLL_STAGE_NT").is_ok_and(|v| v == "0"))
+}
 
 /// Cross-memory attach between local ranks is allowed on this host (no Yama ptrace restriction)
 /// and not turned off with `PUMACOLL_CMA=0`.
@@ -1171,11 +1216,6 @@ fn elems<T: Pod>(b: &[u8]) -> Result<&[T]> {
         .map_err(|e| Error::Invalid(format!("stage bytes are not whole elements: {e}")))
 }
 
-fn elems_mut<T: Pod>(b: &mut [u8]) -> Result<&mut [T]> {
-    bytemuck::try_cast_slice_mut(b)
-        .map_err(|e| Error::Invalid(format!("stage bytes are not whole elements: {e}")))
-}
-
 impl Comm {
     /// The node group, when a payload of `bytes` per rank goes through the stages: the whole
     /// communicator on one node whose members gave it their stages, elements of `elem` bytes that
@@ -1208,12 +1248,13 @@ impl Comm {
     /// and arrives again; finally each member copies the other members' results into `recv`.
     /// Every element is combined by one member in rank order, so all ranks get identical bits.
     fn stage_allreduce<T: Pod>(
-        &self,
         n: &NodeColl,
         send: &[T],
         recv: &mut [T],
         op: &dyn Operation<T>,
+        path: LargePath,
     ) -> Result<()> {
+        let nt = path == LargePath::StageNt;
         const OP: &str = "all-reduce";
         let elem = std::mem::size_of::<T>();
         let total = std::mem::size_of_val(send) as u64;
@@ -1223,15 +1264,14 @@ impl Comm {
             let m = r.len();
             let (src, dst) = (&send[r.clone()], &mut recv[r]);
             let (off, s) = n.stage_piece(true, OP)?;
-            {
-                let seg: &mut [T] = elems_mut(n.stage_mine(off, m * elem))?;
-                for j in (0..p).filter(|&j| j != me) {
-                    let c = chunk(m, p, j);
-                    copy_elems(&mut seg[c.clone()], &src[c]);
-                }
-            }
             if k == 0 {
-                n.publish(s, &[], total, OP)?;
+                // Before the copy: the other members wait for member 0's header to learn the path.
+                n.publish_header(s, path.word(), total, OP)?;
+            }
+            for j in (0..p).filter(|&j| j != me) {
+                let c = chunk(m, p, j);
+                let seg = n.stage_mine(off + c.start * elem, c.len() * elem);
+                copy_to_stage(seg, bytes(&src[c]), nt);
             }
             n.arrive(s);
             n.wait_all(s, OP)?;
@@ -1253,7 +1293,7 @@ impl Comm {
                     op.combine(out, part);
                 }
             }
-            copy_bytes(n.stage_mine(at, c.len() * elem), bytes(out));
+            copy_to_stage(n.stage_mine(at, c.len() * elem), bytes(out), nt);
             let s2 = n.next();
             n.arrive(s2);
             n.wait_all(s2, OP)?;
@@ -1271,12 +1311,7 @@ impl Comm {
     /// least [`ALLTOALL_CMA_OVERSUBSCRIBED`] bytes with more ranks than cores, else
     /// [`ALLTOALL_CMA`] (`PUMACOLL_CMA_MIN=<bytes>` sets one limit for both, for measurements).
     fn node_cma(&self, blk: usize, tag: u32) -> Result<Option<&NodeColl>> {
-        static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-        let forced = *MIN.get_or_init(|| {
-            std::env::var("PUMACOLL_CMA_MIN")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        });
+        let forced = cma_min();
         if blk == 0 || blk < forced.unwrap_or(ALLTOALL_CMA_OVERSUBSCRIBED.min(ALLTOALL_CMA)) {
             return Ok(None);
         }
@@ -1307,7 +1342,7 @@ impl Comm {
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
         let s = n.next();
-        n.publish_remote(s, sb, total, OP)?;
+        n.publish_remote(s, LargePath::Cma.word(), &[sb], total, OP)?;
         n.arrive(s);
         let mut todo: Vec<usize> = (1..p).map(|k| (me + k) % p).collect();
         let mut read = || -> Result<()> {
@@ -1319,7 +1354,7 @@ impl Comm {
                         return true;
                     }
                     let r = n.check_len(j, s, total, OP).and_then(|()| {
-                        n.read_remote(j, s, me * blk, &mut rb[j * blk..(j + 1) * blk])
+                        n.read_remote(j, s, 0, me * blk, &mut rb[j * blk..(j + 1) * blk], OP)
                     });
                     err = r.err();
                     false
@@ -1415,30 +1450,232 @@ impl Comm {
         Ok(())
     }
 
-    /// Broadcast through the root's stage: the root copies each piece in and arrives, the
-    /// others wait for it and copy the piece out (the root runs up to three pieces ahead).
-    fn stage_bcast(&self, n: &NodeColl, b: &mut [u8], root: u32) -> Result<()> {
+    /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and
+    /// names it in the header word of its slot of the operation's first sequence number; the
+    /// others wait for that slot, then follow.
+    fn large_bcast(n: &NodeColl, b: &mut [u8], root: u32) -> Result<()> {
         const OP: &str = "broadcast";
         let lead = Self::pos(&n.groups[n.mine], root);
         let total = b.len() as u64;
-        for (k, r) in pieces(b.len(), stage_piece_bytes()).enumerate() {
-            let piece = &mut b[r];
-            let (off, s) = n.stage_piece(n.me == lead, OP)?;
-            if n.me == lead {
-                copy_bytes(n.stage_mine(off, piece.len()), piece);
-                if k == 0 {
-                    n.publish(s, &[], total, OP)?;
-                }
-                n.arrive(s);
+        if n.me == lead {
+            let (path, timed) = Self::large_path(n, b.len(), true);
+            let t0 = Instant::now();
+            let tail = if path.staged() {
+                Self::stage_bcast_root(n, b, path)?
             } else {
-                n.arrive(s);
-                n.wait_arrival(lead, s, OP)?;
-                if k == 0 {
-                    n.check_len(lead, s, total, "broadcast")?;
-                }
-                copy_bytes(piece, n.stage_of(lead, off, piece.len()));
+                Self::cma_bcast_root(n, b)?;
+                Duration::ZERO
+            };
+            if timed {
+                let ns = (t0.elapsed() + tail).as_nanos() as f64;
+                n.chooser().record(b.len(), path, ns);
+            }
+            return Ok(());
+        }
+        let s = n.peek();
+        n.wait_slot(lead, s, OP)?;
+        match LargePath::from_word(n.header(lead, s)) {
+            LargePath::Stage | LargePath::StageNt => {
+                n.check_len(lead, s, total, OP)?;
+                Self::stage_bcast_reader(n, b, lead)
+            }
+            LargePath::Cma => {
+                let s = n.next();
+                let done = n.next();
+                let r = n
+                    .check_len(lead, s, total, OP)
+                    .and_then(|()| n.read_remote(lead, s, 0, 0, b, OP));
+                // Arrive even after a failed check or read: the root waits for it.
+                n.arrive(done);
+                r
             }
         }
+    }
+
+    /// Broadcast through the root's stage, the root's side: it copies each piece in and arrives
+    /// (up to three pieces ahead of its readers); the first piece's slot carries the header.
+    /// Returns how long the last piece took to copy in: the readers still copy it out when the
+    /// root returns, so the root adds that to its measured time.
+    fn stage_bcast_root(n: &NodeColl, b: &[u8], path: LargePath) -> Result<Duration> {
+        const OP: &str = "broadcast";
+        let total = b.len() as u64;
+        let mut last = Duration::ZERO;
+        for (k, r) in pieces(b.len(), stage_piece_bytes()).enumerate() {
+            let piece = &b[r];
+            let (off, s) = n.stage_piece(true, OP)?;
+            let t = Instant::now();
+            copy_to_stage(
+                n.stage_mine(off, piece.len()),
+                piece,
+                path == LargePath::StageNt,
+            );
+            last = t.elapsed();
+            if k == 0 {
+                n.publish_header(s, path.word(), total, OP)?;
+            }
+            n.arrive(s);
+        }
+        Ok(last)
+    }
+
+    /// Broadcast through the root's stage, a reader's side (the root's first slot, already
+    /// checked, says the first piece is in): it waits for each later piece and copies it out.
+    fn stage_bcast_reader(n: &NodeColl, b: &mut [u8], lead: usize) -> Result<()> {
+        const OP: &str = "broadcast";
+        for (k, r) in pieces(b.len(), stage_piece_bytes()).enumerate() {
+            let piece = &mut b[r];
+            let (off, s) = n.stage_piece(false, OP)?;
+            n.arrive(s);
+            if k != 0 {
+                n.wait_arrival(lead, s, OP)?;
+            }
+            copy_bytes(piece, n.stage_of(lead, off, piece.len()));
+        }
         Ok(())
+    }
+
+    /// Broadcast by cross-memory attach, the root's side: it publishes where its buffer lives and
+    /// waits until every reader has copied it straight into its own buffer (one copy, no stage,
+    /// one hand-off each way).
+    fn cma_bcast_root(n: &NodeColl, b: &[u8]) -> Result<()> {
+        const OP: &str = "broadcast";
+        let s = n.next();
+        n.publish_remote(s, LargePath::Cma.word(), &[b], b.len() as u64, OP)?;
+        n.arrive(s);
+        let done = n.next();
+        n.wait_all(done, OP)?;
+        n.arrive(done);
+        Ok(())
+    }
+
+    /// The path of a large node-local broadcast or all-reduce of `bytes` per rank, decided by
+    /// the root / member 0, and whether to time it for the chooser. The stages with plain stores
+    /// always qualify; with non-temporal stores from [`LARGE_NT`] bytes (`PUMACOLL_STAGE_NT=0`
+    /// never); cross-memory attach when every member can read the others (agreed at setup), from
+    /// [`LARGE_CMA`] bytes (`PUMACOLL_CMA_MIN`), and `cma_ok` (the caller can take it for this
+    /// operation). `PUMACOLL_LARGE=stage|nt|cma` forces one (if it qualifies; tests and
+    /// measurements), else the cheapest by measured cost ([`crate::shm::Chooser`]).
+    fn large_path(n: &NodeColl, bytes: usize, cma_ok: bool) -> (LargePath, bool) {
+        let mut allowed = Vec::with_capacity(3);
+        allowed.push(LargePath::Stage);
+        if bytes >= LARGE_NT && stage_nt_allowed() {
+            allowed.push(LargePath::StageNt);
+        }
+        if cma_ok && n.cma && bytes >= cma_min().unwrap_or(LARGE_CMA) {
+            allowed.push(LargePath::Cma);
+        }
+        match large_forced() {
+            Some(p) if allowed.contains(&p) => (p, false),
+            Some(_) => (LargePath::Stage, false),
+            None if allowed.len() == 1 => (LargePath::Stage, false),
+            None => (n.chooser().pick(bytes, &allowed), true),
+        }
+    }
+
+    /// Large all-reduce inside one node: member 0 picks the path and names it in the header word
+    /// of its slot of the operation's first sequence number (before it copies anything); the
+    /// others wait for that slot, then follow.
+    fn large_allreduce<T: Pod>(
+        n: &NodeColl,
+        send: &[T],
+        recv: &mut [T],
+        op: &dyn Operation<T>,
+    ) -> Result<()> {
+        const OP: &str = "all-reduce";
+        let bytes = std::mem::size_of_val(send);
+        let (path, timed) = if n.me == 0 {
+            Self::large_path(n, bytes, send.len() >= n.len())
+        } else {
+            let s = n.peek();
+            n.wait_slot(0, s, OP)?;
+            (LargePath::from_word(n.header(0, s)), false)
+        };
+        let t0 = Instant::now();
+        if path.staged() {
+            Self::stage_allreduce(n, send, recv, op, path)?;
+        } else {
+            Self::cma_allreduce(n, send, recv, op)?;
+        }
+        if timed {
+            let ns = t0.elapsed().as_nanos() as f64;
+            n.chooser().record(bytes, path, ns);
+        }
+        Ok(())
+    }
+
+    /// All-reduce by cross-memory attach: a reduce-scatter reading the others' send buffers, then
+    /// an all-gather reading their results out of their receive buffers, one copy of each byte
+    /// and three hand-offs in all. Every member publishes the addresses of its send and receive
+    /// buffers and arrives; member `i` reads slice `i` of every other member's send buffer and
+    /// combines it with its own (the first one read lands in `recv` directly, the others in a
+    /// scratch buffer; ops are commutative, and each slice is combined by one member only, so
+    /// every rank gets the same bits), arrives, waits for everyone, reads the other slices out of
+    /// their owners' receive buffers, arrives again and waits for everyone before it returns
+    /// (nobody may change a buffer another still reads). Every member sees a length mismatch
+    /// (someone differs from it) and returns the error before reading anything.
+    fn cma_allreduce<T: Pod>(
+        n: &NodeColl,
+        send: &[T],
+        recv: &mut [T],
+        op: &dyn Operation<T>,
+    ) -> Result<()> {
+        const OP: &str = "all-reduce";
+        /// Bytes read from a member's send buffer at a time into the scratch buffer (3+ ranks).
+        const SCRATCH: usize = 128 * 1024;
+        let (p, me) = (n.len(), n.me);
+        let elem = std::mem::size_of::<T>();
+        let total = std::mem::size_of_val(send) as u64;
+        let s = n.next();
+        n.publish_remote(
+            s,
+            LargePath::Cma.word(),
+            &[bytes(send), bytes(recv)],
+            total,
+            OP,
+        )?;
+        n.arrive(s);
+        let (red, done) = (n.next(), n.next());
+        n.wait_all_slots(s, OP)?;
+        if let Err(e) = n.check_all(s, total, OP) {
+            n.arrive(done);
+            return Err(e);
+        }
+        let c = chunk(recv.len(), p, me);
+        let reduced = (|| -> Result<()> {
+            let out = &mut recv[c.clone()];
+            let first = usize::from(me == 0);
+            n.read_remote(first, s, 0, c.start * elem, bytes_mut(out), OP)?;
+            let step = (SCRATCH / elem).max(1).min(out.len().max(1));
+            let mut tmp: Vec<T> = Vec::new();
+            for j in (0..p).filter(|&j| j != first) {
+                if j == me {
+                    op.combine(out, &send[c.clone()]);
+                    continue;
+                }
+                if tmp.is_empty() {
+                    tmp = vec![T::zeroed(); step];
+                }
+                for at in (0..out.len()).step_by(step) {
+                    let k = step.min(out.len() - at);
+                    let t = &mut tmp[..k];
+                    n.read_remote(j, s, 0, (c.start + at) * elem, bytes_mut(t), OP)?;
+                    op.combine(&mut out[at..at + k], t);
+                }
+            }
+            Ok(())
+        })();
+        let gathered = reduced.and_then(|()| {
+            n.arrive(red);
+            n.wait_all(red, OP)?;
+            for j in (0..p).filter(|&j| j != me) {
+                let cj = chunk(recv.len(), p, j);
+                let at = cj.start * elem;
+                n.read_remote(j, s, 1, at, bytes_mut(&mut recv[cj]), OP)?;
+            }
+            Ok(())
+        });
+        n.arrive(done);
+        let waited = n.wait_all(done, OP);
+        gathered.and(waited)
     }
 }

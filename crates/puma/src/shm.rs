@@ -46,6 +46,8 @@ use crate::ops::Operation;
 /// reader checks it). Payloads up to this size take one step; larger ones go in pieces.
 pub const SLOT_BYTES: usize = SLOT - 16;
 const SLOT_DATA: usize = 16;
+/// Buffer addresses one member can publish for cross-memory attach.
+const MAX_REMOTE: usize = 2;
 
 /// Segments of a port's stage: a large collective goes in pieces of one segment each, and
 /// piece `g` (counted over the communicator's life) uses segment `g mod STAGE_SEGS`, so a writer
@@ -74,6 +76,198 @@ pub(crate) fn copy_bytes(dst: &mut [u8], src: &[u8]) {
 /// [`copy_bytes`] for elements.
 pub(crate) fn copy_elems<T: Pod>(dst: &mut [T], src: &[T]) {
     copy_bytes(bytemuck::cast_slice_mut(dst), bytemuck::cast_slice(src));
+}
+
+/// The ways a large node-local broadcast or all-reduce can go.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum LargePath {
+    /// Through the stages with plain stores: two copies, pipelined in pieces.
+    Stage = 0,
+    /// Straight out of the other ranks' buffers by cross-memory attach: one copy.
+    Cma = 1,
+    /// Through the stages, written with non-temporal stores (see [`copy_to_stage`]).
+    StageNt = 2,
+}
+
+/// Number of [`LargePath`]s.
+pub(crate) const PATHS: usize = 3;
+const ALL_PATHS: [LargePath; PATHS] = [LargePath::Stage, LargePath::Cma, LargePath::StageNt];
+
+impl LargePath {
+    /// The header word a leader publishes for it.
+    pub fn word(self) -> u64 {
+        self as u64
+    }
+
+    /// The path a header word names (anything unknown: the stages).
+    pub fn from_word(w: u64) -> LargePath {
+        ALL_PATHS
+            .into_iter()
+            .find(|p| p.word() == w)
+            .unwrap_or(LargePath::Stage)
+    }
+
+    /// Goes through the stages.
+    pub fn staged(self) -> bool {
+        self != LargePath::Cma
+    }
+}
+
+/// Copies `src` into this rank's stage bytes `dst`, with non-temporal stores when `nt` (a large
+/// operation whose leader chose [`LargePath::StageNt`]). A stage line the others read last time
+/// sits in their caches; a plain store must take it back first, which with the two vCPUs far
+/// apart (a line crossing in ~215 ns) held the writer to ~6 GB/s, against ~26 GB/s for streaming
+/// stores that bypass the caches (the readers then read from memory: ~20 GB/s instead of ~14
+/// from the far cache, or ~36 from a near one, hence the choice by measurement).
+pub(crate) fn copy_to_stage(dst: &mut [u8], src: &[u8], nt: bool) {
+    if nt {
+        qk::sys::copy_nontemporal(dst, src);
+    } else {
+        copy_bytes(dst, src);
+    }
+}
+
+/// Operations of one size class between two probes of a path not taken, when its estimate is
+/// within [`PROBE_CLOSE`] of the best one.
+const PROBE_EVERY: u32 = 16;
+/// The same when it was found more than [`PROBE_CLOSE`] times as expensive: probing it then
+/// costs more and is less likely to pay.
+const PROBE_RARE: u32 = 64;
+const PROBE_CLOSE: f64 = 1.5;
+
+/// Picks the cheapest allowed [`LargePath`] for a large operation by measured cost, per size
+/// class (powers of two). Which one is cheapest depends on where the host placed the two vCPUs
+/// (a cache line crossing in ~40 ns or ~215 ns) and changes at run time, and the guest cannot
+/// see it, so the decider times each operation (nanoseconds per byte), keeps a running estimate
+/// per path, takes the cheapest, and takes each other path (twice in a row, keeping the second
+/// sample) every [`PROBE_EVERY`] operations
+/// of the class ([`PROBE_RARE`] when it was far behind) to refresh its estimate, sooner while its
+/// estimate rests on few samples (after 2, 4, 8, ... operations). A path not yet measured in a
+/// class is tried first (twice: the first sample is dropped).
+#[derive(Clone, Debug)]
+pub(crate) struct Chooser {
+    classes: [Class; 64],
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Class {
+    /// Estimated ns per byte of each path (index: `LargePath as usize`).
+    est: [Option<f64>; PATHS],
+    /// Operations of the class since each path was last taken.
+    age: [u32; PATHS],
+    /// Each path's first operation of the class was seen (and ignored: it pays for first
+    /// touches of buffers and cold caches, and made a path look several times too slow).
+    warm: [bool; PATHS],
+    /// Samples each path's estimate holds (saturating).
+    samples: [u8; PATHS],
+    /// A probe's second operation is due on this path (see [`Chooser::pick`]).
+    again: Option<LargePath>,
+    /// Drop the next sample of each path (a probe's first operation).
+    skip: [bool; PATHS],
+}
+
+impl Default for Chooser {
+    fn default() -> Chooser {
+        Chooser {
+            classes: [Class::default(); 64],
+        }
+    }
+}
+
+impl Chooser {
+    fn class(bytes: usize) -> usize {
+        bytes.max(1).ilog2() as usize
+    }
+
+    /// The path for an operation of `bytes`, among `allowed` (not empty; `Stage` if it is).
+    pub fn pick(&mut self, bytes: usize, allowed: &[LargePath]) -> LargePath {
+        let c = &mut self.classes[Self::class(bytes)];
+        // A probe takes the other path twice and keeps only the second sample: the first
+        // operation after a switch pays for the switch (a far all-reduce of 1 MiB by
+        // non-temporal stages measured ~255 µs right after single-copy ones, ~175 µs in a row).
+        let pick = match c.again.take() {
+            Some(p) if allowed.contains(&p) => p,
+            _ => {
+                let p = Self::choose(c, allowed);
+                let best = allowed
+                    .iter()
+                    .filter_map(|q| Some((*q, c.est[*q as usize]?)))
+                    .min_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(q, _)| q);
+                if best.is_some_and(|b| b != p) && c.est[p as usize].is_some() {
+                    c.again = Some(p);
+                    c.skip[p as usize] = true;
+                }
+                p
+            }
+        };
+        for p in allowed {
+            c.age[*p as usize] = c.age[*p as usize].saturating_add(1);
+        }
+        c.age[pick as usize] = 0;
+        pick
+    }
+
+    fn choose(c: &Class, allowed: &[LargePath]) -> LargePath {
+        if let Some(&p) = allowed.iter().find(|p| c.est[**p as usize].is_none()) {
+            return p;
+        }
+        let est = |p: &LargePath| c.est[*p as usize].unwrap_or(f64::INFINITY);
+        let Some(&best) = allowed.iter().min_by(|a, b| est(a).total_cmp(&est(b))) else {
+            return LargePath::Stage;
+        };
+        // The most overdue other path, if its turn has come.
+        let due = allowed
+            .iter()
+            .filter(|&&p| p != best)
+            .filter(|&&p| {
+                let every = if est(&p) > PROBE_CLOSE * est(&best) {
+                    PROBE_RARE
+                } else {
+                    PROBE_EVERY
+                };
+                // A young estimate (one noisy sample) is re-checked soon: after 2, 4, 8, ...
+                // operations, up to the regular interval.
+                let every = every.min(1 << c.samples[p as usize].min(16));
+                c.age[p as usize] + 1 >= every
+            })
+            .max_by_key(|&&p| c.age[p as usize]);
+        due.copied().unwrap_or(best)
+    }
+
+    /// Records that an operation of `bytes` took `ns` nanoseconds along `path`. The path in use
+    /// moves its estimate a quarter of the way to each sample, a probe of a path found more
+    /// expensive half of the way (it is sampled rarely), all of the way when it beats the best;
+    /// a sample is capped at 4x the estimate so one descheduled operation does not condemn a
+    /// path.
+    pub fn record(&mut self, bytes: usize, path: LargePath, ns: f64) {
+        let c = &mut self.classes[Self::class(bytes)];
+        if !std::mem::replace(&mut c.warm[path as usize], true)
+            || std::mem::take(&mut c.skip[path as usize])
+        {
+            return;
+        }
+        c.samples[path as usize] = c.samples[path as usize].saturating_add(1);
+        let per = ns / bytes.max(1) as f64;
+        let best = c.est.iter().flatten().fold(f64::INFINITY, |a, &b| a.min(b));
+        let e = &mut c.est[path as usize];
+        *e = Some(match *e {
+            None => per,
+            // A probe that beats the best estimate is taken at its word (the placement may
+            // have changed; if it was luck, the path's next samples correct it at once).
+            Some(old) if best < old && per < best => per,
+            Some(old) => {
+                let w = if best < old { 0.5 } else { 0.25 };
+                old + (per.min(4.0 * old) - old) * w
+            }
+        });
+    }
+
+    /// The current estimate (ns per byte) of `path` for operations of `bytes`.
+    #[cfg(test)]
+    pub fn estimate(&self, bytes: usize, path: LargePath) -> Option<f64> {
+        self.classes[Self::class(bytes)].est[path as usize]
+    }
 }
 
 /// The process's share of the area: which contexts its live communicators hold.
@@ -152,6 +346,8 @@ pub(crate) struct NodeColl {
     pieces: std::cell::Cell<u64>,
     /// First sequence number of each of the last `STAGE_SEGS` pieces (index: piece mod segs).
     piece_seq: RefCell<[u64; STAGE_SEGS]>,
+    /// Which path large broadcasts from this rank and all-reduces led by it take.
+    chooser: RefCell<Chooser>,
 }
 
 impl Drop for NodeColl {
@@ -225,6 +421,7 @@ impl NodeColl {
             cma,
             pieces: std::cell::Cell::new(0),
             piece_seq: RefCell::new([0; STAGE_SEGS]),
+            chooser: RefCell::new(Chooser::default()),
         })
     }
 
@@ -483,30 +680,66 @@ impl NodeColl {
         );
     }
 
-    /// Publishes, in this rank's slot of operation `s`, where `buf` lives in this process (its
-    /// address and the process id), for members to read it with [`NodeColl::read_remote`]; `total`
-    /// is the payload length every reader checks. The caller must keep `buf` unchanged until
-    /// every member has arrived at a later operation that it starts only after its reads.
-    pub fn publish_remote(&self, s: u64, buf: &[u8], total: u64, what: &str) -> Result<()> {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&(buf.as_ptr() as u64).to_le_bytes());
-        b[8..].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
-        self.publish(s, &b, total, what)
+    /// Publishes in this rank's slot of operation `s` a header word (which path a large operation
+    /// takes, see [`NodeColl::header`]), this process's id and the addresses of `bufs` in this
+    /// process, for members to read them with [`NodeColl::read_remote`]; `total` is the payload
+    /// length every reader checks. The caller must keep the buffers unchanged until every member
+    /// has arrived at a later operation that it starts only after its reads.
+    pub fn publish_remote(
+        &self,
+        s: u64,
+        header: u64,
+        bufs: &[&[u8]],
+        total: u64,
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
+        b[..8].copy_from_slice(&header.to_le_bytes());
+        b[8..16].copy_from_slice(&u64::from(std::process::id()).to_le_bytes());
+        for (k, buf) in bufs.iter().take(MAX_REMOTE).enumerate() {
+            b[16 + 8 * k..24 + 8 * k].copy_from_slice(&(buf.as_ptr() as u64).to_le_bytes());
+        }
+        self.publish(s, &b[..16 + 8 * bufs.len().min(MAX_REMOTE)], total, what)
     }
 
-    /// Copies `dst.len()` bytes at offset `off` of the buffer member `i` published with
+    /// Publishes only a header word (see [`NodeColl::publish_remote`]).
+    pub fn publish_header(&self, s: u64, header: u64, total: u64, what: &str) -> Result<()> {
+        self.publish(s, &header.to_le_bytes(), total, what)
+    }
+
+    /// The header word member `i` published for operation `s` (after [`NodeColl::wait_slot`]).
+    pub fn header(&self, i: usize, s: u64) -> u64 {
+        let mut b = [0u8; 8];
+        self.read(i, s, &mut b);
+        u64::from_le_bytes(b)
+    }
+
+    /// Copies `dst.len()` bytes at offset `off` of buffer `which` that member `i` published with
     /// [`NodeColl::publish_remote`] for operation `s` straight from its process into `dst`
     /// (`process_vm_readv`: one copy, no staging). The caller has checked the published length
     /// covers `off + dst.len()`.
-    pub fn read_remote(&self, i: usize, s: u64, off: usize, dst: &mut [u8]) -> Result<()> {
-        let mut b = [0u8; 16];
+    pub fn read_remote(
+        &self,
+        i: usize,
+        s: u64,
+        which: usize,
+        off: usize,
+        dst: &mut [u8],
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
         self.read(i, s, &mut b);
-        let addr = u64::from_le_bytes(b[..8].try_into().unwrap_or_default());
-        let pid = u64::from_le_bytes(b[8..].try_into().unwrap_or_default());
+        let word = |k: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[8 * k..8 * k + 8]);
+            u64::from_le_bytes(w)
+        };
+        let pid = word(1);
+        let addr = word(2 + which.min(MAX_REMOTE - 1));
         let len = dst.len();
         let fail = |why: String| {
             Error::Invalid(format!(
-                "node-local all-to-all: cannot read {len} bytes of world rank {} (pid {pid}) by \
+                "node-local {what}: cannot read {len} bytes of world rank {} (pid {pid}) by \
                  cross-memory attach: {why} (PUMACOLL_CMA=0 turns this path off)",
                 self.world[i]
             ))
@@ -524,6 +757,17 @@ impl NodeColl {
         }
         self.core.st.borrow_mut().stats.cma_blocks += 1;
         Ok(())
+    }
+
+    /// The sequence number the next operation will get (without starting it): a member that
+    /// must learn the leader's choice before it starts waits for the leader's slot of it.
+    pub fn peek(&self) -> u64 {
+        self.seq.get() + 1
+    }
+
+    /// The measured-cost chooser of large operations (used by the member that decides).
+    pub fn chooser(&self) -> std::cell::RefMut<'_, Chooser> {
+        self.chooser.borrow_mut()
     }
 
     /// Starts the next stage piece: returns the byte offset of its segment in every member's
@@ -581,5 +825,116 @@ impl NodeColl {
                 op.combine(acc, src);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO: [LargePath; 2] = [LargePath::Stage, LargePath::Cma];
+
+    /// Runs `ops` operations of `bytes` through the chooser among `allowed` with fixed per-byte
+    /// costs (index: path); returns how many took each path.
+    fn run(
+        ch: &mut Chooser,
+        bytes: usize,
+        ops: u32,
+        allowed: &[LargePath],
+        cost: [f64; PATHS],
+    ) -> [u32; PATHS] {
+        let mut n = [0; PATHS];
+        for _ in 0..ops {
+            let p = ch.pick(bytes, allowed);
+            assert!(allowed.contains(&p));
+            n[p as usize] += 1;
+            ch.record(bytes, p, cost[p as usize] * bytes as f64);
+        }
+        n
+    }
+
+    #[test]
+    fn tries_every_path_then_keeps_the_cheapest_and_probes_the_others() {
+        let mut ch = Chooser::default();
+        // Each path twice (its first sample, which pays for cold caches, is dropped).
+        for (p, ns) in [(LargePath::Stage, 9e6), (LargePath::Stage, 120_000.0)] {
+            assert_eq!(ch.pick(1 << 20, &TWO), p);
+            ch.record(1 << 20, p, ns);
+        }
+        for (p, ns) in [(LargePath::Cma, 9e6), (LargePath::Cma, 100_000.0)] {
+            assert_eq!(ch.pick(1 << 20, &TWO), p);
+            ch.record(1 << 20, p, ns);
+        }
+        // Cma is cheaper (within 1.5x): taken, the stages probed every 16th operation.
+        let n = run(&mut ch, 1 << 20, 160, &TWO, [0.12, 0.1, 9.0]);
+        // Re-checked after 2, 4, 8 operations (young estimate), then every 16th, two
+        // operations each time.
+        assert!((20..=28).contains(&n[0]) && n[0] + n[1] == 160, "{n:?}");
+        // Other size classes are measured on their own.
+        assert_eq!(ch.pick(100_000, &TWO), LargePath::Stage);
+        assert_eq!(ch.estimate(100_000, LargePath::Cma), None);
+        // Three paths: each probed in turn.
+        let mut ch = Chooser::default();
+        let n = run(&mut ch, 1 << 20, 6 + 160, &ALL_PATHS, [0.12, 0.11, 0.1]);
+        assert_eq!(n[0] + n[1] + n[2], 166);
+        assert!(
+            (14..=34).contains(&n[0]) && (14..=34).contains(&n[1]),
+            "{n:?}"
+        );
+    }
+
+    #[test]
+    fn a_far_worse_path_is_probed_rarely() {
+        let mut ch = Chooser::default();
+        let n = run(&mut ch, 300_000, 4 + 640, &TWO, [0.05, 0.12, 0.0]);
+        // 2 to explore, 5 while young (after 2, 4, ..., 32 operations), then every 64th, two
+        // operations each time.
+        assert!((26..=34).contains(&n[1]) && n[0] + n[1] == 644, "{n:?}");
+    }
+
+    #[test]
+    fn follows_a_change_of_costs() {
+        let mut ch = Chooser::default();
+        let (near, far) = ([0.05, 0.1, 0.06], [0.15, 0.1, 0.07]);
+        run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        let n = run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        assert!(n[0] >= 80, "{n:?}");
+        // The host moved the vCPUs apart: plain stores into the stage get 3x slower.
+        run(&mut ch, 1 << 20, 100, &ALL_PATHS, far);
+        let n = run(&mut ch, 1 << 20, 100, &ALL_PATHS, far);
+        assert!(n[2] >= 80, "{n:?}");
+        // And back.
+        run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        let n = run(&mut ch, 1 << 20, 100, &ALL_PATHS, near);
+        assert!(n[0] >= 80, "{n:?}");
+    }
+
+    #[test]
+    fn one_slow_sample_does_not_condemn_a_path() {
+        let mut ch = Chooser::default();
+        run(&mut ch, 1 << 20, 50, &TWO, [0.05, 0.1, 0.0]);
+        ch.record(1 << 20, LargePath::Stage, 100.0 * (1 << 20) as f64);
+        let e = ch.estimate(1 << 20, LargePath::Stage).unwrap_or(0.0);
+        assert!(e < 0.1, "{e}");
+        // Still the path taken (apart from one probe of the other).
+        let n = run(&mut ch, 1 << 20, 16, &TWO, [0.05, 0.1, 0.0]);
+        assert!(n[0] >= 15, "{n:?}");
+    }
+
+    #[test]
+    fn only_allowed_paths_are_taken() {
+        let mut ch = Chooser::default();
+        let only = [LargePath::StageNt];
+        let n = run(&mut ch, 5000, 50, &only, [0.01, 0.01, 1.0]);
+        assert_eq!(n, [0, 0, 50]);
+        assert_eq!(ch.pick(5000, &[]), LargePath::Stage);
+    }
+
+    #[test]
+    fn header_words_name_the_path() {
+        for p in ALL_PATHS {
+            assert_eq!(LargePath::from_word(p.word()), p);
+        }
+        assert_eq!(LargePath::from_word(77), LargePath::Stage);
     }
 }

@@ -132,6 +132,85 @@ fn large_all_to_all_by_cross_memory_attach() {
     }
 }
 
+/// Large broadcasts and all-reduces on one node take the stages (plain or non-temporal stores)
+/// or the single-copy path (cross-memory attach), chosen by the root / member 0 by measured cost
+/// unless `PUMACOLL_LARGE` forces one. Each forced path and the measured choice, against serial results on 2/3/5/8
+/// ranks: sizes on both sides of the 64 KiB single-copy limit (8191/8192 i64), of a stage piece
+/// (8193), several pieces and odd slices (40963, 131073); the byte broadcasts of coll_check add
+/// lengths that are no multiple of 8. The 200-broadcast streak switches roots under the chooser.
+/// `PUMACOLL_CMA_MIN=8` takes the single-copy path down to the smallest staged sizes (255 i64).
+#[test]
+fn large_broadcast_and_all_reduce_by_either_path() {
+    let sizes = "254,255,8191,8192,8193,40963,131073";
+    let runs = [
+        (2, "cma", "8"),
+        (5, "cma", "8"),
+        (3, "stage", ""),
+        (8, "stage", ""),
+        (2, "nt", ""),
+        (5, "nt", ""),
+    ];
+    let both = [2, 3, 5, 8]
+        .iter()
+        .flat_map(|&n| [(n, "cma", ""), (n, "", "")]);
+    for (n, path, min) in runs.into_iter().chain(both) {
+        let s = (70 + n).to_string();
+        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", "0"];
+        {
+            let mut env = vec![("PUMACOLL_LARGE", path)];
+            if !min.is_empty() {
+                env.push(("PUMACOLL_CMA_MIN", min));
+            }
+            let out = yod_env(n, &[], "coll_check", &args, &env);
+            let so = text(&out.stdout);
+            assert!(
+                out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+                "{n} ranks, {env:?}: {so} {}",
+                text(&out.stderr)
+            );
+            let pieces = stat(&so, "stage pieces");
+            let cma = stat(&so, "cma blocks");
+            match (path, min) {
+                // Everything from one slot up goes by cross-memory attach (all-to-all too).
+                ("cma", "8") => assert!(pieces == 0 && cma > 0, "{env:?}: {so}"),
+                // Up to 64 KiB the stages, above one copy.
+                ("cma", _) => assert!(pieces > 0 && cma > 0, "{env:?}: {so}"),
+                // Only the all-to-alls of 64 KiB blocks (2 ranks: 131073/2 + 1 i64) read others.
+                ("stage" | "nt", _) => assert!(pieces > 0 && cma <= 2 * n as u64, "{env:?}: {so}"),
+                // Measured: both paths were tried.
+                _ => assert!(pieces > 0 && cma > 2 * n as u64, "{env:?}: {so}"),
+            }
+        }
+    }
+}
+
+/// The value of a `name: N` line of coll_check's output.
+fn stat(out: &str, name: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {out}"))
+}
+
+/// A broadcast whose ranks pass different lengths fails with a clear error on every path.
+#[test]
+fn mismatched_large_broadcast_is_a_clear_error() {
+    for path in ["cma", "stage", ""] {
+        let args = ["--mismatch", "--mismatch-bcast", "--mismatch-len", "100000"];
+        let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_LARGE", path)]);
+        assert!(!out.status.success());
+        let e = text(&out.stderr);
+        assert!(e.contains("size mismatch in broadcast"), "{path}: {e}");
+        assert!(!text(&out.stdout).contains("returned without error"));
+    }
+    // All-reduce by cross-memory attach: every member sees the mismatch before reading.
+    let args = ["--mismatch", "--mismatch-len", "100000"];
+    let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_LARGE", "cma")]);
+    assert!(!out.status.success());
+    let e = text(&out.stderr);
+    assert!(e.contains("size mismatch in all-reduce"), "{e}");
+    assert!(!text(&out.stdout).contains("returned without error"));
+}
+
 #[test]
 fn mismatched_all_to_all_by_cross_memory_attach_is_a_clear_error() {
     let args = [
