@@ -636,8 +636,10 @@ impl<'a> Sim<'a> {
 
     /// Load the memory that handling `evs` (at most [`WARM`] events) will touch, in rounds of
     /// independent loads: the operation and its state (which names its first dependents), then
-    /// the rank and the first dependent's state, then the head of the matching queue, then the
-    /// matched receive and then its first dependent. At large scale each of these is a cache (and TLB) miss at a random address;
+    /// the rank and the first dependent's state, then the head of the matching queue (or the
+    /// tail of the queue the event joins), then the matched operation and then its first
+    /// dependent. Records that may straddle two cache lines (24-byte operations, 48-byte ranks)
+    /// are read at both ends. At large scale each of these is a cache (and TLB) miss at a random address;
     /// loading them for a whole group at once keeps many misses in flight instead of taking
     /// them one after another inside `handle`. Nothing here changes state: the values only feed
     /// later rounds and a `black_box`, so a value made stale by an earlier event of the group
@@ -656,6 +658,8 @@ impl<'a> Sim<'a> {
         for (i, &ev) in evs[..n].iter().enumerate() {
             let o = (ev & 0xffff_ffff) as usize;
             let Some(op) = s.ops.get(o) else { continue };
+            // Both ends of the record: a 24-byte record may straddle two lines.
+            acc ^= op.size ^ op.kind as u64;
             rank[i] = if ev >> 32 == EV_ARRIVE {
                 op.peer
             } else {
@@ -666,37 +670,44 @@ impl<'a> Sim<'a> {
                 dep[i] = self.first_dependent(o, x);
             }
         }
-        // Round 2: the rank an event works on (the receiver for an arrival) and the event's
-        // first dependent's state.
+        // Round 2: the rank an event works on (the receiver for an arrival; both ends of the
+        // record, which may straddle two lines) and the event's first dependent's state.
         let mut qtail = [NIL; WARM];
+        let mut ptail = [NIL; WARM];
         for i in 0..n {
             let ev = evs[i];
             if let Some(rk) = self.rk.get(rank[i] as usize) {
-                acc ^= rk.last_arr;
+                acc ^= rk.cpu0.free ^ rk.last_arr;
                 let kind = ev >> 32;
                 if kind == EV_ARRIVE {
                     qtail[i] = rk.prq_tail;
+                    // No receive posted: the message joins the unexpected queue.
+                    ptail[i] = if qtail[i] == NIL { rk.uq_tail } else { NIL };
                 } else if kind == EV_READY {
                     let o = (ev & 0xffff_ffff) as usize;
                     if s.ops.get(o).is_some_and(|x| x.kind == OpKind::Recv as u8) {
                         qtail[i] = rk.uq_tail;
+                        // No message waiting: the receive joins the posted queue.
+                        ptail[i] = if qtail[i] == NIL { rk.prq_tail } else { NIL };
                     }
                 }
             }
             acc ^= self.st.get(dep[i] as usize).map_or(0, |x| x.ready);
         }
         // Round 3: the head of the matching queue (the receive an arrival matches, or the
-        // message a receive finds).
+        // message a receive finds), or the tail of the queue the event joins.
         let mut head = [NIL; WARM];
         for i in 0..n {
             if let Some(x) = self.st.get(qtail[i] as usize) {
                 head[i] = x.link;
             }
+            acc ^= self.st.get(ptail[i] as usize).map_or(0, |x| x.link as u64);
         }
-        // Round 4: the matched operation and its state (with its first dependents).
+        // Round 4: the matched operation (both ends of its record) and its state (with its
+        // first dependents).
         for i in 0..n {
             let h = head[i] as usize;
-            acc ^= s.ops.get(h).map_or(0, |x| x.tag as u64);
+            acc ^= s.ops.get(h).map_or(0, |x| x.size ^ x.tag as u64);
             dep[i] = match self.st.get(h) {
                 Some(x) => {
                     acc ^= x.end;
