@@ -83,8 +83,11 @@ pub const PRED_RESOURCE: u32 = 1 << 31;
 /// No predecessor.
 pub const PRED_NONE: u32 = u32::MAX;
 
-/// Per-operation simulation state (24 bytes).
+/// Per-operation simulation state: 32 bytes, 32-byte aligned, so one record is always within
+/// one cache line. Besides the timing it carries the operation's first two dependents (copied
+/// from the schedule's CSR lists), so releasing them reads no other line than this one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(32))]
 pub struct OpState {
     /// Time its dependencies were satisfied.
     pub ready: u64,
@@ -94,7 +97,16 @@ pub struct OpState {
     pub link: u32,
     /// The predecessor that determined its timing ([`PRED_RESOURCE`] bit, [`PRED_NONE`]).
     pub pred: u32,
+    /// Internal: the dependents (raw CSR entries) when there are at most two, [`DEP_NONE`]
+    /// filling the unused places; `[DEP_CSR, _]` when there are more (read them from the
+    /// schedule).
+    deps: [u32; 2],
 }
+
+/// No dependent in this place of [`OpState::deps`] (no operation index has all 31 bits set).
+const DEP_NONE: u32 = u32::MAX;
+/// [`OpState::deps`] holds no dependents: there are more than two, read them from the schedule.
+const DEP_CSR: u32 = u32::MAX >> 1;
 
 /// Result of one simulation.
 #[derive(Clone, Debug, Default)]
@@ -389,11 +401,20 @@ fn initial_state(s: &Schedule) -> Vec<OpState> {
             end: u64::MAX,
             link: 0,
             pred: PRED_NONE,
+            deps: [DEP_NONE; 2],
         };
         s.len()
     ];
     for &d in &s.dep_list {
         st[(d & !IREQ_BIT) as usize].link += 1;
+    }
+    for (op, x) in st.iter_mut().enumerate() {
+        match s.dependents(op) {
+            [] => {}
+            &[a] => x.deps[0] = a,
+            &[a, b] => x.deps = [a, b],
+            _ => x.deps[0] = DEP_CSR,
+        }
     }
     st
 }
@@ -614,9 +635,11 @@ impl<'a> Sim<'a> {
     }
 
     /// Load the memory that handling `evs` (at most [`WARM`] events) will touch, in rounds of
-    /// independent loads: the operation and its state, then the rank, then the head of the
-    /// matching queue and the first dependent, then the matched receive and its first
-    /// dependent. At large scale each of these is a cache (and TLB) miss at a random address;
+    /// independent loads: the operation and its state (which names its first dependents), then
+    /// the rank and the first dependent's state, then the head of the matching queue (or the
+    /// tail of the queue the event joins), then the matched operation and then its first
+    /// dependent. Records that may straddle two cache lines (24-byte operations, 48-byte ranks)
+    /// are read at both ends. At large scale each of these is a cache (and TLB) miss at a random address;
     /// loading them for a whole group at once keeps many misses in flight instead of taking
     /// them one after another inside `handle`. Nothing here changes state: the values only feed
     /// later rounds and a `black_box`, so a value made stale by an earlier event of the group
@@ -629,78 +652,90 @@ impl<'a> Sim<'a> {
         let s = self.s;
         let n = evs.len().min(WARM);
         let mut acc = 0u64;
-        // Round 1: operation records and states.
+        // Round 1: operation records and states (the state holds the first dependents).
         let mut rank = [NIL; WARM];
-        let mut deps = [(0u32, 0u32); WARM];
+        let mut dep = [NIL; WARM];
         for (i, &ev) in evs[..n].iter().enumerate() {
             let o = (ev & 0xffff_ffff) as usize;
             let Some(op) = s.ops.get(o) else { continue };
+            // Both ends of the record: a 24-byte record may straddle two lines.
+            acc ^= op.size ^ op.kind as u64;
             rank[i] = if ev >> 32 == EV_ARRIVE {
                 op.peer
             } else {
                 op.rank
             };
-            acc ^= self.st.get(o).map_or(0, |x| x.end);
-            deps[i] = (
-                s.dep_start.get(o).copied().unwrap_or(0),
-                s.dep_start.get(o + 1).copied().unwrap_or(0),
-            );
+            if let Some(x) = self.st.get(o) {
+                acc ^= x.end;
+                dep[i] = self.first_dependent(o, x);
+            }
         }
-        // Round 2: the rank an event works on (the receiver for an arrival) and the event's
-        // first dependent.
+        // Round 2: the rank an event works on (the receiver for an arrival; both ends of the
+        // record, which may straddle two lines) and the event's first dependent's state.
         let mut qtail = [NIL; WARM];
-        let mut dep = [NIL; WARM];
+        let mut ptail = [NIL; WARM];
         for i in 0..n {
             let ev = evs[i];
             if let Some(rk) = self.rk.get(rank[i] as usize) {
-                acc ^= rk.last_arr;
+                acc ^= rk.cpu0.free ^ rk.last_arr;
                 let kind = ev >> 32;
                 if kind == EV_ARRIVE {
                     qtail[i] = rk.prq_tail;
+                    // No receive posted: the message joins the unexpected queue.
+                    ptail[i] = if qtail[i] == NIL { rk.uq_tail } else { NIL };
                 } else if kind == EV_READY {
                     let o = (ev & 0xffff_ffff) as usize;
                     if s.ops.get(o).is_some_and(|x| x.kind == OpKind::Recv as u8) {
                         qtail[i] = rk.uq_tail;
+                        // No message waiting: the receive joins the posted queue.
+                        ptail[i] = if qtail[i] == NIL { rk.prq_tail } else { NIL };
                     }
                 }
             }
-            let (a, b) = deps[i];
-            if a < b {
-                dep[i] = s.dep_list.get(a as usize).map_or(NIL, |&d| d & !IREQ_BIT);
-            }
+            acc ^= self.st.get(dep[i] as usize).map_or(0, |x| x.ready);
         }
         // Round 3: the head of the matching queue (the receive an arrival matches, or the
-        // message a receive finds) and the first dependent's state.
+        // message a receive finds), or the tail of the queue the event joins.
         let mut head = [NIL; WARM];
         for i in 0..n {
             if let Some(x) = self.st.get(qtail[i] as usize) {
                 head[i] = x.link;
             }
-            acc ^= self.st.get(dep[i] as usize).map_or(0, |x| x.ready);
+            acc ^= self.st.get(ptail[i] as usize).map_or(0, |x| x.link as u64);
         }
-        // Round 4: the matched operation, its state and its dependents' range.
+        // Round 4: the matched operation (both ends of its record) and its state (with its
+        // first dependents).
         for i in 0..n {
             let h = head[i] as usize;
-            acc ^= s.ops.get(h).map_or(0, |x| x.tag as u64);
-            acc ^= self.st.get(h).map_or(0, |x| x.end);
-            deps[i] = (
-                s.dep_start.get(h).copied().unwrap_or(0),
-                s.dep_start.get(h + 1).copied().unwrap_or(0),
-            );
-        }
-        // Round 5: a matched receive completes and releases its dependents.
-        for i in 0..n {
-            let (a, b) = deps[i];
-            dep[i] = if head[i] != NIL && a < b {
-                s.dep_list.get(a as usize).map_or(NIL, |&d| d & !IREQ_BIT)
-            } else {
-                NIL
+            acc ^= s.ops.get(h).map_or(0, |x| x.size ^ x.tag as u64);
+            dep[i] = match self.st.get(h) {
+                Some(x) => {
+                    acc ^= x.end;
+                    self.first_dependent(h, x)
+                }
+                None => NIL,
             };
         }
+        // Round 5: a matched receive completes and releases its dependents.
         for &d in &dep[..n] {
             acc ^= self.st.get(d as usize).map_or(0, |x| x.ready);
         }
         std::hint::black_box(acc);
+    }
+
+    /// Index of the first dependent of `op` whose state is `x` ([`NIL`]: none).
+    #[inline]
+    fn first_dependent(&self, op: usize, x: &OpState) -> u32 {
+        let d = x.deps[0];
+        if d == DEP_CSR {
+            let s = self.s;
+            let a = s.dep_start.get(op).copied().unwrap_or(0) as usize;
+            s.dep_list.get(a).map_or(NIL, |&d| d & !IREQ_BIT)
+        } else if d == DEP_NONE {
+            NIL
+        } else {
+            d & !IREQ_BIT
+        }
     }
 
     #[inline]
@@ -738,24 +773,41 @@ impl<'a> Sim<'a> {
     /// Satisfy dependents of `op` at time `t`: `irequires` edges if `ireq`, `requires` if `req`.
     #[inline]
     fn release(&mut self, op: usize, t: u64, ireq: bool, req: bool) {
-        let s = self.s;
-        let (a, b) = (s.dep_start[op] as usize, s.dep_start[op + 1] as usize);
-        for k in a..b {
-            let d = s.dep_list[k];
-            let is_ireq = d & IREQ_BIT != 0;
-            if (is_ireq && !ireq) || (!is_ireq && !req) {
-                continue;
+        let deps = self.st[op].deps;
+        if deps[0] == DEP_CSR {
+            let s = self.s;
+            let (a, b) = (s.dep_start[op] as usize, s.dep_start[op + 1] as usize);
+            for k in a..b {
+                self.release_one(op, s.dep_list[k], t, ireq, req);
             }
-            let d = (d & !IREQ_BIT) as usize;
-            if t >= self.st[d].ready {
-                self.st[d].ready = t;
-                self.st[d].pred = op as u32;
+        } else {
+            for d in deps {
+                if d == DEP_NONE {
+                    break;
+                }
+                self.release_one(op, d, t, ireq, req);
             }
-            self.st[d].link -= 1;
-            if self.st[d].link == 0 {
-                let rt = self.st[d].ready;
-                self.schedule(rt, EV_READY << 32 | d as u64);
-            }
+        }
+    }
+
+    /// Satisfy dependency entry `d` (a dependent of `op`, [`IREQ_BIT`] for `irequires`) at `t`
+    /// if its kind is selected.
+    #[inline]
+    fn release_one(&mut self, op: usize, d: u32, t: u64, ireq: bool, req: bool) {
+        let is_ireq = d & IREQ_BIT != 0;
+        if (is_ireq && !ireq) || (!is_ireq && !req) {
+            return;
+        }
+        let d = (d & !IREQ_BIT) as usize;
+        let x = &mut self.st[d];
+        if t >= x.ready {
+            x.ready = t;
+            x.pred = op as u32;
+        }
+        x.link -= 1;
+        if x.link == 0 {
+            let rt = x.ready;
+            self.schedule(rt, EV_READY << 32 | d as u64);
         }
     }
 
