@@ -1711,4 +1711,63 @@ mod tests {
         assert_eq!(rx.eq_poll(eq).expect("poll"), None);
         assert_eq!(rx.stats().total_drops(), 0);
     }
+    #[test]
+    fn a_small_put_posts_its_send_event_and_unowned_memory_is_refused_unsent() {
+        let (_fab, mut tx, mut rx, eq, _smd, sbuf, _rbuf) = pair();
+        let (seq, smd, bad) = tx.with_engine(|e| {
+            let seq = e.eq_alloc(16).expect("send eq");
+            let md = |e: &mut PortalsEngine, region| {
+                e.md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region,
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(seq),
+                })
+                .expect("send md")
+            };
+            let smd = md(e, sbuf.region());
+            let bad = md(e, portals::Region::new(0x1000, 256));
+            (seq, smd, bad)
+        });
+        let put = |md, length, ack| PutArgs {
+            md,
+            local_offset: 4,
+            length,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: length,
+            remote_offset: 0,
+            ack,
+            hdr_data: 5,
+        };
+        // 0 and 8 B travel in one line, 100 B after the header, the acked put by the general route.
+        for (len, ack) in [(0, false), (8, false), (100, false), (8, true)] {
+            tx.put(&put(smd, len, ack)).expect("put");
+            let ev = tx.eq_poll(seq).expect("poll").expect("send event");
+            assert_eq!(
+                (
+                    ev.kind,
+                    ev.md,
+                    ev.mlength,
+                    ev.rlength,
+                    ev.offset,
+                    ev.match_bits
+                ),
+                (EventKind::Send, smd, len, len, 4, len)
+            );
+            let got = rx.eq_wait(eq, Duration::from_secs(5)).expect("put event");
+            assert_eq!((got.kind, got.mlength), (EventKind::Put, len));
+        }
+        let ack = tx.eq_wait(seq, Duration::from_secs(5)).expect("ack event");
+        assert_eq!((ack.kind, ack.mlength), (EventKind::Ack, 8));
+        let sent = tx.stats().sent;
+        for len in [8, 100] {
+            let err = tx.put(&put(bad, len, false)).expect_err("unowned memory");
+            assert!(err.to_string().contains("does not own"), "{err}");
+        }
+        assert_eq!(tx.eq_poll(seq).expect("poll"), None, "no send event");
+        assert_eq!(tx.stats().sent, sent, "nothing sent");
+    }
 }
