@@ -187,7 +187,7 @@ impl Consumer {
     }
 
     /// Looks for the next complete record.
-    #[inline]
+    #[inline(always)]
     pub fn peek<M: RingMem>(&mut self, mem: &M) -> Peek {
         if self.broken {
             return Peek::Empty;
