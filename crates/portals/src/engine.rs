@@ -1621,6 +1621,66 @@ impl<S: Store> Engine<S> {
         )
     }
 
+    /// The common small put in one step, for a fabric that sends it at once:
+    /// a put without acknowledgment from a single-block descriptor. It makes
+    /// exactly the checks of [`Engine::prepare_put_body`], calls `send` with
+    /// the local bytes to send, and when `send` returns `Ok` posts the send
+    /// event of [`Engine::sent_put`]: the effects of those two calls, with
+    /// one descriptor look-up and nothing built in between (no [`Body`], no
+    /// `Result` carrying an [`Error`]).
+    ///
+    /// * `None`: any other put (acknowledged, from another descriptor kind)
+    ///   or one those checks refuse. `send` was not called and nothing
+    ///   changed; take the general path, which reports the error.
+    /// * `Some(Err(e))`: `send` failed with `e`; nothing changed.
+    /// * `Some(Ok(posted))`: sent, and the send event posted as `posted`.
+    #[inline(always)]
+    pub fn put_fast<E>(
+        &mut self,
+        a: &PutArgs,
+        send: impl FnOnce(Region) -> Result<(), E>,
+    ) -> Option<Result<Posted, E>> {
+        // `check_target`, the header checks of `prepare_put_body` and (no ack) nothing to count.
+        if a.ack
+            | (a.target.group == ANY)
+            | (a.target.rank == ANY)
+            | (a.length > self.cfg.max_message)
+            | (a.portal == u32::MAX)
+            | (self.cfg.id.group == ANY)
+            | (self.cfg.id.rank == ANY)
+            || a.remote_offset.checked_add(a.length).is_none()
+            || !self.md_live(a.md)
+        {
+            return None;
+        }
+        // `source_body` for a single block.
+        let slot = &self.store.tables_ref().mds[a.md.idx as usize];
+        let MdState::Single { region, .. } = slot.state else {
+            return None;
+        };
+        if a.local_offset
+            .checked_add(a.length)
+            .is_none_or(|e| e > region.len)
+        {
+            return None;
+        }
+        let eq = slot.eq;
+        if let Err(e) = send(region.sub(a.local_offset, a.length)) {
+            return Some(Err(e));
+        }
+        Some(Ok(self.post_send_event(
+            eq,
+            a.md,
+            a.length,
+            a.target,
+            a.portal,
+            a.match_bits,
+            a.length,
+            a.local_offset,
+            a.hdr_data,
+        )))
+    }
+
     #[allow(clippy::too_many_arguments)]
     #[inline]
     fn post_send(
@@ -1637,15 +1697,43 @@ impl<S: Store> Engine<S> {
         if !self.md_live(md) {
             return Err(Error::StaleHandle("memory descriptor"));
         }
+        let eq = self.store.tables_ref().mds[md.idx as usize].eq;
+        Ok(self.post_send_event(
+            eq,
+            md,
+            body.len(),
+            dst,
+            portal,
+            match_bits,
+            rlength,
+            offset,
+            hdr_data,
+        ))
+    }
+
+    /// The send event of live descriptor `md` (whose queue is `eq`), posted.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn post_send_event(
+        &mut self,
+        eq: EqHandle,
+        md: MdHandle,
+        mlength: u64,
+        dst: ProcessId,
+        portal: u32,
+        match_bits: u64,
+        rlength: u64,
+        offset: u64,
+        hdr_data: u64,
+    ) -> Posted {
         let t = self.store.tables();
-        let eq = t.mds[md.idx as usize].eq;
         // The slot first, then the event written into it from registers (nothing is built when
         // the descriptor has no queue).
         match reserve(t.eqs, eq) {
-            Slot::NoQueue => Ok(Posted::NoQueue),
+            Slot::NoQueue => Posted::NoQueue,
             Slot::Overflowed => {
                 self.counters.eq_overflows += 1;
-                Ok(Posted::Overflowed(eq))
+                Posted::Overflowed(eq)
             }
             Slot::At(at, seq) => {
                 t.events[at] = Event {
@@ -1654,7 +1742,7 @@ impl<S: Store> Engine<S> {
                     portal,
                     match_bits,
                     rlength,
-                    mlength: body.len(),
+                    mlength,
                     offset,
                     md,
                     entry: MatchHandle::NONE,
@@ -1664,7 +1752,7 @@ impl<S: Store> Engine<S> {
                     reason: None,
                     seq,
                 };
-                Ok(Posted::Queued(eq))
+                Posted::Queued(eq)
             }
         }
     }

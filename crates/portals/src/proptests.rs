@@ -631,12 +631,97 @@ fn fast_hdr() -> impl Strategy<Value = FastHdr> {
         )
 }
 
+/// A put's arguments, mostly valid, with at most one fault.
+#[derive(Clone, Debug)]
+struct FastPutArgs {
+    md: usize,
+    fault: u8,
+    local_offset: u64,
+    length: u64,
+    remote_offset: u64,
+    portal: u32,
+    bits: u64,
+    data: u64,
+    /// `send` fails (a full queue, unowned memory).
+    send_fails: bool,
+    drain: bool,
+}
+
+fn fast_put_args() -> impl Strategy<Value = FastPutArgs> {
+    (
+        (0usize..9, 0u8..24, 0u64..330, 0u64..330),
+        (0u64..64, 0u32..4, any::<u64>(), 0u8..8, any::<bool>()),
+    )
+        .prop_map(
+            |((md, fault, local_offset, length), (remote_offset, portal, data, fails, drain))| {
+                FastPutArgs {
+                    md,
+                    fault,
+                    local_offset,
+                    length,
+                    remote_offset,
+                    portal,
+                    bits: data & 1,
+                    data,
+                    send_fails: fails == 0,
+                    drain,
+                }
+            },
+        )
+}
+
+fn fast_put(g: &FastPutArgs, handles: &[Option<MdHandle>]) -> PutArgs {
+    let md = match g.fault {
+        // A descriptor that never existed, and a stale generation of one that did.
+        1 => MdHandle::from_cookie(200),
+        2 => handles
+            .first()
+            .copied()
+            .flatten()
+            .map_or(MdHandle::NONE, |h| {
+                MdHandle::from_cookie(h.to_cookie() + (1 << 32))
+            }),
+        _ => handles
+            .get(g.md % handles.len().max(1))
+            .copied()
+            .flatten()
+            .unwrap_or(MdHandle::NONE),
+    };
+    PutArgs {
+        md,
+        local_offset: match g.fault {
+            3 => u64::MAX - 2,
+            4 => g.local_offset,
+            _ => g.local_offset % 40,
+        },
+        length: match g.fault {
+            5 => 5000,
+            6 => g.length,
+            _ => g.length % 40,
+        },
+        target: match g.fault {
+            7 => ProcessId::new(ANY, 1),
+            8 => ProcessId::new(2, ANY),
+            _ => ProcessId::new(2, 1),
+        },
+        portal: if g.fault == 9 { u32::MAX } else { g.portal },
+        match_bits: g.bits,
+        remote_offset: if g.fault == 10 {
+            u64::MAX - 2
+        } else {
+            g.remote_offset
+        },
+        ack: g.fault == 11 || g.fault == 12,
+        hdr_data: g.data,
+    }
+}
+
 fn fast_engine(
     mds: &[FastMd],
     portals: &[FastPortal],
     entries: &[FastEntry],
     release: &[usize],
-) -> (Engine<FastStore>, [EqHandle; 2]) {
+) -> (Engine<FastStore>, [EqHandle; 2], Vec<Option<MdHandle>>) {
     let mut e = Engine::with_store(FastStore::config(ME, 4096), FastStore::new()).unwrap();
     let eqs = [e.eq_alloc(3).unwrap(), e.eq_alloc(9).unwrap()];
     let queue = |i: u8| match i {
@@ -744,7 +829,7 @@ fn fast_engine(
             let _ = e.md_release(h);
         }
     }
-    (e, eqs)
+    (e, eqs, handles)
 }
 
 fn fast_header(g: &FastHdr) -> WireHeader {
@@ -791,7 +876,7 @@ proptest! {
         release in proptest::collection::vec(0usize..16, 0..3),
         hdrs in proptest::collection::vec(fast_hdr(), 1..40),
     ) {
-        let (mut e, eqs) = fast_engine(&mds, &portals, &entries, &release);
+        let (mut e, eqs, _) = fast_engine(&mds, &portals, &entries, &release);
         for g in &hdrs {
             if g.drain {
                 for q in eqs {
@@ -818,6 +903,68 @@ proptest! {
                 prop_assert_eq!(to, Region::new(1, 1));
                 prop_assert_eq!(format!("{e:?}"), before);
                 e = general;
+            }
+        }
+    }
+    /// On random descriptor tables and put arguments (wrong ones included), the
+    /// send fast path either has exactly the effects of the general path
+    /// (`prepare_put_body`, then `sent_put` once the bytes are out) and hands
+    /// `send` the general body's single block, or declines without calling
+    /// `send` or touching anything. When `send` fails nothing changes. Every
+    /// put without ack from a live single-block descriptor that the general
+    /// path accepts is taken.
+    #[test]
+    fn send_fast_path_has_exactly_the_general_paths_effects(
+        mds in proptest::collection::vec(fast_md(), 1..8),
+        release in proptest::collection::vec(0usize..16, 0..3),
+        puts in proptest::collection::vec(fast_put_args(), 1..40),
+    ) {
+        let (mut e, eqs, handles) = fast_engine(&mds, &[], &[], &release);
+        for g in &puts {
+            if g.drain {
+                for q in eqs {
+                    let _ = e.eq_get(q);
+                }
+            }
+            let a = fast_put(g, &handles);
+            let before = format!("{e:?}");
+            let mut general = e.clone();
+            let prepared = general.prepare_put_body(&a);
+            let mut seen = None;
+            let fast = e.put_fast(&a, |r| {
+                seen = Some(r);
+                if g.send_fails { Err(7u8) } else { Ok(()) }
+            });
+            match fast {
+                None => {
+                    prop_assert_eq!(seen, None);
+                    prop_assert_eq!(format!("{e:?}"), before);
+                    let single = mds[g.md % mds.len()].kind == 0;
+                    prop_assert!(
+                        a.ack || !single || prepared.is_err(),
+                        "fast path declined a common put the general path takes: {:?}", a
+                    );
+                    if let Ok(body) = prepared {
+                        general.sent_put(&a, &body).unwrap();
+                    }
+                    e = general;
+                }
+                Some(Err(code)) => {
+                    prop_assert_eq!(code, 7);
+                    prop_assert!(g.send_fails);
+                    let body = prepared.unwrap();
+                    prop_assert!(body.is_contiguous());
+                    prop_assert_eq!(Some(body.first()), seen);
+                    prop_assert_eq!(format!("{e:?}"), before);
+                }
+                Some(Ok(posted)) => {
+                    prop_assert!(!g.send_fails);
+                    let body = prepared.unwrap();
+                    prop_assert!(body.is_contiguous());
+                    prop_assert_eq!(Some(body.first()), seen);
+                    prop_assert_eq!(general.sent_put(&a, &body).unwrap(), posted);
+                    prop_assert_eq!(format!("{e:?}"), format!("{general:?}"));
+                }
             }
         }
     }

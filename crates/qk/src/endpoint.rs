@@ -538,6 +538,52 @@ impl Endpoint {
         self.start_engine()?;
         let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
+        let inner = &mut *g;
+        // Fast path, the common small put (no ack, eager, to a rank of this node, from one block):
+        // the portals checks, the payload copied once straight from the buffer into the queue,
+        // then the send event, all in `put_fast`. Anything else, a full queue included, takes the
+        // general path below (which repeats the checks and reports what is wrong).
+        if let Some(d) = inner
+            .region
+            .port_of_rank(a.target.rank)
+            .filter(|_| a.length <= inner.region.eager_max as u64)
+        {
+            let (mem, port, me) = (&inner.mem, &mut inner.port, inner.me.rank);
+            let sent = inner.engine.put_fast(a, |src| {
+                let hdr = Hdr::put(a, me);
+                let ok = if src.len <= 8 {
+                    // One line: the payload travels in the header's `aux` word.
+                    let Some(w) = mem.with_slice(src.addr, src.len, |s| {
+                        let mut w = [0u8; 8];
+                        w[..s.len()].copy_from_slice(s);
+                        u64::from_le_bytes(w)
+                    }) else {
+                        return Err(Some(src));
+                    };
+                    let h8 = Hdr {
+                        flags: hdr.flags | flag::INLINE8,
+                        aux: w,
+                        ..hdr
+                    };
+                    port.try_send(d, &h8, &[])
+                } else {
+                    mem.with_slice(src.addr, src.len, |s| port.try_send(d, &hdr, s))
+                        .ok_or(Some(src))?
+                };
+                // `None`: the queue is full (the general path waits for room).
+                ok.then_some(()).ok_or(None)
+            });
+            match sent {
+                Some(Ok(_)) => return Ok(()),
+                Some(Err(Some(src))) => {
+                    return Err(QkError::Portals(format!(
+                        "memory descriptor names {} bytes at {:#x}, which this rank does not own",
+                        src.len, src.addr
+                    )))
+                }
+                Some(Err(None)) | None => {}
+            }
+        }
         // The portals checks and accounting of a put, without its portals header: the fabric
         // header is built straight from the arguments (`Hdr::put`, the same fields).
         let pbody = g
@@ -551,24 +597,14 @@ impl Endpoint {
             len <= g.region.eager_max as u64 && pbody.is_contiguous(),
             local_dst,
         ) {
-            // Fast path: one lock, the payload copied once, straight from the buffer into the queue.
+            // An acked small put (or one that found the queue full): still one lock and the
+            // payload copied once, straight from the buffer into the queue.
             let first = pbody.first();
             let inner = &mut *g;
-            let tiny = first.len <= 8 && hdr.flags & flag::ACK_REQ == 0 && hdr.op == op::PUT;
-            match inner.mem.with_slice(first.addr, first.len, |s| {
-                if tiny {
-                    let mut w = [0u8; 8];
-                    w[..s.len()].copy_from_slice(s);
-                    let h8 = Hdr {
-                        flags: hdr.flags | flag::INLINE8,
-                        aux: u64::from_le_bytes(w),
-                        ..hdr
-                    };
-                    inner.port.try_send(d, &h8, &[])
-                } else {
-                    inner.port.try_send(d, &hdr, s)
-                }
-            }) {
+            match inner
+                .mem
+                .with_slice(first.addr, first.len, |s| inner.port.try_send(d, &hdr, s))
+            {
                 Some(true) => {
                     inner
                         .engine
@@ -1674,5 +1710,64 @@ mod tests {
         }
         assert_eq!(rx.eq_poll(eq).expect("poll"), None);
         assert_eq!(rx.stats().total_drops(), 0);
+    }
+    #[test]
+    fn a_small_put_posts_its_send_event_and_unowned_memory_is_refused_unsent() {
+        let (_fab, mut tx, mut rx, eq, _smd, sbuf, _rbuf) = pair();
+        let (seq, smd, bad) = tx.with_engine(|e| {
+            let seq = e.eq_alloc(16).expect("send eq");
+            let md = |e: &mut PortalsEngine, region| {
+                e.md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region,
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(seq),
+                })
+                .expect("send md")
+            };
+            let smd = md(e, sbuf.region());
+            let bad = md(e, portals::Region::new(0x1000, 256));
+            (seq, smd, bad)
+        });
+        let put = |md, length, ack| PutArgs {
+            md,
+            local_offset: 4,
+            length,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: length,
+            remote_offset: 0,
+            ack,
+            hdr_data: 5,
+        };
+        // 0 and 8 B travel in one line, 100 B after the header, the acked put by the general route.
+        for (len, ack) in [(0, false), (8, false), (100, false), (8, true)] {
+            tx.put(&put(smd, len, ack)).expect("put");
+            let ev = tx.eq_poll(seq).expect("poll").expect("send event");
+            assert_eq!(
+                (
+                    ev.kind,
+                    ev.md,
+                    ev.mlength,
+                    ev.rlength,
+                    ev.offset,
+                    ev.match_bits
+                ),
+                (EventKind::Send, smd, len, len, 4, len)
+            );
+            let got = rx.eq_wait(eq, Duration::from_secs(5)).expect("put event");
+            assert_eq!((got.kind, got.mlength), (EventKind::Put, len));
+        }
+        let ack = tx.eq_wait(seq, Duration::from_secs(5)).expect("ack event");
+        assert_eq!((ack.kind, ack.mlength), (EventKind::Ack, 8));
+        let sent = tx.stats().sent;
+        for len in [8, 100] {
+            let err = tx.put(&put(bad, len, false)).expect_err("unowned memory");
+            assert!(err.to_string().contains("does not own"), "{err}");
+        }
+        assert_eq!(tx.eq_poll(seq).expect("poll"), None, "no send event");
+        assert_eq!(tx.stats().sent, sent, "nothing sent");
     }
 }

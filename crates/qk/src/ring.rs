@@ -95,6 +95,7 @@ impl Producer {
 
     /// Reserves room for a body of `body` bytes, padding past the end of the ring if needed.
     /// Returns `None` when the ring is full (the caller waits and retries).
+    #[inline]
     pub fn reserve<M: RingMem>(&mut self, mem: &M, body: usize) -> Option<Reservation> {
         let cap = mem.cap();
         let rec = record_len(body) as u64;
@@ -186,7 +187,7 @@ impl Consumer {
     }
 
     /// Looks for the next complete record.
-    #[inline]
+    #[inline(always)]
     pub fn peek<M: RingMem>(&mut self, mem: &M) -> Peek {
         if self.broken {
             return Peek::Empty;
