@@ -1014,15 +1014,7 @@ impl<S: Store> Engine<S> {
         plan: &mut DeliveryPlan,
     ) -> Result<(), Dropped> {
         if let Err(e) = h.validate(&self.limits) {
-            let reason = match e {
-                HeaderError::Portal { .. } => DropReason::InvalidPortal,
-                _ => DropReason::BadHeader,
-            };
-            self.counters.drops[reason as usize] += 1;
-            return Err(Dropped {
-                header: Some(e),
-                ..Dropped::bare(reason)
-            });
+            return Err(self.drop_bad_header(e));
         }
         if h.dst != self.cfg.id {
             self.counters.drops[DropReason::WrongDestination as usize] += 1;
@@ -1043,17 +1035,22 @@ impl<S: Store> Engine<S> {
     pub fn deliver_bytes(&mut self, bytes: &[u8]) -> Result<(WireHeader, DeliveryPlan), Dropped> {
         match WireHeader::decode(bytes, &self.limits) {
             Ok(h) => self.deliver(&h).map(|p| (h, p)),
-            Err(e) => {
-                let reason = match e {
-                    HeaderError::Portal { .. } => DropReason::InvalidPortal,
-                    _ => DropReason::BadHeader,
-                };
-                self.counters.drops[reason as usize] += 1;
-                Err(Dropped {
-                    header: Some(e),
-                    ..Dropped::bare(reason)
-                })
-            }
+            Err(e) => Err(self.drop_bad_header(e)),
+        }
+    }
+
+    /// Count a header that failed validation or decoding as a drop ([`DropReason::InvalidPortal`]
+    /// for a bad portal index, else [`DropReason::BadHeader`]) and describe it.
+    #[cold]
+    fn drop_bad_header(&mut self, e: HeaderError) -> Dropped {
+        let reason = match e {
+            HeaderError::Portal { .. } => DropReason::InvalidPortal,
+            _ => DropReason::BadHeader,
+        };
+        self.counters.drops[reason as usize] += 1;
+        Dropped {
+            header: Some(e),
+            ..Dropped::bare(reason)
         }
     }
 
