@@ -53,6 +53,7 @@ const HEADER_BYTES: u64 = 4096;
 // Port block offsets.
 const P_DOORBELL: usize = 0;
 const P_SLEEPING: usize = 4;
+const P_CPU: usize = 8;
 const P_COUNTERS: usize = 64;
 
 /// Computed offsets of a region.
@@ -410,6 +411,18 @@ impl Region {
     pub fn sleeping(&self, p: u32) -> &AtomicU32 {
         self.map
             .atomic_u32(self.layout.port(p) as usize + P_SLEEPING)
+    }
+
+    /// The CPU port `p`'s progress thread last ran on, plus one (0 = not known). The node engine
+    /// publishes it so that a rank sharing that CPU sleeps instead of spinning while it waits for
+    /// the engine (see `Endpoint::eq_wait_into`).
+    pub fn cpu_hint(&self, p: u32) -> &AtomicU32 {
+        self.map.atomic_u32(self.layout.port(p) as usize + P_CPU)
+    }
+
+    /// Whether port `p`'s progress thread was last seen on CPU `cpu`.
+    pub fn runs_on(&self, p: u32, cpu: u32) -> bool {
+        self.cpu_hint(p).load(Ordering::Relaxed) == cpu + 1
     }
 
     /// Counter `slot` of port `p`.

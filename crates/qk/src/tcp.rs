@@ -485,12 +485,16 @@ impl Drop for TcpTransport {
 impl Transport for TcpTransport {
     fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError> {
         let i = self.conn(node)?;
-        let head = frame.encode_head(tail.len());
-        self.write_all(i, &head)?;
-        if !tail.is_empty() {
-            self.write_all(i, tail)?;
+        let mut head = frame.encode_head(tail.len());
+        // A small tail goes in the same write: with TCP_NODELAY every write is a segment of its
+        // own, and a second one for an 8-byte payload cost a second trip through both stacks
+        // (≈ 10 µs one-way between two namespaces here).
+        if tail.len() <= SMALL_TAIL {
+            head.extend_from_slice(tail);
+            return self.write_all(i, &head);
         }
-        Ok(())
+        self.write_all(i, &head)?;
+        self.write_all(i, tail)
     }
 
     fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
@@ -527,6 +531,9 @@ impl Transport for TcpTransport {
         crate::sys::futex_wake(&self.st.asleep);
     }
 }
+
+/// Largest frame tail (eager payload) copied behind the frame's head so both leave in one write.
+const SMALL_TAIL: usize = 64 << 10;
 
 /// How long the node engine keeps polling its queues and connections after the last item before
 /// it blocks: longer than a network round trip, so a ping-pong never pays a wake-up.
@@ -579,6 +586,8 @@ pub struct NodeEngine {
     waiting_rts: VecDeque<(u32, Frame)>,
     to_local: VecDeque<(u32, Hdr, Vec<u8>)>,
     next_id: u64,
+    /// The last step rang a sleeping local rank.
+    woke_rank: bool,
     _fd: Memfd,
 }
 
@@ -673,19 +682,52 @@ impl NodeEngine {
             waiting_rts: VecDeque::new(),
             to_local: VecDeque::new(),
             next_id: 1,
+            woke_rank: false,
             _fd: fd,
         }
     }
 
+    /// This engine's node id.
+    pub fn node_id(&self) -> u32 {
+        self.spec.node_id
+    }
+
     /// Runs the engine on a thread of its own.
-    pub fn spawn(mut self) -> Result<NodeEngineHandle, QkError> {
+    pub fn spawn(self) -> Result<NodeEngineHandle, QkError> {
+        self.spawn_on(None)
+    }
+
+    /// Runs the engine on a thread of its own, pinned to `cpu` when given (the PCT's service
+    /// core; a failure to pin is returned before the thread starts work).
+    pub fn spawn_on(mut self, cpu: Option<usize>) -> Result<NodeEngineHandle, QkError> {
         let stop = Arc::new(AtomicBool::new(false));
         let s2 = stop.clone();
         let region = self.region.clone();
+        let (tx, rx) = std::sync::mpsc::channel::<Result<(), QkError>>();
         let t = std::thread::Builder::new()
             .name(format!("qk-node-engine-{}", self.spec.node_id))
-            .spawn(move || self.run(&s2))
+            .spawn(move || {
+                if let Some(c) = cpu {
+                    if let Err(e) = crate::sys::pin_to_cpu(c) {
+                        let _ = tx.send(Err(QkError::os(
+                            format!("pinning the node engine to cpu {c}"),
+                            e,
+                        )));
+                        return Ok(());
+                    }
+                }
+                let _ = tx.send(Ok(()));
+                self.run(&s2)
+            })
             .map_err(|e| QkError::os("starting the node engine", e))?;
+        let started = rx
+            .recv()
+            .map_err(|_| QkError::Transport("node engine thread died at start".into()))
+            .and_then(|r| r);
+        if let Err(e) = started {
+            let _ = t.join();
+            return Err(e);
+        }
         Ok(NodeEngineHandle {
             stop,
             region,
@@ -695,24 +737,31 @@ impl NodeEngine {
 
     /// The engine loop: until `stop`, carry records out and frames in; spin while busy, block on
     /// the doorbell when idle (bounded by [`crate::region::MAX_SLEEP`]).
+    ///
+    /// While traffic flows it keeps polling for [`ENGINE_SPIN`] after the last item (a network
+    /// round trip takes tens of microseconds). How it polls depends on the local ranks: while any
+    /// of them is awake (it may share this core) every idle pass yields the core; while all of
+    /// them sleep (waiting for the network, see `Endpoint::eq_wait_into`) it spins without
+    /// yielding, since a yield would only hand the core to unrelated work and the reply would wait
+    /// for it. Having woken a sleeping rank it yields once, so a rank on this core runs at once.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), QkError> {
         let p = self.region.engine_port();
         let mut last = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            self.publish_cpu();
             let n = self.step()?;
+            if std::mem::take(&mut self.woke_rank) {
+                std::thread::yield_now();
+            }
             if n > 0 {
                 last = Instant::now();
                 continue;
             }
-            // Busy-poll (queues and sockets) while traffic flows: a network round trip takes
-            // tens of microseconds, so keep looking for [`ENGINE_SPIN`] after the last item,
-            // yielding the core after the first few microseconds to whatever else wants it.
-            let idle = last.elapsed();
-            if idle < ENGINE_SPIN {
-                if idle < Duration::from_micros(5) {
-                    std::hint::spin_loop();
-                } else {
+            if last.elapsed() < ENGINE_SPIN {
+                if self.local_rank_awake() {
                     std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
                 }
                 continue;
             }
@@ -738,6 +787,21 @@ impl NodeEngine {
         Ok(())
     }
 
+    /// Records the CPU this thread runs on in the engine port's control block (ranks read it).
+    fn publish_cpu(&self) {
+        if let Some(c) = crate::sys::current_cpu() {
+            let hint = self.region.cpu_hint(self.region.engine_port());
+            if hint.load(Ordering::Relaxed) != c + 1 {
+                hint.store(c + 1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether any local rank is running (not blocked on its doorbell).
+    fn local_rank_awake(&self) -> bool {
+        (0..self.region.layout.local).any(|r| self.region.sleeping(r).load(Ordering::Relaxed) == 0)
+    }
+
     fn drop_msg(&self, r: DropReason) {
         self.region.count_drop(self.region.engine_port(), r);
     }
@@ -760,12 +824,31 @@ impl NodeEngine {
         for (node, f) in retry.into_iter().chain(frames) {
             self.inbound(node, f)?;
         }
+        let mut delivered = 0;
         while let Some((port, h, b)) = self.to_local.front() {
-            if !self.port.try_send(*port, h, b) {
+            if !self.port.try_send_unrung(*port, h, b) {
                 break;
             }
+            delivered |= 1u64 << (*port % 64);
             self.to_local.pop_front();
             n += 1;
+        }
+        if delivered != 0 {
+            // Ring the ranks that sleep, after a full fence: a rank waiting for the network sleeps
+            // on every message, so the unfenced look of `Port::try_send` (a lost wake-up costs up
+            // to `MAX_SLEEP`) is not good enough here. After the fence either the rank's sleeping
+            // flag is visible, or the rank's look at its queue (after it set the flag) sees the
+            // record. Ports are a bit mask modulo 64: a collision only rings a rank for nothing.
+            std::sync::atomic::fence(Ordering::SeqCst);
+            for r in 0..self.region.layout.local {
+                if delivered & (1u64 << (r % 64)) != 0
+                    && self.region.sleeping(r).load(Ordering::Relaxed) != 0
+                {
+                    self.region.doorbell(r).fetch_add(1, Ordering::SeqCst);
+                    crate::sys::futex_wake(self.region.doorbell(r));
+                    self.woke_rank = true;
+                }
+            }
         }
         Ok(n)
     }

@@ -649,13 +649,17 @@ fn run_ours_tcp(mode: CpuMode, ns: &Netns, m: &Measure) -> R<f64> {
             NodeEngine::with_listener(fd, spec, l).map_err(|e| e.to_string())
         }));
     }
+    // Each "node" is one CPU: its rank and its node engine run there (as MPICH's rank and its
+    // socket work do), and the other node's threads stay off it.
+    let cpus = qk::sys::allowed_cpus();
     let mut engines = Vec::new();
     for t in starting {
         let e = t.join().map_err(|_| "engine start panicked")??;
-        engines.push(e.spawn()?);
+        let node = e.node_id() as usize;
+        let cpu = (cpus.len() >= 2).then(|| cpus[node]);
+        engines.push(e.spawn_on(cpu)?);
     }
     let exe = std::env::current_exe()?;
-    let cpus = qk::sys::allowed_cpus();
     let mut kids = Vec::new();
     for (node, fab) in fabs.iter().enumerate() {
         let fd = fab.prepare_child_fd()?;
