@@ -801,13 +801,14 @@ impl Endpoint {
         let waiting_since = self.idle_since.unwrap_or(start);
         let coproc = self.mode == CpuMode::MsgCoproc;
         let multi_node = (self.shared.region.ranks.len() as u32) < self.world_size();
-        // In a job that spans nodes, when the node engine runs on this rank's CPU, the rank
-        // sleeps at once instead of spinning: what it waits for has to come through the engine,
-        // which cannot run while the rank holds the core, and which rings the rank when it hands
-        // over a record (after a fence, so no wake-up is lost). A yielding spin instead gives
-        // the core to whatever else is runnable for as long as it likes (sched_yield took 40-75
-        // µs on average under load), once per hop.
-        let engine_here = multi_node && {
+        // The only rank of its node in a job that spans nodes, when the node engine runs on this
+        // rank's CPU, sleeps at once instead of spinning: everything it can wait for comes
+        // through the engine, which cannot run while the rank holds the core, and which rings
+        // the rank when it hands over a record (after a fence, so no wake-up is lost). A
+        // yielding spin instead gave the core to whatever else was runnable for as long as that
+        // liked (sched_yield took 40-75 µs on average under load), once per hop. With other
+        // local ranks (whose sends ring without a fence) the spin below stays.
+        let engine_here = multi_node && self.shared.region.ranks.len() == 1 && {
             let r = &self.shared.region;
             crate::sys::current_cpu().is_some_and(|c| r.runs_on(r.engine_port(), c))
         };

@@ -570,6 +570,20 @@ struct Staged {
     dst: u32,
     off: u64,
     len: u64,
+    /// Its place in [`NodeEngine::to_local`] (a sequence number).
+    slot: u64,
+}
+
+/// A place in the queue of records for local ranks, which keeps the order in which messages
+/// arrived from the network.
+enum Inbound {
+    /// A record to hand to local port `.0`.
+    Ready(u32, Hdr, Vec<u8>),
+    /// A large message whose bytes are still coming: what arrived after it waits behind it, so
+    /// an eager message cannot overtake a large one sent before it.
+    Awaiting,
+    /// A large message that was dropped while its bytes were coming: skipped.
+    Gone,
 }
 
 /// The node's engine for one job: moves records between the node's queues and the other nodes.
@@ -583,8 +597,16 @@ pub struct NodeEngine {
     heap: HeapAlloc,
     outgoing: HashMap<u64, Outgoing>,
     staged: HashMap<u64, Staged>,
-    waiting_rts: VecDeque<(u32, Frame)>,
-    to_local: VecDeque<(u32, Hdr, Vec<u8>)>,
+    /// Announcements of large messages waiting for staging room, with their places in
+    /// `to_local`.
+    waiting_rts: VecDeque<(u32, Frame, u64)>,
+    /// Messages from other nodes for local ranks, in arrival order.
+    to_local: VecDeque<Inbound>,
+    /// Sequence number of `to_local`'s front place.
+    to_local_base: u64,
+    /// Records the engine itself sends to local ranks (the FIN that frees a sender's buffer):
+    /// not ordered with the messages, so never held behind a large one.
+    control: VecDeque<(u32, Hdr, Vec<u8>)>,
     next_id: u64,
     /// The last step rang a sleeping local rank.
     woke_rank: bool,
@@ -681,6 +703,8 @@ impl NodeEngine {
             staged: HashMap::new(),
             waiting_rts: VecDeque::new(),
             to_local: VecDeque::new(),
+            to_local_base: 0,
+            control: VecDeque::new(),
             next_id: 1,
             woke_rank: false,
             _fd: fd,
@@ -768,7 +792,7 @@ impl NodeEngine {
             let bell = self.region.doorbell(p).load(Ordering::SeqCst);
             self.region.sleeping(p).store(1, Ordering::SeqCst);
             let frames_waiting = self.transport.sleep_begin();
-            if !frames_waiting && !self.port.has_pending() && self.to_local.is_empty() {
+            if !frames_waiting && !self.port.has_pending() && !self.local_ready() {
                 crate::sys::futex_wait(self.region.doorbell(p), bell, crate::region::MAX_SLEEP);
             }
             self.transport.sleep_end();
@@ -781,7 +805,7 @@ impl NodeEngine {
         let mut quiet = 0;
         while quiet < 3 && start.elapsed() < Duration::from_millis(200) {
             let n = self.step()?;
-            let busy = n > 0 || self.port.has_pending() || !self.to_local.is_empty();
+            let busy = n > 0 || self.port.has_pending() || self.local_ready();
             quiet = if busy { 0 } else { quiet + 1 };
         }
         Ok(())
@@ -795,6 +819,27 @@ impl NodeEngine {
                 hint.store(c + 1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Whether records for local ranks are ready to go (not waiting for a large message's bytes).
+    fn local_ready(&self) -> bool {
+        !self.control.is_empty()
+            || matches!(
+                self.to_local.front(),
+                Some(Inbound::Ready(..) | Inbound::Gone)
+            )
+    }
+
+    /// Mutable access to the place with sequence number `slot` in `to_local`.
+    fn place(&mut self, slot: u64) -> Option<&mut Inbound> {
+        let i = usize::try_from(slot.checked_sub(self.to_local_base)?).ok()?;
+        self.to_local.get_mut(i)
+    }
+
+    /// Takes a place at the end of `to_local` and returns its sequence number.
+    fn push_local(&mut self, v: Inbound) -> u64 {
+        self.to_local.push_back(v);
+        self.to_local_base + self.to_local.len() as u64 - 1
     }
 
     /// Whether any local rank is running (not blocked on its doorbell).
@@ -820,18 +865,36 @@ impl NodeEngine {
         // Other nodes -> local ranks.
         let mut frames = Vec::new();
         n += self.transport.poll(&mut |node, f| frames.push((node, f)));
-        let retry: Vec<(u32, Frame)> = self.waiting_rts.drain(..).collect();
-        for (node, f) in retry.into_iter().chain(frames) {
+        let retry: Vec<(u32, Frame, u64)> = self.waiting_rts.drain(..).collect();
+        for (node, f, slot) in retry {
+            self.stage(node, &f, slot)?;
+        }
+        for (node, f) in frames {
             self.inbound(node, f)?;
         }
         let mut delivered = 0;
-        while let Some((port, h, b)) = self.to_local.front() {
+        while let Some((port, h, b)) = self.control.front() {
             if !self.port.try_send_unrung(*port, h, b) {
                 break;
             }
             delivered |= 1u64 << (*port % 64);
-            self.to_local.pop_front();
+            self.control.pop_front();
             n += 1;
+        }
+        loop {
+            match self.to_local.front() {
+                Some(Inbound::Ready(port, h, b)) => {
+                    if !self.port.try_send_unrung(*port, h, b) {
+                        break;
+                    }
+                    delivered |= 1u64 << (*port % 64);
+                    n += 1;
+                }
+                Some(Inbound::Gone) => {}
+                Some(Inbound::Awaiting) | None => break,
+            }
+            self.to_local.pop_front();
+            self.to_local_base += 1;
         }
         if delivered != 0 {
             // Ring the ranks that sleep, after a full fence: a rank waiting for the network sleeps
@@ -929,6 +992,46 @@ impl NodeEngine {
         Ok(())
     }
 
+    /// A large message announced by `f` (an RTS that passed the checks of [`Self::inbound`]),
+    /// holding place `slot`: once there is staging room, asks the sending node for its bytes.
+    fn stage(&mut self, node: u32, f: &Frame, slot: u64) -> Result<(), QkError> {
+        let (Some(h), Some(port)) = (Hdr::decode(&f.body), self.region.port_of_rank(f.dst)) else {
+            // Checked when it arrived; cannot happen, but never leave its place blocking.
+            if let Some(p) = self.place(slot) {
+                *p = Inbound::Gone;
+            }
+            return Ok(());
+        };
+        let id = u64::from_le_bytes(f.body[HDR_LEN..HDR_LEN + 8].try_into().unwrap_or([0; 8]));
+        let Some(off) = self.heap.alloc(h.length) else {
+            // No staging room yet: ask again once earlier messages are copied out.
+            self.waiting_rts.push_back((node, f.clone(), slot));
+            return Ok(());
+        };
+        let token = self.next_id;
+        self.next_id += 1;
+        self.staged.insert(
+            token,
+            Staged {
+                hdr: h,
+                dst: port,
+                off,
+                len: h.length,
+                slot,
+            },
+        );
+        let mut b = id.to_le_bytes().to_vec();
+        b.extend_from_slice(&token.to_le_bytes());
+        b.extend_from_slice(&f.dst.to_le_bytes());
+        let g = Frame {
+            kind: kind::GET,
+            job: self.spec.job_id,
+            dst: h.src,
+            body: b,
+        };
+        self.transport.send(node, &g, &[])
+    }
+
     fn inbound(&mut self, node: u32, f: Frame) -> Result<(), QkError> {
         if f.job != self.spec.job_id {
             self.drop_msg(DropReason::WrongJob);
@@ -954,42 +1057,20 @@ impl NodeEngine {
                         self.drop_msg(DropReason::Malformed);
                         return Ok(());
                     }
-                    self.to_local
-                        .push_back((port, h, f.body[HDR_LEN..].to_vec()));
+                    self.push_local(Inbound::Ready(port, h, f.body[HDR_LEN..].to_vec()));
                     return Ok(());
                 }
-                if f.body.len() < HDR_LEN + 8 || h.length > self.region.max_message {
+                // A message larger than the whole staging heap would wait for room for ever
+                // (and, holding its place, stop every message behind it).
+                if f.body.len() < HDR_LEN + 8
+                    || h.length > self.region.max_message
+                    || h.length > self.region.layout.heap_per_rank
+                {
                     self.drop_msg(DropReason::Malformed);
                     return Ok(());
                 }
-                let id =
-                    u64::from_le_bytes(f.body[HDR_LEN..HDR_LEN + 8].try_into().unwrap_or([0; 8]));
-                let Some(off) = self.heap.alloc(h.length) else {
-                    // No staging room yet: ask again once earlier messages are copied out.
-                    self.waiting_rts.push_back((node, f));
-                    return Ok(());
-                };
-                let token = self.next_id;
-                self.next_id += 1;
-                self.staged.insert(
-                    token,
-                    Staged {
-                        hdr: h,
-                        dst: port,
-                        off,
-                        len: h.length,
-                    },
-                );
-                let mut b = id.to_le_bytes().to_vec();
-                b.extend_from_slice(&token.to_le_bytes());
-                b.extend_from_slice(&f.dst.to_le_bytes());
-                let g = Frame {
-                    kind: kind::GET,
-                    job: self.spec.job_id,
-                    dst: h.src,
-                    body: b,
-                };
-                self.transport.send(node, &g, &[])?;
+                let slot = self.push_local(Inbound::Awaiting);
+                self.stage(node, &f, slot)?;
             }
             kind::GET => {
                 if f.body.len() < 20 {
@@ -1024,7 +1105,7 @@ impl NodeEngine {
                         length: o.len,
                         ..Hdr::default()
                     };
-                    self.to_local.push_back((o.from_port, fin, Vec::new()));
+                    self.control.push_back((o.from_port, fin, Vec::new()));
                 }
             }
             kind::DATA => {
@@ -1037,17 +1118,27 @@ impl NodeEngine {
                     self.drop_msg(DropReason::UnknownToken);
                     return Ok(());
                 };
+                let (slot, off, len) = (s.slot, s.off, s.len);
                 let data = &f.body[8..];
-                if data.len() as u64 != s.len {
+                if data.len() as u64 != len {
+                    // The one answer to our GET is wrong: the message is lost; free its staging
+                    // space and its place so what came after it moves on.
+                    self.staged.remove(&token);
+                    self.heap.free(off, len);
+                    if let Some(p) = self.place(slot) {
+                        *p = Inbound::Gone;
+                    }
                     self.drop_msg(DropReason::Malformed);
                     return Ok(());
                 }
-                let at = self.region.layout.heap(self.region.engine_port()) + s.off;
+                let at = self.region.layout.heap(self.region.engine_port()) + off;
                 self.region.map().write(at as usize, data);
                 let mut h = s.hdr;
                 h.flags |= flag::HEAP;
                 let dst = s.dst;
-                self.to_local.push_back((dst, h, encode_ref(at, token)));
+                if let Some(p) = self.place(slot) {
+                    *p = Inbound::Ready(dst, h, encode_ref(at, token));
+                }
             }
             _ => self.drop_msg(DropReason::Malformed),
         }

@@ -2,7 +2,7 @@
 //! pair that the test creates and removes (root only; skipped with a reason otherwise).
 
 use std::net::{TcpListener, TcpStream};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use qk::tcp::{handshake, TcpTransport};
@@ -85,8 +85,17 @@ fn ip(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
-#[test]
-fn tcp_between_two_hosts_in_network_namespaces() {
+/// Two "hosts": network namespaces joined by a veth pair, removed when the guard drops. `None`
+/// (after printing why) when not root or without iproute2.
+struct Hosts {
+    guard: Netns,
+    a: String,
+    b: String,
+    ipa: String,
+    ipb: String,
+}
+
+fn two_hosts(test: &str, tag: u32) -> Option<Hosts> {
     // Root check: the Uid line of /proc/self/status.
     let root = std::fs::read_to_string("/proc/self/status")
         .map(|s| {
@@ -95,12 +104,10 @@ fn tcp_between_two_hosts_in_network_namespaces() {
         })
         .unwrap_or(false);
     if !root || !ip(&["-V"]) {
-        eprintln!(
-            "SKIP tcp_between_two_hosts_in_network_namespaces: needs root and iproute2 (ip netns)"
-        );
-        return;
+        eprintln!("SKIP {test}: needs root and iproute2 (ip netns)");
+        return None;
     }
-    let id = std::process::id() % 200 + 20;
+    let id = std::process::id() % 100 + 20 + 110 * tag;
     let (a, b) = (format!("qkA{id}"), format!("qkB{id}"));
     let guard = Netns {
         names: vec![a.clone(), b.clone()],
@@ -129,34 +136,67 @@ fn tcp_between_two_hosts_in_network_namespaces() {
         assert!(ip(&["-n", ns, "link", "set", dev, "up"]));
         assert!(ip(&["-n", ns, "link", "set", "lo", "up"]));
     }
+    Some(Hosts {
+        guard,
+        a,
+        b,
+        ipa,
+        ipb,
+    })
+}
+
+/// Runs one miniature PCT (`qk-test-rank node`) in namespace `ns`: node `me` of a two-node job,
+/// its engine listening on `listen`, the rank running `args`.
+fn node(ns: &str, me: u32, listen: &str, peer: String, extra: &[String], args: &[&str]) -> Output {
     let bin = env!("CARGO_BIN_EXE_qk-test-rank");
-    let node = |ns: &str, me: u32, listen: &str, peer: String, args: &[&str]| {
-        Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                bin,
-                "node",
-                "--job",
-                "31",
-                "--node",
-                &me.to_string(),
-            ])
-            .args([
-                "--listen",
-                listen,
-                "--peer",
-                &peer,
-                "--rank-node",
-                "0,1",
-                "--key",
-                "ci-cluster-key",
-                "--",
-            ])
-            .args(args)
-            .output()
-            .expect("run node")
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            bin,
+            "node",
+            "--job",
+            "31",
+            "--node",
+            &me.to_string(),
+        ])
+        .args([
+            "--listen",
+            listen,
+            "--peer",
+            &peer,
+            "--rank-node",
+            "0,1",
+            "--key",
+            "ci-cluster-key",
+        ])
+        .args(extra)
+        .arg("--")
+        .args(args)
+        .output()
+        .expect("run node")
+}
+
+fn namespace_gone(name: &str) -> bool {
+    !Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).contains(name))
+        .unwrap_or(true)
+}
+
+#[test]
+fn tcp_between_two_hosts_in_network_namespaces() {
+    let Some(Hosts {
+        guard,
+        a,
+        b,
+        ipa,
+        ipb,
+    }) = two_hosts("tcp_between_two_hosts_in_network_namespaces", 0)
+    else {
+        return;
     };
     let la = format!("{ipa}:47300");
     let lb = format!("{ipb}:47300");
@@ -170,6 +210,7 @@ fn tcp_between_two_hosts_in_network_namespaces() {
                 0,
                 &la,
                 pa,
+                &[],
                 &["kinds-target", "--peer", "1", "--large", "1048576"],
             )
         })
@@ -179,6 +220,7 @@ fn tcp_between_two_hosts_in_network_namespaces() {
         1,
         &lb,
         pb,
+        &[],
         &["kinds-initiator", "--peer", "0", "--large", "1048576"],
     );
     let t = t.join().expect("join");
@@ -203,9 +245,78 @@ fn tcp_between_two_hosts_in_network_namespaces() {
         "{so_t}{so_i}"
     );
     drop(guard);
-    assert!(!Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(&a))
-        .unwrap_or(true));
+    assert!(namespace_gone(&a));
+}
+
+/// Each node engine on its rank's CPU (one core per node): the rank then sleeps whenever it
+/// waits for the engine, and the engine rings it after a fence. A stream of 20 000 messages
+/// (0 B to 256 KiB, small ones eager, large ones through the rendezvous) with the receiver's
+/// batch signals going back must arrive complete, in order and byte-exact, with no drop; the
+/// receiving rank must have slept (the path under test was taken).
+#[test]
+fn tcp_stream_in_order_with_each_engine_on_its_ranks_cpu() {
+    let Some(Hosts {
+        guard,
+        a,
+        b,
+        ipa,
+        ipb,
+    }) = two_hosts("tcp_stream_in_order_with_each_engine_on_its_ranks_cpu", 1)
+    else {
+        return;
+    };
+    let cpus: Vec<usize> = qk::sys::allowed_cpus();
+    let cpu = |i: usize| vec!["--cpu".to_string(), cpus[i % cpus.len()].to_string()];
+    let (la, lb) = (format!("{ipa}:47301"), format!("{ipb}:47301"));
+    let (pa, pb) = (format!("1={lb}"), format!("0={la}"));
+    let count = "20000";
+    let common = [
+        "--peer", "1", "--count", count, "--max", "262144", "--seed", "7",
+    ];
+    let recv = {
+        let a = a.clone();
+        let extra = cpu(0);
+        std::thread::spawn(move || {
+            let mut args = vec!["stress-recv"];
+            args.extend(common);
+            node(&a, 0, &la, pa, &extra, &args)
+        })
+    };
+    let mut args = vec!["stress-send"];
+    args.extend(common);
+    args[2] = "0";
+    let s = node(&b, 1, &lb, pb, &cpu(1), &args);
+    let r = recv.join().expect("join");
+    let (so_s, so_r) = (
+        String::from_utf8_lossy(&s.stdout),
+        String::from_utf8_lossy(&r.stdout),
+    );
+    let (se_s, se_r) = (
+        String::from_utf8_lossy(&s.stderr),
+        String::from_utf8_lossy(&r.stderr),
+    );
+    assert!(
+        s.status.success(),
+        "sender: {so_s}{se_s} receiver: {so_r}{se_r}"
+    );
+    assert!(
+        r.status.success() && so_r.contains(&format!("stress received {count} messages")),
+        "receiver: {so_r}{se_r}"
+    );
+    assert!(
+        so_r.contains("drops 0 ") && so_s.contains("drops 0 "),
+        "{so_r}{so_s}"
+    );
+    eprintln!("{so_r}{so_s}");
+    let sleeps: u64 = so_r
+        .rsplit("rank sleeps ")
+        .next()
+        .and_then(|x| x.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        sleeps >= 10,
+        "the receiving rank never slept waiting for its engine: {so_r}"
+    );
+    drop(guard);
+    assert!(namespace_gone(&a) && namespace_gone(&b));
 }

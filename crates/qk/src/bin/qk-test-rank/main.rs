@@ -62,6 +62,10 @@ enum Cmd {
         key: String,
         #[arg(long, default_value = "heater")]
         mode: String,
+        /// Run the node engine and the rank on this CPU (one core per node, the layout in
+        /// which the rank sleeps while it waits for the engine).
+        #[arg(long)]
+        cpu: Option<usize>,
         /// Arguments of the rank (a `portals` scenario).
         #[arg(last = true)]
         rank_args: Vec<String>,
@@ -168,6 +172,7 @@ fn node(cli: &Cli) -> Result<String, String> {
         rank_node,
         key,
         mode,
+        cpu,
         rank_args,
     } = &cli.cmd
     else {
@@ -211,7 +216,11 @@ fn node(cli: &Cli) -> Result<String, String> {
     };
     let engine = qk::tcp::NodeEngine::new(fab.dup_fd().map_err(|e| e.to_string())?, es)
         .map_err(|e| e.to_string())?;
-    let handle = engine.spawn().map_err(|e| e.to_string())?;
+    let handle = engine.spawn_on(*cpu).map_err(|e| e.to_string())?;
+    // The rank inherits this thread's CPU.
+    if let Some(c) = cpu {
+        qk::sys::pin_to_cpu(*c).map_err(|e| format!("pinning to cpu {c}: {e}"))?;
+    }
     let fd = fab.prepare_child_fd().map_err(|e| e.to_string())?;
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let out = std::process::Command::new(exe)
@@ -242,10 +251,11 @@ fn node(cli: &Cli) -> Result<String, String> {
     }
     stop.map_err(|e| e.to_string())?;
     Ok(format!(
-        "node {node}: rank said: {} engine sent {} drops {}",
+        "node {node}: rank said: {} engine sent {} drops {} rank sleeps {}",
         so.trim(),
         eng.sent,
-        eng.total_drops()
+        eng.total_drops(),
+        st[0].sleeps
     ))
 }
 
