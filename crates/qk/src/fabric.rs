@@ -216,17 +216,6 @@ impl Port {
     /// Tries to enqueue a record; `false` when the ring to `dst` is full.
     #[inline]
     pub fn try_send(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
-        self.try_send_inner(dst, hdr, payload, true)
-    }
-
-    /// [`Port::try_send`] without ringing the destination: for the node engine, which fences and
-    /// rings sleeping ranks itself once per pass.
-    pub fn try_send_unrung(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
-        self.try_send_inner(dst, hdr, payload, false)
-    }
-
-    #[inline(always)]
-    fn try_send_inner(&mut self, dst: u32, hdr: &Hdr, payload: &[u8], ring_bell: bool) -> bool {
         let (ring, prod) = &mut self.out[dst as usize];
         let Some(r) = prod.reserve(ring, HDR_LEN + payload.len()) else {
             return false;
@@ -247,9 +236,7 @@ impl Port {
         self.region.bump(self.me, slot::SENT, 1);
         self.region
             .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
-        if ring_bell {
-            self.region.wake(dst);
-        }
+        self.region.wake(dst);
         true
     }
 
