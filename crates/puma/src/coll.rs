@@ -849,10 +849,11 @@ pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
 pub const ALLTOALL_CMA_OVERSUBSCRIBED: usize = 32 * 1024;
 /// The same with a core per rank.
 pub const ALLTOALL_CMA: usize = 64 * 1024;
-/// All-to-all of a communicator on one node with the stages may read blocks of at least this
-/// many bytes by cross-memory attach when that measures cheaper than the stages (the fixed
-/// limits above apply to communicators without the stages).
-pub const ALLTOALL_CMA_CHOICE: usize = 16 * 1024;
+/// All-to-all of a communicator on one node with the stages chooses by measured cost among the
+/// stages, the non-temporal stages and cross-memory attach from blocks of this many bytes (the
+/// fixed limits above apply to communicators without the stages); smaller blocks take the
+/// stages with plain stores.
+pub const ALLTOALL_CHOICE: usize = 16 * 1024;
 
 /// Large node-local broadcasts and all-reduces of at least this many bytes per rank may take the
 /// single-copy path (cross-memory attach) when it measures cheaper than the stages (each
@@ -1475,15 +1476,19 @@ impl Comm {
 
     /// All-to-all of more than one slot per rank inside one node with the stages: member 0 picks
     /// the path (see [`Comm::large_path`]; the single copy from blocks of
-    /// [`ALLTOALL_CMA_CHOICE`] bytes) and names it in the header word of its slot of the
+    /// [`ALLTOALL_CHOICE`] bytes) and names it in the header word of its slot of the
     /// operation's first sequence number before it copies anything; the others wait for that
     /// slot, then follow. Every member copies its own block itself, on either path while it
     /// waits for the others.
     fn large_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8], rotate: bool) -> Result<()> {
         const OP: &str = "all-to-all";
         let blk = sb.len() / n.len();
-        let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CMA_CHOICE);
-        let allowed = Self::large_allowed(sb.len(), cma);
+        // Smaller blocks keep the plain stages without a choice (the non-temporal stores gain
+        // nothing on a few KiB, and the others would wait for member 0's word).
+        let nt = (blk >= ALLTOALL_CHOICE || large_forced() == Some(LargePath::StageNt))
+            && stage_nt_allowed();
+        let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
+        let allowed = Self::large_allowed(nt, cma);
         let (path, timed) = match Self::fixed_path(&allowed) {
             // No choice (every member with the same length knows): nobody waits for member 0.
             Some(p) => (p, false),
@@ -1614,19 +1619,19 @@ impl Comm {
     /// `PUMACOLL_LARGE=stage|nt|cma` forces one (if it qualifies; tests and measurements), else
     /// the cheapest by measured cost ([`crate::shm::Chooser`], one per kind of operation).
     fn large_path(n: &NodeColl, op: LargeOp, bytes: usize, cma: bool) -> (LargePath, bool) {
-        let allowed = Self::large_allowed(bytes, cma);
+        let allowed = Self::large_allowed(bytes >= LARGE_NT && stage_nt_allowed(), cma);
         match Self::fixed_path(&allowed) {
             Some(p) => (p, false),
             None => (n.chooser(op).pick(bytes, &allowed), true),
         }
     }
 
-    /// The paths a large node-local operation of `bytes` per rank may take (see
-    /// [`Comm::large_path`]).
-    fn large_allowed(bytes: usize, cma: bool) -> Vec<LargePath> {
+    /// The paths a large node-local operation may take: the stages, and with `nt` / `cma` the
+    /// non-temporal stages / the single copy (see [`Comm::large_path`]).
+    fn large_allowed(nt: bool, cma: bool) -> Vec<LargePath> {
         let mut allowed = Vec::with_capacity(3);
         allowed.push(LargePath::Stage);
-        if bytes >= LARGE_NT && stage_nt_allowed() {
+        if nt {
             allowed.push(LargePath::StageNt);
         }
         if cma {

@@ -415,7 +415,7 @@ pub(crate) struct NodeColl {
     piece_seq: RefCell<[u64; STAGE_SEGS]>,
     /// Which path large broadcasts from this rank and all-reduces led by it take.
     /// One measured-cost chooser per kind of large operation (their costs per byte differ).
-    choosers: RefCell<[Chooser; LARGE_OPS]>,
+    choosers: RefCell<Box<[Chooser; LARGE_OPS]>>,
 }
 
 impl Drop for NodeColl {
@@ -489,7 +489,7 @@ impl NodeColl {
             cma,
             pieces: std::cell::Cell::new(0),
             piece_seq: RefCell::new([0; STAGE_SEGS]),
-            choosers: RefCell::new(std::array::from_fn(|_| Chooser::default())),
+            choosers: RefCell::new(Box::new(std::array::from_fn(|_| Chooser::default()))),
         })
     }
 
