@@ -278,7 +278,11 @@ impl Chooser {
     /// Operations between two probes of a path whose estimate is `ratio` times the best one's
     /// and was renewed `samples` samples ago (see [`PROBE_SPEND`], [`PROBE_CLOSE`]).
     fn probe_every(ratio: f64, samples: u8) -> u32 {
-        let ratio = if ratio.is_finite() { ratio.max(1.0) } else { 4.0 };
+        let ratio = if ratio.is_finite() {
+            ratio.max(1.0)
+        } else {
+            4.0
+        };
         let every = ((2.0 * ratio + 1.0) / PROBE_SPEND).ceil() as u32;
         let every = every.clamp(PROBE_EVERY, PROBE_MAX);
         if ratio <= PROBE_CLOSE || (samples as usize) < HISTORY {
