@@ -18,7 +18,7 @@
 //! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
-//! | all-to-all | one node only: large blocks ([`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) are read straight from the others' send buffers by cross-memory attach; else everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
+//! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces; large blocks may instead be read straight from the others' send buffers by cross-memory attach (with the stages: from [`ALLTOALL_CHOICE`] when it measures cheapest; without: from [`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) | — (portals algorithms below) |
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
@@ -35,8 +35,9 @@
 //! non-temporal stores (from [`LARGE_NT`]) or skip them: the readers copy straight out of the
 //! other ranks' buffers by cross-memory attach (from [`LARGE_CMA`]). Which is cheapest depends on
 //! where the host put the vCPUs, which changes at run time, so the root (broadcast) or member 0
-//! (all-reduce) picks by measured cost (`crate::shm::Chooser`) and names the path in its slot;
-//! `PUMACOLL_LARGE=stage|nt|cma` forces one.
+//! (all-reduce; all-to-all from [`ALLTOALL_CHOICE`] bytes per block) picks by measured cost
+//! (`crate::shm::Chooser`) and names the path in its slot; `PUMACOLL_LARGE=stage|nt|cma` forces
+//! one.
 //!
 //! The slot path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
 //! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:

@@ -147,6 +147,8 @@ pub(crate) fn copy_to_stage(dst: &mut [u8], src: &[u8], nt: bool) {
 /// one for a whole probe interval: the 2-rank 32 KiB all-to-all by measured choice took ~7 µs
 /// where its best path took 5.5.)
 const HISTORY: usize = 3;
+/// The leading path keeps the lead while its estimate is within this factor of the lowest.
+const LEAD_MARGIN: f64 = 1.05;
 /// A sample counts for at most this many times the path's estimate (see [`Chooser::record`]).
 const SAMPLE_CAP: f64 = 2.0;
 
@@ -202,8 +204,10 @@ struct Class {
     /// Samples since each path's estimate was last renewed (its first sample, a probe that beat
     /// the best, or losing the lead): while few, the path is re-checked soon (saturating).
     fresh: [u8; PATHS],
-    /// The path with the lowest estimate at the last pick.
+    /// The path in the lead at the last pick (see [`Chooser::leader`]).
     lead: Option<LargePath>,
+    /// The path of the last pick.
+    last: Option<LargePath>,
 }
 
 impl Default for Chooser {
@@ -228,11 +232,7 @@ impl Chooser {
         let pick = match c.again.take() {
             Some(p) if allowed.contains(&p) => p,
             _ => {
-                let best = allowed
-                    .iter()
-                    .filter_map(|q| Some((*q, c.est[*q as usize]?)))
-                    .min_by(|a, b| a.1.total_cmp(&b.1))
-                    .map(|(q, _)| q);
+                let best = Self::leader(c, allowed);
                 // A path that lost the lead (two slow operations, or the placement changed) is
                 // re-checked soon, as a young one: a short disturbance would else keep a worse
                 // path in use for a whole probe interval.
@@ -240,14 +240,20 @@ impl Chooser {
                     c.fresh[old as usize] = 0;
                 }
                 c.lead = best;
-                let p = Self::choose(c, allowed);
+                let p = Self::choose(c, allowed, best);
                 if best.is_some_and(|b| b != p) && c.est[p as usize].is_some() {
                     c.again = Some(p);
-                    c.skip[p as usize] = true;
                 }
                 p
             }
         };
+        // The first operation after a switch of path pays for the switch (cold caches, a stage
+        // emptied by non-temporal stores): its sample is dropped, on a probe and on the way
+        // back to the leader alike.
+        if c.last.is_some_and(|l| l != pick) {
+            c.skip[pick as usize] = true;
+        }
+        c.last = Some(pick);
         for p in allowed {
             c.age[*p as usize] = c.age[*p as usize].saturating_add(1);
         }
@@ -255,12 +261,27 @@ impl Chooser {
         pick
     }
 
-    fn choose(c: &Class, allowed: &[LargePath]) -> LargePath {
+    /// The path with the lowest estimate among `allowed`, but the current leader as long as it is
+    /// within [`LEAD_MARGIN`] of that: two paths of about the same cost would else trade the lead
+    /// on noise, and every switch costs an operation's worth of cold caches.
+    fn leader(c: &Class, allowed: &[LargePath]) -> Option<LargePath> {
+        let est = |p: LargePath| c.est[p as usize];
+        let (low, e) = allowed
+            .iter()
+            .filter_map(|&q| Some((q, est(q)?)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))?;
+        match c.lead.filter(|l| allowed.contains(l)).and_then(|l| Some((l, est(l)?))) {
+            Some((l, el)) if el <= e * LEAD_MARGIN => Some(l),
+            _ => Some(low),
+        }
+    }
+
+    fn choose(c: &Class, allowed: &[LargePath], best: Option<LargePath>) -> LargePath {
         if let Some(&p) = allowed.iter().find(|p| c.est[**p as usize].is_none()) {
             return p;
         }
         let est = |p: &LargePath| c.est[*p as usize].unwrap_or(f64::INFINITY);
-        let Some(&best) = allowed.iter().min_by(|a, b| est(a).total_cmp(&est(b))) else {
+        let Some(best) = best else {
             return LargePath::Stage;
         };
         // The most overdue other path, if its turn has come.
@@ -302,7 +323,8 @@ impl Chooser {
     pub fn record(&mut self, bytes: usize, path: LargePath, ns: f64) {
         let c = &mut self.classes[Self::class(bytes)];
         let i = path as usize;
-        if !std::mem::replace(&mut c.warm[i], true) || std::mem::take(&mut c.skip[i]) {
+        let cold = !std::mem::replace(&mut c.warm[i], true);
+        if std::mem::take(&mut c.skip[i]) || cold {
             return;
         }
         let per = ns / bytes.max(1) as f64;
