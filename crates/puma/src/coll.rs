@@ -778,7 +778,7 @@ impl Comm {
         if g > 1 {
             // Without the stages, large blocks are read straight out of the others' send buffers.
             if let Some(nd) = self.node_cma(blk, tag)? {
-                return Self::cma_alltoall(nd, bytes(send), bytes_mut(recv), false);
+                return Self::cma_alltoall(nd, bytes(send), bytes_mut(recv), false, false);
             }
             if total <= ALLTOALL_SHM {
                 if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
@@ -1345,14 +1345,23 @@ impl Comm {
     /// from it) and reports it. Then everyone arrives once more and waits for all, so no send
     /// buffer is handed back to its caller while a member may still read it. With `own` this
     /// rank copies its own block between those two steps (while the others may still read from
-    /// it), else `recv` holds it already.
-    fn cma_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8], own: bool) -> Result<()> {
+    /// it), else `recv` holds it already. `published`: this rank's slot of the operation already
+    /// says where `sb` lives.
+    fn cma_alltoall(
+        n: &NodeColl,
+        sb: &[u8],
+        rb: &mut [u8],
+        own: bool,
+        published: bool,
+    ) -> Result<()> {
         const OP: &str = "all-to-all";
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
         let s = n.next();
-        n.publish_remote(s, LargePath::Cma.word(), &[sb], total, OP)?;
+        if !published {
+            n.publish_remote(s, LargePath::Cma.word(), &[sb], total, OP)?;
+        }
         n.arrive(s);
         let mut todo: Vec<usize> = (1..p).map(|k| (me + k) % p).collect();
         let mut read = || -> Result<()> {
@@ -1490,21 +1499,31 @@ impl Comm {
             && stage_nt_allowed();
         let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
         let allowed = Self::large_allowed(nt, cma);
-        let (path, timed) = match Self::fixed_path(&allowed) {
+        let (path, timed, published) = match Self::fixed_path(&allowed) {
             // No choice (every member with the same length knows): nobody waits for member 0.
-            Some(p) => (p, false),
-            None if n.me == 0 => (n.chooser(LargeOp::AllToAll).pick(sb.len(), &allowed), true),
+            Some(p) => (p, false, false),
+            None if n.me == 0 => {
+                let p = n.chooser(LargeOp::AllToAll).pick(sb.len(), &allowed);
+                (p, true, false)
+            }
             None => {
                 let s = n.peek();
+                // Where this rank's send buffer lives, before it learns the path: should member 0
+                // take the single copy, it reads this rank's block at once instead of a line
+                // crossing later (the stage paths publish their header in the same slot again).
+                let pre = allowed.contains(&LargePath::Cma);
+                if pre {
+                    n.publish_remote(s, LargePath::Cma.word(), &[sb], sb.len() as u64, OP)?;
+                }
                 n.wait_slot(0, s, OP)?;
-                (LargePath::from_word(n.header(0, s)), false)
+                (LargePath::from_word(n.header(0, s)), false, pre)
             }
         };
         let t0 = Instant::now();
         if path.staged() {
             Self::stage_alltoall(n, sb, rb, rotate, path)?;
         } else {
-            Self::cma_alltoall(n, sb, rb, true)?;
+            Self::cma_alltoall(n, sb, rb, true, published)?;
         }
         if timed {
             let ns = t0.elapsed().as_nanos() as f64;

@@ -270,7 +270,11 @@ impl Chooser {
             .iter()
             .filter_map(|&q| Some((q, est(q)?)))
             .min_by(|a, b| a.1.total_cmp(&b.1))?;
-        match c.lead.filter(|l| allowed.contains(l)).and_then(|l| Some((l, est(l)?))) {
+        match c
+            .lead
+            .filter(|l| allowed.contains(l))
+            .and_then(|l| Some((l, est(l)?)))
+        {
             Some((l, el)) if el <= e * LEAD_MARGIN => Some(l),
             _ => Some(low),
         }
