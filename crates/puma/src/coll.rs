@@ -770,8 +770,9 @@ impl Comm {
             // Above one slot on one node with the stages: through the stages or straight out of
             // the others' send buffers, by measured cost (they copy their own block meanwhile).
             if let Some(nd) = self.node_stage(total, 1, tag)? {
-                let rotate = stage_rotate().unwrap_or(!self.core.oversubscribed());
-                return Self::large_alltoall(nd, bytes(send), bytes_mut(recv), rotate);
+                let over = self.core.oversubscribed();
+                let rotate = stage_rotate().unwrap_or(!over);
+                return Self::large_alltoall(nd, bytes(send), bytes_mut(recv), rotate, over);
             }
         }
         copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
@@ -1484,22 +1485,41 @@ impl Comm {
         Ok(())
     }
 
-    /// All-to-all of more than one slot per rank inside one node with the stages: member 0 picks
-    /// the path (see [`Comm::large_path`]; the single copy from blocks of
-    /// [`ALLTOALL_CHOICE`] bytes) and names it in the header word of its slot of the
+    /// All-to-all of more than one slot per rank inside one node with the stages: with a core per
+    /// rank member 0 picks the path (see [`Comm::large_path`]; from blocks of
+    /// [`ALLTOALL_CHOICE`] bytes, below them the plain stages) and names it in the header word of its slot of the
     /// operation's first sequence number before it copies anything; the others wait for that
-    /// slot, then follow. Every member copies its own block itself, on either path while it
-    /// waits for the others.
-    fn large_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8], rotate: bool) -> Result<()> {
+    /// slot, then follow. With more ranks than cores (`over`) blocks from
+    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy, smaller ones the stages. Every
+    /// member copies its own block itself, on either path while it waits for the others.
+    fn large_alltoall(
+        n: &NodeColl,
+        sb: &[u8],
+        rb: &mut [u8],
+        rotate: bool,
+        over: bool,
+    ) -> Result<()> {
         const OP: &str = "all-to-all";
         let blk = sb.len() / n.len();
-        // Smaller blocks keep the plain stages without a choice (the non-temporal stores gain
-        // nothing on a few KiB, and the others would wait for member 0's word).
-        let nt = (blk >= ALLTOALL_CHOICE || large_forced() == Some(LargePath::StageNt))
-            && stage_nt_allowed();
-        let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
-        let allowed = Self::large_allowed(nt, cma);
-        let (path, timed, published) = match Self::fixed_path(&allowed) {
+        let forced_nt = large_forced() == Some(LargePath::StageNt);
+        let allowed = if over {
+            let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CMA_OVERSUBSCRIBED);
+            Self::large_allowed(forced_nt && stage_nt_allowed(), cma)
+        } else {
+            // Smaller blocks keep the plain stages without a choice (the non-temporal stores
+            // gain nothing on a few KiB, and the others would wait for member 0's word).
+            let nt = (blk >= ALLTOALL_CHOICE || forced_nt) && stage_nt_allowed();
+            let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
+            Self::large_allowed(nt, cma)
+        };
+        // More ranks than cores: no choice, the single copy from ALLTOALL_CMA_OVERSUBSCRIBED
+        // (the stages are several times slower there, and an 8-rank 64 KiB all-to-all of
+        // ~0.4 ms spent more on probing them than it could gain: 454 µs against 333).
+        let fixed = match Self::fixed_path(&allowed) {
+            None if over => allowed.last().copied(),
+            f => f,
+        };
+        let (path, timed, published) = match fixed {
             // No choice (every member with the same length knows): nobody waits for member 0.
             Some(p) => (p, false, false),
             None if n.me == 0 => {

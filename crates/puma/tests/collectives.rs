@@ -188,9 +188,11 @@ fn large_broadcast_and_all_reduce_by_either_path() {
     }
 }
 
-/// Large all-to-alls on one node (blocks from 16 KiB) take the stages (plain or non-temporal
-/// stores) or the single copy, chosen by member 0 by measured cost unless `PUMACOLL_LARGE`
-/// forces one; smaller blocks always take the plain stages. Each forced path and the measured
+/// Large all-to-alls on one node with a core per rank (blocks from 16 KiB) take the stages
+/// (plain or non-temporal stores) or the single copy, chosen by member 0 by measured cost unless
+/// `PUMACOLL_LARGE` forces one; smaller blocks always take the plain stages. With more ranks than
+/// cores (3 to 8 ranks on this 2-core host) blocks from 32 KiB take the single copy unless a
+/// path is forced. Each forced path and the measured
 /// choice against serial results on 2/3/5/8 ranks: the sizes of coll_check (blocks n/p + 1 i64,
 /// uneven on 3 and 5 ranks) and a streak of 60 all-to-alls with blocks of 2047, 2048 (16 KiB)
 /// and 8193 i64 (more than one stage piece) in turn, under which the choice takes every path.
