@@ -43,6 +43,36 @@ struct Args {
     /// through every slot of the collective area and waits for them to free slots.
     #[arg(long, default_value_t = 200)]
     streak: usize,
+    /// Back-to-back all-to-alls (each checked) with blocks of 2047, 2048 and 8193 i64 in turn
+    /// (either side of the 16 KiB block from which all-to-all chooses its path by measured cost,
+    /// and more than one stage piece): under the measured choice they take every path.
+    #[arg(long, default_value_t = 0)]
+    alltoall_streak: usize,
+}
+
+/// See `Args::alltoall_streak`.
+fn alltoall_streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
+    const BLOCKS: [usize; 3] = [2047, 2048, 8193];
+    let (me, p) = (w.rank(), w.size());
+    for k in 0..count {
+        let blk = BLOCKS[k % BLOCKS.len()];
+        let salt = 0xa2a0_0000 ^ k as u64;
+        let send: Vec<i64> = (0..p)
+            .flat_map(|j| data(seed, me, blk, salt ^ (j as u64 + 3)))
+            .collect();
+        let mut recv = vec![0i64; send.len()];
+        w.all_to_all(&send, &mut recv)?;
+        let want: Vec<i64> = (0..p)
+            .flat_map(|i| data(seed, i, blk, salt ^ (me as u64 + 3)))
+            .collect();
+        expect(
+            &format!("streak all-to-all {k} ({blk} i64 blocks)"),
+            &recv,
+            &want,
+        )?;
+    }
+    *checks += count as u32;
+    Ok(())
 }
 
 /// `len` elements of broadcast `k` of the streak (what the root sends).
@@ -279,6 +309,7 @@ fn run(a: &Args) -> Result<()> {
         check_size(&w, a.seed, n, &mut checks)?;
     }
     streak(&w, a.seed, a.streak, &mut checks)?;
+    alltoall_streak(&w, a.seed, a.alltoall_streak, &mut checks)?;
     // Sub-communicators: split by parity, ordered by descending rank; dup keeps traffic apart.
     let sub = w
         .split(Some(me % 2), -(me as i32))?

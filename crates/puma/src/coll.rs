@@ -18,7 +18,7 @@
 //! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
-//! | all-to-all | one node only: large blocks ([`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) are read straight from the others' send buffers by cross-memory attach; else everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces | — (portals algorithms below) |
+//! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces; large blocks may instead be read straight from the others' send buffers by cross-memory attach (with the stages: from [`ALLTOALL_CHOICE`] when it measures cheapest; without: from [`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) | — (portals algorithms below) |
 //!
 //! **Large payloads inside one node** (the whole communicator on one node, more than
 //! [`STAGE_MIN`] bytes per rank) go through the *stages* of the region instead: one 256 KiB buffer
@@ -35,8 +35,9 @@
 //! non-temporal stores (from [`LARGE_NT`]) or skip them: the readers copy straight out of the
 //! other ranks' buffers by cross-memory attach (from [`LARGE_CMA`]). Which is cheapest depends on
 //! where the host put the vCPUs, which changes at run time, so the root (broadcast) or member 0
-//! (all-reduce) picks by measured cost (`crate::shm::Chooser`) and names the path in its slot;
-//! `PUMACOLL_LARGE=stage|nt|cma` forces one.
+//! (all-reduce; all-to-all from [`ALLTOALL_CHOICE`] bytes per block) picks by measured cost
+//! (`crate::shm::Chooser`) and names the path in its slot; `PUMACOLL_LARGE=stage|nt|cma` forces
+//! one.
 //!
 //! The slot path is taken for payloads up to [`SHM_LONG`] (64 KiB), but only up to
 //! [`SHM_LONG_DEDICATED`] (4 KiB) when the whole communicator is on one node with a core per rank:
@@ -63,7 +64,7 @@ use bytemuck::Pod;
 use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
-use crate::shm::{copy_bytes, copy_elems, copy_to_stage, LargePath, NodeColl};
+use crate::shm::{copy_bytes, copy_elems, copy_to_stage, LargeOp, LargePath, NodeColl};
 use std::time::{Duration, Instant};
 
 /// Broadcast and reduce switch algorithms above this many bytes.
@@ -764,17 +765,21 @@ impl Comm {
         let n = send.len() / g;
         let me = self.rank as usize;
         let blk = n * std::mem::size_of::<T>();
-        copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
         let total = std::mem::size_of_val(send);
         if g > 1 {
-            // Large blocks: each rank reads its block straight out of the others' send buffers.
-            if let Some(nd) = self.node_cma(blk, tag)? {
-                return Self::cma_alltoall(nd, bytes(send), bytes_mut(recv));
-            }
-            // Above one slot through the stages (one handshake per 64 KiB), else the slots.
+            // Above one slot on one node with the stages: through the stages or straight out of
+            // the others' send buffers, by measured cost (they copy their own block meanwhile).
             if let Some(nd) = self.node_stage(total, 1, tag)? {
-                let rotate = stage_rotate().unwrap_or(!self.core.oversubscribed());
-                return Self::stage_alltoall(nd, bytes(send), bytes_mut(recv), rotate);
+                let over = self.core.oversubscribed();
+                let rotate = stage_rotate().unwrap_or(!over);
+                return Self::large_alltoall(nd, bytes(send), bytes_mut(recv), rotate, over);
+            }
+        }
+        copy_elems(&mut recv[me * n..(me + 1) * n], &send[me * n..(me + 1) * n]);
+        if g > 1 {
+            // Without the stages, large blocks are read straight out of the others' send buffers.
+            if let Some(nd) = self.node_cma(blk, tag)? {
+                return Self::cma_alltoall(nd, bytes(send), bytes_mut(recv), false, false);
             }
             if total <= ALLTOALL_SHM {
                 if let Some(nd) = self.node(tag)?.filter(|nd| nd.groups.len() == 1) {
@@ -846,6 +851,11 @@ pub const SHM_LONG_DEDICATED: usize = 4 * 1024;
 pub const ALLTOALL_CMA_OVERSUBSCRIBED: usize = 32 * 1024;
 /// The same with a core per rank.
 pub const ALLTOALL_CMA: usize = 64 * 1024;
+/// All-to-all of a communicator on one node with the stages chooses by measured cost among the
+/// stages, the non-temporal stages and cross-memory attach from blocks of this many bytes (the
+/// fixed limits above apply to communicators without the stages); smaller blocks take the
+/// stages with plain stores.
+pub const ALLTOALL_CHOICE: usize = 16 * 1024;
 
 /// Large node-local broadcasts and all-reduces of at least this many bytes per rank may take the
 /// single-copy path (cross-memory attach) when it measures cheaper than the stages (each
@@ -1334,15 +1344,25 @@ impl Comm {
     /// reads what is there instead of handing the core over at once). Each member's length is
     /// checked before anything is read from it; every member sees any mismatch (someone differs
     /// from it) and reports it. Then everyone arrives once more and waits for all, so no send
-    /// buffer is handed back to its caller while a member may still read it. `recv` holds this
-    /// rank's own block already.
-    fn cma_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+    /// buffer is handed back to its caller while a member may still read it. With `own` this
+    /// rank copies its own block between those two steps (while the others may still read from
+    /// it), else `recv` holds it already. `published`: this rank's slot of the operation already
+    /// says where `sb` lives.
+    fn cma_alltoall(
+        n: &NodeColl,
+        sb: &[u8],
+        rb: &mut [u8],
+        own: bool,
+        published: bool,
+    ) -> Result<()> {
         const OP: &str = "all-to-all";
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
         let s = n.next();
-        n.publish_remote(s, LargePath::Cma.word(), &[sb], total, OP)?;
+        if !published {
+            n.publish_remote(s, LargePath::Cma.word(), &[sb], total, OP)?;
+        }
         n.arrive(s);
         let mut todo: Vec<usize> = (1..p).map(|k| (me + k) % p).collect();
         let mut read = || -> Result<()> {
@@ -1373,6 +1393,10 @@ impl Comm {
         // vain (they report the same mismatch, or time out on a peer that died).
         let done = n.next();
         n.arrive(done);
+        if own {
+            let mine = me * blk..(me + 1) * blk;
+            copy_bytes(&mut rb[mine.clone()], &sb[mine]);
+        }
         n.wait_all(done, OP)?;
         read
     }
@@ -1381,8 +1405,10 @@ impl Comm {
     /// of blocks through its stage, in stage pieces: per piece every member copies its part of
     /// the stream into its stage and arrives, then copies out of the other members' stages the
     /// parts that hold blocks for it, once those members arrived. As in [`Comm::node_alltoall`],
-    /// the first piece brings everyone together and checks the lengths. `recv` holds this rank's
-    /// own block already.
+    /// the first piece brings everyone together and checks the lengths; each member copies its
+    /// own block while it waits for the others to write the first piece, and names `path` (plain
+    /// or non-temporal stores into the stage, see [`copy_to_stage`]) in its first slot before it
+    /// writes anything (the others wait for member 0's, see [`Comm::large_alltoall`]).
     ///
     /// With more ranks than cores the stream is the send buffer (blocks in destination order,
     /// without the member's own block): a piece then holds the blocks of few destinations, only
@@ -1392,8 +1418,15 @@ impl Comm {
     /// every piece gives each as much to write as to read and they copy at the same time (in
     /// destination order two ranks with 64 KiB blocks took two pieces, each one rank writing and
     /// then the other reading: four copies one after the other instead of two).
-    fn stage_alltoall(n: &NodeColl, sb: &[u8], rb: &mut [u8], rotate: bool) -> Result<()> {
+    fn stage_alltoall(
+        n: &NodeColl,
+        sb: &[u8],
+        rb: &mut [u8],
+        rotate: bool,
+        path: LargePath,
+    ) -> Result<()> {
         const OP: &str = "all-to-all";
+        let nt = path == LargePath::StageNt;
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
@@ -1413,18 +1446,20 @@ impl Comm {
         };
         for (k, r) in pieces(blocks * blk, stage_piece_bytes()).enumerate() {
             let (off, s) = n.stage_piece(true, OP)?;
+            if k == 0 {
+                n.publish_header(s, path.word(), total, OP)?;
+            }
             for (t, o, len, at) in spans(r.clone()) {
                 let to = if rotate { (me + 1 + t) % p } else { t };
                 if to != me {
                     let src = &sb[to * blk + o..to * blk + o + len];
-                    copy_bytes(n.stage_mine(off + at, len), src);
+                    copy_to_stage(n.stage_mine(off + at, len), src, nt);
                 }
-            }
-            if k == 0 {
-                n.publish(s, &[], total, OP)?;
             }
             n.arrive(s);
             if k == 0 {
+                let mine = me * blk..(me + 1) * blk;
+                copy_bytes(&mut rb[mine.clone()], &sb[mine]);
                 n.wait_all(s, OP)?;
                 n.check_all(s, total, OP)?;
             }
@@ -1450,6 +1485,73 @@ impl Comm {
         Ok(())
     }
 
+    /// All-to-all of more than one slot per rank inside one node with the stages: with a core per
+    /// rank member 0 picks the path (see [`Comm::large_path`]; from blocks of
+    /// [`ALLTOALL_CHOICE`] bytes, below them the plain stages) and names it in the header word of its slot of the
+    /// operation's first sequence number before it copies anything; the others wait for that
+    /// slot, then follow. With more ranks than cores (`over`) blocks from
+    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy, smaller ones the stages. Every
+    /// member copies its own block itself, on either path while it waits for the others.
+    fn large_alltoall(
+        n: &NodeColl,
+        sb: &[u8],
+        rb: &mut [u8],
+        rotate: bool,
+        over: bool,
+    ) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let blk = sb.len() / n.len();
+        let forced_nt = large_forced() == Some(LargePath::StageNt);
+        let allowed = if over {
+            let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CMA_OVERSUBSCRIBED);
+            Self::large_allowed(forced_nt && stage_nt_allowed(), cma)
+        } else {
+            // Smaller blocks keep the plain stages without a choice (the non-temporal stores
+            // gain nothing on a few KiB, and the others would wait for member 0's word).
+            let nt = (blk >= ALLTOALL_CHOICE || forced_nt) && stage_nt_allowed();
+            let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
+            Self::large_allowed(nt, cma)
+        };
+        // More ranks than cores: no choice, the single copy from ALLTOALL_CMA_OVERSUBSCRIBED
+        // (the stages are several times slower there, and an 8-rank 64 KiB all-to-all of
+        // ~0.4 ms spent more on probing them than it could gain: 454 µs against 333).
+        let fixed = match Self::fixed_path(&allowed) {
+            None if over => allowed.last().copied(),
+            f => f,
+        };
+        let (path, timed, published) = match fixed {
+            // No choice (every member with the same length knows): nobody waits for member 0.
+            Some(p) => (p, false, false),
+            None if n.me == 0 => {
+                let p = n.chooser(LargeOp::AllToAll).pick(sb.len(), &allowed);
+                (p, true, false)
+            }
+            None => {
+                let s = n.peek();
+                // Where this rank's send buffer lives, before it learns the path: should member 0
+                // take the single copy, it reads this rank's block at once instead of a line
+                // crossing later (the stage paths publish their header in the same slot again).
+                let pre = allowed.contains(&LargePath::Cma);
+                if pre {
+                    n.publish_remote(s, LargePath::Cma.word(), &[sb], sb.len() as u64, OP)?;
+                }
+                n.wait_slot(0, s, OP)?;
+                (LargePath::from_word(n.header(0, s)), false, pre)
+            }
+        };
+        let t0 = Instant::now();
+        if path.staged() {
+            Self::stage_alltoall(n, sb, rb, rotate, path)?;
+        } else {
+            Self::cma_alltoall(n, sb, rb, true, published)?;
+        }
+        if timed {
+            let ns = t0.elapsed().as_nanos() as f64;
+            n.chooser(LargeOp::AllToAll).record(sb.len(), path, ns);
+        }
+        Ok(())
+    }
+
     /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and
     /// names it in the header word of its slot of the operation's first sequence number; the
     /// others wait for that slot, then follow.
@@ -1458,7 +1560,8 @@ impl Comm {
         let lead = Self::pos(&n.groups[n.mine], root);
         let total = b.len() as u64;
         if n.me == lead {
-            let (path, timed) = Self::large_path(n, b.len(), true);
+            let cma = n.cma && b.len() >= cma_min().unwrap_or(LARGE_CMA);
+            let (path, timed) = Self::large_path(n, LargeOp::Broadcast, b.len(), cma);
             let t0 = Instant::now();
             let tail = if path.staged() {
                 Self::stage_bcast_root(n, b, path)?
@@ -1468,7 +1571,7 @@ impl Comm {
             };
             if timed {
                 let ns = (t0.elapsed() + tail).as_nanos() as f64;
-                n.chooser().record(b.len(), path, ns);
+                n.chooser(LargeOp::Broadcast).record(b.len(), path, ns);
             }
             return Ok(());
         }
@@ -1548,27 +1651,43 @@ impl Comm {
         Ok(())
     }
 
-    /// The path of a large node-local broadcast or all-reduce of `bytes` per rank, decided by
-    /// the root / member 0, and whether to time it for the chooser. The stages with plain stores
-    /// always qualify; with non-temporal stores from [`LARGE_NT`] bytes (`PUMACOLL_STAGE_NT=0`
-    /// never); cross-memory attach when every member can read the others (agreed at setup), from
-    /// [`LARGE_CMA`] bytes (`PUMACOLL_CMA_MIN`), and `cma_ok` (the caller can take it for this
-    /// operation). `PUMACOLL_LARGE=stage|nt|cma` forces one (if it qualifies; tests and
-    /// measurements), else the cheapest by measured cost ([`crate::shm::Chooser`]).
-    fn large_path(n: &NodeColl, bytes: usize, cma_ok: bool) -> (LargePath, bool) {
+    /// The path of a large node-local operation `op` of `bytes` per rank, decided by the root /
+    /// member 0, and whether to time it for the chooser. The stages with plain stores always
+    /// qualify; with non-temporal stores from [`LARGE_NT`] bytes (`PUMACOLL_STAGE_NT=0` never);
+    /// cross-memory attach when `cma` (the caller checked that every member can read the others,
+    /// agreed at setup, and the operation's size limit, `PUMACOLL_CMA_MIN`).
+    /// `PUMACOLL_LARGE=stage|nt|cma` forces one (if it qualifies; tests and measurements), else
+    /// the cheapest by measured cost ([`crate::shm::Chooser`], one per kind of operation).
+    fn large_path(n: &NodeColl, op: LargeOp, bytes: usize, cma: bool) -> (LargePath, bool) {
+        let allowed = Self::large_allowed(bytes >= LARGE_NT && stage_nt_allowed(), cma);
+        match Self::fixed_path(&allowed) {
+            Some(p) => (p, false),
+            None => (n.chooser(op).pick(bytes, &allowed), true),
+        }
+    }
+
+    /// The paths a large node-local operation may take: the stages, and with `nt` / `cma` the
+    /// non-temporal stages / the single copy (see [`Comm::large_path`]).
+    fn large_allowed(nt: bool, cma: bool) -> Vec<LargePath> {
         let mut allowed = Vec::with_capacity(3);
         allowed.push(LargePath::Stage);
-        if bytes >= LARGE_NT && stage_nt_allowed() {
+        if nt {
             allowed.push(LargePath::StageNt);
         }
-        if cma_ok && n.cma && bytes >= cma_min().unwrap_or(LARGE_CMA) {
+        if cma {
             allowed.push(LargePath::Cma);
         }
+        allowed
+    }
+
+    /// The path when there is nothing to choose among `allowed`: the one `PUMACOLL_LARGE`
+    /// forces (the stages if it does not qualify), or the stages when they are all there is.
+    fn fixed_path(allowed: &[LargePath]) -> Option<LargePath> {
         match large_forced() {
-            Some(p) if allowed.contains(&p) => (p, false),
-            Some(_) => (LargePath::Stage, false),
-            None if allowed.len() == 1 => (LargePath::Stage, false),
-            None => (n.chooser().pick(bytes, &allowed), true),
+            Some(p) if allowed.contains(&p) => Some(p),
+            Some(_) => Some(LargePath::Stage),
+            None if allowed.len() == 1 => Some(LargePath::Stage),
+            None => None,
         }
     }
 
@@ -1584,7 +1703,8 @@ impl Comm {
         const OP: &str = "all-reduce";
         let bytes = std::mem::size_of_val(send);
         let (path, timed) = if n.me == 0 {
-            Self::large_path(n, bytes, send.len() >= n.len())
+            let cma = send.len() >= n.len() && n.cma && bytes >= cma_min().unwrap_or(LARGE_CMA);
+            Self::large_path(n, LargeOp::AllReduce, bytes, cma)
         } else {
             let s = n.peek();
             n.wait_slot(0, s, OP)?;
@@ -1598,7 +1718,7 @@ impl Comm {
         }
         if timed {
             let ns = t0.elapsed().as_nanos() as f64;
-            n.chooser().record(bytes, path, ns);
+            n.chooser(LargeOp::AllReduce).record(bytes, path, ns);
         }
         Ok(())
     }

@@ -97,22 +97,26 @@ fn large_collectives_through_the_stages() {
     assert!(so.contains("stage pieces: 0\n"), "{so}");
 }
 
-/// All-to-all blocks of at least 64 KiB (32 KiB with more ranks than cores: 8 ranks here) are
-/// read straight from the other ranks' send buffers by cross-memory attach. coll_check's blocks
-/// are n/p + 1 i64: 16381/16382 elements fall on either side of 64 KiB on 2 ranks, 32759/32760
-/// of 32 KiB on 8; 3 ranks cut uneven blocks. Each run must pass and rank 0 must have read
-/// blocks that way; `PUMACOLL_CMA_MIN` forces the path down to small blocks, `PUMACOLL_CMA=0`
-/// turns it off (the stages carry the same sizes).
+/// All-to-all blocks may be read straight from the other ranks' send buffers by cross-memory
+/// attach: on a communicator with the stages (the world here) from 16 KiB blocks when it
+/// measures cheapest or `PUMACOLL_LARGE=cma` forces it, as here; on one without them (the
+/// duplicate) from 64 KiB (32 KiB with more ranks than cores: 8 ranks here). coll_check's blocks
+/// are n/p + 1 i64: 4093/4094 elements fall on either side of 16 KiB on 2 ranks, 16381/16382 of
+/// 64 KiB, 32759/32760 of 32 KiB on 8; 3 ranks cut uneven blocks. Each run must pass and rank 0
+/// must have read blocks that way; `PUMACOLL_CMA_MIN` forces the path down to small blocks,
+/// `PUMACOLL_CMA=0` turns it off (the stages carry the same sizes).
 #[test]
 fn large_all_to_all_by_cross_memory_attach() {
-    for (n, seed, sizes) in [
-        (2, 61, "16381,16382,50000"),
-        (3, 62, "16381,30000,70001"),
-        (8, 63, "32759,32760,70000"),
+    for (n, seed, sizes, dup) in [
+        (2, 61, "4093,4094,50000", "16381,16382"),
+        (3, 62, "16381,30000,70001", "70001"),
+        (8, 63, "32759,32760,70000", "32759,32760"),
     ] {
         let s = seed.to_string();
-        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", "40000"];
-        let so = ok(n, &[], "coll_check", &args);
+        let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", dup];
+        let out = yod_env(n, &[], "coll_check", &args, &[("PUMACOLL_LARGE", "cma")]);
+        let so = text(&out.stdout);
+        assert!(out.status.success(), "{so} {}", text(&out.stderr));
         assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
         assert!(!so.contains("cma blocks: 0\n"), "{so}");
     }
@@ -184,6 +188,51 @@ fn large_broadcast_and_all_reduce_by_either_path() {
     }
 }
 
+/// Large all-to-alls on one node with a core per rank (blocks from 16 KiB) take the stages
+/// (plain or non-temporal stores) or the single copy, chosen by member 0 by measured cost unless
+/// `PUMACOLL_LARGE` forces one; smaller blocks always take the plain stages. With more ranks than
+/// cores (3 to 8 ranks on this 2-core host) blocks from 32 KiB take the single copy unless a
+/// path is forced. Each forced path and the measured
+/// choice against serial results on 2/3/5/8 ranks: the sizes of coll_check (blocks n/p + 1 i64,
+/// uneven on 3 and 5 ranks) and a streak of 60 all-to-alls with blocks of 2047, 2048 (16 KiB)
+/// and 8193 i64 (more than one stage piece) in turn, under which the choice takes every path.
+#[test]
+fn large_all_to_all_by_every_path() {
+    for n in [2, 3, 5, 8] {
+        for path in ["stage", "nt", "cma", ""] {
+            let s = (90 + n).to_string();
+            let args = [
+                "--seed",
+                &s,
+                "--sizes",
+                "255,4099,40963",
+                "--dup-sizes",
+                "0",
+                "--streak",
+                "0",
+                "--alltoall-streak",
+                "60",
+            ];
+            let env = [("PUMACOLL_LARGE", path)];
+            let out = yod_env(n, &[], "coll_check", &args, &env);
+            let so = text(&out.stdout);
+            assert!(
+                out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+                "{n} ranks, {env:?}: {so} {}",
+                text(&out.stderr)
+            );
+            let (pieces, cma) = (stat(&so, "stage pieces"), stat(&so, "cma blocks"));
+            match path {
+                "stage" | "nt" => assert!(pieces > 0 && cma == 0, "{env:?}: {so}"),
+                // Blocks below 16 KiB still take the stages.
+                "cma" => assert!(pieces > 0 && cma >= 20 * (n as u64 - 1), "{env:?}: {so}"),
+                // Measured: every path was tried (the single copy at least twice per size class).
+                _ => assert!(pieces > 0 && cma >= 2 * (n as u64 - 1), "{env:?}: {so}"),
+            }
+        }
+    }
+}
+
 /// The value of a `name: N` line of coll_check's output.
 fn stat(out: &str, name: &str) -> u64 {
     out.lines()
@@ -219,11 +268,13 @@ fn mismatched_all_to_all_by_cross_memory_attach_is_a_clear_error() {
         "--mismatch-len",
         "20000",
     ];
-    let out = yod(3, &[], "coll_check", &args);
-    assert!(!out.status.success());
-    let e = text(&out.stderr);
-    assert!(e.contains("size mismatch in all-to-all"), "{e}");
-    assert!(!text(&out.stdout).contains("returned without error"));
+    for path in ["cma", "stage", "nt", ""] {
+        let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_LARGE", path)]);
+        assert!(!out.status.success());
+        let e = text(&out.stderr);
+        assert!(e.contains("size mismatch in all-to-all"), "{path}: {e}");
+        assert!(!text(&out.stdout).contains("returned without error"));
+    }
 }
 
 #[test]
