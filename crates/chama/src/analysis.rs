@@ -210,7 +210,7 @@ pub fn analyse(
 }
 
 /// Per (class, kind) sums over the operations both runs completed.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct ClassSum {
     ops: u64,
     noise: u64,
@@ -466,4 +466,59 @@ pub fn summary(r: &Report) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::{generate, GenParams, Pattern};
+    use crate::noise::{LatencyNoise, NoiseSource};
+
+    /// The comparison split over two threads gives what one pass over all operations gives,
+    /// and its rank ends and last operation are those of the simulator's own helpers.
+    #[test]
+    fn comparison_on_two_threads_is_the_same() {
+        let s = generate(
+            Pattern::AllreduceRd,
+            &GenParams {
+                ranks: 4_000,
+                reduce_ps_per_byte: 1_000,
+                ..GenParams::default()
+            },
+        )
+        .expect("generator");
+        assert!(s.len() >= PARALLEL_MIN_OPS);
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 50_000,
+                detour: 5_000,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Exp { mean: 200 },
+            seed: 3,
+        };
+        let p = Params::default();
+        let opts = SimOptions {
+            record_noise: true,
+            record_busy: true,
+            ..SimOptions::default()
+        };
+        let clean = simulate(&s, &p, &Noise::none(), &opts);
+        let noisy = simulate(&s, &p, &noise, &opts);
+        let two = compare(&s, &clean, &noisy, true);
+        let mut one = Comparison::new(&s, true);
+        one.scan(&s, &clean, &noisy, 0..s.len());
+        assert_eq!(two.sums, one.sums);
+        assert!(one.sums.iter().any(|x| x.absorbed > 0 && x.amplified > 0));
+        assert_eq!(two.noisy_end, one.noisy_end);
+        assert_eq!(two.clean_end, one.clean_end);
+        assert_eq!(two.last, one.last);
+        assert_eq!(one.noisy_end, noisy.rank_end(&s));
+        assert_eq!(one.clean_end, clean.rank_end(&s));
+        let last = one.last.map(|(_, i)| i);
+        assert_eq!(
+            format!("{:?}", critical_path_from(&s, &noisy, 50, last)),
+            format!("{:?}", crate::sim::critical_path(&s, &noisy, 50))
+        );
+    }
 }

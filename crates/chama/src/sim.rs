@@ -1263,4 +1263,42 @@ mod tests {
             }
         }
     }
+
+    /// The initial states are the same whether one thread or two fill them, and match the
+    /// schedule: pending counts are the dependencies, inline dependents the CSR lists.
+    #[test]
+    fn initial_state_on_two_threads_is_the_same() {
+        for (pat, ranks) in [
+            (Pattern::Bcast, 5_000),
+            (Pattern::AllreduceRd, 3_001),
+            (Pattern::Stencil2d, 1_024),
+        ] {
+            let s = generate(
+                pat,
+                &GenParams {
+                    ranks,
+                    iterations: 2,
+                    ..GenParams::default()
+                },
+            )
+            .expect("generator");
+            let one = initial_state_threads(&s, 1);
+            let two = initial_state_threads(&s, 2);
+            assert_eq!(one, two, "{pat:?}");
+            let mut pending = vec![0u32; s.len()];
+            for &d in &s.dep_list {
+                pending[(d & !IREQ_BIT) as usize] += 1;
+            }
+            for (op, x) in one.iter().enumerate() {
+                assert_eq!(x.link, pending[op]);
+                assert_eq!((x.ready, x.end, x.pred), (0, u64::MAX, PRED_NONE));
+                match s.dependents(op) {
+                    [] => assert_eq!(x.deps, [DEP_NONE; 2]),
+                    &[a] => assert_eq!(x.deps, [a, DEP_NONE]),
+                    &[a, b] => assert_eq!(x.deps, [a, b]),
+                    _ => assert_eq!(x.deps[0], DEP_CSR),
+                }
+            }
+        }
+    }
 }
