@@ -6,8 +6,8 @@ use std::time::Instant;
 use crate::noise::Noise;
 use crate::schedule::{OpKind, Schedule};
 use crate::sim::{
-    critical_path_from, initial_state_threads, simulate, simulate_from, CriticalPath, Params,
-    SimOptions, SimOutput,
+    critical_path_from, fill_states, initial_state_threads, simulate, simulate_from, CriticalPath,
+    OpState, Params, SimOptions, SimOutput,
 };
 
 /// Min / mean / max of a per-rank quantity.
@@ -129,6 +129,22 @@ pub fn analyse(
     path_limit: usize,
     per_rank: bool,
 ) -> Report {
+    analyse_with(s, p, noise, input, noise_desc, path_limit, per_rank, None)
+}
+
+/// [`analyse`], given a [`crate::sim::state_template`] of `s.len()` states written beforehand (used for the
+/// noisy run; ignored if its length is not the schedule's).
+#[allow(clippy::too_many_arguments)]
+pub fn analyse_with(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    input: &str,
+    noise_desc: &str,
+    path_limit: usize,
+    per_rank: bool,
+    template: Option<Vec<OpState>>,
+) -> Report {
     let t0 = Instant::now();
     let busy = SimOptions {
         record_busy: true,
@@ -145,7 +161,10 @@ pub fn analyse(
     } else {
         // The noisy run takes longer: it gets its initial states first, built on both cores;
         // the noise-free run builds its own on its thread.
-        let init = initial_state_threads(s, 2);
+        let init = match template {
+            Some(t) if t.len() == s.len() => fill_states(s, t, 2),
+            _ => initial_state_threads(s, 2),
+        };
         std::thread::scope(|sc| {
             let h = sc.spawn(|| {
                 let st = initial_state_threads(s, 1);

@@ -418,11 +418,17 @@ pub(crate) fn initial_state(s: &Schedule) -> Vec<OpState> {
 
 /// [`initial_state`] on one thread, or two (`threads >= 2`: each fills half of the states).
 pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> Vec<OpState> {
-    let n = s.len();
-    // The writes of this first pass take the page faults of the fresh array; they stay on one
-    // thread (safe Rust cannot hand out uninitialised memory, and the allocator zeroes memory
-    // aligned to 32 bytes with a `memset` of its own).
-    let mut st = vec![
+    fill_states(s, state_template(s.len()), threads)
+}
+
+/// `n` operation states as they are before their dependents and dependency counts are filled
+/// in: the first write to a fresh array, which takes its page faults (a good part of the
+/// setup of a large run), so it pays to do it on an idle core ([`crate::gen::generate_with`]
+/// can do it while the schedule's dependency lists are built).
+pub fn state_template(n: usize) -> Vec<OpState> {
+    // This pass stays on one thread: safe Rust cannot hand out uninitialised memory, and the
+    // allocator zeroes memory aligned to 32 bytes with a `memset` of its own.
+    vec![
         OpState {
             ready: 0,
             end: u64::MAX,
@@ -431,7 +437,13 @@ pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> Vec<OpState
             deps: [DEP_NONE; 2],
         };
         n
-    ];
+    ]
+}
+
+/// Fill a [`state_template`] of `s.len()` states in for `s`, on one thread or two.
+pub(crate) fn fill_states(s: &Schedule, mut st: Vec<OpState>, threads: usize) -> Vec<OpState> {
+    let n = s.len();
+    debug_assert_eq!(st.len(), n);
     if threads < 2 || n < 2 {
         fill_initial(s, 0, &mut st);
         return st;
