@@ -5,7 +5,10 @@ use std::time::Instant;
 
 use crate::noise::Noise;
 use crate::schedule::{OpKind, Schedule};
-use crate::sim::{critical_path, simulate, CriticalPath, Params, SimOptions, SimOutput};
+use crate::sim::{
+    critical_path_from, fill_states, initial_state_threads, simulate, simulate_from, CriticalPath,
+    OpState, Params, SimOptions, SimOutput,
+};
 
 /// Min / mean / max of a per-rank quantity.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -126,6 +129,22 @@ pub fn analyse(
     path_limit: usize,
     per_rank: bool,
 ) -> Report {
+    analyse_with(s, p, noise, input, noise_desc, path_limit, per_rank, None)
+}
+
+/// [`analyse`], given a [`crate::sim::state_template`] of `s.len()` states written beforehand (used for the
+/// noisy run; ignored if its length is not the schedule's).
+#[allow(clippy::too_many_arguments)]
+pub fn analyse_with(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    input: &str,
+    noise_desc: &str,
+    path_limit: usize,
+    per_rank: bool,
+    template: Option<Vec<OpState>>,
+) -> Report {
     let t0 = Instant::now();
     let busy = SimOptions {
         record_busy: true,
@@ -140,9 +159,18 @@ pub fn analyse(
     let (clean, noisy_run) = if noise.is_quiet() {
         (simulate(s, p, &Noise::none(), &busy), None)
     } else {
+        // The noisy run takes longer: it gets its initial states first, built on both cores;
+        // the noise-free run builds its own on its thread.
+        let init = match template {
+            Some(t) if t.len() == s.len() => fill_states(s, t, 2),
+            _ => initial_state_threads(s, 2),
+        };
         std::thread::scope(|sc| {
-            let h = sc.spawn(|| simulate(s, p, &Noise::none(), &busy));
-            let n = simulate(s, p, noise, &noisy_opts);
+            let h = sc.spawn(|| {
+                let st = initial_state_threads(s, 1);
+                simulate_from(s, p, &Noise::none(), &busy, st)
+            });
+            let n = simulate_from(s, p, noise, &noisy_opts, init);
             match h.join() {
                 Ok(c) => (c, Some(n)),
                 // The simulator does not panic on any input; if it did, run it again here so the
@@ -172,59 +200,195 @@ pub fn analyse(
         events,
         sim_seconds: secs,
         events_per_second: events as f64 / secs.max(1e-9),
-        critical_path: critical_path(s, noisy, path_limit),
         unfinished_ops: noisy.unfinished(),
         unmatched_recvs: noisy.unmatched_recvs,
         unmatched_sends: noisy.unmatched_sends,
         ..Report::default()
     };
-    let ends = noisy.rank_end(s);
-    let waits = noisy.rank_wait(s);
+    let c = compare(s, &clean, noisy, per_rank);
+    r.critical_path = critical_path_from(s, noisy, path_limit, c.last.map(|(_, i)| i));
+    let ends = c.noisy_end;
+    let waits: Vec<u64> = if noisy.rank_busy.is_empty() {
+        Vec::new()
+    } else {
+        ends.iter()
+            .zip(&noisy.rank_busy)
+            .map(|(&e, &b)| e.saturating_sub(b))
+            .collect()
+    };
     r.rank_end_ns = Stats::of(&ends);
     r.rank_wait_ns = Stats::of(&waits);
     if per_rank {
-        let ce = clean.rank_end(s);
+        let ce = c.clean_end;
         r.per_rank = (0..s.num_ranks as usize)
-            .map(|i| (ce[i], ends[i], waits[i]))
+            .map(|i| (ce[i], ends[i], waits.get(i).copied().unwrap_or(0)))
             .collect();
     }
-    r.classes = class_rows(s, &clean, noisy);
+    r.classes = class_rows(s, &c.sums, &clean, noisy);
     r
 }
 
-fn class_rows(s: &Schedule, clean: &SimOutput, noisy: &SimOutput) -> Vec<ClassRow> {
+/// Per (class, kind) sums over the operations both runs completed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ClassSum {
+    ops: u64,
+    noise: u64,
+    delay_in: i128,
+    delay_out: i128,
+    absorbed: u128,
+    amplified: u128,
+}
+
+/// What one pass over the operations of both runs collects.
+struct Comparison {
+    /// Per class * 3 + kind.
+    sums: Vec<ClassSum>,
+    /// Per rank: completion of its last operation with noise.
+    noisy_end: Vec<u64>,
+    /// The same without noise (empty unless asked for).
+    clean_end: Vec<u64>,
+    /// The latest noisy completion and the lowest operation completing then.
+    last: Option<(u64, usize)>,
+}
+
+impl Comparison {
+    fn new(s: &Schedule, per_rank: bool) -> Self {
+        let ranks = s.num_ranks as usize;
+        Comparison {
+            sums: vec![ClassSum::default(); s.class_names.len() * 3],
+            noisy_end: vec![0; ranks],
+            clean_end: if per_rank { vec![0; ranks] } else { Vec::new() },
+            last: None,
+        }
+    }
+
+    /// Add operations `ops` of both runs.
+    fn scan(
+        &mut self,
+        s: &Schedule,
+        clean: &SimOutput,
+        noisy: &SimOutput,
+        ops: std::ops::Range<usize>,
+    ) {
+        let noise = &noisy.noise;
+        for op in ops {
+            let o = &s.ops[op];
+            let r = o.rank as usize;
+            let (c, n) = (&clean.st[op], &noisy.st[op]);
+            if n.end != u64::MAX {
+                if n.end > self.noisy_end[r] {
+                    self.noisy_end[r] = n.end;
+                }
+                if self.last.is_none_or(|(e, _)| n.end > e) {
+                    self.last = Some((n.end, op));
+                }
+            }
+            if !self.clean_end.is_empty() && c.end != u64::MAX && c.end > self.clean_end[r] {
+                self.clean_end[r] = c.end;
+            }
+            if c.end == u64::MAX || n.end == u64::MAX {
+                continue;
+            }
+            let row = &mut self.sums[o.class as usize * 3 + o.kind as usize];
+            row.ops += 1;
+            let nz = if noise.is_empty() {
+                0
+            } else {
+                noise[op] as i128
+            };
+            let din = n.ready as i128 - c.ready as i128;
+            let dout = n.end as i128 - c.end as i128;
+            row.noise += nz as u64;
+            row.delay_in += din;
+            row.delay_out += dout;
+            let absorbed = din + nz - dout;
+            if absorbed > 0 {
+                row.absorbed += absorbed as u128;
+            } else {
+                row.amplified += (-absorbed) as u128;
+            }
+        }
+    }
+
+    /// Merge `b`, which scanned operations after all of `self`'s.
+    fn merge(mut self, b: Comparison) -> Self {
+        for (x, y) in self.sums.iter_mut().zip(&b.sums) {
+            x.ops += y.ops;
+            x.noise += y.noise;
+            x.delay_in += y.delay_in;
+            x.delay_out += y.delay_out;
+            x.absorbed += y.absorbed;
+            x.amplified += y.amplified;
+        }
+        for (x, &y) in self.noisy_end.iter_mut().zip(&b.noisy_end) {
+            *x = (*x).max(y);
+        }
+        for (x, &y) in self.clean_end.iter_mut().zip(&b.clean_end) {
+            *x = (*x).max(y);
+        }
+        // Ties keep the earlier operation, which is `self`'s.
+        if let Some((e, i)) = b.last {
+            if self.last.is_none_or(|(le, _)| e > le) {
+                self.last = Some((e, i));
+            }
+        }
+        self
+    }
+}
+
+/// Operations below which [`compare`] does not bother with a second thread.
+const PARALLEL_MIN_OPS: usize = 1 << 16;
+
+/// One pass over every operation of both runs (split over two threads for large schedules):
+/// class sums, per-rank completion, the last operation.
+fn compare(s: &Schedule, clean: &SimOutput, noisy: &SimOutput, per_rank: bool) -> Comparison {
+    let n = s.len();
+    let mut a = Comparison::new(s, per_rank);
+    if n < PARALLEL_MIN_OPS {
+        a.scan(s, clean, noisy, 0..n);
+        return a;
+    }
+    let mid = n / 2;
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| {
+            let mut b = Comparison::new(s, per_rank);
+            b.scan(s, clean, noisy, mid..n);
+            b
+        });
+        a.scan(s, clean, noisy, 0..mid);
+        match h.join() {
+            Ok(b) => a.merge(b),
+            // `scan` does not panic; if it did, redo that half here so the panic surfaces.
+            Err(_) => {
+                a.scan(s, clean, noisy, mid..n);
+                a
+            }
+        }
+    })
+}
+
+fn class_rows(
+    s: &Schedule,
+    sums: &[ClassSum],
+    clean: &SimOutput,
+    noisy: &SimOutput,
+) -> Vec<ClassRow> {
     let nclass = s.class_names.len();
     let mut rows: Vec<ClassRow> = Vec::with_capacity(nclass * 3);
     for c in 0..nclass {
         for k in [OpKind::Send, OpKind::Recv, OpKind::Calc] {
+            let x = sums[c * 3 + k as usize];
             rows.push(ClassRow {
                 class: s.class_names[c].clone(),
                 kind: k.name().to_string(),
+                ops: x.ops,
+                noise_injected_ns: x.noise,
+                delay_in_ns: x.delay_in,
+                delay_out_ns: x.delay_out,
+                absorbed_ns: x.absorbed,
+                amplified_ns: x.amplified,
                 ..ClassRow::default()
             });
-        }
-    }
-    for op in 0..s.len() {
-        if clean.st[op].end == u64::MAX || noisy.st[op].end == u64::MAX {
-            continue;
-        }
-        let row = &mut rows[s.ops[op].class as usize * 3 + s.ops[op].kind as usize];
-        row.ops += 1;
-        let n = if noisy.noise.is_empty() {
-            0
-        } else {
-            noisy.noise[op] as i128
-        };
-        let din = noisy.st[op].ready as i128 - clean.st[op].ready as i128;
-        let dout = noisy.st[op].end as i128 - clean.st[op].end as i128;
-        row.noise_injected_ns += n as u64;
-        row.delay_in_ns += din;
-        row.delay_out_ns += dout;
-        let absorbed = din + n - dout;
-        if absorbed > 0 {
-            row.absorbed_ns += absorbed as u128;
-        } else {
-            row.amplified_ns += (-absorbed) as u128;
         }
     }
     // Receive waits are accumulated per class by the simulator.
@@ -321,4 +485,59 @@ pub fn summary(r: &Report) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gen::{generate, GenParams, Pattern};
+    use crate::noise::{LatencyNoise, NoiseSource};
+
+    /// The comparison split over two threads gives what one pass over all operations gives,
+    /// and its rank ends and last operation are those of the simulator's own helpers.
+    #[test]
+    fn comparison_on_two_threads_is_the_same() {
+        let s = generate(
+            Pattern::AllreduceRd,
+            &GenParams {
+                ranks: 4_000,
+                reduce_ps_per_byte: 1_000,
+                ..GenParams::default()
+            },
+        )
+        .expect("generator");
+        assert!(s.len() >= PARALLEL_MIN_OPS);
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 50_000,
+                detour: 5_000,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Exp { mean: 200 },
+            seed: 3,
+        };
+        let p = Params::default();
+        let opts = SimOptions {
+            record_noise: true,
+            record_busy: true,
+            ..SimOptions::default()
+        };
+        let clean = simulate(&s, &p, &Noise::none(), &opts);
+        let noisy = simulate(&s, &p, &noise, &opts);
+        let two = compare(&s, &clean, &noisy, true);
+        let mut one = Comparison::new(&s, true);
+        one.scan(&s, &clean, &noisy, 0..s.len());
+        assert_eq!(two.sums, one.sums);
+        assert!(one.sums.iter().any(|x| x.absorbed > 0 && x.amplified > 0));
+        assert_eq!(two.noisy_end, one.noisy_end);
+        assert_eq!(two.clean_end, one.clean_end);
+        assert_eq!(two.last, one.last);
+        assert_eq!(one.noisy_end, noisy.rank_end(&s));
+        assert_eq!(one.clean_end, clean.rank_end(&s));
+        let last = one.last.map(|(_, i)| i);
+        assert_eq!(
+            format!("{:?}", critical_path_from(&s, &noisy, 50, last)),
+            format!("{:?}", crate::sim::critical_path(&s, &noisy, 50))
+        );
+    }
 }

@@ -122,6 +122,33 @@ impl Front {
 
 /// Generate `pattern`.
 pub fn generate(pattern: Pattern, gp: &GenParams) -> Result<Schedule, SpecError> {
+    build(pattern, gp)?
+        .finish()
+        .map_err(|e: ScheduleError| SpecError(e.to_string()))
+}
+
+/// [`generate`], calling `side(n)` (`n`: the number of operations) on a second thread while the
+/// schedule's dependency lists are built, e.g. [`crate::sim::state_template`].
+pub fn generate_with<T: Send>(
+    pattern: Pattern,
+    gp: &GenParams,
+    side: impl FnOnce(usize) -> T + Send,
+) -> Result<(Schedule, T), SpecError> {
+    let b = build(pattern, gp)?;
+    let n = b.len();
+    let (s, t) = std::thread::scope(|sc| {
+        let h = sc.spawn(move || side(n));
+        let s = b.finish();
+        match h.join() {
+            Ok(t) => (s, t),
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    });
+    Ok((s.map_err(|e: ScheduleError| SpecError(e.to_string()))?, t))
+}
+
+/// The operations and dependencies of `pattern`, before the dependency lists are built.
+fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError> {
     let p = gp.ranks;
     if p == 0 {
         return Err(SpecError("the number of ranks must be at least 1".into()));
@@ -157,8 +184,7 @@ pub fn generate(pattern: Pattern, gp: &GenParams) -> Result<Schedule, SpecError>
         Pattern::Stencil2d => stencil(&mut b, &mut front, gp, 2, &mut tag),
         Pattern::Stencil3d => stencil(&mut b, &mut front, gp, 3, &mut tag),
     }
-    b.finish()
-        .map_err(|e: ScheduleError| SpecError(e.to_string()))
+    Ok(b)
 }
 
 fn log2_ceil(p: u32) -> u32 {
@@ -620,4 +646,30 @@ pub fn parse_pattern(s: &str) -> Result<Pattern, SpecError> {
                 Pattern::all().map(|p| p.name()).join(", ")
             ))
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `generate_with` builds the same schedule as `generate` and hands its side job the
+    /// number of operations.
+    #[test]
+    fn generate_with_gives_the_same_schedule() {
+        let gp = GenParams {
+            ranks: 300,
+            iterations: 2,
+            ..GenParams::default()
+        };
+        for pat in [Pattern::AllreduceRd, Pattern::Stencil2d, Pattern::Bcast] {
+            let a = generate(pat, &gp).expect("generator");
+            let (b, n) = generate_with(pat, &gp, |n| n).expect("generator");
+            assert_eq!(n, a.len());
+            assert_eq!(a.ops, b.ops, "{pat:?}");
+            assert_eq!(a.dep_start, b.dep_start);
+            assert_eq!(a.dep_list, b.dep_list);
+            assert_eq!(a.class_names, b.class_names);
+        }
+        assert!(generate_with(Pattern::Bcast, &GenParams { ranks: 0, ..gp }, |n| n).is_err());
+    }
 }

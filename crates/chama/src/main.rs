@@ -8,13 +8,13 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 
-use chama::analysis::{analyse, classes_csv, ranks_csv, summary};
+use chama::analysis::{analyse_with, classes_csv, ranks_csv, summary};
 use chama::error::{ChamaError, SpecError};
-use chama::gen::{estimate_ops, generate, GenParams, Pattern};
+use chama::gen::{estimate_ops, generate, generate_with, GenParams, Pattern};
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
-use chama::sim::{simulate, Params, SimOptions};
+use chama::sim::{simulate, state_template, Params, SimOptions};
 use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
@@ -422,7 +422,21 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let pc0 = process_cpu_seconds().unwrap_or(0.0);
     let params = a.model.params()?;
     let (noise, desc) = a.noise.build()?;
-    let (s, input) = load(&a.input)?;
+    // A generated schedule's size is known before its dependency lists are built: write the
+    // noisy run's state template on the second core meanwhile.
+    let overlap =
+        !a.single && !noise.is_quiet() && a.input.goal.is_none() && a.input.trace.is_none();
+    let (s, input, template) = match a.input.gen {
+        Some(pat) if overlap => {
+            let gp = a.input.g.params(a.input.g.ranks)?;
+            let (s, t) = generate_with(pat, &gp, state_template)?;
+            (s, format!("{} on {} ranks", pat.name(), gp.ranks), Some(t))
+        }
+        _ => {
+            let (s, input) = load(&a.input)?;
+            (s, input, None)
+        }
+    };
     let t_load = t0.elapsed().as_secs_f64();
     let c1 = thread_cpu_ns().unwrap_or(0);
     let pc1 = process_cpu_seconds().unwrap_or(0.0);
@@ -461,7 +475,16 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         return Ok(());
     }
     let per_rank = a.ranks_csv.is_some();
-    let mut r = analyse(&s, &params, &noise, &input, &desc, a.path_limit, per_rank);
+    let mut r = analyse_with(
+        &s,
+        &params,
+        &noise,
+        &input,
+        &desc,
+        a.path_limit,
+        per_rank,
+        template,
+    );
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);
     r.cpu_seconds = process_cpu_seconds().unwrap_or(0.0);
     if !a.quiet {

@@ -303,6 +303,9 @@ impl ScheduleBuilder {
     pub fn finish(self) -> Result<Schedule, ScheduleError> {
         let ScheduleBuilder { mut s, edges } = self;
         let n = s.ops.len();
+        // Per operation, its number of dependents (checking every edge on the way), summed:
+        // `start[i]` is then where operation i's list ends.
+        let mut start = vec![0u32; n + 1];
         for &(from, to) in &edges {
             let to_op = to & !IREQ_BIT;
             if from as usize >= n || to_op as usize >= n {
@@ -311,24 +314,40 @@ impl ScheduleBuilder {
             if from == to_op {
                 return Err(ScheduleError::SelfDependency { op: from });
             }
+            start[from as usize] += 1;
         }
-        let mut start = vec![0u32; n + 1];
-        for &(from, _) in &edges {
-            start[from as usize + 1] += 1;
+        for i in 1..=n {
+            start[i] += start[i - 1];
         }
-        for i in 0..n {
-            start[i + 1] += start[i];
-        }
-        let mut fill: Vec<u32> = start[..n].to_vec();
+        // Fill each list from its end, walking the edges backwards: the entries keep the
+        // order the edges were added in, and `start[i]` ends up where list i begins.
         let mut list = vec![0u32; edges.len()];
-        for &(from, to) in &edges {
-            let f = &mut fill[from as usize];
+        for &(from, to) in edges.iter().rev() {
+            let f = &mut start[from as usize];
+            *f -= 1;
             list[*f as usize] = to;
-            *f += 1;
         }
-        drop(edges);
+        // Returning the edge buffer's pages to the system takes a while for big schedules, and
+        // nothing here waits for it: leave it to another thread.
+        drop_in_background(edges);
         s.dep_start = start;
         s.dep_list = list;
         Ok(s)
     }
+}
+
+/// Vectors above this size are dropped on a thread of their own by [`drop_in_background`].
+const BACKGROUND_DROP_BYTES: usize = 64 << 20;
+
+/// Drop `v` on a short-lived thread of its own when it is large (unmapping gigabytes of
+/// memory costs a noticeable fraction of a second), here otherwise or if no thread can be
+/// started.
+pub(crate) fn drop_in_background<T: Send + 'static>(v: Vec<T>) {
+    if v.capacity() * std::mem::size_of::<T>() < BACKGROUND_DROP_BYTES {
+        return;
+    }
+    // On failure the closure, and with it `v`, is dropped here.
+    let _ = std::thread::Builder::new()
+        .name("chama-drop".into())
+        .spawn(move || drop(v));
 }

@@ -372,7 +372,20 @@ struct Sim<'a> {
 
 /// Run one simulation of `s`.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, true)
+    simulate_inner(s, p, noise, opts, None, true, None)
+}
+
+/// [`simulate`] from states built beforehand by [`initial_state`] (or
+/// [`initial_state_threads`]) for `s`.
+pub(crate) fn simulate_from(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    st: Vec<OpState>,
+) -> SimOutput {
+    debug_assert_eq!(st.len(), s.len());
+    simulate_inner(s, p, noise, opts, None, true, Some(st))
 }
 
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
@@ -394,8 +407,28 @@ impl Prepared {
     }
 }
 
-fn initial_state(s: &Schedule) -> Vec<OpState> {
-    let mut st = vec![
+/// Operations from which [`initial_state`] fills the states on two threads.
+const PARALLEL_INIT_OPS: usize = 1 << 18;
+
+/// The states of `s`'s operations before a run: pending-dependency counts and the first two
+/// dependents of each; on two threads for large schedules.
+pub(crate) fn initial_state(s: &Schedule) -> Vec<OpState> {
+    initial_state_threads(s, if s.len() >= PARALLEL_INIT_OPS { 2 } else { 1 })
+}
+
+/// [`initial_state`] on one thread, or two (`threads >= 2`: each fills half of the states).
+pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> Vec<OpState> {
+    fill_states(s, state_template(s.len()), threads)
+}
+
+/// `n` operation states as they are before their dependents and dependency counts are filled
+/// in: the first write to a fresh array, which takes its page faults (a good part of the
+/// setup of a large run), so it pays to do it on an idle core ([`crate::gen::generate_with`]
+/// can do it while the schedule's dependency lists are built).
+pub fn state_template(n: usize) -> Vec<OpState> {
+    // This pass stays on one thread: safe Rust cannot hand out uninitialised memory, and the
+    // allocator zeroes memory aligned to 32 bytes with a `memset` of its own.
+    vec![
         OpState {
             ready: 0,
             end: u64::MAX,
@@ -403,20 +436,43 @@ fn initial_state(s: &Schedule) -> Vec<OpState> {
             pred: PRED_NONE,
             deps: [DEP_NONE; 2],
         };
-        s.len()
-    ];
-    for &d in &s.dep_list {
-        st[(d & !IREQ_BIT) as usize].link += 1;
+        n
+    ]
+}
+
+/// Fill a [`state_template`] of `s.len()` states in for `s`, on one thread or two.
+pub(crate) fn fill_states(s: &Schedule, mut st: Vec<OpState>, threads: usize) -> Vec<OpState> {
+    let n = s.len();
+    debug_assert_eq!(st.len(), n);
+    if threads < 2 || n < 2 {
+        fill_initial(s, 0, &mut st);
+        return st;
     }
-    for (op, x) in st.iter_mut().enumerate() {
-        match s.dependents(op) {
+    let (a, b) = st.split_at_mut(n / 2);
+    // A panic on the helper thread is propagated when the scope ends.
+    std::thread::scope(|sc| {
+        sc.spawn(|| fill_initial(s, n / 2, b));
+        fill_initial(s, 0, a);
+    });
+    st
+}
+
+/// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`.
+fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
+    // Every part reads all edges and counts those into it.
+    for &d in &s.dep_list {
+        if let Some(x) = part.get_mut(((d & !IREQ_BIT) as usize).wrapping_sub(lo)) {
+            x.link += 1;
+        }
+    }
+    for (i, x) in part.iter_mut().enumerate() {
+        match s.dependents(lo + i) {
             [] => {}
             &[a] => x.deps[0] = a,
             &[a, b] => x.deps = [a, b],
             _ => x.deps[0] = DEP_CSR,
         }
     }
-    st
 }
 
 /// One segment of a longer program, for [`simulate_segment`].
@@ -452,7 +508,7 @@ pub fn simulate_segment(
     opts: &SimOptions,
     carry: &mut Carry,
 ) -> SimOutput {
-    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), true)
+    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), true, None)
 }
 
 fn simulate_inner(
@@ -462,6 +518,7 @@ fn simulate_inner(
     opts: &SimOptions,
     carry: Option<(&mut Carry, &Segment)>,
     warm_on: bool,
+    init: Option<Vec<OpState>>,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
@@ -469,7 +526,7 @@ fn simulate_inner(
     let nn = s.num_nics as usize;
     let (st, op_base) = match &carry {
         Some((_, seg)) => (seg.prepared.st.clone(), seg.op_base),
-        None => (initial_state(s), 0),
+        None => (init.unwrap_or_else(|| initial_state(s)), 0),
     };
     let mut sim = Sim {
         s,
@@ -1094,15 +1151,28 @@ pub struct CriticalPath {
 
 /// Walk the critical path back from the last operation to complete.
 pub fn critical_path(s: &Schedule, out: &SimOutput, limit: usize) -> CriticalPath {
-    let mut cp = CriticalPath::default();
-    let Some((mut cur, _)) = out
+    let last = out
         .st
         .iter()
         .map(|x| x.end)
         .enumerate()
         .filter(|&(_, e)| e != u64::MAX)
         .max_by_key(|&(i, e)| (e, std::cmp::Reverse(i)))
-    else {
+        .map(|(i, _)| i);
+    critical_path_from(s, out, limit, last)
+}
+
+/// [`critical_path`] when the operation it starts from is known already: `last` is the
+/// operation that completed last (the lowest index among those completing at that time;
+/// `None` when nothing completed).
+pub fn critical_path_from(
+    s: &Schedule,
+    out: &SimOutput,
+    limit: usize,
+    last: Option<usize>,
+) -> CriticalPath {
+    let mut cp = CriticalPath::default();
+    let Some(mut cur) = last else {
         return cp;
     };
     let mut ranks = std::collections::HashSet::new();
@@ -1192,8 +1262,8 @@ mod tests {
             .expect("generator");
             for noise in [Noise::none(), noisy.clone()] {
                 let p = Params::default();
-                let a = simulate_inner(&s, &p, &noise, &opts, None, true);
-                let b = simulate_inner(&s, &p, &noise, &opts, None, false);
+                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None);
+                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None);
                 assert_eq!(a.completed, s.len() as u64);
                 assert_eq!(a.st, b.st, "{pat:?}");
                 assert_eq!(a.noise, b.noise);
@@ -1202,6 +1272,44 @@ mod tests {
                 assert_eq!(a.class_wait, b.class_wait);
                 assert_eq!(a.class_noise, b.class_noise);
                 assert_eq!((a.events, a.completion), (b.events, b.completion));
+            }
+        }
+    }
+
+    /// The initial states are the same whether one thread or two fill them, and match the
+    /// schedule: pending counts are the dependencies, inline dependents the CSR lists.
+    #[test]
+    fn initial_state_on_two_threads_is_the_same() {
+        for (pat, ranks) in [
+            (Pattern::Bcast, 5_000),
+            (Pattern::AllreduceRd, 3_001),
+            (Pattern::Stencil2d, 1_024),
+        ] {
+            let s = generate(
+                pat,
+                &GenParams {
+                    ranks,
+                    iterations: 2,
+                    ..GenParams::default()
+                },
+            )
+            .expect("generator");
+            let one = initial_state_threads(&s, 1);
+            let two = initial_state_threads(&s, 2);
+            assert_eq!(one, two, "{pat:?}");
+            let mut pending = vec![0u32; s.len()];
+            for &d in &s.dep_list {
+                pending[(d & !IREQ_BIT) as usize] += 1;
+            }
+            for (op, x) in one.iter().enumerate() {
+                assert_eq!(x.link, pending[op]);
+                assert_eq!((x.ready, x.end, x.pred), (0, u64::MAX, PRED_NONE));
+                match s.dependents(op) {
+                    [] => assert_eq!(x.deps, [DEP_NONE; 2]),
+                    &[a] => assert_eq!(x.deps, [a, DEP_NONE]),
+                    &[a, b] => assert_eq!(x.deps, [a, b]),
+                    _ => assert_eq!(x.deps[0], DEP_CSR),
+                }
             }
         }
     }
