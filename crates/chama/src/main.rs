@@ -372,10 +372,12 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
         SpecError("give an input: --goal FILE, --trace FILE or --gen PATTERN".into())
     })?;
     let gp = input.g.params(input.g.ranks)?;
-    Ok((
-        generate(pat, &gp)?,
-        format!("{} on {} ranks", pat.name(), gp.ranks),
-    ))
+    Ok((generate(pat, &gp)?, generated_input(pat, &gp)))
+}
+
+/// How the report names a generated schedule.
+fn generated_input(pat: Pattern, gp: &GenParams) -> String {
+    format!("{} on {} ranks", pat.name(), gp.ranks)
 }
 
 /// CPU time consumed by the calling thread (ns), from /proc/thread-self/schedstat; immune to
@@ -430,7 +432,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         Some(pat) if overlap => {
             let gp = a.input.g.params(a.input.g.ranks)?;
             let (s, t) = generate_with(pat, &gp, state_template)?;
-            (s, format!("{} on {} ranks", pat.name(), gp.ranks), Some(t))
+            (s, generated_input(pat, &gp), Some(t))
         }
         _ => {
             let (s, input) = load(&a.input)?;
