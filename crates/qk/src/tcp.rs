@@ -842,6 +842,13 @@ impl NodeEngine {
         self.to_local_base + self.to_local.len() as u64 - 1
     }
 
+    /// A new id for an outgoing large message or a staged inbound one.
+    fn fresh_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
     /// Whether any local rank is running (not blocked on its doorbell).
     fn local_rank_awake(&self) -> bool {
         (0..self.region.layout.local).any(|r| self.region.sleeping(r).load(Ordering::Relaxed) == 0)
@@ -971,8 +978,7 @@ impl NodeEngine {
                 self.drop_msg(DropReason::BadReference);
                 return Ok(());
             }
-            let id = self.next_id;
-            self.next_id += 1;
+            let id = self.fresh_id();
             self.outgoing.insert(
                 id,
                 Outgoing {
@@ -1022,8 +1028,7 @@ impl NodeEngine {
             self.waiting_rts.push_back((node, f.clone(), slot));
             return Ok(());
         };
-        let token = self.next_id;
-        self.next_id += 1;
+        let token = self.fresh_id();
         self.staged.insert(
             token,
             Staged {
