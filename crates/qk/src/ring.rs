@@ -21,9 +21,10 @@
 //! the line goes producer → consumer once and back to the producer as a plain invalidation when it
 //! is rewritten a lap later, instead of bouncing a third time for a zeroing store.
 //! The producer writes the body, then the stamp with release ordering. The consumer reads the body,
-//! then publishes its head with release ordering; the producer only re-reads that head when its
-//! cached copy says the ring is full, and then waits (a full ring never drops a record). The head
-//! lives on its own line, written only by the consumer. One producer per ring means per-pair order
+//! then publishes its head with release ordering — once per run of records it takes
+//! ([`Consumer::consume_deferred`], [`Consumer::publish`]), not per record; the producer only
+//! re-reads that head when its cached copy says the ring is full, and then waits (a full ring never
+//! drops a record). The head lives on its own line, written only by the consumer. One producer per ring means per-pair order
 //! is the ring's order.
 //!
 //! The algorithm is written against [`RingMem`] so the same code runs on shared memory and in the
@@ -151,6 +152,8 @@ impl Producer {
 #[derive(Debug, Default, Clone)]
 pub struct Consumer {
     head: u64,
+    /// The head as last stored for the producer (behind `head` after [`Consumer::consume_deferred`]).
+    published: u64,
     broken: bool,
 }
 
@@ -223,7 +226,7 @@ impl Consumer {
                 }
                 clear_later_lines(mem, off, len);
                 self.head += len;
-                mem.store_head(self.head);
+                self.publish(mem);
                 continue;
             }
             // Start fetching the line the next record begins on while this one is handled: in a
@@ -240,9 +243,33 @@ impl Consumer {
     /// Releases a record's space to the producer.
     #[inline]
     pub fn consume<M: RingMem>(&mut self, mem: &M, r: Record) {
+        self.consume_deferred(mem, r);
+        self.publish(mem);
+    }
+
+    /// Moves past a record without telling the producer yet: its space is released by the next
+    /// [`Consumer::publish`] (or [`Consumer::consume`]). A consumer taking a run of records
+    /// publishes once for the run instead of storing its head per record; it must publish before
+    /// it stops polling, or a producer that found the ring full would wait for space that is free.
+    #[inline]
+    pub fn consume_deferred<M: RingMem>(&mut self, mem: &M, r: Record) {
         clear_later_lines(mem, r.body_off - 8, r.body_len + 8);
         self.head = r.next;
-        mem.store_head(self.head);
+    }
+
+    /// Publishes the head (release) if records were consumed since the last publication: the
+    /// line-start clears of those records are ordered before it.
+    #[inline]
+    pub fn publish<M: RingMem>(&mut self, mem: &M) {
+        if self.published != self.head {
+            self.published = self.head;
+            mem.store_head(self.head);
+        }
+    }
+
+    /// True when consumed records are not yet published to the producer.
+    pub fn unpublished(&self) -> bool {
+        self.published != self.head
     }
 }
 
@@ -432,6 +459,47 @@ mod tests {
         for i in 1..5u8 {
             assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(i));
         }
+    }
+
+    #[test]
+    fn deferred_consumption_frees_space_only_when_published() {
+        let m = Mem::new(256);
+        let (mut p, mut c) = (Producer::new(), Consumer::new());
+        for i in 0..4u8 {
+            assert!(p.try_push(&m, &[i]).is_some());
+        }
+        for i in 0..3u8 {
+            match c.peek(&m) {
+                Peek::Record(r) => {
+                    let mut b = [0u8; 1];
+                    m.read_bytes(r.body_off, &mut b);
+                    assert_eq!(b[0], i);
+                    c.consume_deferred(&m, r);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // Three records taken, none released: the producer still finds the ring full, and the
+        // head word was never written.
+        assert!(c.unpublished());
+        assert_eq!(m.load_head(), 0);
+        assert!(p.try_push(&m, &[4]).is_none());
+        c.publish(&m);
+        assert!(!c.unpublished());
+        assert_eq!(m.load_head(), 3 * 64);
+        // Publishing again stores nothing new; the producer now has three lines.
+        m.store_head(7);
+        c.publish(&m);
+        assert_eq!(m.load_head(), 7);
+        m.store_head(3 * 64);
+        for i in 4..7u8 {
+            assert!(p.try_push(&m, &[i]).is_some());
+        }
+        assert!(p.try_push(&m, &[7]).is_none());
+        for i in 3..7u8 {
+            assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(i));
+        }
+        assert!(!c.unpublished());
     }
 
     #[test]
