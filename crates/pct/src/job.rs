@@ -212,6 +212,17 @@ fn start_and_run(
     // A job on several nodes: build the inter-node fabric before any rank runs.
     let mut early = Vec::new();
     let (job_nodes, rank_node) = job_layout(&req.node_map, req.size)?;
+    // The ranks' CPUs first: the node engine's CPU is chosen knowing them
+    // (`policy::engine_cpu`).
+    let local_size = req.ranks.len();
+    let offered = node.split.rank_cpus(local_size * req.mode.cores_per_rank());
+    let placements: Vec<Option<Vec<usize>>> = (0..local_size)
+        .map(|lr| {
+            node.policies
+                .placement
+                .cpus_for(lr, local_size, req.mode, &offered)
+        })
+        .collect();
     if job_nodes > 1 {
         let listener =
             if resources.wants_node_engine() {
@@ -246,6 +257,7 @@ fn start_and_run(
                 rank_node,
                 cluster_key: node.key.bytes().to_vec(),
                 connect_timeout: Duration::from_secs(20),
+                cpu: crate::policy::engine_cpu(&node.split, &placements),
             })?;
         }
     }
@@ -254,7 +266,6 @@ fn start_and_run(
     } else {
         PathBuf::from("/")
     };
-    let local_size = req.ranks.len();
     let mut ranks: Vec<Rank> = Vec::with_capacity(local_size);
     let mut stdin_tx: Option<Sender<Option<Vec<u8>>>> = None;
     let nice = node.policies.scheduling.nice_for(req.priority);
@@ -291,11 +302,7 @@ fn start_and_run(
             }
             cmd.env(k, v);
         }
-        let offered = node.split.rank_cpus(local_size * req.mode.cores_per_rank());
-        let cpus = node
-            .policies
-            .placement
-            .cpus_for(lr, local_size, req.mode, &offered);
+        let cpus = placements[lr].clone();
         if let Some(c) = &cpus {
             cmd.env(
                 "PUMA_CPUS",

@@ -462,6 +462,38 @@ impl CpuSplit {
     }
 }
 
+/// The CPU a job's node engine (the QK's inter-node engine thread) is pinned to on this node,
+/// given the CPUs each of the job's ranks here is pinned to (`None` for an unpinned rank).
+///
+/// The policy:
+/// 1. a CPU of the node that no rank of the job uses goes to the engine: a service CPU first
+///    (where the PCT's own threads live, so the application CPUs stay quiet), else an
+///    application CPU the job left free. The engine then never takes a rank's core;
+/// 2. with no such CPU, the CPU of the node's first rank. Sharing a CPU with one known rank, not
+///    a random one, is what lets that rank sleep instead of spin while it waits: the engine
+///    publishes the CPU it runs on (qk's `Region::cpu_hint`), and the only rank of a node that
+///    finds the engine on its own CPU blocks at once, since nothing it waits for can arrive
+///    while it holds the core;
+/// 3. ranks that are not pinned (placement `none`): `None`, the engine keeps the PCT's mask
+///    (the service CPUs), as every other thread of ours.
+///
+/// Only this job's ranks are known here: with several jobs on a node (multi tasking) a CPU
+/// "free" of this job may run another job's rank.
+pub fn engine_cpu(split: &CpuSplit, rank_cpus: &[Option<Vec<usize>>]) -> Option<usize> {
+    let mut used = Vec::new();
+    for r in rank_cpus {
+        used.extend_from_slice(r.as_deref()?);
+    }
+    let free = |c: &&usize| !used.contains(c);
+    split
+        .service
+        .iter()
+        .find(free)
+        .or_else(|| split.all.iter().find(free))
+        .copied()
+        .or_else(|| rank_cpus.first()?.as_ref()?.first().copied())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -495,6 +527,39 @@ mod tests {
         assert!(SingleTasking.admit(&running, &req(1000)).is_err());
         assert!(MultiTasking.admit(&running, &req(1000)).is_ok());
         assert!(MultiTasking.admit(&running, &req(1001)).is_err());
+    }
+
+    #[test]
+    fn the_engine_takes_a_cpu_no_rank_uses_else_the_first_ranks() {
+        let two = CpuSplit::new(&[0, 1], &ServiceCpus::Auto).unwrap();
+        // One rank on the application CPU: the service CPU is free.
+        assert_eq!(engine_cpu(&two, &[Some(vec![1])]), Some(0));
+        // Both CPUs taken by ranks: the first rank's CPU, whichever it is.
+        assert_eq!(engine_cpu(&two, &[Some(vec![1]), Some(vec![0])]), Some(1));
+        // Unpinned ranks: the engine keeps the PCT's own mask.
+        assert_eq!(engine_cpu(&two, &[None]), None);
+        assert_eq!(engine_cpu(&two, &[Some(vec![1]), None]), None);
+        // No split: every CPU is an application CPU and the free one goes to the engine.
+        let shared = CpuSplit::new(&[0, 1, 2, 3], &ServiceCpus::Shared).unwrap();
+        assert_eq!(
+            engine_cpu(&shared, &[Some(vec![0]), Some(vec![1])]),
+            Some(2)
+        );
+        // A free service CPU is preferred to a free application CPU.
+        let four = CpuSplit::new(&[0, 1, 2, 3], &ServiceCpus::List(vec![2, 3])).unwrap();
+        assert_eq!(engine_cpu(&four, &[Some(vec![0])]), Some(2));
+        assert_eq!(engine_cpu(&four, &[Some(vec![0]), Some(vec![2])]), Some(3));
+        assert_eq!(
+            engine_cpu(&four, &[Some(vec![0]), Some(vec![2]), Some(vec![3])]),
+            Some(1)
+        );
+        // Ranks of several cores each (virtual node mode) count every core.
+        assert_eq!(
+            engine_cpu(&four, &[Some(vec![2, 3]), Some(vec![0, 1])]),
+            Some(2)
+        );
+        // No rank at all: a service CPU.
+        assert_eq!(engine_cpu(&four, &[]), Some(2));
     }
 
     #[test]

@@ -47,6 +47,9 @@ pub struct EngineStart {
     pub rank_node: Vec<u32>,
     pub cluster_key: Vec<u8>,
     pub connect_timeout: std::time::Duration,
+    /// The CPU the engine thread is pinned to (`policy::engine_cpu`); `None` keeps the PCT's
+    /// own mask.
+    pub cpu: Option<usize>,
 }
 
 /// The default until the QK fabric lands: one anonymous memory file (memfd, so
@@ -296,7 +299,7 @@ impl JobResourceHandle for QkHandle {
             .map_err(|err| PctError::Refused(format!("QK node engine: {err}")))?;
         self.engine = Some(
             engine
-                .spawn()
+                .spawn_on(e.cpu)
                 .map_err(|err| PctError::Refused(format!("QK node engine: {err}")))?,
         );
         Ok(())

@@ -47,7 +47,13 @@ fn setup(k: usize) -> Result<Net, String> {
     if !rustix::process::geteuid().is_root() {
         return Err("not root".into());
     }
-    let tag = std::process::id() % 100_000;
+    // Unique per call too: tests of this file may run as threads of one process.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let tag = format!(
+        "{}{}",
+        std::process::id() % 100_000,
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
     let net = Net {
         hub: format!("pumat{tag}h"),
         nodes: (0..k).map(|i| format!("pumat{tag}n{i}")).collect(),
@@ -279,6 +285,177 @@ fn exclusive_multinode_job_lost_node_and_recovery() {
                 std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default()
             ))
             .collect::<Vec<_>>()
+    );
+    drop(net);
+}
+
+/// CPUs of a process or thread from its `status` file (`Cpus_allowed_list`).
+fn allowed_cpus(status_path: &str) -> Vec<usize> {
+    let s = std::fs::read_to_string(status_path).unwrap_or_default();
+    let Some(list) = s.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for part in list.trim().split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => out.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap()),
+            None => out.push(part.parse().unwrap()),
+        }
+    }
+    out
+}
+
+/// The value of `var` in process `pid`'s environment.
+fn env_of(pid: u32, var: &str) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let pre = format!("{var}=");
+    env.split(|&b| b == 0)
+        .find_map(|v| v.strip_prefix(pre.as_bytes()))
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// CPUs each thread named like the QK node engine of process `pid` may run on.
+fn engine_threads(pid: u32) -> Vec<Vec<usize>> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm"))
+                .is_ok_and(|c| c.starts_with("qk-node-engine"))
+        })
+        .map(|t| allowed_cpus(&t.path().join("status").display().to_string()))
+        .collect()
+}
+
+#[test]
+fn the_node_engine_gets_a_free_cpu_else_its_first_ranks() {
+    let net = match setup(2) {
+        Ok(n) => n,
+        Err(why) => {
+            println!("SKIPPED: network namespaces unavailable ({why})");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("cluster.key");
+    let kg = Command::new(yod())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(kg.status.success());
+    let m = marker("engcpu");
+    // Killed on drop, so a failed assertion leaves no daemon behind.
+    struct Pcts(Vec<Child>);
+    impl Drop for Pcts {
+        fn drop(&mut self) {
+            for c in self.0.iter_mut() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+    let pcts = Pcts(
+        (0..2)
+            .map(|i| start_pct(&net.nodes[i], i, &key, dir.path(), &m))
+            .collect(),
+    );
+    let part = partition(dir.path(), &key, 2);
+    let p = part.display().to_string();
+    // The PCTs inherit this process's CPUs: the node's usable CPUs.
+    let usable = allowed_cpus("/proc/self/status");
+    assert!(!usable.is_empty());
+    // One rank per node (a CPU is left free when there are two or more), then as many ranks
+    // per node as there are CPUs (none is free).
+    for ppn in [1, usable.len()] {
+        let n = (2 * ppn).to_string();
+        let ppn_s = ppn.to_string();
+        struct Job(Child);
+        impl Drop for Job {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let mut job = Job(yod_in(
+            &net.hub,
+            dir.path(),
+            &[
+                "-n",
+                &n,
+                "--ppn",
+                &ppn_s,
+                "--partition",
+                &p,
+                "sh",
+                "-c",
+                "sleep 4",
+            ],
+            &m,
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap());
+        let ranks = || -> Vec<u32> {
+            procs_with_env(&format!("YODTEST_MARK={m}"))
+                .into_iter()
+                .filter(|&p| env_of(p, "PUMA_RANK").is_some())
+                .collect()
+        };
+        let up = wait_for(Duration::from_secs(10), || {
+            ranks().len() >= 2 * ppn && pcts.0.iter().all(|c| !engine_threads(c.id()).is_empty())
+        });
+        assert!(up, "ranks or node engines did not start (ppn {ppn})");
+        for (node, pct) in pcts.0.iter().enumerate() {
+            let here: Vec<u32> = ranks()
+                .into_iter()
+                .filter(|&p| env_of(p, "PUMA_NODE").as_deref() == Some(&node.to_string()))
+                .collect();
+            let mut used = Vec::new();
+            let mut first = None;
+            for &r in &here {
+                let cpus = allowed_cpus(&format!("/proc/{r}/status"));
+                if env_of(r, "PUMA_LOCAL_RANK").as_deref() == Some("0") {
+                    first = Some(cpus.clone());
+                }
+                used.extend(cpus);
+            }
+            let first = first.unwrap_or_else(|| panic!("no local rank 0 on node {node}"));
+            let engines = engine_threads(pct.id());
+            assert_eq!(engines.len(), 1, "node {node}: engine threads {engines:?}");
+            let eng = &engines[0];
+            assert_eq!(
+                eng.len(),
+                1,
+                "node {node}: the engine is not pinned: {eng:?}"
+            );
+            if usable.iter().any(|c| !used.contains(c)) {
+                assert!(
+                    !used.contains(&eng[0]),
+                    "node {node} (ppn {ppn}): engine on cpu {} which a rank uses ({used:?}) \
+                     though a cpu is free (usable {usable:?})",
+                    eng[0]
+                );
+            } else {
+                assert_eq!(
+                    eng, &first,
+                    "node {node} (ppn {ppn}): no free cpu, the engine belongs with local rank 0"
+                );
+            }
+        }
+        let st = job.0.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(job.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(st.success(), "ppn {ppn}: {err}");
+    }
+    drop(pcts);
+    let kv = format!("YODTEST_MARK={m}");
+    assert!(
+        wait_for(Duration::from_secs(2), || procs_with_env(&kv).is_empty()),
+        "left behind: {:?}",
+        procs_with_env(&kv)
     );
     drop(net);
 }
