@@ -115,19 +115,21 @@ fn forged_and_corrupted_headers_are_dropped_and_counted() {
     let st = &fab.stats()[1];
     use portals::DropReason as P;
     use qk::DropReason as D;
-    assert_eq!(st.drops_for(D::ForgedSource), 1, "{st:?}");
-    // Unknown op, undefined flags, oversized eager length, and a 3-byte record (caught by the QK or,
-    // once padded to a line, by the portals header check).
+    // A header-and-payload record and a one-line (INLINE8) one claiming the target as source.
+    assert_eq!(st.drops_for(D::ForgedSource), 2, "{st:?}");
+    // Unknown op, undefined flags, oversized eager length, a 3-byte record (caught by the QK or,
+    // once padded to a line, by the portals header check), and a one-line put of 9 bytes.
     assert_eq!(
         st.drops_for(D::Malformed) + st.drops_for(D::Portals(P::BadHeader)),
-        4,
+        5,
         "{st:?}"
     );
     assert_eq!(st.drops_for(D::BadReference), 1, "{st:?}");
     assert_eq!(st.drops_for(D::Portals(P::InvalidPortal)), 1, "{st:?}");
-    assert_eq!(st.drops_for(D::Portals(P::Disabled)), 1, "{st:?}");
+    // Disabled portal: a header-and-payload record and a one-line one.
+    assert_eq!(st.drops_for(D::Portals(P::Disabled)), 2, "{st:?}");
     assert_eq!(st.drops_for(D::Portals(P::Forbidden)), 1, "{st:?}");
-    assert_eq!(st.total_drops(), 9, "{st:?}");
+    assert_eq!(st.total_drops(), 12, "{st:?}");
     // The same counters through the CLI.
     let out = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
         .args([
@@ -149,7 +151,7 @@ fn forged_and_corrupted_headers_are_dropped_and_counted() {
             .any(|l| l.split_whitespace().collect::<Vec<_>>() == want)
     };
     assert!(
-        line(&["drop", "forged_source", "1"]) && line(&["drop", "forbidden", "1"]),
+        line(&["drop", "forged_source", "2"]) && line(&["drop", "forbidden", "1"]),
         "{so}"
     );
     let js = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
@@ -164,7 +166,7 @@ fn forged_and_corrupted_headers_are_dropped_and_counted() {
         .expect("qk-stat --json");
     let v: serde_json::Value = serde_json::from_slice(&js.stdout).expect("json");
     assert_eq!(v["job"], 12);
-    assert_eq!(v["ports"][1]["drops"][1][1], 1, "{v}");
+    assert_eq!(v["ports"][1]["drops"][1][1], 2, "{v}");
 }
 
 #[test]

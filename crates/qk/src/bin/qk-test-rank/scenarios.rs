@@ -649,6 +649,38 @@ fn forge(ep: &mut Endpoint, peer: u32) -> R<String> {
         ),
         // Shorter than a header.
         vec![1, 2, 3],
+        // One-line puts (payload in `aux`), which the receiver checks on a path of their own:
+        // a length beyond the 8 bytes `aux` holds ...
+        raw(
+            &Hdr {
+                flags: flag::INLINE8,
+                length: 9,
+                aux: u64::from_le_bytes(*b"evilevil"),
+                ..good
+            },
+            &[],
+        ),
+        // ... a forged source ...
+        raw(
+            &Hdr {
+                flags: flag::INLINE8,
+                src: peer,
+                aux: u64::from_le_bytes(*b"evilevil"),
+                ..good
+            },
+            &[],
+        ),
+        // ... and a portal that is not enabled (the fast delivery declines, the general path
+        // drops it).
+        raw(
+            &Hdr {
+                flags: flag::INLINE8,
+                portal: 40,
+                aux: u64::from_le_bytes(*b"evilevil"),
+                ..good
+            },
+            &[],
+        ),
     ];
     for b in &bad {
         ep.send_raw_record(peer, b)?;
