@@ -426,6 +426,34 @@ mod tests {
     }
 
     #[test]
+    fn a_put_of_up_to_8_bytes_is_one_aligned_line_stamp_included() {
+        let r = region(2);
+        let (mut a, mut b) = (Port::new(r.clone(), 0), Port::new(r, 1));
+        let h = Hdr {
+            op: op::PUT,
+            flags: flag::INLINE8,
+            length: 8,
+            aux: u64::from_le_bytes(*b"8 bytes!"),
+            ..Hdr::default()
+        };
+        for _ in 0..3 {
+            assert!(a.try_send(1, &h, &[]));
+        }
+        let mut n = 0;
+        b.poll(usize::MAX, |m| {
+            // The record is stamp + header and nothing after it: the header ends exactly at the
+            // end of a 64-byte line, so the stamp the receiver polls, the header and the payload
+            // (in `aux`) cross between the cores as one line.
+            assert!(m.body.is_empty(), "{} bytes after the header", m.body.len());
+            assert_eq!(m.body.as_ptr() as usize % crate::ring::LINE, 0);
+            assert_eq!(m.hdr.aux.to_le_bytes(), *b"8 bytes!");
+            n += 1;
+        });
+        assert_eq!(n, 3);
+        assert_eq!(crate::ring::record_len(HDR_LEN), crate::ring::LINE);
+    }
+
+    #[test]
     fn a_poll_releases_what_it_took_even_when_its_budget_cuts_a_run_short() {
         let r = region(2);
         let (mut a, mut b) = (Port::new(r.clone(), 0), Port::new(r, 1));
