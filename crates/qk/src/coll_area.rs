@@ -128,6 +128,26 @@ impl CollArea {
         self.map.read(at, dst);
     }
 
+    /// Hints the CPU to start fetching the cache lines of bytes `off..off + len` of slot `which`
+    /// of `port` in `ctx`: for reading, or owned for writing when `write` (so the stores that
+    /// follow do not wait for another core to give the lines up). No effect on the contents; a
+    /// reader may ask for lines whose writer has not published them yet.
+    pub fn prefetch(&self, ctx: u32, port: u32, which: u32, off: usize, len: usize, write: bool) {
+        if len == 0 {
+            return;
+        }
+        let at = self.slot(ctx, port, which, off, len);
+        let mut line = at & !63;
+        while line < at + len {
+            if write {
+                self.map.prefetch_write(line);
+            } else {
+                self.map.prefetch(line);
+            }
+            line += 64;
+        }
+    }
+
     fn stage_at(&self, port: u32, off: usize, len: usize) -> usize {
         assert!(
             port < self.local && off.checked_add(len).is_some_and(|e| e <= STAGE),
