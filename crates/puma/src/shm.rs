@@ -724,8 +724,14 @@ impl NodeColl {
         // waits a line crossing to get it back. The word is stored after every payload store, so
         // without this the next publication would reach its readers a crossing late.
         let next = ((s + 1) % SLOTS as u64) as u32;
-        self.area()
-            .prefetch(self.c, port, next, 0, Self::span(data.len(), SLOT / 64), true);
+        self.area().prefetch(
+            self.c,
+            port,
+            next,
+            0,
+            Self::span(data.len(), SLOT / 64),
+            true,
+        );
         Ok(())
     }
 

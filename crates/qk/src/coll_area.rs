@@ -265,4 +265,25 @@ mod tests {
         let (_fd, r) = small_region(1);
         CollArea::of(&r).write(0, 0, 0, SLOT - 1, &[1, 2]);
     }
+
+    #[test]
+    fn prefetching_slot_lines_changes_nothing() {
+        let (_fd, r) = small_region(2);
+        let a = CollArea::of(&r);
+        a.write(1, 1, 3, 0, &[0x5a; SLOT]);
+        for (off, len) in [(0, SLOT), (1, 63), (64, 65), (SLOT - 1, 1), (0, 0)] {
+            a.prefetch(1, 1, 3, off, len, false);
+            a.prefetch(1, 1, 3, off, len, true);
+        }
+        let mut s = vec![0u8; SLOT];
+        a.read(1, 1, 3, 0, &mut s);
+        assert!(s.iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond")]
+    fn prefetch_past_the_slot_is_refused() {
+        let (_fd, r) = small_region(1);
+        CollArea::of(&r).prefetch(0, 0, 0, SLOT - 64, 65, true);
+    }
 }
