@@ -48,6 +48,71 @@ struct Args {
     /// and more than one stage piece): under the measured choice they take every path.
     #[arg(long, default_value_t = 0)]
     alltoall_streak: usize,
+    /// Back-to-back byte broadcasts and all-reduces (each checked) of every size in
+    /// `LINE_SIZES`, this many operations per size (more than the area's 64 slots reuses each
+    /// slot with that size).
+    #[arg(long, default_value_t = 0)]
+    line_streak: usize,
+}
+
+/// Byte payloads on either side of every cache-line boundary of a slot (a 16-byte header, then
+/// the payload: the word's line holds 48 payload bytes, each further line 64), of the lines a
+/// waiting reader asks for ahead (the first four: 240 bytes), of one slot (2032) and of the
+/// slot path's end for broadcast and all-reduce (2033 goes through the stages).
+const LINE_SIZES: [usize; 22] = [
+    1, 47, 48, 49, 63, 64, 65, 111, 112, 113, 175, 176, 177, 239, 240, 241, 1007, 1008, 1009, 2031,
+    2032, 2033,
+];
+
+/// `len` pseudo-random bytes of `rank` for operation `salt`.
+fn byte_data(seed: u64, rank: u32, len: usize, salt: u64) -> Vec<u8> {
+    (0..len)
+        .map(|i| mix(seed ^ (rank as u64) << 40 ^ (i as u64) << 16 ^ salt) as u8)
+        .collect()
+}
+
+/// See `Args::line_streak`. Per size, `count` operations: byte broadcasts from one root (which
+/// changes with the size; the others pause once so the root runs ahead through the slots), every
+/// third operation also a byte all-reduce (wrapping sum), every operation's data different, so a
+/// reader that took a stale, half-written or overwritten slot fails the check.
+fn line_streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
+    let (me, p) = (w.rank(), w.size());
+    for (j, &len) in LINE_SIZES.iter().enumerate() {
+        let root = j as u32 % p;
+        for k in 0..count {
+            let salt = 0x11e5_0000_0000 ^ ((j as u64) << 20) ^ k as u64;
+            if k == 3 && me != root {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            let want = byte_data(seed, root, len, salt);
+            let mut b = if me == root {
+                want.clone()
+            } else {
+                vec![0xee; len]
+            };
+            w.broadcast(&mut b, root)?;
+            expect(
+                &format!("line broadcast {k} of {len} B from {root}"),
+                &b,
+                &want,
+            )?;
+            *checks += 1;
+            if k % 3 == 2 {
+                let mine = byte_data(seed, me, len, salt ^ 1);
+                let mut sum = byte_data(seed, 0, len, salt ^ 1);
+                for r in 1..p {
+                    for (a, x) in sum.iter_mut().zip(byte_data(seed, r, len, salt ^ 1)) {
+                        *a = a.wrapping_add(x);
+                    }
+                }
+                let mut got = vec![0xee; len];
+                w.all_reduce(&mine, &mut got, Sum)?;
+                expect(&format!("line all-reduce {k} of {len} B"), &got, &sum)?;
+                *checks += 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// See `Args::alltoall_streak`.
@@ -310,6 +375,7 @@ fn run(a: &Args) -> Result<()> {
     }
     streak(&w, a.seed, a.streak, &mut checks)?;
     alltoall_streak(&w, a.seed, a.alltoall_streak, &mut checks)?;
+    line_streak(&w, a.seed, a.line_streak, &mut checks)?;
     // Sub-communicators: split by parity, ordered by descending rank; dup keeps traffic apart.
     let sub = w
         .split(Some(me % 2), -(me as i32))?

@@ -1040,7 +1040,7 @@ impl Comm {
             if !multi {
                 n.publish(s, bytes(piece), total, OP)?;
                 n.arrive(s);
-                n.wait_all_slots(s, OP)?;
+                n.wait_all_slots_data(s, std::mem::size_of_val(piece), OP)?;
                 n.check_all(s, total, "all-reduce")?;
                 n.combine_all(s, piece, &mut tmp[..m], &mut own[..m], op);
             } else if n.me != 0 {
@@ -1127,7 +1127,7 @@ impl Comm {
                 n.arrive(s);
             } else {
                 n.arrive(s);
-                n.wait_slot(lead, s, OP)?;
+                n.wait_slot_data(lead, s, piece.len(), OP)?;
                 n.check_len(lead, s, total, "broadcast")?;
                 n.read(lead, s, piece);
             }
@@ -1152,7 +1152,7 @@ impl Comm {
             n.publish(s, &sb[r.clone()], total, OP)?;
             n.arrive(s);
             if k == 0 {
-                n.wait_all_slots(s, OP)?;
+                n.wait_all_slots_data(s, r.len(), OP)?;
                 n.check_all(s, total, OP)?;
             }
             let (lo, hi) = (r.start.max(mine.start), r.end.min(mine.end));
@@ -1161,7 +1161,7 @@ impl Comm {
             }
             for j in (0..p).filter(|&j| j != me) {
                 if k != 0 {
-                    n.wait_slot(j, s, OP)?;
+                    n.wait_slot_data(j, s, r.len(), OP)?;
                 }
                 let at = j * blk + (lo - mine.start);
                 n.read_at(j, s, lo - r.start, &mut rb[at..at + (hi - lo)]);

@@ -51,6 +51,35 @@ fn streaks_of_small_broadcasts_reuse_slots_safely() {
     }
 }
 
+/// Byte broadcasts and all-reduces of sizes on either side of every cache-line boundary of a slot
+/// (and of the lines a waiting reader asks for with the word, and of one slot), 70 back-to-back
+/// operations per size so every slot is reused at that size, each checked against its own data:
+/// a reader must never take a stale, half-written or overwritten slot, whatever lines it fetched
+/// early and whatever lines the writer took back ahead. 2, 3 and 5 ranks on one node, 8
+/// (oversubscribed) and 5 on two nodes.
+#[test]
+fn small_payloads_at_every_line_boundary_through_reused_slots() {
+    for (n, nodes) in [(2, 1), (3, 1), (5, 1), (8, 1), (5, 2)] {
+        let s = (70 + n).to_string();
+        let k = nodes.to_string();
+        let yod_args: &[&str] = if nodes > 1 { &["--nodes", &k] } else { &[] };
+        let args = [
+            "--seed",
+            &s,
+            "--sizes",
+            "1",
+            "--streak",
+            "0",
+            "--dup-sizes",
+            "0",
+            "--line-streak",
+            "70",
+        ];
+        let so = ok(n, yod_args, "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+    }
+}
+
 /// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
 /// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
 /// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).

@@ -128,6 +128,26 @@ impl CollArea {
         self.map.read(at, dst);
     }
 
+    /// Hints the CPU to start fetching the cache lines of bytes `off..off + len` of slot `which`
+    /// of `port` in `ctx`: for reading, or owned for writing when `write` (so the stores that
+    /// follow do not wait for another core to give the lines up). No effect on the contents; a
+    /// reader may ask for lines whose writer has not published them yet.
+    pub fn prefetch(&self, ctx: u32, port: u32, which: u32, off: usize, len: usize, write: bool) {
+        if len == 0 {
+            return;
+        }
+        let at = self.slot(ctx, port, which, off, len);
+        let mut line = at & !63;
+        while line < at + len {
+            if write {
+                self.map.prefetch_write(line);
+            } else {
+                self.map.prefetch(line);
+            }
+            line += 64;
+        }
+    }
+
     fn stage_at(&self, port: u32, off: usize, len: usize) -> usize {
         assert!(
             port < self.local && off.checked_add(len).is_some_and(|e| e <= STAGE),
@@ -244,5 +264,26 @@ mod tests {
     fn slot_access_past_the_end_is_refused() {
         let (_fd, r) = small_region(1);
         CollArea::of(&r).write(0, 0, 0, SLOT - 1, &[1, 2]);
+    }
+
+    #[test]
+    fn prefetching_slot_lines_changes_nothing() {
+        let (_fd, r) = small_region(2);
+        let a = CollArea::of(&r);
+        a.write(1, 1, 3, 0, &[0x5a; SLOT]);
+        for (off, len) in [(0, SLOT), (1, 63), (64, 65), (SLOT - 1, 1), (0, 0)] {
+            a.prefetch(1, 1, 3, off, len, false);
+            a.prefetch(1, 1, 3, off, len, true);
+        }
+        let mut s = vec![0u8; SLOT];
+        a.read(1, 1, 3, 0, &mut s);
+        assert!(s.iter().all(|&b| b == 0x5a));
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond")]
+    fn prefetch_past_the_slot_is_refused() {
+        let (_fd, r) = small_region(1);
+        CollArea::of(&r).prefetch(0, 0, 0, SLOT - 64, 65, true);
     }
 }
