@@ -122,22 +122,41 @@ impl Front {
 
 /// Generate `pattern`.
 pub fn generate(pattern: Pattern, gp: &GenParams) -> Result<Schedule, SpecError> {
-    build(pattern, gp)?
-        .finish()
+    generate_layout(pattern, gp, false)
+}
+
+/// [`generate`]; with `halves`, the operations of the first half of the ranks come first (each
+/// half in generation order, see [`ScheduleBuilder::group_halves`]), the layout a two-thread
+/// simulation needs. Only the operations' indices differ (and with them the latency noise,
+/// which is keyed by them).
+pub fn generate_layout(
+    pattern: Pattern,
+    gp: &GenParams,
+    halves: bool,
+) -> Result<Schedule, SpecError> {
+    let mut b = build(pattern, gp)?;
+    if halves {
+        b.group_halves();
+    }
+    b.finish()
         .map_err(|e: ScheduleError| SpecError(e.to_string()))
 }
 
-/// [`generate`], calling `side(n)` (`n`: the number of operations) on a second thread while the
-/// schedule's dependency lists are built, e.g. [`crate::sim::state_template`].
+/// [`generate_layout`], calling `side(n)` (`n`: the number of operations) on a second thread
+/// while the schedule's dependency lists are built, e.g. [`crate::sim::state_template`].
 pub fn generate_with<T: Send>(
     pattern: Pattern,
     gp: &GenParams,
+    halves: bool,
     side: impl FnOnce(usize) -> T + Send,
 ) -> Result<(Schedule, T), SpecError> {
-    let b = build(pattern, gp)?;
+    let mut b = build(pattern, gp)?;
     let n = b.len();
     let (s, t) = std::thread::scope(|sc| {
         let h = sc.spawn(move || side(n));
+        if halves {
+            b.group_halves();
+        }
         let s = b.finish();
         match h.join() {
             Ok(t) => (s, t),
@@ -663,13 +682,15 @@ mod tests {
         };
         for pat in [Pattern::AllreduceRd, Pattern::Stencil2d, Pattern::Bcast] {
             let a = generate(pat, &gp).expect("generator");
-            let (b, n) = generate_with(pat, &gp, |n| n).expect("generator");
+            let (b, n) = generate_with(pat, &gp, false, |n| n).expect("generator");
             assert_eq!(n, a.len());
             assert_eq!(a.ops, b.ops, "{pat:?}");
             assert_eq!(a.dep_start, b.dep_start);
             assert_eq!(a.dep_list, b.dep_list);
             assert_eq!(a.class_names, b.class_names);
         }
-        assert!(generate_with(Pattern::Bcast, &GenParams { ranks: 0, ..gp }, |n| n).is_err());
+        assert!(
+            generate_with(Pattern::Bcast, &GenParams { ranks: 0, ..gp }, false, |n| n).is_err()
+        );
     }
 }

@@ -289,6 +289,48 @@ impl ScheduleBuilder {
         self.s.num_nics = self.s.num_nics.max(other.s.num_nics);
     }
 
+    /// Renumber the operations so that those of ranks `0..num_ranks / 2` come first, the
+    /// others after them, each group in its former order (what a two-thread simulation needs,
+    /// see [`crate::sim::simulate`]). Dependencies follow their operations.
+    pub fn group_halves(&mut self) {
+        let half = self.s.num_ranks / 2;
+        let ops = &mut self.s.ops;
+        let first = ops.iter().filter(|o| o.rank < half).count() as u32;
+        // New index of every operation.
+        let mut new = Vec::with_capacity(ops.len());
+        let (mut a, mut b) = (0u32, first);
+        for o in ops.iter() {
+            if o.rank < half {
+                new.push(a);
+                a += 1;
+            } else {
+                new.push(b);
+                b += 1;
+            }
+        }
+        // Stable partition: the second half's operations wait aside while the first half's
+        // move forward.
+        let mut second = Vec::with_capacity(ops.len() - first as usize);
+        let mut k = 0;
+        for i in 0..ops.len() {
+            let o = ops[i];
+            if o.rank < half {
+                ops[k] = o;
+                k += 1;
+            } else {
+                second.push(o);
+            }
+        }
+        ops.truncate(k);
+        ops.extend_from_slice(&second);
+        drop(second);
+        let map = |x: u32| new.get(x as usize).copied().unwrap_or(x);
+        for e in &mut self.edges {
+            let to = e.1 & !IREQ_BIT;
+            *e = (map(e.0), map(to) | (e.1 & IREQ_BIT));
+        }
+    }
+
     /// `dependent requires dependency` (or `irequires` when `start_only`).
     pub fn depend(&mut self, dependent: u32, dependency: u32, start_only: bool) {
         let d = if start_only {
