@@ -10,11 +10,11 @@ use clap::{Args, Parser, Subcommand};
 
 use chama::analysis::{analyse_with, classes_csv, ranks_csv, summary};
 use chama::error::{ChamaError, SpecError};
-use chama::gen::{estimate_ops, generate, generate_with, GenParams, Pattern};
+use chama::gen::{estimate_ops, generate, generate_layout, generate_with, GenParams, Pattern};
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
-use chama::sim::{simulate, state_template, Params, SimOptions};
+use chama::sim::{simulate, state_template, Params, SimOptions, PARALLEL_SIM_OPS};
 use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
@@ -216,6 +216,12 @@ struct RunArgs {
     /// Do not print the summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Threads per simulation (default: the cores available, at most 2). With 2, a run of
+    /// 4 Mi operations or more is split into two halves of the ranks simulated side by side
+    /// (same results); generated schedules are then laid out half by half. 1: one thread per
+    /// run (the noise-free and the noisy run still go side by side).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Simulate a ring all-reduce (`--gen allreduce-ring`) a few steps at a time with bounded
     /// memory, exactly as the whole ring would run (automatic when the ring does not fit one
     /// schedule, e.g. 65,536 ranks). Reports completion, slowdown, per-rank wait and per-class
@@ -428,11 +434,27 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     // noisy run's state template on the second core meanwhile.
     let overlap =
         !a.single && !noise.is_quiet() && a.input.goal.is_none() && a.input.trace.is_none();
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)));
+    if threads == 0 {
+        return Err(SpecError("--threads must be at least 1".into()).into());
+    }
     let (s, input, template) = match a.input.gen {
-        Some(pat) if overlap => {
+        Some(pat) => {
             let gp = a.input.g.params(a.input.g.ranks)?;
-            let (s, t) = generate_with(pat, &gp, state_template)?;
-            (s, generated_input(pat, &gp), Some(t))
+            // A schedule big enough for two threads is laid out half by half for them.
+            let halves = threads >= 2 && estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
+            if overlap {
+                let (s, t) = generate_with(pat, &gp, halves, state_template)?;
+                (s, generated_input(pat, &gp), Some(t))
+            } else {
+                (
+                    generate_layout(pat, &gp, halves)?,
+                    generated_input(pat, &gp),
+                    None,
+                )
+            }
         }
         _ => {
             let (s, input) = load(&a.input)?;
@@ -444,9 +466,14 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let pc1 = process_cpu_seconds().unwrap_or(0.0);
     if a.single {
         let t1 = Instant::now();
-        let out = simulate(&s, &params, &noise, &SimOptions::default());
+        let opts = SimOptions {
+            threads,
+            ..SimOptions::default()
+        };
+        let out = simulate(&s, &params, &noise, &opts);
         let t_sim = t1.elapsed().as_secs_f64();
         let c2 = thread_cpu_ns().unwrap_or(0);
+        let pc2 = process_cpu_seconds().unwrap_or(0.0);
         let j = serde_json::json!({
             "input": input,
             "noise": desc,
@@ -463,6 +490,8 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             // All threads (a large GOAL file is parsed on two); 10 ms resolution.
             "load_process_cpu_seconds": pc1 - pc0,
             "sim_cpu_seconds": (c2 - c1) as f64 / 1e9,
+            // All threads (two simulate a large schedule); 10 ms resolution.
+            "sim_process_cpu_seconds": pc2 - pc1,
             "events_per_cpu_second": out.events as f64 / ((c2 - c1) as f64 / 1e9).max(1e-9),
             "vm_hwm_kib": vm_hwm_kib(),
         });
@@ -486,6 +515,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         a.path_limit,
         per_rank,
         template,
+        threads,
     );
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);
     r.cpu_seconds = process_cpu_seconds().unwrap_or(0.0);

@@ -243,15 +243,25 @@ impl RadixHeap {
         }
         Some(self.min)
     }
-    /// Move every entry with the minimum time into `out` (payloads); returns that time.
-    fn pop_batch(&mut self, out: &mut Vec<u64>) -> Option<u64> {
+    /// Move every entry with the minimum time into `out` (payloads) if that time is before
+    /// `end`; returns that time.
+    fn pop_batch(&mut self, out: &mut Vec<u64>, end: u64) -> Option<u64> {
         if self.len == 0 {
             return None;
         }
         if self.buckets[0].is_empty() {
             let i = (1..65).find(|&i| !self.buckets[i].is_empty())?;
+            let m = match self.min_known {
+                true => self.min,
+                false => self.buckets[i].iter().map(|x| x.0).min()?,
+            };
+            if m >= end {
+                self.min = m;
+                self.min_known = true;
+                return None;
+            }
             let mut items = std::mem::take(&mut self.buckets[i]);
-            self.last = items.iter().map(|x| x.0).min().unwrap_or(self.last);
+            self.last = m;
             for &(t, v) in &items {
                 let b = self.bucket(t);
                 self.buckets[b].push((t, v));
@@ -260,6 +270,8 @@ impl RadixHeap {
             // Give the (now empty) bucket its allocation back.
             self.buckets[i] = items;
             self.min_known = false;
+        } else if self.last >= end {
+            return None;
         }
         let b0 = &mut self.buckets[0];
         self.len -= b0.len();
@@ -275,6 +287,82 @@ const EV_DATA: u64 = 3;
 const NIL: u32 = u32::MAX;
 /// Events whose memory [`Sim::warm`] loads together before handling them.
 const WARM: usize = 32;
+
+/// Sort events (`kind << 32 | operation`) into the canonical same-instant order: by kind, then
+/// operation. Large batches come from lockstep instants (a noise-free collective has up to one
+/// event per rank at one instant) and are far from sorted (e.g. the ranks' next steps released
+/// in the order of their partners), so a comparison sort costs a good part of such a run. But
+/// no event occurs twice (each operation is ready, arrives, gets its clear-to-send and its data
+/// once at most) and one instant's events of one kind lie in a narrow range of operations: a
+/// stable counting pass by kind into `tmp`, then each kind's operations set as bits in `bits`
+/// and read back in order, is linear. Batches whose range is too wide for that (sparse ones)
+/// take the standard sort.
+fn sort_events(v: &mut Vec<u64>, tmp: &mut Vec<u64>, bits: &mut Vec<u64>) {
+    if v.is_sorted() {
+        return;
+    }
+    if v.len() < 256 {
+        v.sort_unstable();
+        return;
+    }
+    let mut at = [0usize; 5];
+    for &x in v.iter() {
+        at[((x >> 32) as usize).min(3) + 1] += 1;
+    }
+    for k in 1..5 {
+        at[k] += at[k - 1];
+    }
+    let bounds = at;
+    tmp.clear();
+    tmp.resize(v.len(), 0);
+    for &x in v.iter() {
+        let k = ((x >> 32) as usize).min(3);
+        tmp[at[k]] = x;
+        at[k] += 1;
+    }
+    std::mem::swap(v, tmp);
+    for k in 0..4 {
+        let part = &mut v[bounds[k]..bounds[k + 1]];
+        if !part.is_sorted() {
+            sort_distinct(part, bits);
+        }
+    }
+}
+
+/// Sort `v` (values of one kind, so within a range of 2^32) through a bitmap when its range is
+/// at most 64 times its length and no value occurs twice; otherwise with the standard sort.
+fn sort_distinct(v: &mut [u64], bits: &mut Vec<u64>) {
+    let (lo, hi) = v
+        .iter()
+        .fold((u64::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let range = hi - lo + 1;
+    if range > 64 * v.len() as u64 {
+        v.sort_unstable();
+        return;
+    }
+    bits.clear();
+    bits.resize(range.div_ceil(64) as usize, 0);
+    let mut twice = false;
+    for &x in v.iter() {
+        let d = x - lo;
+        let (w, b) = ((d / 64) as usize, 1u64 << (d % 64));
+        twice |= bits[w] & b != 0;
+        bits[w] |= b;
+    }
+    if twice {
+        v.sort_unstable();
+        return;
+    }
+    let mut k = 0;
+    for (w, &word) in bits.iter().enumerate() {
+        let mut m = word;
+        while m != 0 {
+            v[k] = lo + w as u64 * 64 + m.trailing_zeros() as u64;
+            k += 1;
+            m &= m - 1;
+        }
+    }
+}
 
 /// The `link` fields the matching queues thread through: those of this part's operations (in
 /// their states) and, on a two-thread run, those of the other part's send operations whose
@@ -450,6 +538,9 @@ struct Sim<'a, 'b> {
     completed: u64,
     /// Events for the other part's ranks: (time, event, for a clear-to-send the receive).
     outbox: Vec<(u64, u64, u32)>,
+    /// Scratch space of [`sort_events`].
+    sort_tmp: Vec<u64>,
+    sort_bits: Vec<u64>,
 }
 
 /// What a [`Sim`] leaves besides the arrays it filled in.
@@ -696,8 +787,8 @@ fn simulate_inner(
         }
     }
     sim.run();
-    let rk = std::mem::take(&mut sim.rk);
     let t = sim.finish();
+    let rk = std::mem::take(&mut sim.rk);
     let out = SimOutput {
         completion: t.completion,
         events: t.events,
@@ -728,6 +819,11 @@ fn simulate_inner(
 
 /// Operations from which [`simulate`] runs on two threads when [`SimOptions::threads`] allows.
 pub const PARALLEL_SIM_OPS: usize = 1 << 22;
+
+/// True when [`simulate`] with `opts` runs `s` on two threads.
+pub fn can_split(s: &Schedule, p: &Params, opts: &SimOptions) -> bool {
+    parallel_split(s, p, opts).is_some()
+}
 
 /// Where a two-thread run splits `s`: ranks `0..ranks` and operations `0..ops` go to the first
 /// thread, the rest to the second. `None` when it must run on one thread: one thread asked for
@@ -950,6 +1046,8 @@ impl<'a, 'b> Sim<'a, 'b> {
             events: 0,
             completed: 0,
             outbox: Vec::new(),
+            sort_tmp: Vec::new(),
+            sort_bits: Vec::new(),
         }
     }
 
@@ -1046,17 +1144,11 @@ impl<'a, 'b> Sim<'a, 'b> {
                 self.handle_all(now_evs);
                 now_evs.clear();
             }
-            match self.heap.min() {
-                Some(t) if t < end => {}
-                _ => break,
-            }
-            let Some(t) = self.heap.pop_batch(batch) else {
+            let Some(t) = self.heap.pop_batch(batch, end) else {
                 break;
             };
             self.now = t;
-            if !batch.is_sorted() {
-                batch.sort_unstable();
-            }
+            sort_events(batch, &mut self.sort_tmp, &mut self.sort_bits);
             let evs = std::mem::take(batch);
             self.handle_all(&evs);
             *batch = evs;
@@ -1507,7 +1599,7 @@ impl<'a, 'b> Sim<'a, 'b> {
     }
 
     /// Count what never matched (unmatched receives never completed) and sum up.
-    fn finish(mut self) -> SimTotals {
+    fn finish(&mut self) -> SimTotals {
         let mut unmatched_recvs = 0;
         let mut unmatched_sends = 0;
         for r in 0..self.rk.len() {
@@ -1547,8 +1639,8 @@ impl<'a, 'b> Sim<'a, 'b> {
             completion,
             events: self.events,
             completed: self.completed,
-            class_wait: self.class_wait,
-            class_noise: self.class_noise,
+            class_wait: std::mem::take(&mut self.class_wait),
+            class_noise: std::mem::take(&mut self.class_noise),
             unmatched_recvs,
             unmatched_sends,
         }
@@ -1784,14 +1876,80 @@ mod tests {
                         ..GenParams::default()
                     };
                     let s = crate::gen::generate_layout(pat, &gp, true).expect("generator");
-                    for noise in &noises {
+                    // The same program as GOAL text (rank by rank: another layout).
+                    let mut text = Vec::new();
+                    crate::goal::write_goal(&s, &mut text).expect("write");
+                    let text = String::from_utf8(text).expect("utf-8");
+                    let g = crate::goal::parse_goal_str(&text).expect("parse");
+                    assert!(can_split(&g, &Params::default(), &all_opts(2)));
+                    for (s, noise) in noises.iter().map(|n| (&s, n)).chain([(&g, &noises[1])]) {
                         let p = Params::default();
-                        let one = simulate(&s, &p, noise, &all_opts(1));
-                        let two = simulate(&s, &p, noise, &all_opts(2));
+                        let one = simulate(s, &p, noise, &all_opts(1));
+                        let two = simulate(s, &p, noise, &all_opts(2));
                         assert_eq!(one.completed, s.len() as u64, "{pat:?} {ranks}");
                         assert_eq!(summary(&one), summary(&two), "{pat:?} {ranks} {bytes}");
                     }
                 }
+            }
+        }
+    }
+
+    /// Unmatched receives and messages (also across the halves), wildcards, rendezvous across
+    /// the halves, several CPUs and NICs, `irequires`: two threads count and time them as one.
+    #[test]
+    fn two_threads_equal_one_thread_on_goal_corner_cases() {
+        let text = "num_ranks 5
+rank 0 {
+l1: recv 100000b from 4 tag 1
+l2: send 8b to 3 tag 2 cpu 1 nic 1
+l3: recv 8b from -1 tag -1
+l4: calc 500
+l4 requires l1
+l2 irequires l1
+}
+rank 1 {
+l1: send 8b to 4 tag 9
+l2: recv 8b from 3 tag 5
+}
+rank 2 {
+l1: calc 100
+l2: send 8b to 0 tag 7
+l2 requires l1
+}
+rank 3 {
+l1: recv 8b from 0 tag 2
+l2: send 8b to 0 tag 3
+l3: send 8b to 1 tag 4
+l2 requires l1
+}
+rank 4 {
+l1: send 100000b to 0 tag 1 nic 1
+l2: recv 8b from 1 tag 8
+}
+";
+        let s = crate::goal::parse_goal_str(text).expect("parse");
+        assert!(can_split(&s, &Params::default(), &all_opts(2)));
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 3_000,
+                detour: 700,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Uniform { max: 900 },
+            seed: 11,
+        };
+        for noise in [Noise::none(), noise] {
+            for l in [1, 3, 2500] {
+                let p = Params {
+                    l,
+                    ..Params::default()
+                };
+                let one = simulate(&s, &p, &noise, &all_opts(1));
+                let two = simulate(&s, &p, &noise, &all_opts(2));
+                assert_eq!(summary(&one), summary(&two), "L = {l}");
+                // Rank 1's and rank 4's receives; rank 1's message, rank 3's to rank 1, and one
+                // of the two the wildcard receive of rank 0 did not take.
+                assert_eq!((one.unmatched_recvs, one.unmatched_sends), (2, 3));
             }
         }
     }
@@ -1824,6 +1982,50 @@ mod tests {
             ..all_opts(2)
         };
         assert!(parallel_split(&grouped, &p, &big).is_none());
+    }
+
+    /// The canonical batch order is the sorted order, whichever path `sort_events` takes:
+    /// small, dense (bitmap), sparse, several kinds, already sorted.
+    #[test]
+    fn sort_events_sorts() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut tmp, mut bits) = (Vec::new(), Vec::new());
+        for (n, spread) in [
+            (10usize, 1u64 << 30),
+            (300, 2),
+            (5000, 3),
+            (5000, 1 << 30),
+            (70_000, 1),
+        ] {
+            for kinds in [1u64, 4] {
+                // Distinct operations (a shuffled run of `spread`-spaced indices), random kinds.
+                let base = next() % (1 << 20);
+                let mut v: Vec<u64> = (0..n as u64)
+                    .map(|i| (next() % kinds) << 32 | (base + i * spread))
+                    .collect();
+                for i in (1..v.len()).rev() {
+                    v.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+                let mut want = v.clone();
+                want.sort_unstable();
+                sort_events(&mut v, &mut tmp, &mut bits);
+                assert_eq!(v, want, "{n} {spread} {kinds}");
+                sort_events(&mut v, &mut tmp, &mut bits);
+                assert_eq!(v, want);
+            }
+        }
+        // A value twice (never happens in a run) still sorts, through the standard sort.
+        let mut v: Vec<u64> = (0..1000u64).rev().chain([500]).collect();
+        let mut want = v.clone();
+        want.sort_unstable();
+        sort_events(&mut v, &mut tmp, &mut bits);
+        assert_eq!(v, want);
     }
 
     /// The initial states are the same whether one thread or two fill them, and match the
