@@ -134,11 +134,8 @@ pub fn generate_layout(
     gp: &GenParams,
     halves: bool,
 ) -> Result<Schedule, SpecError> {
-    let mut b = build(pattern, gp)?;
-    if halves {
-        b.group_halves();
-    }
-    b.finish()
+    build(pattern, gp, halves)?
+        .finish()
         .map_err(|e: ScheduleError| SpecError(e.to_string()))
 }
 
@@ -150,13 +147,10 @@ pub fn generate_with<T: Send>(
     halves: bool,
     side: impl FnOnce(usize) -> T + Send,
 ) -> Result<(Schedule, T), SpecError> {
-    let mut b = build(pattern, gp)?;
+    let b = build(pattern, gp, halves)?;
     let n = b.len();
     let (s, t) = std::thread::scope(|sc| {
         let h = sc.spawn(move || side(n));
-        if halves {
-            b.group_halves();
-        }
         let s = b.finish();
         match h.join() {
             Ok(t) => (s, t),
@@ -167,7 +161,7 @@ pub fn generate_with<T: Send>(
 }
 
 /// The operations and dependencies of `pattern`, before the dependency lists are built.
-fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError> {
+fn build(pattern: Pattern, gp: &GenParams, halves: bool) -> Result<ScheduleBuilder, SpecError> {
     let p = gp.ranks;
     if p == 0 {
         return Err(SpecError("the number of ranks must be at least 1".into()));
@@ -186,6 +180,12 @@ fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError>
     }
     let mut b = ScheduleBuilder::new(p);
     b.reserve(ops_estimate as usize, ops_estimate as usize * 2);
+    // Each half of the ranks numbered apart (see `ScheduleBuilder::split_lanes`); schedules too
+    // large for that are regrouped after they are built.
+    let lanes = halves && ops_estimate < (1 << 29);
+    if lanes {
+        b.split_lanes();
+    }
     let mut front = Front::new(p as usize);
     let mut tag = 0u32;
     match pattern {
@@ -202,6 +202,9 @@ fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError>
         Pattern::AllreduceRab => allreduce_rab(&mut b, &mut front, gp, &mut tag),
         Pattern::Stencil2d => stencil(&mut b, &mut front, gp, 2, &mut tag),
         Pattern::Stencil3d => stencil(&mut b, &mut front, gp, 3, &mut tag),
+    }
+    if halves && !lanes {
+        b.group_halves();
     }
     Ok(b)
 }
@@ -636,7 +639,7 @@ fn stencil(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, nd: usize
                 front.set(ru, c);
                 continue;
             }
-            let first = b.len() as u32;
+            let first = b.next_id(r);
             for &(q, dir) in &nbr {
                 // A message sent in direction `dir` is received as coming from `dir ^ 1`.
                 let rv = b.recv(r, q, base + (dir ^ 1), gp.halo_bytes, c_halo);
@@ -670,6 +673,39 @@ pub fn parse_pattern(s: &str) -> Result<Pattern, SpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Numbering the halves apart while generating gives the schedule that regrouping the
+    /// operations afterwards gives, and its first half holds exactly the first half's ranks.
+    #[test]
+    fn lanes_equal_regrouping() {
+        for pat in Pattern::all() {
+            for ranks in [1u32, 2, 7, 64, 301] {
+                let gp = GenParams {
+                    ranks,
+                    iterations: 2,
+                    allreduce_every: 1,
+                    ..GenParams::default()
+                };
+                let a = generate_layout(pat, &gp, true).expect("generator");
+                let mut b = build(pat, &gp, false).expect("generator");
+                b.group_halves();
+                let b = b.finish().expect("schedule");
+                assert_eq!(a.ops, b.ops, "{pat:?} {ranks}");
+                assert_eq!(a.dep_start, b.dep_start, "{pat:?} {ranks}");
+                assert_eq!(a.dep_list, b.dep_list, "{pat:?} {ranks}");
+                let plain = generate(pat, &gp).expect("generator");
+                assert_eq!(a.len(), plain.len());
+                let half = ranks / 2;
+                let n0 = a.ops.iter().filter(|o| o.rank < half).count();
+                assert!(a.ops[..n0].iter().all(|o| o.rank < half));
+                let y = plain.ops.iter().filter(|o| o.rank < half);
+                assert!(
+                    a.ops[..n0].iter().eq(y),
+                    "{pat:?} {ranks}: generation order"
+                );
+            }
+        }
+    }
 
     /// `generate_with` builds the same schedule as `generate` and hands its side job the
     /// number of operations.

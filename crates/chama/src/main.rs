@@ -446,19 +446,24 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             // A schedule big enough for two threads is laid out half by half for them.
             let halves = threads >= 2 && estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
             if overlap {
-                let (s, t) = generate_with(pat, &gp, halves, state_template)?;
-                (s, generated_input(pat, &gp), Some(t))
+                // With two threads per run the runs go one after the other, and the noise-free
+                // run's states are written here too.
+                let (s, (t, c)) = generate_with(pat, &gp, halves, |n| {
+                    let t = state_template(n);
+                    (t, halves.then(|| state_template(n)))
+                })?;
+                (s, generated_input(pat, &gp), (Some(t), c))
             } else {
                 (
                     generate_layout(pat, &gp, halves)?,
                     generated_input(pat, &gp),
-                    None,
+                    (None, None),
                 )
             }
         }
         _ => {
             let (s, input) = load(&a.input)?;
-            (s, input, None)
+            (s, input, (None, None))
         }
     };
     let t_load = t0.elapsed().as_secs_f64();
@@ -514,7 +519,8 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         &desc,
         a.path_limit,
         per_rank,
-        template,
+        template.0,
+        template.1,
         threads,
     );
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);

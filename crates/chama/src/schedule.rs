@@ -137,7 +137,14 @@ pub struct ScheduleBuilder {
     s: Schedule,
     /// (dependency, dependent | IREQ_BIT)
     edges: Vec<(u32, u32)>,
+    /// With [`ScheduleBuilder::split_lanes`]: the operations of ranks from `.0` on, numbered
+    /// from [`LANE`] until [`ScheduleBuilder::finish`] puts them after the others.
+    lane: Option<(u32, Vec<Op>)>,
 }
+
+/// Provisional index of the first operation of the second lane (see
+/// [`ScheduleBuilder::split_lanes`]); each lane holds fewer operations than this.
+const LANE: u32 = 1 << 30;
 
 impl ScheduleBuilder {
     /// A builder for `num_ranks` ranks, with the class `"default"` as class 0.
@@ -152,6 +159,7 @@ impl ScheduleBuilder {
         ScheduleBuilder {
             s,
             edges: Vec::new(),
+            lane: None,
         }
     }
 
@@ -185,12 +193,33 @@ impl ScheduleBuilder {
 
     /// Number of operations added so far.
     pub fn len(&self) -> usize {
-        self.s.ops.len()
+        self.s.ops.len() + self.lane.as_ref().map_or(0, |l| l.1.len())
     }
 
     /// True when no operation was added yet.
     pub fn is_empty(&self) -> bool {
-        self.s.ops.is_empty()
+        self.len() == 0
+    }
+
+    /// From now on, number the operations of ranks `num_ranks / 2` and up apart from the others
+    /// and, in [`ScheduleBuilder::finish`], put them after all others (each group in the order
+    /// added): the layout a two-thread simulation needs, built without the copy and index map
+    /// of [`ScheduleBuilder::group_halves`]. Indices returned by [`ScheduleBuilder::push`] are
+    /// provisional until then (consecutive for consecutive operations of one half; use
+    /// [`ScheduleBuilder::next_id`]). Each half may hold up to 2^30 − 1 operations. Call it
+    /// before adding any operation (it does nothing otherwise).
+    pub fn split_lanes(&mut self) {
+        if self.is_empty() {
+            self.lane = Some((self.s.num_ranks / 2, Vec::new()));
+        }
+    }
+
+    /// The index the next operation of `rank` will get.
+    pub fn next_id(&self, rank: u32) -> u32 {
+        match &self.lane {
+            Some((half, ops)) if rank >= *half => LANE + ops.len() as u32,
+            _ => self.s.ops.len() as u32,
+        }
     }
 
     /// Add one operation; returns its index.
@@ -220,11 +249,7 @@ impl ScheduleBuilder {
                 num_ranks: s.num_ranks,
             });
         }
-        if s.ops.len() >= MAX_OPS {
-            return Err(ScheduleError::TooManyOps);
-        }
-        let id = s.ops.len() as u32;
-        s.ops.push(Op {
+        let op = Op {
             size,
             rank,
             peer,
@@ -233,7 +258,29 @@ impl ScheduleBuilder {
             class,
             cpu,
             nic,
-        });
+        };
+        let id = match &mut self.lane {
+            None => {
+                if s.ops.len() >= MAX_OPS {
+                    return Err(ScheduleError::TooManyOps);
+                }
+                s.ops.len() as u32
+            }
+            Some((half, ops)) => {
+                if s.ops.len().max(ops.len()) >= LANE as usize - 1 {
+                    return Err(ScheduleError::TooManyOps);
+                }
+                if rank >= *half {
+                    ops.push(op);
+                    LANE + ops.len() as u32 - 1
+                } else {
+                    s.ops.len() as u32
+                }
+            }
+        };
+        if id == s.ops.len() as u32 {
+            s.ops.push(op);
+        }
         if cpu >= s.num_cpus {
             s.num_cpus = cpu + 1;
         }
@@ -343,12 +390,27 @@ impl ScheduleBuilder {
 
     /// Finish: builds the dependency CSR.
     pub fn finish(self) -> Result<Schedule, ScheduleError> {
-        let ScheduleBuilder { mut s, edges } = self;
+        let ScheduleBuilder {
+            mut s,
+            mut edges,
+            lane,
+        } = self;
+        // Second-lane operations after the others; their edges renumbered below.
+        let first = s.ops.len() as u32;
+        let renumber = lane.is_some();
+        if let Some((_, ops)) = lane {
+            s.ops.extend_from_slice(&ops);
+        }
+        let at = |x: u32| if x >= LANE { x - LANE + first } else { x };
         let n = s.ops.len();
         // Per operation, its number of dependents (checking every edge on the way), summed:
         // `start[i]` is then where operation i's list ends.
         let mut start = vec![0u32; n + 1];
-        for &(from, to) in &edges {
+        for e in &mut edges {
+            if renumber {
+                *e = (at(e.0), at(e.1 & !IREQ_BIT) | (e.1 & IREQ_BIT));
+            }
+            let (from, to) = *e;
             let to_op = to & !IREQ_BIT;
             if from as usize >= n || to_op as usize >= n {
                 return Err(ScheduleError::BadEdge { from, to: to_op });

@@ -561,20 +561,22 @@ struct SimTotals {
 /// `L > 0`, the first half of the ranks' operations all before the second half's, no
 /// dependency between the halves. The results are the same as on one thread.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, true, None)
+    simulate_inner(s, p, noise, opts, None, true, None, None)
 }
 
 /// [`simulate`] from states built beforehand by [`initial_state`] (or
-/// [`initial_state_threads`]) for `s`.
+/// [`initial_state_threads`]) for `s`; `split`, when given, is [`Split::of`] for `s`, `p` and
+/// `opts` (saves checking the schedule again).
 pub(crate) fn simulate_from(
     s: &Schedule,
     p: &Params,
     noise: &Noise,
     opts: &SimOptions,
     st: Vec<OpState>,
+    split: Option<&Split>,
 ) -> SimOutput {
     debug_assert_eq!(st.len(), s.len());
-    simulate_inner(s, p, noise, opts, None, true, Some(st))
+    simulate_inner(s, p, noise, opts, None, true, Some(st), split.map(|x| x.0))
 }
 
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
@@ -697,9 +699,19 @@ pub fn simulate_segment(
     opts: &SimOptions,
     carry: &mut Carry,
 ) -> SimOutput {
-    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), true, None)
+    simulate_inner(
+        seg.schedule,
+        p,
+        noise,
+        opts,
+        Some((carry, seg)),
+        true,
+        None,
+        None,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn simulate_inner(
     s: &Schedule,
     p: &Params,
@@ -708,6 +720,7 @@ fn simulate_inner(
     carry: Option<(&mut Carry, &Segment)>,
     warm_on: bool,
     init: Option<Vec<OpState>>,
+    checked: Option<Option<(usize, usize)>>,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
@@ -731,7 +744,11 @@ fn simulate_inner(
         Vec::new()
     };
     if carry.is_none() {
-        if let Some(split) = parallel_split(s, p, opts) {
+        let split = match checked {
+            Some(c) => c,
+            None => parallel_split(s, p, opts),
+        };
+        if let Some(split) = split {
             return simulate_parallel(s, p, noise, warm_on, st, noise_op, start, busy, split);
         }
     }
@@ -820,9 +837,25 @@ fn simulate_inner(
 /// Operations from which [`simulate`] runs on two threads when [`SimOptions::threads`] allows.
 pub const PARALLEL_SIM_OPS: usize = 1 << 22;
 
+/// Whether (and where) [`simulate`] splits a schedule over two threads, checked once for
+/// several runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Split(Option<(usize, usize)>);
+
+impl Split {
+    /// Check `s` for `p` and `opts`.
+    pub fn of(s: &Schedule, p: &Params, opts: &SimOptions) -> Self {
+        Split(parallel_split(s, p, opts))
+    }
+    /// True when the runs go on two threads.
+    pub fn two_threads(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
 /// True when [`simulate`] with `opts` runs `s` on two threads.
 pub fn can_split(s: &Schedule, p: &Params, opts: &SimOptions) -> bool {
-    parallel_split(s, p, opts).is_some()
+    Split::of(s, p, opts).two_threads()
 }
 
 /// Where a two-thread run splits `s`: ranks `0..ranks` and operations `0..ops` go to the first
@@ -1797,8 +1830,8 @@ mod tests {
             .expect("generator");
             for noise in [Noise::none(), noisy.clone()] {
                 let p = Params::default();
-                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None);
-                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None);
+                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None, None);
+                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None, None);
                 assert_eq!(a.completed, s.len() as u64);
                 assert_eq!(a.st, b.st, "{pat:?}");
                 assert_eq!(a.noise, b.noise);
