@@ -218,8 +218,8 @@ struct RunArgs {
     quiet: bool,
     /// Threads per simulation (default: the cores available, at most 2). With 2, a run of
     /// 4 Mi operations or more is split into two halves of the ranks simulated side by side
-    /// (same results); generated schedules are then laid out half by half. 1: one thread per
-    /// run (the noise-free and the noisy run still go side by side).
+    /// (same results as 1). 1: one thread per run (the noise-free and the noisy run still go
+    /// side by side).
     #[arg(long)]
     threads: Option<usize>,
     /// Simulate a ring all-reduce (`--gen allreduce-ring`) a few steps at a time with bounded
@@ -443,14 +443,17 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let (s, input, template) = match a.input.gen {
         Some(pat) => {
             let gp = a.input.g.params(a.input.g.ranks)?;
-            // A schedule big enough for two threads is laid out half by half for them.
-            let halves = threads >= 2 && estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
+            // A schedule big enough for two threads is laid out half by half for them, whatever
+            // `--threads` says, so that the operation indices (which key the latency noise
+            // and name the critical path's steps) do not depend on it.
+            let halves = estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
             if overlap {
                 // With two threads per run the runs go one after the other, and the noise-free
                 // run's states are written here too.
+                let two = halves && threads >= 2;
                 let (s, (t, c)) = generate_with(pat, &gp, halves, |n| {
                     let t = state_template(n);
-                    (t, halves.then(|| state_template(n)))
+                    (t, two.then(|| state_template(n)))
                 })?;
                 (s, generated_input(pat, &gp), (Some(t), c))
             } else {
