@@ -10,11 +10,13 @@ use clap::{Args, Parser, Subcommand};
 
 use chama::analysis::{analyse_with, classes_csv, ranks_csv, summary};
 use chama::error::{ChamaError, SpecError};
-use chama::gen::{estimate_ops, generate, generate_layout, generate_with, GenParams, Pattern};
+use chama::gen::{
+    estimate_ops, generate, generate_layout, generate_with, GenParams, Pattern, Progress,
+};
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
-use chama::sim::{simulate, state_template, Params, SimOptions, PARALLEL_SIM_OPS};
+use chama::sim::{extend_template, simulate, OpState, Params, SimOptions, PARALLEL_SIM_OPS};
 use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
@@ -381,6 +383,33 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
     Ok((generate(pat, &gp)?, generated_input(pat, &gp)))
 }
 
+/// The noisy run's state template and, with `two`, the noise-free run's, written as the
+/// generator goes (beside it, see [`generate_with`]).
+fn templates(p: &Progress, two: bool) -> (Vec<OpState>, Option<Vec<OpState>>) {
+    // Room for the estimate (address space only: pages are touched as the templates grow).
+    let cap = p.estimate().min(MAX_OPS);
+    let mut t = Vec::with_capacity(cap);
+    let mut c = if two {
+        Vec::with_capacity(cap)
+    } else {
+        Vec::new()
+    };
+    loop {
+        let (n, done) = p.ops();
+        let grow = n > t.len();
+        extend_template(&mut t, n);
+        if two {
+            extend_template(&mut c, n);
+        }
+        if done {
+            return (t, two.then_some(c));
+        }
+        if !grow {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+}
+
 /// How the report names a generated schedule.
 fn generated_input(pat: Pattern, gp: &GenParams) -> String {
     format!("{} on {} ranks", pat.name(), gp.ranks)
@@ -451,10 +480,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
                 // With two threads per run the runs go one after the other, and the noise-free
                 // run's states are written here too.
                 let two = halves && threads >= 2;
-                let (s, (t, c)) = generate_with(pat, &gp, halves, |n| {
-                    let t = state_template(n);
-                    (t, two.then(|| state_template(n)))
-                })?;
+                let (s, (t, c)) = generate_with(pat, &gp, halves, |p| templates(p, two))?;
                 (s, generated_input(pat, &gp), (Some(t), c))
             } else {
                 (

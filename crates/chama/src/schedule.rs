@@ -140,7 +140,12 @@ pub struct ScheduleBuilder {
     /// With [`ScheduleBuilder::split_lanes`]: the operations of ranks from `.0` on, numbered
     /// from [`LANE`] until [`ScheduleBuilder::finish`] puts them after the others.
     lane: Option<(u32, Vec<Op>)>,
+    /// With [`ScheduleBuilder::report_progress`]: where the number of operations is published.
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
+
+/// [`ScheduleBuilder::report_progress`] publishes the operation count every this many operations.
+const PROGRESS_STEP: usize = 1 << 16;
 
 /// Provisional index of the first operation of the second lane (see
 /// [`ScheduleBuilder::split_lanes`]); each lane holds fewer operations than this.
@@ -160,6 +165,7 @@ impl ScheduleBuilder {
             s,
             edges: Vec::new(),
             lane: None,
+            progress: None,
         }
     }
 
@@ -212,6 +218,12 @@ impl ScheduleBuilder {
         if self.is_empty() {
             self.lane = Some((self.s.num_ranks / 2, Vec::new()));
         }
+    }
+
+    /// Publish the number of operations in `to` every [`PROGRESS_STEP`] operations (for work that
+    /// runs beside the build and needs only the count, such as writing state templates).
+    pub fn report_progress(&mut self, to: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        self.progress = Some(to);
     }
 
     /// The index the next operation of `rank` will get.
@@ -286,6 +298,12 @@ impl ScheduleBuilder {
         }
         if nic >= s.num_nics {
             s.num_nics = nic + 1;
+        }
+        if let Some(p) = &self.progress {
+            let n = self.len();
+            if n % PROGRESS_STEP == 0 {
+                p.store(n, std::sync::atomic::Ordering::Release);
+            }
         }
         Ok(id)
     }
@@ -394,6 +412,7 @@ impl ScheduleBuilder {
             mut s,
             mut edges,
             lane,
+            progress: _,
         } = self;
         // Second-lane operations after the others; their edges renumbered below.
         let first = s.ops.len() as u32;

@@ -615,20 +615,29 @@ pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> Vec<OpState
 /// `n` operation states as they are before their dependents and dependency counts are filled
 /// in: the first write to a fresh array, which takes its page faults (a good part of the
 /// setup of a large run), so it pays to do it on an idle core ([`crate::gen::generate_with`]
-/// can do it while the schedule's dependency lists are built).
+/// can do it while the schedule is generated, growing it with [`extend_template`]).
 pub fn state_template(n: usize) -> Vec<OpState> {
     // This pass stays on one thread: safe Rust cannot hand out uninitialised memory, and the
     // allocator zeroes memory aligned to 32 bytes with a `memset` of its own.
-    vec![
-        OpState {
-            ready: 0,
-            end: u64::MAX,
-            link: 0,
-            pred: PRED_NONE,
-            deps: [DEP_NONE; 2],
-        };
-        n
-    ]
+    let mut v = Vec::new();
+    extend_template(&mut v, n);
+    v
+}
+
+/// Grow a [`state_template`] to `n` states (nothing if it has that many already).
+pub fn extend_template(v: &mut Vec<OpState>, n: usize) {
+    if n > v.len() {
+        v.resize(
+            n,
+            OpState {
+                ready: 0,
+                end: u64::MAX,
+                link: 0,
+                pred: PRED_NONE,
+                deps: [DEP_NONE; 2],
+            },
+        );
+    }
 }
 
 /// Fill a [`state_template`] of `s.len()` states in for `s`, on one thread or two.
