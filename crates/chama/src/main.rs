@@ -16,7 +16,10 @@ use chama::gen::{
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
-use chama::sim::{extend_template, simulate, OpState, Params, SimOptions, PARALLEL_SIM_OPS};
+use chama::sim::{
+    extend_template, simulate, simulate_from_template, OpState, Params, SimOptions,
+    PARALLEL_SIM_OPS,
+};
 use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
@@ -462,7 +465,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     // A generated schedule's size is known before its dependency lists are built: write the
     // noisy run's state template on the second core meanwhile.
     let overlap =
-        !a.single && !noise.is_quiet() && a.input.goal.is_none() && a.input.trace.is_none();
+        (a.single || !noise.is_quiet()) && a.input.goal.is_none() && a.input.trace.is_none();
     let threads = a
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)));
@@ -479,7 +482,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             if overlap {
                 // With two threads per run the runs go one after the other, and the noise-free
                 // run's states are written here too.
-                let two = halves && threads >= 2;
+                let two = halves && threads >= 2 && !a.single;
                 let (s, (t, c)) = generate_with(pat, &gp, halves, |p| templates(p, two))?;
                 (s, generated_input(pat, &gp), (Some(t), c))
             } else {
@@ -504,7 +507,10 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             threads,
             ..SimOptions::default()
         };
-        let out = simulate(&s, &params, &noise, &opts);
+        let out = match template.0 {
+            Some(t) => simulate_from_template(&s, &params, &noise, &opts, t),
+            None => simulate(&s, &params, &noise, &opts),
+        };
         let t_sim = t1.elapsed().as_secs_f64();
         let c2 = thread_cpu_ns().unwrap_or(0);
         let pc2 = process_cpu_seconds().unwrap_or(0.0);

@@ -579,6 +579,22 @@ pub(crate) fn simulate_from(
     simulate_inner(s, p, noise, opts, None, true, Some(st), split.map(|x| x.0))
 }
 
+/// [`simulate`], given a [`state_template`] of `s.len()` states written beforehand (ignored
+/// if its length is not the schedule's).
+pub fn simulate_from_template(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    template: Vec<OpState>,
+) -> SimOutput {
+    if template.len() != s.len() {
+        return simulate(s, p, noise, opts);
+    }
+    let threads = if s.len() >= PARALLEL_INIT_OPS { 2 } else { 1 };
+    simulate_from(s, p, noise, opts, fill_states(s, template, threads), None)
+}
+
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
 /// operations), computed once for a schedule that is simulated many times as a segment.
 #[derive(Clone, Debug)]
@@ -1993,6 +2009,29 @@ l2: recv 8b from 1 tag 8
                 // of the two the wildcard receive of rank 0 did not take.
                 assert_eq!((one.unmatched_recvs, one.unmatched_sends), (2, 3));
             }
+        }
+    }
+
+    /// A run from a template written beforehand (or grown in steps, as beside the generator)
+    /// is the run that builds its own states; a template of the wrong length is ignored.
+    #[test]
+    fn run_from_template_is_the_same() {
+        let gp = GenParams {
+            ranks: 300,
+            ..GenParams::default()
+        };
+        let s = crate::gen::generate_layout(Pattern::Stencil2d, &gp, true).expect("gen");
+        let p = Params::default();
+        let mut grown = state_template(10);
+        extend_template(&mut grown, s.len() / 2);
+        extend_template(&mut grown, s.len());
+        assert_eq!(grown, state_template(s.len()));
+        for opts in [all_opts(1), all_opts(2)] {
+            let want = summary(&simulate(&s, &p, &Noise::none(), &opts));
+            let a = simulate_from_template(&s, &p, &Noise::none(), &opts, grown.clone());
+            let b = simulate_from_template(&s, &p, &Noise::none(), &opts, state_template(3));
+            assert_eq!(summary(&a), want);
+            assert_eq!(summary(&b), want);
         }
     }
 
