@@ -7,7 +7,7 @@ use crate::noise::Noise;
 use crate::schedule::{OpKind, Schedule};
 use crate::sim::{
     critical_path_from, fill_states, initial_state_threads, simulate, simulate_from, CriticalPath,
-    OpState, Params, SimOptions, SimOutput,
+    OpState, Params, SimOptions, SimOutput, Split,
 };
 
 /// Min / mean / max of a per-rank quantity.
@@ -129,11 +129,16 @@ pub fn analyse(
     path_limit: usize,
     per_rank: bool,
 ) -> Report {
-    analyse_with(s, p, noise, input, noise_desc, path_limit, per_rank, None)
+    analyse_with(
+        s, p, noise, input, noise_desc, path_limit, per_rank, None, None, 1,
+    )
 }
 
-/// [`analyse`], given a [`crate::sim::state_template`] of `s.len()` states written beforehand (used for the
-/// noisy run; ignored if its length is not the schedule's).
+/// [`analyse`], given [`crate::sim::state_template`]s of `s.len()` states written beforehand
+/// for the noisy and the noise-free run (ignored if their length is not the schedule's; the
+/// noise-free one is used only when the runs go one after the other), on `threads` threads: with two or
+/// more and a schedule [`crate::sim::can_split`] splits, each run is simulated on two threads, one after
+/// the other; otherwise the two runs go side by side, one thread each.
 #[allow(clippy::too_many_arguments)]
 pub fn analyse_with(
     s: &Schedule,
@@ -144,38 +149,54 @@ pub fn analyse_with(
     path_limit: usize,
     per_rank: bool,
     template: Option<Vec<OpState>>,
+    clean_template: Option<Vec<OpState>>,
+    threads: usize,
 ) -> Report {
     let t0 = Instant::now();
     let busy = SimOptions {
         record_busy: true,
+        threads,
         ..SimOptions::default()
     };
     let noisy_opts = SimOptions {
         record_noise: true,
-        record_busy: true,
-        ..SimOptions::default()
+        ..busy
     };
-    // The noise-free and the noisy run are independent: run them on two threads.
+    let split = Split::of(s, p, &busy);
+    let init = |t: Option<Vec<OpState>>| match t {
+        Some(t) if t.len() == s.len() => fill_states(s, t, 2),
+        _ => initial_state_threads(s, 2),
+    };
     let (clean, noisy_run) = if noise.is_quiet() {
         (simulate(s, p, &Noise::none(), &busy), None)
+    } else if split.two_threads() {
+        // Each run takes both cores: the noisy one first, from the template.
+        let i0 = init(template);
+        let n = simulate_from(s, p, noise, &noisy_opts, i0, Some(&split));
+        let i1 = init(clean_template);
+        let c = simulate_from(s, p, &Noise::none(), &busy, i1, Some(&split));
+        (c, Some(n))
     } else {
+        // The noise-free and the noisy run are independent: run them on two threads.
         // The noisy run takes longer: it gets its initial states first, built on both cores;
         // the noise-free run builds its own on its thread.
-        let init = match template {
-            Some(t) if t.len() == s.len() => fill_states(s, t, 2),
-            _ => initial_state_threads(s, 2),
+        let init = init(template);
+        let one = SimOptions { threads: 1, ..busy };
+        let noisy_one = SimOptions {
+            threads: 1,
+            ..noisy_opts
         };
         std::thread::scope(|sc| {
             let h = sc.spawn(|| {
                 let st = initial_state_threads(s, 1);
-                simulate_from(s, p, &Noise::none(), &busy, st)
+                simulate_from(s, p, &Noise::none(), &one, st, None)
             });
-            let n = simulate_from(s, p, noise, &noisy_opts, init);
+            let n = simulate_from(s, p, noise, &noisy_one, init, None);
             match h.join() {
                 Ok(c) => (c, Some(n)),
                 // The simulator does not panic on any input; if it did, run it again here so the
                 // panic surfaces on this thread with its message.
-                Err(_) => (simulate(s, p, &Noise::none(), &busy), Some(n)),
+                Err(_) => (simulate(s, p, &Noise::none(), &one), Some(n)),
             }
         })
     };

@@ -122,33 +122,97 @@ impl Front {
 
 /// Generate `pattern`.
 pub fn generate(pattern: Pattern, gp: &GenParams) -> Result<Schedule, SpecError> {
-    build(pattern, gp)?
+    generate_layout(pattern, gp, false)
+}
+
+/// [`generate`]; with `halves`, the operations of the first half of the ranks come first (each
+/// half in generation order, see [`ScheduleBuilder::group_halves`]), the layout a two-thread
+/// simulation needs. Only the operations' indices differ (and with them the latency noise,
+/// which is keyed by them).
+pub fn generate_layout(
+    pattern: Pattern,
+    gp: &GenParams,
+    halves: bool,
+) -> Result<Schedule, SpecError> {
+    build(pattern, gp, halves)?
         .finish()
         .map_err(|e: ScheduleError| SpecError(e.to_string()))
 }
 
-/// [`generate`], calling `side(n)` (`n`: the number of operations) on a second thread while the
-/// schedule's dependency lists are built, e.g. [`crate::sim::state_template`].
+/// How far a schedule being built by [`generate_with`] has got, for the work beside it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    ops: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    done: std::sync::atomic::AtomicBool,
+    estimate: usize,
+}
+
+impl Progress {
+    /// Operations built so far (a lower bound, updated every 65,536 operations), and whether
+    /// that is the final count (the build ended; 0 if it failed).
+    pub fn ops(&self) -> (usize, bool) {
+        use std::sync::atomic::Ordering::Acquire;
+        // `done` first: once it is set, the count read after it is final.
+        let done = self.done.load(Acquire);
+        (self.ops.load(Acquire), done)
+    }
+    /// The generator's estimate of the final count (may be off either way).
+    pub fn estimate(&self) -> usize {
+        self.estimate
+    }
+    fn finish(&self, n: usize) {
+        use std::sync::atomic::Ordering::Release;
+        self.ops.store(n, Release);
+        self.done.store(true, Release);
+    }
+}
+
+/// [`generate_layout`], calling `side` on a second thread from the start: it can follow the
+/// number of operations built ([`Progress::ops`]) and work on it while the generator and the
+/// dependency lists' build run, e.g. write state templates ([`crate::sim::extend_template`]).
 pub fn generate_with<T: Send>(
     pattern: Pattern,
     gp: &GenParams,
-    side: impl FnOnce(usize) -> T + Send,
+    halves: bool,
+    side: impl FnOnce(&Progress) -> T + Send,
 ) -> Result<(Schedule, T), SpecError> {
-    let b = build(pattern, gp)?;
-    let n = b.len();
+    let progress = Progress {
+        estimate: usize::try_from(estimate_ops(pattern, gp)).unwrap_or(usize::MAX),
+        ..Progress::default()
+    };
     let (s, t) = std::thread::scope(|sc| {
-        let h = sc.spawn(move || side(n));
-        let s = b.finish();
+        let h = sc.spawn(|| side(&progress));
+        let s = match build_with(pattern, gp, halves, Some(progress.ops.clone())) {
+            Ok(b) => {
+                progress.finish(b.len());
+                b.finish()
+                    .map_err(|e: ScheduleError| SpecError(e.to_string()))
+            }
+            Err(e) => {
+                progress.finish(0);
+                Err(e)
+            }
+        };
         match h.join() {
             Ok(t) => (s, t),
             Err(e) => std::panic::resume_unwind(e),
         }
     });
-    Ok((s.map_err(|e: ScheduleError| SpecError(e.to_string()))?, t))
+    Ok((s?, t))
 }
 
 /// The operations and dependencies of `pattern`, before the dependency lists are built.
-fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError> {
+fn build(pattern: Pattern, gp: &GenParams, halves: bool) -> Result<ScheduleBuilder, SpecError> {
+    build_with(pattern, gp, halves, None)
+}
+
+/// [`build`], publishing the operation count in `progress` as it goes.
+fn build_with(
+    pattern: Pattern,
+    gp: &GenParams,
+    halves: bool,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+) -> Result<ScheduleBuilder, SpecError> {
     let p = gp.ranks;
     if p == 0 {
         return Err(SpecError("the number of ranks must be at least 1".into()));
@@ -167,6 +231,15 @@ fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError>
     }
     let mut b = ScheduleBuilder::new(p);
     b.reserve(ops_estimate as usize, ops_estimate as usize * 2);
+    // Each half of the ranks numbered apart (see `ScheduleBuilder::split_lanes`); schedules too
+    // large for that are regrouped after they are built.
+    let lanes = halves && ops_estimate < (1 << 29);
+    if lanes {
+        b.split_lanes();
+    }
+    if let Some(p) = progress {
+        b.report_progress(p);
+    }
     let mut front = Front::new(p as usize);
     let mut tag = 0u32;
     match pattern {
@@ -183,6 +256,9 @@ fn build(pattern: Pattern, gp: &GenParams) -> Result<ScheduleBuilder, SpecError>
         Pattern::AllreduceRab => allreduce_rab(&mut b, &mut front, gp, &mut tag),
         Pattern::Stencil2d => stencil(&mut b, &mut front, gp, 2, &mut tag),
         Pattern::Stencil3d => stencil(&mut b, &mut front, gp, 3, &mut tag),
+    }
+    if halves && !lanes {
+        b.group_halves();
     }
     Ok(b)
 }
@@ -617,7 +693,7 @@ fn stencil(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, nd: usize
                 front.set(ru, c);
                 continue;
             }
-            let first = b.len() as u32;
+            let first = b.next_id(r);
             for &(q, dir) in &nbr {
                 // A message sent in direction `dir` is received as coming from `dir ^ 1`.
                 let rv = b.recv(r, q, base + (dir ^ 1), gp.halo_bytes, c_halo);
@@ -652,6 +728,49 @@ pub fn parse_pattern(s: &str) -> Result<Pattern, SpecError> {
 mod tests {
     use super::*;
 
+    /// Numbering the halves apart while generating gives the schedule that regrouping the
+    /// operations afterwards gives, and its first half holds exactly the first half's ranks.
+    #[test]
+    fn lanes_equal_regrouping() {
+        for pat in Pattern::all() {
+            for ranks in [1u32, 2, 7, 64, 301] {
+                let gp = GenParams {
+                    ranks,
+                    iterations: 2,
+                    allreduce_every: 1,
+                    ..GenParams::default()
+                };
+                let a = generate_layout(pat, &gp, true).expect("generator");
+                let mut b = build(pat, &gp, false).expect("generator");
+                b.group_halves();
+                let b = b.finish().expect("schedule");
+                assert_eq!(a.ops, b.ops, "{pat:?} {ranks}");
+                assert_eq!(a.dep_start, b.dep_start, "{pat:?} {ranks}");
+                assert_eq!(a.dep_list, b.dep_list, "{pat:?} {ranks}");
+                let plain = generate(pat, &gp).expect("generator");
+                assert_eq!(a.len(), plain.len());
+                let half = ranks / 2;
+                let n0 = a.ops.iter().filter(|o| o.rank < half).count();
+                assert!(a.ops[..n0].iter().all(|o| o.rank < half));
+                let y = plain.ops.iter().filter(|o| o.rank < half);
+                assert!(
+                    a.ops[..n0].iter().eq(y),
+                    "{pat:?} {ranks}: generation order"
+                );
+            }
+        }
+    }
+
+    /// The final operation count, as a side job of `generate_with` sees it.
+    fn wait_for_count(p: &Progress) -> usize {
+        loop {
+            match p.ops() {
+                (n, true) => return n,
+                _ => std::thread::yield_now(),
+            }
+        }
+    }
+
     /// `generate_with` builds the same schedule as `generate` and hands its side job the
     /// number of operations.
     #[test]
@@ -663,13 +782,19 @@ mod tests {
         };
         for pat in [Pattern::AllreduceRd, Pattern::Stencil2d, Pattern::Bcast] {
             let a = generate(pat, &gp).expect("generator");
-            let (b, n) = generate_with(pat, &gp, |n| n).expect("generator");
+            let (b, n) = generate_with(pat, &gp, false, wait_for_count).expect("generator");
             assert_eq!(n, a.len());
             assert_eq!(a.ops, b.ops, "{pat:?}");
             assert_eq!(a.dep_start, b.dep_start);
             assert_eq!(a.dep_list, b.dep_list);
             assert_eq!(a.class_names, b.class_names);
         }
-        assert!(generate_with(Pattern::Bcast, &GenParams { ranks: 0, ..gp }, |n| n).is_err());
+        assert!(generate_with(
+            Pattern::Bcast,
+            &GenParams { ranks: 0, ..gp },
+            false,
+            wait_for_count
+        )
+        .is_err());
     }
 }

@@ -10,11 +10,16 @@ use clap::{Args, Parser, Subcommand};
 
 use chama::analysis::{analyse_with, classes_csv, ranks_csv, summary};
 use chama::error::{ChamaError, SpecError};
-use chama::gen::{estimate_ops, generate, generate_with, GenParams, Pattern};
+use chama::gen::{
+    estimate_ops, generate, generate_layout, generate_with, GenParams, Pattern, Progress,
+};
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
-use chama::sim::{simulate, state_template, Params, SimOptions};
+use chama::sim::{
+    extend_template, simulate, simulate_from_template, OpState, Params, SimOptions,
+    PARALLEL_SIM_OPS,
+};
 use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
@@ -216,6 +221,12 @@ struct RunArgs {
     /// Do not print the summary.
     #[arg(long, short)]
     quiet: bool,
+    /// Threads per simulation (default: the cores available, at most 2). With 2, a run of
+    /// 4 Mi operations or more is split into two halves of the ranks simulated side by side
+    /// (same results as 1). 1: one thread per run (the noise-free and the noisy run still go
+    /// side by side).
+    #[arg(long)]
+    threads: Option<usize>,
     /// Simulate a ring all-reduce (`--gen allreduce-ring`) a few steps at a time with bounded
     /// memory, exactly as the whole ring would run (automatic when the ring does not fit one
     /// schedule, e.g. 65,536 ranks). Reports completion, slowdown, per-rank wait and per-class
@@ -375,6 +386,33 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
     Ok((generate(pat, &gp)?, generated_input(pat, &gp)))
 }
 
+/// The noisy run's state template and, with `two`, the noise-free run's, written as the
+/// generator goes (beside it, see [`generate_with`]).
+fn templates(p: &Progress, two: bool) -> (Vec<OpState>, Option<Vec<OpState>>) {
+    // Room for the estimate (address space only: pages are touched as the templates grow).
+    let cap = p.estimate().min(MAX_OPS);
+    let mut t = Vec::with_capacity(cap);
+    let mut c = if two {
+        Vec::with_capacity(cap)
+    } else {
+        Vec::new()
+    };
+    loop {
+        let (n, done) = p.ops();
+        let grow = n > t.len();
+        extend_template(&mut t, n);
+        if two {
+            extend_template(&mut c, n);
+        }
+        if done {
+            return (t, two.then_some(c));
+        }
+        if !grow {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+}
+
 /// How the report names a generated schedule.
 fn generated_input(pat: Pattern, gp: &GenParams) -> String {
     format!("{} on {} ranks", pat.name(), gp.ranks)
@@ -427,16 +465,37 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     // A generated schedule's size is known before its dependency lists are built: write the
     // noisy run's state template on the second core meanwhile.
     let overlap =
-        !a.single && !noise.is_quiet() && a.input.goal.is_none() && a.input.trace.is_none();
+        (a.single || !noise.is_quiet()) && a.input.goal.is_none() && a.input.trace.is_none();
+    let threads = a
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(2)));
+    if threads == 0 {
+        return Err(SpecError("--threads must be at least 1".into()).into());
+    }
     let (s, input, template) = match a.input.gen {
-        Some(pat) if overlap => {
+        Some(pat) => {
             let gp = a.input.g.params(a.input.g.ranks)?;
-            let (s, t) = generate_with(pat, &gp, state_template)?;
-            (s, generated_input(pat, &gp), Some(t))
+            // A schedule big enough for two threads is laid out half by half for them, whatever
+            // `--threads` says, so that the operation indices (which key the latency noise
+            // and name the critical path's steps) do not depend on it.
+            let halves = estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
+            if overlap {
+                // With two threads per run the runs go one after the other, and the noise-free
+                // run's states are written here too.
+                let two = halves && threads >= 2 && !a.single;
+                let (s, (t, c)) = generate_with(pat, &gp, halves, |p| templates(p, two))?;
+                (s, generated_input(pat, &gp), (Some(t), c))
+            } else {
+                (
+                    generate_layout(pat, &gp, halves)?,
+                    generated_input(pat, &gp),
+                    (None, None),
+                )
+            }
         }
         _ => {
             let (s, input) = load(&a.input)?;
-            (s, input, None)
+            (s, input, (None, None))
         }
     };
     let t_load = t0.elapsed().as_secs_f64();
@@ -444,9 +503,17 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let pc1 = process_cpu_seconds().unwrap_or(0.0);
     if a.single {
         let t1 = Instant::now();
-        let out = simulate(&s, &params, &noise, &SimOptions::default());
+        let opts = SimOptions {
+            threads,
+            ..SimOptions::default()
+        };
+        let out = match template.0 {
+            Some(t) => simulate_from_template(&s, &params, &noise, &opts, t),
+            None => simulate(&s, &params, &noise, &opts),
+        };
         let t_sim = t1.elapsed().as_secs_f64();
         let c2 = thread_cpu_ns().unwrap_or(0);
+        let pc2 = process_cpu_seconds().unwrap_or(0.0);
         let j = serde_json::json!({
             "input": input,
             "noise": desc,
@@ -463,6 +530,8 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             // All threads (a large GOAL file is parsed on two); 10 ms resolution.
             "load_process_cpu_seconds": pc1 - pc0,
             "sim_cpu_seconds": (c2 - c1) as f64 / 1e9,
+            // All threads (two simulate a large schedule); 10 ms resolution.
+            "sim_process_cpu_seconds": pc2 - pc1,
             "events_per_cpu_second": out.events as f64 / ((c2 - c1) as f64 / 1e9).max(1e-9),
             "vm_hwm_kib": vm_hwm_kib(),
         });
@@ -485,7 +554,9 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         &desc,
         a.path_limit,
         per_rank,
-        template,
+        template.0,
+        template.1,
+        threads,
     );
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);
     r.cpu_seconds = process_cpu_seconds().unwrap_or(0.0);

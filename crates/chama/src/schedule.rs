@@ -137,7 +137,19 @@ pub struct ScheduleBuilder {
     s: Schedule,
     /// (dependency, dependent | IREQ_BIT)
     edges: Vec<(u32, u32)>,
+    /// With [`ScheduleBuilder::split_lanes`]: the operations of ranks from `.0` on, numbered
+    /// from [`LANE`] until [`ScheduleBuilder::finish`] puts them after the others.
+    lane: Option<(u32, Vec<Op>)>,
+    /// With [`ScheduleBuilder::report_progress`]: where the number of operations is published.
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
+
+/// [`ScheduleBuilder::report_progress`] publishes the operation count every this many operations.
+const PROGRESS_STEP: usize = 1 << 16;
+
+/// Provisional index of the first operation of the second lane (see
+/// [`ScheduleBuilder::split_lanes`]); each lane holds fewer operations than this.
+const LANE: u32 = 1 << 30;
 
 impl ScheduleBuilder {
     /// A builder for `num_ranks` ranks, with the class `"default"` as class 0.
@@ -152,6 +164,8 @@ impl ScheduleBuilder {
         ScheduleBuilder {
             s,
             edges: Vec::new(),
+            lane: None,
+            progress: None,
         }
     }
 
@@ -185,12 +199,39 @@ impl ScheduleBuilder {
 
     /// Number of operations added so far.
     pub fn len(&self) -> usize {
-        self.s.ops.len()
+        self.s.ops.len() + self.lane.as_ref().map_or(0, |l| l.1.len())
     }
 
     /// True when no operation was added yet.
     pub fn is_empty(&self) -> bool {
-        self.s.ops.is_empty()
+        self.len() == 0
+    }
+
+    /// From now on, number the operations of ranks `num_ranks / 2` and up apart from the others
+    /// and, in [`ScheduleBuilder::finish`], put them after all others (each group in the order
+    /// added): the layout a two-thread simulation needs, built without the copy and index map
+    /// of [`ScheduleBuilder::group_halves`]. Indices returned by [`ScheduleBuilder::push`] are
+    /// provisional until then (consecutive for consecutive operations of one half; use
+    /// [`ScheduleBuilder::next_id`]). Each half may hold up to 2^30 − 1 operations. Call it
+    /// before adding any operation (it does nothing otherwise).
+    pub fn split_lanes(&mut self) {
+        if self.is_empty() {
+            self.lane = Some((self.s.num_ranks / 2, Vec::new()));
+        }
+    }
+
+    /// Publish the number of operations in `to` every [`PROGRESS_STEP`] operations (for work that
+    /// runs beside the build and needs only the count, such as writing state templates).
+    pub fn report_progress(&mut self, to: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        self.progress = Some(to);
+    }
+
+    /// The index the next operation of `rank` will get.
+    pub fn next_id(&self, rank: u32) -> u32 {
+        match &self.lane {
+            Some((half, ops)) if rank >= *half => LANE + ops.len() as u32,
+            _ => self.s.ops.len() as u32,
+        }
     }
 
     /// Add one operation; returns its index.
@@ -220,11 +261,7 @@ impl ScheduleBuilder {
                 num_ranks: s.num_ranks,
             });
         }
-        if s.ops.len() >= MAX_OPS {
-            return Err(ScheduleError::TooManyOps);
-        }
-        let id = s.ops.len() as u32;
-        s.ops.push(Op {
+        let op = Op {
             size,
             rank,
             peer,
@@ -233,12 +270,40 @@ impl ScheduleBuilder {
             class,
             cpu,
             nic,
-        });
+        };
+        let id = match &mut self.lane {
+            None => {
+                if s.ops.len() >= MAX_OPS {
+                    return Err(ScheduleError::TooManyOps);
+                }
+                s.ops.len() as u32
+            }
+            Some((half, ops)) => {
+                if s.ops.len().max(ops.len()) >= LANE as usize - 1 {
+                    return Err(ScheduleError::TooManyOps);
+                }
+                if rank >= *half {
+                    ops.push(op);
+                    LANE + ops.len() as u32 - 1
+                } else {
+                    s.ops.len() as u32
+                }
+            }
+        };
+        if id == s.ops.len() as u32 {
+            s.ops.push(op);
+        }
         if cpu >= s.num_cpus {
             s.num_cpus = cpu + 1;
         }
         if nic >= s.num_nics {
             s.num_nics = nic + 1;
+        }
+        if let Some(p) = &self.progress {
+            let n = self.len();
+            if n % PROGRESS_STEP == 0 {
+                p.store(n, std::sync::atomic::Ordering::Release);
+            }
         }
         Ok(id)
     }
@@ -289,6 +354,48 @@ impl ScheduleBuilder {
         self.s.num_nics = self.s.num_nics.max(other.s.num_nics);
     }
 
+    /// Renumber the operations so that those of ranks `0..num_ranks / 2` come first, the
+    /// others after them, each group in its former order (what a two-thread simulation needs,
+    /// see [`crate::sim::simulate`]). Dependencies follow their operations.
+    pub fn group_halves(&mut self) {
+        let half = self.s.num_ranks / 2;
+        let ops = &mut self.s.ops;
+        let first = ops.iter().filter(|o| o.rank < half).count() as u32;
+        // New index of every operation.
+        let mut new = Vec::with_capacity(ops.len());
+        let (mut a, mut b) = (0u32, first);
+        for o in ops.iter() {
+            if o.rank < half {
+                new.push(a);
+                a += 1;
+            } else {
+                new.push(b);
+                b += 1;
+            }
+        }
+        // Stable partition: the second half's operations wait aside while the first half's
+        // move forward.
+        let mut second = Vec::with_capacity(ops.len() - first as usize);
+        let mut k = 0;
+        for i in 0..ops.len() {
+            let o = ops[i];
+            if o.rank < half {
+                ops[k] = o;
+                k += 1;
+            } else {
+                second.push(o);
+            }
+        }
+        ops.truncate(k);
+        ops.extend_from_slice(&second);
+        drop(second);
+        let map = |x: u32| new.get(x as usize).copied().unwrap_or(x);
+        for e in &mut self.edges {
+            let to = e.1 & !IREQ_BIT;
+            *e = (map(e.0), map(to) | (e.1 & IREQ_BIT));
+        }
+    }
+
     /// `dependent requires dependency` (or `irequires` when `start_only`).
     pub fn depend(&mut self, dependent: u32, dependency: u32, start_only: bool) {
         let d = if start_only {
@@ -301,12 +408,28 @@ impl ScheduleBuilder {
 
     /// Finish: builds the dependency CSR.
     pub fn finish(self) -> Result<Schedule, ScheduleError> {
-        let ScheduleBuilder { mut s, edges } = self;
+        let ScheduleBuilder {
+            mut s,
+            mut edges,
+            lane,
+            progress: _,
+        } = self;
+        // Second-lane operations after the others; their edges renumbered below.
+        let first = s.ops.len() as u32;
+        let renumber = lane.is_some();
+        if let Some((_, ops)) = lane {
+            s.ops.extend_from_slice(&ops);
+        }
+        let at = |x: u32| if x >= LANE { x - LANE + first } else { x };
         let n = s.ops.len();
         // Per operation, its number of dependents (checking every edge on the way), summed:
         // `start[i]` is then where operation i's list ends.
         let mut start = vec![0u32; n + 1];
-        for &(from, to) in &edges {
+        for e in &mut edges {
+            if renumber {
+                *e = (at(e.0), at(e.1 & !IREQ_BIT) | (e.1 & IREQ_BIT));
+            }
+            let (from, to) = *e;
             let to_op = to & !IREQ_BIT;
             if from as usize >= n || to_op as usize >= n {
                 return Err(ScheduleError::BadEdge { from, to: to_op });

@@ -67,8 +67,8 @@ impl Params {
     }
 }
 
-/// What to record beyond completion times.
-#[derive(Clone, Copy, Debug, Default)]
+/// What to record beyond completion times, and on how many threads to simulate.
+#[derive(Clone, Copy, Debug)]
 pub struct SimOptions {
     /// Keep per-operation noise (needed for the per-class absorbed/amplified analysis).
     pub record_noise: bool,
@@ -76,6 +76,23 @@ pub struct SimOptions {
     pub record_start: bool,
     /// Keep per-rank CPU busy time (needed for per-rank wait).
     pub record_busy: bool,
+    /// Threads to simulate on: 2 or more splits the ranks in two halves simulated side by side
+    /// (same results; see [`simulate`]); default 1.
+    pub threads: usize,
+    /// Fewest operations for which more than one thread is used (default [`PARALLEL_SIM_OPS`]).
+    pub min_parallel_ops: usize,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            record_noise: false,
+            record_start: false,
+            record_busy: false,
+            threads: 1,
+            min_parallel_ops: PARALLEL_SIM_OPS,
+        }
+    }
 }
 
 /// Marks a critical-path predecessor reached through CPU contention (not a dependency/message).
@@ -178,6 +195,9 @@ struct RadixHeap {
     last: u64,
     buckets: Vec<Vec<(u64, u64)>>,
     len: usize,
+    /// The smallest time in the first non-empty bucket when `min_known` (see [`RadixHeap::min`]).
+    min: u64,
+    min_known: bool,
 }
 
 impl RadixHeap {
@@ -186,6 +206,8 @@ impl RadixHeap {
             last: 0,
             buckets: (0..65).map(|_| Vec::new()).collect(),
             len: 0,
+            min: 0,
+            min_known: false,
         }
     }
     #[inline]
@@ -201,16 +223,45 @@ impl RadixHeap {
         let b = self.bucket(t);
         self.buckets[b].push((t, v));
         self.len += 1;
+        if self.min_known && t < self.min {
+            self.min = t;
+        }
     }
-    /// Move every entry with the minimum time into `out` (payloads); returns that time.
-    fn pop_batch(&mut self, out: &mut Vec<u64>) -> Option<u64> {
+    /// The earliest time queued, without taking anything out (and without moving the heap's
+    /// floor, so times from `last` on may still be pushed).
+    fn min(&mut self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        if !self.buckets[0].is_empty() {
+            return Some(self.last);
+        }
+        if !self.min_known {
+            let i = (1..65).find(|&i| !self.buckets[i].is_empty())?;
+            self.min = self.buckets[i].iter().map(|x| x.0).min()?;
+            self.min_known = true;
+        }
+        Some(self.min)
+    }
+    /// Move every entry with the minimum time into `out` (payloads) if that time is before
+    /// `end`; returns that time.
+    fn pop_batch(&mut self, out: &mut Vec<u64>, end: u64) -> Option<u64> {
         if self.len == 0 {
             return None;
         }
         if self.buckets[0].is_empty() {
             let i = (1..65).find(|&i| !self.buckets[i].is_empty())?;
+            let m = match self.min_known {
+                true => self.min,
+                false => self.buckets[i].iter().map(|x| x.0).min()?,
+            };
+            if m >= end {
+                self.min = m;
+                self.min_known = true;
+                return None;
+            }
             let mut items = std::mem::take(&mut self.buckets[i]);
-            self.last = items.iter().map(|x| x.0).min().unwrap_or(self.last);
+            self.last = m;
             for &(t, v) in &items {
                 let b = self.bucket(t);
                 self.buckets[b].push((t, v));
@@ -218,6 +269,9 @@ impl RadixHeap {
             items.clear();
             // Give the (now empty) bucket its allocation back.
             self.buckets[i] = items;
+            self.min_known = false;
+        } else if self.last >= end {
+            return None;
         }
         let b0 = &mut self.buckets[0];
         self.len -= b0.len();
@@ -234,48 +288,150 @@ const NIL: u32 = u32::MAX;
 /// Events whose memory [`Sim::warm`] loads together before handling them.
 const WARM: usize = 32;
 
-/// Append `x` to the circular FIFO whose tail is `tail` (threaded through `link`).
-#[inline]
-fn q_push(st: &mut [OpState], tail: &mut u32, x: u32) {
-    if *tail == NIL {
-        st[x as usize].link = x;
-    } else {
-        let t = *tail as usize;
-        st[x as usize].link = st[t].link;
-        st[t].link = x;
+/// Sort events (`kind << 32 | operation`) into the canonical same-instant order: by kind, then
+/// operation. Large batches come from lockstep instants (a noise-free collective has up to one
+/// event per rank at one instant) and are far from sorted (e.g. the ranks' next steps released
+/// in the order of their partners), so a comparison sort costs a good part of such a run. But
+/// no event occurs twice (each operation is ready, arrives, gets its clear-to-send and its data
+/// once at most) and one instant's events of one kind lie in a narrow range of operations: a
+/// stable counting pass by kind into `tmp`, then each kind's operations set as bits in `bits`
+/// and read back in order, is linear. Batches whose range is too wide for that (sparse ones)
+/// take the standard sort.
+fn sort_events(v: &mut Vec<u64>, tmp: &mut Vec<u64>, bits: &mut Vec<u64>) {
+    if v.is_sorted() {
+        return;
     }
-    *tail = x;
+    if v.len() < 256 {
+        v.sort_unstable();
+        return;
+    }
+    let mut at = [0usize; 5];
+    for &x in v.iter() {
+        at[((x >> 32) as usize).min(3) + 1] += 1;
+    }
+    for k in 1..5 {
+        at[k] += at[k - 1];
+    }
+    let bounds = at;
+    tmp.clear();
+    tmp.resize(v.len(), 0);
+    for &x in v.iter() {
+        let k = ((x >> 32) as usize).min(3);
+        tmp[at[k]] = x;
+        at[k] += 1;
+    }
+    std::mem::swap(v, tmp);
+    for k in 0..4 {
+        let part = &mut v[bounds[k]..bounds[k + 1]];
+        if !part.is_sorted() {
+            sort_distinct(part, bits);
+        }
+    }
 }
 
-/// Remove and return the first element of the circular FIFO satisfying `pred`.
-#[inline]
-fn q_take(
-    st: &mut [OpState],
-    tail: &mut u32,
-    mut pred: impl FnMut(usize) -> bool,
-) -> Option<usize> {
-    if *tail == NIL {
-        return None;
+/// Sort `v` (values of one kind, so within a range of 2^32) through a bitmap when its range is
+/// at most 64 times its length and no value occurs twice; otherwise with the standard sort.
+fn sort_distinct(v: &mut [u64], bits: &mut Vec<u64>) {
+    let (lo, hi) = v
+        .iter()
+        .fold((u64::MAX, 0), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    let range = hi - lo + 1;
+    if range > 64 * v.len() as u64 {
+        v.sort_unstable();
+        return;
     }
-    let t = *tail as usize;
-    let mut prev = t;
-    loop {
-        let cur = st[prev].link as usize;
-        if pred(cur) {
-            if cur == prev {
-                *tail = NIL;
-            } else {
-                st[prev].link = st[cur].link;
-                if cur == t {
-                    *tail = prev as u32;
-                }
-            }
-            return Some(cur);
+    bits.clear();
+    bits.resize(range.div_ceil(64) as usize, 0);
+    let mut twice = false;
+    for &x in v.iter() {
+        let d = x - lo;
+        let (w, b) = ((d / 64) as usize, 1u64 << (d % 64));
+        twice |= bits[w] & b != 0;
+        bits[w] |= b;
+    }
+    if twice {
+        v.sort_unstable();
+        return;
+    }
+    let mut k = 0;
+    for (w, &word) in bits.iter().enumerate() {
+        let mut m = word;
+        while m != 0 {
+            v[k] = lo + w as u64 * 64 + m.trailing_zeros() as u64;
+            k += 1;
+            m &= m - 1;
         }
-        if cur == t {
+    }
+}
+
+/// The `link` fields the matching queues thread through: those of this part's operations (in
+/// their states) and, on a two-thread run, those of the other part's send operations whose
+/// messages wait in this part's unexpected-message queues (or whose rendezvous this part
+/// matched).
+struct Links<'x> {
+    st: &'x mut [OpState],
+    o0: usize,
+    foreign: &'x mut [u32],
+    f0: usize,
+}
+
+impl Links<'_> {
+    #[inline]
+    fn get(&self, x: usize) -> u32 {
+        match self.st.get(x.wrapping_sub(self.o0)) {
+            Some(s) => s.link,
+            None => self.foreign[x - self.f0],
+        }
+    }
+    #[inline]
+    fn set(&mut self, x: usize, v: u32) {
+        match self.st.get_mut(x.wrapping_sub(self.o0)) {
+            Some(s) => s.link = v,
+            None => self.foreign[x - self.f0] = v,
+        }
+    }
+
+    /// Append `x` to the circular FIFO whose tail is `tail` (threaded through `link`).
+    #[inline]
+    fn push(&mut self, tail: &mut u32, x: u32) {
+        if *tail == NIL {
+            self.set(x as usize, x);
+        } else {
+            let t = *tail as usize;
+            let h = self.get(t);
+            self.set(x as usize, h);
+            self.set(t, x);
+        }
+        *tail = x;
+    }
+
+    /// Remove and return the first element of the circular FIFO satisfying `pred`.
+    #[inline]
+    fn take(&mut self, tail: &mut u32, mut pred: impl FnMut(usize) -> bool) -> Option<usize> {
+        if *tail == NIL {
             return None;
         }
-        prev = cur;
+        let t = *tail as usize;
+        let mut prev = t;
+        loop {
+            let cur = self.get(prev) as usize;
+            if pred(cur) {
+                if cur == prev {
+                    *tail = NIL;
+                } else {
+                    let next = self.get(cur);
+                    self.set(prev, next);
+                    if cur == t {
+                        *tail = prev as u32;
+                    }
+                }
+                return Some(cur);
+            }
+            if cur == t {
+                return None;
+            }
+            prev = cur;
+        }
     }
 }
 
@@ -340,7 +496,9 @@ impl Carry {
     }
 }
 
-struct Sim<'a> {
+/// One simulation, of all ranks (one thread) or of one part of them (one of the threads of
+/// [`simulate_parallel`]): ranks `r0..r1`, whose operations are `o0..o0 + st.len()`.
+struct Sim<'a, 'b> {
     s: &'a Schedule,
     /// Index of this schedule's first operation in the whole (segmented) program; keys the
     /// latency noise so a segmented run draws what the whole program would.
@@ -352,10 +510,19 @@ struct Sim<'a> {
     heap: RadixHeap,
     /// Events due at `now`, scheduled while handling events (handled in this order).
     fifo: Vec<u64>,
-    st: Vec<OpState>,
-    noise_op: Vec<u32>,
-    start: Vec<u64>,
-    busy: Vec<u64>,
+    /// States of operations `o0..o0 + st.len()`.
+    st: &'b mut [OpState],
+    o0: usize,
+    /// Queue links of the other part's send operations (index: operation − `f0`), see [`Links`].
+    foreign: Vec<u32>,
+    f0: usize,
+    /// Per operation of this part (empty unless recorded).
+    noise_op: &'b mut [u32],
+    start: &'b mut [u64],
+    /// Per rank of this part (empty unless recorded).
+    busy: &'b mut [u64],
+    r0: usize,
+    r1: usize,
     /// CPUs and NICs when a rank has more than one (else they live in `rk`).
     cpu_x: Vec<CpuState>,
     nic_x: Vec<NicState>,
@@ -363,29 +530,69 @@ struct Sim<'a> {
     nn1: bool,
     /// Use [`Sim::warm`] (off only in tests that check it changes nothing).
     warm_on: bool,
+    /// Ranks `r0..r1`.
     rk: Vec<RankState>,
     class_wait: Vec<u64>,
     class_noise: Vec<u64>,
     events: u64,
     completed: u64,
+    /// Events for the other part's ranks: (time, event, for a clear-to-send the receive).
+    outbox: Vec<(u64, u64, u32)>,
+    /// Scratch space of [`sort_events`].
+    sort_tmp: Vec<u64>,
+    sort_bits: Vec<u64>,
+}
+
+/// What a [`Sim`] leaves besides the arrays it filled in.
+struct SimTotals {
+    completion: u64,
+    events: u64,
+    completed: u64,
+    class_wait: Vec<u64>,
+    class_noise: Vec<u64>,
+    unmatched_recvs: u64,
+    unmatched_sends: u64,
 }
 
 /// Run one simulation of `s`.
+///
+/// With [`SimOptions::threads`] of 2 or more and at least [`SimOptions::min_parallel_ops`]
+/// operations, it runs on two threads (see [`simulate_parallel`]) when the schedule allows it:
+/// `L > 0`, the first half of the ranks' operations all before the second half's, no
+/// dependency between the halves. The results are the same as on one thread.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, true, None)
+    simulate_inner(s, p, noise, opts, None, true, None, None)
 }
 
 /// [`simulate`] from states built beforehand by [`initial_state`] (or
-/// [`initial_state_threads`]) for `s`.
+/// [`initial_state_threads`]) for `s`; `split`, when given, is [`Split::of`] for `s`, `p` and
+/// `opts` (saves checking the schedule again).
 pub(crate) fn simulate_from(
     s: &Schedule,
     p: &Params,
     noise: &Noise,
     opts: &SimOptions,
     st: Vec<OpState>,
+    split: Option<&Split>,
 ) -> SimOutput {
     debug_assert_eq!(st.len(), s.len());
-    simulate_inner(s, p, noise, opts, None, true, Some(st))
+    simulate_inner(s, p, noise, opts, None, true, Some(st), split.map(|x| x.0))
+}
+
+/// [`simulate`], given a [`state_template`] of `s.len()` states written beforehand (ignored
+/// if its length is not the schedule's).
+pub fn simulate_from_template(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    template: Vec<OpState>,
+) -> SimOutput {
+    if template.len() != s.len() {
+        return simulate(s, p, noise, opts);
+    }
+    let threads = if s.len() >= PARALLEL_INIT_OPS { 2 } else { 1 };
+    simulate_from(s, p, noise, opts, fill_states(s, template, threads), None)
 }
 
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
@@ -424,20 +631,29 @@ pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> Vec<OpState
 /// `n` operation states as they are before their dependents and dependency counts are filled
 /// in: the first write to a fresh array, which takes its page faults (a good part of the
 /// setup of a large run), so it pays to do it on an idle core ([`crate::gen::generate_with`]
-/// can do it while the schedule's dependency lists are built).
+/// can do it while the schedule is generated, growing it with [`extend_template`]).
 pub fn state_template(n: usize) -> Vec<OpState> {
     // This pass stays on one thread: safe Rust cannot hand out uninitialised memory, and the
     // allocator zeroes memory aligned to 32 bytes with a `memset` of its own.
-    vec![
-        OpState {
-            ready: 0,
-            end: u64::MAX,
-            link: 0,
-            pred: PRED_NONE,
-            deps: [DEP_NONE; 2],
-        };
-        n
-    ]
+    let mut v = Vec::new();
+    extend_template(&mut v, n);
+    v
+}
+
+/// Grow a [`state_template`] to `n` states (nothing if it has that many already).
+pub fn extend_template(v: &mut Vec<OpState>, n: usize) {
+    if n > v.len() {
+        v.resize(
+            n,
+            OpState {
+                ready: 0,
+                end: u64::MAX,
+                link: 0,
+                pred: PRED_NONE,
+                deps: [DEP_NONE; 2],
+            },
+        );
+    }
 }
 
 /// Fill a [`state_template`] of `s.len()` states in for `s`, on one thread or two.
@@ -508,9 +724,19 @@ pub fn simulate_segment(
     opts: &SimOptions,
     carry: &mut Carry,
 ) -> SimOutput {
-    simulate_inner(seg.schedule, p, noise, opts, Some((carry, seg)), true, None)
+    simulate_inner(
+        seg.schedule,
+        p,
+        noise,
+        opts,
+        Some((carry, seg)),
+        true,
+        None,
+        None,
+    )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn simulate_inner(
     s: &Schedule,
     p: &Params,
@@ -519,119 +745,498 @@ fn simulate_inner(
     carry: Option<(&mut Carry, &Segment)>,
     warm_on: bool,
     init: Option<Vec<OpState>>,
+    checked: Option<Option<(usize, usize)>>,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
-    let nc = s.num_cpus as usize;
-    let nn = s.num_nics as usize;
-    let (st, op_base) = match &carry {
+    let (mut st, op_base) = match &carry {
         Some((_, seg)) => (seg.prepared.st.clone(), seg.op_base),
         None => (init.unwrap_or_else(|| initial_state(s)), 0),
     };
-    let mut sim = Sim {
+    let mut noise_op = if opts.record_noise {
+        vec![0; n]
+    } else {
+        Vec::new()
+    };
+    let mut busy = match (&carry, opts.record_busy) {
+        (_, false) => Vec::new(),
+        (Some((c, _)), true) => c.busy.clone(),
+        (None, true) => vec![0; pr],
+    };
+    let mut start = if opts.record_start {
+        vec![u64::MAX; n]
+    } else {
+        Vec::new()
+    };
+    if carry.is_none() {
+        let split = match checked {
+            Some(c) => c,
+            None => parallel_split(s, p, opts),
+        };
+        if let Some(split) = split {
+            return simulate_parallel(s, p, noise, warm_on, st, noise_op, start, busy, split);
+        }
+    }
+    let rk = match &carry {
+        Some((c, _)) => {
+            c.rk.iter()
+                .map(|x| RankState {
+                    cpu0: CpuState {
+                        free: x.cpu0.free,
+                        last: NIL,
+                    },
+                    prq_tail: NIL,
+                    uq_tail: NIL,
+                    ..*x
+                })
+                .collect()
+        }
+        None => vec![RankState::IDLE; pr],
+    };
+    let mut sim = Sim::new(
         s,
-        op_base,
-        p: *p,
+        p,
         noise,
-        noisy: noise.has_detours(),
-        now: 0,
-        heap: RadixHeap::new(),
-        fifo: Vec::with_capacity(1024),
-        st,
-        noise_op: if opts.record_noise {
-            vec![0; n]
-        } else {
-            Vec::new()
-        },
-        busy: match (&carry, opts.record_busy) {
-            (_, false) => Vec::new(),
-            (Some((c, _)), true) => c.busy.clone(),
-            (None, true) => vec![0; pr],
-        },
-        start: if opts.record_start {
-            vec![u64::MAX; n]
-        } else {
-            Vec::new()
-        },
-        cpu_x: if nc > 1 {
-            vec![CpuState { free: 0, last: NIL }; pr * nc]
-        } else {
-            Vec::new()
-        },
-        nic_x: if nn > 1 {
-            vec![NicState::default(); pr * nn]
-        } else {
-            Vec::new()
-        },
-        nc1: nc == 1,
-        nn1: nn == 1,
         warm_on,
-        rk: match &carry {
-            Some((c, _)) => {
-                c.rk.iter()
-                    .map(|x| RankState {
-                        cpu0: CpuState {
-                            free: x.cpu0.free,
-                            last: NIL,
-                        },
-                        prq_tail: NIL,
-                        uq_tail: NIL,
-                        ..*x
-                    })
-                    .collect()
-            }
-            None => vec![RankState::IDLE; pr],
+        Part {
+            st: &mut st,
+            o0: 0,
+            noise_op: &mut noise_op,
+            start: &mut start,
+            busy: &mut busy,
+            r0: 0,
+            r1: pr,
+            f0: 0,
+            foreign: 0,
         },
-        class_wait: vec![0; 256],
-        class_noise: vec![0; 256],
-        events: 0,
-        completed: 0,
-    };
-    // Operations without dependencies start at time 0, in program order, before anything
-    // they trigger.
-    let entries: Box<dyn Iterator<Item = usize> + '_> = match &carry {
-        Some((_, seg)) => Box::new(seg.prepared.entries.iter().map(|&o| o as usize)),
-        None => Box::new(0..n),
-    };
-    for op in entries {
-        // (An op released by an earlier initial op has a predecessor: it is queued already.)
-        if sim.st[op].link == 0 && sim.st[op].pred == PRED_NONE {
-            let t = match &carry {
-                Some((c, _)) => c.ready[s.ops[op].rank as usize],
-                None => 0,
-            };
-            if t == 0 {
-                sim.handle(EV_READY << 32 | op as u64);
-            } else {
-                sim.st[op].ready = t;
-                sim.heap.push(t, EV_READY << 32 | op as u64);
+        rk,
+        op_base,
+    );
+    // Operations without dependencies start at time 0 (or when their rank's previous segment
+    // ended), in program order, before anything they trigger.
+    match &carry {
+        Some((c, seg)) => {
+            for &op in &seg.prepared.entries {
+                let op = op as usize;
+                let t = c.ready[s.ops[op].rank as usize];
+                sim.enter(op, t);
+            }
+        }
+        None => {
+            for op in 0..n {
+                sim.enter(op, 0);
             }
         }
     }
     sim.run();
-    let Some((c, seg)) = carry else {
-        return sim.finish();
+    let t = sim.finish();
+    let rk = std::mem::take(&mut sim.rk);
+    let out = SimOutput {
+        completion: t.completion,
+        events: t.events,
+        completed: t.completed,
+        st,
+        noise: noise_op,
+        start,
+        rank_busy: busy,
+        class_wait: t.class_wait,
+        class_noise: t.class_noise,
+        unmatched_recvs: t.unmatched_recvs,
+        unmatched_sends: t.unmatched_sends,
     };
-    c.rk.copy_from_slice(&sim.rk);
-    let out = sim.finish();
-    if opts.record_busy {
-        c.busy.copy_from_slice(&out.rank_busy);
-    }
-    for (r, &e) in seg.exits.iter().enumerate() {
-        if e != NIL {
-            // `u64::MAX` when the exit never completed; the caller stops there.
-            c.ready[r] = out.st[e as usize].end;
+    if let Some((c, seg)) = carry {
+        c.rk.copy_from_slice(&rk);
+        if opts.record_busy {
+            c.busy.copy_from_slice(&out.rank_busy);
+        }
+        for (r, &e) in seg.exits.iter().enumerate() {
+            if e != NIL {
+                // `u64::MAX` when the exit never completed; the caller stops there.
+                c.ready[r] = out.st[e as usize].end;
+            }
         }
     }
     out
 }
 
-impl<'a> Sim<'a> {
+/// Operations from which [`simulate`] runs on two threads when [`SimOptions::threads`] allows.
+pub const PARALLEL_SIM_OPS: usize = 1 << 22;
+
+/// Whether (and where) [`simulate`] splits a schedule over two threads, checked once for
+/// several runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Split(Option<(usize, usize)>);
+
+impl Split {
+    /// Check `s` for `p` and `opts`.
+    pub fn of(s: &Schedule, p: &Params, opts: &SimOptions) -> Self {
+        Split(parallel_split(s, p, opts))
+    }
+    /// True when the runs go on two threads.
+    pub fn two_threads(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+/// True when [`simulate`] with `opts` runs `s` on two threads.
+pub fn can_split(s: &Schedule, p: &Params, opts: &SimOptions) -> bool {
+    Split::of(s, p, opts).two_threads()
+}
+
+/// Where a two-thread run splits `s`: ranks `0..ranks` and operations `0..ops` go to the first
+/// thread, the rest to the second. `None` when it must run on one thread: one thread asked for
+/// (or fewer than [`SimOptions::min_parallel_ops`] operations), `L = 0` (a message could then
+/// reach another rank at the instant it was sent), fewer than two ranks, the first half of the
+/// ranks' operations not all before the second half's (see [`crate::gen::generate_layout`]),
+/// or a dependency between the two halves.
+fn parallel_split(s: &Schedule, p: &Params, opts: &SimOptions) -> Option<(usize, usize)> {
+    if opts.threads < 2 || p.l == 0 || s.num_ranks < 2 || s.len() < opts.min_parallel_ops {
+        return None;
+    }
+    let ranks = s.num_ranks / 2;
+    let ops = s.ops.partition_point(|o| o.rank < ranks);
+    let (d0, d1) = (
+        s.dep_start[ops] as usize,
+        s.dep_start.get(s.len()).copied()? as usize,
+    );
+    // Check both halves on two threads (each reads a large array once).
+    let check = |o: std::ops::Range<usize>, d: std::ops::Range<usize>, first: bool| {
+        let ok_rank = |r: u32| (r < ranks) == first;
+        s.ops[o.clone()].iter().all(|x| ok_rank(x.rank))
+            && s.dep_list[d]
+                .iter()
+                .all(|&e| o.contains(&((e & !IREQ_BIT) as usize)))
+    };
+    let (a, b) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| check(ops..s.len(), d0..d1, false));
+        let a = check(0..ops, 0..d0, true);
+        (a, h.join().unwrap_or(false))
+    });
+    (a && b).then_some((ranks as usize, ops))
+}
+
+/// The arrays one [`Sim`] works on and which ranks and operations they hold.
+struct Part<'b> {
+    st: &'b mut [OpState],
+    o0: usize,
+    noise_op: &'b mut [u32],
+    start: &'b mut [u64],
+    busy: &'b mut [u64],
+    r0: usize,
+    r1: usize,
+    /// First operation of the other part and its number of operations.
+    f0: usize,
+    foreign: usize,
+}
+
+/// What the two threads of [`simulate_parallel`] share: each part's events for the other,
+/// each part's next event time, a barrier between windows, and a flag set when a thread
+/// panicked so the other stops waiting.
+struct Exchange {
+    mail: [std::sync::Mutex<Vec<(u64, u64, u32)>>; 2],
+    next: [std::sync::atomic::AtomicU64; 2],
+    barrier: std::sync::Barrier,
+    failed: std::sync::atomic::AtomicBool,
+}
+
+/// Sets [`Exchange::failed`] if its thread unwinds (so the other thread does not wait for it
+/// at the barrier forever).
+struct PanicFlag<'x>(&'x Exchange);
+
+impl Drop for PanicFlag<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0
+                .failed
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            // Release the other thread if it waits at the barrier right now.
+            self.0.barrier.wait();
+        }
+    }
+}
+
+/// [`simulate`] on two threads, conservatively: each thread owns half of the ranks with their
+/// operations, states and event queue. Every interaction between ranks of different halves is
+/// a message (arrival, clear-to-send, rendezvous data) that arrives at least `L` after the
+/// event sending it, so in a window `[T, T + L)` both threads handle their events on their own;
+/// the events for the other half are handed over at the window's end, and the next window
+/// starts at the earliest event of both halves. Events of one rank at one instant run in the
+/// same (canonical) order as on one thread, so the results are identical.
+#[allow(clippy::too_many_arguments)]
+fn simulate_parallel(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    warm_on: bool,
+    mut st: Vec<OpState>,
+    mut noise_op: Vec<u32>,
+    mut start: Vec<u64>,
+    mut busy: Vec<u64>,
+    (ranks, ops): (usize, usize),
+) -> SimOutput {
+    let n = s.len();
+    let pr = s.num_ranks as usize;
+    let (st0, st1) = st.split_at_mut(ops);
+    // Arrays not recorded are empty: both parts get an empty slice.
+    let at = |empty: bool, k: usize| if empty { 0 } else { k };
+    let (no_at, sa_at, bu_at) = (
+        at(noise_op.is_empty(), ops),
+        at(start.is_empty(), ops),
+        at(busy.is_empty(), ranks),
+    );
+    let (no0, no1) = noise_op.split_at_mut(no_at);
+    let (sa0, sa1) = start.split_at_mut(sa_at);
+    let (bu0, bu1) = busy.split_at_mut(bu_at);
+    let parts = [
+        Part {
+            st: st0,
+            o0: 0,
+            noise_op: no0,
+            start: sa0,
+            busy: bu0,
+            r0: 0,
+            r1: ranks,
+            f0: ops,
+            foreign: n - ops,
+        },
+        Part {
+            st: st1,
+            o0: ops,
+            noise_op: no1,
+            start: sa1,
+            busy: bu1,
+            r0: ranks,
+            r1: pr,
+            f0: 0,
+            foreign: ops,
+        },
+    ];
+    let ex = Exchange {
+        mail: [Default::default(), Default::default()],
+        next: [
+            std::sync::atomic::AtomicU64::new(0),
+            std::sync::atomic::AtomicU64::new(0),
+        ],
+        barrier: std::sync::Barrier::new(2),
+        failed: std::sync::atomic::AtomicBool::new(false),
+    };
+    let run_part = |h: usize, part: Part| -> SimTotals {
+        let guard = PanicFlag(&ex);
+        let rk = vec![RankState::IDLE; part.r1 - part.r0];
+        let mut sim = Sim::new(s, p, noise, warm_on, part, rk, 0);
+        sim.run_windows(h, &ex);
+        // Past the last barrier: nothing to release any more.
+        std::mem::forget(guard);
+        sim.finish()
+    };
+    let [part0, part1] = parts;
+    let (t0, t1) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| run_part(1, part1));
+        let t0 = run_part(0, part0);
+        match h.join() {
+            Ok(t1) => (t0, t1),
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    });
+    let sum = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<u64>>();
+    SimOutput {
+        completion: t0.completion.max(t1.completion),
+        events: t0.events + t1.events,
+        completed: t0.completed + t1.completed,
+        st,
+        noise: noise_op,
+        start,
+        rank_busy: busy,
+        class_wait: sum(&t0.class_wait, &t1.class_wait),
+        class_noise: sum(&t0.class_noise, &t1.class_noise),
+        unmatched_recvs: t0.unmatched_recvs + t1.unmatched_recvs,
+        unmatched_sends: t0.unmatched_sends + t1.unmatched_sends,
+    }
+}
+
+impl<'a, 'b> Sim<'a, 'b> {
+    fn new(
+        s: &'a Schedule,
+        p: &Params,
+        noise: &'a Noise,
+        warm_on: bool,
+        part: Part<'b>,
+        rk: Vec<RankState>,
+        op_base: u64,
+    ) -> Self {
+        let nc = s.num_cpus as usize;
+        let nn = s.num_nics as usize;
+        let local = part.r1 - part.r0;
+        Sim {
+            s,
+            op_base,
+            p: *p,
+            noise,
+            noisy: noise.has_detours(),
+            now: 0,
+            heap: RadixHeap::new(),
+            fifo: Vec::with_capacity(1024),
+            st: part.st,
+            o0: part.o0,
+            foreign: vec![NIL; part.foreign],
+            f0: part.f0,
+            noise_op: part.noise_op,
+            start: part.start,
+            busy: part.busy,
+            r0: part.r0,
+            r1: part.r1,
+            cpu_x: if nc > 1 {
+                vec![CpuState { free: 0, last: NIL }; local * nc]
+            } else {
+                Vec::new()
+            },
+            nic_x: if nn > 1 {
+                vec![NicState::default(); local * nn]
+            } else {
+                Vec::new()
+            },
+            nc1: nc == 1,
+            nn1: nn == 1,
+            warm_on,
+            rk,
+            class_wait: vec![0; 256],
+            class_noise: vec![0; 256],
+            events: 0,
+            completed: 0,
+            outbox: Vec::new(),
+            sort_tmp: Vec::new(),
+            sort_bits: Vec::new(),
+        }
+    }
+
+    /// Start operation `op` at `t` if it has no dependencies (an operation released by an
+    /// earlier initial operation has a predecessor and is queued already).
+    fn enter(&mut self, op: usize, t: u64) {
+        let x = &mut self.st[op - self.o0];
+        if x.link == 0 && x.pred == PRED_NONE {
+            if t == 0 {
+                self.handle(EV_READY << 32 | op as u64);
+            } else {
+                x.ready = t;
+                self.heap.push(t, EV_READY << 32 | op as u64);
+            }
+        }
+    }
+
+    /// The links of the matching queues (see [`Links`]).
+    #[inline]
+    fn links(&mut self) -> Links<'_> {
+        Links {
+            st: self.st,
+            o0: self.o0,
+            foreign: &mut self.foreign,
+            f0: self.f0,
+        }
+    }
+
+    /// Schedule `ev` at `t` for a rank of this part, or hand it to the other part (`aux`: for
+    /// a clear-to-send, the receive it answers).
+    #[inline]
+    fn post(&mut self, t: u64, ev: u64, rank: u32, aux: u32) {
+        let r = rank as usize;
+        if r >= self.r0 && r < self.r1 {
+            self.schedule(t, ev);
+        } else {
+            self.outbox.push((t, ev, aux));
+        }
+    }
+
+    /// The loop of one thread of [`simulate_parallel`] (`h`: this thread's part).
+    fn run_windows(&mut self, h: usize, ex: &Exchange) {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Operations without dependencies start at time 0, in program order.
+        for op in self.o0..self.o0 + self.st.len() {
+            self.enter(op, 0);
+        }
+        let w = self.p.l;
+        let mut end = w;
+        let mut batch: Vec<u64> = Vec::with_capacity(1024);
+        let mut now_evs: Vec<u64> = Vec::with_capacity(1024);
+        loop {
+            self.run_until(end, &mut batch, &mut now_evs);
+            // Hand this window's events for the other part over.
+            if let Ok(mut m) = ex.mail[h].lock() {
+                m.append(&mut self.outbox);
+            }
+            ex.barrier.wait();
+            if ex.failed.load(SeqCst) {
+                return;
+            }
+            let incoming = match ex.mail[1 - h].lock() {
+                Ok(mut m) => std::mem::take(&mut *m),
+                Err(_) => Vec::new(),
+            };
+            for &(t, ev, aux) in &incoming {
+                if ev >> 32 == EV_CTS {
+                    // The receive that answered: its rank's part wrote it into the sender's
+                    // link on one thread.
+                    let sop = (ev & 0xffff_ffff) as usize;
+                    self.st[sop - self.o0].link = aux;
+                }
+                self.heap.push(t, ev);
+            }
+            let mine = self.heap.min().unwrap_or(u64::MAX);
+            ex.next[h].store(mine, SeqCst);
+            ex.barrier.wait();
+            if ex.failed.load(SeqCst) {
+                return;
+            }
+            let next = mine.min(ex.next[1 - h].load(SeqCst));
+            if next == u64::MAX {
+                return;
+            }
+            end = next.saturating_add(w);
+        }
+    }
+
+    /// Handle every event due before `end`, as [`Sim::run`] does.
+    fn run_until(&mut self, end: u64, batch: &mut Vec<u64>, now_evs: &mut Vec<u64>) {
+        loop {
+            while !self.fifo.is_empty() {
+                std::mem::swap(&mut self.fifo, now_evs);
+                self.handle_all(now_evs);
+                now_evs.clear();
+            }
+            let Some(t) = self.heap.pop_batch(batch, end) else {
+                break;
+            };
+            self.now = t;
+            sort_events(batch, &mut self.sort_tmp, &mut self.sort_bits);
+            let evs = std::mem::take(batch);
+            self.handle_all(&evs);
+            *batch = evs;
+            batch.clear();
+        }
+    }
+
     #[inline]
     fn note_start(&mut self, op: usize, t: u64) {
         if !self.start.is_empty() {
-            self.start[op] = t;
+            self.start[op - self.o0] = t;
         }
+    }
+
+    /// Index of CPU `cpu` of `rank` (a rank of this part) for [`Sim::cpu_at`].
+    #[inline]
+    fn ci(&self, rank: u32, cpu: u8) -> usize {
+        (rank as usize - self.r0) * self.s.num_cpus as usize + cpu as usize
+    }
+
+    /// Index of NIC `nic` of `rank` (a rank of this part) for [`Sim::nic_at`].
+    #[inline]
+    fn ni(&self, rank: u32, nic: u8) -> usize {
+        (rank as usize - self.r0) * self.s.num_nics as usize + nic as usize
+    }
+
+    /// The state of operation `op` (of this part).
+    #[inline]
+    fn stm(&mut self, op: usize) -> &mut OpState {
+        &mut self.st[op - self.o0]
     }
 
     #[inline]
@@ -652,30 +1257,14 @@ impl<'a> Sim<'a> {
         }
     }
 
+    /// Handle every event. Events due at one instant run in a canonical order: those taken
+    /// from the queue sorted by kind and operation, then those they schedule for the same
+    /// instant in the order they were scheduled (round by round). This order depends on nothing
+    /// but each rank's own events, so [`simulate_parallel`] reproduces it.
     fn run(&mut self) {
         let mut batch: Vec<u64> = Vec::with_capacity(1024);
         let mut now_evs: Vec<u64> = Vec::with_capacity(1024);
-        loop {
-            // Events due now, in FIFO order: those they schedule for now are appended to
-            // `fifo` and handled in the next round, after every earlier one.
-            while !self.fifo.is_empty() {
-                std::mem::swap(&mut self.fifo, &mut now_evs);
-                self.handle_all(&now_evs);
-                now_evs.clear();
-            }
-            match self.heap.pop_batch(&mut batch) {
-                None => break,
-                Some(t) => {
-                    self.now = t;
-                    // Events due at the same instant run in the radix heap's order, which is a
-                    // deterministic function of the schedule and the seed.
-                    let evs = std::mem::take(&mut batch);
-                    self.handle_all(&evs);
-                    batch = evs;
-                    batch.clear();
-                }
-            }
-        }
+        self.run_until(u64::MAX, &mut batch, &mut now_evs);
     }
 
     /// Handle `evs` in order, [`WARM`] at a time, each group after [`Sim::warm`].
@@ -722,7 +1311,7 @@ impl<'a> Sim<'a> {
             } else {
                 op.rank
             };
-            if let Some(x) = self.st.get(o) {
+            if let Some(x) = self.stl(o) {
                 acc ^= x.end;
                 dep[i] = self.first_dependent(o, x);
             }
@@ -733,7 +1322,7 @@ impl<'a> Sim<'a> {
         let mut ptail = [NIL; WARM];
         for i in 0..n {
             let ev = evs[i];
-            if let Some(rk) = self.rk.get(rank[i] as usize) {
+            if let Some(rk) = self.rk.get((rank[i] as usize).wrapping_sub(self.r0)) {
                 acc ^= rk.cpu0.free ^ rk.last_arr;
                 let kind = ev >> 32;
                 if kind == EV_ARRIVE {
@@ -749,23 +1338,23 @@ impl<'a> Sim<'a> {
                     }
                 }
             }
-            acc ^= self.st.get(dep[i] as usize).map_or(0, |x| x.ready);
+            acc ^= self.stl(dep[i] as usize).map_or(0, |x| x.ready);
         }
         // Round 3: the head of the matching queue (the receive an arrival matches, or the
         // message a receive finds), or the tail of the queue the event joins.
         let mut head = [NIL; WARM];
         for i in 0..n {
-            if let Some(x) = self.st.get(qtail[i] as usize) {
+            if let Some(x) = self.stl(qtail[i] as usize) {
                 head[i] = x.link;
             }
-            acc ^= self.st.get(ptail[i] as usize).map_or(0, |x| x.link as u64);
+            acc ^= self.stl(ptail[i] as usize).map_or(0, |x| x.link as u64);
         }
         // Round 4: the matched operation (both ends of its record) and its state (with its
         // first dependents).
         for i in 0..n {
             let h = head[i] as usize;
             acc ^= s.ops.get(h).map_or(0, |x| x.size ^ x.tag as u64);
-            dep[i] = match self.st.get(h) {
+            dep[i] = match self.stl(h) {
                 Some(x) => {
                     acc ^= x.end;
                     self.first_dependent(h, x)
@@ -775,9 +1364,15 @@ impl<'a> Sim<'a> {
         }
         // Round 5: a matched receive completes and releases its dependents.
         for &d in &dep[..n] {
-            acc ^= self.st.get(d as usize).map_or(0, |x| x.ready);
+            acc ^= self.stl(d as usize).map_or(0, |x| x.ready);
         }
         std::hint::black_box(acc);
+    }
+
+    /// The state of operation `op` if it is one of this part's.
+    #[inline]
+    fn stl(&self, op: usize) -> Option<&OpState> {
+        self.st.get(op.wrapping_sub(self.o0))
     }
 
     /// Index of the first dependent of `op` whose state is `x` ([`NIL`]: none).
@@ -806,22 +1401,23 @@ impl<'a> Sim<'a> {
 
     #[inline]
     fn work(&mut self, op: usize, rank: u32, start: u64, w: u64) -> u64 {
+        let r = rank as usize - self.r0;
         if !self.noisy {
             if !self.busy.is_empty() {
-                self.busy[rank as usize] += w;
+                self.busy[r] += w;
             }
             return start + w;
         }
         let e = self.noise.finish(rank, start, w);
         if !self.busy.is_empty() {
-            self.busy[rank as usize] += e - start;
+            self.busy[r] += e - start;
         }
         let extra = e - start - w;
         if extra > 0 {
             self.class_noise[self.s.ops[op].class as usize] += extra;
             if !self.noise_op.is_empty() {
-                self.noise_op[op] =
-                    self.noise_op[op].saturating_add(extra.min(u32::MAX as u64) as u32);
+                let x = &mut self.noise_op[op - self.o0];
+                *x = x.saturating_add(extra.min(u32::MAX as u64) as u32);
             }
         }
         e
@@ -830,7 +1426,7 @@ impl<'a> Sim<'a> {
     /// Satisfy dependents of `op` at time `t`: `irequires` edges if `ireq`, `requires` if `req`.
     #[inline]
     fn release(&mut self, op: usize, t: u64, ireq: bool, req: bool) {
-        let deps = self.st[op].deps;
+        let deps = self.stm(op).deps;
         if deps[0] == DEP_CSR {
             let s = self.s;
             let (a, b) = (s.dep_start[op] as usize, s.dep_start[op + 1] as usize);
@@ -856,7 +1452,7 @@ impl<'a> Sim<'a> {
             return;
         }
         let d = (d & !IREQ_BIT) as usize;
-        let x = &mut self.st[d];
+        let x = self.stm(d);
         if t >= x.ready {
             x.ready = t;
             x.pred = op as u32;
@@ -870,7 +1466,7 @@ impl<'a> Sim<'a> {
 
     #[inline]
     fn complete(&mut self, op: usize, t: u64) {
-        self.st[op].end = t;
+        self.stm(op).end = t;
         self.completed += 1;
         self.release(op, t, false, true);
     }
@@ -889,29 +1485,30 @@ impl<'a> Sim<'a> {
     fn on_ready(&mut self, op: usize) {
         let s = self.s;
         let now = self.now;
-        let rank = s.ops[op].rank;
-        let ci = rank as usize * s.num_cpus as usize + s.ops[op].cpu as usize;
+        let o = s.ops[op];
+        let rank = o.rank;
+        let ci = self.ci(rank, o.cpu);
         match s.op_kind(op) {
             OpKind::Calc => {
                 let start = now.max(self.cpu_at(ci).free);
                 if start > now {
-                    self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
+                    self.stm(op).pred = self.cpu_at(ci).last | PRED_RESOURCE;
                 }
                 self.note_start(op, start);
-                let e = self.work(op, rank, start, s.ops[op].size);
+                let e = self.work(op, rank, start, o.size);
                 self.cpu_at(ci).free = e;
                 self.cpu_at(ci).last = op as u32;
                 self.release(op, start, true, false);
                 self.complete(op, e);
             }
             OpKind::Send => {
-                let ni = rank as usize * s.num_nics as usize + s.ops[op].nic as usize;
+                let ni = self.ni(rank, o.nic);
                 let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).send_free);
                 if start > now {
-                    self.st[op].pred = self.cpu_at(ci).last | PRED_RESOURCE;
+                    self.stm(op).pred = self.cpu_at(ci).last | PRED_RESOURCE;
                 }
                 self.note_start(op, start);
-                let z = s.ops[op].size;
+                let z = o.size;
                 let eager = z <= self.p.s;
                 let w = self.p.o + if eager { self.p.ob(z) } else { 0 };
                 let e = self.work(op, rank, start, w);
@@ -920,10 +1517,10 @@ impl<'a> Sim<'a> {
                 let wire = if eager { self.p.gb(z) } else { 0 };
                 self.nic_at(ni).send_free = start + self.p.g + wire;
                 let mut arr = e + self.p.l + wire + self.noise.latency(self.op_base + op as u64, 0);
-                let r = rank as usize;
+                let r = rank as usize - self.r0;
                 arr = arr.max(self.rk[r].last_arr);
                 self.rk[r].last_arr = arr;
-                self.schedule(arr, EV_ARRIVE << 32 | op as u64);
+                self.post(arr, EV_ARRIVE << 32 | op as u64, o.peer, NIL);
                 self.release(op, start, true, false);
                 if eager {
                     self.complete(op, e);
@@ -931,13 +1528,13 @@ impl<'a> Sim<'a> {
             }
             OpKind::Recv => {
                 // Until it completes, `end` holds the posting time.
-                self.st[op].end = now;
+                self.stm(op).end = now;
                 self.note_start(op, now);
                 self.release(op, now, true, false);
-                let r = rank as usize;
-                let (src, tag) = (s.ops[op].peer, s.ops[op].tag);
+                let r = rank as usize - self.r0;
+                let (src, tag) = (o.peer, o.tag);
                 let mut tail = self.rk[r].uq_tail;
-                let hit = q_take(&mut self.st, &mut tail, |c| {
+                let hit = self.links().take(&mut tail, |c| {
                     (src == ANY || src == s.ops[c].rank) && (tag == ANY || tag == s.ops[c].tag)
                 });
                 self.rk[r].uq_tail = tail;
@@ -945,7 +1542,7 @@ impl<'a> Sim<'a> {
                     Some(c) => self.matched(op, c),
                     None => {
                         let mut tail = self.rk[r].prq_tail;
-                        q_push(&mut self.st, &mut tail, op as u32);
+                        self.links().push(&mut tail, op as u32);
                         self.rk[r].prq_tail = tail;
                     }
                 }
@@ -955,10 +1552,10 @@ impl<'a> Sim<'a> {
 
     fn on_arrive(&mut self, sop: usize) {
         let s = self.s;
-        let dest = s.ops[sop].peer as usize;
+        let dest = s.ops[sop].peer as usize - self.r0;
         let (src, tag) = (s.ops[sop].rank, s.ops[sop].tag);
         let mut tail = self.rk[dest].prq_tail;
-        let hit = q_take(&mut self.st, &mut tail, |c| {
+        let hit = self.links().take(&mut tail, |c| {
             let (rs, rt) = (s.ops[c].peer, s.ops[c].tag);
             (rs == ANY || rs == src) && (rt == ANY || rt == tag)
         });
@@ -967,28 +1564,29 @@ impl<'a> Sim<'a> {
             Some(c) => self.matched(c, sop),
             None => {
                 let mut tail = self.rk[dest].uq_tail;
-                q_push(&mut self.st, &mut tail, sop as u32);
+                self.links().push(&mut tail, sop as u32);
                 self.rk[dest].uq_tail = tail;
             }
         }
     }
 
-    /// Receive `r` and message `sop` meet at `now`.
+    /// Receive `r` (of this part) and message `sop` (of either part) meet at `now`.
     fn matched(&mut self, r: usize, sop: usize) {
         let s = self.s;
         let now = self.now;
-        let rank = s.ops[r].rank;
-        let posted = self.st[r].end;
+        let o = s.ops[r];
+        let rank = o.rank;
+        let posted = self.stm(r).end;
         let wait = now - posted;
-        self.class_wait[s.ops[r].class as usize] += wait;
+        self.class_wait[o.class as usize] += wait;
         if now > posted {
-            self.st[r].pred = sop as u32;
+            self.stm(r).pred = sop as u32;
         }
-        let ci = rank as usize * s.num_cpus as usize + s.ops[r].cpu as usize;
-        let ni = rank as usize * s.num_nics as usize + s.ops[r].nic as usize;
+        let ci = self.ci(rank, o.cpu);
+        let ni = self.ni(rank, o.nic);
         let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).recv_free);
         if start > now {
-            self.st[r].pred = self.cpu_at(ci).last | PRED_RESOURCE;
+            self.stm(r).pred = self.cpu_at(ci).last | PRED_RESOURCE;
         }
         let z = s.ops[sop].size;
         self.nic_at(ni).recv_free = start + self.p.g;
@@ -1000,9 +1598,9 @@ impl<'a> Sim<'a> {
         } else {
             let e = self.work(r, rank, start, self.p.o);
             self.cpu_at(ci).free = e;
-            self.st[sop].link = r as u32;
+            self.links().set(sop, r as u32);
             let t = e + self.p.l + self.noise.latency(self.op_base + sop as u64, 1);
-            self.schedule(t, EV_CTS << 32 | sop as u64);
+            self.post(t, EV_CTS << 32 | sop as u64, s.ops[sop].rank, r as u32);
         }
     }
 
@@ -1010,42 +1608,46 @@ impl<'a> Sim<'a> {
     fn on_cts(&mut self, sop: usize) {
         let s = self.s;
         let now = self.now;
-        let rank = s.ops[sop].rank;
-        let ci = rank as usize * s.num_cpus as usize + s.ops[sop].cpu as usize;
-        let ni = rank as usize * s.num_nics as usize + s.ops[sop].nic as usize;
+        let o = s.ops[sop];
+        let rank = o.rank;
+        let ci = self.ci(rank, o.cpu);
+        let ni = self.ni(rank, o.nic);
         let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).send_free);
-        self.st[sop].pred = if start > now {
+        let pred = if start > now {
             self.cpu_at(ci).last | PRED_RESOURCE
         } else {
-            self.st[sop].link
+            self.stm(sop).link
         };
-        let z = s.ops[sop].size;
+        self.stm(sop).pred = pred;
+        let z = o.size;
         let e = self.work(sop, rank, start, self.p.o + self.p.ob(z));
         self.cpu_at(ci).free = e;
         self.cpu_at(ci).last = sop as u32;
         self.nic_at(ni).send_free = start + self.p.g + self.p.gb(z);
-        let r = rank as usize;
+        let r = rank as usize - self.r0;
         let arr = (e + self.p.l + self.p.gb(z) + self.noise.latency(self.op_base + sop as u64, 2))
             .max(self.rk[r].last_arr);
         self.rk[r].last_arr = arr;
         self.complete(sop, e);
-        self.schedule(arr, EV_DATA << 32 | sop as u64);
+        self.post(arr, EV_DATA << 32 | sop as u64, o.peer, NIL);
     }
 
     /// Rendezvous data reached the receiver.
     fn on_data(&mut self, sop: usize) {
         let s = self.s;
         let now = self.now;
-        let r = self.st[sop].link as usize;
-        let rank = s.ops[r].rank;
-        let ci = rank as usize * s.num_cpus as usize + s.ops[r].cpu as usize;
-        let ni = rank as usize * s.num_nics as usize + s.ops[r].nic as usize;
+        let r = self.links().get(sop) as usize;
+        let o = s.ops[r];
+        let rank = o.rank;
+        let ci = self.ci(rank, o.cpu);
+        let ni = self.ni(rank, o.nic);
         let start = now.max(self.cpu_at(ci).free).max(self.nic_at(ni).recv_free);
-        self.st[r].pred = if start > now {
+        let pred = if start > now {
             self.cpu_at(ci).last | PRED_RESOURCE
         } else {
             sop as u32
         };
+        self.stm(r).pred = pred;
         let z = s.ops[sop].size;
         let e = self.work(r, rank, start, self.p.o + self.p.ob(z));
         self.cpu_at(ci).free = e;
@@ -1054,25 +1656,19 @@ impl<'a> Sim<'a> {
         self.complete(r, e);
     }
 
-    fn finish(mut self) -> SimOutput {
+    /// Count what never matched (unmatched receives never completed) and sum up.
+    fn finish(&mut self) -> SimTotals {
         let mut unmatched_recvs = 0;
         let mut unmatched_sends = 0;
-        for r in 0..self.s.num_ranks as usize {
+        for r in 0..self.rk.len() {
             let t = self.rk[r].prq_tail;
             if t != NIL {
                 let mut c = t;
                 loop {
-                    c = self.st[c as usize].link;
+                    c = self.links().get(c as usize);
                     unmatched_recvs += 1;
-                    if c == t {
-                        break;
-                    }
-                }
-                // They hold their posting time; they never completed.
-                let mut c = t;
-                loop {
-                    c = self.st[c as usize].link;
-                    self.st[c as usize].end = u64::MAX;
+                    // It holds its posting time; it never completed.
+                    self.stm(c as usize).end = u64::MAX;
                     if c == t {
                         break;
                     }
@@ -1082,7 +1678,7 @@ impl<'a> Sim<'a> {
             if t != NIL {
                 let mut c = t;
                 loop {
-                    c = self.st[c as usize].link;
+                    c = self.links().get(c as usize);
                     unmatched_sends += 1;
                     if c == t {
                         break;
@@ -1097,16 +1693,12 @@ impl<'a> Sim<'a> {
             .filter(|&e| e != u64::MAX)
             .max()
             .unwrap_or(0);
-        SimOutput {
+        SimTotals {
             completion,
             events: self.events,
             completed: self.completed,
-            st: self.st,
-            noise: self.noise_op,
-            start: self.start,
-            rank_busy: self.busy,
-            class_wait: self.class_wait,
-            class_noise: self.class_noise,
+            class_wait: std::mem::take(&mut self.class_wait),
+            class_noise: std::mem::take(&mut self.class_noise),
             unmatched_recvs,
             unmatched_sends,
         }
@@ -1245,6 +1837,7 @@ mod tests {
             record_noise: true,
             record_start: true,
             record_busy: true,
+            ..SimOptions::default()
         };
         for (pat, ranks) in [
             (Pattern::Bcast, 20_000),
@@ -1262,8 +1855,8 @@ mod tests {
             .expect("generator");
             for noise in [Noise::none(), noisy.clone()] {
                 let p = Params::default();
-                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None);
-                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None);
+                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None, None);
+                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None, None);
                 assert_eq!(a.completed, s.len() as u64);
                 assert_eq!(a.st, b.st, "{pat:?}");
                 assert_eq!(a.noise, b.noise);
@@ -1274,6 +1867,246 @@ mod tests {
                 assert_eq!((a.events, a.completion), (b.events, b.completion));
             }
         }
+    }
+
+    /// Everything a run reports, for comparing two runs (the states' `link` is internal: the
+    /// queue links of messages from the other half live outside the states on two threads).
+    fn summary(o: &SimOutput) -> impl PartialEq + std::fmt::Debug {
+        (
+            o.st.iter()
+                .map(|x| (x.ready, x.end, x.pred))
+                .collect::<Vec<_>>(),
+            (o.noise.clone(), o.start.clone(), o.rank_busy.clone()),
+            (o.class_wait.clone(), o.class_noise.clone()),
+            (o.completion, o.events, o.completed),
+            (o.unmatched_recvs, o.unmatched_sends),
+        )
+    }
+
+    fn all_opts(threads: usize) -> SimOptions {
+        SimOptions {
+            record_noise: true,
+            record_start: true,
+            record_busy: true,
+            threads,
+            min_parallel_ops: 0,
+        }
+    }
+
+    /// The two-thread engine gives exactly the one-thread results on every generator, odd and
+    /// even rank counts, with and without detours and latency noise, eager and rendezvous sizes.
+    #[test]
+    fn two_threads_equal_one_thread_on_generators() {
+        let noises = [
+            Noise::none(),
+            Noise {
+                source: NoiseSource::Poisson {
+                    interval: 100_000,
+                    detour: 20_000,
+                },
+                coscheduled: false,
+                latency: LatencyNoise::Exp { mean: 300 },
+                seed: 3,
+            },
+            Noise {
+                source: NoiseSource::Periodic {
+                    interval: 50_000,
+                    detour: 5_000,
+                },
+                coscheduled: true,
+                latency: LatencyNoise::None,
+                seed: 1,
+            },
+        ];
+        for pat in Pattern::all() {
+            for ranks in [16u32, 17, 255, 1000, 4096] {
+                if pat == Pattern::AllreduceRing && ranks > 255 {
+                    continue;
+                }
+                for bytes in [8u64, 200_000] {
+                    let gp = GenParams {
+                        ranks,
+                        bytes,
+                        halo_bytes: bytes,
+                        iterations: 3,
+                        compute_ns: 20_000,
+                        allreduce_every: 2,
+                        ..GenParams::default()
+                    };
+                    let s = crate::gen::generate_layout(pat, &gp, true).expect("generator");
+                    // The same program as GOAL text (rank by rank: another layout).
+                    let mut text = Vec::new();
+                    crate::goal::write_goal(&s, &mut text).expect("write");
+                    let text = String::from_utf8(text).expect("utf-8");
+                    let g = crate::goal::parse_goal_str(&text).expect("parse");
+                    assert!(can_split(&g, &Params::default(), &all_opts(2)));
+                    for (s, noise) in noises.iter().map(|n| (&s, n)).chain([(&g, &noises[1])]) {
+                        let p = Params::default();
+                        let one = simulate(s, &p, noise, &all_opts(1));
+                        let two = simulate(s, &p, noise, &all_opts(2));
+                        assert_eq!(one.completed, s.len() as u64, "{pat:?} {ranks}");
+                        assert_eq!(summary(&one), summary(&two), "{pat:?} {ranks} {bytes}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unmatched receives and messages (also across the halves), wildcards, rendezvous across
+    /// the halves, several CPUs and NICs, `irequires`: two threads count and time them as one.
+    #[test]
+    fn two_threads_equal_one_thread_on_goal_corner_cases() {
+        let text = "num_ranks 5
+rank 0 {
+l1: recv 100000b from 4 tag 1
+l2: send 8b to 3 tag 2 cpu 1 nic 1
+l3: recv 8b from -1 tag -1
+l4: calc 500
+l4 requires l1
+l2 irequires l1
+}
+rank 1 {
+l1: send 8b to 4 tag 9
+l2: recv 8b from 3 tag 5
+}
+rank 2 {
+l1: calc 100
+l2: send 8b to 0 tag 7
+l2 requires l1
+}
+rank 3 {
+l1: recv 8b from 0 tag 2
+l2: send 8b to 0 tag 3
+l3: send 8b to 1 tag 4
+l2 requires l1
+}
+rank 4 {
+l1: send 100000b to 0 tag 1 nic 1
+l2: recv 8b from 1 tag 8
+}
+";
+        let s = crate::goal::parse_goal_str(text).expect("parse");
+        assert!(can_split(&s, &Params::default(), &all_opts(2)));
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 3_000,
+                detour: 700,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Uniform { max: 900 },
+            seed: 11,
+        };
+        for noise in [Noise::none(), noise] {
+            for l in [1, 3, 2500] {
+                let p = Params {
+                    l,
+                    ..Params::default()
+                };
+                let one = simulate(&s, &p, &noise, &all_opts(1));
+                let two = simulate(&s, &p, &noise, &all_opts(2));
+                assert_eq!(summary(&one), summary(&two), "L = {l}");
+                // Rank 1's and rank 4's receives; rank 1's message, rank 3's to rank 1, and one
+                // of the two the wildcard receive of rank 0 did not take.
+                assert_eq!((one.unmatched_recvs, one.unmatched_sends), (2, 3));
+            }
+        }
+    }
+
+    /// A run from a template written beforehand (or grown in steps, as beside the generator)
+    /// is the run that builds its own states; a template of the wrong length is ignored.
+    #[test]
+    fn run_from_template_is_the_same() {
+        let gp = GenParams {
+            ranks: 300,
+            ..GenParams::default()
+        };
+        let s = crate::gen::generate_layout(Pattern::Stencil2d, &gp, true).expect("gen");
+        let p = Params::default();
+        let mut grown = state_template(10);
+        extend_template(&mut grown, s.len() / 2);
+        extend_template(&mut grown, s.len());
+        assert_eq!(grown, state_template(s.len()));
+        for opts in [all_opts(1), all_opts(2)] {
+            let want = summary(&simulate(&s, &p, &Noise::none(), &opts));
+            let a = simulate_from_template(&s, &p, &Noise::none(), &opts, grown.clone());
+            let b = simulate_from_template(&s, &p, &Noise::none(), &opts, state_template(3));
+            assert_eq!(summary(&a), want);
+            assert_eq!(summary(&b), want);
+        }
+    }
+
+    /// The two-thread engine really splits: it is chosen for a grouped layout with `L > 0` and
+    /// refused for `L = 0`, a layout whose halves interleave, or one thread.
+    #[test]
+    fn two_threads_only_when_allowed() {
+        let gp = GenParams {
+            ranks: 64,
+            ..GenParams::default()
+        };
+        let grouped = crate::gen::generate_layout(Pattern::AllreduceRd, &gp, true).expect("gen");
+        let plain = generate(Pattern::AllreduceRd, &gp).expect("gen");
+        let p = Params::default();
+        assert_eq!(
+            parallel_split(&grouped, &p, &all_opts(2)).map(|x| x.0),
+            Some(32)
+        );
+        assert!(parallel_split(&grouped, &p, &all_opts(1)).is_none());
+        assert!(parallel_split(&plain, &p, &all_opts(2)).is_none());
+        let l0 = Params { l: 0, ..p };
+        assert!(parallel_split(&grouped, &l0, &all_opts(2)).is_none());
+        // L = 0 falls back to one thread and still gives the one-thread results.
+        let a = simulate(&grouped, &l0, &Noise::none(), &all_opts(2));
+        let b = simulate(&grouped, &l0, &Noise::none(), &all_opts(1));
+        assert_eq!(summary(&a), summary(&b));
+        let big = SimOptions {
+            min_parallel_ops: grouped.len() + 1,
+            ..all_opts(2)
+        };
+        assert!(parallel_split(&grouped, &p, &big).is_none());
+    }
+
+    /// The canonical batch order is the sorted order, whichever path `sort_events` takes:
+    /// small, dense (bitmap), sparse, several kinds, already sorted.
+    #[test]
+    fn sort_events_sorts() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let (mut tmp, mut bits) = (Vec::new(), Vec::new());
+        for (n, spread) in [
+            (10usize, 1u64 << 30),
+            (300, 2),
+            (5000, 3),
+            (5000, 1 << 30),
+            (70_000, 1),
+        ] {
+            for kinds in [1u64, 4] {
+                // Distinct operations (a shuffled run of `spread`-spaced indices), random kinds.
+                let base = next() % (1 << 20);
+                let mut v: Vec<u64> = (0..n as u64)
+                    .map(|i| (next() % kinds) << 32 | (base + i * spread))
+                    .collect();
+                for i in (1..v.len()).rev() {
+                    v.swap(i, (next() % (i as u64 + 1)) as usize);
+                }
+                let mut want = v.clone();
+                want.sort_unstable();
+                sort_events(&mut v, &mut tmp, &mut bits);
+                assert_eq!(v, want, "{n} {spread} {kinds}");
+                sort_events(&mut v, &mut tmp, &mut bits);
+                assert_eq!(v, want);
+            }
+        }
+        // A value twice (never happens in a run) still sorts, through the standard sort.
+        let mut v: Vec<u64> = (0..1000u64).rev().chain([500]).collect();
+        let mut want = v.clone();
+        want.sort_unstable();
+        sort_events(&mut v, &mut tmp, &mut bits);
+        assert_eq!(v, want);
     }
 
     /// The initial states are the same whether one thread or two fill them, and match the

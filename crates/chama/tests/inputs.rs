@@ -317,3 +317,52 @@ fn cli_segmented_ring_reports_what_the_whole_ring_reports() {
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("allreduce-ring"));
 }
+
+/// `--threads 1` and `--threads 2` give the same report on a schedule large enough for two
+/// threads (4.5 M operations), with detours and latency noise; `--threads 0` is refused.
+#[test]
+fn cli_two_threads_report_what_one_thread_reports() {
+    let args = [
+        "run",
+        "--gen",
+        "allreduce-rd",
+        "--ranks",
+        "131072",
+        "--noise",
+        "poisson:interval=20us,detour=3us",
+        "--latency-noise",
+        "exp:mean=300ns",
+        "--seed",
+        "4",
+        "--json",
+        "-",
+        "-q",
+    ];
+    let report = |threads: &str| {
+        let out = chama()
+            .args(args)
+            .args(["--threads", threads])
+            .output()
+            .expect("run");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let m = v.as_object_mut().expect("object");
+        m.retain(|k, _| !k.contains("second") && k != "peak_memory_kib");
+        v
+    };
+    let one = report("1");
+    assert!(one["ops"].as_u64().expect("ops") >= 1 << 22);
+    assert!(one["slowdown"].as_f64().expect("slowdown") > 1.0);
+    assert_eq!(one, report("2"));
+    let e = chama()
+        .args(args)
+        .args(["--threads", "0"])
+        .output()
+        .expect("run");
+    assert!(!e.status.success());
+    assert!(String::from_utf8_lossy(&e.stderr).contains("--threads"));
+}
