@@ -2,7 +2,7 @@
  * Usage: mpirun -n N coll_peer <ops> <max> <max_alltoall> <reps> <target_ms>
  *   ops = comma-separated list of barrier, bcast, allreduce, alltoall
  * Rank 0 prints "<op> <bytes> <min_us> <median_us> <max_us>" per operation and size
- * (time per call). Sizes: 8, 64, 512, ... (x8) below the maximum, then the maximum.
+ * (the slowest rank's time per call). Sizes: 8, 64, 512, ... (x8) below the maximum, then the maximum.
  */
 #include <mpi.h>
 #include <stdio.h>
@@ -26,22 +26,36 @@ static void once(const char *op, long bytes, char *a, char *b, float *f, float *
 
 static void measure(const char *op, long bytes, char *a, char *b, float *f, float *g, int p,
                     int reps, double target_ms, int rank) {
-    MPI_Barrier(MPI_COMM_WORLD);
-    double t0 = MPI_Wtime();
-    once(op, bytes, a, b, f, g, p);
-    once(op, bytes, a, b, f, g, p);
-    double one = (MPI_Wtime() - t0) / 2.0;
-    double it = (target_ms / 1e3) / (one > 1e-7 ? one : 1e-7);
-    if (it < 2) it = 2;
-    if (it > 20000) it = 20000;
-    int iters = (int)it;
-    MPI_Bcast(&iters, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    /* The same calibration as puma-coll-rank: trial loops of 1, 2, 4 ... calls, doubling until
+       one lasts a tenth of the target (at least 1 ms); rank 0 decides and broadcasts. */
+    double target = target_ms / 1e3;
+    double floor_s = target / 10.0 > 1e-3 ? target / 10.0 : 1e-3;
+    int trial = 1, iters = 0;
+    for (;;) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        double t0 = MPI_Wtime();
+        for (int i = 0; i < trial; i++) once(op, bytes, a, b, f, g, p);
+        double spent = MPI_Wtime() - t0;
+        iters = 0;
+        if (rank == 0 && (spent >= floor_s || trial >= 20000)) {
+            double one = spent / trial;
+            double it = target / (one > 1e-7 ? one : 1e-7);
+            if (it < 2) it = 2;
+            if (it > 20000) it = 20000;
+            iters = (int)it;
+        }
+        MPI_Bcast(&iters, 1, MPI_INT, 0, MPI_COMM_WORLD);
+        if (iters != 0) break;
+        trial *= 2;
+    }
     double *times = malloc(sizeof(double) * reps);
     for (int r = 0; r < reps; r++) {
         MPI_Barrier(MPI_COMM_WORLD);
         double s = MPI_Wtime();
         for (int i = 0; i < iters; i++) once(op, bytes, a, b, f, g, p);
-        times[r] = (MPI_Wtime() - s) * 1e6 / iters;
+        double mine = (MPI_Wtime() - s) * 1e6 / iters;
+        /* The slowest rank's time per call, as puma-coll-rank reports it (IMB's t_max). */
+        MPI_Allreduce(&mine, &times[r], 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     }
     qsort(times, reps, sizeof(double), cmp);
     if (rank == 0)

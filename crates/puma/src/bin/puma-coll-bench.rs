@@ -3,7 +3,7 @@
 //!
 //! Build: `cargo build --release -p puma -p yod -p pct` and the peers with
 //! `bash crates/puma/bench-peers/install.sh`; run: `target/release/puma-coll-bench`.
-//! Prints, per rank count, operation and size, the time per call (median, with min–max over the
+//! Prints, per rank count, operation and size, the time per call at the slowest rank (median, with min–max over the
 //! repetitions) of each contender and the ratio of ours to the best peer (< 1: we are faster).
 
 use clap::Parser;
@@ -106,7 +106,7 @@ fn main() {
             .arg(cli.target_ms.to_string());
     };
     println!(
-        "puma-coll-bench: {cores} cores; µs per call, median (min–max) over {} repetitions of ~{} ms",
+        "puma-coll-bench: {cores} cores; µs per call at the slowest rank, median (min–max) over {} repetitions of ~{} ms",
         cli.reps, cli.target_ms
     );
     for &n in &cli.ranks {

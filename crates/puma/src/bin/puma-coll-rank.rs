@@ -1,11 +1,13 @@
 //! One rank of the collective benchmark (started by `puma-coll-bench` through yod; the MPI peer
 //! `bench-peers/coll_peer.c` does exactly the same through MPI). For every operation and size it
-//! times one call, picks an iteration count filling about `--target-ms` (rank 0 decides and
-//! broadcasts it), then times `--reps` repetitions of that many calls. Rank 0 prints
-//! `<op> <bytes> <min_us> <median_us> <max_us>` per operation and size (time per call).
+//! times trial loops of doubling length until one fills a tenth of `--target-ms` (at least
+//! 1 ms), picks from it an iteration count filling about `--target-ms` (rank 0 decides and
+//! broadcasts it), then times `--reps` repetitions of that many calls. Every rank times its own
+//! loop; a repetition's figure is the slowest rank's time per call (as IMB's t_max). Rank 0 prints
+//! `<op> <bytes> <min_us> <median_us> <max_us>` per operation and size over the repetitions.
 
 use clap::Parser;
-use puma::{Comm, Result, Sum};
+use puma::{Comm, Max, Result, Sum};
 use std::time::Instant;
 
 /// A rank of the OSU-style collective benchmark.
@@ -80,14 +82,32 @@ fn run(args: &Args) -> Result<()> {
             _ => sizes(args.max),
         };
         for &bytes in &list {
-            w.barrier()?;
-            let t0 = Instant::now();
-            once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
-            once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
-            let one = t0.elapsed().as_secs_f64() / 2.0;
-            let mut iters =
-                [((args.target_ms as f64 / 1e3) / one.max(1e-7)).clamp(2.0, 20_000.0) as u32];
-            w.broadcast(&mut iters, 0)?;
+            // Iterations per repetition, from trial loops of 1, 2, 4 … calls that double until
+            // one lasts a tenth of the target (at least 1 ms): timing only the first calls let a
+            // disturbance (cold caches, the previous line's print waking yod) set the count, and
+            // a count of a few calls keeps that disturbance in every repetition. Rank 0 decides
+            // and broadcasts, so every rank runs the same loops.
+            let target = args.target_ms as f64 / 1e3;
+            let floor = (target / 10.0).max(1e-3);
+            let mut trial: u32 = 1;
+            let iters = loop {
+                w.barrier()?;
+                let t0 = Instant::now();
+                for _ in 0..trial {
+                    once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
+                }
+                let spent = t0.elapsed().as_secs_f64();
+                let mut decided = [0u32];
+                if w.rank() == 0 && (spent >= floor || trial >= 20_000) {
+                    let one = spent / f64::from(trial);
+                    decided[0] = (target / one.max(1e-7)).clamp(2.0, 20_000.0) as u32;
+                }
+                w.broadcast(&mut decided, 0)?;
+                if decided[0] != 0 {
+                    break decided;
+                }
+                trial *= 2;
+            };
             let mut times = Vec::new();
             for _ in 0..args.reps {
                 w.barrier()?;
@@ -95,7 +115,13 @@ fn run(args: &Args) -> Result<()> {
                 for _ in 0..iters[0] {
                     once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
                 }
-                times.push(t0.elapsed().as_secs_f64() * 1e6 / iters[0] as f64);
+                let mine = [t0.elapsed().as_secs_f64() * 1e6 / iters[0] as f64];
+                // The slowest rank's time per call (IMB's t_max): a collective is done when
+                // every rank has its result, and a root that runs ahead on buffered sends would
+                // otherwise report only how fast it can hand data off.
+                let mut slowest = [0.0f64];
+                w.all_reduce(&mine, &mut slowest, Max)?;
+                times.push(slowest[0]);
             }
             times.sort_by(f64::total_cmp);
             if w.rank() == 0 {
