@@ -134,9 +134,19 @@ pub fn generate_layout(
     gp: &GenParams,
     halves: bool,
 ) -> Result<Schedule, SpecError> {
-    build(pattern, gp, halves)?
-        .finish()
-        .map_err(|e: ScheduleError| SpecError(e.to_string()))
+    generate_threads(pattern, gp, halves, 1)
+}
+
+/// [`generate_layout`] on up to `threads` threads: with `halves` and two threads, each half of
+/// the ranks is generated, and its dependency lists built, by a thread of its own (the same
+/// schedule as on one thread).
+pub fn generate_threads(
+    pattern: Pattern,
+    gp: &GenParams,
+    halves: bool,
+    threads: usize,
+) -> Result<Schedule, SpecError> {
+    build_schedule(pattern, gp, halves, threads, None)
 }
 
 /// How far a schedule being built by [`generate_with`] has got, for the work beside it.
@@ -167,13 +177,14 @@ impl Progress {
     }
 }
 
-/// [`generate_layout`], calling `side` on a second thread from the start: it can follow the
+/// [`generate_threads`], calling `side` on another thread from the start: it can follow the
 /// number of operations built ([`Progress::ops`]) and work on it while the generator and the
 /// dependency lists' build run, e.g. write state templates ([`crate::sim::extend_template`]).
 pub fn generate_with<T: Send>(
     pattern: Pattern,
     gp: &GenParams,
     halves: bool,
+    threads: usize,
     side: impl FnOnce(&Progress) -> T + Send,
 ) -> Result<(Schedule, T), SpecError> {
     let progress = Progress {
@@ -182,17 +193,10 @@ pub fn generate_with<T: Send>(
     };
     let (s, t) = std::thread::scope(|sc| {
         let h = sc.spawn(|| side(&progress));
-        let s = match build_with(pattern, gp, halves, Some(progress.ops.clone())) {
-            Ok(b) => {
-                progress.finish(b.len());
-                b.finish()
-                    .map_err(|e: ScheduleError| SpecError(e.to_string()))
-            }
-            Err(e) => {
-                progress.finish(0);
-                Err(e)
-            }
-        };
+        let s = build_schedule(pattern, gp, halves, threads, Some(&progress));
+        if s.is_err() {
+            progress.finish(0);
+        }
         match h.join() {
             Ok(t) => (s, t),
             Err(e) => std::panic::resume_unwind(e),
@@ -201,18 +205,62 @@ pub fn generate_with<T: Send>(
     Ok((s?, t))
 }
 
+/// The schedule of `pattern`, on two threads when `halves` and `threads` allow; with
+/// `progress`, the operation count is published there as it goes (and marked final once all
+/// operations are built).
+fn build_schedule(
+    pattern: Pattern,
+    gp: &GenParams,
+    halves: bool,
+    threads: usize,
+    progress: Option<&Progress>,
+) -> Result<Schedule, SpecError> {
+    let counter = progress.map(|p| p.ops.clone());
+    let schedule = if halves && threads >= 2 {
+        let ops_estimate = check_size(pattern, gp)?;
+        let p = gp.ranks;
+        let half = p / 2;
+        let part = |lo: u32, hi: u32, room: usize| {
+            let mut b = ScheduleBuilder::new(p);
+            b.only_ranks(lo, hi);
+            // The first half's operation array takes the second's at the end: room for all.
+            b.reserve(room, ops_estimate as usize);
+            if let Some(c) = &counter {
+                b.report_progress(c.clone());
+            }
+            run(pattern, gp, &mut b);
+            b
+        };
+        let (a, b) = std::thread::scope(|sc| {
+            let h = sc.spawn(|| part(half, p, ops_estimate as usize / 2 + 1));
+            let a = part(0, half, ops_estimate as usize);
+            match h.join() {
+                Ok(b) => (a, b),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        });
+        if let Some(pr) = progress {
+            pr.finish(a.len() + b.len());
+        }
+        ScheduleBuilder::finish_halves(a, b, threads)
+    } else {
+        let b = build_with(pattern, gp, halves, counter)?;
+        if let Some(pr) = progress {
+            pr.finish(b.len());
+        }
+        b.finish()
+    };
+    schedule.map_err(|e: ScheduleError| SpecError(e.to_string()))
+}
+
 /// The operations and dependencies of `pattern`, before the dependency lists are built.
+#[cfg(test)]
 fn build(pattern: Pattern, gp: &GenParams, halves: bool) -> Result<ScheduleBuilder, SpecError> {
     build_with(pattern, gp, halves, None)
 }
 
-/// [`build`], publishing the operation count in `progress` as it goes.
-fn build_with(
-    pattern: Pattern,
-    gp: &GenParams,
-    halves: bool,
-    progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
-) -> Result<ScheduleBuilder, SpecError> {
+/// Refuse impossible requests; returns the estimated operation count.
+fn check_size(pattern: Pattern, gp: &GenParams) -> Result<u64, SpecError> {
     let p = gp.ranks;
     if p == 0 {
         return Err(SpecError("the number of ranks must be at least 1".into()));
@@ -229,7 +277,19 @@ fn build_with(
             }
         )));
     }
-    let mut b = ScheduleBuilder::new(p);
+    Ok(ops_estimate)
+}
+
+/// The operations and dependencies of `pattern` on one thread, publishing the operation count
+/// in `progress` as it goes.
+fn build_with(
+    pattern: Pattern,
+    gp: &GenParams,
+    halves: bool,
+    progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+) -> Result<ScheduleBuilder, SpecError> {
+    let ops_estimate = check_size(pattern, gp)?;
+    let mut b = ScheduleBuilder::new(gp.ranks);
     b.reserve(ops_estimate as usize, ops_estimate as usize * 2);
     // Each half of the ranks numbered apart (see `ScheduleBuilder::split_lanes`); schedules too
     // large for that are regrouped after they are built.
@@ -240,27 +300,28 @@ fn build_with(
     if let Some(p) = progress {
         b.report_progress(p);
     }
-    let mut front = Front::new(p as usize);
-    let mut tag = 0u32;
-    match pattern {
-        Pattern::Barrier => barrier(&mut b, &mut front, &mut tag),
-        Pattern::Bcast => bcast(&mut b, &mut front, gp.bytes, &mut tag),
-        Pattern::AllreduceRd => allreduce_rd(
-            &mut b,
-            &mut front,
-            gp.bytes,
-            gp.reduce_ps_per_byte,
-            &mut tag,
-        ),
-        Pattern::AllreduceRing => allreduce_ring(&mut b, &mut front, gp, &mut tag),
-        Pattern::AllreduceRab => allreduce_rab(&mut b, &mut front, gp, &mut tag),
-        Pattern::Stencil2d => stencil(&mut b, &mut front, gp, 2, &mut tag),
-        Pattern::Stencil3d => stencil(&mut b, &mut front, gp, 3, &mut tag),
-    }
+    run(pattern, gp, &mut b);
     if halves && !lanes {
         b.group_halves();
     }
     Ok(b)
+}
+
+/// Add the operations of `pattern` to `b` (those of the ranks it owns).
+fn run(pattern: Pattern, gp: &GenParams, b: &mut ScheduleBuilder) {
+    let mut front = Front::new(gp.ranks as usize);
+    let mut tag = 0u32;
+    match pattern {
+        Pattern::Barrier => barrier(b, &mut front, &mut tag),
+        Pattern::Bcast => bcast(b, &mut front, gp.bytes, &mut tag),
+        Pattern::AllreduceRd => {
+            allreduce_rd(b, &mut front, gp.bytes, gp.reduce_ps_per_byte, &mut tag)
+        }
+        Pattern::AllreduceRing => allreduce_ring(b, &mut front, gp, &mut tag),
+        Pattern::AllreduceRab => allreduce_rab(b, &mut front, gp, &mut tag),
+        Pattern::Stencil2d => stencil(b, &mut front, gp, 2, &mut tag),
+        Pattern::Stencil3d => stencil(b, &mut front, gp, 3, &mut tag),
+    }
 }
 
 fn log2_ceil(p: u32) -> u32 {
@@ -297,6 +358,9 @@ fn barrier(b: &mut ScheduleBuilder, front: &mut Front, tag: &mut u32) {
         let t = *tag;
         *tag += 1;
         for r in 0..p {
+            if !b.owns(r) {
+                continue;
+            }
             let ru = r as usize;
             let s = b.send(r, ((r as u64 + d as u64) % p as u64) as u32, t, 1, class);
             let rv = b.recv(
@@ -319,6 +383,9 @@ fn bcast(b: &mut ScheduleBuilder, front: &mut Front, bytes: u64, tag: &mut u32) 
     let t = *tag;
     *tag += 1;
     for r in 0..p {
+        if !b.owns(r) {
+            continue;
+        }
         let ru = r as usize;
         let mut last = NIL;
         // Lowest power of two above r: children are r + 2^k for 2^k > r.
@@ -382,6 +449,9 @@ fn shift(
     reduce_ps: u64,
     class: u8,
 ) {
+    if !b.owns(r) {
+        return;
+    }
     let ru = r as usize;
     let s = b.send(r, to, t, bytes, class);
     let rv = b.recv(r, from, t, bytes, class);
@@ -409,9 +479,14 @@ fn one_way(
     reduce_ps: u64,
     class: u8,
 ) {
-    let s = b.send(from, to, t, bytes, class);
-    front.depend(b, from as usize, s);
-    front.set(from as usize, s);
+    if b.owns(from) {
+        let s = b.send(from, to, t, bytes, class);
+        front.depend(b, from as usize, s);
+        front.set(from as usize, s);
+    }
+    if !b.owns(to) {
+        return;
+    }
     let rv = b.recv(to, from, t, bytes, class);
     front.depend(b, to as usize, rv);
     let cost = bytes.saturating_mul(reduce_ps) / 1000;
@@ -674,6 +749,9 @@ fn stencil(b: &mut ScheduleBuilder, front: &mut Front, gp: &GenParams, nd: usize
         let base = *tag;
         *tag += 2 * nd as u32;
         for r in 0..p {
+            if !b.owns(r) {
+                continue;
+            }
             let ru = r as usize;
             let c = b.calc(r, gp.compute_ns, c_compute);
             front.depend(b, ru, c);
@@ -761,6 +839,76 @@ mod tests {
         }
     }
 
+    /// Every generator, built half by half on two threads, gives exactly the schedule of one
+    /// thread: for odd, small and power-of-two rank counts, with and without reduction
+    /// compute operations, in the halves layout (the only one two threads build) and the
+    /// plain one (which stays on one thread whatever `threads` says).
+    #[test]
+    fn two_threads_build_the_one_thread_schedule() {
+        for pat in Pattern::all() {
+            for ranks in [1u32, 2, 3, 5, 7, 8, 64, 301, 1000] {
+                for reduce_ps_per_byte in [0, 2000] {
+                    let gp = GenParams {
+                        ranks,
+                        iterations: 3,
+                        allreduce_every: 2,
+                        bytes: 4096,
+                        reduce_ps_per_byte,
+                        ..GenParams::default()
+                    };
+                    for halves in [true, false] {
+                        let one = generate_threads(pat, &gp, halves, 1).expect("generator");
+                        let two = generate_threads(pat, &gp, halves, 2).expect("generator");
+                        let what = format!("{pat:?} {ranks} ranks, halves {halves}");
+                        assert!(ranks == 1 || !one.is_empty(), "{what}");
+                        assert_eq!(one.num_ranks, two.num_ranks, "{what}");
+                        assert_eq!(one.ops, two.ops, "{what}");
+                        assert_eq!(one.dep_start, two.dep_start, "{what}");
+                        assert_eq!(one.dep_list, two.dep_list, "{what}");
+                        assert_eq!(one.class_names, two.class_names, "{what}");
+                        assert_eq!((one.num_cpus, one.num_nics), (two.num_cpus, two.num_nics));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The two-thread build reports its operation count to the side job like one thread does.
+    #[test]
+    fn two_thread_build_reports_the_count() {
+        let gp = GenParams {
+            ranks: 1 << 12,
+            ..GenParams::default()
+        };
+        let (s, n) =
+            generate_with(Pattern::AllreduceRd, &gp, true, 2, wait_for_count).expect("generator");
+        assert_eq!(n, s.len());
+        assert_eq!(
+            s.ops,
+            generate_layout(Pattern::AllreduceRd, &gp, true)
+                .expect("gen")
+                .ops
+        );
+    }
+
+    /// A dependency between the two halves' builders is refused, with whole-schedule indices.
+    #[test]
+    fn finish_halves_checks_edges() {
+        let mut a = ScheduleBuilder::new(2);
+        a.only_ranks(0, 1);
+        let mut b = ScheduleBuilder::new(2);
+        b.only_ranks(1, 2);
+        a.send(0, 1, 0, 8, 0);
+        b.recv(1, 0, 0, 8, 0);
+        let r = b.calc(1, 5, 0);
+        b.depend(r, 3, false);
+        let e = ScheduleBuilder::finish_halves(a, b, 2).expect_err("bad edge");
+        assert_eq!(
+            e.to_string(),
+            crate::error::ScheduleError::BadEdge { from: 4, to: 2 }.to_string()
+        );
+    }
+
     /// The final operation count, as a side job of `generate_with` sees it.
     fn wait_for_count(p: &Progress) -> usize {
         loop {
@@ -782,7 +930,7 @@ mod tests {
         };
         for pat in [Pattern::AllreduceRd, Pattern::Stencil2d, Pattern::Bcast] {
             let a = generate(pat, &gp).expect("generator");
-            let (b, n) = generate_with(pat, &gp, false, wait_for_count).expect("generator");
+            let (b, n) = generate_with(pat, &gp, false, 1, wait_for_count).expect("generator");
             assert_eq!(n, a.len());
             assert_eq!(a.ops, b.ops, "{pat:?}");
             assert_eq!(a.dep_start, b.dep_start);
@@ -793,6 +941,7 @@ mod tests {
             Pattern::Bcast,
             &GenParams { ranks: 0, ..gp },
             false,
+            2,
             wait_for_count
         )
         .is_err());

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use chama::analysis::{analyse_with, classes_csv, ranks_csv, summary};
 use chama::error::{ChamaError, SpecError};
 use chama::gen::{
-    estimate_ops, generate, generate_layout, generate_with, GenParams, Pattern, Progress,
+    estimate_ops, generate, generate_threads, generate_with, GenParams, Pattern, Progress,
 };
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
@@ -483,11 +483,11 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
                 // With two threads per run the runs go one after the other, and the noise-free
                 // run's states are written here too.
                 let two = halves && threads >= 2 && !a.single;
-                let (s, (t, c)) = generate_with(pat, &gp, halves, |p| templates(p, two))?;
+                let (s, (t, c)) = generate_with(pat, &gp, halves, threads, |p| templates(p, two))?;
                 (s, generated_input(pat, &gp), (Some(t), c))
             } else {
                 (
-                    generate_layout(pat, &gp, halves)?,
+                    generate_threads(pat, &gp, halves, threads)?,
                     generated_input(pat, &gp),
                     (None, None),
                 )

@@ -142,6 +142,8 @@ pub struct ScheduleBuilder {
     lane: Option<(u32, Vec<Op>)>,
     /// With [`ScheduleBuilder::report_progress`]: where the number of operations is published.
     progress: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
+    /// With [`ScheduleBuilder::only_ranks`]: the ranks whose operations this builder holds.
+    only: Option<(u32, u32)>,
 }
 
 /// [`ScheduleBuilder::report_progress`] publishes the operation count every this many operations.
@@ -166,6 +168,7 @@ impl ScheduleBuilder {
             edges: Vec::new(),
             lane: None,
             progress: None,
+            only: None,
         }
     }
 
@@ -220,8 +223,26 @@ impl ScheduleBuilder {
         }
     }
 
-    /// Publish the number of operations in `to` every [`PROGRESS_STEP`] operations (for work that
-    /// runs beside the build and needs only the count, such as writing state templates).
+    /// Build the operations of ranks `lo..hi` only: generators skip every other rank
+    /// ([`ScheduleBuilder::owns`]). Two such builders, one per half of the ranks, built at once
+    /// and joined by [`ScheduleBuilder::finish_halves`], give the schedule that
+    /// [`ScheduleBuilder::split_lanes`] gives on one thread.
+    pub fn only_ranks(&mut self, lo: u32, hi: u32) {
+        self.only = Some((lo, hi));
+    }
+
+    /// Whether this builder holds the operations of `rank` (see [`ScheduleBuilder::only_ranks`]).
+    #[inline]
+    pub fn owns(&self, rank: u32) -> bool {
+        match self.only {
+            None => true,
+            Some((lo, hi)) => lo <= rank && rank < hi,
+        }
+    }
+
+    /// Add the number of operations to `to` every [`PROGRESS_STEP`] operations (for work that
+    /// runs beside the build and needs only the count, such as writing state templates;
+    /// builders working at once may share one counter).
     pub fn report_progress(&mut self, to: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
         self.progress = Some(to);
     }
@@ -247,6 +268,7 @@ impl ScheduleBuilder {
         nic: u8,
         class: u8,
     ) -> Result<u32, ScheduleError> {
+        debug_assert!(self.owns(rank), "rank {rank} belongs to the other builder");
         let s = &mut self.s;
         if rank >= s.num_ranks {
             return Err(ScheduleError::RankOutOfRange {
@@ -302,7 +324,7 @@ impl ScheduleBuilder {
         if let Some(p) = &self.progress {
             let n = self.len();
             if n % PROGRESS_STEP == 0 {
-                p.store(n, std::sync::atomic::Ordering::Release);
+                p.fetch_add(PROGRESS_STEP, std::sync::atomic::Ordering::Release);
             }
         }
         Ok(id)
@@ -412,7 +434,7 @@ impl ScheduleBuilder {
             mut s,
             mut edges,
             lane,
-            progress: _,
+            ..
         } = self;
         // Second-lane operations after the others; their edges renumbered below.
         let first = s.ops.len() as u32;
@@ -422,34 +444,14 @@ impl ScheduleBuilder {
         }
         let at = |x: u32| if x >= LANE { x - LANE + first } else { x };
         let n = s.ops.len();
-        // Per operation, its number of dependents (checking every edge on the way), summed:
-        // `start[i]` is then where operation i's list ends.
-        let mut start = vec![0u32; n + 1];
-        for e in &mut edges {
-            if renumber {
+        if renumber {
+            for e in &mut edges {
                 *e = (at(e.0), at(e.1 & !IREQ_BIT) | (e.1 & IREQ_BIT));
             }
-            let (from, to) = *e;
-            let to_op = to & !IREQ_BIT;
-            if from as usize >= n || to_op as usize >= n {
-                return Err(ScheduleError::BadEdge { from, to: to_op });
-            }
-            if from == to_op {
-                return Err(ScheduleError::SelfDependency { op: from });
-            }
-            start[from as usize] += 1;
         }
-        for i in 1..=n {
-            start[i] += start[i - 1];
-        }
-        // Fill each list from its end, walking the edges backwards: the entries keep the
-        // order the edges were added in, and `start[i]` ends up where list i begins.
+        let mut start = vec![0u32; n + 1];
         let mut list = vec![0u32; edges.len()];
-        for &(from, to) in edges.iter().rev() {
-            let f = &mut start[from as usize];
-            *f -= 1;
-            list[*f as usize] = to;
-        }
+        csr_part(&edges, n, &mut start, &mut list, 0, 0)?;
         // Returning the edge buffer's pages to the system takes a while for big schedules, and
         // nothing here waits for it: leave it to another thread.
         drop_in_background(edges);
@@ -457,6 +459,109 @@ impl ScheduleBuilder {
         s.dep_list = list;
         Ok(s)
     }
+
+    /// Finish two builders of the same ranks and classes, `a` holding the operations of the
+    /// first half of the ranks and `b` those of the second (see
+    /// [`ScheduleBuilder::only_ranks`]): `b`'s operations go after `a`'s. With `threads` >= 2
+    /// the two halves' dependency lists are built at once, each into its own part of the
+    /// arrays. Dependencies must link operations of one builder (they are checked).
+    pub fn finish_halves(
+        a: ScheduleBuilder,
+        b: ScheduleBuilder,
+        threads: usize,
+    ) -> Result<Schedule, ScheduleError> {
+        let ScheduleBuilder {
+            s: mut sa,
+            edges: ea,
+            ..
+        } = a;
+        let ScheduleBuilder {
+            s: sb, edges: eb, ..
+        } = b;
+        debug_assert_eq!(sa.class_names, sb.class_names);
+        let (na, nb) = (sa.ops.len(), sb.ops.len());
+        let n = na + nb;
+        if n > MAX_OPS {
+            return Err(ScheduleError::TooManyOps);
+        }
+        sa.num_cpus = sa.num_cpus.max(sb.num_cpus);
+        sa.num_nics = sa.num_nics.max(sb.num_nics);
+        // Fresh zeroed arrays: each part's pages are first touched by the thread filling it.
+        let mut start = vec![0u32; n + 1];
+        let mut list = vec![0u32; ea.len() + eb.len()];
+        let (start_a, start_b) = start.split_at_mut(na);
+        let (list_a, list_b) = list.split_at_mut(ea.len());
+        let (off_ops, off_edges) = (na as u32, ea.len() as u32);
+        let (ra, rb) = if threads >= 2 {
+            std::thread::scope(|sc| {
+                let h = sc.spawn(|| csr_part(&eb, nb, start_b, list_b, off_ops, off_edges));
+                let ra = csr_part(&ea, na, start_a, list_a, 0, 0);
+                sa.ops.extend_from_slice(&sb.ops);
+                match h.join() {
+                    Ok(rb) => (ra, rb),
+                    Err(e) => std::panic::resume_unwind(e),
+                }
+            })
+        } else {
+            sa.ops.extend_from_slice(&sb.ops);
+            (
+                csr_part(&ea, na, start_a, list_a, 0, 0),
+                csr_part(&eb, nb, start_b, list_b, off_ops, off_edges),
+            )
+        };
+        ra?;
+        rb?;
+        drop_in_background(ea);
+        drop_in_background(eb);
+        drop_in_background(sb.ops);
+        sa.dep_start = start;
+        sa.dep_list = list;
+        Ok(sa)
+    }
+}
+
+/// Build the dependency lists of `n` operations from their `edges` (indices local to them,
+/// checked) into `start` (at least `n` entries; `start[i]` becomes where operation i's list
+/// begins, and an entry `n`, if there is one, the end of the last) and `list` (one entry per
+/// edge). The operations are numbered from `op_off` in the whole schedule and their lists from
+/// `edge_off`: entries and errors carry whole-schedule numbers.
+fn csr_part(
+    edges: &[(u32, u32)],
+    n: usize,
+    start: &mut [u32],
+    list: &mut [u32],
+    op_off: u32,
+    edge_off: u32,
+) -> Result<(), ScheduleError> {
+    debug_assert!(start.len() >= n && list.len() == edges.len());
+    // Per operation, its number of dependents (checking every edge on the way), summed:
+    // `start[i]` is then where operation i's list ends.
+    for &(from, to) in edges {
+        let to_op = to & !IREQ_BIT;
+        if from as usize >= n || to_op as usize >= n {
+            return Err(ScheduleError::BadEdge {
+                from: from.wrapping_add(op_off),
+                to: to_op.wrapping_add(op_off),
+            });
+        }
+        if from == to_op {
+            return Err(ScheduleError::SelfDependency { op: from + op_off });
+        }
+        start[from as usize] += 1;
+    }
+    let mut sum = edge_off;
+    for x in start.iter_mut() {
+        sum += *x;
+        *x = sum;
+    }
+    // Fill each list from its end, walking the edges backwards: the entries keep the
+    // order the edges were added in, and `start[i]` ends up where list i begins.
+    for &(from, to) in edges.iter().rev() {
+        let f = &mut start[from as usize];
+        *f -= 1;
+        list[(*f - edge_off) as usize] = to + op_off;
+    }
+    Ok(())
 }
 
 /// Vectors above this size are dropped on a thread of their own by [`drop_in_background`].
