@@ -53,15 +53,24 @@ struct Args {
     /// slot with that size).
     #[arg(long, default_value_t = 0)]
     line_streak: usize,
+    /// Byte sizes for `--line-streak` instead of `LINE_SIZES`.
+    #[arg(long, value_delimiter = ',')]
+    line_sizes: Vec<usize>,
+    /// `--line-streak` without its all-reduces (broadcasts only, e.g. to see which path they
+    /// take from the stage counter).
+    #[arg(long)]
+    line_bcast_only: bool,
 }
 
 /// Byte payloads on either side of every cache-line boundary of a slot (a 16-byte header, then
 /// the payload: the word's line holds 48 payload bytes, each further line 64), of the lines a
 /// waiting reader asks for ahead (the first four: 240 bytes), of one slot (2032) and of the
-/// slot path's end for broadcast and all-reduce (2033 goes through the stages).
-const LINE_SIZES: [usize; 22] = [
+/// slot path's end for broadcast and all-reduce (2033 goes through the stages), of two slots
+/// and of the end of the slot path for broadcasts with more ranks than cores (8192; see
+/// `puma::coll::CROWDED_BCAST_SLOTS_MAX`).
+const LINE_SIZES: [usize; 26] = [
     1, 47, 48, 49, 63, 64, 65, 111, 112, 113, 175, 176, 177, 239, 240, 241, 1007, 1008, 1009, 2031,
-    2032, 2033,
+    2032, 2033, 4064, 4065, 8192, 8193,
 ];
 
 /// `len` pseudo-random bytes of `rank` for operation `salt`.
@@ -75,9 +84,15 @@ fn byte_data(seed: u64, rank: u32, len: usize, salt: u64) -> Vec<u8> {
 /// changes with the size; the others pause once so the root runs ahead through the slots), every
 /// third operation also a byte all-reduce (wrapping sum), every operation's data different, so a
 /// reader that took a stale, half-written or overwritten slot fails the check.
-fn line_streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
+fn line_streak(w: &Comm, a: &Args, checks: &mut u32) -> Result<()> {
+    let (seed, count) = (a.seed, a.line_streak);
     let (me, p) = (w.rank(), w.size());
-    for (j, &len) in LINE_SIZES.iter().enumerate() {
+    let sizes: &[usize] = if a.line_sizes.is_empty() {
+        &LINE_SIZES
+    } else {
+        &a.line_sizes
+    };
+    for (j, &len) in sizes.iter().enumerate() {
         let root = j as u32 % p;
         for k in 0..count {
             let salt = 0x11e5_0000_0000 ^ ((j as u64) << 20) ^ k as u64;
@@ -97,7 +112,7 @@ fn line_streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()
                 &want,
             )?;
             *checks += 1;
-            if k % 3 == 2 {
+            if k % 3 == 2 && !a.line_bcast_only {
                 let mine = byte_data(seed, me, len, salt ^ 1);
                 let mut sum = byte_data(seed, 0, len, salt ^ 1);
                 for r in 1..p {
@@ -375,7 +390,7 @@ fn run(a: &Args) -> Result<()> {
     }
     streak(&w, a.seed, a.streak, &mut checks)?;
     alltoall_streak(&w, a.seed, a.alltoall_streak, &mut checks)?;
-    line_streak(&w, a.seed, a.line_streak, &mut checks)?;
+    line_streak(&w, a, &mut checks)?;
     // Sub-communicators: split by parity, ordered by descending rank; dup keeps traffic apart.
     let sub = w
         .split(Some(me % 2), -(me as i32))?

@@ -375,7 +375,12 @@ impl Comm {
         let tag = self.coll_tag();
         let g = self.size() as usize;
         let b = bytes_mut(buf);
-        if g > 1 {
+        // With more ranks than CPUs, a few KiB go through the slots, not the stage: a stage
+        // root runs at most STAGE_SEGS - 1 broadcasts ahead of its slowest reader (a slot root
+        // SLOTS - 1 pieces), so back-to-back broadcasts would wait for a descheduled reader
+        // every few calls. Every rank of the node decides alike (`crowded` is never revised).
+        let slots_first = self.core.crowded() && b.len() <= CROWDED_BCAST_SLOTS_MAX;
+        if g > 1 && !slots_first {
             if let Some(n) = self.node_stage(b.len(), 1, tag)? {
                 return Self::large_bcast(n, b, root);
             }
@@ -840,6 +845,9 @@ fn binomial_subtree_len(rel: usize, g: usize) -> usize {
 /// all-reduce carry through the collective area, in slot-sized pieces; larger ones take the
 /// portals algorithms.
 pub const SHM_LONG: usize = 64 * 1024;
+/// With more ranks than CPUs on the node, broadcasts up to this many bytes take the slots even
+/// where the stage would take them (see `Comm::broadcast`).
+pub const CROWDED_BCAST_SLOTS_MAX: usize = 8 * 1024;
 /// The limit for a communicator on one node with a core per rank: there the portals algorithms
 /// (one copy per message, no per-piece handshake) win above a few KiB.
 pub const SHM_LONG_DEDICATED: usize = 4 * 1024;

@@ -194,6 +194,9 @@ pub(crate) struct Core {
     oversubscribed: Cell<bool>,
     /// Ranks sharing this machine's cores.
     local_ranks: u32,
+    /// More ranks on this machine than online CPUs: unlike `oversubscribed`, never revised, so
+    /// every rank of a node sees the same value and may use it to pick a collective's path.
+    crowded: bool,
     /// The job heap is too small for bounce copies (cross-memory attach is the private path).
     small_heap: bool,
     /// The region's collective area (intra-node collectives).
@@ -313,6 +316,7 @@ impl Core {
             next_ctx: Cell::new(2),
             oversubscribed: Cell::new(local_ranks > cores),
             local_ranks,
+            crowded: local_ranks > cores,
             small_heap,
             unfinished: RefCell::new(HashMap::new()),
             shm,
@@ -339,6 +343,12 @@ impl Core {
     /// More ranks share this machine's cores than it has.
     pub fn oversubscribed(&self) -> bool {
         self.oversubscribed.get()
+    }
+
+    /// More ranks on this machine than online CPUs (the same answer on every rank of the node,
+    /// see the field).
+    pub fn crowded(&self) -> bool {
+        self.crowded
     }
 
     /// Once every local rank has attached (after the start-up barrier): counts the cores the

@@ -696,7 +696,12 @@ impl NodeColl {
     /// reader's arrivals.
     fn wait_reuse(&self, s: u64, what: &str) -> Result<()> {
         let need = s + 1 - SLOTS as u64;
-        let target = (need + REUSE_SLACK).min(s - 1);
+        let slack = if self.core.oversubscribed() {
+            SLOTS as u64 - 2
+        } else {
+            REUSE_SLACK
+        };
+        let target = (need + slack).min(s - 1);
         for i in 0..self.len() {
             if i != self.me && self.seen.borrow()[i] < need {
                 self.wait_arrival(i, target, what)?;

@@ -80,6 +80,43 @@ fn small_payloads_at_every_line_boundary_through_reused_slots() {
     }
 }
 
+/// With more ranks than cores (8 on this 2-core machine), broadcasts up to 8 KiB take the slots
+/// in pieces instead of the stage (which lets a root run only 3 operations ahead of a
+/// descheduled reader); 8193 bytes take the stage again. With a core per rank (2 ranks) the
+/// stage carries all sizes above one slot. 70 back-to-back broadcasts per size, each checked,
+/// so the multi-piece slot path wraps the 64 slots several times.
+#[test]
+fn crowded_nodes_broadcast_a_few_kib_through_the_slots() {
+    for (n, sizes, slots_only) in [
+        (8, "2033,4064,4065,8192", true),
+        (8, "8193", false),
+        (2, "4096", false),
+    ] {
+        let args = [
+            "--seed",
+            "91",
+            "--sizes",
+            "1",
+            "--streak",
+            "0",
+            "--dup-sizes",
+            "0",
+            "--line-streak",
+            "70",
+            "--line-bcast-only",
+            "--line-sizes",
+            sizes,
+        ];
+        let so = ok(n, &[], "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        assert_eq!(
+            so.contains("stage pieces: 0\n"),
+            slots_only,
+            "{n} ranks, {sizes}: {so}"
+        );
+    }
+}
+
 /// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
 /// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
 /// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).
