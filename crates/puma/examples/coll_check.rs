@@ -133,26 +133,34 @@ fn line_streak(w: &Comm, a: &Args, checks: &mut u32) -> Result<()> {
 /// See `Args::alltoall_streak`.
 fn alltoall_streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
     const BLOCKS: [usize; 3] = [2047, 2048, 8193];
-    let (me, p) = (w.rank(), w.size());
     for k in 0..count {
         let blk = BLOCKS[k % BLOCKS.len()];
         let salt = 0xa2a0_0000 ^ k as u64;
-        let send: Vec<i64> = (0..p)
-            .flat_map(|j| data(seed, me, blk, salt ^ (j as u64 + 3)))
-            .collect();
-        let mut recv = vec![0i64; send.len()];
-        w.all_to_all(&send, &mut recv)?;
-        let want: Vec<i64> = (0..p)
-            .flat_map(|i| data(seed, i, blk, salt ^ (me as u64 + 3)))
-            .collect();
-        expect(
+        check_all_to_all(
+            w,
+            seed,
+            blk,
+            salt,
             &format!("streak all-to-all {k} ({blk} i64 blocks)"),
-            &recv,
-            &want,
         )?;
     }
     *checks += count as u32;
     Ok(())
+}
+
+/// One all-to-all of `blk`-element blocks, checked: block j of rank i is
+/// `data(i, salt ^ (j + 3))`.
+fn check_all_to_all(w: &Comm, seed: u64, blk: usize, salt: u64, what: &str) -> Result<()> {
+    let (me, p) = (w.rank(), w.size());
+    let send: Vec<i64> = (0..p)
+        .flat_map(|j| data(seed, me, blk, salt ^ (j as u64 + 3)))
+        .collect();
+    let mut recv = vec![0i64; send.len()];
+    w.all_to_all(&send, &mut recv)?;
+    let want: Vec<i64> = (0..p)
+        .flat_map(|i| data(seed, i, blk, salt ^ (me as u64 + 3)))
+        .collect();
+    expect(what, &recv, &want)
 }
 
 /// `len` elements of broadcast `k` of the streak (what the root sends).
@@ -343,15 +351,7 @@ fn check_size(w: &Comm, seed: u64, n: usize, checks: &mut u32) -> Result<()> {
     expect("all-gather", &ag, &all)?;
     // All-to-all: block j of rank i is data(i, salt ^ (j+3)).
     let blk = n / p as usize + 1;
-    let send: Vec<i64> = (0..p)
-        .flat_map(|j| data(seed, me, blk, salt ^ (j as u64 + 3)))
-        .collect();
-    let mut recv = vec![0i64; send.len()];
-    w.all_to_all(&send, &mut recv)?;
-    let want: Vec<i64> = (0..p)
-        .flat_map(|i| data(seed, i, blk, salt ^ (me as u64 + 3)))
-        .collect();
-    expect("all-to-all", &recv, &want)?;
+    check_all_to_all(w, seed, blk, salt, "all-to-all")?;
     w.barrier()?;
     *checks += 3;
     Ok(())

@@ -147,6 +147,18 @@ fn yod_in(ns: &str, dir: &Path, args: &[&str], mark: &str) -> Command {
     c
 }
 
+/// A fresh cluster key in `dir`, made with `yod keygen`.
+fn keygen(dir: &Path) -> PathBuf {
+    let key = dir.join("cluster.key");
+    let kg = Command::new(yod())
+        .args(["keygen", "--out"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(kg.status.success());
+    key
+}
+
 #[test]
 fn exclusive_multinode_job_lost_node_and_recovery() {
     let net = match setup(3) {
@@ -157,13 +169,7 @@ fn exclusive_multinode_job_lost_node_and_recovery() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    let kg = Command::new(yod())
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(kg.status.success());
+    let key = keygen(dir.path());
     let m = marker("netns");
     let mut pcts: Vec<Child> = (0..3)
         .map(|i| start_pct(&net.nodes[i], i, &key, dir.path(), &m))
@@ -338,13 +344,7 @@ fn the_node_engine_gets_a_free_cpu_else_its_first_ranks() {
         }
     };
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("cluster.key");
-    let kg = Command::new(yod())
-        .args(["keygen", "--out"])
-        .arg(&key)
-        .output()
-        .unwrap();
-    assert!(kg.status.success());
+    let key = keygen(dir.path());
     let m = marker("engcpu");
     // Killed on drop, so a failed assertion leaves no daemon behind.
     struct Pcts(Vec<Child>);
