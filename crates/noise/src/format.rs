@@ -29,11 +29,41 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Write `path` atomically: `fill` writes into a temporary file that is renamed into place.
-pub fn write_atomic(
-    path: &Path,
-    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
+/// Check, before a measurement starts, that `path` can later be written by [`write_atomic`]:
+/// it must not be a directory, its directory must exist, and a file can be created there (the
+/// probe is the same temporary name `write_atomic` uses, removed at once). A run of minutes must
+/// not end in "cannot write" with its data lost.
+pub fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(NoiseError::io(
+            path,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+        ));
+    }
+    let (dir, tmp) = temp_beside(path);
+    if !dir.is_dir() {
+        return Err(NoiseError::io(
+            dir,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the directory to write into does not exist",
+            ),
+        ));
+    }
+    std::fs::File::create(&tmp).map_err(|e| NoiseError::io(path, e))?;
+    let _ = std::fs::remove_file(&tmp);
+    Ok(())
+}
+
+/// Check, before a measurement starts, that a report can be written into `dir`: create it if
+/// missing and probe that a file can be made in it.
+pub fn check_report_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| NoiseError::io(dir, e))?;
+    check_writable(&dir.join("report.html"))
+}
+
+/// The directory `path` lives in and the temporary name written there before the rename.
+fn temp_beside(path: &Path) -> (&Path, std::path::PathBuf) {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -43,6 +73,15 @@ pub fn write_atomic(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    (dir, tmp)
+}
+
+/// Write `path` atomically: `fill` writes into a temporary file that is renamed into place.
+pub fn write_atomic(
+    path: &Path,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
+    let (_, tmp) = temp_beside(path);
     let result = (|| -> std::io::Result<()> {
         let f = std::fs::File::create(&tmp)?;
         let mut w = BufWriter::new(f);
@@ -422,6 +461,32 @@ pub fn is_detour_file(path: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outputs_that_cannot_be_written_are_refused_before_a_run_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("run.csv");
+        check_writable(&ok).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "probe left behind"
+        );
+        let missing = dir.path().join("no/such/dir/run.csv");
+        let e = check_writable(&missing).unwrap_err().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        let e = check_writable(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("is a directory"), "{e}");
+        // A report directory is created when missing, and only the directory stays.
+        let rep = dir.path().join("rep/sub");
+        check_report_dir(&rep).unwrap();
+        assert!(rep.is_dir());
+        assert_eq!(std::fs::read_dir(&rep).unwrap().count(), 0);
+        // A report "directory" that is a file cannot be used.
+        assert!(check_report_dir(&ok.with_extension("x")).is_ok());
+        std::fs::write(dir.path().join("plain"), b"x").unwrap();
+        assert!(check_report_dir(&dir.path().join("plain")).is_err());
+    }
 
     fn sample() -> FtqRun {
         FtqRun {

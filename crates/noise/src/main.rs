@@ -190,6 +190,17 @@ fn write_csv(
     format::write_atomic(path, body)
 }
 
+/// Refuse to start a measurement whose results could not be saved afterwards.
+fn check_outputs(output: Option<&Path>, report_dir: Option<&Path>) -> Result<(), NoiseError> {
+    if let Some(p) = output {
+        format::check_writable(p)?;
+    }
+    if let Some(d) = report_dir {
+        format::check_report_dir(d)?;
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), NoiseError> {
     match cli.cmd {
         Cmd::Ftq {
@@ -201,6 +212,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
             command,
         } => {
             let rc = run_config(&common)?;
+            check_outputs(output.as_deref(), report_dir.as_deref())?;
             let cfg = ftq::FtqConfig {
                 cpus: rc.cpus,
                 interval_ns: parse_duration_ns(&interval)?,
@@ -230,6 +242,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
             output,
         } => {
             let rc = run_config(&common)?;
+            check_outputs(output.as_deref(), None)?;
             let (cal, series) = modes::run_fwq(&rc, parse_duration_ns(&work)?)?;
             println!(
                 "FWQ: work {:.1} us per sample ({} iterations)",
@@ -284,6 +297,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
             output,
         } => {
             let rc = run_config(&common)?;
+            check_outputs(output.as_deref(), None)?;
             let (cal, series) = modes::run_fig1(&rc, parse_duration_ns(&work)?)?;
             println!(
                 "Figure 1 (defective) benchmark: work quantum {:.0} ns; read per sample, as its design invites:",
@@ -331,6 +345,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
             report: report_dir,
         } => {
             let rc = run_config(&common)?;
+            check_outputs(output.as_deref(), report_dir.as_deref())?;
             let traces = modes::run_detour(&rc, parse_duration_ns(&threshold)?)?;
             for t in &traces {
                 println!(

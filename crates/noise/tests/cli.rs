@@ -64,6 +64,52 @@ fn bad_arguments_give_clear_errors() {
     assert!(!Path::new("nonexistent").exists());
 }
 
+#[test]
+fn unwritable_outputs_are_refused_before_sampling_starts() {
+    // An hour-long run must not end in "cannot write": each of these would sample for an hour
+    // if the output were not checked first, so a quick refusal is the proof.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no/such/run.csv");
+    for mode in ["ftq", "detour", "fwq", "fig1"] {
+        let t0 = std::time::Instant::now();
+        let out = bin()
+            .args([
+                mode,
+                "--cpu",
+                &last_cpu().to_string(),
+                "--duration",
+                "3600s",
+            ])
+            .arg("-o")
+            .arg(&missing)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{mode}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("does not exist"), "{mode}: {err}");
+        assert!(
+            t0.elapsed().as_secs() < 60,
+            "{mode} sampled before refusing"
+        );
+    }
+    // A report directory below a plain file cannot be made.
+    std::fs::write(dir.path().join("file-not-dir"), b"x").unwrap();
+    let out = bin()
+        .args([
+            "ftq",
+            "--cpu",
+            &last_cpu().to_string(),
+            "--duration",
+            "3600s",
+        ])
+        .arg("--report")
+        .arg(dir.path().join("file-not-dir/rep"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("file-not-dir"));
+}
+
 fn synthetic_run(path: &Path, trains: &[noise::analysis::PulseTrain]) {
     let counts = noise::analysis::synth_counts(8000, 1_000_000, 1000, trains);
     let run = noise::FtqRun {
