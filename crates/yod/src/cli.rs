@@ -163,6 +163,13 @@ fn spec_of(cli: &RunCli) -> Result<JobSpec> {
             "--ppn and --nodes must be at least 1".into(),
         ));
     }
+    if let Some(k) = cli.nodes.filter(|&k| k > cli.n) {
+        // As srun does: say so rather than silently starting fewer nodes than asked.
+        eprintln!(
+            "yod: note: --nodes {k} is more than the {} rank(s); the job uses {} node(s), one rank each",
+            cli.n, cli.n
+        );
+    }
     if !(-20..=20).contains(&cli.priority) {
         return Err(YodError::Usage("--priority must be in -20..=20".into()));
     }
@@ -263,10 +270,10 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
     }
     // Embedded local partition.
     let k = match (cli.nodes, cli.ppn) {
-        (Some(k), _) => k.min(cli.n) as usize,
-        (None, Some(p)) => cli.n.div_ceil(p) as usize,
         // One virtual node unless the job exceeds what one node's QK fabric holds.
         (None, None) => cli.n.div_ceil(pct::resources::MAX_LOCAL_RANKS) as usize,
+        // The same rule (and the same refusal of --nodes x --ppn < -n) as for real nodes.
+        _ => launch::nodes_needed(&spec, usize::MAX)?,
     };
     if k > 1024 {
         return Err(YodError::Usage(format!(

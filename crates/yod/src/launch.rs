@@ -312,9 +312,11 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
     let placement = distribute(spec.n, links.len(), spec.ppn);
     if placement.len() > links.len() {
         return Err(YodError::Allocation(format!(
-            "{} ranks at --ppn {:?} need {} nodes, have {}",
+            "{} ranks{} need {} nodes, have {}",
             spec.n,
-            spec.ppn,
+            spec.ppn
+                .map(|p| format!(" at --ppn {p}"))
+                .unwrap_or_default(),
             placement.len(),
             links.len()
         )));

@@ -266,3 +266,38 @@ fn ranks_on_two_virtual_nodes_exchange_messages_through_the_qk_node_engines() {
     assert!(so.contains("0: OK kinds target ok"), "{so}");
     assert!(so.contains("1: OK kinds initiator ok"), "{so}");
 }
+
+#[test]
+fn node_and_ppn_requests_that_cannot_hold_the_job_are_refused_and_extra_nodes_noted() {
+    let h = hello().display().to_string();
+    for (args, want) in [
+        (
+            &["-n", "8", "--nodes", "2", "--ppn", "2"][..],
+            "--nodes 2 x --ppn 2 cannot hold 8 ranks",
+        ),
+        (
+            &["-n", "3", "--nodes", "2", "--ppn", "1"][..],
+            "--nodes 2 x --ppn 1 cannot hold 3 ranks",
+        ),
+    ] {
+        let mut a = args.to_vec();
+        a.push(&h);
+        let out = run_yod(&a);
+        assert!(!out.status.success(), "{a:?}");
+        assert!(out.stdout.is_empty(), "{a:?} started ranks");
+        assert!(
+            text(&out.stderr).contains(want),
+            "{a:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    // More nodes than ranks: the job runs, one rank per node, and yod says so.
+    let out = run_yod(&["-n", "3", "--nodes", "5", &h]);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).lines().count(), 3);
+    assert!(
+        text(&out.stderr).contains("the job uses 3 node(s)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
