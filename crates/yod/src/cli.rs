@@ -133,7 +133,7 @@ pub fn main() -> i32 {
                     0
                 }
                 Err(e) => {
-                    eprintln!("yod: {e}");
+                    crate::say!("yod: {e}");
                     1
                 }
             };
@@ -144,7 +144,7 @@ pub fn main() -> i32 {
     match run_cli(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("yod: {e}");
+            crate::say!("yod: {e}");
             launch::EXIT_LAUNCH_FAILED
         }
     }
@@ -165,7 +165,7 @@ fn spec_of(cli: &RunCli) -> Result<JobSpec> {
     }
     if let Some(k) = cli.nodes.filter(|&k| k > cli.n) {
         // As srun does: say so rather than silently starting fewer nodes than asked.
-        eprintln!(
+        crate::say!(
             "yod: note: --nodes {k} is more than the {} rank(s); the job uses {} node(s), one rank each",
             cli.n, cli.n
         );
@@ -215,13 +215,13 @@ fn service_split(cli: &RunCli) -> Result<CpuSplit> {
 /// Called after the embedded PCTs (which must see every CPU) have been started.
 fn pin_to_service(split: &CpuSplit, verbose: bool) {
     match split.pin_here_to_service() {
-        Ok(()) if verbose => eprintln!(
+        Ok(()) if verbose => crate::say!(
             "yod: own threads on service CPU(s) {}; ranks on {}",
             format_cpu_list(&split.service),
             format_cpu_list(&split.app)
         ),
         Ok(()) => {}
-        Err(e) => eprintln!(
+        Err(e) => crate::say!(
             "yod: cannot pin to service CPUs {}: {e}; yod's threads may run on application CPUs",
             format_cpu_list(&split.service)
         ),
@@ -315,7 +315,7 @@ fn run_slurm(cli: &RunCli, spec: &JobSpec, hosts: Vec<String>, split: &CpuSplit)
     let (prog, pre) = pct_command();
     let argv = slurm::srun_argv(&prog, &pre, &hosts, cli.pct_port, &key_path);
     if cli.verbose {
-        eprintln!("yod: starting PCTs: {}", argv.join(" "));
+        crate::say!("yod: starting PCTs: {}", argv.join(" "));
     }
     let mut srun = std::process::Command::new(&argv[0])
         .args(&argv[1..])

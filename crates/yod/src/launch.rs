@@ -266,7 +266,7 @@ pub fn allocate(
                 }
             }
             Err(e) => {
-                eprintln!("yod: node {} is down ({e}); skipping it", t.name);
+                crate::say!("yod: node {} is down ({e}); skipping it", t.name);
                 down.push(t.name.clone());
             }
         }
@@ -344,7 +344,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
     let uid = rustix::process::getuid().as_raw();
     if spec.verbose {
         for (l, r) in links.iter().zip(&placement) {
-            eprintln!("yod: job {job}: node {} gets ranks {:?}", l.target.name, r);
+            crate::say!("yod: job {job}: node {} gets ranks {:?}", l.target.name, r);
         }
     }
 
@@ -476,7 +476,9 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
             Some(t) => match rx.recv_timeout(t.saturating_duration_since(Instant::now())) {
                 Ok(ev) => ev,
                 Err(_) => {
-                    eprintln!("yod: nodes did not confirm the teardown in time; giving up on them");
+                    crate::say!(
+                        "yod: nodes did not confirm the teardown in time; giving up on them"
+                    );
                     break;
                 }
             },
@@ -502,7 +504,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                 exited += 1;
                 if !status.success() && first_failure.is_none() && teardown.is_none() {
                     first_failure = Some(status.code());
-                    eprintln!(
+                    crate::say!(
                         "yod: rank {rank} on node {} {}{}",
                         names[i],
                         describe(status),
@@ -538,7 +540,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
             }
             Ev::Msg(i, FromPct::JobDone) => done[i] = true,
             Ev::Msg(i, FromPct::Refused { reason }) => {
-                eprintln!("yod: {reason}");
+                crate::say!("yod: {reason}");
                 done[i] = true;
                 if code_override.is_none() {
                     code_override = Some(EXIT_LAUNCH_FAILED);
@@ -555,7 +557,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                 }
                 done[i] = true;
                 lost.push(names[i].clone());
-                eprintln!("yod: node {} lost ({why}); ending job {job}", names[i]);
+                crate::say!("yod: node {} lost ({why}); ending job {job}", names[i]);
                 if spec.local {
                     pct::job::kill_job_leftovers(&job, i as u32);
                 }
@@ -572,7 +574,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
                     kill_all(9, &done);
                     break;
                 }
-                eprintln!("yod: caught {}; tearing down job {job}", signal_name(s));
+                crate::say!("yod: caught {}; tearing down job {job}", signal_name(s));
                 code_override = Some(128 + s);
                 kill_all(s, &done);
                 teardown = Some(Instant::now() + Duration::from_secs(3));
@@ -580,7 +582,7 @@ pub fn run(spec: &JobSpec, alloc: Allocation) -> Result<Outcome> {
         }
     }
     if spec.verbose {
-        eprintln!("yod: job {job}: {exited} rank exit(s) reported");
+        crate::say!("yod: job {job}: {exited} rank exit(s) reported");
     }
     let code = match (code_override, first_failure) {
         (Some(c), None) => c,

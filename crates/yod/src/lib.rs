@@ -3,6 +3,16 @@
 //! forwards their I/O line by line and returns the first failing rank's status.
 #![forbid(unsafe_code)]
 
+/// yod's own messages on stderr. Unlike `eprintln!`, a closed or broken stderr (e.g. `yod ... 2>&1
+/// | head`) does not panic: yod must still tear the job down and return the job's exit status.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod cli;
 pub mod error;
 pub mod hostlist;

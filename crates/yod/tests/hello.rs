@@ -301,3 +301,19 @@ fn node_and_ppn_requests_that_cannot_hold_the_job_are_refused_and_extra_nodes_no
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_closed_stderr_does_not_make_yod_panic_or_lose_the_exit_status() {
+    // `yod ... 2>&1 | head` closes yod's stderr early; yod's own messages must not panic
+    // (exit 101) but end the job and return the failing rank's status.
+    let mut child = std::process::Command::new(yod())
+        .args(["-n", "4", "/bin/sh", "-c", "echo bad args >&2; exit 2"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(2), "{st:?}");
+}
