@@ -9,7 +9,7 @@ use std::time::Instant;
 #[derive(Parser)]
 struct Args {
     /// Round trips per size.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
     iters: u32,
     /// Largest message in bytes.
     #[arg(long, default_value_t = 1 << 20)]
