@@ -904,6 +904,30 @@ impl<S: Store> Engine<S> {
     /// headers.
     #[inline(always)]
     pub fn deliver_put_fast(&mut self, h: &WireHeader, out: &mut Region) -> bool {
+        let mut unused = Event::EMPTY;
+        self.deliver_put_fast_taking(h, out, EqHandle::NONE, &mut unused)
+            .is_some()
+    }
+
+    /// [`Engine::deliver_put_fast`] for a caller waiting on event queue `want`:
+    /// when the put's event goes to `want` and `want` holds nothing older (no
+    /// queued event, no loss to report), the event is also written to `ev` and
+    /// taken off the queue, exactly as an [`Engine::eq_get_into`] right after
+    /// would take it (its slot keeps the copy, so the engine's state is the same
+    /// as after those two calls). The waiter so gets its event from registers
+    /// instead of reading back the slot just written. `None`: declined, nothing
+    /// changed, `ev` untouched; `Some(true)`: delivered and taken into `ev`;
+    /// `Some(false)`: delivered, the event (if any) queued, `ev` untouched.
+    /// `EqHandle::NONE` as `want` never takes. A property test holds it to the
+    /// general path followed by `eq_get_into`.
+    #[inline(always)]
+    pub fn deliver_put_fast_taking(
+        &mut self,
+        h: &WireHeader,
+        out: &mut Region,
+        want: EqHandle,
+        ev: &mut Event,
+    ) -> Option<bool> {
         // `WireHeader::validate` for a put without ack (which needs no return
         // descriptor), then the destination check of the general path.
         let plain = (h.version == WIRE_VERSION)
@@ -920,17 +944,15 @@ impl<S: Store> Engine<S> {
             & h.return_offset.checked_add(h.rlength).is_some()
             & (h.dst == self.cfg.id);
         if !plain {
-            return false;
+            return None;
         }
         let t = self.store.tables();
-        let Some(&portal) = t.portals.get(h.portal as usize) else {
-            return false;
-        };
+        let &portal = t.portals.get(h.portal as usize)?;
         if !portal.enabled | portal.handler.is_some() | !portal.acl.permits(h.src, false) {
-            return false;
+            return None;
         }
         let Target::List { head, .. } = portal.target else {
-            return false;
+            return None;
         };
         // The general path's walk: entries that do not match are skipped without effect.
         let mut cur = head;
@@ -938,15 +960,13 @@ impl<S: Store> Engine<S> {
             match t.entries.get(cur as usize) {
                 Some(e) if !e.matches(h) => cur = e.next,
                 Some(e) => break e,
-                None => return false,
+                None => return None,
             }
         };
         let (mdh, gen, uses, threshold) = (e.md, e.gen, e.uses, e.threshold);
-        let Some(slot) = t.mds.get(mdh.idx as usize) else {
-            return false;
-        };
+        let slot = t.mds.get(mdh.idx as usize)?;
         if !slot.is(mdh) | !slot.opts.put {
-            return false;
+            return None;
         }
         let MdState::Single {
             region,
@@ -954,15 +974,15 @@ impl<S: Store> Engine<S> {
             ..
         } = slot.state
         else {
-            return false;
+            return None;
         };
         let Ok((m, truncated)) = fit(region.len, h.offset, h.length, slot.opts.truncate) else {
-            return false;
+            return None;
         };
         // An entry reaching its threshold is unlinked (and an unlink event posted): general path.
         let uses = uses.saturating_add(1);
         if (threshold != 0) & (uses >= threshold) {
-            return false;
+            return None;
         }
         let eq = if slot.eq.idx != u32::MAX {
             slot.eq
@@ -971,6 +991,7 @@ impl<S: Store> Engine<S> {
         };
         // Every check passed: from here on the effects of the general path, in its order.
         t.entries[cur as usize].uses = uses;
+        let mut taken = false;
         if eq.idx != u32::MAX {
             let (at, seq) = match reserve(t.eqs, eq) {
                 Slot::At(at, seq) => (at, seq),
@@ -981,8 +1002,8 @@ impl<S: Store> Engine<S> {
                 Slot::NoQueue => (usize::MAX, 0),
             };
             // Written in place, from registers.
-            if let Some(ev) = t.events.get_mut(at) {
-                *ev = Event {
+            if let Some(slot) = t.events.get_mut(at) {
+                let event = Event {
                     kind: EventKind::Put,
                     initiator: h.src,
                     portal: h.portal,
@@ -998,12 +1019,28 @@ impl<S: Store> Engine<S> {
                     reason: None,
                     seq,
                 };
+                *slot = event;
+                // The waiter's queue, and this event is its only one (`reserve` found it
+                // empty, so the slot is at its head, and there is no loss to report first):
+                // `eq_take`'s effects.
+                if want == eq {
+                    let q = &mut t.eqs[eq.idx as usize];
+                    if (q.len == 1) & (q.lost == 0) {
+                        q.head += 1;
+                        if q.head == q.cap {
+                            q.head = 0;
+                        }
+                        q.len = 0;
+                        *ev = event;
+                        taken = true;
+                    }
+                }
             }
         }
         self.counters.delivered += 1;
         self.counters.bytes = self.counters.bytes.wrapping_add(m);
         *out = region.sub(h.offset, m);
-        true
+        Some(taken)
     }
 
     /// Delivery, writing the plan's event when `EVENT` (else only for a handler).

@@ -906,6 +906,67 @@ proptest! {
             }
         }
     }
+    /// The waiter's variant of the delivery fast path: on the same random tables
+    /// and headers, with a random queue waited on (or none), it has exactly the
+    /// effects of the general path followed by `eq_get_into` on that queue when it
+    /// says it took the event (and hands out that very event), exactly the general
+    /// path's effects when it delivered without taking, and none when it declined.
+    /// It takes the event whenever the general path's event went to the waited-on
+    /// queue and that queue had nothing older to report (no event, no loss).
+    #[test]
+    fn put_fast_path_taking_has_the_general_paths_effects_then_eq_get(
+        mds in proptest::collection::vec(fast_md(), 1..8),
+        portals in proptest::collection::vec(fast_portal(), 4),
+        entries in proptest::collection::vec(fast_entry(), 0..13),
+        release in proptest::collection::vec(0usize..16, 0..3),
+        hdrs in proptest::collection::vec((fast_hdr(), 0u8..3), 1..40),
+    ) {
+        let (mut e, eqs, _) = fast_engine(&mds, &portals, &entries, &release);
+        let untouched = Event { seq: 0xdead, ..Event::EMPTY };
+        for (g, w) in &hdrs {
+            if g.drain {
+                for q in eqs {
+                    let _ = e.eq_get(q);
+                }
+            }
+            let want = match w {
+                0 => EqHandle::NONE,
+                k => eqs[*k as usize - 1],
+            };
+            let h = fast_header(g);
+            let before = format!("{e:?}");
+            // Would the waiter's next take find nothing older (no event, no loss)?
+            let was_clear = want != EqHandle::NONE && matches!(e.clone().eq_get(want), Ok(None));
+            let mut general = e.clone();
+            let mut plan = DeliveryPlan::EMPTY;
+            let result = general.deliver_into(&h, &mut plan);
+            let mut to = Region::new(1, 1);
+            let mut ev = untouched;
+            match e.deliver_put_fast_taking(&h, &mut to, want, &mut ev) {
+                None => {
+                    prop_assert_eq!(to, Region::new(1, 1));
+                    prop_assert_eq!(ev, untouched);
+                    prop_assert_eq!(format!("{e:?}"), before);
+                    e = general;
+                }
+                Some(taken) => {
+                    prop_assert!(result.is_ok(), "fast path took a header the general path drops: {:?}", result);
+                    prop_assert!(plan.body.is_contiguous());
+                    prop_assert_eq!(plan.body.first(), to);
+                    let to_want = was_clear && general.eq_len(want) == Ok(1);
+                    prop_assert_eq!(taken, to_want);
+                    if taken {
+                        let mut next = Event::EMPTY;
+                        prop_assert_eq!(general.eq_get_into(want, &mut next), Ok(true));
+                        prop_assert_eq!(ev, next);
+                    } else {
+                        prop_assert_eq!(ev, untouched);
+                    }
+                    prop_assert_eq!(format!("{e:?}"), format!("{general:?}"));
+                }
+            }
+        }
+    }
     /// On random descriptor tables and put arguments (wrong ones included), the
     /// send fast path either has exactly the effects of the general path
     /// (`prepare_put_body`, then `sent_put` once the bytes are out) and hands

@@ -154,6 +154,8 @@ struct Inner {
     plan: Box<portals::DeliveryPlan>,
     /// The portals header of the record being delivered (filled for every record).
     wire: WireHeader,
+    /// Where a progress pass with no waiter points [`Ctx::ev`] (never written then).
+    scratch: Event,
 }
 
 /// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
@@ -342,6 +344,7 @@ impl Endpoint {
             private_path: PrivatePath::for_this_host(),
             plan: Box::new(portals::DeliveryPlan::EMPTY),
             wire: EMPTY_WIRE,
+            scratch: Event::EMPTY,
         };
         let coproc_mode = spec.mode.engine_on_own_core();
         let (own, inner) = if coproc_mode {
@@ -548,6 +551,7 @@ impl Endpoint {
             .port_of_rank(a.target.rank)
             .filter(|_| a.length <= inner.region.eager_max as u64)
         {
+            inner.port.prefetch_next(d);
             let (mem, port, me) = (&inner.mem, &mut inner.port, inner.me.rank);
             let sent = inner.engine.put_fast(a, |src| {
                 let hdr = Hdr::put(a, me);
@@ -739,10 +743,17 @@ impl Endpoint {
         // after it only hand its events out): take it straight from the owned engine, without
         // the general path's mode tests and result wrapping.
         if let Some(inner) = self.own.as_deref_mut() {
-            if let Ok(true) = inner.engine.eq_get_into(eq, out) {
-                self.idle_since = None;
-                return Ok(true);
+            // Else (the inline modes own their engine, nothing to start) one progress pass;
+            // what it delivers for `eq` first may come straight into `out`.
+            let got = match inner.engine.eq_get_into(eq, out) {
+                Ok(false) => inner.progress_into(eq, out),
+                r => r,
             }
+            .map_err(|e| QkError::Portals(e.to_string()))?;
+            if got {
+                self.idle_since = None;
+            }
+            return Ok(got);
         }
         self.poll_with(|e| e.eq_get_into(eq, out).map(|got| got.then_some(())))
             .map(|r| r.is_some())
@@ -1242,6 +1253,29 @@ impl Inner {
     }
 
     fn progress(&mut self, budget: usize) -> usize {
+        self.progress_with::<false>(budget, EqHandle::NONE, None).0
+    }
+
+    /// A progress pass for a caller waiting on `eq`, then its next event into `out`: stops when
+    /// the source that gave records runs dry ([`Port::poll_run`]), and when the first event the
+    /// pass produces is a fast-path put's for `eq` with nothing older on it, that event goes
+    /// straight into `out` ([`portals::Engine::deliver_put_fast_taking`]) instead of through
+    /// its queue slot. `Ok(true)`: an event was written to `out`.
+    fn progress_into(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, portals::Error> {
+        if self.progress_with::<true>(256, eq, Some(out)).1 {
+            return Ok(true);
+        }
+        self.engine.eq_get_into(eq, out)
+    }
+
+    /// One progress pass: (records handled, whether an event was taken into `ev` for `want`).
+    #[inline(always)]
+    fn progress_with<const RUN: bool>(
+        &mut self,
+        budget: usize,
+        want: EqHandle,
+        ev: Option<&mut Event>,
+    ) -> (usize, bool) {
         if !self.out.is_empty() {
             self.flush();
         }
@@ -1258,6 +1292,7 @@ impl Inner {
             heap,
             plan,
             wire,
+            scratch,
             ..
         } = self;
         let me_port = port.me();
@@ -1272,19 +1307,27 @@ impl Inner {
             heap,
             plan,
             wire,
+            want,
+            ev: ev.unwrap_or(scratch),
+            taken: false,
             delivered: 0,
             delivered_bytes: 0,
         };
-        let handled = port.poll(budget, |m| ctx.handle(m));
+        let handled = if RUN {
+            port.poll_run(budget, |m| ctx.handle(m))
+        } else {
+            port.poll(budget, |m| ctx.handle(m))
+        };
         if ctx.delivered > 0 {
             ctx.region.bump(me_port, slot::DELIVERED, ctx.delivered);
             ctx.region
                 .bump(me_port, slot::DELIVERED_BYTES, ctx.delivered_bytes);
         }
+        let taken = ctx.taken;
         if !self.out.is_empty() {
             self.flush();
         }
-        handled
+        (handled, taken)
     }
 }
 
@@ -1300,6 +1343,12 @@ struct Ctx<'a> {
     heap: &'a mut HeapAlloc,
     plan: &'a mut portals::DeliveryPlan,
     wire: &'a mut WireHeader,
+    /// The event queue a waiter waits on ([`EqHandle::NONE`]: none, or its event was taken).
+    want: EqHandle,
+    /// Where that waiter's event goes when the fast path can hand it over directly.
+    ev: &'a mut Event,
+    /// An event was written to `ev` (the waiter's first).
+    taken: bool,
     /// Deliveries (and their bytes) of this poll on the eager path, added to the port's shared
     /// counters once when the poll ends rather than twice per message.
     delivered: u64,
@@ -1313,6 +1362,26 @@ impl Ctx<'_> {
 
     fn me_port(&self) -> u32 {
         self.me_port
+    }
+
+    /// Portals' fast put delivery of the header in `self.wire`, handing its event straight to a
+    /// waiter when it can (see [`Inner::progress_into`]). True when it delivered (`to` is then the
+    /// payload's range).
+    #[inline(always)]
+    fn deliver_put_fast(&mut self, to: &mut PRegion) -> bool {
+        match self
+            .engine
+            .deliver_put_fast_taking(self.wire, to, self.want, self.ev)
+        {
+            Some(taken) => {
+                if taken {
+                    self.taken = true;
+                    self.want = EqHandle::NONE;
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Validates and delivers one record.
@@ -1343,7 +1412,7 @@ impl Ctx<'_> {
             let word = h.aux.to_le_bytes();
             if wire_from_hdr_into(h, self.region.job, self.me, self.wire) {
                 let mut to = PRegion::EMPTY;
-                if self.engine.deliver_put_fast(self.wire, &mut to) {
+                if self.deliver_put_fast(&mut to) {
                     let n = to.len as usize;
                     if n > h.length as usize || !self.mem.write(to.addr, &word[..n]) {
                         self.drop_msg(DropReason::BadMemory);
@@ -1402,14 +1471,13 @@ impl Ctx<'_> {
         if !wire_from_hdr_into(h, self.region.job, self.me, self.wire) {
             return self.drop_msg(DropReason::Malformed);
         }
-        let w = &*self.wire;
         // 4a. The common small put (no ack, no large reference, a match entry that stays linked,
         // a single sender-managed block): portals delivers it without writing a plan, with the
         // general path's checks, counters and event (a property test in portals holds the two
         // paths to the same effects), or declines having touched nothing.
         if lref.is_none() {
             let mut to = PRegion::EMPTY;
-            if self.engine.deliver_put_fast(w, &mut to) {
+            if self.deliver_put_fast(&mut to) {
                 let n = to.len as usize;
                 if n > body.len() || !self.mem.write(to.addr, &body[..n]) {
                     self.drop_msg(DropReason::BadMemory);
@@ -1419,6 +1487,7 @@ impl Ctx<'_> {
                 return;
             }
         }
+        let w = &*self.wire;
         // 4. Portals: access control, matching, placement, events.
         if let Err(d) = self.engine.deliver_into_no_event(w, self.plan) {
             self.drop_msg(DropReason::from(d.reason));
@@ -1755,6 +1824,78 @@ mod tests {
         assert_eq!(rx.eq_poll(eq).expect("poll"), None);
         assert_eq!(rx.stats().total_drops(), 0);
     }
+    #[test]
+    fn a_waiter_gets_its_events_in_order_whether_taken_directly_or_queued() {
+        let (_fab, mut tx, mut rx, eq, smd, _sbuf, _rbuf) = pair();
+        // A put asking for an ack takes the general delivery path, whose event is queued: a
+        // fast-path put behind it in the same progress pass must not overtake it.
+        let put_ack = |tx: &mut Endpoint, n: u64, len: u64, ack: bool| {
+            tx.put(&PutArgs {
+                md: smd,
+                local_offset: 0,
+                length: len,
+                target: ProcessId::new(41, 1),
+                portal: 1,
+                match_bits: n,
+                remote_offset: 0,
+                ack,
+                hdr_data: n,
+            })
+            .expect("put");
+        };
+        let put = |tx: &mut Endpoint, n: u64, len: u64| put_ack(tx, n, len, false);
+        let mut ev = Event::EMPTY;
+        let mut seen = Vec::new();
+        // One at a time (each taken straight from the delivery), then runs of several (the first
+        // taken directly, the rest queued behind it), then one more after a queued one is left.
+        for (run, ack_first) in [
+            (1u64, false),
+            (1, false),
+            (3, false),
+            (5, false),
+            (1, false),
+            (3, true),
+        ] {
+            let first = seen.len() as u64;
+            for k in 0..run {
+                put_ack(
+                    &mut tx,
+                    first + k,
+                    if k % 2 == 0 { 8 } else { 100 },
+                    ack_first && k == 0,
+                );
+            }
+            for _ in 0..run {
+                rx.eq_wait_into(eq, Duration::from_secs(5), &mut ev)
+                    .expect("wait");
+                assert_eq!(ev.kind, EventKind::Put);
+                seen.push((ev.match_bits, ev.seq));
+            }
+        }
+        put(&mut tx, 100, 8);
+        put(&mut tx, 101, 8);
+        // 100 is taken straight from the delivery, 101 queued behind it; 102 arrives while 101
+        // waits in the queue, so it must come after it.
+        assert!(rx.eq_poll_into(eq, &mut ev).expect("poll"));
+        seen.push((ev.match_bits, ev.seq));
+        put(&mut tx, 102, 8);
+        for _ in 0..2 {
+            assert!(rx.eq_poll_into(eq, &mut ev).expect("poll"));
+            seen.push((ev.match_bits, ev.seq));
+        }
+        assert!(!rx.eq_poll_into(eq, &mut ev).expect("poll"));
+        let bits: Vec<u64> = seen.iter().map(|s| s.0).collect();
+        let mut want: Vec<u64> = (0..14).collect();
+        want.extend([100, 101, 102]);
+        assert_eq!(bits, want);
+        let seqs: Vec<u64> = seen.iter().map(|s| s.1).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "queue order: {seqs:?}"
+        );
+        assert_eq!(rx.stats().total_drops(), 0);
+    }
+
     #[test]
     fn a_small_put_posts_its_send_event_and_unowned_memory_is_refused_unsent() {
         let (_fab, mut tx, mut rx, eq, _smd, sbuf, _rbuf) = pair();

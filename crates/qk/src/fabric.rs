@@ -247,6 +247,13 @@ impl Port {
         true
     }
 
+    /// Asks for the line the next record to `dst` starts on, for writing.
+    #[inline]
+    pub fn prefetch_next(&self, dst: u32) {
+        let (ring, prod) = &self.out[dst as usize];
+        prod.prefetch_ahead(ring, 0);
+    }
+
     /// Enqueues a record for world rank `dst_rank` on another node: it goes to the node engine's
     /// port with the destination in the 8 bytes after the header.
     pub fn try_send_routed(&mut self, dst_rank: u32, hdr: &Hdr, payload: &[u8]) -> bool {
@@ -300,7 +307,24 @@ impl Port {
     /// [`POLL_BURST`] records from one port, then the next port (a busy sender cannot starve the
     /// others, and a stream of records does not pay a look at every idle queue per record).
     /// Corrupt rings are counted and abandoned. Returns the number of records handled.
-    pub fn poll(&mut self, budget: usize, mut f: impl FnMut(Incoming<'_>)) -> usize {
+    pub fn poll(&mut self, budget: usize, f: impl FnMut(Incoming<'_>)) -> usize {
+        self.poll_inner::<false>(budget, f)
+    }
+
+    /// [`Port::poll`] for a waiter: the same, but it returns as soon as a source that gave it
+    /// records runs dry, instead of looking at every other source once more (on a ping-pong those
+    /// looks stand between the message and the answer). The next poll starts at the next source,
+    /// so every source is still served in turn.
+    pub fn poll_run(&mut self, budget: usize, f: impl FnMut(Incoming<'_>)) -> usize {
+        self.poll_inner::<true>(budget, f)
+    }
+
+    #[inline(always)]
+    fn poll_inner<const RUN: bool>(
+        &mut self,
+        budget: usize,
+        mut f: impl FnMut(Incoming<'_>),
+    ) -> usize {
         self.sent_since_poll = false;
         let n = self.inb.len();
         let mut done = 0;
@@ -343,6 +367,10 @@ impl Port {
                     idle_rounds += 1;
                     burst = 0;
                     self.next = if i + 1 == n { 0 } else { i + 1 };
+                    if RUN && done > 0 {
+                        // This ring is published (above) and `next` has moved on.
+                        return done;
+                    }
                 }
             }
         }
@@ -423,6 +451,50 @@ mod tests {
         assert_eq!(dst.poll(2, |_| {}), 2);
         assert_eq!(dst.poll(usize::MAX, |_| {}), 3);
         assert_eq!(dst.poll(usize::MAX, |_| {}), 0);
+    }
+
+    #[test]
+    fn poll_run_stops_when_its_source_runs_dry_and_the_next_poll_starts_at_the_next_source() {
+        let r = region(3);
+        let (mut a, mut b, mut dst) = (
+            Port::new(r.clone(), 0),
+            Port::new(r.clone(), 1),
+            Port::new(r, 2),
+        );
+        for s in 0..3 {
+            assert!(a.try_send(2, &raw(s), &[]));
+            assert!(b.try_send(2, &raw(100 + s), &[]));
+        }
+        // The run from port 0 ends when it is dry: port 1's records wait for the next poll ...
+        let mut got = Vec::new();
+        assert_eq!(
+            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr.aux))),
+            3
+        );
+        assert_eq!(got, vec![(0, 0), (0, 1), (0, 2)]);
+        // ... which starts past port 0 (port 0 has a new record by then, served after port 1).
+        assert!(a.try_send(2, &raw(3), &[]));
+        got.clear();
+        assert_eq!(
+            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr.aux))),
+            3
+        );
+        assert_eq!(got, vec![(1, 100), (1, 101), (1, 102)]);
+        got.clear();
+        assert_eq!(
+            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr.aux))),
+            1
+        );
+        assert_eq!(got, vec![(0, 3)]);
+        assert_eq!(dst.poll_run(usize::MAX, |_| {}), 0);
+        // The dry run's space went back to the producer: a ring's worth fits again.
+        let fits = (64u64 << 10) / 64;
+        for s in 0..fits {
+            assert!(
+                a.try_send(2, &raw(s), &[]),
+                "record {s} of {fits} found the ring full"
+            );
+        }
     }
 
     #[test]

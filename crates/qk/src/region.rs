@@ -379,11 +379,27 @@ impl Region {
     /// The ring carrying records from port `src` to port `dst`.
     pub fn ring(&self, src: u32, dst: u32) -> ShmRing {
         let off = self.layout.ring(src, dst) as usize;
+        let cap = self.layout.ring_cap;
+        let data = off + 64;
+        // What `ShmRing::word` relies on: the head word and the whole data area inside the
+        // mapping, the data area 8-aligned, its size a power of two (the layout guarantees all of
+        // it; checked once here rather than at every access).
+        assert!(
+            cap.is_power_of_two()
+                && cap >= 64
+                && off % 8 == 0
+                && (data as u64)
+                    .checked_add(cap)
+                    .is_some_and(|e| e <= self.map.len() as u64),
+            "ring {src}->{dst} outside the region"
+        );
         ShmRing {
+            // SAFETY: `data` is inside the mapping (checked above).
+            base: unsafe { self.map.ptr().add(data) },
             map: self.map.clone(),
             head: off,
-            data: off + 64,
-            cap: self.layout.ring_cap,
+            data,
+            cap,
         }
     }
 
@@ -553,13 +569,39 @@ fn memlock_error(e: crate::sys::LockError, len: u64) -> QkError {
 /// One ring inside a region, as [`RingMem`].
 #[derive(Clone, Debug)]
 pub struct ShmRing {
+    /// Start of the data area (`map.ptr() + data`), kept so that the stamp and line-start words
+    /// are reached without a bounds check per access.
+    base: *mut u8,
     map: Arc<Mapping>,
     head: usize,
     data: usize,
     cap: u64,
 }
 
+// SAFETY: `base` points into the shared mapping that `map` keeps alive; the ring only reaches
+// that memory through atomics or the mapping's own (thread-safe) accessors, exactly as
+// `Mapping` itself, which is `Send` and `Sync`.
+unsafe impl Send for ShmRing {}
+// SAFETY: as above.
+unsafe impl Sync for ShmRing {}
+
 impl ShmRing {
+    /// The data area's word at `off` (a stamp or a line's first word): the ring code passes only
+    /// multiples of 8 below the capacity; the mask keeps any other value inside the area too.
+    #[inline(always)]
+    fn word(&self, off: u64) -> &AtomicU64 {
+        debug_assert!(
+            off % 8 == 0 && off < self.cap,
+            "ring word {off} out of range"
+        );
+        let off = (off & (self.cap - 1) & !7) as usize;
+        // SAFETY: `base` is the start of this ring's data area of `cap` bytes inside the mapping,
+        // which `map` keeps alive (checked in `Region::ring`); `off` is a multiple of 8 below
+        // `cap` (the mask), so the word is in the area and aligned (the mapping is page-aligned,
+        // the data area starts at a multiple of 8); `AtomicU64` has the layout of `u64`.
+        unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
     /// The body bytes of a record, borrowed from shared memory.
     pub fn body(&self, off: u64, len: usize) -> &[u8] {
         self.map.slice(self.data + off as usize, len)
@@ -573,21 +615,15 @@ impl RingMem for ShmRing {
     }
     #[inline]
     fn load_acquire(&self, off: u64) -> u64 {
-        self.map
-            .atomic_u64(self.data + off as usize)
-            .load(Ordering::Acquire)
+        self.word(off).load(Ordering::Acquire)
     }
     #[inline]
     fn store_release(&self, off: u64, v: u64) {
-        self.map
-            .atomic_u64(self.data + off as usize)
-            .store(v, Ordering::Release)
+        self.word(off).store(v, Ordering::Release)
     }
     #[inline]
     fn zero_word(&self, off: u64) {
-        self.map
-            .atomic_u64(self.data + off as usize)
-            .store(0, Ordering::Relaxed)
+        self.word(off).store(0, Ordering::Relaxed)
     }
     #[inline]
     fn write_bytes(&self, off: u64, src: &[u8]) {
