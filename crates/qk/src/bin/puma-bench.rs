@@ -249,6 +249,66 @@ fn main() -> std::process::ExitCode {
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn bench_main(cli: &Cli) -> R<()> {
+    // Check the request before creating namespaces or looking for peers.
+    let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
+    let mut ms = Vec::new();
+    if cli.only.contains("lat") {
+        for (s, it) in [
+            (0, 20000),
+            (8, 20000),
+            (1024, 20000),
+            (65536, 3000),
+            (1 << 20, 400),
+            (4 << 20, 100),
+        ] {
+            ms.push(Measure {
+                what: "lat",
+                size: s,
+                iters: sc(it),
+                window: 1,
+                queue_bytes: cli.queue_bytes,
+            });
+        }
+    }
+    if cli.only.contains("bw") {
+        for (s, it, w) in [(65536, 100, 64), (1 << 20, 40, 16), (4 << 20, 12, 8)] {
+            ms.push(Measure {
+                what: "bw",
+                size: s,
+                iters: sc(it),
+                window: w,
+                queue_bytes: cli.queue_bytes,
+            });
+        }
+    }
+    if cli.only.contains("rate") {
+        ms.push(Measure {
+            what: "rate",
+            size: 8,
+            iters: sc(3000),
+            window: 64,
+            queue_bytes: cli.queue_bytes,
+        });
+    }
+    if !cli.sizes.is_empty() {
+        let keep: Vec<u64> = cli
+            .sizes
+            .split(',')
+            .map(|x| x.trim().parse::<u64>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("--sizes wants byte counts separated by commas: {e}"))?;
+        ms.retain(|m| keep.contains(&m.size));
+    }
+    if ms.is_empty() {
+        return Err(format!(
+            "nothing to measure: --only {:?} with --sizes {:?} selects no measurement (--only takes lat,bw,rate)",
+            cli.only, cli.sizes
+        )
+        .into());
+    }
+    if cli.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
     let mut contenders = Vec::new();
     let netns = if cli.tcp {
         match Netns::create() {
@@ -327,55 +387,6 @@ fn bench_main(cli: &Cli) -> R<()> {
         println!(
             "puma-bench: Open MPI is not run over TCP: its runtime daemons cannot span two network namespaces of one machine"
         );
-    }
-    let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
-    let mut ms = Vec::new();
-    if cli.only.contains("lat") {
-        for (s, it) in [
-            (0, 20000),
-            (8, 20000),
-            (1024, 20000),
-            (65536, 3000),
-            (1 << 20, 400),
-            (4 << 20, 100),
-        ] {
-            ms.push(Measure {
-                what: "lat",
-                size: s,
-                iters: sc(it),
-                window: 1,
-                queue_bytes: cli.queue_bytes,
-            });
-        }
-    }
-    if cli.only.contains("bw") {
-        for (s, it, w) in [(65536, 100, 64), (1 << 20, 40, 16), (4 << 20, 12, 8)] {
-            ms.push(Measure {
-                what: "bw",
-                size: s,
-                iters: sc(it),
-                window: w,
-                queue_bytes: cli.queue_bytes,
-            });
-        }
-    }
-    if cli.only.contains("rate") {
-        ms.push(Measure {
-            what: "rate",
-            size: 8,
-            iters: sc(3000),
-            window: 64,
-            queue_bytes: cli.queue_bytes,
-        });
-    }
-    if !cli.sizes.is_empty() {
-        let keep: Vec<u64> = cli
-            .sizes
-            .split(',')
-            .map(|x| x.trim().parse::<u64>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| format!("--sizes wants byte counts separated by commas: {e}"))?;
-        ms.retain(|m| keep.contains(&m.size));
     }
     let cpus = qk::sys::allowed_cpus();
     println!(
