@@ -250,9 +250,15 @@ type R<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn bench_main(cli: &Cli) -> R<()> {
     // Check the request before creating namespaces or looking for peers.
+    let only: Vec<&str> = cli.only.split(',').map(str::trim).collect();
+    if let Some(bad) = only.iter().find(|w| !["lat", "bw", "rate"].contains(w)) {
+        return Err(
+            format!("--only: unknown measurement `{bad}` (give lat, bw and/or rate)").into(),
+        );
+    }
     let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
     let mut ms = Vec::new();
-    if cli.only.contains("lat") {
+    if only.contains(&"lat") {
         for (s, it) in [
             (0, 20000),
             (8, 20000),
@@ -270,7 +276,7 @@ fn bench_main(cli: &Cli) -> R<()> {
             });
         }
     }
-    if cli.only.contains("bw") {
+    if only.contains(&"bw") {
         for (s, it, w) in [(65536, 100, 64), (1 << 20, 40, 16), (4 << 20, 12, 8)] {
             ms.push(Measure {
                 what: "bw",
@@ -281,7 +287,7 @@ fn bench_main(cli: &Cli) -> R<()> {
             });
         }
     }
-    if cli.only.contains("rate") {
+    if only.contains(&"rate") {
         ms.push(Measure {
             what: "rate",
             size: 8,
@@ -301,7 +307,7 @@ fn bench_main(cli: &Cli) -> R<()> {
     }
     if ms.is_empty() {
         return Err(format!(
-            "nothing to measure: --only {:?} with --sizes {:?} selects no measurement (--only takes lat,bw,rate)",
+            "nothing to measure: --only {:?} with --sizes {:?} selects no measurement",
             cli.only, cli.sizes
         )
         .into());
