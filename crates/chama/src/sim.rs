@@ -640,19 +640,19 @@ pub fn state_template(n: usize) -> Vec<OpState> {
     v
 }
 
+/// An operation's state before its dependents and dependency count are filled in.
+pub(crate) const FRESH_STATE: OpState = OpState {
+    ready: 0,
+    end: u64::MAX,
+    link: 0,
+    pred: PRED_NONE,
+    deps: [DEP_NONE; 2],
+};
+
 /// Grow a [`state_template`] to `n` states (nothing if it has that many already).
 pub fn extend_template(v: &mut Vec<OpState>, n: usize) {
     if n > v.len() {
-        v.resize(
-            n,
-            OpState {
-                ready: 0,
-                end: u64::MAX,
-                link: 0,
-                pred: PRED_NONE,
-                deps: [DEP_NONE; 2],
-            },
-        );
+        v.resize(n, FRESH_STATE);
     }
 }
 
@@ -673,22 +673,37 @@ pub(crate) fn fill_states(s: &Schedule, mut st: Vec<OpState>, threads: usize) ->
     st
 }
 
-/// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`.
-fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
+/// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`
+/// (states as [`FRESH_STATE`] leaves them).
+pub(crate) fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
+    for (i, x) in part.iter_mut().enumerate() {
+        *x = fresh_state(s, lo + i);
+    }
+    count_pending(s, lo, part);
+}
+
+/// Add to the pending-dependency counts of operations `lo..lo + part.len()` the edges into
+/// them.
+pub(crate) fn count_pending(s: &Schedule, lo: usize, part: &mut [OpState]) {
     // Every part reads all edges and counts those into it.
     for &d in &s.dep_list {
         if let Some(x) = part.get_mut(((d & !IREQ_BIT) as usize).wrapping_sub(lo)) {
             x.link += 1;
         }
     }
-    for (i, x) in part.iter_mut().enumerate() {
-        match s.dependents(lo + i) {
-            [] => {}
-            &[a] => x.deps[0] = a,
-            &[a, b] => x.deps = [a, b],
-            _ => x.deps[0] = DEP_CSR,
-        }
+}
+
+/// Operation `op`'s state before a run, its pending-dependency count aside (0).
+#[inline]
+pub(crate) fn fresh_state(s: &Schedule, op: usize) -> OpState {
+    let mut x = FRESH_STATE;
+    match s.dependents(op) {
+        [] => {}
+        &[a] => x.deps[0] = a,
+        &[a, b] => x.deps = [a, b],
+        _ => x.deps[0] = DEP_CSR,
     }
+    x
 }
 
 /// One segment of a longer program, for [`simulate_segment`].
@@ -1157,15 +1172,21 @@ impl<'a, 'b> Sim<'a, 'b> {
         let mut end = w;
         let mut batch: Vec<u64> = Vec::with_capacity(1024);
         let mut now_evs: Vec<u64> = Vec::with_capacity(1024);
+        let tw0 = std::time::Instant::now();
+        let mut waited = 0.0f64;
+        let mut wins = 0u32;
         loop {
             self.run_until(end, &mut batch, &mut now_evs);
             // Hand this window's events for the other part over.
             if let Ok(mut m) = ex.mail[h].lock() {
                 m.append(&mut self.outbox);
             }
+            let tb = std::time::Instant::now();
             ex.barrier.wait();
+            waited += tb.elapsed().as_secs_f64();
+            wins += 1;
             if ex.failed.load(SeqCst) {
-                return;
+                break;
             }
             let incoming = match ex.mail[1 - h].lock() {
                 Ok(mut m) => std::mem::take(&mut *m),
@@ -1182,15 +1203,23 @@ impl<'a, 'b> Sim<'a, 'b> {
             }
             let mine = self.heap.min().unwrap_or(u64::MAX);
             ex.next[h].store(mine, SeqCst);
+            let tb = std::time::Instant::now();
             ex.barrier.wait();
+            waited += tb.elapsed().as_secs_f64();
             if ex.failed.load(SeqCst) {
-                return;
+                break;
             }
             let next = mine.min(ex.next[1 - h].load(SeqCst));
             if next == u64::MAX {
-                return;
+                break;
             }
             end = next.saturating_add(w);
+        }
+        if std::env::var_os("CHAMA_PHASES").is_some() {
+            eprintln!(
+                "thread {h}: windows {wins} waited {waited:.3} s of {:.3} s",
+                tw0.elapsed().as_secs_f64()
+            );
         }
     }
 
