@@ -7,7 +7,8 @@ use crate::noise::Noise;
 use crate::schedule::{OpKind, Schedule};
 use crate::sim::{
     count_pending, critical_path_from, fill_states, fresh_state, initial_state_threads, simulate,
-    simulate_from, CriticalPath, OpState, Params, SimOptions, SimOutput, Split,
+    simulate_from, simulate_from_reusing, CriticalPath, OpState, Params, Scratch, SimOptions,
+    SimOutput, Split,
 };
 
 /// Min / mean / max of a per-rank quantity.
@@ -138,10 +139,11 @@ pub fn analyse(
 /// The simulation results behind a [`Report`] from [`analyse_with`]: gigabytes for a large
 /// schedule, handed back so that a caller about to exit can leave them to the kernel instead of
 /// freeing them (`chama run`). Dropping them frees them.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Runs {
     _outputs: Vec<SimOutput>,
     _kept: Option<CleanKept>,
+    _scratch: Option<Scratch>,
 }
 
 /// [`analyse`], given a [`crate::sim::state_template`] of `s.len()` states written
@@ -185,14 +187,24 @@ pub fn analyse_with(
         // pages already mapped: a fresh one costs as much in page faults as the noise-free run
         // takes to simulate) is filled in again for the noisy run.
         crate::phase("analyse");
-        let mut c = simulate_from(s, p, &Noise::none(), &busy, init(template), Some(&split));
+        // The noisy run takes over the event queues and rank states too.
+        let mut scratch = Scratch::default();
+        let mut c = simulate_from_reusing(
+            s,
+            p,
+            &Noise::none(),
+            &busy,
+            init(template),
+            &split,
+            &mut scratch,
+        );
         crate::phase("clean run");
         let mut st = std::mem::take(&mut c.st);
         let kept = keep_clean(s, &mut st, per_rank);
         crate::phase("kept");
-        let n = simulate_from(s, p, noise, &noisy_opts, st, Some(&split));
+        let n = simulate_from_reusing(s, p, noise, &noisy_opts, st, &split, &mut scratch);
         crate::phase("noisy run");
-        (c, Some(n), Some(kept))
+        (c, Some(n), Some((kept, scratch)))
     } else {
         // The noise-free and the noisy run are independent: run them on two threads.
         // The noisy run takes longer: it gets its initial states first, built on both cores;
@@ -219,6 +231,10 @@ pub fn analyse_with(
     };
     // The kept sums cover the operations the noise-free run completed; they are the ones both
     // runs completed when the noisy run completed everything.
+    let (kept, scratch) = match kept {
+        Some((k, sc)) => (Some(k), Some(sc)),
+        None => (None, None),
+    };
     let kept = kept.filter(|k| {
         k.exact
             && noisy_run
@@ -288,6 +304,7 @@ pub fn analyse_with(
         Runs {
             _outputs: outputs,
             _kept: kept,
+            _scratch: scratch,
         },
     )
 }
