@@ -186,7 +186,6 @@ pub fn analyse_with(
         // comparison needs of it is kept in a quarter of the space, and its state array (its
         // pages already mapped: a fresh one costs as much in page faults as the noise-free run
         // takes to simulate) is filled in again for the noisy run.
-        crate::phase("analyse");
         // The noisy run takes over the event queues and rank states too.
         let mut scratch = Scratch::default();
         let mut c = simulate_from_reusing(
@@ -198,12 +197,9 @@ pub fn analyse_with(
             &split,
             &mut scratch,
         );
-        crate::phase("clean run");
         let mut st = std::mem::take(&mut c.st);
         let kept = keep_clean(s, &mut st, per_rank);
-        crate::phase("kept");
         let n = simulate_from_reusing(s, p, noise, &noisy_opts, st, &split, &mut scratch);
-        crate::phase("noisy run");
         (c, Some(n), Some((kept, scratch)))
     } else {
         // The noise-free and the noisy run are independent: run them on two threads.
@@ -276,7 +272,6 @@ pub fn analyse_with(
         Some(k) => compare(s, Clean::Kept(k), noisy, per_rank),
         None => compare(s, Clean::Full(&clean.st), noisy, per_rank),
     };
-    crate::phase("compare");
     r.critical_path = critical_path_from(s, noisy, path_limit, c.last.map(|(_, i)| i));
     let ends = c.noisy_end;
     let waits: Vec<u64> = if noisy.rank_busy.is_empty() {
@@ -296,7 +291,6 @@ pub fn analyse_with(
             .collect();
     }
     r.classes = class_rows(s, &c.sums, &clean, noisy);
-    crate::phase("analysed");
     let mut outputs = vec![clean];
     outputs.extend(noisy_run);
     (

@@ -322,7 +322,6 @@ fn main() -> ExitCode {
         Cmd::Sweep(a) => cmd_sweep(a),
         Cmd::Bench(a) => cmd_bench(a),
     };
-    chama::phase("freed");
     match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -449,7 +448,6 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     } else if a.segmented {
         return Err(SpecError("--segmented applies to --gen allreduce-ring only".into()).into());
     }
-    chama::phase("start");
     let t0 = Instant::now();
     let c0 = thread_cpu_ns().unwrap_or(0);
     let pc0 = process_cpu_seconds().unwrap_or(0.0);
@@ -488,7 +486,6 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             (s, input, None)
         }
     };
-    chama::phase("generated");
     let t_load = t0.elapsed().as_secs_f64();
     let c1 = thread_cpu_ns().unwrap_or(0);
     let pc1 = process_cpu_seconds().unwrap_or(0.0);
@@ -548,7 +545,6 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         template,
         threads,
     );
-    chama::phase("returned");
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);
     r.cpu_seconds = process_cpu_seconds().unwrap_or(0.0);
     if !a.quiet {
@@ -572,7 +568,6 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     if let Some(c) = &a.ranks_csv {
         write_out(c, |w| w.write_all(ranks_csv(&r).as_bytes()))?;
     }
-    chama::phase("written");
     // The process ends next: leave the schedule and the runs' arrays (gigabytes for a large
     // run) to the kernel, which takes the whole address space down at exit, instead of freeing
     // them piece by piece first.

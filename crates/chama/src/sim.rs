@@ -1278,21 +1278,15 @@ impl<'a, 'b> Sim<'a, 'b> {
         let mut end = w;
         let mut batch: Vec<u64> = Vec::with_capacity(1024);
         let mut now_evs: Vec<u64> = Vec::with_capacity(1024);
-        let tw0 = std::time::Instant::now();
-        let mut waited = 0.0f64;
-        let mut wins = 0u32;
         loop {
             self.run_until(end, &mut batch, &mut now_evs);
             // Hand this window's events for the other part over.
             if let Ok(mut m) = ex.mail[h].lock() {
                 m.append(&mut self.outbox);
             }
-            let tb = std::time::Instant::now();
             ex.barrier.wait();
-            waited += tb.elapsed().as_secs_f64();
-            wins += 1;
             if ex.failed.load(SeqCst) {
-                break;
+                return;
             }
             let incoming = match ex.mail[1 - h].lock() {
                 Ok(mut m) => std::mem::take(&mut *m),
@@ -1309,23 +1303,15 @@ impl<'a, 'b> Sim<'a, 'b> {
             }
             let mine = self.heap.min().unwrap_or(u64::MAX);
             ex.next[h].store(mine, SeqCst);
-            let tb = std::time::Instant::now();
             ex.barrier.wait();
-            waited += tb.elapsed().as_secs_f64();
             if ex.failed.load(SeqCst) {
-                break;
+                return;
             }
             let next = mine.min(ex.next[1 - h].load(SeqCst));
             if next == u64::MAX {
-                break;
+                return;
             }
             end = next.saturating_add(w);
-        }
-        if std::env::var_os("CHAMA_PHASES").is_some() {
-            eprintln!(
-                "thread {h}: windows {wins} waited {waited:.3} s of {:.3} s",
-                tw0.elapsed().as_secs_f64()
-            );
         }
     }
 
