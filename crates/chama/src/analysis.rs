@@ -6,8 +6,9 @@ use std::time::Instant;
 use crate::noise::Noise;
 use crate::schedule::{OpKind, Schedule};
 use crate::sim::{
-    critical_path_from, fill_states, initial_state_threads, simulate, simulate_from, CriticalPath,
-    OpState, Params, SimOptions, SimOutput, Split,
+    count_pending, critical_path_from, fill_states, fresh_state, initial_state_threads, simulate,
+    simulate_from, simulate_from_reusing, CriticalPath, OpState, Params, Scratch, SimOptions,
+    SimOutput, Split, PARALLEL_SIM_OPS,
 };
 
 /// Min / mean / max of a per-rank quantity.
@@ -130,15 +131,27 @@ pub fn analyse(
     per_rank: bool,
 ) -> Report {
     analyse_with(
-        s, p, noise, input, noise_desc, path_limit, per_rank, None, None, 1,
+        s, p, noise, input, noise_desc, path_limit, per_rank, None, 1,
     )
+    .0
 }
 
-/// [`analyse`], given [`crate::sim::state_template`]s of `s.len()` states written beforehand
-/// for the noisy and the noise-free run (ignored if their length is not the schedule's; the
-/// noise-free one is used only when the runs go one after the other), on `threads` threads: with two or
-/// more and a schedule [`crate::sim::can_split`] splits, each run is simulated on two threads, one after
-/// the other; otherwise the two runs go side by side, one thread each.
+/// The simulation results behind a [`Report`] from [`analyse_with`]: gigabytes for a large
+/// schedule, handed back so that a caller about to exit can leave them to the kernel instead of
+/// freeing them (`chama run`). Dropping them frees them.
+#[derive(Default)]
+pub struct Runs {
+    _outputs: Vec<SimOutput>,
+    _kept: Option<CleanKept>,
+    _scratch: Option<Scratch>,
+}
+
+/// [`analyse`], given a [`crate::sim::state_template`] of `s.len()` states written
+/// beforehand (ignored if its length is not the schedule's), on `threads` threads: with two or
+/// more and a schedule [`crate::sim::can_split`] splits, each run is simulated on two threads,
+/// one after the other (the noise-free run first, from the template; the noisy run reuses its
+/// state array); otherwise the two runs go side by side, one thread each (the noisy run from
+/// the template).
 #[allow(clippy::too_many_arguments)]
 pub fn analyse_with(
     s: &Schedule,
@@ -149,13 +162,39 @@ pub fn analyse_with(
     path_limit: usize,
     per_rank: bool,
     template: Option<Vec<OpState>>,
-    clean_template: Option<Vec<OpState>>,
     threads: usize,
-) -> Report {
+) -> (Report, Runs) {
+    analyse_split_from(
+        s,
+        p,
+        noise,
+        (input, noise_desc),
+        path_limit,
+        per_rank,
+        template,
+        threads,
+        PARALLEL_SIM_OPS,
+    )
+}
+
+/// [`analyse_with`], with runs of `min_parallel_ops` operations or more on two threads.
+#[allow(clippy::too_many_arguments)]
+fn analyse_split_from(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    (input, noise_desc): (&str, &str),
+    path_limit: usize,
+    per_rank: bool,
+    template: Option<Vec<OpState>>,
+    threads: usize,
+    min_parallel_ops: usize,
+) -> (Report, Runs) {
     let t0 = Instant::now();
     let busy = SimOptions {
         record_busy: true,
         threads,
+        min_parallel_ops,
         ..SimOptions::default()
     };
     let noisy_opts = SimOptions {
@@ -167,15 +206,28 @@ pub fn analyse_with(
         Some(t) if t.len() == s.len() => fill_states(s, t, 2),
         _ => initial_state_threads(s, 2),
     };
-    let (clean, noisy_run) = if noise.is_quiet() {
-        (simulate(s, p, &Noise::none(), &busy), None)
+    let (mut clean, noisy_run, kept) = if noise.is_quiet() {
+        (simulate(s, p, &Noise::none(), &busy), None, None)
     } else if split.two_threads() {
-        // Each run takes both cores: the noisy one first, from the template.
-        let i0 = init(template);
-        let n = simulate_from(s, p, noise, &noisy_opts, i0, Some(&split));
-        let i1 = init(clean_template);
-        let c = simulate_from(s, p, &Noise::none(), &busy, i1, Some(&split));
-        (c, Some(n))
+        // Each run takes both cores. The noise-free run goes first, from the template; what the
+        // comparison needs of it is kept in a quarter of the space, and its state array is
+        // filled in again for the noisy run (its pages already mapped: a fresh 1.3 GB array at
+        // a million ranks is 330 K page faults, about 0.9 s of CPU). The noisy run takes over
+        // the event queues and rank states too.
+        let mut scratch = Scratch::default();
+        let mut c = simulate_from_reusing(
+            s,
+            p,
+            &Noise::none(),
+            &busy,
+            init(template),
+            &split,
+            &mut scratch,
+        );
+        let mut st = std::mem::take(&mut c.st);
+        let kept = keep_clean(s, &mut st, per_rank);
+        let n = simulate_from_reusing(s, p, noise, &noisy_opts, st, &split, &mut scratch);
+        (c, Some(n), Some((kept, scratch)))
     } else {
         // The noise-free and the noisy run are independent: run them on two threads.
         // The noisy run takes longer: it gets its initial states first, built on both cores;
@@ -193,13 +245,31 @@ pub fn analyse_with(
             });
             let n = simulate_from(s, p, noise, &noisy_one, init, None);
             match h.join() {
-                Ok(c) => (c, Some(n)),
+                Ok(c) => (c, Some(n), None),
                 // The simulator does not panic on any input; if it did, run it again here so the
                 // panic surfaces on this thread with its message.
-                Err(_) => (simulate(s, p, &Noise::none(), &one), Some(n)),
+                Err(_) => (simulate(s, p, &Noise::none(), &one), Some(n), None),
             }
         })
     };
+    // The kept sums cover the operations the noise-free run completed; they are the ones both
+    // runs completed when the noisy run completed everything.
+    let (kept, scratch) = match kept {
+        Some((k, sc)) => (Some(k), Some(sc)),
+        None => (None, None),
+    };
+    let kept = kept.filter(|k| {
+        k.exact
+            && noisy_run
+                .as_ref()
+                .is_some_and(|n: &SimOutput| n.unfinished() == 0)
+    });
+    if clean.st.len() != s.len() && kept.is_none() {
+        // Rare (a schedule the noise leaves unfinished, or an operation ending before it was
+        // ready): simulate the noise-free run again, into states of its own, for the full
+        // comparison.
+        clean.st = simulate_from(s, p, &Noise::none(), &busy, init(None), Some(&split)).st;
+    }
     let noisy: &SimOutput = noisy_run.as_ref().unwrap_or(&clean);
     let secs = t0.elapsed().as_secs_f64();
     let events = clean.events + if noise.is_quiet() { 0 } else { noisy.events };
@@ -226,7 +296,10 @@ pub fn analyse_with(
         unmatched_sends: noisy.unmatched_sends,
         ..Report::default()
     };
-    let c = compare(s, &clean, noisy, per_rank);
+    let c = match &kept {
+        Some(k) => compare(s, Clean::Kept(k), noisy, per_rank),
+        None => compare(s, Clean::Full(&clean.st), noisy, per_rank),
+    };
     r.critical_path = critical_path_from(s, noisy, path_limit, c.last.map(|(_, i)| i));
     let ends = c.noisy_end;
     let waits: Vec<u64> = if noisy.rank_busy.is_empty() {
@@ -246,7 +319,117 @@ pub fn analyse_with(
             .collect();
     }
     r.classes = class_rows(s, &c.sums, &clean, noisy);
-    r
+    let mut outputs = vec![clean];
+    outputs.extend(noisy_run);
+    (
+        r,
+        Runs {
+            _outputs: outputs,
+            _kept: kept,
+            _scratch: scratch,
+        },
+    )
+}
+
+/// What the comparison keeps of a noise-free run whose state array went on to the noisy run.
+#[derive(Debug, Default)]
+struct CleanKept {
+    /// Per operation: its end minus its ready time (`u64::MAX`: it never completed).
+    dur: Vec<u64>,
+    /// Per class * 3 + kind: the sums of the ready and of the end times of the operations that
+    /// completed.
+    ready_sum: Vec<i128>,
+    end_sum: Vec<i128>,
+    /// Per rank: completion of its last operation (empty unless asked for).
+    rank_end: Vec<u64>,
+    /// False if an operation ended before it was ready (then `dur` cannot hold it).
+    exact: bool,
+}
+
+impl CleanKept {
+    /// Keep what the comparison needs of operations `lo..lo + part.len()` of a finished run
+    /// and fill their states in again for a new run (as [`fill_states`] does, in the same
+    /// pass); `dur` is theirs.
+    fn take(
+        s: &Schedule,
+        lo: usize,
+        part: &mut [OpState],
+        dur: &mut [u64],
+        per_rank: bool,
+    ) -> Self {
+        let classes = s.class_names.len() * 3;
+        let mut k = CleanKept {
+            dur: Vec::new(),
+            ready_sum: vec![0; classes],
+            end_sum: vec![0; classes],
+            rank_end: if per_rank {
+                vec![0; s.num_ranks as usize]
+            } else {
+                Vec::new()
+            },
+            exact: true,
+        };
+        for (i, (x, d)) in part.iter_mut().zip(dur.iter_mut()).enumerate() {
+            if x.end != u64::MAX {
+                let o = &s.ops[lo + i];
+                let c = o.class as usize * 3 + o.kind as usize;
+                k.ready_sum[c] += x.ready as i128;
+                k.end_sum[c] += x.end as i128;
+                if let Some(e) = k.rank_end.get_mut(o.rank as usize) {
+                    *e = (*e).max(x.end);
+                }
+                match x.end.checked_sub(x.ready) {
+                    Some(v) if v != u64::MAX => *d = v,
+                    _ => k.exact = false,
+                }
+            } else {
+                *d = u64::MAX;
+            }
+            *x = fresh_state(s, lo + i);
+        }
+        count_pending(s, lo, part);
+        k
+    }
+
+    /// Merge `b` (of other operations) into `self`.
+    fn merge(mut self, b: CleanKept) -> Self {
+        for (x, y) in self.ready_sum.iter_mut().zip(&b.ready_sum) {
+            *x += y;
+        }
+        for (x, y) in self.end_sum.iter_mut().zip(&b.end_sum) {
+            *x += y;
+        }
+        for (x, &y) in self.rank_end.iter_mut().zip(&b.rank_end) {
+            *x = (*x).max(y);
+        }
+        self.exact &= b.exact;
+        self
+    }
+}
+
+/// Keep what the comparison needs of the finished run in `st` and fill `st` in again for a new
+/// run of `s`, on two threads for large schedules.
+fn keep_clean(s: &Schedule, st: &mut [OpState], per_rank: bool) -> CleanKept {
+    let n = st.len();
+    // Zeroed: fresh pages, first written below by the thread that owns them.
+    let mut dur = vec![0u64; n];
+    let mut k = if n < PARALLEL_MIN_OPS {
+        CleanKept::take(s, 0, st, &mut dur, per_rank)
+    } else {
+        let mid = n / 2;
+        let (a, b) = st.split_at_mut(mid);
+        let (da, db) = dur.split_at_mut(mid);
+        std::thread::scope(|sc| {
+            let h = sc.spawn(|| CleanKept::take(s, mid, b, db, per_rank));
+            let ka = CleanKept::take(s, 0, a, da, per_rank);
+            match h.join() {
+                Ok(kb) => ka.merge(kb),
+                Err(e) => std::panic::resume_unwind(e),
+            }
+        })
+    };
+    k.dur = dur;
+    k
 }
 
 /// Per (class, kind) sums over the operations both runs completed.
@@ -284,18 +467,12 @@ impl Comparison {
     }
 
     /// Add operations `ops` of both runs.
-    fn scan(
-        &mut self,
-        s: &Schedule,
-        clean: &SimOutput,
-        noisy: &SimOutput,
-        ops: std::ops::Range<usize>,
-    ) {
+    fn scan(&mut self, s: &Schedule, clean: Clean, noisy: &SimOutput, ops: std::ops::Range<usize>) {
         let noise = &noisy.noise;
         for op in ops {
             let o = &s.ops[op];
             let r = o.rank as usize;
-            let (c, n) = (&clean.st[op], &noisy.st[op]);
+            let n = &noisy.st[op];
             if n.end != u64::MAX {
                 if n.end > self.noisy_end[r] {
                     self.noisy_end[r] = n.end;
@@ -304,10 +481,30 @@ impl Comparison {
                     self.last = Some((n.end, op));
                 }
             }
-            if !self.clean_end.is_empty() && c.end != u64::MAX && c.end > self.clean_end[r] {
-                self.clean_end[r] = c.end;
-            }
-            if c.end == u64::MAX || n.end == u64::MAX {
+            // The noise-free ready and end times subtracted here, and its duration (end
+            // minus ready). Kept runs subtract their sums of ready and end times afterwards.
+            let (c_ready, c_end, c_dur) = match clean {
+                Clean::Full(st) => {
+                    let c = &st[op];
+                    if !self.clean_end.is_empty() && c.end != u64::MAX && c.end > self.clean_end[r]
+                    {
+                        self.clean_end[r] = c.end;
+                    }
+                    if c.end == u64::MAX {
+                        continue;
+                    }
+                    (
+                        c.ready as i128,
+                        c.end as i128,
+                        c.end as i128 - c.ready as i128,
+                    )
+                }
+                Clean::Kept(k) => match k.dur[op] {
+                    u64::MAX => continue,
+                    d => (0, 0, d as i128),
+                },
+            };
+            if n.end == u64::MAX {
                 continue;
             }
             let row = &mut self.sums[o.class as usize * 3 + o.kind as usize];
@@ -317,12 +514,11 @@ impl Comparison {
             } else {
                 noise[op] as i128
             };
-            let din = n.ready as i128 - c.ready as i128;
-            let dout = n.end as i128 - c.end as i128;
             row.noise += nz as u64;
-            row.delay_in += din;
-            row.delay_out += dout;
-            let absorbed = din + nz - dout;
+            row.delay_in += n.ready as i128 - c_ready;
+            row.delay_out += n.end as i128 - c_end;
+            // Delay in, plus noise, minus delay out.
+            let absorbed = n.ready as i128 - n.end as i128 + nz + c_dur;
             if absorbed > 0 {
                 row.absorbed += absorbed as u128;
             } else {
@@ -360,32 +556,57 @@ impl Comparison {
 /// Operations below which [`compare`] does not bother with a second thread.
 const PARALLEL_MIN_OPS: usize = 1 << 16;
 
+/// The noise-free run as [`compare`] reads it.
+#[derive(Clone, Copy)]
+enum Clean<'a> {
+    /// Its states.
+    Full(&'a [OpState]),
+    /// What [`keep_clean`] kept of them.
+    Kept(&'a CleanKept),
+}
+
 /// One pass over every operation of both runs (split over two threads for large schedules):
 /// class sums, per-rank completion, the last operation.
-fn compare(s: &Schedule, clean: &SimOutput, noisy: &SimOutput, per_rank: bool) -> Comparison {
+fn compare(s: &Schedule, clean: Clean, noisy: &SimOutput, per_rank: bool) -> Comparison {
     let n = s.len();
-    let mut a = Comparison::new(s, per_rank);
+    let kept = match clean {
+        Clean::Kept(k) => Some(k),
+        Clean::Full(_) => None,
+    };
+    // Per-rank noise-free ends come from the states, or were kept.
+    let full_ranks = per_rank && kept.is_none();
+    let mut a = Comparison::new(s, full_ranks);
     if n < PARALLEL_MIN_OPS {
         a.scan(s, clean, noisy, 0..n);
-        return a;
-    }
-    let mid = n / 2;
-    std::thread::scope(|sc| {
-        let h = sc.spawn(|| {
-            let mut b = Comparison::new(s, per_rank);
-            b.scan(s, clean, noisy, mid..n);
-            b
-        });
-        a.scan(s, clean, noisy, 0..mid);
-        match h.join() {
-            Ok(b) => a.merge(b),
-            // `scan` does not panic; if it did, redo that half here so the panic surfaces.
-            Err(_) => {
-                a.scan(s, clean, noisy, mid..n);
-                a
+    } else {
+        let mid = n / 2;
+        a = std::thread::scope(|sc| {
+            let h = sc.spawn(|| {
+                let mut b = Comparison::new(s, full_ranks);
+                b.scan(s, clean, noisy, mid..n);
+                b
+            });
+            a.scan(s, clean, noisy, 0..mid);
+            match h.join() {
+                Ok(b) => a.merge(b),
+                // `scan` does not panic; if it did, redo that half here so the panic surfaces.
+                Err(_) => {
+                    a.scan(s, clean, noisy, mid..n);
+                    a
+                }
             }
+        });
+    }
+    if let Some(k) = kept {
+        for ((x, r), e) in a.sums.iter_mut().zip(&k.ready_sum).zip(&k.end_sum) {
+            x.delay_in -= r;
+            x.delay_out -= e;
         }
-    })
+        if per_rank {
+            a.clean_end = k.rank_end.clone();
+        }
+    }
+    a
 }
 
 fn class_rows(
@@ -545,9 +766,9 @@ mod tests {
         };
         let clean = simulate(&s, &p, &Noise::none(), &opts);
         let noisy = simulate(&s, &p, &noise, &opts);
-        let two = compare(&s, &clean, &noisy, true);
+        let two = compare(&s, Clean::Full(&clean.st), &noisy, true);
         let mut one = Comparison::new(&s, true);
-        one.scan(&s, &clean, &noisy, 0..s.len());
+        one.scan(&s, Clean::Full(&clean.st), &noisy, 0..s.len());
         assert_eq!(two.sums, one.sums);
         assert!(one.sums.iter().any(|x| x.absorbed > 0 && x.amplified > 0));
         assert_eq!(two.noisy_end, one.noisy_end);
@@ -560,5 +781,118 @@ mod tests {
             format!("{:?}", critical_path_from(&s, &noisy, 50, last)),
             format!("{:?}", crate::sim::critical_path(&s, &noisy, 50))
         );
+    }
+
+    /// When the noise leaves operations unfinished that the noise-free run completed (a
+    /// wildcard receive takes the other message first), the two-thread analysis falls back to
+    /// the full comparison and reports what the one-thread analysis reports.
+    #[test]
+    fn two_thread_analysis_of_a_run_the_noise_leaves_unfinished() {
+        // Rank 0 takes any message first, then one from rank 1. Without noise rank 3's (the
+        // other half's) arrives first; a detour long enough in rank 3's work lets rank 1's
+        // overtake it, and the second receive is never matched.
+        let s = crate::goal::parse_goal_str(
+            "num_ranks 4
+rank 0 {
+  l1: recv 8b from -1 tag 0
+  l2: recv 8b from 1 tag 0
+  l2 requires l1
+}
+rank 1 {
+  l1: calc 6000
+  l2: send 8b to 0 tag 0
+  l2 requires l1
+}
+rank 2 {
+  l1: calc 100
+}
+rank 3 {
+  l1: calc 1000
+  l2: send 8b to 0 tag 0
+  l2 requires l1
+}
+",
+        )
+        .expect("GOAL");
+        let p = Params::default();
+        let mut seen = false;
+        for seed in 1..200 {
+            let noise = Noise {
+                source: NoiseSource::Poisson {
+                    interval: 4_000,
+                    detour: 8_000,
+                },
+                coscheduled: false,
+                latency: LatencyNoise::None,
+                seed,
+            };
+            let run = |threads, min| {
+                let (r, _) =
+                    analyse_split_from(&s, &p, &noise, ("t", "n"), 50, true, None, threads, min);
+                let mut v = serde_json::to_value(&r).expect("json");
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("sim_seconds");
+                    m.remove("events_per_second");
+                }
+                (r, v)
+            };
+            let (one, v1) = run(1, PARALLEL_SIM_OPS);
+            assert!(one.baseline_ns > 0);
+            let (_, v2) = run(2, 0);
+            assert_eq!(v1, v2, "seed {seed}");
+            seen |= one.unfinished_ops > 0;
+        }
+        assert!(seen, "no seed left the noisy run unfinished");
+    }
+
+    /// What [`keep_clean`] keeps of a noise-free run gives the comparison of its full states,
+    /// and the state array it hands on is the fresh initial state (the noisy run from it is
+    /// the noisy run from new states).
+    #[test]
+    fn kept_noise_free_run_compares_as_the_full_one() {
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 20_000,
+                detour: 4_000,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Exp { mean: 300 },
+            seed: 7,
+        };
+        let p = Params::default();
+        let opts = SimOptions {
+            record_noise: true,
+            record_busy: true,
+            ..SimOptions::default()
+        };
+        // Below and above the size at which both work on two threads.
+        for (pat, ranks) in [(Pattern::Stencil2d, 256), (Pattern::AllreduceRd, 4_000)] {
+            let s = generate(
+                pat,
+                &GenParams {
+                    ranks,
+                    ..GenParams::default()
+                },
+            )
+            .expect("generator");
+            let clean = simulate(&s, &p, &Noise::none(), &opts);
+            let noisy = simulate(&s, &p, &noise, &opts);
+            assert_eq!(noisy.unfinished(), 0);
+            let mut st = clean.st.clone();
+            let kept = keep_clean(&s, &mut st, true);
+            assert!(kept.exact);
+            assert_eq!(st, initial_state_threads(&s, 1), "{pat:?}");
+            let again = simulate_from(&s, &p, &noise, &opts, st, None);
+            assert_eq!(again.st, noisy.st);
+            for per_rank in [false, true] {
+                let full = compare(&s, Clean::Full(&clean.st), &noisy, per_rank);
+                let part = compare(&s, Clean::Kept(&kept), &noisy, per_rank);
+                assert_eq!(part.sums, full.sums, "{pat:?}");
+                assert!(full.sums.iter().any(|x| x.absorbed > 0 && x.amplified > 0));
+                assert_eq!(part.clean_end, full.clean_end);
+                assert_eq!(part.noisy_end, full.noisy_end);
+                assert_eq!(part.last, full.last);
+            }
+        }
     }
 }

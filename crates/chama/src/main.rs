@@ -386,26 +386,17 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
     Ok((generate(pat, &gp)?, generated_input(pat, &gp)))
 }
 
-/// The noisy run's state template and, with `two`, the noise-free run's, written as the
+/// The state template of the run that goes first (see [`analyse_with`]), written as the
 /// generator goes (beside it, see [`generate_with`]).
-fn templates(p: &Progress, two: bool) -> (Vec<OpState>, Option<Vec<OpState>>) {
-    // Room for the estimate (address space only: pages are touched as the templates grow).
-    let cap = p.estimate().min(MAX_OPS);
-    let mut t = Vec::with_capacity(cap);
-    let mut c = if two {
-        Vec::with_capacity(cap)
-    } else {
-        Vec::new()
-    };
+fn template(p: &Progress) -> Vec<OpState> {
+    // Room for the estimate (address space only: pages are touched as the template grows).
+    let mut t = Vec::with_capacity(p.estimate().min(MAX_OPS));
     loop {
         let (n, done) = p.ops();
         let grow = n > t.len();
         extend_template(&mut t, n);
-        if two {
-            extend_template(&mut c, n);
-        }
         if done {
-            return (t, two.then_some(c));
+            return t;
         }
         if !grow {
             std::thread::sleep(std::time::Duration::from_micros(200));
@@ -480,22 +471,19 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             // and name the critical path's steps) do not depend on it.
             let halves = estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
             if overlap {
-                // With two threads per run the runs go one after the other, and the noise-free
-                // run's states are written here too.
-                let two = halves && threads >= 2 && !a.single;
-                let (s, (t, c)) = generate_with(pat, &gp, halves, threads, |p| templates(p, two))?;
-                (s, generated_input(pat, &gp), (Some(t), c))
+                let (s, t) = generate_with(pat, &gp, halves, threads, template)?;
+                (s, generated_input(pat, &gp), Some(t))
             } else {
                 (
                     generate_threads(pat, &gp, halves, threads)?,
                     generated_input(pat, &gp),
-                    (None, None),
+                    None,
                 )
             }
         }
         _ => {
             let (s, input) = load(&a.input)?;
-            (s, input, (None, None))
+            (s, input, None)
         }
     };
     let t_load = t0.elapsed().as_secs_f64();
@@ -507,7 +495,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             threads,
             ..SimOptions::default()
         };
-        let out = match template.0 {
+        let out = match template {
             Some(t) => simulate_from_template(&s, &params, &noise, &opts, t),
             None => simulate(&s, &params, &noise, &opts),
         };
@@ -546,7 +534,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         return Ok(());
     }
     let per_rank = a.ranks_csv.is_some();
-    let mut r = analyse_with(
+    let (mut r, runs) = analyse_with(
         &s,
         &params,
         &noise,
@@ -554,8 +542,7 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
         &desc,
         a.path_limit,
         per_rank,
-        template.0,
-        template.1,
+        template,
         threads,
     );
     r.peak_memory_kib = vm_hwm_kib().unwrap_or(0);
@@ -581,6 +568,11 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     if let Some(c) = &a.ranks_csv {
         write_out(c, |w| w.write_all(ranks_csv(&r).as_bytes()))?;
     }
+    // The process ends next: leave the schedule and the runs' arrays (gigabytes for a large
+    // run) to the kernel, which takes the whole address space down at exit, instead of freeing
+    // them piece by piece first.
+    std::mem::forget(runs);
+    std::mem::forget(s);
     if r.unfinished_ops > 0 {
         return Err(ChamaError::Incomplete(format!(
             "{} operations never completed: {} receives unmatched, {} messages never received (deadlock or missing partner)",

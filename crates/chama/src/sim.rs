@@ -371,6 +371,8 @@ fn sort_distinct(v: &mut [u64], bits: &mut Vec<u64>) {
 struct Links<'x> {
     st: &'x mut [OpState],
     o0: usize,
+    /// The other part's links, complemented (`!link`): all-zero is all [`NIL`], so the array
+    /// is allocated zeroed and only the pages of the few links ever set are touched.
     foreign: &'x mut [u32],
     f0: usize,
 }
@@ -380,14 +382,14 @@ impl Links<'_> {
     fn get(&self, x: usize) -> u32 {
         match self.st.get(x.wrapping_sub(self.o0)) {
             Some(s) => s.link,
-            None => self.foreign[x - self.f0],
+            None => !self.foreign[x - self.f0],
         }
     }
     #[inline]
     fn set(&mut self, x: usize, v: u32) {
         match self.st.get_mut(x.wrapping_sub(self.o0)) {
             Some(s) => s.link = v,
-            None => self.foreign[x - self.f0] = v,
+            None => self.foreign[x - self.f0] = !v,
         }
     }
 
@@ -561,7 +563,7 @@ struct SimTotals {
 /// `L > 0`, the first half of the ranks' operations all before the second half's, no
 /// dependency between the halves. The results are the same as on one thread.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {
-    simulate_inner(s, p, noise, opts, None, true, None, None)
+    simulate_inner(s, p, noise, opts, None, true, None, None, None)
 }
 
 /// [`simulate`] from states built beforehand by [`initial_state`] (or
@@ -576,7 +578,58 @@ pub(crate) fn simulate_from(
     split: Option<&Split>,
 ) -> SimOutput {
     debug_assert_eq!(st.len(), s.len());
-    simulate_inner(s, p, noise, opts, None, true, Some(st), split.map(|x| x.0))
+    simulate_inner(
+        s,
+        p,
+        noise,
+        opts,
+        None,
+        true,
+        Some(st),
+        split.map(|x| x.0),
+        None,
+    )
+}
+
+/// [`simulate_from`] on the two threads `split` gives, with the buffers an earlier such run of
+/// `s` left in `scratch` (their pages already mapped; a first run finds it empty and allocates
+/// them), which this run leaves there in turn.
+pub(crate) fn simulate_from_reusing(
+    s: &Schedule,
+    p: &Params,
+    noise: &Noise,
+    opts: &SimOptions,
+    st: Vec<OpState>,
+    split: &Split,
+    scratch: &mut Scratch,
+) -> SimOutput {
+    debug_assert_eq!(st.len(), s.len());
+    simulate_inner(
+        s,
+        p,
+        noise,
+        opts,
+        None,
+        true,
+        Some(st),
+        Some(split.0),
+        Some(scratch),
+    )
+}
+
+/// The buffers of both threads of a two-thread run (event queue, rank states, ...) kept for the
+/// next run of the same schedule, see [`simulate_from_reusing`].
+#[derive(Default)]
+pub(crate) struct Scratch([Option<PartScratch>; 2]);
+
+/// One thread's part of a [`Scratch`].
+struct PartScratch {
+    heap: RadixHeap,
+    fifo: Vec<u64>,
+    outbox: Vec<(u64, u64, u32)>,
+    sort_tmp: Vec<u64>,
+    sort_bits: Vec<u64>,
+    rk: Vec<RankState>,
 }
 
 /// [`simulate`], given a [`state_template`] of `s.len()` states written beforehand (ignored
@@ -640,19 +693,19 @@ pub fn state_template(n: usize) -> Vec<OpState> {
     v
 }
 
+/// An operation's state before its dependents and dependency count are filled in.
+pub(crate) const FRESH_STATE: OpState = OpState {
+    ready: 0,
+    end: u64::MAX,
+    link: 0,
+    pred: PRED_NONE,
+    deps: [DEP_NONE; 2],
+};
+
 /// Grow a [`state_template`] to `n` states (nothing if it has that many already).
 pub fn extend_template(v: &mut Vec<OpState>, n: usize) {
     if n > v.len() {
-        v.resize(
-            n,
-            OpState {
-                ready: 0,
-                end: u64::MAX,
-                link: 0,
-                pred: PRED_NONE,
-                deps: [DEP_NONE; 2],
-            },
-        );
+        v.resize(n, FRESH_STATE);
     }
 }
 
@@ -673,22 +726,37 @@ pub(crate) fn fill_states(s: &Schedule, mut st: Vec<OpState>, threads: usize) ->
     st
 }
 
-/// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`.
-fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
+/// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`
+/// (states as [`FRESH_STATE`] leaves them).
+pub(crate) fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
+    for (i, x) in part.iter_mut().enumerate() {
+        *x = fresh_state(s, lo + i);
+    }
+    count_pending(s, lo, part);
+}
+
+/// Add to the pending-dependency counts of operations `lo..lo + part.len()` the edges into
+/// them.
+pub(crate) fn count_pending(s: &Schedule, lo: usize, part: &mut [OpState]) {
     // Every part reads all edges and counts those into it.
     for &d in &s.dep_list {
         if let Some(x) = part.get_mut(((d & !IREQ_BIT) as usize).wrapping_sub(lo)) {
             x.link += 1;
         }
     }
-    for (i, x) in part.iter_mut().enumerate() {
-        match s.dependents(lo + i) {
-            [] => {}
-            &[a] => x.deps[0] = a,
-            &[a, b] => x.deps = [a, b],
-            _ => x.deps[0] = DEP_CSR,
-        }
+}
+
+/// Operation `op`'s state before a run, its pending-dependency count aside (0).
+#[inline]
+pub(crate) fn fresh_state(s: &Schedule, op: usize) -> OpState {
+    let mut x = FRESH_STATE;
+    match s.dependents(op) {
+        [] => {}
+        &[a] => x.deps[0] = a,
+        &[a, b] => x.deps = [a, b],
+        _ => x.deps[0] = DEP_CSR,
     }
+    x
 }
 
 /// One segment of a longer program, for [`simulate_segment`].
@@ -733,6 +801,7 @@ pub fn simulate_segment(
         true,
         None,
         None,
+        None,
     )
 }
 
@@ -746,6 +815,7 @@ fn simulate_inner(
     warm_on: bool,
     init: Option<Vec<OpState>>,
     checked: Option<Option<(usize, usize)>>,
+    scratch: Option<&mut Scratch>,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
@@ -774,7 +844,9 @@ fn simulate_inner(
             None => parallel_split(s, p, opts),
         };
         if let Some(split) = split {
-            return simulate_parallel(s, p, noise, warm_on, st, noise_op, start, busy, split);
+            return simulate_parallel(
+                s, p, noise, warm_on, st, noise_op, start, busy, split, scratch,
+            );
         }
     }
     let rk = match &carry {
@@ -973,6 +1045,7 @@ fn simulate_parallel(
     mut start: Vec<u64>,
     mut busy: Vec<u64>,
     (ranks, ops): (usize, usize),
+    scratch: Option<&mut Scratch>,
 ) -> SimOutput {
     let n = s.len();
     let pr = s.num_ranks as usize;
@@ -1020,24 +1093,45 @@ fn simulate_parallel(
         barrier: std::sync::Barrier::new(2),
         failed: std::sync::atomic::AtomicBool::new(false),
     };
-    let run_part = |h: usize, part: Part| -> SimTotals {
+    let run_part = |h: usize, part: Part, kept: Option<PartScratch>| {
         let guard = PanicFlag(&ex);
-        let rk = vec![RankState::IDLE; part.r1 - part.r0];
+        let local = part.r1 - part.r0;
+        let (rk, kept) = match kept {
+            Some(mut k) => {
+                let mut rk = std::mem::take(&mut k.rk);
+                rk.clear();
+                rk.resize(local, RankState::IDLE);
+                (rk, Some(k))
+            }
+            None => (vec![RankState::IDLE; local], None),
+        };
         let mut sim = Sim::new(s, p, noise, warm_on, part, rk, 0);
+        if let Some(k) = kept {
+            sim.adopt(k);
+        }
         sim.run_windows(h, &ex);
         // Past the last barrier: nothing to release any more.
         std::mem::forget(guard);
-        sim.finish()
+        let t = sim.finish();
+        (t, sim.scratch())
     };
     let [part0, part1] = parts;
-    let (t0, t1) = std::thread::scope(|sc| {
-        let h = sc.spawn(|| run_part(1, part1));
-        let t0 = run_part(0, part0);
+    let mut scratch = scratch;
+    let [k0, k1] = match scratch.as_deref_mut() {
+        Some(sc) => std::mem::take(&mut sc.0),
+        None => [None, None],
+    };
+    let ((t0, k0), (t1, k1)) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| run_part(1, part1, k1));
+        let t0 = run_part(0, part0, k0);
         match h.join() {
             Ok(t1) => (t0, t1),
             Err(e) => std::panic::resume_unwind(e),
         }
     });
+    if let Some(sc) = scratch {
+        sc.0 = [Some(k0), Some(k1)];
+    }
     let sum = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<u64>>();
     SimOutput {
         completion: t0.completion.max(t1.completion),
@@ -1078,7 +1172,8 @@ impl<'a, 'b> Sim<'a, 'b> {
             fifo: Vec::with_capacity(1024),
             st: part.st,
             o0: part.o0,
-            foreign: vec![NIL; part.foreign],
+            // All NIL (see `Links::foreign`).
+            foreign: vec![0; part.foreign],
             f0: part.f0,
             noise_op: part.noise_op,
             start: part.start,
@@ -1106,6 +1201,32 @@ impl<'a, 'b> Sim<'a, 'b> {
             outbox: Vec::new(),
             sort_tmp: Vec::new(),
             sort_bits: Vec::new(),
+        }
+    }
+
+    /// Take over the (empty) event queue and buffers an earlier run left (see [`Scratch`]).
+    fn adopt(&mut self, k: PartScratch) {
+        debug_assert_eq!(k.heap.len, 0);
+        self.heap = k.heap;
+        self.heap.last = 0;
+        self.heap.min_known = false;
+        self.fifo = k.fifo;
+        self.fifo.clear();
+        self.outbox = k.outbox;
+        self.outbox.clear();
+        self.sort_tmp = k.sort_tmp;
+        self.sort_bits = k.sort_bits;
+    }
+
+    /// The event queue and buffers of a finished run, for the next (see [`Scratch`]).
+    fn scratch(&mut self) -> PartScratch {
+        PartScratch {
+            heap: std::mem::replace(&mut self.heap, RadixHeap::new()),
+            fifo: std::mem::take(&mut self.fifo),
+            outbox: std::mem::take(&mut self.outbox),
+            sort_tmp: std::mem::take(&mut self.sort_tmp),
+            sort_bits: std::mem::take(&mut self.sort_bits),
+            rk: std::mem::take(&mut self.rk),
         }
     }
 
@@ -1855,8 +1976,8 @@ mod tests {
             .expect("generator");
             for noise in [Noise::none(), noisy.clone()] {
                 let p = Params::default();
-                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None, None);
-                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None, None);
+                let a = simulate_inner(&s, &p, &noise, &opts, None, true, None, None, None);
+                let b = simulate_inner(&s, &p, &noise, &opts, None, false, None, None, None);
                 assert_eq!(a.completed, s.len() as u64);
                 assert_eq!(a.st, b.st, "{pat:?}");
                 assert_eq!(a.noise, b.noise);
