@@ -331,6 +331,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// The temporary file `write_out` fills beside `path` before renaming it into place.
+fn temp_beside(path: &Path) -> std::path::PathBuf {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}.tmp{}", std::process::id()))
+}
+
+/// Before a run that may take minutes and gigabytes: check that every output named can be
+/// written (not a directory, its directory exists and takes a new file), so the run never ends
+/// in "cannot write" with its result lost. "-" (stdout) always passes.
+fn check_outputs<'a>(paths: impl IntoIterator<Item = Option<&'a str>>) -> Result<(), ChamaError> {
+    for path in paths.into_iter().flatten().filter(|p| *p != "-") {
+        let err = |e| ChamaError::Output {
+            path: path.to_string(),
+            source: e,
+        };
+        let p = Path::new(path);
+        if p.is_dir() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "is a directory",
+            )));
+        }
+        let tmp = temp_beside(p);
+        std::fs::File::create(&tmp).map_err(err)?;
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok(())
+}
+
 /// Write `bytes` to `path` atomically (temp file + rename), or to stdout for "-".
 fn write_out(
     path: &str,
@@ -347,15 +383,7 @@ fn write_out(
         return lock.flush().map_err(err);
     }
     let p = Path::new(path);
-    let dir = p
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = p
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    let tmp = temp_beside(p);
     let res = (|| {
         let f = std::fs::File::create(&tmp)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -437,6 +465,7 @@ fn vm_hwm_kib() -> Option<u64> {
 }
 
 fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
+    check_outputs([a.json.as_deref(), a.csv.as_deref(), a.ranks_csv.as_deref()])?;
     if a.input.gen == Some(Pattern::AllreduceRing)
         && a.input.goal.is_none()
         && a.input.trace.is_none()
@@ -699,12 +728,14 @@ fn cmd_run_segmented(a: RunArgs, gp: GenParams) -> Result<(), ChamaError> {
 }
 
 fn cmd_gen(a: GenCmd) -> Result<(), ChamaError> {
+    check_outputs([Some(a.out.as_str())])?;
     let gp = a.g.params(a.g.ranks)?;
     let s = generate(a.pattern, &gp)?;
     write_out(&a.out, |w| write_goal(&s, w))
 }
 
 fn cmd_convert(a: ConvertArgs) -> Result<(), ChamaError> {
+    check_outputs([Some(a.out.as_str())])?;
     let t = read_trace(&a.trace)?;
     let s = trace_to_schedule(&t, &a.trace)?;
     write_out(&a.out, |w| write_goal(&s, w))
@@ -732,6 +763,7 @@ struct SweepPoint {
 }
 
 fn cmd_sweep(a: SweepArgs) -> Result<(), ChamaError> {
+    check_outputs([Some(a.svg.as_str()), a.csv.as_deref(), a.json.as_deref()])?;
     let ranks: Vec<u32> = parse_list(&a.ranks_list, "rank count")?;
     let amps: Vec<f64> = parse_list(&a.amplitudes, "amplitude")?;
     if ranks.is_empty() || amps.is_empty() || amps.iter().any(|x| !(x.is_finite() && *x >= 0.0)) {
@@ -881,7 +913,12 @@ fn child(args: &[String]) -> Result<(f64, serde_json::Value), ChamaError> {
 }
 
 fn cmd_bench(a: BenchArgs) -> Result<(), ChamaError> {
-    let reps = a.repeats.max(1);
+    if a.repeats == 0 || a.allreduce_repeats == 0 {
+        return Err(
+            SpecError("--repeats and --allreduce-repeats must be at least 1".into()).into(),
+        );
+    }
+    let reps = a.repeats;
     println!(
         "chama bench: {} ranks, {} repeats (min / median / max)",
         a.ranks, reps
@@ -986,7 +1023,7 @@ fn cmd_bench(a: BenchArgs) -> Result<(), ChamaError> {
         let mut mem = Vec::new();
         let mut slow = 0.0;
         let mut cpu = Vec::new();
-        for _ in 0..a.allreduce_repeats.max(1) {
+        for _ in 0..a.allreduce_repeats {
             let exe = std::env::current_exe().map_err(|e| ChamaError::Child(e.to_string()))?;
             let t = Instant::now();
             let out = std::process::Command::new(exe)

@@ -366,3 +366,58 @@ fn cli_two_threads_report_what_one_thread_reports() {
     assert!(!e.status.success());
     assert!(String::from_utf8_lossy(&e.stderr).contains("--threads"));
 }
+
+#[test]
+fn unwritable_outputs_are_refused_before_the_simulation() {
+    let dir = std::env::temp_dir().join(format!("chama-unwritable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("no/such/dir/out.json");
+    let m = missing.to_str().unwrap();
+    let d = dir.to_str().unwrap();
+    // A million-rank noisy run would take seconds and gigabytes before writing: the refusal
+    // must come first, so these finish at once and leave nothing behind.
+    for args in [
+        vec![
+            "run",
+            "--gen",
+            "allreduce-rd",
+            "--ranks",
+            "1048576",
+            "--noise",
+            "periodic:interval=1ms,detour=25us",
+            "--json",
+            m,
+        ],
+        vec![
+            "run",
+            "--gen",
+            "allreduce-rd",
+            "--ranks",
+            "1048576",
+            "--ranks-csv",
+            d,
+        ],
+        vec!["gen", "allreduce-rd", "--ranks", "1048576", "-o", m],
+        vec![
+            "sweep",
+            "--gen",
+            "barrier",
+            "--noise",
+            "periodic:interval=1ms,detour=25us",
+            "--svg",
+            m,
+        ],
+    ] {
+        let t0 = std::time::Instant::now();
+        let out = chama().args(&args).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cannot write"), "{args:?}: {err}");
+        assert!(t0.elapsed().as_secs() < 5, "{args:?} ran before refusing");
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir(&dir).unwrap();
+    let out = chama().args(["bench", "--repeats", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1"));
+}
