@@ -14,8 +14,9 @@ use std::process::{Command, Stdio};
 /// Compare puma's collectives with MPICH and Open MPI.
 #[derive(Parser)]
 struct Cli {
-    /// Rank counts.
-    #[arg(long, value_delimiter = ',', default_value = "2,4,8")]
+    /// Rank counts (each at least 2: a collective of one rank measures nothing).
+    #[arg(long, value_delimiter = ',', default_value = "2,4,8",
+          value_parser = clap::value_parser!(u32).range(2..))]
     ranks: Vec<u32>,
     /// Operations.
     #[arg(long, default_value = "barrier,bcast,allreduce,alltoall")]
@@ -27,10 +28,10 @@ struct Cli {
     #[arg(long, default_value_t = 64 << 10)]
     max_alltoall: usize,
     /// Repetitions per size.
-    #[arg(long, default_value_t = 7)]
-    reps: usize,
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u64).range(1..))]
+    reps: u64,
     /// Wall time per repetition in ms.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     target_ms: u64,
     /// Directory of coll_peer.mpich / coll_peer.openmpi.
     #[arg(long, default_value = "target/bench-peers")]
@@ -62,7 +63,10 @@ fn run(mut c: Command, name: &str) -> Option<Results> {
     let out = match c.stdin(Stdio::null()).output() {
         Ok(o) => o,
         Err(e) => {
-            println!("{name}: cannot run: {e}");
+            println!(
+                "{name}: cannot run {}: {e}",
+                c.get_program().to_string_lossy()
+            );
             return None;
         }
     };
@@ -87,8 +91,9 @@ fn which(p: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn main() {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let mut ours_failed = false;
     let dir = cli.bin_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
@@ -126,8 +131,9 @@ fn main() {
             .arg(cli.reps.to_string())
             .arg("--target-ms")
             .arg(cli.target_ms.to_string());
-        if let Some(r) = run(ours, "puma") {
-            contenders.push(("puma", r));
+        match run(ours, "puma") {
+            Some(r) => contenders.push(("puma", r)),
+            None => ours_failed = true,
         }
         let mpich = cli.peers.join("coll_peer.mpich");
         if mpich.exists() && which("mpirun.mpich") {
@@ -205,4 +211,9 @@ fn main() {
             println!("{line}");
         }
     }
+    if ours_failed {
+        eprintln!("puma-coll-bench: our runs failed (see above)");
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
 }
