@@ -30,15 +30,21 @@ static void measure(const char *op, long bytes, char *a, char *b, float *f, floa
        one lasts a tenth of the target (at least 1 ms); rank 0 decides and broadcasts. */
     double target = target_ms / 1e3;
     double floor_s = target / 10.0 > 1e-3 ? target / 10.0 : 1e-3;
+    /* A long enough loop decides only at no more than twice the previous loop's time per call
+       (a disturbed first call set counts of 2-3 calls), or after 5 targets of trial loops. */
     int trial = 1, iters = 0;
+    double prev = 0, total = 0; /* the first loop never decides on its own */
     for (;;) {
         MPI_Barrier(MPI_COMM_WORLD);
         double t0 = MPI_Wtime();
         for (int i = 0; i < trial; i++) once(op, bytes, a, b, f, g, p);
         double spent = MPI_Wtime() - t0;
+        double one = spent / trial;
+        total += spent;
+        int steady = one <= 2.0 * prev || total >= 5.0 * target;
+        prev = one;
         iters = 0;
-        if (rank == 0 && (spent >= floor_s || trial >= 20000)) {
-            double one = spent / trial;
+        if (rank == 0 && ((spent >= floor_s && steady) || trial >= 20000)) {
             double it = target / (one > 1e-7 ? one : 1e-7);
             if (it < 2) it = 2;
             if (it > 20000) it = 20000;

@@ -1,9 +1,10 @@
 //! One rank of the collective benchmark (started by `puma-coll-bench` through yod; the MPI peer
 //! `bench-peers/coll_peer.c` does exactly the same through MPI). For every operation and size it
 //! times trial loops of doubling length until one fills a tenth of `--target-ms` (at least
-//! 1 ms), picks from it an iteration count filling about `--target-ms` (rank 0 decides and
-//! broadcasts it), then times `--reps` repetitions of that many calls. Every rank times its own
-//! loop; a repetition's figure is the slowest rank's time per call (as IMB's t_max). Rank 0 prints
+//! 1 ms) at no more than twice the previous loop's time per call, picks from it an iteration
+//! count filling about `--target-ms` (rank 0 decides and broadcasts it), then times `--reps`
+//! repetitions of that many calls. Every rank times its own loop; a repetition's figure is the
+//! slowest rank's time per call (as IMB's t_max). Rank 0 prints
 //! `<op> <bytes> <min_us> <median_us> <max_us>` per operation and size over the repetitions.
 
 use clap::Parser;
@@ -87,9 +88,17 @@ fn run(args: &Args) -> Result<()> {
             // disturbance (cold caches, the previous line's print waking yod) set the count, and
             // a count of a few calls keeps that disturbance in every repetition. Rank 0 decides
             // and broadcasts, so every rank runs the same loops.
+            //
+            // A loop that lasts long enough decides only if its time per call is at most twice
+            // the previous loop's: under load the first call of a size often waited 2.6-12 ms
+            // for a descheduled rank (one call, ~10 µs of work), and the count of 2-3 calls
+            // per repetition that followed measured mostly that disturbance and the barrier (and
+            // a path chooser's first tries). After 5 targets of trial loops the next long
+            // enough loop decides anyway.
             let target = args.target_ms as f64 / 1e3;
             let floor = (target / 10.0).max(1e-3);
             let mut trial: u32 = 1;
+            let (mut prev, mut total) = (0.0, 0.0);
             let iters = loop {
                 w.barrier()?;
                 let t0 = Instant::now();
@@ -97,9 +106,12 @@ fn run(args: &Args) -> Result<()> {
                     once(&w, op, bytes, &mut a, &mut b, &f, &mut g)?;
                 }
                 let spent = t0.elapsed().as_secs_f64();
+                let one = spent / f64::from(trial);
+                total += spent;
+                let steady = one <= 2.0 * prev || total >= 5.0 * target;
+                prev = one;
                 let mut decided = [0u32];
-                if w.rank() == 0 && (spent >= floor || trial >= 20_000) {
-                    let one = spent / f64::from(trial);
+                if w.rank() == 0 && ((spent >= floor && steady) || trial >= 20_000) {
                     decided[0] = (target / one.max(1e-7)).clamp(2.0, 20_000.0) as u32;
                 }
                 w.broadcast(&mut decided, 0)?;
