@@ -730,6 +730,20 @@ pub fn detour_summary(trace: &DetourTrace) -> String {
             trace.meta("threshold_ns").unwrap_or("?")
         );
     }
+    let dropped: u64 = trace
+        .meta("dropped")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if dropped > 0 {
+        let _ = writeln!(
+            s,
+            "warning: {dropped} more detours were counted but not stored (the trace keeps {} per CPU): \
+             the figures above cover the stored ones only; raise --threshold above the loop's own \
+             cost (loop_ns={})",
+            trace.detours.len(),
+            trace.meta("loop_ns").unwrap_or("?")
+        );
+    }
     s
 }
 
@@ -871,5 +885,25 @@ mod tests {
         assert!(d
             .iter()
             .all(|&(s, l)| l == 500_000 && s % 100_000_000 == 1_000_000));
+    }
+
+    #[test]
+    fn a_detour_summary_warns_when_detours_were_counted_but_not_stored() {
+        let mut t = crate::format::DetourTrace {
+            detours: vec![(10, 500), (2000, 700)],
+            meta: vec![
+                ("duration_ns".into(), "1000000".into()),
+                ("threshold_ns".into(), "100".into()),
+                ("loop_ns".into(), "25".into()),
+                ("dropped".into(), "0".into()),
+            ],
+        };
+        let quiet = detour_summary(&t);
+        assert!(quiet.contains("detours: 2"), "{quiet}");
+        assert!(!quiet.contains("warning"), "{quiet}");
+        t.meta[3].1 = "12345".into();
+        let full = detour_summary(&t);
+        assert!(full.contains("warning: 12345 more detours"), "{full}");
+        assert!(full.contains("loop_ns=25"), "{full}");
     }
 }
