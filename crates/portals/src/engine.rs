@@ -14,7 +14,7 @@ use crate::plan::{
 };
 use crate::store::{Config, Store, Tables};
 use crate::types::{Acl, EqHandle, HandlerId, MatchHandle, MdHandle, ProcessId, Region, ANY};
-use crate::wire::{flags, HeaderError, Limits, Op, WireHeader, NO_MD, WIRE_VERSION};
+use crate::wire::{flags, HeaderError, Limits, Op, PlainPut, WireHeader, NO_MD, WIRE_VERSION};
 
 /// Arguments of [`Engine::prepare_put`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -928,20 +928,35 @@ impl<S: Store> Engine<S> {
         want: EqHandle,
         ev: &mut Event,
     ) -> Option<bool> {
+        // The header's form: the fields that make it a plain put.
+        let p = PlainPut::from_wire(h)?;
+        self.deliver_plain_put_fast_taking(p, out, want, ev)
+    }
+
+    /// [`Engine::deliver_put_fast_taking`] for a put already decoded into its
+    /// plain form (a fabric whose record says "plain put" builds no
+    /// [`WireHeader`]): the rest of [`WireHeader::validate`], the destination
+    /// check, then the same delivery. Returns what
+    /// `deliver_put_fast_taking(&p.to_wire(), ..)` returns, with the same
+    /// effects; a property test holds it to that and to the general path.
+    #[inline(always)]
+    pub fn deliver_plain_put_fast_taking(
+        &mut self,
+        h: PlainPut,
+        out: &mut Region,
+        want: EqHandle,
+        ev: &mut Event,
+    ) -> Option<bool> {
         // `WireHeader::validate` for a put without ack (which needs no return
-        // descriptor), then the destination check of the general path.
-        let plain = (h.version == WIRE_VERSION)
-            & (h.op == Op::Put)
-            & (h.flags == 0)
-            & (h.portal < self.limits.portals)
+        // descriptor) past what the plain form already holds, then the
+        // destination check of the general path.
+        let plain = (h.portal < self.limits.portals)
             & (h.src.group != ANY)
             & (h.src.rank != ANY)
             & (h.dst.group != ANY)
             & (h.dst.rank != ANY)
-            & (h.length == h.rlength)
             & (h.length <= self.limits.max_message)
             & h.offset.checked_add(h.length).is_some()
-            & h.return_offset.checked_add(h.rlength).is_some()
             & (h.dst == self.cfg.id);
         if !plain {
             return None;
@@ -958,7 +973,7 @@ impl<S: Store> Engine<S> {
         let mut cur = head;
         let e = loop {
             match t.entries.get(cur as usize) {
-                Some(e) if !e.matches(h) => cur = e.next,
+                Some(e) if !e.matches_parts(h.src, h.match_bits) => cur = e.next,
                 Some(e) => break e,
                 None => return None,
             }
@@ -1164,7 +1179,7 @@ impl<S: Store> Engine<S> {
                     // Hot loop: skip entries that do not match.
                     let e = loop {
                         match entries.get(cur as usize) {
-                            Some(e) if !e.matches(h) => cur = e.next,
+                            Some(e) if !e.matches_parts(h.src, h.match_bits) => cur = e.next,
                             other => break other,
                         }
                     };

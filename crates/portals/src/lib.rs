@@ -203,4 +203,6 @@ pub use plan::{
 pub use store::BoxStore;
 pub use store::{ArrayStore, Config, SliceStore, Store, Tables, TablesRef};
 pub use types::{Acl, EqHandle, HandlerId, MatchHandle, MdHandle, ProcessId, Region, ANY};
-pub use wire::{flags, HeaderError, Limits, Op, WireHeader, HEADER_LEN, NO_MD, WIRE_VERSION};
+pub use wire::{
+    flags, HeaderError, Limits, Op, PlainPut, WireHeader, HEADER_LEN, NO_MD, WIRE_VERSION,
+};

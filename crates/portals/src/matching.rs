@@ -2,7 +2,6 @@
 //! (section 7.1).
 
 use crate::types::{Acl, EqHandle, HandlerId, MatchHandle, MdHandle, ProcessId, ANY};
-use crate::wire::WireHeader;
 
 pub(crate) const NIL: u32 = u32::MAX;
 
@@ -138,12 +137,12 @@ impl EntrySlot {
         threshold: 0,
     };
 
-    /// Does the message header satisfy this entry? Branch-free.
+    /// Does a message header from `src` with `match_bits` satisfy this entry? Branch-free.
     #[inline(always)]
-    pub(crate) fn matches(&self, h: &WireHeader) -> bool {
-        let bits = ((self.bits ^ h.match_bits) & self.care) == 0;
-        let group = (self.group == ANY) | (self.group == h.src.group);
-        let rank = (self.rank == ANY) | (self.rank == h.src.rank);
+    pub(crate) fn matches_parts(&self, src: ProcessId, match_bits: u64) -> bool {
+        let bits = ((self.bits ^ match_bits) & self.care) == 0;
+        let group = (self.group == ANY) | (self.group == src.group);
+        let rank = (self.rank == ANY) | (self.rank == src.rank);
         bits & group & rank
     }
 

@@ -919,11 +919,11 @@ proptest! {
         portals in proptest::collection::vec(fast_portal(), 4),
         entries in proptest::collection::vec(fast_entry(), 0..13),
         release in proptest::collection::vec(0usize..16, 0..3),
-        hdrs in proptest::collection::vec((fast_hdr(), 0u8..3), 1..40),
+        hdrs in proptest::collection::vec((fast_hdr(), 0u8..3, any::<bool>()), 1..40),
     ) {
         let (mut e, eqs, _) = fast_engine(&mds, &portals, &entries, &release);
         let untouched = Event { seq: 0xdead, ..Event::EMPTY };
-        for (g, w) in &hdrs {
+        for (g, w, plain) in &hdrs {
             if g.drain {
                 for q in eqs {
                     let _ = e.eq_get(q);
@@ -942,7 +942,13 @@ proptest! {
             let result = general.deliver_into(&h, &mut plan);
             let mut to = Region::new(1, 1);
             let mut ev = untouched;
-            match e.deliver_put_fast_taking(&h, &mut to, want, &mut ev) {
+            // Either entry: the full header, or (for a header that is a plain put) the plain form
+            // a fabric decodes its one-line put into, which must make every remaining check.
+            let fast = match (plain, PlainPut::from_wire(&h)) {
+                (true, Some(p)) => e.deliver_plain_put_fast_taking(p, &mut to, want, &mut ev),
+                _ => e.deliver_put_fast_taking(&h, &mut to, want, &mut ev),
+            };
+            match fast {
                 None => {
                     prop_assert_eq!(to, Region::new(1, 1));
                     prop_assert_eq!(ev, untouched);
@@ -1033,6 +1039,52 @@ proptest! {
 
 /// The fast path takes the common put (and posts its event), and leaves to the
 /// general path an acked put, a put that unlinks its entry, and a wrong header.
+#[test]
+fn plain_put_form_is_exactly_the_plain_put_headers() {
+    let p = PlainPut {
+        portal: 3,
+        src: ProcessId::new(2, 1),
+        dst: ME,
+        match_bits: 0x55,
+        offset: 16,
+        length: 8,
+        hdr_data: 9,
+    };
+    let h = p.to_wire();
+    assert_eq!(PlainPut::from_wire(&h), Some(p));
+    // The return descriptor and offset of a put without ack are not part of it ...
+    let acked_to = WireHeader {
+        return_md: 7,
+        return_offset: 4,
+        ..h
+    };
+    assert_eq!(PlainPut::from_wire(&acked_to), Some(p));
+    // ... but every other field that makes a header something else is.
+    for other in [
+        WireHeader {
+            version: WIRE_VERSION + 1,
+            ..h
+        },
+        WireHeader { op: Op::Get, ..h },
+        WireHeader { op: Op::Reply, ..h },
+        WireHeader {
+            flags: flags::ACK_REQ,
+            ..h
+        },
+        WireHeader {
+            flags: flags::TRUNCATED,
+            ..h
+        },
+        WireHeader { rlength: 9, ..h },
+        WireHeader {
+            return_offset: u64::MAX,
+            ..h
+        },
+    ] {
+        assert_eq!(PlainPut::from_wire(&other), None, "{other:?}");
+    }
+}
+
 #[test]
 fn put_fast_path_takes_the_common_put_only() {
     let mut e = Engine::with_store(FastStore::config(ME, 4096), FastStore::new()).unwrap();

@@ -177,6 +177,75 @@ pub struct WireHeader {
 
 const _: () = assert!(core::mem::size_of::<WireHeader>() == HEADER_LEN);
 
+/// The fields of a plain put: a [`WireHeader`] of the current version with op
+/// [`Op::Put`], no flags, `rlength == length`, `return_offset` 0 and no
+/// return descriptor, whose other fields are these. A fabric that knows from
+/// its own record that a message is such a put decodes straight into this
+/// (no 80-byte header to build and read back) and hands it to
+/// [`crate::Engine::deliver_plain_put_fast_taking`], which makes the remaining
+/// checks of [`WireHeader::validate`] and of the general path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlainPut {
+    /// Portal table index at the target.
+    pub portal: u32,
+    /// Sender.
+    pub src: ProcessId,
+    /// Receiver.
+    pub dst: ProcessId,
+    /// Match bits.
+    pub match_bits: u64,
+    /// Offset in the target MD (used by sender-managed MDs).
+    pub offset: u64,
+    /// Payload bytes.
+    pub length: u64,
+    /// 64 bits of user data.
+    pub hdr_data: u64,
+}
+
+impl PlainPut {
+    /// The full header this put stands for.
+    pub fn to_wire(&self) -> WireHeader {
+        WireHeader {
+            version: WIRE_VERSION,
+            op: Op::Put,
+            flags: 0,
+            portal: self.portal,
+            src: self.src,
+            dst: self.dst,
+            match_bits: self.match_bits,
+            offset: self.offset,
+            length: self.length,
+            rlength: self.length,
+            return_md: NO_MD,
+            return_offset: 0,
+            hdr_data: self.hdr_data,
+        }
+    }
+
+    /// The plain put `h` stands for, if it is one apart from its return
+    /// descriptor and return offset (which a put without acknowledgment never
+    /// uses): version, op, flags, `rlength == length`, and the one check
+    /// [`WireHeader::validate`] makes of the return offset (`return_offset +
+    /// rlength` does not overflow).
+    #[inline(always)]
+    pub fn from_wire(h: &WireHeader) -> Option<PlainPut> {
+        let plain = (h.version == WIRE_VERSION)
+            & (h.op == Op::Put)
+            & (h.flags == 0)
+            & (h.length == h.rlength)
+            & h.return_offset.checked_add(h.rlength).is_some();
+        plain.then_some(PlainPut {
+            portal: h.portal,
+            src: h.src,
+            dst: h.dst,
+            match_bits: h.match_bits,
+            offset: h.offset,
+            length: h.length,
+            hdr_data: h.hdr_data,
+        })
+    }
+}
+
 #[inline]
 fn u64_at(b: &[u8; HEADER_LEN], at: usize) -> u64 {
     let mut w = [0u8; 8];

@@ -1134,6 +1134,26 @@ pub fn wire_from_hdr_into(h: &Hdr, job: u32, dst: ProcessId, out: &mut WireHeade
     true
 }
 
+/// The portals form of a one-line put record `h` (op [`op::PUT`], flags exactly
+/// [`flag::INLINE8`]) from world rank `h.src` of job `job` to `dst`: the fields
+/// [`wire_from_hdr_into`] would write for it, but as a [`portals::PlainPut`], whose
+/// `to_wire()` is that header (a test holds the two equal). Only the one-line put
+/// is decoded this way: its flags carry no ack, truncation or large reference, so
+/// the header is a plain put with `rlength == length` and no return offset.
+#[inline(always)]
+pub fn plain_put_from_inline8(h: &Hdr, job: u32, dst: ProcessId) -> portals::PlainPut {
+    debug_assert!(h.op == op::PUT && h.flags == flag::INLINE8);
+    portals::PlainPut {
+        portal: h.portal as u32,
+        src: ProcessId::new(job, h.src),
+        dst,
+        match_bits: h.match_bits,
+        offset: h.offset,
+        length: h.length,
+        hdr_data: h.hdr_data,
+    }
+}
+
 /// Where the payload of a large message is: (flag bit, reference, token).
 pub(crate) fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(LARGE_REF);
@@ -1384,6 +1404,24 @@ impl Ctx<'_> {
         }
     }
 
+    /// [`Ctx::deliver_put_fast`] for a put already in its plain form.
+    #[inline(always)]
+    fn deliver_plain_put_fast(&mut self, p: portals::PlainPut, to: &mut PRegion) -> bool {
+        match self
+            .engine
+            .deliver_plain_put_fast_taking(p, to, self.want, self.ev)
+        {
+            Some(taken) => {
+                if taken {
+                    self.taken = true;
+                    self.want = EqHandle::NONE;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Validates and delivers one record.
     fn handle(&mut self, m: Incoming<'_>) {
         // By reference: the header was just decoded field by field, and copying it whole would
@@ -1409,18 +1447,21 @@ impl Ctx<'_> {
             if h.length > 8 {
                 return self.drop_msg(DropReason::Malformed);
             }
+            // Decoded once, straight into the portals form of a plain put (no `WireHeader` built
+            // and read back); portals makes the rest of the header's checks.
             let word = h.aux.to_le_bytes();
-            if wire_from_hdr_into(h, self.region.job, self.me, self.wire) {
-                let mut to = PRegion::EMPTY;
-                if self.deliver_put_fast(&mut to) {
-                    let n = to.len as usize;
-                    if n > h.length as usize || !self.mem.write(to.addr, &word[..n]) {
-                        self.drop_msg(DropReason::BadMemory);
-                    }
-                    self.delivered += 1;
-                    self.delivered_bytes += to.len;
-                    return;
+            let mut to = PRegion::EMPTY;
+            if self.deliver_plain_put_fast(
+                plain_put_from_inline8(h, self.region.job, self.me),
+                &mut to,
+            ) {
+                let n = to.len as usize;
+                if n > h.length as usize || !self.mem.write(to.addr, &word[..n]) {
+                    self.drop_msg(DropReason::BadMemory);
                 }
+                self.delivered += 1;
+                self.delivered_bytes += to.len;
+                return;
             }
         }
         // 2. Structure.
@@ -1780,6 +1821,85 @@ mod tests {
             assert_eq!(body.len(), len);
             assert_eq!(Hdr::put(&a, 0), hdr_from_wire(&plan.header), "ack {ack}");
         }
+    }
+
+    #[test]
+    fn a_one_line_puts_plain_form_is_the_portals_header_the_general_path_builds() {
+        let dst = ProcessId::new(41, 1);
+        for (portal, src, length, bits, offset, ret) in [
+            (1u16, 0u32, 8u64, 7u64, 16u64, portals::NO_MD),
+            (0, 3, 0, u64::MAX, 0, 42),
+            (u16::MAX, u32::MAX, 5, 0, u64::MAX, 1),
+        ] {
+            let h = Hdr {
+                op: op::PUT,
+                flags: flag::INLINE8,
+                portal,
+                src,
+                match_bits: bits,
+                offset,
+                length,
+                return_md: ret,
+                aux: 0x0102_0304_0506_0708,
+                hdr_data: bits ^ 0x55,
+            };
+            let general = wire_from_hdr(&h, 41, dst).expect("a put converts");
+            let plain = plain_put_from_inline8(&h, 41, dst);
+            // A put without ack never reads its return descriptor; everything else is the same.
+            assert_eq!(
+                plain.to_wire(),
+                WireHeader {
+                    return_md: portals::NO_MD,
+                    ..general
+                }
+            );
+            assert_eq!(portals::PlainPut::from_wire(&general), Some(plain));
+        }
+    }
+
+    #[test]
+    fn a_one_line_put_to_a_portal_its_job_may_not_use_is_dropped_as_forbidden() {
+        let (_fab, mut tx, mut rx, eq, smd, sbuf, rbuf) = pair();
+        tx.write(&sbuf, 0, &[9u8; 8]).expect("fill");
+        let put = PutArgs {
+            md: smd,
+            local_offset: 0,
+            length: 8,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: 1,
+            remote_offset: 0,
+            ack: false,
+            hdr_data: 0,
+        };
+        rx.with_engine(|e| e.portal_set_acl(1, Acl::job(99)))
+            .expect("acl");
+        tx.put(&put).expect("put");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while rx.stats().total_drops() == 0 && std::time::Instant::now() < deadline {
+            assert_eq!(
+                rx.eq_poll(eq).expect("poll"),
+                None,
+                "no event for a refused put"
+            );
+        }
+        let st = rx.stats();
+        assert_eq!(
+            st.drops_for(crate::DropReason::Portals(portals::DropReason::Forbidden)),
+            1,
+            "{st:?}"
+        );
+        let mut got = [0u8; 8];
+        rx.read(&rbuf, 0, &mut got).expect("read");
+        assert_eq!(got, [0u8; 8], "a refused put deposited bytes");
+        // The same put once the job may use the portal is delivered (by the same fast route).
+        rx.with_engine(|e| e.portal_set_acl(1, Acl::job(41)))
+            .expect("acl");
+        tx.put(&put).expect("put");
+        let ev = rx.eq_wait(eq, Duration::from_secs(5)).expect("put event");
+        assert_eq!((ev.kind, ev.mlength), (EventKind::Put, 8));
+        rx.read(&rbuf, 0, &mut got).expect("read");
+        assert_eq!(got, [9u8; 8]);
     }
 
     #[test]
