@@ -7,8 +7,8 @@ use crate::noise::Noise;
 use crate::schedule::{OpKind, Schedule};
 use crate::sim::{
     count_pending, critical_path_from, fill_states, fresh_state, initial_state_threads, simulate,
-    simulate_from, simulate_from_reusing, CriticalPath, OpState, Params, Scratch, SimOptions,
-    SimOutput, Split, PARALLEL_SIM_OPS,
+    simulate_from, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput, Split,
+    PARALLEL_SIM_OPS,
 };
 
 /// Min / mean / max of a per-rank quantity.
@@ -215,18 +215,26 @@ fn analyse_split_from(
         // a million ranks is 330 K page faults, about 0.9 s of CPU). The noisy run takes over
         // the event queues and rank states too.
         let mut scratch = Scratch::default();
-        let mut c = simulate_from_reusing(
+        let mut c = simulate_from(
             s,
             p,
             &Noise::none(),
             &busy,
             init(template),
-            &split,
-            &mut scratch,
+            Some(&split),
+            Some(&mut scratch),
         );
         let mut st = std::mem::take(&mut c.st);
         let kept = keep_clean(s, &mut st, per_rank);
-        let n = simulate_from_reusing(s, p, noise, &noisy_opts, st, &split, &mut scratch);
+        let n = simulate_from(
+            s,
+            p,
+            noise,
+            &noisy_opts,
+            st,
+            Some(&split),
+            Some(&mut scratch),
+        );
         (c, Some(n), Some((kept, scratch)))
     } else {
         // The noise-free and the noisy run are independent: run them on two threads.
@@ -241,9 +249,9 @@ fn analyse_split_from(
         std::thread::scope(|sc| {
             let h = sc.spawn(|| {
                 let st = initial_state_threads(s, 1);
-                simulate_from(s, p, &Noise::none(), &one, st, None)
+                simulate_from(s, p, &Noise::none(), &one, st, None, None)
             });
-            let n = simulate_from(s, p, noise, &noisy_one, init, None);
+            let n = simulate_from(s, p, noise, &noisy_one, init, None, None);
             match h.join() {
                 Ok(c) => (c, Some(n), None),
                 // The simulator does not panic on any input; if it did, run it again here so the
@@ -268,7 +276,7 @@ fn analyse_split_from(
         // Rare (a schedule the noise leaves unfinished, or an operation ending before it was
         // ready): simulate the noise-free run again, into states of its own, for the full
         // comparison.
-        clean.st = simulate_from(s, p, &Noise::none(), &busy, init(None), Some(&split)).st;
+        clean.st = simulate_from(s, p, &Noise::none(), &busy, init(None), Some(&split), None).st;
     }
     let noisy: &SimOutput = noisy_run.as_ref().unwrap_or(&clean);
     let secs = t0.elapsed().as_secs_f64();
@@ -882,7 +890,7 @@ rank 3 {
             let kept = keep_clean(&s, &mut st, true);
             assert!(kept.exact);
             assert_eq!(st, initial_state_threads(&s, 1), "{pat:?}");
-            let again = simulate_from(&s, &p, &noise, &opts, st, None);
+            let again = simulate_from(&s, &p, &noise, &opts, st, None, None);
             assert_eq!(again.st, noisy.st);
             for per_rank in [false, true] {
                 let full = compare(&s, Clean::Full(&clean.st), &noisy, per_rank);

@@ -568,7 +568,9 @@ pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> S
 
 /// [`simulate`] from states built beforehand by [`initial_state`] (or
 /// [`initial_state_threads`]) for `s`; `split`, when given, is [`Split::of`] for `s`, `p` and
-/// `opts` (saves checking the schedule again).
+/// `opts` (saves checking the schedule again). With `scratch` (two-thread runs), the run takes
+/// the buffers an earlier such run of `s` left there (their pages already mapped; a first run
+/// finds it empty and allocates them) and leaves its own there in turn.
 pub(crate) fn simulate_from(
     s: &Schedule,
     p: &Params,
@@ -576,6 +578,7 @@ pub(crate) fn simulate_from(
     opts: &SimOptions,
     st: Vec<OpState>,
     split: Option<&Split>,
+    scratch: Option<&mut Scratch>,
 ) -> SimOutput {
     debug_assert_eq!(st.len(), s.len());
     simulate_inner(
@@ -587,38 +590,12 @@ pub(crate) fn simulate_from(
         true,
         Some(st),
         split.map(|x| x.0),
-        None,
-    )
-}
-
-/// [`simulate_from`] on the two threads `split` gives, with the buffers an earlier such run of
-/// `s` left in `scratch` (their pages already mapped; a first run finds it empty and allocates
-/// them), which this run leaves there in turn.
-pub(crate) fn simulate_from_reusing(
-    s: &Schedule,
-    p: &Params,
-    noise: &Noise,
-    opts: &SimOptions,
-    st: Vec<OpState>,
-    split: &Split,
-    scratch: &mut Scratch,
-) -> SimOutput {
-    debug_assert_eq!(st.len(), s.len());
-    simulate_inner(
-        s,
-        p,
-        noise,
-        opts,
-        None,
-        true,
-        Some(st),
-        Some(split.0),
-        Some(scratch),
+        scratch,
     )
 }
 
 /// The buffers of both threads of a two-thread run (event queue, rank states, ...) kept for the
-/// next run of the same schedule, see [`simulate_from_reusing`].
+/// next run of the same schedule, see [`simulate_from`].
 #[derive(Default)]
 pub(crate) struct Scratch([Option<PartScratch>; 2]);
 
@@ -645,7 +622,15 @@ pub fn simulate_from_template(
         return simulate(s, p, noise, opts);
     }
     let threads = if s.len() >= PARALLEL_INIT_OPS { 2 } else { 1 };
-    simulate_from(s, p, noise, opts, fill_states(s, template, threads), None)
+    simulate_from(
+        s,
+        p,
+        noise,
+        opts,
+        fill_states(s, template, threads),
+        None,
+        None,
+    )
 }
 
 /// A schedule's initial simulation state (pending-dependency counts, dependency-free
