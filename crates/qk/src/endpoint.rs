@@ -1389,10 +1389,17 @@ impl Ctx<'_> {
     /// payload's range).
     #[inline(always)]
     fn deliver_put_fast(&mut self, to: &mut PRegion) -> bool {
-        match self
+        let r = self
             .engine
-            .deliver_put_fast_taking(self.wire, to, self.want, self.ev)
-        {
+            .deliver_put_fast_taking(self.wire, to, self.want, self.ev);
+        self.note_fast_delivery(r)
+    }
+
+    /// Books a fast delivery's outcome (`None`: declined; `Some(true)`: the waiter took its
+    /// event, so it wants no other). True when it delivered.
+    #[inline(always)]
+    fn note_fast_delivery(&mut self, r: Option<bool>) -> bool {
+        match r {
             Some(taken) => {
                 if taken {
                     self.taken = true;
@@ -1407,19 +1414,10 @@ impl Ctx<'_> {
     /// [`Ctx::deliver_put_fast`] for a put already in its plain form.
     #[inline(always)]
     fn deliver_plain_put_fast(&mut self, p: portals::PlainPut, to: &mut PRegion) -> bool {
-        match self
+        let r = self
             .engine
-            .deliver_plain_put_fast_taking(p, to, self.want, self.ev)
-        {
-            Some(taken) => {
-                if taken {
-                    self.taken = true;
-                    self.want = EqHandle::NONE;
-                }
-                true
-            }
-            None => false,
-        }
+            .deliver_plain_put_fast_taking(p, to, self.want, self.ev);
+        self.note_fast_delivery(r)
     }
 
     /// Validates and delivers one record.
