@@ -202,6 +202,13 @@ fn chama() -> Command {
     Command::new(env!("CARGO_BIN_EXE_chama"))
 }
 
+/// Runs chama with `args`, requires a failure status, and returns its stderr.
+fn refused(args: &[&str]) -> String {
+    let out = chama().args(args).output().expect("run chama");
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn command_line_end_to_end() {
     let dir = std::env::temp_dir().join(format!("chama-cli-{}", std::process::id()));
@@ -254,12 +261,7 @@ fn command_line_end_to_end() {
     let text = std::fs::read_to_string(&svg).expect("svg");
     assert!(text.starts_with("<svg") && text.contains("polyline") && text.contains("co-scheduled"));
     // A bad file gives a clear error and a failure status, no panic.
-    let out = chama()
-        .args(["run", "--goal", "/nonexistent.goal"])
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["run", "--goal", "/nonexistent.goal"]);
     assert!(
         err.contains("/nonexistent.goal") && !err.contains("panicked"),
         "{err}"
@@ -310,12 +312,7 @@ fn cli_segmented_ring_reports_what_the_whole_ring_reports() {
     // The report counts the events of both runs.
     assert_eq!(seg["events_all_runs"], whole["events"]);
     // --segmented is for the ring only.
-    let e = chama()
-        .args(["run", "--gen", "bcast", "--segmented"])
-        .output()
-        .expect("run");
-    assert!(!e.status.success());
-    assert!(String::from_utf8_lossy(&e.stderr).contains("allreduce-ring"));
+    assert!(refused(&["run", "--gen", "bcast", "--segmented"]).contains("allreduce-ring"));
 }
 
 /// `--threads 1` and `--threads 2` give the same report on a schedule large enough for two
@@ -409,15 +406,11 @@ fn unwritable_outputs_are_refused_before_the_simulation() {
         ],
     ] {
         let t0 = std::time::Instant::now();
-        let out = chama().args(&args).output().unwrap();
-        assert!(!out.status.success(), "{args:?}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(&args);
         assert!(err.contains("cannot write"), "{args:?}: {err}");
         assert!(t0.elapsed().as_secs() < 5, "{args:?} ran before refusing");
     }
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
     std::fs::remove_dir(&dir).unwrap();
-    let out = chama().args(["bench", "--repeats", "0"]).output().unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1"));
+    assert!(refused(&["bench", "--repeats", "0"]).contains("at least 1"));
 }
