@@ -453,7 +453,6 @@ fn run(a: &Args) -> Result<()> {
 fn main() {
     let a = Args::parse();
     if let Err(e) = run(&a) {
-        eprintln!("coll_check: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("coll_check", &e, 1);
     }
 }

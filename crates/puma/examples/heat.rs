@@ -178,7 +178,6 @@ fn run(a: &Args) -> Result<()> {
 fn main() {
     let a = Args::parse();
     if let Err(e) = run(&a) {
-        eprintln!("heat: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("heat", &e, 1);
     }
 }

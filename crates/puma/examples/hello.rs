@@ -7,8 +7,7 @@ fn main() {
     let world = match puma::init() {
         Ok(w) => w,
         Err(e) => {
-            eprintln!("hello: {e}");
-            std::process::exit(2);
+            puma::exit_with_error("hello", &e, 2);
         }
     };
     let node = world.my_node();

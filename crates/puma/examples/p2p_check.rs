@@ -179,7 +179,6 @@ fn run(a: &Args) -> Result<()> {
 fn main() {
     let a = Args::parse();
     if let Err(e) = run(&a) {
-        eprintln!("p2p_check: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("p2p_check", &e, 1);
     }
 }

@@ -66,7 +66,6 @@ fn run(a: &Args) -> Result<()> {
 fn main() {
     let a = Args::parse();
     if let Err(e) = run(&a) {
-        eprintln!("pingpong: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("pingpong", &e, 1);
     }
 }

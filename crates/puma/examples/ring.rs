@@ -46,7 +46,6 @@ fn run(args: &Args) -> puma::Result<()> {
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(&args) {
-        eprintln!("ring: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("ring", &e, 1);
     }
 }

@@ -122,7 +122,6 @@ fn run(a: &Args) -> Result<()> {
 fn main() {
     let a = Args::parse();
     if let Err(e) = run(&a) {
-        eprintln!("sort: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("sort", &e, 1);
     }
 }

@@ -74,7 +74,6 @@ fn run(args: &Args) -> puma::Result<()> {
 fn main() {
     let args = Args::parse();
     if let Err(e) = run(&args) {
-        eprintln!("wait: {e}");
-        std::process::exit(1);
+        puma::exit_with_error("wait", &e, 1);
     }
 }

@@ -65,3 +65,34 @@ impl Error {
 
 /// Shorthand.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The line a program prints when it gives up: `program: error`, newline included.
+pub fn error_line(program: &str, err: &dyn std::fmt::Display) -> String {
+    format!("{program}: {err}\n")
+}
+
+/// Prints `program: error` on stderr and ends the process with `code`.
+///
+/// The line is formatted first and written with one `write_all`, so a rank that yod stops
+/// while it reports leaves either its whole line or nothing (`eprintln!` writes the pieces
+/// one by one, and a rank killed between them left half a line such as `fileserver: `).
+/// A closed stderr is ignored instead of panicking.
+pub fn exit_with_error(program: &str, err: &dyn std::fmt::Display, code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(error_line(program, err).as_bytes());
+    std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_line_is_the_program_then_the_whole_message_on_one_line() {
+        let e = Error::BadRank { rank: 9, size: 4 };
+        assert_eq!(
+            error_line("ring", &e),
+            "ring: rank 9 is outside the communicator (size 4)\n"
+        );
+    }
+}

@@ -19,6 +19,6 @@ pub use comm::{
     start, start_with, wait_all, Comm, Options, Request, Source, Universe, ANY_SOURCE, ANY_TAG,
 };
 pub use env::{init, CpuMode, InitError, NodeMap, World};
-pub use error::{Error, Result};
+pub use error::{exit_with_error, Error, Result};
 pub use ops::{Max, Min, Operation, Product, Sum, UserOp};
 pub use window::{RmaGet, RmaRequest, Window};
