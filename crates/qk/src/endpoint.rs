@@ -1339,9 +1339,8 @@ impl Inner {
             port.poll(budget, |m| ctx.handle(m))
         };
         if ctx.delivered > 0 {
-            ctx.region.bump(me_port, slot::DELIVERED, ctx.delivered);
-            ctx.region
-                .bump(me_port, slot::DELIVERED_BYTES, ctx.delivered_bytes);
+            port.bump(slot::DELIVERED, ctx.delivered);
+            port.bump(slot::DELIVERED_BYTES, ctx.delivered_bytes);
         }
         let taken = ctx.taken;
         if !self.out.is_empty() {
