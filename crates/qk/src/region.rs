@@ -400,6 +400,7 @@ impl Region {
             head: off,
             data,
             cap,
+            prefetchw: crate::sys::has_prefetchw(),
         }
     }
 
@@ -645,6 +646,8 @@ pub struct ShmRing {
     head: usize,
     data: usize,
     cap: u64,
+    /// The CPU has `prefetchw` ([`crate::sys::has_prefetchw`], looked up when the ring is made).
+    prefetchw: bool,
 }
 
 // SAFETY: `base` points into the shared mapping that `map` keeps alive; the ring only reaches
@@ -719,11 +722,16 @@ impl RingMem for ShmRing {
     }
     #[inline]
     fn prefetch(&self, off: u64) {
-        self.map.prefetch(self.data + off as usize)
+        // Masked into the data area, like `word` (a prefetch never faults, but a stray one would
+        // fetch someone else's line).
+        crate::sys::prefetch_line(self.base.wrapping_add((off & (self.cap - 1)) as usize))
     }
     #[inline]
     fn prefetch_write(&self, off: u64) {
-        self.map.prefetch_write(self.data + off as usize)
+        crate::sys::prefetch_line_for_write(
+            self.base.wrapping_add((off & (self.cap - 1)) as usize),
+            self.prefetchw,
+        )
     }
     #[inline]
     fn load_head(&self) -> u64 {
