@@ -1281,9 +1281,17 @@ impl Inner {
     /// pass produces is a fast-path put's for `eq` with nothing older on it, that event goes
     /// straight into `out` ([`portals::Engine::deliver_put_fast_taking`]) instead of through
     /// its queue slot. `Ok(true)`: an event was written to `out`.
+    ///
+    /// Called after `eq_get_into(eq)` found the queue live, with nothing lost and nothing queued:
+    /// a pass that handled no record changed none of that (only records post events), so the
+    /// queue is not looked at again then (a spinning waiter makes one such pass per look).
     fn progress_into(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, portals::Error> {
-        if self.progress_with::<true>(256, eq, Some(out)).1 {
+        let (handled, taken) = self.progress_with::<true>(256, eq, Some(out));
+        if taken {
             return Ok(true);
+        }
+        if handled == 0 {
+            return Ok(false);
         }
         self.engine.eq_get_into(eq, out)
     }
