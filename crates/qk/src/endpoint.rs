@@ -553,30 +553,34 @@ impl Endpoint {
         {
             inner.port.prefetch_next(d);
             let (mem, port, me) = (&inner.mem, &mut inner.port, inner.me.rank);
-            let sent = inner.engine.put_fast(a, |src| {
-                let hdr = Hdr::put(a, me);
-                let ok = if src.len <= 8 {
-                    // One line: the payload travels in the header's `aux` word.
-                    let Some(w) = mem.with_slice(src.addr, src.len, |s| {
-                        let mut w = [0u8; 8];
-                        w[..s.len()].copy_from_slice(s);
-                        u64::from_le_bytes(w)
-                    }) else {
-                        return Err(Some(src));
+            let sent = inner.engine.put_fast(
+                a,
+                #[inline(always)]
+                |src| {
+                    let hdr = Hdr::put(a, me);
+                    let ok = if src.len <= 8 {
+                        // One line: the payload travels in the header's `aux` word.
+                        let Some(w) = mem.with_slice(src.addr, src.len, |s| {
+                            let mut w = [0u8; 8];
+                            w[..s.len()].copy_from_slice(s);
+                            u64::from_le_bytes(w)
+                        }) else {
+                            return Err(Some(src));
+                        };
+                        let h8 = Hdr {
+                            flags: hdr.flags | flag::INLINE8,
+                            aux: w,
+                            ..hdr
+                        };
+                        port.try_send(d, &h8, &[])
+                    } else {
+                        mem.with_slice(src.addr, src.len, |s| port.try_send(d, &hdr, s))
+                            .ok_or(Some(src))?
                     };
-                    let h8 = Hdr {
-                        flags: hdr.flags | flag::INLINE8,
-                        aux: w,
-                        ..hdr
-                    };
-                    port.try_send(d, &h8, &[])
-                } else {
-                    mem.with_slice(src.addr, src.len, |s| port.try_send(d, &hdr, s))
-                        .ok_or(Some(src))?
-                };
-                // `None`: the queue is full (the general path waits for room).
-                ok.then_some(()).ok_or(None)
-            });
+                    // `None`: the queue is full (the general path waits for room).
+                    ok.then_some(()).ok_or(None)
+                },
+            );
             match sent {
                 Some(Ok(_)) => return Ok(()),
                 Some(Err(Some(src))) => {
