@@ -555,6 +555,8 @@ impl Endpoint {
             let (mem, port, me) = (&inner.mem, &mut inner.port, inner.me.rank);
             let sent = inner.engine.put_fast(
                 a,
+                // Inlined: left to itself the compiler called it, spilling around the call
+                // (callgrind: 8 instructions per message more).
                 #[inline(always)]
                 |src| {
                     let hdr = Hdr::put(a, me);
