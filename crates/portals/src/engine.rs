@@ -165,6 +165,34 @@ fn unlink_entry(t: &mut Tables<'_>, free_head: &mut u32, idx: u32) {
     *free_head = idx;
 }
 
+#[cfg(test)]
+impl<S: Store + Clone + core::fmt::Debug> Engine<S> {
+    /// The engine's state as the API can observe it: its `Debug` form with every event slot
+    /// outside a live queue's window (head, `len` events on) blanked, since no call can read
+    /// such a slot before a new event is written to it. Tests compare paths that differ only in
+    /// what a taken event's slot still holds.
+    pub(crate) fn observable_state(&self) -> std::string::String {
+        let mut e = self.clone();
+        let t = e.store.tables();
+        let mut live = std::vec![false; t.events.len()];
+        for q in t.eqs.iter().filter(|q| q.live) {
+            for k in 0..q.len {
+                let at = q.head + k;
+                let at = if at >= q.cap { at - q.cap } else { at };
+                if let Some(l) = live.get_mut((q.base + at) as usize) {
+                    *l = true;
+                }
+            }
+        }
+        for (slot, l) in t.events.iter_mut().zip(live) {
+            if !l {
+                *slot = Event::EMPTY;
+            }
+        }
+        std::format!("{e:?}")
+    }
+}
+
 impl<S: Store> Engine<S> {
     /// Build an engine over `store`, whose tables must be at least as large
     /// as `config` asks. Every slot is reset. Never allocates.
@@ -1008,47 +1036,62 @@ impl<S: Store> Engine<S> {
         t.entries[cur as usize].uses = uses;
         let mut taken = false;
         if eq.idx != u32::MAX {
-            let (at, seq) = match reserve(t.eqs, eq) {
-                Slot::At(at, seq) => (at, seq),
-                Slot::Overflowed => {
-                    self.counters.eq_overflows += 1;
-                    (usize::MAX, 0)
-                }
-                Slot::NoQueue => (usize::MAX, 0),
+            let event = |seq| Event {
+                kind: EventKind::Put,
+                initiator: h.src,
+                portal: h.portal,
+                match_bits: h.match_bits,
+                rlength: h.length,
+                mlength: m,
+                offset: h.offset,
+                md: mdh,
+                entry: MatchHandle { idx: cur, gen },
+                hdr_data: h.hdr_data,
+                truncated,
+                header_saved: false,
+                reason: None,
+                seq,
             };
-            // Written in place, from registers.
-            if let Some(slot) = t.events.get_mut(at) {
-                let event = Event {
-                    kind: EventKind::Put,
-                    initiator: h.src,
-                    portal: h.portal,
-                    match_bits: h.match_bits,
-                    rlength: h.length,
-                    mlength: m,
-                    offset: h.offset,
-                    md: mdh,
-                    entry: MatchHandle { idx: cur, gen },
-                    hdr_data: h.hdr_data,
-                    truncated,
-                    header_saved: false,
-                    reason: None,
-                    seq,
-                };
-                *slot = event;
-                // The waiter's queue, and this event is its only one (`reserve` found it
-                // empty, so the slot is at its head, and there is no loss to report first):
-                // `eq_take`'s effects.
-                if want == eq {
-                    let q = &mut t.eqs[eq.idx as usize];
-                    if (q.len == 1) & (q.lost == 0) {
-                        q.head += 1;
-                        if q.head == q.cap {
-                            q.head = 0;
-                        }
-                        q.len = 0;
-                        *ev = event;
-                        taken = true;
+            // The waiter's queue, live, with nothing older to report (no event, no loss) and
+            // room for one: `reserve` would put the event at its head and `eq_take` take it right
+            // back. So the event goes to the waiter only, and the queue gets the effects of the
+            // two (one more sequence number, the head one slot on); the slot the event would
+            // have passed through is outside the queue's window either way.
+            let take = match t.eqs.get_mut(eq.idx as usize) {
+                Some(q)
+                    if (want == eq)
+                        & q.live
+                        & (q.gen == eq.gen)
+                        & (q.len == 0)
+                        & (q.lost == 0)
+                        & (q.cap > 0)
+                        & (((q.base + q.head) as usize) < t.events.len()) =>
+                {
+                    let seq = q.seq;
+                    q.seq += 1;
+                    q.head += 1;
+                    if q.head == q.cap {
+                        q.head = 0;
                     }
+                    Some(seq)
+                }
+                _ => None,
+            };
+            if let Some(seq) = take {
+                *ev = event(seq);
+                taken = true;
+            } else {
+                let (at, seq) = match reserve(t.eqs, eq) {
+                    Slot::At(at, seq) => (at, seq),
+                    Slot::Overflowed => {
+                        self.counters.eq_overflows += 1;
+                        (usize::MAX, 0)
+                    }
+                    Slot::NoQueue => (usize::MAX, 0),
+                };
+                // Written in place, from registers.
+                if let Some(slot) = t.events.get_mut(at) {
+                    *slot = event(seq);
                 }
             }
         }

@@ -5,7 +5,7 @@
 //! stamp is exactly one cache line.
 
 use crate::counters::slot;
-use crate::region::{Region, ShmRing};
+use crate::region::{PortBlock, Region, ShmRing};
 use crate::ring::{Consumer, Peek, Producer, RingMem};
 
 /// Encoded size of [`Hdr`].
@@ -173,8 +173,12 @@ impl Hdr {
 pub struct Port {
     region: Region,
     me: u32,
-    out: Vec<(ShmRing, Producer)>,
+    /// Per destination port: the ring, its producer state and the destination's block (for its
+    /// sleeping flag).
+    out: Vec<(ShmRing, Producer, PortBlock)>,
     inb: Vec<(ShmRing, Consumer)>,
+    /// This port's own block (its counters).
+    mine: PortBlock,
     next: usize,
     /// A record was sent since the last [`Port::poll`]: the next send is part of a burst.
     sent_since_poll: bool,
@@ -195,12 +199,13 @@ impl Port {
     pub fn new(region: Region, me: u32) -> Port {
         let p = region.layout.ports;
         let out = (0..p)
-            .map(|d| (region.ring(me, d), Producer::new()))
+            .map(|d| (region.ring(me, d), Producer::new(), region.port_block(d)))
             .collect();
         let inb = (0..p)
             .map(|s| (region.ring(s, me), Consumer::new()))
             .collect();
         Port {
+            mine: region.port_block(me),
             region,
             me,
             out,
@@ -223,11 +228,11 @@ impl Port {
     /// Tries to enqueue a record; `false` when the ring to `dst` is full.
     #[inline]
     pub fn try_send(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
-        let (ring, prod) = &mut self.out[dst as usize];
+        let (ring, prod, to) = &mut self.out[dst as usize];
         let Some(r) = prod.reserve(ring, HDR_LEN + payload.len()) else {
             return false;
         };
-        ring.write_bytes(r.body_off, &hdr.encode());
+        ring.write_array(r.body_off, &hdr.encode());
         if !payload.is_empty() {
             ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
         }
@@ -240,17 +245,25 @@ impl Port {
             prod.prefetch_ahead(ring, BURST_PREFETCH_LINES);
         }
         self.sent_since_poll = true;
-        self.region.bump(self.me, slot::SENT, 1);
-        self.region
-            .bump(self.me, slot::SENT_BYTES, payload.len() as u64);
-        self.region.wake(dst);
+        self.mine.bump(slot::SENT, 1);
+        self.mine.bump(slot::SENT_BYTES, payload.len() as u64);
+        // `Region::wake`, with the flag reached through the destination's block.
+        if to.sleeping().load(std::sync::atomic::Ordering::Relaxed) != 0 {
+            self.region.ring_doorbell(dst);
+        }
         true
+    }
+
+    /// Adds to one of this port's counters ([`Region::bump`]; the port's owner is its one writer).
+    #[inline(always)]
+    pub fn bump(&self, s: usize, n: u64) {
+        self.mine.bump(s, n);
     }
 
     /// Asks for the line the next record to `dst` starts on, for writing.
     #[inline]
     pub fn prefetch_next(&self, dst: u32) {
-        let (ring, prod) = &self.out[dst as usize];
+        let (ring, prod, _) = &self.out[dst as usize];
         prod.prefetch_ahead(ring, 0);
     }
 
@@ -258,7 +271,7 @@ impl Port {
     /// port with the destination in the 8 bytes after the header.
     pub fn try_send_routed(&mut self, dst_rank: u32, hdr: &Hdr, payload: &[u8]) -> bool {
         let dst = self.region.engine_port();
-        let (ring, prod) = &mut self.out[dst as usize];
+        let (ring, prod, _) = &mut self.out[dst as usize];
         let Some(r) = prod.reserve(ring, HDR_LEN + 8 + payload.len()) else {
             return false;
         };
@@ -288,7 +301,7 @@ impl Port {
 
     /// Enqueues raw body bytes (used by tests to forge records).
     pub fn try_send_raw(&mut self, dst: u32, body: &[u8]) -> bool {
-        let (ring, prod) = &mut self.out[dst as usize];
+        let (ring, prod, _) = &mut self.out[dst as usize];
         if prod.try_push(ring, body).is_none() {
             return false;
         }

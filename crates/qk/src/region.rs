@@ -400,6 +400,7 @@ impl Region {
             head: off,
             data,
             cap,
+            prefetchw: crate::sys::has_prefetchw(),
         }
     }
 
@@ -529,9 +530,78 @@ impl Region {
     #[inline]
     pub fn wake(&self, p: u32) {
         if self.sleeping(p).load(Ordering::Relaxed) != 0 {
-            self.doorbell(p).fetch_add(1, Ordering::SeqCst);
-            crate::sys::futex_wake(self.doorbell(p));
+            self.ring_doorbell(p);
         }
+    }
+
+    /// The doorbell half of [`Region::wake`], for a caller that already saw port `p` asleep.
+    #[cold]
+    pub fn ring_doorbell(&self, p: u32) {
+        self.doorbell(p).fetch_add(1, Ordering::SeqCst);
+        crate::sys::futex_wake(self.doorbell(p));
+    }
+
+    /// Port `p`'s block (its counters and its sleeping flag) reached through one pointer checked
+    /// here, once: the message path bumps counters and looks at a receiver's flag per record, and
+    /// [`Region::counter`] / [`Region::sleeping`] recompute and check the offset on every call.
+    pub fn port_block(&self, p: u32) -> PortBlock {
+        let off = self.layout.port(p) as usize;
+        assert!(
+            off % 8 == 0
+                && off
+                    .checked_add(PORT_BLOCK)
+                    .is_some_and(|e| e <= self.map.len()),
+            "port {p}'s block outside the region"
+        );
+        PortBlock {
+            // SAFETY: `off..off + PORT_BLOCK` is inside the mapping (checked above).
+            base: unsafe { self.map.ptr().add(off) },
+            _map: self.map.clone(),
+        }
+    }
+}
+
+// Every counter slot and the sleeping flag lie inside a port's block.
+const _: () = assert!(P_COUNTERS + 8 * slot::COUNT <= PORT_BLOCK && P_SLEEPING + 4 <= P_COUNTERS);
+
+/// One port's block of the region (see [`Region::port_block`]): its counters and its "engine is
+/// asleep" flag without an offset computation and bounds check per access.
+#[derive(Debug)]
+pub struct PortBlock {
+    /// Start of the block (8-aligned, `PORT_BLOCK` bytes inside the mapping `_map` keeps alive).
+    base: *mut u8,
+    _map: Arc<Mapping>,
+}
+
+// SAFETY: `base` points into the shared mapping that `_map` keeps alive, and the block is reached
+// only through atomics, exactly like `Mapping` itself, which is `Send` and `Sync`.
+unsafe impl Send for PortBlock {}
+// SAFETY: as above.
+unsafe impl Sync for PortBlock {}
+
+impl PortBlock {
+    /// Counter `s` of this port ([`slot`]).
+    #[inline(always)]
+    pub fn counter(&self, s: usize) -> &AtomicU64 {
+        assert!(s < slot::COUNT, "counter slot {s} out of range");
+        // SAFETY: the block is inside the mapping and 8-aligned (`Region::port_block`), and slot
+        // `s < slot::COUNT` is inside the block (the const assertion above); `AtomicU64` has the
+        // layout of `u64`; `_map` keeps the memory alive as long as `self`.
+        unsafe { &*(self.base.add(P_COUNTERS + 8 * s) as *const AtomicU64) }
+    }
+
+    /// [`Region::bump`] for this port: a plain load and store (one writer, the port's owner).
+    #[inline(always)]
+    pub fn bump(&self, s: usize, n: u64) {
+        let c = self.counter(s);
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// This port's "engine is asleep" flag ([`Region::sleeping`]).
+    #[inline(always)]
+    pub fn sleeping(&self) -> &AtomicU32 {
+        // SAFETY: as in `counter`; the flag's offset is 4-aligned and inside the block.
+        unsafe { &*(self.base.add(P_SLEEPING) as *const AtomicU32) }
     }
 }
 
@@ -576,6 +646,8 @@ pub struct ShmRing {
     head: usize,
     data: usize,
     cap: u64,
+    /// The CPU has `prefetchw` ([`crate::sys::has_prefetchw`], looked up when the ring is made).
+    prefetchw: bool,
 }
 
 // SAFETY: `base` points into the shared mapping that `map` keeps alive; the ring only reaches
@@ -600,6 +672,21 @@ impl ShmRing {
         // `cap` (the mask), so the word is in the area and aligned (the mapping is page-aligned,
         // the data area starts at a multiple of 8); `AtomicU64` has the layout of `u64`.
         unsafe { &*(self.base.add(off) as *const AtomicU64) }
+    }
+
+    /// Copies a fixed-size block to `off` in the data area: with the size known the copy is a few
+    /// moves instead of a `memcpy` call and the mapping's per-write bounds check (one compare
+    /// against the ring's capacity instead).
+    #[inline(always)]
+    pub fn write_array<const N: usize>(&self, off: u64, src: &[u8; N]) {
+        assert!(
+            off.checked_add(N as u64).is_some_and(|e| e <= self.cap),
+            "ring write of {N} bytes at {off} outside the data area"
+        );
+        // SAFETY: `base` is the start of this ring's data area of `cap` bytes inside the mapping,
+        // which `map` keeps alive (checked in `Region::ring`), and `off + N <= cap` (above); the
+        // source is a local array, which cannot overlap the shared mapping.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(off as usize), N) };
     }
 
     /// The body bytes of a record, borrowed from shared memory.
@@ -635,11 +722,16 @@ impl RingMem for ShmRing {
     }
     #[inline]
     fn prefetch(&self, off: u64) {
-        self.map.prefetch(self.data + off as usize)
+        // Masked into the data area, like `word` (a prefetch never faults, but a stray one would
+        // fetch someone else's line).
+        crate::sys::prefetch_line(self.base.wrapping_add((off & (self.cap - 1)) as usize))
     }
     #[inline]
     fn prefetch_write(&self, off: u64) {
-        self.map.prefetch_write(self.data + off as usize)
+        crate::sys::prefetch_line_for_write(
+            self.base.wrapping_add((off & (self.cap - 1)) as usize),
+            self.prefetchw,
+        )
     }
     #[inline]
     fn load_head(&self) -> u64 {

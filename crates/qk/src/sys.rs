@@ -206,15 +206,8 @@ impl Mapping {
     /// an offset outside the mapping is ignored).
     #[inline]
     pub fn prefetch(&self, off: usize) {
-        if off >= self.len {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: the address is inside the mapping (checked above); a prefetch never faults and
-        // never changes memory, and SSE (which provides it) is part of the x86_64 baseline.
-        unsafe {
-            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-            _mm_prefetch::<_MM_HINT_T0>(self.ptr.add(off) as *const i8);
+        if off < self.len {
+            prefetch_line(self.ptr.wrapping_add(off));
         }
     }
 
@@ -224,23 +217,8 @@ impl Mapping {
     /// ignored.
     #[inline]
     pub fn prefetch_write(&self, off: usize) {
-        if off >= self.len {
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            // SAFETY: the address is inside the mapping (checked above). `prefetchw` is a hint: it
-            // never faults, never changes memory or flags, and is only issued when CPUID reports
-            // it (`has_prefetchw`); otherwise the SSE read prefetch of the x86_64 baseline is.
-            unsafe {
-                let at = self.ptr.add(off);
-                if has_prefetchw() {
-                    std::arch::asm!("prefetchw [{0}]", in(reg) at, options(nostack, preserves_flags, readonly));
-                } else {
-                    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                    _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
-                }
-            }
+        if off < self.len {
+            prefetch_line_for_write(self.ptr.wrapping_add(off), has_prefetchw());
         }
     }
 
@@ -812,11 +790,44 @@ impl OwnedMemory {
     }
 }
 
+/// Hints the CPU to start fetching the cache line holding `at` (no effect on memory or flags, and
+/// never a fault, whatever the address).
+#[inline(always)]
+pub fn prefetch_line(at: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults (any address), never changes memory, and SSE
+    // (which provides it) is part of the x86_64 baseline.
+    unsafe {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        _mm_prefetch::<_MM_HINT_T0>(at as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = at;
+}
+
+/// Hints the CPU to fetch the cache line holding `at` for writing: `prefetchw` when `prefetchw`
+/// says the CPU has it ([`has_prefetchw`], looked up once by the caller), else a read prefetch.
+#[inline(always)]
+pub fn prefetch_line_for_write(at: *const u8, prefetchw: bool) {
+    #[cfg(target_arch = "x86_64")]
+    if prefetchw {
+        // SAFETY: `prefetchw` is a hint: it never faults (any address), never changes memory or
+        // flags; it is issued only when CPUID reported it (the caller's `prefetchw`, from
+        // `has_prefetchw`).
+        unsafe {
+            std::arch::asm!("prefetchw [{0}]", in(reg) at, options(nostack, preserves_flags, readonly));
+        }
+        return;
+    }
+    let _ = prefetchw;
+    prefetch_line(at);
+}
+
 /// True when the CPU has `prefetchw` (CPUID 0x8000_0001 ECX bit 8, "3DNowPrefetch"/PRFCHW),
 /// looked up once.
 #[cfg(target_arch = "x86_64")]
 #[inline]
-fn has_prefetchw() -> bool {
+pub fn has_prefetchw() -> bool {
     use std::sync::atomic::{AtomicU8, Ordering};
     // 0 = not looked up yet, 1 = absent, 2 = present.
     static STATE: AtomicU8 = AtomicU8::new(0);
@@ -831,6 +842,13 @@ fn has_prefetchw() -> bool {
         }
         v => v == 2,
     }
+}
+
+/// No `prefetchw` off x86_64 (write prefetches fall back to read prefetches, which are no-ops
+/// there).
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_prefetchw() -> bool {
+    false
 }
 
 #[cfg(test)]

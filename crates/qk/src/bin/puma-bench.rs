@@ -80,6 +80,21 @@ enum Cmd {
         #[arg(long, default_value_t = 7)]
         reps: usize,
     },
+    /// The physical floor of a small message between the two cores: two threads pinned one per
+    /// core bounce a counter in one 64-byte line (each waits for the other's value, then writes
+    /// the next), with no fabric, queue or portals work at all. Prints min/median/max one-way ns
+    /// (half a round trip) over the repeats.
+    Line {
+        /// Round trips per repeat.
+        #[arg(long, default_value_t = 200_000)]
+        iters: u64,
+        /// Repeats (min/median/max printed).
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+        /// A `pause` per look, as the fabric's waiters spin (default: a tight spin of loads).
+        #[arg(long)]
+        pause: bool,
+    },
     /// Internal: one rank of our side.
     Rank {
         #[arg(long)]
@@ -235,6 +250,7 @@ fn main() -> std::process::ExitCode {
             batches,
             reps,
         }) => cost_main(size, window, batches, reps),
+        Some(Cmd::Line { iters, reps, pause }) => line_main(iters, reps, pause),
         None => bench_main(&cli),
     };
     match r {
@@ -963,6 +979,79 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
     show("receive", &mut recv_ns);
     let mut tot: Vec<f64> = send_ns.iter().zip(&recv_ns).map(|(a, b)| a + b).collect();
     show("total", &mut tot);
+    Ok(())
+}
+
+/// One cache line holding the counter the two threads of [`line_main`] bounce.
+#[repr(C, align(64))]
+struct Line {
+    v: std::sync::atomic::AtomicU64,
+}
+
+/// `puma-bench line`: one-way latency of a bare cache-line ping-pong between the first two
+/// allowed CPUs (see [`Cmd::Line`]).
+fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
+    use std::sync::atomic::Ordering;
+    let cpus = qk::sys::allowed_cpus();
+    let (Some(&c0), Some(&c1)) = (cpus.first(), cpus.get(1)) else {
+        return Err(format!(
+            "needs two CPUs to bounce a line between, this process may use {cpus:?}"
+        )
+        .into());
+    };
+    if iters == 0 || reps == 0 {
+        return Err("--iters and --reps must be at least 1".into());
+    }
+    let line = Line {
+        v: std::sync::atomic::AtomicU64::new(0),
+    };
+    let total = iters * reps as u64;
+    let mut one_way = Vec::with_capacity(reps);
+    std::thread::scope(|s| -> R<()> {
+        // The answering side: waits for each odd value and writes the next even one.
+        let echo = s.spawn(|| -> Result<(), String> {
+            qk::sys::pin_to_cpu(c1).map_err(|e| format!("pinning to CPU {c1}: {e}"))?;
+            for k in 0..total {
+                while line.v.load(Ordering::Acquire) != 2 * k + 1 {
+                    if pause {
+                        std::hint::spin_loop();
+                    }
+                }
+                line.v.store(2 * k + 2, Ordering::Release);
+            }
+            Ok(())
+        });
+        let pinned = qk::sys::pin_to_cpu(c0);
+        let mut k = 0u64;
+        for _ in 0..reps {
+            let t = Instant::now();
+            for _ in 0..iters {
+                // Even after a pinning error: the answering side must see every value it waits
+                // for, or it would spin forever.
+                line.v.store(2 * k + 1, Ordering::Release);
+                while line.v.load(Ordering::Acquire) != 2 * k + 2 {
+                    if pause {
+                        std::hint::spin_loop();
+                    }
+                }
+                k += 1;
+            }
+            one_way.push(t.elapsed().as_nanos() as f64 / (2 * iters) as f64);
+        }
+        echo.join()
+            .map_err(|_| "the answering thread panicked")?
+            .map_err(|e| e.to_string())?;
+        pinned.map_err(|e| format!("pinning to CPU {c0}: {e}"))?;
+        Ok(())
+    })?;
+    one_way.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "cache-line ping-pong CPU {c0} <-> CPU {c1}{} ({reps} repeats of {iters} round trips): one-way min {:.1}  median {:.1}  max {:.1} ns",
+        if pause { ", pause per look" } else { "" },
+        one_way[0],
+        one_way[one_way.len() / 2],
+        one_way[one_way.len() - 1]
+    );
     Ok(())
 }
 
