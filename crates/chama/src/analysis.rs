@@ -207,13 +207,16 @@ fn analyse_split_from(
         _ => initial_state_threads(s, 2),
     };
     let (mut clean, noisy_run, kept) = if noise.is_quiet() {
+        s.release_spare();
         (simulate(s, p, &Noise::none(), &busy), None, None)
     } else if split.two_threads() {
         // Each run takes both cores. The noise-free run goes first, from the template; what the
         // comparison needs of it is kept in a quarter of the space, and its state array is
         // filled in again for the noisy run (its pages already mapped: a fresh 1.3 GB array at
         // a million ranks is 330 K page faults, about 0.9 s of CPU). The noisy run takes over
-        // the event queues and rank states too.
+        // the event queues and rank states too. The edge arrays a generated schedule's build
+        // left hold the kept durations and the noisy run's noise per operation (their pages
+        // are mapped already).
         let mut scratch = Scratch::default();
         let mut c = simulate_from(
             s,
@@ -225,7 +228,9 @@ fn analyse_split_from(
             Some(&mut scratch),
         );
         let mut st = std::mem::take(&mut c.st);
-        let kept = keep_clean(s, &mut st, per_rank);
+        let kept = keep_clean(s, &mut st, per_rank, s.spare.take());
+        scratch.noise = s.spare.take();
+        s.release_spare();
         let n = simulate_from(
             s,
             p,
@@ -240,6 +245,7 @@ fn analyse_split_from(
         // The noise-free and the noisy run are independent: run them on two threads.
         // The noisy run takes longer: it gets its initial states first, built on both cores;
         // the noise-free run builds its own on its thread.
+        s.release_spare();
         let init = init(template);
         let one = SimOptions { threads: 1, ..busy };
         let noisy_one = SimOptions {
@@ -445,11 +451,25 @@ impl CleanKept {
 }
 
 /// Keep what the comparison needs of the finished run in `st` and fill `st` in again for a new
-/// run of `s`, on two threads for large schedules.
-fn keep_clean(s: &Schedule, st: &mut [OpState], per_rank: bool) -> CleanKept {
+/// run of `s`, on two threads for large schedules; the kept durations go to `buffer` (any
+/// content) if there is one.
+fn keep_clean(
+    s: &Schedule,
+    st: &mut [OpState],
+    per_rank: bool,
+    buffer: Option<Vec<u32>>,
+) -> CleanKept {
     let n = st.len();
-    // Zeroed: fresh pages, first written below by the thread that owns them.
-    let mut dur = vec![0u32; n];
+    let mut dur = match buffer {
+        // Every entry is written below: only entries past the buffer's are set here.
+        Some(mut v) => {
+            v.truncate(n);
+            v.resize(n, 0);
+            v
+        }
+        // Zeroed: fresh pages, first written below by the thread that owns them.
+        None => vec![0u32; n],
+    };
     let mut k = if n < PARALLEL_MIN_OPS {
         CleanKept::take(s, 0, st, &mut dur, per_rank)
     } else {
@@ -882,6 +902,59 @@ rank 3 {
         assert!(seen, "no seed left the noisy run unfinished");
     }
 
+    /// The analysis of a generated schedule that left its edge arrays (which then hold the
+    /// kept durations and the noisy run's noise per operation) reports what the analysis of
+    /// the same schedule without them does, on one and on two threads.
+    #[test]
+    fn spare_edge_buffers_change_nothing() {
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 20_000,
+                detour: 4_000,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Exp { mean: 300 },
+            seed: 3,
+        };
+        let p = Params::default();
+        for (pat, halves) in [(Pattern::AllreduceRd, true), (Pattern::Stencil2d, false)] {
+            let gp = GenParams {
+                ranks: 1_000,
+                reduce_ps_per_byte: 1_000,
+                ..GenParams::default()
+            };
+            let report = |s: &Schedule, threads: usize| {
+                let min = if threads == 2 { 0 } else { PARALLEL_SIM_OPS };
+                let (r, _) =
+                    analyse_split_from(s, &p, &noise, ("t", "n"), 50, true, None, threads, min);
+                let mut v = serde_json::to_value(&r).expect("json");
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("sim_seconds");
+                    m.remove("events_per_second");
+                }
+                v
+            };
+            let mut expected = None;
+            for threads in [1, 2] {
+                let (s, ()) =
+                    crate::gen::generate_with(pat, &gp, halves, 2, |_| ()).expect("generator");
+                assert_eq!(s.spare.count(), if halves { 2 } else { 1 }, "{pat:?}");
+                // A clone has no spare buffers.
+                let plain = s.clone();
+                assert_eq!(plain.spare.count(), 0);
+                let expected = expected.get_or_insert_with(|| report(&plain, 1));
+                assert_eq!(&report(&plain, 2), expected);
+                assert_eq!(
+                    &report(&s, threads),
+                    expected,
+                    "{pat:?} on {threads} threads"
+                );
+                // Used or freed.
+                assert_eq!(s.spare.count(), 0);
+            }
+        }
+    }
+
     /// What [`keep_clean`] keeps of a noise-free run gives the comparison of its full states,
     /// and the state array it hands on is the fresh initial state (the noisy run from it is
     /// the noisy run from new states).
@@ -932,7 +1005,7 @@ rank 3 {
             let noisy = simulate(&s, &p, &noise, &opts);
             assert_eq!(noisy.unfinished(), 0);
             let mut st = clean.st.clone();
-            let kept = keep_clean(&s, &mut st, true);
+            let kept = keep_clean(&s, &mut st, true, None);
             assert!(kept.exact);
             let mid = s.len() / 2;
             assert_eq!(

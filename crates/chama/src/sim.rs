@@ -597,7 +597,12 @@ pub(crate) fn simulate_from(
 /// The buffers of both threads of a two-thread run (event queue, rank states, ...) kept for the
 /// next run of the same schedule, see [`simulate_from`].
 #[derive(Default)]
-pub(crate) struct Scratch([Option<PartScratch>; 2]);
+pub(crate) struct Scratch {
+    parts: [Option<PartScratch>; 2],
+    /// A buffer (any content) for the next run that records the noise per operation
+    /// ([`SimOptions::record_noise`]) to hold it, instead of a fresh array.
+    pub(crate) noise: Option<Vec<u32>>,
+}
 
 /// One thread's part of a [`Scratch`].
 struct PartScratch {
@@ -808,8 +813,16 @@ fn simulate_inner(
         Some((_, seg)) => (seg.prepared.st.clone(), seg.op_base),
         None => (init.unwrap_or_else(|| initial_state(s)), 0),
     };
+    let mut scratch = scratch;
     let mut noise_op = if opts.record_noise {
-        vec![0; n]
+        match scratch.as_deref_mut().and_then(|sc| sc.noise.take()) {
+            Some(mut v) => {
+                v.clear();
+                v.resize(n, 0);
+                v
+            }
+            None => vec![0; n],
+        }
     } else {
         Vec::new()
     };
@@ -1103,7 +1116,7 @@ fn simulate_parallel(
     let [part0, part1] = parts;
     let mut scratch = scratch;
     let [k0, k1] = match scratch.as_deref_mut() {
-        Some(sc) => std::mem::take(&mut sc.0),
+        Some(sc) => std::mem::take(&mut sc.parts),
         None => [None, None],
     };
     let ((t0, k0), (t1, k1)) = std::thread::scope(|sc| {
@@ -1115,7 +1128,7 @@ fn simulate_parallel(
         }
     });
     if let Some(sc) = scratch {
-        sc.0 = [Some(k0), Some(k1)];
+        sc.parts = [Some(k0), Some(k1)];
     }
     let sum = |a: &[u64], b: &[u64]| a.iter().zip(b).map(|(x, y)| x + y).collect::<Vec<u64>>();
     SimOutput {
