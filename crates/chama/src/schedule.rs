@@ -91,8 +91,20 @@ pub struct Schedule {
 /// pages are mapped already (at a million ranks each is 160 MB, 40 K page faults a fresh array
 /// of that size would take again). Only builds that ask for it keep them
 /// ([`ScheduleBuilder::keep_edges`]); a clone of the schedule has none.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Spare(std::sync::Mutex<Vec<Vec<u32>>>);
+
+impl std::fmt::Debug for Spare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The sizes only: the contents are leftovers.
+        let sizes: Vec<usize> = self
+            .0
+            .lock()
+            .map(|m| m.iter().map(Vec::len).collect())
+            .unwrap_or_default();
+        f.debug_tuple("Spare").field(&sizes).finish()
+    }
+}
 
 impl Clone for Spare {
     fn clone(&self) -> Self {
