@@ -207,13 +207,16 @@ fn analyse_split_from(
         _ => initial_state_threads(s, 2),
     };
     let (mut clean, noisy_run, kept) = if noise.is_quiet() {
+        s.release_spare();
         (simulate(s, p, &Noise::none(), &busy), None, None)
     } else if split.two_threads() {
         // Each run takes both cores. The noise-free run goes first, from the template; what the
         // comparison needs of it is kept in a quarter of the space, and its state array is
         // filled in again for the noisy run (its pages already mapped: a fresh 1.3 GB array at
         // a million ranks is 330 K page faults, about 0.9 s of CPU). The noisy run takes over
-        // the event queues and rank states too.
+        // the event queues and rank states too. The edge arrays a generated schedule's build
+        // left hold the kept durations and the noisy run's noise per operation (their pages
+        // are mapped already).
         let mut scratch = Scratch::default();
         let mut c = simulate_from(
             s,
@@ -225,7 +228,9 @@ fn analyse_split_from(
             Some(&mut scratch),
         );
         let mut st = std::mem::take(&mut c.st);
-        let kept = keep_clean(s, &mut st, per_rank);
+        let kept = keep_clean(s, &mut st, per_rank, s.spare.take());
+        scratch.noise = s.spare.take();
+        s.release_spare();
         let n = simulate_from(
             s,
             p,
@@ -240,6 +245,7 @@ fn analyse_split_from(
         // The noise-free and the noisy run are independent: run them on two threads.
         // The noisy run takes longer: it gets its initial states first, built on both cores;
         // the noise-free run builds its own on its thread.
+        s.release_spare();
         let init = init(template);
         let one = SimOptions { threads: 1, ..busy };
         let noisy_one = SimOptions {
@@ -339,11 +345,20 @@ fn analyse_split_from(
     )
 }
 
+/// [`CleanKept::dur`]: the operation never completed.
+const DUR_NONE: u32 = u32::MAX;
+/// [`CleanKept::dur`]: the duration does not fit, it is in [`CleanKept::long`].
+const DUR_LONG: u32 = u32::MAX - 1;
+
 /// What the comparison keeps of a noise-free run whose state array went on to the noisy run.
 #[derive(Debug, Default)]
 struct CleanKept {
-    /// Per operation: its end minus its ready time (`u64::MAX`: it never completed).
-    dur: Vec<u64>,
+    /// Per operation: its end minus its ready time if below [`DUR_LONG`] ns (4.3 s), else
+    /// [`DUR_LONG`] ([`DUR_NONE`]: it never completed). Four bytes, not eight: at a million
+    /// ranks that is 168 MB (41 K page faults) less.
+    dur: Vec<u32>,
+    /// The durations of [`DUR_LONG`] or more: (operation, duration), by operation.
+    long: Vec<(usize, u64)>,
     /// Per class * 3 + kind: the sums of the ready and of the end times of the operations that
     /// completed.
     ready_sum: Vec<i128>,
@@ -362,12 +377,13 @@ impl CleanKept {
         s: &Schedule,
         lo: usize,
         part: &mut [OpState],
-        dur: &mut [u64],
+        dur: &mut [u32],
         per_rank: bool,
     ) -> Self {
         let classes = s.class_names.len() * 3;
         let mut k = CleanKept {
             dur: Vec::new(),
+            long: Vec::new(),
             ready_sum: vec![0; classes],
             end_sum: vec![0; classes],
             rank_end: if per_rank {
@@ -387,11 +403,15 @@ impl CleanKept {
                     *e = (*e).max(x.end);
                 }
                 match x.end.checked_sub(x.ready) {
-                    Some(v) if v != u64::MAX => *d = v,
-                    _ => k.exact = false,
+                    Some(v) if v < DUR_LONG as u64 => *d = v as u32,
+                    Some(v) => {
+                        *d = DUR_LONG;
+                        k.long.push((lo + i, v));
+                    }
+                    None => k.exact = false,
                 }
             } else {
-                *d = u64::MAX;
+                *d = DUR_NONE;
             }
             *x = fresh_state(s, lo + i);
         }
@@ -399,8 +419,23 @@ impl CleanKept {
         k
     }
 
-    /// Merge `b` (of other operations) into `self`.
-    fn merge(mut self, b: CleanKept) -> Self {
+    /// The noise-free duration of `op` (end minus ready), `None` if it never completed.
+    #[inline]
+    fn dur(&self, op: usize) -> Option<u64> {
+        match self.dur[op] {
+            DUR_NONE => None,
+            DUR_LONG => self
+                .long
+                .binary_search_by_key(&op, |&(o, _)| o)
+                .ok()
+                .map(|i| self.long[i].1),
+            d => Some(d as u64),
+        }
+    }
+
+    /// Merge `b` (of operations after all of `self`'s) into `self`.
+    fn merge(mut self, mut b: CleanKept) -> Self {
+        self.long.append(&mut b.long);
         for (x, y) in self.ready_sum.iter_mut().zip(&b.ready_sum) {
             *x += y;
         }
@@ -416,11 +451,25 @@ impl CleanKept {
 }
 
 /// Keep what the comparison needs of the finished run in `st` and fill `st` in again for a new
-/// run of `s`, on two threads for large schedules.
-fn keep_clean(s: &Schedule, st: &mut [OpState], per_rank: bool) -> CleanKept {
+/// run of `s`, on two threads for large schedules; the kept durations go to `buffer` (any
+/// content) if there is one.
+fn keep_clean(
+    s: &Schedule,
+    st: &mut [OpState],
+    per_rank: bool,
+    buffer: Option<Vec<u32>>,
+) -> CleanKept {
     let n = st.len();
-    // Zeroed: fresh pages, first written below by the thread that owns them.
-    let mut dur = vec![0u64; n];
+    let mut dur = match buffer {
+        // Every entry is written below: only entries past the buffer's are set here.
+        Some(mut v) => {
+            v.truncate(n);
+            v.resize(n, 0);
+            v
+        }
+        // Zeroed: fresh pages, first written below by the thread that owns them.
+        None => vec![0u32; n],
+    };
     let mut k = if n < PARALLEL_MIN_OPS {
         CleanKept::take(s, 0, st, &mut dur, per_rank)
     } else {
@@ -507,9 +556,9 @@ impl Comparison {
                         c.end as i128 - c.ready as i128,
                     )
                 }
-                Clean::Kept(k) => match k.dur[op] {
-                    u64::MAX => continue,
-                    d => (0, 0, d as i128),
+                Clean::Kept(k) => match k.dur(op) {
+                    None => continue,
+                    Some(d) => (0, 0, d as i128),
                 },
             };
             if n.end == u64::MAX {
@@ -853,6 +902,59 @@ rank 3 {
         assert!(seen, "no seed left the noisy run unfinished");
     }
 
+    /// The analysis of a generated schedule that left its edge arrays (which then hold the
+    /// kept durations and the noisy run's noise per operation) reports what the analysis of
+    /// the same schedule without them does, on one and on two threads.
+    #[test]
+    fn spare_edge_buffers_change_nothing() {
+        let noise = Noise {
+            source: NoiseSource::Poisson {
+                interval: 20_000,
+                detour: 4_000,
+            },
+            coscheduled: false,
+            latency: LatencyNoise::Exp { mean: 300 },
+            seed: 3,
+        };
+        let p = Params::default();
+        for (pat, halves) in [(Pattern::AllreduceRd, true), (Pattern::Stencil2d, false)] {
+            let gp = GenParams {
+                ranks: 1_000,
+                reduce_ps_per_byte: 1_000,
+                ..GenParams::default()
+            };
+            let report = |s: &Schedule, threads: usize| {
+                let min = if threads == 2 { 0 } else { PARALLEL_SIM_OPS };
+                let (r, _) =
+                    analyse_split_from(s, &p, &noise, ("t", "n"), 50, true, None, threads, min);
+                let mut v = serde_json::to_value(&r).expect("json");
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("sim_seconds");
+                    m.remove("events_per_second");
+                }
+                v
+            };
+            let mut expected = None;
+            for threads in [1, 2] {
+                let (s, ()) =
+                    crate::gen::generate_with(pat, &gp, halves, 2, |_| ()).expect("generator");
+                assert_eq!(s.spare.count(), if halves { 2 } else { 1 }, "{pat:?}");
+                // A clone has no spare buffers.
+                let plain = s.clone();
+                assert_eq!(plain.spare.count(), 0);
+                let expected = expected.get_or_insert_with(|| report(&plain, 1));
+                assert_eq!(&report(&plain, 2), expected);
+                assert_eq!(
+                    &report(&s, threads),
+                    expected,
+                    "{pat:?} on {threads} threads"
+                );
+                // Used or freed.
+                assert_eq!(s.spare.count(), 0);
+            }
+        }
+    }
+
     /// What [`keep_clean`] keeps of a noise-free run gives the comparison of its full states,
     /// and the state array it hands on is the fresh initial state (the noisy run from it is
     /// the noisy run from new states).
@@ -873,22 +975,53 @@ rank 3 {
             record_busy: true,
             ..SimOptions::default()
         };
-        // Below and above the size at which both work on two threads.
-        for (pat, ranks) in [(Pattern::Stencil2d, 256), (Pattern::AllreduceRd, 4_000)] {
-            let s = generate(
+        // Below and above the size at which both work on two threads; the last with a few
+        // computations too long for a kept duration's four bytes (4.3 s), which the receives
+        // waiting for them inherit: both halves then keep some in their long lists.
+        for (pat, ranks, long) in [
+            (Pattern::Stencil2d, 256, false),
+            (Pattern::AllreduceRd, 4_000, false),
+            (Pattern::AllreduceRd, 4_000, true),
+        ] {
+            let mut s = generate(
                 pat,
                 &GenParams {
                     ranks,
+                    reduce_ps_per_byte: if long { 1_000 } else { 0 },
                     ..GenParams::default()
                 },
             )
             .expect("generator");
+            if long {
+                let n = s.len();
+                for at in [n / 8, 3 * n / 8, 5 * n / 8, 7 * n / 8] {
+                    let c = (at..n)
+                        .find(|&i| s.op_kind(i) == OpKind::Calc)
+                        .expect("a computation");
+                    s.ops[c].size = (1 << 32) + 12_345;
+                }
+            }
             let clean = simulate(&s, &p, &Noise::none(), &opts);
             let noisy = simulate(&s, &p, &noise, &opts);
             assert_eq!(noisy.unfinished(), 0);
             let mut st = clean.st.clone();
-            let kept = keep_clean(&s, &mut st, true);
+            let kept = keep_clean(&s, &mut st, true, None);
             assert!(kept.exact);
+            let mid = s.len() / 2;
+            assert_eq!(
+                kept.long.iter().any(|&(o, _)| o < mid) && kept.long.iter().any(|&(o, _)| o >= mid),
+                long,
+                "{pat:?}"
+            );
+            assert!(kept.long.windows(2).all(|w| w[0].0 < w[1].0));
+            for op in 0..s.len() {
+                let c = clean.st[op];
+                assert_eq!(
+                    kept.dur(op),
+                    (c.end != u64::MAX).then(|| c.end - c.ready),
+                    "{pat:?} op {op}"
+                );
+            }
             assert_eq!(st, initial_state_threads(&s, 1), "{pat:?}");
             let again = simulate_from(&s, &p, &noise, &opts, st, None, None);
             assert_eq!(again.st, noisy.st);

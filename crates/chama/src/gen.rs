@@ -146,7 +146,7 @@ pub fn generate_threads(
     halves: bool,
     threads: usize,
 ) -> Result<Schedule, SpecError> {
-    build_schedule(pattern, gp, halves, threads, None)
+    build_schedule(pattern, gp, halves, threads, None, false)
 }
 
 /// How far a schedule being built by [`generate_with`] has got, for the work beside it.
@@ -180,6 +180,9 @@ impl Progress {
 /// [`generate_threads`], calling `side` on another thread from the start: it can follow the
 /// number of operations built ([`Progress::ops`]) and work on it while the generator and the
 /// dependency lists' build run, e.g. write state templates ([`crate::sim::extend_template`]).
+/// The schedule keeps its builders' edge arrays as spare buffers for the analysis
+/// ([`crate::analysis::analyse_with`] uses them); [`Schedule::release_spare`] frees them
+/// for other uses.
 pub fn generate_with<T: Send>(
     pattern: Pattern,
     gp: &GenParams,
@@ -193,7 +196,7 @@ pub fn generate_with<T: Send>(
     };
     let (s, t) = std::thread::scope(|sc| {
         let h = sc.spawn(|| side(&progress));
-        let s = build_schedule(pattern, gp, halves, threads, Some(&progress));
+        let s = build_schedule(pattern, gp, halves, threads, Some(&progress), true);
         if s.is_err() {
             progress.finish(0);
         }
@@ -207,13 +210,15 @@ pub fn generate_with<T: Send>(
 
 /// The schedule of `pattern`, on two threads when `halves` and `threads` allow; with
 /// `progress`, the operation count is published there as it goes (and marked final once all
-/// operations are built).
+/// operations are built). With `keep_edges` the builders' edge arrays stay with the schedule
+/// as spare buffers (see [`ScheduleBuilder::keep_edges`]).
 fn build_schedule(
     pattern: Pattern,
     gp: &GenParams,
     halves: bool,
     threads: usize,
     progress: Option<&Progress>,
+    keep_edges: bool,
 ) -> Result<Schedule, SpecError> {
     let counter = progress.map(|p| p.ops.clone());
     let schedule = if halves && threads >= 2 {
@@ -223,6 +228,9 @@ fn build_schedule(
         let part = |lo: u32, hi: u32, room: usize| {
             let mut b = ScheduleBuilder::new(p);
             b.only_ranks(lo, hi);
+            if keep_edges {
+                b.keep_edges();
+            }
             // The first half's operation array takes the second's at the end: room for all.
             b.reserve(room, ops_estimate as usize);
             if let Some(c) = &counter {
@@ -244,9 +252,12 @@ fn build_schedule(
         }
         ScheduleBuilder::finish_halves(a, b, threads)
     } else {
-        let b = build_with(pattern, gp, halves, counter)?;
+        let mut b = build_with(pattern, gp, halves, counter)?;
         if let Some(pr) = progress {
             pr.finish(b.len());
+        }
+        if keep_edges {
+            b.keep_edges();
         }
         b.finish()
     };

@@ -519,6 +519,8 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
     let c1 = thread_cpu_ns().unwrap_or(0);
     let pc1 = process_cpu_seconds().unwrap_or(0.0);
     if a.single {
+        // Only the analysis of two runs has a use for them.
+        s.release_spare();
         let t1 = Instant::now();
         let opts = SimOptions {
             threads,

@@ -83,9 +83,75 @@ pub struct Schedule {
     pub num_cpus: u8,
     /// Number of NICs per rank (largest nic index + 1).
     pub num_nics: u8,
+    /// Memory the build leaves for later use (see [`Spare`]); not part of the schedule.
+    pub(crate) spare: Spare,
+}
+
+/// Buffers a schedule's build leaves behind for later use: the builders' edge arrays, whose
+/// pages are mapped already (at a million ranks each is 160 MB, 40 K page faults a fresh array
+/// of that size would take again). Only builds that ask for it keep them
+/// ([`ScheduleBuilder::keep_edges`]); a clone of the schedule has none.
+#[derive(Default)]
+pub(crate) struct Spare(std::sync::Mutex<Vec<Vec<u32>>>);
+
+impl std::fmt::Debug for Spare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The sizes only: the contents are leftovers.
+        let sizes: Vec<usize> = self
+            .0
+            .lock()
+            .map(|m| m.iter().map(Vec::len).collect())
+            .unwrap_or_default();
+        f.debug_tuple("Spare").field(&sizes).finish()
+    }
+}
+
+impl Clone for Spare {
+    fn clone(&self) -> Self {
+        Spare::default()
+    }
+}
+
+impl Spare {
+    fn put(&self, v: Vec<u32>) {
+        if let Ok(mut m) = self.0.lock() {
+            m.push(v);
+        }
+    }
+
+    /// A spare buffer, if one is left (the one with the most entries, so the most pages
+    /// mapped, first), with whatever it holds.
+    pub(crate) fn take(&self) -> Option<Vec<u32>> {
+        let mut m = self.0.lock().ok()?;
+        let i = (0..m.len()).max_by_key(|&i| m[i].len())?;
+        Some(m.swap_remove(i))
+    }
+
+    /// How many buffers are left.
+    #[cfg(test)]
+    pub(crate) fn count(&self) -> usize {
+        self.0.lock().map_or(0, |m| m.len())
+    }
+
+    /// Drop what is left (on another thread when large).
+    fn release(&self) {
+        let left = match self.0.lock() {
+            Ok(mut m) => std::mem::take(&mut *m),
+            Err(_) => return,
+        };
+        for v in left {
+            drop_in_background(v);
+        }
+    }
 }
 
 impl Schedule {
+    /// Free the spare buffers its build left (see [`crate::gen::generate_with`]), if they are
+    /// not going to be used.
+    pub fn release_spare(&self) {
+        self.spare.release();
+    }
+
     /// Number of operations.
     pub fn len(&self) -> usize {
         self.ops.len()
@@ -135,8 +201,11 @@ impl Schedule {
 #[derive(Debug, Default)]
 pub struct ScheduleBuilder {
     s: Schedule,
-    /// (dependency, dependent | IREQ_BIT)
-    edges: Vec<(u32, u32)>,
+    /// Pairs (dependency, dependent | IREQ_BIT), flat (so that the array can serve as a
+    /// `u32` buffer once the dependency lists are built, see [`Spare`]).
+    edges: Vec<u32>,
+    /// Leave the edge array to the schedule's [`Spare`] instead of freeing it.
+    keep_edges: bool,
     /// With [`ScheduleBuilder::split_lanes`]: the operations of ranks from `.0` on, numbered
     /// from [`LANE`] until [`ScheduleBuilder::finish`] puts them after the others.
     lane: Option<(u32, Vec<Op>)>,
@@ -166,6 +235,7 @@ impl ScheduleBuilder {
         ScheduleBuilder {
             s,
             edges: Vec::new(),
+            keep_edges: false,
             lane: None,
             progress: None,
             only: None,
@@ -175,7 +245,13 @@ impl ScheduleBuilder {
     /// Reserve room for `ops` operations and `edges` dependencies.
     pub fn reserve(&mut self, ops: usize, edges: usize) {
         self.s.ops.reserve(ops);
-        self.edges.reserve(edges);
+        self.edges.reserve(edges * 2);
+    }
+
+    /// Leave the edge array, once the dependency lists are built, to the schedule (see
+    /// [`Spare`]) instead of freeing it.
+    pub(crate) fn keep_edges(&mut self) {
+        self.keep_edges = true;
     }
 
     /// Change the declared number of ranks (GOAL's `num_ranks` may come after nothing else).
@@ -369,8 +445,8 @@ impl ScheduleBuilder {
         self.edges.extend(
             other
                 .edges
-                .iter()
-                .map(|&(from, to)| (from + off, ((to & !IREQ_BIT) + off) | (to & IREQ_BIT))),
+                .chunks_exact(2)
+                .flat_map(|e| [e[0] + off, ((e[1] & !IREQ_BIT) + off) | (e[1] & IREQ_BIT)]),
         );
         self.s.num_cpus = self.s.num_cpus.max(other.s.num_cpus);
         self.s.num_nics = self.s.num_nics.max(other.s.num_nics);
@@ -412,9 +488,10 @@ impl ScheduleBuilder {
         ops.extend_from_slice(&second);
         drop(second);
         let map = |x: u32| new.get(x as usize).copied().unwrap_or(x);
-        for e in &mut self.edges {
-            let to = e.1 & !IREQ_BIT;
-            *e = (map(e.0), map(to) | (e.1 & IREQ_BIT));
+        for e in self.edges.chunks_exact_mut(2) {
+            let to = e[1] & !IREQ_BIT;
+            e[0] = map(e[0]);
+            e[1] = map(to) | (e[1] & IREQ_BIT);
         }
     }
 
@@ -425,7 +502,7 @@ impl ScheduleBuilder {
         } else {
             dependent
         };
-        self.edges.push((dependency, d));
+        self.edges.extend_from_slice(&[dependency, d]);
     }
 
     /// Finish: builds the dependency CSR.
@@ -434,6 +511,7 @@ impl ScheduleBuilder {
             mut s,
             mut edges,
             lane,
+            keep_edges,
             ..
         } = self;
         // Second-lane operations after the others; their edges renumbered below.
@@ -445,16 +523,21 @@ impl ScheduleBuilder {
         let at = |x: u32| if x >= LANE { x - LANE + first } else { x };
         let n = s.ops.len();
         if renumber {
-            for e in &mut edges {
-                *e = (at(e.0), at(e.1 & !IREQ_BIT) | (e.1 & IREQ_BIT));
+            for e in edges.chunks_exact_mut(2) {
+                e[0] = at(e[0]);
+                e[1] = at(e[1] & !IREQ_BIT) | (e[1] & IREQ_BIT);
             }
         }
         let mut start = vec![0u32; n + 1];
-        let mut list = vec![0u32; edges.len()];
+        let mut list = vec![0u32; edges.len() / 2];
         csr_part(&edges, n, &mut start, &mut list, 0, 0)?;
-        // Returning the edge buffer's pages to the system takes a while for big schedules, and
-        // nothing here waits for it: leave it to another thread.
-        drop_in_background(edges);
+        if keep_edges {
+            s.spare.put(edges);
+        } else {
+            // Returning the edge buffer's pages to the system takes a while for big schedules,
+            // and nothing here waits for it: leave it to another thread.
+            drop_in_background(edges);
+        }
         s.dep_start = start;
         s.dep_list = list;
         Ok(s)
@@ -473,6 +556,7 @@ impl ScheduleBuilder {
         let ScheduleBuilder {
             s: mut sa,
             edges: ea,
+            keep_edges,
             ..
         } = a;
         let ScheduleBuilder {
@@ -488,10 +572,10 @@ impl ScheduleBuilder {
         sa.num_nics = sa.num_nics.max(sb.num_nics);
         // Fresh zeroed arrays: each part's pages are first touched by the thread filling it.
         let mut start = vec![0u32; n + 1];
-        let mut list = vec![0u32; ea.len() + eb.len()];
+        let mut list = vec![0u32; (ea.len() + eb.len()) / 2];
         let (start_a, start_b) = start.split_at_mut(na);
-        let (list_a, list_b) = list.split_at_mut(ea.len());
-        let (off_ops, off_edges) = (na as u32, ea.len() as u32);
+        let (list_a, list_b) = list.split_at_mut(ea.len() / 2);
+        let (off_ops, off_edges) = (na as u32, (ea.len() / 2) as u32);
         let (ra, rb) = if threads >= 2 {
             std::thread::scope(|sc| {
                 let h = sc.spawn(|| csr_part(&eb, nb, start_b, list_b, off_ops, off_edges));
@@ -511,8 +595,13 @@ impl ScheduleBuilder {
         };
         ra?;
         rb?;
-        drop_in_background(ea);
-        drop_in_background(eb);
+        if keep_edges {
+            sa.spare.put(ea);
+            sa.spare.put(eb);
+        } else {
+            drop_in_background(ea);
+            drop_in_background(eb);
+        }
         drop_in_background(sb.ops);
         sa.dep_start = start;
         sa.dep_list = list;
@@ -520,23 +609,24 @@ impl ScheduleBuilder {
     }
 }
 
-/// Build the dependency lists of `n` operations from their `edges` (indices local to them,
-/// checked) into `start` (at least `n` entries; `start[i]` becomes where operation i's list
+/// Build the dependency lists of `n` operations from their `edges` (flat pairs, indices local to
+/// them, checked) into `start` (at least `n` entries; `start[i]` becomes where operation i's list
 /// begins, and an entry `n`, if there is one, the end of the last) and `list` (one entry per
 /// edge). The operations are numbered from `op_off` in the whole schedule and their lists from
 /// `edge_off`: entries and errors carry whole-schedule numbers.
 fn csr_part(
-    edges: &[(u32, u32)],
+    edges: &[u32],
     n: usize,
     start: &mut [u32],
     list: &mut [u32],
     op_off: u32,
     edge_off: u32,
 ) -> Result<(), ScheduleError> {
-    debug_assert!(start.len() >= n && list.len() == edges.len());
+    debug_assert!(start.len() >= n && list.len() * 2 == edges.len());
     // Per operation, its number of dependents (checking every edge on the way), summed:
     // `start[i]` is then where operation i's list ends.
-    for &(from, to) in edges {
+    for e in edges.chunks_exact(2) {
+        let (from, to) = (e[0], e[1]);
         let to_op = to & !IREQ_BIT;
         if from as usize >= n || to_op as usize >= n {
             return Err(ScheduleError::BadEdge {
@@ -556,7 +646,8 @@ fn csr_part(
     }
     // Fill each list from its end, walking the edges backwards: the entries keep the
     // order the edges were added in, and `start[i]` ends up where list i begins.
-    for &(from, to) in edges.iter().rev() {
+    for e in edges.chunks_exact(2).rev() {
+        let (from, to) = (e[0], e[1]);
         let f = &mut start[from as usize];
         *f -= 1;
         list[(*f - edge_off) as usize] = to + op_off;
