@@ -15,7 +15,7 @@
 //! | operation  | node group (shared memory)                                        | leaders (portals)   |
 //! |------------|-------------------------------------------------------------------|---------------------|
 //! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
-//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead) | binomial tree |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead; with more ranks than CPUs, payloads up to 112 bytes go through the 1024 small slots: 1023 ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
 //! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces; large blocks may instead be read straight from the others' send buffers by cross-memory attach (with the stages: from [`ALLTOALL_CHOICE`] when it measures cheapest; without: from [`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) | — (portals algorithms below) |
@@ -1131,7 +1131,8 @@ impl Comm {
         // the leader runs up to 1023 broadcasts ahead of a descheduled reader instead of 63, so
         // the ranks sharing a core take turns 16 times less often per broadcast (every rank of the
         // node decides alike: `crowded` is never revised; the readers check the length).
-        if self.core.crowded() && b.len() <= crate::shm::SMALL_BYTES {
+        let crowded = self.core.crowded();
+        if crowded && b.len() <= crate::shm::SMALL_BYTES {
             let s = n.next();
             if n.me == lead {
                 n.publish_small(s, b, OP)?;
@@ -1142,7 +1143,6 @@ impl Comm {
             }
             return Ok(());
         }
-        let crowded = self.core.crowded();
         for (k, r) in pieces(b.len(), crate::shm::SLOT_BYTES).enumerate() {
             let piece = &mut b[r];
             let s = n.next();
