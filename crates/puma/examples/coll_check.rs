@@ -34,6 +34,10 @@ struct Args {
     /// elements shorter) instead of an all-reduce.
     #[arg(long)]
     mismatch_bcast: bool,
+    /// Make the last rank's buffer of the `--mismatch-bcast` broadcast this many elements longer
+    /// instead of 3 shorter.
+    #[arg(long)]
+    mismatch_longer: Option<usize>,
     /// Element counts to check on a duplicate of the world communicator (which cannot have the
     /// stages the world communicator holds, so takes the other algorithms).
     #[arg(long, value_delimiter = ',', default_value = "100")]
@@ -81,7 +85,8 @@ fn byte_data(seed: u64, rank: u32, len: usize, salt: u64) -> Vec<u8> {
 }
 
 /// See `Args::line_streak`. Per size, `count` operations: byte broadcasts from one root (which
-/// changes with the size; the others pause once so the root runs ahead through the slots), every
+/// changes with the size; the others pause at operations 3, 1103, ... so the root runs ahead
+/// through the slots, and through the 1024 line slots with a longer streak), every
 /// third operation also a byte all-reduce (wrapping sum), every operation's data different, so a
 /// reader that took a stale, half-written or overwritten slot fails the check.
 fn line_streak(w: &Comm, a: &Args, checks: &mut u32) -> Result<()> {
@@ -96,7 +101,7 @@ fn line_streak(w: &Comm, a: &Args, checks: &mut u32) -> Result<()> {
         let root = j as u32 % p;
         for k in 0..count {
             let salt = 0x11e5_0000_0000 ^ ((j as u64) << 20) ^ k as u64;
-            if k == 3 && me != root {
+            if k % 1100 == 3 && me != root {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             let want = byte_data(seed, root, len, salt);
@@ -369,7 +374,11 @@ fn run(a: &Args) -> Result<()> {
         return Ok(());
     }
     if a.mismatch && a.mismatch_bcast {
-        let n = a.mismatch_len - if me == p - 1 { 3 } else { 0 };
+        let n = match (me == p - 1, a.mismatch_longer) {
+            (false, _) => a.mismatch_len,
+            (true, None) => a.mismatch_len - 3,
+            (true, Some(k)) => a.mismatch_len + k,
+        };
         let mut b = vec![7u64; n];
         w.broadcast(&mut b, 0)?;
         if me == p - 1 {
@@ -446,6 +455,7 @@ fn run(a: &Args) -> Result<()> {
         );
         println!("stage pieces: {}", u.stats().stage_pieces);
         println!("cma blocks: {}", u.stats().cma_blocks);
+        println!("small ops: {}", u.stats().small_ops);
     }
     Ok(())
 }

@@ -15,7 +15,7 @@
 //! | operation  | node group (shared memory)                                        | leaders (portals)   |
 //! |------------|-------------------------------------------------------------------|---------------------|
 //! | barrier    | everyone waits for everyone's arrival word (one node); multi-node: leader waits, leaders' dissemination barrier, leader's release word | dissemination |
-//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead) | binomial tree |
+//! | broadcast  | the leader publishes each piece, the others copy it (the root may run 63 operations ahead; with more ranks than CPUs, payloads up to 112 bytes go through the 1024 small slots: 1023 ahead) | binomial tree |
 //! | reduce     | everyone publishes, the leader combines in rank order               | binomial tree       |
 //! | all-reduce | one node: everyone publishes and everyone combines all slots in rank order (bitwise-identical results everywhere); multi-node: the leader combines, then publishes the leaders' result | recursive doubling |
 //! | all-to-all | one node only: everyone publishes its send buffer piece by piece (through the stages above one slot, else the slots up to [`ALLTOALL_SHM`] per rank), each copies its block out of the others' pieces; large blocks may instead be read straight from the others' send buffers by cross-memory attach (with the stages: from [`ALLTOALL_CHOICE`] when it measures cheapest; without: from [`ALLTOALL_CMA`], [`ALLTOALL_CMA_OVERSUBSCRIBED`] with more ranks than cores) | — (portals algorithms below) |
@@ -1127,7 +1127,23 @@ impl Comm {
         if let (true, Some(leaders)) = (n.me == lead, &leaders) {
             self.tree_bcast(leaders, Self::pos(leaders, root), b, tag)?;
         }
-        for r in pieces(b.len(), crate::shm::SLOT_BYTES) {
+        // With more ranks than CPUs a payload of at most 112 bytes goes through the small slots:
+        // the leader runs up to 1023 broadcasts ahead of a descheduled reader instead of 63, so
+        // the ranks sharing a core take turns 16 times less often per broadcast (every rank of the
+        // node decides alike: `crowded` is never revised; the readers check the length).
+        let crowded = self.core.crowded();
+        if crowded && b.len() <= crate::shm::SMALL_BYTES {
+            let s = n.next();
+            if n.me == lead {
+                n.publish_small(s, b, OP)?;
+                n.arrive(s);
+            } else {
+                n.arrive(s);
+                n.take_small(lead, s, b, OP)?;
+            }
+            return Ok(());
+        }
+        for (k, r) in pieces(b.len(), crate::shm::SLOT_BYTES).enumerate() {
             let piece = &mut b[r];
             let s = n.next();
             if n.me == lead {
@@ -1135,7 +1151,11 @@ impl Comm {
                 n.arrive(s);
             } else {
                 n.arrive(s);
-                n.wait_slot_data(lead, s, piece.len(), OP)?;
+                if crowded && k == 0 {
+                    n.wait_slot_data_not_small(lead, s, piece.len(), total, OP)?;
+                } else {
+                    n.wait_slot_data(lead, s, piece.len(), OP)?;
+                }
                 n.check_len(lead, s, total, "broadcast")?;
                 n.read(lead, s, piece);
             }
@@ -1584,7 +1604,12 @@ impl Comm {
             return Ok(());
         }
         let s = n.peek();
-        n.wait_slot(lead, s, OP)?;
+        if n.crowded() {
+            // A root with a small payload would have put it in its small slot.
+            n.wait_slot_data_not_small(lead, s, 0, total, OP)?;
+        } else {
+            n.wait_slot(lead, s, OP)?;
+        }
         match LargePath::from_word(n.header(lead, s)) {
             LargePath::Stage | LargePath::StageNt => {
                 n.check_len(lead, s, total, OP)?;

@@ -170,6 +170,9 @@ pub struct MsgStats {
     /// Blocks of node-local all-to-alls read straight from another rank's send buffer
     /// (cross-memory attach).
     pub cma_blocks: u64,
+    /// Node-local operations of at most 112 bytes carried through the small slots of the
+    /// collective area (broadcasts with more ranks than cores; publications and copies alike).
+    pub small_ops: u64,
 }
 
 /// The per-process engine shared by every communicator.

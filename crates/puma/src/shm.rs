@@ -18,9 +18,16 @@
 //!   `s - SLOTS + 1` (so they are done with operation `s - SLOTS`, the slot's previous user).
 //!   A broadcast root can therefore run `SLOTS - 1` operations ahead of its slowest reader, which
 //!   matters when ranks share cores and a reader is not scheduled for a while. A member found
-//!   behind is waited for until it is `REUSE_SLACK` (`SLOTS / 2`) operations further, at most at `s - 1`
-//!   (which every member reaches without the writer), so a root that outruns a reader looks at
-//!   the reader's arrival line once per 32 operations instead of once per operation.
+//!   behind is waited for until it is `SLOTS / 2` operations further (`SLOTS - 2` with more ranks
+//!   than cores), at most at `s - 1` (which every member reaches without the writer), so a root
+//!   that outruns a reader looks at the reader's arrival line once per 32 operations instead of
+//!   once per operation.
+//! * payloads of at most 112 bytes may instead go through the `SMALLS` small slots of 128 bytes
+//!   (small slot `s mod SMALLS` for operation `s`) under the same rule with `SMALLS` for
+//!   `SLOTS`: crowded broadcasts do, so their root runs up to 1023 operations ahead. Every member
+//!   takes the same kind of slot for an operation (the choice depends only on the length and on
+//!   what all of them know alike; a reader that finds the other kind published reports a size
+//!   mismatch).
 //!
 //! Waiting spins briefly (not at all with more ranks than cores), then hands the core away (`sched_yield`) while still driving the
 //! portals engine, so oversubscribed ranks do not starve the rank they wait for, and a sender
@@ -34,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytemuck::Pod;
-use qk::coll_area::{CollArea, CONTEXTS, SLOT, SLOTS, STAGE};
+use qk::coll_area::{CollArea, CONTEXTS, SLOT, SLOTS, SMALL, SMALLS, STAGE};
 
 use crate::core::Core;
 use crate::error::{Error, Result};
@@ -46,6 +53,9 @@ use crate::ops::Operation;
 /// reader checks it). Payloads up to this size take one step; larger ones go in pieces.
 pub const SLOT_BYTES: usize = SLOT - 16;
 const SLOT_DATA: usize = 16;
+/// Payload bytes of one small slot (see [`NodeColl::publish_small`]): its first 8 bytes hold the
+/// operation's word, the next 8 the payload's length, like a slot's.
+pub const SMALL_BYTES: usize = SMALL - SLOT_DATA;
 /// Buffer addresses one member can publish for cross-memory attach.
 const MAX_REMOTE: usize = 2;
 
@@ -469,9 +479,6 @@ const YIELD_FOR_OVERSUBSCRIBED: Duration = Duration::from_micros(50);
 /// the writer's prefetch of its next slot); 4 lines against 32 at 512 B: 0.73 against 0.53, at
 /// 1 KiB 0.80 against 0.97 (few runs: about a tie).
 const TOUCH_LINES: usize = 4;
-/// How much further than needed a writer waits for a member that holds up the reuse of a slot
-/// (see [`NodeColl::wait_reuse`]).
-const REUSE_SLACK: u64 = SLOTS as u64 / 2;
 /// Spins before a waiter starts yielding its core.
 const SPIN: u32 = 4000;
 /// None with more ranks than cores: the rank waited for often shares this rank's core, so a spin
@@ -529,6 +536,12 @@ impl NodeColl {
         })
     }
 
+    /// More ranks on this machine than CPUs (the same answer on every member; see
+    /// `Core::crowded`).
+    pub fn crowded(&self) -> bool {
+        self.core.crowded()
+    }
+
     /// Members of the group.
     pub fn len(&self) -> usize {
         self.ports.len()
@@ -577,8 +590,16 @@ impl NodeColl {
         what: &str,
         touch: impl Fn(),
     ) -> Result<()> {
-        touch();
-        if self.reached(w, s) {
+        self.wait_until(s, who, what, || {
+            touch();
+            self.reached(w, s)
+        })
+    }
+
+    /// Waits (spinning, yielding, then napping; see the module) until `done` holds, for member
+    /// `who` in step `s` of a `what` (for the liveness checks and the error messages).
+    fn wait_until(&self, s: u64, who: usize, what: &str, done: impl Fn() -> bool) -> Result<()> {
+        if done() {
             return Ok(());
         }
         // Read per wait: the start-up barrier runs before the core knows how the ranks are placed.
@@ -595,8 +616,7 @@ impl NodeColl {
         };
         for _ in 0..spin {
             std::hint::spin_loop();
-            touch();
-            if self.reached(w, s) {
+            if done() {
                 return Ok(());
             }
         }
@@ -607,7 +627,7 @@ impl NodeColl {
             // Keep the portals engine going (a sender may wait for queue space here), then give
             // the core to whoever we wait for.
             self.core.drain()?;
-            if self.reached(w, s) {
+            if done() {
                 return Ok(());
             }
             // Yield for a while; a longer wait sleeps (briefly, growing with the wait to 100 ms:
@@ -621,7 +641,7 @@ impl NodeColl {
                 let nap = (el / 16).clamp(Duration::from_micros(20), Duration::from_millis(100));
                 std::thread::sleep(nap);
             }
-            if self.reached(w, s) {
+            if done() {
                 return Ok(());
             }
             n = n.wrapping_add(1);
@@ -688,18 +708,21 @@ impl NodeColl {
             .store(self.word(s), Ordering::Release);
     }
 
-    /// Waits until the slot of operation `s` is free: every member arrived at `s + 1 - SLOTS`.
-    /// A member found behind that is waited for until it is [`REUSE_SLACK`] operations further
+    /// Waits until the slot of operation `s` is free: every member arrived at `s + 1 - depth`.
+    /// A member found behind that is waited for until it is `depth / 2` operations further
+    /// (`depth - 2` when oversubscribed: the reader catches up in one turn on its core)
     /// (at most at `s - 1`, which every member reaches without this rank: it finished every
     /// earlier operation), so a writer that outruns a reader does not poll the reader's arrival
     /// line on every operation, which would move that line between the cores at each of the
     /// reader's arrivals.
-    fn wait_reuse(&self, s: u64, what: &str) -> Result<()> {
-        let need = s + 1 - SLOTS as u64;
+    /// `depth` is the ring's length (`SLOTS` for the slots, `SMALLS` for the small slots; `s` is at
+    /// least `depth`).
+    fn wait_reuse(&self, s: u64, depth: u64, what: &str) -> Result<()> {
+        let need = s + 1 - depth;
         let slack = if self.core.oversubscribed() {
-            SLOTS as u64 - 2
+            depth - 2
         } else {
-            REUSE_SLACK
+            depth / 2
         };
         let target = (need + slack).min(s - 1);
         for i in 0..self.len() {
@@ -714,7 +737,7 @@ impl NodeColl {
     /// (the whole payload's length, which every reader checks) into its info word.
     pub fn publish(&self, s: u64, data: &[u8], total: u64, what: &str) -> Result<()> {
         if s >= SLOTS as u64 {
-            self.wait_reuse(s, what)?;
+            self.wait_reuse(s, SLOTS as u64, what)?;
         }
         let slot = (s % SLOTS as u64) as u32;
         let port = self.ports[self.me];
@@ -737,6 +760,57 @@ impl NodeColl {
             Self::span(data.len(), SLOT / 64),
             true,
         );
+        Ok(())
+    }
+
+    /// Writes `data` (at most [`SMALL_BYTES`]) into this rank's small slot of operation `s`
+    /// (after the reuse check over the [`SMALLS`] small slots) with its length, then the word.
+    /// Used instead of [`NodeColl::publish`] for small payloads when a writer may run far ahead
+    /// of its readers (crowded broadcasts); the readers take it with [`NodeColl::take_small`].
+    pub fn publish_small(&self, s: u64, data: &[u8], what: &str) -> Result<()> {
+        if s >= SMALLS as u64 {
+            self.wait_reuse(s, SMALLS as u64, what)?;
+        }
+        let which = (s % SMALLS as u64) as u32;
+        let port = self.ports[self.me];
+        let area = self.area();
+        area.write_small(self.c, port, which, 8, &(data.len() as u64).to_le_bytes());
+        area.write_small(self.c, port, which, SLOT_DATA, data);
+        area.small_word(self.c, port, which)
+            .store(self.word(s), Ordering::Release);
+        // As in `publish`: take the next small slot's lines ahead (readers still hold copies from
+        // SMALLS operations ago).
+        let next = ((s + 1) % SMALLS as u64) as u32;
+        area.prefetch_small_write(self.c, port, next, SLOT_DATA + data.len());
+        self.core.st.borrow_mut().stats.small_ops += 1;
+        Ok(())
+    }
+
+    /// Waits until member `i` published its small slot of operation `s`, checks that its payload
+    /// has `dst.len()` bytes and copies it into `dst`. A member that published operation `s` in
+    /// its slot instead (its payload does not fit a small slot: the lengths differ) is a size
+    /// mismatch, not a wait without end.
+    pub fn take_small(&self, i: usize, s: u64, dst: &mut [u8], op: &'static str) -> Result<()> {
+        let which = (s % SMALLS as u64) as u32;
+        let (port, area) = (self.ports[i], self.area());
+        let small = area.small_word(self.c, port, which);
+        let slot = area.slot_word(self.c, port, (s % SLOTS as u64) as u32);
+        self.wait_until(s, i, op, || self.reached(small, s) || self.reached(slot, s))?;
+        if !self.reached(small, s) {
+            self.check_len(i, s, dst.len() as u64, op)?;
+            // Equal lengths in the slot cannot be: this rank's payload fits a small slot.
+            return Err(Error::SizeMismatch {
+                op,
+                detail: format!(
+                    "world rank {} published a slot payload where this rank has {} bytes",
+                    self.world[i],
+                    dst.len()
+                ),
+            });
+        }
+        self.check_small_len(i, s, dst.len() as u64, op)?;
+        area.read_small(self.c, port, which, SLOT_DATA, dst);
+        self.core.st.borrow_mut().stats.small_ops += 1;
         Ok(())
     }
 
@@ -767,6 +841,65 @@ impl NodeColl {
             if i != self.me {
                 self.wait_slot_data(i, s, len, what)?;
             }
+        }
+        Ok(())
+    }
+
+    /// [`NodeColl::wait_slot_data`] for a reader whose payload does not fit a small slot while
+    /// the writer would put one that does there (a crowded broadcast): a member that published
+    /// operation `s` in its small slot has a shorter payload than this rank's `total` bytes, and
+    /// that is a size mismatch, not a wait without end.
+    pub fn wait_slot_data_not_small(
+        &self,
+        i: usize,
+        s: u64,
+        len: usize,
+        total: u64,
+        op: &'static str,
+    ) -> Result<()> {
+        let (port, area) = (self.ports[i], self.area());
+        let slot = area.slot_word(self.c, port, (s % SLOTS as u64) as u32);
+        if self.reached(slot, s) {
+            return Ok(());
+        }
+        let small = area.small_word(self.c, port, (s % SMALLS as u64) as u32);
+        let which = (s % SLOTS as u64) as u32;
+        let span = Self::span(len, TOUCH_LINES);
+        self.wait_until(s, i, op, || {
+            if span > 64 {
+                area.prefetch(self.c, port, which, 64, span - 64, false);
+            }
+            self.reached(slot, s) || self.reached(small, s)
+        })?;
+        if self.reached(slot, s) {
+            return Ok(());
+        }
+        self.check_small_len(i, s, total, op)?;
+        // Equal lengths in the small slot cannot be: this rank's payload does not fit one.
+        Err(Error::SizeMismatch {
+            op,
+            detail: format!(
+                "world rank {} published a small-slot payload where this rank has {total} bytes",
+                self.world[i]
+            ),
+        })
+    }
+
+    /// Checks that member `i` (which published operation `s` in its small slot) has a payload of
+    /// `total` bytes.
+    fn check_small_len(&self, i: usize, s: u64, total: u64, op: &'static str) -> Result<()> {
+        let mut b = [0u8; 8];
+        self.area()
+            .read_small(self.c, self.ports[i], (s % SMALLS as u64) as u32, 8, &mut b);
+        let theirs = u64::from_le_bytes(b);
+        if theirs != total {
+            return Err(Error::SizeMismatch {
+                op,
+                detail: format!(
+                    "world rank {} contributed {theirs} bytes where this rank has {total}",
+                    self.world[i]
+                ),
+            });
         }
         Ok(())
     }

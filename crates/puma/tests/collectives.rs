@@ -117,6 +117,78 @@ fn crowded_nodes_broadcast_a_few_kib_through_the_slots() {
     }
 }
 
+/// With more ranks than cores (8 on this 2-core machine), broadcasts of at most 112 bytes take
+/// the 1024 small slots: 2200 back-to-back broadcasts per size, each checked, the readers pausing
+/// twice so the root runs ahead through the whole ring and waits for small slots to be freed,
+/// and wraps it twice. With a core per rank (2 ranks) they keep the slots. 113 bytes (one
+/// byte over a small slot's payload) never takes the small slots.
+#[test]
+fn crowded_small_broadcasts_go_through_the_small_slots_and_wrap() {
+    for (n, sizes, small) in [
+        (8, "0,1,8,47,48,49,64,111,112", true),
+        (8, "113", false),
+        (2, "8,112", false),
+    ] {
+        let args = [
+            "--seed",
+            "93",
+            "--sizes",
+            "1",
+            "--streak",
+            "0",
+            "--dup-sizes",
+            "0",
+            "--line-streak",
+            "2200",
+            "--line-bcast-only",
+            "--line-sizes",
+            sizes,
+        ];
+        let so = ok(n, &[], "coll_check", &args);
+        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        // Rank 0 takes part in every broadcast of the streaks (the other checks of coll_check
+        // add a few small-slot operations of their own).
+        let streaks = 2200 * sizes.split(',').count() as u64;
+        let ops = stat(&so, "small ops");
+        assert_eq!(ops >= streaks, small, "{n} ranks, {sizes}: {so}");
+        assert!(small || ops < 100, "{n} ranks, {sizes}: {so}");
+    }
+    // Small-slot broadcasts (0-6 i64) mixed with slot broadcasts (254 i64), reduces and
+    // all-reduces (5 ranks on 2 cores: crowded), the root changing every 90 operations.
+    let so = ok(5, &[], "coll_check", &["--seed", "94", "--streak", "2500"]);
+    assert!(so.contains("coll-check OK: 5 ranks"), "{so}");
+}
+
+/// A crowded broadcast (8 ranks on this 2-core machine) whose ranks pass lengths on either side
+/// of the small slots' 112 bytes (or both in them) fails with a size mismatch on the reader,
+/// whichever kind of slot the root took, also when the reader's length takes the stage.
+#[test]
+fn mismatched_crowded_small_broadcast_is_a_clear_error() {
+    // u64 elements: 14 (112 B) against 11 (88 B), both small slots; 15 (120 B, a slot) against
+    // 12 (96 B, a small slot); 13 (104 B) against 16 (128 B, a slot) or 2013 (16104 B, the
+    // stage); 3 (24 B) against 6 (48 B).
+    for (len, longer) in [
+        ("14", None),
+        ("15", None),
+        ("13", Some("3")),
+        ("13", Some("2000")),
+        ("3", Some("3")),
+    ] {
+        let mut args = vec!["--mismatch", "--mismatch-bcast", "--mismatch-len", len];
+        if let Some(k) = longer {
+            args.extend(["--mismatch-longer", k]);
+        }
+        let out = yod_env(8, &[], "coll_check", &args, &[]);
+        assert!(!out.status.success(), "{len} {longer:?}");
+        let e = text(&out.stderr);
+        assert!(
+            e.contains("size mismatch in broadcast"),
+            "{len} {longer:?}: {e}"
+        );
+        assert!(!text(&out.stdout).contains("returned without error"));
+    }
+}
+
 /// Large payloads on one node go through the stages in pieces of 8192 i64 (64 KiB): sizes on
 /// both sides of the slot/stage switch (254/255 elements), of a piece boundary, and more pieces
 /// than stage segments (so segments are reused), on 2 to 8 ranks (odd counts cut uneven slices).
