@@ -111,7 +111,7 @@ fn crowded_nodes_broadcast_a_few_kib_through_the_slots() {
         assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
         assert_eq!(
             so.contains("stage pieces: 0\n"),
-            slots_only,
+            slots_only && crowded(n),
             "{n} ranks, {sizes}: {so}"
         );
     }
@@ -150,6 +150,7 @@ fn crowded_small_broadcasts_go_through_the_small_slots_and_wrap() {
         // add a few small-slot operations of their own).
         let streaks = 2200 * sizes.split(',').count() as u64;
         let ops = stat(&so, "small ops");
+        let small = small && crowded(n);
         assert_eq!(ops >= streaks, small, "{n} ranks, {sizes}: {so}");
         assert!(small || ops < 100, "{n} ranks, {sizes}: {so}");
     }
@@ -164,6 +165,10 @@ fn crowded_small_broadcasts_go_through_the_small_slots_and_wrap() {
 /// whichever kind of slot the root took, also when the reader's length takes the stage.
 #[test]
 fn mismatched_crowded_small_broadcast_is_a_clear_error() {
+    if !crowded(8) {
+        eprintln!("SKIP: needs more ranks (8) than this host's online cores");
+        return;
+    }
     // u64 elements: 14 (112 B) against 11 (88 B), both small slots; 15 (120 B, a slot) against
     // 12 (96 B, a small slot); 13 (104 B) against 16 (128 B, a slot) or 2013 (16104 B, the
     // stage); 3 (24 B) against 6 (48 B).
@@ -372,6 +377,13 @@ fn large_all_to_all_by_every_path() {
 }
 
 /// The value of a `name: N` line of coll_check's output.
+/// True when `ranks` ranks on this host are more than its online cores: the library's test for
+/// a crowded node (`qk::sys::online_cpus`). The crowded paths' tests expect them only then, so
+/// they also hold on hosts with more cores than the 2 of the project machine.
+fn crowded(ranks: u32) -> bool {
+    ranks as usize > qk::sys::online_cpus()
+}
+
 fn stat(out: &str, name: &str) -> u64 {
     out.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
