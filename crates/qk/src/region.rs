@@ -689,9 +689,18 @@ impl ShmRing {
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.add(off as usize), N) };
     }
 
-    /// The body bytes of a record, borrowed from shared memory.
+    /// The body bytes of a record, borrowed from shared memory: checked against the data area
+    /// and reached through `base` (no walk through the mapping's `Arc` per record).
+    #[inline]
     pub fn body(&self, off: u64, len: usize) -> &[u8] {
-        self.map.slice(self.data + off as usize, len)
+        assert!(
+            off.checked_add(len as u64).is_some_and(|e| e <= self.cap),
+            "ring body of {len} bytes at {off} outside the data area"
+        );
+        // SAFETY: `base` is the start of this ring's data area of `cap` bytes inside the mapping,
+        // which `map` keeps alive for as long as `&self` (checked in `Region::ring`), and
+        // `off + len <= cap` (above), so the bytes are inside the area.
+        unsafe { std::slice::from_raw_parts(self.base.add(off as usize), len) }
     }
 }
 
