@@ -1475,16 +1475,6 @@ impl Ctx<'_> {
                 return;
             }
         }
-        self.handle_general(m)
-    }
-
-    /// [`Ctx::handle`] past the source check, for every record the one-line put's fast path did
-    /// not take. Out of line: the fast path then keeps its own small frame (this one holds the
-    /// general path's plan, segments and responses), so a stream of small puts does not pay for
-    /// the general path's registers and stack on every record.
-    #[inline(never)]
-    fn handle_general(&mut self, m: Incoming<'_>) {
-        let h = &m.hdr;
         // 2. Structure.
         if h.flags & !flag::KNOWN != 0 || (h.flags & flag::HEAP != 0 && h.flags & flag::CMA != 0) {
             return self.drop_msg(DropReason::Malformed);
