@@ -802,6 +802,50 @@ mod tests {
         ));
     }
 
+    fn two_port_region() -> Region {
+        let params = RegionParams {
+            job: 9,
+            world: 2,
+            node: 0,
+            ranks: vec![0, 1],
+            ring_cap: 64 << 10,
+            heap_per_rank: 64 << 10,
+            eager_max: 4096,
+            mode: 0,
+            max_message: 1 << 20,
+        };
+        let (fd, _creator) = Region::create(&params, false).unwrap();
+        Region::attach(&fd, true, false).unwrap()
+    }
+
+    #[test]
+    fn a_ring_body_is_the_data_area_s_bytes_up_to_its_last() {
+        let r = two_port_region();
+        let ring = r.ring(0, 1);
+        let cap = ring.cap();
+        ring.write_array(cap - 16, &[7u8; 16]);
+        assert_eq!(ring.body(cap - 16, 16), &[7u8; 16]);
+        assert_eq!(ring.body(cap, 0), &[] as &[u8]);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the data area")]
+    fn a_ring_body_past_the_data_area_is_refused() {
+        // The ring that follows in the mapping starts right after: without the check this
+        // would read its head line instead.
+        let r = two_port_region();
+        let ring = r.ring(0, 1);
+        let cap = ring.cap();
+        let _ = ring.body(cap - 8, 16);
+    }
+
+    #[test]
+    #[should_panic(expected = "outside the data area")]
+    fn a_ring_body_whose_end_overflows_is_refused() {
+        let r = two_port_region();
+        let _ = r.ring(0, 1).body(u64::MAX - 7, 16);
+    }
+
     #[test]
     fn a_waiter_sleeps_long_only_when_idle_and_every_process_takes_the_fence() {
         let params = RegionParams {
