@@ -22,7 +22,7 @@
 //! * `a requires b`: `a` becomes ready when `b` completes; `a irequires b`: when `b` starts
 //!   (a receive starts when it is posted). Resources are granted first-come first-served.
 
-use crate::noise::Noise;
+use crate::noise::{DetourCache, Noise};
 use crate::schedule::{OpKind, Schedule, ANY, IREQ_BIT};
 
 /// LogGOPS parameters. Times in ns; `G` and `O` in picoseconds per byte.
@@ -585,6 +585,8 @@ struct Sim<'a, 'b> {
     start: &'b mut [u64],
     /// Per rank of this part (empty unless recorded).
     busy: &'b mut [u64],
+    /// Per rank of this part: its last detour lookup (empty without detours).
+    det: Vec<DetourCache>,
     r0: usize,
     r1: usize,
     /// CPUs and NICs when a rank has more than one (else they live in `rk`).
@@ -1238,6 +1240,12 @@ impl<'a, 'b> Sim<'a, 'b> {
             noise_op: part.noise_op,
             start: part.start,
             busy: part.busy,
+            // All zero (`DETOUR_CACHE_EMPTY`): untouched pages until a rank computes.
+            det: if noise.has_detours() {
+                vec![[0; 2]; local]
+            } else {
+                Vec::new()
+            },
             r0: part.r0,
             r1: part.r1,
             cpu_x: if nc > 1 {
@@ -1509,6 +1517,8 @@ impl<'a, 'b> Sim<'a, 'b> {
             let r = (rank[i] as usize).wrapping_sub(self.r0);
             // The rank's busy time (when recorded), which `work` adds to.
             acc ^= self.busy.get(r).copied().unwrap_or(0);
+            // And its last detour lookup, which `work` reads.
+            acc ^= self.det.get(r).map_or(0, |c| c[0]);
             if let Some(rk) = self.rk.get(r) {
                 acc ^= rk.cpu0.free ^ rk.last_arr;
                 let kind = ev >> 32;
@@ -1595,7 +1605,10 @@ impl<'a, 'b> Sim<'a, 'b> {
             }
             return start + w;
         }
-        let e = self.noise.finish(rank, start, w);
+        let e = match self.det.get_mut(r) {
+            Some(c) => self.noise.finish_cached(rank, start, w, c),
+            None => self.noise.finish(rank, start, w),
+        };
         if !self.busy.is_empty() {
             self.busy[r] += e - start;
         }
