@@ -346,13 +346,20 @@ impl Noise {
     /// Always `>= start + work`, and non-decreasing in `start`.
     #[inline]
     pub fn finish(&self, rank: u32, start: u64, work: u64) -> u64 {
+        self.finish_with(start, work, |t| self.next_detour(rank, t))
+    }
+
+    /// The walk of [`Noise::finish`] over the detours `next` gives (the first one ending after
+    /// a time), shared by the plain and the cached lookup.
+    #[inline(always)]
+    fn finish_with(&self, start: u64, work: u64, mut next: impl FnMut(u64) -> (u64, u64)) -> u64 {
         if work == 0 || matches!(self.source, NoiseSource::None) {
             return start + work;
         }
         let mut t = start;
         let mut rem = work;
         loop {
-            let (ds, de) = self.next_detour(rank, t);
+            let (ds, de) = next(t);
             if ds <= t {
                 t = de;
                 continue;
@@ -378,31 +385,14 @@ impl Noise {
         work: u64,
         c: &mut DetourCache,
     ) -> u64 {
-        if work == 0 || matches!(self.source, NoiseSource::None) {
-            return start + work;
-        }
-        let mut t = start;
-        let mut rem = work;
-        loop {
-            let (ds, de) = match cache_get(c, t) {
-                Some(d) => d,
-                None => {
-                    let d = self.next_detour(rank, t);
-                    cache_put(c, t, d);
-                    d
-                }
-            };
-            if ds <= t {
-                t = de;
-                continue;
+        self.finish_with(start, work, |t| match cache_get(c, t) {
+            Some(d) => d,
+            None => {
+                let d = self.next_detour(rank, t);
+                cache_put(c, t, d);
+                d
             }
-            let gap = ds - t;
-            if rem <= gap {
-                return t + rem;
-            }
-            rem -= gap;
-            t = de;
-        }
+        })
     }
 
     /// Extra latency for message `msg` (a send op index; `leg` separates rendezvous legs).
