@@ -802,9 +802,10 @@ mod tests {
         ));
     }
 
-    fn two_port_region() -> Region {
+    /// A region of two ports, one rank each, attached.
+    fn two_port_region(job: u32) -> Region {
         let params = RegionParams {
-            job: 9,
+            job,
             world: 2,
             node: 0,
             ranks: vec![0, 1],
@@ -820,7 +821,7 @@ mod tests {
 
     #[test]
     fn a_ring_body_is_the_data_area_s_bytes_up_to_its_last() {
-        let r = two_port_region();
+        let r = two_port_region(9);
         let ring = r.ring(0, 1);
         let cap = ring.cap();
         ring.write_array(cap - 16, &[7u8; 16]);
@@ -833,7 +834,7 @@ mod tests {
     fn a_ring_body_past_the_data_area_is_refused() {
         // The ring that follows in the mapping starts right after: without the check this
         // would read its head line instead.
-        let r = two_port_region();
+        let r = two_port_region(9);
         let ring = r.ring(0, 1);
         let cap = ring.cap();
         let _ = ring.body(cap - 8, 16);
@@ -842,25 +843,13 @@ mod tests {
     #[test]
     #[should_panic(expected = "outside the data area")]
     fn a_ring_body_whose_end_overflows_is_refused() {
-        let r = two_port_region();
+        let r = two_port_region(9);
         let _ = r.ring(0, 1).body(u64::MAX - 7, 16);
     }
 
     #[test]
     fn a_waiter_sleeps_long_only_when_idle_and_every_process_takes_the_fence() {
-        let params = RegionParams {
-            job: 8,
-            world: 2,
-            node: 0,
-            ranks: vec![0, 1],
-            ring_cap: 64 << 10,
-            heap_per_rank: 64 << 10,
-            eager_max: 4096,
-            mode: 0,
-            max_message: 1 << 20,
-        };
-        let (fd, _creator) = Region::create(&params, false).unwrap();
-        let r = Region::attach(&fd, true, false).unwrap();
+        let r = two_port_region(8);
         let short = std::time::Duration::from_millis(1);
         assert_eq!(r.fence_before_sleep(short), MAX_SLEEP);
         if !crate::sys::membarrier_register() {
