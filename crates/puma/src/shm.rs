@@ -891,17 +891,7 @@ impl NodeColl {
         let mut b = [0u8; 8];
         self.area()
             .read_small(self.c, self.ports[i], (s % SMALLS as u64) as u32, 8, &mut b);
-        let theirs = u64::from_le_bytes(b);
-        if theirs != total {
-            return Err(Error::SizeMismatch {
-                op,
-                detail: format!(
-                    "world rank {} contributed {theirs} bytes where this rank has {total}",
-                    self.world[i]
-                ),
-            });
-        }
-        Ok(())
+        self.same_len(i, u64::from_le_bytes(b), total, op)
     }
 
     /// Waits until member `i` published its slot of operation `s`.
@@ -931,12 +921,8 @@ impl NodeColl {
         Ok(())
     }
 
-    /// Checks that member `i` (which published operation `s`) has a payload of `total` bytes.
-    pub fn check_len(&self, i: usize, s: u64, total: u64, op: &'static str) -> Result<()> {
-        let mut b = [0u8; 8];
-        self.area()
-            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 8, &mut b);
-        let theirs = u64::from_le_bytes(b);
+    /// A size-mismatch error unless member `i`'s published length `theirs` is this rank's `total`.
+    fn same_len(&self, i: usize, theirs: u64, total: u64, op: &'static str) -> Result<()> {
         if theirs != total {
             return Err(Error::SizeMismatch {
                 op,
@@ -947,6 +933,14 @@ impl NodeColl {
             });
         }
         Ok(())
+    }
+
+    /// Checks that member `i` (which published operation `s`) has a payload of `total` bytes.
+    pub fn check_len(&self, i: usize, s: u64, total: u64, op: &'static str) -> Result<()> {
+        let mut b = [0u8; 8];
+        self.area()
+            .read(self.c, self.ports[i], (s % SLOTS as u64) as u32, 8, &mut b);
+        self.same_len(i, u64::from_le_bytes(b), total, op)
     }
 
     /// Checks every other member's payload length.
