@@ -92,23 +92,7 @@ fn crowded_nodes_broadcast_a_few_kib_through_the_slots() {
         (8, "8193", false),
         (2, "4096", false),
     ] {
-        let args = [
-            "--seed",
-            "91",
-            "--sizes",
-            "1",
-            "--streak",
-            "0",
-            "--dup-sizes",
-            "0",
-            "--line-streak",
-            "70",
-            "--line-bcast-only",
-            "--line-sizes",
-            sizes,
-        ];
-        let so = ok(n, &[], "coll_check", &args);
-        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        let so = bcast_streak(n, "91", "70", sizes);
         assert_eq!(
             so.contains("stage pieces: 0\n"),
             slots_only && crowded(n),
@@ -129,23 +113,7 @@ fn crowded_small_broadcasts_go_through_the_small_slots_and_wrap() {
         (8, "113", false),
         (2, "8,112", false),
     ] {
-        let args = [
-            "--seed",
-            "93",
-            "--sizes",
-            "1",
-            "--streak",
-            "0",
-            "--dup-sizes",
-            "0",
-            "--line-streak",
-            "2200",
-            "--line-bcast-only",
-            "--line-sizes",
-            sizes,
-        ];
-        let so = ok(n, &[], "coll_check", &args);
-        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        let so = bcast_streak(n, "93", "2200", sizes);
         // Rank 0 takes part in every broadcast of the streaks (the other checks of coll_check
         // add a few small-slot operations of their own).
         let streaks = 2200 * sizes.split(',').count() as u64;
@@ -377,6 +345,29 @@ fn large_all_to_all_by_every_path() {
 }
 
 /// The value of a `name: N` line of coll_check's output.
+/// coll_check with only back-to-back broadcasts: `streak` of each of `sizes` (bytes, comma
+/// separated), each checked; returns rank 0's output after checking the run passed.
+fn bcast_streak(n: u32, seed: &str, streak: &str, sizes: &str) -> String {
+    let args = [
+        "--seed",
+        seed,
+        "--sizes",
+        "1",
+        "--streak",
+        "0",
+        "--dup-sizes",
+        "0",
+        "--line-streak",
+        streak,
+        "--line-bcast-only",
+        "--line-sizes",
+        sizes,
+    ];
+    let so = ok(n, &[], "coll_check", &args);
+    assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+    so
+}
+
 /// True when `ranks` ranks on this host are more than its online cores: the library's test for
 /// a crowded node (`qk::sys::online_cpus`). The crowded paths' tests expect them only then, so
 /// they also hold on hosts with more cores than the 2 of the project machine.
