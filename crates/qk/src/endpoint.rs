@@ -12,7 +12,7 @@ use portals::{
 };
 
 use crate::counters::{slot, DropReason, PortStats};
-use crate::fabric::{flag, op, Hdr, Incoming, Port};
+use crate::fabric::{flag, op, Hdr, HdrRef, Incoming, Port};
 use crate::job::CpuMode;
 use crate::region::Region;
 use crate::sys::{Memfd, OwnedMemory};
@@ -1141,22 +1141,22 @@ pub fn wire_from_hdr_into(h: &Hdr, job: u32, dst: ProcessId, out: &mut WireHeade
 }
 
 /// The portals form of a one-line put record `h` (op [`op::PUT`], flags exactly
-/// [`flag::INLINE8`]) from world rank `h.src` of job `job` to `dst`: the fields
-/// [`wire_from_hdr_into`] would write for it, but as a [`portals::PlainPut`], whose
+/// [`flag::INLINE8`]), read in place, from world rank `h.src()` of job `job` to `dst`: the
+/// fields [`wire_from_hdr_into`] would write for it, but as a [`portals::PlainPut`], whose
 /// `to_wire()` is that header (a test holds the two equal). Only the one-line put
 /// is decoded this way: its flags carry no ack, truncation or large reference, so
 /// the header is a plain put with `rlength == length` and no return offset.
 #[inline(always)]
-pub fn plain_put_from_inline8(h: &Hdr, job: u32, dst: ProcessId) -> portals::PlainPut {
-    debug_assert!(h.op == op::PUT && h.flags == flag::INLINE8);
+pub fn plain_put_from_inline8(h: HdrRef<'_>, job: u32, dst: ProcessId) -> portals::PlainPut {
+    debug_assert!(h.op() == op::PUT && h.flags() == flag::INLINE8);
     portals::PlainPut {
-        portal: h.portal as u32,
-        src: ProcessId::new(job, h.src),
+        portal: h.portal() as u32,
+        src: ProcessId::new(job, h.src()),
         dst,
-        match_bits: h.match_bits,
-        offset: h.offset,
-        length: h.length,
-        hdr_data: h.hdr_data,
+        match_bits: h.match_bits(),
+        offset: h.offset(),
+        length: h.length(),
+        hdr_data: h.hdr_data(),
     }
 }
 
@@ -1435,17 +1435,19 @@ impl Ctx<'_> {
 
     /// Validates and delivers one record.
     fn handle(&mut self, m: Incoming<'_>) {
-        // By reference: the header was just decoded field by field, and copying it whole would
-        // read those narrow stores back with wide loads (a store-forwarding stall).
-        let h = &m.hdr;
+        // The header is read where it lies in the queue's line, each field when it is needed:
+        // the one-line put below reads each of its fields once, with no copy of the header made
+        // first.
+        let v = m.head;
+        let src = v.src();
         // 1. The source must be the process that owns the queue it came on.
         let expected = self.region.ranks.get(m.from as usize).copied();
         match expected {
-            Some(r) if r == h.src => {}
+            Some(r) if r == src => {}
             Some(_) => return self.drop_msg(DropReason::ForgedSource),
             None => {
                 // From the node engine: must be a rank of this job on another node.
-                if h.src >= self.region.world || self.region.port_of_rank(h.src).is_some() {
+                if src >= self.region.world || self.region.port_of_rank(src).is_some() {
                     return self.drop_msg(DropReason::ForgedSource);
                 }
             }
@@ -1454,20 +1456,21 @@ impl Ctx<'_> {
         // large reference), i.e. nearly every small message: one compare of op and flags stands
         // for the structure checks below, which such a record passes when its length is at
         // most 8. If portals declines the fast delivery the general path below handles it.
-        if h.op == op::PUT && h.flags == flag::INLINE8 {
-            if h.length > 8 {
+        if v.op() == op::PUT && v.flags() == flag::INLINE8 {
+            let length = v.length();
+            if length > 8 {
                 return self.drop_msg(DropReason::Malformed);
             }
             // Decoded once, straight into the portals form of a plain put (no `WireHeader` built
             // and read back); portals makes the rest of the header's checks.
-            let word = h.aux.to_le_bytes();
+            let word = v.aux().to_le_bytes();
             let mut to = PRegion::EMPTY;
             if self.deliver_plain_put_fast(
-                plain_put_from_inline8(h, self.region.job, self.me),
+                plain_put_from_inline8(v, self.region.job, self.me),
                 &mut to,
             ) {
                 let n = to.len as usize;
-                if n > h.length as usize || !self.mem.write(to.addr, &word[..n]) {
+                if n > length as usize || !self.mem.write(to.addr, &word[..n]) {
                     self.drop_msg(DropReason::BadMemory);
                 }
                 self.delivered += 1;
@@ -1475,6 +1478,9 @@ impl Ctx<'_> {
                 return;
             }
         }
+        // Every other record: the header copied out once, then read field by field.
+        let hdr = v.decode();
+        let h = &hdr;
         // 2. Structure.
         if h.flags & !flag::KNOWN != 0 || (h.flags & flag::HEAP != 0 && h.flags & flag::CMA != 0) {
             return self.drop_msg(DropReason::Malformed);
@@ -1855,7 +1861,9 @@ mod tests {
                 hdr_data: bits ^ 0x55,
             };
             let general = wire_from_hdr(&h, 41, dst).expect("a put converts");
-            let plain = plain_put_from_inline8(&h, 41, dst);
+            let line = h.encode();
+            let plain =
+                plain_put_from_inline8(HdrRef::new(&line).expect("a whole header"), 41, dst);
             // A put without ack never reads its return descriptor; everything else is the same.
             assert_eq!(
                 plain.to_wire(),

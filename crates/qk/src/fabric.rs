@@ -126,33 +126,7 @@ impl Hdr {
 
     /// Decodes 56 bytes (no validation: see the endpoint's checks).
     pub fn decode(b: &[u8]) -> Option<Hdr> {
-        // One length check, then constant offsets into a fixed-size array: no bounds check per
-        // field on the receive path.
-        let b: &[u8; HDR_LEN] = b.get(..HDR_LEN)?.try_into().ok()?;
-        let w = |at: usize| {
-            u64::from_le_bytes([
-                b[at],
-                b[at + 1],
-                b[at + 2],
-                b[at + 3],
-                b[at + 4],
-                b[at + 5],
-                b[at + 6],
-                b[at + 7],
-            ])
-        };
-        Some(Hdr {
-            op: b[0],
-            flags: b[1],
-            portal: u16::from_le_bytes([b[2], b[3]]),
-            src: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-            match_bits: w(8),
-            offset: w(16),
-            length: w(24),
-            return_md: w(32),
-            aux: w(40),
-            hdr_data: w(48),
-        })
+        HdrRef::new(b).map(|h| h.decode())
     }
 
     /// Bytes of payload that travel inside the queue with this header.
@@ -164,6 +138,114 @@ impl Hdr {
                 self.length
             }
             _ => 0,
+        }
+    }
+}
+
+/// A header read in place, where the record lies in its queue: each field is one load from the
+/// record's line when it is asked for, instead of all of them copied into a [`Hdr`] first (the
+/// receive path reads a one-line put's fields once each, straight from the line).
+#[derive(Clone, Copy, Debug)]
+pub struct HdrRef<'a>(&'a [u8; HDR_LEN]);
+
+impl<'a> HdrRef<'a> {
+    /// The header at the start of `b`; `None` when `b` is shorter than a header.
+    #[inline(always)]
+    pub fn new(b: &'a [u8]) -> Option<HdrRef<'a>> {
+        // One length check, then constant offsets into a fixed-size array: no bounds check per
+        // field on the receive path.
+        Some(HdrRef(b.get(..HDR_LEN)?.try_into().ok()?))
+    }
+
+    #[inline(always)]
+    fn word(&self, at: usize) -> u64 {
+        let b = self.0;
+        u64::from_le_bytes([
+            b[at],
+            b[at + 1],
+            b[at + 2],
+            b[at + 3],
+            b[at + 4],
+            b[at + 5],
+            b[at + 6],
+            b[at + 7],
+        ])
+    }
+
+    /// [`Hdr::op`].
+    #[inline(always)]
+    pub fn op(&self) -> u8 {
+        self.0[0]
+    }
+
+    /// [`Hdr::flags`].
+    #[inline(always)]
+    pub fn flags(&self) -> u8 {
+        self.0[1]
+    }
+
+    /// [`Hdr::portal`].
+    #[inline(always)]
+    pub fn portal(&self) -> u16 {
+        u16::from_le_bytes([self.0[2], self.0[3]])
+    }
+
+    /// [`Hdr::src`].
+    #[inline(always)]
+    pub fn src(&self) -> u32 {
+        u32::from_le_bytes([self.0[4], self.0[5], self.0[6], self.0[7]])
+    }
+
+    /// [`Hdr::match_bits`].
+    #[inline(always)]
+    pub fn match_bits(&self) -> u64 {
+        self.word(8)
+    }
+
+    /// [`Hdr::offset`].
+    #[inline(always)]
+    pub fn offset(&self) -> u64 {
+        self.word(16)
+    }
+
+    /// [`Hdr::length`].
+    #[inline(always)]
+    pub fn length(&self) -> u64 {
+        self.word(24)
+    }
+
+    /// [`Hdr::return_md`].
+    #[inline(always)]
+    pub fn return_md(&self) -> u64 {
+        self.word(32)
+    }
+
+    /// [`Hdr::aux`].
+    #[inline(always)]
+    pub fn aux(&self) -> u64 {
+        self.word(40)
+    }
+
+    /// [`Hdr::hdr_data`].
+    #[inline(always)]
+    pub fn hdr_data(&self) -> u64 {
+        self.word(48)
+    }
+
+    /// Every field, copied out (no validation: see the endpoint's checks).
+    #[inline]
+    pub fn decode(&self) -> Hdr {
+        Hdr {
+            op: self.op(),
+            flags: self.flags(),
+            portal: self.portal(),
+            src: self.src(),
+            match_bits: self.match_bits(),
+            offset: self.offset(),
+            length: self.length(),
+            return_md: self.return_md(),
+            aux: self.aux(),
+            hdr_data: self.hdr_data(),
         }
     }
 }
@@ -185,13 +267,21 @@ pub struct Port {
 }
 
 /// A record handed to [`Port::poll`]'s handler.
+#[derive(Clone, Copy)]
 pub struct Incoming<'a> {
     /// Port it came from.
     pub from: u32,
-    /// Decoded header (not yet validated).
-    pub hdr: Hdr,
+    /// The header, in place in the queue (not yet validated).
+    pub head: HdrRef<'a>,
     /// Record body after the header (may be longer than the header's payload).
     pub body: &'a [u8],
+}
+
+impl Incoming<'_> {
+    /// The header, copied out of the queue.
+    pub fn hdr(&self) -> Hdr {
+        self.head.decode()
+    }
 }
 
 impl Port {
@@ -350,10 +440,10 @@ impl Port {
                 Peek::Record(r) => {
                     idle_rounds = 0;
                     let body = ring.body(r.body_off, r.body_len as usize);
-                    match Hdr::decode(body) {
-                        Some(hdr) => f(Incoming {
+                    match HdrRef::new(body) {
+                        Some(head) => f(Incoming {
                             from: i as u32,
-                            hdr,
+                            head,
                             body: &body[HDR_LEN..],
                         }),
                         None => self
@@ -447,7 +537,7 @@ mod tests {
             assert!(b.try_send(2, &raw(100 + s), &[]));
         }
         let mut got = Vec::new();
-        let n = dst.poll(usize::MAX, |m| got.push((m.from, m.hdr.aux)));
+        let n = dst.poll(usize::MAX, |m| got.push((m.from, m.hdr().aux)));
         assert_eq!(n, 43);
         // Source order is kept ...
         let from_a: Vec<u64> = got.iter().filter(|g| g.0 == 0).map(|g| g.1).collect();
@@ -481,7 +571,7 @@ mod tests {
         // The run from port 0 ends when it is dry: port 1's records wait for the next poll ...
         let mut got = Vec::new();
         assert_eq!(
-            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr.aux))),
+            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr().aux))),
             3
         );
         assert_eq!(got, vec![(0, 0), (0, 1), (0, 2)]);
@@ -489,13 +579,13 @@ mod tests {
         assert!(a.try_send(2, &raw(3), &[]));
         got.clear();
         assert_eq!(
-            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr.aux))),
+            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr().aux))),
             3
         );
         assert_eq!(got, vec![(1, 100), (1, 101), (1, 102)]);
         got.clear();
         assert_eq!(
-            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr.aux))),
+            dst.poll_run(usize::MAX, |m| got.push((m.from, m.hdr().aux))),
             1
         );
         assert_eq!(got, vec![(0, 3)]);
@@ -531,7 +621,7 @@ mod tests {
             // (in `aux`) cross between the cores as one line.
             assert!(m.body.is_empty(), "{} bytes after the header", m.body.len());
             assert_eq!(m.body.as_ptr() as usize % crate::ring::LINE, 0);
-            assert_eq!(m.hdr.aux.to_le_bytes(), *b"8 bytes!");
+            assert_eq!(m.hdr().aux.to_le_bytes(), *b"8 bytes!");
             n += 1;
         });
         assert_eq!(n, 3);
@@ -556,7 +646,7 @@ mod tests {
         // A whole run (and more) taken at once frees all of it.
         let mut got = Vec::new();
         assert_eq!(
-            b.poll(3 * POLL_BURST, |m| got.push(m.hdr.aux)),
+            b.poll(3 * POLL_BURST, |m| got.push(m.hdr().aux)),
             3 * POLL_BURST
         );
         assert_eq!(got, (5..5 + 3 * POLL_BURST as u64).collect::<Vec<_>>());
@@ -566,7 +656,7 @@ mod tests {
         assert!(!a.try_send(1, &raw(0), &[]));
         // Everything arrives once, in order.
         let mut rest = Vec::new();
-        b.poll(usize::MAX, |m| rest.push(m.hdr.aux));
+        b.poll(usize::MAX, |m| rest.push(m.hdr().aux));
         let want: Vec<u64> =
             (5 + 3 * POLL_BURST as u64..sent + 5 + 3 * POLL_BURST as u64).collect();
         assert_eq!(rest, want);
@@ -586,7 +676,7 @@ mod tests {
         assert!(!a.sent_since_poll);
         // Fetching ahead changes nothing the consumer sees: both records, in order.
         let mut got = Vec::new();
-        b.poll(usize::MAX, |m| got.push(m.hdr.aux));
+        b.poll(usize::MAX, |m| got.push(m.hdr().aux));
         assert_eq!(got, vec![0, 1]);
     }
 }

@@ -865,7 +865,7 @@ impl NodeEngine {
         let mut recs: Vec<(u32, Hdr, Vec<u8>)> = Vec::new();
         n += self
             .port
-            .poll(64, |m| recs.push((m.from, m.hdr, m.body.to_vec())));
+            .poll(64, |m| recs.push((m.from, m.hdr(), m.body.to_vec())));
         for (from, h, body) in recs {
             self.outbound(from, h, &body)?;
         }

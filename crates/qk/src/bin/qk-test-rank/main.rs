@@ -318,18 +318,19 @@ fn run(cli: Cli) -> Result<String, String> {
             let start = std::time::Instant::now();
             while next < count && err.is_none() {
                 let got = port.poll(64, |m| {
-                    if m.from != from || m.hdr.op != op::RAW {
+                    let h = m.hdr();
+                    if m.from != from || h.op != op::RAW {
                         err = Some(format!(
                             "unexpected record from port {} op {}",
-                            m.from, m.hdr.op
+                            m.from, h.op
                         ));
-                    } else if m.hdr.aux != next {
+                    } else if h.aux != next {
                         err = Some(format!(
                             "record {} arrived when {} was expected",
-                            m.hdr.aux, next
+                            h.aux, next
                         ));
-                    } else if m.hdr.length as usize > m.body.len()
-                        || fnv(&m.body[..m.hdr.length as usize]) != m.hdr.hdr_data
+                    } else if h.length as usize > m.body.len()
+                        || fnv(&m.body[..h.length as usize]) != h.hdr_data
                     {
                         err = Some(format!("record {next} failed its checksum"));
                     }
