@@ -1470,7 +1470,7 @@ impl Ctx<'_> {
                 &mut to,
             ) {
                 let n = to.len as usize;
-                if n > length as usize || !self.mem.write(to.addr, &word[..n]) {
+                if n > length as usize || !self.mem.write_word_prefix(to.addr, word, n) {
                     self.drop_msg(DropReason::BadMemory);
                 }
                 self.delivered += 1;
@@ -1919,6 +1919,59 @@ mod tests {
         assert_eq!((ev.kind, ev.mlength), (EventKind::Put, 8));
         rx.read(&rbuf, 0, &mut got).expect("read");
         assert_eq!(got, [9u8; 8]);
+    }
+
+    #[test]
+    fn a_one_line_put_into_memory_the_receiver_does_not_own_is_dropped_as_bad_memory() {
+        let (_fab, mut tx, mut rx, _eq, smd, sbuf, _rbuf) = pair();
+        tx.write(&sbuf, 0, b"ABCDEFGH").expect("fill");
+        // A descriptor over bytes of this test, outside the receiving endpoint's memory: were
+        // the ownership check skipped, the put would land here.
+        let outside = vec![0xEEu8; 64].into_boxed_slice();
+        rx.with_engine(|e| {
+            let md = e
+                .md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: portals::Region::new(outside.as_ptr() as u64, 64),
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: None,
+                })
+                .expect("md");
+            e.portal_set_acl(2, Acl::job(41)).expect("acl");
+            e.portal_enable(2).expect("enable");
+            e.me_append(2, MatchSpec::any(), md).expect("me");
+        });
+        for (i, len) in [0u64, 3, 8].into_iter().enumerate() {
+            tx.put(&PutArgs {
+                md: smd,
+                local_offset: 0,
+                length: len,
+                target: ProcessId::new(41, 1),
+                portal: 2,
+                match_bits: 1,
+                remote_offset: 8 * i as u64,
+                ack: false,
+                hdr_data: 0,
+            })
+            .expect("put");
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            while rx.stats().drops_for(crate::DropReason::BadMemory) < i as u64 + 1
+                && std::time::Instant::now() < deadline
+            {
+                rx.progress();
+            }
+            assert_eq!(
+                rx.stats().drops_for(crate::DropReason::BadMemory),
+                i as u64 + 1,
+                "{len} B put"
+            );
+        }
+        assert!(
+            outside.iter().all(|&b| b == 0xEE),
+            "a refused put wrote bytes"
+        );
     }
 
     #[test]

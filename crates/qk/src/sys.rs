@@ -732,6 +732,25 @@ impl OwnedMemory {
         true
     }
 
+    /// [`OwnedMemory::write`] of the first `n` bytes of `word` (`n` > 8 writes nothing and is
+    /// refused): a whole word is one store and no bytes no store, instead of a copy call.
+    #[inline]
+    pub fn write_word_prefix(&self, addr: u64, word: [u8; 8], n: usize) -> bool {
+        if n > 8 || !self.owns(addr, n as u64) {
+            return false;
+        }
+        let to = addr as usize as *mut u8;
+        match n {
+            0 => {}
+            // SAFETY: the 8 destination bytes lie in memory this table owns (checked above) and
+            // stay alive while &self lives; the source is a local value, so nothing overlaps.
+            8 => unsafe { std::ptr::write_unaligned(to as *mut [u8; 8], word) },
+            // SAFETY: as above, for the `n` (< 8) bytes checked.
+            _ => unsafe { std::ptr::copy_nonoverlapping(word.as_ptr(), to, n) },
+        }
+        true
+    }
+
     /// Copies from owned address `addr` into `dst`. False if the range is not owned.
     pub fn read(&self, addr: u64, dst: &mut [u8]) -> bool {
         if !self.owns(addr, dst.len() as u64) {
@@ -898,6 +917,58 @@ mod tests {
         // Normal policy here; kernels before 6.12 report no slice, later ones the one asked for.
         let v = got.expect("test threads run under SCHED_OTHER");
         assert!(v == 0 || v == 300_000, "slice reported as {v} ns");
+    }
+
+    #[test]
+    fn a_word_prefix_writes_exactly_its_bytes_and_only_into_owned_memory() {
+        use super::{Mapping, Memfd, OwnedMemory};
+        let fd = Memfd::create("qk-word-prefix-test", 4096).expect("memfd");
+        let map = std::sync::Arc::new(Mapping::map(&fd, 4096, true).expect("map"));
+        // The heap part is bytes 1024..2048 of the mapping.
+        let mem = OwnedMemory::new(map.clone(), 1024, 1024);
+        let (base, len) = mem.heap_range();
+        let word = *b"ABCDEFGH";
+        for n in 0..=8usize {
+            // Odd addresses too: the one-store case must not need alignment.
+            for at in [base, base + 3, base + len - 8] {
+                map.write(
+                    at as usize - map.ptr() as usize,
+                    &[0xEE; 16][..(base + len - at).min(16) as usize],
+                );
+                assert!(
+                    mem.write_word_prefix(at, word, n),
+                    "n = {n} at {}",
+                    at - base
+                );
+                let mut back = [0u8; 8];
+                assert!(mem.read(at, &mut back));
+                assert_eq!(&back[..n], &word[..n], "n = {n}");
+                assert!(
+                    back[n..].iter().all(|&b| b == 0xEE),
+                    "n = {n}: a byte past the prefix changed"
+                );
+            }
+        }
+        // Ranges not owned are refused with nothing written: before, across the end, after.
+        for (at, n) in [
+            (base - 8, 8),
+            (base + len - 4, 8),
+            (base + len - 7, 8),
+            (base + len, 1),
+            (base - 1, 1),
+        ] {
+            let before = {
+                let mut b = vec![0u8; 4096];
+                map.read(0, &mut b);
+                b
+            };
+            assert!(!mem.write_word_prefix(at, word, n), "n = {n} at {at:#x}");
+            let mut after = vec![0u8; 4096];
+            map.read(0, &mut after);
+            assert_eq!(before, after, "a refused write changed the mapping");
+        }
+        // More than a word is refused.
+        assert!(!mem.write_word_prefix(base, word, 9));
     }
 
     #[test]
