@@ -1141,21 +1141,31 @@ pub fn wire_from_hdr_into(h: &Hdr, job: u32, dst: ProcessId, out: &mut WireHeade
 }
 
 /// The portals form of a one-line put record `h` (op [`op::PUT`], flags exactly
-/// [`flag::INLINE8`]), read in place, from world rank `h.src()` of job `job` to `dst`: the
+/// [`flag::INLINE8`]), read in place, from world rank `src` of job `job` to `dst`: the
 /// fields [`wire_from_hdr_into`] would write for it, but as a [`portals::PlainPut`], whose
 /// `to_wire()` is that header (a test holds the two equal). Only the one-line put
 /// is decoded this way: its flags carry no ack, truncation or large reference, so
 /// the header is a plain put with `rlength == length` and no return offset.
+///
+/// `src` and `length` are the values the caller has already checked, passed in rather than
+/// read again: the line lies in memory the sender can still write, so a second read of a
+/// field could see another value than the one checked.
 #[inline(always)]
-pub fn plain_put_from_inline8(h: HdrRef<'_>, job: u32, dst: ProcessId) -> portals::PlainPut {
+pub fn plain_put_from_inline8(
+    h: HdrRef<'_>,
+    src: u32,
+    length: u64,
+    job: u32,
+    dst: ProcessId,
+) -> portals::PlainPut {
     debug_assert!(h.op() == op::PUT && h.flags() == flag::INLINE8);
     portals::PlainPut {
         portal: h.portal() as u32,
-        src: ProcessId::new(job, h.src()),
+        src: ProcessId::new(job, src),
         dst,
         match_bits: h.match_bits(),
         offset: h.offset(),
-        length: h.length(),
+        length,
         hdr_data: h.hdr_data(),
     }
 }
@@ -1466,7 +1476,7 @@ impl Ctx<'_> {
             let word = v.aux().to_le_bytes();
             let mut to = PRegion::EMPTY;
             if self.deliver_plain_put_fast(
-                plain_put_from_inline8(v, self.region.job, self.me),
+                plain_put_from_inline8(v, src, length, self.region.job, self.me),
                 &mut to,
             ) {
                 let n = to.len as usize;
@@ -1478,8 +1488,11 @@ impl Ctx<'_> {
                 return;
             }
         }
-        // Every other record: the header copied out once, then read field by field.
-        let hdr = v.decode();
+        // Every other record: the header copied out once, then read field by field. The source
+        // is the value checked above, not a second read of the line (which the sender can still
+        // write): a rank must not pass the check as itself and deliver as another.
+        let mut hdr = v.decode();
+        hdr.src = src;
         let h = &hdr;
         // 2. Structure.
         if h.flags & !flag::KNOWN != 0 || (h.flags & flag::HEAP != 0 && h.flags & flag::CMA != 0) {
@@ -1862,8 +1875,13 @@ mod tests {
             };
             let general = wire_from_hdr(&h, 41, dst).expect("a put converts");
             let line = h.encode();
-            let plain =
-                plain_put_from_inline8(HdrRef::new(&line).expect("a whole header"), 41, dst);
+            let plain = plain_put_from_inline8(
+                HdrRef::new(&line).expect("a whole header"),
+                h.src,
+                h.length,
+                41,
+                dst,
+            );
             // A put without ack never reads its return descriptor; everything else is the same.
             assert_eq!(
                 plain.to_wire(),
