@@ -414,11 +414,9 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
 
 /// The state template of the run that goes first (see [`analyse_with`]), written as the
 /// generator goes (beside it, see [`generate_with`]).
-/// Its pages are populated in bulk as it grows (see [`States::mapped`]); the error says so if
-/// the kernel cannot provide them.
-fn template(p: &Progress) -> Result<States, MemoryError> {
-    // Room for the estimate (address space only: pages are populated as the template grows).
-    let mut t = States::mapped(p.estimate().min(MAX_OPS))?;
+/// It starts as `t`, a mapping (see [`States::mapped`]) whose pages are populated in bulk as
+/// it grows; the error says so if the kernel cannot provide them.
+fn template(p: &Progress, mut t: States) -> Result<States, MemoryError> {
     loop {
         let (n, done) = p.ops();
         let grow = n > t.len();
@@ -500,7 +498,12 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             // and name the critical path's steps) do not depend on it.
             let halves = estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
             if overlap {
-                let (s, t) = generate_with(pat, &gp, halves, threads, template)?;
+                // Room for the estimate, asked for before the generator starts, so that a
+                // machine without the address space says so at once (pages are populated as
+                // the template grows).
+                let ops = usize::try_from(estimate_ops(pat, &gp)).unwrap_or(MAX_OPS);
+                let room = States::mapped(ops.min(MAX_OPS))?;
+                let (s, t) = generate_with(pat, &gp, halves, threads, |p| template(p, room))?;
                 (s, generated_input(pat, &gp), Some(t?))
             } else {
                 (
