@@ -59,9 +59,10 @@ impl States {
     }
 
     /// Grow to `n` states (nothing if there are that many already). The new states of a
-    /// heap array are [`FRESH_STATE`]; those of a mapping are zeroed memory whose pages are
-    /// populated here in bulk (an error if the kernel cannot provide them). Either way they are
-    /// meant for [`crate::sim::fill_states`], which writes every state.
+    /// heap array are fresh (completion `u64::MAX`, no dependents); those of a mapping are
+    /// zeroed memory whose pages are populated here in bulk (an error if the kernel cannot
+    /// provide them). Either way they are meant for the run's initial fill, which writes every
+    /// state (see [`crate::sim::simulate_from_template`]).
     pub fn grow(&mut self, n: usize) -> Result<(), MemoryError> {
         match &mut self.0 {
             Repr::Heap(v) => {
