@@ -10,6 +10,7 @@ use crate::sim::{
     simulate_from, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput, Split,
     PARALLEL_SIM_OPS,
 };
+use crate::states::States;
 
 /// Min / mean / max of a per-rank quantity.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -161,7 +162,7 @@ pub fn analyse_with(
     noise_desc: &str,
     path_limit: usize,
     per_rank: bool,
-    template: Option<Vec<OpState>>,
+    template: Option<States>,
     threads: usize,
 ) -> (Report, Runs) {
     analyse_split_from(
@@ -186,7 +187,7 @@ fn analyse_split_from(
     (input, noise_desc): (&str, &str),
     path_limit: usize,
     per_rank: bool,
-    template: Option<Vec<OpState>>,
+    template: Option<States>,
     threads: usize,
     min_parallel_ops: usize,
 ) -> (Report, Runs) {
@@ -202,7 +203,7 @@ fn analyse_split_from(
         ..busy
     };
     let split = Split::of(s, p, &busy);
-    let init = |t: Option<Vec<OpState>>| match t {
+    let init = |t: Option<States>| match t {
         Some(t) if t.len() == s.len() => fill_states(s, t, 2),
         _ => initial_state_threads(s, 2),
     };

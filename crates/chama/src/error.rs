@@ -80,6 +80,18 @@ pub enum InputError {
 #[error("{0}")]
 pub struct SpecError(pub String);
 
+/// Memory for a large array could not be had from the kernel.
+#[derive(Debug, Error)]
+#[error("cannot get {:.2} GiB of memory for the {what}: {source}", *bytes as f64 / (1u64 << 30) as f64)]
+pub struct MemoryError {
+    /// What the memory was for.
+    pub what: &'static str,
+    /// Bytes asked for.
+    pub bytes: usize,
+    /// Cause.
+    pub source: std::io::Error,
+}
+
 /// Top-level error of the `chama` command.
 #[derive(Debug, Error)]
 pub enum ChamaError {
@@ -95,6 +107,9 @@ pub enum ChamaError {
     /// A noise specification or the file it names was bad.
     #[error(transparent)]
     Noise(#[from] crate::noise::ChamaSpecError),
+    /// Memory could not be had.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     /// A child process (benchmark) failed.
     #[error("{0}")]
     Child(String),

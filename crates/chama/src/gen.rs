@@ -179,7 +179,7 @@ impl Progress {
 
 /// [`generate_threads`], calling `side` on another thread from the start: it can follow the
 /// number of operations built ([`Progress::ops`]) and work on it while the generator and the
-/// dependency lists' build run, e.g. write state templates ([`crate::sim::extend_template`]).
+/// dependency lists' build run, e.g. write state templates ([`crate::states::States::grow`]).
 /// The schedule keeps its builders' edge arrays as spare buffers for the analysis
 /// ([`crate::analysis::analyse_with`] uses them); [`Schedule::release_spare`] frees them
 /// for other uses.

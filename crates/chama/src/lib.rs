@@ -12,6 +12,7 @@ pub mod goal;
 pub mod noise;
 pub mod schedule;
 pub mod sim;
+pub mod states;
 pub mod stream;
 pub mod svg;
 pub mod trace;

@@ -9,17 +9,15 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use chama::analysis::{analyse_with, classes_csv, ranks_csv, summary};
-use chama::error::{ChamaError, SpecError};
+use chama::error::{ChamaError, MemoryError, SpecError};
 use chama::gen::{
     estimate_ops, generate, generate_threads, generate_with, GenParams, Pattern, Progress,
 };
 use chama::goal::{parse_goal_file, write_goal};
 use chama::noise::{parse_latency, parse_noise_source, parse_ns, Noise, NoiseSource};
 use chama::schedule::{Schedule, MAX_OPS};
-use chama::sim::{
-    extend_template, simulate, simulate_from_template, OpState, Params, SimOptions,
-    PARALLEL_SIM_OPS,
-};
+use chama::sim::{simulate, simulate_from_template, Params, SimOptions, PARALLEL_SIM_OPS};
+use chama::states::States;
 use chama::stream::{simulate_ring_segmented, simulate_ring_segmented_with_progress, StreamOutput};
 use chama::svg::{line_plot, Series};
 use chama::trace::{read_trace, trace_to_schedule};
@@ -416,15 +414,15 @@ fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {
 
 /// The state template of the run that goes first (see [`analyse_with`]), written as the
 /// generator goes (beside it, see [`generate_with`]).
-fn template(p: &Progress) -> Vec<OpState> {
-    // Room for the estimate (address space only: pages are touched as the template grows).
-    let mut t = Vec::with_capacity(p.estimate().min(MAX_OPS));
+/// It starts as `t`, a mapping (see [`States::mapped`]) whose pages are populated in bulk as
+/// it grows; the error says so if the kernel cannot provide them.
+fn template(p: &Progress, mut t: States) -> Result<States, MemoryError> {
     loop {
         let (n, done) = p.ops();
         let grow = n > t.len();
-        extend_template(&mut t, n);
+        t.grow(n)?;
         if done {
-            return t;
+            return Ok(t);
         }
         if !grow {
             std::thread::sleep(std::time::Duration::from_micros(200));
@@ -500,8 +498,13 @@ fn cmd_run(a: RunArgs) -> Result<(), ChamaError> {
             // and name the critical path's steps) do not depend on it.
             let halves = estimate_ops(pat, &gp) >= PARALLEL_SIM_OPS as u64;
             if overlap {
-                let (s, t) = generate_with(pat, &gp, halves, threads, template)?;
-                (s, generated_input(pat, &gp), Some(t))
+                // Room for the estimate, asked for before the generator starts, so that a
+                // machine without the address space says so at once (pages are populated as
+                // the template grows).
+                let ops = usize::try_from(estimate_ops(pat, &gp)).unwrap_or(MAX_OPS);
+                let room = States::mapped(ops.min(MAX_OPS))?;
+                let (s, t) = generate_with(pat, &gp, halves, threads, |p| template(p, room))?;
+                (s, generated_input(pat, &gp), Some(t?))
             } else {
                 (
                     generate_threads(pat, &gp, halves, threads)?,

@@ -24,6 +24,7 @@
 
 use crate::noise::{DetourCache, Noise};
 use crate::schedule::{OpKind, Schedule, ANY, IREQ_BIT};
+use crate::states::States;
 
 /// LogGOPS parameters. Times in ns; `G` and `O` in picoseconds per byte.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
@@ -103,7 +104,18 @@ pub const PRED_NONE: u32 = u32::MAX;
 /// Per-operation simulation state: 32 bytes, 32-byte aligned, so one record is always within
 /// one cache line. Besides the timing it carries the operation's first two dependents (copied
 /// from the schedule's CSR lists), so releasing them reads no other line than this one.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::KnownLayout,
+    zerocopy::Immutable,
+)]
 #[repr(C, align(32))]
 pub struct OpState {
     /// Time its dependencies were satisfied.
@@ -135,7 +147,7 @@ pub struct SimOutput {
     /// Operations completed.
     pub completed: u64,
     /// Per operation.
-    pub st: Vec<OpState>,
+    pub st: States,
     /// Per op: detour time inside its own CPU work (empty unless recorded).
     pub noise: Vec<u32>,
     /// Per op: start time (empty unless recorded).
@@ -640,7 +652,7 @@ pub(crate) fn simulate_from(
     p: &Params,
     noise: &Noise,
     opts: &SimOptions,
-    st: Vec<OpState>,
+    st: States,
     split: Option<&Split>,
     scratch: Option<&mut Scratch>,
 ) -> SimOutput {
@@ -685,7 +697,7 @@ pub fn simulate_from_template(
     p: &Params,
     noise: &Noise,
     opts: &SimOptions,
-    template: Vec<OpState>,
+    template: States,
 ) -> SimOutput {
     if template.len() != s.len() {
         return simulate(s, p, noise, opts);
@@ -706,7 +718,7 @@ pub fn simulate_from_template(
 /// operations), computed once for a schedule that is simulated many times as a segment.
 #[derive(Clone, Debug)]
 pub struct Prepared {
-    st: Vec<OpState>,
+    st: States,
     entries: Vec<u32>,
 }
 
@@ -726,25 +738,24 @@ const PARALLEL_INIT_OPS: usize = 1 << 18;
 
 /// The states of `s`'s operations before a run: pending-dependency counts and the first two
 /// dependents of each; on two threads for large schedules.
-pub(crate) fn initial_state(s: &Schedule) -> Vec<OpState> {
+pub(crate) fn initial_state(s: &Schedule) -> States {
     initial_state_threads(s, if s.len() >= PARALLEL_INIT_OPS { 2 } else { 1 })
 }
 
 /// [`initial_state`] on one thread, or two (`threads >= 2`: each fills half of the states).
-pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> Vec<OpState> {
+pub(crate) fn initial_state_threads(s: &Schedule, threads: usize) -> States {
     fill_states(s, state_template(s.len()), threads)
 }
 
 /// `n` operation states as they are before their dependents and dependency counts are filled
 /// in: the first write to a fresh array, which takes its page faults (a good part of the
 /// setup of a large run), so it pays to do it on an idle core ([`crate::gen::generate_with`]
-/// can do it while the schedule is generated, growing it with [`extend_template`]).
-pub fn state_template(n: usize) -> Vec<OpState> {
+/// can do it while the schedule is generated, growing it with [`States::grow`], in a mapping
+/// whose pages it populates in bulk: [`States::mapped`]).
+pub fn state_template(n: usize) -> States {
     // This pass stays on one thread: safe Rust cannot hand out uninitialised memory, and the
     // allocator zeroes memory aligned to 32 bytes with a `memset` of its own.
-    let mut v = Vec::new();
-    extend_template(&mut v, n);
-    v
+    States::from(vec![FRESH_STATE; n])
 }
 
 /// An operation's state before its dependents and dependency count are filled in.
@@ -756,15 +767,8 @@ pub(crate) const FRESH_STATE: OpState = OpState {
     deps: [DEP_NONE; 2],
 };
 
-/// Grow a [`state_template`] to `n` states (nothing if it has that many already).
-pub fn extend_template(v: &mut Vec<OpState>, n: usize) {
-    if n > v.len() {
-        v.resize(n, FRESH_STATE);
-    }
-}
-
 /// Fill a [`state_template`] of `s.len()` states in for `s`, on one thread or two.
-pub(crate) fn fill_states(s: &Schedule, mut st: Vec<OpState>, threads: usize) -> Vec<OpState> {
+pub(crate) fn fill_states(s: &Schedule, mut st: States, threads: usize) -> States {
     let n = s.len();
     debug_assert_eq!(st.len(), n);
     if threads < 2 || n < 2 {
@@ -867,7 +871,7 @@ fn simulate_inner(
     opts: &SimOptions,
     carry: Option<(&mut Carry, &Segment)>,
     warm_on: bool,
-    init: Option<Vec<OpState>>,
+    init: Option<States>,
     checked: Option<Option<(usize, usize)>>,
     scratch: Option<&mut Scratch>,
 ) -> SimOutput {
@@ -1102,7 +1106,7 @@ fn simulate_parallel(
     p: &Params,
     noise: &Noise,
     warm_on: bool,
-    mut st: Vec<OpState>,
+    mut st: States,
     mut noise_op: Vec<u32>,
     mut start: Vec<u64>,
     mut busy: Vec<u64>,
@@ -2311,15 +2315,39 @@ l2: recv 8b from 1 tag 8
         let s = crate::gen::generate_layout(Pattern::Stencil2d, &gp, true).expect("gen");
         let p = Params::default();
         let mut grown = state_template(10);
-        extend_template(&mut grown, s.len() / 2);
-        extend_template(&mut grown, s.len());
+        grown.grow(s.len() / 2).expect("heap");
+        grown.grow(s.len()).expect("heap");
         assert_eq!(grown, state_template(s.len()));
+        // A mapped template grown in steps (zeroed states), and one whose states hold
+        // garbage: the run writes every state before it starts.
+        let mut mapped = States::mapped(s.len() / 3).expect("map");
+        mapped.grow(s.len() / 2).expect("populate");
+        mapped.grow(s.len()).expect("populate");
+        assert!(mapped.is_mapped() && mapped.len() == s.len());
+        let mut garbage = States::mapped(s.len()).expect("map");
+        garbage.grow(s.len()).expect("populate");
+        for (i, x) in garbage.iter_mut().enumerate() {
+            *x = OpState {
+                ready: i as u64 * 7,
+                end: i as u64,
+                link: 3,
+                pred: i as u32,
+                deps: [i as u32 + 1, 5],
+            };
+        }
         for opts in [all_opts(1), all_opts(2)] {
             let want = summary(&simulate(&s, &p, &Noise::none(), &opts));
             let a = simulate_from_template(&s, &p, &Noise::none(), &opts, grown.clone());
             let b = simulate_from_template(&s, &p, &Noise::none(), &opts, state_template(3));
             assert_eq!(summary(&a), want);
             assert_eq!(summary(&b), want);
+            for t in [&mapped, &garbage] {
+                let mut m = States::mapped(1).expect("map");
+                m.grow(s.len()).expect("populate");
+                m.copy_from_slice(t);
+                let c = simulate_from_template(&s, &p, &Noise::none(), &opts, m);
+                assert_eq!(summary(&c), want);
+            }
         }
     }
 

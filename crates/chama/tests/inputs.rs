@@ -414,3 +414,36 @@ fn unwritable_outputs_are_refused_before_the_simulation() {
     std::fs::remove_dir(&dir).unwrap();
     assert!(refused(&["bench", "--repeats", "0"]).contains("at least 1"));
 }
+
+/// Without the address space for the operation states (here a 1 GiB limit on it, against the
+/// 2 GiB a million-rank all-reduce's state template asks for), a run stops at once with an
+/// error that says what the memory was for, instead of aborting on an allocation.
+#[test]
+fn memory_short_for_the_states_is_a_clear_error() {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -v 1048576 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_chama"),
+            "run",
+            "--gen",
+            "allreduce-rd",
+            "--ranks",
+            "1048576",
+            "--noise",
+            "periodic:interval=1ms,detour=25us",
+            "-q",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("cannot get") && err.contains("GiB of memory for the operation states"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("allocation"),
+        "{err}"
+    );
+}
