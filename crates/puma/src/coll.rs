@@ -65,6 +65,7 @@ use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
 use crate::shm::{copy_bytes, copy_elems, copy_to_stage, LargeOp, LargePath, NodeColl};
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 /// Broadcast and reduce switch algorithms above this many bytes.
@@ -914,6 +915,14 @@ fn cma_allowed() -> bool {
     })
 }
 
+/// Whether a crowded all-to-all by cross-memory attach lets the running rank move blocks both
+/// ways (`Comm::cma_alltoall_crowded`); `PUMACOLL_CMA_CLAIM=0` keeps the readers-only protocol
+/// (`Comm::cma_alltoall`), for measurements.
+fn crowded_claims() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("PUMACOLL_CMA_CLAIM").map_or(true, |v| v != "0"))
+}
+
 /// `PUMACOLL_STAGE_ROTATE=1|0` forces the stream order of all-to-all through the stages (see
 /// [`Comm::stage_alltoall`]; tests and measurements), else None: rotated with a core per rank.
 fn stage_rotate() -> Option<bool> {
@@ -1429,6 +1438,75 @@ impl Comm {
         read
     }
 
+    /// All-to-all by cross-memory attach with more ranks than cores: each block moves once, by
+    /// whichever of its two ranks runs first once both have published. Every member publishes its
+    /// send and receive buffers (see [`NodeColl::publish_exchange`]) and copies its own block;
+    /// then, for every member `j` that has published, it claims the block `j` sends it (bit
+    /// `me` of `j`'s claim mask) and reads it out of `j`'s send buffer, and claims the block it
+    /// sends `j` (bit `j` of its own mask) and writes it into `j`'s receive buffer. A claim
+    /// someone else won is that member's to move. Each move counts down the pending moves of
+    /// both its ranks; a rank returns when its own count reaches 0 (every block to and from it
+    /// moved, so nobody reads its send buffer or writes its receive buffer any more), taking
+    /// newly published members while it waits. So a rank that holds a core moves everything it
+    /// can instead of handing the core to a rank that would move the same bytes, and the
+    /// operation has one hand-off instead of two. Lengths: a member whose length differs is left
+    /// alone (both sides count their two moves with it done) and every member then reports the
+    /// mismatch it sees. At most 64 members (one claim word each).
+    fn cma_alltoall_crowded(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let s = n.next();
+        n.publish_exchange(s, sb, rb, 2 * (p as u64 - 1), OP)?;
+        let mine = me * blk..(me + 1) * blk;
+        copy_bytes(&mut rb[mine.clone()], &sb[mine]);
+        let rb = RefCell::new(rb);
+        let todo = RefCell::new((1..p).map(|k| (me + k) % p).collect::<Vec<_>>());
+        let failed: RefCell<Option<Error>> = RefCell::new(None);
+        // Moves every block between this rank and the members that published since the last look.
+        let step = || {
+            todo.borrow_mut().retain(|&j| {
+                if !n.slot_ready(j, s) {
+                    return true;
+                }
+                if n.check_len(j, s, total, OP).is_err() {
+                    // Reported after the wait (check_all); j counts its own two moves likewise.
+                    n.complete(me, s, 2);
+                    return false;
+                }
+                let mut r = Ok(());
+                if n.claim_move(j, s, me) {
+                    let mut rb = rb.borrow_mut();
+                    r = n.read_remote(j, s, 0, me * blk, &mut rb[j * blk..(j + 1) * blk], OP);
+                    n.complete(j, s, 1);
+                    n.complete(me, s, 1);
+                }
+                if n.claim_move(me, s, j) {
+                    let w = n.write_remote(j, s, 1, me * blk, &sb[j * blk..(j + 1) * blk], OP);
+                    r = r.and(w);
+                    n.complete(j, s, 1);
+                    n.complete(me, s, 1);
+                }
+                if let Err(e) = r {
+                    failed.borrow_mut().get_or_insert(e);
+                }
+                false
+            });
+            n.pending(s) == 0
+        };
+        let who = (me + 1) % p;
+        let waited = n.wait_for(s, who, OP, step);
+        // Every move to and from this rank is done (or the wait failed): nothing of this
+        // operation touches the others' slots any more.
+        n.arrive(s);
+        waited?;
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
+        }
+        n.check_all(s, total, OP)
+    }
+
     /// All-to-all through the stages (send buffers above one slot). Each member sends a *stream*
     /// of blocks through its stage, in stage pieces: per piece every member copies its part of
     /// the stream into its stage and arrives, then copies out of the other members' stages the
@@ -1570,6 +1648,8 @@ impl Comm {
         let t0 = Instant::now();
         if path.staged() {
             Self::stage_alltoall(n, sb, rb, rotate, path)?;
+        } else if over && n.len() <= 64 && crowded_claims() {
+            Self::cma_alltoall_crowded(n, sb, rb)?;
         } else {
             Self::cma_alltoall(n, sb, rb, true, published)?;
         }

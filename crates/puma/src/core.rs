@@ -167,9 +167,12 @@ pub struct MsgStats {
     pub bodies_fetched: u64,
     /// Pieces of large node-local collectives carried through the stages of the QK region.
     pub stage_pieces: u64,
-    /// Blocks of node-local all-to-alls read straight from another rank's send buffer
-    /// (cross-memory attach).
+    /// Blocks of node-local collectives moved by cross-memory attach: read straight from another
+    /// rank's buffer, or (crowded all-to-all) written straight into another rank's receive buffer.
     pub cma_blocks: u64,
+    /// Of `cma_blocks`, those this rank wrote into another rank's receive buffer (a crowded
+    /// all-to-all moves a block by whichever of its two ranks runs first).
+    pub cma_pushed: u64,
     /// Node-local operations of at most 112 bytes carried through the small slots of the
     /// collective area (broadcasts with more ranks than cores; publications and copies alike).
     pub small_ops: u64,

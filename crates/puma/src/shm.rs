@@ -59,6 +59,11 @@ pub const SMALL_BYTES: usize = SMALL - SLOT_DATA;
 /// Buffer addresses one member can publish for cross-memory attach.
 const MAX_REMOTE: usize = 2;
 
+/// Offsets in the payload of [`NodeColl::publish_exchange`]: the claim mask and the pending
+/// count (after the header word, the process id and the two buffer addresses).
+const EXCHANGE_CLAIMS: usize = 32;
+const EXCHANGE_PENDING: usize = 40;
+
 /// Segments of a port's stage: a large collective goes in pieces of one segment each, and
 /// piece `g` (counted over the communicator's life) uses segment `g mod STAGE_SEGS`, so a writer
 /// may run `STAGE_SEGS - 1` pieces ahead of its slowest reader.
@@ -1051,6 +1056,115 @@ impl NodeColl {
             }
         }
         self.core.st.borrow_mut().stats.cma_blocks += 1;
+        Ok(())
+    }
+
+    /// Publishes in this rank's slot of operation `s` what a crowded all-to-all by cross-memory
+    /// attach needs (see `Comm::cma_alltoall_crowded`): the single-copy path's header word, this
+    /// process's id, the addresses of its send buffer `sb` and receive buffer `rb`, an empty
+    /// claim mask ([`NodeColl::claim_move`]) and `pending`, the block moves this rank still waits for
+    /// ([`NodeColl::complete`], [`NodeColl::pending`]). The caller keeps both buffers until
+    /// [`NodeColl::pending`] reads 0.
+    pub fn publish_exchange(
+        &self,
+        s: u64,
+        sb: &[u8],
+        rb: &[u8],
+        pending: u64,
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; EXCHANGE_PENDING + 8];
+        let words = [
+            LargePath::Cma.word(),
+            u64::from(std::process::id()),
+            sb.as_ptr() as u64,
+            rb.as_ptr() as u64,
+            0,
+            pending,
+        ];
+        for (k, w) in words.iter().enumerate() {
+            b[8 * k..8 * k + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        self.publish(s, &b, sb.len() as u64, what)
+    }
+
+    fn exchange_word(&self, i: usize, s: u64, off: usize) -> &AtomicU64 {
+        let slot = (s % SLOTS as u64) as u32;
+        self.area()
+            .slot_atomic(self.c, self.ports[i], slot, SLOT_DATA + off)
+    }
+
+    /// Claims bit `bit` of member `i`'s claim mask of operation `s` (published with
+    /// [`NodeColl::publish_exchange`]): true for the one caller that set it. `bit` < 64.
+    pub fn claim_move(&self, i: usize, s: u64, bit: usize) -> bool {
+        let m = 1u64 << bit;
+        self.exchange_word(i, s, EXCHANGE_CLAIMS)
+            .fetch_or(m, Ordering::AcqRel)
+            & m
+            == 0
+    }
+
+    /// Counts `k` of member `i`'s pending block moves of operation `s` done (after the copies).
+    pub fn complete(&self, i: usize, s: u64, k: u64) {
+        self.exchange_word(i, s, EXCHANGE_PENDING)
+            .fetch_sub(k, Ordering::AcqRel);
+    }
+
+    /// This rank's pending block moves of operation `s` (0: every block to and from it moved).
+    pub fn pending(&self, s: u64) -> u64 {
+        self.exchange_word(self.me, s, EXCHANGE_PENDING)
+            .load(Ordering::Acquire)
+    }
+
+    /// Waits (as for a slot or an arrival: spin, yield, nap) until `done` holds, checking that
+    /// member `who` still lives.
+    pub fn wait_for(&self, s: u64, who: usize, what: &str, done: impl Fn() -> bool) -> Result<()> {
+        self.wait_until(s, who, what, done)
+    }
+
+    /// Copies `src` straight into member `i`'s buffer `which` (published with
+    /// [`NodeColl::publish_exchange`]: 0 its send, 1 its receive buffer) at offset `off`
+    /// (`process_vm_writev`). The caller has checked the published length covers it.
+    pub fn write_remote(
+        &self,
+        i: usize,
+        s: u64,
+        which: usize,
+        off: usize,
+        src: &[u8],
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
+        self.read(i, s, &mut b);
+        let word = |k: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[8 * k..8 * k + 8]);
+            u64::from_le_bytes(w)
+        };
+        let pid = word(1);
+        let addr = word(2 + which.min(MAX_REMOTE - 1));
+        let len = src.len();
+        let fail = |why: String| {
+            Error::Invalid(format!(
+                "node-local {what}: cannot write {len} bytes to world rank {} (pid {pid}) by \
+                 cross-memory attach: {why} (PUMACOLL_CMA=0 turns this path off)",
+                self.world[i]
+            ))
+        };
+        let pid = i32::try_from(pid).map_err(|_| fail("bad process id".into()))?;
+        let mut done = 0;
+        while done < len {
+            let at = addr + (off + done) as u64;
+            match qk::sys::cma_write(pid, at, &src[done..]) {
+                Ok(0) => return Err(fail("the kernel copied nothing".into())),
+                Ok(k) => done += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        let st = &mut self.core.st.borrow_mut().stats;
+        st.cma_blocks += 1;
+        st.cma_pushed += 1;
         Ok(())
     }
 
