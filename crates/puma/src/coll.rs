@@ -915,12 +915,28 @@ fn cma_allowed() -> bool {
     })
 }
 
-/// Whether a crowded all-to-all by cross-memory attach lets the running rank move blocks both
-/// ways (`Comm::cma_alltoall_crowded`); `PUMACOLL_CMA_CLAIM=0` keeps the readers-only protocol
-/// (`Comm::cma_alltoall`), for measurements.
-fn crowded_claims() -> bool {
-    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("PUMACOLL_CMA_CLAIM").map_or(true, |v| v != "0"))
+/// `PUMACOLL_CMA_CLAIM=1|0` makes every crowded all-to-all by cross-memory attach (at most 64
+/// members) take `Comm::cma_alltoall_crowded` or none (`Comm::cma_alltoall`, readers only),
+/// instead of only those with at most two members per CPU (measurements and tests).
+fn crowded_claims() -> Option<bool> {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("PUMACOLL_CMA_CLAIM").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    })
+}
+
+/// `PUMACOLL_CMA_PUSH=all|none` lets a crowded all-to-all push blocks to every member or to none
+/// (only receivers move blocks) instead of only to those sharing the pusher's core
+/// (measurements; see `Comm::cma_alltoall_crowded`).
+fn crowded_push() -> Option<bool> {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("PUMACOLL_CMA_PUSH").as_deref() {
+        Ok("all") => Some(true),
+        Ok("none") => Some(false),
+        _ => None,
+    })
 }
 
 /// `PUMACOLL_STAGE_ROTATE=1|0` forces the stream order of all-to-all through the stages (see
@@ -1444,8 +1460,9 @@ impl Comm {
     /// then, for every member `j` that has published, it claims the block `j` sends it (bit
     /// `me` of `j`'s claim mask) and reads it out of `j`'s send buffer, and claims the block it
     /// sends `j` (bit `j` of its own mask) and writes it into `j`'s receive buffer. A claim
-    /// someone else won is that member's to move. Each move counts down the pending moves of
-    /// both its ranks; a rank returns when its own count reaches 0 (every block to and from it
+    /// someone else won is that member's to move. A member that moved blocks with `j` counts
+    /// them down, in one step, from `j`'s pending moves (which start at `2 (p - 1)`); a rank
+    /// returns when the moves left there equal those it did itself (every block to and from it
     /// moved, so nobody reads its send buffer or writes its receive buffer any more), taking
     /// newly published members while it waits. So a rank that holds a core moves everything it
     /// can instead of handing the core to a rank that would move the same bytes, and the
@@ -1464,6 +1481,10 @@ impl Comm {
         let rb = RefCell::new(rb);
         let todo = RefCell::new((1..p).map(|k| (me + k) % p).collect::<Vec<_>>());
         let failed: RefCell<Option<Error>> = RefCell::new(None);
+        // Moves this rank did (its own count, which the others' counts leave out).
+        let mine = std::cell::Cell::new(0u64);
+        let mode = crowded_push();
+        let push = |j: usize| mode == Some(true) || (mode.is_none() && n.shares_core(j));
         // Moves every block between this rank and the members that published since the last look.
         let step = || {
             todo.borrow_mut().retain(|&j| {
@@ -1472,28 +1493,30 @@ impl Comm {
                 }
                 if n.check_len(j, s, total, OP).is_err() {
                     // Reported after the wait (check_all); j counts its own two moves likewise.
-                    n.complete(me, s, 2);
+                    mine.set(mine.get() + 2);
                     return false;
                 }
-                let mut r = Ok(());
+                let (mut r, mut moved) = (Ok(()), 0);
                 if n.claim_move(j, s, me) {
                     let mut rb = rb.borrow_mut();
                     r = n.read_remote(j, s, 0, me * blk, &mut rb[j * blk..(j + 1) * blk], OP);
-                    n.complete(j, s, 1);
-                    n.complete(me, s, 1);
+                    moved += 1;
                 }
-                if n.claim_move(me, s, j) {
+                if push(j) && n.claim_move(me, s, j) {
                     let w = n.write_remote(j, s, 1, me * blk, &sb[j * blk..(j + 1) * blk], OP);
                     r = r.and(w);
-                    n.complete(j, s, 1);
-                    n.complete(me, s, 1);
+                    moved += 1;
+                }
+                if moved > 0 {
+                    n.complete(j, s, moved);
+                    mine.set(mine.get() + moved);
                 }
                 if let Err(e) = r {
                     failed.borrow_mut().get_or_insert(e);
                 }
                 false
             });
-            n.pending(s) == 0
+            n.pending(s) == mine.get()
         };
         let who = (me + 1) % p;
         let waited = n.wait_for(s, who, OP, step);
@@ -1648,7 +1671,7 @@ impl Comm {
         let t0 = Instant::now();
         if path.staged() {
             Self::stage_alltoall(n, sb, rb, rotate, path)?;
-        } else if over && n.len() <= 64 && crowded_claims() {
+        } else if over && n.len() <= 64 && Self::claims_pay(n) {
             Self::cma_alltoall_crowded(n, sb, rb)?;
         } else {
             Self::cma_alltoall(n, sb, rb, true, published)?;
@@ -1658,6 +1681,15 @@ impl Comm {
             n.chooser(LargeOp::AllToAll).record(sb.len(), path, ns);
         }
         Ok(())
+    }
+
+    /// Whether a crowded all-to-all by cross-memory attach lets the running rank move blocks both
+    /// ways ([`Comm::cma_alltoall_crowded`]): with at most two members per CPU they are pinned to
+    /// (4 ranks on 2 cores, all-to-all 64 KiB per block: 86-92 µs against 104, the spread
+    /// halved); with four per CPU (8 ranks on 2 cores) it measured 2-15 % slower than the
+    /// readers-only protocol, so those keep it. Every member decides alike (the same masks).
+    fn claims_pay(n: &NodeColl) -> bool {
+        crowded_claims().unwrap_or_else(|| n.pinned_cpus().is_some_and(|c| n.len() <= 2 * c))
     }
 
     /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and

@@ -346,6 +346,16 @@ impl Core {
         (self.region.ranks.len() as u32) < self.region.world
     }
 
+    /// The one CPU the rank on local port `port` is pinned to (None: several, or its mask is
+    /// unreadable).
+    pub fn pinned_cpu(&self, port: u32) -> Option<usize> {
+        let pid = self.region.pid(port);
+        match qk::sys::cpus_of(pid).ok()?.as_slice() {
+            [one] if pid != 0 => Some(*one),
+            _ => None,
+        }
+    }
+
     /// More ranks share this machine's cores than it has.
     pub fn oversubscribed(&self) -> bool {
         self.oversubscribed.get()

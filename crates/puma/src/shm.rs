@@ -60,9 +60,11 @@ pub const SMALL_BYTES: usize = SMALL - SLOT_DATA;
 const MAX_REMOTE: usize = 2;
 
 /// Offsets in the payload of [`NodeColl::publish_exchange`]: the claim mask and the pending
-/// count (after the header word, the process id and the two buffer addresses).
-const EXCHANGE_CLAIMS: usize = 32;
-const EXCHANGE_PENDING: usize = 40;
+/// count, on the slot's second cache line (the first holds the word, the length, the process id
+/// and the buffer addresses, which waiting members poll and read: the members' claims and counts
+/// would else take that line from them).
+const EXCHANGE_CLAIMS: usize = 64 - SLOT_DATA;
+const EXCHANGE_PENDING: usize = EXCHANGE_CLAIMS + 8;
 
 /// Segments of a port's stage: a large collective goes in pieces of one segment each, and
 /// piece `g` (counted over the communicator's life) uses segment `g mod STAGE_SEGS`, so a writer
@@ -427,6 +429,8 @@ impl ShmCore {
 /// One communicator's node-local group on the area.
 pub(crate) struct NodeColl {
     core: Rc<Core>,
+    /// Per member, the one CPU it is pinned to (see [`NodeColl::shares_core`]).
+    cpus: Vec<Option<usize>>,
     /// The job region's collective area (taken from the core when the group is claimed).
     area: CollArea,
     /// Context in the area.
@@ -517,10 +521,12 @@ impl NodeColl {
         }
         let area = shm.area.clone();
         let seen = RefCell::new(vec![0; ports.len()]);
+        let cpus = ports.iter().map(|&p| core.pinned_cpu(p)).collect();
         let yield_us = std::env::var("PUMACOLL_YIELD_US")
             .ok()
             .and_then(|v| v.parse().ok());
         Some(NodeColl {
+            cpus,
             yield_us,
             seen,
             area,
@@ -545,6 +551,20 @@ impl NodeColl {
     /// `Core::crowded`).
     pub fn crowded(&self) -> bool {
         self.core.crowded()
+    }
+
+    /// Member `j` is pinned to the one CPU this rank is pinned to (as the PCT placed them when
+    /// the group was set up): the two never run at the same time.
+    pub fn shares_core(&self, j: usize) -> bool {
+        self.cpus[self.me].is_some() && self.cpus[j] == self.cpus[self.me]
+    }
+
+    /// The number of CPUs the members are pinned to, if every member is pinned to one.
+    pub fn pinned_cpus(&self) -> Option<usize> {
+        let mut c = self.cpus.iter().copied().collect::<Option<Vec<usize>>>()?;
+        c.sort_unstable();
+        c.dedup();
+        Some(c.len())
     }
 
     /// Members of the group.
@@ -1079,12 +1099,11 @@ impl NodeColl {
             u64::from(std::process::id()),
             sb.as_ptr() as u64,
             rb.as_ptr() as u64,
-            0,
-            pending,
         ];
         for (k, w) in words.iter().enumerate() {
             b[8 * k..8 * k + 8].copy_from_slice(&w.to_le_bytes());
         }
+        b[EXCHANGE_PENDING..].copy_from_slice(&pending.to_le_bytes());
         self.publish(s, &b, sb.len() as u64, what)
     }
 
@@ -1104,13 +1123,15 @@ impl NodeColl {
             == 0
     }
 
-    /// Counts `k` of member `i`'s pending block moves of operation `s` done (after the copies).
+    /// Counts `k` of member `i`'s pending block moves of operation `s` done (after the copies;
+    /// a member does not count its own moves here, see [`NodeColl::pending`]).
     pub fn complete(&self, i: usize, s: u64, k: u64) {
         self.exchange_word(i, s, EXCHANGE_PENDING)
             .fetch_sub(k, Ordering::AcqRel);
     }
 
-    /// This rank's pending block moves of operation `s` (0: every block to and from it moved).
+    /// This rank's pending block moves of operation `s` less those the others have done: every
+    /// block to and from this rank moved when it equals the moves this rank did itself.
     pub fn pending(&self, s: u64) -> u64 {
         self.exchange_word(self.me, s, EXCHANGE_PENDING)
             .load(Ordering::Acquire)
