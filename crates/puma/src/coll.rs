@@ -1458,9 +1458,11 @@ impl Comm {
     /// whichever of its two ranks runs first once both have published. Every member publishes its
     /// send and receive buffers (see [`NodeColl::publish_exchange`]) and copies its own block;
     /// then, for every member `j` that has published, it claims the block `j` sends it (bit
-    /// `me` of `j`'s claim mask) and reads it out of `j`'s send buffer, and claims the block it
-    /// sends `j` (bit `j` of its own mask) and writes it into `j`'s receive buffer. A claim
-    /// someone else won is that member's to move. A member that moved blocks with `j` counts
+    /// `me` of `j`'s claim mask) and reads it out of `j`'s send buffer, and, when `j` is pinned to
+    /// this rank's CPU (`PUMACOLL_CMA_PUSH=all|none`: always, never), claims the block it sends
+    /// `j` (bit `j` of its own mask) and writes it into `j`'s receive buffer. A claim someone
+    /// else won is that member's to move (a receiver always tries its incoming blocks, so every
+    /// block moves whatever each side decides about pushing). A member that moved blocks with `j` counts
     /// them down, in one step, from `j`'s pending moves (which start at `2 (p - 1)`); a rank
     /// returns when the moves left there equal those it did itself (every block to and from it
     /// moved, so nobody reads its send buffer or writes its receive buffer any more), taking
@@ -1476,8 +1478,8 @@ impl Comm {
         let total = sb.len() as u64;
         let s = n.next();
         n.publish_exchange(s, sb, rb, 2 * (p as u64 - 1), OP)?;
-        let mine = me * blk..(me + 1) * blk;
-        copy_bytes(&mut rb[mine.clone()], &sb[mine]);
+        let own = me * blk..(me + 1) * blk;
+        copy_bytes(&mut rb[own.clone()], &sb[own]);
         let rb = RefCell::new(rb);
         let todo = RefCell::new((1..p).map(|k| (me + k) % p).collect::<Vec<_>>());
         let failed: RefCell<Option<Error>> = RefCell::new(None);
@@ -1687,7 +1689,9 @@ impl Comm {
     /// ways ([`Comm::cma_alltoall_crowded`]): with at most two members per CPU they are pinned to
     /// (4 ranks on 2 cores, all-to-all 64 KiB per block: 86-92 µs against 104, the spread
     /// halved); with four per CPU (8 ranks on 2 cores) it measured 2-15 % slower than the
-    /// readers-only protocol, so those keep it. Every member decides alike (the same masks).
+    /// readers-only protocol, so those keep it. Every member decides alike: from the same
+    /// affinity masks (read when the group was set up, after the PCT pinned every rank) and the
+    /// same environment, which yod gives every rank.
     fn claims_pay(n: &NodeColl) -> bool {
         crowded_claims().unwrap_or_else(|| n.pinned_cpus().is_some_and(|c| n.len() <= 2 * c))
     }
