@@ -1686,14 +1686,17 @@ impl Comm {
     }
 
     /// Whether a crowded all-to-all by cross-memory attach lets the running rank move blocks both
-    /// ways ([`Comm::cma_alltoall_crowded`]): with at most two members per CPU they are pinned to
-    /// (4 ranks on 2 cores, all-to-all 64 KiB per block: 86-92 µs against 104, the spread
-    /// halved); with four per CPU (8 ranks on 2 cores) it measured 2-15 % slower than the
-    /// readers-only protocol, so those keep it. Every member decides alike: from the same
-    /// affinity masks (read when the group was set up, after the PCT pinned every rank) and the
-    /// same environment, which yod gives every rank.
+    /// ways ([`Comm::cma_alltoall_crowded`]): with at most two members per online CPU (4 ranks
+    /// on 2 cores, all-to-all 64 KiB per block: 86-92 µs against 104, the spread halved); with
+    /// four per CPU (8 ranks on 2 cores) it measured 2-15 % slower than the readers-only
+    /// protocol, so those keep it. The two protocols do not mix (a member waiting for its
+    /// blocks to be counted would wait for ever on one that only reads), so the choice rests
+    /// only on what every member sees alike: the group's size, the online CPUs (as for
+    /// [`crate::core::Core::crowded`]) and the environment, which yod gives every rank. Not on
+    /// affinity masks, which a rank may change and the others read at different times; they
+    /// only decide who pushes ([`NodeColl::shares_core`]), which each rank may choose alone.
     fn claims_pay(n: &NodeColl) -> bool {
-        crowded_claims().unwrap_or_else(|| n.pinned_cpus().is_some_and(|c| n.len() <= 2 * c))
+        crowded_claims().unwrap_or_else(|| n.len() <= 2 * qk::sys::online_cpus())
     }
 
     /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and

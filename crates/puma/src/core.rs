@@ -346,6 +346,11 @@ impl Core {
         (self.region.ranks.len() as u32) < self.region.world
     }
 
+    /// The process id the rank on local port `port` registered when it attached (0: none yet).
+    pub fn pid_of(&self, port: u32) -> u32 {
+        self.region.pid(port)
+    }
+
     /// The one CPU the rank on local port `port` is pinned to (None: several, or its mask is
     /// unreadable).
     pub fn pinned_cpu(&self, port: u32) -> Option<usize> {

@@ -559,14 +559,6 @@ impl NodeColl {
         self.cpus[self.me].is_some() && self.cpus[j] == self.cpus[self.me]
     }
 
-    /// The number of CPUs the members are pinned to, if every member is pinned to one.
-    pub fn pinned_cpus(&self) -> Option<usize> {
-        let mut c = self.cpus.iter().copied().collect::<Option<Vec<usize>>>()?;
-        c.sort_unstable();
-        c.dedup();
-        Some(c.len())
-    }
-
     /// Members of the group.
     pub fn len(&self) -> usize {
         self.ports.len()
@@ -1047,6 +1039,38 @@ impl NodeColl {
         dst: &mut [u8],
         what: &str,
     ) -> Result<()> {
+        let len = dst.len();
+        self.move_remote(
+            i,
+            s,
+            which,
+            off,
+            len,
+            what,
+            ("read", "of"),
+            |pid, at, done| qk::sys::cma_read(pid, at, &mut dst[done..]),
+        )?;
+        self.core.st.borrow_mut().stats.cma_blocks += 1;
+        Ok(())
+    }
+
+    /// Moves `len` bytes between this process and member `i`'s buffer `which` (published in its
+    /// slot of operation `s`) at offset `off`, by repeated `step(pid, address, bytes done)`
+    /// calls, each returning the bytes it moved. The process id in the slot must be the one
+    /// member `i` registered for its port when it attached, so a slot cannot aim this rank's
+    /// cross-memory attach at a process outside the job's region.
+    #[allow(clippy::too_many_arguments)]
+    fn move_remote(
+        &self,
+        i: usize,
+        s: u64,
+        which: usize,
+        off: usize,
+        len: usize,
+        what: &str,
+        (verb, prep): (&str, &str),
+        mut step: impl FnMut(i32, u64, usize) -> std::io::Result<usize>,
+    ) -> Result<()> {
         let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
         self.read(i, s, &mut b);
         let word = |k: usize| {
@@ -1056,26 +1080,29 @@ impl NodeColl {
         };
         let pid = word(1);
         let addr = word(2 + which.min(MAX_REMOTE - 1));
-        let len = dst.len();
         let fail = |why: String| {
             Error::Invalid(format!(
-                "node-local {what}: cannot read {len} bytes of world rank {} (pid {pid}) by \
+                "node-local {what}: cannot {verb} {len} bytes {prep} world rank {} (pid {pid}) by \
                  cross-memory attach: {why} (PUMACOLL_CMA=0 turns this path off)",
                 self.world[i]
             ))
         };
+        if pid != u64::from(self.core.pid_of(self.ports[i])) {
+            return Err(fail(
+                "its slot names another process than the one attached to its port".into(),
+            ));
+        }
         let pid = i32::try_from(pid).map_err(|_| fail("bad process id".into()))?;
         let mut done = 0;
-        while done < dst.len() {
+        while done < len {
             let at = addr + (off + done) as u64;
-            match qk::sys::cma_read(pid, at, &mut dst[done..]) {
+            match step(pid, at, done) {
                 Ok(0) => return Err(fail("the kernel copied nothing".into())),
                 Ok(k) => done += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(fail(e.to_string())),
             }
         }
-        self.core.st.borrow_mut().stats.cma_blocks += 1;
         Ok(())
     }
 
@@ -1155,34 +1182,16 @@ impl NodeColl {
         src: &[u8],
         what: &str,
     ) -> Result<()> {
-        let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
-        self.read(i, s, &mut b);
-        let word = |k: usize| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&b[8 * k..8 * k + 8]);
-            u64::from_le_bytes(w)
-        };
-        let pid = word(1);
-        let addr = word(2 + which.min(MAX_REMOTE - 1));
-        let len = src.len();
-        let fail = |why: String| {
-            Error::Invalid(format!(
-                "node-local {what}: cannot write {len} bytes to world rank {} (pid {pid}) by \
-                 cross-memory attach: {why} (PUMACOLL_CMA=0 turns this path off)",
-                self.world[i]
-            ))
-        };
-        let pid = i32::try_from(pid).map_err(|_| fail("bad process id".into()))?;
-        let mut done = 0;
-        while done < len {
-            let at = addr + (off + done) as u64;
-            match qk::sys::cma_write(pid, at, &src[done..]) {
-                Ok(0) => return Err(fail("the kernel copied nothing".into())),
-                Ok(k) => done += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(fail(e.to_string())),
-            }
-        }
+        self.move_remote(
+            i,
+            s,
+            which,
+            off,
+            src.len(),
+            what,
+            ("write", "to"),
+            |pid, at, done| qk::sys::cma_write(pid, at, &src[done..]),
+        )?;
         let st = &mut self.core.st.borrow_mut().stats;
         st.cma_blocks += 1;
         st.cma_pushed += 1;
