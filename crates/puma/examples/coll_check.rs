@@ -457,6 +457,13 @@ fn run(a: &Args) -> Result<()> {
         println!("cma blocks: {}", u.stats().cma_blocks);
         println!("small ops: {}", u.stats().small_ops);
     }
+    // Blocks written into another rank's receive buffer, over all ranks (any rank may push in a
+    // crowded all-to-all, whichever runs first).
+    let mut pushed = [0u64];
+    w.all_reduce(&[u.stats().cma_pushed], &mut pushed, Sum)?;
+    if w.rank() == 0 {
+        println!("cma pushed: {}", pushed[0]);
+    }
     Ok(())
 }
 

@@ -65,6 +65,7 @@ use crate::comm::{wait_all, Comm, Request, Source};
 use crate::error::{Error, Result};
 use crate::ops::Operation;
 use crate::shm::{copy_bytes, copy_elems, copy_to_stage, LargeOp, LargePath, NodeColl};
+use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
 /// Broadcast and reduce switch algorithms above this many bytes.
@@ -914,6 +915,30 @@ fn cma_allowed() -> bool {
     })
 }
 
+/// `PUMACOLL_CMA_CLAIM=1|0` makes every crowded all-to-all by cross-memory attach (at most 64
+/// members) take `Comm::cma_alltoall_crowded` or none (`Comm::cma_alltoall`, readers only),
+/// instead of only those with at most two members per CPU (measurements and tests).
+fn crowded_claims() -> Option<bool> {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("PUMACOLL_CMA_CLAIM").as_deref() {
+        Ok("1") => Some(true),
+        Ok("0") => Some(false),
+        _ => None,
+    })
+}
+
+/// `PUMACOLL_CMA_PUSH=all|none` lets a crowded all-to-all push blocks to every member or to none
+/// (only receivers move blocks) instead of only to those sharing the pusher's core
+/// (measurements; see `Comm::cma_alltoall_crowded`).
+fn crowded_push() -> Option<bool> {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| match std::env::var("PUMACOLL_CMA_PUSH").as_deref() {
+        Ok("all") => Some(true),
+        Ok("none") => Some(false),
+        _ => None,
+    })
+}
+
 /// `PUMACOLL_STAGE_ROTATE=1|0` forces the stream order of all-to-all through the stages (see
 /// [`Comm::stage_alltoall`]; tests and measurements), else None: rotated with a core per rank.
 fn stage_rotate() -> Option<bool> {
@@ -1429,6 +1454,84 @@ impl Comm {
         read
     }
 
+    /// All-to-all by cross-memory attach with more ranks than cores: each block moves once, by
+    /// whichever of its two ranks runs first once both have published. Every member publishes its
+    /// send and receive buffers (see [`NodeColl::publish_exchange`]) and copies its own block;
+    /// then, for every member `j` that has published, it claims the block `j` sends it (bit
+    /// `me` of `j`'s claim mask) and reads it out of `j`'s send buffer, and, when `j` is pinned to
+    /// this rank's CPU (`PUMACOLL_CMA_PUSH=all|none`: always, never), claims the block it sends
+    /// `j` (bit `j` of its own mask) and writes it into `j`'s receive buffer. A claim someone
+    /// else won is that member's to move (a receiver always tries its incoming blocks, so every
+    /// block moves whatever each side decides about pushing). A member that moved blocks with `j` counts
+    /// them down, in one step, from `j`'s pending moves (which start at `2 (p - 1)`); a rank
+    /// returns when the moves left there equal those it did itself (every block to and from it
+    /// moved, so nobody reads its send buffer or writes its receive buffer any more), taking
+    /// newly published members while it waits. So a rank that holds a core moves everything it
+    /// can instead of handing the core to a rank that would move the same bytes, and the
+    /// operation has one hand-off instead of two. Lengths: a member whose length differs is left
+    /// alone (both sides count their two moves with it done) and every member then reports the
+    /// mismatch it sees. At most 64 members (one claim word each).
+    fn cma_alltoall_crowded(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+        const OP: &str = "all-to-all";
+        let p = n.len();
+        let (me, blk) = (n.me, sb.len() / p);
+        let total = sb.len() as u64;
+        let s = n.next();
+        n.publish_exchange(s, sb, rb, 2 * (p as u64 - 1), OP)?;
+        let own = me * blk..(me + 1) * blk;
+        copy_bytes(&mut rb[own.clone()], &sb[own]);
+        let rb = RefCell::new(rb);
+        let todo = RefCell::new((1..p).map(|k| (me + k) % p).collect::<Vec<_>>());
+        let failed: RefCell<Option<Error>> = RefCell::new(None);
+        // Moves this rank did (its own count, which the others' counts leave out).
+        let mine = std::cell::Cell::new(0u64);
+        let mode = crowded_push();
+        let push = |j: usize| mode == Some(true) || (mode.is_none() && n.shares_core(j));
+        // Moves every block between this rank and the members that published since the last look.
+        let step = || {
+            todo.borrow_mut().retain(|&j| {
+                if !n.slot_ready(j, s) {
+                    return true;
+                }
+                if n.check_len(j, s, total, OP).is_err() {
+                    // Reported after the wait (check_all); j counts its own two moves likewise.
+                    mine.set(mine.get() + 2);
+                    return false;
+                }
+                let (mut r, mut moved) = (Ok(()), 0);
+                if n.claim_move(j, s, me) {
+                    let mut rb = rb.borrow_mut();
+                    r = n.read_remote(j, s, 0, me * blk, &mut rb[j * blk..(j + 1) * blk], OP);
+                    moved += 1;
+                }
+                if push(j) && n.claim_move(me, s, j) {
+                    let w = n.write_remote(j, s, 1, me * blk, &sb[j * blk..(j + 1) * blk], OP);
+                    r = r.and(w);
+                    moved += 1;
+                }
+                if moved > 0 {
+                    n.complete(j, s, moved);
+                    mine.set(mine.get() + moved);
+                }
+                if let Err(e) = r {
+                    failed.borrow_mut().get_or_insert(e);
+                }
+                false
+            });
+            n.pending(s) == mine.get()
+        };
+        let who = (me + 1) % p;
+        let waited = n.wait_for(s, who, OP, step);
+        // Every move to and from this rank is done (or the wait failed): nothing of this
+        // operation touches the others' slots any more.
+        n.arrive(s);
+        waited?;
+        if let Some(e) = failed.into_inner() {
+            return Err(e);
+        }
+        n.check_all(s, total, OP)
+    }
+
     /// All-to-all through the stages (send buffers above one slot). Each member sends a *stream*
     /// of blocks through its stage, in stage pieces: per piece every member copies its part of
     /// the stream into its stage and arrives, then copies out of the other members' stages the
@@ -1570,6 +1673,8 @@ impl Comm {
         let t0 = Instant::now();
         if path.staged() {
             Self::stage_alltoall(n, sb, rb, rotate, path)?;
+        } else if over && n.len() <= 64 && Self::claims_pay(n) {
+            Self::cma_alltoall_crowded(n, sb, rb)?;
         } else {
             Self::cma_alltoall(n, sb, rb, true, published)?;
         }
@@ -1578,6 +1683,20 @@ impl Comm {
             n.chooser(LargeOp::AllToAll).record(sb.len(), path, ns);
         }
         Ok(())
+    }
+
+    /// Whether a crowded all-to-all by cross-memory attach lets the running rank move blocks both
+    /// ways ([`Comm::cma_alltoall_crowded`]): with at most two members per online CPU (4 ranks
+    /// on 2 cores, all-to-all 64 KiB per block: 86-92 µs against 104, the spread halved); with
+    /// four per CPU (8 ranks on 2 cores) it measured 2-15 % slower than the readers-only
+    /// protocol, so those keep it. The two protocols do not mix (a member waiting for its
+    /// blocks to be counted would wait for ever on one that only reads), so the choice rests
+    /// only on what every member sees alike: the group's size, the online CPUs (as for
+    /// [`crate::core::Core::crowded`]) and the environment, which yod gives every rank. Not on
+    /// affinity masks, which a rank may change and the others read at different times; they
+    /// only decide who pushes ([`NodeColl::shares_core`]), which each rank may choose alone.
+    fn claims_pay(n: &NodeColl) -> bool {
+        crowded_claims().unwrap_or_else(|| n.len() <= 2 * qk::sys::online_cpus())
     }
 
     /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and

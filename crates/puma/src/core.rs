@@ -167,9 +167,12 @@ pub struct MsgStats {
     pub bodies_fetched: u64,
     /// Pieces of large node-local collectives carried through the stages of the QK region.
     pub stage_pieces: u64,
-    /// Blocks of node-local all-to-alls read straight from another rank's send buffer
-    /// (cross-memory attach).
+    /// Blocks of node-local collectives moved by cross-memory attach: read straight from another
+    /// rank's buffer, or (crowded all-to-all) written straight into another rank's receive buffer.
     pub cma_blocks: u64,
+    /// Of `cma_blocks`, those this rank wrote into another rank's receive buffer (a crowded
+    /// all-to-all moves a block by whichever of its two ranks runs first).
+    pub cma_pushed: u64,
     /// Node-local operations of at most 112 bytes carried through the small slots of the
     /// collective area (broadcasts with more ranks than cores; publications and copies alike).
     pub small_ops: u64,
@@ -341,6 +344,21 @@ impl Core {
     /// node engine (TCP between nodes).
     pub fn routed(&self) -> bool {
         (self.region.ranks.len() as u32) < self.region.world
+    }
+
+    /// The process id the rank on local port `port` registered when it attached (0: none yet).
+    pub fn pid_of(&self, port: u32) -> u32 {
+        self.region.pid(port)
+    }
+
+    /// The one CPU the rank on local port `port` is pinned to (None: several, or its mask is
+    /// unreadable).
+    pub fn pinned_cpu(&self, port: u32) -> Option<usize> {
+        let pid = self.region.pid(port);
+        match qk::sys::cpus_of(pid).ok()?.as_slice() {
+            [one] if pid != 0 => Some(*one),
+            _ => None,
+        }
     }
 
     /// More ranks share this machine's cores than it has.

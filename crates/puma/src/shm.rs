@@ -59,6 +59,13 @@ pub const SMALL_BYTES: usize = SMALL - SLOT_DATA;
 /// Buffer addresses one member can publish for cross-memory attach.
 const MAX_REMOTE: usize = 2;
 
+/// Offsets in the payload of [`NodeColl::publish_exchange`]: the claim mask and the pending
+/// count, on the slot's second cache line (the first holds the word, the length, the process id
+/// and the buffer addresses, which waiting members poll and read: the members' claims and counts
+/// would else take that line from them).
+const EXCHANGE_CLAIMS: usize = 64 - SLOT_DATA;
+const EXCHANGE_PENDING: usize = EXCHANGE_CLAIMS + 8;
+
 /// Segments of a port's stage: a large collective goes in pieces of one segment each, and
 /// piece `g` (counted over the communicator's life) uses segment `g mod STAGE_SEGS`, so a writer
 /// may run `STAGE_SEGS - 1` pieces ahead of its slowest reader.
@@ -422,6 +429,8 @@ impl ShmCore {
 /// One communicator's node-local group on the area.
 pub(crate) struct NodeColl {
     core: Rc<Core>,
+    /// Per member, the one CPU it is pinned to (see [`NodeColl::shares_core`]).
+    cpus: Vec<Option<usize>>,
     /// The job region's collective area (taken from the core when the group is claimed).
     area: CollArea,
     /// Context in the area.
@@ -512,10 +521,12 @@ impl NodeColl {
         }
         let area = shm.area.clone();
         let seen = RefCell::new(vec![0; ports.len()]);
+        let cpus = ports.iter().map(|&p| core.pinned_cpu(p)).collect();
         let yield_us = std::env::var("PUMACOLL_YIELD_US")
             .ok()
             .and_then(|v| v.parse().ok());
         Some(NodeColl {
+            cpus,
             yield_us,
             seen,
             area,
@@ -540,6 +551,12 @@ impl NodeColl {
     /// `Core::crowded`).
     pub fn crowded(&self) -> bool {
         self.core.crowded()
+    }
+
+    /// Member `j` is pinned to the one CPU this rank is pinned to (as the PCT placed them when
+    /// the group was set up): the two never run at the same time.
+    pub fn shares_core(&self, j: usize) -> bool {
+        self.cpus[self.me].is_some() && self.cpus[j] == self.cpus[self.me]
     }
 
     /// Members of the group.
@@ -1022,6 +1039,38 @@ impl NodeColl {
         dst: &mut [u8],
         what: &str,
     ) -> Result<()> {
+        let len = dst.len();
+        self.move_remote(
+            i,
+            s,
+            which,
+            off,
+            len,
+            what,
+            ("read", "of"),
+            |pid, at, done| qk::sys::cma_read(pid, at, &mut dst[done..]),
+        )?;
+        self.core.st.borrow_mut().stats.cma_blocks += 1;
+        Ok(())
+    }
+
+    /// Moves `len` bytes between this process and member `i`'s buffer `which` (published in its
+    /// slot of operation `s`) at offset `off`, by repeated `step(pid, address, bytes done)`
+    /// calls, each returning the bytes it moved. The process id in the slot must be the one
+    /// member `i` registered for its port when it attached, so a slot cannot aim this rank's
+    /// cross-memory attach at a process outside the job's region.
+    #[allow(clippy::too_many_arguments)]
+    fn move_remote(
+        &self,
+        i: usize,
+        s: u64,
+        which: usize,
+        off: usize,
+        len: usize,
+        what: &str,
+        (verb, prep): (&str, &str),
+        mut step: impl FnMut(i32, u64, usize) -> std::io::Result<usize>,
+    ) -> Result<()> {
         let mut b = [0u8; 8 * (2 + MAX_REMOTE)];
         self.read(i, s, &mut b);
         let word = |k: usize| {
@@ -1031,26 +1080,121 @@ impl NodeColl {
         };
         let pid = word(1);
         let addr = word(2 + which.min(MAX_REMOTE - 1));
-        let len = dst.len();
         let fail = |why: String| {
             Error::Invalid(format!(
-                "node-local {what}: cannot read {len} bytes of world rank {} (pid {pid}) by \
+                "node-local {what}: cannot {verb} {len} bytes {prep} world rank {} (pid {pid}) by \
                  cross-memory attach: {why} (PUMACOLL_CMA=0 turns this path off)",
                 self.world[i]
             ))
         };
+        if pid != u64::from(self.core.pid_of(self.ports[i])) {
+            return Err(fail(
+                "its slot names another process than the one attached to its port".into(),
+            ));
+        }
         let pid = i32::try_from(pid).map_err(|_| fail("bad process id".into()))?;
         let mut done = 0;
-        while done < dst.len() {
+        while done < len {
             let at = addr + (off + done) as u64;
-            match qk::sys::cma_read(pid, at, &mut dst[done..]) {
+            match step(pid, at, done) {
                 Ok(0) => return Err(fail("the kernel copied nothing".into())),
                 Ok(k) => done += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(fail(e.to_string())),
             }
         }
-        self.core.st.borrow_mut().stats.cma_blocks += 1;
+        Ok(())
+    }
+
+    /// Publishes in this rank's slot of operation `s` what a crowded all-to-all by cross-memory
+    /// attach needs (see `Comm::cma_alltoall_crowded`): the single-copy path's header word, this
+    /// process's id, the addresses of its send buffer `sb` and receive buffer `rb`, an empty
+    /// claim mask ([`NodeColl::claim_move`]) and `pending`, the block moves this rank still waits for
+    /// ([`NodeColl::complete`], [`NodeColl::pending`]). The caller keeps both buffers until
+    /// [`NodeColl::pending`] reads 0.
+    pub fn publish_exchange(
+        &self,
+        s: u64,
+        sb: &[u8],
+        rb: &[u8],
+        pending: u64,
+        what: &str,
+    ) -> Result<()> {
+        let mut b = [0u8; EXCHANGE_PENDING + 8];
+        let words = [
+            LargePath::Cma.word(),
+            u64::from(std::process::id()),
+            sb.as_ptr() as u64,
+            rb.as_ptr() as u64,
+        ];
+        for (k, w) in words.iter().enumerate() {
+            b[8 * k..8 * k + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        b[EXCHANGE_PENDING..].copy_from_slice(&pending.to_le_bytes());
+        self.publish(s, &b, sb.len() as u64, what)
+    }
+
+    fn exchange_word(&self, i: usize, s: u64, off: usize) -> &AtomicU64 {
+        let slot = (s % SLOTS as u64) as u32;
+        self.area()
+            .slot_atomic(self.c, self.ports[i], slot, SLOT_DATA + off)
+    }
+
+    /// Claims bit `bit` of member `i`'s claim mask of operation `s` (published with
+    /// [`NodeColl::publish_exchange`]): true for the one caller that set it. `bit` < 64.
+    pub fn claim_move(&self, i: usize, s: u64, bit: usize) -> bool {
+        let m = 1u64 << bit;
+        self.exchange_word(i, s, EXCHANGE_CLAIMS)
+            .fetch_or(m, Ordering::AcqRel)
+            & m
+            == 0
+    }
+
+    /// Counts `k` of member `i`'s pending block moves of operation `s` done (after the copies;
+    /// a member does not count its own moves here, see [`NodeColl::pending`]).
+    pub fn complete(&self, i: usize, s: u64, k: u64) {
+        self.exchange_word(i, s, EXCHANGE_PENDING)
+            .fetch_sub(k, Ordering::AcqRel);
+    }
+
+    /// This rank's pending block moves of operation `s` less those the others have done: every
+    /// block to and from this rank moved when it equals the moves this rank did itself.
+    pub fn pending(&self, s: u64) -> u64 {
+        self.exchange_word(self.me, s, EXCHANGE_PENDING)
+            .load(Ordering::Acquire)
+    }
+
+    /// Waits (as for a slot or an arrival: spin, yield, nap) until `done` holds, checking that
+    /// member `who` still lives.
+    pub fn wait_for(&self, s: u64, who: usize, what: &str, done: impl Fn() -> bool) -> Result<()> {
+        self.wait_until(s, who, what, done)
+    }
+
+    /// Copies `src` straight into member `i`'s buffer `which` (published with
+    /// [`NodeColl::publish_exchange`]: 0 its send, 1 its receive buffer) at offset `off`
+    /// (`process_vm_writev`). The caller has checked the published length covers it.
+    pub fn write_remote(
+        &self,
+        i: usize,
+        s: u64,
+        which: usize,
+        off: usize,
+        src: &[u8],
+        what: &str,
+    ) -> Result<()> {
+        self.move_remote(
+            i,
+            s,
+            which,
+            off,
+            src.len(),
+            what,
+            ("write", "to"),
+            |pid, at, done| qk::sys::cma_write(pid, at, &src[done..]),
+        )?;
+        let st = &mut self.core.st.borrow_mut().stats;
+        st.cma_blocks += 1;
+        st.cma_pushed += 1;
         Ok(())
     }
 

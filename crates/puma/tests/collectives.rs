@@ -344,6 +344,59 @@ fn large_all_to_all_by_every_path() {
     }
 }
 
+/// With more ranks than cores, an all-to-all by cross-memory attach moves each block once, by
+/// whichever of its two ranks runs first once both have published (reading it out of the
+/// sender's send buffer, or, when the two share a CPU, writing it into the receiver's receive
+/// buffer): 150 back-to-back all-to-alls (one slot each, so the 64 slots wrap twice) with
+/// blocks of 2047, 2048 and 8193 i64, all on that path (`PUMACOLL_CMA_MIN=8`), each checked,
+/// and coll_check's sizes (uneven blocks). With at most two ranks per CPU (3 and 4 on this
+/// 2-core host) blocks must have been written by their senders (summed over the ranks); with
+/// more (5, 8) only when `PUMACOLL_CMA_CLAIM=1` asks for it; `PUMACOLL_CMA_CLAIM=0` keeps the
+/// readers-only protocol, which writes none, and so does a core per rank (2 ranks).
+#[test]
+fn crowded_all_to_all_moves_each_block_by_whichever_rank_runs() {
+    let cpus = qk::sys::online_cpus() as u32;
+    for (n, claims) in [
+        (3, ""),
+        (4, ""),
+        (5, ""),
+        (5, "1"),
+        (8, "1"),
+        (8, "0"),
+        (2, "1"),
+    ] {
+        let s = (110 + n).to_string();
+        let args = [
+            "--seed",
+            &s,
+            "--sizes",
+            "17,4099,40963",
+            "--dup-sizes",
+            "0",
+            "--streak",
+            "0",
+            "--alltoall-streak",
+            "150",
+        ];
+        let env = [
+            ("PUMACOLL_CMA_MIN", "8"),
+            ("PUMACOLL_LARGE", "cma"),
+            ("PUMACOLL_CMA_CLAIM", claims),
+        ];
+        let out = yod_env(n, &[], "coll_check", &args, &env);
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+            "{n} ranks, {env:?}: {so} {}",
+            text(&out.stderr)
+        );
+        assert!(stat(&so, "cma blocks") >= 150 * (n as u64 - 1) / 2, "{so}");
+        let pushed = stat(&so, "cma pushed");
+        let want = crowded(n) && (claims == "1" || (claims.is_empty() && n <= 2 * cpus));
+        assert_eq!(pushed > 0, want, "{n} ranks, {env:?}: {so}");
+    }
+}
+
 /// The value of a `name: N` line of coll_check's output.
 /// coll_check with only back-to-back broadcasts: `streak` of each of `sizes` (bytes, comma
 /// separated), each checked; returns rank 0's output after checking the run passed.
@@ -409,11 +462,21 @@ fn mismatched_all_to_all_by_cross_memory_attach_is_a_clear_error() {
         "--mismatch-len",
         "20000",
     ];
-    for path in ["cma", "stage", "nt", ""] {
-        let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_LARGE", path)]);
+    for (n, path) in [
+        (3, "cma"),
+        (3, "stage"),
+        (3, "nt"),
+        (3, ""),
+        (8, "cma"),
+        (5, ""),
+    ] {
+        let out = yod_env(n, &[], "coll_check", &args, &[("PUMACOLL_LARGE", path)]);
         assert!(!out.status.success());
         let e = text(&out.stderr);
-        assert!(e.contains("size mismatch in all-to-all"), "{path}: {e}");
+        assert!(
+            e.contains("size mismatch in all-to-all"),
+            "{n} ranks, {path}: {e}"
+        );
         assert!(!text(&out.stdout).contains("returned without error"));
     }
 }

@@ -126,6 +126,12 @@ impl CollArea {
         self.map.atomic_u64(self.slot(ctx, port, which, 0, 8))
     }
 
+    /// The 8 bytes at `off` (8-aligned) of slot `which` of `port` in `ctx` as a word, for
+    /// members to update together once its writer has published the slot (claims, counters).
+    pub fn slot_atomic(&self, ctx: u32, port: u32, which: u32, off: usize) -> &AtomicU64 {
+        self.map.atomic_u64(self.slot(ctx, port, which, off, 8))
+    }
+
     /// Copies `src` into slot `which` (taken mod [`SLOTS`]) of `port` in `ctx`, at `off`. Publish it with a
     /// release store to a word afterwards.
     pub fn write(&self, ctx: u32, port: u32, which: u32, off: usize, src: &[u8]) {

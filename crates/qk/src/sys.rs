@@ -554,6 +554,26 @@ pub fn cma_read(pid: i32, remote: u64, dst: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// Writes `src` to address `remote` of process `pid` with one cross-memory-attach call
+/// (`process_vm_writev`). Returns the number of bytes written.
+pub fn cma_write(pid: i32, remote: u64, src: &[u8]) -> io::Result<usize> {
+    let local = libc::iovec {
+        iov_base: src.as_ptr() as *mut libc::c_void,
+        iov_len: src.len(),
+    };
+    let rem = libc::iovec {
+        iov_base: remote as usize as *mut libc::c_void,
+        iov_len: src.len(),
+    };
+    // SAFETY: local describes our slice, which the kernel only reads; the kernel validates the
+    // remote range and permission (ptrace access) and fails cleanly otherwise.
+    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &rem, 1, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
 /// Copies `src` into `dst` (equal lengths) with non-temporal stores: the destination lines go
 /// to memory and are dropped from every cache (including another core's copy) without being
 /// read first. For a buffer this process writes and another core then reads once, such as a
