@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use crate::noise::Noise;
-use crate::schedule::{OpKind, Schedule};
+use crate::schedule::{Op, OpKind, Schedule};
 use crate::sim::{
     count_pending, critical_path_from, fill_states, fresh_state, initial_state_threads, simulate,
     simulate_from, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput, Split,
@@ -394,9 +394,10 @@ impl CleanKept {
             },
             exact: true,
         };
+        let ops: &[Op] = &s.ops;
         for (i, (x, d)) in part.iter_mut().zip(dur.iter_mut()).enumerate() {
             if x.end != u64::MAX {
-                let o = &s.ops[lo + i];
+                let o = &ops[lo + i];
                 let c = o.class as usize * 3 + o.kind as usize;
                 k.ready_sum[c] += x.ready as i128;
                 k.end_sum[c] += x.end as i128;
@@ -527,8 +528,9 @@ impl Comparison {
     /// Add operations `ops` of both runs.
     fn scan(&mut self, s: &Schedule, clean: Clean, noisy: &SimOutput, ops: std::ops::Range<usize>) {
         let noise = &noisy.noise;
+        let all: &[Op] = &s.ops;
         for op in ops {
-            let o = &s.ops[op];
+            let o = &all[op];
             let r = o.rank as usize;
             let n = &noisy.st[op];
             if n.end != u64::MAX {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod gen;
 pub mod goal;
 pub mod noise;
+pub mod ops;
 pub mod schedule;
 pub mod sim;
 pub mod states;

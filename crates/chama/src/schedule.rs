@@ -4,6 +4,7 @@
 //! One operation costs 24 bytes here, one dependency 8 bytes; nothing is allocated per operation.
 
 use crate::error::ScheduleError;
+use crate::ops::Ops;
 
 /// Wildcard peer (`MPI_ANY_SOURCE`) or tag (`MPI_ANY_TAG`); written `-1` in GOAL.
 pub const ANY: u32 = u32::MAX;
@@ -46,7 +47,19 @@ impl OpKind {
 }
 
 /// One operation (24 bytes): everything the simulator reads about it in one cache line.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    zerocopy::FromBytes,
+    zerocopy::IntoBytes,
+    zerocopy::KnownLayout,
+    zerocopy::Immutable,
+)]
+#[repr(C)]
 pub struct Op {
     /// Bytes (send/recv) or nanoseconds (calc).
     pub size: u64,
@@ -71,8 +84,8 @@ pub struct Op {
 pub struct Schedule {
     /// Number of ranks (processes).
     pub num_ranks: u32,
-    /// The operations.
-    pub ops: Vec<Op>,
+    /// The operations (a mapping for a large schedule, see [`Ops`]).
+    pub ops: Ops,
     /// CSR offsets: dependents of op `i` are `dep_list[dep_start[i]..dep_start[i+1]]`.
     pub dep_start: Vec<u32>,
     /// Dependent op index, with [`IREQ_BIT`] set for `irequires` edges.
@@ -177,7 +190,7 @@ impl Schedule {
     pub fn ops_by_rank(&self) -> (Vec<u32>, Vec<u32>) {
         let p = self.num_ranks as usize;
         let mut off = vec![0u32; p + 1];
-        for o in &self.ops {
+        for o in self.ops.iter() {
             off[o.rank as usize + 1] += 1;
         }
         for i in 0..p {
@@ -457,7 +470,7 @@ impl ScheduleBuilder {
     /// see [`crate::sim::simulate`]). Dependencies follow their operations.
     pub fn group_halves(&mut self) {
         let half = self.s.num_ranks / 2;
-        let ops = &mut self.s.ops;
+        let ops: &mut [Op] = &mut self.s.ops;
         let first = ops.iter().filter(|o| o.rank < half).count() as u32;
         // New index of every operation.
         let mut new = Vec::with_capacity(ops.len());
@@ -484,8 +497,8 @@ impl ScheduleBuilder {
                 second.push(o);
             }
         }
-        ops.truncate(k);
-        ops.extend_from_slice(&second);
+        self.s.ops.truncate(k);
+        self.s.ops.extend_from_slice(&second);
         drop(second);
         let map = |x: u32| new.get(x as usize).copied().unwrap_or(x);
         for e in self.edges.chunks_exact_mut(2) {
@@ -577,26 +590,26 @@ impl ScheduleBuilder {
         let (list_a, list_b) = list.split_at_mut(ea.len() / 2);
         let (off_ops, off_edges) = (na as u32, (ea.len() / 2) as u32);
         let (ra, rb) = if threads >= 2 {
-            // The second half's operations go into fresh pages at the end of the first half's
-            // array: their page faults (122 K at a million ranks, about 0.35 s) are taken by
-            // both threads after their lists (half the pages each), so the copy below, on one
-            // thread, only copies.
+            // The second half's operations go after the first half's, into room whose pages
+            // both threads populate after their lists (half each: 122 K pages at a million
+            // ranks), so the copy below, on one thread, only copies.
             sa.ops.reserve(nb);
             let (ra, rb) = std::thread::scope(|sc| {
-                let (tail_a, tail_b) = sa.ops.spare_capacity_mut()[..nb].split_at_mut(nb / 2);
+                let ops = &sa.ops;
                 let eb = &eb;
                 let h = sc.spawn(move || {
                     let rb = csr_part(eb, nb, start_b, list_b, off_ops, off_edges);
-                    touch_pages(tail_b);
+                    ops.populate_room(na + nb / 2, n);
                     rb
                 });
                 let ra = csr_part(&ea, na, start_a, list_a, 0, 0);
-                touch_pages(tail_a);
+                ops.populate_room(na, na + nb / 2);
                 match h.join() {
                     Ok(rb) => (ra, rb),
                     Err(e) => std::panic::resume_unwind(e),
                 }
             });
+            sa.ops.note_populated(n);
             sa.ops.extend_from_slice(&sb.ops);
             (ra, rb)
         } else {
@@ -615,27 +628,11 @@ impl ScheduleBuilder {
             drop_in_background(ea);
             drop_in_background(eb);
         }
-        drop_in_background(sb.ops);
+        drop_ops_in_background(sb.ops);
         sa.dep_start = start;
         sa.dep_list = list;
         Ok(sa)
     }
-}
-
-/// Write to every page under `v` (memory not yet in use: a vector's spare capacity), so that
-/// their page faults are taken here, on this thread, rather than by whoever fills it later.
-fn touch_pages<T: Default>(v: &mut [std::mem::MaybeUninit<T>]) {
-    for x in v.iter_mut().step_by(page_step::<T>()) {
-        x.write(T::default());
-    }
-    // The writes are the point: keep them.
-    std::hint::black_box(v);
-}
-
-/// Elements of `T` from one write of [`touch_pages`] to the next: at most a (4 KiB) page apart,
-/// so every page gets one.
-fn page_step<T>() -> usize {
-    (4096 / std::mem::size_of::<T>().max(1)).max(1)
 }
 
 /// Build the dependency lists of `n` operations from their `edges` (flat pairs, indices local to
@@ -691,51 +688,23 @@ const BACKGROUND_DROP_BYTES: usize = 64 << 20;
 /// memory costs a noticeable fraction of a second), here otherwise or if no thread can be
 /// started.
 pub(crate) fn drop_in_background<T: Send + 'static>(v: Vec<T>) {
-    if v.capacity() * std::mem::size_of::<T>() < BACKGROUND_DROP_BYTES {
+    let bytes = v.capacity() * std::mem::size_of::<T>();
+    drop_sized_in_background(v, bytes);
+}
+
+/// [`drop_in_background`] for an operation array.
+fn drop_ops_in_background(v: Ops) {
+    let bytes = v.capacity() * std::mem::size_of::<Op>();
+    drop_sized_in_background(v, bytes);
+}
+
+/// Drop `v`, which holds `bytes` of memory, on a thread of its own if that is a lot.
+fn drop_sized_in_background<T: Send + 'static>(v: T, bytes: usize) {
+    if bytes < BACKGROUND_DROP_BYTES {
         return;
     }
     // On failure the closure, and with it `v`, is dropped here.
     let _ = std::thread::Builder::new()
         .name("chama-drop".into())
         .spawn(move || drop(v));
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Consecutive writes of `touch_pages` are at most a page apart (an element larger than a
-    /// page is written whole, every one), and the touched capacity takes data as before.
-    #[test]
-    fn touched_pages_cover_every_page() {
-        fn check<T>() {
-            let (size, step) = (std::mem::size_of::<T>(), page_step::<T>());
-            assert!(
-                step >= 1 && (step * size <= 4096 || step == 1),
-                "{size} {step}"
-            );
-            assert!(
-                (step + 1) * size > 4096,
-                "{size} {step}: steps shorter than needed"
-            );
-        }
-        check::<Op>();
-        check::<u8>();
-        check::<u32>();
-        check::<[u8; 5000]>();
-        let data: Vec<Op> = (0..20_000u32)
-            .map(|i| Op {
-                size: u64::from(i) * 3,
-                rank: i,
-                peer: i / 2,
-                ..Op::default()
-            })
-            .collect();
-        let mut v = vec![data[0]];
-        v.reserve(data.len());
-        touch_pages(&mut v.spare_capacity_mut()[..data.len()]);
-        v.extend_from_slice(&data);
-        assert_eq!(v[0], data[0]);
-        assert_eq!(v[1..], data[..]);
-    }
 }

@@ -23,7 +23,7 @@
 //!   (a receive starts when it is posted). Resources are granted first-come first-served.
 
 use crate::noise::{DetourCache, Noise};
-use crate::schedule::{OpKind, Schedule, ANY, IREQ_BIT};
+use crate::schedule::{Op, OpKind, Schedule, ANY, IREQ_BIT};
 use crate::states::States;
 
 /// LogGOPS parameters. Times in ns; `G` and `O` in picoseconds per byte.
@@ -191,9 +191,10 @@ impl SimOutput {
     /// Per rank: time its last operation completed.
     pub fn rank_end(&self, s: &Schedule) -> Vec<u64> {
         let mut v = vec![0u64; s.num_ranks as usize];
+        let ops: &[Op] = &s.ops;
         for (op, x) in self.st.iter().enumerate() {
             let e = x.end;
-            let r = s.ops[op].rank as usize;
+            let r = ops[op].rank as usize;
             if e != u64::MAX && e > v[r] {
                 v[r] = e;
             }
@@ -576,6 +577,9 @@ impl Carry {
 /// [`simulate_parallel`]): ranks `r0..r1`, whose operations are `o0..o0 + st.len()`.
 struct Sim<'a, 'b> {
     s: &'a Schedule,
+    /// `s.ops` as a slice (the schedule's array may be a mapping: one look-up, not one per
+    /// access).
+    ops: &'a [Op],
     /// Index of this schedule's first operation in the whole (segmented) program; keys the
     /// latency noise so a segmented run draws what the whole program would.
     op_base: u64,
@@ -1229,6 +1233,7 @@ impl<'a, 'b> Sim<'a, 'b> {
         let local = part.r1 - part.r0;
         Sim {
             s,
+            ops: &s.ops,
             op_base,
             p: *p,
             noise,
@@ -1489,7 +1494,7 @@ impl<'a, 'b> Sim<'a, 'b> {
     /// but made the 1M-rank broadcast slower (0.72 against 0.56 s CPU median), so every group is
     /// warmed.
     fn warm(&self, evs: &[u64]) {
-        let s = self.s;
+        let ops = self.ops;
         let n = evs.len().min(WARM);
         let mut acc = 0u64;
         // Round 1: operation records and states (the state holds the first dependents).
@@ -1497,7 +1502,7 @@ impl<'a, 'b> Sim<'a, 'b> {
         let mut dep = [NIL; WARM];
         for (i, &ev) in evs[..n].iter().enumerate() {
             let o = (ev & 0xffff_ffff) as usize;
-            let Some(op) = s.ops.get(o) else { continue };
+            let Some(op) = ops.get(o) else { continue };
             // Both ends of the record: a 24-byte record may straddle two lines.
             acc ^= op.size ^ op.kind as u64;
             rank[i] = if ev >> 32 == EV_ARRIVE {
@@ -1532,7 +1537,7 @@ impl<'a, 'b> Sim<'a, 'b> {
                     ptail[i] = if qtail[i] == NIL { rk.uq_tail } else { NIL };
                 } else if kind == EV_READY {
                     let o = (ev & 0xffff_ffff) as usize;
-                    if s.ops.get(o).is_some_and(|x| x.kind == OpKind::Recv as u8) {
+                    if ops.get(o).is_some_and(|x| x.kind == OpKind::Recv as u8) {
                         qtail[i] = rk.uq_tail;
                         // No message waiting: the receive joins the posted queue.
                         ptail[i] = if qtail[i] == NIL { rk.prq_tail } else { NIL };
@@ -1554,7 +1559,7 @@ impl<'a, 'b> Sim<'a, 'b> {
         // first dependents).
         for i in 0..n {
             let h = head[i] as usize;
-            acc ^= s.ops.get(h).map_or(0, |x| x.size ^ x.tag as u64);
+            acc ^= ops.get(h).map_or(0, |x| x.size ^ x.tag as u64);
             dep[i] = match self.stl(h) {
                 Some(x) => {
                     acc ^= x.end;
@@ -1618,7 +1623,7 @@ impl<'a, 'b> Sim<'a, 'b> {
         }
         let extra = e - start - w;
         if extra > 0 {
-            self.class_noise[self.s.ops[op].class as usize] += extra;
+            self.class_noise[self.ops[op].class as usize] += extra;
             if !self.noise_op.is_empty() {
                 let x = &mut self.noise_op[op - self.o0];
                 *x = x.saturating_add(extra.min(u32::MAX as u64) as u32);
@@ -1688,8 +1693,9 @@ impl<'a, 'b> Sim<'a, 'b> {
 
     fn on_ready(&mut self, op: usize) {
         let s = self.s;
+        let ops = self.ops;
         let now = self.now;
-        let o = s.ops[op];
+        let o = ops[op];
         let rank = o.rank;
         let ci = self.ci(rank, o.cpu);
         match s.op_kind(op) {
@@ -1739,7 +1745,7 @@ impl<'a, 'b> Sim<'a, 'b> {
                 let (src, tag) = (o.peer, o.tag);
                 let mut tail = self.rk[r].uq_tail;
                 let hit = self.links().take(&mut tail, |c| {
-                    (src == ANY || src == s.ops[c].rank) && (tag == ANY || tag == s.ops[c].tag)
+                    (src == ANY || src == ops[c].rank) && (tag == ANY || tag == ops[c].tag)
                 });
                 self.rk[r].uq_tail = tail;
                 match hit {
@@ -1755,12 +1761,12 @@ impl<'a, 'b> Sim<'a, 'b> {
     }
 
     fn on_arrive(&mut self, sop: usize) {
-        let s = self.s;
-        let dest = s.ops[sop].peer as usize - self.r0;
-        let (src, tag) = (s.ops[sop].rank, s.ops[sop].tag);
+        let ops = self.ops;
+        let dest = ops[sop].peer as usize - self.r0;
+        let (src, tag) = (ops[sop].rank, ops[sop].tag);
         let mut tail = self.rk[dest].prq_tail;
         let hit = self.links().take(&mut tail, |c| {
-            let (rs, rt) = (s.ops[c].peer, s.ops[c].tag);
+            let (rs, rt) = (ops[c].peer, ops[c].tag);
             (rs == ANY || rs == src) && (rt == ANY || rt == tag)
         });
         self.rk[dest].prq_tail = tail;
@@ -1776,9 +1782,9 @@ impl<'a, 'b> Sim<'a, 'b> {
 
     /// Receive `r` (of this part) and message `sop` (of either part) meet at `now`.
     fn matched(&mut self, r: usize, sop: usize) {
-        let s = self.s;
+        let ops = self.ops;
         let now = self.now;
-        let o = s.ops[r];
+        let o = ops[r];
         let rank = o.rank;
         let posted = self.stm(r).end;
         let wait = now - posted;
@@ -1792,7 +1798,7 @@ impl<'a, 'b> Sim<'a, 'b> {
         if start > now {
             self.stm(r).pred = self.cpu_at(ci).last | PRED_RESOURCE;
         }
-        let z = s.ops[sop].size;
+        let z = ops[sop].size;
         self.nic_at(ni).recv_free = start + self.p.g;
         self.cpu_at(ci).last = r as u32;
         if z <= self.p.s {
@@ -1804,15 +1810,15 @@ impl<'a, 'b> Sim<'a, 'b> {
             self.cpu_at(ci).free = e;
             self.links().set(sop, r as u32);
             let t = e + self.p.l + self.noise.latency(self.op_base + sop as u64, 1);
-            self.post(t, EV_CTS << 32 | sop as u64, s.ops[sop].rank, r as u32);
+            self.post(t, EV_CTS << 32 | sop as u64, ops[sop].rank, r as u32);
         }
     }
 
     /// Clear-to-send reached the sender of rendezvous message `sop`.
     fn on_cts(&mut self, sop: usize) {
-        let s = self.s;
+        let ops = self.ops;
         let now = self.now;
-        let o = s.ops[sop];
+        let o = ops[sop];
         let rank = o.rank;
         let ci = self.ci(rank, o.cpu);
         let ni = self.ni(rank, o.nic);
@@ -1838,10 +1844,10 @@ impl<'a, 'b> Sim<'a, 'b> {
 
     /// Rendezvous data reached the receiver.
     fn on_data(&mut self, sop: usize) {
-        let s = self.s;
+        let ops = self.ops;
         let now = self.now;
         let r = self.links().get(sop) as usize;
-        let o = s.ops[r];
+        let o = ops[r];
         let rank = o.rank;
         let ci = self.ci(rank, o.cpu);
         let ni = self.ni(rank, o.nic);
@@ -1852,7 +1858,7 @@ impl<'a, 'b> Sim<'a, 'b> {
             sop as u32
         };
         self.stm(r).pred = pred;
-        let z = s.ops[sop].size;
+        let z = ops[sop].size;
         let e = self.work(r, rank, start, self.p.o + self.p.ob(z));
         self.cpu_at(ci).free = e;
         self.cpu_at(ci).last = r as u32;
