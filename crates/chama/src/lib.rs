@@ -9,6 +9,7 @@ pub mod analysis;
 pub mod error;
 pub mod gen;
 pub mod goal;
+pub mod mapped;
 pub mod noise;
 pub mod ops;
 pub mod schedule;
