@@ -110,8 +110,15 @@ where
     T: FromBytes + IntoBytes + KnownLayout + Immutable + Clone,
     P: Policy,
 {
-    /// Bytes per element.
-    const SIZE: usize = std::mem::size_of::<T>();
+    /// Bytes per element (zero-sized elements are refused at compile time: a mapping of them
+    /// would have no capacity to speak of).
+    const SIZE: usize = {
+        assert!(
+            std::mem::size_of::<T>() > 0,
+            "MappedArray of zero-sized elements"
+        );
+        std::mem::size_of::<T>()
+    };
 
     /// No elements, on the heap.
     pub fn new() -> Self {
