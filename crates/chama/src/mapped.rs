@@ -456,13 +456,56 @@ where
     }
 }
 
+/// The slice-like impls of a newtype `$name(MappedArray<$elem, _>)` that adds its own policy
+/// methods (`From<Vec>`, `Deref`/`DerefMut` to a slice, `Debug`, iteration by reference).
+macro_rules! mapped_newtype {
+    ($name:ident, $elem:ty) => {
+        impl From<Vec<$elem>> for $name {
+            fn from(v: Vec<$elem>) -> Self {
+                $name($crate::mapped::MappedArray::from(v))
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = [$elem];
+            #[inline]
+            fn deref(&self) -> &[$elem] {
+                &self.0
+            }
+        }
+
+        impl std::ops::DerefMut for $name {
+            #[inline]
+            fn deref_mut(&mut self) -> &mut [$elem] {
+                &mut self.0
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                std::fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl<'a> IntoIterator for &'a $name {
+            type Item = &'a $elem;
+            type IntoIter = std::slice::Iter<'a, $elem>;
+            fn into_iter(self) -> Self::IntoIter {
+                self.iter()
+            }
+        }
+    };
+}
+pub(crate) use mapped_newtype;
+
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::schedule::Op;
     use crate::sim::OpState;
 
-    fn state(i: usize) -> OpState {
+    /// A state whose fields all depend on `i` (shared with `states`' tests).
+    pub(crate) fn state(i: usize) -> OpState {
         let mut x = OpState::default();
         x.ready = i as u64;
         x.end = 3 * i as u64 + 1;
@@ -471,7 +514,8 @@ mod tests {
         x
     }
 
-    fn op(i: usize) -> Op {
+    /// An operation whose fields all depend on `i` (shared with `ops`' tests).
+    pub(crate) fn op(i: usize) -> Op {
         Op {
             size: i as u64 * 3,
             rank: i as u32,

@@ -10,9 +10,6 @@
 //! populate only leaves the pages to demand faults, as a vector's would be, and a mapping the
 //! system refuses leaves the operations on the heap: the memory is the same either way.
 
-use std::fmt;
-use std::ops::{Deref, DerefMut};
-
 use crate::mapped::{BestEffort, MappedArray};
 use crate::schedule::Op;
 
@@ -73,49 +70,13 @@ impl Ops {
     }
 }
 
-impl From<Vec<Op>> for Ops {
-    fn from(v: Vec<Op>) -> Self {
-        Ops(MappedArray::from(v))
-    }
-}
-
-impl Deref for Ops {
-    type Target = [Op];
-    #[inline]
-    fn deref(&self) -> &[Op] {
-        &self.0
-    }
-}
-
-impl DerefMut for Ops {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut [Op] {
-        &mut self.0
-    }
-}
-
-impl fmt::Debug for Ops {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
+crate::mapped::mapped_newtype!(Ops, Op);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn op(i: usize) -> Op {
-        Op {
-            size: i as u64 * 3,
-            rank: i as u32,
-            peer: !(i as u32),
-            tag: (i as u32).rotate_left(7),
-            kind: (i % 3) as u8,
-            class: (i % 5) as u8,
-            cpu: (i % 7) as u8,
-            nic: (i % 11) as u8,
-        }
-    }
+    use crate::mapped::tests::op;
 
     /// Room for 64 MiB moves the operations into a mapping (they move along); less stays
     /// on the heap (below).

@@ -28,7 +28,7 @@ pub enum OpKind {
 }
 
 impl OpKind {
-    /// Decode the byte stored in [`Schedule::kind`].
+    /// Decode the byte stored in [`Op::kind`].
     pub fn from_u8(v: u8) -> OpKind {
         match v {
             0 => OpKind::Send,
@@ -329,7 +329,7 @@ impl ScheduleBuilder {
         }
     }
 
-    /// Add the number of operations to `to` every [`PROGRESS_STEP`] operations (for work that
+    /// Add the number of operations to `to` every `PROGRESS_STEP` operations (for work that
     /// runs beside the build and needs only the count, such as writing state templates;
     /// builders working at once may share one counter).
     pub fn report_progress(&mut self, to: std::sync::Arc<std::sync::atomic::AtomicUsize>) {

@@ -639,7 +639,7 @@ struct SimTotals {
 /// Run one simulation of `s`.
 ///
 /// With [`SimOptions::threads`] of 2 or more and at least [`SimOptions::min_parallel_ops`]
-/// operations, it runs on two threads (see [`simulate_parallel`]) when the schedule allows it:
+/// operations, it runs on two threads (see `simulate_parallel`) when the schedule allows it:
 /// `L > 0`, the first half of the ranks' operations all before the second half's, no
 /// dependency between the halves. The results are the same as on one thread.
 pub fn simulate(s: &Schedule, p: &Params, noise: &Noise, opts: &SimOptions) -> SimOutput {

@@ -8,9 +8,6 @@
 //! for want of that memory anyway), except on kernels without `MADV_POPULATE_WRITE`, whose
 //! pages are left to demand faults.
 
-use std::fmt;
-use std::ops::{Deref, DerefMut};
-
 use crate::error::MemoryError;
 use crate::mapped::{MapError, MappedArray, Strict};
 use crate::sim::{OpState, FRESH_STATE};
@@ -57,53 +54,13 @@ fn memory_error(e: MapError) -> MemoryError {
     }
 }
 
-impl From<Vec<OpState>> for States {
-    fn from(v: Vec<OpState>) -> Self {
-        States(MappedArray::from(v))
-    }
-}
-
-impl Deref for States {
-    type Target = [OpState];
-    #[inline]
-    fn deref(&self) -> &[OpState] {
-        &self.0
-    }
-}
-
-impl DerefMut for States {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut [OpState] {
-        &mut self.0
-    }
-}
-
-impl fmt::Debug for States {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(&self.0, f)
-    }
-}
-
-impl<'a> IntoIterator for &'a States {
-    type Item = &'a OpState;
-    type IntoIter = std::slice::Iter<'a, OpState>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
+crate::mapped::mapped_newtype!(States, OpState);
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn sample(i: usize) -> OpState {
-        let mut x = OpState::default();
-        x.ready = i as u64;
-        x.end = 3 * i as u64 + 1;
-        x.link = i as u32 ^ 0x55;
-        x.pred = 7;
-        x
-    }
+    use crate::mapped::tests::state as sample;
 
     #[test]
     fn heap_states_grow_with_fresh_states() {
