@@ -404,8 +404,23 @@ fn the_node_engine_gets_a_free_cpu_else_its_first_ranks() {
                 .filter(|&p| env_of(p, "PUMA_RANK").is_some())
                 .collect()
         };
+        // Started means every local rank of every node is seen (node and local rank read from
+        // its environment), not only a count of marked processes, which a rank's shell and its
+        // child can fill before the other node's rank exists (a CI run at 372a002 counted two
+        // and found no rank on node 1).
+        let every_rank_seen = || {
+            let all = ranks();
+            (0..pcts.0.len()).all(|node| {
+                (0..ppn).all(|lr| {
+                    all.iter().any(|&r| {
+                        env_of(r, "PUMA_NODE").as_deref() == Some(&node.to_string())
+                            && env_of(r, "PUMA_LOCAL_RANK").as_deref() == Some(&lr.to_string())
+                    })
+                })
+            })
+        };
         let up = wait_for(Duration::from_secs(10), || {
-            ranks().len() >= 2 * ppn && pcts.0.iter().all(|c| !engine_threads(c.id()).is_empty())
+            every_rank_seen() && pcts.0.iter().all(|c| !engine_threads(c.id()).is_empty())
         });
         assert!(up, "ranks or node engines did not start (ppn {ppn})");
         for (node, pct) in pcts.0.iter().enumerate() {
