@@ -849,6 +849,29 @@ impl<S: Store> Engine<S> {
         }
     }
 
+    /// True when [`Engine::eq_get`] on `h` would return something other
+    /// than `Ok(None)` from a live queue: an event, or a loss to report.
+    #[inline]
+    pub fn eq_ready(&self, h: EqHandle) -> bool {
+        self.eq_live(h) && {
+            let q = &self.store.tables_ref().eqs[h.idx as usize];
+            (q.len > 0) | (q.lost > 0)
+        }
+    }
+
+    /// [`Engine::eq_get`] that lends the event where it lies in its queue
+    /// slot instead of copying it out: the event is taken off the queue all
+    /// the same (the next call gives the next one), and the reference lives
+    /// until the engine is next used, so nothing can be posted over the slot
+    /// while it is read. Same results and losses as `eq_get`.
+    #[inline]
+    pub fn eq_get_ref(&mut self, h: EqHandle) -> Result<Option<&Event>, Error> {
+        match self.eq_take(h)? {
+            Some(i) => Ok(self.store.tables_ref().events.get(i)),
+            None => Ok(None),
+        }
+    }
+
     /// Removes the oldest event of queue `h` and returns its slot (valid
     /// until the next post), or reports an overflow once.
     #[inline]

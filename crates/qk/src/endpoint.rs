@@ -765,6 +765,56 @@ impl Endpoint {
             .map(|r| r.is_some())
     }
 
+    /// In the inline modes: an event is queued on `eq` (or a loss waits to be reported).
+    #[inline(always)]
+    fn has_queued(&self, eq: EqHandle) -> bool {
+        self.own
+            .as_deref()
+            .is_some_and(|inner| inner.engine.eq_ready(eq))
+    }
+
+    /// [`Endpoint::eq_poll_into`] that lends the event instead of copying it: in the inline
+    /// modes an event already queued (the rest of a run that a progress pass delivered) is read
+    /// where portals wrote it, with no call into the poll path; otherwise the poll runs as
+    /// `eq_poll_into(eq, spare)` and `spare` is lent. `Ok(None)`: no event. The reference lives
+    /// until the endpoint (or `spare`) is next used.
+    #[inline(always)]
+    pub fn eq_poll_ref<'a>(
+        &'a mut self,
+        eq: EqHandle,
+        spare: &'a mut Event,
+    ) -> Result<Option<&'a Event>, QkError> {
+        if self.has_queued(eq) {
+            self.idle_since = None;
+            return match self.own.as_deref_mut() {
+                Some(inner) => queued_ref(&mut inner.engine, eq).map(Some),
+                None => Err(QkError::Portals("no owned engine".into())),
+            };
+        }
+        let got = self.eq_poll_into(eq, spare)?;
+        Ok(got.then_some(&*spare))
+    }
+
+    /// [`Endpoint::eq_wait_into`] that lends the event (see [`Endpoint::eq_poll_ref`]): a queued
+    /// event where it lies, else the wait's event written into `spare`.
+    #[inline(always)]
+    pub fn eq_wait_ref<'a>(
+        &'a mut self,
+        eq: EqHandle,
+        timeout: Duration,
+        spare: &'a mut Event,
+    ) -> Result<&'a Event, QkError> {
+        if self.has_queued(eq) {
+            self.idle_since = None;
+            return match self.own.as_deref_mut() {
+                Some(inner) => queued_ref(&mut inner.engine, eq),
+                None => Err(QkError::Portals("no owned engine".into())),
+            };
+        }
+        self.eq_wait_into(eq, timeout, spare)?;
+        Ok(&*spare)
+    }
+
     /// Takes what `take` finds: queued events first, else after one progress pass.
     #[inline]
     fn poll_with<T>(
@@ -992,6 +1042,19 @@ fn current_cpu() -> Option<usize> {
 }
 
 /// Spin briefly, then yield, then sleep a little: used while a queue is full.
+/// The oldest event of `eq`, known to hold one, lent where it lies (a loss not yet reported is
+/// reported first, as every poll does).
+#[inline(always)]
+fn queued_ref(engine: &mut PortalsEngine, eq: EqHandle) -> Result<&Event, QkError> {
+    match engine.eq_get_ref(eq) {
+        Ok(Some(ev)) => Ok(ev),
+        Ok(None) => Err(QkError::Portals(
+            "an event queue that held an event had none to take".into(),
+        )),
+        Err(e) => Err(QkError::Portals(e.to_string())),
+    }
+}
+
 fn backoff(start: Instant) {
     let el = start.elapsed();
     if el < Duration::from_micros(20) {
