@@ -859,19 +859,6 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// [`Engine::eq_get`] that lends the event where it lies in its queue
-    /// slot instead of copying it out: the event is taken off the queue all
-    /// the same (the next call gives the next one), and the reference lives
-    /// until the engine is next used, so nothing can be posted over the slot
-    /// while it is read. Same results and losses as `eq_get`.
-    #[inline]
-    pub fn eq_get_ref(&mut self, h: EqHandle) -> Result<Option<&Event>, Error> {
-        match self.eq_take(h)? {
-            Some(i) => Ok(self.store.tables_ref().events.get(i)),
-            None => Ok(None),
-        }
-    }
-
     /// Removes the oldest event of queue `h` and returns its slot (valid
     /// until the next post), or reports an overflow once.
     #[inline]

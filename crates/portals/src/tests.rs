@@ -1615,45 +1615,38 @@ fn eq_get_into_takes_the_same_events_as_eq_get_and_leaves_out_alone_when_empty()
 }
 
 #[test]
-fn eq_get_ref_lends_the_same_events_as_eq_get_and_reports_losses_and_stale_queues() {
-    // Two engines fed the same deliveries: one drained with eq_get, one with eq_get_ref.
-    let mut a = engine();
-    let mut b = engine();
-    let mut qs = Vec::new();
-    for e in [&mut a, &mut b] {
-        open(e, 0);
-        let q = e.eq_alloc(3).unwrap();
-        e.portal_set_eq(0, Some(q)).unwrap();
-        let m = sink(e, 0, 100);
-        e.portal_attach_md(0, m).unwrap();
-        qs.push(q);
-    }
-    let (qa, qb) = (qs[0], qs[1]);
-    assert_eq!(b.eq_get_ref(qb), Ok(None));
-    // Five puts into three slots: two lost, reported once, then the three kept in order.
-    for n in 1..=5 {
-        let h = WireHeader {
-            hdr_data: n,
-            ..put(0, 0, 1)
-        };
-        a.deliver(&h).unwrap();
-        b.deliver(&h).unwrap();
-    }
-    assert_eq!(a.eq_get(qa), Err(Error::EventsDropped(2)));
-    assert_eq!(b.eq_get_ref(qb), Err(Error::EventsDropped(2)));
-    for n in 1..=3 {
-        let want = a.eq_get(qa).unwrap().unwrap();
-        assert_eq!(want.hdr_data, n);
-        assert_eq!(b.eq_get_ref(qb), Ok(Some(&want)), "event {n}");
-    }
-    assert_eq!(b.eq_get_ref(qb), Ok(None));
-    // A slot lent and then reused: the next delivery's event, not the old one.
-    let h = WireHeader {
-        hdr_data: 9,
-        ..put(0, 0, 1)
+fn eq_ready_says_exactly_when_eq_get_has_something_to_return() {
+    let mut e = engine();
+    open(&mut e, 0);
+    let q = e.eq_alloc(2).unwrap();
+    e.portal_set_eq(0, Some(q)).unwrap();
+    let m = sink(&mut e, 0, 100);
+    e.portal_attach_md(0, m).unwrap();
+    // Each step: eq_ready, then the eq_get it predicts (Ok(None) exactly when not ready).
+    let step = |e: &mut Engine<BoxStore>, delivers: u64| {
+        for n in 0..delivers {
+            e.deliver(&WireHeader {
+                hdr_data: n,
+                ..put(0, 0, 1)
+            })
+            .unwrap();
+        }
+        let ready = e.eq_ready(q);
+        let got = e.eq_get(q);
+        assert_eq!(ready, got != Ok(None), "{got:?}");
+        got
     };
-    b.deliver(&h).unwrap();
-    assert_eq!(b.eq_get_ref(qb).unwrap().map(|e| (e.hdr_data, e.seq)), Some((9, 5)));
-    b.eq_free(qb).unwrap();
-    assert_eq!(b.eq_get_ref(qb), Err(Error::StaleHandle("event queue")));
+    assert_eq!(step(&mut e, 0), Ok(None));
+    assert!(matches!(step(&mut e, 1), Ok(Some(_))));
+    assert_eq!(step(&mut e, 0), Ok(None));
+    // Three into two slots: the loss is reported first (ready), then both events.
+    assert_eq!(step(&mut e, 3), Err(Error::EventsDropped(1)));
+    assert!(matches!(step(&mut e, 0), Ok(Some(_))));
+    assert!(matches!(step(&mut e, 0), Ok(Some(_))));
+    assert_eq!(step(&mut e, 0), Ok(None));
+    // A freed queue is not ready: its eq_get reports the stale handle (the slow path's answer).
+    e.eq_free(q).unwrap();
+    assert!(!e.eq_ready(q));
+    assert_eq!(e.eq_get(q), Err(Error::StaleHandle("event queue")));
+    assert!(!e.eq_ready(EqHandle::NONE));
 }

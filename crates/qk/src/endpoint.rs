@@ -744,7 +744,41 @@ impl Endpoint {
 
     /// [`Endpoint::eq_poll`] into a caller's event: `Ok(true)` when one was taken and written to
     /// `out`. A loop that keeps one event avoids moving it through `Result<Option<Event>>`.
+    ///
+    /// An event already queued (the rest of a run a progress pass delivered) is taken here, in
+    /// the caller, without a call: see [`Endpoint::take_queued`].
+    #[inline(always)]
     pub fn eq_poll_into(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
+        if self.take_queued(eq, out)? {
+            return Ok(true);
+        }
+        self.eq_poll_slow(eq, out)
+    }
+
+    /// In the inline modes, when `eq` holds an event (or a loss to report): takes it into `out`
+    /// (`Ok(true)`) or reports the loss, as the poll would. `Ok(false)` otherwise, `out`
+    /// untouched. Inlined into the caller, so a waiter handed a run of events takes each with a
+    /// few loads and one copy instead of a call into the poll path.
+    #[inline(always)]
+    fn take_queued(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
+        let Some(inner) = self.own.as_deref_mut() else {
+            return Ok(false);
+        };
+        if !inner.engine.eq_ready(eq) {
+            return Ok(false);
+        }
+        let got = inner
+            .engine
+            .eq_get_into(eq, out)
+            .map_err(|e| QkError::Portals(e.to_string()))?;
+        if got {
+            self.idle_since = None;
+        }
+        Ok(got)
+    }
+
+    /// [`Endpoint::eq_poll_into`] past its inlined first look.
+    fn eq_poll_slow(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
         // Inline modes, an event already queued (a progress pass delivers a batch, the calls
         // after it only hand its events out): take it straight from the owned engine, without
         // the general path's mode tests and result wrapping.
@@ -763,56 +797,6 @@ impl Endpoint {
         }
         self.poll_with(|e| e.eq_get_into(eq, out).map(|got| got.then_some(())))
             .map(|r| r.is_some())
-    }
-
-    /// In the inline modes: an event is queued on `eq` (or a loss waits to be reported).
-    #[inline(always)]
-    fn has_queued(&self, eq: EqHandle) -> bool {
-        self.own
-            .as_deref()
-            .is_some_and(|inner| inner.engine.eq_ready(eq))
-    }
-
-    /// [`Endpoint::eq_poll_into`] that lends the event instead of copying it: in the inline
-    /// modes an event already queued (the rest of a run that a progress pass delivered) is read
-    /// where portals wrote it, with no call into the poll path; otherwise the poll runs as
-    /// `eq_poll_into(eq, spare)` and `spare` is lent. `Ok(None)`: no event. The reference lives
-    /// until the endpoint (or `spare`) is next used.
-    #[inline(always)]
-    pub fn eq_poll_ref<'a>(
-        &'a mut self,
-        eq: EqHandle,
-        spare: &'a mut Event,
-    ) -> Result<Option<&'a Event>, QkError> {
-        if self.has_queued(eq) {
-            self.idle_since = None;
-            return match self.own.as_deref_mut() {
-                Some(inner) => queued_ref(&mut inner.engine, eq).map(Some),
-                None => Err(QkError::Portals("no owned engine".into())),
-            };
-        }
-        let got = self.eq_poll_into(eq, spare)?;
-        Ok(got.then_some(&*spare))
-    }
-
-    /// [`Endpoint::eq_wait_into`] that lends the event (see [`Endpoint::eq_poll_ref`]): a queued
-    /// event where it lies, else the wait's event written into `spare`.
-    #[inline(always)]
-    pub fn eq_wait_ref<'a>(
-        &'a mut self,
-        eq: EqHandle,
-        timeout: Duration,
-        spare: &'a mut Event,
-    ) -> Result<&'a Event, QkError> {
-        if self.has_queued(eq) {
-            self.idle_since = None;
-            return match self.own.as_deref_mut() {
-                Some(inner) => queued_ref(&mut inner.engine, eq),
-                None => Err(QkError::Portals("no owned engine".into())),
-            };
-        }
-        self.eq_wait_into(eq, timeout, spare)?;
-        Ok(&*spare)
     }
 
     /// Takes what `take` finds: queued events first, else after one progress pass.
@@ -860,14 +844,29 @@ impl Endpoint {
         Ok(ev)
     }
 
-    /// [`Endpoint::eq_wait`] into a caller's event (written when this returns `Ok`).
+    /// [`Endpoint::eq_wait`] into a caller's event (written when this returns `Ok`). An event
+    /// already queued is taken in the caller, without a call ([`Endpoint::take_queued`]).
+    #[inline(always)]
     pub fn eq_wait_into(
         &mut self,
         eq: EqHandle,
         timeout: Duration,
         out: &mut Event,
     ) -> Result<(), QkError> {
-        if self.eq_poll_into(eq, out)? {
+        if self.take_queued(eq, out)? {
+            return Ok(());
+        }
+        self.eq_wait_slow(eq, timeout, out)
+    }
+
+    /// [`Endpoint::eq_wait_into`] past its inlined first look.
+    fn eq_wait_slow(
+        &mut self,
+        eq: EqHandle,
+        timeout: Duration,
+        out: &mut Event,
+    ) -> Result<(), QkError> {
+        if self.eq_poll_slow(eq, out)? {
             return Ok(());
         }
         let start = Instant::now();
@@ -891,7 +890,7 @@ impl Endpoint {
         let mut polls = 0u32;
         loop {
             let seen = self.shared.delivered.load(Ordering::Acquire);
-            if self.eq_poll_into(eq, out)? {
+            if self.eq_poll_slow(eq, out)? {
                 return Ok(());
             }
             polls = polls.wrapping_add(1);
@@ -1042,19 +1041,6 @@ fn current_cpu() -> Option<usize> {
 }
 
 /// Spin briefly, then yield, then sleep a little: used while a queue is full.
-/// The oldest event of `eq`, known to hold one, lent where it lies (a loss not yet reported is
-/// reported first, as every poll does).
-#[inline(always)]
-fn queued_ref(engine: &mut PortalsEngine, eq: EqHandle) -> Result<&Event, QkError> {
-    match engine.eq_get_ref(eq) {
-        Ok(Some(ev)) => Ok(ev),
-        Ok(None) => Err(QkError::Portals(
-            "an event queue that held an event had none to take".into(),
-        )),
-        Err(e) => Err(QkError::Portals(e.to_string())),
-    }
-}
-
 fn backoff(start: Instant) {
     let el = start.elapsed();
     if el < Duration::from_micros(20) {
@@ -2167,6 +2153,55 @@ mod tests {
             "queue order: {seqs:?}"
         );
         assert_eq!(rx.stats().total_drops(), 0);
+    }
+
+    #[test]
+    fn queued_events_taken_in_the_caller_report_a_loss_once_then_come_in_order() {
+        let (_fab, mut tx, mut rx, eq, smd, _sbuf, _rbuf) = pair();
+        // 70 puts delivered by one progress pass with no waiter: 64 events fill the queue, 6 are
+        // lost. The waiter's calls then take them from the queue (the inlined path).
+        for n in 0..70u64 {
+            tx.put(&PutArgs {
+                md: smd,
+                local_offset: 0,
+                length: 8,
+                target: ProcessId::new(41, 1),
+                portal: 1,
+                match_bits: n,
+                remote_offset: 0,
+                ack: false,
+                hdr_data: n,
+            })
+            .expect("put");
+        }
+        assert_eq!(rx.progress(), 70);
+        let mut ev = Event::EMPTY;
+        match rx.eq_wait_into(eq, Duration::from_secs(5), &mut ev) {
+            Err(QkError::Portals(m)) => assert!(m.contains('6'), "{m}"),
+            other => panic!("the loss must be reported first: {other:?}"),
+        }
+        let mut bits = Vec::new();
+        for k in 0..64 {
+            if k % 2 == 0 {
+                rx.eq_wait_into(eq, Duration::from_secs(5), &mut ev)
+                    .expect("wait");
+            } else {
+                assert!(rx.eq_poll_into(eq, &mut ev).expect("poll"));
+            }
+            bits.push(ev.match_bits);
+        }
+        assert_eq!(bits, (0..64).collect::<Vec<u64>>());
+        assert!(!rx.eq_poll_into(eq, &mut ev).expect("poll"));
+        // A freed queue: the poll reports the stale handle, as before.
+        rx.with_engine(|e| e.eq_free(eq)).expect("free");
+        assert!(matches!(
+            rx.eq_poll_into(eq, &mut ev),
+            Err(QkError::Portals(_))
+        ));
+        assert!(matches!(
+            rx.eq_wait_into(eq, Duration::from_millis(1), &mut ev),
+            Err(QkError::Portals(_))
+        ));
     }
 
     #[test]

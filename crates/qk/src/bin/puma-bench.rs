@@ -792,11 +792,11 @@ fn rank_main(
             hdr_data: 0,
         })
     };
-    // The event is read where the endpoint lends it: a queued one in its slot, no copy.
-    let mut spare = qk::portals::Event::EMPTY;
+    let mut ev = qk::portals::Event::EMPTY;
     let mut wait_put = |ep: &mut Endpoint| -> Result<(), QkError> {
         loop {
-            if ep.eq_wait_ref(eq, WAIT, &mut spare)?.kind == EventKind::Put {
+            ep.eq_wait_into(eq, WAIT, &mut ev)?;
+            if ev.kind == EventKind::Put {
                 return Ok(());
             }
         }
@@ -943,7 +943,7 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
     };
     let mut send_ns = Vec::new();
     let mut recv_ns = Vec::new();
-    let mut spare = qk::portals::Event::EMPTY;
+    let mut ev = qk::portals::Event::EMPTY;
     for _ in 0..reps {
         let (mut ts, mut tr) = (Duration::ZERO, Duration::ZERO);
         for _ in 0..batches {
@@ -953,9 +953,9 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
             }
             let t1 = Instant::now();
             for _ in 0..window {
-                match rx.eq_poll_ref(eq, &mut spare)? {
-                    Some(ev) if ev.kind == EventKind::Put => {}
-                    got => return Err(format!("expected a put event, got {got:?}").into()),
+                let got = rx.eq_poll_into(eq, &mut ev)?;
+                if !got || ev.kind != EventKind::Put {
+                    return Err(format!("expected a put event, got {:?}", got.then_some(ev)).into());
                 }
             }
             ts += t1 - t0;
