@@ -849,14 +849,34 @@ impl<S: Store> Engine<S> {
         }
     }
 
-    /// True when [`Engine::eq_get`] on `h` would return something other
-    /// than `Ok(None)` from a live queue: an event, or a loss to report.
+    /// [`Engine::eq_get_into`] for the plain case only: when queue `h` is
+    /// live, holds an event and has no loss to report first, takes the
+    /// oldest event into `out` and returns true, exactly as `eq_get_into`
+    /// would. Otherwise returns false having changed nothing (`out`
+    /// untouched), and `eq_get_into` gives the full answer (the loss, the
+    /// stale handle, or `Ok(false)`). No error to build, so a caller can
+    /// inline it into a loop that takes a run of events.
     #[inline]
-    pub fn eq_ready(&self, h: EqHandle) -> bool {
-        self.eq_live(h) && {
-            let q = &self.store.tables_ref().eqs[h.idx as usize];
-            (q.len > 0) | (q.lost > 0)
+    pub fn eq_take_queued_into(&mut self, h: EqHandle, out: &mut Event) -> bool {
+        if !self.eq_live(h) {
+            return false;
         }
+        let t = self.store.tables();
+        let q = &mut t.eqs[h.idx as usize];
+        if (q.len == 0) | (q.lost > 0) {
+            return false;
+        }
+        let at = (q.base + q.head) as usize;
+        let Some(ev) = t.events.get(at) else {
+            return false;
+        };
+        *out = *ev;
+        q.head += 1;
+        if q.head == q.cap {
+            q.head = 0;
+        }
+        q.len -= 1;
+        true
     }
 
     /// Removes the oldest event of queue `h` and returns its slot (valid

@@ -1615,38 +1615,75 @@ fn eq_get_into_takes_the_same_events_as_eq_get_and_leaves_out_alone_when_empty()
 }
 
 #[test]
-fn eq_ready_says_exactly_when_eq_get_has_something_to_return() {
-    let mut e = engine();
-    open(&mut e, 0);
-    let q = e.eq_alloc(2).unwrap();
-    e.portal_set_eq(0, Some(q)).unwrap();
-    let m = sink(&mut e, 0, 100);
-    e.portal_attach_md(0, m).unwrap();
-    // Each step: eq_ready, then the eq_get it predicts (Ok(None) exactly when not ready).
-    let step = |e: &mut Engine<BoxStore>, delivers: u64| {
-        for n in 0..delivers {
-            e.deliver(&WireHeader {
-                hdr_data: n,
-                ..put(0, 0, 1)
-            })
-            .unwrap();
-        }
-        let ready = e.eq_ready(q);
-        let got = e.eq_get(q);
-        assert_eq!(ready, got != Ok(None), "{got:?}");
-        got
-    };
-    assert_eq!(step(&mut e, 0), Ok(None));
-    assert!(matches!(step(&mut e, 1), Ok(Some(_))));
-    assert_eq!(step(&mut e, 0), Ok(None));
-    // Three into two slots: the loss is reported first (ready), then both events.
-    assert_eq!(step(&mut e, 3), Err(Error::EventsDropped(1)));
-    assert!(matches!(step(&mut e, 0), Ok(Some(_))));
-    assert!(matches!(step(&mut e, 0), Ok(Some(_))));
-    assert_eq!(step(&mut e, 0), Ok(None));
-    // A freed queue is not ready: its eq_get reports the stale handle (the slow path's answer).
-    e.eq_free(q).unwrap();
-    assert!(!e.eq_ready(q));
-    assert_eq!(e.eq_get(q), Err(Error::StaleHandle("event queue")));
-    assert!(!e.eq_ready(EqHandle::NONE));
+fn eq_take_queued_into_takes_what_eq_get_into_would_and_leaves_the_rest_to_it() {
+    // Two engines fed the same deliveries: `a` polled with eq_get_into, `b` with
+    // eq_take_queued_into first and eq_get_into only when that declines.
+    let mut a = engine();
+    let mut b = engine();
+    let mut qs = Vec::new();
+    for e in [&mut a, &mut b] {
+        open(e, 0);
+        let q = e.eq_alloc(2).unwrap();
+        e.portal_set_eq(0, Some(q)).unwrap();
+        let m = sink(e, 0, 100);
+        e.portal_attach_md(0, m).unwrap();
+        qs.push(q);
+    }
+    let (qa, qb) = (qs[0], qs[1]);
+    let mut n = 0;
+    // Each step: `delivers` puts to both, then one poll of each; `fast` says whether b's
+    // event came from eq_take_queued_into.
+    let mut step =
+        |a: &mut Engine<BoxStore>, b: &mut Engine<BoxStore>, delivers: u64, fast: bool| {
+            for _ in 0..delivers {
+                let h = WireHeader {
+                    hdr_data: n,
+                    ..put(0, 0, 1)
+                };
+                n += 1;
+                a.deliver(&h).unwrap();
+                b.deliver(&h).unwrap();
+            }
+            let (mut ea, mut eb) = (
+                Event::EMPTY,
+                Event {
+                    hdr_data: 0xdead,
+                    ..Event::EMPTY
+                },
+            );
+            let ra = a.eq_get_into(qa, &mut ea);
+            let took = b.eq_take_queued_into(qb, &mut eb);
+            assert_eq!(took, fast, "{ra:?}");
+            let rb = if took {
+                Ok(true)
+            } else {
+                assert_eq!(eb.hdr_data, 0xdead, "declined: out untouched");
+                b.eq_get_into(qb, &mut eb)
+            };
+            assert_eq!(ra, rb);
+            if ra == Ok(true) {
+                assert_eq!(ea, eb);
+            }
+            ra
+        };
+    assert_eq!(step(&mut a, &mut b, 0, false), Ok(false));
+    assert_eq!(step(&mut a, &mut b, 1, true), Ok(true));
+    assert_eq!(step(&mut a, &mut b, 0, false), Ok(false));
+    // Three into two slots: the loss goes to eq_get_into, then both events come the fast way.
+    assert_eq!(step(&mut a, &mut b, 3, false), Err(Error::EventsDropped(1)));
+    assert_eq!(step(&mut a, &mut b, 0, true), Ok(true));
+    assert_eq!(step(&mut a, &mut b, 0, true), Ok(true));
+    assert_eq!(step(&mut a, &mut b, 0, false), Ok(false));
+    // The queue wraps: two more in, both out.
+    assert_eq!(step(&mut a, &mut b, 2, true), Ok(true));
+    assert_eq!(step(&mut a, &mut b, 0, true), Ok(true));
+    // A freed queue: declined, and eq_get_into reports the stale handle.
+    a.eq_free(qa).unwrap();
+    b.eq_free(qb).unwrap();
+    assert_eq!(
+        step(&mut a, &mut b, 0, false),
+        Err(Error::StaleHandle("event queue"))
+    );
+    let mut ev = Event::EMPTY;
+    assert!(!b.eq_take_queued_into(EqHandle::NONE, &mut ev));
 }

@@ -749,32 +749,26 @@ impl Endpoint {
     /// the caller, without a call: see [`Endpoint::take_queued`].
     #[inline(always)]
     pub fn eq_poll_into(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
-        if self.take_queued(eq, out)? {
+        if self.take_queued(eq, out) {
             return Ok(true);
         }
         self.eq_poll_slow(eq, out)
     }
 
-    /// In the inline modes, when `eq` holds an event (or a loss to report): takes it into `out`
-    /// (`Ok(true)`) or reports the loss, as the poll would. `Ok(false)` otherwise, `out`
-    /// untouched. Inlined into the caller, so a waiter handed a run of events takes each with a
-    /// few loads and one copy instead of a call into the poll path.
+    /// In the inline modes, when `eq` holds an event and no loss to report: takes it into `out`
+    /// (true). False otherwise, `out` untouched, and the poll path gives the full answer (the
+    /// loss, a stale handle, or a progress pass). Inlined into the caller, so a waiter handed a
+    /// run of events takes each with a few loads and one copy instead of a call into the poll.
     #[inline(always)]
-    fn take_queued(&mut self, eq: EqHandle, out: &mut Event) -> Result<bool, QkError> {
+    fn take_queued(&mut self, eq: EqHandle, out: &mut Event) -> bool {
         let Some(inner) = self.own.as_deref_mut() else {
-            return Ok(false);
+            return false;
         };
-        if !inner.engine.eq_ready(eq) {
-            return Ok(false);
+        if !inner.engine.eq_take_queued_into(eq, out) {
+            return false;
         }
-        let got = inner
-            .engine
-            .eq_get_into(eq, out)
-            .map_err(|e| QkError::Portals(e.to_string()))?;
-        if got {
-            self.idle_since = None;
-        }
-        Ok(got)
+        self.idle_since = None;
+        true
     }
 
     /// [`Endpoint::eq_poll_into`] past its inlined first look.
@@ -853,7 +847,7 @@ impl Endpoint {
         timeout: Duration,
         out: &mut Event,
     ) -> Result<(), QkError> {
-        if self.take_queued(eq, out)? {
+        if self.take_queued(eq, out) {
             return Ok(());
         }
         self.eq_wait_slow(eq, timeout, out)
