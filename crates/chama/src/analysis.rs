@@ -6,9 +6,9 @@ use std::time::Instant;
 use crate::noise::Noise;
 use crate::schedule::{Op, OpKind, Schedule};
 use crate::sim::{
-    count_pending, critical_path_from, fill_states_at, initial_state_threads, refill_state,
-    simulate, simulate_from, Closed, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput,
-    Split, PARALLEL_SIM_OPS,
+    count_pending, critical_path_from, fill_states, fresh_state, initial_state_threads, simulate,
+    simulate_from, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput, Split,
+    PARALLEL_SIM_OPS,
 };
 use crate::states::States;
 
@@ -204,7 +204,7 @@ fn analyse_split_from(
     };
     let split = Split::of(s, p, &busy);
     let init = |t: Option<States>| match t {
-        Some(t) if t.len() == s.len() => fill_states_at(s, t, Closed::of(&split, s.len())),
+        Some(t) if t.len() == s.len() => fill_states(s, t, 2),
         _ => initial_state_threads(s, 2),
     };
     let (mut clean, noisy_run, kept) = if noise.is_quiet() {
@@ -229,13 +229,7 @@ fn analyse_split_from(
             Some(&mut scratch),
         );
         let mut st = std::mem::take(&mut c.st);
-        let kept = keep_clean(
-            s,
-            &mut st,
-            per_rank,
-            s.spare.take(),
-            Closed::of(&split, s.len()),
-        );
+        let kept = keep_clean(s, &mut st, per_rank, s.spare.take());
         scratch.noise = s.spare.take();
         s.release_spare();
         let n = simulate_from(
@@ -386,7 +380,6 @@ impl CleanKept {
         part: &mut [OpState],
         dur: &mut [u32],
         per_rank: bool,
-        closed: bool,
     ) -> Self {
         let classes = s.class_names.len() * 3;
         let mut k = CleanKept {
@@ -422,9 +415,9 @@ impl CleanKept {
             } else {
                 *d = DUR_NONE;
             }
-            refill_state(x);
+            *x = fresh_state(s, lo + i);
         }
-        count_pending(s, lo, part, closed);
+        count_pending(s, lo, part);
         k
     }
 
@@ -460,14 +453,13 @@ impl CleanKept {
 }
 
 /// Keep what the comparison needs of the finished run in `st` and fill `st` in again for a new
-/// run of `s`, on two threads for large schedules (split at `at`); the kept durations go to
-/// `buffer` (any content) if there is one.
+/// run of `s`, on two threads for large schedules; the kept durations go to `buffer` (any
+/// content) if there is one.
 fn keep_clean(
     s: &Schedule,
     st: &mut [OpState],
     per_rank: bool,
     buffer: Option<Vec<u32>>,
-    at: Closed,
 ) -> CleanKept {
     let n = st.len();
     let mut dur = match buffer {
@@ -480,15 +472,15 @@ fn keep_clean(
         // Zeroed: fresh pages, first written below by the thread that owns them.
         None => vec![0u32; n],
     };
-    let mid = at.mid.min(n);
-    let mut k = if n < PARALLEL_MIN_OPS || mid == 0 || mid == n {
-        CleanKept::take(s, 0, st, &mut dur, per_rank, false)
+    let mut k = if n < PARALLEL_MIN_OPS {
+        CleanKept::take(s, 0, st, &mut dur, per_rank)
     } else {
+        let mid = n / 2;
         let (a, b) = st.split_at_mut(mid);
         let (da, db) = dur.split_at_mut(mid);
         std::thread::scope(|sc| {
-            let h = sc.spawn(|| CleanKept::take(s, mid, b, db, per_rank, at.closed));
-            let ka = CleanKept::take(s, 0, a, da, per_rank, at.closed);
+            let h = sc.spawn(|| CleanKept::take(s, mid, b, db, per_rank));
+            let ka = CleanKept::take(s, 0, a, da, per_rank);
             match h.join() {
                 Ok(kb) => ka.merge(kb),
                 Err(e) => std::panic::resume_unwind(e),
@@ -1016,7 +1008,7 @@ rank 3 {
             let noisy = simulate(&s, &p, &noise, &opts);
             assert_eq!(noisy.unfinished(), 0);
             let mut st = clean.st.clone();
-            let kept = keep_clean(&s, &mut st, true, None, Closed::open(s.len() / 2));
+            let kept = keep_clean(&s, &mut st, true, None);
             assert!(kept.exact);
             let mid = s.len() / 2;
             assert_eq!(
@@ -1045,54 +1037,6 @@ rank 3 {
                 assert_eq!(part.noisy_end, full.noisy_end);
                 assert_eq!(part.last, full.last);
             }
-        }
-    }
-
-    /// Split where no dependency crosses (a two-thread schedule's halves), the state fill and
-    /// the keep-and-refill count each part's pending dependencies from its own operations'
-    /// lists only, and give what the open split gives; without a two-thread split
-    /// `Closed::of` gives the open one.
-    #[test]
-    fn closed_split_fills_and_keeps_as_the_open_one() {
-        let p = Params::default();
-        let two = SimOptions {
-            record_busy: true,
-            threads: 2,
-            min_parallel_ops: 0,
-            ..SimOptions::default()
-        };
-        for (pat, ranks) in [
-            (Pattern::AllreduceRd, 8_000),
-            (Pattern::Stencil2d, 10_000),
-            (Pattern::Bcast, 40_001),
-        ] {
-            let gp = GenParams {
-                ranks,
-                ..GenParams::default()
-            };
-            let s = crate::gen::generate_layout(pat, &gp, true).expect("generator");
-            let split = Split::of(&s, &p, &two);
-            assert!(split.two_threads(), "{pat:?}");
-            let at = Closed::of(&split, s.len());
-            assert!(at.closed && at.mid > 0 && at.mid < s.len());
-            let want = initial_state_threads(&s, 1);
-            let filled = fill_states_at(&s, crate::sim::state_template(s.len()), at);
-            assert!(filled == want, "{pat:?}");
-            // Far more operations than a thread takes alone: both parts on two threads.
-            assert!(s.len() >= PARALLEL_MIN_OPS, "{pat:?}");
-            let clean = simulate(&s, &p, &Noise::none(), &two);
-            let (mut a, mut b) = (clean.st.clone(), clean.st.clone());
-            let open = keep_clean(&s, &mut a, true, None, Closed::open(s.len() / 2));
-            let closed = keep_clean(&s, &mut b, true, None, at);
-            assert!(a == want && b == want, "{pat:?}");
-            assert_eq!(open.dur, closed.dur);
-            assert_eq!(open.ready_sum, closed.ready_sum);
-            assert_eq!(open.end_sum, closed.end_sum);
-            assert_eq!(open.rank_end, closed.rank_end);
-            // No two-thread split (one thread asked for): the open split at the middle.
-            let one = SimOptions { threads: 1, ..two };
-            let open_at = Closed::of(&Split::of(&s, &p, &one), s.len());
-            assert!(!open_at.closed && open_at.mid == s.len() / 2);
         }
     }
 }

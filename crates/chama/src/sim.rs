@@ -776,114 +776,47 @@ pub(crate) const FRESH_STATE: OpState = OpState {
 };
 
 /// Fill a [`state_template`] of `s.len()` states in for `s`, on one thread or two.
-pub(crate) fn fill_states(s: &Schedule, st: States, threads: usize) -> States {
-    let n = s.len();
-    if threads < 2 || n < 2 {
-        fill_states_at(s, st, Closed::open(n))
-    } else {
-        fill_states_at(s, st, Closed::open(n / 2))
-    }
-}
-
-/// Where a pass over the states of a schedule's operations splits them between two threads,
-/// and whether no dependency crosses that point (then a thread counts the pending
-/// dependencies of its part from its own operations' dependency lists, not from all of them).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Closed {
-    pub(crate) mid: usize,
-    pub(crate) closed: bool,
-}
-
-impl Closed {
-    /// Split at `mid` (`mid == len`: one thread), dependencies across it allowed.
-    pub(crate) fn open(mid: usize) -> Self {
-        Closed { mid, closed: false }
-    }
-
-    /// Split at the two-thread boundary of `split` if it has one (no dependency crosses it,
-    /// see [`Split`]), else at `len / 2`.
-    pub(crate) fn of(split: &Split, len: usize) -> Self {
-        match split.0 {
-            Some((_, ops)) => Closed {
-                mid: ops,
-                closed: true,
-            },
-            None => Closed::open(len / 2),
-        }
-    }
-}
-
-/// Fill a [`state_template`] of `s.len()` states in for `s`, split at `at` (on two threads
-/// when both parts hold operations).
-pub(crate) fn fill_states_at(s: &Schedule, mut st: States, at: Closed) -> States {
+pub(crate) fn fill_states(s: &Schedule, mut st: States, threads: usize) -> States {
     let n = s.len();
     debug_assert_eq!(st.len(), n);
-    let (a, b) = st.split_at_mut(at.mid.min(n));
-    if a.is_empty() || b.is_empty() {
-        fill_initial(s, 0, &mut st, false);
+    if threads < 2 || n < 2 {
+        fill_initial(s, 0, &mut st);
         return st;
     }
-    let lo = a.len();
+    let (a, b) = st.split_at_mut(n / 2);
     // A panic on the helper thread is propagated when the scope ends.
     std::thread::scope(|sc| {
-        sc.spawn(|| fill_initial(s, lo, b, at.closed));
-        fill_initial(s, 0, a, at.closed);
+        sc.spawn(|| fill_initial(s, n / 2, b));
+        fill_initial(s, 0, a);
     });
     st
 }
 
 /// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`
-/// (states as [`FRESH_STATE`] leaves them); `closed`: no dependency links these operations
-/// with others (see [`count_pending`]).
-pub(crate) fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState], closed: bool) {
-    // The lists as slices once (they may be mappings, whose every look-up checks the layout).
-    let (start, list): (&[u32], &[u32]) = (&s.dep_start, &s.dep_list);
+/// (states as [`FRESH_STATE`] leaves them).
+pub(crate) fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
     for (i, x) in part.iter_mut().enumerate() {
-        let op = lo + i;
-        *x = fresh_state(&list[start[op] as usize..start[op + 1] as usize]);
+        *x = fresh_state(s, lo + i);
     }
-    count_pending(s, lo, part, closed);
-}
-
-/// The state `x` (of a finished run, or one as [`fill_initial`] leaves it) as [`fill_initial`]
-/// leaves it but for the pending-dependency count (0): a run never changes the dependents it
-/// holds, so only the times, the link and the predecessor are reset, and the dependency lists
-/// are not read again.
-#[inline]
-pub(crate) fn refill_state(x: &mut OpState) {
-    *x = OpState {
-        deps: x.deps,
-        ..FRESH_STATE
-    };
+    count_pending(s, lo, part);
 }
 
 /// Add to the pending-dependency counts of operations `lo..lo + part.len()` the edges into
-/// them. With `closed` (no dependency links these operations with others: each half of a
-/// two-thread schedule, see [`Split`]) only their own dependency lists are read; otherwise
-/// every part reads all edges and counts those into it.
-pub(crate) fn count_pending(s: &Schedule, lo: usize, part: &mut [OpState], closed: bool) {
-    let list: &[u32] = &s.dep_list;
-    let edges = match (
-        closed,
-        s.dep_start.get(lo),
-        s.dep_start.get(lo + part.len()),
-    ) {
-        (true, Some(&a), Some(&b)) => &list[a as usize..b as usize],
-        _ => list,
-    };
-    for &d in edges {
+/// them.
+pub(crate) fn count_pending(s: &Schedule, lo: usize, part: &mut [OpState]) {
+    // Every part reads all edges and counts those into it.
+    for &d in &s.dep_list {
         if let Some(x) = part.get_mut(((d & !IREQ_BIT) as usize).wrapping_sub(lo)) {
             x.link += 1;
         }
     }
 }
 
-/// The state before a run of an operation whose dependents are `deps`, its pending-dependency
-/// count aside (0).
+/// Operation `op`'s state before a run, its pending-dependency count aside (0).
 #[inline]
-fn fresh_state(deps: &[u32]) -> OpState {
+pub(crate) fn fresh_state(s: &Schedule, op: usize) -> OpState {
     let mut x = FRESH_STATE;
-    match deps {
+    match s.dependents(op) {
         [] => {}
         &[a] => x.deps[0] = a,
         &[a, b] => x.deps = [a, b],
