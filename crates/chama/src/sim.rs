@@ -795,10 +795,25 @@ pub(crate) fn fill_states(s: &Schedule, mut st: States, threads: usize) -> State
 /// Fill in the dependents and pending-dependency counts of operations `lo..lo + part.len()`
 /// (states as [`FRESH_STATE`] leaves them).
 pub(crate) fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
+    // The lists as slices once (they may be mappings, whose every look-up checks the layout).
+    let (start, list): (&[u32], &[u32]) = (&s.dep_start, &s.dep_list);
     for (i, x) in part.iter_mut().enumerate() {
-        *x = fresh_state(s, lo + i);
+        let op = lo + i;
+        *x = fresh_state(&list[start[op] as usize..start[op + 1] as usize]);
     }
     count_pending(s, lo, part);
+}
+
+/// The state `x` (of a finished run, or one as [`fill_initial`] leaves it) as [`fill_initial`]
+/// leaves it but for the pending-dependency count (0): a run never changes the dependents it
+/// holds, so only the times, the link and the predecessor are reset, and the dependency lists
+/// are not read again.
+#[inline]
+pub(crate) fn refill_state(x: &mut OpState) {
+    *x = OpState {
+        deps: x.deps,
+        ..FRESH_STATE
+    };
 }
 
 /// Add to the pending-dependency counts of operations `lo..lo + part.len()` the edges into
@@ -812,11 +827,12 @@ pub(crate) fn count_pending(s: &Schedule, lo: usize, part: &mut [OpState]) {
     }
 }
 
-/// Operation `op`'s state before a run, its pending-dependency count aside (0).
+/// The state before a run of an operation whose dependents are `deps`, its pending-dependency
+/// count aside (0).
 #[inline]
-pub(crate) fn fresh_state(s: &Schedule, op: usize) -> OpState {
+fn fresh_state(deps: &[u32]) -> OpState {
     let mut x = FRESH_STATE;
-    match s.dependents(op) {
+    match deps {
         [] => {}
         &[a] => x.deps[0] = a,
         &[a, b] => x.deps = [a, b],
