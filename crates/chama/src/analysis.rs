@@ -6,7 +6,7 @@ use std::time::Instant;
 use crate::noise::Noise;
 use crate::schedule::{Op, OpKind, Schedule};
 use crate::sim::{
-    count_pending, critical_path_from, fill_states, fresh_state, initial_state_threads, simulate,
+    count_pending, critical_path_from, fill_states, initial_state_threads, refill_state, simulate,
     simulate_from, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput, Split,
     PARALLEL_SIM_OPS,
 };
@@ -415,7 +415,7 @@ impl CleanKept {
             } else {
                 *d = DUR_NONE;
             }
-            *x = fresh_state(s, lo + i);
+            refill_state(x);
         }
         count_pending(s, lo, part);
         k

@@ -4,6 +4,7 @@
 //! One operation costs 24 bytes here, one dependency 8 bytes; nothing is allocated per operation.
 
 use crate::error::ScheduleError;
+use crate::mapped::{BestEffort, MappedArray};
 use crate::ops::Ops;
 
 /// Wildcard peer (`MPI_ANY_SOURCE`) or tag (`MPI_ANY_TAG`); written `-1` in GOAL.
@@ -87,9 +88,9 @@ pub struct Schedule {
     /// The operations (a mapping for a large schedule, see [`Ops`]).
     pub ops: Ops,
     /// CSR offsets: dependents of op `i` are `dep_list[dep_start[i]..dep_start[i+1]]`.
-    pub dep_start: Vec<u32>,
+    pub dep_start: DepArray,
     /// Dependent op index, with [`IREQ_BIT`] set for `irequires` edges.
-    pub dep_list: Vec<u32>,
+    pub dep_list: DepArray,
     /// Names of the operation classes.
     pub class_names: Vec<String>,
     /// Number of CPUs per rank (largest cpu index + 1).
@@ -98,6 +99,51 @@ pub struct Schedule {
     pub num_nics: u8,
     /// Memory the build leaves for later use (see [`Spare`]); not part of the schedule.
     pub(crate) spare: Spare,
+}
+
+/// An array of the dependency lists ([`Schedule::dep_start`], [`Schedule::dep_list`]): a
+/// vector, or, from 64 MiB on, an anonymous mapping whose pages were populated in bulk (at a
+/// million ranks the two are 328 MB, 80 K pages that the lists' build took as demand faults
+/// before: see [`crate::mapped`]). It dereferences to a slice.
+pub type DepArray = MappedArray<u32, BestEffort>;
+
+/// `n` zeroed entries of each of `lens` arrays for the dependency lists, for threads to write
+/// their parts of: a mapping for 64 MiB or more, whose pages `threads` threads (1 or 2)
+/// populate at once, half each; a vector otherwise.
+fn zeroed_dep_arrays<const K: usize>(lens: [usize; K], threads: usize) -> [DepArray; K] {
+    let mut arrays = lens.map(|n| {
+        let mut a = DepArray::new();
+        let Ok(()) = a.reserve(n);
+        a
+    });
+    let populate = |a: &DepArray, n: usize, part: usize| {
+        let (from, to) = match (threads >= 2, part) {
+            (false, _) => (0, n),
+            (true, 0) => (0, n / 2),
+            (true, _) => (n / 2, n),
+        };
+        let Ok(()) = a.populate_room(from, to);
+    };
+    if arrays.iter().any(|a| a.is_mapped()) {
+        let (arrays, populate) = (&arrays, &populate);
+        std::thread::scope(|sc| {
+            if threads >= 2 {
+                sc.spawn(move || {
+                    for (a, &n) in arrays.iter().zip(&lens) {
+                        populate(a, n, 1);
+                    }
+                });
+            }
+            for (a, &n) in arrays.iter().zip(&lens) {
+                populate(a, n, 0);
+            }
+        });
+    }
+    for (a, &n) in arrays.iter_mut().zip(&lens) {
+        a.note_populated(n);
+        let Ok(()) = a.grow(n, 0);
+    }
+    arrays
 }
 
 /// Buffers a schedule's build leaves behind for later use: the builders' edge arrays, whose
@@ -541,8 +587,7 @@ impl ScheduleBuilder {
                 e[1] = at(e[1] & !IREQ_BIT) | (e[1] & IREQ_BIT);
             }
         }
-        let mut start = vec![0u32; n + 1];
-        let mut list = vec![0u32; edges.len() / 2];
+        let [mut start, mut list] = zeroed_dep_arrays([n + 1, edges.len() / 2], 1);
         csr_part(&edges, n, &mut start, &mut list, 0, 0)?;
         if keep_edges {
             s.spare.put(edges);
@@ -583,9 +628,8 @@ impl ScheduleBuilder {
         }
         sa.num_cpus = sa.num_cpus.max(sb.num_cpus);
         sa.num_nics = sa.num_nics.max(sb.num_nics);
-        // Fresh zeroed arrays: each part's pages are first touched by the thread filling it.
-        let mut start = vec![0u32; n + 1];
-        let mut list = vec![0u32; (ea.len() + eb.len()) / 2];
+        // Fresh zeroed arrays whose pages both threads populate (half each).
+        let [mut start, mut list] = zeroed_dep_arrays([n + 1, (ea.len() + eb.len()) / 2], threads);
         let (start_a, start_b) = start.split_at_mut(na);
         let (list_a, list_b) = list.split_at_mut(ea.len() / 2);
         let (off_ops, off_edges) = (na as u32, (ea.len() / 2) as u32);
