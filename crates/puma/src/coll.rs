@@ -915,6 +915,14 @@ fn cma_allowed() -> bool {
     })
 }
 
+/// The online CPUs, read once per process: `sysconf` opens, reads and closes a sysfs file each
+/// time, which cost a crowded all-to-all ~15 µs per call when every large one asked (4 ranks on
+/// 2 cores, 512-byte blocks: 22 µs against 5-7).
+fn online_cpus() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(qk::sys::online_cpus)
+}
+
 /// `PUMACOLL_CMA_CLAIM=1|0` makes every crowded all-to-all by cross-memory attach (at most 64
 /// members) take `Comm::cma_alltoall_crowded` or none (`Comm::cma_alltoall`, readers only),
 /// instead of only those with at most two members per CPU (measurements and tests).
@@ -1650,7 +1658,8 @@ impl Comm {
         // or the readers-only single copy by measured cost (8 ranks on 2 cores, 64 KiB blocks:
         // the stages ~210 µs with the two vCPUs near, ~550 far, the single copy ~340 in either
         // placement). `claims` rests only on what every member sees alike.
-        let claims = over && n.len() <= 64 && Self::claims_pay(n);
+        let claims =
+            over && allowed.contains(&LargePath::Cma) && n.len() <= 64 && Self::claims_pay(n);
         let fixed = match Self::fixed_path(&allowed) {
             None if claims => allowed.last().copied(),
             f => f,
@@ -1701,7 +1710,7 @@ impl Comm {
     /// affinity masks, which a rank may change and the others read at different times; they
     /// only decide who pushes ([`NodeColl::shares_core`]), which each rank may choose alone.
     fn claims_pay(n: &NodeColl) -> bool {
-        crowded_claims().unwrap_or_else(|| n.len() <= 2 * qk::sys::online_cpus())
+        crowded_claims().unwrap_or_else(|| n.len() <= 2 * online_cpus())
     }
 
     /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and
