@@ -52,6 +52,9 @@ struct Args {
     /// and more than one stage piece): under the measured choice they take every path.
     #[arg(long, default_value_t = 0)]
     alltoall_streak: usize,
+    /// Block sizes (i64) the `--alltoall-streak` takes in turn instead of 2047, 2048, 8193.
+    #[arg(long, value_delimiter = ',', default_values_t = [2047, 2048, 8193])]
+    alltoall_blocks: Vec<usize>,
     /// Back-to-back byte broadcasts and all-reduces (each checked) of every size in
     /// `LINE_SIZES`, this many operations per size (more than the area's 64 slots reuses each
     /// slot with that size).
@@ -136,10 +139,18 @@ fn line_streak(w: &Comm, a: &Args, checks: &mut u32) -> Result<()> {
 }
 
 /// See `Args::alltoall_streak`.
-fn alltoall_streak(w: &Comm, seed: u64, count: usize, checks: &mut u32) -> Result<()> {
-    const BLOCKS: [usize; 3] = [2047, 2048, 8193];
+fn alltoall_streak(
+    w: &Comm,
+    seed: u64,
+    count: usize,
+    blocks: &[usize],
+    checks: &mut u32,
+) -> Result<()> {
+    if blocks.is_empty() {
+        return Err(fail("--alltoall-blocks needs at least one size".into()));
+    }
     for k in 0..count {
-        let blk = BLOCKS[k % BLOCKS.len()];
+        let blk = blocks[k % blocks.len()];
         let salt = 0xa2a0_0000 ^ k as u64;
         check_all_to_all(
             w,
@@ -398,7 +409,13 @@ fn run(a: &Args) -> Result<()> {
         check_size(&w, a.seed, n, &mut checks)?;
     }
     streak(&w, a.seed, a.streak, &mut checks)?;
-    alltoall_streak(&w, a.seed, a.alltoall_streak, &mut checks)?;
+    alltoall_streak(
+        &w,
+        a.seed,
+        a.alltoall_streak,
+        &a.alltoall_blocks,
+        &mut checks,
+    )?;
     line_streak(&w, a, &mut checks)?;
     // Sub-communicators: split by parity, ordered by descending rank; dup keeps traffic apart.
     let sub = w

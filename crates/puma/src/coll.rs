@@ -915,6 +915,14 @@ fn cma_allowed() -> bool {
     })
 }
 
+/// The online CPUs, read once per process: `sysconf` opens, reads and closes a sysfs file each
+/// time, which cost a crowded all-to-all ~15 µs per call when every large one asked (4 ranks on
+/// 2 cores, 512-byte blocks: 22 µs against 5-7).
+fn online_cpus() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(qk::sys::online_cpus)
+}
+
 /// `PUMACOLL_CMA_CLAIM=1|0` makes every crowded all-to-all by cross-memory attach (at most 64
 /// members) take `Comm::cma_alltoall_crowded` or none (`Comm::cma_alltoall`, readers only),
 /// instead of only those with at most two members per CPU (measurements and tests).
@@ -1621,7 +1629,8 @@ impl Comm {
     /// [`ALLTOALL_CHOICE`] bytes, below them the plain stages) and names it in the header word of its slot of the
     /// operation's first sequence number before it copies anything; the others wait for that
     /// slot, then follow. With more ranks than cores (`over`) blocks from
-    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy, smaller ones the stages. Every
+    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy by claims with at most two ranks per
+    /// CPU, else member 0 chooses between it and the plain stages; smaller ones the stages. Every
     /// member copies its own block itself, on either path while it waits for the others.
     fn large_alltoall(
         n: &NodeColl,
@@ -1643,11 +1652,16 @@ impl Comm {
             let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
             Self::large_allowed(nt, cma)
         };
-        // More ranks than cores: no choice, the single copy from ALLTOALL_CMA_OVERSUBSCRIBED
-        // (the stages are several times slower there, and an 8-rank 64 KiB all-to-all of
-        // ~0.4 ms spent more on probing them than it could gain: 454 µs against 333).
+        // More ranks than cores, from ALLTOALL_CMA_OVERSUBSCRIBED: with at most two per CPU no
+        // choice, the single copy by claims (4 ranks on 2 cores, 32 / 64 KiB blocks: a choice
+        // with the stages measured 16 / 8 % slower); with more, member 0 picks the plain stages
+        // or the readers-only single copy by measured cost (8 ranks on 2 cores, 64 KiB blocks:
+        // the stages ~210 µs with the two vCPUs near, ~550 far, the single copy ~340 in either
+        // placement). `claims` rests only on what every member sees alike.
+        let claims =
+            over && allowed.contains(&LargePath::Cma) && n.len() <= 64 && Self::claims_pay(n);
         let fixed = match Self::fixed_path(&allowed) {
-            None if over => allowed.last().copied(),
+            None if claims => allowed.last().copied(),
             f => f,
         };
         let (path, timed, published) = match fixed {
@@ -1673,7 +1687,7 @@ impl Comm {
         let t0 = Instant::now();
         if path.staged() {
             Self::stage_alltoall(n, sb, rb, rotate, path)?;
-        } else if over && n.len() <= 64 && Self::claims_pay(n) {
+        } else if claims {
             Self::cma_alltoall_crowded(n, sb, rb)?;
         } else {
             Self::cma_alltoall(n, sb, rb, true, published)?;
@@ -1696,7 +1710,7 @@ impl Comm {
     /// affinity masks, which a rank may change and the others read at different times; they
     /// only decide who pushes ([`NodeColl::shares_core`]), which each rank may choose alone.
     fn claims_pay(n: &NodeColl) -> bool {
-        crowded_claims().unwrap_or_else(|| n.len() <= 2 * qk::sys::online_cpus())
+        crowded_claims().unwrap_or_else(|| n.len() <= 2 * online_cpus())
     }
 
     /// Large broadcast inside one node: the root picks the path (see [`Comm::large_path`]) and

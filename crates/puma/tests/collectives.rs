@@ -302,8 +302,8 @@ fn large_broadcast_and_all_reduce_by_either_path() {
 /// Large all-to-alls on one node with a core per rank (blocks from 16 KiB) take the stages
 /// (plain or non-temporal stores) or the single copy, chosen by member 0 by measured cost unless
 /// `PUMACOLL_LARGE` forces one; smaller blocks always take the plain stages. With more ranks than
-/// cores (3 to 8 ranks on this 2-core host) blocks from 32 KiB take the single copy unless a
-/// path is forced. Each forced path and the measured
+/// cores (3 to 8 ranks on this 2-core host) the choice from 32 KiB blocks is between the plain
+/// stages and the single copy. Each forced path and the measured
 /// choice against serial results on 2/3/5/8 ranks: the sizes of coll_check (blocks n/p + 1 i64,
 /// uneven on 3 and 5 ranks) and a streak of 60 all-to-alls with blocks of 2047, 2048 (16 KiB)
 /// and 8193 i64 (more than one stage piece) in turn, under which the choice takes every path.
@@ -341,6 +341,46 @@ fn large_all_to_all_by_every_path() {
                 _ => assert!(pieces > 0 && cma >= 2 * (n as u64 - 1), "{env:?}: {so}"),
             }
         }
+    }
+}
+
+/// With more ranks than cores, all-to-alls of 64 KiB blocks (8193 i64), each checked: with more
+/// than two ranks per CPU (5 and 8 on this 2-core host) member 0 picks the plain stages or the
+/// readers-only single copy by measured cost, so both were taken (every path is tried first);
+/// with at most two (3 and 4) they all take the single copy by claims. Nothing else of the run
+/// takes the stages.
+#[test]
+fn crowded_large_all_to_all_chooses_between_stages_and_single_copy() {
+    let cpus = qk::sys::online_cpus() as u32;
+    for n in [3, 4, 5, 8] {
+        if !crowded(n) {
+            continue;
+        }
+        let s = (130 + n).to_string();
+        let args = [
+            "--seed",
+            &s,
+            "--sizes",
+            "1",
+            "--dup-sizes",
+            "0",
+            "--streak",
+            "0",
+            "--alltoall-streak",
+            "40",
+            "--alltoall-blocks",
+            "8193",
+        ];
+        let out = yod_env(n, &[], "coll_check", &args, &[]);
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+            "{n} ranks: {so} {}",
+            text(&out.stderr)
+        );
+        let (pieces, cma) = (stat(&so, "stage pieces"), stat(&so, "cma blocks"));
+        let chooses = n > 2 * cpus;
+        assert!(cma > 0 && (pieces > 0) == chooses, "{n} ranks: {so}");
     }
 }
 
