@@ -6,9 +6,9 @@ use std::time::Instant;
 use crate::noise::Noise;
 use crate::schedule::{Op, OpKind, Schedule};
 use crate::sim::{
-    count_pending, critical_path_from, fill_states, initial_state_threads, refill_state, simulate,
-    simulate_from, CriticalPath, OpState, Params, Scratch, SimOptions, SimOutput, Split,
-    PARALLEL_SIM_OPS,
+    critical_path_from, fill_states, fill_states_counted, initial_state_threads, refill_state,
+    simulate, simulate_from, state_template, CriticalPath, OpState, Params, Scratch, SimOptions,
+    SimOutput, Split, PARALLEL_SIM_OPS,
 };
 use crate::states::States;
 
@@ -218,18 +218,26 @@ fn analyse_split_from(
         // the event queues and rank states too. The edge arrays a generated schedule's build
         // left hold the kept durations and the noisy run's noise per operation (their pages
         // are mapped already).
+        // The first fill leaves the pending-dependency counts in the buffer that later holds
+        // the kept durations, where the refill reads them back (no second pass over the edges).
         let mut scratch = Scratch::default();
+        let mut counts = op_buffer(s.len(), s.spare.take());
+        let template = match template {
+            Some(t) if t.len() == s.len() => t,
+            _ => state_template(s.len()),
+        };
+        let st = fill_states_counted(s, template, &mut counts, 2);
         let mut c = simulate_from(
             s,
             p,
             &Noise::none(),
             &busy,
-            init(template),
+            st,
             Some(&split),
             Some(&mut scratch),
         );
         let mut st = std::mem::take(&mut c.st);
-        let kept = keep_clean(s, &mut st, per_rank, s.spare.take());
+        let kept = keep_clean(s, &mut st, per_rank, counts);
         scratch.noise = s.spare.take();
         s.release_spare();
         let n = simulate_from(
@@ -373,7 +381,8 @@ struct CleanKept {
 impl CleanKept {
     /// Keep what the comparison needs of operations `lo..lo + part.len()` of a finished run
     /// and fill their states in again for a new run (as [`fill_states`] does, in the same
-    /// pass); `dur` is theirs.
+    /// pass); `dur` is theirs, and holds their pending-dependency counts on entry (as
+    /// [`fill_states_counted`] leaves them), replaced by the durations.
     fn take(
         s: &Schedule,
         lo: usize,
@@ -396,6 +405,7 @@ impl CleanKept {
         };
         let ops: &[Op] = &s.ops;
         for (i, (x, d)) in part.iter_mut().zip(dur.iter_mut()).enumerate() {
+            let pending = *d;
             if x.end != u64::MAX {
                 let o = &ops[lo + i];
                 let c = o.class as usize * 3 + o.kind as usize;
@@ -416,8 +426,8 @@ impl CleanKept {
                 *d = DUR_NONE;
             }
             refill_state(x);
+            x.link = pending;
         }
-        count_pending(s, lo, part);
         k
     }
 
@@ -452,26 +462,27 @@ impl CleanKept {
     }
 }
 
-/// Keep what the comparison needs of the finished run in `st` and fill `st` in again for a new
-/// run of `s`, on two threads for large schedules; the kept durations go to `buffer` (any
-/// content) if there is one.
-fn keep_clean(
-    s: &Schedule,
-    st: &mut [OpState],
-    per_rank: bool,
-    buffer: Option<Vec<u32>>,
-) -> CleanKept {
-    let n = st.len();
-    let mut dur = match buffer {
-        // Every entry is written below: only entries past the buffer's are set here.
+/// A buffer of `n` entries for [`fill_states_counted`]'s counts and then [`keep_clean`]'s
+/// durations: `spare` (any content; every entry is written before it is read) if there is
+/// one, else a zeroed vector (fresh pages, first written by the thread that owns them).
+fn op_buffer(n: usize, spare: Option<Vec<u32>>) -> Vec<u32> {
+    match spare {
         Some(mut v) => {
             v.truncate(n);
             v.resize(n, 0);
             v
         }
-        // Zeroed: fresh pages, first written below by the thread that owns them.
         None => vec![0u32; n],
-    };
+    }
+}
+
+/// Keep what the comparison needs of the finished run in `st` and fill `st` in again for a new
+/// run of `s`, on two threads for large schedules; `counts` holds the pending-dependency
+/// counts of `s`'s operations ([`fill_states_counted`]) and returns as the kept durations.
+fn keep_clean(s: &Schedule, st: &mut [OpState], per_rank: bool, counts: Vec<u32>) -> CleanKept {
+    let n = st.len();
+    debug_assert_eq!(counts.len(), n);
+    let mut dur = counts;
     let mut k = if n < PARALLEL_MIN_OPS {
         CleanKept::take(s, 0, st, &mut dur, per_rank)
     } else {
@@ -1008,7 +1019,15 @@ rank 3 {
             let noisy = simulate(&s, &p, &noise, &opts);
             assert_eq!(noisy.unfinished(), 0);
             let mut st = clean.st.clone();
-            let kept = keep_clean(&s, &mut st, true, None);
+            // The counts as the first fill leaves them.
+            let mut counts = vec![u32::MAX; s.len()];
+            let first = fill_states_counted(&s, state_template(s.len()), &mut counts, 2);
+            assert_eq!(first, initial_state_threads(&s, 1), "{pat:?}");
+            let mut one = vec![7; s.len()];
+            let first_one = fill_states_counted(&s, state_template(s.len()), &mut one, 1);
+            assert_eq!(first_one, first);
+            assert_eq!(one, counts);
+            let kept = keep_clean(&s, &mut st, true, counts);
             assert!(kept.exact);
             let mid = s.len() / 2;
             assert_eq!(

@@ -810,6 +810,51 @@ pub(crate) fn fill_initial(s: &Schedule, lo: usize, part: &mut [OpState]) {
     count_pending(s, lo, part);
 }
 
+/// [`fill_states`] that also leaves each operation's pending-dependency count in `counts`
+/// (one entry per operation, any content before): a second run of the schedule can take the
+/// counts from there ([`refill_state`] and the count) instead of scanning all edges again.
+/// The counts are summed in `counts`, 4 bytes per operation, not in the 32-byte states: the
+/// scattered increments touch an eighth of the cache lines and pages.
+pub(crate) fn fill_states_counted(
+    s: &Schedule,
+    mut st: States,
+    counts: &mut [u32],
+    threads: usize,
+) -> States {
+    let n = s.len();
+    debug_assert_eq!(st.len(), n);
+    debug_assert_eq!(counts.len(), n);
+    if threads < 2 || n < 2 {
+        fill_initial_counted(s, 0, &mut st, counts);
+        return st;
+    }
+    let (a, b) = st.split_at_mut(n / 2);
+    let (ca, cb) = counts.split_at_mut(n / 2);
+    // A panic on the helper thread is propagated when the scope ends.
+    std::thread::scope(|sc| {
+        sc.spawn(|| fill_initial_counted(s, n / 2, b, cb));
+        fill_initial_counted(s, 0, a, ca);
+    });
+    st
+}
+
+/// [`fill_initial`], the counts summed in `counts` (the part's, any content before) first and
+/// copied into the states as they are written.
+fn fill_initial_counted(s: &Schedule, lo: usize, part: &mut [OpState], counts: &mut [u32]) {
+    counts.fill(0);
+    let (start, list): (&[u32], &[u32]) = (&s.dep_start, &s.dep_list);
+    for &d in list {
+        if let Some(c) = counts.get_mut(((d & !IREQ_BIT) as usize).wrapping_sub(lo)) {
+            *c += 1;
+        }
+    }
+    for (i, (x, &c)) in part.iter_mut().zip(counts.iter()).enumerate() {
+        let op = lo + i;
+        *x = fresh_state(&list[start[op] as usize..start[op + 1] as usize]);
+        x.link = c;
+    }
+}
+
 /// The state `x` (of a finished run, or one as [`fill_initial`] leaves it) as [`fill_initial`]
 /// leaves it but for the pending-dependency count (0): a run never changes the dependents it
 /// holds, so only the times, the link and the predecessor are reset, and the dependency lists
