@@ -329,43 +329,21 @@ fn main() -> ExitCode {
     }
 }
 
-/// The temporary file `write_out` fills beside `path` before renaming it into place.
-fn temp_beside(path: &Path) -> std::path::PathBuf {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    dir.join(format!(".{name}.tmp{}", std::process::id()))
-}
-
 /// Before a run that may take minutes and gigabytes: check that every output named can be
 /// written (not a directory, its directory exists and takes a new file), so the run never ends
 /// in "cannot write" with its result lost. "-" (stdout) always passes.
 fn check_outputs<'a>(paths: impl IntoIterator<Item = Option<&'a str>>) -> Result<(), ChamaError> {
     for path in paths.into_iter().flatten().filter(|p| *p != "-") {
-        let err = |e| ChamaError::Output {
+        outfile::check_writable(Path::new(path)).map_err(|e| ChamaError::Output {
             path: path.to_string(),
             source: e,
-        };
-        let p = Path::new(path);
-        if p.is_dir() {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "is a directory",
-            )));
-        }
-        let tmp = temp_beside(p);
-        std::fs::File::create(&tmp).map_err(err)?;
-        let _ = std::fs::remove_file(&tmp);
+        })?;
     }
     Ok(())
 }
 
-/// Write `bytes` to `path` atomically (temp file + rename), or to stdout for "-".
+/// Write `path` whole or not at all (a regular file; a device such as `/dev/null` or a FIFO is
+/// written in place, see the `outfile` crate), or stdout for "-".
 fn write_out(
     path: &str,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
@@ -380,21 +358,7 @@ fn write_out(
         fill(&mut lock).map_err(err)?;
         return lock.flush().map_err(err);
     }
-    let p = Path::new(path);
-    let tmp = temp_beside(p);
-    let res = (|| {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-        fill(&mut w)?;
-        w.flush()?;
-        drop(w);
-        std::fs::rename(&tmp, p)
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(err(e));
-    }
-    Ok(())
+    outfile::write(Path::new(path), outfile::Durability::Rename, fill).map_err(err)
 }
 
 fn load(input: &InputArgs) -> Result<(Schedule, String), ChamaError> {

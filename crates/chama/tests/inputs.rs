@@ -447,3 +447,43 @@ fn memory_short_for_the_states_is_a_clear_error() {
         "{err}"
     );
 }
+
+/// `--ranks-csv /dev/null` (a common way to discard an output) writes into the device and
+/// leaves it a device; a link to a file keeps the link and replaces the file. The device is a
+/// null device made for the test (root), so a regression cannot replace the machine's.
+#[test]
+fn outputs_into_a_device_or_through_a_link_keep_what_is_there() {
+    use std::os::unix::fs::FileTypeExt;
+    let real = std::path::PathBuf::from(tmp("link-target.json", "old"));
+    let link = real.with_file_name("link.json");
+    let null = real.with_file_name("null");
+    let _ = std::fs::remove_file(&link);
+    let _ = std::fs::remove_file(&null);
+    let made = Command::new("mknod")
+        .arg(&null)
+        .args(["c", "1", "3"])
+        .status();
+    if !matches!(made, Ok(s) if s.success()) {
+        println!("SKIP: cannot make a character device here (mknod needs root)");
+        return;
+    }
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let out = chama()
+        .args(["run", "--gen", "bcast", "--ranks", "16", "-q", "--json"])
+        .arg(&link)
+        .arg("--ranks-csv")
+        .arg(&null)
+        .output()
+        .expect("run chama");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = std::fs::symlink_metadata(&null).expect("meta");
+    assert!(m.file_type().is_char_device(), "the device was replaced");
+    let link_meta = std::fs::symlink_metadata(&link).expect("meta");
+    assert!(link_meta.file_type().is_symlink(), "the link was replaced");
+    let json = std::fs::read_to_string(&real).expect("the link's file");
+    assert!(json.contains("\"ranks\""), "{json}");
+}

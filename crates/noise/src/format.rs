@@ -10,7 +10,7 @@
 use crate::error::{NoiseError, Result};
 use crate::ftq::FtqRun;
 use crate::units::{format_cpu_list, parse_cpu_list};
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 /// First line of an FTQ CSV file.
@@ -30,29 +30,11 @@ pub fn kernel_release() -> String {
 }
 
 /// Check, before a measurement starts, that `path` can later be written by [`write_atomic`]:
-/// it must not be a directory, its directory must exist, and a file can be created there (the
-/// probe is the same temporary name `write_atomic` uses, removed at once). A run of minutes must
-/// not end in "cannot write" with its data lost.
+/// it must not be a directory, its directory must exist, and a file can be created there (see
+/// `outfile::check_writable`). A run of minutes must not end in "cannot write" with its data
+/// lost.
 pub fn check_writable(path: &Path) -> Result<()> {
-    if path.is_dir() {
-        return Err(NoiseError::io(
-            path,
-            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
-        ));
-    }
-    let (dir, tmp) = temp_beside(path);
-    if !dir.is_dir() {
-        return Err(NoiseError::io(
-            dir,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "the directory to write into does not exist",
-            ),
-        ));
-    }
-    std::fs::File::create(&tmp).map_err(|e| NoiseError::io(path, e))?;
-    let _ = std::fs::remove_file(&tmp);
-    Ok(())
+    outfile::check_writable(path).map_err(|e| NoiseError::io(path, e))
 }
 
 /// Check, before a measurement starts, that a report can be written into `dir`: create it if
@@ -62,41 +44,14 @@ pub fn check_report_dir(dir: &Path) -> Result<()> {
     check_writable(&dir.join("report.html"))
 }
 
-/// The directory `path` lives in and the temporary name written there before the rename.
-fn temp_beside(path: &Path) -> (&Path, std::path::PathBuf) {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    (dir, tmp)
-}
-
-/// Write `path` atomically: `fill` writes into a temporary file that is renamed into place.
+/// Write `path` whole or not at all, synced before the rename (a regular file; a device such
+/// as `/dev/null` or a FIFO is written in place, see the `outfile` crate).
 pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
-    let (_, tmp) = temp_beside(path);
-    let result = (|| -> std::io::Result<()> {
-        let f = std::fs::File::create(&tmp)?;
-        let mut w = BufWriter::new(f);
-        fill(&mut w)?;
-        w.flush()?;
-        w.get_ref().sync_all()?;
-        Ok(())
-    })();
-    match result.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(NoiseError::io(path, e))
-        }
-    }
+    outfile::write(path, outfile::Durability::SyncThenRename, fill)
+        .map_err(|e| NoiseError::io(path, e))
 }
 
 fn metadata_lines(run: &FtqRun) -> Vec<String> {
