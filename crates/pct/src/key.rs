@@ -80,6 +80,18 @@ impl ClusterKey {
             path: path.display().to_string(),
             reason,
         };
+        // The rename below replaces the directory entry: a device, FIFO or symbolic link in
+        // its place would be lost (and a key is no output to stream), so only a regular file
+        // or nothing may be there.
+        if let Ok(m) = fs::symlink_metadata(path) {
+            if !m.file_type().is_file() {
+                return Err(err(
+                    "is not a regular file (a device, FIFO, directory or symbolic link); \
+                     name a plain file for the key"
+                        .into(),
+                ));
+            }
+        }
         if path.exists() && !force {
             return Err(err(
                 "already exists; pass --force to replace it (every node must then get the new key)"
@@ -140,6 +152,7 @@ impl ClusterKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileTypeExt;
 
     #[test]
     fn write_then_load_round_trips_with_mode_0600() {
@@ -151,6 +164,33 @@ mod tests {
         assert_eq!(mode, 0o600);
         assert_eq!(ClusterKey::load(&p).unwrap().bytes(), k.bytes());
         assert!(k.write(&p, false).is_err(), "must not overwrite silently");
+    }
+
+    #[test]
+    fn write_refuses_to_replace_a_device_or_a_link_even_with_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.key");
+        fs::write(&real, "old\n").unwrap();
+        let link = dir.path().join("link.key");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let k = ClusterKey::generate().unwrap();
+        let e = k.write(&link, true).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(fs::read_to_string(&real).unwrap(), "old\n");
+        // The null device is refused before anything is written (it stays a device).
+        let e = k
+            .write(Path::new("/dev/null"), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device());
     }
 
     #[test]
