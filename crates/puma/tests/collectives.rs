@@ -188,23 +188,12 @@ fn large_collectives_through_the_stages() {
     for (n, rotate) in [(2, "0"), (3, "1"), (5, "1"), (8, "1")] {
         let args = ["--seed", "36", "--sizes", sizes, "--dup-sizes", "0"];
         let env = [("PUMACOLL_STAGE_ROTATE", rotate), ("PUMACOLL_CMA", "0")];
-        let out = yod_env(n, &[], "coll_check", &args, &env);
-        let so = text(&out.stdout);
-        assert!(
-            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
-            "rotate={rotate}: {so} {}",
-            text(&out.stderr)
-        );
+        let so = checked_env(n, &args, &env);
         assert!(so.contains("cma blocks: 0\n"), "{so}");
     }
     // Turned off, the same checks pass without them.
     let args = ["--seed", "35", "--sizes", sizes];
-    let out = yod_env(3, &[], "coll_check", &args, &[("PUMACOLL_STAGE", "0")]);
-    let so = text(&out.stdout);
-    assert!(
-        out.status.success() && so.contains("coll-check OK: 3 ranks"),
-        "{so}"
-    );
+    let so = checked_env(3, &args, &[("PUMACOLL_STAGE", "0")]);
     assert!(so.contains("stage pieces: 0\n"), "{so}");
 }
 
@@ -225,10 +214,7 @@ fn large_all_to_all_by_cross_memory_attach() {
     ] {
         let s = seed.to_string();
         let args = ["--seed", &s, "--sizes", sizes, "--dup-sizes", dup];
-        let out = yod_env(n, &[], "coll_check", &args, &[("PUMACOLL_LARGE", "cma")]);
-        let so = text(&out.stdout);
-        assert!(out.status.success(), "{so} {}", text(&out.stderr));
-        assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+        let so = checked_env(n, &args, &[("PUMACOLL_LARGE", "cma")]);
         assert!(!so.contains("cma blocks: 0\n"), "{so}");
     }
     let args = ["--seed", "64", "--sizes", "1,17,300,1000,30000"];
@@ -236,13 +222,7 @@ fn large_all_to_all_by_cross_memory_attach() {
         ("PUMACOLL_CMA_MIN", "8", false),
         ("PUMACOLL_CMA", "0", true),
     ] {
-        let out = yod_env(3, &[], "coll_check", &args, &[(env, val)]);
-        let so = text(&out.stdout);
-        assert!(
-            out.status.success() && so.contains("coll-check OK: 3 ranks"),
-            "{env}={val}: {so} {}",
-            text(&out.stderr)
-        );
+        let so = checked_env(3, &args, &[(env, val)]);
         assert_eq!(so.contains("cma blocks: 0\n"), off, "{env}={val}: {so}");
     }
 }
@@ -276,13 +256,7 @@ fn large_broadcast_and_all_reduce_by_either_path() {
             if !min.is_empty() {
                 env.push(("PUMACOLL_CMA_MIN", min));
             }
-            let out = yod_env(n, &[], "coll_check", &args, &env);
-            let so = text(&out.stdout);
-            assert!(
-                out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
-                "{n} ranks, {env:?}: {so} {}",
-                text(&out.stderr)
-            );
+            let so = checked_env(n, &args, &env);
             let pieces = stat(&so, "stage pieces");
             let cma = stat(&so, "cma blocks");
             match (path, min) {
@@ -325,13 +299,7 @@ fn large_all_to_all_by_every_path() {
                 "60",
             ];
             let env = [("PUMACOLL_LARGE", path)];
-            let out = yod_env(n, &[], "coll_check", &args, &env);
-            let so = text(&out.stdout);
-            assert!(
-                out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
-                "{n} ranks, {env:?}: {so} {}",
-                text(&out.stderr)
-            );
+            let so = checked_env(n, &args, &env);
             let (pieces, cma) = (stat(&so, "stage pieces"), stat(&so, "cma blocks"));
             match path {
                 "stage" | "nt" => assert!(pieces > 0 && cma == 0, "{env:?}: {so}"),
@@ -371,13 +339,7 @@ fn crowded_large_all_to_all_chooses_between_stages_and_single_copy() {
             "--alltoall-blocks",
             "8193",
         ];
-        let out = yod_env(n, &[], "coll_check", &args, &[]);
-        let so = text(&out.stdout);
-        assert!(
-            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
-            "{n} ranks: {so} {}",
-            text(&out.stderr)
-        );
+        let so = checked_env(n, &args, &[]);
         let (pieces, cma) = (stat(&so, "stage pieces"), stat(&so, "cma blocks"));
         let chooses = n > 2 * cpus;
         assert!(cma > 0 && (pieces > 0) == chooses, "{n} ranks: {so}");
@@ -423,13 +385,7 @@ fn crowded_all_to_all_moves_each_block_by_whichever_rank_runs() {
             ("PUMACOLL_LARGE", "cma"),
             ("PUMACOLL_CMA_CLAIM", claims),
         ];
-        let out = yod_env(n, &[], "coll_check", &args, &env);
-        let so = text(&out.stdout);
-        assert!(
-            out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
-            "{n} ranks, {env:?}: {so} {}",
-            text(&out.stderr)
-        );
+        let so = checked_env(n, &args, &env);
         assert!(stat(&so, "cma blocks") >= 150 * (n as u64 - 1) / 2, "{so}");
         let pushed = stat(&so, "cma pushed");
         let want = crowded(n) && (claims == "1" || (claims.is_empty() && n <= 2 * cpus));
@@ -458,6 +414,20 @@ fn bcast_streak(n: u32, seed: &str, streak: &str, sizes: &str) -> String {
     ];
     let so = ok(n, &[], "coll_check", &args);
     assert!(so.contains(&format!("coll-check OK: {n} ranks")), "{so}");
+    so
+}
+
+/// `coll_check` on `n` ranks (no yod options) with `env` set: asserts that it passed (exit
+/// status and its OK line, naming the ranks and the environment otherwise) and returns its
+/// standard output.
+fn checked_env(n: u32, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = yod_env(n, &[], "coll_check", args, env);
+    let so = text(&out.stdout);
+    assert!(
+        out.status.success() && so.contains(&format!("coll-check OK: {n} ranks")),
+        "{n} ranks, {env:?}: {so} {}",
+        text(&out.stderr)
+    );
     so
 }
 
