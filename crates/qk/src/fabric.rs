@@ -443,7 +443,9 @@ impl Port {
     /// [`Port::poll`] for a waiter: the same, but it returns as soon as a source that gave it
     /// records runs dry, instead of looking at every other source once more (on a ping-pong those
     /// looks stand between the message and the answer). The next poll starts at the next source,
-    /// so every source is still served in turn.
+    /// so every source is still served in turn. When it finds a record it first asks for the
+    /// line of the ring back to that record's source that the next record there starts on, for
+    /// writing (a hint only: the answer a waiter is likely to send goes there).
     pub fn poll_run(&mut self, budget: usize, f: impl FnMut(Incoming<'_>)) -> usize {
         self.poll_inner::<true>(budget, f)
     }
@@ -465,6 +467,17 @@ impl Port {
             match cons.peek(ring) {
                 Peek::Record(r) => {
                     idle_rounds = 0;
+                    if RUN && done == 0 {
+                        // A waiter's first record of the pass: ask now, for writing, for the line
+                        // an answer to this source would go to. In a ping-pong the answer's
+                        // stores wait for that line, which the source's core holds (it polls
+                        // it); asked for here its transfer overlaps the whole delivery and the
+                        // return to the caller, not only the answer's own `put`
+                        // (`Port::prefetch_next`). Once per pass, so a stream of records costs
+                        // one hint per run, and a hint changes nothing the rings hold.
+                        let (oring, prod, _) = &self.out[i];
+                        prod.prefetch_ahead(oring, 0);
+                    }
                     let body = ring.body(r.body_off, r.body_len as usize);
                     match HdrRef::new(body) {
                         Some(head) => f(Incoming {
