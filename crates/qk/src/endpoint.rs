@@ -575,7 +575,21 @@ impl Endpoint {
 
     /// Starts a put (portals semantics). Small payloads are copied into the target's queue now;
     /// large ones leave the buffer when the target copies them (the send event says when).
+    ///
+    /// In the inline modes the put sent last, sent again ([`SendLine`]), is made here, in the
+    /// caller, without a call; everything else goes to the out-of-line path.
+    #[inline(always)]
     pub fn put(&mut self, a: &PutArgs) -> Result<(), QkError> {
+        if let Some(inner) = self.own.as_deref_mut() {
+            if inner.put_again(a) {
+                return Ok(());
+            }
+        }
+        self.put_slow(a)
+    }
+
+    /// [`Endpoint::put`] past its inlined first try.
+    fn put_slow(&mut self, a: &PutArgs) -> Result<(), QkError> {
         if a.target.group != self.job() {
             return Err(QkError::Portals(format!(
                 "target job {} is not this job ({})",
@@ -588,28 +602,9 @@ impl Endpoint {
         let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
         let inner = &mut *g;
-        // The put sent last, again: see [`SendLine`].
-        if let Some(s) = inner.send_line.as_ref().filter(|s| s.ticket.args() == a) {
-            inner.port.prefetch_next(s.dst);
-            let (mem, port) = (&inner.mem, &mut inner.port);
-            let sent = inner.engine.put_fast_again(
-                &s.ticket,
-                #[inline(always)]
-                |_| match mem.read_word(&s.span) {
-                    Some(w) => port
-                        .try_send_line(s.dst, &s.head, w)
-                        .then_some(())
-                        .ok_or(false),
-                    None => Err(true),
-                },
-            );
-            match sent {
-                Some(Ok(_)) => return Ok(()),
-                // The queue is full: the general path below waits for room.
-                Some(Err(false)) => {}
-                // The descriptor is gone or memory was freed: check it all again below.
-                Some(Err(true)) | None => inner.send_line = None,
-            }
+        // The put sent last, again (the co-processor mode; the inline modes tried it already).
+        if !inline && inner.put_again(a) {
+            return Ok(());
         }
         // Fast path, the common small put (no ack, eager, to a rank of this node, from one block):
         // the portals checks, the payload copied once straight from the buffer into the queue,
@@ -1307,6 +1302,40 @@ pub(crate) fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
 }
 
 impl Inner {
+    /// Sends `a` again when it is the put sent last ([`SendLine`]): true when it went, with its
+    /// send event posted. False when it is another put, the queue is full, or the kept put no
+    /// longer stands (its descriptor gone, memory freed: then it is dropped); the caller then
+    /// takes the general path, which checks everything.
+    #[inline(always)]
+    fn put_again(&mut self, a: &PutArgs) -> bool {
+        let Some(s) = self.send_line.as_ref().filter(|s| s.ticket.args() == a) else {
+            return false;
+        };
+        self.port.prefetch_next(s.dst);
+        let (mem, port) = (&self.mem, &mut self.port);
+        let sent = self.engine.put_fast_again(
+            &s.ticket,
+            #[inline(always)]
+            |_| match mem.read_word(&s.span) {
+                Some(w) => port
+                    .try_send_line(s.dst, &s.head, w)
+                    .then_some(())
+                    .ok_or(false),
+                None => Err(true),
+            },
+        );
+        match sent {
+            Some(Ok(_)) => true,
+            // The queue is full: the general path waits for room.
+            Some(Err(false)) => false,
+            // The descriptor is gone or memory was freed: the general path checks it all again.
+            Some(Err(true)) | None => {
+                self.send_line = None;
+                false
+            }
+        }
+    }
+
     /// Collects the bytes of a local body (for eager sends and replies).
     fn gather(&mut self, body: &portals::Body) -> Result<Vec<u8>, QkError> {
         let mut out = vec![0u8; body.len() as usize];
