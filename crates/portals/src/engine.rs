@@ -39,6 +39,29 @@ pub struct PutArgs {
     pub hdr_data: u64,
 }
 
+/// A put [`Engine::put_fast`] takes, with what its checks found: see [`Engine::put_ticket`] and
+/// [`Engine::put_fast_again`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PutTicket {
+    args: PutArgs,
+    eq: EqHandle,
+    src: Region,
+}
+
+impl PutTicket {
+    /// The put this ticket repeats.
+    #[inline(always)]
+    pub fn args(&self) -> &PutArgs {
+        &self.args
+    }
+
+    /// The local bytes it sends (inside its descriptor's block).
+    #[inline(always)]
+    pub fn src(&self) -> Region {
+        self.src
+    }
+}
+
 /// Arguments of [`Engine::prepare_get`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GetArgs {
@@ -1762,6 +1785,16 @@ impl<S: Store> Engine<S> {
         a: &PutArgs,
         send: impl FnOnce(Region) -> Result<(), E>,
     ) -> Option<Result<Posted, E>> {
+        let t = self.put_ticket(a)?;
+        Some(self.put_ticketed(&t, send))
+    }
+
+    /// The checks [`Engine::put_fast`] makes of `a`, without its effects: `Some` when it would
+    /// take `a`, with what it found (the descriptor's queue and the block to send). A fabric
+    /// that sends the same put again and again keeps the ticket and repeats the put with
+    /// [`Engine::put_fast_again`], which makes only the checks that can change.
+    #[inline(always)]
+    pub fn put_ticket(&self, a: &PutArgs) -> Option<PutTicket> {
         // `check_target`, the header checks of `prepare_put_body` and (no ack) nothing to count.
         if a.ack
             | (a.target.group == ANY)
@@ -1786,12 +1819,44 @@ impl<S: Store> Engine<S> {
         {
             return None;
         }
-        let eq = slot.eq;
-        if let Err(e) = send(region.sub(a.local_offset, a.length)) {
-            return Some(Err(e));
+        Some(PutTicket {
+            args: *a,
+            eq: slot.eq,
+            src: region.sub(a.local_offset, a.length),
+        })
+    }
+
+    /// [`Engine::put_fast`] of the ticket's put (`t.args()`), for a ticket this engine issued
+    /// ([`Engine::put_ticket`]): the same effects and the same answers, with one check instead of
+    /// all of them. What the ticket holds follows from the put's arguments, the engine's
+    /// configuration (fixed) and the descriptor's slot; a live descriptor's kind, block and queue
+    /// change only when it is released, which changes its handle's generation. So while
+    /// `t.args().md` is live the ticket's checks still pass and its queue and block are the
+    /// descriptor's; once it is not, `None` (nothing called, nothing changed) and the general
+    /// path reports the stale handle.
+    #[inline(always)]
+    pub fn put_fast_again<E>(
+        &mut self,
+        t: &PutTicket,
+        send: impl FnOnce(Region) -> Result<(), E>,
+    ) -> Option<Result<Posted, E>> {
+        if !self.md_live(t.args.md) {
+            return None;
         }
-        Some(Ok(self.post_send_event(
-            eq,
+        Some(self.put_ticketed(t, send))
+    }
+
+    /// Sends the ticket's block, then posts the send event (nothing when `send` fails).
+    #[inline(always)]
+    fn put_ticketed<E>(
+        &mut self,
+        t: &PutTicket,
+        send: impl FnOnce(Region) -> Result<(), E>,
+    ) -> Result<Posted, E> {
+        send(t.src)?;
+        let a = &t.args;
+        Ok(self.post_send_event(
+            t.eq,
             a.md,
             a.length,
             a.target,
@@ -1800,7 +1865,7 @@ impl<S: Store> Engine<S> {
             a.length,
             a.local_offset,
             a.hdr_data,
-        )))
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]

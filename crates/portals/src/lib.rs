@@ -191,7 +191,7 @@ mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use engine::{Engine, GetArgs, MatchInfo, PutArgs};
+pub use engine::{Engine, GetArgs, MatchInfo, PutArgs, PutTicket};
 pub use error::Error;
 pub use event::{EqSlot, Event, EventHandler, EventKind, Posted};
 pub use matching::{EntrySlot, Link, MatchSpec, PortalInfo, PortalSlot, Position, Unlink};

@@ -1038,6 +1038,73 @@ proptest! {
             }
         }
     }
+
+    /// A ticket is issued for exactly the puts the send fast path takes, and repeats its put
+    /// exactly: after any further puts, event takes, descriptor releases and new descriptors
+    /// in the released slots (another block, another queue), `put_fast_again` with a ticket
+    /// answers what `put_fast` of the ticket's arguments answers, hands `send` the same block
+    /// and leaves the same engine (both decline, changing nothing, once the descriptor is gone).
+    #[test]
+    fn a_put_ticket_repeats_its_put_with_the_send_fast_paths_effects(
+        mds in proptest::collection::vec(fast_md(), 1..8),
+        release in proptest::collection::vec(0usize..16, 0..3),
+        puts in proptest::collection::vec(fast_put_args(), 1..30),
+        churn in proptest::collection::vec(proptest::option::of((0usize..8, 0u64..300)), 1..30),
+    ) {
+        let (mut e, eqs, handles) = fast_engine(&mds, &[], &[], &release);
+        let mut tickets = Vec::new();
+        for (i, g) in puts.iter().enumerate() {
+            if g.drain {
+                for q in eqs {
+                    let _ = e.eq_get(q);
+                }
+            }
+            let a = fast_put(g, &handles);
+            let ticket = e.put_ticket(&a);
+            let mut probe = e.clone();
+            let taken = probe.put_fast(&a, |_| Ok::<(), u8>(())).is_some();
+            prop_assert_eq!(ticket.is_some(), taken, "{:?}", a);
+            if let Some(t) = ticket {
+                prop_assert_eq!(t.args(), &a);
+                tickets.push(t);
+            }
+            // Now and then a descriptor goes, and a new one (another block and queue) takes its
+            // slot, so a stale ticket's index names a live descriptor of another generation.
+            if let Some(Some((k, len))) = churn.get(i) {
+                if let Some(h) = handles.get(k % handles.len()).copied().flatten() {
+                    if e.md_release(h).is_ok() {
+                        let made = e.md_create(&MdSpec {
+                            kind: MdKind::Single {
+                                region: Region::new(0x90_0000 + len, *len),
+                                offset: OffsetMode::Sender,
+                            },
+                            options: MdOptions::PUT,
+                            eq: Some(eqs[*k % 2]),
+                        });
+                        prop_assert_eq!(made.map(|m| m.idx), Ok(h.idx));
+                    }
+                }
+            }
+            for t in &tickets {
+                let mut general = e.clone();
+                let (mut sent_again, mut sent_fast) = (None, None);
+                let again = e.put_fast_again(t, |r| {
+                    sent_again = Some(r);
+                    if g.send_fails { Err(7u8) } else { Ok(()) }
+                });
+                let fast = general.put_fast(t.args(), |r| {
+                    sent_fast = Some(r);
+                    if g.send_fails { Err(7u8) } else { Ok(()) }
+                });
+                prop_assert_eq!(again, fast);
+                prop_assert_eq!(sent_again, sent_fast);
+                if again.is_some() {
+                    prop_assert_eq!(sent_again, Some(t.src()));
+                }
+                prop_assert_eq!(format!("{e:?}"), format!("{general:?}"));
+            }
+        }
+    }
 }
 
 /// The fast path takes the common put (and posts its event), and leaves to the

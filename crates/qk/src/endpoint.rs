@@ -15,7 +15,7 @@ use crate::counters::{slot, DropReason, PortStats};
 use crate::fabric::{flag, op, Hdr, HdrRef, Incoming, Port};
 use crate::job::CpuMode;
 use crate::region::Region;
-use crate::sys::{Memfd, OwnedMemory};
+use crate::sys::{Memfd, OwnedMemory, WordSpan};
 use crate::QkError;
 
 /// The portals engine type a rank runs.
@@ -156,6 +156,50 @@ struct Inner {
     wire: WireHeader,
     /// Where a progress pass with no waiter points [`Ctx::ev`] (never written then).
     scratch: Event,
+    /// The last one-line put the fast path sent, ready to be sent again ([`SendLine`]).
+    send_line: Option<SendLine>,
+    /// The arguments of the last one-line put the fast path sent without a kept line: a second
+    /// put with the same ones makes [`Inner::send_line`].
+    last_put: Option<PutArgs>,
+}
+
+/// A one-line put (at most 8 bytes, no ack, to a rank of this node) kept by the sender: a
+/// ping-pong or a stream sends the same put (descriptor, target, portal, match bits, offsets)
+/// again and again. When the next put's arguments equal `ticket`'s, everything here still holds:
+/// `dst` and `head` follow from the arguments alone (and this rank and region, fixed);
+/// [`portals::Engine::put_fast_again`] makes the one check of the ticket that can change (the
+/// descriptor still live), and [`OwnedMemory::read_word`] the one of the span (nothing freed
+/// since). So the put reads its payload, writes `head`, the payload and the stamp, and posts its
+/// send event; the checks and the header's assembly are not made again.
+struct SendLine {
+    ticket: portals::PutTicket,
+    /// The destination port.
+    dst: u32,
+    /// The encoded fabric header (`INLINE8`, `aux` to be replaced by the payload).
+    head: [u8; crate::fabric::HDR_LEN],
+    /// The payload's bytes, checked owned.
+    span: WordSpan,
+}
+
+/// The [`SendLine`] of one-line put `a` to port `dst`, just sent by the fast path (`None` if the
+/// engine or the memory would not take it as it stands).
+fn send_line(inner: &Inner, a: &PutArgs, dst: u32) -> Option<SendLine> {
+    let ticket = inner.engine.put_ticket(a)?;
+    let src = ticket.src();
+    let span = inner.mem.word_span(src.addr, src.len)?;
+    let hdr = Hdr::put(a, inner.me.rank);
+    let head = Hdr {
+        flags: hdr.flags | flag::INLINE8,
+        aux: 0,
+        ..hdr
+    }
+    .encode();
+    Some(SendLine {
+        ticket,
+        dst,
+        head,
+        span,
+    })
 }
 
 /// Access to [`Inner`]: owned outright in the inline modes (no lock, so no locked instruction and
@@ -345,6 +389,8 @@ impl Endpoint {
             plan: Box::new(portals::DeliveryPlan::EMPTY),
             wire: EMPTY_WIRE,
             scratch: Event::EMPTY,
+            send_line: None,
+            last_put: None,
         };
         let coproc_mode = spec.mode.engine_on_own_core();
         let (own, inner) = if coproc_mode {
@@ -451,7 +497,11 @@ impl Endpoint {
     /// queues). Descriptors must use memory from [`Endpoint::alloc_shared`] or
     /// [`Endpoint::alloc_private`]; deposits into anything else are refused and counted.
     pub fn with_engine<R>(&mut self, f: impl FnOnce(&mut PortalsEngine) -> R) -> R {
-        f(&mut self.lock().engine)
+        let mut g = self.lock();
+        // `f` may change anything in the engine (or replace it): the put kept for sending again
+        // is made afresh by the next put that takes the fast path.
+        g.send_line = None;
+        f(&mut g.engine)
     }
 
     /// Chooses how large payloads leave private memory.
@@ -529,7 +579,21 @@ impl Endpoint {
 
     /// Starts a put (portals semantics). Small payloads are copied into the target's queue now;
     /// large ones leave the buffer when the target copies them (the send event says when).
+    ///
+    /// In the inline modes the put sent last, sent again ([`SendLine`]), is made here, in the
+    /// caller, without a call; everything else goes to the out-of-line path.
+    #[inline(always)]
     pub fn put(&mut self, a: &PutArgs) -> Result<(), QkError> {
+        if let Some(inner) = self.own.as_deref_mut() {
+            if inner.put_again(a) {
+                return Ok(());
+            }
+        }
+        self.put_slow(a)
+    }
+
+    /// [`Endpoint::put`] past its inlined first try.
+    fn put_slow(&mut self, a: &PutArgs) -> Result<(), QkError> {
         if a.target.group != self.job() {
             return Err(QkError::Portals(format!(
                 "target job {} is not this job ({})",
@@ -542,6 +606,10 @@ impl Endpoint {
         let inline = self.mode != CpuMode::MsgCoproc;
         let mut g = self.lock();
         let inner = &mut *g;
+        // The put sent last, again (the co-processor mode; the inline modes tried it already).
+        if !inline && inner.put_again(a) {
+            return Ok(());
+        }
         // Fast path, the common small put (no ack, eager, to a rank of this node, from one block):
         // the portals checks, the payload copied once straight from the buffer into the queue,
         // then the send event, all in `put_fast`. Anything else, a full queue included, takes the
@@ -584,7 +652,19 @@ impl Endpoint {
                 },
             );
             match sent {
-                Some(Ok(_)) => return Ok(()),
+                Some(Ok(_)) => {
+                    if a.length <= 8 {
+                        // Kept once the same put is made twice in a row: puts that change
+                        // every time pay one compare and one copy, not the making of a line
+                        // they would never send again.
+                        if inner.last_put.as_ref() == Some(a) {
+                            inner.send_line = send_line(inner, a, d);
+                        } else {
+                            inner.last_put = Some(*a);
+                        }
+                    }
+                    return Ok(());
+                }
                 Some(Err(Some(src))) => {
                     return Err(QkError::Portals(format!(
                         "memory descriptor names {} bytes at {:#x}, which this rank does not own",
@@ -1233,6 +1313,40 @@ pub(crate) fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
 }
 
 impl Inner {
+    /// Sends `a` again when it is the put sent last ([`SendLine`]): true when it went, with its
+    /// send event posted. False when it is another put, the queue is full, or the kept put no
+    /// longer stands (its descriptor gone, memory freed: then it is dropped); the caller then
+    /// takes the general path, which checks everything.
+    #[inline(always)]
+    fn put_again(&mut self, a: &PutArgs) -> bool {
+        let Some(s) = self.send_line.as_ref().filter(|s| s.ticket.args() == a) else {
+            return false;
+        };
+        self.port.prefetch_next(s.dst);
+        let (mem, port) = (&self.mem, &mut self.port);
+        let sent = self.engine.put_fast_again(
+            &s.ticket,
+            #[inline(always)]
+            |_| match mem.read_word(&s.span) {
+                Some(w) => port
+                    .try_send_line(s.dst, &s.head, w)
+                    .then_some(())
+                    .ok_or(false),
+                None => Err(true),
+            },
+        );
+        match sent {
+            Some(Ok(_)) => true,
+            // The queue is full: the general path waits for room.
+            Some(Err(false)) => false,
+            // The descriptor is gone or memory was freed: the general path checks it all again.
+            Some(Err(true)) | None => {
+                self.send_line = None;
+                false
+            }
+        }
+    }
+
     /// Collects the bytes of a local body (for eager sends and replies).
     fn gather(&mut self, body: &portals::Body) -> Result<Vec<u8>, QkError> {
         let mut out = vec![0u8; body.len() as usize];
@@ -2255,6 +2369,143 @@ mod tests {
             assert!(err.to_string().contains("does not own"), "{err}");
         }
         assert_eq!(tx.eq_poll(seq).expect("poll"), None, "no send event");
+        assert_eq!(tx.stats().sent, sent, "nothing sent");
+    }
+
+    /// The put kept for sending again ([`SendLine`]): every repeat carries the payload as it is
+    /// now and posts its send event; any change of the arguments is honoured; a released
+    /// descriptor or a freed buffer is refused as before, with nothing sent.
+    #[test]
+    fn a_put_sent_again_carries_its_payload_as_it_is_now_and_honours_every_change() {
+        let (_fab, mut tx, mut rx, eq, _smd, _sbuf, rbuf) = pair();
+        let pbuf = tx.alloc_private(64);
+        let (seq, smd) = tx.with_engine(|e| {
+            let seq = e.eq_alloc(64).expect("send eq");
+            let md = e
+                .md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: pbuf.region(),
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: Some(seq),
+                })
+                .expect("send md");
+            (seq, md)
+        });
+        let base = PutArgs {
+            md: smd,
+            local_offset: 8,
+            length: 8,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: 3,
+            remote_offset: 16,
+            ack: false,
+            hdr_data: 77,
+        };
+        let check = |tx: &mut Endpoint, rx: &mut Endpoint, a: PutArgs, round: u8| {
+            let data: Vec<u8> = (0..64).map(|i| i ^ round.wrapping_mul(31)).collect();
+            tx.write(&pbuf, 0, &data).expect("fill");
+            tx.put(&a).expect("put");
+            let sev = tx.eq_poll(seq).expect("poll").expect("send event");
+            assert_eq!(
+                (
+                    sev.kind,
+                    sev.mlength,
+                    sev.offset,
+                    sev.match_bits,
+                    sev.hdr_data
+                ),
+                (
+                    EventKind::Send,
+                    a.length,
+                    a.local_offset,
+                    a.match_bits,
+                    a.hdr_data
+                ),
+                "round {round}"
+            );
+            let ev = rx.eq_wait(eq, Duration::from_secs(5)).expect("put event");
+            assert_eq!(
+                (ev.kind, ev.mlength, ev.offset, ev.match_bits, ev.hdr_data),
+                (
+                    EventKind::Put,
+                    a.length,
+                    a.remote_offset,
+                    a.match_bits,
+                    a.hdr_data
+                ),
+                "round {round}"
+            );
+            let mut got = vec![0u8; a.length as usize];
+            rx.read(&rbuf, a.remote_offset, &mut got).expect("read");
+            let from = a.local_offset as usize;
+            assert_eq!(got, data[from..from + a.length as usize], "round {round}");
+        };
+        let mut round = 0u8;
+        let mut next = || {
+            round += 1;
+            round
+        };
+        for _ in 0..4 {
+            check(&mut tx, &mut rx, base, next());
+        }
+        for a in [
+            PutArgs {
+                match_bits: 4,
+                ..base
+            },
+            PutArgs {
+                remote_offset: 40,
+                ..base
+            },
+            PutArgs {
+                local_offset: 1,
+                ..base
+            },
+            PutArgs { length: 0, ..base },
+            PutArgs { length: 3, ..base },
+            PutArgs {
+                hdr_data: 1,
+                ..base
+            },
+            base,
+        ] {
+            // The first put of these arguments is remembered, the second keeps its line, the
+            // third is sent from it.
+            for _ in 0..3 {
+                check(&mut tx, &mut rx, a, next());
+            }
+        }
+        assert_eq!(rx.stats().total_drops(), 0);
+        // The buffer freed: refused as memory this rank does not own, nothing sent, no event.
+        let sent = tx.stats().sent;
+        tx.free(pbuf);
+        let err = tx.put(&base).expect_err("freed memory");
+        assert!(err.to_string().contains("does not own"), "{err}");
+        assert_eq!(tx.stats().sent, sent, "nothing sent");
+        assert_eq!(tx.eq_poll(seq).expect("poll"), None, "no send event");
+        // A released descriptor: the stale handle is refused, whichever put came before.
+        let sbuf = tx.alloc_shared(64).expect("buffer");
+        let smd2 = tx.with_engine(|e| {
+            e.md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: sbuf.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::PUT,
+                eq: Some(seq),
+            })
+            .expect("md")
+        });
+        let a2 = PutArgs { md: smd2, ..base };
+        for _ in 0..3 {
+            tx.put(&a2).expect("put");
+        }
+        tx.with_engine(|e| e.md_release(smd2)).expect("release");
+        let sent = tx.stats().sent;
+        assert!(tx.put(&a2).is_err(), "a put from a released descriptor");
         assert_eq!(tx.stats().sent, sent, "nothing sent");
     }
 }

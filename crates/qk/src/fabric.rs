@@ -11,6 +11,9 @@ use crate::ring::{Consumer, Peek, Producer, RingMem};
 /// Encoded size of [`Hdr`].
 pub const HDR_LEN: usize = 56;
 
+/// Where [`Hdr::aux`] lies in the encoded header.
+const AUX_AT: u64 = 40;
+
 /// Operation codes of the fabric (1..=4 are the portals operations).
 pub mod op {
     /// Portals put.
@@ -318,7 +321,7 @@ impl Port {
     /// Tries to enqueue a record; `false` when the ring to `dst` is full.
     #[inline]
     pub fn try_send(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
-        let (ring, prod, to) = &mut self.out[dst as usize];
+        let (ring, prod, _) = &mut self.out[dst as usize];
         let Some(r) = prod.reserve(ring, HDR_LEN + payload.len()) else {
             return false;
         };
@@ -326,6 +329,30 @@ impl Port {
         if !payload.is_empty() {
             ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
         }
+        self.publish(dst, r, payload.len() as u64);
+        true
+    }
+
+    /// [`Port::try_send`] of a header already encoded (`head`, as [`Hdr::encode`] makes it)
+    /// whose `aux` word is `aux`, with no payload after it: a one-line put whose header a sender
+    /// keeps from one put to the next. The record is the one `try_send` makes of the decoded
+    /// header with that `aux`.
+    #[inline(always)]
+    pub fn try_send_line(&mut self, dst: u32, head: &[u8; HDR_LEN], aux: u64) -> bool {
+        let (ring, prod, _) = &mut self.out[dst as usize];
+        let Some(r) = prod.reserve(ring, HDR_LEN) else {
+            return false;
+        };
+        ring.write_array(r.body_off, head);
+        ring.write_array(r.body_off + AUX_AT, &aux.to_le_bytes());
+        self.publish(dst, r, 0);
+        true
+    }
+
+    /// Publishes record `r` (written) to `dst`: the stamp, then the sender's bookkeeping.
+    #[inline(always)]
+    fn publish(&mut self, dst: u32, r: crate::ring::Reservation, payload_len: u64) {
+        let (ring, prod, to) = &mut self.out[dst as usize];
         prod.publish(ring, r);
         // In a burst of sends (no poll in between, e.g. a window of non-blocking sends) fetch a
         // line ahead for writing: the consumer's core holds the ring's lines from the last lap,
@@ -336,12 +363,11 @@ impl Port {
         }
         self.sent_since_poll = true;
         self.mine.bump(slot::SENT, 1);
-        self.mine.bump(slot::SENT_BYTES, payload.len() as u64);
+        self.mine.bump(slot::SENT_BYTES, payload_len);
         // `Region::wake`, with the flag reached through the destination's block.
         if to.sleeping().load(std::sync::atomic::Ordering::Relaxed) != 0 {
             self.region.ring_doorbell(dst);
         }
-        true
     }
 
     /// Adds to one of this port's counters ([`Region::bump`]; the port's owner is its one writer).
@@ -417,7 +443,9 @@ impl Port {
     /// [`Port::poll`] for a waiter: the same, but it returns as soon as a source that gave it
     /// records runs dry, instead of looking at every other source once more (on a ping-pong those
     /// looks stand between the message and the answer). The next poll starts at the next source,
-    /// so every source is still served in turn.
+    /// so every source is still served in turn. When it finds a record it first asks for the
+    /// line of the ring back to that record's source that the next record there starts on, for
+    /// writing (a hint only: the answer a waiter is likely to send goes there).
     pub fn poll_run(&mut self, budget: usize, f: impl FnMut(Incoming<'_>)) -> usize {
         self.poll_inner::<true>(budget, f)
     }
@@ -439,6 +467,17 @@ impl Port {
             match cons.peek(ring) {
                 Peek::Record(r) => {
                     idle_rounds = 0;
+                    if RUN && done == 0 {
+                        // A waiter's first record of the pass: ask now, for writing, for the line
+                        // an answer to this source would go to. In a ping-pong the answer's
+                        // stores wait for that line, which the source's core holds (it polls
+                        // it); asked for here its transfer overlaps the whole delivery and the
+                        // return to the caller, not only the answer's own `put`
+                        // (`Port::prefetch_next`). Once per pass, so a stream of records costs
+                        // one hint per run, and a hint changes nothing the rings hold.
+                        let (oring, prod, _) = &self.out[i];
+                        prod.prefetch_ahead(oring, 0);
+                    }
                     let body = ring.body(r.body_off, r.body_len as usize);
                     match HdrRef::new(body) {
                         Some(head) => f(Incoming {
@@ -626,6 +665,39 @@ mod tests {
         });
         assert_eq!(n, 3);
         assert_eq!(crate::ring::record_len(HDR_LEN), crate::ring::LINE);
+    }
+
+    #[test]
+    fn a_line_sent_from_an_encoded_header_is_the_record_of_that_header_with_its_aux() {
+        let r = region(2);
+        let (mut a, mut b) = (Port::new(r.clone(), 0), Port::new(r, 1));
+        let h = Hdr {
+            op: op::PUT,
+            flags: flag::INLINE8,
+            portal: 0x0203,
+            src: 0x0405_0607,
+            match_bits: 0x1111_2222_3333_4444,
+            offset: 0x5555,
+            length: 8,
+            return_md: 0x6666_7777,
+            aux: 0,
+            hdr_data: 0x8888_9999_aaaa_bbbb,
+        };
+        let head = h.encode();
+        let auxes = [u64::from_le_bytes(*b"8 bytes!"), 0, u64::MAX, 0x0102];
+        for &aux in &auxes {
+            assert!(a.try_send_line(1, &head, aux));
+        }
+        let mut got = Vec::new();
+        b.poll(usize::MAX, |m| {
+            assert!(m.body.is_empty(), "{} bytes after the header", m.body.len());
+            got.push(m.hdr());
+        });
+        let want: Vec<Hdr> = auxes.iter().map(|&aux| Hdr { aux, ..h }).collect();
+        assert_eq!(got, want);
+        // Counted as `try_send` counts a header-only record.
+        let s = a.region().stats(0);
+        assert_eq!((s.sent, s.sent_bytes), (4, 0));
     }
 
     #[test]

@@ -677,6 +677,19 @@ pub fn raw_fd_of(fd: &impl AsRawFd) -> RawFd {
 pub struct OwnedMemory {
     heap: Option<(std::sync::Arc<Mapping>, usize, usize)>, // mapping, offset, len
     private: Vec<Box<[u8]>>,
+    /// Bumped whenever memory stops being owned (a private buffer freed): a [`WordSpan`] checked
+    /// under another value may name memory that is gone.
+    freed: u64,
+}
+
+/// At most 8 bytes [`OwnedMemory::word_span`] found owned, with the memory's state at the time:
+/// [`OwnedMemory::read_word`] reads them again without a new range check for as long as no owned
+/// memory has been freed since.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WordSpan {
+    addr: u64,
+    len: u8,
+    freed: u64,
 }
 
 impl OwnedMemory {
@@ -689,6 +702,7 @@ impl OwnedMemory {
         OwnedMemory {
             heap: Some((map, off, len)),
             private: Vec::new(),
+            freed: 0,
         }
     }
 
@@ -713,6 +727,7 @@ impl OwnedMemory {
         match self.private.iter().position(|b| b.as_ptr() as u64 == addr) {
             Some(i) => {
                 self.private.swap_remove(i);
+                self.freed += 1;
                 true
             }
             None => false,
@@ -769,6 +784,42 @@ impl OwnedMemory {
             _ => unsafe { std::ptr::copy_nonoverlapping(word.as_ptr(), to, n) },
         }
         true
+    }
+
+    /// `addr..addr+len` (at most 8 bytes) when it is owned now, for [`OwnedMemory::read_word`].
+    pub fn word_span(&self, addr: u64, len: u64) -> Option<WordSpan> {
+        (len <= 8 && self.owns(addr, len)).then_some(WordSpan {
+            addr,
+            len: len as u8,
+            freed: self.freed,
+        })
+    }
+
+    /// The bytes of `s` as a little-endian word (zero past its length), or `None` when owned
+    /// memory was freed since `s` was checked (check the range again with
+    /// [`OwnedMemory::word_span`]). The heap part is owned for the life of this table and private
+    /// buffers only leave through [`OwnedMemory::free_private`], which bumps `freed`: so an
+    /// unchanged count means the range checked for `s` is still owned.
+    #[inline(always)]
+    pub fn read_word(&self, s: &WordSpan) -> Option<u64> {
+        if s.freed != self.freed {
+            return None;
+        }
+        let from = s.addr as usize as *const u8;
+        Some(match s.len {
+            0 => 0,
+            // SAFETY: the 8 bytes at `addr` were owned when `s` was made (`word_span`) and still
+            // are (the count above: nothing freed since); owned memory stays mapped while &self
+            // lives. An unaligned read of plain bytes.
+            8 => u64::from_le(unsafe { std::ptr::read_unaligned(from as *const u64) }),
+            n => {
+                let mut w = [0u8; 8];
+                // SAFETY: as above, for the `n` (< 8) bytes of `s`; the destination is a local
+                // array, so nothing overlaps.
+                unsafe { std::ptr::copy_nonoverlapping(from, w.as_mut_ptr(), n as usize) };
+                u64::from_le_bytes(w)
+            }
+        })
     }
 
     /// Copies from owned address `addr` into `dst`. False if the range is not owned.
@@ -989,6 +1040,52 @@ mod tests {
         }
         // More than a word is refused.
         assert!(!mem.write_word_prefix(base, word, 9));
+    }
+
+    #[test]
+    fn a_word_span_reads_its_bytes_while_owned_and_nothing_once_memory_is_freed() {
+        use super::{Mapping, Memfd, OwnedMemory};
+        let fd = Memfd::create("qk-word-span-test", 4096).expect("memfd");
+        let map = std::sync::Arc::new(Mapping::map(&fd, 4096, true).expect("map"));
+        let mut mem = OwnedMemory::new(map.clone(), 1024, 1024);
+        let (base, len) = mem.heap_range();
+        map.write(1024, b"0123456789abcdef");
+        for n in 0..=8u64 {
+            for at in [base, base + 3, base + len - 8] {
+                let s = mem.word_span(at, n).expect("owned");
+                let mut want = [0u8; 8];
+                assert!(mem.read(at, &mut want[..n as usize]));
+                assert_eq!(
+                    mem.read_word(&s),
+                    Some(u64::from_le_bytes(want)),
+                    "{n} at {at:#x}"
+                );
+            }
+        }
+        // The word is read when asked for, not when the span is made.
+        let s = mem.word_span(base, 8).expect("owned");
+        map.write(1024, b"ABCDEFGH");
+        assert_eq!(mem.read_word(&s), Some(u64::from_le_bytes(*b"ABCDEFGH")));
+        // Not owned, or longer than a word: no span.
+        for (at, n) in [
+            (base - 8, 8),
+            (base + len - 4, 8),
+            (base + len, 1),
+            (base, 9),
+        ] {
+            assert_eq!(mem.word_span(at, n), None, "{n} at {at:#x}");
+        }
+        // A private buffer's span reads until the buffer is freed; then every span made before
+        // (the heap's too) must be checked again, and the freed buffer's is refused.
+        let p = mem.alloc_private(16);
+        assert!(mem.write(p, b"private!"));
+        let ps = mem.word_span(p, 8).expect("owned");
+        assert_eq!(mem.read_word(&ps), Some(u64::from_le_bytes(*b"private!")));
+        assert!(mem.free_private(p));
+        assert_eq!(mem.read_word(&ps), None);
+        assert_eq!(mem.read_word(&s), None);
+        let s = mem.word_span(base, 8).expect("the heap is still owned");
+        assert_eq!(mem.read_word(&s), Some(u64::from_le_bytes(*b"ABCDEFGH")));
     }
 
     #[test]
