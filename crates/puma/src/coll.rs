@@ -1666,8 +1666,10 @@ impl Comm {
     /// [`ALLTOALL_CHOICE`] bytes, below them the plain stages) and names it in the header word of its slot of the
     /// operation's first sequence number before it copies anything; the others wait for that
     /// slot, then follow. With more ranks than cores (`over`) blocks from
-    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy by claims with at most two ranks per
-    /// CPU, else member 0 chooses between it and the plain stages; smaller ones the stages. Every
+    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy by claims or the stages (plain or
+    /// non-temporal) with at most two ranks per CPU, chosen one operation ahead
+    /// ([`Comm::crowded_alltoall_ahead`]), else member 0 chooses between the readers-only single
+    /// copy and the plain stages; smaller ones the stages. Every
     /// member copies its own block itself, on either path while it waits for the others.
     fn large_alltoall(
         n: &NodeColl,
@@ -1689,16 +1691,21 @@ impl Comm {
             let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
             Self::large_allowed(nt, cma)
         };
-        // More ranks than cores, from ALLTOALL_CMA_OVERSUBSCRIBED: with at most two per CPU no
-        // choice, the single copy by claims (4 ranks on 2 cores, 32 / 64 KiB blocks: a choice
-        // with the stages measured 16 / 8 % slower); with more, member 0 picks the plain stages
-        // or the readers-only single copy by measured cost (8 ranks on 2 cores, 64 KiB blocks:
-        // the stages ~210 µs with the two vCPUs near, ~550 far, the single copy ~340 in either
-        // placement). `claims` rests only on what every member sees alike.
+        // More ranks than cores, from ALLTOALL_CMA_OVERSUBSCRIBED: with at most two per CPU the
+        // single copy by claims, the plain or the non-temporal stages, chosen one operation
+        // ahead (4 ranks on 2 cores, 64 KiB blocks: the stages ~47 µs with the two vCPUs near,
+        // ~114 far, the claims ~80 in either placement; a choice made in the operation itself
+        // cost the others a wait for member 0's word, 8-16 % more); with more, member 0 picks
+        // the plain stages or the readers-only single copy by measured cost (8 ranks on 2
+        // cores, 64 KiB blocks: the stages ~210 µs near, ~550 far, the single copy ~340 in
+        // either placement). `claims` rests only on what every member sees alike.
         let claims =
             over && allowed.contains(&LargePath::Cma) && n.len() <= 64 && Self::claims_pay(n);
         let fixed = Self::fixed_path(&allowed);
         if claims && fixed.is_none() {
+            // The non-temporal stages join this choice: with the two vCPUs far apart they beat
+            // the claims at 32 KiB blocks (4 ranks: ~40 µs against ~50).
+            let allowed = Self::large_allowed(stage_nt_allowed(), true);
             return Self::crowded_alltoall_ahead(n, sb, rb, rotate, &allowed);
         }
         let (path, timed, published) = match fixed {
@@ -1737,8 +1744,8 @@ impl Comm {
     }
 
     /// A crowded all-to-all whose group would take the single copy by claims
-    /// ([`Comm::cma_alltoall_crowded`]; at most two members per online CPU) chooses between it
-    /// and the plain stages (`allowed`) by measured cost *one operation ahead*, so that no
+    /// ([`Comm::cma_alltoall_crowded`]; at most two members per online CPU) chooses among it
+    /// and the stages (`allowed`) by measured cost *one operation ahead*, so that no
     /// member waits for member 0 before it starts: member 0 picks the path of the group's next
     /// crowded all-to-all of the same length and names it in the header word of this one's
     /// first slot ([`LargePath::word_with_next`]), where every member reads it (once) while it
