@@ -1508,6 +1508,13 @@ impl Comm {
                 if !n.slot_ready(j, s) {
                     return true;
                 }
+                // Both protocols publish the length at the same place: a length mismatch is
+                // reported as such whatever path j took.
+                if n.check_len(j, s, total, OP).is_err() {
+                    // Reported after the wait (check_all); j counts its own two moves likewise.
+                    mine.set(mine.get() + 2);
+                    return false;
+                }
                 match n.check_path(j, s, LargePath::Cma, OP) {
                     Ok(w) if j == 0 => lead.set(Some(w)),
                     Ok(_) => {}
@@ -1518,11 +1525,6 @@ impl Comm {
                         mine.set(mine.get() + 2);
                         return false;
                     }
-                }
-                if n.check_len(j, s, total, OP).is_err() {
-                    // Reported after the wait (check_all); j counts its own two moves likewise.
-                    mine.set(mine.get() + 2);
-                    return false;
                 }
                 let (mut r, mut moved) = (Ok(()), 0);
                 if n.claim_move(j, s, me) {
