@@ -55,6 +55,10 @@ struct Args {
     /// Block sizes (i64) the `--alltoall-streak` takes in turn instead of 2047, 2048, 8193.
     #[arg(long, value_delimiter = ',', default_values_t = [2047, 2048, 8193])]
     alltoall_blocks: Vec<usize>,
+    /// Before all-to-all `k` of the `--alltoall-streak`, rank `k mod p` sleeps this many µs
+    /// (0: none), so each rank in turn arrives late, after the others published.
+    #[arg(long, default_value_t = 0)]
+    alltoall_late_us: u64,
     /// Back-to-back byte broadcasts and all-reduces (each checked) of every size in
     /// `LINE_SIZES`, this many operations per size (more than the area's 64 slots reuses each
     /// slot with that size).
@@ -144,6 +148,7 @@ fn alltoall_streak(
     seed: u64,
     count: usize,
     blocks: &[usize],
+    late_us: u64,
     checks: &mut u32,
 ) -> Result<()> {
     if blocks.is_empty() {
@@ -151,6 +156,9 @@ fn alltoall_streak(
     }
     for k in 0..count {
         let blk = blocks[k % blocks.len()];
+        if late_us > 0 && w.rank() as usize == k % w.size() as usize {
+            std::thread::sleep(std::time::Duration::from_micros(late_us));
+        }
         let salt = 0xa2a0_0000 ^ k as u64;
         check_all_to_all(
             w,
@@ -414,6 +422,7 @@ fn run(a: &Args) -> Result<()> {
         a.seed,
         a.alltoall_streak,
         &a.alltoall_blocks,
+        a.alltoall_late_us,
         &mut checks,
     )?;
     line_streak(&w, a, &mut checks)?;

@@ -1479,13 +1479,20 @@ impl Comm {
     /// operation has one hand-off instead of two. Lengths: a member whose length differs is left
     /// alone (both sides count their two moves with it done) and every member then reports the
     /// mismatch it sees. At most 64 members (one claim word each).
-    fn cma_alltoall_crowded(n: &NodeColl, sb: &[u8], rb: &mut [u8]) -> Result<()> {
+    ///
+    /// `header` is the word this rank publishes (naming this path, and for member 0 the next
+    /// operation's, see [`Comm::crowded_alltoall_ahead`]); every member's is checked to name
+    /// this path before anything else of its slot is used. Returns member 0's header word (on
+    /// member 0: `header`).
+    fn cma_alltoall_crowded(n: &NodeColl, sb: &[u8], rb: &mut [u8], header: u64) -> Result<u64> {
         const OP: &str = "all-to-all";
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
         let s = n.next();
-        n.publish_exchange(s, sb, rb, 2 * (p as u64 - 1), OP)?;
+        n.publish_exchange(s, header, sb, rb, 2 * (p as u64 - 1), OP)?;
+        // Member 0's header word, once read.
+        let lead = std::cell::Cell::new((me == 0).then_some(header));
         let own = me * blk..(me + 1) * blk;
         copy_bytes(&mut rb[own.clone()], &sb[own]);
         let rb = RefCell::new(rb);
@@ -1501,10 +1508,23 @@ impl Comm {
                 if !n.slot_ready(j, s) {
                     return true;
                 }
+                // Both protocols publish the length at the same place: a length mismatch is
+                // reported as such whatever path j took.
                 if n.check_len(j, s, total, OP).is_err() {
                     // Reported after the wait (check_all); j counts its own two moves likewise.
                     mine.set(mine.get() + 2);
                     return false;
+                }
+                match n.check_path(j, s, LargePath::Cma, OP) {
+                    Ok(w) if j == 0 => lead.set(Some(w)),
+                    Ok(_) => {}
+                    Err(e) => {
+                        // j takes another protocol: it moves nothing with this rank, which
+                        // counts both moves itself and reports the disagreement.
+                        failed.borrow_mut().get_or_insert(e);
+                        mine.set(mine.get() + 2);
+                        return false;
+                    }
                 }
                 let (mut r, mut moved) = (Ok(()), 0);
                 if n.claim_move(j, s, me) {
@@ -1537,7 +1557,13 @@ impl Comm {
         if let Some(e) = failed.into_inner() {
             return Err(e);
         }
-        n.check_all(s, total, OP)
+        n.check_all(s, total, OP)?;
+        match lead.get() {
+            Some(w) => Ok(w),
+            // Member 0 moved both blocks it shares with this rank, so it had published: its
+            // header is there to read (once).
+            None => n.check_path(0, s, LargePath::Cma, OP),
+        }
     }
 
     /// All-to-all through the stages (send buffers above one slot). Each member sends a *stream*
@@ -1557,19 +1583,26 @@ impl Comm {
     /// every piece gives each as much to write as to read and they copy at the same time (in
     /// destination order two ranks with 64 KiB blocks took two pieces, each one rank writing and
     /// then the other reading: four copies one after the other instead of two).
+    ///
+    /// `header` is the word this rank publishes in its first slot (naming `path`, and for
+    /// member 0 of a crowded group the next operation's, see [`Comm::crowded_alltoall_ahead`]);
+    /// every member's is checked to name `path` before its stage is read. Returns member 0's
+    /// header word (on member 0: `header`).
     fn stage_alltoall(
         n: &NodeColl,
         sb: &[u8],
         rb: &mut [u8],
         rotate: bool,
         path: LargePath,
-    ) -> Result<()> {
+        header: u64,
+    ) -> Result<u64> {
         const OP: &str = "all-to-all";
         let nt = path == LargePath::StageNt;
         let p = n.len();
         let (me, blk) = (n.me, sb.len() / p);
         let total = sb.len() as u64;
         let blocks = if rotate { p - 1 } else { p };
+        let mut lead = header;
         // (block t of the stream, offset in it, length, offset in the piece) for stream bytes `r`.
         let spans = |r: std::ops::Range<usize>| {
             let mut x = r.start;
@@ -1586,7 +1619,7 @@ impl Comm {
         for (k, r) in pieces(blocks * blk, stage_piece_bytes()).enumerate() {
             let (off, s) = n.stage_piece(true, OP)?;
             if k == 0 {
-                n.publish_header(s, path.word(), total, OP)?;
+                n.publish_header(s, header, total, OP)?;
             }
             for (t, o, len, at) in spans(r.clone()) {
                 let to = if rotate { (me + 1 + t) % p } else { t };
@@ -1601,6 +1634,12 @@ impl Comm {
                 copy_bytes(&mut rb[mine.clone()], &sb[mine]);
                 n.wait_all(s, OP)?;
                 n.check_all(s, total, OP)?;
+                for j in (0..p).filter(|&j| j != me) {
+                    let w = n.check_path(j, s, path, OP)?;
+                    if j == 0 {
+                        lead = w;
+                    }
+                }
             }
             for (t, o, len, at) in spans(r) {
                 // Members whose block t is for this rank: rotated, the one with j + 1 + t = me
@@ -1621,7 +1660,7 @@ impl Comm {
                 }
             }
         }
-        Ok(())
+        Ok(lead)
     }
 
     /// All-to-all of more than one slot per rank inside one node with the stages: with a core per
@@ -1629,8 +1668,10 @@ impl Comm {
     /// [`ALLTOALL_CHOICE`] bytes, below them the plain stages) and names it in the header word of its slot of the
     /// operation's first sequence number before it copies anything; the others wait for that
     /// slot, then follow. With more ranks than cores (`over`) blocks from
-    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy by claims with at most two ranks per
-    /// CPU, else member 0 chooses between it and the plain stages; smaller ones the stages. Every
+    /// [`ALLTOALL_CMA_OVERSUBSCRIBED`] take the single copy by claims or the stages (plain or
+    /// non-temporal) with at most two ranks per CPU, chosen one operation ahead
+    /// ([`Comm::crowded_alltoall_ahead`]), else member 0 chooses between the readers-only single
+    /// copy and the plain stages; smaller ones the stages. Every
     /// member copies its own block itself, on either path while it waits for the others.
     fn large_alltoall(
         n: &NodeColl,
@@ -1652,18 +1693,23 @@ impl Comm {
             let cma = n.cma && blk >= cma_min().unwrap_or(ALLTOALL_CHOICE);
             Self::large_allowed(nt, cma)
         };
-        // More ranks than cores, from ALLTOALL_CMA_OVERSUBSCRIBED: with at most two per CPU no
-        // choice, the single copy by claims (4 ranks on 2 cores, 32 / 64 KiB blocks: a choice
-        // with the stages measured 16 / 8 % slower); with more, member 0 picks the plain stages
-        // or the readers-only single copy by measured cost (8 ranks on 2 cores, 64 KiB blocks:
-        // the stages ~210 µs with the two vCPUs near, ~550 far, the single copy ~340 in either
-        // placement). `claims` rests only on what every member sees alike.
+        // More ranks than cores, from ALLTOALL_CMA_OVERSUBSCRIBED: with at most two per CPU the
+        // single copy by claims, the plain or the non-temporal stages, chosen one operation
+        // ahead (4 ranks on 2 cores, 64 KiB blocks: the stages ~47 µs with the two vCPUs near,
+        // ~114 far, the claims ~80 in either placement; a choice made in the operation itself
+        // cost the others a wait for member 0's word, 8-16 % more); with more, member 0 picks
+        // the plain stages or the readers-only single copy by measured cost (8 ranks on 2
+        // cores, 64 KiB blocks: the stages ~210 µs near, ~550 far, the single copy ~340 in
+        // either placement). `claims` rests only on what every member sees alike.
         let claims =
             over && allowed.contains(&LargePath::Cma) && n.len() <= 64 && Self::claims_pay(n);
-        let fixed = match Self::fixed_path(&allowed) {
-            None if claims => allowed.last().copied(),
-            f => f,
-        };
+        let fixed = Self::fixed_path(&allowed);
+        if claims && fixed.is_none() {
+            // The non-temporal stages join this choice: with the two vCPUs far apart they beat
+            // the claims at 32 KiB blocks (4 ranks: ~40 µs against ~50).
+            let allowed = Self::large_allowed(stage_nt_allowed(), true);
+            return Self::crowded_alltoall_ahead(n, sb, rb, rotate, &allowed);
+        }
         let (path, timed, published) = match fixed {
             // No choice (every member with the same length knows): nobody waits for member 0.
             Some(p) => (p, false, false),
@@ -1686,9 +1732,9 @@ impl Comm {
         };
         let t0 = Instant::now();
         if path.staged() {
-            Self::stage_alltoall(n, sb, rb, rotate, path)?;
+            Self::stage_alltoall(n, sb, rb, rotate, path, path.word())?;
         } else if claims {
-            Self::cma_alltoall_crowded(n, sb, rb)?;
+            Self::cma_alltoall_crowded(n, sb, rb, path.word())?;
         } else {
             Self::cma_alltoall(n, sb, rb, true, published)?;
         }
@@ -1696,6 +1742,50 @@ impl Comm {
             let ns = t0.elapsed().as_nanos() as f64;
             n.chooser(LargeOp::AllToAll).record(sb.len(), path, ns);
         }
+        Ok(())
+    }
+
+    /// A crowded all-to-all whose group would take the single copy by claims
+    /// ([`Comm::cma_alltoall_crowded`]; at most two members per online CPU) chooses among it
+    /// and the stages (`allowed`) by measured cost *one operation ahead*, so that no
+    /// member waits for member 0 before it starts: member 0 picks the path of the group's next
+    /// crowded all-to-all of the same length and names it in the header word of this one's
+    /// first slot ([`LargePath::word_with_next`]), where every member reads it (once) while it
+    /// checks that every member took its own path; each remembers it per length
+    /// ([`NodeColl::set_ahead`]) and takes it next time. The first operation of a length, and
+    /// any after a failed one (which forgets every named path on the members it fails on), take
+    /// the claims. The choice rests only on what every member read alike, and a member that
+    /// finds another on the other path reports it (no protocol reads the other's slots).
+    /// Member 0 times each operation for its chooser.
+    fn crowded_alltoall_ahead(
+        n: &NodeColl,
+        sb: &[u8],
+        rb: &mut [u8],
+        rotate: bool,
+        allowed: &[LargePath],
+    ) -> Result<()> {
+        let total = sb.len() as u64;
+        let path = n.ahead(total).unwrap_or(LargePath::Cma);
+        let next = (n.me == 0).then(|| n.chooser(LargeOp::AllToAll).pick(sb.len(), allowed));
+        let header = path.word_with_next(next);
+        let t0 = Instant::now();
+        let lead = if path.staged() {
+            Self::stage_alltoall(n, sb, rb, rotate, path, header)
+        } else {
+            Self::cma_alltoall_crowded(n, sb, rb, header)
+        };
+        let lead = match lead {
+            Ok(w) => w,
+            Err(e) => {
+                n.forget_ahead();
+                return Err(e);
+            }
+        };
+        if n.me == 0 {
+            let ns = t0.elapsed().as_nanos() as f64;
+            n.chooser(LargeOp::AllToAll).record(sb.len(), path, ns);
+        }
+        n.set_ahead(total, LargePath::next_of(lead));
         Ok(())
     }
 

@@ -461,12 +461,11 @@ impl Core {
 
     /// Handles every event waiting in the queue.
     pub fn drain(&self) -> Result<()> {
-        loop {
-            let ev = self.ep().eq_poll(self.eq)?;
-            match ev {
-                Some(ev) => self.dispatch(ev)?,
-                None => break,
-            }
+        // One event kept across the loop: the inlined poll takes an already-queued one (the rest
+        // of a batch a progress pass delivered) straight into it, without a call.
+        let mut ev = Event::EMPTY;
+        while self.ep().eq_poll_into(self.eq, &mut ev)? {
+            self.dispatch(ev)?;
         }
         let mut st = self.st.borrow_mut();
         if !st.deferred.is_empty() && self.ep().large_in_flight() == 0 {
@@ -665,6 +664,7 @@ impl Core {
     ) -> Result<()> {
         let start = Instant::now();
         let mut next_check = PEER_CHECK;
+        let mut ev = Event::EMPTY;
         loop {
             self.drain()?;
             if cond(&mut self.st.borrow_mut()) {
@@ -678,9 +678,9 @@ impl Core {
             }
             // Slices as long as the peer-check period: an idle waiter then wakes once a second
             // (the QK sleeps long once a wait has been idle, see Region::fence_before_sleep).
-            let got = self.ep().eq_wait(self.eq, PEER_CHECK);
+            let got = self.ep().eq_wait_into(self.eq, PEER_CHECK, &mut ev);
             match got {
-                Ok(ev) => self.dispatch(ev)?,
+                Ok(()) => self.dispatch(ev)?,
                 Err(QkError::Timeout(..)) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -698,6 +698,7 @@ impl Core {
     /// Waits up to `limit` for every send to be fully delivered (errors ignored).
     pub fn flush_sends(&self, limit: Duration) {
         let start = Instant::now();
+        let mut ev = Event::EMPTY;
         loop {
             if self.drain().is_err() {
                 return;
@@ -711,8 +712,10 @@ impl Core {
             if !busy || start.elapsed() > limit {
                 return;
             }
-            let got = self.ep().eq_wait(self.eq, Duration::from_millis(20));
-            if let Ok(ev) = got {
+            let got = self
+                .ep()
+                .eq_wait_into(self.eq, Duration::from_millis(20), &mut ev);
+            if got.is_ok() {
                 let _ = self.dispatch(ev);
             }
         }

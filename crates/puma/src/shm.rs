@@ -129,12 +129,25 @@ impl LargePath {
         self as u64
     }
 
-    /// The path a header word names (anything unknown: the stages).
+    /// The path a header word names (its low byte; anything unknown: the stages).
     pub fn from_word(w: u64) -> LargePath {
         ALL_PATHS
             .into_iter()
-            .find(|p| p.word() == w)
+            .find(|p| p.word() == w & 0xff)
             .unwrap_or(LargePath::Stage)
+    }
+
+    /// A header word naming this path for the current operation and, in its second byte,
+    /// `next`: the path the group's next crowded all-to-all of the same length takes (see
+    /// `Comm::crowded_alltoall_ahead`; 0 there: none named).
+    pub fn word_with_next(self, next: Option<LargePath>) -> u64 {
+        self.word() | next.map_or(0, |p| (p.word() + 1) << 8)
+    }
+
+    /// The next operation's path a header word names (see [`LargePath::word_with_next`]).
+    pub fn next_of(w: u64) -> Option<LargePath> {
+        let k = (w >> 8) & 0xff;
+        ALL_PATHS.into_iter().find(|p| p.word() + 1 == k)
     }
 
     /// Goes through the stages.
@@ -465,7 +478,16 @@ pub(crate) struct NodeColl {
     /// Which path large broadcasts from this rank and all-reduces led by it take.
     /// One measured-cost chooser per kind of large operation (their costs per byte differ).
     choosers: RefCell<Box<[Chooser; LARGE_OPS]>>,
+    /// Per payload length (the newest last, at most [`AHEAD_LENGTHS`]), the path member 0
+    /// named for the next crowded all-to-all of that length, as every member read it from
+    /// member 0's header of the last one (see `Comm::crowded_alltoall_ahead`).
+    ahead: RefCell<Vec<(u64, LargePath)>>,
 }
+
+/// Payload lengths whose next crowded all-to-all path a member remembers (see
+/// [`NodeColl::set_ahead`]): a program that cycles through more lengths than this falls back to
+/// the default path for some of them, on every member alike.
+const AHEAD_LENGTHS: usize = 8;
 
 impl Drop for NodeColl {
     fn drop(&mut self) {
@@ -544,6 +566,7 @@ impl NodeColl {
             pieces: std::cell::Cell::new(0),
             piece_seq: RefCell::new([0; STAGE_SEGS]),
             choosers: RefCell::new(Box::new(std::array::from_fn(|_| Chooser::default()))),
+            ahead: RefCell::new(Vec::new()),
         })
     }
 
@@ -1107,7 +1130,8 @@ impl NodeColl {
     }
 
     /// Publishes in this rank's slot of operation `s` what a crowded all-to-all by cross-memory
-    /// attach needs (see `Comm::cma_alltoall_crowded`): the single-copy path's header word, this
+    /// attach needs (see `Comm::cma_alltoall_crowded`): `header` (naming the single-copy path,
+    /// see [`LargePath::word_with_next`]), this
     /// process's id, the addresses of its send buffer `sb` and receive buffer `rb`, an empty
     /// claim mask ([`NodeColl::claim_move`]) and `pending`, the block moves this rank still waits for
     /// ([`NodeColl::complete`], [`NodeColl::pending`]). The caller keeps both buffers until
@@ -1115,6 +1139,7 @@ impl NodeColl {
     pub fn publish_exchange(
         &self,
         s: u64,
+        header: u64,
         sb: &[u8],
         rb: &[u8],
         pending: u64,
@@ -1122,7 +1147,7 @@ impl NodeColl {
     ) -> Result<()> {
         let mut b = [0u8; EXCHANGE_PENDING + 8];
         let words = [
-            LargePath::Cma.word(),
+            header,
             u64::from(std::process::id()),
             sb.as_ptr() as u64,
             rb.as_ptr() as u64,
@@ -1202,6 +1227,50 @@ impl NodeColl {
     /// must learn the leader's choice before it starts waits for the leader's slot of it.
     pub fn peek(&self) -> u64 {
         self.seq.get() + 1
+    }
+
+    /// The path member 0 named for this crowded all-to-all of `total` bytes per rank in its
+    /// header of the last one of that length (None: none named, or forgotten).
+    pub fn ahead(&self, total: u64) -> Option<LargePath> {
+        let a = self.ahead.borrow();
+        a.iter().find(|e| e.0 == total).map(|e| e.1)
+    }
+
+    /// Remembers `next` as the path of the next crowded all-to-all of `total` bytes per rank
+    /// (None forgets it). Every member makes the same calls in the same order (one per such
+    /// operation, from the one header word they all read), so their memories stay alike.
+    pub fn set_ahead(&self, total: u64, next: Option<LargePath>) {
+        let mut a = self.ahead.borrow_mut();
+        a.retain(|e| e.0 != total);
+        if let Some(p) = next {
+            if a.len() == AHEAD_LENGTHS {
+                a.remove(0);
+            }
+            a.push((total, p));
+        }
+    }
+
+    /// Forgets every path named ahead (after a failed operation: the members may not have read
+    /// the same header, so each goes back to the default).
+    pub fn forget_ahead(&self) {
+        self.ahead.borrow_mut().clear();
+    }
+
+    /// Reads the header word member `i` published for operation `s` (once) and checks that it
+    /// names `mine`, the path this rank takes: members that took different protocols for one
+    /// operation report it instead of reading each other's slots as their own protocol's.
+    /// Returns the word (member 0's names the next operation's path ahead).
+    pub fn check_path(&self, i: usize, s: u64, mine: LargePath, op: &'static str) -> Result<u64> {
+        let w = self.header(i, s);
+        let theirs = LargePath::from_word(w);
+        if theirs != mine {
+            return Err(Error::Invalid(format!(
+                "node-local {op}: world rank {} took the {theirs:?} path where this rank took \
+                 {mine:?}; the members did not agree on the protocol of this operation",
+                self.world[i]
+            )));
+        }
+        Ok(w)
     }
 
     /// The measured-cost chooser of large operations of kind `op` (used by the member that
@@ -1403,5 +1472,20 @@ mod tests {
             assert_eq!(LargePath::from_word(p.word()), p);
         }
         assert_eq!(LargePath::from_word(77), LargePath::Stage);
+    }
+
+    #[test]
+    fn a_header_word_names_this_path_and_the_next_apart() {
+        for p in ALL_PATHS {
+            assert_eq!(LargePath::next_of(p.word()), None);
+            assert_eq!(LargePath::from_word(p.word_with_next(None)), p);
+            for q in ALL_PATHS {
+                let w = p.word_with_next(Some(q));
+                assert_eq!(LargePath::from_word(w), p, "{p:?} then {q:?}");
+                assert_eq!(LargePath::next_of(w), Some(q), "{p:?} then {q:?}");
+            }
+        }
+        // An unknown next path names none.
+        assert_eq!(LargePath::next_of(LargePath::Cma.word() | 77 << 8), None);
     }
 }
