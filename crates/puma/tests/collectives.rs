@@ -285,21 +285,8 @@ fn large_broadcast_and_all_reduce_by_either_path() {
 fn large_all_to_all_by_every_path() {
     for n in [2, 3, 5, 8] {
         for path in ["stage", "nt", "cma", ""] {
-            let s = (90 + n).to_string();
-            let args = [
-                "--seed",
-                &s,
-                "--sizes",
-                "255,4099,40963",
-                "--dup-sizes",
-                "0",
-                "--streak",
-                "0",
-                "--alltoall-streak",
-                "60",
-            ];
             let env = [("PUMACOLL_LARGE", path)];
-            let so = checked_env(n, &args, &env);
+            let so = alltoall_streak(n, 90 + n, "255,4099,40963", 60, &[], &env);
             let (pieces, cma) = (stat(&so, "stage pieces"), stat(&so, "cma blocks"));
             match path {
                 "stage" | "nt" => assert!(pieces > 0 && cma == 0, "{env:?}: {so}"),
@@ -322,22 +309,7 @@ fn crowded_large_all_to_all_chooses_between_stages_and_single_copy() {
         if !crowded(n) {
             continue;
         }
-        let s = (130 + n).to_string();
-        let args = [
-            "--seed",
-            &s,
-            "--sizes",
-            "1",
-            "--dup-sizes",
-            "0",
-            "--streak",
-            "0",
-            "--alltoall-streak",
-            "40",
-            "--alltoall-blocks",
-            "8193",
-        ];
-        let so = checked_env(n, &args, &[]);
+        let so = alltoall_streak(n, 130 + n, "1", 40, &["--alltoall-blocks", "8193"], &[]);
         let (pieces, cma) = (stat(&so, "stage pieces"), stat(&so, "cma blocks"));
         assert!(cma > 0 && pieces > 0, "{n} ranks: {so}");
     }
@@ -356,24 +328,13 @@ fn crowded_all_to_all_takes_the_path_named_one_operation_ahead() {
         if !crowded(n) || n > 2 * cpus {
             continue;
         }
-        let s = (150 + n).to_string();
-        let args = [
-            "--seed",
-            &s,
-            "--sizes",
-            "1",
-            "--dup-sizes",
-            "0",
-            "--streak",
-            "0",
-            "--alltoall-streak",
-            "120",
+        let extra = [
             "--alltoall-blocks",
             "8193,4096",
             "--alltoall-late-us",
             "300",
         ];
-        let so = checked_env(n, &args, &[]);
+        let so = alltoall_streak(n, 150 + n, "1", 120, &extra, &[]);
         let (pieces, pushed) = (stat(&so, "stage pieces"), stat(&so, "cma pushed"));
         assert!(pieces > 0 && pushed > 0, "{n} ranks: {so}");
     }
@@ -400,25 +361,12 @@ fn crowded_all_to_all_moves_each_block_by_whichever_rank_runs() {
         (8, "0"),
         (2, "1"),
     ] {
-        let s = (110 + n).to_string();
-        let args = [
-            "--seed",
-            &s,
-            "--sizes",
-            "17,4099,40963",
-            "--dup-sizes",
-            "0",
-            "--streak",
-            "0",
-            "--alltoall-streak",
-            "150",
-        ];
         let env = [
             ("PUMACOLL_CMA_MIN", "8"),
             ("PUMACOLL_LARGE", "cma"),
             ("PUMACOLL_CMA_CLAIM", claims),
         ];
-        let so = checked_env(n, &args, &env);
+        let so = alltoall_streak(n, 110 + n, "17,4099,40963", 150, &[], &env);
         assert!(stat(&so, "cma blocks") >= 150 * (n as u64 - 1) / 2, "{so}");
         let pushed = stat(&so, "cma pushed");
         let want = crowded(n) && (claims == "1" || (claims.is_empty() && n <= 2 * cpus));
@@ -426,7 +374,6 @@ fn crowded_all_to_all_moves_each_block_by_whichever_rank_runs() {
     }
 }
 
-/// The value of a `name: N` line of coll_check's output.
 /// coll_check with only back-to-back broadcasts: `streak` of each of `sizes` (bytes, comma
 /// separated), each checked; returns rank 0's output after checking the run passed.
 fn bcast_streak(n: u32, seed: &str, streak: &str, sizes: &str) -> String {
@@ -464,6 +411,34 @@ fn checked_env(n: u32, args: &[&str], env: &[(&str, &str)]) -> String {
     so
 }
 
+/// coll_check with its sizes (`sizes`, one round, no duplicate-communicator sizes, no broadcast
+/// streak) and `count` back-to-back all-to-alls, each checked, plus `extra` arguments, under
+/// `env`; returns rank 0's output after checking the run passed.
+fn alltoall_streak(
+    n: u32,
+    seed: u32,
+    sizes: &str,
+    count: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> String {
+    let (seed, count) = (seed.to_string(), count.to_string());
+    let mut args = vec![
+        "--seed",
+        &seed,
+        "--sizes",
+        sizes,
+        "--dup-sizes",
+        "0",
+        "--streak",
+        "0",
+        "--alltoall-streak",
+        &count,
+    ];
+    args.extend_from_slice(extra);
+    checked_env(n, &args, env)
+}
+
 /// True when `ranks` ranks on this host are more than its online cores: the library's test for
 /// a crowded node (`qk::sys::online_cpus`). The crowded paths' tests expect them only then, so
 /// they also hold on hosts with more cores than the 2 of the project machine.
@@ -471,6 +446,7 @@ fn crowded(ranks: u32) -> bool {
     ranks as usize > qk::sys::online_cpus()
 }
 
+/// The value of a `name: N` line of coll_check's output.
 fn stat(out: &str, name: &str) -> u64 {
     out.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(": ")?.parse().ok())
