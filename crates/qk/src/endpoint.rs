@@ -1019,20 +1019,32 @@ impl Endpoint {
                 }
                 self.shared.app_waiting.store(0, Ordering::Relaxed);
             } else {
-                self.block_until_arrival(waiting_since.elapsed(), left);
+                self.block_until_arrival(waiting_since.elapsed(), left, engine_here);
             }
         }
     }
 
     /// Blocks on this port's doorbell until a record arrives, for at most `max` and at most
     /// what [`crate::Region::fence_before_sleep`] allows after `idle` without traffic.
-    fn block_until_arrival(&mut self, idle: Duration, max: Duration) {
+    ///
+    /// `engine_rings`: every record this port can receive comes from the node engine, which
+    /// fences before it looks at the sleeping flag and rings (see `NodeEngine::step`), so no
+    /// wake-up is lost and the sleep needs no short bound: the waiter sleeps up to
+    /// [`crate::region::DEEP_SLEEP`] at once. A 1 ms bound is not free here: arming and cancelling
+    /// a timer that is the CPU's next one reprograms the timer device, which doubled the cost of
+    /// each rank <-> engine hand-over (`bench-peers/handover.c`: 2.6-2.8 µs without a timeout,
+    /// 5.6-6.9 µs with 1 ms).
+    fn block_until_arrival(&mut self, idle: Duration, max: Duration, engine_rings: bool) {
         let sh = self.shared.clone();
         let r = &sh.region;
         let p = sh.port;
         let bell = r.doorbell(p).load(Ordering::SeqCst);
         r.sleeping(p).store(1, Ordering::SeqCst);
-        let nap = r.fence_before_sleep(idle).min(max);
+        let nap = if engine_rings {
+            crate::region::DEEP_SLEEP.min(max)
+        } else {
+            r.fence_before_sleep(idle).min(max)
+        };
         let (pending, stuck) = {
             let mut g = self.lock();
             (g.port.has_pending(), !g.out.is_empty())

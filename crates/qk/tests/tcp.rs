@@ -113,7 +113,11 @@ fn two_hosts(test: &str, tag: u32) -> Option<Hosts> {
         names: vec![a.clone(), b.clone()],
     };
     let (va, vb) = (format!("qkva{id}"), format!("qkvb{id}"));
-    let (ipa, ipb) = (format!("10.231.{id}.1"), format!("10.231.{id}.2"));
+    // Each pair of namespaces has its own veth, so addresses need only be valid octets.
+    let (ipa, ipb) = (
+        format!("10.231.{}.1", id % 250),
+        format!("10.231.{}.2", id % 250),
+    );
     assert!(
         ip(&["netns", "add", &a]) && ip(&["netns", "add", &b]),
         "creating namespaces"
@@ -316,6 +320,92 @@ fn tcp_stream_in_order_with_each_engine_on_its_ranks_cpu() {
     assert!(
         sleeps >= 10,
         "the receiving rank never slept waiting for its engine: {so_r}"
+    );
+    drop(guard);
+    assert!(namespace_gone(&a) && namespace_gone(&b));
+}
+
+/// The only rank of its node, its engine on its CPU, waits for a signal from the other node that
+/// comes 30 ms later, five times: each wait is one sleep that the engine's ring ends (the engine
+/// fences before it rings, so the rank needs no 1 ms bound on its sleep, whose timer doubled the
+/// cost of every rank <-> engine hand-over), not ~10 naps of 1 ms; and every signal still wakes it.
+#[test]
+fn a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken() {
+    let Some(Hosts {
+        guard,
+        a,
+        b,
+        ipa,
+        ipb,
+    }) = two_hosts(
+        "a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken",
+        2,
+    )
+    else {
+        return;
+    };
+    let cpus: Vec<usize> = qk::sys::allowed_cpus();
+    let cpu = |i: usize| vec!["--cpu".to_string(), cpus[i % cpus.len()].to_string()];
+    let (la, lb) = (format!("{ipa}:47302"), format!("{ipb}:47302"));
+    let (pa, pb) = (format!("1={lb}"), format!("0={la}"));
+    let rounds = 5u64;
+    let target = {
+        let a = a.clone();
+        let extra = cpu(0);
+        let r = rounds.to_string();
+        std::thread::spawn(move || {
+            node(
+                &a,
+                0,
+                &la,
+                pa,
+                &extra,
+                &["idle-target", "--peer", "1", "--rounds", &r],
+            )
+        })
+    };
+    let r = rounds.to_string();
+    let i = node(
+        &b,
+        1,
+        &lb,
+        pb,
+        &cpu(1),
+        &[
+            "idle-initiator",
+            "--peer",
+            "0",
+            "--rounds",
+            &r,
+            "--gap-ms",
+            "30",
+        ],
+    );
+    let t = target.join().expect("join");
+    let (so_i, so_t) = (
+        String::from_utf8_lossy(&i.stdout),
+        String::from_utf8_lossy(&t.stdout),
+    );
+    let (se_i, se_t) = (
+        String::from_utf8_lossy(&i.stderr),
+        String::from_utf8_lossy(&t.stderr),
+    );
+    assert!(i.status.success(), "initiator: {so_i}{se_i}");
+    assert!(
+        t.status.success() && so_t.contains(&format!("idle rounds {rounds} ")),
+        "target: {so_t}{se_t}"
+    );
+    eprintln!("{so_t}");
+    let sleeps: u64 = so_t
+        .split("sleeps ")
+        .nth(1)
+        .and_then(|x| x.split_whitespace().next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(u64::MAX);
+    assert!(
+        sleeps <= 2 * rounds,
+        "the waiting rank slept {sleeps} times in {rounds} waits of 30 ms: its sleeps are cut short \
+         instead of lasting until the engine rings: {so_t}"
     );
     drop(guard);
     assert!(namespace_gone(&a) && namespace_gone(&b));
