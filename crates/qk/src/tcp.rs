@@ -760,7 +760,9 @@ impl NodeEngine {
     }
 
     /// The engine loop: until `stop`, carry records out and frames in; spin while busy, block on
-    /// the doorbell when idle (bounded by [`crate::region::MAX_SLEEP`]).
+    /// the doorbell when idle (bounded by [`crate::region::MAX_SLEEP`] for the first
+    /// [`crate::region::DEEP_AFTER`] of idleness, then, after a fence, by
+    /// [`crate::region::DEEP_SLEEP`]).
     ///
     /// While traffic flows it keeps polling for [`ENGINE_SPIN`] after the last item (a network
     /// round trip takes tens of microseconds). How it polls depends on the local ranks: while any
@@ -770,7 +772,9 @@ impl NodeEngine {
     /// for it. Having woken a sleeping rank it yields once, so a rank on this core runs at once.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), QkError> {
         let p = self.region.engine_port();
+        // When the last item was handled; `rested`: the engine slept since then and nothing came.
         let mut last = Instant::now();
+        let mut rested = false;
         while !stop.load(Ordering::Relaxed) {
             self.publish_cpu();
             let n = self.step()?;
@@ -779,9 +783,12 @@ impl NodeEngine {
             }
             if n > 0 {
                 last = Instant::now();
+                rested = false;
                 continue;
             }
-            if last.elapsed() < ENGINE_SPIN {
+            // A nap that ran out does not start another spin: an idle engine on a rank's core
+            // would otherwise spin ENGINE_SPIN after every 1 ms nap (a third of that core).
+            if !rested && last.elapsed() < ENGINE_SPIN {
                 if self.local_rank_awake() {
                     std::thread::yield_now();
                 } else {
@@ -791,13 +798,29 @@ impl NodeEngine {
             }
             let bell = self.region.doorbell(p).load(Ordering::SeqCst);
             self.region.sleeping(p).store(1, Ordering::SeqCst);
+            // Short naps while the ranks' unfenced rings may be missed; after DEEP_AFTER without
+            // an item, one fence on their behalf and then long sleeps (as a waiting rank does).
+            let nap = self.region.fence_before_sleep(last.elapsed());
             let frames_waiting = self.transport.sleep_begin();
-            if !frames_waiting && !self.port.has_pending() && !self.local_ready() {
-                crate::sys::futex_wait(self.region.doorbell(p), bell, crate::region::MAX_SLEEP);
+            let slept = !frames_waiting && !self.port.has_pending() && !self.local_ready();
+            if slept {
+                self.region.count(p, slot::SLEEPS, 1);
+                crate::sys::futex_wait(self.region.doorbell(p), bell, nap);
             }
             self.transport.sleep_end();
             self.region.sleeping(p).store(0, Ordering::SeqCst);
-            last = Instant::now();
+            if slept {
+                // Rung (bytes or a record on the way): poll again as after an item. The nap ran
+                // out: nothing came, so no spin before the next one.
+                rested = self.region.doorbell(p).load(Ordering::SeqCst) == bell;
+                if !rested {
+                    last = Instant::now();
+                }
+            } else {
+                // Work is waiting (records for a full queue): poll as after an item.
+                last = Instant::now();
+                rested = false;
+            }
         }
         // Stopping: what the local ranks handed over before they finished still leaves (a rank's
         // last put may sit in the queue when the PCT stops the engine), within a bounded time.

@@ -325,30 +325,23 @@ fn tcp_stream_in_order_with_each_engine_on_its_ranks_cpu() {
     assert!(namespace_gone(&a) && namespace_gone(&b));
 }
 
-/// The only rank of its node, its engine on its CPU, waits for a signal from the other node that
-/// comes 30 ms later, five times: each wait is one sleep that the engine's ring ends (the engine
-/// fences before it rings, so the rank needs no 1 ms bound on its sleep, whose timer doubled the
-/// cost of every rank <-> engine hand-over), not ~10 naps of 1 ms; and every signal still wakes it.
-#[test]
-fn a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken() {
+/// Two nodes, each engine on its rank's CPU: the rank of node 0 waits `rounds` times for a signal
+/// from node 1's rank that comes `gap_ms` later. Returns both nodes' reports (target first).
+fn idle_pair(test: &str, tag: u32, port: u16, rounds: u64, gap_ms: u64) -> (String, String) {
     let Some(Hosts {
         guard,
         a,
         b,
         ipa,
         ipb,
-    }) = two_hosts(
-        "a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken",
-        2,
-    )
+    }) = two_hosts(test, tag)
     else {
-        return;
+        return (String::new(), String::new());
     };
     let cpus: Vec<usize> = qk::sys::allowed_cpus();
     let cpu = |i: usize| vec!["--cpu".to_string(), cpus[i % cpus.len()].to_string()];
-    let (la, lb) = (format!("{ipa}:47302"), format!("{ipb}:47302"));
+    let (la, lb) = (format!("{ipa}:{port}"), format!("{ipb}:{port}"));
     let (pa, pb) = (format!("1={lb}"), format!("0={la}"));
-    let rounds = 5u64;
     let target = {
         let a = a.clone();
         let extra = cpu(0);
@@ -364,7 +357,7 @@ fn a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken() {
             )
         })
     };
-    let r = rounds.to_string();
+    let (r, g) = (rounds.to_string(), gap_ms.to_string());
     let i = node(
         &b,
         1,
@@ -378,13 +371,13 @@ fn a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken() {
             "--rounds",
             &r,
             "--gap-ms",
-            "30",
+            &g,
         ],
     );
     let t = target.join().expect("join");
     let (so_i, so_t) = (
-        String::from_utf8_lossy(&i.stdout),
-        String::from_utf8_lossy(&t.stdout),
+        String::from_utf8_lossy(&i.stdout).to_string(),
+        String::from_utf8_lossy(&t.stdout).to_string(),
     );
     let (se_i, se_t) = (
         String::from_utf8_lossy(&i.stderr),
@@ -395,18 +388,59 @@ fn a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken() {
         t.status.success() && so_t.contains(&format!("idle rounds {rounds} ")),
         "target: {so_t}{se_t}"
     );
-    eprintln!("{so_t}");
-    let sleeps: u64 = so_t
-        .split("sleeps ")
+    eprintln!("{so_t}{so_i}");
+    drop(guard);
+    assert!(namespace_gone(&a) && namespace_gone(&b));
+    (so_t, so_i)
+}
+
+/// The number after `what` in a node's report (`u64::MAX` when missing).
+fn count_after(out: &str, what: &str) -> u64 {
+    out.split(what)
         .nth(1)
         .and_then(|x| x.split_whitespace().next())
         .and_then(|x| x.parse().ok())
-        .unwrap_or(u64::MAX);
+        .unwrap_or(u64::MAX)
+}
+
+/// The only rank of its node, its engine on its CPU, waits for a signal from the other node that
+/// comes 30 ms later, five times: each wait is one sleep that the engine's ring ends (the engine
+/// fences before it rings, so the rank needs no 1 ms bound on its sleep, whose timer doubled the
+/// cost of every rank <-> engine hand-over), not ~10 naps of 1 ms; and every signal still wakes it.
+#[test]
+fn a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken() {
+    let test = "a_rank_waiting_on_its_node_engine_sleeps_once_per_wait_and_is_woken";
+    let rounds = 5;
+    let (so_t, _) = idle_pair(test, 2, 47302, rounds, 30);
+    if so_t.is_empty() {
+        return;
+    }
+    let sleeps = count_after(&so_t, "idle rounds 5 sleeps ");
     assert!(
         sleeps <= 2 * rounds,
         "the waiting rank slept {sleeps} times in {rounds} waits of 30 ms: its sleeps are cut short \
          instead of lasting until the engine rings: {so_t}"
     );
-    drop(guard);
-    assert!(namespace_gone(&a) && namespace_gone(&b));
+}
+
+/// Both node engines idle for three gaps of 200 ms (their ranks waiting, or away): each takes
+/// 1 ms naps for its first 10 ms of idleness, then fences and sleeps until rung, and does not
+/// spin again after a nap that ran out. Before, each nap was followed by 500 µs of spinning on
+/// the rank's core, and the naps never grew: ~130 naps per gap.
+#[test]
+fn an_idle_node_engine_stops_napping_and_spinning() {
+    let test = "an_idle_node_engine_stops_napping_and_spinning";
+    let rounds = 3;
+    let (so_t, so_i) = idle_pair(test, 3, 47303, rounds, 200);
+    if so_t.is_empty() {
+        return;
+    }
+    for out in [&so_t, &so_i] {
+        let sleeps = count_after(out, "engine sleeps ");
+        assert!(
+            sleeps <= 30 * rounds,
+            "a node engine slept {sleeps} times in {rounds} idle gaps of 200 ms: it keeps taking \
+             1 ms naps instead of sleeping until rung: {out}"
+        );
+    }
 }

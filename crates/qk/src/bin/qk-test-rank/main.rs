@@ -251,10 +251,11 @@ fn node(cli: &Cli) -> Result<String, String> {
     }
     stop.map_err(|e| e.to_string())?;
     Ok(format!(
-        "node {node}: rank said: {} engine sent {} drops {} rank sleeps {}",
+        "node {node}: rank said: {} engine sent {} drops {} engine sleeps {} rank sleeps {}",
         so.trim(),
         eng.sent,
         eng.total_drops(),
+        eng.sleeps,
         st[0].sleeps
     ))
 }
