@@ -107,6 +107,62 @@ pub struct Engine<S: Store> {
     counters: Counters,
     free_entries: u32,
     free_mds: u32,
+    /// The fast put path's last look-up, kept while nothing it depends on changed.
+    last: LastMatch,
+}
+
+/// What [`Engine::deliver_plain_put_fast_taking`] found for the last put it looked up: for a
+/// portal, source and match bits, the first matching entry, its descriptor (a single
+/// sender-managed block that takes puts), that block and the queue its events go to. Valid while
+/// `at == changes`: every change of the tables bumps `changes` except those that cannot alter
+/// this answer (a fast delivery: an entry's use count, which is read afresh, and events; event
+/// takes; send events), so a put with the same key, seen again, skips the portal checks, the walk
+/// and the descriptor checks. Its `Debug` form is empty: it is not state the API can observe.
+#[derive(Clone, Copy)]
+struct LastMatch {
+    /// Changes of the tables since the engine was made (wrapping).
+    changes: u64,
+    /// `changes` when the fields below were found; `u64::MAX`: never (the count starts at 0).
+    at: u64,
+    portal: u32,
+    src: ProcessId,
+    match_bits: u64,
+    entry: u32,
+    entry_gen: u32,
+    threshold: u32,
+    md: MdHandle,
+    region: Region,
+    truncate: bool,
+    eq: EqHandle,
+}
+
+impl LastMatch {
+    const NONE: LastMatch = LastMatch {
+        changes: 0,
+        at: u64::MAX,
+        portal: 0,
+        src: ProcessId { group: 0, rank: 0 },
+        match_bits: 0,
+        entry: 0,
+        entry_gen: 0,
+        threshold: 0,
+        md: MdHandle::NONE,
+        region: Region::EMPTY,
+        truncate: false,
+        eq: EqHandle::NONE,
+    };
+
+    /// The tables are about to change in a way the last look-up may depend on: forget it.
+    #[inline(always)]
+    fn changed(&mut self) {
+        self.changes = self.changes.wrapping_add(1);
+    }
+}
+
+impl core::fmt::Debug for LastMatch {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str("LastMatch")
+    }
 }
 
 #[cfg(feature = "alloc")]
@@ -216,6 +272,15 @@ impl<S: Store + Clone + core::fmt::Debug> Engine<S> {
     }
 }
 
+#[cfg(test)]
+impl<S: Store> Engine<S> {
+    /// Forgets the fast put path's last look-up, so the next put is looked up in full (tests
+    /// hold a cached engine to one that never remembers).
+    pub(crate) fn forget_last_match(&mut self) {
+        self.last.changed();
+    }
+}
+
 impl<S: Store> Engine<S> {
     /// Build an engine over `store`, whose tables must be at least as large
     /// as `config` asks. Every slot is reset. Never allocates.
@@ -261,6 +326,7 @@ impl<S: Store> Engine<S> {
             free_entries: if config.match_entries > 0 { 0 } else { NIL },
             free_mds: if config.mds > 0 { 0 } else { NIL },
             cfg: config,
+            last: LastMatch::NONE,
         })
     }
 
@@ -298,6 +364,7 @@ impl<S: Store> Engine<S> {
                 size: self.cfg.portals,
             });
         }
+        self.last.changed();
         Ok(&mut self.store.tables().portals[portal as usize])
     }
 
@@ -447,6 +514,7 @@ impl<S: Store> Engine<S> {
                 capacity: self.cfg.match_entries,
             });
         }
+        self.last.changed();
         let t = self.store.tables();
         let s = &mut t.entries[idx as usize];
         self.free_entries = s.next;
@@ -491,6 +559,7 @@ impl<S: Store> Engine<S> {
             });
         }
         let idx = self.new_entry(portal, &spec, md)?;
+        self.last.changed();
         let t = self.store.tables();
         match target {
             Target::List { head, tail } => {
@@ -521,6 +590,7 @@ impl<S: Store> Engine<S> {
         }
         let portal = self.store.tables_ref().entries[anchor.idx as usize].portal;
         let idx = self.new_entry(portal, &spec, md)?;
+        self.last.changed();
         let t = self.store.tables();
         let a = anchor.idx;
         let (prev, next) = match pos {
@@ -551,6 +621,7 @@ impl<S: Store> Engine<S> {
         if !self.entry_live(h) {
             return Err(Error::StaleHandle("match entry"));
         }
+        self.last.changed();
         let mut t = self.store.tables();
         unlink_entry(&mut t, &mut self.free_entries, h.idx);
         Ok(())
@@ -579,6 +650,7 @@ impl<S: Store> Engine<S> {
                 }
             }
         }
+        self.last.changed();
         let e = &mut self.store.tables().entries[h.idx as usize];
         e.too_long = too_long;
         e.invalid = invalid;
@@ -645,6 +717,7 @@ impl<S: Store> Engine<S> {
             });
         }
         let cfg = self.cfg;
+        self.last.changed();
         let t = self.store.tables();
         let live = &t.mds[..cfg.mds as usize];
         let state = match spec.kind {
@@ -742,6 +815,7 @@ impl<S: Store> Engine<S> {
         if !self.md_live(h) {
             return Err(Error::StaleHandle("memory descriptor"));
         }
+        self.last.changed();
         let s = &mut self.store.tables().mds[h.idx as usize];
         s.state = MdState::Free;
         s.gen = s.gen.wrapping_add(1);
@@ -756,6 +830,7 @@ impl<S: Store> Engine<S> {
         if !self.md_live(h) {
             return Err(Error::StaleHandle("memory descriptor"));
         }
+        self.last.changed();
         let t = self.store.tables();
         let MdState::Dynamic { base, live, .. } = &mut t.mds[h.idx as usize].state else {
             return Err(Error::Unsupported(
@@ -809,6 +884,7 @@ impl<S: Store> Engine<S> {
             return Err(Error::Invalid("an event queue needs at least one slot"));
         }
         let cfg = self.cfg;
+        self.last.changed();
         let t = self.store.tables();
         let eqs = &mut t.eqs[..cfg.eqs as usize];
         let idx = eqs.iter().position(|q| !q.live).ok_or(Error::Exhausted {
@@ -843,6 +919,7 @@ impl<S: Store> Engine<S> {
         if !self.eq_live(h) {
             return Err(Error::StaleHandle("event queue"));
         }
+        self.last.changed();
         let q = &mut self.store.tables().eqs[h.idx as usize];
         q.live = false;
         q.gen = q.gen.wrapping_add(1);
@@ -1030,61 +1107,44 @@ impl<S: Store> Engine<S> {
     ) -> Option<bool> {
         // `WireHeader::validate` for a put without ack (which needs no return
         // descriptor) past what the plain form already holds, then the
-        // destination check of the general path.
-        let plain = (h.portal < self.limits.portals)
-            & (h.src.group != ANY)
-            & (h.src.rank != ANY)
-            & (h.dst.group != ANY)
-            & (h.dst.rank != ANY)
-            & (h.length <= self.limits.max_message)
+        // destination check of the general path: the checks that depend on
+        // more than the look-up's key.
+        let sized = (h.length <= self.limits.max_message)
             & h.offset.checked_add(h.length).is_some()
             & (h.dst == self.cfg.id);
-        if !plain {
+        if !sized {
             return None;
         }
+        let c = &self.last;
+        let (cur, gen, threshold, mdh, region, truncate, eq) = if (c.at == c.changes)
+            & (c.portal == h.portal)
+            & (c.src == h.src)
+            & (c.match_bits == h.match_bits)
+        {
+            // The same key as the last look-up, and nothing it depends on changed since: the
+            // same portal checks passed, the walk ends at the same entry and its descriptor
+            // passed the same checks (`LastMatch`).
+            (
+                c.entry,
+                c.entry_gen,
+                c.threshold,
+                c.md,
+                c.region,
+                c.truncate,
+                c.eq,
+            )
+        } else {
+            self.look_up_plain_put(&h)?
+        };
         let t = self.store.tables();
-        let &portal = t.portals.get(h.portal as usize)?;
-        if !portal.enabled | portal.handler.is_some() | !portal.acl.permits(h.src, false) {
-            return None;
-        }
-        let Target::List { head, .. } = portal.target else {
-            return None;
-        };
-        // The general path's walk: entries that do not match are skipped without effect.
-        let mut cur = head;
-        let e = loop {
-            match t.entries.get(cur as usize) {
-                Some(e) if !e.matches_parts(h.src, h.match_bits) => cur = e.next,
-                Some(e) => break e,
-                None => return None,
-            }
-        };
-        let (mdh, gen, uses, threshold) = (e.md, e.gen, e.uses, e.threshold);
-        let slot = t.mds.get(mdh.idx as usize)?;
-        if !slot.is(mdh) | !slot.opts.put {
-            return None;
-        }
-        let MdState::Single {
-            region,
-            mode: OffsetMode::Sender,
-            ..
-        } = slot.state
-        else {
-            return None;
-        };
-        let Ok((m, truncated)) = fit(region.len, h.offset, h.length, slot.opts.truncate) else {
+        let Ok((m, truncated)) = fit(region.len, h.offset, h.length, truncate) else {
             return None;
         };
         // An entry reaching its threshold is unlinked (and an unlink event posted): general path.
-        let uses = uses.saturating_add(1);
+        let uses = t.entries.get(cur as usize)?.uses.saturating_add(1);
         if (threshold != 0) & (uses >= threshold) {
             return None;
         }
-        let eq = if slot.eq.idx != u32::MAX {
-            slot.eq
-        } else {
-            portal.eq
-        };
         // Every check passed: from here on the effects of the general path, in its order.
         t.entries[cur as usize].uses = uses;
         let mut taken = false;
@@ -1154,6 +1214,77 @@ impl<S: Store> Engine<S> {
         Some(taken)
     }
 
+    /// The look-up of [`Engine::deliver_plain_put_fast_taking`] for a put that passed its
+    /// sized checks: the rest of the header's checks, the portal, the walk to the first
+    /// matching entry and that entry's descriptor; `None` when the fast path does not take the
+    /// put. What it finds is kept ([`LastMatch`]) for the next put with the same key. Out of
+    /// line: a stream of puts with one key makes it once.
+    #[inline(never)]
+    fn look_up_plain_put(
+        &mut self,
+        h: &PlainPut,
+    ) -> Option<(u32, u32, u32, MdHandle, Region, bool, EqHandle)> {
+        let plain = (h.portal < self.limits.portals)
+            & (h.src.group != ANY)
+            & (h.src.rank != ANY)
+            & (h.dst.group != ANY)
+            & (h.dst.rank != ANY);
+        if !plain {
+            return None;
+        }
+        let t = self.store.tables_ref();
+        let &portal = t.portals.get(h.portal as usize)?;
+        if !portal.enabled | portal.handler.is_some() | !portal.acl.permits(h.src, false) {
+            return None;
+        }
+        let Target::List { head, .. } = portal.target else {
+            return None;
+        };
+        // The general path's walk: entries that do not match are skipped without effect.
+        let mut cur = head;
+        let e = loop {
+            match t.entries.get(cur as usize) {
+                Some(e) if !e.matches_parts(h.src, h.match_bits) => cur = e.next,
+                Some(e) => break e,
+                None => return None,
+            }
+        };
+        let (mdh, gen, threshold) = (e.md, e.gen, e.threshold);
+        let slot = t.mds.get(mdh.idx as usize)?;
+        if !slot.is(mdh) | !slot.opts.put {
+            return None;
+        }
+        let MdState::Single {
+            region,
+            mode: OffsetMode::Sender,
+            ..
+        } = slot.state
+        else {
+            return None;
+        };
+        let truncate = slot.opts.truncate;
+        let eq = if slot.eq.idx != u32::MAX {
+            slot.eq
+        } else {
+            portal.eq
+        };
+        self.last = LastMatch {
+            changes: self.last.changes,
+            at: self.last.changes,
+            portal: h.portal,
+            src: h.src,
+            match_bits: h.match_bits,
+            entry: cur,
+            entry_gen: gen,
+            threshold,
+            md: mdh,
+            region,
+            truncate,
+            eq,
+        };
+        Some((cur, gen, threshold, mdh, region, truncate, eq))
+    }
+
     /// Delivery, writing the plan's event when `EVENT` (else only for a handler).
     #[inline]
     fn deliver_plan<const EVENT: bool>(
@@ -1210,6 +1341,7 @@ impl<S: Store> Engine<S> {
     ) -> Result<(), Dropped> {
         let is_get = h.op == Op::Get;
         let max_steps = self.cfg.match_entries;
+        self.last.changed();
         let mut t = self.store.tables();
         let portal = t.portals[h.portal as usize];
         if !portal.enabled {
@@ -1426,6 +1558,7 @@ impl<S: Store> Engine<S> {
         h: &WireHeader,
         out: &mut DeliveryPlan,
     ) -> Result<(), Dropped> {
+        self.last.changed();
         let t = self.store.tables();
         let md = MdHandle::from_cookie(h.return_md);
         let ok = md.idx < self.cfg.mds
@@ -1500,6 +1633,7 @@ impl<S: Store> Engine<S> {
         h: &WireHeader,
         out: &mut DeliveryPlan,
     ) -> Result<(), Dropped> {
+        self.last.changed();
         let t = self.store.tables();
         let md = MdHandle::from_cookie(h.return_md);
         let slot = match t.mds.get_mut(md.idx as usize) {
@@ -1667,6 +1801,7 @@ impl<S: Store> Engine<S> {
             if a.md.to_cookie() == NO_MD {
                 return Err(Error::Header(HeaderError::ReturnMd(Op::Put)));
             }
+            self.last.changed();
             let s = &mut self.store.tables().mds[a.md.idx as usize];
             s.pending_acks = s
                 .pending_acks
@@ -1722,6 +1857,7 @@ impl<S: Store> Engine<S> {
             portals: u32::MAX,
             max_message: self.cfg.max_message,
         })?;
+        self.last.changed();
         let s = &mut self.store.tables().mds[a.md.idx as usize];
         s.pending_replies = s
             .pending_replies
