@@ -1217,9 +1217,11 @@ impl<S: Store> Engine<S> {
     /// The look-up of [`Engine::deliver_plain_put_fast_taking`] for a put that passed its
     /// sized checks: the rest of the header's checks, the portal, the walk to the first
     /// matching entry and that entry's descriptor; `None` when the fast path does not take the
-    /// put. What it finds is kept ([`LastMatch`]) for the next put with the same key. Out of
-    /// line: a stream of puts with one key makes it once.
-    #[inline(never)]
+    /// put. What it finds is kept ([`LastMatch`]) for the next put with the same key. Inline:
+    /// out of line (`#[inline(never)]`) a put whose key differs from the last one cost 36 more
+    /// instructions (callgrind, every put missing: 743 against 707 per streamed message, 672
+    /// without the memory), and the hit 9 more (594 against 585).
+    #[inline(always)]
     fn look_up_plain_put(
         &mut self,
         h: &PlainPut,
