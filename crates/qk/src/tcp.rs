@@ -952,31 +952,26 @@ impl NodeEngine {
         }
         // The GETs (and small DATA) these answers made.
         self.transport.flush()?;
-        // Ports handed a record (bit per port modulo 64), and of those the ones `try_send` rang.
-        let (mut delivered, mut rung) = (0u64, 0u64);
+        // Ports handed a record (bit per port modulo 64). Records are handed over without
+        // ringing (`try_send_unrung`); each sleeping rank is rung once after the batch: ringing
+        // per record made a futex call per record, and the rank, woken on this CPU, could take
+        // the CPU after each one (a window of 64 small messages cost ≈ 14 switches).
+        let mut delivered = 0u64;
         while let Some((port, h, b)) = self.control.front() {
-            let bell = self.region.doorbell(*port).load(Ordering::Relaxed);
-            if !self.port.try_send(*port, h, b) {
+            if !self.port.try_send_unrung(*port, h, b) {
                 break;
             }
             delivered |= 1u64 << (*port % 64);
-            if self.region.doorbell(*port).load(Ordering::Relaxed) != bell {
-                rung |= 1u64 << (*port % 64);
-            }
             self.control.pop_front();
             n += 1;
         }
         loop {
             match self.to_local.front() {
                 Some(Inbound::Ready(port, h, b)) => {
-                    let bell = self.region.doorbell(*port).load(Ordering::Relaxed);
-                    if !self.port.try_send(*port, h, b) {
+                    if !self.port.try_send_unrung(*port, h, b) {
                         break;
                     }
                     delivered |= 1u64 << (*port % 64);
-                    if self.region.doorbell(*port).load(Ordering::Relaxed) != bell {
-                        rung |= 1u64 << (*port % 64);
-                    }
                     n += 1;
                 }
                 Some(Inbound::Gone) => {}
@@ -985,20 +980,16 @@ impl NodeEngine {
             self.to_local.pop_front();
             self.to_local_base += 1;
         }
-        self.woke_rank = rung != 0;
-        let unrung = delivered & !rung;
-        if unrung != 0 {
+        self.woke_rank = false;
+        if delivered != 0 {
             // Ring the ranks that sleep, after a full fence: a rank waiting for the network sleeps
-            // on every message, so the unfenced look of `Port::try_send` (a lost wake-up costs up
-            // to `MAX_SLEEP`) is not good enough here. After the fence either the rank's sleeping
+            // on every message, so an unfenced look at its flag (a lost wake-up costs up to
+            // `MAX_SLEEP`) is not good enough here. After the fence either the rank's sleeping
             // flag is visible, or the rank's look at its queue (after it set the flag) sees the
-            // record. A rank `try_send` rang already (its doorbell moved) is not rung twice; only
-            // another ringer of the same doorbell in that instant could make that a wrong guess,
-            // and the only rank of a node (the one that sleeps on every message) has none.
-            // Ports are a bit mask modulo 64: a collision only rings a rank for nothing.
+            // records. Ports are a bit mask modulo 64: a collision only rings a rank for nothing.
             std::sync::atomic::fence(Ordering::SeqCst);
             for r in 0..self.region.layout.local {
-                if unrung & (1u64 << (r % 64)) != 0
+                if delivered & (1u64 << (r % 64)) != 0
                     && self.region.sleeping(r).load(Ordering::Relaxed) != 0
                 {
                     self.region.doorbell(r).fetch_add(1, Ordering::SeqCst);
