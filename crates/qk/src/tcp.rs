@@ -42,7 +42,24 @@ mod kind {
     pub const RTS: u8 = 2;
     pub const GET: u8 = 3;
     pub const DATA: u8 = 4;
+    /// Never on the wire (a connection that sends it is cut): a DATA frame whose bytes the
+    /// transport read straight into the place the engine gave for its token
+    /// ([`super::Transport::poll_placing`]); the body is the token alone.
+    pub const PLACED: u8 = 0x84;
 }
+
+/// Bytes of a DATA frame before its payload: length, kind and pad, job, destination, token.
+const DATA_HEAD: usize = 4 + 12 + 8;
+
+/// A DATA frame longer than this is read straight into its staging place when the engine gives
+/// one: no receive-buffer copy and no frame copy of the payload.
+const DIRECT_MIN: u64 = 64 << 10;
+
+/// Where a large DATA frame's payload goes: called with (peer node, job, token, payload length)
+/// once its head is in, and again on every later poll until the payload is in; returns the
+/// place (exactly that long) or `None` to have the frame buffered and handed over as usual.
+/// The place must stay the same until the transport hands over [`kind::PLACED`] for the token.
+pub type Place<'a> = dyn FnMut(u32, u32, u64, u64) -> Option<&'a mut [u8]> + 'a;
 
 /// A frame: kind, job, destination rank, then kind-specific bytes. On the wire it is preceded
 /// by its length (u32, little-endian).
@@ -101,6 +118,12 @@ pub trait Transport: Send {
     }
     /// Hands every frame that has arrived to `f` (never blocks).
     fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize;
+    /// As [`Transport::poll`], and the payload of a large DATA frame may be read straight into
+    /// the place `place` gives for it, the frame then handed over as [`kind::PLACED`].
+    fn poll_placing(&mut self, f: &mut dyn FnMut(u32, Frame), place: &mut Place<'_>) -> usize {
+        let _ = place;
+        self.poll(f)
+    }
     /// The engine is about to sleep on its doorbell: arrange to be rung when frames arrive.
     /// Returns true when frames are already waiting (the engine must not sleep then).
     fn sleep_begin(&mut self) -> bool {
@@ -222,6 +245,18 @@ struct Conn {
     /// leaves in one `write` per peer instead of one per frame (with `TCP_NODELAY` each write is
     /// a trip through both TCP stacks of its own).
     out: Vec<u8>,
+    /// A large DATA frame being read straight into its place; while set, `buf[..filled]` holds
+    /// the next bytes of its payload (read when no place was at hand) before anything else.
+    direct: Option<Direct>,
+}
+
+/// A DATA frame whose payload is being read into the place the engine gave.
+struct Direct {
+    job: u32,
+    dst: u32,
+    token: u64,
+    len: usize,
+    got: usize,
 }
 
 impl Conn {
@@ -234,28 +269,55 @@ impl Conn {
             ready: VecDeque::new(),
             dead: false,
             out: Vec::with_capacity(64 << 10),
+            direct: None,
         }
     }
 
     /// Reads whatever the socket holds now and turns complete frames into `ready`. Never blocks.
-    fn fill(&mut self, max: u64) -> usize {
+    /// With `place`, a large DATA frame's payload goes straight to the place it gives.
+    fn fill(&mut self, max: u64, mut place: Option<&mut Place<'_>>) -> usize {
         let mut got = 0;
         while !self.dead {
-            // Room for the whole frame being received, at least 64 KiB.
+            if self.direct.is_some() {
+                match self.fill_direct(place.as_deref_mut()) {
+                    Some(true) => {
+                        got += 1;
+                        continue;
+                    }
+                    Some(false) => break,
+                    // No place at hand: read into the buffer (the payload's next bytes).
+                    None => {}
+                }
+            } else if self.filled > 0 {
+                got += self.split(max, place.as_deref_mut());
+                if self.direct.is_some() || self.dead {
+                    continue;
+                }
+            }
+            // Room for the whole frame being received (unless it may go to its place), at least
+            // 64 KiB.
             let need = match self.frame_len() {
-                Some(l) => (l as usize + 4).max(64 << 10),
-                None => 64 << 10,
+                Some(l) if self.direct.is_none() && self.filled >= DATA_HEAD => {
+                    (l as usize + 4).max(64 << 10)
+                }
+                _ => 64 << 10,
             };
             if self.buf.len() < need {
                 self.buf.resize(need, 0);
             }
             let room = self.buf.len() - self.filled;
+            if room == 0 {
+                // Only while a payload waits for its place in a full buffer: read on later.
+                break;
+            }
             match self.s.read(&mut self.buf[self.filled..]) {
                 Ok(0) => self.dead = true,
                 Ok(n) => {
                     self.filled += n;
-                    got += self.split(max);
-                    if n < room {
+                    if self.direct.is_none() {
+                        got += self.split(max, place.as_deref_mut());
+                    }
+                    if n < room && self.direct.is_none() {
                         break;
                     }
                 }
@@ -267,6 +329,49 @@ impl Conn {
         got
     }
 
+    /// Moves the payload of the frame being placed into its place: first what the buffer holds,
+    /// then straight from the socket. `Some(true)`: the frame is complete (handed over as
+    /// PLACED); `Some(false)`: the socket has no more now; `None`: no place at hand.
+    fn fill_direct(&mut self, place: Option<&mut Place<'_>>) -> Option<bool> {
+        let d = self.direct.as_mut()?;
+        let place = place?;
+        let Some(to) = place(self.node, d.job, d.token, d.len as u64).filter(|t| t.len() == d.len)
+        else {
+            // The engine no longer has the place it gave: the stream cannot be followed.
+            self.dead = true;
+            return Some(false);
+        };
+        let take = self.filled.min(d.len - d.got);
+        to[d.got..d.got + take].copy_from_slice(&self.buf[..take]);
+        self.buf.copy_within(take..self.filled, 0);
+        self.filled -= take;
+        d.got += take;
+        while d.got < d.len {
+            match self.s.read(&mut to[d.got..]) {
+                Ok(0) => {
+                    self.dead = true;
+                    return Some(false);
+                }
+                Ok(n) => d.got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.dead = true;
+                    return Some(false);
+                }
+            }
+        }
+        let f = Frame {
+            kind: kind::PLACED,
+            job: d.job,
+            dst: d.dst,
+            body: d.token.to_le_bytes().to_vec(),
+        };
+        self.ready.push_back(f);
+        self.direct = None;
+        Some(true)
+    }
+
     /// Length field of the frame at the front of the buffer, once its 4 bytes are in.
     fn frame_len(&self) -> Option<u64> {
         if self.filled < 4 {
@@ -276,8 +381,10 @@ impl Conn {
         Some(u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as u64)
     }
 
-    /// Moves every complete frame from the buffer to `ready`.
-    fn split(&mut self, max: u64) -> usize {
+    /// Moves every complete frame from the buffer to `ready`. With `place`, a large DATA frame
+    /// not yet complete whose head is in and for which `place` gives a place starts being read
+    /// into it ([`Conn::direct`]).
+    fn split(&mut self, max: u64, mut place: Option<&mut Place<'_>>) -> usize {
         let mut n = 0;
         let mut at = 0;
         loop {
@@ -291,7 +398,31 @@ impl Conn {
                 self.dead = true;
                 break;
             }
+            if rest[4] == kind::PLACED {
+                // Local only: a peer sending it is broken or hostile.
+                self.dead = true;
+                break;
+            }
             if rest.len() < 4 + len as usize {
+                if rest[4] == kind::DATA && len > DIRECT_MIN && rest.len() >= DATA_HEAD {
+                    if let Some(p) = place.as_deref_mut() {
+                        let job = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
+                        let dst = u32::from_le_bytes([rest[12], rest[13], rest[14], rest[15]]);
+                        let token =
+                            u64::from_le_bytes(rest[16..DATA_HEAD].try_into().unwrap_or([0; 8]));
+                        let plen = len as usize + 4 - DATA_HEAD;
+                        if p(self.node, job, token, plen as u64).is_some_and(|t| t.len() == plen) {
+                            self.direct = Some(Direct {
+                                job,
+                                dst,
+                                token,
+                                len: plen,
+                                got: 0,
+                            });
+                            at += DATA_HEAD;
+                        }
+                    }
+                }
                 break;
             }
             match Frame::decode(&rest[4..4 + len as usize]) {
@@ -307,7 +438,9 @@ impl Conn {
         if at > 0 {
             self.buf.copy_within(at..self.filled, 0);
             self.filled -= at;
-            if self.filled == 0 && self.buf.len() > 4 << 20 {
+            // Kept up to `KEEP_RX` (a 4 MiB message used to reallocate and zero 4 MiB, page
+            // faults included, every time).
+            if self.filled == 0 && self.buf.len() > KEEP_RX {
                 self.buf.truncate(64 << 10);
                 self.buf.shrink_to_fit();
             }
@@ -452,6 +585,26 @@ impl TcpTransport {
             .ok_or_else(|| QkError::Transport(format!("no connection to node {node}")))
     }
 
+    fn poll_inner(
+        &mut self,
+        f: &mut dyn FnMut(u32, Frame),
+        mut place: Option<&mut Place<'_>>,
+    ) -> usize {
+        let mut n = 0;
+        let max = self.max;
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            c.fill(max, place.as_deref_mut());
+            if c.dead {
+                self.st.dead[i].store(true, Ordering::Relaxed);
+            }
+            while let Some(fr) = c.ready.pop_front() {
+                f(c.node, fr);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Writes connection `i`'s outgoing buffer.
     fn flush_conn(&mut self, i: usize) -> Result<(), QkError> {
         let out = std::mem::take(&mut self.conns[i].out);
@@ -482,7 +635,7 @@ impl TcpTransport {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let max = self.max;
                     for c in &mut self.conns {
-                        c.fill(max);
+                        c.fill(max, None);
                     }
                     if start.elapsed() > Duration::from_micros(50) {
                         std::thread::yield_now();
@@ -540,19 +693,11 @@ impl Transport for TcpTransport {
     }
 
     fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
-        let mut n = 0;
-        let max = self.max;
-        for (i, c) in self.conns.iter_mut().enumerate() {
-            c.fill(max);
-            if c.dead {
-                self.st.dead[i].store(true, Ordering::Relaxed);
-            }
-            while let Some(fr) = c.ready.pop_front() {
-                f(c.node, fr);
-                n += 1;
-            }
-        }
-        n
+        self.poll_inner(f, None)
+    }
+
+    fn poll_placing(&mut self, f: &mut dyn FnMut(u32, Frame), place: &mut Place<'_>) -> usize {
+        self.poll_inner(f, Some(place))
     }
 
     fn sleep_begin(&mut self) -> bool {
@@ -562,8 +707,9 @@ impl Transport for TcpTransport {
         let max = self.max;
         let mut pending = false;
         for c in &mut self.conns {
-            c.fill(max);
-            pending |= !c.ready.is_empty();
+            c.fill(max, None);
+            // A payload read into the buffer for want of its place is not on the socket any more.
+            pending |= !c.ready.is_empty() || (c.direct.is_some() && c.filled > 0);
         }
         pending
     }
@@ -576,6 +722,9 @@ impl Transport for TcpTransport {
 
 /// Largest frame tail (eager payload) copied behind the frame's head so both leave in one write.
 const SMALL_TAIL: usize = 64 << 10;
+
+/// A connection's receive buffer grown for a large frame is kept up to this size.
+const KEEP_RX: usize = 64 << 20;
 
 /// A connection's outgoing buffer is written at once when it holds this many bytes, without
 /// waiting for the flush at the end of the engine's batch.
@@ -612,6 +761,8 @@ struct Outgoing {
 }
 
 struct Staged {
+    /// The node whose connection must bring the bytes.
+    node: u32,
     hdr: Hdr,
     dst: u32,
     off: u64,
@@ -942,7 +1093,23 @@ impl NodeEngine {
         self.transport.flush()?;
         // Other nodes -> local ranks.
         let mut frames = Vec::new();
-        n += self.transport.poll(&mut |node, f| frames.push((node, f)));
+        {
+            // A large message's bytes go straight from the socket to its staging place (no
+            // receive-buffer or frame copy of them): the place staged for that token, if the
+            // frame comes from the node asked, for this job, with the length asked.
+            let (staged, map, job) = (&self.staged, self.region.map(), self.spec.job_id);
+            let heap = self.region.layout.heap(self.region.engine_port());
+            let mut place = |node: u32, fjob: u32, token: u64, len: u64| {
+                let s = staged.get(&token)?;
+                if fjob != job || s.node != node || s.len != len {
+                    return None;
+                }
+                Some(map.slice_mut((heap + s.off) as usize, len as usize))
+            };
+            n += self
+                .transport
+                .poll_placing(&mut |node, f| frames.push((node, f)), &mut place);
+        }
         let retry: Vec<(u32, Frame, u64)> = self.waiting_rts.drain(..).collect();
         for (node, f, slot) in retry {
             self.stage(node, &f, slot)?;
@@ -1096,6 +1263,7 @@ impl NodeEngine {
         self.staged.insert(
             token,
             Staged {
+                node,
                 hdr: h,
                 dst: port,
                 off,
@@ -1191,7 +1359,7 @@ impl NodeEngine {
                     self.control.push_back((o.from_port, fin, Vec::new()));
                 }
             }
-            kind::DATA => {
+            kind::DATA | kind::PLACED => {
                 if f.body.len() < 8 {
                     self.drop_msg(DropReason::Malformed);
                     return Ok(());
@@ -1203,7 +1371,15 @@ impl NodeEngine {
                 };
                 let (slot, off, len) = (s.slot, s.off, s.len);
                 let data = &f.body[8..];
-                if data.len() as u64 != len {
+                // PLACED: the transport read exactly `len` bytes from `node` into this place
+                // (it asked the engine for it, with these checks).
+                let placed = f.kind == kind::PLACED;
+                if s.node != node {
+                    // Not the node asked: its bytes may be on their way into this place now.
+                    self.drop_msg(DropReason::ForgedSource);
+                    return Ok(());
+                }
+                if !placed && data.len() as u64 != len {
                     // The one answer to our GET is wrong: the message is lost; free its staging
                     // space and its place so what came after it moves on.
                     self.staged.remove(&token);
@@ -1215,7 +1391,9 @@ impl NodeEngine {
                     return Ok(());
                 }
                 let at = self.region.layout.heap(self.region.engine_port()) + off;
-                self.region.map().write(at as usize, data);
+                if !placed {
+                    self.region.map().write(at as usize, data);
+                }
                 let mut h = s.hdr;
                 h.flags |= flag::HEAP;
                 let dst = s.dst;
