@@ -296,20 +296,21 @@ impl Conn {
             }
             // Room for the whole frame being received (unless it may go to its place), at least
             // 64 KiB.
-            let need = match self.frame_len() {
-                Some(l) if self.direct.is_none() && self.filled >= DATA_HEAD => {
-                    (l as usize + 4).max(64 << 10)
+            let need = if self.direct.is_some() {
+                // A payload with no place at hand (the engine waits to write, or is about to
+                // sleep): take it all in all the same, or two engines writing large frames to
+                // each other would wait on each other.
+                self.filled + (64 << 10)
+            } else {
+                match self.frame_len() {
+                    Some(l) if self.filled >= DATA_HEAD => (l as usize + 4).max(64 << 10),
+                    _ => 64 << 10,
                 }
-                _ => 64 << 10,
             };
             if self.buf.len() < need {
                 self.buf.resize(need, 0);
             }
             let room = self.buf.len() - self.filled;
-            if room == 0 {
-                // Only while a payload waits for its place in a full buffer: read on later.
-                break;
-            }
             match self.s.read(&mut self.buf[self.filled..]) {
                 Ok(0) => self.dead = true,
                 Ok(n) => {
@@ -1565,6 +1566,73 @@ mod tests {
             let (got, placed) = send_and_receive(50, (1 << 20) + 13, 50, |p| p % every == 0);
             check_order(&got, 50, (1 << 20) + 13, 50, &placed);
         }
+    }
+
+    /// A payload being placed whose place is not at hand (the engine waiting to write a large
+    /// frame of its own, or about to sleep) is still taken in whole, so the sender's write
+    /// completes: two engines writing large frames to each other must not wait on each other.
+    /// Checked to fail when the buffer stops at 64 KiB while a payload waits for its place.
+    #[test]
+    fn a_payload_without_its_place_at_hand_is_still_taken_in() {
+        // Far more than the socket buffers hold (up to 32 MiB received, 4 MiB sent here).
+        let len = 160 << 20;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut w = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (r, _) = l.accept().expect("accept");
+        r.set_nonblocking(true).expect("nonblocking");
+        w.set_nonblocking(true).expect("nonblocking");
+        let mut c = Conn::new(0, r);
+        let d = Frame {
+            kind: kind::DATA,
+            job: 5,
+            dst: 1,
+            body: TOKEN.to_le_bytes().to_vec(),
+        };
+        let mut stream = Vec::new();
+        d.encode_head_into(&mut stream, len);
+        stream.extend_from_slice(&pattern(len));
+        let fd = Memfd::create("qk-tcp-test", len as u64).expect("memfd");
+        let map = crate::sys::Mapping::map(&fd, len, true).expect("map");
+        let mut place = |_: u32, _: u32, token: u64, l: u64| {
+            (token == TOKEN && l == len as u64).then(|| map.slice_mut(0, len))
+        };
+        // The writer is this thread: `write` what the socket takes, then let the reader look.
+        let mut sent = 0;
+        let mut looks = 0;
+        let mut write_then = |c: &mut Conn, with_place: bool, sent: &mut usize| {
+            match w.write(&stream[*sent..]) {
+                Ok(n) => *sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write: {e}"),
+            }
+            looks += 1;
+            assert!(
+                looks < 1_000_000,
+                "the writer is stuck: the payload is not taken in"
+            );
+            if with_place {
+                c.fill(1 << 30, Some(&mut place));
+            } else {
+                c.fill(1 << 30, None);
+            }
+        };
+        while c.direct.is_none() {
+            write_then(&mut c, true, &mut sent);
+        }
+        // From here on no place: the writer must still get every byte out.
+        while sent < stream.len() {
+            write_then(&mut c, false, &mut sent);
+        }
+        while c.ready.is_empty() {
+            write_then(&mut c, true, &mut sent);
+        }
+        assert!(!c.dead);
+        assert_eq!(c.ready.len(), 1);
+        assert_eq!(c.ready[0].kind, kind::PLACED);
+        assert!(
+            map.slice(0, len) == &pattern(len)[..],
+            "placed bytes differ"
+        );
     }
 
     /// The local-only kind never comes from the wire: a peer sending it is cut off, and no
