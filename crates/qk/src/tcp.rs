@@ -399,13 +399,13 @@ impl Conn {
                 self.dead = true;
                 break;
             }
-            if rest[4] == kind::PLACED {
+            if rest.len() > 4 && rest[4] == kind::PLACED {
                 // Local only: a peer sending it is broken or hostile.
                 self.dead = true;
                 break;
             }
             if rest.len() < 4 + len as usize {
-                if rest[4] == kind::DATA && len > DIRECT_MIN && rest.len() >= DATA_HEAD {
+                if rest.len() >= DATA_HEAD && rest[4] == kind::DATA && len > DIRECT_MIN {
                     if let Some(p) = place.as_deref_mut() {
                         let job = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
                         let dst = u32::from_le_bytes([rest[12], rest[13], rest[14], rest[15]]);
@@ -1633,6 +1633,52 @@ mod tests {
             map.slice(0, len) == &pattern(len)[..],
             "placed bytes differ"
         );
+    }
+
+    /// A frame whose length field alone is in (4 bytes) is waited for, large or small, with
+    /// or without a place: checked to fail (a panic) when the kind byte after the length is
+    /// looked at before it is in.
+    #[test]
+    fn a_frame_whose_length_alone_is_in_is_waited_for() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut w = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (r, _) = l.accept().expect("accept");
+        r.set_nonblocking(true).expect("nonblocking");
+        w.set_nodelay(true).expect("nodelay");
+        let mut c = Conn::new(0, r);
+        let mut v = Vec::new();
+        let d = Frame {
+            kind: kind::DATA,
+            job: 5,
+            dst: 1,
+            body: TOKEN.to_le_bytes().to_vec(),
+        };
+        let len = 1 << 20;
+        d.encode_head_into(&mut v, len);
+        v.extend_from_slice(&pattern(len));
+        msg(3).encode_head_into(&mut v, 0);
+        let mut place = |_: u32, _: u32, _: u64, _: u64| None;
+        let mut sent = 0;
+        for step in [4, 1, 19, v.len()] {
+            let end = (sent + step).min(v.len());
+            w.write_all(&v[sent..end]).expect("write");
+            sent = end;
+            let mut looks = 0;
+            // Until the reader has every byte written so far.
+            while c.filled + c.ready.iter().map(|f| 16 + f.body.len()).sum::<usize>() < sent {
+                looks += 1;
+                assert!(looks < 50_000_000, "the reader never got the bytes");
+                if looks % 2 == 0 {
+                    c.fill(1 << 30, Some(&mut place));
+                } else {
+                    c.fill(1 << 30, None);
+                }
+                assert!(!c.dead, "the connection was cut");
+            }
+        }
+        assert_eq!(c.ready.len(), 2);
+        assert!(c.ready[0].body[8..] == pattern(len)[..]);
+        assert_eq!((c.ready[1].kind, c.ready[1].dst), (kind::MSG, 3));
     }
 
     /// The local-only kind never comes from the wire: a peer sending it is cut off, and no
