@@ -321,6 +321,20 @@ impl Port {
     /// Tries to enqueue a record; `false` when the ring to `dst` is full.
     #[inline]
     pub fn try_send(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
+        self.try_send_inner::<true>(dst, hdr, payload)
+    }
+
+    /// [`Port::try_send`] that never rings `dst`: for a sender that hands over a batch and then
+    /// rings each sleeping receiver once itself (the node engine, after a fence). Ringing per
+    /// record would make a futex call per record, and the woken rank on the engine's CPU could
+    /// take the CPU after each one.
+    #[inline]
+    pub fn try_send_unrung(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
+        self.try_send_inner::<false>(dst, hdr, payload)
+    }
+
+    #[inline(always)]
+    fn try_send_inner<const RING: bool>(&mut self, dst: u32, hdr: &Hdr, payload: &[u8]) -> bool {
         let (ring, prod, _) = &mut self.out[dst as usize];
         let Some(r) = prod.reserve(ring, HDR_LEN + payload.len()) else {
             return false;
@@ -329,7 +343,7 @@ impl Port {
         if !payload.is_empty() {
             ring.write_bytes(r.body_off + HDR_LEN as u64, payload);
         }
-        self.publish(dst, r, payload.len() as u64);
+        self.publish::<RING>(dst, r, payload.len() as u64);
         true
     }
 
@@ -345,13 +359,18 @@ impl Port {
         };
         ring.write_array(r.body_off, head);
         ring.write_array(r.body_off + AUX_AT, &aux.to_le_bytes());
-        self.publish(dst, r, 0);
+        self.publish::<true>(dst, r, 0);
         true
     }
 
     /// Publishes record `r` (written) to `dst`: the stamp, then the sender's bookkeeping.
     #[inline(always)]
-    fn publish(&mut self, dst: u32, r: crate::ring::Reservation, payload_len: u64) {
+    fn publish<const RING: bool>(
+        &mut self,
+        dst: u32,
+        r: crate::ring::Reservation,
+        payload_len: u64,
+    ) {
         let (ring, prod, to) = &mut self.out[dst as usize];
         prod.publish(ring, r);
         // In a burst of sends (no poll in between, e.g. a window of non-blocking sends) fetch a
@@ -365,7 +384,7 @@ impl Port {
         self.mine.bump(slot::SENT, 1);
         self.mine.bump(slot::SENT_BYTES, payload_len);
         // `Region::wake`, with the flag reached through the destination's block.
-        if to.sleeping().load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        if RING && to.sleeping().load(std::sync::atomic::Ordering::Relaxed) != 0 {
             self.region.ring_doorbell(dst);
         }
     }

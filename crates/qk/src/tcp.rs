@@ -42,7 +42,24 @@ mod kind {
     pub const RTS: u8 = 2;
     pub const GET: u8 = 3;
     pub const DATA: u8 = 4;
+    /// Never on the wire (a connection that sends it is cut): a DATA frame whose bytes the
+    /// transport read straight into the place the engine gave for its token
+    /// ([`super::Transport::poll_placing`]); the body is the token alone.
+    pub const PLACED: u8 = 0x84;
 }
+
+/// Bytes of a DATA frame before its payload: length, kind and pad, job, destination, token.
+const DATA_HEAD: usize = 4 + 12 + 8;
+
+/// A DATA frame longer than this is read straight into its staging place when the engine gives
+/// one: no receive-buffer copy and no frame copy of the payload.
+const DIRECT_MIN: u64 = 64 << 10;
+
+/// Where a large DATA frame's payload goes: called with (peer node, job, token, payload length)
+/// once its head is in, and again on every later poll until the payload is in; returns the
+/// place (exactly that long) or `None` to have the frame buffered and handed over as usual.
+/// The place must stay the same until the transport hands over [`kind::PLACED`] for the token.
+pub type Place<'a> = dyn FnMut(u32, u32, u64, u64) -> Option<&'a mut [u8]> + 'a;
 
 /// A frame: kind, job, destination rank, then kind-specific bytes. On the wire it is preceded
 /// by its length (u32, little-endian).
@@ -59,16 +76,17 @@ pub struct Frame {
 }
 
 impl Frame {
-    fn encode_head(&self, extra: usize) -> Vec<u8> {
+    /// Appends the frame's length, head and body to `v`, its length counting `extra` bytes of
+    /// tail that follow it on the wire.
+    fn encode_head_into(&self, v: &mut Vec<u8>, extra: usize) {
         let len = 12 + self.body.len() + extra;
-        let mut v = Vec::with_capacity(4 + len);
+        v.reserve(4 + 12 + self.body.len());
         v.extend_from_slice(&(len as u32).to_le_bytes());
         v.push(self.kind);
         v.extend_from_slice(&[0, 0, 0]);
         v.extend_from_slice(&self.job.to_le_bytes());
         v.extend_from_slice(&self.dst.to_le_bytes());
         v.extend_from_slice(&self.body);
-        v
     }
 
     fn decode(b: &[u8]) -> Option<Frame> {
@@ -90,9 +108,22 @@ impl Frame {
 /// backend would be another implementation.
 pub trait Transport: Send {
     /// Sends `frame` to node `node`, followed by `tail` bytes (payload borrowed from shared memory).
+    /// A transport may hold the frame back to send it with the next ones: it is on its way once
+    /// [`Transport::flush`] returns. Frames to one node leave in the order they were given.
     fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError>;
+    /// Sends every frame [`Transport::send`] held back. The engine calls it at the end of each
+    /// batch of sends, before it looks for more work or sleeps.
+    fn flush(&mut self) -> Result<(), QkError> {
+        Ok(())
+    }
     /// Hands every frame that has arrived to `f` (never blocks).
     fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize;
+    /// As [`Transport::poll`], and the payload of a large DATA frame may be read straight into
+    /// the place `place` gives for it, the frame then handed over as [`kind::PLACED`].
+    fn poll_placing(&mut self, f: &mut dyn FnMut(u32, Frame), place: &mut Place<'_>) -> usize {
+        let _ = place;
+        self.poll(f)
+    }
     /// The engine is about to sleep on its doorbell: arrange to be rung when frames arrive.
     /// Returns true when frames are already waiting (the engine must not sleep then).
     fn sleep_begin(&mut self) -> bool {
@@ -210,6 +241,22 @@ struct Conn {
     ready: VecDeque<Frame>,
     /// The peer closed or broke the connection, or sent a framing error: no more reads.
     dead: bool,
+    /// Frames given to [`Transport::send`] and not written yet, in order: one pass of the engine
+    /// leaves in one `write` per peer instead of one per frame (with `TCP_NODELAY` each write is
+    /// a trip through both TCP stacks of its own).
+    out: Vec<u8>,
+    /// A large DATA frame being read straight into its place; while set, `buf[..filled]` holds
+    /// the next bytes of its payload (read when no place was at hand) before anything else.
+    direct: Option<Direct>,
+}
+
+/// A DATA frame whose payload is being read into the place the engine gave.
+struct Direct {
+    job: u32,
+    dst: u32,
+    token: u64,
+    len: usize,
+    got: usize,
 }
 
 impl Conn {
@@ -221,17 +268,44 @@ impl Conn {
             filled: 0,
             ready: VecDeque::new(),
             dead: false,
+            out: Vec::with_capacity(64 << 10),
+            direct: None,
         }
     }
 
     /// Reads whatever the socket holds now and turns complete frames into `ready`. Never blocks.
-    fn fill(&mut self, max: u64) -> usize {
+    /// With `place`, a large DATA frame's payload goes straight to the place it gives.
+    fn fill(&mut self, max: u64, mut place: Option<&mut Place<'_>>) -> usize {
         let mut got = 0;
         while !self.dead {
-            // Room for the whole frame being received, at least 64 KiB.
-            let need = match self.frame_len() {
-                Some(l) => (l as usize + 4).max(64 << 10),
-                None => 64 << 10,
+            if self.direct.is_some() {
+                match self.fill_direct(place.as_deref_mut()) {
+                    Some(true) => {
+                        got += 1;
+                        continue;
+                    }
+                    Some(false) => break,
+                    // No place at hand: read into the buffer (the payload's next bytes).
+                    None => {}
+                }
+            } else if self.filled > 0 {
+                got += self.split(max, place.as_deref_mut());
+                if self.direct.is_some() || self.dead {
+                    continue;
+                }
+            }
+            // Room for the whole frame being received (unless it may go to its place), at least
+            // 64 KiB.
+            let need = if self.direct.is_some() {
+                // A payload with no place at hand (the engine waits to write, or is about to
+                // sleep): take it all in all the same, or two engines writing large frames to
+                // each other would wait on each other.
+                self.filled + (64 << 10)
+            } else {
+                match self.frame_len() {
+                    Some(l) if self.filled >= DATA_HEAD => (l as usize + 4).max(64 << 10),
+                    _ => 64 << 10,
+                }
             };
             if self.buf.len() < need {
                 self.buf.resize(need, 0);
@@ -241,8 +315,10 @@ impl Conn {
                 Ok(0) => self.dead = true,
                 Ok(n) => {
                     self.filled += n;
-                    got += self.split(max);
-                    if n < room {
+                    if self.direct.is_none() {
+                        got += self.split(max, place.as_deref_mut());
+                    }
+                    if n < room && self.direct.is_none() {
                         break;
                     }
                 }
@@ -254,6 +330,49 @@ impl Conn {
         got
     }
 
+    /// Moves the payload of the frame being placed into its place: first what the buffer holds,
+    /// then straight from the socket. `Some(true)`: the frame is complete (handed over as
+    /// PLACED); `Some(false)`: the socket has no more now; `None`: no place at hand.
+    fn fill_direct(&mut self, place: Option<&mut Place<'_>>) -> Option<bool> {
+        let d = self.direct.as_mut()?;
+        let place = place?;
+        let Some(to) = place(self.node, d.job, d.token, d.len as u64).filter(|t| t.len() == d.len)
+        else {
+            // The engine no longer has the place it gave: the stream cannot be followed.
+            self.dead = true;
+            return Some(false);
+        };
+        let take = self.filled.min(d.len - d.got);
+        to[d.got..d.got + take].copy_from_slice(&self.buf[..take]);
+        self.buf.copy_within(take..self.filled, 0);
+        self.filled -= take;
+        d.got += take;
+        while d.got < d.len {
+            match self.s.read(&mut to[d.got..]) {
+                Ok(0) => {
+                    self.dead = true;
+                    return Some(false);
+                }
+                Ok(n) => d.got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.dead = true;
+                    return Some(false);
+                }
+            }
+        }
+        let f = Frame {
+            kind: kind::PLACED,
+            job: d.job,
+            dst: d.dst,
+            body: d.token.to_le_bytes().to_vec(),
+        };
+        self.ready.push_back(f);
+        self.direct = None;
+        Some(true)
+    }
+
     /// Length field of the frame at the front of the buffer, once its 4 bytes are in.
     fn frame_len(&self) -> Option<u64> {
         if self.filled < 4 {
@@ -263,8 +382,10 @@ impl Conn {
         Some(u32::from_le_bytes([l[0], l[1], l[2], l[3]]) as u64)
     }
 
-    /// Moves every complete frame from the buffer to `ready`.
-    fn split(&mut self, max: u64) -> usize {
+    /// Moves every complete frame from the buffer to `ready`. With `place`, a large DATA frame
+    /// not yet complete whose head is in and for which `place` gives a place starts being read
+    /// into it ([`Conn::direct`]).
+    fn split(&mut self, max: u64, mut place: Option<&mut Place<'_>>) -> usize {
         let mut n = 0;
         let mut at = 0;
         loop {
@@ -278,7 +399,31 @@ impl Conn {
                 self.dead = true;
                 break;
             }
+            if rest.len() > 4 && rest[4] == kind::PLACED {
+                // Local only: a peer sending it is broken or hostile.
+                self.dead = true;
+                break;
+            }
             if rest.len() < 4 + len as usize {
+                if rest.len() >= DATA_HEAD && rest[4] == kind::DATA && len > DIRECT_MIN {
+                    if let Some(p) = place.as_deref_mut() {
+                        let job = u32::from_le_bytes([rest[8], rest[9], rest[10], rest[11]]);
+                        let dst = u32::from_le_bytes([rest[12], rest[13], rest[14], rest[15]]);
+                        let token =
+                            u64::from_le_bytes(rest[16..DATA_HEAD].try_into().unwrap_or([0; 8]));
+                        let plen = len as usize + 4 - DATA_HEAD;
+                        if p(self.node, job, token, plen as u64).is_some_and(|t| t.len() == plen) {
+                            self.direct = Some(Direct {
+                                job,
+                                dst,
+                                token,
+                                len: plen,
+                                got: 0,
+                            });
+                            at += DATA_HEAD;
+                        }
+                    }
+                }
                 break;
             }
             match Frame::decode(&rest[4..4 + len as usize]) {
@@ -294,7 +439,9 @@ impl Conn {
         if at > 0 {
             self.buf.copy_within(at..self.filled, 0);
             self.filled -= at;
-            if self.filled == 0 && self.buf.len() > 4 << 20 {
+            // Kept up to `KEEP_RX` (a 4 MiB message used to reallocate and zero 4 MiB, page
+            // faults included, every time).
+            if self.filled == 0 && self.buf.len() > KEEP_RX {
                 self.buf.truncate(64 << 10);
                 self.buf.shrink_to_fit();
             }
@@ -439,6 +586,40 @@ impl TcpTransport {
             .ok_or_else(|| QkError::Transport(format!("no connection to node {node}")))
     }
 
+    fn poll_inner(
+        &mut self,
+        f: &mut dyn FnMut(u32, Frame),
+        mut place: Option<&mut Place<'_>>,
+    ) -> usize {
+        let mut n = 0;
+        let max = self.max;
+        for (i, c) in self.conns.iter_mut().enumerate() {
+            c.fill(max, place.as_deref_mut());
+            if c.dead {
+                self.st.dead[i].store(true, Ordering::Relaxed);
+            }
+            while let Some(fr) = c.ready.pop_front() {
+                f(c.node, fr);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Writes connection `i`'s outgoing buffer.
+    fn flush_conn(&mut self, i: usize) -> Result<(), QkError> {
+        let out = std::mem::take(&mut self.conns[i].out);
+        let r = self.write_all(i, &out);
+        let mut out = out;
+        out.clear();
+        // Keep the allocation (polling must not allocate), unless one burst made it large.
+        if out.capacity() > 4 * OUT_FLUSH {
+            out = Vec::with_capacity(64 << 10);
+        }
+        self.conns[i].out = out;
+        r
+    }
+
     /// Writes all of `b` to connection `i`; while the socket is full, takes in what the peers
     /// send (two engines sending large frames to each other must not wait on each other).
     fn write_all(&mut self, i: usize, mut b: &[u8]) -> Result<(), QkError> {
@@ -455,7 +636,7 @@ impl TcpTransport {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let max = self.max;
                     for c in &mut self.conns {
-                        c.fill(max);
+                        c.fill(max, None);
                     }
                     if start.elapsed() > Duration::from_micros(50) {
                         std::thread::yield_now();
@@ -485,32 +666,39 @@ impl Drop for TcpTransport {
 impl Transport for TcpTransport {
     fn send(&mut self, node: u32, frame: &Frame, tail: &[u8]) -> Result<(), QkError> {
         let i = self.conn(node)?;
-        let mut head = frame.encode_head(tail.len());
-        // A small tail goes in the same write: with TCP_NODELAY every write is a segment of its
-        // own, and a second one for an 8-byte payload cost a second trip through both stacks
-        // (≈ 10 µs one-way between two namespaces here).
+        // A small tail is copied behind its head in the connection's outgoing buffer, and the
+        // whole buffer leaves in one write at the next flush: with TCP_NODELAY every write is a
+        // segment of its own, a trip through both stacks (≈ 5 µs here), so a window of small
+        // messages must not cost one write each.
+        let c = &mut self.conns[i];
+        frame.encode_head_into(&mut c.out, tail.len());
         if tail.len() <= SMALL_TAIL {
-            head.extend_from_slice(tail);
-            return self.write_all(i, &head);
+            c.out.extend_from_slice(tail);
+            if c.out.len() < OUT_FLUSH {
+                return Ok(());
+            }
+            return self.flush_conn(i);
         }
-        self.write_all(i, &head)?;
+        // A large tail is written straight from shared memory, after what is queued before it.
+        self.flush_conn(i)?;
         self.write_all(i, tail)
     }
 
-    fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
-        let mut n = 0;
-        let max = self.max;
-        for (i, c) in self.conns.iter_mut().enumerate() {
-            c.fill(max);
-            if c.dead {
-                self.st.dead[i].store(true, Ordering::Relaxed);
-            }
-            while let Some(fr) = c.ready.pop_front() {
-                f(c.node, fr);
-                n += 1;
+    fn flush(&mut self) -> Result<(), QkError> {
+        for i in 0..self.conns.len() {
+            if !self.conns[i].out.is_empty() {
+                self.flush_conn(i)?;
             }
         }
-        n
+        Ok(())
+    }
+
+    fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
+        self.poll_inner(f, None)
+    }
+
+    fn poll_placing(&mut self, f: &mut dyn FnMut(u32, Frame), place: &mut Place<'_>) -> usize {
+        self.poll_inner(f, Some(place))
     }
 
     fn sleep_begin(&mut self) -> bool {
@@ -520,8 +708,9 @@ impl Transport for TcpTransport {
         let max = self.max;
         let mut pending = false;
         for c in &mut self.conns {
-            c.fill(max);
-            pending |= !c.ready.is_empty();
+            c.fill(max, None);
+            // A payload read into the buffer for want of its place is not on the socket any more.
+            pending |= !c.ready.is_empty() || (c.direct.is_some() && c.filled > 0);
         }
         pending
     }
@@ -534,6 +723,13 @@ impl Transport for TcpTransport {
 
 /// Largest frame tail (eager payload) copied behind the frame's head so both leave in one write.
 const SMALL_TAIL: usize = 64 << 10;
+
+/// A connection's receive buffer grown for a large frame is kept up to this size.
+const KEEP_RX: usize = 64 << 20;
+
+/// A connection's outgoing buffer is written at once when it holds this many bytes, without
+/// waiting for the flush at the end of the engine's batch.
+const OUT_FLUSH: usize = 256 << 10;
 
 /// How long the node engine keeps polling its queues and connections after the last item before
 /// it blocks: longer than a network round trip, so a ping-pong never pays a wake-up.
@@ -566,6 +762,8 @@ struct Outgoing {
 }
 
 struct Staged {
+    /// The node whose connection must bring the bytes.
+    node: u32,
     hdr: Hdr,
     dst: u32,
     off: u64,
@@ -892,9 +1090,27 @@ impl NodeEngine {
         for (from, h, body) in recs {
             self.outbound(from, h, &body)?;
         }
+        // Everything this pass took from the ranks leaves now, one write per peer node.
+        self.transport.flush()?;
         // Other nodes -> local ranks.
         let mut frames = Vec::new();
-        n += self.transport.poll(&mut |node, f| frames.push((node, f)));
+        {
+            // A large message's bytes go straight from the socket to its staging place (no
+            // receive-buffer or frame copy of them): the place staged for that token, if the
+            // frame comes from the node asked, for this job, with the length asked.
+            let (staged, map, job) = (&self.staged, self.region.map(), self.spec.job_id);
+            let heap = self.region.layout.heap(self.region.engine_port());
+            let mut place = |node: u32, fjob: u32, token: u64, len: u64| {
+                let s = staged.get(&token)?;
+                if fjob != job || s.node != node || s.len != len {
+                    return None;
+                }
+                Some(map.slice_mut((heap + s.off) as usize, len as usize))
+            };
+            n += self
+                .transport
+                .poll_placing(&mut |node, f| frames.push((node, f)), &mut place);
+        }
         let retry: Vec<(u32, Frame, u64)> = self.waiting_rts.drain(..).collect();
         for (node, f, slot) in retry {
             self.stage(node, &f, slot)?;
@@ -902,31 +1118,28 @@ impl NodeEngine {
         for (node, f) in frames {
             self.inbound(node, f)?;
         }
-        // Ports handed a record (bit per port modulo 64), and of those the ones `try_send` rang.
-        let (mut delivered, mut rung) = (0u64, 0u64);
+        // The GETs (and small DATA) these answers made.
+        self.transport.flush()?;
+        // Ports handed a record (bit per port modulo 64). Records are handed over without
+        // ringing (`try_send_unrung`); each sleeping rank is rung once after the batch: ringing
+        // per record made a futex call per record, and the rank, woken on this CPU, could take
+        // the CPU after each one (a window of 64 small messages cost ≈ 14 switches).
+        let mut delivered = 0u64;
         while let Some((port, h, b)) = self.control.front() {
-            let bell = self.region.doorbell(*port).load(Ordering::Relaxed);
-            if !self.port.try_send(*port, h, b) {
+            if !self.port.try_send_unrung(*port, h, b) {
                 break;
             }
             delivered |= 1u64 << (*port % 64);
-            if self.region.doorbell(*port).load(Ordering::Relaxed) != bell {
-                rung |= 1u64 << (*port % 64);
-            }
             self.control.pop_front();
             n += 1;
         }
         loop {
             match self.to_local.front() {
                 Some(Inbound::Ready(port, h, b)) => {
-                    let bell = self.region.doorbell(*port).load(Ordering::Relaxed);
-                    if !self.port.try_send(*port, h, b) {
+                    if !self.port.try_send_unrung(*port, h, b) {
                         break;
                     }
                     delivered |= 1u64 << (*port % 64);
-                    if self.region.doorbell(*port).load(Ordering::Relaxed) != bell {
-                        rung |= 1u64 << (*port % 64);
-                    }
                     n += 1;
                 }
                 Some(Inbound::Gone) => {}
@@ -935,20 +1148,16 @@ impl NodeEngine {
             self.to_local.pop_front();
             self.to_local_base += 1;
         }
-        self.woke_rank = rung != 0;
-        let unrung = delivered & !rung;
-        if unrung != 0 {
+        self.woke_rank = false;
+        if delivered != 0 {
             // Ring the ranks that sleep, after a full fence: a rank waiting for the network sleeps
-            // on every message, so the unfenced look of `Port::try_send` (a lost wake-up costs up
-            // to `MAX_SLEEP`) is not good enough here. After the fence either the rank's sleeping
+            // on every message, so an unfenced look at its flag (a lost wake-up costs up to
+            // `MAX_SLEEP`) is not good enough here. After the fence either the rank's sleeping
             // flag is visible, or the rank's look at its queue (after it set the flag) sees the
-            // record. A rank `try_send` rang already (its doorbell moved) is not rung twice; only
-            // another ringer of the same doorbell in that instant could make that a wrong guess,
-            // and the only rank of a node (the one that sleeps on every message) has none.
-            // Ports are a bit mask modulo 64: a collision only rings a rank for nothing.
+            // records. Ports are a bit mask modulo 64: a collision only rings a rank for nothing.
             std::sync::atomic::fence(Ordering::SeqCst);
             for r in 0..self.region.layout.local {
-                if unrung & (1u64 << (r % 64)) != 0
+                if delivered & (1u64 << (r % 64)) != 0
                     && self.region.sleeping(r).load(Ordering::Relaxed) != 0
                 {
                     self.region.doorbell(r).fetch_add(1, Ordering::SeqCst);
@@ -1055,6 +1264,7 @@ impl NodeEngine {
         self.staged.insert(
             token,
             Staged {
+                node,
                 hdr: h,
                 dst: port,
                 off,
@@ -1150,7 +1360,7 @@ impl NodeEngine {
                     self.control.push_back((o.from_port, fin, Vec::new()));
                 }
             }
-            kind::DATA => {
+            kind::DATA | kind::PLACED => {
                 if f.body.len() < 8 {
                     self.drop_msg(DropReason::Malformed);
                     return Ok(());
@@ -1162,7 +1372,15 @@ impl NodeEngine {
                 };
                 let (slot, off, len) = (s.slot, s.off, s.len);
                 let data = &f.body[8..];
-                if data.len() as u64 != len {
+                // PLACED: the transport read exactly `len` bytes from `node` into this place
+                // (it asked the engine for it, with these checks).
+                let placed = f.kind == kind::PLACED;
+                if s.node != node {
+                    // Not the node asked: its bytes may be on their way into this place now.
+                    self.drop_msg(DropReason::ForgedSource);
+                    return Ok(());
+                }
+                if !placed && data.len() as u64 != len {
                     // The one answer to our GET is wrong: the message is lost; free its staging
                     // space and its place so what came after it moves on.
                     self.staged.remove(&token);
@@ -1174,7 +1392,9 @@ impl NodeEngine {
                     return Ok(());
                 }
                 let at = self.region.layout.heap(self.region.engine_port()) + off;
-                self.region.map().write(at as usize, data);
+                if !placed {
+                    self.region.map().write(at as usize, data);
+                }
                 let mut h = s.hdr;
                 h.flags |= flag::HEAP;
                 let dst = s.dst;
@@ -1185,5 +1405,302 @@ impl NodeEngine {
             _ => self.drop_msg(DropReason::Malformed),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two transports joined over loopback through the key handshake: (node 0, node 1).
+    fn pair(max: u64) -> (TcpTransport, TcpTransport) {
+        let l0 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let l1 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let (a0, a1) = (
+            l0.local_addr().expect("addr"),
+            l1.local_addr().expect("addr"),
+        );
+        let t1 = std::thread::spawn(move || {
+            TcpTransport::connect(
+                &l1,
+                1,
+                5,
+                &[(0, a0)],
+                b"k",
+                max,
+                Duration::from_secs(10),
+                || {},
+            )
+        });
+        let t0 = TcpTransport::connect(
+            &l0,
+            0,
+            5,
+            &[(1, a1)],
+            b"k",
+            max,
+            Duration::from_secs(10),
+            || {},
+        )
+        .expect("node 0");
+        (t0, t1.join().expect("join").expect("node 1"))
+    }
+
+    fn msg(i: u32) -> Frame {
+        Frame {
+            kind: kind::MSG,
+            job: 5,
+            dst: i,
+            body: i.to_le_bytes().to_vec(),
+        }
+    }
+
+    const TOKEN: u64 = 77;
+
+    fn pattern(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+    }
+
+    /// Sends (from a thread of its own: the socket fills) `before` small frames, one DATA frame
+    /// of `len` payload bytes, and `after` small frames, each small one a transport `send` held
+    /// back; returns what node 1 received, in order, polling with a place for the payload on
+    /// the polls `placing` picks (the others poll without one, as the engine's waits do).
+    fn send_and_receive(
+        before: u32,
+        len: usize,
+        after: u32,
+        placing: impl Fn(usize) -> bool,
+    ) -> (Vec<Frame>, Vec<u8>) {
+        let (mut t0, mut t1) = pair(1 << 30);
+        let data = pattern(len);
+        let sender = std::thread::spawn(move || {
+            for i in 0..before {
+                t0.send(1, &msg(i), &[]).expect("send");
+            }
+            let d = Frame {
+                kind: kind::DATA,
+                job: 5,
+                dst: 1,
+                body: TOKEN.to_le_bytes().to_vec(),
+            };
+            t0.send(1, &d, &data).expect("send data");
+            for i in before..before + after {
+                t0.send(1, &msg(i), &[]).expect("send");
+            }
+            t0.flush().expect("flush");
+            t0
+        });
+        // Shared memory, as the staging heap is (a place is handed out from a shared view).
+        let fd = Memfd::create("qk-tcp-test", len as u64).expect("memfd");
+        let map = crate::sys::Mapping::map(&fd, len, true).expect("map");
+        let mut got = Vec::new();
+        let want = (before + after + 1) as usize;
+        let mut polls = 0usize;
+        while got.len() < want {
+            polls += 1;
+            assert!(
+                polls < 50_000_000,
+                "only {} of {want} frames came",
+                got.len()
+            );
+            if placing(polls) {
+                let mut place = |node: u32, job: u32, token: u64, l: u64| {
+                    (node == 0 && job == 5 && token == TOKEN && l == len as u64)
+                        .then(|| map.slice_mut(0, len))
+                };
+                t1.poll_placing(&mut |_, f| got.push(f), &mut place);
+            } else {
+                t1.poll(&mut |_, f| got.push(f));
+            }
+            assert!(!t1.conns[0].dead, "the connection broke");
+        }
+        drop(sender.join().expect("sender"));
+        (got, map.slice(0, len).to_vec())
+    }
+
+    fn check_order(got: &[Frame], before: u32, len: usize, after: u32, placed: &[u8]) {
+        let data = pattern(len);
+        for (i, f) in got.iter().enumerate() {
+            let i = i as u32;
+            if i == before {
+                assert_eq!(
+                    f.body[..8],
+                    TOKEN.to_le_bytes(),
+                    "the large frame is in its place"
+                );
+                match f.kind {
+                    kind::PLACED => assert!(placed == &data[..], "placed bytes differ"),
+                    kind::DATA => assert!(f.body[8..] == data[..], "buffered bytes differ"),
+                    k => panic!("frame {i} is of kind {k}, not the large one"),
+                }
+            } else {
+                let n = if i < before { i } else { i - 1 };
+                assert_eq!((f.kind, f.dst), (kind::MSG, n), "frame {i} out of order");
+            }
+        }
+        assert_eq!(got.len() as u32, before + after + 1);
+    }
+
+    /// Small frames held back for one write and a large frame written straight after them
+    /// keep their order, and the large payload is read into its place byte-exact. Checked to
+    /// fail when `send` does not flush the held-back frames before a large tail (the tail then
+    /// overtakes them and the stream's framing breaks).
+    #[test]
+    fn held_back_frames_and_a_large_one_arrive_in_order_and_placed() {
+        let (got, placed) = send_and_receive(300, 3 << 20, 300, |_| true);
+        check_order(&got, 300, 3 << 20, 300, &placed);
+        assert_eq!(
+            got[300].kind,
+            kind::PLACED,
+            "a large payload with a place goes there"
+        );
+    }
+
+    /// The same with polls that have no place for the payload (the engine's looks before it
+    /// sleeps and while it waits to write) mixed in: whatever they read of the payload is put in
+    /// its place first when a place is at hand again, and nothing is lost or reordered. Checked
+    /// to fail when `fill_direct` does not first move what the buffer holds.
+    #[test]
+    fn a_large_payload_read_partly_without_its_place_is_still_whole_and_in_order() {
+        for every in [2, 3, 7] {
+            let (got, placed) = send_and_receive(50, (1 << 20) + 13, 50, |p| p % every == 0);
+            check_order(&got, 50, (1 << 20) + 13, 50, &placed);
+        }
+    }
+
+    /// A payload being placed whose place is not at hand (the engine waiting to write a large
+    /// frame of its own, or about to sleep) is still taken in whole, so the sender's write
+    /// completes: two engines writing large frames to each other must not wait on each other.
+    /// Checked to fail when the buffer stops at 64 KiB while a payload waits for its place.
+    #[test]
+    fn a_payload_without_its_place_at_hand_is_still_taken_in() {
+        // Far more than the socket buffers hold (up to 32 MiB received, 4 MiB sent here).
+        let len = 160 << 20;
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut w = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (r, _) = l.accept().expect("accept");
+        r.set_nonblocking(true).expect("nonblocking");
+        w.set_nonblocking(true).expect("nonblocking");
+        let mut c = Conn::new(0, r);
+        let d = Frame {
+            kind: kind::DATA,
+            job: 5,
+            dst: 1,
+            body: TOKEN.to_le_bytes().to_vec(),
+        };
+        let mut stream = Vec::new();
+        d.encode_head_into(&mut stream, len);
+        stream.extend_from_slice(&pattern(len));
+        let fd = Memfd::create("qk-tcp-test", len as u64).expect("memfd");
+        let map = crate::sys::Mapping::map(&fd, len, true).expect("map");
+        let mut place = |_: u32, _: u32, token: u64, l: u64| {
+            (token == TOKEN && l == len as u64).then(|| map.slice_mut(0, len))
+        };
+        // The writer is this thread: `write` what the socket takes, then let the reader look.
+        let mut sent = 0;
+        let mut looks = 0;
+        let mut write_then = |c: &mut Conn, with_place: bool, sent: &mut usize| {
+            match w.write(&stream[*sent..]) {
+                Ok(n) => *sent += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("write: {e}"),
+            }
+            looks += 1;
+            assert!(
+                looks < 1_000_000,
+                "the writer is stuck: the payload is not taken in"
+            );
+            if with_place {
+                c.fill(1 << 30, Some(&mut place));
+            } else {
+                c.fill(1 << 30, None);
+            }
+        };
+        while c.direct.is_none() {
+            write_then(&mut c, true, &mut sent);
+        }
+        // From here on no place: the writer must still get every byte out.
+        while sent < stream.len() {
+            write_then(&mut c, false, &mut sent);
+        }
+        while c.ready.is_empty() {
+            write_then(&mut c, true, &mut sent);
+        }
+        assert!(!c.dead);
+        assert_eq!(c.ready.len(), 1);
+        assert_eq!(c.ready[0].kind, kind::PLACED);
+        assert!(
+            map.slice(0, len) == &pattern(len)[..],
+            "placed bytes differ"
+        );
+    }
+
+    /// A frame whose length field alone is in (4 bytes) is waited for, large or small, with
+    /// or without a place: checked to fail (a panic) when the kind byte after the length is
+    /// looked at before it is in.
+    #[test]
+    fn a_frame_whose_length_alone_is_in_is_waited_for() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut w = TcpStream::connect(l.local_addr().expect("addr")).expect("connect");
+        let (r, _) = l.accept().expect("accept");
+        r.set_nonblocking(true).expect("nonblocking");
+        w.set_nodelay(true).expect("nodelay");
+        let mut c = Conn::new(0, r);
+        let mut v = Vec::new();
+        let d = Frame {
+            kind: kind::DATA,
+            job: 5,
+            dst: 1,
+            body: TOKEN.to_le_bytes().to_vec(),
+        };
+        let len = 1 << 20;
+        d.encode_head_into(&mut v, len);
+        v.extend_from_slice(&pattern(len));
+        msg(3).encode_head_into(&mut v, 0);
+        let mut place = |_: u32, _: u32, _: u64, _: u64| None;
+        let mut sent = 0;
+        for step in [4, 1, 19, v.len()] {
+            let end = (sent + step).min(v.len());
+            w.write_all(&v[sent..end]).expect("write");
+            sent = end;
+            let mut looks = 0;
+            // Until the reader has every byte written so far.
+            while c.filled + c.ready.iter().map(|f| 16 + f.body.len()).sum::<usize>() < sent {
+                looks += 1;
+                assert!(looks < 50_000_000, "the reader never got the bytes");
+                if looks % 2 == 0 {
+                    c.fill(1 << 30, Some(&mut place));
+                } else {
+                    c.fill(1 << 30, None);
+                }
+                assert!(!c.dead, "the connection was cut");
+            }
+        }
+        assert_eq!(c.ready.len(), 2);
+        assert!(c.ready[0].body[8..] == pattern(len)[..]);
+        assert_eq!((c.ready[1].kind, c.ready[1].dst), (kind::MSG, 3));
+    }
+
+    /// The local-only kind never comes from the wire: a peer sending it is cut off, and no
+    /// frame of it is handed over.
+    #[test]
+    fn a_placed_frame_from_the_wire_cuts_the_connection() {
+        let (mut t0, mut t1) = pair(1 << 20);
+        let f = Frame {
+            kind: kind::PLACED,
+            job: 5,
+            dst: 1,
+            body: TOKEN.to_le_bytes().to_vec(),
+        };
+        t0.send(1, &f, &[]).expect("send");
+        t0.flush().expect("flush");
+        let mut got = Vec::new();
+        let mut polls = 0;
+        while !t1.conns[0].dead {
+            polls += 1;
+            assert!(polls < 50_000_000, "the connection was not cut");
+            t1.poll(&mut |_, f| got.push(f));
+        }
+        assert!(got.is_empty(), "{got:?}");
     }
 }
