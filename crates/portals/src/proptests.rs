@@ -514,6 +514,25 @@ struct FastEntry {
     threshold: u32,
 }
 
+impl FastEntry {
+    /// The match entry this describes: its bits, one ignored bit or none, a source filter
+    /// (`from`: 1 any rank of group 2, 2 rank 1 of group 2, 3 any rank of group 3, else anyone)
+    /// and its threshold (0: none).
+    fn spec(&self) -> MatchSpec {
+        let mut spec = MatchSpec::new(self.bits).ignore(if self.ignore { 1 } else { 0 });
+        spec = match self.from {
+            1 => spec.from(2, ANY),
+            2 => spec.from(2, 1),
+            3 => spec.from(3, ANY),
+            _ => spec,
+        };
+        if self.threshold > 0 {
+            spec = spec.threshold(self.threshold);
+        }
+        spec
+    }
+}
+
 /// A header, mostly a valid put, with every field sometimes wrong.
 #[derive(Clone, Debug)]
 struct FastHdr {
@@ -812,17 +831,7 @@ fn fast_engine(
         {
             continue;
         }
-        let mut spec = MatchSpec::new(en.bits).ignore(if en.ignore { 1 } else { 0 });
-        spec = match en.from {
-            1 => spec.from(2, ANY),
-            2 => spec.from(2, 1),
-            3 => spec.from(3, ANY),
-            _ => spec,
-        };
-        if en.threshold > 0 {
-            spec = spec.threshold(en.threshold);
-        }
-        let _ = e.me_append(en.portal, spec, h);
+        let _ = e.me_append(en.portal, en.spec(), h);
     }
     for &r in release {
         if let Some(h) = md(r) {
@@ -1282,19 +1291,6 @@ fn apply_step(
     let md = |mds: &Vec<MdHandle>, k: usize| mds.get(k % mds.len().max(1)).copied();
     let entry =
         |entries: &Vec<MatchHandle>, k: usize| entries.get(k % entries.len().max(1)).copied();
-    let spec = |en: &FastEntry| {
-        let mut spec = MatchSpec::new(en.bits).ignore(if en.ignore { 1 } else { 0 });
-        spec = match en.from {
-            1 => spec.from(2, ANY),
-            2 => spec.from(2, 1),
-            3 => spec.from(3, ANY),
-            _ => spec,
-        };
-        if en.threshold > 0 {
-            spec = spec.threshold(en.threshold);
-        }
-        spec
-    };
     match s {
         Step::Put(..) => std::string::String::new(),
         Step::Take(q) => format!("{:?}", e.eq_get(eqs[*q as usize])),
@@ -1302,7 +1298,7 @@ fn apply_step(
             let Some(h) = md(mds, en.md) else {
                 return "no md".into();
             };
-            let r = e.me_append(en.portal % 3, spec(en), h);
+            let r = e.me_append(en.portal % 3, en.spec(), h);
             if let Ok(m) = r {
                 entries.push(m);
             }
@@ -1317,7 +1313,7 @@ fn apply_step(
             } else {
                 Position::Before
             };
-            let r = e.me_insert(a, pos, spec(en), h);
+            let r = e.me_insert(a, pos, en.spec(), h);
             if let Ok(m) = r {
                 entries.push(m);
             }
