@@ -158,7 +158,7 @@ struct Inner {
     mem: OwnedMemory,
     heap: HeapAlloc,
     out: VecDeque<Pending>,
-    large: HashMap<u64, LargeSend>,
+    large: TokenMap<LargeSend>,
     next_token: u64,
     private_path: PrivatePath,
     /// The delivery plan the engine writes each incoming message's placement into (one value kept
@@ -395,7 +395,7 @@ impl Endpoint {
             mem,
             heap: HeapAlloc::new(region.layout.heap_per_rank),
             out: VecDeque::new(),
-            large: HashMap::new(),
+            large: TokenMap::default(),
             next_token: 1,
             private_path: PrivatePath::for_this_host(),
             plan: Box::new(portals::DeliveryPlan::EMPTY),
@@ -1336,10 +1336,42 @@ pub fn plain_put_from_inline8(
 
 /// Where the payload of a large message is: (flag bit, reference, token).
 pub(crate) fn encode_ref(addr: u64, token: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(LARGE_REF);
-    v.extend_from_slice(&addr.to_le_bytes());
-    v.extend_from_slice(&token.to_le_bytes());
-    v
+    ref_bytes(addr, token).to_vec()
+}
+
+/// Hashes a large send's token for [`TokenMap`]: one multiply. Tokens are this rank's own
+/// sequence numbers (`Inner::next_token`), the only keys ever inserted, so they spread over the
+/// table; a forged token in a FIN only looks one up. The std hasher (SipHash) cost two hashes per
+/// large put, one at the send and one at its FIN.
+#[derive(Default, Clone, Copy)]
+struct TokenHasher(u64);
+
+impl std::hash::Hasher for TokenHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits (hashbrown's control byte) and the low bits (its
+        // bucket) both depend on every bit of the token.
+        self.0 = (self.0.rotate_left(29) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// The large sends waiting for their FIN, by token.
+type TokenMap<V> = HashMap<u64, V, std::hash::BuildHasherDefault<TokenHasher>>;
+
+/// [`encode_ref`] into an array (no allocation): what a large put's record carries after its
+/// header.
+fn ref_bytes(addr: u64, token: u64) -> [u8; LARGE_REF] {
+    let mut b = [0u8; LARGE_REF];
+    b[..8].copy_from_slice(&addr.to_le_bytes());
+    b[8..].copy_from_slice(&token.to_le_bytes());
+    b
 }
 
 pub(crate) fn decode_ref(b: &[u8]) -> Option<(u64, u64)> {
@@ -1417,7 +1449,7 @@ impl Inner {
         body: &portals::Body,
         plan: Option<SendPlan>,
         dst_rank: u32,
-    ) -> Result<(Hdr, (Vec<u8>, u8)), QkError> {
+    ) -> Result<(Hdr, ([u8; LARGE_REF], u8)), QkError> {
         // Cross-memory attach only works on this node; the node engine reads the heap instead.
         let remote_ok_cma = self.region.port_of_rank(dst_rank).is_some();
         let token = self.next_token;
@@ -1426,7 +1458,7 @@ impl Inner {
         let map_base = self.region.map().ptr() as u64;
         if body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
             self.large.insert(token, LargeSend { plan, bounce: None });
-            return Ok((hdr, (encode_ref(first.addr - map_base, token), flag::HEAP)));
+            return Ok((hdr, (ref_bytes(first.addr - map_base, token), flag::HEAP)));
         }
         if body.is_contiguous()
             && remote_ok_cma
@@ -1434,7 +1466,7 @@ impl Inner {
             && self.mem.owns(first.addr, first.len)
         {
             self.large.insert(token, LargeSend { plan, bounce: None });
-            return Ok((hdr, (encode_ref(first.addr, token), flag::CMA)));
+            return Ok((hdr, (ref_bytes(first.addr, token), flag::CMA)));
         }
         // Bounce through the heap.
         let len = body.len();
@@ -1474,7 +1506,7 @@ impl Inner {
                 bounce: Some(bounce),
             },
         );
-        Ok((hdr, (encode_ref(bounce.addr - map_base, token), flag::HEAP)))
+        Ok((hdr, (ref_bytes(bounce.addr - map_base, token), flag::HEAP)))
     }
 
     fn flush(&mut self) {
@@ -1580,7 +1612,7 @@ struct Ctx<'a> {
     engine: &'a mut PortalsEngine,
     mem: &'a mut OwnedMemory,
     out: &'a mut VecDeque<Pending>,
-    large: &'a mut HashMap<u64, LargeSend>,
+    large: &'a mut TokenMap<LargeSend>,
     heap: &'a mut HeapAlloc,
     plan: &'a mut portals::DeliveryPlan,
     wire: &'a mut WireHeader,
@@ -1833,15 +1865,17 @@ impl Ctx<'_> {
         mlength: u64,
     ) -> bool {
         let me_port = self.me_port();
-        let segs: Vec<portals::Segment> = match self.engine.segments(pbody) {
-            Ok(s) => s.collect(),
+        // The segments are walked as the engine yields them (no list of them collected per
+        // message): the loop only reads the engine's tables and writes this rank's memory.
+        let segs = match self.engine.segments(pbody) {
+            Ok(s) => s,
             Err(_) => {
                 self.drop_msg(DropReason::BadMemory);
                 return false;
             }
         };
         let mut ok = true;
-        for s in &segs {
+        for s in segs {
             let good = match lref {
                 None => {
                     let a = s.msg_offset as usize;
@@ -1967,6 +2001,31 @@ mod tests {
     use super::*;
     use crate::{JobFabricSpec, NodeFabric};
     use portals::{Acl, EventKind, MatchSpec, MdKind, MdOptions, MdSpec, OffsetMode};
+
+    #[test]
+    fn large_send_tokens_spread_over_the_buckets_and_control_bytes_of_their_map() {
+        use std::hash::BuildHasher;
+        let b = std::hash::BuildHasherDefault::<TokenHasher>::default();
+        // Tokens are handed out in sequence: 4096 of them must fall in 4096 different buckets of
+        // a 4096-bucket table (hashbrown takes the low bits) ...
+        let low: std::collections::HashSet<u64> =
+            (1..=4096u64).map(|t| b.hash_one(t) & 4095).collect();
+        assert_eq!(low.len(), 4096);
+        // ... and use (nearly) all 128 values of the 7 top bits it keeps per entry to tell keys
+        // of one group apart.
+        let top: std::collections::HashSet<u64> =
+            (1..=4096u64).map(|t| b.hash_one(t) >> 57).collect();
+        assert!(top.len() >= 120, "{} control values", top.len());
+        // The map finds each token once and no other.
+        let mut m = TokenMap::default();
+        for t in 1..=1000u64 {
+            m.insert(t, t * 3);
+        }
+        assert_eq!(m.remove(&500), Some(1500));
+        assert_eq!(m.remove(&500), None);
+        assert_eq!(m.get(&1001), None);
+        assert_eq!(m.len(), 999);
+    }
 
     #[test]
     fn a_waiter_looks_without_pausing_only_for_its_first_looks_and_only_in_the_inline_modes() {
