@@ -189,6 +189,11 @@ struct SendLine {
     dst: u32,
     /// The encoded fabric header (`INLINE8`, `aux` to be replaced by the payload).
     head: [u8; crate::fabric::HDR_LEN],
+    /// The compact form's first word when the put has one ([`crate::fabric::compact_word`]):
+    /// then the put goes as a compact record (one ring slot) instead of `head`.
+    compact: Option<u64>,
+    /// The match bits (the compact record's second word).
+    match_bits: u64,
     /// The payload's bytes, checked owned.
     span: WordSpan,
 }
@@ -210,6 +215,8 @@ fn send_line(inner: &Inner, a: &PutArgs, dst: u32) -> Option<SendLine> {
         ticket,
         dst,
         head,
+        compact: crate::fabric::compact_word(&hdr),
+        match_bits: hdr.match_bits,
         span,
     })
 }
@@ -641,7 +648,8 @@ impl Endpoint {
                 |src| {
                     let hdr = Hdr::put(a, me);
                     let ok = if src.len <= 8 {
-                        // One line: the payload travels in the header's `aux` word.
+                        // One slot (the compact form) or one line: the payload travels in the
+                        // record's last word.
                         let Some(w) = mem.with_slice(src.addr, src.len, |s| {
                             let mut w = [0u8; 8];
                             w[..s.len()].copy_from_slice(s);
@@ -649,12 +657,16 @@ impl Endpoint {
                         }) else {
                             return Err(Some(src));
                         };
-                        let h8 = Hdr {
-                            flags: hdr.flags | flag::INLINE8,
-                            aux: w,
-                            ..hdr
-                        };
-                        port.try_send(d, &h8, &[])
+                        if let Some(cw) = crate::fabric::compact_word(&hdr) {
+                            port.try_send_compact(d, cw, hdr.match_bits, w, src.len)
+                        } else {
+                            let h8 = Hdr {
+                                flags: hdr.flags | flag::INLINE8,
+                                aux: w,
+                                ..hdr
+                            };
+                            port.try_send(d, &h8, &[])
+                        }
                     } else {
                         mem.with_slice(src.addr, src.len, |s| port.try_send(d, &hdr, s))
                             .ok_or(Some(src))?
@@ -1364,10 +1376,12 @@ impl Inner {
             &s.ticket,
             #[inline(always)]
             |_| match mem.read_word(&s.span) {
-                Some(w) => port
-                    .try_send_line(s.dst, &s.head, w)
-                    .then_some(())
-                    .ok_or(false),
+                Some(w) => match s.compact {
+                    Some(cw) => port.try_send_compact(s.dst, cw, s.match_bits, w, s.span.len()),
+                    None => port.try_send_line(s.dst, &s.head, w),
+                }
+                .then_some(())
+                .ok_or(false),
                 None => Err(true),
             },
         );
