@@ -49,48 +49,70 @@ pub fn compact_word(h: &Hdr) -> Option<u64> {
     )
 }
 
-/// The full header of the compact record `body` that came on the ring of local rank `src`,
-/// encoded into `wide`; `None` when it is not a well-formed compact put (any other op or flags,
-/// a length over 8, a non-zero reserved byte) or did not come from a local rank (the node engine
-/// never sends one). `body` is copied once before anything is checked: the sender can still write
-/// the ring.
-#[inline(always)]
-fn expand_compact<'w>(
-    body: &[u8],
-    src: Option<u32>,
-    wide: &'w mut [u8; HDR_LEN],
-) -> Option<HdrRef<'w>> {
-    let c: [u8; COMPACT_LEN] = body.get(..COMPACT_LEN)?.try_into().ok()?;
-    let src = src?;
-    if c[0] != op::PUT || c[1] != flag::INLINE8 || c[4] > 8 || c[5..8] != [0; 3] {
-        return None;
+/// A compact put as read from its ring: copied once, checked, its source the rank that owns the
+/// ring. [`CompactPut::hdr`] is the header its one-line form would carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactPut {
+    /// Portal table index.
+    pub portal: u16,
+    /// Sender's world rank (the owner of the ring).
+    pub src: u32,
+    /// Match bits.
+    pub match_bits: u64,
+    /// Payload bytes (at most 8).
+    pub length: u64,
+    /// The payload, in the low `length` bytes.
+    pub payload: u64,
+}
+
+impl CompactPut {
+    /// The record `body` that came on the ring of local rank `src`; `None` when it is not a
+    /// well-formed compact put (any other op or flags, a length over 8, a non-zero reserved
+    /// byte) or did not come from a local rank (the node engine never sends one). `body` is
+    /// copied once before anything is checked: the sender can still write the ring.
+    #[inline(always)]
+    pub fn read(body: &[u8], src: Option<u32>) -> Option<CompactPut> {
+        let c: [u8; COMPACT_LEN] = body.get(..COMPACT_LEN)?.try_into().ok()?;
+        let src = src?;
+        if c[0] != op::PUT || c[1] != flag::INLINE8 || c[4] > 8 || c[5..8] != [0; 3] {
+            return None;
+        }
+        let word = |at: usize| {
+            u64::from_le_bytes([
+                c[at],
+                c[at + 1],
+                c[at + 2],
+                c[at + 3],
+                c[at + 4],
+                c[at + 5],
+                c[at + 6],
+                c[at + 7],
+            ])
+        };
+        Some(CompactPut {
+            portal: u16::from_le_bytes([c[2], c[3]]),
+            src,
+            match_bits: word(8),
+            length: u64::from(c[4]),
+            payload: word(16),
+        })
     }
-    let word = |at: usize| {
-        u64::from_le_bytes([
-            c[at],
-            c[at + 1],
-            c[at + 2],
-            c[at + 3],
-            c[at + 4],
-            c[at + 5],
-            c[at + 6],
-            c[at + 7],
-        ])
-    };
-    *wide = Hdr {
-        op: op::PUT,
-        flags: flag::INLINE8,
-        portal: u16::from_le_bytes([c[2], c[3]]),
-        src,
-        match_bits: word(8),
-        offset: 0,
-        length: u64::from(c[4]),
-        return_md: portals::NO_MD,
-        aux: word(16),
-        hdr_data: 0,
+
+    /// The header of the same put in its one-line form.
+    pub fn hdr(&self) -> Hdr {
+        Hdr {
+            op: op::PUT,
+            flags: flag::INLINE8,
+            portal: self.portal,
+            src: self.src,
+            match_bits: self.match_bits,
+            offset: 0,
+            length: self.length,
+            return_md: portals::NO_MD,
+            aux: self.payload,
+            hdr_data: 0,
+        }
     }
-    .encode();
-    HdrRef::new(wide)
 }
 
 /// Operation codes of the fabric (1..=4 are the portals operations).
@@ -348,21 +370,34 @@ pub struct Port {
     sent_since_poll: bool,
 }
 
+/// The header of an incoming record.
+#[derive(Clone, Copy, Debug)]
+pub enum Head<'a> {
+    /// A 56-byte header, in place in the queue (not yet validated).
+    Line(HdrRef<'a>),
+    /// A compact put, copied out of the queue and checked ([`CompactPut::read`]).
+    Compact(CompactPut),
+}
+
 /// A record handed to [`Port::poll`]'s handler.
 #[derive(Clone, Copy)]
 pub struct Incoming<'a> {
     /// Port it came from.
     pub from: u32,
-    /// The header, in place in the queue (not yet validated).
-    pub head: HdrRef<'a>,
-    /// Record body after the header (may be longer than the header's payload).
+    /// The header.
+    pub head: Head<'a>,
+    /// Record body after the header (may be longer than the header's payload; empty for a
+    /// compact put).
     pub body: &'a [u8],
 }
 
 impl Incoming<'_> {
-    /// The header, copied out of the queue.
+    /// The header, copied out of the queue (a compact put's in its one-line form).
     pub fn hdr(&self) -> Hdr {
-        self.head.decode()
+        match self.head {
+            Head::Line(h) => h.decode(),
+            Head::Compact(c) => c.hdr(),
+        }
     }
 }
 
@@ -605,12 +640,14 @@ impl Port {
                         prod.prefetch_ahead(oring, 0);
                     }
                     let body = ring.body(r.body_off, r.body_len as usize);
-                    let mut wide = [0u8; HDR_LEN];
                     let (head, rest) = if body.len() == COMPACT_LEN {
                         let src = self.region.ranks.get(i).copied();
-                        (expand_compact(body, src, &mut wide), &[][..])
+                        (CompactPut::read(body, src).map(Head::Compact), &[][..])
                     } else {
-                        (HdrRef::new(body), body.get(HDR_LEN..).unwrap_or(&[]))
+                        (
+                            HdrRef::new(body).map(Head::Line),
+                            body.get(HDR_LEN..).unwrap_or(&[]),
+                        )
                     };
                     match head {
                         Some(head) => f(Incoming {
@@ -991,13 +1028,12 @@ mod tests {
 
     #[test]
     fn a_compact_record_is_taken_only_from_a_local_rank() {
-        let mut wide = [0u8; HDR_LEN];
         let mut c = [0u8; COMPACT_LEN];
         c[..8].copy_from_slice(&compact_word(&plain(8)).expect("compact").to_le_bytes());
-        assert!(expand_compact(&c, Some(4), &mut wide).is_some());
+        assert_eq!(CompactPut::read(&c, Some(4)).map(|p| p.src), Some(4));
         // The node engine's port has no rank: it never sends one.
-        assert!(expand_compact(&c, None, &mut wide).is_none());
+        assert!(CompactPut::read(&c, None).is_none());
         // Too short a body.
-        assert!(expand_compact(&c[..16], Some(4), &mut wide).is_none());
+        assert!(CompactPut::read(&c[..16], Some(4)).is_none());
     }
 }
