@@ -12,7 +12,7 @@ use portals::{
 };
 
 use crate::counters::{slot, DropReason, PortStats};
-use crate::fabric::{flag, op, Hdr, HdrRef, Incoming, Port};
+use crate::fabric::{flag, op, CompactPut, Hdr, HdrRef, Head, Incoming, Port};
 use crate::job::CpuMode;
 use crate::region::Region;
 use crate::sys::{Memfd, OwnedMemory, WordSpan};
@@ -189,6 +189,11 @@ struct SendLine {
     dst: u32,
     /// The encoded fabric header (`INLINE8`, `aux` to be replaced by the payload).
     head: [u8; crate::fabric::HDR_LEN],
+    /// The compact form's first word when the put has one ([`crate::fabric::compact_word`]):
+    /// then the put goes as a compact record (one ring slot) instead of `head`.
+    compact: Option<u64>,
+    /// The match bits (the compact record's second word).
+    match_bits: u64,
     /// The payload's bytes, checked owned.
     span: WordSpan,
 }
@@ -210,6 +215,8 @@ fn send_line(inner: &Inner, a: &PutArgs, dst: u32) -> Option<SendLine> {
         ticket,
         dst,
         head,
+        compact: crate::fabric::compact_word(&hdr),
+        match_bits: hdr.match_bits,
         span,
     })
 }
@@ -641,7 +648,8 @@ impl Endpoint {
                 |src| {
                     let hdr = Hdr::put(a, me);
                     let ok = if src.len <= 8 {
-                        // One line: the payload travels in the header's `aux` word.
+                        // One slot (the compact form) or one line: the payload travels in the
+                        // record's last word.
                         let Some(w) = mem.with_slice(src.addr, src.len, |s| {
                             let mut w = [0u8; 8];
                             w[..s.len()].copy_from_slice(s);
@@ -649,12 +657,16 @@ impl Endpoint {
                         }) else {
                             return Err(Some(src));
                         };
-                        let h8 = Hdr {
-                            flags: hdr.flags | flag::INLINE8,
-                            aux: w,
-                            ..hdr
-                        };
-                        port.try_send(d, &h8, &[])
+                        if let Some(cw) = crate::fabric::compact_word(&hdr) {
+                            port.try_send_compact(d, cw, hdr.match_bits, w, src.len)
+                        } else {
+                            let h8 = Hdr {
+                                flags: hdr.flags | flag::INLINE8,
+                                aux: w,
+                                ..hdr
+                            };
+                            port.try_send(d, &h8, &[])
+                        }
                     } else {
                         mem.with_slice(src.addr, src.len, |s| port.try_send(d, &hdr, s))
                             .ok_or(Some(src))?
@@ -1401,10 +1413,12 @@ impl Inner {
             &s.ticket,
             #[inline(always)]
             |_| match mem.read_word(&s.span) {
-                Some(w) => port
-                    .try_send_line(s.dst, &s.head, w)
-                    .then_some(())
-                    .ok_or(false),
+                Some(w) => match s.compact {
+                    Some(cw) => port.try_send_compact(s.dst, cw, s.match_bits, w, s.span.len()),
+                    None => port.try_send_line(s.dst, &s.head, w),
+                }
+                .then_some(())
+                .ok_or(false),
                 None => Err(true),
             },
         );
@@ -1678,7 +1692,10 @@ impl Ctx<'_> {
         // The header is read where it lies in the queue's line, each field when it is needed:
         // the one-line put below reads each of its fields once, with no copy of the header made
         // first.
-        let v = m.head;
+        let v = match m.head {
+            Head::Line(v) => v,
+            Head::Compact(c) => return self.handle_compact(c, m),
+        };
         let src = v.src();
         // 1. The source must be the process that owns the queue it came on.
         let expected = self.region.ranks.get(m.from as usize).copied();
@@ -1723,7 +1740,42 @@ impl Ctx<'_> {
         // write): a rank must not pass the check as itself and deliver as another.
         let mut hdr = v.decode();
         hdr.src = src;
-        let h = &hdr;
+        self.handle_hdr(&hdr, m)
+    }
+
+    /// A compact put ([`crate::fabric::COMPACT_LEN`]): its source is the rank that owns the ring
+    /// it came on and its structure was checked when it was read ([`CompactPut::read`]), so it
+    /// goes straight to the one-line put's fast delivery; if portals declines, the general path
+    /// takes the header of its one-line form.
+    #[inline(always)]
+    fn handle_compact(&mut self, c: CompactPut, m: Incoming<'_>) {
+        let mut to = PRegion::EMPTY;
+        let p = portals::PlainPut {
+            portal: u32::from(c.portal),
+            src: ProcessId::new(self.region.job, c.src),
+            dst: self.me,
+            match_bits: c.match_bits,
+            offset: 0,
+            length: c.length,
+            hdr_data: 0,
+        };
+        if self.deliver_plain_put_fast(p, &mut to) {
+            let n = to.len as usize;
+            if n > c.length as usize
+                || !self.mem.write_word_prefix(to.addr, c.payload.to_le_bytes(), n)
+            {
+                self.drop_msg(DropReason::BadMemory);
+            }
+            self.delivered += 1;
+            self.delivered_bytes += to.len;
+            return;
+        }
+        self.handle_hdr(&c.hdr(), m)
+    }
+
+    /// The general path of a record whose source is checked: structure, references, portals,
+    /// then the bytes.
+    fn handle_hdr(&mut self, h: &Hdr, m: Incoming<'_>) {
         // 2. Structure.
         if h.flags & !flag::KNOWN != 0 || (h.flags & flag::HEAP != 0 && h.flags & flag::CMA != 0) {
             return self.drop_msg(DropReason::Malformed);

@@ -2,7 +2,9 @@
 //! header records travel with.
 //!
 //! A record body is a 56-byte [`Hdr`] followed by the eager payload, so a header plus the ring's
-//! stamp is exactly one cache line.
+//! stamp is exactly one cache line; or, for the commonest message (a put of at most 8 bytes with
+//! no offset, no user header data and no ack), the 24-byte compact form ([`COMPACT_LEN`]), so a
+//! stamp and the message are one 32-byte ring slot and two messages share a line.
 
 use crate::counters::slot;
 use crate::region::{PortBlock, Region, ShmRing};
@@ -13,6 +15,105 @@ pub const HDR_LEN: usize = 56;
 
 /// Where [`Hdr::aux`] lies in the encoded header.
 const AUX_AT: u64 = 40;
+
+/// Body bytes of a compact put: with the ring's stamp, one 32-byte slot ([`crate::ring::SLOT`]).
+///
+/// | bytes | field |
+/// |---|---|
+/// | 0 | [`op::PUT`] |
+/// | 1 | [`flag::INLINE8`] |
+/// | 2..4 | portal |
+/// | 4 | payload bytes (at most 8) |
+/// | 5..8 | zero |
+/// | 8..16 | match bits |
+/// | 16..24 | payload, in the low bytes |
+///
+/// What it leaves out is fixed: remote offset 0, user header data 0, no ack (so no return
+/// descriptor), and the source, which is the rank that owns the ring the record came on. The
+/// receiver reads it into the [`Hdr`] the 56-byte form would carry ([`Port::poll`]), so every
+/// check of the one-line put applies to it unchanged.
+pub const COMPACT_LEN: usize = 24;
+
+/// The first word of the compact form of one-line put `h` (`INLINE8` not yet set), or `None`
+/// when `h` says more than the compact form can (an offset, user header data, an ack, or a
+/// payload of more than 8 bytes).
+#[inline(always)]
+pub fn compact_word(h: &Hdr) -> Option<u64> {
+    (h.op == op::PUT && h.flags == 0 && h.offset == 0 && h.hdr_data == 0 && h.length <= 8).then(
+        || {
+            u64::from(op::PUT)
+                | u64::from(flag::INLINE8) << 8
+                | u64::from(h.portal) << 16
+                | h.length << 32
+        },
+    )
+}
+
+/// A compact put as read from its ring: copied once, checked, its source the rank that owns the
+/// ring. [`CompactPut::hdr`] is the header its one-line form would carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CompactPut {
+    /// Portal table index.
+    pub portal: u16,
+    /// Sender's world rank (the owner of the ring).
+    pub src: u32,
+    /// Match bits.
+    pub match_bits: u64,
+    /// Payload bytes (at most 8).
+    pub length: u64,
+    /// The payload, in the low `length` bytes.
+    pub payload: u64,
+}
+
+impl CompactPut {
+    /// The record `body` that came on the ring of local rank `src`; `None` when it is not a
+    /// well-formed compact put (any other op or flags, a length over 8, a non-zero reserved
+    /// byte) or did not come from a local rank (the node engine never sends one). `body` is
+    /// copied once before anything is checked: the sender can still write the ring.
+    #[inline(always)]
+    pub fn read(body: &[u8], src: Option<u32>) -> Option<CompactPut> {
+        let c: [u8; COMPACT_LEN] = body.get(..COMPACT_LEN)?.try_into().ok()?;
+        let src = src?;
+        if c[0] != op::PUT || c[1] != flag::INLINE8 || c[4] > 8 || c[5..8] != [0; 3] {
+            return None;
+        }
+        let word = |at: usize| {
+            u64::from_le_bytes([
+                c[at],
+                c[at + 1],
+                c[at + 2],
+                c[at + 3],
+                c[at + 4],
+                c[at + 5],
+                c[at + 6],
+                c[at + 7],
+            ])
+        };
+        Some(CompactPut {
+            portal: u16::from_le_bytes([c[2], c[3]]),
+            src,
+            match_bits: word(8),
+            length: u64::from(c[4]),
+            payload: word(16),
+        })
+    }
+
+    /// The header of the same put in its one-line form.
+    pub fn hdr(&self) -> Hdr {
+        Hdr {
+            op: op::PUT,
+            flags: flag::INLINE8,
+            portal: self.portal,
+            src: self.src,
+            match_bits: self.match_bits,
+            offset: 0,
+            length: self.length,
+            return_md: portals::NO_MD,
+            aux: self.payload,
+            hdr_data: 0,
+        }
+    }
+}
 
 /// Operation codes of the fabric (1..=4 are the portals operations).
 pub mod op {
@@ -269,21 +370,34 @@ pub struct Port {
     sent_since_poll: bool,
 }
 
+/// The header of an incoming record.
+#[derive(Clone, Copy, Debug)]
+pub enum Head<'a> {
+    /// A 56-byte header, in place in the queue (not yet validated).
+    Line(HdrRef<'a>),
+    /// A compact put, copied out of the queue and checked ([`CompactPut::read`]).
+    Compact(CompactPut),
+}
+
 /// A record handed to [`Port::poll`]'s handler.
 #[derive(Clone, Copy)]
 pub struct Incoming<'a> {
     /// Port it came from.
     pub from: u32,
-    /// The header, in place in the queue (not yet validated).
-    pub head: HdrRef<'a>,
-    /// Record body after the header (may be longer than the header's payload).
+    /// The header.
+    pub head: Head<'a>,
+    /// Record body after the header (may be longer than the header's payload; empty for a
+    /// compact put).
     pub body: &'a [u8],
 }
 
 impl Incoming<'_> {
-    /// The header, copied out of the queue.
+    /// The header, copied out of the queue (a compact put's in its one-line form).
     pub fn hdr(&self) -> Hdr {
-        self.head.decode()
+        match self.head {
+            Head::Line(h) => h.decode(),
+            Head::Compact(c) => c.hdr(),
+        }
     }
 }
 
@@ -363,6 +477,31 @@ impl Port {
         true
     }
 
+    /// Enqueues a compact put ([`COMPACT_LEN`]): `word` from [`compact_word`], then the match
+    /// bits and the payload word (`len` bytes of it count as sent); `false` when the ring to `dst`
+    /// is full.
+    #[inline(always)]
+    pub fn try_send_compact(
+        &mut self,
+        dst: u32,
+        word: u64,
+        match_bits: u64,
+        payload: u64,
+        len: u64,
+    ) -> bool {
+        let (ring, prod, _) = &mut self.out[dst as usize];
+        let Some(r) = prod.reserve(ring, COMPACT_LEN) else {
+            return false;
+        };
+        let mut b = [0u8; COMPACT_LEN];
+        b[..8].copy_from_slice(&word.to_le_bytes());
+        b[8..16].copy_from_slice(&match_bits.to_le_bytes());
+        b[16..].copy_from_slice(&payload.to_le_bytes());
+        ring.write_array(r.body_off, &b);
+        self.publish::<true>(dst, r, len);
+        true
+    }
+
     /// Publishes record `r` (written) to `dst`: the stamp, then the sender's bookkeeping.
     #[inline(always)]
     fn publish<const RING: bool>(
@@ -379,8 +518,11 @@ impl Port {
         // sends and skips this (there the extra ownership traffic cost latency).
         if self.sent_since_poll {
             prod.prefetch_ahead(ring, BURST_PREFETCH_LINES);
+        } else {
+            // Stored only when it changes: in a burst every store the sender saves leaves room
+            // for more of its ring stores in the store buffer (see `BURST_PREFETCH_LINES`).
+            self.sent_since_poll = true;
         }
-        self.sent_since_poll = true;
         self.mine.bump(slot::SENT, 1);
         self.mine.bump(slot::SENT_BYTES, payload_len);
         // `Region::wake`, with the flag reached through the destination's block.
@@ -396,7 +538,7 @@ impl Port {
     }
 
     /// Asks for the line the next record to `dst` starts on, for writing.
-    #[inline]
+    #[inline(always)]
     pub fn prefetch_next(&self, dst: u32) {
         let (ring, prod, _) = &self.out[dst as usize];
         prod.prefetch_ahead(ring, 0);
@@ -498,11 +640,20 @@ impl Port {
                         prod.prefetch_ahead(oring, 0);
                     }
                     let body = ring.body(r.body_off, r.body_len as usize);
-                    match HdrRef::new(body) {
+                    let (head, rest) = if body.len() == COMPACT_LEN {
+                        let src = self.region.ranks.get(i).copied();
+                        (CompactPut::read(body, src).map(Head::Compact), &[][..])
+                    } else {
+                        (
+                            HdrRef::new(body).map(Head::Line),
+                            body.get(HDR_LEN..).unwrap_or(&[]),
+                        )
+                    };
+                    match head {
                         Some(head) => f(Incoming {
                             from: i as u32,
                             head,
-                            body: &body[HDR_LEN..],
+                            body: rest,
                         }),
                         None => self
                             .region
@@ -769,5 +920,120 @@ mod tests {
         let mut got = Vec::new();
         b.poll(usize::MAX, |m| got.push(m.hdr().aux));
         assert_eq!(got, vec![0, 1]);
+    }
+
+    /// A plain put of `length` bytes as `Hdr::put` makes it (no ack, no offset, no user data).
+    fn plain(length: u64) -> Hdr {
+        Hdr {
+            op: op::PUT,
+            portal: 0x0203,
+            match_bits: 0x1111_2222_3333_4444,
+            length,
+            return_md: portals::NO_MD,
+            ..Hdr::default()
+        }
+    }
+
+    #[test]
+    fn a_compact_put_takes_one_slot_and_arrives_as_the_header_of_its_one_line_form() {
+        let r = region(2);
+        let (mut a, mut b) = (Port::new(r.clone(), 0), Port::new(r, 1));
+        let h = plain(5);
+        let w = compact_word(&h).expect("a plain put of 5 bytes has a compact form");
+        let payloads = [u64::from_le_bytes(*b"12345\0\0\0"), 0, 7];
+        for &p in &payloads {
+            assert!(a.try_send_compact(1, w, h.match_bits, p, 5));
+        }
+        let mut got = Vec::new();
+        b.poll(usize::MAX, |m| {
+            assert!(m.body.is_empty(), "{} bytes after the header", m.body.len());
+            got.push(m.hdr());
+        });
+        // What the receiver sees is the one-line record `try_send` makes of the same put, with
+        // the source filled in from the ring (rank 0).
+        let want: Vec<Hdr> = payloads
+            .iter()
+            .map(|&aux| Hdr {
+                flags: flag::INLINE8,
+                aux,
+                ..h
+            })
+            .collect();
+        assert_eq!(got, want);
+        let s = a.region().stats(0);
+        assert_eq!((s.sent, s.sent_bytes), (3, 15));
+        // One 32-byte slot each: twice as many fit in a ring as one-line records.
+        let mut n = 0u64;
+        while a.try_send_compact(1, w, 0, 0, 5) {
+            n += 1;
+        }
+        assert_eq!(n, (64 << 10) / crate::ring::SLOT as u64);
+    }
+
+    #[test]
+    fn only_a_put_with_nothing_the_compact_form_leaves_out_has_one() {
+        let base = plain(8);
+        assert!(compact_word(&base).is_some());
+        assert!(compact_word(&plain(0)).is_some());
+        for h in [
+            Hdr { offset: 1, ..base },
+            Hdr {
+                hdr_data: 1,
+                ..base
+            },
+            Hdr {
+                flags: flag::ACK_REQ,
+                ..base
+            },
+            Hdr { length: 9, ..base },
+            Hdr {
+                op: op::GET,
+                ..base
+            },
+        ] {
+            assert_eq!(compact_word(&h), None, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn a_malformed_compact_record_is_dropped_and_counted() {
+        let r = region(2);
+        let (mut a, mut b) = (Port::new(r.clone(), 0), Port::new(r.clone(), 1));
+        let mut good = [0u8; COMPACT_LEN];
+        good[..8].copy_from_slice(&compact_word(&plain(8)).expect("compact").to_le_bytes());
+        // Another op, other flags, a length over 8, a reserved byte set.
+        let mut sent = 0;
+        for (at, val) in [
+            (0, op::GET),
+            (1, flag::INLINE8 | flag::ACK_REQ),
+            (1, 0),
+            (4, 9),
+            (5, 1),
+            (7, 0x80),
+        ] {
+            let mut v = good;
+            v[at] = val;
+            assert!(a.try_send_raw(1, &v));
+            sent += 1;
+        }
+        assert!(a.try_send_raw(1, &good));
+        let mut got = Vec::new();
+        b.poll(usize::MAX, |m| got.push(m.hdr().length));
+        assert_eq!(got, vec![8], "only the well-formed record is handed on");
+        assert_eq!(
+            r.stats(1).drops_for(crate::counters::DropReason::Malformed),
+            sent
+        );
+    }
+
+    #[test]
+    fn a_compact_record_is_taken_only_from_a_local_rank() {
+        let mut c = [0u8; COMPACT_LEN];
+        c[..8].copy_from_slice(&compact_word(&plain(8)).expect("compact").to_le_bytes());
+        assert_eq!(CompactPut::read(&c, Some(4)).map(|p| p.src), Some(4));
+        // The node engine's port has no rank: it never sends one.
+        assert!(CompactPut::read(&c, None).is_none());
+        // Too short a body.
+        assert!(CompactPut::read(&c[..16], Some(4)).is_none());
     }
 }

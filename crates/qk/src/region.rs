@@ -24,8 +24,9 @@ use crate::QkError;
 
 /// Magic number at offset 0 ("PUMAQK01").
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PUMAQK01");
-/// Layout version.
-pub const VERSION: u32 = 1;
+/// Layout version. 2: ring records are made of 32-byte slots (compact puts, `ring::SLOT`); a
+/// rank built for version 1 would misread them, so it cannot attach.
+pub const VERSION: u32 = 2;
 /// Most local ports (ranks on one node) a region supports.
 pub const MAX_LOCAL: usize = 256;
 const PORT_BLOCK: usize = 1024;

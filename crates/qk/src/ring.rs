@@ -1,25 +1,33 @@
 //! The inbound queue: a bounded, lock-free, single-producer single-consumer byte ring of
 //! variable-length records, one per ordered pair of ports on a node.
 //!
-//! A record is an 8-byte *stamp* followed by its body, padded to whole 64-byte lines. The stamp
+//! A record is an 8-byte *stamp* followed by its body, padded to whole 32-byte *slots*. The stamp
 //! carries the record's absolute position in the stream (48 bits), a padding flag and the record
 //! length in 8-byte units, so the consumer knows a record is complete by one acquire load of the
-//! word it is about to read: no separate tail counter crosses between cores, and a 56-byte header
-//! plus stamp is exactly one cache line.
+//! word it is about to read: no separate tail counter crosses between cores. A 56-byte header plus
+//! stamp is exactly one cache line (two slots); a compact put (a stamp and 24 bytes, see
+//! `fabric::COMPACT_LEN`) is one slot, so two of them share a line. A record of more than one slot
+//! starts on a line (the producer pads the slot before it), so a header record stays one line and
+//! a payload's lines are whole.
 //!
-//! What a line start the consumer is about to read can hold when the producer has not yet
+//! Why two messages a line: a sender's store into a ring line the consumer has read must wait for
+//! the consumer's core to give the line up, and on the development machine that wait held the
+//! sender's store buffer at one line transfer per message in a stream (`puma-bench` rate ≈ 6 M/s
+//! when a line crossing took ≈ 150 ns); half as many lines per message, half as many waits
+//! (ROUNDS.md, twenty-first round).
+//!
+//! What a slot start the consumer is about to read can hold when the producer has not yet
 //! rewritten it in the current lap:
 //! * 0 (never written);
 //! * the stamp of a record of an earlier lap: its position is behind the consumer's by a whole
 //!   number of laps, so it reads as "empty", never as a record (positions only grow);
-//! * the first word of a *later* line of an earlier lap's record, i.e. old payload that could look
-//!   like anything, including a valid stamp (the loom model test found exactly that hazard). The
-//!   consumer therefore zeroes the first word of every line of a consumed record except its first
-//!   line (which holds the stamp).
+//! * the first word of a *later* slot of an earlier lap's record, i.e. old header or payload bytes
+//!   that could look like anything, including a valid stamp (the loom model test found exactly
+//!   that hazard). The consumer therefore zeroes the first word of every slot of a consumed record
+//!   except its first (which holds the stamp).
 //!
-//! So a one-line record (every small message) costs the consumer a read of the line and no write:
-//! the line goes producer → consumer once and back to the producer as a plain invalidation when it
-//! is rewritten a lap later, instead of bouncing a third time for a zeroing store.
+//! So a compact record costs the consumer a read of its line and no write; a one-line header
+//! record one zeroing store into the line it has just read.
 //! The producer writes the body, then the stamp with release ordering. The consumer reads the body,
 //! then publishes its head with release ordering — once per run of records it takes
 //! ([`Consumer::consume_deferred`], [`Consumer::publish`]), not per record; the producer only
@@ -64,12 +72,15 @@ fn stamp(pos: u64, len: u64, pad: bool) -> u64 {
     ((pos & POS_MASK) << 16) | if pad { PAD_FLAG } else { 0 } | (len / 8)
 }
 
-/// Bytes a record with a `body`-byte body occupies: stamp plus body, rounded up to 64-byte lines.
+/// Bytes a record with a `body`-byte body occupies: stamp plus body, rounded up to whole slots.
 pub fn record_len(body: usize) -> usize {
-    (8 + body).div_ceil(LINE) * LINE
+    (8 + body).div_ceil(SLOT) * SLOT
 }
 
-/// Records are made of whole lines of this many bytes.
+/// Records are made of whole slots of this many bytes.
+pub const SLOT: usize = 32;
+
+/// A cache line: records of more than one slot start on one, and prefetches ask for them.
 pub const LINE: usize = 64;
 
 /// How many lines after its first the consumer asks for at once when it sees a record of several
@@ -100,7 +111,7 @@ impl Producer {
 
     /// Reserves room for a body of `body` bytes, padding past the end of the ring if needed.
     /// Returns `None` when the ring is full (the caller waits and retries).
-    #[inline]
+    #[inline(always)]
     pub fn reserve<M: RingMem>(&mut self, mem: &M, body: usize) -> Option<Reservation> {
         let cap = mem.cap();
         let rec = record_len(body) as u64;
@@ -109,7 +120,17 @@ impl Producer {
             "record too large for ring"
         );
         let off = self.tail & (cap - 1);
-        let pad = if off + rec > cap { cap - off } else { 0 };
+        // A record of more than one slot starts on a line: a slot left before it is padded.
+        let align = if rec > SLOT as u64 && off % LINE as u64 != 0 {
+            SLOT as u64
+        } else {
+            0
+        };
+        let pad = if off + align + rec > cap {
+            cap - off
+        } else {
+            align
+        };
         let need = pad + rec;
         if self.tail + need - self.cached_head > cap {
             self.cached_head = mem.load_head();
@@ -219,16 +240,17 @@ impl Consumer {
                 return Peek::Corrupt;
             }
             let len = (w & LEN_MASK) * 8;
-            if len == 0 || len % LINE as u64 != 0 || off + len > cap {
+            if len == 0 || len % SLOT as u64 != 0 || off + len > cap {
                 self.broken = true;
                 return Peek::Corrupt;
             }
             if w & PAD_FLAG != 0 {
-                if off + len != cap {
+                // Padding runs to the ring's end, or is the one slot before a line.
+                if off + len != cap && !(len == SLOT as u64 && off % LINE as u64 == SLOT as u64) {
                     self.broken = true;
                     return Peek::Corrupt;
                 }
-                clear_later_lines(mem, off, len);
+                clear_later_slots(mem, off, len);
                 self.head += len;
                 self.publish(mem);
                 continue;
@@ -276,7 +298,7 @@ impl Consumer {
     /// it stops polling, or a producer that found the ring full would wait for space that is free.
     #[inline]
     pub fn consume_deferred<M: RingMem>(&mut self, mem: &M, r: Record) {
-        clear_later_lines(mem, r.body_off - 8, r.body_len + 8);
+        clear_later_slots(mem, r.body_off - 8, r.body_len + 8);
         self.head = r.next;
     }
 
@@ -296,14 +318,15 @@ impl Consumer {
     }
 }
 
-/// Zeroes the first word of every line of the record at `off` (`len` bytes) but its first: those
-/// words are payload (or nothing) that a later lap must never take for a stamp. The first line's
-/// stamp stays: in the next lap it reads as an old stamp, i.e. "empty".
-fn clear_later_lines<M: RingMem>(mem: &M, off: u64, len: u64) {
-    let mut o = off + LINE as u64;
+/// Zeroes the first word of every slot of the record at `off` (`len` bytes) but its first: those
+/// words are header or payload bytes (or nothing) that a later lap must never take for a stamp.
+/// The first slot's stamp stays: in the next lap it reads as an old stamp, i.e. "empty".
+#[inline(always)]
+fn clear_later_slots<M: RingMem>(mem: &M, off: u64, len: u64) {
+    let mut o = off + SLOT as u64;
     while o < off + len {
         mem.zero_word(o);
-        o += LINE as u64;
+        o += SLOT as u64;
     }
 }
 
@@ -393,21 +416,23 @@ mod tests {
     }
 
     #[test]
-    fn a_consumed_one_line_record_is_not_written_by_the_consumer_and_reads_empty_next_lap() {
+    fn a_consumed_one_slot_record_is_not_written_by_the_consumer_and_reads_empty_next_lap() {
         let m = Mem::new(256);
         let (mut p, mut c) = (Producer::new(), Consumer::new());
         for lap in 0..3u8 {
-            for i in 0..4u8 {
-                let before = m.word(i as u64 * 64);
+            // Eight one-slot records a lap, two to a line.
+            for i in 0..8u8 {
+                let at = i as u64 * SLOT as u64;
+                let before = m.word(at);
                 assert!(p.try_push(&m, &[lap, i]).is_some());
-                assert_ne!(m.word(i as u64 * 64), before, "a new stamp every lap");
-                let stamp = m.word(i as u64 * 64);
+                assert_ne!(m.word(at), before, "a new stamp every lap");
+                let stamp = m.word(at);
                 assert_eq!(
                     take(&mut c, &m).map(|b| b[..2].to_vec()),
                     Some(vec![lap, i])
                 );
-                // The consumer left the stamp alone (no store to the line) ...
-                assert_eq!(m.word(i as u64 * 64), stamp);
+                // The consumer left the stamp alone (no store to the slot) ...
+                assert_eq!(m.word(at), stamp);
                 // ... and it does not read it again as a record.
                 assert!(take(&mut c, &m).is_none());
             }
@@ -416,28 +441,86 @@ mod tests {
     }
 
     #[test]
+    fn a_record_of_several_slots_starts_on_a_line_and_its_later_slots_are_cleared() {
+        let m = Mem::new(256);
+        let (mut p, mut c) = (Producer::new(), Consumer::new());
+        // A one-slot record at 0, then a 56-byte body (two slots): the slot at 32 is padded so
+        // the record takes line 64..128 whole.
+        assert!(p.try_push(&m, &[1]).is_some());
+        let body: Vec<u8> = (0..56u8).collect();
+        assert!(p.try_push(&m, &body).is_some());
+        assert_eq!(m.word(32), stamp(32, 32, true));
+        assert_eq!(m.word(64) >> 16, 64, "the record's stamp is on the line");
+        assert_eq!(
+            take(&mut c, &m),
+            Some(vec![
+                1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            ])
+        );
+        assert_eq!(take(&mut c, &m), Some(body.clone()));
+        // Consumed: the record's second slot start (header bytes 24..32 before) is cleared, its
+        // stamp stays.
+        assert_eq!(m.word(96), 0);
+        assert_eq!(m.word(64) >> 16, 64);
+        // A record that fits the line it starts on needs no padding.
+        assert!(p.try_push(&m, &body).is_some());
+        assert_eq!(m.word(128) >> 16, 128);
+        assert_eq!(take(&mut c, &m), Some(body));
+        assert!(!c.is_broken());
+    }
+
+    #[test]
+    fn mid_ring_padding_is_only_the_one_slot_before_a_line() {
+        // Padding at 0 that does not run to the ring's end: corrupt.
+        let m = Mem::new(256);
+        let mut c = Consumer::new();
+        m.store_release(0, stamp(0, 32, true));
+        assert!(matches!(c.peek(&m), Peek::Corrupt));
+        // After a one-slot record at 0: padding of two slots at 32 is corrupt, of one slot is
+        // skipped (the consumer then waits at 64).
+        for (len, ok) in [(64u64, false), (32, true)] {
+            let m = Mem::new(256);
+            let (mut p, mut c) = (Producer::new(), Consumer::new());
+            assert!(p.try_push(&m, &[1]).is_some());
+            assert!(take(&mut c, &m).is_some());
+            m.store_release(32, stamp(32, len, true));
+            let got = c.peek(&m);
+            assert_eq!(
+                matches!(got, Peek::Empty),
+                ok,
+                "padding of {len} at 32: {got:?}"
+            );
+            assert_eq!(c.is_broken(), !ok);
+        }
+    }
+
+    #[test]
     fn old_payload_that_looks_like_a_future_stamp_is_never_taken_for_one() {
         let m = Mem::new(256);
         let (mut p, mut c) = (Producer::new(), Consumer::new());
-        // Record 0 covers lines 0-1 (positions 0..128). The first word of line 1 is payload made
-        // to equal exactly the stamp a one-line record at position 256+64 would carry next lap.
-        let forged = stamp(256 + 64, 64, false);
+        // Record 0 covers slots 0-3 (positions 0..128). The first words of its slots 1, 2 and 3
+        // are payload made to equal exactly the stamps one-slot records at positions 256+32,
+        // 256+64 and 256+96 would carry next lap.
         let mut body = vec![0u8; 120];
-        body[56..64].copy_from_slice(&forged.to_le_bytes());
+        for k in 1..4u64 {
+            let forged = stamp(256 + 32 * k, 32, false);
+            let at = 32 * k as usize - 8;
+            body[at..at + 8].copy_from_slice(&forged.to_le_bytes());
+        }
         assert!(p.try_push(&m, &body).is_some());
-        assert_eq!(m.word(64), forged);
+        assert_eq!(m.word(64), stamp(256 + 64, 32, false));
         assert_eq!(take(&mut c, &m), Some(body.clone()));
-        // Consumed: the later line's first word is gone, the first line's stamp stays.
-        assert_eq!(m.word(64), 0);
+        // Consumed: the later slots' first words are gone, the first slot's stamp stays.
+        assert_eq!((m.word(32), m.word(64), m.word(96)), (0, 0, 0));
         assert_ne!(m.word(0), 0);
-        // Fill the rest of the lap, then one record at position 256 (line 0 of the next lap).
-        for i in 0..3u8 {
+        // Fill the rest of the lap, then one record at position 256 (slot 0 of the next lap).
+        for i in 0..4u8 {
             assert!(p.try_push(&m, &[i]).is_some());
             assert!(take(&mut c, &m).is_some());
         }
         assert!(p.try_push(&m, &[9]).is_some());
         assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(9));
-        // Position 320 (line 1) has not been written in this lap: it must read empty.
+        // Position 288 (slot 1) has not been written in this lap: it must read empty.
         assert!(matches!(c.peek(&m), Peek::Empty));
         assert!(!c.is_broken());
     }
@@ -479,13 +562,13 @@ mod tests {
     fn a_full_ring_refuses_until_the_consumer_frees_space() {
         let m = Mem::new(256);
         let (mut p, mut c) = (Producer::new(), Consumer::new());
-        for i in 0..4u8 {
+        for i in 0..8u8 {
             assert!(p.try_push(&m, &[i]).is_some());
         }
-        assert!(p.try_push(&m, &[4]).is_none());
+        assert!(p.try_push(&m, &[8]).is_none());
         assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(0));
-        assert!(p.try_push(&m, &[4]).is_some());
-        for i in 1..5u8 {
+        assert!(p.try_push(&m, &[8]).is_some());
+        for i in 1..9u8 {
             assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(i));
         }
     }
@@ -494,7 +577,7 @@ mod tests {
     fn deferred_consumption_frees_space_only_when_published() {
         let m = Mem::new(256);
         let (mut p, mut c) = (Producer::new(), Consumer::new());
-        for i in 0..4u8 {
+        for i in 0..8u8 {
             assert!(p.try_push(&m, &[i]).is_some());
         }
         for i in 0..3u8 {
@@ -512,20 +595,20 @@ mod tests {
         // head word was never written.
         assert!(c.unpublished());
         assert_eq!(m.load_head(), 0);
-        assert!(p.try_push(&m, &[4]).is_none());
+        assert!(p.try_push(&m, &[8]).is_none());
         c.publish(&m);
         assert!(!c.unpublished());
-        assert_eq!(m.load_head(), 3 * 64);
-        // Publishing again stores nothing new; the producer now has three lines.
+        assert_eq!(m.load_head(), 3 * SLOT as u64);
+        // Publishing again stores nothing new; the producer now has three slots.
         m.store_head(7);
         c.publish(&m);
         assert_eq!(m.load_head(), 7);
-        m.store_head(3 * 64);
-        for i in 4..7u8 {
+        m.store_head(3 * SLOT as u64);
+        for i in 8..11u8 {
             assert!(p.try_push(&m, &[i]).is_some());
         }
-        assert!(p.try_push(&m, &[7]).is_none());
-        for i in 3..7u8 {
+        assert!(p.try_push(&m, &[11]).is_none());
+        for i in 3..11u8 {
             assert_eq!(take(&mut c, &m).map(|b| b[0]), Some(i));
         }
         assert!(!c.unpublished());
@@ -540,9 +623,15 @@ mod tests {
             assert!(p.try_push(&m, &[i]).is_some());
             assert!(take(&mut c, &m).is_some());
         }
-        // Next record at 192: two lines past it is 320, i.e. 64 in a 256-byte ring.
+        // Next record at 96: two lines past it is 224; after four more, 224 + 128 = 352, i.e. 96
+        // in a 256-byte ring.
         p.prefetch_ahead(&m, 2);
-        assert_eq!(*m.write_hints.borrow(), vec![128, 64]);
+        for i in 3..7u8 {
+            assert!(p.try_push(&m, &[i]).is_some());
+            assert!(take(&mut c, &m).is_some());
+        }
+        p.prefetch_ahead(&m, 2);
+        assert_eq!(*m.write_hints.borrow(), vec![128, 224, 96]);
         // A hint writes nothing: the ring still reads empty and then carries the next record.
         assert!(matches!(c.peek(&m), Peek::Empty));
         assert!(p.try_push(&m, &[7]).is_some());
@@ -553,18 +642,21 @@ mod tests {
     fn peek_asks_for_every_later_line_of_a_multi_line_record_up_to_the_limit() {
         let m = Mem::new(8192);
         let (mut p, mut c) = (Producer::new(), Consumer::new());
-        // A one-line record: only the lines of the records after it (1, 3 and 5 lines on).
+        // A one-slot record: only the lines of the records after it (from its end, then 2 and 4
+        // lines on).
         assert!(p.try_push(&m, &[1]).is_some());
         assert!(take(&mut c, &m).is_some());
-        assert_eq!(*m.read_hints.borrow(), vec![64, 192, 320]);
+        assert_eq!(*m.read_hints.borrow(), vec![32, 160, 288]);
         m.read_hints.borrow_mut().clear();
-        // A three-line record at 64: its lines 2 and 3 (128, 192) first, then the lines ahead.
+        // A five-slot record (padded to start on line 64): its lines 2 and 3 (128, 192) first,
+        // then the lines ahead of its end (224).
         let body: Vec<u8> = (0..150u8).collect();
         assert!(p.try_push(&m, &body).is_some());
-        assert_eq!(take(&mut c, &m), Some([&body[..], &[0; 34]].concat()));
-        assert_eq!(*m.read_hints.borrow(), vec![128, 192, 256, 384, 512]);
+        assert_eq!(take(&mut c, &m), Some([&body[..], &[0; 2]].concat()));
+        assert_eq!(*m.read_hints.borrow(), vec![128, 192, 224, 352, 480]);
         m.read_hints.borrow_mut().clear();
-        // A record longer than the limit: only `RECORD_PREFETCH_LINES` of its later lines.
+        // A record longer than the limit: only `RECORD_PREFETCH_LINES` of its later lines (it
+        // too starts on the next line, 256).
         let big = vec![7u8; 40 * LINE];
         assert!(p.try_push(&m, &big).is_some());
         let at = 4 * LINE as u64;

@@ -692,6 +692,20 @@ pub struct WordSpan {
     freed: u64,
 }
 
+impl WordSpan {
+    /// The span's length in bytes (at most 8).
+    #[inline(always)]
+    pub fn len(&self) -> u64 {
+        u64::from(self.len)
+    }
+
+    /// True for a span of no bytes (a 0-byte put).
+    #[inline(always)]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
 impl OwnedMemory {
     /// Memory consisting of `len` bytes of `map` at `off` (the rank's heap part).
     pub fn new(map: std::sync::Arc<Mapping>, off: usize, len: usize) -> OwnedMemory {

@@ -58,9 +58,10 @@ impl RingMem for LoomMem {
 }
 
 fn body(seq: u8) -> Vec<u8> {
-    // Bodies of 60 and 8 bytes (+1 sequence byte) make records of 128 and 64 bytes on a 256-byte
-    // ring: the third record needs padding, the ring wraps and fills up.
-    let n = if seq % 2 == 0 { 60 } else { 8 };
+    // Bodies of 60 and 30 bytes (+1 sequence byte) make records of 96 and 64 bytes (three and two
+    // slots) on a 256-byte ring: the second record is padded to start on a line, the third to
+    // the ring's end, the ring wraps and fills up.
+    let n = if seq % 2 == 0 { 60 } else { 30 };
     (0..n)
         .map(|i| seq.wrapping_mul(31).wrapping_add(i as u8))
         .collect()
@@ -115,26 +116,28 @@ fn loom_ring_delivers_everything_in_order() {
     });
 }
 
-/// The stamp a one-line record at `pos` carries (the layout documented in `qk::ring`).
-fn one_line_stamp(pos: u64) -> u64 {
-    (pos << 16) | 8
+/// The stamp a one-slot record at `pos` carries (the layout documented in `qk::ring`).
+fn one_slot_stamp(pos: u64) -> u64 {
+    (pos << 16) | 4
 }
 
 #[test]
 fn loom_ring_never_takes_an_old_stamp_or_old_payload_for_a_record() {
-    // The consumer leaves each record's stamp line alone and only clears later lines. On a
-    // 256-byte ring: record 0 spans lines 0-1 and its payload puts, at the start of line 1, the
-    // exact stamp record 4 (one line, position 320 = line 1 of the next lap) will carry. Records
-    // 1-5 are one line each, so the consumer meets the previous lap's stamps (lines 0, 2, 3) and
-    // that forged word (line 1) while the producer may not have rewritten them yet.
+    // The consumer leaves each record's stamp slot alone and only clears later slots. On a
+    // 256-byte ring: record 0 spans slots 0-3 and its payload puts, at the starts of slots 1 and
+    // 2, the exact stamps records 6 and 7 (one slot each, positions 288 and 320 = slots 1 and 2
+    // of the next lap) will carry. Records 1-7 are one slot each, so the consumer meets the
+    // previous lap's stamps and those forged words while the producer may not have rewritten
+    // them yet.
     let mut builder = loom::model::Builder::new();
     builder.preemption_bound = Some(3);
     builder.check(|| {
-        const N: u8 = 6;
+        const N: u8 = 8;
         let rec = |seq: u8| -> Vec<u8> {
             if seq == 0 {
                 let mut b = vec![0u8; 120];
-                b[56..64].copy_from_slice(&one_line_stamp(320).to_le_bytes());
+                b[24..32].copy_from_slice(&one_slot_stamp(288).to_le_bytes());
+                b[56..64].copy_from_slice(&one_slot_stamp(320).to_le_bytes());
                 b
             } else {
                 vec![seq; 8]
