@@ -1762,7 +1762,9 @@ impl Ctx<'_> {
         if self.deliver_plain_put_fast(p, &mut to) {
             let n = to.len as usize;
             if n > c.length as usize
-                || !self.mem.write_word_prefix(to.addr, c.payload.to_le_bytes(), n)
+                || !self
+                    .mem
+                    .write_word_prefix(to.addr, c.payload.to_le_bytes(), n)
             {
                 self.drop_msg(DropReason::BadMemory);
             }
