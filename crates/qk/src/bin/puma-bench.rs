@@ -59,6 +59,15 @@ struct Cli {
     /// The eager limit is capped at a quarter of it.
     #[arg(long)]
     queue_bytes: Option<u64>,
+    /// Before each send, the sender writes one byte in every 64-byte line of the bytes it sends,
+    /// as an application producing new data per message would (ours and the MPI peers alike).
+    /// Without it the send buffer never changes, so a large message's source lines may still sit
+    /// in the receiver's caches from the last message. In lat both ranks rewrite before each send;
+    /// in bw and rate the sender rewrites once per window, before its sends (a buffer must not be
+    /// written while a send from it is in flight). Needs peers built from this tree's mpi_peer.c
+    /// (bench-peers/install.sh): a peer that does not confirm the rewrite is reported as failed.
+    #[arg(long)]
+    rewrite: bool,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +124,9 @@ enum Cmd {
         window: u64,
         #[arg(long)]
         cpu: Option<usize>,
+        /// Rewrite the send buffer before sending (see the top-level `--rewrite`).
+        #[arg(long)]
+        rewrite: bool,
     },
 }
 
@@ -130,6 +142,8 @@ struct Measure {
     iters: u64,
     window: u64,
     queue_bytes: Option<u64>,
+    /// The sender rewrites its buffer before sending (`--rewrite`).
+    rewrite: bool,
 }
 
 impl Measure {
@@ -243,7 +257,10 @@ fn main() -> std::process::ExitCode {
             iters,
             window,
             cpu,
-        }) => rank_main(fd, port, job, &mode, &what, size, iters, window, cpu),
+            rewrite,
+        }) => rank_main(
+            fd, port, job, &mode, &what, size, iters, window, cpu, rewrite,
+        ),
         Some(Cmd::Cost {
             size,
             window,
@@ -289,6 +306,7 @@ fn bench_main(cli: &Cli) -> R<()> {
                 iters: sc(it),
                 window: 1,
                 queue_bytes: cli.queue_bytes,
+                rewrite: cli.rewrite,
             });
         }
     }
@@ -300,6 +318,7 @@ fn bench_main(cli: &Cli) -> R<()> {
                 iters: sc(it),
                 window: w,
                 queue_bytes: cli.queue_bytes,
+                rewrite: cli.rewrite,
             });
         }
     }
@@ -310,6 +329,7 @@ fn bench_main(cli: &Cli) -> R<()> {
             iters: sc(3000),
             window: 64,
             queue_bytes: cli.queue_bytes,
+            rewrite: cli.rewrite,
         });
     }
     if !cli.sizes.is_empty() {
@@ -509,12 +529,7 @@ fn run_one(c: &Contender, m: &Measure) -> R<f64> {
                 .args(extra)
                 .args(["-n", "2"])
                 .arg(bin)
-                .args([
-                    m.what.to_string(),
-                    m.size.to_string(),
-                    m.iters.to_string(),
-                    m.window.to_string(),
-                ])
+                .args(peer_args(m))
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -523,6 +538,50 @@ fn run_one(c: &Contender, m: &Measure) -> R<f64> {
             let out = wait_bounded(out, PEER_DEADLINE)?;
             parse_result(&out, m)
         }
+    }
+}
+
+/// The arguments of `mpi_peer` for `m`: `<what> <size> <iters> <window>`, then `rewrite` when the
+/// sender rewrites its buffer (without it, the form older peers take).
+fn peer_args(m: &Measure) -> Vec<String> {
+    let mut v = vec![
+        m.what.to_string(),
+        m.size.to_string(),
+        m.iters.to_string(),
+        m.window.to_string(),
+    ];
+    if m.rewrite {
+        v.push(REWRITE.to_string());
+    }
+    v
+}
+
+/// The word that asks `mpi_peer` to rewrite its buffer, and that every result line of a rewriting
+/// run (ours and the peers') ends with.
+const REWRITE: &str = "rewrite";
+
+/// Our rank's measurement arguments for `m` (after `rank --fd .. --port .. --job .. --mode ..`).
+fn rank_args(m: &Measure) -> Vec<String> {
+    let mut v = strs(&["--what", m.what]);
+    for (k, n) in [
+        ("--size", m.size),
+        ("--iters", m.iters),
+        ("--window", m.window),
+    ] {
+        v.push(k.to_string());
+        v.push(n.to_string());
+    }
+    if m.rewrite {
+        v.push("--rewrite".to_string());
+    }
+    v
+}
+
+/// Writes one byte in every 64-byte line of `b` (a new value each call), as an application
+/// producing the next message's data would.
+fn rewrite_lines(b: &mut [u8]) {
+    for x in b.iter_mut().step_by(64) {
+        *x = x.wrapping_add(1);
     }
 }
 
@@ -578,11 +637,34 @@ fn parse_result(out: &std::process::Output, m: &Measure) -> R<f64> {
         )
         .into());
     }
+    parse_line(&so, m)
+}
+
+/// Finds the result line `<what> <size> <value>` in a rank's output; with `--rewrite` it must end
+/// in `rewrite`, so a peer built before the option existed (which ignores the extra argument) is
+/// caught instead of being compared unrewritten.
+fn parse_line(so: &str, m: &Measure) -> R<f64> {
     for l in so.lines() {
         let f: Vec<&str> = l.split_whitespace().collect();
-        if f.len() == 3 && f[0] == m.what {
-            return Ok(f[2].parse()?);
+        if f.len() < 3 || f[0] != m.what {
+            continue;
         }
+        let rewrote = f.get(3) == Some(&REWRITE);
+        if f.len() > 4 || (f.len() == 4 && !rewrote) {
+            continue;
+        }
+        if rewrote != m.rewrite {
+            return Err(if m.rewrite {
+                format!(
+                    "asked to rewrite the send buffer, but the result {l:?} does not confirm it: \
+                     rebuild the peers with crates/qk/bench-peers/install.sh"
+                )
+            } else {
+                format!("rewrote the send buffer without being asked: {l:?}")
+            }
+            .into());
+        }
+        return Ok(f[2].parse()?);
     }
     Err(format!("no result line in {so:?}").into())
 }
@@ -613,15 +695,7 @@ fn run_ours(mode: CpuMode, src: Source, m: &Measure) -> R<f64> {
             "--mode",
             mode.as_str(),
         ]);
-        c.args([
-            "--what",
-            m.what,
-            "--size",
-            &m.size.to_string(),
-            "--iters",
-            &m.iters.to_string(),
-        ]);
-        c.args(["--window", &m.window.to_string()]);
+        c.args(rank_args(m));
         c.env("PUMA_BENCH_SOURCE", src.name());
         if cpus.len() >= 2 {
             c.args(["--cpu", &cpus[port as usize].to_string()]);
@@ -708,15 +782,7 @@ fn run_ours_tcp(mode: CpuMode, ns: &Netns, m: &Measure) -> R<f64> {
             "--mode",
             mode.as_str(),
         ]);
-        c.args([
-            "--what",
-            m.what,
-            "--size",
-            &m.size.to_string(),
-            "--iters",
-            &m.iters.to_string(),
-        ]);
-        c.args(["--window", &m.window.to_string()]);
+        c.args(rank_args(m));
         if cpus.len() >= 2 {
             c.args(["--cpu", &cpus[node].to_string()]);
         }
@@ -749,6 +815,7 @@ fn rank_main(
     iters: u64,
     window: u64,
     cpu: Option<usize>,
+    rewrite: bool,
 ) -> R<()> {
     if let Some(c) = cpu {
         qk::sys::pin_to_cpu(c)?;
@@ -777,8 +844,25 @@ fn rank_main(
             ep.alloc_private(size.max(8))
         }
     };
-    let rbuf = ep.alloc_shared(size.max(8))?;
+    // The ping-pong sends and receives with one buffer, as mpi_peer.c does: the bytes a rank sends
+    // back are the ones it just received (and, large, sit in its caches as they would in an
+    // application's). Private sources keep a separate (job-heap) receive buffer.
+    let rbuf = if what == "lat" && source == Source::Shared {
+        sbuf
+    } else {
+        ep.alloc_shared(size.max(8))?
+    };
     let (eq, smd) = bench_portals(&mut ep, job, window, sbuf, rbuf)?;
+    let sent = size.min(sbuf.len) as usize;
+    let touch = |ep: &mut Endpoint| -> Result<(), QkError> {
+        if rewrite {
+            ep.with_bytes(&sbuf, |b| {
+                let n = sent.min(b.len());
+                rewrite_lines(&mut b[..n])
+            })?;
+        }
+        Ok(())
+    };
     // Each loop's put arguments are made once, as an application streaming to one peer would
     // keep them: the loops then measure the library's put, not the making of its arguments
     // (ten stores per call, which on this machine slowed the sender's ring stores: see
@@ -820,17 +904,20 @@ fn rank_main(
                 t0 = Instant::now();
             }
             if me == 0 {
+                touch(&mut ep)?;
                 ep.put(&lat)?;
                 wait_put(&mut ep)?;
             } else {
                 wait_put(&mut ep)?;
+                touch(&mut ep)?;
                 ep.put(&lat)?;
             }
         }
         if me == 0 {
             println!(
-                "lat {size} {:.1}",
-                t0.elapsed().as_nanos() as f64 / iters as f64 / 2.0
+                "lat {size} {:.1}{}",
+                t0.elapsed().as_nanos() as f64 / iters as f64 / 2.0,
+                mark(rewrite)
             );
         }
     } else {
@@ -839,6 +926,9 @@ fn rank_main(
                 t0 = Instant::now();
             }
             if me == 0 {
+                // Once per window: the last window's sends are complete (answered), this
+                // window's may still read the buffer until the answer.
+                touch(&mut ep)?;
                 for _ in 0..window {
                     ep.put(&stream)?;
                 }
@@ -854,9 +944,9 @@ fn rank_main(
             let t = t0.elapsed().as_secs_f64();
             let msgs = (iters * window) as f64;
             if what == "bw" {
-                println!("bw {size} {:.1}", msgs * size as f64 / t);
+                println!("bw {size} {:.1}{}", msgs * size as f64 / t, mark(rewrite));
             } else {
-                println!("rate {size} {:.1}", msgs / t);
+                println!("rate {size} {:.1}{}", msgs / t, mark(rewrite));
             }
         }
     }
@@ -866,6 +956,15 @@ fn rank_main(
         ep.progress();
     }
     Ok(())
+}
+
+/// The end of a result line: ` rewrite` when the sender rewrote its buffer.
+fn mark(rewrite: bool) -> String {
+    if rewrite {
+        format!(" {REWRITE}")
+    } else {
+        String::new()
+    }
 }
 
 /// Sets up `ep` the way a benchmark rank does: an event queue, a receive descriptor on
@@ -1188,5 +1287,98 @@ impl Drop for Netns {
             let _ = Command::new("ip").args(["netns", "del", n]).status();
         }
         let _ = std::fs::remove_file(&self.script);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measure(what: &'static str, rewrite: bool) -> Measure {
+        Measure {
+            what,
+            size: 1 << 20,
+            iters: 400,
+            window: 1,
+            queue_bytes: None,
+            rewrite,
+        }
+    }
+
+    #[test]
+    fn rewrite_flag_reaches_the_measures() {
+        let cli = Cli::try_parse_from(["puma-bench", "--rewrite", "--only", "lat"]).unwrap();
+        assert!(cli.rewrite);
+        let cli = Cli::try_parse_from(["puma-bench", "--only", "lat"]).unwrap();
+        assert!(!cli.rewrite);
+    }
+
+    #[test]
+    fn peer_args_keep_the_old_form_and_add_rewrite() {
+        assert_eq!(
+            peer_args(&measure("lat", false)),
+            ["lat", "1048576", "400", "1"]
+        );
+        assert_eq!(
+            peer_args(&measure("bw", true)),
+            ["bw", "1048576", "400", "1", "rewrite"]
+        );
+    }
+
+    /// The rank's command line, as run_ours builds it, parses back to a rank that rewrites.
+    #[test]
+    fn rank_command_line_carries_rewrite() {
+        for rewrite in [false, true] {
+            let mut argv = strs(&[
+                "puma-bench",
+                "rank",
+                "--fd",
+                "3",
+                "--port",
+                "0",
+                "--job",
+                "77",
+                "--mode",
+                "heater",
+            ]);
+            argv.extend(rank_args(&measure("lat", rewrite)));
+            let cli = Cli::try_parse_from(argv).unwrap();
+            match cli.cmd {
+                Some(Cmd::Rank {
+                    rewrite: r,
+                    size,
+                    what,
+                    ..
+                }) => {
+                    assert_eq!(r, rewrite);
+                    assert_eq!(size, 1 << 20);
+                    assert_eq!(what, "lat");
+                }
+                _ => panic!("not a rank command"),
+            }
+        }
+    }
+
+    #[test]
+    fn result_line_must_confirm_the_rewrite() {
+        let on = measure("lat", true);
+        let off = measure("lat", false);
+        assert_eq!(
+            parse_line("lat 1048576 123.4 rewrite\n", &on).unwrap(),
+            123.4
+        );
+        assert_eq!(parse_line("lat 1048576 123.4\n", &off).unwrap(), 123.4);
+        // A peer built before --rewrite ignores the extra argument and prints the old line.
+        assert!(parse_line("lat 1048576 123.4\n", &on).is_err());
+        assert!(parse_line("lat 1048576 123.4 rewrite\n", &off).is_err());
+    }
+
+    #[test]
+    fn rewrite_lines_changes_one_byte_per_line() {
+        let mut b = vec![7u8; 200];
+        rewrite_lines(&mut b);
+        for (i, x) in b.iter().enumerate() {
+            assert_eq!(*x, if i % 64 == 0 { 8 } else { 7 }, "byte {i}");
+        }
     }
 }
