@@ -1721,17 +1721,8 @@ impl Ctx<'_> {
             // Decoded once, straight into the portals form of a plain put (no `WireHeader` built
             // and read back); portals makes the rest of the header's checks.
             let word = v.aux().to_le_bytes();
-            let mut to = PRegion::EMPTY;
-            if self.deliver_plain_put_fast(
-                plain_put_from_inline8(v, src, length, self.region.job, self.me),
-                &mut to,
-            ) {
-                let n = to.len as usize;
-                if n > length as usize || !self.mem.write_word_prefix(to.addr, word, n) {
-                    self.drop_msg(DropReason::BadMemory);
-                }
-                self.delivered += 1;
-                self.delivered_bytes += to.len;
+            let p = plain_put_from_inline8(v, src, length, self.region.job, self.me);
+            if self.deliver_word_put(p, word) {
                 return;
             }
         }
@@ -1749,7 +1740,6 @@ impl Ctx<'_> {
     /// takes the header of its one-line form.
     #[inline(always)]
     fn handle_compact(&mut self, c: CompactPut, m: Incoming<'_>) {
-        let mut to = PRegion::EMPTY;
         let p = portals::PlainPut {
             portal: u32::from(c.portal),
             src: ProcessId::new(self.region.job, c.src),
@@ -1759,20 +1749,28 @@ impl Ctx<'_> {
             length: c.length,
             hdr_data: 0,
         };
-        if self.deliver_plain_put_fast(p, &mut to) {
-            let n = to.len as usize;
-            if n > c.length as usize
-                || !self
-                    .mem
-                    .write_word_prefix(to.addr, c.payload.to_le_bytes(), n)
-            {
-                self.drop_msg(DropReason::BadMemory);
-            }
-            self.delivered += 1;
-            self.delivered_bytes += to.len;
+        if self.deliver_word_put(p, c.payload.to_le_bytes()) {
             return;
         }
         self.handle_hdr(&c.hdr(), m)
+    }
+
+    /// The fast delivery of a put of at most 8 bytes whose payload is `word` (the one-line and
+    /// the compact form): `false` when portals declines it untouched (the general path decides).
+    #[inline(always)]
+    fn deliver_word_put(&mut self, p: portals::PlainPut, word: [u8; 8]) -> bool {
+        let length = p.length;
+        let mut to = PRegion::EMPTY;
+        if !self.deliver_plain_put_fast(p, &mut to) {
+            return false;
+        }
+        let n = to.len as usize;
+        if n > length as usize || !self.mem.write_word_prefix(to.addr, word, n) {
+            self.drop_msg(DropReason::BadMemory);
+        }
+        self.delivered += 1;
+        self.delivered_bytes += to.len;
+        true
     }
 
     /// The general path of a record whose source is checked: structure, references, portals,
