@@ -107,8 +107,11 @@ pub mod slot {
     pub const LARGE_CMA: usize = 6;
     /// Times the engine blocked (futex) because it was idle.
     pub const SLEEPS: usize = 7;
+    /// Large messages whose copy into this port's memory the sender shared
+    /// ([`crate::copy_share`]).
+    pub const LARGE_SHARED: usize = 8;
     /// First drop counter; drop reason `r` is at `DROP0 + r.index()`.
-    pub const DROP0: usize = 8;
+    pub const DROP0: usize = 9;
     /// Number of counter slots.
     pub const COUNT: usize = DROP0 + super::N_DROP;
 }
@@ -134,6 +137,8 @@ pub struct PortStats {
     pub large_direct: u64,
     /// Large messages moved with cross-memory attach.
     pub large_cma: u64,
+    /// Large messages of those moved from the job heap whose copy the sender shared.
+    pub large_shared: u64,
     /// Idle sleeps.
     pub sleeps: u64,
     /// Drops per reason, in [`DropReason::ALL`] order.

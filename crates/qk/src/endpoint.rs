@@ -11,6 +11,7 @@ use portals::{
     Response, SendPlan, WireHeader, WIRE_VERSION,
 };
 
+use crate::copy_share;
 use crate::counters::{slot, DropReason, PortStats};
 use crate::fabric::{flag, op, CompactPut, Hdr, HdrRef, Head, Incoming, Port};
 use crate::job::CpuMode;
@@ -147,6 +148,27 @@ struct Pending {
 struct LargeSend {
     plan: Option<SendPlan>,
     bounce: Option<Buf>,
+    /// Set when the receiver may ask this rank to share the copy ([`crate::copy_share`]).
+    share: Option<ShareableSend>,
+}
+
+/// A large send from the heap to a rank of this node, whose copy the receiver may share with us.
+#[derive(Clone, Copy, Debug)]
+struct ShareableSend {
+    /// The receiver's port.
+    port: u32,
+    /// The source bytes: region offset and length.
+    src: u64,
+    len: u64,
+}
+
+/// A port this rank has shareable large sends to, with their number: the progress engine looks
+/// at its copy board while any is outstanding.
+#[derive(Debug)]
+struct SharePort {
+    port: u32,
+    sends: u32,
+    block: crate::region::PortBlock,
 }
 
 /// Everything behind the endpoint's lock.
@@ -159,6 +181,8 @@ struct Inner {
     heap: HeapAlloc,
     out: VecDeque<Pending>,
     large: TokenMap<LargeSend>,
+    /// Ports with shareable large sends outstanding (see [`ShareableSend`]).
+    share_ports: Vec<SharePort>,
     next_token: u64,
     private_path: PrivatePath,
     /// The delivery plan the engine writes each incoming message's placement into (one value kept
@@ -403,6 +427,7 @@ impl Endpoint {
             heap: HeapAlloc::new(region.layout.heap_per_rank),
             out: VecDeque::new(),
             large: TokenMap::default(),
+            share_ports: Vec::new(),
             next_token: 1,
             private_path: PrivatePath::for_this_host(),
             plan: Box::new(portals::DeliveryPlan::EMPTY),
@@ -1471,15 +1496,31 @@ impl Inner {
         let first = body.first();
         let map_base = self.region.map().ptr() as u64;
         if body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
-            self.large.insert(token, LargeSend { plan, bounce: None });
-            return Ok((hdr, (ref_bytes(first.addr - map_base, token), flag::HEAP)));
+            let src = first.addr - map_base;
+            let share = self.shareable(dst_rank, src, first.len);
+            self.large.insert(
+                token,
+                LargeSend {
+                    plan,
+                    bounce: None,
+                    share,
+                },
+            );
+            return Ok((hdr, (ref_bytes(src, token), flag::HEAP)));
         }
         if body.is_contiguous()
             && remote_ok_cma
             && self.private_path == PrivatePath::CrossMemoryAttach
             && self.mem.owns(first.addr, first.len)
         {
-            self.large.insert(token, LargeSend { plan, bounce: None });
+            self.large.insert(
+                token,
+                LargeSend {
+                    plan,
+                    bounce: None,
+                    share: None,
+                },
+            );
             return Ok((hdr, (ref_bytes(first.addr, token), flag::CMA)));
         }
         // Bounce through the heap.
@@ -1513,14 +1554,61 @@ impl Inner {
             let data = self.gather(body)?;
             self.mem.write(bounce.addr, &data);
         }
+        let share = self.shareable(dst_rank, bounce.addr - map_base, len);
         self.large.insert(
             token,
             LargeSend {
                 plan,
                 bounce: Some(bounce),
+                share,
             },
         );
         Ok((hdr, (ref_bytes(bounce.addr - map_base, token), flag::HEAP)))
+    }
+
+    /// A heap send of `len` bytes at region offset `src` to world rank `dst_rank`: shareable
+    /// when the receiver is another rank of this node and the message is long enough; then its
+    /// port is watched ([`Inner::help_receivers`]) until the FIN.
+    fn shareable(&mut self, dst_rank: u32, src: u64, len: u64) -> Option<ShareableSend> {
+        let port = self.region.port_of_rank(dst_rank)?;
+        if port == self.port.me() || len < copy_share::SHARE_MIN {
+            return None;
+        }
+        match self.share_ports.iter_mut().find(|p| p.port == port) {
+            Some(p) => p.sends += 1,
+            None => self.share_ports.push(SharePort {
+                port,
+                sends: 1,
+                block: self.region.port_block(port),
+            }),
+        }
+        Some(ShareableSend { port, src, len })
+    }
+
+    /// Takes chunks of the copies that receivers of this rank's large sends opened on their
+    /// boards ([`copy_share::Board::help`]): only a copy whose token names one of those sends,
+    /// reading inside that send's bytes and writing inside the receiver's heap part.
+    #[inline(never)]
+    fn help_receivers(&mut self) {
+        let map = self.region.map();
+        let heap_per_rank = self.region.layout.heap_per_rank;
+        for p in &self.share_ports {
+            let owner_heap = self.region.layout.heap(p.port);
+            let large = &self.large;
+            p.block.board().help(
+                |c| {
+                    let Some(s) = large.get(&c.token).and_then(|l| l.share) else {
+                        return false;
+                    };
+                    s.port == p.port
+                        && range_within(c.src, c.len, s.src, s.len)
+                        && range_within(c.dst, c.len, owner_heap, heap_per_rank)
+                },
+                |c, at, n| {
+                    map.copy_within((c.src + at) as usize, (c.dst + at) as usize, n as usize)
+                },
+            );
+        }
     }
 
     fn flush(&mut self) {
@@ -1567,6 +1655,9 @@ impl Inner {
         if !self.out.is_empty() {
             self.flush();
         }
+        if !self.share_ports.is_empty() {
+            self.help_receivers();
+        }
         // Records are handled inside the poll callback: an eager payload is copied straight from
         // the queue into the descriptor.
         let Inner {
@@ -1577,6 +1668,7 @@ impl Inner {
             mem,
             out,
             large,
+            share_ports,
             heap,
             plan,
             wire,
@@ -1592,6 +1684,7 @@ impl Inner {
             mem,
             out,
             large,
+            share_ports,
             heap,
             plan,
             wire,
@@ -1627,6 +1720,7 @@ struct Ctx<'a> {
     mem: &'a mut OwnedMemory,
     out: &'a mut VecDeque<Pending>,
     large: &'a mut TokenMap<LargeSend>,
+    share_ports: &'a mut Vec<SharePort>,
     heap: &'a mut HeapAlloc,
     plan: &'a mut portals::DeliveryPlan,
     wire: &'a mut WireHeader,
@@ -1917,6 +2011,15 @@ impl Ctx<'_> {
         mlength: u64,
     ) -> bool {
         let me_port = self.me_port();
+        if let Some((src, token)) = lref {
+            if h.flags & flag::HEAP != 0 && self.copy_shared(from, src, token, pbody, mlength) {
+                self.region.count(me_port, slot::LARGE_DIRECT, 1);
+                self.send_fin(h, token, mlength);
+                self.region.count(me_port, slot::DELIVERED, 1);
+                self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
+                return true;
+            }
+        }
         // The segments are walked as the engine yields them (no list of them collected per
         // message): the loop only reads the engine's tables and writes this rank's memory.
         let segs = match self.engine.segments(pbody) {
@@ -1964,6 +2067,47 @@ impl Ctx<'_> {
         }
         self.region.count(me_port, slot::DELIVERED, 1);
         self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
+        true
+    }
+
+    /// Copies a large message from the sender's heap part at `src` with the sender's help
+    /// ([`crate::copy_share`]), when it can be shared: a send with a token from another rank of
+    /// this node, long enough, into one run of this rank's own heap part. False (nothing copied)
+    /// otherwise. The source range was checked against the sender's heap part.
+    fn copy_shared(
+        &mut self,
+        from: u32,
+        src: u64,
+        token: u64,
+        pbody: &portals::Body,
+        mlength: u64,
+    ) -> bool {
+        let first = pbody.first();
+        if token == 0
+            || mlength < copy_share::SHARE_MIN
+            || from == self.me_port
+            || from >= self.region.layout.local
+            || !pbody.is_contiguous()
+            || first.len != mlength
+            || !self.mem.in_heap(first.addr, first.len)
+        {
+            return false;
+        }
+        let map = self.region.map();
+        let dst = first.addr - map.ptr() as u64;
+        let c = copy_share::SharedCopy::new(src, dst, mlength, token);
+        let block = self.region.port_block(self.me_port);
+        let board = block.board();
+        board.open(&c);
+        let pid = self.region.pid(from);
+        let helped = board.copy_as_owner(
+            &c,
+            |at, n| map.copy_within((src + at) as usize, (dst + at) as usize, n as usize),
+            || crate::sys::process_exists(pid),
+        );
+        if helped > 0 {
+            self.region.count(self.me_port, slot::LARGE_SHARED, 1);
+        }
         true
     }
 
@@ -2045,7 +2189,23 @@ impl Ctx<'_> {
             let (base, _) = self.mem.heap_range();
             self.heap.free(b.addr - base, b.len);
         }
+        if let Some(s) = ls.share {
+            if let Some(i) = self.share_ports.iter().position(|p| p.port == s.port) {
+                self.share_ports[i].sends -= 1;
+                if self.share_ports[i].sends == 0 {
+                    self.share_ports.swap_remove(i);
+                }
+            }
+        }
     }
+}
+
+/// Whether `[off, off + len)` lies inside `[base, base + size)`.
+fn range_within(off: u64, len: u64, base: u64, size: u64) -> bool {
+    off >= base
+        && off
+            .checked_add(len)
+            .is_some_and(|e| base.checked_add(size).is_some_and(|b| e <= b))
 }
 
 #[cfg(test)]
@@ -2098,7 +2258,7 @@ mod tests {
     }
 
     /// Two endpoints of one job in this process (inline progress), rank 1 receiving on portal 1.
-    fn pair() -> (
+    type Pair = (
         NodeFabric,
         Endpoint,
         Endpoint,
@@ -2106,10 +2266,19 @@ mod tests {
         portals::MdHandle,
         Buf,
         Buf,
-    ) {
+    );
+
+    fn pair() -> Pair {
+        pair_with(256, 1 << 20)
+    }
+
+    /// Two ranks of job 41 on one node: rank 0 sends from a heap buffer of `len` bytes through
+    /// descriptor `smd`, rank 1 takes any put on portal 1 into a heap buffer of `len` bytes and
+    /// posts its events to `eq`.
+    fn pair_with(len: u64, heap: u64) -> Pair {
         let mut spec = JobFabricSpec::new(41, 2, vec![0, 1], CpuMode::Heater);
         spec.queue_bytes = 64 << 10;
-        spec.heap_bytes_per_rank = 1 << 20;
+        spec.heap_bytes_per_rank = heap;
         spec.lock_memory = false;
         let fab = NodeFabric::create(&spec).expect("fabric");
         let attach = |port| {
@@ -2123,8 +2292,8 @@ mod tests {
             .expect("attach")
         };
         let (mut tx, mut rx) = (attach(0), attach(1));
-        let sbuf = tx.alloc_shared(256).expect("send buffer");
-        let rbuf = rx.alloc_shared(256).expect("receive buffer");
+        let sbuf = tx.alloc_shared(len).expect("send buffer");
+        let rbuf = rx.alloc_shared(len).expect("receive buffer");
         let eq = rx.with_engine(|e| {
             let eq = e.eq_alloc(64).expect("eq");
             let md = e
@@ -2677,5 +2846,74 @@ mod tests {
         let sent = tx.stats().sent;
         assert!(tx.put(&a2).is_err(), "a put from a released descriptor");
         assert_eq!(tx.stats().sent, sent, "nothing sent");
+    }
+
+    /// A large put into the receiver's heap is copied by the receiver, with the sender's help
+    /// when the sender is polling (its thread spins on its progress until the FIN), and arrives
+    /// whole and exact either way: every message's words are checked. The exchange goes on until
+    /// the receiver has counted three shared copies, bounded by a deadline so that a machine too
+    /// busy to run both threads at once still ends (and then fails, having never shared).
+    #[test]
+    fn large_puts_whose_copy_the_sender_shares_arrive_whole() {
+        const LEN: u64 = 4 << 20;
+        let (_fab, mut tx, mut rx, eq, smd, sbuf, rbuf) = pair_with(LEN, 8 << 20);
+        let put = PutArgs {
+            md: smd,
+            local_offset: 0,
+            length: LEN,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: 1,
+            remote_offset: 0,
+            ack: false,
+            hdr_data: 0,
+        };
+        let word = |i: u64, k: usize| (i << 40) | k as u64;
+        let (go, next) = std::sync::mpsc::channel::<bool>();
+        let sender = std::thread::spawn(move || {
+            let mut i = 0u64;
+            loop {
+                i += 1;
+                tx.with_bytes(&sbuf, |b| {
+                    for (k, w) in b.chunks_exact_mut(8).enumerate() {
+                        w.copy_from_slice(&word(i, k).to_le_bytes());
+                    }
+                })
+                .expect("fill");
+                tx.put(&put).expect("put");
+                let t = Instant::now();
+                while tx.large_in_flight() > 0 {
+                    tx.progress();
+                    assert!(t.elapsed() < Duration::from_secs(30), "no FIN");
+                }
+                if !next.recv().expect("receiver gone") {
+                    return i;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut i = 0u64;
+        loop {
+            i += 1;
+            let ev = rx.eq_wait(eq, Duration::from_secs(30)).expect("put event");
+            assert_eq!((ev.kind, ev.mlength), (EventKind::Put, LEN), "{ev:?}");
+            rx.with_bytes(&rbuf, |b| {
+                for (k, w) in b.chunks_exact(8).enumerate() {
+                    let got = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                    assert_eq!(got, word(i, k), "message {i} word {k}");
+                }
+            })
+            .expect("check");
+            let more = rx.stats().large_shared < 3 && Instant::now() < deadline;
+            go.send(more).expect("sender gone");
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(sender.join().expect("sender"), i);
+        let st = rx.stats();
+        assert_eq!(st.large_direct, i, "{st:?}");
+        assert!(st.large_shared >= 3, "never shared in {i} messages: {st:?}");
+        assert_eq!(st.total_drops(), 0);
     }
 }

@@ -9,6 +9,7 @@
 //! See `crates/qk/README.md` for the interface contract with the PCT and the benchmark.
 
 pub mod coll_area;
+pub mod copy_share;
 pub mod counters;
 pub mod endpoint;
 pub mod error;

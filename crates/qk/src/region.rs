@@ -3,7 +3,7 @@
 //! ```text
 //! 0            header page: magic, version, job, sizes, offsets, world rank and pid of each local rank
 //! port_off     one 1 KiB control block per port (local ranks 0..L, then the node engine = port L):
-//!              doorbell futex word, sleeping flag, counters
+//!              doorbell futex word, sleeping flag, counters, copy board (`copy_share`)
 //! ring_off     P*P rings (P = L+1), ring (src, dst) at index src*P+dst: a 64-byte line holding the
 //!              consumer's head, then `ring_cap` bytes of records
 //! heap_off     the job-shared heap: `heap_per_rank` bytes per port (local ranks, then the node
@@ -25,8 +25,9 @@ use crate::QkError;
 /// Magic number at offset 0 ("PUMAQK01").
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PUMAQK01");
 /// Layout version. 2: ring records are made of 32-byte slots (compact puts, `ring::SLOT`); a
-/// rank built for version 1 would misread them, so it cannot attach.
-pub const VERSION: u32 = 2;
+/// rank built for version 1 would misread them, so it cannot attach. 3: each port block holds a
+/// copy board ([`crate::copy_share`]) and one more counter.
+pub const VERSION: u32 = 3;
 /// Most local ports (ranks on one node) a region supports.
 pub const MAX_LOCAL: usize = 256;
 const PORT_BLOCK: usize = 1024;
@@ -56,6 +57,8 @@ const P_DOORBELL: usize = 0;
 const P_SLEEPING: usize = 4;
 const P_CPU: usize = 8;
 const P_COUNTERS: usize = 64;
+/// The port's copy board ([`crate::copy_share::Board`]): two lines of its own.
+const P_BOARD: usize = 768;
 
 /// Computed offsets of a region.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -481,6 +484,7 @@ impl Region {
             delivered_bytes: c(slot::DELIVERED_BYTES),
             send_waits: c(slot::SEND_WAITS),
             large_direct: c(slot::LARGE_DIRECT),
+            large_shared: c(slot::LARGE_SHARED),
             large_cma: c(slot::LARGE_CMA),
             sleeps: c(slot::SLEEPS),
             drops: DropReason::ALL
@@ -562,8 +566,14 @@ impl Region {
     }
 }
 
-// Every counter slot and the sleeping flag lie inside a port's block.
-const _: () = assert!(P_COUNTERS + 8 * slot::COUNT <= PORT_BLOCK && P_SLEEPING + 4 <= P_COUNTERS);
+// Every counter slot and the sleeping flag lie inside a port's block, before its copy board, which
+// fills whole lines of the block.
+const _: () = assert!(
+    P_COUNTERS + 8 * slot::COUNT <= P_BOARD
+        && P_SLEEPING + 4 <= P_COUNTERS
+        && P_BOARD % 64 == 0
+        && P_BOARD + 8 * crate::copy_share::BOARD_WORDS <= PORT_BLOCK
+);
 
 /// One port's block of the region (see [`Region::port_block`]): its counters and its "engine is
 /// asleep" flag without an offset computation and bounds check per access.
@@ -596,6 +606,19 @@ impl PortBlock {
     pub fn bump(&self, s: usize, n: u64) {
         let c = self.counter(s);
         c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
+
+    /// This port's copy board ([`crate::copy_share`]).
+    #[inline]
+    pub fn board(&self) -> crate::copy_share::Board<'_> {
+        // SAFETY: the board's words lie inside the block (the const assertion above), which is
+        // inside the mapping and 8-aligned (`Region::port_block`), with `P_BOARD` a multiple of
+        // 64; `[AtomicU64; N]` has the layout of `[u64; N]`; `_map` keeps the memory alive as long
+        // as `self`, and the words are only reached through atomics.
+        let w = unsafe {
+            &*(self.base.add(P_BOARD) as *const [AtomicU64; crate::copy_share::BOARD_WORDS])
+        };
+        crate::copy_share::Board::new(w)
     }
 
     /// This port's "engine is asleep" flag ([`Region::sleeping`]).

@@ -955,6 +955,20 @@ pub fn has_prefetchw() -> bool {
     false
 }
 
+/// Whether process `pid` still exists (a zombie counts as gone only once reaped; signal 0 checks
+/// existence without sending anything).
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only reports whether `pid` exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
 #[cfg(test)]
 mod tests {
 

@@ -75,7 +75,7 @@ fn run(cli: &Cli) -> Result<String, String> {
         return serde_json::to_string_pretty(&v).map_err(|e| e.to_string());
     }
     let mut out = format!(
-        "job {} node {} world size {} mode {}\n{:<8} {:>6} {:>12} {:>14} {:>12} {:>14} {:>10} {:>9} {:>9} {:>8}\n",
+        "job {} node {} world size {} mode {}\n{:<8} {:>6} {:>12} {:>14} {:>12} {:>14} {:>10} {:>9} {:>7} {:>9} {:>8}\n",
         region.job,
         region.node,
         region.world,
@@ -88,6 +88,7 @@ fn run(cli: &Cli) -> Result<String, String> {
         "deliv_bytes",
         "send_wait",
         "large_1cp",
+        "shared",
         "large_cma",
         "drops"
     );
@@ -103,7 +104,7 @@ fn run(cli: &Cli) -> Result<String, String> {
             s.rank.to_string()
         };
         out += &format!(
-            "{:<8} {:>6} {:>12} {:>14} {:>12} {:>14} {:>10} {:>9} {:>9} {:>8}\n",
+            "{:<8} {:>6} {:>12} {:>14} {:>12} {:>14} {:>10} {:>9} {:>7} {:>9} {:>8}\n",
             name,
             rank,
             s.sent,
@@ -112,6 +113,7 @@ fn run(cli: &Cli) -> Result<String, String> {
             s.delivered_bytes,
             s.send_waits,
             s.large_direct,
+            s.large_shared,
             s.large_cma,
             s.total_drops()
         );

@@ -1,0 +1,56 @@
+/* A model of the large-message ping-pong, free of qk: two threads pinned to CPUs 0 and 1 take
+ * turns receiving N KiB by copying the other's buffer into their own (a pull, as qk's receiver
+ * copies a large put out of the sender's heap part), each sending back from the buffer it just
+ * received into, as puma-bench's fair ping-pong does. Modes:
+ *   0  the receiver copies it all (qk before copy sharing);
+ *   1  the sender copies the second half while the receiver copies the first (copy sharing);
+ *   2  as 1, with the split at 5/8;
+ *   3  as 0, with the sender writing a byte per line before it sends (puma-bench --rewrite).
+ * Prints min / median / max of the copy time (one-way minus the hand-over).
+ *
+ * Build and run:  cc -O2 -pthread -o pull_copy pull_copy.c && ./pull_copy MODE KIB
+ * On the machine of crates/qk/ROUNDS.md (twenty-second round), 1 MiB near: mode 0 46 / 74 µs
+ * (min / median), mode 1 26 / 37 µs; 4 MiB: 108 / 155 against 46 / 57 µs.
+ */
+#define _GNU_SOURCE
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+static size_t N;
+static char *buf[2];
+static _Atomic int turn; // whose turn to receive: 0 or 1 ; helper flag
+static _Atomic int help[2];
+static int mode; static int iters = 400;
+static double ts[2000];
+static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec*1e9+t.tv_nsec;}
+static void pin(int c){cpu_set_t s;CPU_ZERO(&s);CPU_SET(c,&s);pthread_setaffinity_np(pthread_self(),sizeof s,&s);}
+static void *th(void*x){int me=(int)(intptr_t)x; pin(me);
+  size_t cut = mode==1 ? N/2 : (mode==2? N*5/8 : N);
+  for(int i=0;i<iters;i++){
+    int r = i&1; // receiver this hop
+    if(r==me){
+      while(atomic_load(&turn)!=2*i+1);
+      double t0=now();
+      memcpy(buf[me],buf[1-me],cut);
+      if(cut<N) while(atomic_load(&help[me])!=i+1);
+      double t1=now(); if(me==0||1) ts[i]=t1-t0;
+      atomic_store(&turn,2*i+2);
+    } else {
+      while(atomic_load(&turn)!=2*i);
+      if(mode==3) for(size_t j=0;j<N;j+=64) buf[me][j]++; // rewrite
+      atomic_store(&turn,2*i+1);
+      if(cut<N){ memcpy(buf[1-me]+cut,buf[me]+cut,N-cut); atomic_store(&help[1-me],i+1);} 
+    }
+  }
+  return 0;}
+static int cmp(const void*a,const void*b){double x=*(double*)a,y=*(double*)b;return x<y?-1:x>y;}
+int main(int c,char**v){mode=atoi(v[1]); N=(size_t)atoi(v[2])<<10;
+  buf[0]=aligned_alloc(4096,N);buf[1]=aligned_alloc(4096,N);memset(buf[0],1,N);memset(buf[1],2,N);
+  pthread_t a,b;pthread_create(&a,0,th,(void*)0);pthread_create(&b,0,th,(void*)1);pthread_join(a,0);pthread_join(b,0);
+  qsort(ts+20,iters-20,sizeof(double),cmp);
+  printf("mode %d %zu KiB: min %.1f med %.1f max %.1f us\n",mode,N>>10,ts[20]/1e3,ts[20+(iters-20)/2]/1e3,ts[iters-1]/1e3);}
