@@ -157,9 +157,12 @@ struct LargeSend {
 struct ShareableSend {
     /// The receiver's port.
     port: u32,
-    /// The source bytes: region offset and length.
+    /// The source bytes: a region offset (heap), or an address in this process (private memory
+    /// sent by cross-memory attach), and the length.
     src: u64,
     len: u64,
+    /// The source is private memory.
+    private: bool,
 }
 
 /// A port this rank has shareable large sends to, with their number: the progress engine looks
@@ -1513,12 +1516,15 @@ impl Inner {
             && self.private_path == PrivatePath::CrossMemoryAttach
             && self.mem.owns(first.addr, first.len)
         {
+            let share = self
+                .shareable(dst_rank, first.addr, first.len)
+                .map(|s| ShareableSend { private: true, ..s });
             self.large.insert(
                 token,
                 LargeSend {
                     plan,
                     bounce: None,
-                    share: None,
+                    share,
                 },
             );
             return Ok((hdr, (ref_bytes(first.addr, token), flag::CMA)));
@@ -1582,7 +1588,12 @@ impl Inner {
                 block: self.region.port_block(port),
             }),
         }
-        Some(ShareableSend { port, src, len })
+        Some(ShareableSend {
+            port,
+            src,
+            len,
+            private: false,
+        })
     }
 
     /// Takes chunks of the copies that receivers of this rank's large sends opened on their
@@ -1594,18 +1605,29 @@ impl Inner {
         let heap_per_rank = self.region.layout.heap_per_rank;
         for p in &self.share_ports {
             let owner_heap = self.region.layout.heap(p.port);
-            let large = &self.large;
+            let (large, mem) = (&self.large, &self.mem);
+            let private = std::cell::Cell::new(false);
             p.block.board().help(
                 |c| {
                     let Some(s) = large.get(&c.token).and_then(|l| l.share) else {
                         return false;
                     };
+                    private.set(s.private);
                     s.port == p.port
                         && range_within(c.src, c.len, s.src, s.len)
                         && range_within(c.dst, c.len, owner_heap, heap_per_rank)
+                        && (!s.private || mem.owns(c.src, c.len))
                 },
                 |c, at, n| {
-                    map.copy_within((c.src + at) as usize, (c.dst + at) as usize, n as usize)
+                    let (src, dst, n) = ((c.src + at) as usize, (c.dst + at) as usize, n as usize);
+                    if private.get() {
+                        // Our own private bytes (the send's, found owned above; nothing is
+                        // freed while this runs) into the receiver's heap part.
+                        let owned = mem.read(src as u64, map.slice_mut(dst, n));
+                        debug_assert!(owned, "a shared private source was freed");
+                    } else {
+                        map.copy_within(src, dst, n);
+                    }
                 },
             );
         }
@@ -2012,8 +2034,17 @@ impl Ctx<'_> {
     ) -> bool {
         let me_port = self.me_port();
         if let Some((src, token)) = lref {
-            if h.flags & flag::HEAP != 0 && self.copy_shared(from, src, token, pbody, mlength) {
-                self.region.count(me_port, slot::LARGE_DIRECT, 1);
+            let cma = h.flags & flag::CMA != 0;
+            if let Some(good) = self.copy_shared(from, src, cma, token, pbody, mlength) {
+                if !good {
+                    self.drop_msg(DropReason::BadMemory);
+                }
+                let counter = if cma {
+                    slot::LARGE_CMA
+                } else {
+                    slot::LARGE_DIRECT
+                };
+                self.region.count(me_port, counter, 1);
                 self.send_fin(h, token, mlength);
                 self.region.count(me_port, slot::DELIVERED, 1);
                 self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
@@ -2070,18 +2101,21 @@ impl Ctx<'_> {
         true
     }
 
-    /// Copies a large message from the sender's heap part at `src` with the sender's help
-    /// ([`crate::copy_share`]), when it can be shared: a send with a token from another rank of
-    /// this node, long enough, into one run of this rank's own heap part. False (nothing copied)
-    /// otherwise. The source range was checked against the sender's heap part.
+    /// Copies a large message with the sender's help ([`crate::copy_share`]) when it can be
+    /// shared: a send with a token from another rank of this node, long enough, into one run of
+    /// this rank's own heap part. `src` is an offset into the sender's heap part (checked against
+    /// it), or with `cma` an address in the sender's process, which this rank's chunks read with
+    /// cross-memory attach. `None` (nothing copied) when it cannot be shared; else whether every
+    /// chunk of ours was read.
     fn copy_shared(
         &mut self,
         from: u32,
         src: u64,
+        cma: bool,
         token: u64,
         pbody: &portals::Body,
         mlength: u64,
-    ) -> bool {
+    ) -> Option<bool> {
         let first = pbody.first();
         if token == 0
             || mlength < copy_share::SHARE_MIN
@@ -2091,7 +2125,7 @@ impl Ctx<'_> {
             || first.len != mlength
             || !self.mem.in_heap(first.addr, first.len)
         {
-            return false;
+            return None;
         }
         let map = self.region.map();
         let dst = first.addr - map.ptr() as u64;
@@ -2100,15 +2134,25 @@ impl Ctx<'_> {
         let board = block.board();
         board.open(&c);
         let pid = self.region.pid(from);
+        let mem = &*self.mem;
+        let mut good = true;
         let helped = board.copy_as_owner(
             &c,
-            |at, n| map.copy_within((src + at) as usize, (dst + at) as usize, n as usize),
+            |at, n| {
+                if cma {
+                    good &= mem
+                        .cma_into(first.addr + at, n, pid as i32, src + at)
+                        .is_ok();
+                } else {
+                    map.copy_within((src + at) as usize, (dst + at) as usize, n as usize);
+                }
+            },
             || crate::sys::process_exists(pid),
         );
         if helped > 0 {
             self.region.count(self.me_port, slot::LARGE_SHARED, 1);
         }
-        true
+        Some(good)
     }
 
     /// Sends the reply to a get (eager from the descriptor, or a reference for a large one).
@@ -2855,8 +2899,37 @@ mod tests {
     /// busy to run both threads at once still ends (and then fails, having never shared).
     #[test]
     fn large_puts_whose_copy_the_sender_shares_arrive_whole() {
+        shared_copies_arrive_whole(false);
+    }
+
+    /// As above from private memory sent by cross-memory attach: the receiver's chunks are read
+    /// with `process_vm_readv`, the sender's copied from its own buffer into the receiver's heap.
+    #[test]
+    fn large_puts_from_private_memory_whose_copy_the_sender_shares_arrive_whole() {
+        shared_copies_arrive_whole(true);
+    }
+
+    fn shared_copies_arrive_whole(private: bool) {
         const LEN: u64 = 4 << 20;
         let (_fab, mut tx, mut rx, eq, smd, sbuf, rbuf) = pair_with(LEN, 8 << 20);
+        let (smd, sbuf) = if private {
+            tx.set_private_path(PrivatePath::CrossMemoryAttach);
+            let pbuf = tx.alloc_private(LEN);
+            let pmd = tx.with_engine(|e| {
+                e.md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: pbuf.region(),
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::PUT,
+                    eq: None,
+                })
+                .expect("private md")
+            });
+            (pmd, pbuf)
+        } else {
+            (smd, sbuf)
+        };
         let put = PutArgs {
             md: smd,
             local_offset: 0,
@@ -2912,7 +2985,12 @@ mod tests {
         }
         assert_eq!(sender.join().expect("sender"), i);
         let st = rx.stats();
-        assert_eq!(st.large_direct, i, "{st:?}");
+        let by_path = if private {
+            st.large_cma
+        } else {
+            st.large_direct
+        };
+        assert_eq!(by_path, i, "{st:?}");
         assert!(st.large_shared >= 3, "never shared in {i} messages: {st:?}");
         assert_eq!(st.total_drops(), 0);
     }
