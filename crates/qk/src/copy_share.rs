@@ -23,7 +23,11 @@
 //!   unfinished chunks itself, see [`Board::copy_as_owner`]).
 //! * A claim names the copy's generation, so a late helper can never take a chunk of a later copy
 //!   with an earlier copy's offsets: it claims with a compare-and-swap of (generation, next chunk)
-//!   against the word it read before the offsets.
+//!   against the word it read before the offsets, and the owner closes the board (a new
+//!   generation with no chunk to take) before it rewrites the offsets, so a helper that read any
+//!   of the new offsets under an old word fails its claim. The loom model `tests/loom_board.rs`
+//!   checks every interleaving of an owner sharing two copies with a helper looking twice; it
+//!   found the interleaving the closing now prevents.
 //! * Once the receiver has returned from [`Board::copy_as_owner`], no helper writes into the
 //!   destination again: every claim of that generation was finished, and no new one can be made.
 //! * The helper checks the board before it copies a byte: the source must lie inside the large send
@@ -106,10 +110,66 @@ impl SharedCopy {
     }
 }
 
+/// The [`BOARD_WORDS`] shared words a board lives in: atomics in a port block of the region, or
+/// a model checker's (`tests/loom_board.rs`). Word `i` is always below [`BOARD_WORDS`].
+pub trait BoardWords {
+    /// Loads word `i`.
+    fn load(&self, i: usize, o: Ordering) -> u64;
+    /// Stores `v` into word `i`.
+    fn store(&self, i: usize, v: u64, o: Ordering);
+    /// Adds `v` to word `i`, returning the old value.
+    fn fetch_add(&self, i: usize, v: u64, o: Ordering) -> u64;
+    /// Ors `v` into word `i`, returning the old value.
+    fn fetch_or(&self, i: usize, v: u64, o: Ordering) -> u64;
+    /// Replaces word `i` by `new` if it is `cur`; the value found either way.
+    fn compare_exchange_weak(
+        &self,
+        i: usize,
+        cur: u64,
+        new: u64,
+        ok: Ordering,
+        fail: Ordering,
+    ) -> Result<u64, u64>;
+    /// One turn of a wait loop.
+    fn spin(&self) {
+        std::hint::spin_loop();
+    }
+}
+
+impl BoardWords for [AtomicU64; BOARD_WORDS] {
+    #[inline]
+    fn load(&self, i: usize, o: Ordering) -> u64 {
+        self[i].load(o)
+    }
+    #[inline]
+    fn store(&self, i: usize, v: u64, o: Ordering) {
+        self[i].store(v, o)
+    }
+    #[inline]
+    fn fetch_add(&self, i: usize, v: u64, o: Ordering) -> u64 {
+        self[i].fetch_add(v, o)
+    }
+    #[inline]
+    fn fetch_or(&self, i: usize, v: u64, o: Ordering) -> u64 {
+        self[i].fetch_or(v, o)
+    }
+    #[inline]
+    fn compare_exchange_weak(
+        &self,
+        i: usize,
+        cur: u64,
+        new: u64,
+        ok: Ordering,
+        fail: Ordering,
+    ) -> Result<u64, u64> {
+        self[i].compare_exchange_weak(cur, new, ok, fail)
+    }
+}
+
 /// A port's copy board (see the module documentation), over [`BOARD_WORDS`] shared words.
 #[derive(Clone, Copy, Debug)]
-pub struct Board<'a> {
-    w: &'a [AtomicU64; BOARD_WORDS],
+pub struct Board<'a, W: BoardWords + ?Sized = [AtomicU64; BOARD_WORDS]> {
+    w: &'a W,
 }
 
 fn all_chunks(n: u64) -> u64 {
@@ -120,9 +180,9 @@ fn all_chunks(n: u64) -> u64 {
     }
 }
 
-impl<'a> Board<'a> {
+impl<'a, W: BoardWords + ?Sized> Board<'a, W> {
     /// The board over `w`.
-    pub fn new(w: &'a [AtomicU64; BOARD_WORDS]) -> Board<'a> {
+    pub fn new(w: &'a W) -> Board<'a, W> {
         Board { w }
     }
 
@@ -130,15 +190,23 @@ impl<'a> Board<'a> {
     /// at most [`MAX_CHUNKS`] chunks.
     pub fn open(&self, c: &SharedCopy) -> u32 {
         debug_assert!(c.chunks() <= MAX_CHUNKS);
-        let gen = ((self.w[CLAIM].load(Ordering::Relaxed) >> 32) as u32).wrapping_add(1);
-        self.w[SRC].store(c.src, Ordering::Relaxed);
-        self.w[DST].store(c.dst, Ordering::Relaxed);
-        self.w[LEN].store(c.len, Ordering::Relaxed);
-        self.w[CHUNK].store(c.chunk, Ordering::Relaxed);
-        self.w[TOKEN].store(c.token, Ordering::Relaxed);
-        self.w[DONE].store(0, Ordering::Relaxed);
+        let gen = ((self.w.load(CLAIM, Ordering::Relaxed) >> 32) as u32).wrapping_add(1);
+        // Closed first: a helper that read an earlier claim word and then any part of the new
+        // description fails its claim, because each description word is stored with release
+        // after this store and read with acquire, so its compare-and-swap sees this word (or a
+        // later one). Without it a helper holding an old word with a chunk index below the new
+        // chunk count could claim a chunk the owner would copy too, and not wait for (the loom
+        // model `tests/loom_board.rs` found that interleaving).
+        self.w
+            .store(CLAIM, ((gen as u64) << 32) | LOW, Ordering::Relaxed);
+        self.w.store(SRC, c.src, Ordering::Release);
+        self.w.store(DST, c.dst, Ordering::Release);
+        self.w.store(LEN, c.len, Ordering::Release);
+        self.w.store(CHUNK, c.chunk, Ordering::Release);
+        self.w.store(TOKEN, c.token, Ordering::Release);
+        self.w.store(DONE, 0, Ordering::Relaxed);
         // Publishes the description: a helper that sees this generation sees it too.
-        self.w[CLAIM].store((gen as u64) << 32, Ordering::Release);
+        self.w.store(CLAIM, (gen as u64) << 32, Ordering::Release);
         gen
     }
 
@@ -157,7 +225,7 @@ impl<'a> Board<'a> {
         let n = c.chunks();
         let mut mine = 0u64;
         loop {
-            let i = self.w[CLAIM].fetch_add(1, Ordering::AcqRel) & LOW;
+            let i = self.w.fetch_add(CLAIM, 1, Ordering::AcqRel) & LOW;
             if i >= n {
                 break;
             }
@@ -168,14 +236,14 @@ impl<'a> Board<'a> {
         let theirs = all_chunks(n) & !mine;
         let mut since = Instant::now();
         loop {
-            let done = self.w[DONE].load(Ordering::Acquire);
+            let done = self.w.load(DONE, Ordering::Acquire);
             if done & theirs == theirs {
                 return theirs.count_ones() as u64;
             }
-            std::hint::spin_loop();
+            self.w.spin();
             if since.elapsed() >= ALIVE_CHECK {
                 if !helper_alive() {
-                    let left = theirs & !self.w[DONE].load(Ordering::Acquire);
+                    let left = theirs & !self.w.load(DONE, Ordering::Acquire);
                     for i in 0..n {
                         if left & (1 << i) != 0 {
                             let (at, len) = c.chunk_range(i);
@@ -200,17 +268,17 @@ impl<'a> Board<'a> {
         valid: impl FnOnce(&SharedCopy) -> bool,
         mut copy: impl FnMut(&SharedCopy, u64, u64),
     ) -> u64 {
-        let mut w = self.w[CLAIM].load(Ordering::Acquire);
+        let mut w = self.w.load(CLAIM, Ordering::Acquire);
         let gen = (w >> 32) as u32;
         // The description is generation `gen`'s for as long as the claim word shows `gen` with
         // chunks left: the owner rewrites it only after every chunk was claimed, and a claim
         // below compares the whole word, so a description read across a change is never used.
         let c = SharedCopy {
-            src: self.w[SRC].load(Ordering::Relaxed),
-            dst: self.w[DST].load(Ordering::Relaxed),
-            len: self.w[LEN].load(Ordering::Relaxed),
-            chunk: self.w[CHUNK].load(Ordering::Relaxed),
-            token: self.w[TOKEN].load(Ordering::Relaxed),
+            src: self.w.load(SRC, Ordering::Acquire),
+            dst: self.w.load(DST, Ordering::Acquire),
+            len: self.w.load(LEN, Ordering::Acquire),
+            chunk: self.w.load(CHUNK, Ordering::Acquire),
+            token: self.w.load(TOKEN, Ordering::Acquire),
         };
         let n = c.chunks();
         if w & LOW >= n || n > MAX_CHUNKS || !valid(&c) {
@@ -222,14 +290,16 @@ impl<'a> Board<'a> {
             if (w >> 32) as u32 != gen || i >= n {
                 return helped;
             }
-            match self.w[CLAIM].compare_exchange_weak(w, w + 1, Ordering::AcqRel, Ordering::Acquire)
+            match self
+                .w
+                .compare_exchange_weak(CLAIM, w, w + 1, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
                     let (at, len) = c.chunk_range(i);
                     copy(&c, at, len);
-                    self.w[DONE].fetch_or(1 << i, Ordering::Release);
+                    self.w.fetch_or(DONE, 1 << i, Ordering::Release);
                     helped += 1;
-                    w = self.w[CLAIM].load(Ordering::Acquire);
+                    w = self.w.load(CLAIM, Ordering::Acquire);
                 }
                 Err(now) => w = now,
             }
@@ -265,7 +335,7 @@ mod tests {
     #[test]
     fn a_helper_that_comes_after_the_owner_finished_copies_nothing() {
         let w = board_words();
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 7);
         let gen = b.open(&c);
         let mut owner = 0;
@@ -281,7 +351,7 @@ mod tests {
     #[test]
     fn a_refused_or_forged_copy_gets_no_chunk_taken_and_the_owner_copies_it_all() {
         let w = board_words();
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let c = SharedCopy::new(4096, 1 << 30, 2 << 20, 7);
         b.open(&c);
         assert_eq!(b.help(|x| x.token == 8, |_, _, _| panic!()), 0);
@@ -301,7 +371,7 @@ mod tests {
     #[test]
     fn a_helper_that_runs_first_copies_everything_and_the_owner_only_waits() {
         let w = board_words();
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         b.open(&c);
         let mut helped = Vec::new();
@@ -317,7 +387,7 @@ mod tests {
     #[test]
     fn when_the_helper_died_with_a_claimed_chunk_the_owner_copies_it() {
         let w = board_words();
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         b.open(&c);
         // The "helper" claims chunk 0 and never finishes it.
@@ -332,7 +402,7 @@ mod tests {
     #[test]
     fn the_owner_waits_for_a_chunk_the_helper_claimed_until_it_is_done() {
         let w = board_words();
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         b.open(&c);
         w[CLAIM].fetch_add(1, Ordering::AcqRel); // the helper took chunk 0 ...
@@ -358,7 +428,7 @@ mod tests {
     #[test]
     fn a_helper_whose_copy_closed_and_reopened_while_it_looked_takes_nothing_of_the_new_one() {
         let w = board_words();
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let old = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         let new = SharedCopy::new(0, 2 << 30, 2 << 20, 4);
         b.open(&old);
@@ -399,7 +469,7 @@ mod tests {
                 stale.clone(),
             );
             std::thread::spawn(move || {
-                let b = Board::new(&w);
+                let b = Board::new(&*w);
                 let mut helped = 0;
                 while !stop.load(Ordering::Relaxed) {
                     helped += b.help(
@@ -420,7 +490,7 @@ mod tests {
                 helped
             })
         };
-        let b = Board::new(&w);
+        let b = Board::new(&*w);
         let mut owner_chunks = 0u64;
         for t in 1..=COPIES {
             for (k, s) in src.iter().enumerate() {
