@@ -43,12 +43,16 @@ use std::time::{Duration, Instant};
 /// Words of a board (two cache lines: the claim word and the copy's description, then the done
 /// mask the helper sets, kept apart so the helper's completions do not steal the claim line).
 pub const BOARD_WORDS: usize = 16;
-/// Messages at least this long are shared (below it the hand-shake buys little: one 64 KiB chunk
-/// each way takes ≈ 2–4 µs).
-pub const SHARE_MIN: u64 = 256 << 10;
-/// Smallest chunk (1 MiB one-way latency near, per-run medians: 24–34 µs with 128 KiB chunks,
-/// 31–36 µs with 64 KiB, 33–37 µs with 32 KiB, worse with 16 KiB).
+/// Messages at least this long are shared. Every message above the eager limit (16 KiB) goes by
+/// reference; 64 KiB is the smallest size measured shared (one-way 10.4–10.9 → 4.1–4.7 µs near).
+pub const SHARE_MIN: u64 = 64 << 10;
+/// Chunk size of messages of 1 MiB and more (1 MiB one-way latency near, per-run medians: 24–34 µs
+/// with 128 KiB chunks, 31–36 µs with 64 KiB, 33–37 µs with 32 KiB, worse with 16 KiB, and worse
+/// again with chunks shrinking as the copy goes on). Shorter messages are cut in eighths, of at
+/// least [`SMALL_CHUNK`].
 pub const MIN_CHUNK: u64 = 128 << 10;
+/// Smallest chunk.
+pub const SMALL_CHUNK: u64 = 16 << 10;
 /// Most chunks of one copy (one bit each in the done mask).
 pub const MAX_CHUNKS: u64 = 64;
 /// How long the receiver waits for a helper's chunk before it checks that the helper still lives.
@@ -79,12 +83,13 @@ pub struct SharedCopy {
 }
 
 impl SharedCopy {
-    /// The copy of `len` bytes from `src` to `dst` for the send `token`, in chunks of at least
-    /// [`MIN_CHUNK`] and at most [`MAX_CHUNKS`] of them.
+    /// The copy of `len` bytes from `src` to `dst` for the send `token`: eighths of at least
+    /// [`SMALL_CHUNK`] up to 1 MiB, then [`MIN_CHUNK`]s, and at most [`MAX_CHUNKS`] chunks.
     pub fn new(src: u64, dst: u64, len: u64, token: u64) -> SharedCopy {
         let chunk = len
             .div_ceil(MAX_CHUNKS)
-            .max(MIN_CHUNK)
+            .max((len / 8).min(MIN_CHUNK))
+            .max(SMALL_CHUNK)
             .next_multiple_of(4096);
         SharedCopy {
             src,
@@ -318,14 +323,17 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_at_least_64_kib_at_most_64_and_cover_the_message() {
+    fn chunks_are_eighths_then_128_kib_at_most_64_and_cover_the_message() {
         let c = SharedCopy::new(0, 0, 1 << 20, 1);
         assert_eq!((c.chunk, c.chunks()), (128 << 10, 8));
         let c = SharedCopy::new(0, 0, 2 << 20, 1);
         assert_eq!((c.chunk, c.chunks()), (128 << 10, 16));
         let c = SharedCopy::new(0, 0, (64 << 20) + 1, 1);
         assert!(c.chunks() <= MAX_CHUNKS);
+        let c = SharedCopy::new(0, 0, 64 << 10, 1);
+        assert_eq!((c.chunk, c.chunks()), (16 << 10, 4));
         let c = SharedCopy::new(0, 0, 300_000, 1);
+        assert_eq!(c.chunks(), 8);
         let total: u64 = (0..c.chunks()).map(|i| c.chunk_range(i).1).sum();
         assert_eq!(total, 300_000);
         let (at, len) = c.chunk_range(c.chunks() - 1);
