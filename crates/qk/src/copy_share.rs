@@ -57,6 +57,10 @@ pub const SMALL_CHUNK: u64 = 16 << 10;
 pub const MAX_CHUNKS: u64 = 64;
 /// How long the receiver waits for a helper's chunk before it checks that the helper still lives.
 pub const ALIVE_CHECK: Duration = Duration::from_millis(100);
+/// How long the receiver spins on a helper's chunk before each look yields the CPU (a chunk takes
+/// 1–10 µs; a helper that shares the receiver's CPU, as ranks of an oversubscribed node or a
+/// co-processor thread may, only finishes once the receiver lets it run).
+pub const YIELD_AFTER: Duration = Duration::from_micros(50);
 
 const CLAIM: usize = 0;
 const SRC: usize = 1;
@@ -135,9 +139,14 @@ pub trait BoardWords {
         ok: Ordering,
         fail: Ordering,
     ) -> Result<u64, u64>;
-    /// One turn of a wait loop.
-    fn spin(&self) {
-        std::hint::spin_loop();
+    /// One turn of a wait loop; `long`: the wait has gone on for [`YIELD_AFTER`], so the turn
+    /// gives the CPU away (the helper may be a thread that shares it).
+    fn spin(&self, long: bool) {
+        if long {
+            std::thread::yield_now();
+        } else {
+            std::hint::spin_loop();
+        }
     }
 }
 
@@ -239,13 +248,14 @@ impl<'a, W: BoardWords + ?Sized> Board<'a, W> {
             mine |= 1 << i;
         }
         let theirs = all_chunks(n) & !mine;
-        let mut since = Instant::now();
+        let start = Instant::now();
+        let mut since = start;
         loop {
             let done = self.w.load(DONE, Ordering::Acquire);
             if done & theirs == theirs {
                 return theirs.count_ones() as u64;
             }
-            self.w.spin();
+            self.w.spin(start.elapsed() >= YIELD_AFTER);
             if since.elapsed() >= ALIVE_CHECK {
                 if !helper_alive() {
                     let left = theirs & !self.w.load(DONE, Ordering::Acquire);

@@ -34,7 +34,7 @@ impl BoardWords for LoomWords {
     ) -> Result<u64, u64> {
         self.0[i].compare_exchange_weak(cur, new, ok, fail)
     }
-    fn spin(&self) {
+    fn spin(&self, _long: bool) {
         loom::thread::yield_now();
     }
 }
