@@ -36,7 +36,9 @@ struct Cli {
     /// Only these measurements (comma list of lat,bw,rate).
     #[arg(long, default_value = "lat,bw,rate")]
     only: String,
-    /// Only these message sizes in bytes (comma list; empty = every size of each measurement).
+    /// Only these message sizes in bytes (comma list; empty = every size of each measurement). A
+    /// size other than the standard ones (lat 0, 8, 1024, 65536, 1048576, 4194304; bw 65536,
+    /// 1048576, 4194304; rate 8) adds a latency and a bandwidth measurement at that size.
     #[arg(long, default_value = "")]
     sizes: String,
     /// Our progress modes to run (comma list of heater,msg-coproc).
@@ -281,25 +283,12 @@ fn main() -> std::process::ExitCode {
 
 type R<T> = Result<T, Box<dyn std::error::Error>>;
 
-fn bench_main(cli: &Cli) -> R<()> {
-    // Check the request before creating namespaces or looking for peers.
-    let only: Vec<&str> = cli.only.split(',').map(str::trim).collect();
-    if let Some(bad) = only.iter().find(|w| !["lat", "bw", "rate"].contains(w)) {
-        return Err(
-            format!("--only: unknown measurement `{bad}` (give lat, bw and/or rate)").into(),
-        );
-    }
+/// The measurements `--only` and `--sizes` ask for, in the order they run.
+fn plan(cli: &Cli, only: &[&str]) -> R<Vec<Measure>> {
     let sc = |n: u64| ((n as f64 * cli.scale).ceil() as u64).max(3);
     let mut ms = Vec::new();
     if only.contains(&"lat") {
-        for (s, it) in [
-            (0, 20000),
-            (8, 20000),
-            (1024, 20000),
-            (65536, 3000),
-            (1 << 20, 400),
-            (4 << 20, 100),
-        ] {
+        for (s, it) in LAT_SIZES {
             ms.push(Measure {
                 what: "lat",
                 size: s,
@@ -311,7 +300,7 @@ fn bench_main(cli: &Cli) -> R<()> {
         }
     }
     if only.contains(&"bw") {
-        for (s, it, w) in [(65536, 100, 64), (1 << 20, 40, 16), (4 << 20, 12, 8)] {
+        for (s, it, w) in BW_SIZES {
             ms.push(Measure {
                 what: "bw",
                 size: s,
@@ -325,7 +314,7 @@ fn bench_main(cli: &Cli) -> R<()> {
     if only.contains(&"rate") {
         ms.push(Measure {
             what: "rate",
-            size: 8,
+            size: RATE_SIZE,
             iters: sc(3000),
             window: 64,
             queue_bytes: cli.queue_bytes,
@@ -339,7 +328,36 @@ fn bench_main(cli: &Cli) -> R<()> {
             .map(|x| x.trim().parse::<u64>())
             .collect::<Result<_, _>>()
             .map_err(|e| format!("--sizes wants byte counts separated by commas: {e}"))?;
+        if let Some(big) = keep.iter().find(|&&k| k > MAX_EXTRA_SIZE) {
+            return Err(format!(
+                "--sizes: {big} bytes is more than this benchmark sends ({MAX_EXTRA_SIZE})"
+            )
+            .into());
+        }
+        let standard = |k: &u64| {
+            *k == RATE_SIZE
+                || LAT_SIZES.iter().any(|l| l.0 == *k)
+                || BW_SIZES.iter().any(|b| b.0 == *k)
+        };
         ms.retain(|m| keep.contains(&m.size));
+        // A size outside the standard ones is measured too, by latency and bandwidth (as asked
+        // by --only), with as many iterations as move about the same bytes.
+        for &size in keep.iter().filter(|k| !standard(k)) {
+            for what in ["lat", "bw"] {
+                if !only.contains(&what) || ms.iter().any(|m| m.what == what && m.size == size) {
+                    continue;
+                }
+                let (iters, window) = extra_iters(what, size);
+                ms.push(Measure {
+                    what,
+                    size,
+                    iters: sc(iters),
+                    window,
+                    queue_bytes: cli.queue_bytes,
+                    rewrite: cli.rewrite,
+                });
+            }
+        }
     }
     if ms.is_empty() {
         return Err(format!(
@@ -348,6 +366,49 @@ fn bench_main(cli: &Cli) -> R<()> {
         )
         .into());
     }
+    Ok(ms)
+}
+
+/// The standard latency measurements: size, iterations.
+const LAT_SIZES: [(u64, u64); 6] = [
+    (0, 20000),
+    (8, 20000),
+    (1024, 20000),
+    (65536, 3000),
+    (1 << 20, 400),
+    (4 << 20, 100),
+];
+/// The standard bandwidth measurements: size, iterations, window.
+const BW_SIZES: [(u64, u64, u64); 3] = [(65536, 100, 64), (1 << 20, 40, 16), (4 << 20, 12, 8)];
+/// The message rate's size.
+const RATE_SIZE: u64 = 8;
+
+/// Largest size `--sizes` may ask for outside the standard ones.
+const MAX_EXTRA_SIZE: u64 = 64 << 20;
+
+/// Iterations (and bandwidth window) of a measurement at a size outside the standard ones: about
+/// as many bytes as the standard measurements move, within their iteration ranges.
+fn extra_iters(what: &str, size: u64) -> (u64, u64) {
+    let size = size.max(1);
+    if what == "lat" {
+        (((1u64 << 28) / size).clamp(100, 20000), 1)
+    } else {
+        (
+            ((1u64 << 26) / size).clamp(8, 100),
+            ((1u64 << 22) / size).clamp(8, 64),
+        )
+    }
+}
+
+fn bench_main(cli: &Cli) -> R<()> {
+    // Check the request before creating namespaces or looking for peers.
+    let only: Vec<&str> = cli.only.split(',').map(str::trim).collect();
+    if let Some(bad) = only.iter().find(|w| !["lat", "bw", "rate"].contains(w)) {
+        return Err(
+            format!("--only: unknown measurement `{bad}` (give lat, bw and/or rate)").into(),
+        );
+    }
+    let ms = plan(cli, &only)?;
     if cli.reps == 0 {
         return Err("--reps must be at least 1".into());
     }
@@ -1303,6 +1364,40 @@ mod tests {
             queue_bytes: None,
             rewrite,
         }
+    }
+
+    #[test]
+    fn sizes_filter_the_standard_measures_and_add_any_other_size() {
+        let cli = |args: &[&str]| {
+            let mut argv = vec!["puma-bench"];
+            argv.extend_from_slice(args);
+            Cli::try_parse_from(argv).unwrap()
+        };
+        let got = |c: &Cli| {
+            let only: Vec<&str> = c.only.split(',').collect();
+            plan(c, &only).map(|ms| {
+                ms.iter()
+                    .map(|m| (m.what, m.size, m.window))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let c = cli(&["--sizes", "65536"]);
+        assert_eq!(got(&c).unwrap(), [("lat", 65536, 1), ("bw", 65536, 64)]);
+        let c = cli(&["--only", "lat,bw", "--sizes", "8,32768"]);
+        assert_eq!(
+            got(&c).unwrap(),
+            [("lat", 8, 1), ("lat", 32768, 1), ("bw", 32768, 64)]
+        );
+        let c = cli(&["--only", "rate", "--sizes", "32768"]);
+        assert!(got(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("selects no measurement"));
+        let c = cli(&["--sizes", "1073741824"]);
+        assert!(got(&c)
+            .unwrap_err()
+            .to_string()
+            .contains("more than this benchmark sends"));
     }
 
     #[test]
