@@ -16,7 +16,14 @@ fn requests_that_select_nothing_are_refused_before_any_run() {
     for (args, want) in [
         (&["--sizes", "x"][..], "--sizes wants byte counts"),
         (&["--only", "latency"][..], "unknown measurement `latency`"),
-        (&["--sizes", "3"][..], "nothing to measure"),
+        (
+            &["--only", "rate", "--sizes", "3"][..],
+            "nothing to measure",
+        ),
+        (
+            &["--sizes", "99999999999"][..],
+            "more than this benchmark sends",
+        ),
         (&["--reps", "0"][..], "--reps must be at least 1"),
     ] {
         let out = bench(args);
