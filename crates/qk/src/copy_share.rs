@@ -49,7 +49,7 @@ pub const BOARD_WORDS: usize = 16;
 pub const SHARE_MIN: u64 = 16 << 10;
 /// Chunk size of messages of 1 MiB and more (1 MiB one-way latency near, per-run medians: 24–34 µs
 /// with 128 KiB chunks, 31–36 µs with 64 KiB, 33–37 µs with 32 KiB, worse with 16 KiB, and worse
-/// again with chunks shrinking as the copy goes on). Shorter messages are cut in eighths, of at
+/// again with chunks shrinking as the copy goes on). Shorter messages are cut in quarters, of at
 /// least [`SMALL_CHUNK`].
 pub const MIN_CHUNK: u64 = 128 << 10;
 /// Smallest chunk (8 KiB against 16 KiB: 64 KiB one-way 3.6–4.0 against 3.9–4.2 µs).
@@ -88,12 +88,12 @@ pub struct SharedCopy {
 }
 
 impl SharedCopy {
-    /// The copy of `len` bytes from `src` to `dst` for the send `token`: eighths of at least
-    /// [`SMALL_CHUNK`] up to 1 MiB, then [`MIN_CHUNK`]s, and at most [`MAX_CHUNKS`] chunks.
+    /// The copy of `len` bytes from `src` to `dst` for the send `token`: quarters of at least
+    /// [`SMALL_CHUNK`] up to 512 KiB, then [`MIN_CHUNK`]s, and at most [`MAX_CHUNKS`] chunks.
     pub fn new(src: u64, dst: u64, len: u64, token: u64) -> SharedCopy {
         let chunk = len
             .div_ceil(MAX_CHUNKS)
-            .max((len / 8).min(MIN_CHUNK))
+            .max((len / 4).min(MIN_CHUNK))
             .max(SMALL_CHUNK)
             .next_multiple_of(4096);
         SharedCopy {
@@ -334,7 +334,7 @@ mod tests {
     }
 
     #[test]
-    fn chunks_are_eighths_then_128_kib_at_most_64_and_cover_the_message() {
+    fn chunks_are_quarters_then_128_kib_at_most_64_and_cover_the_message() {
         let c = SharedCopy::new(0, 0, 1 << 20, 1);
         assert_eq!((c.chunk, c.chunks()), (128 << 10, 8));
         let c = SharedCopy::new(0, 0, 2 << 20, 1);
@@ -342,11 +342,11 @@ mod tests {
         let c = SharedCopy::new(0, 0, (64 << 20) + 1, 1);
         assert!(c.chunks() <= MAX_CHUNKS);
         let c = SharedCopy::new(0, 0, 64 << 10, 1);
-        assert_eq!((c.chunk, c.chunks()), (8 << 10, 8));
+        assert_eq!((c.chunk, c.chunks()), (16 << 10, 4));
         let c = SharedCopy::new(0, 0, 20 << 10, 1);
         assert_eq!((c.chunk, c.chunks()), (8 << 10, 3));
         let c = SharedCopy::new(0, 0, 300_000, 1);
-        assert_eq!(c.chunks(), 8);
+        assert_eq!(c.chunks(), 4);
         let total: u64 = (0..c.chunks()).map(|i| c.chunk_range(i).1).sum();
         assert_eq!(total, 300_000);
         let (at, len) = c.chunk_range(c.chunks() - 1);
