@@ -2033,33 +2033,53 @@ impl Ctx<'_> {
         mlength: u64,
     ) -> bool {
         let me_port = self.me_port();
-        if let Some((src, token)) = lref {
-            let cma = h.flags & flag::CMA != 0;
-            if let Some(good) = self.copy_shared(from, src, cma, token, pbody, mlength) {
-                if !good {
-                    self.drop_msg(DropReason::BadMemory);
-                }
-                let counter = if cma {
-                    slot::LARGE_CMA
-                } else {
-                    slot::LARGE_DIRECT
-                };
-                self.region.count(me_port, counter, 1);
-                self.send_fin(h, token, mlength);
-                self.region.count(me_port, slot::DELIVERED, 1);
-                self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
-                return true;
+        let shared = match lref {
+            Some((src, token)) => {
+                let cma = h.flags & flag::CMA != 0;
+                self.copy_shared(from, src, cma, token, pbody, mlength)
             }
+            None => None,
+        };
+        let ok = match shared {
+            Some(good) => good,
+            None => match self.copy_segments(h, from, body, lref, pbody) {
+                Some(ok) => ok,
+                None => {
+                    self.drop_msg(DropReason::BadMemory);
+                    return false;
+                }
+            },
+        };
+        if !ok {
+            self.drop_msg(DropReason::BadMemory);
         }
+        if let Some((_, token)) = lref {
+            let counter = if h.flags & flag::HEAP != 0 {
+                slot::LARGE_DIRECT
+            } else {
+                slot::LARGE_CMA
+            };
+            self.region.count(me_port, counter, 1);
+            self.send_fin(h, token, mlength);
+        }
+        self.region.count(me_port, slot::DELIVERED, 1);
+        self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
+        true
+    }
+
+    /// Copies a body segment by segment (from the queue, the sender's heap part or by cross-memory
+    /// attach): whether every segment landed; `None` when the descriptor is gone.
+    fn copy_segments(
+        &mut self,
+        h: &Hdr,
+        from: u32,
+        body: &[u8],
+        lref: Option<(u64, u64)>,
+        pbody: &portals::Body,
+    ) -> Option<bool> {
         // The segments are walked as the engine yields them (no list of them collected per
         // message): the loop only reads the engine's tables and writes this rank's memory.
-        let segs = match self.engine.segments(pbody) {
-            Ok(s) => s,
-            Err(_) => {
-                self.drop_msg(DropReason::BadMemory);
-                return false;
-            }
-        };
+        let segs = self.engine.segments(pbody).ok()?;
         let mut ok = true;
         for s in segs {
             let good = match lref {
@@ -2084,21 +2104,7 @@ impl Ctx<'_> {
             };
             ok &= good;
         }
-        if !ok {
-            self.drop_msg(DropReason::BadMemory);
-        }
-        if let Some((_, token)) = lref {
-            let counter = if h.flags & flag::HEAP != 0 {
-                slot::LARGE_DIRECT
-            } else {
-                slot::LARGE_CMA
-            };
-            self.region.count(me_port, counter, 1);
-            self.send_fin(h, token, mlength);
-        }
-        self.region.count(me_port, slot::DELIVERED, 1);
-        self.region.count(me_port, slot::DELIVERED_BYTES, mlength);
-        true
+        Some(ok)
     }
 
     /// Copies a large message with the sender's help ([`crate::copy_share`]) when it can be
