@@ -1929,11 +1929,7 @@ impl Ctx<'_> {
         if let (Some((addr, _)), true) = (lref, h.flags & flag::HEAP != 0) {
             // The part of the queue's owner: a local rank's own part, or the node engine's staging part.
             let base = self.region.layout.heap(m.from);
-            let ok = addr >= base
-                && addr
-                    .checked_add(h.length)
-                    .is_some_and(|e| e <= base + self.region.layout.heap_per_rank);
-            if !ok {
+            if !range_within(addr, h.length, base, self.region.layout.heap_per_rank) {
                 return self.drop_msg(DropReason::BadReference);
             }
         }
