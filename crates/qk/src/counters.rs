@@ -19,12 +19,16 @@ pub enum DropReason {
     UnknownToken,
     /// A memory descriptor names memory this rank does not own; nothing was written.
     BadMemory,
+    /// A large get reply had to be bounced through the job heap (its descriptor is not one run
+    /// of heap memory the initiator can read) and the heap had no room, with nothing in flight
+    /// that would free any: the get is not answered. A larger heap (`heap_bytes_per_rank`) helps.
+    NoHeapRoom,
     /// The portals engine dropped the message.
     Portals(portals::DropReason),
 }
 
 /// The fabric's own reasons, in counter order (before the portals engine's).
-const FABRIC_REASONS: [DropReason; 7] = [
+const FABRIC_REASONS: [DropReason; 8] = [
     DropReason::Malformed,
     DropReason::ForgedSource,
     DropReason::WrongJob,
@@ -32,6 +36,7 @@ const FABRIC_REASONS: [DropReason; 7] = [
     DropReason::CorruptQueue,
     DropReason::UnknownToken,
     DropReason::BadMemory,
+    DropReason::NoHeapRoom,
 ];
 
 /// Number of drop reasons.
@@ -64,6 +69,7 @@ impl DropReason {
             DropReason::CorruptQueue => 4,
             DropReason::UnknownToken => 5,
             DropReason::BadMemory => 6,
+            DropReason::NoHeapRoom => 7,
             DropReason::Portals(r) => FABRIC_REASONS.len() + r as usize,
         }
     }
@@ -78,6 +84,7 @@ impl DropReason {
             DropReason::CorruptQueue => "corrupt_queue",
             DropReason::UnknownToken => "unknown_token",
             DropReason::BadMemory => "bad_memory",
+            DropReason::NoHeapRoom => "no_heap_room",
             DropReason::Portals(r) => r.name(),
         }
     }

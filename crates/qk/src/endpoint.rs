@@ -141,6 +141,21 @@ struct Pending {
     dst_rank: u32,
     hdr: Hdr,
     body: Vec<u8>,
+    /// A large get reply not made yet: its bytes, in the target's descriptor. [`Inner::flush`]
+    /// turns it into a reference ([`Inner::large_source`], as a large put's) before it leaves.
+    reply_from: Option<portals::Body>,
+}
+
+impl Pending {
+    /// A record ready to go.
+    fn record(dst_rank: u32, hdr: Hdr, body: Vec<u8>) -> Pending {
+        Pending {
+            dst_rank,
+            hdr,
+            body,
+            reply_from: None,
+        }
+    }
 }
 
 /// A large send waiting for the receiver's FIN.
@@ -1635,11 +1650,61 @@ impl Inner {
 
     fn flush(&mut self) {
         while let Some(p) = self.out.front() {
+            if let Some(body) = p.reply_from {
+                if !self.make_large_reply(p.dst_rank, p.hdr, &body) {
+                    break;
+                }
+                continue;
+            }
             if !self.port.send_to_rank(p.dst_rank, &p.hdr, &p.body) {
                 break;
             }
             self.out.pop_front();
         }
+    }
+
+    /// Makes the large get reply at the front of [`Inner::out`] (header `hdr`, bytes `body` in
+    /// this rank's descriptor, to `dst_rank`) into a reference, as a large put's: one run of
+    /// the job heap as it is, private memory by cross-memory attach to a rank of this node (per
+    /// the private path), anything else (several blocks, private memory for another node)
+    /// gathered into a heap bounce buffer. The reference carries a token, so the initiator's FIN
+    /// frees the bounce buffer, and a receiver on this node may share the copy. False when the
+    /// reply must wait: the heap has no room for its bounce buffer yet, while bounced sends of
+    /// ours are in flight whose FINs will free some. A reply that can never be made is dropped
+    /// and counted (its bytes are not this rank's to read, or the heap is full with nothing in
+    /// flight).
+    #[inline(never)]
+    fn make_large_reply(&mut self, dst_rank: u32, hdr: Hdr, body: &portals::Body) -> bool {
+        let made = match self.large_source(hdr, body, None, dst_rank) {
+            Ok((mut hdr, (r, f))) => {
+                hdr.flags |= f;
+                Some((hdr, r))
+            }
+            Err(QkError::HeapExhausted { .. }) => {
+                if self.large.values().any(|l| l.bounce.is_some()) {
+                    return false;
+                }
+                self.region
+                    .count_drop(self.port.me(), DropReason::NoHeapRoom);
+                None
+            }
+            Err(_) => {
+                self.region
+                    .count_drop(self.port.me(), DropReason::BadMemory);
+                None
+            }
+        };
+        match (made, self.out.front_mut()) {
+            (Some((hdr, r)), Some(p)) => {
+                p.hdr = hdr;
+                p.body = r.to_vec();
+                p.reply_from = None;
+            }
+            _ => {
+                self.out.pop_front();
+            }
+        }
+        true
     }
 
     fn progress(&mut self, budget: usize) -> usize {
@@ -2001,11 +2066,7 @@ impl Ctx<'_> {
             Response::None => {}
             Response::Ack(a) => {
                 let hdr = hdr_from_wire(&a);
-                self.out.push_back(Pending {
-                    dst_rank: h.src,
-                    hdr,
-                    body: Vec::new(),
-                });
+                self.out.push_back(Pending::record(h.src, hdr, Vec::new()));
             }
             Response::Reply(r) => {
                 let pbody = self.plan.body;
@@ -2160,7 +2221,7 @@ impl Ctx<'_> {
     /// Sends the reply to a get (eager from the descriptor, or a reference for a large one).
     #[inline(never)]
     fn reply(&mut self, h: &Hdr, r: WireHeader, pbody: &portals::Body) {
-        let mut hdr = hdr_from_wire(&r);
+        let hdr = hdr_from_wire(&r);
         let len = pbody.len();
         if len <= self.region.eager_max as u64 {
             let mut data = vec![0u8; len as usize];
@@ -2174,34 +2235,17 @@ impl Ctx<'_> {
                     return self.drop_msg(DropReason::BadMemory);
                 }
             }
+            self.out.push_back(Pending::record(h.src, hdr, data));
+        } else {
+            // Made into a reference when the queue is flushed, after this pass's records
+            // ([`Inner::make_large_reply`]): that needs the rank's heap and tokens, which the
+            // delivery path does not hold.
             self.out.push_back(Pending {
                 dst_rank: h.src,
                 hdr,
-                body: data,
+                body: Vec::new(),
+                reply_from: Some(*pbody),
             });
-        } else {
-            let first = pbody.first();
-            let map_base = self.region.map().ptr() as u64;
-            if pbody.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
-                hdr.flags |= flag::HEAP;
-                self.out.push_back(Pending {
-                    dst_rank: h.src,
-                    hdr,
-                    body: encode_ref(first.addr - map_base, 0),
-                });
-            } else if pbody.is_contiguous()
-                && self.region.port_of_rank(h.src).is_some()
-                && self.mem.owns(first.addr, first.len)
-            {
-                hdr.flags |= flag::CMA;
-                self.out.push_back(Pending {
-                    dst_rank: h.src,
-                    hdr,
-                    body: encode_ref(first.addr, 0),
-                });
-            } else {
-                self.drop_msg(DropReason::BadMemory);
-            }
         }
     }
 
@@ -2217,11 +2261,7 @@ impl Ctx<'_> {
             length: copied,
             ..Hdr::default()
         };
-        self.out.push_back(Pending {
-            dst_rank: h.src,
-            hdr: fin,
-            body: Vec::new(),
-        });
+        self.out.push_back(Pending::record(h.src, fin, Vec::new()));
     }
 
     fn fin(&mut self, h: &Hdr) {
@@ -2995,5 +3035,240 @@ mod tests {
         assert_eq!(by_path, i, "{st:?}");
         assert!(st.large_shared >= 3, "never shared in {i} messages: {st:?}");
         assert_eq!(st.total_drops(), 0);
+    }
+
+    /// Target rank 1 of a [`pair_with`] answers gets on portal 2 from descriptor `kind` (match
+    /// bits 7); initiator rank 0 takes the reply into its heap buffer `sbuf`. Returns the
+    /// initiator's event queue and reply descriptor.
+    fn get_setup(
+        tx: &mut Endpoint,
+        rx: &mut Endpoint,
+        kind: MdKind<'_>,
+        sbuf: Buf,
+    ) -> (EqHandle, portals::MdHandle) {
+        rx.with_engine(|e| {
+            let md = e
+                .md_create(&MdSpec {
+                    kind,
+                    options: MdOptions::GET,
+                    eq: None,
+                })
+                .expect("target md");
+            e.portal_set_acl(2, Acl::job(41)).expect("acl");
+            e.portal_enable(2).expect("enable");
+            e.me_append(2, MatchSpec::new(7), md).expect("me");
+        });
+        tx.with_engine(|e| {
+            let eq = e.eq_alloc(64).expect("eq");
+            let md = e
+                .md_create(&MdSpec {
+                    kind: MdKind::Single {
+                        region: sbuf.region(),
+                        offset: OffsetMode::Sender,
+                    },
+                    options: MdOptions::GET,
+                    eq: Some(eq),
+                })
+                .expect("reply md");
+            (eq, md)
+        })
+    }
+
+    /// Gets `len` bytes with `md` from rank 1, both endpoints progressed in turn here: the reply
+    /// event, or `None` if none came within two seconds. Afterwards both sides have had the
+    /// chance to finish (the initiator's FIN handled by the target).
+    fn get_in_turn(
+        tx: &mut Endpoint,
+        rx: &mut Endpoint,
+        eq: EqHandle,
+        md: portals::MdHandle,
+        len: u64,
+    ) -> Option<Event> {
+        tx.get(&portals::GetArgs {
+            md,
+            local_offset: 0,
+            length: len,
+            target: ProcessId::new(41, 1),
+            portal: 2,
+            match_bits: 7,
+            remote_offset: 0,
+            hdr_data: 0,
+        })
+        .expect("get");
+        let t = Instant::now();
+        let mut got = None;
+        while t.elapsed() < Duration::from_secs(2) {
+            rx.progress();
+            if got.is_none() {
+                got = tx
+                    .eq_poll(eq)
+                    .expect("poll")
+                    .filter(|e| e.kind == EventKind::Reply);
+            } else {
+                tx.progress();
+                if rx.large_in_flight() == 0 {
+                    break;
+                }
+            }
+        }
+        got
+    }
+
+    /// A large get from a descriptor whose bytes are no one run of the job heap (three private
+    /// blocks of a combined descriptor) is answered through a heap bounce buffer, whole; the
+    /// initiator's FIN frees that buffer, so twelve such gets pass through a heap that holds
+    /// four. Before, such a get was dropped as bad memory and never answered.
+    #[test]
+    fn a_large_get_from_scattered_private_blocks_is_answered_whole_and_frees_its_bounce() {
+        const LEN: u64 = 192 << 10;
+        let (_fab, mut tx, mut rx, _eq, _smd, sbuf, _rbuf) = pair_with(LEN, 1 << 20);
+        let parts = [
+            rx.alloc_private(1000),
+            rx.alloc_private(LEN / 2),
+            rx.alloc_private(LEN),
+        ];
+        let blocks = [
+            parts[0].region(),
+            parts[1].region(),
+            parts[2].sub(0, LEN - 1000 - LEN / 2),
+        ];
+        let (eq, md) = get_setup(
+            &mut tx,
+            &mut rx,
+            MdKind::Combined {
+                blocks: &blocks,
+                offset: OffsetMode::Sender,
+            },
+            sbuf,
+        );
+        for i in 0..12u8 {
+            let mut k = 0u64;
+            for (p, b) in parts.iter().zip(&blocks) {
+                let bytes: Vec<u8> = (0..b.len).map(|j| ((k + j) % 251) as u8 ^ i).collect();
+                rx.write(p, 0, &bytes).expect("fill");
+                k += b.len;
+            }
+            let ev = get_in_turn(&mut tx, &mut rx, eq, md, LEN)
+                .unwrap_or_else(|| panic!("get {i} not answered: {:?}", rx.stats()));
+            assert_eq!(ev.mlength, LEN, "{ev:?}");
+            let mut got = vec![0u8; LEN as usize];
+            tx.read(&sbuf, 0, &mut got).expect("read");
+            for (j, b) in got.iter().enumerate() {
+                assert_eq!(*b, (j % 251) as u8 ^ i, "get {i} byte {j}");
+            }
+            assert_eq!(rx.large_in_flight(), 0, "get {i}: the bounce is still held");
+        }
+        assert_eq!(rx.stats().total_drops(), 0, "{:?}", rx.stats());
+        assert_eq!(tx.stats().large_direct, 12);
+    }
+
+    /// A large get from a heap descriptor: the reply is a reference with a token, so the
+    /// initiator's copy is shared by the target like a large put's, and the FIN ends it.
+    #[test]
+    fn a_large_get_reply_from_the_heap_is_a_reference_the_target_helps_copy() {
+        const LEN: u64 = 4 << 20;
+        let (_fab, mut tx, mut rx, _eq, _smd, sbuf, rbuf) = pair_with(LEN, 8 << 20);
+        let (eq, md) = get_setup(
+            &mut tx,
+            &mut rx,
+            MdKind::Single {
+                region: rbuf.region(),
+                offset: OffsetMode::Sender,
+            },
+            sbuf,
+        );
+        let word = |i: u64, k: usize| (i << 40) | k as u64;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tell, told) = std::sync::mpsc::channel::<u64>();
+        let (fill_next, filled) = std::sync::mpsc::channel::<()>();
+        let stop2 = stop.clone();
+        // The target only progresses: its help comes from its progress passes, on its own thread.
+        let target = std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop2.load(Ordering::Relaxed) {
+                if told.try_recv().is_ok() {
+                    i += 1;
+                    rx.with_bytes(&rbuf, |b| {
+                        for (k, w) in b.chunks_exact_mut(8).enumerate() {
+                            w.copy_from_slice(&word(i, k).to_le_bytes());
+                        }
+                    })
+                    .expect("fill");
+                    fill_next.send(()).expect("initiator gone");
+                }
+                rx.progress();
+            }
+            rx.stats()
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut i = 0u64;
+        while tx.stats().large_shared < 3 && Instant::now() < deadline {
+            i += 1;
+            tell.send(i).expect("target gone");
+            filled.recv().expect("target gone");
+            tx.get(&portals::GetArgs {
+                md,
+                local_offset: 0,
+                length: LEN,
+                target: ProcessId::new(41, 1),
+                portal: 2,
+                match_bits: 7,
+                remote_offset: 0,
+                hdr_data: 0,
+            })
+            .expect("get");
+            let ev = tx
+                .eq_wait(eq, Duration::from_secs(30))
+                .expect("reply event");
+            assert_eq!((ev.kind, ev.mlength), (EventKind::Reply, LEN), "{ev:?}");
+            tx.with_bytes(&sbuf, |b| {
+                for (k, w) in b.chunks_exact(8).enumerate() {
+                    let got = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                    assert_eq!(got, word(i, k), "get {i} word {k}");
+                }
+            })
+            .expect("check");
+        }
+        // The last FIN reaches the target before it stops.
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::Relaxed);
+        let rst = target.join().expect("target");
+        let st = tx.stats();
+        assert_eq!(st.large_direct, i, "{st:?}");
+        assert!(st.large_shared >= 3, "never shared in {i} gets: {st:?}");
+        assert_eq!(st.total_drops() + rst.total_drops(), 0, "{st:?} {rst:?}");
+    }
+
+    /// A large get whose bounce buffer cannot fit in the target's heap, with nothing in flight
+    /// that would free room, is dropped and counted as `no_heap_room` (not left to wait for
+    /// ever); the next get that fits is answered.
+    #[test]
+    fn a_large_get_whose_bounce_cannot_fit_is_dropped_as_no_heap_room() {
+        const LEN: u64 = 192 << 10;
+        let (_fab, mut tx, mut rx, _eq, _smd, sbuf, _rbuf) = pair_with(LEN, 1 << 20);
+        // The target's heap: its receive buffer, then all but 128 KiB taken.
+        let rest = rx.alloc_shared((1 << 20) - LEN - (128 << 10));
+        assert!(rest.is_ok(), "{rest:?}");
+        let parts = [rx.alloc_private(LEN / 2), rx.alloc_private(LEN / 2)];
+        let blocks = [parts[0].region(), parts[1].region()];
+        let (eq, md) = get_setup(
+            &mut tx,
+            &mut rx,
+            MdKind::Combined {
+                blocks: &blocks,
+                offset: OffsetMode::Sender,
+            },
+            sbuf,
+        );
+        assert!(get_in_turn(&mut tx, &mut rx, eq, md, LEN).is_none());
+        assert_eq!(
+            rx.stats().drops_for(DropReason::NoHeapRoom),
+            1,
+            "{:?}",
+            rx.stats()
+        );
+        let ev = get_in_turn(&mut tx, &mut rx, eq, md, 64 << 10).expect("a get that fits");
+        assert_eq!(ev.mlength, 64 << 10);
+        assert_eq!(rx.stats().total_drops(), 1);
     }
 }

@@ -26,8 +26,9 @@ use crate::QkError;
 pub const MAGIC: u64 = u64::from_le_bytes(*b"PUMAQK01");
 /// Layout version. 2: ring records are made of 32-byte slots (compact puts, `ring::SLOT`); a
 /// rank built for version 1 would misread them, so it cannot attach. 3: each port block holds a
-/// copy board ([`crate::copy_share`]) and one more counter.
-pub const VERSION: u32 = 3;
+/// copy board ([`crate::copy_share`]) and one more counter. 4: one more drop reason
+/// (`no_heap_room`), so every portals reason's counter moved by one slot.
+pub const VERSION: u32 = 4;
 /// Most local ports (ranks on one node) a region supports.
 pub const MAX_LOCAL: usize = 256;
 const PORT_BLOCK: usize = 1024;

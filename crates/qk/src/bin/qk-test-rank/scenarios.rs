@@ -178,6 +178,13 @@ fn kinds_target(ep: &mut Endpoint, peer: u32, large: u64) -> R<String> {
     let dynb = ep.alloc_shared(4 * large)?;
     let getb = ep.alloc_shared(large)?;
     fill(ep, &getb, 0, 5, large)?;
+    // A second get source in two private blocks (no run of the job heap): its reply goes
+    // through a heap bounce buffer, on this node and to another.
+    let cut = large / 3;
+    let gparts = [ep.alloc_private(cut), ep.alloc_private(large - cut)];
+    let gbytes: Vec<u8> = (0..large).map(|i| pattern(6, large, i)).collect();
+    ep.write(&gparts[0], 0, &gbytes[..cut as usize])?;
+    ep.write(&gparts[1], 0, &gbytes[cut as usize..])?;
     let (eq, mds) = ep.with_engine(|e| -> Result<_, QkError> {
         let eq = e.eq_alloc(1024).map_err(pe)?;
         e.portal_enable(P_DATA).map_err(pe)?;
@@ -232,12 +239,24 @@ fn kinds_target(ep: &mut Endpoint, peer: u32, large: u64) -> R<String> {
             })
             .map_err(pe)?;
         e.me_append(P_DATA, MatchSpec::new(5), gmd).map_err(pe)?;
+        let gblocks = [gparts[0].region(), gparts[1].region()];
+        let gmd2 = e
+            .md_create(&MdSpec {
+                kind: MdKind::Combined {
+                    blocks: &gblocks,
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::GET,
+                eq: Some(eq),
+            })
+            .map_err(pe)?;
+        e.me_append(P_DATA, MatchSpec::new(6), gmd2).map_err(pe)?;
         Ok((eq, mds))
     })?;
     signal(ep, &c, 100, 0)?;
     let mut puts = Vec::new();
     let mut gets = 0;
-    while puts.len() < 8 || gets < 2 {
+    while puts.len() < 8 || gets < 3 {
         let ev = ep.eq_wait(eq, WAIT)?;
         match ev.kind {
             EventKind::Put => puts.push(ev),
@@ -277,7 +296,7 @@ fn kinds_target(ep: &mut Endpoint, peer: u32, large: u64) -> R<String> {
     wait_signal(ep, &c, 102)?;
     let st = ep.stats();
     Ok(format!(
-        "kinds target ok: 8 puts, 2 gets, large_direct={} large_cma={}",
+        "kinds target ok: 8 puts, 3 gets, large_direct={} large_cma={}",
         st.large_direct, st.large_cma
     ))
 }
@@ -329,6 +348,19 @@ fn kinds_initiator(ep: &mut Endpoint, peer: u32, large: u64, private_path: &str)
             })
         })
         .map_err(pe)?;
+    let land2b = ep.alloc_shared(large)?;
+    let land2 = ep
+        .with_engine(|e| {
+            e.md_create(&MdSpec {
+                kind: MdKind::Single {
+                    region: land2b.region(),
+                    offset: OffsetMode::Sender,
+                },
+                options: MdOptions::GET,
+                eq: Some(eq),
+            })
+        })
+        .map_err(pe)?;
     wait_signal(ep, &c, 100)?;
     let target = ProcessId::new(job, peer);
     for &(bits, n, md) in &srcs {
@@ -356,8 +388,18 @@ fn kinds_initiator(ep: &mut Endpoint, peer: u32, large: u64, private_path: &str)
             hdr_data: 0,
         })?;
     }
+    ep.get(&GetArgs {
+        md: land2,
+        local_offset: 0,
+        length: large,
+        target,
+        portal: P_DATA,
+        match_bits: 6,
+        remote_offset: 0,
+        hdr_data: 0,
+    })?;
     let (mut sends, mut acks, mut replies) = (0, 0, 0);
-    while sends < 8 || acks < 8 || replies < 2 {
+    while sends < 8 || acks < 8 || replies < 3 {
         let ev = ep.eq_wait(eq, WAIT)?;
         match ev.kind {
             EventKind::Send => sends += 1,
@@ -386,6 +428,7 @@ fn kinds_initiator(ep: &mut Endpoint, peer: u32, large: u64, private_path: &str)
             return Err(format!("large reply byte {i} wrong").into());
         }
     }
+    check(ep, &land2b, 0, 6, large, "large reply from private blocks")?;
     let done = wait_signal(ep, &c, 101)?;
     if done.hdr_data != 2 {
         return Err(format!("target saw {} dynamic deposits, expected 2", done.hdr_data).into());
@@ -396,7 +439,7 @@ fn kinds_initiator(ep: &mut Endpoint, peer: u32, large: u64, private_path: &str)
         ep.progress();
     }
     Ok(format!(
-        "kinds initiator ok: 8 sends, 8 acks, 2 replies, large in flight {}",
+        "kinds initiator ok: 8 sends, 8 acks, 3 replies, large in flight {}",
         ep.large_in_flight()
     ))
 }
