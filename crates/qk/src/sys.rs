@@ -518,6 +518,59 @@ pub fn set_sched_slice(ns: u64) -> io::Result<Option<u64>> {
     Ok(Some(b.runtime))
 }
 
+/// A thread's scheduling class: `libc::SCHED_*` policy and static (real-time) priority.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadSched {
+    /// `libc::SCHED_OTHER`, `SCHED_FIFO`, `SCHED_RR`, ...
+    pub policy: i32,
+    /// 1–99 for the real-time policies, 0 otherwise.
+    pub priority: i32,
+}
+
+impl ThreadSched {
+    /// The normal class (`SCHED_OTHER`).
+    pub const NORMAL: ThreadSched = ThreadSched {
+        policy: libc::SCHED_OTHER,
+        priority: 0,
+    };
+
+    /// True for `SCHED_FIFO` and `SCHED_RR`: the thread runs before every normal thread of its
+    /// CPU, kernel threads such as `ksoftirqd` included.
+    pub fn is_real_time(self) -> bool {
+        self.policy == libc::SCHED_FIFO || self.policy == libc::SCHED_RR
+    }
+}
+
+/// The calling thread's scheduling class (threads and processes it starts inherit it).
+pub fn thread_sched() -> io::Result<ThreadSched> {
+    // SAFETY: sched_getscheduler takes no caller memory; 0 = the calling thread.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut p = libc::sched_param { sched_priority: 0 };
+    // SAFETY: p is a valid, writable sched_param; 0 = the calling thread.
+    if unsafe { libc::sched_getparam(0, &mut p) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ThreadSched {
+        policy: policy & !libc::SCHED_RESET_ON_FORK,
+        priority: p.sched_priority,
+    })
+}
+
+/// Sets the calling thread's scheduling class (real-time classes need `CAP_SYS_NICE`).
+pub fn set_thread_sched(s: ThreadSched) -> io::Result<()> {
+    let p = libc::sched_param {
+        sched_priority: s.priority,
+    };
+    // SAFETY: p is a valid sched_param that the kernel only reads; 0 = the calling thread.
+    if unsafe { libc::sched_setscheduler(0, s.policy, &p) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Number of CPUs this process may run on.
 pub fn allowed_cpus() -> Vec<usize> {
     // SAFETY: zeroed cpu_set_t is valid.

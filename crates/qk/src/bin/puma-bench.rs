@@ -490,6 +490,12 @@ fn bench_main(cli: &Cli) -> R<()> {
         println!(
             "puma-bench: Open MPI is not run over TCP: its runtime daemons cannot span two network namespaces of one machine"
         );
+        if qk::sys::thread_sched().is_ok_and(|s| s.is_real_time()) {
+            println!(
+                "puma-bench: the TCP contenders run at normal priority, not this real-time one: \
+                 a real-time spinner starves the kernel thread that moves veth packets"
+            );
+        }
     }
     let cpus = qk::sys::allowed_cpus();
     println!(
@@ -577,6 +583,10 @@ fn which(cmd: &str) -> bool {
 }
 
 fn run_one(c: &Contender, m: &Measure) -> R<f64> {
+    // Over TCP nobody spins at a real-time priority: a veth packet is moved by the kernel's
+    // softirq work, which falls to `ksoftirqd`, a normal thread, that a real-time spinner on its
+    // CPU starves (MPICH's 1 MiB ping-pong ran for minutes instead of a second).
+    let _normal = c.is_tcp().then(SchedFor::normal);
     match c {
         Contender::Ours(mode, src) => run_ours(*mode, *src, m),
         Contender::OursTcp(mode, ns) => run_ours_tcp(*mode, ns, m),
@@ -646,13 +656,17 @@ fn rewrite_lines(b: &mut [u8]) {
     }
 }
 
-/// Longest a peer run may take: MPICH over UCX's TCP transport has been seen to hang in the
-/// 4 MiB streaming test between namespaces; such a run is killed and reported as failed.
+/// Longest one run may take (a peer's launcher, or one of our ranks); a run past it is killed
+/// with everything it started and reported as failed. MPICH over TCP between the namespaces
+/// stalled for minutes when it ran at a real-time priority (see [`run_one`]).
 const PEER_DEADLINE: Duration = Duration::from_secs(90);
 
 /// Waits for `child` (leader of its own process group) for at most `limit`; past it, kills the
 /// whole group (the launcher and the ranks it started) and says so.
 fn wait_bounded(mut child: std::process::Child, limit: Duration) -> R<std::process::Output> {
+    // The child inherited this thread's class: when that is real-time and the child spins on
+    // every CPU, a watcher at the same priority would never run again, and the deadline with it.
+    let _watch = SchedFor::above_children();
     let start = Instant::now();
     // Drain the pipes on threads so a chatty child cannot block on a full pipe.
     let mut so = child.stdout.take().ok_or("no stdout pipe")?;
@@ -676,14 +690,124 @@ fn wait_bounded(mut child: std::process::Child, limit: Duration) -> R<std::proce
             });
         }
         if start.elapsed() > limit {
-            // The child leads its own group: kill the launcher and every rank it started.
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
+            // The launcher and every process it started, wherever they moved (MPICH's proxies
+            // and ranks each lead a process group of their own).
+            kill_tree(child.id());
             let _ = child.wait();
             return Err(format!("no result after {limit:?}: killed").into());
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits for our ranks, all within one [`PEER_DEADLINE`]: when one is killed for it, the others
+/// (waiting for it) are killed as soon as their turn comes.
+fn wait_all(kids: Vec<std::process::Child>) -> Vec<R<std::process::Output>> {
+    let end = Instant::now() + PEER_DEADLINE;
+    kids.into_iter()
+        .map(|k| wait_bounded(k, end.saturating_duration_since(Instant::now())))
+        .collect()
+}
+
+/// Kills process `root` and all its descendants: stops them first, so that none can start
+/// another while the tree is read, then kills them all.
+fn kill_tree(root: u32) {
+    let signal = |sig: &str, pids: &[u32]| {
+        let _ = Command::new("kill")
+            .arg(sig)
+            .args(pids.iter().map(|p| p.to_string()))
+            .stderr(Stdio::null())
+            .status();
+    };
+    let mut all = vec![root];
+    for _ in 0..10 {
+        signal("-STOP", &all);
+        let now = [vec![root], descendants(root)].concat();
+        let grew = now.iter().any(|p| !all.contains(p));
+        all = now;
+        if !grew {
+            break;
+        }
+    }
+    signal("-KILL", &all);
+}
+
+/// Every process descended from `root` (its children, theirs, and so on), from the parent field
+/// of `/proc/<pid>/stat`: neither a process group nor a session reaches a launcher's ranks when
+/// they lead groups or sessions of their own.
+fn descendants(root: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`; comm may hold spaces and parentheses, and ends at the
+        // last ')'.
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if let Some(ppid) = ppid {
+            parent_of.push((pid, ppid));
+        }
+    }
+    let mut out: Vec<u32> = Vec::new();
+    let mut next = vec![root];
+    while let Some(p) = next.pop() {
+        for &(c, pp) in &parent_of {
+            if pp == p && c != root && !out.contains(&c) {
+                out.push(c);
+                next.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// While alive, the calling thread runs in another scheduling class, and what it starts meanwhile
+/// inherits that class; the old one is restored on drop. Does nothing unless the thread is
+/// real-time (`chrt -f`), which is how the benchmark is meant to be run.
+struct SchedFor {
+    old: Option<qk::sys::ThreadSched>,
+}
+
+impl SchedFor {
+    fn switch(to: impl FnOnce(qk::sys::ThreadSched) -> Option<qk::sys::ThreadSched>) -> SchedFor {
+        let old = qk::sys::thread_sched()
+            .ok()
+            .filter(|s| s.is_real_time())
+            .and_then(|cur| {
+                let new = to(cur)?;
+                qk::sys::set_thread_sched(new).ok().map(|()| cur)
+            });
+        SchedFor { old }
+    }
+
+    /// One real-time priority above the caller's: a watcher of children that inherited the
+    /// caller's priority.
+    fn above_children() -> SchedFor {
+        SchedFor::switch(|cur| {
+            (cur.priority < 99).then_some(qk::sys::ThreadSched {
+                priority: cur.priority + 1,
+                ..cur
+            })
+        })
+    }
+
+    /// The normal class.
+    fn normal() -> SchedFor {
+        SchedFor::switch(|_| Some(qk::sys::ThreadSched::NORMAL))
+    }
+}
+
+impl Drop for SchedFor {
+    fn drop(&mut self) {
+        if let Some(old) = self.old {
+            let _ = qk::sys::set_thread_sched(old);
+        }
     }
 }
 
@@ -763,10 +887,7 @@ fn run_ours(mode: CpuMode, src: Source, m: &Measure) -> R<f64> {
         }
         kids.push(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
     }
-    let mut outs = Vec::new();
-    for k in kids {
-        outs.push(k.wait_with_output()?);
-    }
+    let outs = wait_all(kids).into_iter().collect::<R<Vec<_>>>()?;
     for o in &outs[1..] {
         if !o.status.success() {
             return Err(format!("rank 1: {}", String::from_utf8_lossy(&o.stderr)).into());
@@ -849,13 +970,11 @@ fn run_ours_tcp(mode: CpuMode, ns: &Netns, m: &Measure) -> R<f64> {
         }
         kids.push(c.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?);
     }
-    let mut outs = Vec::new();
-    for k in kids {
-        outs.push(k.wait_with_output()?);
-    }
+    let outs = wait_all(kids);
     for e in engines {
         e.stop()?;
     }
+    let outs = outs.into_iter().collect::<R<Vec<_>>>()?;
     if !outs[1].status.success() {
         return Err(format!("rank 1: {}", String::from_utf8_lossy(&outs[1].stderr)).into());
     }
@@ -1475,5 +1594,60 @@ mod tests {
         for (i, x) in b.iter().enumerate() {
             assert_eq!(*x, if i % 64 == 0 { 8 } else { 7 }, "byte {i}");
         }
+    }
+
+    /// A run past its deadline is killed with everything it started, also a grandchild that left
+    /// the run's process group and session (as MPICH's proxies and ranks do).
+    #[test]
+    fn a_run_past_its_deadline_is_killed_with_every_process_it_started() {
+        let dir = std::env::temp_dir().join(format!("puma-bench-kill-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = dir.join("pid");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "setsid sleep 300 & echo $! > {}; sleep 300",
+                file.display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .expect("spawn");
+        let t = Instant::now();
+        while !file.exists() || std::fs::read_to_string(&file).is_ok_and(|s| s.trim().is_empty()) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the shell never started"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let grandchild: u32 = std::fs::read_to_string(&file)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid");
+        let err = wait_bounded(child, Duration::from_millis(200)).expect_err("past the deadline");
+        assert!(err.to_string().contains("killed"), "{err}");
+        // Gone, or a zombie waiting for init to reap it.
+        let t = Instant::now();
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{grandchild}/stat"));
+            let alive = stat.is_ok_and(|s| {
+                s.rfind(')')
+                    .and_then(|i| s[i + 1..].split_whitespace().next())
+                    .is_some_and(|state| state != "Z")
+            });
+            if !alive {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "process {grandchild} (another session) survived the kill"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
