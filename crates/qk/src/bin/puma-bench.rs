@@ -51,7 +51,8 @@ struct Cli {
     sources: String,
     /// Compare over TCP instead, between two network namespaces joined by a veth pair that the
     /// benchmark creates and removes (root only): ours through two node engines, one per namespace;
-    /// MPICH with one rank per namespace over UCX's TCP transport.
+    /// MPICH with one rank per namespace over UCX's TCP transport. Both run at normal priority
+    /// even under `chrt -f` (a real-time spinner starves the kernel thread that moves the packets).
     #[arg(long)]
     tcp: bool,
     /// Scale iteration counts (0.1 = a quick look).
