@@ -3074,6 +3074,14 @@ mod tests {
         })
     }
 
+    /// A combined descriptor over `blocks` whose offsets the initiator picks.
+    fn combined(blocks: &[PRegion]) -> MdKind<'_> {
+        MdKind::Combined {
+            blocks,
+            offset: OffsetMode::Sender,
+        }
+    }
+
     /// Gets `len` bytes with `md` from rank 1, both endpoints progressed in turn here: the reply
     /// event, or `None` if none came within two seconds. Afterwards both sides have had the
     /// chance to finish (the initiator's FIN handled by the target).
@@ -3132,15 +3140,7 @@ mod tests {
             parts[1].region(),
             parts[2].sub(0, LEN - 1000 - LEN / 2),
         ];
-        let (eq, md) = get_setup(
-            &mut tx,
-            &mut rx,
-            MdKind::Combined {
-                blocks: &blocks,
-                offset: OffsetMode::Sender,
-            },
-            sbuf,
-        );
+        let (eq, md) = get_setup(&mut tx, &mut rx, combined(&blocks), sbuf);
         for i in 0..12u8 {
             let mut k = 0u64;
             for (p, b) in parts.iter().zip(&blocks) {
@@ -3251,15 +3251,7 @@ mod tests {
         assert!(rest.is_ok(), "{rest:?}");
         let parts = [rx.alloc_private(LEN / 2), rx.alloc_private(LEN / 2)];
         let blocks = [parts[0].region(), parts[1].region()];
-        let (eq, md) = get_setup(
-            &mut tx,
-            &mut rx,
-            MdKind::Combined {
-                blocks: &blocks,
-                offset: OffsetMode::Sender,
-            },
-            sbuf,
-        );
+        let (eq, md) = get_setup(&mut tx, &mut rx, combined(&blocks), sbuf);
         assert!(get_in_turn(&mut tx, &mut rx, eq, md, LEN).is_none());
         assert_eq!(
             rx.stats().drops_for(DropReason::NoHeapRoom),
