@@ -325,6 +325,71 @@ fn tcp_stream_in_order_with_each_engine_on_its_ranks_cpu() {
     assert!(namespace_gone(&a) && namespace_gone(&b));
 }
 
+/// Integrity under load between two hosts: a million messages (`QK_STRESS_COUNT` overrides) of
+/// random sizes from 0 B to 4 MiB, small ones eager and large ones through the rendezvous, each
+/// checked byte for byte and in order by the receiving rank, with no drop on either node.
+#[test]
+fn exclusive_tcp_integrity_under_load_a_million_messages() {
+    let Some(Hosts {
+        guard,
+        a,
+        b,
+        ipa,
+        ipb,
+    }) = two_hosts("exclusive_tcp_integrity_under_load_a_million_messages", 4)
+    else {
+        return;
+    };
+    let (la, lb) = (format!("{ipa}:47304"), format!("{ipb}:47304"));
+    let (pa, pb) = (format!("1={lb}"), format!("0={la}"));
+    let count = std::env::var("QK_STRESS_COUNT").unwrap_or_else(|_| "1000000".into());
+    let max = (4u64 << 20).to_string();
+    let common = |role: &'static str, peer: &'static str| -> Vec<String> {
+        [
+            role, "--peer", peer, "--count", &count, "--max", &max, "--seed", "4242",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let recv_args = common("stress-recv", "1");
+    let send_args = common("stress-send", "0");
+    let started = std::time::Instant::now();
+    let recv = {
+        let a = a.clone();
+        std::thread::spawn(move || {
+            let args: Vec<&str> = recv_args.iter().map(String::as_str).collect();
+            node(&a, 0, &la, pa, &[], &args)
+        })
+    };
+    let args: Vec<&str> = send_args.iter().map(String::as_str).collect();
+    let s = node(&b, 1, &lb, pb, &[], &args);
+    let r = recv.join().expect("join");
+    let (so_s, so_r) = (
+        String::from_utf8_lossy(&s.stdout),
+        String::from_utf8_lossy(&r.stdout),
+    );
+    let (se_s, se_r) = (
+        String::from_utf8_lossy(&s.stderr),
+        String::from_utf8_lossy(&r.stderr),
+    );
+    assert!(
+        s.status.success(),
+        "sender: {so_s}{se_s} receiver: {so_r}{se_r}"
+    );
+    assert!(
+        r.status.success() && so_r.contains(&format!("stress received {count} messages")),
+        "receiver: {so_r}{se_r}"
+    );
+    assert!(
+        so_r.contains("drops 0 ") && so_s.contains("drops 0 "),
+        "{so_r}{so_s}"
+    );
+    eprintln!("{so_r}{so_s}in {:?}", started.elapsed());
+    drop(guard);
+    assert!(namespace_gone(&a) && namespace_gone(&b));
+}
+
 /// Two nodes, each engine on its rank's CPU: the rank of node 0 waits `rounds` times for a signal
 /// from node 1's rank that comes `gap_ms` later. Returns both nodes' reports (target first).
 fn idle_pair(test: &str, tag: u32, port: u16, rounds: u64, gap_ms: u64) -> (String, String) {
