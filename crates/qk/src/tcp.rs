@@ -1703,4 +1703,130 @@ mod tests {
         }
         assert!(got.is_empty(), "{got:?}");
     }
+
+    /// A transport that hands the engine the frames a test put in, once, and keeps what the
+    /// engine sends.
+    struct Injected {
+        inbound: VecDeque<(u32, Frame)>,
+        sent: Arc<std::sync::Mutex<Vec<(u32, Frame)>>>,
+    }
+
+    impl Transport for Injected {
+        fn send(&mut self, node: u32, frame: &Frame, _tail: &[u8]) -> Result<(), QkError> {
+            if let Ok(mut v) = self.sent.lock() {
+                v.push((node, frame.clone()));
+            }
+            Ok(())
+        }
+        fn poll(&mut self, f: &mut dyn FnMut(u32, Frame)) -> usize {
+            let n = self.inbound.len();
+            for (node, fr) in self.inbound.drain(..) {
+                f(node, fr);
+            }
+            n
+        }
+    }
+
+    /// Frames from an authenticated peer node that are not what that node may send are each
+    /// dropped and counted under their reason by the receiving node engine; nothing of them
+    /// reaches the local rank, and a well-formed message among them still does.
+    #[test]
+    fn forged_frames_from_a_peer_node_are_dropped_and_counted_per_reason() {
+        use crate::{CpuMode, JobFabricSpec, NodeFabric};
+        const JOB: u32 = 61;
+        // Rank 0 lives here (node 0), rank 1 on node 1; a third node 2 holds rank 2.
+        let mut spec = JobFabricSpec::new(JOB, 3, vec![0], CpuMode::Heater);
+        spec.node_id = 0;
+        spec.lock_memory = false;
+        let fab = NodeFabric::create(&spec).expect("fabric");
+        let region = Region::attach(&fab.dup_fd().expect("fd"), true, false).expect("region");
+        let put = |src: u32, flags: u8| {
+            let h = Hdr {
+                op: op::PUT,
+                flags,
+                src,
+                length: 4,
+                ..Hdr::default()
+            };
+            let mut b = h.encode().to_vec();
+            b.extend_from_slice(b"data");
+            b
+        };
+        let frame = |kind: u8, job: u32, dst: u32, body: Vec<u8>| Frame {
+            kind,
+            job,
+            dst,
+            body,
+        };
+        let token = 99u64.to_le_bytes().to_vec();
+        let get_body = [5u64.to_le_bytes(), 6u64.to_le_bytes()].concat();
+        let get_body = [get_body, 1u32.to_le_bytes().to_vec()].concat();
+        let inbound: VecDeque<(u32, Frame)> = [
+            // Another job's frame on this job's connection.
+            (1, frame(kind::MSG, JOB + 1, 0, put(1, 0))),
+            // Node 1 claims a source that lives on node 2.
+            (1, frame(kind::MSG, JOB, 0, put(2, 0))),
+            // A header too short to decode.
+            (1, frame(kind::MSG, JOB, 0, vec![1, 2, 3])),
+            // An eager message claiming to be a large reference.
+            (1, frame(kind::MSG, JOB, 0, put(1, flag::HEAP))),
+            // To a rank that is not on this node.
+            (1, frame(kind::MSG, JOB, 1, put(1, 0))),
+            // A GET for a send this node never announced.
+            (1, frame(kind::GET, JOB, 0, get_body)),
+            // DATA for a transfer this node never asked for.
+            (1, frame(kind::DATA, JOB, 0, token)),
+            // A kind that does not exist.
+            (1, frame(9, JOB, 0, put(1, 0))),
+            // The one good message.
+            (1, frame(kind::MSG, JOB, 0, put(1, 0))),
+        ]
+        .into_iter()
+        .collect();
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ne = NodeEngineSpec {
+            job_id: JOB,
+            node_id: 0,
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            peers: Vec::new(),
+            rank_node: vec![0, 1, 2],
+            cluster_key: b"k".to_vec(),
+            connect_timeout: Duration::from_secs(1),
+        };
+        let transport = Injected {
+            inbound,
+            sent: sent.clone(),
+        };
+        let mut engine = NodeEngine::with_transport(
+            fab.dup_fd().expect("fd"),
+            region.clone(),
+            ne,
+            Box::new(transport),
+        );
+        for _ in 0..3 {
+            engine.step().expect("step");
+        }
+        let st = region.stats(region.engine_port());
+        let want = [
+            (DropReason::WrongJob, 1),
+            (DropReason::ForgedSource, 1),
+            (DropReason::Malformed, 4),
+            (DropReason::UnknownToken, 2),
+        ];
+        for (r, n) in want {
+            assert_eq!(st.drops_for(r), n, "{r:?}: {st:?}");
+        }
+        assert_eq!(st.total_drops(), 8, "{st:?}");
+        assert!(
+            sent.lock().expect("sent").is_empty(),
+            "the engine answered a forged frame"
+        );
+        // Only the good message reached rank 0's queue from the engine.
+        let mut rank0 = Port::new(region.clone(), 0);
+        let mut got = Vec::new();
+        rank0.poll(usize::MAX, |m| {
+            got.push((m.hdr().src, m.body[..4].to_vec()))
+        });
+        assert_eq!(got, vec![(1, b"data".to_vec())]);
+    }
 }
