@@ -37,6 +37,37 @@ fn a_connection_without_the_cluster_key_is_refused() {
     assert!(msg.contains("timed out waiting for nodes [0]"), "{msg}");
 }
 
+/// The node engine of another job cannot connect to this job's engine, not even with the
+/// cluster key: the handshake names the job on both sides, and the proofs cover it.
+#[test]
+fn an_engine_of_another_job_is_refused_even_with_the_key() {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let addr = l.local_addr().expect("addr");
+    let server = std::thread::spawn(move || {
+        TcpTransport::connect(
+            &l,
+            1,
+            9,
+            &[(0, addr)],
+            b"k",
+            1 << 20,
+            Duration::from_secs(3),
+            || {},
+        )
+        .map(|_| ())
+    });
+    let mut s = TcpStream::connect(addr).expect("connect");
+    let e = handshake(&mut s, b"k", 0, 10, Some(1)).expect_err("another job must fail");
+    assert!(e.to_string().contains("job 9, not 10"), "{e}");
+    let msg = server
+        .join()
+        .expect("server thread")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("timed out waiting for nodes [0]"), "{msg}");
+}
+
 #[test]
 fn the_right_key_connects() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
