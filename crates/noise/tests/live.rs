@@ -111,6 +111,15 @@ fn ftq_injected(dir: &Path, duration: &str) -> (f64, f64, f64, f64) {
     )
 }
 
+/// Whether a lost-work fraction measured for the injection is the injection: at most 20 % less
+/// (FTQ must not miss work that was taken), and up to 30 % more. Each detour costs the sampler
+/// the 200 us burn plus the switch to the interferer and back, which on this virtual machine adds
+/// 20-55 us a time (CI read 2.31 / 2.55 / 2.40 % for the three pairs of one run, 240-255 us per
+/// 10 ms period, all in the detour's two phase bins and none in the quiet run's).
+fn within_injection(lost: f64) -> bool {
+    (0.8 * DUTY..=1.3 * DUTY).contains(&lost)
+}
+
 #[test]
 fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
     if !is_root() {
@@ -146,15 +155,12 @@ fn exclusive_ftq_finds_injected_100hz_at_2_percent() {
     );
     assert!((f - 100.0).abs() / 100.0 < 0.02, "frequency {f}");
     assert!(
-        (lost - DUTY).abs() / DUTY < 0.2,
+        within_injection(lost),
         "lost fraction {lost}, injected {DUTY}"
     );
     if base < 0.005 {
         // A quiet CPU: the whole-run noise fraction must show the injection too.
-        assert!(
-            (total - DUTY).abs() / DUTY < 0.2,
-            "total noise difference {total}"
-        );
+        assert!(within_injection(total), "total noise difference {total}");
     } else {
         println!(
             "note: baseline noise {:.2} % too high to check the whole-run difference",
