@@ -2951,6 +2951,32 @@ mod tests {
         shared_copies_arrive_whole(true);
     }
 
+    /// The 8-byte word `k` of message `i` in the copy-sharing tests.
+    fn word(i: u64, k: usize) -> u64 {
+        (i << 40) | k as u64
+    }
+
+    /// Fills `buf` with message `i`'s words.
+    fn fill_words(ep: &mut Endpoint, buf: &Buf, i: u64) {
+        ep.with_bytes(buf, |b| {
+            for (k, w) in b.chunks_exact_mut(8).enumerate() {
+                w.copy_from_slice(&word(i, k).to_le_bytes());
+            }
+        })
+        .expect("fill");
+    }
+
+    /// Asserts that `buf` holds message `i`'s words.
+    fn check_words(ep: &mut Endpoint, buf: &Buf, i: u64) {
+        ep.with_bytes(buf, |b| {
+            for (k, w) in b.chunks_exact(8).enumerate() {
+                let got = u64::from_le_bytes(w.try_into().expect("8 bytes"));
+                assert_eq!(got, word(i, k), "message {i} word {k}");
+            }
+        })
+        .expect("check");
+    }
+
     fn shared_copies_arrive_whole(private: bool) {
         const LEN: u64 = 4 << 20;
         let (_fab, mut tx, mut rx, eq, smd, sbuf, rbuf) = pair_with(LEN, 8 << 20);
@@ -2983,18 +3009,12 @@ mod tests {
             ack: false,
             hdr_data: 0,
         };
-        let word = |i: u64, k: usize| (i << 40) | k as u64;
         let (go, next) = std::sync::mpsc::channel::<bool>();
         let sender = std::thread::spawn(move || {
             let mut i = 0u64;
             loop {
                 i += 1;
-                tx.with_bytes(&sbuf, |b| {
-                    for (k, w) in b.chunks_exact_mut(8).enumerate() {
-                        w.copy_from_slice(&word(i, k).to_le_bytes());
-                    }
-                })
-                .expect("fill");
+                fill_words(&mut tx, &sbuf, i);
                 tx.put(&put).expect("put");
                 let t = Instant::now();
                 while tx.large_in_flight() > 0 {
@@ -3012,13 +3032,7 @@ mod tests {
             i += 1;
             let ev = rx.eq_wait(eq, Duration::from_secs(30)).expect("put event");
             assert_eq!((ev.kind, ev.mlength), (EventKind::Put, LEN), "{ev:?}");
-            rx.with_bytes(&rbuf, |b| {
-                for (k, w) in b.chunks_exact(8).enumerate() {
-                    let got = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-                    assert_eq!(got, word(i, k), "message {i} word {k}");
-                }
-            })
-            .expect("check");
+            check_words(&mut rx, &rbuf, i);
             let more = rx.stats().large_shared < 3 && Instant::now() < deadline;
             go.send(more).expect("sender gone");
             if !more {
@@ -3177,7 +3191,6 @@ mod tests {
             },
             sbuf,
         );
-        let word = |i: u64, k: usize| (i << 40) | k as u64;
         let stop = Arc::new(AtomicBool::new(false));
         let (tell, told) = std::sync::mpsc::channel::<u64>();
         let (fill_next, filled) = std::sync::mpsc::channel::<()>();
@@ -3188,12 +3201,7 @@ mod tests {
             while !stop2.load(Ordering::Relaxed) {
                 if told.try_recv().is_ok() {
                     i += 1;
-                    rx.with_bytes(&rbuf, |b| {
-                        for (k, w) in b.chunks_exact_mut(8).enumerate() {
-                            w.copy_from_slice(&word(i, k).to_le_bytes());
-                        }
-                    })
-                    .expect("fill");
+                    fill_words(&mut rx, &rbuf, i);
                     fill_next.send(()).expect("initiator gone");
                 }
                 rx.progress();
@@ -3221,13 +3229,7 @@ mod tests {
                 .eq_wait(eq, Duration::from_secs(30))
                 .expect("reply event");
             assert_eq!((ev.kind, ev.mlength), (EventKind::Reply, LEN), "{ev:?}");
-            tx.with_bytes(&sbuf, |b| {
-                for (k, w) in b.chunks_exact(8).enumerate() {
-                    let got = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-                    assert_eq!(got, word(i, k), "get {i} word {k}");
-                }
-            })
-            .expect("check");
+            check_words(&mut tx, &sbuf, i);
         }
         // The last FIN reaches the target before it stops.
         std::thread::sleep(Duration::from_millis(50));

@@ -283,6 +283,33 @@ fn tcp_between_two_hosts_in_network_namespaces() {
     assert!(namespace_gone(&a));
 }
 
+/// The sender's and the receiver's reports of a stress stream of `count` messages, checked: both
+/// ranks succeeded, every message arrived (the receiver verified bytes and order), and neither
+/// node dropped anything.
+fn stream_reports(s: &Output, r: &Output, count: &str) -> (String, String) {
+    let (so_s, so_r) = (
+        String::from_utf8_lossy(&s.stdout).into_owned(),
+        String::from_utf8_lossy(&r.stdout).into_owned(),
+    );
+    let (se_s, se_r) = (
+        String::from_utf8_lossy(&s.stderr),
+        String::from_utf8_lossy(&r.stderr),
+    );
+    assert!(
+        s.status.success(),
+        "sender: {so_s}{se_s} receiver: {so_r}{se_r}"
+    );
+    assert!(
+        r.status.success() && so_r.contains(&format!("stress received {count} messages")),
+        "receiver: {so_r}{se_r}"
+    );
+    assert!(
+        so_r.contains("drops 0 ") && so_s.contains("drops 0 "),
+        "{so_r}{so_s}"
+    );
+    (so_s, so_r)
+}
+
 /// Each node engine on its rank's CPU (one core per node): the rank then sleeps whenever it
 /// waits for the engine, and the engine rings it after a fence. A stream of 20 000 messages
 /// (0 B to 256 KiB, small ones eager, large ones through the rendezvous) with the receiver's
@@ -322,26 +349,7 @@ fn tcp_stream_in_order_with_each_engine_on_its_ranks_cpu() {
     args[2] = "0";
     let s = node(&b, 1, &lb, pb, &cpu(1), &args);
     let r = recv.join().expect("join");
-    let (so_s, so_r) = (
-        String::from_utf8_lossy(&s.stdout),
-        String::from_utf8_lossy(&r.stdout),
-    );
-    let (se_s, se_r) = (
-        String::from_utf8_lossy(&s.stderr),
-        String::from_utf8_lossy(&r.stderr),
-    );
-    assert!(
-        s.status.success(),
-        "sender: {so_s}{se_s} receiver: {so_r}{se_r}"
-    );
-    assert!(
-        r.status.success() && so_r.contains(&format!("stress received {count} messages")),
-        "receiver: {so_r}{se_r}"
-    );
-    assert!(
-        so_r.contains("drops 0 ") && so_s.contains("drops 0 "),
-        "{so_r}{so_s}"
-    );
+    let (so_s, so_r) = stream_reports(&s, &r, count);
     eprintln!("{so_r}{so_s}");
     let sleeps: u64 = so_r
         .rsplit("rank sleeps ")
@@ -396,26 +404,7 @@ fn exclusive_tcp_integrity_under_load_a_million_messages() {
     let args: Vec<&str> = send_args.iter().map(String::as_str).collect();
     let s = node(&b, 1, &lb, pb, &[], &args);
     let r = recv.join().expect("join");
-    let (so_s, so_r) = (
-        String::from_utf8_lossy(&s.stdout),
-        String::from_utf8_lossy(&r.stdout),
-    );
-    let (se_s, se_r) = (
-        String::from_utf8_lossy(&s.stderr),
-        String::from_utf8_lossy(&r.stderr),
-    );
-    assert!(
-        s.status.success(),
-        "sender: {so_s}{se_s} receiver: {so_r}{se_r}"
-    );
-    assert!(
-        r.status.success() && so_r.contains(&format!("stress received {count} messages")),
-        "receiver: {so_r}{se_r}"
-    );
-    assert!(
-        so_r.contains("drops 0 ") && so_s.contains("drops 0 "),
-        "{so_r}{so_s}"
-    );
+    let (so_s, so_r) = stream_reports(&s, &r, &count);
     eprintln!("{so_r}{so_s}in {:?}", started.elapsed());
     drop(guard);
     assert!(namespace_gone(&a) && namespace_gone(&b));
