@@ -3096,6 +3096,20 @@ mod tests {
         }
     }
 
+    /// A get of `len` bytes into `md` from rank 1's portal 2, match bits 7 ([`get_setup`]).
+    fn get_args(md: portals::MdHandle, len: u64) -> portals::GetArgs {
+        portals::GetArgs {
+            md,
+            local_offset: 0,
+            length: len,
+            target: ProcessId::new(41, 1),
+            portal: 2,
+            match_bits: 7,
+            remote_offset: 0,
+            hdr_data: 0,
+        }
+    }
+
     /// Gets `len` bytes with `md` from rank 1, both endpoints progressed in turn here: the reply
     /// event, or `None` if none came within two seconds. Afterwards both sides have had the
     /// chance to finish (the initiator's FIN handled by the target).
@@ -3106,17 +3120,7 @@ mod tests {
         md: portals::MdHandle,
         len: u64,
     ) -> Option<Event> {
-        tx.get(&portals::GetArgs {
-            md,
-            local_offset: 0,
-            length: len,
-            target: ProcessId::new(41, 1),
-            portal: 2,
-            match_bits: 7,
-            remote_offset: 0,
-            hdr_data: 0,
-        })
-        .expect("get");
+        tx.get(&get_args(md, len)).expect("get");
         let t = Instant::now();
         let mut got = None;
         while t.elapsed() < Duration::from_secs(2) {
@@ -3214,17 +3218,7 @@ mod tests {
             i += 1;
             tell.send(i).expect("target gone");
             filled.recv().expect("target gone");
-            tx.get(&portals::GetArgs {
-                md,
-                local_offset: 0,
-                length: LEN,
-                target: ProcessId::new(41, 1),
-                portal: 2,
-                match_bits: 7,
-                remote_offset: 0,
-                hdr_data: 0,
-            })
-            .expect("get");
+            tx.get(&get_args(md, LEN)).expect("get");
             let ev = tx
                 .eq_wait(eq, Duration::from_secs(30))
                 .expect("reply event");

@@ -11,18 +11,7 @@ use qk::tcp::{handshake, TcpTransport};
 fn a_connection_without_the_cluster_key_is_refused() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let addr = l.local_addr().expect("addr");
-    let server = std::thread::spawn(move || {
-        TcpTransport::connect(
-            &l,
-            1,
-            9,
-            &[(0, addr)],
-            b"the cluster key",
-            1 << 20,
-            Duration::from_secs(3),
-            || {},
-        )
-    });
+    let server = node_1_of_job_9(l, b"the cluster key", 3);
     // An outsider with the wrong key.
     let mut s = TcpStream::connect(addr).expect("connect");
     let e = handshake(&mut s, b"a guess", 0, 9, Some(1)).expect_err("wrong key must fail");
@@ -37,25 +26,36 @@ fn a_connection_without_the_cluster_key_is_refused() {
     assert!(msg.contains("timed out waiting for nodes [0]"), "{msg}");
 }
 
+/// Node 1 of job 9 waiting, on a thread, up to `secs` seconds for node 0 to connect to `l`
+/// with cluster key `key`.
+fn node_1_of_job_9(
+    l: TcpListener,
+    key: &'static [u8],
+    secs: u64,
+) -> std::thread::JoinHandle<Result<(), qk::QkError>> {
+    let addr = l.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        TcpTransport::connect(
+            &l,
+            1,
+            9,
+            &[(0, addr)],
+            key,
+            1 << 20,
+            Duration::from_secs(secs),
+            || {},
+        )
+        .map(|_| ())
+    })
+}
+
 /// The node engine of another job cannot connect to this job's engine, not even with the
 /// cluster key: the handshake names the job on both sides, and the proofs cover it.
 #[test]
 fn an_engine_of_another_job_is_refused_even_with_the_key() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let addr = l.local_addr().expect("addr");
-    let server = std::thread::spawn(move || {
-        TcpTransport::connect(
-            &l,
-            1,
-            9,
-            &[(0, addr)],
-            b"k",
-            1 << 20,
-            Duration::from_secs(3),
-            || {},
-        )
-        .map(|_| ())
-    });
+    let server = node_1_of_job_9(l, b"k", 3);
     let mut s = TcpStream::connect(addr).expect("connect");
     let e = handshake(&mut s, b"k", 0, 10, Some(1)).expect_err("another job must fail");
     assert!(e.to_string().contains("job 9, not 10"), "{e}");
@@ -72,19 +72,7 @@ fn an_engine_of_another_job_is_refused_even_with_the_key() {
 fn the_right_key_connects() {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let addr = l.local_addr().expect("addr");
-    let server = std::thread::spawn(move || {
-        TcpTransport::connect(
-            &l,
-            1,
-            9,
-            &[(0, addr)],
-            b"k",
-            1 << 20,
-            Duration::from_secs(5),
-            || {},
-        )
-        .map(|_| ())
-    });
+    let server = node_1_of_job_9(l, b"k", 5);
     let mut s = TcpStream::connect(addr).expect("connect");
     assert_eq!(
         handshake(&mut s, b"k", 0, 9, Some(1)).expect("handshake"),
