@@ -1513,38 +1513,41 @@ impl Inner {
         self.next_token += 1;
         let first = body.first();
         let map_base = self.region.map().ptr() as u64;
-        if body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
-            let src = first.addr - map_base;
-            let share = self.shareable(dst_rank, src, first.len);
-            self.large.insert(
-                token,
-                LargeSend {
-                    plan,
-                    bounce: None,
-                    share,
-                },
-            );
-            return Ok((hdr, (ref_bytes(src, token), flag::HEAP)));
-        }
-        if body.is_contiguous()
-            && remote_ok_cma
-            && self.private_path == PrivatePath::CrossMemoryAttach
-            && self.mem.owns(first.addr, first.len)
-        {
-            let share = self
-                .shareable(dst_rank, first.addr, first.len)
-                .map(|s| ShareableSend { private: true, ..s });
-            self.large.insert(
-                token,
-                LargeSend {
-                    plan,
-                    bounce: None,
-                    share,
-                },
-            );
-            return Ok((hdr, (ref_bytes(first.addr, token), flag::CMA)));
-        }
-        // Bounce through the heap.
+        let (at, kind, bounce, share) =
+            if body.is_contiguous() && self.mem.in_heap(first.addr, first.len) {
+                let src = first.addr - map_base;
+                let share = self.shareable(dst_rank, src, first.len);
+                (src, flag::HEAP, None, share)
+            } else if body.is_contiguous()
+                && remote_ok_cma
+                && self.private_path == PrivatePath::CrossMemoryAttach
+                && self.mem.owns(first.addr, first.len)
+            {
+                let share = self
+                    .shareable(dst_rank, first.addr, first.len)
+                    .map(|s| ShareableSend { private: true, ..s });
+                (first.addr, flag::CMA, None, share)
+            } else {
+                let bounce = self.bounce(body)?;
+                let at = bounce.addr - map_base;
+                let share = self.shareable(dst_rank, at, bounce.len);
+                (at, flag::HEAP, Some(bounce), share)
+            };
+        self.large.insert(
+            token,
+            LargeSend {
+                plan,
+                bounce,
+                share,
+            },
+        );
+        Ok((hdr, (ref_bytes(at, token), kind)))
+    }
+
+    /// Copies `body` into a heap bounce buffer of its length (one `memcpy` when it is one run,
+    /// gathered otherwise). Nothing stays allocated when it fails: the heap is full, or the
+    /// bytes are not this rank's to read.
+    fn bounce(&mut self, body: &portals::Body) -> Result<Buf, QkError> {
         let len = body.len();
         let off = self.heap.alloc(len).ok_or(QkError::HeapExhausted {
             want: len,
@@ -1556,7 +1559,7 @@ impl Inner {
             len,
             shared: true,
         };
-        if body.is_contiguous() {
+        let copied = if body.is_contiguous() {
             // One memcpy from the private buffer straight into the bounce buffer.
             let first = body.first();
             let map_base = self.region.map().ptr() as u64;
@@ -1564,27 +1567,24 @@ impl Inner {
                 .region
                 .map()
                 .slice_mut((bounce.addr - map_base) as usize, len as usize);
-            if !self.mem.read(first.addr, dst) {
-                self.heap.free(off, len);
-                return Err(QkError::Portals(format!(
+            if self.mem.read(first.addr, dst) {
+                Ok(())
+            } else {
+                Err(QkError::Portals(format!(
                     "memory descriptor names {} bytes at {:#x}, which this rank does not own",
                     first.len, first.addr
-                )));
+                )))
             }
         } else {
-            let data = self.gather(body)?;
-            self.mem.write(bounce.addr, &data);
+            self.gather(body)
+                .map(|data| self.mem.write(bounce.addr, &data))
+                .map(|_| ())
+        };
+        if let Err(e) = copied {
+            self.heap.free(off, len);
+            return Err(e);
         }
-        let share = self.shareable(dst_rank, bounce.addr - map_base, len);
-        self.large.insert(
-            token,
-            LargeSend {
-                plan,
-                bounce: Some(bounce),
-                share,
-            },
-        );
-        Ok((hdr, (ref_bytes(bounce.addr - map_base, token), flag::HEAP)))
+        Ok(bounce)
     }
 
     /// A heap send of `len` bytes at region offset `src` to world rank `dst_rank`: shareable
@@ -3258,5 +3258,48 @@ mod tests {
         let ev = get_in_turn(&mut tx, &mut rx, eq, md, 64 << 10).expect("a get that fits");
         assert_eq!(ev.mlength, 64 << 10);
         assert_eq!(rx.stats().total_drops(), 1);
+    }
+
+    /// A large put whose bytes cannot all be read (a block of its combined descriptor is not
+    /// this rank's memory) is refused, and the bounce buffer taken for it goes back to the heap:
+    /// ten refusals through a heap that holds three such buffers leave room for a good put.
+    #[test]
+    fn a_refused_bounced_put_gives_its_bounce_buffer_back() {
+        const LEN: u64 = 192 << 10;
+        let (_fab, mut tx, mut rx, eq, _smd, _sbuf, _rbuf) = pair_with(LEN, 1 << 20);
+        let good = [tx.alloc_private(LEN / 2), tx.alloc_private(LEN / 2)];
+        let blocks = [good[0].region(), good[1].region()];
+        let bad_blocks = [good[0].region(), PRegion::new(0x1000, LEN / 2)];
+        let (md, bad_md) = tx.with_engine(|e| {
+            let mk = |e: &mut PortalsEngine, b: &[PRegion]| {
+                e.md_create(&MdSpec {
+                    kind: combined(b),
+                    options: MdOptions::PUT,
+                    eq: None,
+                })
+                .expect("md")
+            };
+            (mk(e, &blocks), mk(e, &bad_blocks))
+        });
+        let put = |md| PutArgs {
+            md,
+            local_offset: 0,
+            length: LEN,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: 1,
+            remote_offset: 0,
+            ack: false,
+            hdr_data: 0,
+        };
+        for i in 0..10 {
+            let e = tx
+                .put(&put(bad_md))
+                .expect_err("unowned bytes must be refused");
+            assert!(e.to_string().contains("does not own"), "refusal {i}: {e}");
+        }
+        tx.put(&put(md)).expect("a good put after the refusals");
+        let ev = rx.eq_wait(eq, Duration::from_secs(5)).expect("put event");
+        assert_eq!((ev.kind, ev.mlength), (EventKind::Put, LEN), "{ev:?}");
     }
 }
