@@ -2951,6 +2951,21 @@ mod tests {
         shared_copies_arrive_whole(true);
     }
 
+    /// A put of `len` bytes from `md` to rank 1's portal 1, match bits 1, no ack ([`pair_with`]).
+    fn put_to_rank_1(md: portals::MdHandle, len: u64) -> PutArgs {
+        PutArgs {
+            md,
+            local_offset: 0,
+            length: len,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: 1,
+            remote_offset: 0,
+            ack: false,
+            hdr_data: 0,
+        }
+    }
+
     /// The 8-byte word `k` of message `i` in the copy-sharing tests.
     fn word(i: u64, k: usize) -> u64 {
         (i << 40) | k as u64
@@ -2998,17 +3013,7 @@ mod tests {
         } else {
             (smd, sbuf)
         };
-        let put = PutArgs {
-            md: smd,
-            local_offset: 0,
-            length: LEN,
-            target: ProcessId::new(41, 1),
-            portal: 1,
-            match_bits: 1,
-            remote_offset: 0,
-            ack: false,
-            hdr_data: 0,
-        };
+        let put = put_to_rank_1(smd, LEN);
         let (go, next) = std::sync::mpsc::channel::<bool>();
         let sender = std::thread::spawn(move || {
             let mut i = 0u64;
@@ -3281,17 +3286,7 @@ mod tests {
             };
             (mk(e, &blocks), mk(e, &bad_blocks))
         });
-        let put = |md| PutArgs {
-            md,
-            local_offset: 0,
-            length: LEN,
-            target: ProcessId::new(41, 1),
-            portal: 1,
-            match_bits: 1,
-            remote_offset: 0,
-            ack: false,
-            hdr_data: 0,
-        };
+        let put = |md| put_to_rank_1(md, LEN);
         for i in 0..10 {
             let e = tx
                 .put(&put(bad_md))
