@@ -5,7 +5,10 @@
  *   0  the receiver copies it all (qk before copy sharing);
  *   1  the sender copies the second half while the receiver copies the first (copy sharing);
  *   2  as 1, with the split at 5/8;
- *   3  as 0, with the sender writing a byte per line before it sends (puma-bench --rewrite).
+ *   3  as 0, with the sender writing a byte per line before it sends (puma-bench --rewrite);
+ *   4  as 1, but each thread copies the same half in both directions (thread 0 the first, thread 1
+ *      the second), so a core copies lines it copied last time;
+ *   5  as 4, with the sender's rewrite of mode 3.
  * Prints min / median / max of the copy time (one-way minus the hand-over).
  * An optional third argument picks how the bytes are copied:
  *   0  memcpy (glibc's choice; the default);
@@ -75,20 +78,23 @@ static double ts[2000];
 static double now(){struct timespec t;clock_gettime(CLOCK_MONOTONIC,&t);return t.tv_sec*1e9+t.tv_nsec;}
 static void pin(int c){cpu_set_t s;CPU_ZERO(&s);CPU_SET(c,&s);pthread_setaffinity_np(pthread_self(),sizeof s,&s);}
 static void *th(void*x){int me=(int)(intptr_t)x; pin(me);
-  size_t cut = mode==1 ? N/2 : (mode==2? N*5/8 : N);
+  size_t cut = mode==1||mode>=4 ? N/2 : (mode==2? N*5/8 : N);
+  size_t mine = me==0 ? 0 : N/2; /* the half a thread keeps in modes 4 and 5 */
   for(int i=0;i<iters;i++){
     int r = i&1; // receiver this hop
     if(r==me){
       while(atomic_load(&turn)!=2*i+1);
       double t0=now();
+      if(mode>=4) copy(buf[me]+mine,buf[1-me]+mine,N/2); else
       copy(buf[me],buf[1-me],cut);
       if(cut<N) while(atomic_load(&help[me])!=i+1);
       double t1=now(); if(me==0||1) ts[i]=t1-t0;
       atomic_store(&turn,2*i+2);
     } else {
       while(atomic_load(&turn)!=2*i);
-      if(mode==3) for(size_t j=0;j<N;j+=64) buf[me][j]++; // rewrite
+      if(mode==3||mode==5) for(size_t j=0;j<N;j+=64) buf[me][j]++; // rewrite
       atomic_store(&turn,2*i+1);
+      if(mode>=4){ copy(buf[1-me]+mine,buf[me]+mine,N/2); atomic_store(&help[1-me],i+1);} else
       if(cut<N){ copy(buf[1-me]+cut,buf[me]+cut,N-cut); atomic_store(&help[1-me],i+1);} 
     }
   }

@@ -11,9 +11,16 @@
 //! receiver opens a *board* in its port block, naming the copy (source and destination offsets in
 //! the region, length, chunk size, the sender's token). A sender with a large send outstanding to
 //! a port of its node looks at that port's board on each pass of its progress engine (one load of
-//! a line that stays in its cache until the board changes). Both then take chunks from one claim
-//! counter until none is left; the receiver waits for the chunks the sender took, and only then
-//! posts its event and sends the FIN.
+//! a line that stays in its cache until the board changes). Both then take chunks until none is
+//! left, each from its own [`End`] of the message; the receiver waits for the chunks the sender
+//! took, and only then posts its event and sends the FIN.
+//!
+//! Which end a rank takes depends on the pair, not on who sends: the lower port of the two copies
+//! from the front in both directions. When the pair sends the same buffers back and forth (a
+//! ping-pong, a halo exchange), each core then copies the lines it copied last time, which are
+//! still in its own cache, instead of pulling them out of the other core's. The model
+//! `bench-peers/pull_copy.c`, 1 MiB near, median: halves split by role 43.6 µs, halves kept by
+//! core 12.7 µs (mode 4); at 4 MiB, which no core's cache holds, both 51 µs.
 //!
 //! The contract, which [`Board`] keeps:
 //! * The receiver never waits for the sender to *start*: a sender that is computing, or that looks
@@ -22,8 +29,8 @@
 //!   being copied right now (if the sender's process dies meanwhile, the receiver copies the
 //!   unfinished chunks itself, see [`Board::copy_as_owner`]).
 //! * A claim names the copy's generation, so a late helper can never take a chunk of a later copy
-//!   with an earlier copy's offsets: it claims with a compare-and-swap of (generation, next chunk)
-//!   against the word it read before the offsets, and the owner closes the board (a new
+//!   with an earlier copy's offsets: it claims with a compare-and-swap of (generation, first and
+//!   last unclaimed chunk) against the word it read before the offsets, and the owner closes the board (a new
 //!   generation with no chunk to take) before it rewrites the offsets, so a helper that read any
 //!   of the new offsets under an old word fails its claim. The loom model `tests/loom_board.rs`
 //!   checks every interleaving of an owner sharing two copies with a helper looking twice; it
@@ -70,7 +77,44 @@ const LEN: usize = 3;
 const CHUNK: usize = 4;
 const TOKEN: usize = 5;
 const DONE: usize = 8;
-const LOW: u64 = 0xffff_ffff;
+/// The claim word: generation << 32 | front << 16 | back, the unclaimed chunks being
+/// `front..back`. A closed board has none (front = back = 0).
+const FRONT_SHIFT: u32 = 16;
+const FIELD: u64 = 0xffff;
+
+/// The end of a shared copy a rank takes its chunks from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// From chunk 0 up.
+    Front,
+    /// From the last chunk down.
+    Back,
+}
+
+impl End {
+    /// The end the rank on port `me` takes in a copy shared with the rank on port `other`: the
+    /// lower port takes the front, whichever of the two receives.
+    pub fn of(me: u32, other: u32) -> End {
+        if me < other {
+            End::Front
+        } else {
+            End::Back
+        }
+    }
+}
+
+/// The chunk the claim word `w` of a copy of `n` chunks leaves to `end`, and the word once it is
+/// taken; `None` when no chunk is left or the word names chunks beyond `n` (a forged board).
+fn take(w: u64, n: u64, end: End) -> Option<(u64, u64)> {
+    let (front, back) = ((w >> FRONT_SHIFT) & FIELD, w & FIELD);
+    if front >= back || back > n {
+        return None;
+    }
+    Some(match end {
+        End::Front => (front, w + (1 << FRONT_SHIFT)),
+        End::Back => (back - 1, w - 1),
+    })
+}
 
 /// One shared copy: offsets are region offsets (the same in every process of the job).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,8 +171,6 @@ pub trait BoardWords {
     fn load(&self, i: usize, o: Ordering) -> u64;
     /// Stores `v` into word `i`.
     fn store(&self, i: usize, v: u64, o: Ordering);
-    /// Adds `v` to word `i`, returning the old value.
-    fn fetch_add(&self, i: usize, v: u64, o: Ordering) -> u64;
     /// Ors `v` into word `i`, returning the old value.
     fn fetch_or(&self, i: usize, v: u64, o: Ordering) -> u64;
     /// Replaces word `i` by `new` if it is `cur`; the value found either way.
@@ -159,10 +201,6 @@ impl BoardWords for [AtomicU64; BOARD_WORDS] {
     #[inline]
     fn store(&self, i: usize, v: u64, o: Ordering) {
         self[i].store(v, o)
-    }
-    #[inline]
-    fn fetch_add(&self, i: usize, v: u64, o: Ordering) -> u64 {
-        self[i].fetch_add(v, o)
     }
     #[inline]
     fn fetch_or(&self, i: usize, v: u64, o: Ordering) -> u64 {
@@ -212,21 +250,22 @@ impl<'a, W: BoardWords + ?Sized> Board<'a, W> {
         // later one). Without it a helper holding an old word with a chunk index below the new
         // chunk count could claim a chunk the owner would copy too, and not wait for (the loom
         // model `tests/loom_board.rs` found that interleaving).
-        self.w
-            .store(CLAIM, ((gen as u64) << 32) | LOW, Ordering::Relaxed);
+        self.w.store(CLAIM, (gen as u64) << 32, Ordering::Relaxed);
         self.w.store(SRC, c.src, Ordering::Release);
         self.w.store(DST, c.dst, Ordering::Release);
         self.w.store(LEN, c.len, Ordering::Release);
         self.w.store(CHUNK, c.chunk, Ordering::Release);
         self.w.store(TOKEN, c.token, Ordering::Release);
         self.w.store(DONE, 0, Ordering::Relaxed);
-        // Publishes the description: a helper that sees this generation sees it too.
-        self.w.store(CLAIM, (gen as u64) << 32, Ordering::Release);
+        // Publishes the description: a helper that sees this word sees it too.
+        self.w
+            .store(CLAIM, ((gen as u64) << 32) | c.chunks(), Ordering::Release);
         gen
     }
 
-    /// The receiver copies chunks of the open copy `c` with `copy(offset, len)` until none is
-    /// left, then waits for the chunks a helper claimed. Returns how many chunks the helper copied.
+    /// The receiver copies chunks of the open copy `c` from its `end` with `copy(offset, len)`
+    /// until none is left, then waits for the chunks a helper claimed. Returns how many chunks the
+    /// helper copied.
     ///
     /// `helper_alive` is asked after every [`ALIVE_CHECK`] of waiting: when it says the helper
     /// is gone, the receiver copies the chunks the helper claimed but did not finish (a dead
@@ -234,19 +273,27 @@ impl<'a, W: BoardWords + ?Sized> Board<'a, W> {
     pub fn copy_as_owner(
         &self,
         c: &SharedCopy,
+        end: End,
         mut copy: impl FnMut(u64, u64),
         mut helper_alive: impl FnMut() -> bool,
     ) -> u64 {
         let n = c.chunks();
         let mut mine = 0u64;
-        loop {
-            let i = self.w.fetch_add(CLAIM, 1, Ordering::AcqRel) & LOW;
-            if i >= n {
-                break;
+        let mut w = self.w.load(CLAIM, Ordering::Acquire);
+        // Only the owner changes the generation, so the word's is this copy's throughout.
+        while let Some((i, next)) = take(w, n, end) {
+            match self
+                .w
+                .compare_exchange_weak(CLAIM, w, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    let (at, len) = c.chunk_range(i);
+                    copy(at, len);
+                    mine |= 1 << i;
+                    w = self.w.load(CLAIM, Ordering::Acquire);
+                }
+                Err(now) => w = now,
             }
-            let (at, len) = c.chunk_range(i);
-            copy(at, len);
-            mine |= 1 << i;
         }
         let theirs = all_chunks(n) & !mine;
         let start = Instant::now();
@@ -276,11 +323,12 @@ impl<'a, W: BoardWords + ?Sized> Board<'a, W> {
     /// The sender looks at the board of a port it has a large send to: when a copy is open with
     /// chunks left and `valid` accepts it (its token names one of the sender's sends, the source
     /// lies inside that send, the destination inside the owner's heap part), it claims chunks one
-    /// by one and copies each with `copy(copy, offset, len)`. Returns the chunks it copied (0 when
-    /// there is nothing to take or the copy is refused). One load of the board's first line when
-    /// there is nothing to do.
+    /// by one from its `end` and copies each with `copy(copy, offset, len)`. Returns the chunks it
+    /// copied (0 when there is nothing to take or the copy is refused). One load of the board's
+    /// first line when there is nothing to do.
     pub fn help(
         &self,
+        end: End,
         valid: impl FnOnce(&SharedCopy) -> bool,
         mut copy: impl FnMut(&SharedCopy, u64, u64),
     ) -> u64 {
@@ -297,18 +345,20 @@ impl<'a, W: BoardWords + ?Sized> Board<'a, W> {
             token: self.w.load(TOKEN, Ordering::Acquire),
         };
         let n = c.chunks();
-        if w & LOW >= n || n > MAX_CHUNKS || !valid(&c) {
+        if n > MAX_CHUNKS || take(w, n, end).is_none() || !valid(&c) {
             return 0;
         }
         let mut helped = 0;
         loop {
-            let i = w & LOW;
-            if (w >> 32) as u32 != gen || i >= n {
+            let Some((i, next)) = take(w, n, end) else {
+                return helped;
+            };
+            if (w >> 32) as u32 != gen {
                 return helped;
             }
             match self
                 .w
-                .compare_exchange_weak(CLAIM, w, w + 1, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange_weak(CLAIM, w, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
                     let (at, len) = c.chunk_range(i);
@@ -354,19 +404,84 @@ mod tests {
     }
 
     #[test]
+    fn the_two_ranks_of_a_pair_take_opposite_ends_whichever_receives() {
+        for (a, b) in [(0, 1), (3, 1), (7, 2)] {
+            assert_ne!(End::of(a, b), End::of(b, a));
+        }
+        assert_eq!(End::of(0, 1), End::Front);
+    }
+
+    #[test]
+    fn owner_and_helper_take_chunks_from_their_own_ends_until_they_meet() {
+        let w = board_words();
+        let b = Board::new(&*w);
+        let c = SharedCopy::new(0, 1 << 30, 1 << 20, 5);
+        b.open(&c);
+        // While the helper copies its third chunk from the front, the owner takes the rest from
+        // the back, then waits for that chunk.
+        let owned = std::sync::Mutex::new(Vec::new());
+        let mut helped = Vec::new();
+        std::thread::scope(|s| {
+            let mut owner = None;
+            b.help(
+                End::Front,
+                |_| true,
+                |_, at, _| {
+                    helped.push(at >> 17);
+                    if helped.len() == 3 {
+                        let (owned, words) = (&owned, &*w);
+                        owner = Some(s.spawn(move || {
+                            Board::new(words).copy_as_owner(
+                                &c,
+                                End::Back,
+                                |at, _| owned.lock().unwrap().push(at >> 17),
+                                || true,
+                            )
+                        }));
+                        while owned.lock().unwrap().len() < 5 {
+                            std::thread::yield_now();
+                        }
+                    }
+                },
+            );
+            assert_eq!(owner.unwrap().join().unwrap(), 3);
+        });
+        assert_eq!(helped, [0, 1, 2]);
+        assert_eq!(*owned.lock().unwrap(), [7, 6, 5, 4, 3]);
+    }
+
+    #[test]
+    fn a_claim_word_naming_chunks_past_the_copy_gets_nothing_taken() {
+        let w = board_words();
+        let b = Board::new(&*w);
+        let c = SharedCopy::new(0, 1 << 30, 1 << 20, 5);
+        let gen = b.open(&c) as u64;
+        w[CLAIM].store(gen << 32 | 40, Ordering::Release); // 40 chunks of 8
+        for end in [End::Front, End::Back] {
+            assert_eq!(b.help(end, |_| true, |_, _, _| panic!()), 0);
+        }
+    }
+
+    #[test]
     fn a_helper_that_comes_after_the_owner_finished_copies_nothing() {
         let w = board_words();
         let b = Board::new(&*w);
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 7);
         let gen = b.open(&c);
         let mut owner = 0;
-        assert_eq!(b.copy_as_owner(&c, |_, l| owner += l, || true), 0);
+        assert_eq!(
+            b.copy_as_owner(&c, End::Back, |_, l| owner += l, || true),
+            0
+        );
         assert_eq!(owner, 2 << 20);
-        assert_eq!(b.help(|_| true, |_, _, _| panic!("late helper copied")), 0);
+        assert_eq!(
+            b.help(End::Front, |_| true, |_, _, _| panic!("late helper copied")),
+            0
+        );
         // The next copy has a new generation, and a helper finds it.
         let gen2 = b.open(&c);
         assert_ne!(gen, gen2);
-        assert_eq!(b.help(|_| true, |_, _, _| {}), 16);
+        assert_eq!(b.help(End::Front, |_| true, |_, _, _| {}), 16);
     }
 
     #[test]
@@ -375,17 +490,20 @@ mod tests {
         let b = Board::new(&*w);
         let c = SharedCopy::new(4096, 1 << 30, 2 << 20, 7);
         b.open(&c);
-        assert_eq!(b.help(|x| x.token == 8, |_, _, _| panic!()), 0);
-        assert_eq!(b.help(|_| false, |_, _, _| panic!()), 0);
+        assert_eq!(b.help(End::Front, |x| x.token == 8, |_, _, _| panic!()), 0);
+        assert_eq!(b.help(End::Front, |_| false, |_, _, _| panic!()), 0);
         // A description forged to have too many chunks is refused before any claim, as is one
         // with no chunk size.
         for chunk in [1, 0] {
             w[CHUNK].store(chunk, Ordering::Relaxed);
-            assert_eq!(b.help(|_| true, |_, _, _| panic!()), 0);
+            assert_eq!(b.help(End::Front, |_| true, |_, _, _| panic!()), 0);
         }
         w[CHUNK].store(c.chunk, Ordering::Relaxed);
         let mut owner = 0;
-        assert_eq!(b.copy_as_owner(&c, |_, l| owner += l, || true), 0);
+        assert_eq!(
+            b.copy_as_owner(&c, End::Back, |_, l| owner += l, || true),
+            0
+        );
         assert_eq!(owner, 2 << 20);
     }
 
@@ -396,11 +514,14 @@ mod tests {
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         b.open(&c);
         let mut helped = Vec::new();
-        assert_eq!(b.help(|x| *x == c, |_, at, l| helped.push((at, l))), 16);
+        assert_eq!(
+            b.help(End::Front, |x| *x == c, |_, at, l| helped.push((at, l))),
+            16
+        );
         assert_eq!(helped.len(), 16);
         assert_eq!(helped[15], (15 << 17, 128 << 10));
         assert_eq!(
-            b.copy_as_owner(&c, |_, _| panic!("owner copied"), || true),
+            b.copy_as_owner(&c, End::Back, |_, _| panic!("owner copied"), || true),
             16
         );
     }
@@ -412,9 +533,9 @@ mod tests {
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         b.open(&c);
         // The "helper" claims chunk 0 and never finishes it.
-        w[CLAIM].fetch_add(1, Ordering::AcqRel);
+        w[CLAIM].fetch_add(1 << FRONT_SHIFT, Ordering::AcqRel);
         let mut copied = Vec::new();
-        let helped = b.copy_as_owner(&c, |at, _| copied.push(at), || false);
+        let helped = b.copy_as_owner(&c, End::Back, |at, _| copied.push(at), || false);
         assert_eq!(helped, 0);
         copied.sort();
         assert_eq!(copied, (0..16).map(|i| i * (128 << 10)).collect::<Vec<_>>());
@@ -426,7 +547,7 @@ mod tests {
         let b = Board::new(&*w);
         let c = SharedCopy::new(0, 1 << 30, 2 << 20, 3);
         b.open(&c);
-        w[CLAIM].fetch_add(1, Ordering::AcqRel); // the helper took chunk 0 ...
+        w[CLAIM].fetch_add(1 << FRONT_SHIFT, Ordering::AcqRel); // the helper took chunk 0 ...
         let finished = Arc::new(AtomicBool::new(false));
         let helper = {
             let (w, finished) = (w.clone(), finished.clone());
@@ -437,7 +558,10 @@ mod tests {
             })
         };
         let mut owner = 0;
-        assert_eq!(b.copy_as_owner(&c, |_, _| owner += 1, || true), 1);
+        assert_eq!(
+            b.copy_as_owner(&c, End::Back, |_, _| owner += 1, || true),
+            1
+        );
         assert!(
             finished.load(Ordering::Relaxed),
             "the owner returned before chunk 0 was done"
@@ -454,17 +578,18 @@ mod tests {
         let new = SharedCopy::new(0, 2 << 30, 2 << 20, 4);
         b.open(&old);
         let helped = b.help(
+            End::Front,
             |_| {
                 // Between the helper's look and its first claim the owner copies it all and
                 // opens the next copy, to another destination.
-                b.copy_as_owner(&old, |_, _| {}, || true);
+                b.copy_as_owner(&old, End::Back, |_, _| {}, || true);
                 b.open(&new);
                 true
             },
             |c, at, _| panic!("copied {at} with a stale description {c:?}"),
         );
         assert_eq!(helped, 0);
-        assert_eq!(b.copy_as_owner(&new, |_, _| {}, || true), 0);
+        assert_eq!(b.copy_as_owner(&new, End::Back, |_, _| {}, || true), 0);
     }
 
     /// An owner and a helper thread share many copies of real words, as a receiver and a sender
@@ -494,6 +619,7 @@ mod tests {
                 let mut helped = 0;
                 while !stop.load(Ordering::Relaxed) {
                     helped += b.help(
+                        End::Front,
                         |_| true,
                         |c, at, l| {
                             for k in (at / 8)..((at + l) / 8) {
@@ -522,6 +648,7 @@ mod tests {
             b.open(&c);
             b.copy_as_owner(
                 &c,
+                End::Back,
                 |at, l| {
                     owner_chunks += 1;
                     for k in (at / 8)..((at + l) / 8) {

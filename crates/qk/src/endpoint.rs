@@ -1618,11 +1618,13 @@ impl Inner {
     fn help_receivers(&mut self) {
         let map = self.region.map();
         let heap_per_rank = self.region.layout.heap_per_rank;
+        let me = self.port.me();
         for p in &self.share_ports {
             let owner_heap = self.region.layout.heap(p.port);
             let (large, mem) = (&self.large, &self.mem);
             let private = std::cell::Cell::new(false);
             p.block.board().help(
+                copy_share::End::of(me, p.port),
                 |c| {
                     let Some(s) = large.get(&c.token).and_then(|l| l.share) else {
                         return false;
@@ -2201,6 +2203,7 @@ impl Ctx<'_> {
         let mut good = true;
         let helped = board.copy_as_owner(
             &c,
+            copy_share::End::of(self.me_port, from),
             |at, n| {
                 if cma {
                     good &= mem

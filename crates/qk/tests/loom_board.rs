@@ -7,7 +7,7 @@
 
 use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::Arc;
-use qk::copy_share::{Board, BoardWords, SharedCopy, BOARD_WORDS};
+use qk::copy_share::{Board, BoardWords, End, SharedCopy, BOARD_WORDS};
 
 struct LoomWords([AtomicU64; BOARD_WORDS]);
 
@@ -17,9 +17,6 @@ impl BoardWords for LoomWords {
     }
     fn store(&self, i: usize, v: u64, o: Ordering) {
         self.0[i].store(v, o)
-    }
-    fn fetch_add(&self, i: usize, v: u64, o: Ordering) -> u64 {
-        self.0[i].fetch_add(v, o)
     }
     fn fetch_or(&self, i: usize, v: u64, o: Ordering) -> u64 {
         self.0[i].fetch_or(v, o)
@@ -70,6 +67,7 @@ fn loom_board_copies_each_chunk_once_and_nothing_after_the_owner_returns() {
                 // The sender looks twice, as two progress passes would.
                 for _ in 0..2 {
                     b.help(
+                        End::Front,
                         |c| c.token == 1 || c.token == 2,
                         |c, at, _| {
                             let w = ((c.dst + at) / CHUNK) as usize;
@@ -89,14 +87,14 @@ fn loom_board_copies_each_chunk_once_and_nothing_after_the_owner_returns() {
             }
         };
         b.open(&first);
-        b.copy_as_owner(&first, mine(&first), || true);
+        b.copy_as_owner(&first, End::Back, mine(&first), || true);
         assert_eq!(mem[0].load(Ordering::Relaxed), 1);
         assert_eq!(mem[1].load(Ordering::Relaxed), 1);
         // The application reuses its buffer.
         mem[0].store(9, Ordering::Relaxed);
         mem[1].store(9, Ordering::Relaxed);
         b.open(&second);
-        b.copy_as_owner(&second, mine(&second), || true);
+        b.copy_as_owner(&second, End::Back, mine(&second), || true);
         assert_eq!(mem[2].load(Ordering::Relaxed), 2);
         assert_eq!(mem[3].load(Ordering::Relaxed), 2);
         helper.join().unwrap();
