@@ -597,8 +597,7 @@ mod tests {
     /// over it (as an application reusing its buffer would), then writes the next source: a
     /// helper that wrote after the owner returned, or copied with a stale description, shows up as
     /// a wrong word in a later check or as a stale source word.
-    #[test]
-    fn owner_and_helper_threads_copy_every_word_once_and_never_after_the_owner_returns() {
+    fn threads_share_copies(owner_end: End, helper_end: End) {
         const LEN: usize = 256 << 10;
         const COPIES: u64 = 300;
         let w = board_words();
@@ -619,7 +618,7 @@ mod tests {
                 let mut helped = 0;
                 while !stop.load(Ordering::Relaxed) {
                     helped += b.help(
-                        End::Front,
+                        helper_end,
                         |_| true,
                         |c, at, l| {
                             for k in (at / 8)..((at + l) / 8) {
@@ -648,7 +647,7 @@ mod tests {
             b.open(&c);
             b.copy_as_owner(
                 &c,
-                End::Back,
+                owner_end,
                 |at, l| {
                     owner_chunks += 1;
                     for k in (at / 8)..((at + l) / 8) {
@@ -679,5 +678,15 @@ mod tests {
         assert!(dst.iter().all(|d| d.load(Ordering::Relaxed) == u64::MAX));
         assert_eq!(owner_chunks + helped, COPIES * 16);
         eprintln!("helper copied {helped} of {} chunks", COPIES * 16);
+    }
+
+    #[test]
+    fn owner_and_helper_threads_copy_every_word_once_and_never_after_the_owner_returns() {
+        threads_share_copies(End::Back, End::Front);
+    }
+
+    #[test]
+    fn the_same_with_the_owner_at_the_front_and_the_helper_at_the_back() {
+        threads_share_copies(End::Front, End::Back);
     }
 }
