@@ -401,6 +401,63 @@ fn extra_iters(what: &str, size: u64) -> (u64, u64) {
     }
 }
 
+/// Largest `--scale`: the standard measurements at this scale already run for hours.
+const MAX_SCALE: f64 = 1000.0;
+
+/// Checks the options `plan` does not: rounds, scale, our modes and sources, queue size. Called
+/// before anything is created or looked for, so a bad request costs nothing and says what is wrong.
+fn check_request(cli: &Cli) -> R<()> {
+    if cli.reps == 0 {
+        return Err("--reps must be at least 1".into());
+    }
+    if !(cli.scale.is_finite() && cli.scale > 0.0 && cli.scale <= MAX_SCALE) {
+        return Err(format!(
+            "--scale must be a number above 0 and at most {MAX_SCALE} (got {})",
+            cli.scale
+        )
+        .into());
+    }
+    let listed = |s: &str| {
+        s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .count()
+    };
+    if listed(&cli.modes) == 0 {
+        return Err("--modes names no mode (give heater and/or msg-coproc)".into());
+    }
+    for m in cli
+        .modes
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+    {
+        if m.parse::<CpuMode>().is_err() {
+            return Err(format!(
+                "--modes: unknown mode `{m}` (give heater, msg-coproc, compute-coproc or virtual-node)"
+            )
+            .into());
+        }
+    }
+    if !cli.tcp {
+        if listed(&cli.sources) == 0 {
+            return Err("--sources names no source (give shared, bounce and/or cma)".into());
+        }
+        for s in cli
+            .sources
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+        {
+            Source::parse(s).map_err(|e| format!("--sources: {e}"))?;
+        }
+    }
+    if let Some(q) = cli.queue_bytes {
+        qk::region::Layout::new(2, q, 1 << 20).map_err(|e| format!("--queue-bytes: {e}"))?;
+    }
+    Ok(())
+}
+
 fn bench_main(cli: &Cli) -> R<()> {
     // Check the request before creating namespaces or looking for peers.
     let only: Vec<&str> = cli.only.split(',').map(str::trim).collect();
@@ -410,9 +467,7 @@ fn bench_main(cli: &Cli) -> R<()> {
         );
     }
     let ms = plan(cli, &only)?;
-    if cli.reps == 0 {
-        return Err("--reps must be at least 1".into());
-    }
+    check_request(cli)?;
     let mut contenders = Vec::new();
     let netns = if cli.tcp {
         match Netns::create() {
@@ -425,12 +480,22 @@ fn bench_main(cli: &Cli) -> R<()> {
     } else {
         None
     };
-    for m in cli.modes.split(',').filter(|s| !s.is_empty()) {
+    for m in cli
+        .modes
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
         let mode: CpuMode = m.parse()?;
         if let Some(ns) = &netns {
             contenders.push(Contender::OursTcp(mode, ns.clone()));
         } else {
-            for src in cli.sources.split(',').filter(|s| !s.is_empty()) {
+            for src in cli
+                .sources
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+            {
                 contenders.push(Contender::Ours(mode, Source::parse(src)?));
             }
         }
@@ -509,18 +574,23 @@ fn bench_main(cli: &Cli) -> R<()> {
             .join(", "),
         cpus
     );
+    let (mut runs, mut failed) = (0usize, 0usize);
     for m in &ms {
         let mut vals: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
         let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
         for _rep in 0..cli.reps {
             let mut round = vec![f64::NAN; contenders.len()];
             for (i, c) in contenders.iter().enumerate() {
+                runs += 1;
                 match run_one(c, m) {
                     Ok(v) => {
                         round[i] = v;
                         vals[i].push(v);
                     }
-                    Err(e) => eprintln!("  {} {}: failed: {e}", c.name(), m.label()),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("  {} {}: failed: {e}", c.name(), m.label())
+                    }
                 }
             }
             let peers: Vec<f64> = contenders
@@ -564,6 +634,12 @@ fn bench_main(cli: &Cli) -> R<()> {
             }
             println!("{line}");
         }
+    }
+    if failed > 0 {
+        // The tables above hold what did run; the exit status says they are incomplete.
+        return Err(
+            format!("{failed} of {runs} runs failed (each one's reason is printed above)").into(),
+        );
     }
     Ok(())
 }
@@ -816,7 +892,7 @@ fn parse_result(out: &std::process::Output, m: &Measure) -> R<f64> {
     let so = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         return Err(format!(
-            "exit {}: {}{}",
+            "{}: {}{}",
             out.status,
             so,
             String::from_utf8_lossy(&out.stderr)
@@ -1188,6 +1264,9 @@ fn bench_portals(
 }
 
 fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
+    if window == 0 || batches == 0 || reps == 0 {
+        return Err("cost: --window, --batches and --reps must be at least 1".into());
+    }
     let job = 79;
     let mut spec = JobFabricSpec::new(job, 2, vec![0, 1], CpuMode::Heater);
     spec.heap_bytes_per_rank = 2 * size.max(1 << 16) + (8 << 20);
