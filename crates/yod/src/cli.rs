@@ -158,6 +158,14 @@ fn spec_of(cli: &RunCli) -> Result<JobSpec> {
     if cli.n == 0 {
         return Err(YodError::Usage("-n must be at least 1".into()));
     }
+    if cli.n > pct::proto::MAX_RANKS {
+        // Every node's PCT would refuse the load request; say it once, before any node is asked.
+        return Err(YodError::Usage(format!(
+            "-n {} is more ranks than a job may have ({})",
+            cli.n,
+            pct::proto::MAX_RANKS
+        )));
+    }
     if cli.ppn == Some(0) || cli.nodes == Some(0) {
         return Err(YodError::Usage(
             "--ppn and --nodes must be at least 1".into(),

@@ -279,12 +279,23 @@ fn node_and_ppn_requests_that_cannot_hold_the_job_are_refused_and_extra_nodes_no
             &["-n", "3", "--nodes", "2", "--ppn", "1"][..],
             "--nodes 2 x --ppn 1 cannot hold 3 ranks",
         ),
+        // Said once by yod, not once per node by every PCT that was asked.
+        (
+            &["-n", "99999"][..],
+            "-n 99999 is more ranks than a job may have (65536)",
+        ),
     ] {
         let mut a = args.to_vec();
         a.push(&h);
         let out = run_yod(&a);
         assert!(!out.status.success(), "{a:?}");
         assert!(out.stdout.is_empty(), "{a:?} started ranks");
+        assert_eq!(
+            text(&out.stderr).lines().count(),
+            1,
+            "{a:?}: {}",
+            text(&out.stderr)
+        );
         assert!(
             text(&out.stderr).contains(want),
             "{a:?}: {}",
