@@ -127,7 +127,14 @@ pub(crate) fn align_up(t: u64, interval: u64) -> u64 {
 /// Run FTQ as configured: one pinned sampler per CPU, calibrated on its CPU, all starting on the
 /// same aligned absolute time.
 pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
-    if cfg.interval_ns == 0 || cfg.duration_ns < cfg.interval_ns {
+    if cfg.interval_ns == 0 {
+        return Err(NoiseError::bad(
+            "interval",
+            "0 ns",
+            "must be longer than zero",
+        ));
+    }
+    if cfg.duration_ns < cfg.interval_ns {
         return Err(NoiseError::bad(
             "duration",
             &format!("{} ns", cfg.duration_ns),

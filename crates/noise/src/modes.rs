@@ -50,6 +50,14 @@ where
     P: Send + 'static,
     T: Send + 'static,
 {
+    if cfg.duration_ns == 0 {
+        // Zero samples would read as a perfectly quiet machine.
+        return Err(NoiseError::bad(
+            "duration",
+            "0 ns",
+            "must be longer than zero",
+        ));
+    }
     sys::check_cpus(&cfg.cpus)?;
     let _group = cfg.nice.map(sys::AutogroupNice::set);
     let n = cfg.cpus.len();

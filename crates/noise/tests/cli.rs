@@ -62,6 +62,21 @@ fn bad_arguments_give_clear_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not available"));
     assert!(!Path::new("nonexistent").exists());
+    // A zero interval is named as the fault, not the duration it cannot divide.
+    let out = bin()
+        .args(["ftq", "--duration", "1s", "--interval", "0ns"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("invalid interval"), "{err}");
+    // A run of no time at all is refused rather than reported as a machine without noise.
+    for mode in ["detour", "fwq", "fig1"] {
+        let out = bin().args([mode, "--duration", "0s"]).output().unwrap();
+        assert!(!out.status.success(), "{mode}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid duration `0 ns`"), "{mode}: {err}");
+    }
 }
 
 #[test]
