@@ -207,6 +207,10 @@ fn idle_pct_rss(yod: &Path) -> Result<u64, String> {
 
 fn main() {
     let a = Args::parse();
+    if a.repeats == 0 || a.ranks.is_empty() || a.ranks.contains(&0) {
+        eprintln!("yod-bench: --repeats and every job size in --ranks must be at least 1");
+        std::process::exit(2);
+    }
     let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("yod-bench"));
     let yod = a.yod.clone().unwrap_or_else(|| me.with_file_name("yod"));
     let hello = a
