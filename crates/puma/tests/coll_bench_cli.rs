@@ -17,11 +17,21 @@ fn bad_requests_are_refused_and_a_failed_run_is_an_error() {
         (&["--ranks", "2,1"][..], "1 is not in 2.."),
         (&["--reps", "0"][..], "0 is not in 1.."),
         (&["--target-ms", "0"][..], "0 is not in 1.."),
+        (
+            &["--ops", "barrier,gather"][..],
+            "--ops: unknown operation `gather`",
+        ),
     ] {
         let out = bench(args);
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(want), "{args:?}: {err}");
+        // Refused before any launch: no table header.
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} started: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
     }
     // Our side missing: the table is empty and the exit status says so.
     let out = bench(&[

@@ -93,6 +93,16 @@ fn which(p: &str) -> bool {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // An operation the ranks do not know would fail every run of every contender; say so first.
+    const OPS: [&str; 4] = ["barrier", "bcast", "allreduce", "alltoall"];
+    let ops: Vec<&str> = cli.ops.split(',').map(str::trim).collect();
+    if let Some(bad) = ops.iter().find(|o| !OPS.contains(o)) {
+        eprintln!(
+            "puma-coll-bench: --ops: unknown operation `{bad}` (give a comma list of {})",
+            OPS.join(", ")
+        );
+        return std::process::ExitCode::from(2);
+    }
     let mut ours_failed = false;
     let dir = cli.bin_dir.clone().unwrap_or_else(|| {
         std::env::current_exe()
