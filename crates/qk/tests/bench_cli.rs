@@ -37,6 +37,7 @@ fn requests_that_select_nothing_are_refused_before_any_run() {
         (&["--queue-bytes", "3000"][..], "--queue-bytes: "),
         (&["cost", "--window", "0"][..], "must be at least 1"),
         (&["cost", "--reps", "0"][..], "must be at least 1"),
+        (&["ring", "--iters", "0"][..], "must be at least 1"),
     ] {
         let out = bench(args);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -92,5 +93,27 @@ fn a_failed_run_is_reported_and_makes_the_exit_status_non_zero() {
             .lines()
             .any(|l| l.trim_start().starts_with("qk heater") && l.contains("median")),
         "{stdout}"
+    );
+}
+
+/// `ring` bounces real records through qk's rings (each side checks every payload it takes) and
+/// prints the one-way time.
+#[test]
+fn the_ring_floor_bounces_checked_messages_between_the_two_cpus() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        println!("skipped: `puma-bench ring` needs two CPUs, this machine offers {cpus}");
+        return;
+    }
+    let out = bench(&["ring", "--iters", "2000", "--reps", "2"]);
+    let so = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{so}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        so.contains("qk ring ping-pong") && so.contains("one-way min"),
+        "{so}"
     );
 }

@@ -107,6 +107,19 @@ enum Cmd {
         #[arg(long)]
         pause: bool,
     },
+    /// The floor of our own queues: two threads pinned one per core bounce an 8-byte compact put
+    /// through qk's node-local rings (two rings, one per direction, as between two ranks), with no
+    /// portals work, match or event. Between `line` (one line, no queue) and the full ping-pong
+    /// it shows what the queue design costs and what is left for the library. Prints
+    /// min/median/max one-way ns over the repeats.
+    Ring {
+        /// Round trips per repeat.
+        #[arg(long, default_value_t = 200_000)]
+        iters: u64,
+        /// Repeats (min/median/max printed).
+        #[arg(long, default_value_t = 7)]
+        reps: usize,
+    },
     /// Internal: one rank of our side.
     Rank {
         #[arg(long)]
@@ -271,6 +284,7 @@ fn main() -> std::process::ExitCode {
             reps,
         }) => cost_main(size, window, batches, reps),
         Some(Cmd::Line { iters, reps, pause }) => line_main(iters, reps, pause),
+        Some(Cmd::Ring { iters, reps }) => ring_main(iters, reps),
         None => bench_main(&cli),
     };
     match r {
@@ -1410,6 +1424,102 @@ fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
     println!(
         "cache-line ping-pong CPU {c0} <-> CPU {c1}{} ({reps} repeats of {iters} round trips): one-way min {:.1}  median {:.1}  max {:.1} ns",
         if pause { ", pause per look" } else { "" },
+        one_way[0],
+        one_way[one_way.len() / 2],
+        one_way[one_way.len() - 1]
+    );
+    Ok(())
+}
+
+/// One side of [`ring_main`]: sends `k` (when `first`) and waits for the answer, or the other
+/// way round, `n` times from `k0`; checks every payload it takes. `Err` names the first wrong one.
+fn ring_turns(
+    port: &mut qk::fabric::Port,
+    to: u32,
+    first: bool,
+    k0: u64,
+    n: u64,
+) -> Result<(), String> {
+    let h = qk::fabric::Hdr {
+        op: qk::fabric::op::PUT,
+        portal: 1,
+        length: 8,
+        ..Default::default()
+    };
+    let word = qk::fabric::compact_word(&h).ok_or("an 8-byte put has a compact form")?;
+    let take = |port: &mut qk::fabric::Port, want: u64| -> Result<(), String> {
+        let mut got = None;
+        while port.poll_run(1, |m| {
+            got = Some(match m.head {
+                qk::fabric::Head::Compact(c) => c.payload,
+                qk::fabric::Head::Line(_) => u64::MAX,
+            })
+        }) == 0
+        {}
+        match got {
+            Some(v) if v == want => Ok(()),
+            other => Err(format!("expected payload {want}, got {other:?}")),
+        }
+    };
+    for k in k0..k0 + n {
+        if !first {
+            take(port, k)?;
+        }
+        while !port.try_send_compact(to, word, 1, k, 8) {}
+        if first {
+            take(port, k)?;
+        }
+    }
+    Ok(())
+}
+
+fn ring_main(iters: u64, reps: usize) -> R<()> {
+    let cpus = qk::sys::allowed_cpus();
+    let (Some(&c0), Some(&c1)) = (cpus.first(), cpus.get(1)) else {
+        return Err(format!(
+            "needs two CPUs to bounce messages between, this process may use {cpus:?}"
+        )
+        .into());
+    };
+    if iters == 0 || reps == 0 {
+        return Err("--iters and --reps must be at least 1".into());
+    }
+    let mut spec = JobFabricSpec::new(77, 2, vec![0, 1], CpuMode::Heater);
+    spec.lock_memory = false;
+    let fab = NodeFabric::create(&spec)?;
+    let (mut p0, mut p1) = (
+        qk::fabric::Port::new(fab.region().clone(), 0),
+        qk::fabric::Port::new(fab.region().clone(), 1),
+    );
+    let total = iters * reps as u64;
+    let mut one_way = Vec::with_capacity(reps);
+    std::thread::scope(|s| -> R<()> {
+        let echo = s.spawn(move || -> Result<(), String> {
+            // After a pinning error the answers still go out, or the other side would wait for ever.
+            let pinned = qk::sys::pin_to_cpu(c1);
+            ring_turns(&mut p1, 0, false, 0, total)?;
+            pinned.map_err(|e| format!("pinning to CPU {c1}: {e}"))
+        });
+        let pinned = qk::sys::pin_to_cpu(c0);
+        let mut k = 0;
+        let mut res = Ok(());
+        for _ in 0..reps {
+            let t = Instant::now();
+            res = ring_turns(&mut p0, 1, true, k, iters);
+            if res.is_err() {
+                break;
+            }
+            k += iters;
+            one_way.push(t.elapsed().as_nanos() as f64 / (2 * iters) as f64);
+        }
+        res?;
+        echo.join().map_err(|_| "the answering thread panicked")??;
+        pinned.map_err(|e| format!("pinning to CPU {c0}: {e}"))?;
+        Ok(())
+    })?;
+    one_way.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "qk ring ping-pong CPU {c0} <-> CPU {c1} (8-byte compact puts, no portals; {reps} repeats of {iters} round trips): one-way min {:.1}  median {:.1}  max {:.1} ns",
         one_way[0],
         one_way[one_way.len() / 2],
         one_way[one_way.len() - 1]
