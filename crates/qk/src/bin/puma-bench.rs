@@ -1383,10 +1383,13 @@ fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
     };
     let total = iters * reps as u64;
     let mut one_way = Vec::with_capacity(reps);
+    let placed = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| -> R<()> {
-        // The answering side: waits for each odd value and writes the next even one.
+        // The answering side: waits for each odd value and writes the next even one. After a
+        // pinning error it still answers, or the other side would wait for ever.
         let echo = s.spawn(|| -> Result<(), String> {
-            qk::sys::pin_to_cpu(c1).map_err(|e| format!("pinning to CPU {c1}: {e}"))?;
+            let pinned = qk::sys::pin_to_cpu(c1);
+            placed.store(true, Ordering::Release);
             for k in 0..total {
                 while line.v.load(Ordering::Acquire) != 2 * k + 1 {
                     if pause {
@@ -1395,9 +1398,10 @@ fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
                 }
                 line.v.store(2 * k + 2, Ordering::Release);
             }
-            Ok(())
+            pinned.map_err(|e| format!("pinning to CPU {c1}: {e}"))
         });
         let pinned = qk::sys::pin_to_cpu(c0);
+        wait_placed(&placed);
         let mut k = 0u64;
         for _ in 0..reps {
             let t = Instant::now();
@@ -1431,14 +1435,41 @@ fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
     Ok(())
 }
 
+/// Waits, yielding, until the answering thread of a two-CPU measurement has pinned itself. Under
+/// `chrt -f` a thread spinning at a real-time priority never lets one of the same priority that
+/// still sits on its CPU run, so spinning before the other side has moved away could wait for ever.
+fn wait_placed(placed: &std::sync::atomic::AtomicBool) {
+    while !placed.load(std::sync::atomic::Ordering::Acquire) {
+        std::thread::yield_now();
+    }
+}
+
 /// One side of [`ring_main`]: sends `k` (when `first`) and waits for the answer, or the other
-/// way round, `n` times from `k0`; checks every payload it takes. `Err` names the first wrong one.
+/// way round, `n` times from `k0`; checks every payload it takes. `Err` names the first wrong one,
+/// or says the other side stopped (`stop`, which this side sets when it fails).
 fn ring_turns(
     port: &mut qk::fabric::Port,
     to: u32,
     first: bool,
-    k0: u64,
-    n: u64,
+    (k0, n): (u64, u64),
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<(), String> {
+    let r = ring_turns_until(port, to, first, (k0, n), stop);
+    if r.is_err() {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    r
+}
+
+/// What a side of [`ring_main`] says when the other side failed first.
+const RING_STOPPED: &str = "the other side stopped";
+
+fn ring_turns_until(
+    port: &mut qk::fabric::Port,
+    to: u32,
+    first: bool,
+    (k0, n): (u64, u64),
+    stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
     let h = qk::fabric::Hdr {
         op: qk::fabric::op::PUT,
@@ -1455,7 +1486,11 @@ fn ring_turns(
                 qk::fabric::Head::Line(_) => u64::MAX,
             })
         }) == 0
-        {}
+        {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(RING_STOPPED.into());
+            }
+        }
         match got {
             Some(v) if v == want => Ok(()),
             other => Err(format!("expected payload {want}, got {other:?}")),
@@ -1493,27 +1528,37 @@ fn ring_main(iters: u64, reps: usize) -> R<()> {
     );
     let total = iters * reps as u64;
     let mut one_way = Vec::with_capacity(reps);
+    let placed = std::sync::atomic::AtomicBool::new(false);
+    let stop = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| -> R<()> {
+        let (placed, stop) = (&placed, &stop);
         let echo = s.spawn(move || -> Result<(), String> {
             // After a pinning error the answers still go out, or the other side would wait for ever.
             let pinned = qk::sys::pin_to_cpu(c1);
-            ring_turns(&mut p1, 0, false, 0, total)?;
+            placed.store(true, std::sync::atomic::Ordering::Release);
+            ring_turns(&mut p1, 0, false, (0, total), stop)?;
             pinned.map_err(|e| format!("pinning to CPU {c1}: {e}"))
         });
         let pinned = qk::sys::pin_to_cpu(c0);
+        wait_placed(placed);
         let mut k = 0;
         let mut res = Ok(());
         for _ in 0..reps {
             let t = Instant::now();
-            res = ring_turns(&mut p0, 1, true, k, iters);
+            res = ring_turns(&mut p0, 1, true, (k, iters), stop);
             if res.is_err() {
                 break;
             }
             k += iters;
             one_way.push(t.elapsed().as_nanos() as f64 / (2 * iters) as f64);
         }
-        res?;
-        echo.join().map_err(|_| "the answering thread panicked")??;
+        let answered = echo.join().map_err(|_| "the answering thread panicked")?;
+        match (res, answered) {
+            (Ok(()), Ok(())) => {}
+            // Whichever side failed first says why; the other only saw it stop.
+            (Err(mine), Err(theirs)) if mine == RING_STOPPED => return Err(theirs.into()),
+            (Err(why), _) | (Ok(()), Err(why)) => return Err(why.into()),
+        }
         pinned.map_err(|e| format!("pinning to CPU {c0}: {e}"))?;
         Ok(())
     })?;
@@ -1663,6 +1708,49 @@ impl Drop for Netns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two ports of one job's queues, in this process.
+    fn two_ports() -> (NodeFabric, qk::fabric::Port, qk::fabric::Port) {
+        let mut spec = JobFabricSpec::new(76, 2, vec![0, 1], CpuMode::Heater);
+        spec.lock_memory = false;
+        let fab = NodeFabric::create(&spec).unwrap();
+        let p0 = qk::fabric::Port::new(fab.region().clone(), 0);
+        let p1 = qk::fabric::Port::new(fab.region().clone(), 1);
+        (fab, p0, p1)
+    }
+
+    #[test]
+    fn a_ring_side_stops_waiting_once_the_other_side_has_failed() {
+        let (_fab, mut p0, _p1) = two_ports();
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        // Nothing will ever come: without the flag this would wait for ever.
+        assert_eq!(
+            ring_turns(&mut p0, 1, false, (0, 5), &stop),
+            Err(RING_STOPPED.to_string())
+        );
+    }
+
+    #[test]
+    fn a_wrong_payload_fails_the_ring_side_that_takes_it_and_stops_the_other() {
+        let (_fab, mut p0, mut p1) = two_ports();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let h = qk::fabric::Hdr {
+            op: qk::fabric::op::PUT,
+            portal: 1,
+            length: 8,
+            ..Default::default()
+        };
+        let word = qk::fabric::compact_word(&h).unwrap();
+        assert!(p1.try_send_compact(0, word, 1, 7, 8));
+        let r = ring_turns(&mut p0, 1, false, (0, 1), &stop);
+        assert_eq!(r, Err("expected payload 0, got Some(7)".to_string()));
+        assert!(stop.load(std::sync::atomic::Ordering::Relaxed));
+        // The right payloads, in turn, pass (one side at a time: each answer is already queued).
+        let ok = std::sync::atomic::AtomicBool::new(false);
+        assert!(p1.try_send_compact(0, word, 1, 0, 8));
+        assert_eq!(ring_turns(&mut p0, 1, false, (0, 1), &ok), Ok(()));
+        assert_eq!(ring_turns(&mut p1, 0, false, (0, 1), &ok), Ok(()));
+    }
 
     fn measure(what: &'static str, rewrite: bool) -> Measure {
         Measure {
