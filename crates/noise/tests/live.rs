@@ -190,7 +190,19 @@ fn exclusive_figure1_benchmark_misreports_what_ftq_gets_right() {
     let fig1 = fig1_run(true);
     let fig1_added = fig1.per_sample_noise - fig1_base.per_sample_noise;
     let dir = tempfile::tempdir().unwrap();
-    let (f, lost, _, _) = ftq_injected(dir.path(), "6s");
+    // FTQ's reading is the median of three baseline/injected pairs, as in the test above: one
+    // run alone read 2.69 % for the 2 % injection once in CI (a burst of the VM's own noise in
+    // the detour's phase), which says nothing about Figure 1 against FTQ.
+    let pairs: Vec<(f64, f64)> = (0..3)
+        .map(|_| {
+            let (f, lost, _, _) = ftq_injected(dir.path(), "5s");
+            (f, lost)
+        })
+        .collect();
+    let mut losts: Vec<f64> = pairs.iter().map(|p| p.1).collect();
+    losts.sort_by(f64::total_cmp);
+    let lost = losts[1];
+    let f = pairs.iter().map(|p| p.0).sum::<f64>() / pairs.len() as f64;
     println!("under --inject 100Hz:200us (2 % duty cycle):");
     println!(
         "  Figure 1: {} samples, {:.4} % disturbed, per-sample noise {:.4} %, line at {:?} Hz",
@@ -204,16 +216,16 @@ fn exclusive_figure1_benchmark_misreports_what_ftq_gets_right() {
         100.0 * fig1_base.per_sample_noise,
         100.0 * fig1_added
     );
-    println!("  FTQ:      {f:.3} Hz, {:.3} % lost to it", 100.0 * lost);
-    // FTQ is right... (within 30 %: this test samples one 6 s run, not the median of three
-    // pairs as the test above does, and on a machine busy with other work the detour's cache
-    // refills count as lost too: 2.41 % was read for the 2 % injection at load average 3.8,
-    // while Figure 1 below stays under 0.5 %, which is the contrast this test is about)
-    assert!((f - 100.0).abs() / 100.0 < 0.02, "frequency {f}");
-    assert!(
-        (lost - DUTY).abs() / DUTY < 0.3,
-        "lost {lost}, injected {DUTY}"
+    println!(
+        "  FTQ:      {f:.3} Hz, {:.3} % lost to it (median of {:.3?} %)",
+        100.0 * lost,
+        losts.iter().map(|l| 100.0 * l).collect::<Vec<_>>()
     );
+    // FTQ is right...
+    for (fi, _) in &pairs {
+        assert!((fi - 100.0).abs() / 100.0 < 0.02, "frequency {fi}");
+    }
+    assert!(within_injection(lost), "lost {lost}, injected {DUTY}");
     // ...while Figure 1's per-sample reading makes the 2 % interference all but vanish.
     assert!(
         fig1_added < DUTY / 4.0,
