@@ -1342,13 +1342,8 @@ fn cost_main(size: u64, window: u64, batches: u64, reps: usize) -> R<()> {
         recv_ns.push(tr.as_nanos() as f64 / n);
     }
     let show = |name: &str, v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        println!(
-            "  {name:<8} min {:>7.1}  median {:>7.1}  max {:>7.1} ns/message",
-            v[0],
-            v[v.len() / 2],
-            v[v.len() - 1]
-        );
+        let (min, med, max) = spread(v);
+        println!("  {name:<8} min {min:>7.1}  median {med:>7.1}  max {max:>7.1} ns/message");
     };
     println!("cost of a {size} B put on one core ({reps} repeats of {batches} x {window}):");
     show("send", &mut send_ns);
@@ -1364,20 +1359,33 @@ struct Line {
     v: std::sync::atomic::AtomicU64,
 }
 
-/// `puma-bench line`: one-way latency of a bare cache-line ping-pong between the first two
-/// allowed CPUs (see [`Cmd::Line`]).
-fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
-    use std::sync::atomic::Ordering;
+/// The first two CPUs this process may use, for a measurement that bounces `what` between two
+/// cores, after checking its counts.
+fn two_cpus_for(what: &str, iters: u64, reps: usize) -> R<(usize, usize)> {
     let cpus = qk::sys::allowed_cpus();
     let (Some(&c0), Some(&c1)) = (cpus.first(), cpus.get(1)) else {
         return Err(format!(
-            "needs two CPUs to bounce a line between, this process may use {cpus:?}"
+            "needs two CPUs to bounce {what} between, this process may use {cpus:?}"
         )
         .into());
     };
     if iters == 0 || reps == 0 {
         return Err("--iters and --reps must be at least 1".into());
     }
+    Ok((c0, c1))
+}
+
+/// Sorts `v` (not empty) and returns its min, median and max.
+fn spread(v: &mut [f64]) -> (f64, f64, f64) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// `puma-bench line`: one-way latency of a bare cache-line ping-pong between the first two
+/// allowed CPUs (see [`Cmd::Line`]).
+fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
+    use std::sync::atomic::Ordering;
+    let (c0, c1) = two_cpus_for("a line", iters, reps)?;
     let line = Line {
         v: std::sync::atomic::AtomicU64::new(0),
     };
@@ -1424,13 +1432,10 @@ fn line_main(iters: u64, reps: usize, pause: bool) -> R<()> {
         pinned.map_err(|e| format!("pinning to CPU {c0}: {e}"))?;
         Ok(())
     })?;
-    one_way.sort_by(|a, b| a.total_cmp(b));
+    let (min, med, max) = spread(&mut one_way);
     println!(
-        "cache-line ping-pong CPU {c0} <-> CPU {c1}{} ({reps} repeats of {iters} round trips): one-way min {:.1}  median {:.1}  max {:.1} ns",
+        "cache-line ping-pong CPU {c0} <-> CPU {c1}{} ({reps} repeats of {iters} round trips): one-way min {min:.1}  median {med:.1}  max {max:.1} ns",
         if pause { ", pause per look" } else { "" },
-        one_way[0],
-        one_way[one_way.len() / 2],
-        one_way[one_way.len() - 1]
     );
     Ok(())
 }
@@ -1509,16 +1514,7 @@ fn ring_turns_until(
 }
 
 fn ring_main(iters: u64, reps: usize) -> R<()> {
-    let cpus = qk::sys::allowed_cpus();
-    let (Some(&c0), Some(&c1)) = (cpus.first(), cpus.get(1)) else {
-        return Err(format!(
-            "needs two CPUs to bounce messages between, this process may use {cpus:?}"
-        )
-        .into());
-    };
-    if iters == 0 || reps == 0 {
-        return Err("--iters and --reps must be at least 1".into());
-    }
+    let (c0, c1) = two_cpus_for("messages", iters, reps)?;
     let mut spec = JobFabricSpec::new(77, 2, vec![0, 1], CpuMode::Heater);
     spec.lock_memory = false;
     let fab = NodeFabric::create(&spec)?;
@@ -1562,12 +1558,9 @@ fn ring_main(iters: u64, reps: usize) -> R<()> {
         pinned.map_err(|e| format!("pinning to CPU {c0}: {e}"))?;
         Ok(())
     })?;
-    one_way.sort_by(|a, b| a.total_cmp(b));
+    let (min, med, max) = spread(&mut one_way);
     println!(
-        "qk ring ping-pong CPU {c0} <-> CPU {c1} (8-byte compact puts, no portals; {reps} repeats of {iters} round trips): one-way min {:.1}  median {:.1}  max {:.1} ns",
-        one_way[0],
-        one_way[one_way.len() / 2],
-        one_way[one_way.len() - 1]
+        "qk ring ping-pong CPU {c0} <-> CPU {c1} (8-byte compact puts, no portals; {reps} repeats of {iters} round trips): one-way min {min:.1}  median {med:.1}  max {max:.1} ns"
     );
     Ok(())
 }
