@@ -418,6 +418,11 @@ fn extra_iters(what: &str, size: u64) -> (u64, u64) {
 /// Largest `--scale`: the standard measurements at this scale already run for hours.
 const MAX_SCALE: f64 = 1000.0;
 
+/// The names of a comma list option, trimmed, empty ones skipped.
+fn items(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim).filter(|x| !x.is_empty())
+}
+
 /// Checks the options `plan` does not: rounds, scale, our modes and sources, queue size. Called
 /// before anything is created or looked for, so a bad request costs nothing and says what is wrong.
 fn check_request(cli: &Cli) -> R<()> {
@@ -431,21 +436,10 @@ fn check_request(cli: &Cli) -> R<()> {
         )
         .into());
     }
-    let listed = |s: &str| {
-        s.split(',')
-            .map(str::trim)
-            .filter(|x| !x.is_empty())
-            .count()
-    };
-    if listed(&cli.modes) == 0 {
+    if items(&cli.modes).next().is_none() {
         return Err("--modes names no mode (give heater and/or msg-coproc)".into());
     }
-    for m in cli
-        .modes
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-    {
+    for m in items(&cli.modes) {
         if m.parse::<CpuMode>().is_err() {
             return Err(format!(
                 "--modes: unknown mode `{m}` (give heater, msg-coproc, compute-coproc or virtual-node)"
@@ -454,15 +448,10 @@ fn check_request(cli: &Cli) -> R<()> {
         }
     }
     if !cli.tcp {
-        if listed(&cli.sources) == 0 {
+        if items(&cli.sources).next().is_none() {
             return Err("--sources names no source (give shared, bounce and/or cma)".into());
         }
-        for s in cli
-            .sources
-            .split(',')
-            .map(str::trim)
-            .filter(|x| !x.is_empty())
-        {
+        for s in items(&cli.sources) {
             Source::parse(s).map_err(|e| format!("--sources: {e}"))?;
         }
     }
@@ -494,22 +483,12 @@ fn bench_main(cli: &Cli) -> R<()> {
     } else {
         None
     };
-    for m in cli
-        .modes
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-    {
+    for m in items(&cli.modes) {
         let mode: CpuMode = m.parse()?;
         if let Some(ns) = &netns {
             contenders.push(Contender::OursTcp(mode, ns.clone()));
         } else {
-            for src in cli
-                .sources
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-            {
+            for src in items(&cli.sources) {
                 contenders.push(Contender::Ours(mode, Source::parse(src)?));
             }
         }
@@ -1459,23 +1438,6 @@ fn ring_turns(
     (k0, n): (u64, u64),
     stop: &std::sync::atomic::AtomicBool,
 ) -> Result<(), String> {
-    let r = ring_turns_until(port, to, first, (k0, n), stop);
-    if r.is_err() {
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-    r
-}
-
-/// What a side of [`ring_main`] says when the other side failed first.
-const RING_STOPPED: &str = "the other side stopped";
-
-fn ring_turns_until(
-    port: &mut qk::fabric::Port,
-    to: u32,
-    first: bool,
-    (k0, n): (u64, u64),
-    stop: &std::sync::atomic::AtomicBool,
-) -> Result<(), String> {
     let h = qk::fabric::Hdr {
         op: qk::fabric::op::PUT,
         portal: 1,
@@ -1501,17 +1463,27 @@ fn ring_turns_until(
             other => Err(format!("expected payload {want}, got {other:?}")),
         }
     };
-    for k in k0..k0 + n {
-        if !first {
-            take(port, k)?;
+    let mut turns = || -> Result<(), String> {
+        for k in k0..k0 + n {
+            if !first {
+                take(port, k)?;
+            }
+            while !port.try_send_compact(to, word, 1, k, 8) {}
+            if first {
+                take(port, k)?;
+            }
         }
-        while !port.try_send_compact(to, word, 1, k, 8) {}
-        if first {
-            take(port, k)?;
-        }
+        Ok(())
+    };
+    let r = turns();
+    if r.is_err() {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
-    Ok(())
+    r
 }
+
+/// What a side of [`ring_main`] says when the other side failed first.
+const RING_STOPPED: &str = "the other side stopped";
 
 fn ring_main(iters: u64, reps: usize) -> R<()> {
     let (c0, c1) = two_cpus_for("messages", iters, reps)?;
