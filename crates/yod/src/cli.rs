@@ -277,6 +277,14 @@ pub fn run_cli(cli: RunCli) -> Result<i32> {
         }
     }
     // Embedded local partition.
+    if let Some(k) = &cli.key {
+        // Its PCTs are yod's own and share a key made for this job alone; say so rather than
+        // let an explicit key (readable or not) look used.
+        crate::say!(
+            "yod: note: --key {} is not used: the embedded local partition's PCTs share a key made for this job",
+            k.display()
+        );
+    }
     let k = match (cli.nodes, cli.ppn) {
         // One virtual node unless the job exceeds what one node's QK fabric holds.
         (None, None) => cli.n.div_ceil(pct::resources::MAX_LOCAL_RANKS) as usize,

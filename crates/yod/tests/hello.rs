@@ -268,7 +268,7 @@ fn ranks_on_two_virtual_nodes_exchange_messages_through_the_qk_node_engines() {
 }
 
 #[test]
-fn node_and_ppn_requests_that_cannot_hold_the_job_are_refused_and_extra_nodes_noted() {
+fn requests_that_cannot_hold_the_job_are_refused_and_extra_nodes_or_an_unused_key_noted() {
     let h = hello().display().to_string();
     for (args, want) in [
         (
@@ -302,6 +302,21 @@ fn node_and_ppn_requests_that_cannot_hold_the_job_are_refused_and_extra_nodes_no
             text(&out.stderr)
         );
     }
+    // A key given to the embedded partition is not used, and yod says so.
+    let out = run_yod(&[
+        "--local",
+        "--key",
+        "/nonexistent/cluster.key",
+        "-n",
+        "2",
+        &h,
+    ]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("--key /nonexistent/cluster.key is not used"),
+        "{}",
+        text(&out.stderr)
+    );
     // More nodes than ranks: the job runs, one rank per node, and yod says so.
     let out = run_yod(&["-n", "3", "--nodes", "5", &h]);
     assert!(out.status.success());
