@@ -66,6 +66,10 @@ pub enum NoiseError {
     /// A sampler or interferer thread failed.
     #[error("sampler thread failed: {0}")]
     Thread(String),
+    /// The run was ended early by a signal (SIGINT/SIGTERM); what was sampled before it is
+    /// kept as the message says (exit status 130).
+    #[error("interrupted: {0}")]
+    Interrupted(String),
     /// The command to run during sampling could not be started.
     #[error("cannot start command `{command}`: {source}")]
     Spawn {

@@ -97,6 +97,7 @@ fn sample_intervals(
 ) -> Vec<u32> {
     let mut counts = vec![0u32; n];
     let mut seed = 1u64;
+    let stop = crate::interrupt::flag();
     sys::wait_until_precise(t0);
     let mut now = now_ns();
     // If we woke late, the intervals we missed stay zero.
@@ -114,6 +115,11 @@ fn sample_intervals(
         // skipped over was lost entirely and keeps its zero.
         i = ((now - t0) / interval_ns) as usize;
         progress.store(i as u64, Ordering::Relaxed);
+        if stop.load(Ordering::Relaxed) {
+            // Asked to end early: the intervals before `i` are complete (or lost, as zeros).
+            counts.truncate(i);
+            break;
+        }
     }
     std::hint::black_box(seed);
     counts
@@ -220,14 +226,20 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
         out,
         inject_wakeups: burns,
     } = sampled?;
-    let (cals, counts): (Vec<work::Calibration>, Vec<Vec<u32>>) = out.into_iter().unzip();
+    let (cals, mut counts): (Vec<work::Calibration>, Vec<Vec<u32>>) = out.into_iter().unzip();
+    // Ended early: every CPU keeps the intervals all of them completed.
+    let kept = counts.iter().map(Vec::len).min().unwrap_or(0);
+    let interrupted = kept < n;
+    for c in &mut counts {
+        c.truncate(kept);
+    }
 
     let quantum_ns = cals.iter().map(|c| c.quantum_ns).sum::<f64>() / cals.len().max(1) as f64;
     let mut meta = vec![
         ("mode".to_string(), "ftq".to_string()),
         (
             "duration_ns".to_string(),
-            (n as u64 * cfg.interval_ns).to_string(),
+            (kept as u64 * cfg.interval_ns).to_string(),
         ),
         ("t0_monotonic_ns".to_string(), t0.to_string()),
         (
@@ -247,6 +259,16 @@ pub fn run(cfg: &FtqConfig) -> Result<FtqRun> {
     }
     if let Some(n) = cfg.nice {
         meta.push(("nice".to_string(), n.to_string()));
+    }
+    if interrupted {
+        meta.push((
+            "interrupted".to_string(),
+            format!(
+                "after {kept} of {n} intervals ({} of {} ns)",
+                kept as u64 * cfg.interval_ns,
+                n as u64 * cfg.interval_ns
+            ),
+        ));
     }
     meta.extend(command_meta);
     Ok(FtqRun {

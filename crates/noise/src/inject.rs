@@ -24,9 +24,10 @@ pub fn run_interferer(
     let period = spec.period_ns().max(1);
     let mut k = 1u64;
     let mut wakeups = 0;
+    let stop = crate::interrupt::flag();
     loop {
         let wake = t0 + k * period;
-        if wake + spec.burn_ns > t_end {
+        if wake + spec.burn_ns > t_end || stop.load(std::sync::atomic::Ordering::Relaxed) {
             break;
         }
         sys::sleep_until(wake);

@@ -11,6 +11,7 @@ pub mod error;
 pub mod format;
 pub mod ftq;
 pub mod inject;
+pub mod interrupt;
 pub mod modes;
 pub mod progress;
 pub mod report;

@@ -162,6 +162,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(NoiseError::Verdict) => ExitCode::from(3),
+        Err(e @ NoiseError::Interrupted(_)) => {
+            eprintln!("puma-noise: {e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("puma-noise: {e}");
             ExitCode::FAILURE
@@ -188,6 +192,29 @@ fn write_csv(
     body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<(), NoiseError> {
     format::write_atomic(path, body)
+}
+
+/// From here on SIGINT and SIGTERM end the measurement early and keep what was sampled (a second
+/// signal ends the process at once, exit status 130).
+fn stop_on_signals() -> Result<(), NoiseError> {
+    let flag = noise::interrupt::flag();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let registered = signal_hook::flag::register_conditional_shutdown(sig, 130, flag.clone())
+            .and_then(|_| signal_hook::flag::register(sig, flag.clone()));
+        registered
+            .map_err(|e| NoiseError::Thread(format!("cannot watch for signal {sig}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// After a run's results are written: the run ended early if a signal asked it to.
+fn unless_interrupted(kept: &str) -> Result<(), NoiseError> {
+    if noise::interrupt::requested() {
+        return Err(NoiseError::Interrupted(format!(
+            "kept {kept} taken before the signal"
+        )));
+    }
+    Ok(())
 }
 
 /// Refuse to start a measurement whose results could not be saved afterwards.
@@ -223,18 +250,40 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                 progress: rc.progress,
                 nice: rc.nice,
             };
+            stop_on_signals()?;
             let mut run = ftq::run(&cfg)?;
             run.meta.push(("cmdline".into(), command_line()));
+            let stopped = noise::interrupt::requested();
+            if stopped && run.is_empty() {
+                return Err(NoiseError::Interrupted(
+                    "before any interval was complete; nothing written".into(),
+                ));
+            }
             if let Some(p) = &output {
                 format::save_ftq(&run, p)?;
             }
-            let reports = report::analyse_run(&run)?;
+            let kept = format!(
+                "the {} intervals{}",
+                run.len(),
+                output
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(" (in {})", p.display()))
+            );
+            let reports = match report::analyse_run(&run) {
+                Ok(r) => r,
+                Err(e) if stopped => {
+                    return Err(NoiseError::Interrupted(format!(
+                        "{kept}, too few to analyse ({e})"
+                    )))
+                }
+                Err(e) => return Err(e),
+            };
             print!("{}", report::summary_text(&run, &reports));
             if let Some(dir) = report_dir {
                 let page = report::write_ftq_report(&dir, &run, &reports, &command_line())?;
                 println!("\nreport: {}", page.display());
             }
-            Ok(())
+            unless_interrupted(&kept)
         }
         Cmd::Fwq {
             common,
@@ -243,6 +292,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
         } => {
             let rc = run_config(&common)?;
             check_outputs(output.as_deref(), None)?;
+            stop_on_signals()?;
             let (cal, series) = modes::run_fwq(&rc, parse_duration_ns(&work)?)?;
             println!(
                 "FWQ: work {:.1} us per sample ({} iterations)",
@@ -277,6 +327,9 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                     writeln!(w, "# work_ns={:.3}", cal.quantum_ns)?;
                     writeln!(w, "# cpus={}", format_cpu_list(&rc.cpus))?;
                     writeln!(w, "# duration_ns={}", rc.duration_ns)?;
+                    if noise::interrupt::requested() {
+                        writeln!(w, "# interrupted=yes (ended early by a signal)")?;
+                    }
                     if let Some(i) = rc.inject {
                         writeln!(w, "# inject={i}")?;
                     }
@@ -289,7 +342,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                     Ok(())
                 })?;
             }
-            Ok(())
+            unless_interrupted("the samples")
         }
         Cmd::Fig1 {
             common,
@@ -298,6 +351,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
         } => {
             let rc = run_config(&common)?;
             check_outputs(output.as_deref(), None)?;
+            stop_on_signals()?;
             let (cal, series) = modes::run_fig1(&rc, parse_duration_ns(&work)?)?;
             println!(
                 "Figure 1 (defective) benchmark: work quantum {:.0} ns; read per sample, as its design invites:",
@@ -327,6 +381,9 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                     writeln!(w, "# puma-noise fig1 v1")?;
                     writeln!(w, "# work_ns={:.3}", cal.quantum_ns)?;
                     writeln!(w, "# cpus={}", format_cpu_list(&rc.cpus))?;
+                    if noise::interrupt::requested() {
+                        writeln!(w, "# interrupted=yes (ended early by a signal)")?;
+                    }
                     writeln!(w, "cpu,index,delta_ns")?;
                     for s in &series {
                         for (i, d) in s.deltas.iter().enumerate() {
@@ -336,7 +393,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                     Ok(())
                 })?;
             }
-            Ok(())
+            unless_interrupted("the samples")
         }
         Cmd::Detour {
             common,
@@ -346,6 +403,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
         } => {
             let rc = run_config(&common)?;
             check_outputs(output.as_deref(), report_dir.as_deref())?;
+            stop_on_signals()?;
             let traces = modes::run_detour(&rc, parse_duration_ns(&threshold)?)?;
             for t in &traces {
                 println!(
@@ -371,7 +429,7 @@ fn run(cli: Cli) -> Result<(), NoiseError> {
                 let page = report::write_detour_report(&dir, t, &command_line())?;
                 println!("report: {}", page.display());
             }
-            Ok(())
+            unless_interrupted("the detours")
         }
         Cmd::Analyze {
             file,

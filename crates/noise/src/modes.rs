@@ -169,8 +169,9 @@ pub fn run_fwq(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec<
         move |cal: work::Calibration, t0, t_end, progress| {
             let mut v = Vec::with_capacity(cap);
             let mut seed = 1;
+            let stop = crate::interrupt::flag();
             let mut s = now_ns();
-            while s < t_end && v.len() < cap {
+            while s < t_end && v.len() < cap && !stop.load(Ordering::Relaxed) {
                 seed = quantum(cal.iterations, seed);
                 let e = now_ns();
                 v.push((s - t0, e - s));
@@ -216,12 +217,13 @@ pub fn run_fig1(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec
         move |cal: work::Calibration, _t0, t_end, progress| {
             let mut v: Vec<u32> = Vec::with_capacity(cap);
             let mut seed = 1;
+            let stop = crate::interrupt::flag();
             loop {
                 let start = now_ns();
                 seed = quantum(cal.iterations, seed);
                 let end = now_ns();
                 v.push((end - start).min(u64::from(u32::MAX)) as u32);
-                if end >= t_end || v.len() >= cap {
+                if end >= t_end || v.len() >= cap || stop.load(Ordering::Relaxed) {
                     break;
                 }
                 if v.len() % 4096 == 0 {
@@ -248,6 +250,10 @@ pub fn run_fig1(cfg: &RunConfig, work_ns: u64) -> Result<(work::Calibration, Vec
 /// Most detours kept per CPU (8 MiB each); later ones are counted but not stored.
 pub const MAX_DETOURS: usize = 1 << 19;
 
+/// What one detour sampler hands back: its loop's undisturbed cost, the detours, how many did not
+/// fit, how many clock reads it made, and how long it sampled (ns from `t0`).
+type SamplerOut = (u64, Vec<(u64, u64)>, u64, u64, u64);
+
 /// Selfish detour: read the clock in a tight loop; every gap between consecutive reads longer
 /// than `threshold_ns` is a detour `(start since t0, duration)`. Returns one trace per CPU.
 pub fn run_detour(cfg: &RunConfig, threshold_ns: u64) -> Result<Vec<DetourTrace>> {
@@ -270,7 +276,8 @@ pub fn run_detour(cfg: &RunConfig, threshold_ns: u64) -> Result<Vec<DetourTrace>
             let mut dropped = 0u64;
             let mut prev = now_ns();
             let mut reads = 0u64;
-            while prev < t_end {
+            let stop = crate::interrupt::flag();
+            while prev < t_end && !stop.load(Ordering::Relaxed) {
                 let t = now_ns();
                 reads += 1;
                 if t - prev > threshold_ns {
@@ -283,17 +290,20 @@ pub fn run_detour(cfg: &RunConfig, threshold_ns: u64) -> Result<Vec<DetourTrace>
                 }
                 prev = t;
             }
-            (loop_ns, v, dropped, reads)
+            (loop_ns, v, dropped, reads, prev.saturating_sub(t0))
         },
     )?;
-    Ok(out
-        .into_iter()
-        .zip(&cfg.cpus)
-        .map(|((loop_ns, detours, dropped, reads), &cpu)| DetourTrace {
+    let interrupted = crate::interrupt::requested();
+    let trace = |(sample, &cpu): (SamplerOut, &usize)| {
+        let (loop_ns, detours, dropped, reads, ran) = sample;
+        // Ended early: the time actually sampled, which the noise fraction divides by.
+        let stopped = interrupted && ran < cfg.duration_ns;
+        let sampled = if stopped { ran } else { cfg.duration_ns };
+        DetourTrace {
             detours,
             meta: vec![
                 ("cpu".into(), cpu.to_string()),
-                ("duration_ns".into(), cfg.duration_ns.to_string()),
+                ("duration_ns".into(), sampled.to_string()),
                 ("threshold_ns".into(), threshold_ns.to_string()),
                 ("loop_ns".into(), loop_ns.to_string()),
                 ("clock_reads".into(), reads.to_string()),
@@ -303,9 +313,16 @@ pub fn run_detour(cfg: &RunConfig, threshold_ns: u64) -> Result<Vec<DetourTrace>
             ]
             .into_iter()
             .chain(cfg.inject.map(|s| ("inject".to_string(), s.to_string())))
+            .chain(stopped.then(|| {
+                (
+                    "interrupted".to_string(),
+                    format!("after {ran} of {} ns", cfg.duration_ns),
+                )
+            }))
             .collect(),
-        })
-        .collect())
+        }
+    };
+    Ok(out.into_iter().zip(&cfg.cpus).map(trace).collect())
 }
 
 /// What the Figure 1 data says when read the way its design invites (one number per sample,

@@ -343,3 +343,64 @@ fn exclusive_detour_and_fwq_modes_write_their_formats() {
             && text.contains("\ncpu,index,start_ns,duration_ns\n")
     );
 }
+
+/// SIGINT in the middle of a run ends it early: what was sampled is written (and reads back, with
+/// the time actually sampled), the message says so, and the exit status is 130.
+#[test]
+fn an_interrupted_run_keeps_what_it_sampled() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    for (mode, file) in [("ftq", "run.csv"), ("detour", "detours.txt")] {
+        let out = dir.path().join(file);
+        let mut child = bin()
+            .args([mode, "--duration", "60s", "--quiet", "-o"])
+            .arg(&out)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let asked = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                asked.elapsed() < Duration::from_secs(20),
+                "{mode} did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let done = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&done.stderr);
+        assert_eq!(done.status.code(), Some(130), "{mode}: {err}");
+        assert!(err.contains("interrupted: kept"), "{mode}: {err}");
+        let back = bin().arg("analyze").arg(&out).output().unwrap();
+        let text = String::from_utf8_lossy(&back.stdout);
+        assert!(back.status.success(), "{mode}: {text}");
+        let saved = std::fs::read_to_string(&out).unwrap();
+        assert!(saved.contains("interrupted=after"), "{mode}");
+        if mode == "ftq" {
+            // "FTQ: N intervals of 1.000 ms ...": fewer than the 60 000 asked, more than none.
+            let n: usize = text
+                .split_whitespace()
+                .nth(1)
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(0);
+            assert!((1..60_000).contains(&n), "{text}");
+        } else {
+            // "... noise fraction X % of Y s ...": the time sampled, not the 60 s asked.
+            let secs: f64 = text
+                .split(" of ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|w| w.parse().ok())
+                .unwrap_or(f64::NAN);
+            assert!(secs > 0.0 && secs < 30.0, "{text}");
+        }
+    }
+}
