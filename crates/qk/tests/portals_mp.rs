@@ -180,6 +180,38 @@ fn qk_stat_explains_a_process_not_started_by_yod() {
 }
 
 #[test]
+fn qk_stat_names_what_it_was_given_when_that_is_not_a_region() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_qk-stat"))
+            .args(args)
+            .output()
+            .expect("qk-stat");
+        assert!(!out.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A pid that names no process.
+    let gone = run(&["--pid", "4000000000"]);
+    assert!(gone.contains("no process 4000000000"), "{gone}");
+    let gone = run(&["--pid", "4000000000", "--fd", "3"]);
+    assert!(gone.contains("no process 4000000000"), "{gone}");
+    // --fd alone means nothing: it is a descriptor of the --pid process.
+    let fd_only = run(&["--fd", "3"]);
+    assert!(fd_only.contains("give --pid too"), "{fd_only}");
+    // A directory, and a file that is not a region: the error names the path given.
+    let dir = std::env::temp_dir();
+    let d = run(&["--path", dir.to_str().expect("utf-8 temp dir")]);
+    assert!(d.contains("is a directory"), "{d}");
+    let f = std::env::temp_dir().join(format!("qk-stat-not-a-region-{}", std::process::id()));
+    std::fs::write(&f, vec![7u8; 1 << 16]).expect("write");
+    let bad = run(&["--path", f.to_str().expect("utf-8 path")]);
+    std::fs::remove_file(&f).ok();
+    assert!(
+        bad.contains(f.to_str().expect("utf-8 path")) && bad.contains("not a QK job region"),
+        "{bad}"
+    );
+}
+
+#[test]
 fn endpoint_from_env_says_what_is_missing() {
     let e = qk::Endpoint::from_env()
         .err()

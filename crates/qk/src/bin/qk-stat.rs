@@ -34,6 +34,7 @@ struct Cli {
 }
 
 fn fd_from_environ(pid: u32) -> Result<i32, String> {
+    check_process(pid)?;
     let env = std::fs::read(format!("/proc/{pid}/environ"))
         .map_err(|e| format!("cannot read the environment of process {pid}: {e}"))?;
     for var in env.split(|b| *b == 0) {
@@ -48,21 +49,46 @@ fn fd_from_environ(pid: u32) -> Result<i32, String> {
     ))
 }
 
+/// Says "no such process" for a pid that names none, rather than a missing /proc file.
+fn check_process(pid: u32) -> Result<(), String> {
+    if std::path::Path::new(&format!("/proc/{pid}")).is_dir() {
+        Ok(())
+    } else {
+        Err(format!("no process {pid} on this node"))
+    }
+}
+
 fn run(cli: &Cli) -> Result<String, String> {
     let path = match (&cli.path, cli.pid) {
         (Some(p), _) => p.clone(),
         (None, Some(pid)) => {
             let fd = match cli.fd {
-                Some(f) => f,
+                Some(f) => {
+                    check_process(pid)?;
+                    f
+                }
                 None => fd_from_environ(pid)?,
             };
             PathBuf::from(format!("/proc/{pid}/fd/{fd}"))
         }
+        (None, None) if cli.fd.is_some() => {
+            return Err(
+                "--fd names a descriptor of the process given with --pid: give --pid too".into(),
+            )
+        }
         (None, None) => return Err("give --pid of a process of the job (or --path)".into()),
     };
+    if path.is_dir() {
+        return Err(format!(
+            "{} is a directory, not a QK job region",
+            path.display()
+        ));
+    }
     let memfd = Memfd::open_path(&path, false)
         .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    let region = Region::attach(&memfd, false, false).map_err(|e| e.to_string())?;
+    // The region's own errors name the descriptor qk-stat opened; say which file that was.
+    let region =
+        Region::attach(&memfd, false, false).map_err(|e| format!("{}: {e}", path.display()))?;
     let stats: Vec<qk::PortStats> = (0..region.layout.ports).map(|p| region.stats(p)).collect();
     if cli.json {
         let v = serde_json::json!({
