@@ -53,6 +53,19 @@ fn messaging_in_msg_coproc_mode() {
 }
 
 #[test]
+fn messaging_in_msg_coproc_mode_with_one_rank_per_virtual_node() {
+    // Each rank is alone on its node, so it waits for its node engine (which may share its CPU
+    // and then rings the rank's port) as well as for its co-processor thread.
+    let so = ok(
+        2,
+        &["--nodes", "2", "--mode", "msg-coproc"],
+        "p2p_check",
+        &["--count", "200"],
+    );
+    assert!(so.contains("p2p-check OK: 2 ranks"), "{so}");
+}
+
+#[test]
 fn a_dead_peer_is_an_error_not_a_hang() {
     let t0 = std::time::Instant::now();
     let out = yod(2, &[], "p2p_check", &["--die"]);

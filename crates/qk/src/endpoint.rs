@@ -1076,11 +1076,28 @@ impl Endpoint {
                 continue;
             }
             let left = timeout.saturating_sub(el);
-            if coproc {
+            if coproc && engine_here {
+                // The node engine shares this CPU and rings the port when it hands a record
+                // over; the co-processor thread runs on another CPU. Sleep on the doorbell, as an
+                // inline waiter does: the engine's ring then wakes this thread on this CPU, and
+                // its look delivers the record (`poll_with`), instead of waking the co-processor
+                // thread on the other CPU, which would then wake this one (two cross-CPU
+                // wake-ups a message: `puma-bench --tcp --modes msg-coproc` 0 B ≈ 64 µs against
+                // the heater's ≈ 13). The co-processor thread rings the doorbell when it
+                // delivers while we sleep (`APP_ON_DOORBELL`), and a delivery it made just
+                // before is seen in `delivered` (both sides sequentially consistent).
+                self.shared
+                    .app_waiting
+                    .store(APP_ON_DOORBELL, Ordering::SeqCst);
+                self.block_until_arrival(waiting_since.elapsed(), left, true, Some(seen));
+                self.shared.app_waiting.store(0, Ordering::Relaxed);
+            } else if coproc {
                 // Both sides of this handshake are sequentially consistent (the engine bumps
                 // `delivered`, then reads `app_waiting`), so no wake-up is lost: the bound only
                 // keeps the timeout honest.
-                self.shared.app_waiting.store(1, Ordering::SeqCst);
+                self.shared
+                    .app_waiting
+                    .store(APP_ON_DELIVERED, Ordering::SeqCst);
                 if self.shared.delivered.load(Ordering::SeqCst) == seen {
                     crate::sys::futex_wait(
                         &self.shared.delivered,
@@ -1090,7 +1107,7 @@ impl Endpoint {
                 }
                 self.shared.app_waiting.store(0, Ordering::Relaxed);
             } else {
-                self.block_until_arrival(waiting_since.elapsed(), left, engine_here);
+                self.block_until_arrival(waiting_since.elapsed(), left, engine_here, None);
             }
         }
     }
@@ -1105,12 +1122,27 @@ impl Endpoint {
     /// a timer that is the CPU's next one reprograms the timer device, which doubled the cost of
     /// each rank <-> engine hand-over (`bench-peers/handover.c`: 2.6-2.8 µs without a timeout,
     /// 5.6-6.9 µs with 1 ms).
-    fn block_until_arrival(&mut self, idle: Duration, max: Duration, engine_rings: bool) {
+    ///
+    /// `delivered_seen`: a co-processor-mode waiter's count of the engine thread's deliveries
+    /// when it last looked; if it has moved by the time the bell is read, an event may be queued,
+    /// so no sleep.
+    ///
+    /// The application and, in co-processor mode, the engine thread may both sleep on the
+    /// doorbell: each has its bit in the port's sleeping word ([`crate::Region::sleeping`]), and
+    /// a sender rings while any is set.
+    fn block_until_arrival(
+        &mut self,
+        idle: Duration,
+        max: Duration,
+        engine_rings: bool,
+        delivered_seen: Option<u32>,
+    ) {
         let sh = self.shared.clone();
         let r = &sh.region;
         let p = sh.port;
         let bell = r.doorbell(p).load(Ordering::SeqCst);
-        r.sleeping(p).store(1, Ordering::SeqCst);
+        r.sleeping(p)
+            .fetch_or(crate::region::SLEEPER_APP, Ordering::SeqCst);
         let nap = if engine_rings {
             crate::region::DEEP_SLEEP.min(max)
         } else {
@@ -1127,11 +1159,13 @@ impl Endpoint {
         } else {
             nap
         };
-        if !pending {
+        let delivered = delivered_seen.is_some_and(|d| sh.delivered.load(Ordering::SeqCst) != d);
+        if !pending && !delivered {
             r.count(p, slot::SLEEPS, 1);
             crate::sys::futex_wait(r.doorbell(p), bell, nap);
         }
-        r.sleeping(p).store(0, Ordering::SeqCst);
+        r.sleeping(p)
+            .fetch_and(!crate::region::SLEEPER_APP, Ordering::SeqCst);
     }
 
     /// Counters of this rank's port.
@@ -1235,6 +1269,13 @@ fn backoff(start: Instant) {
     }
 }
 
+/// `Shared::app_waiting`: the application sleeps on `Shared::delivered` (woken by the
+/// co-processor thread after a delivery).
+const APP_ON_DELIVERED: u32 = 1;
+/// `Shared::app_waiting`: the application sleeps on its port's doorbell (the node engine shares
+/// its CPU and rings it; the co-processor thread rings it too after a delivery).
+const APP_ON_DOORBELL: u32 = 2;
+
 /// The co-processor engine: progress continuously while there is traffic; after
 /// [`SPIN_BEFORE_BLOCK`] without any, block on the port's doorbell until a sender rings it.
 fn coproc_loop(sh: &Shared) {
@@ -1252,8 +1293,10 @@ fn coproc_loop(sh: &Shared) {
         if n > 0 {
             last = Instant::now();
             sh.delivered.fetch_add(1, Ordering::SeqCst);
-            if sh.app_waiting.load(Ordering::SeqCst) != 0 {
-                crate::sys::futex_wake(&sh.delivered);
+            match sh.app_waiting.load(Ordering::SeqCst) {
+                APP_ON_DELIVERED => crate::sys::futex_wake(&sh.delivered),
+                APP_ON_DOORBELL => r.ring_doorbell(p),
+                _ => {}
             }
             continue;
         }
@@ -1262,7 +1305,8 @@ fn coproc_loop(sh: &Shared) {
             continue;
         }
         let bell = r.doorbell(p).load(Ordering::SeqCst);
-        r.sleeping(p).store(1, Ordering::SeqCst);
+        r.sleeping(p)
+            .fetch_or(crate::region::SLEEPER_ENGINE_THREAD, Ordering::SeqCst);
         let nap = r.fence_before_sleep(last.elapsed());
         let pending = {
             let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -1272,7 +1316,8 @@ fn coproc_loop(sh: &Shared) {
             r.count(p, slot::SLEEPS, 1);
             crate::sys::futex_wait(r.doorbell(p), bell, nap);
         }
-        r.sleeping(p).store(0, Ordering::SeqCst);
+        r.sleeping(p)
+            .fetch_and(!crate::region::SLEEPER_ENGINE_THREAD, Ordering::SeqCst);
         // `last` stays: a wake-up that brings work resets it in the loop (and the engine spins
         // again), one that brings nothing sends the engine straight back to sleep, so an idle
         // engine costs a wake-up per sleep and no spinning.

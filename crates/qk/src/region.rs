@@ -429,10 +429,19 @@ impl Region {
             .atomic_u32(self.layout.port(p) as usize + P_DOORBELL)
     }
 
-    /// Port `p`'s "engine is asleep" flag.
+    /// Which of port `p`'s threads sleep on its doorbell: [`SLEEPER_APP`] (the application
+    /// waiting; the node engine's own port uses it for itself) and [`SLEEPER_ENGINE_THREAD`] (the
+    /// co-processor thread). Senders ring the doorbell while it is not 0; the node engine takes a
+    /// rank whose application bit is clear for one that is running.
     pub fn sleeping(&self, p: u32) -> &AtomicU32 {
         self.map
             .atomic_u32(self.layout.port(p) as usize + P_SLEEPING)
+    }
+
+    /// Whether port `p`'s application thread is running, i.e. not asleep on the doorbell. Its
+    /// co-processor thread's sleep does not count: the application may be spinning meanwhile.
+    pub fn application_awake(&self, p: u32) -> bool {
+        self.sleeping(p).load(Ordering::Relaxed) & SLEEPER_APP == 0
     }
 
     /// The CPU port `p`'s progress thread last ran on, plus one (0 = not known). The node engine
@@ -622,13 +631,18 @@ impl PortBlock {
         crate::copy_share::Board::new(w)
     }
 
-    /// This port's "engine is asleep" flag ([`Region::sleeping`]).
+    /// Which of this port's threads sleep on its doorbell ([`Region::sleeping`]).
     #[inline(always)]
     pub fn sleeping(&self) -> &AtomicU32 {
         // SAFETY: as in `counter`; the flag's offset is 4-aligned and inside the block.
         unsafe { &*(self.base.add(P_SLEEPING) as *const AtomicU32) }
     }
 }
+
+/// [`Region::sleeping`] bit: the port's application thread sleeps on the doorbell.
+pub const SLEEPER_APP: u32 = 1;
+/// [`Region::sleeping`] bit: the port's co-processor engine thread sleeps on the doorbell.
+pub const SLEEPER_ENGINE_THREAD: u32 = 2;
 
 /// Longest a sleeping engine or waiter blocks before it looks again (bounds the cost of a lost
 /// wake-up, see [`Region::wake`]).
@@ -786,6 +800,43 @@ mod tests {
         let line = s.lines().find(|l| l.starts_with("VmLck:")).unwrap();
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
+    }
+
+    #[test]
+    fn a_rank_is_awake_unless_its_application_sleeps_and_any_sleeper_is_rung_for() {
+        let params = RegionParams {
+            job: 7,
+            world: 2,
+            node: 0,
+            ranks: vec![0, 1],
+            ring_cap: 64 << 10,
+            heap_per_rank: 1 << 20,
+            eager_max: 4096,
+            mode: 1,
+            max_message: 1 << 20,
+        };
+        let (fd, _creator) = Region::create(&params, false).unwrap();
+        let r = Region::attach(&fd, true, false).unwrap();
+        let rang = |r: &Region| {
+            let before = r.doorbell(1).load(Ordering::SeqCst);
+            r.wake(1);
+            r.doorbell(1).load(Ordering::SeqCst) != before
+        };
+        assert!(r.application_awake(1) && !rang(&r));
+        // Only the co-processor thread sleeps: the application may be spinning on its CPU, and
+        // a sender still rings for the thread.
+        r.sleeping(1)
+            .fetch_or(SLEEPER_ENGINE_THREAD, Ordering::SeqCst);
+        assert!(r.application_awake(1) && rang(&r));
+        // Both sleep; then the thread wakes and the application's bit stays.
+        r.sleeping(1).fetch_or(SLEEPER_APP, Ordering::SeqCst);
+        assert!(!r.application_awake(1) && rang(&r));
+        r.sleeping(1)
+            .fetch_and(!SLEEPER_ENGINE_THREAD, Ordering::SeqCst);
+        assert!(!r.application_awake(1) && rang(&r));
+        r.sleeping(1).fetch_and(!SLEEPER_APP, Ordering::SeqCst);
+        assert!(r.application_awake(1) && !rang(&r));
+        assert!(r.application_awake(0));
     }
 
     #[test]
