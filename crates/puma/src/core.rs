@@ -434,18 +434,33 @@ impl Core {
             return Ok(b);
         }
         if class >= self.ep().eager_max() {
-            let got = self.ep().alloc_shared(class);
-            if let Ok(b) = got {
-                return Ok(b);
+            if self.heap_leaves_reserve(class) {
+                if let Ok(b) = self.ep().alloc_shared(class) {
+                    return Ok(b);
+                }
             }
             // Give the cached shared buffers back to the heap and try again.
             self.release_cached_shared();
-            let got = self.ep().alloc_shared(class);
-            if let Ok(b) = got {
-                return Ok(b);
+            if self.heap_leaves_reserve(class) {
+                if let Ok(b) = self.ep().alloc_shared(class) {
+                    return Ok(b);
+                }
             }
         }
         Ok(self.ep().alloc_private(class))
+    }
+
+    /// Whether `len` more bytes of this rank's heap part leave a quarter of it free. The QK takes
+    /// its bounce buffers from the same part (a private buffer read from another node by a get,
+    /// e.g. the body of an unexpected message fetched later), and drops such a reply when the
+    /// part is full with nothing of its own in flight to free some. Buffers this library keeps
+    /// there (sends waiting for their receiver, cached for reuse) wait for exactly those replies:
+    /// yod `--nodes 2 --mode msg-coproc p2p_check`'s flood of 24 × 1 MiB sends filled the 16 MiB
+    /// part with send copies, and the reply for a later one, from private memory, was dropped
+    /// (`no_heap_room`, the receiver waiting for ever; about 1 run in 15).
+    fn heap_leaves_reserve(&self, len: u64) -> bool {
+        let (free, total) = self.ep().heap_room();
+        free >= len.saturating_add(total / 4)
     }
 
     pub fn give_buf(&self, st: &mut State, b: Buf) {

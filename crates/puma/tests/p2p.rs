@@ -66,6 +66,39 @@ fn messaging_in_msg_coproc_mode_with_one_rank_per_virtual_node() {
 }
 
 #[test]
+fn unexpected_bodies_fetched_from_another_node_fit_beside_the_senders_buffers() {
+    // A 4 MiB heap per rank: the flood's 1 MiB send copies could fill it, and the replies for
+    // the bodies fetched later (from private memory, through bounce buffers in the same heap)
+    // were dropped as no_heap_room, the receiver waiting until its timeout. The library now
+    // leaves a quarter of the heap to the QK.
+    let cfg = std::env::temp_dir().join(format!("puma-heap4-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "heap_bytes_per_rank = 4194304\n").expect("config");
+    for mode in ["heater", "msg-coproc"] {
+        let out = yod_env(
+            2,
+            &[
+                "--nodes",
+                "2",
+                "--mode",
+                mode,
+                "--pct-config",
+                cfg.to_str().expect("utf-8 path"),
+            ],
+            "p2p_check",
+            &["--count", "20"],
+            &[("PUMA_TIMEOUT_MS", "20000")],
+        );
+        let so = text(&out.stdout);
+        assert!(
+            out.status.success() && so.contains("p2p-check OK: 2 ranks"),
+            "{mode}: {so}\n{}",
+            text(&out.stderr)
+        );
+    }
+    std::fs::remove_file(&cfg).ok();
+}
+
+#[test]
 fn a_dead_peer_is_an_error_not_a_hang() {
     let t0 = std::time::Instant::now();
     let out = yod(2, &[], "p2p_check", &["--die"]);

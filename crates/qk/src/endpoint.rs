@@ -586,6 +586,14 @@ impl Endpoint {
         })
     }
 
+    /// Bytes of this rank's part of the job heap free now, and the part's size. The QK takes its
+    /// bounce buffers (private memory sent or read by reference) from the same part: a library
+    /// that keeps some of it free leaves those room ([`Endpoint::alloc_shared`]).
+    pub fn heap_room(&mut self) -> (u64, u64) {
+        let total = self.shared.region.layout.heap_per_rank;
+        (self.lock().heap.free_bytes(), total)
+    }
+
     /// Allocates a private (zeroed) buffer of `len` bytes.
     pub fn alloc_private(&mut self, len: u64) -> Buf {
         let addr = self.lock().mem.alloc_private(len as usize);
