@@ -2490,23 +2490,23 @@ mod tests {
         // The receiver's engine thread no longer runs, as on a node whose every core is taken
         // by a rank; the sender's still does.
         rx.stop_engine_thread();
+        let to_rank1 = |bits: u64, length: u64| PutArgs {
+            md: smd,
+            local_offset: 0,
+            length,
+            target: ProcessId::new(41, 1),
+            portal: 1,
+            match_bits: bits,
+            remote_offset: 0,
+            ack: false,
+            hdr_data: 0,
+        };
         for i in 0..200u64 {
             let len = i % 17;
             let pattern: Vec<u8> = (0..16).map(|k| (i as u8).wrapping_mul(31) ^ k).collect();
             tx.with_bytes(&sbuf, |b| b[..16].copy_from_slice(&pattern))
                 .expect("source");
-            tx.put(&PutArgs {
-                md: smd,
-                local_offset: 0,
-                length: len,
-                target: ProcessId::new(41, 1),
-                portal: 1,
-                match_bits: i,
-                remote_offset: 0,
-                ack: false,
-                hdr_data: 0,
-            })
-            .expect("put");
+            tx.put(&to_rank1(i, len)).expect("put");
             // Before, the waiter only looked at its queue, which nothing filled: a timeout.
             let ev = rx
                 .eq_wait(eq, Duration::from_secs(5))
@@ -2522,18 +2522,7 @@ mod tests {
         }
         // A non-blocking look makes the pass too: nothing queued, one put sent, one event.
         assert!(rx.eq_poll(eq).expect("poll").is_none());
-        tx.put(&PutArgs {
-            md: smd,
-            local_offset: 0,
-            length: 0,
-            target: ProcessId::new(41, 1),
-            portal: 1,
-            match_bits: 7777,
-            remote_offset: 0,
-            ack: false,
-            hdr_data: 0,
-        })
-        .expect("put");
+        tx.put(&to_rank1(7777, 0)).expect("put");
         let ev = rx.eq_poll(eq).expect("poll").expect("the put's event");
         assert_eq!(ev.match_bits, 7777);
     }

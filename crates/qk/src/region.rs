@@ -802,20 +802,24 @@ mod tests {
         kib * 1024
     }
 
-    #[test]
-    fn a_rank_is_awake_unless_its_application_sleeps_and_any_sleeper_is_rung_for() {
-        let params = RegionParams {
+    /// Job 7, all `world` ranks on this node, CPU mode code `mode`, 1 MiB of heap per rank.
+    fn params(world: u32, mode: u32) -> RegionParams {
+        RegionParams {
             job: 7,
-            world: 2,
+            world,
             node: 0,
-            ranks: vec![0, 1],
+            ranks: (0..world).collect(),
             ring_cap: 64 << 10,
             heap_per_rank: 1 << 20,
             eager_max: 4096,
-            mode: 1,
+            mode,
             max_message: 1 << 20,
-        };
-        let (fd, _creator) = Region::create(&params, false).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_rank_is_awake_unless_its_application_sleeps_and_any_sleeper_is_rung_for() {
+        let (fd, _creator) = Region::create(&params(2, 1), false).unwrap();
         let r = Region::attach(&fd, true, false).unwrap();
         let rang = |r: &Region| {
             let before = r.doorbell(1).load(Ordering::SeqCst);
@@ -841,18 +845,7 @@ mod tests {
 
     #[test]
     fn a_rank_locks_its_own_part_of_the_region_not_all_of_it() {
-        let params = RegionParams {
-            job: 7,
-            world: 8,
-            node: 0,
-            ranks: (0..8).collect(),
-            ring_cap: 64 << 10,
-            heap_per_rank: 1 << 20,
-            eager_max: 4096,
-            mode: 0,
-            max_message: 1 << 20,
-        };
-        let (fd, _creator) = Region::create(&params, false).unwrap();
+        let (fd, _creator) = Region::create(&params(8, 0), false).unwrap();
         let r = Region::attach(&fd, true, false).unwrap();
         let l = r.layout;
         let before = locked_bytes();
