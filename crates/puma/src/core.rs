@@ -434,17 +434,18 @@ impl Core {
             return Ok(b);
         }
         if class >= self.ep().eager_max() {
-            if self.heap_leaves_reserve(class) {
-                if let Ok(b) = self.ep().alloc_shared(class) {
-                    return Ok(b);
-                }
+            let shared = || {
+                self.heap_leaves_reserve(class)
+                    .then(|| self.ep().alloc_shared(class).ok())
+                    .flatten()
+            };
+            if let Some(b) = shared() {
+                return Ok(b);
             }
             // Give the cached shared buffers back to the heap and try again.
             self.release_cached_shared();
-            if self.heap_leaves_reserve(class) {
-                if let Ok(b) = self.ep().alloc_shared(class) {
-                    return Ok(b);
-                }
+            if let Some(b) = shared() {
+                return Ok(b);
             }
         }
         Ok(self.ep().alloc_private(class))
